@@ -1,1 +1,39 @@
-//! placeholder
+//! Rill's log engine: a durable, segmented, memory-mapped log per topic partition.
+//!
+//! The engine is synchronous: it knows nothing of async runtimes, gRPC or the broker. Callers
+//! that live on an async runtime run blocking calls (syncs, opens) on a blocking pool.
+//!
+//! # The map
+//! - [`batch`]: the record-batch format (the unit of storage and of transfer) and its zero-copy
+//!   codec. The byte layout is specified in `storage/FORMAT.md`.
+//! - [`index`]: the sparse offset index and the time index of a segment, memory-mapped.
+//! - [`segment`]: one segment file: preallocation, the append mapping, sealing, batch lookup.
+//! - [`log`]: [`PartitionLog`], a partition's ordered segments: append, read, time lookup,
+//!   durability (flush policies and group commit), fencing, retention.
+//! - [`region`]: a shared memory-mapped region; the only module that touches mapping pointers.
+//! - [`recovery`]: opening a partition: the clean-shutdown marker, the recovery point, the scan
+//!   that cuts torn tails, and index rebuilds.
+//! - [`config`]: topic configuration, flush policies and name rules.
+//! - [`store`]: [`Store`], the data folder: topics with their partitions, created, opened,
+//!   listed and deleted.
+//! - [`groups`]: consumer-group committed offsets, durable and atomic.
+//! - [`fsutil`]: crash-safe file helpers (atomic replace, folder fsync, preallocation).
+//! - [`error`]: [`StorageError`], the one error type of this crate.
+
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod fsutil;
+pub mod groups;
+pub mod index;
+pub mod log;
+pub mod recovery;
+pub mod region;
+pub mod segment;
+pub mod store;
+
+pub use config::{FlushPolicy, TopicConfig};
+pub use error::{Result, StorageError};
+//TMP pub use groups::{CommittedOffset, GroupStore};
+pub use log::{LogOptions, PartitionLog, ReadResult};
+//TMP pub use store::{Store, StoreOptions, Topic};

@@ -1,0 +1,262 @@
+//! Topic configuration, flush policies and the naming rule.
+//!
+//! A [`TopicConfig`] is fixed when the topic is created and persisted beside its partitions
+//! (see [`crate::store`]). Every value has a unit in its name and a documented default; the
+//! builder-style setters say both.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StorageError};
+
+/// The most partitions one topic may have. A request for more is refused, so a hostile or
+/// mistyped request cannot make the broker create a huge number of folders and mappings.
+pub const MAX_PARTITIONS: u32 = 4096;
+/// The smallest segment size accepted, in bytes (small segments are useful in tests).
+pub const MIN_SEGMENT_BYTES: u64 = 4096;
+/// The largest segment size accepted, in bytes. Positions inside a segment are `u32`.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 31;
+/// The default segment size, in bytes (256 MiB).
+pub const DEFAULT_SEGMENT_BYTES: u64 = 256 << 20;
+/// The default segment age before a roll, in milliseconds (7 days).
+pub const DEFAULT_SEGMENT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The default retention time, in milliseconds (7 days).
+pub const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The default interval of the `interval` flush policy, in milliseconds.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
+/// The longest name a topic or group may have.
+pub const MAX_NAME_LEN: usize = 249;
+
+/// When a partition's appended data is synced to stable storage.
+///
+/// Whatever the policy, a produce that asks for a `durable` ack waits for a sync that covers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlushPolicy {
+    /// Group commit: every append is acknowledged only after a sync covers it; one sync serves
+    /// every append waiting on it.
+    Always,
+    /// A background sync every so many milliseconds. Survives a process crash at once, a power
+    /// loss up to the last sync.
+    IntervalMs(u64),
+    /// The page cache only: survives a process crash, not a power loss.
+    Never,
+}
+
+impl Default for FlushPolicy {
+    /// `interval_ms` of [`DEFAULT_FLUSH_INTERVAL_MS`].
+    fn default() -> Self {
+        FlushPolicy::IntervalMs(DEFAULT_FLUSH_INTERVAL_MS)
+    }
+}
+
+impl fmt::Display for FlushPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FlushPolicy::Always => f.write_str("always"),
+            FlushPolicy::IntervalMs(ms) => write!(f, "interval:{ms}"),
+            FlushPolicy::Never => f.write_str("never"),
+        }
+    }
+}
+
+impl FromStr for FlushPolicy {
+    type Err = String;
+
+    /// Parses `always`, `never` or `interval:MS`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(FlushPolicy::Always),
+            "never" => Ok(FlushPolicy::Never),
+            other => match other.strip_prefix("interval:") {
+                Some(ms) => match ms.parse::<u64>() {
+                    Ok(ms) if ms > 0 => Ok(FlushPolicy::IntervalMs(ms)),
+                    _ => Err(format!("bad flush interval {ms:?}: expected milliseconds > 0")),
+                },
+                None => Err(format!(
+                    "bad flush policy {other:?}: expected always, never or interval:MS"
+                )),
+            },
+        }
+    }
+}
+
+/// A topic's configuration, persisted with the topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Number of partitions, 1..=[`MAX_PARTITIONS`]. Default 1.
+    pub partitions: u32,
+    /// Delete sealed segments whose newest record is older than this, in milliseconds.
+    /// `None` keeps data forever. Default [`DEFAULT_RETENTION_MS`].
+    pub retention_ms: Option<u64>,
+    /// Delete the oldest sealed segments while a partition holds more than this many bytes.
+    /// `None` means no size limit (the default).
+    pub retention_bytes: Option<u64>,
+    /// Roll to a new segment when the active one would exceed this many bytes.
+    /// Default [`DEFAULT_SEGMENT_BYTES`].
+    pub segment_bytes: u64,
+    /// Roll to a new segment when the active one is older than this, in milliseconds.
+    /// Default [`DEFAULT_SEGMENT_MS`].
+    pub segment_ms: u64,
+    /// When appends are synced. Default `interval_ms` of [`DEFAULT_FLUSH_INTERVAL_MS`].
+    pub flush: FlushPolicy,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            partitions: 1,
+            retention_ms: Some(DEFAULT_RETENTION_MS),
+            retention_bytes: None,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            segment_ms: DEFAULT_SEGMENT_MS,
+            flush: FlushPolicy::default(),
+        }
+    }
+}
+
+impl TopicConfig {
+    /// Sets the partition count (default 1).
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Sets the retention time in milliseconds; `None` keeps data forever (default 7 days).
+    pub fn retention_ms(mut self, retention_ms: Option<u64>) -> Self {
+        self.retention_ms = retention_ms;
+        self
+    }
+
+    /// Sets the size limit per partition in bytes; `None` means unlimited (the default).
+    pub fn retention_bytes(mut self, retention_bytes: Option<u64>) -> Self {
+        self.retention_bytes = retention_bytes;
+        self
+    }
+
+    /// Sets the segment size in bytes (default 256 MiB).
+    pub fn segment_bytes(mut self, segment_bytes: u64) -> Self {
+        self.segment_bytes = segment_bytes;
+        self
+    }
+
+    /// Sets the segment age before a roll, in milliseconds (default 7 days).
+    pub fn segment_ms(mut self, segment_ms: u64) -> Self {
+        self.segment_ms = segment_ms;
+        self
+    }
+
+    /// Sets the flush policy (default `interval_ms` 1000).
+    pub fn flush(mut self, flush: FlushPolicy) -> Self {
+        self.flush = flush;
+        self
+    }
+
+    /// Checks every value against its allowed range. `topic` only names the error.
+    pub fn validate(&self, topic: &str) -> Result<()> {
+        let bad = |reason: String| {
+            Err(StorageError::InvalidConfig {
+                topic: topic.to_string(),
+                reason,
+            })
+        };
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return bad(format!(
+                "partitions must be 1..={MAX_PARTITIONS}, got {}",
+                self.partitions
+            ));
+        }
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            return bad(format!(
+                "segment_bytes must be {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}, got {}",
+                self.segment_bytes
+            ));
+        }
+        if self.segment_ms == 0 {
+            return bad("segment_ms must be > 0".to_string());
+        }
+        if self.retention_ms == Some(0) {
+            return bad("retention_ms must be > 0, or unset for no limit".to_string());
+        }
+        if self.retention_bytes == Some(0) {
+            return bad("retention_bytes must be > 0, or unset for no limit".to_string());
+        }
+        if self.flush == FlushPolicy::IntervalMs(0) {
+            return bad("flush interval_ms must be > 0".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// Checks a topic or group name against `[a-zA-Z0-9._-]{1,249}`, refusing `.` and `..`.
+///
+/// A name becomes a folder or file name, so this is what keeps client input out of paths.
+/// `kind` ("topic" or "group") only names the error.
+pub fn validate_name(kind: &'static str, name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_NAME_LEN {
+        Some("it is longer than 249 characters")
+    } else if name == "." || name == ".." {
+        Some("`.` and `..` are reserved")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some("only ASCII letters, digits, `.`, `_` and `-` are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StorageError::InvalidName {
+            kind,
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for ok in ["a", "orders", "a.b_c-D9", &"x".repeat(249)] {
+            assert!(validate_name("topic", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "é", &"x".repeat(250), "a\0"] {
+            assert!(validate_name("topic", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn config_ranges_are_checked() {
+        assert!(TopicConfig::default().validate("t").is_ok());
+        assert!(TopicConfig::default().partitions(0).validate("t").is_err());
+        assert!(TopicConfig::default()
+            .partitions(MAX_PARTITIONS + 1)
+            .validate("t")
+            .is_err());
+        assert!(TopicConfig::default().segment_bytes(10).validate("t").is_err());
+        assert!(TopicConfig::default().segment_ms(0).validate("t").is_err());
+        assert!(TopicConfig::default()
+            .retention_bytes(Some(0))
+            .validate("t")
+            .is_err());
+    }
+
+    #[test]
+    fn flush_policy_parses_and_prints() {
+        for s in ["always", "never", "interval:250"] {
+            let p: FlushPolicy = s.parse().expect("valid policy");
+            assert_eq!(p.to_string(), s);
+        }
+        assert!("interval:0".parse::<FlushPolicy>().is_err());
+        assert!("sometimes".parse::<FlushPolicy>().is_err());
+    }
+}

@@ -1,0 +1,789 @@
+//! One segment: a log file named by its base offset, with its offset and time indexes.
+//!
+//! The active segment's file grows by preallocated chunks (real blocks, see
+//! [`crate::fsutil::preallocate`]) inside one mapping sized to `segment_bytes`, so an append is a
+//! copy into memory and a full disk is an error before anything is written. Appends publish the
+//! new length with a release store; readers load it and only ever read below it, so they never
+//! see part of a batch. Sealing syncs the segment and trims the file to its length (never
+//! below it); published bytes are never rewritten, so a [`Bytes`] a reader holds stays valid.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::batch::{self, BatchError, BatchHeader, BatchView};
+use crate::error::{Result, StorageError};
+use crate::fsutil::preallocate;
+use crate::index::{
+    capacity_for, OffsetEntry, OffsetIndex, TimeEntry, TimeIndex, INDEX_INTERVAL_BYTES,
+};
+use crate::region::Region;
+
+/// The active segment's file grows by this many bytes at a time (or less, up to the segment
+/// size). Small enough that a topic with many partitions does not reserve gigabytes up front.
+pub const PREALLOCATE_CHUNK_BYTES: u64 = 16 << 20;
+
+/// Which partition a segment belongs to, for error messages and logs.
+#[derive(Debug)]
+pub struct LogId {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+}
+
+/// The file names of segment `base_offset`: Kafka's 20-digit zero-padded naming.
+pub fn file_names(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let stem = format!("{base_offset:020}");
+    (
+        dir.join(format!("{stem}.log")),
+        dir.join(format!("{stem}.index")),
+        dir.join(format!("{stem}.timeindex")),
+    )
+}
+
+/// Writer-side state, behind the segment's own (uncontended) lock.
+#[derive(Debug)]
+struct WriteState {
+    /// Bytes of the file that are allocated (the file's size).
+    allocated_bytes: u64,
+    /// The most bytes this segment may hold; 0 once sealed.
+    capacity_bytes: u64,
+    /// Log bytes appended since the last index entry.
+    bytes_since_index: u64,
+    /// Published bytes already synced.
+    synced_bytes: u64,
+}
+
+/// A batch found by walking a segment.
+#[derive(Debug, Clone, Copy)]
+struct Located {
+    position: u64,
+    header: BatchHeader,
+}
+
+/// What a read from one segment returned: whole batches.
+#[derive(Debug, Clone)]
+pub struct SegmentRead {
+    /// Zero-copy bytes of consecutive whole batches.
+    pub bytes: Bytes,
+    /// The offset after the last batch returned.
+    pub next_offset: u64,
+}
+
+/// One segment of a partition log.
+#[derive(Debug)]
+pub struct Segment {
+    id: Arc<LogId>,
+    base_offset: u64,
+    log_path: PathBuf,
+    file: File,
+    region: Arc<Region>,
+    offset_index: OffsetIndex,
+    time_index: TimeIndex,
+    /// Published length in bytes: readers read only below it; bytes below it never change.
+    committed_bytes: AtomicU64,
+    /// The offset after the last published batch.
+    next_offset: AtomicU64,
+    /// The largest record timestamp published (`i64::MIN` when empty).
+    max_timestamp_ms: AtomicI64,
+    /// Bytes `[0, verified)` passed their checksum since open; reads check the rest.
+    verified_bytes: AtomicU64,
+    /// When the segment was created or last opened, in ms since the epoch, for rolls by age
+    /// (0 for a sealed segment, which never rolls).
+    created_ms: i64,
+    write: Mutex<WriteState>,
+}
+
+impl Segment {
+    /// Creates a new, empty active segment with its first chunk preallocated.
+    pub fn create(
+        id: Arc<LogId>,
+        dir: &Path,
+        base_offset: u64,
+        segment_bytes: u64,
+        now_ms: i64,
+    ) -> Result<Segment> {
+        let (log_path, index_path, time_path) = file_names(dir, base_offset);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&log_path)
+            .map_err(|e| StorageError::io("create segment", &log_path, e))?;
+        let first_chunk = PREALLOCATE_CHUNK_BYTES.min(segment_bytes);
+        if let Err(e) = preallocate(&file, 0, first_chunk) {
+            drop(file);
+            // Leave nothing behind: a later attempt creates the file again.
+            let _ = std::fs::remove_file(&log_path);
+            return Err(no_space_or_io(&id, &log_path, "preallocate segment", e));
+        }
+        let capacity = capacity_for(segment_bytes);
+        let offset_index = OffsetIndex::create(&index_path, capacity);
+        let time_index = offset_index
+            .and_then(|oi| TimeIndex::create(&time_path, capacity).map(|ti| (oi, ti)));
+        let (offset_index, time_index) = match time_index {
+            Ok(pair) => pair,
+            Err(e) => {
+                for p in [&log_path, &index_path, &time_path] {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        };
+        let region = map_writable(&file, &log_path, segment_bytes)?;
+        Ok(Segment {
+            id,
+            base_offset,
+            log_path,
+            file,
+            region: Arc::new(region),
+            offset_index,
+            time_index,
+            committed_bytes: AtomicU64::new(0),
+            next_offset: AtomicU64::new(base_offset),
+            max_timestamp_ms: AtomicI64::new(i64::MIN),
+            verified_bytes: AtomicU64::new(0),
+            created_ms: now_ms,
+            write: Mutex::new(WriteState {
+                allocated_bytes: first_chunk,
+                capacity_bytes: segment_bytes,
+                bytes_since_index: 0,
+                synced_bytes: 0,
+            }),
+        })
+    }
+
+    /// Reopens the active segment after a clean shutdown, trusting the marker's figures.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_active(
+        id: Arc<LogId>,
+        dir: &Path,
+        base_offset: u64,
+        segment_bytes: u64,
+        committed_bytes: u64,
+        offset_entries: usize,
+        time_entries: usize,
+        now_ms: i64,
+    ) -> Result<Segment> {
+        let (log_path, index_path, time_path) = file_names(dir, base_offset);
+        let file = open_rw(&log_path)?;
+        let size = file_len(&file, &log_path)?;
+        if size < committed_bytes {
+            return Err(StorageError::Corrupt {
+                path: log_path,
+                reason: format!(
+                    "file has {size} bytes but the clean-shutdown marker says {committed_bytes}"
+                ),
+            });
+        }
+        let capacity = capacity_for(segment_bytes.max(committed_bytes));
+        let offset_index = OffsetIndex::open_active(&index_path, capacity, offset_entries)?;
+        let time_index = TimeIndex::open_active(&time_path, capacity, time_entries)?;
+        let region = map_writable(&file, &log_path, segment_bytes.max(size))?;
+        let seg = Segment {
+            id,
+            base_offset,
+            log_path,
+            file,
+            region: Arc::new(region),
+            offset_index,
+            time_index,
+            committed_bytes: AtomicU64::new(committed_bytes),
+            next_offset: AtomicU64::new(base_offset),
+            max_timestamp_ms: AtomicI64::new(i64::MIN),
+            verified_bytes: AtomicU64::new(0),
+            created_ms: now_ms,
+            write: Mutex::new(WriteState {
+                allocated_bytes: size,
+                capacity_bytes: segment_bytes.max(committed_bytes),
+                bytes_since_index: 0,
+                synced_bytes: committed_bytes,
+            }),
+        };
+        seg.load_tail_state()?;
+        Ok(seg)
+    }
+
+    /// Opens a sealed segment read-only. Its indexes are used as they are when they look
+    /// sound, and rebuilt from the log otherwise; the returned flag says whether they were.
+    pub fn open_sealed(id: Arc<LogId>, dir: &Path, base_offset: u64) -> Result<(Segment, bool)> {
+        let (log_path, index_path, time_path) = file_names(dir, base_offset);
+        let file = open_rw(&log_path)?;
+        let size = file_len(&file, &log_path)?;
+        let region = Region::map_read_only(&file, to_usize(size, &log_path)?)
+            .map_err(|e| StorageError::io("map segment", &log_path, e))?;
+        let indexes = match (
+            OffsetIndex::open_sealed(&index_path)?,
+            TimeIndex::open_sealed(&time_path)?,
+        ) {
+            (Some(oi), Some(ti))
+                if oi.is_consistent(size) && ti.is_consistent(size) && (size == 0 || !ti.is_empty()) =>
+            {
+                Some((oi, ti))
+            }
+            _ => None,
+        };
+        let rebuilt = indexes.is_none();
+        let (offset_index, time_index) = match indexes {
+            Some(pair) => pair,
+            None => {
+                let capacity = capacity_for(size);
+                (
+                    OffsetIndex::create(&index_path, capacity)?,
+                    TimeIndex::create(&time_path, capacity)?,
+                )
+            }
+        };
+        let seg = Segment {
+            id,
+            base_offset,
+            log_path,
+            file,
+            region: Arc::new(region),
+            offset_index,
+            time_index,
+            committed_bytes: AtomicU64::new(size),
+            next_offset: AtomicU64::new(base_offset),
+            max_timestamp_ms: AtomicI64::new(i64::MIN),
+            verified_bytes: AtomicU64::new(0),
+            created_ms: 0,
+            write: Mutex::new(WriteState {
+                allocated_bytes: size,
+                capacity_bytes: 0,
+                bytes_since_index: 0,
+                synced_bytes: size,
+            }),
+        };
+        if rebuilt {
+            tracing::warn!(
+                topic = %seg.id.topic, partition = seg.id.partition, segment = ?seg.log_path,
+                "rebuilding missing or damaged indexes of a sealed segment"
+            );
+            seg.rebuild_indexes()?;
+        } else {
+            seg.load_tail_state()?;
+        }
+        Ok((seg, rebuilt))
+    }
+
+    /// Opens a segment for recovery: writable, with fresh indexes, nothing published yet.
+    /// [`Segment::recover_scan`] then validates its batches and publishes the valid prefix.
+    pub fn open_for_recovery(
+        id: Arc<LogId>,
+        dir: &Path,
+        base_offset: u64,
+        segment_bytes: u64,
+        now_ms: i64,
+    ) -> Result<Segment> {
+        let (log_path, index_path, time_path) = file_names(dir, base_offset);
+        let file = open_rw(&log_path)?;
+        let size = file_len(&file, &log_path)?;
+        let capacity_bytes = segment_bytes.max(size);
+        let capacity = capacity_for(capacity_bytes);
+        let region = map_writable(&file, &log_path, capacity_bytes)?;
+        Ok(Segment {
+            id,
+            base_offset,
+            log_path,
+            file,
+            region: Arc::new(region),
+            offset_index: OffsetIndex::create(&index_path, capacity)?,
+            time_index: TimeIndex::create(&time_path, capacity)?,
+            committed_bytes: AtomicU64::new(0),
+            next_offset: AtomicU64::new(base_offset),
+            max_timestamp_ms: AtomicI64::new(i64::MIN),
+            verified_bytes: AtomicU64::new(0),
+            created_ms: now_ms,
+            write: Mutex::new(WriteState {
+                allocated_bytes: size,
+                capacity_bytes,
+                bytes_since_index: 0,
+                synced_bytes: 0,
+            }),
+        })
+    }
+
+    /// Validates the file's batches from the start: each must have the expected base offset, a
+    /// sane length, and a good checksum and structure. Publishes the valid prefix (rebuilding
+    /// the indexes as it goes) and, if anything follows it, truncates the file there so the
+    /// tail reads as zeros again. Returns `(valid_bytes, damaged_bytes_cut)`.
+    pub fn recover_scan(&self) -> Result<(u64, u64)> {
+        let mut w = self.write.lock();
+        let size = w.allocated_bytes;
+        let mut pos = 0u64;
+        let mut expected = self.base_offset;
+        // SAFETY: nothing is published and nobody else has this segment yet; `[0, size)` is
+        // inside the file.
+        let data = unsafe { self.region.slice(0, to_usize(size, &self.log_path)?) };
+        while pos < size {
+            let rest = &data[pos as usize..];
+            let Ok(view) = BatchView::parse(rest) else { break };
+            let header = *view.header();
+            if header.base_offset != expected || view.validate().is_err() {
+                break;
+            }
+            let len = header.total_len() as u64;
+            self.note_batch(&mut w, pos, len, &header);
+            pos += len;
+            expected = header.next_offset();
+        }
+        self.publish(pos, expected, pos);
+        w.synced_bytes = 0;
+        // A preallocated tail is zeros: that is the normal end, not damage. Anything else
+        // after the last valid batch is a torn write or garbage, and is cut.
+        let tail_is_zero = data[pos as usize..].iter().all(|&b| b == 0);
+        if pos < size && !tail_is_zero {
+            self.file
+                .set_len(pos)
+                .map_err(|e| StorageError::io("truncate segment", &self.log_path, e))?;
+            self.file
+                .sync_all()
+                .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
+            w.allocated_bytes = pos;
+            return Ok((pos, size - pos));
+        }
+        Ok((pos, 0))
+    }
+
+    /// This segment's base offset (the offset of its first record).
+    pub fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
+    /// The log file's path.
+    pub fn path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Published bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.committed_bytes.load(Ordering::Acquire)
+    }
+
+    /// The offset after the last published batch.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// The largest published record timestamp, `None` when empty.
+    pub fn max_timestamp_ms(&self) -> Option<i64> {
+        let ts = self.max_timestamp_ms.load(Ordering::Acquire);
+        (ts != i64::MIN).then_some(ts)
+    }
+
+    /// Entries in the offset index and the time index (for the clean-shutdown marker).
+    pub fn index_entries(&self) -> (usize, usize) {
+        (self.offset_index.len(), self.time_index.len())
+    }
+
+    /// When the segment was created or last opened, in ms since the epoch.
+    pub fn created_ms(&self) -> i64 {
+        self.created_ms
+    }
+
+    /// Whether a batch of `len` bytes fits without exceeding the segment size. An empty
+    /// segment takes any batch: a batch never spans segments.
+    pub fn fits(&self, len: u64) -> bool {
+        let w = self.write.lock();
+        let committed = self.committed_bytes.load(Ordering::Relaxed);
+        w.capacity_bytes > 0 && (committed == 0 || committed + len <= w.capacity_bytes)
+    }
+
+    /// Appends `batch` (already validated) with base offset `base_offset`, growing the file
+    /// first if needed. On a full disk nothing is written.
+    pub fn append(&self, batch: &[u8], base_offset: u64, header: &BatchHeader) -> Result<()> {
+        let mut w = self.write.lock();
+        let pos = self.committed_bytes.load(Ordering::Relaxed);
+        let len = batch.len() as u64;
+        let end = pos + len;
+        if w.capacity_bytes == 0 || end > self.region.len() as u64 {
+            return Err(StorageError::io(
+                "append to a sealed or full segment",
+                &self.log_path,
+                std::io::ErrorKind::InvalidInput.into(),
+            ));
+        }
+        if end > w.allocated_bytes {
+            let target = (w.allocated_bytes + PREALLOCATE_CHUNK_BYTES)
+                .max(end)
+                .min(self.region.len() as u64);
+            preallocate(&self.file, w.allocated_bytes, target - w.allocated_bytes)
+                .map_err(|e| no_space_or_io(&self.id, &self.log_path, "grow segment", e))?;
+            w.allocated_bytes = target;
+        }
+        // SAFETY: the write lock makes this the only writer; `[pos, end)` is past the published
+        // length, inside the mapping (checked) and inside the file (grown above).
+        unsafe {
+            self.region.write_at(pos as usize, batch);
+            self.region
+                .write_at(pos as usize, &base_offset.to_le_bytes());
+        }
+        let mut stamped = *header;
+        stamped.base_offset = base_offset;
+        self.note_batch(&mut w, pos, len, &stamped);
+        // The batch was validated on the way in, so it counts as verified.
+        let _ = self.verified_bytes.compare_exchange(
+            pos,
+            end,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        self.publish(end, stamped.next_offset(), 0);
+        Ok(())
+    }
+
+    /// Index bookkeeping for a batch at `pos`, shared by append, recovery and rebuilds.
+    fn note_batch(&self, w: &mut WriteState, pos: u64, len: u64, header: &BatchHeader) {
+        let max_ts = self
+            .max_timestamp_ms
+            .load(Ordering::Relaxed)
+            .max(header.max_timestamp);
+        self.max_timestamp_ms.store(max_ts, Ordering::Release);
+        if w.bytes_since_index >= INDEX_INTERVAL_BYTES {
+            let relative_offset = (header.base_offset - self.base_offset) as u32;
+            let position = pos as u32;
+            self.offset_index.push(OffsetEntry {
+                relative_offset,
+                position,
+            });
+            self.time_index.push(TimeEntry {
+                max_timestamp_ms: max_ts,
+                relative_offset,
+                position,
+            });
+            w.bytes_since_index = 0;
+        }
+        w.bytes_since_index += len;
+    }
+
+    /// Publishes a new length and next offset (release), so readers can see the bytes.
+    fn publish(&self, committed: u64, next_offset: u64, verified: u64) {
+        if verified > 0 {
+            self.verified_bytes.fetch_max(verified, Ordering::AcqRel);
+        }
+        self.next_offset.store(next_offset, Ordering::Release);
+        self.committed_bytes.store(committed, Ordering::Release);
+    }
+
+    /// Recomputes the next offset and max timestamp of an opened segment from its indexes and
+    /// the batches after the last index entry.
+    fn load_tail_state(&self) -> Result<()> {
+        let committed = self.size_bytes();
+        let start = self
+            .offset_index
+            .len()
+            .checked_sub(1)
+            .map_or(0, |i| u64::from(self.offset_index.get(i).position));
+        let mut max_ts = self.time_index.last().map_or(i64::MIN, |e| e.max_timestamp_ms);
+        let mut next = self.base_offset;
+        let mut pos = start;
+        while pos < committed {
+            let loc = self.header_at(pos, committed, (pos == 0).then_some(self.base_offset))?;
+            max_ts = max_ts.max(loc.header.max_timestamp);
+            next = loc.header.next_offset();
+            pos += loc.header.total_len() as u64;
+        }
+        self.max_timestamp_ms.store(max_ts, Ordering::Release);
+        self.next_offset.store(next, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rebuilds a sealed segment's indexes by walking its batch headers, then seals them.
+    fn rebuild_indexes(&self) -> Result<()> {
+        let committed = self.size_bytes();
+        let mut w = self.write.lock();
+        let mut pos = 0;
+        let mut next = self.base_offset;
+        while pos < committed {
+            let loc = self.header_at(pos, committed, (pos == 0).then_some(self.base_offset))?;
+            let len = loc.header.total_len() as u64;
+            self.note_batch(&mut w, pos, len, &loc.header);
+            next = loc.header.next_offset();
+            pos += len;
+        }
+        self.push_final_time_entry();
+        self.offset_index.seal()?;
+        self.time_index.seal()?;
+        self.next_offset.store(next, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes the time index's last entry carry the segment's max timestamp, so a reopen knows
+    /// it without reading the log.
+    fn push_final_time_entry(&self) {
+        let Some(max_ts) = self.max_timestamp_ms() else {
+            return;
+        };
+        let committed = self.size_bytes();
+        if self.time_index.last().is_some_and(|e| e.max_timestamp_ms >= max_ts) {
+            return;
+        }
+        // Point at the last batch: find it from the last offset-index entry.
+        let mut pos = self
+            .offset_index
+            .len()
+            .checked_sub(1)
+            .map_or(0, |i| u64::from(self.offset_index.get(i).position));
+        let mut last = None;
+        while pos < committed {
+            let Ok(loc) = self.header_at(pos, committed, None) else {
+                return;
+            };
+            pos += loc.header.total_len() as u64;
+            last = Some(loc);
+        }
+        if let Some(loc) = last {
+            if self
+                .time_index
+                .last()
+                .is_some_and(|e| u64::from(e.position) >= loc.position)
+            {
+                return;
+            }
+            self.time_index.push(TimeEntry {
+                max_timestamp_ms: max_ts,
+                relative_offset: (loc.header.base_offset - self.base_offset) as u32,
+                position: loc.position as u32,
+            });
+        }
+    }
+
+    /// Syncs the published bytes and the indexes to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        let committed = self.size_bytes();
+        let from = self.write.lock().synced_bytes;
+        if committed > from {
+            self.region
+                .sync_range(from as usize, committed as usize)
+                .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
+            self.offset_index.sync()?;
+            self.time_index.sync()?;
+            let mut w = self.write.lock();
+            w.synced_bytes = w.synced_bytes.max(committed);
+        }
+        Ok(())
+    }
+
+    /// Seals the segment: syncs it, trims the file to its published length, and seals the
+    /// indexes. No append is accepted afterwards.
+    pub fn seal(&self) -> Result<()> {
+        self.sync()?;
+        let mut w = self.write.lock();
+        if w.capacity_bytes == 0 {
+            return Ok(());
+        }
+        let committed = self.size_bytes();
+        self.file
+            .set_len(committed)
+            .map_err(|e| StorageError::io("trim segment", &self.log_path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
+        w.capacity_bytes = 0;
+        w.allocated_bytes = committed;
+        drop(w);
+        self.push_final_time_entry();
+        self.offset_index.seal()?;
+        self.time_index.seal()
+    }
+
+    /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes`
+    /// (at least one batch, however large). `None` when `offset` is past this segment.
+    pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Option<SegmentRead>> {
+        let committed = self.size_bytes();
+        let Some(first) = self.locate(offset, committed)? else {
+            return Ok(None);
+        };
+        let mut end = first.position;
+        let mut next_offset = first.header.base_offset;
+        let limit = first.position.saturating_add(max_bytes as u64);
+        let mut loc = first;
+        loop {
+            let len = loc.header.total_len() as u64;
+            if end > first.position && end + len > limit {
+                break;
+            }
+            if let Err(source) = self.verify(loc.position, len) {
+                if end == first.position {
+                    return Err(self.data_loss(loc.header.base_offset.max(offset), loc.position, source));
+                }
+                break;
+            }
+            end += len;
+            next_offset = loc.header.next_offset();
+            if end >= committed {
+                break;
+            }
+            loc = match self.header_at(end, committed, Some(next_offset)) {
+                Ok(l) => l,
+                // A damaged header after good batches: serve those, the next read reports it.
+                Err(_) => break,
+            };
+        }
+        // SAFETY: `[first.position, end)` is below the published length loaded above.
+        let bytes = unsafe { self.region.bytes(first.position as usize, end as usize) };
+        Ok(Some(SegmentRead { bytes, next_offset }))
+    }
+
+    /// Finds the first offset in this segment whose record timestamp is at or after
+    /// `timestamp_ms`.
+    pub fn find_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        let committed = self.size_bytes();
+        let mut pos = self.time_index.lookup(timestamp_ms, committed);
+        let mut expected = None;
+        while pos < committed {
+            let loc = self.header_at(pos, committed, expected)?;
+            let len = loc.header.total_len() as u64;
+            if loc.header.max_timestamp >= timestamp_ms {
+                self.verify(pos, len)
+                    .map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
+                // SAFETY: below the published length.
+                let data = unsafe { self.region.slice(pos as usize, (pos + len) as usize) };
+                let view = BatchView::parse(data)
+                    .map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
+                for record in view.records() {
+                    let record = record.map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
+                    if record.timestamp_ms >= timestamp_ms {
+                        return Ok(Some(record.offset));
+                    }
+                }
+            }
+            expected = Some(loc.header.next_offset());
+            pos += len;
+        }
+        Ok(None)
+    }
+
+    /// Finds the batch containing `offset`, walking from the nearest index entry.
+    fn locate(&self, offset: u64, committed: u64) -> Result<Option<Located>> {
+        if offset < self.base_offset || committed == 0 {
+            return Ok(None);
+        }
+        let relative = u32::try_from(offset - self.base_offset).unwrap_or(u32::MAX);
+        let mut pos = self.offset_index.lookup(relative, committed);
+        let mut expected = None;
+        while pos < committed {
+            let loc = self.header_at(pos, committed, expected)?;
+            if loc.header.next_offset() > offset {
+                return Ok(Some(loc));
+            }
+            expected = Some(loc.header.next_offset());
+            pos += loc.header.total_len() as u64;
+        }
+        Ok(None)
+    }
+
+    /// Parses the batch header at `pos`; the batch must lie wholly below `committed` and, when
+    /// `expected` is given, start at that offset. Anything else is damage.
+    fn header_at(&self, pos: u64, committed: u64, expected: Option<u64>) -> Result<Located> {
+        // SAFETY: `[pos, committed)` is below the published length.
+        let data = unsafe { self.region.slice(pos as usize, committed as usize) };
+        let header = BatchHeader::parse(data)
+            .map_err(|e| self.data_loss(expected.unwrap_or(self.base_offset), pos, e))?;
+        if header.total_len() as u64 > committed - pos {
+            return Err(self.data_loss(
+                header.base_offset,
+                pos,
+                BatchError::Truncated {
+                    needed: header.total_len(),
+                    available: (committed - pos) as usize,
+                },
+            ));
+        }
+        if let Some(expected) = expected {
+            if header.base_offset != expected {
+                return Err(self.data_loss(expected, pos, BatchError::BadLength));
+            }
+        }
+        Ok(Located {
+            position: pos,
+            header,
+        })
+    }
+
+    /// Checks the checksum of the batch at `[pos, pos + len)` unless it was verified before.
+    fn verify(&self, pos: u64, len: u64) -> std::result::Result<(), BatchError> {
+        let end = pos + len;
+        if end <= self.verified_bytes.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // SAFETY: callers pass a batch below the published length.
+        let data = unsafe { self.region.slice(pos as usize, end as usize) };
+        batch::verify_crc(data)?;
+        // Extend the verified prefix only when this batch continues it.
+        let _ =
+            self.verified_bytes
+                .compare_exchange(pos, end, Ordering::AcqRel, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn data_loss(&self, offset: u64, position: u64, source: BatchError) -> StorageError {
+        StorageError::DataLoss {
+            topic: self.id.topic.clone(),
+            partition: self.id.partition,
+            offset,
+            segment: self.log_path.clone(),
+            position,
+            source,
+        }
+    }
+
+    /// Deletes the segment's files (the mapping lives on while readers hold bytes of it).
+    pub fn remove_files(&self) -> Result<()> {
+        let dir = self.log_path.parent().unwrap_or(Path::new("."));
+        let (log, index, time) = file_names(dir, self.base_offset);
+        for p in [log, index, time] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io("delete segment file", &p, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| StorageError::io("open segment", path, e))
+}
+
+fn file_len(file: &File, path: &Path) -> Result<u64> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| StorageError::io("stat segment", path, e))
+}
+
+fn to_usize(n: u64, path: &Path) -> Result<usize> {
+    usize::try_from(n).map_err(|_| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("size {n} does not fit in memory"),
+    })
+}
+
+fn map_writable(file: &File, path: &Path, len: u64) -> Result<Region> {
+    Region::map_writable(file, to_usize(len, path)?)
+        .map_err(|e| StorageError::io("map segment", path, e))
+}
+
+/// Turns a failed allocation into [`StorageError::NoSpace`] when the disk is full.
+fn no_space_or_io(id: &LogId, path: &Path, op: &'static str, e: std::io::Error) -> StorageError {
+    if crate::error::is_no_space(&e) {
+        StorageError::NoSpace {
+            topic: id.topic.clone(),
+            partition: id.partition,
+            path: path.to_path_buf(),
+            source: e,
+        }
+    } else {
+        StorageError::io(op, path, e)
+    }
+}
