@@ -171,7 +171,9 @@ impl BatchHeader {
         if (h.batch_length as usize) < HEADER_LEN - LENGTH_PREFIX_LEN
             || h.record_count == 0
             || h.last_offset_delta != h.record_count - 1
-            || h.base_offset.checked_add(u64::from(h.record_count)).is_none()
+            || h.base_offset
+                .checked_add(u64::from(h.record_count))
+                .is_none()
         {
             return Err(BatchError::BadLength);
         }
@@ -294,7 +296,10 @@ impl<'a> BatchView<'a> {
 
 /// Walks consecutive batches in `buf`; an error (or a torn tail) ends the walk.
 pub fn batches(buf: &[u8]) -> Batches<'_> {
-    Batches { rest: buf, failed: false }
+    Batches {
+        rest: buf,
+        failed: false,
+    }
 }
 
 /// Iterator returned by [`batches`].
@@ -408,7 +413,9 @@ impl<'a> Records<'a> {
         let bad = |reason| BatchError::BadRecord { index, reason };
         let mut outer = Cursor(self.rest);
         let len = outer.u32().ok_or(bad("record length"))? as usize;
-        let body = outer.take(len).ok_or(bad("record length exceeds the batch"))?;
+        let body = outer
+            .take(len)
+            .ok_or(bad("record length exceeds the batch"))?;
         let mut c = Cursor(body);
         let delta = c.u32().ok_or(bad("offset delta"))?;
         if delta != index {
@@ -493,7 +500,8 @@ impl<'a> Cursor<'a> {
         self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| {

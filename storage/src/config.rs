@@ -73,7 +73,9 @@ impl FromStr for FlushPolicy {
             other => match other.strip_prefix("interval:") {
                 Some(ms) => match ms.parse::<u64>() {
                     Ok(ms) if ms > 0 => Ok(FlushPolicy::IntervalMs(ms)),
-                    _ => Err(format!("bad flush interval {ms:?}: expected milliseconds > 0")),
+                    _ => Err(format!(
+                        "bad flush interval {ms:?}: expected milliseconds > 0"
+                    )),
                 },
                 None => Err(format!(
                     "bad flush policy {other:?}: expected always, never or interval:MS"
@@ -229,7 +231,17 @@ mod tests {
         for ok in ["a", "orders", "a.b_c-D9", &"x".repeat(249)] {
             assert!(validate_name("topic", ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "../x", "a/b", "a b", "é", &"x".repeat(250), "a\0"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(250),
+            "a\0",
+        ] {
             assert!(validate_name("topic", bad).is_err(), "{bad:?}");
         }
     }
@@ -242,7 +254,10 @@ mod tests {
             .partitions(MAX_PARTITIONS + 1)
             .validate("t")
             .is_err());
-        assert!(TopicConfig::default().segment_bytes(10).validate("t").is_err());
+        assert!(TopicConfig::default()
+            .segment_bytes(10)
+            .validate("t")
+            .is_err());
         assert!(TopicConfig::default().segment_ms(0).validate("t").is_err());
         assert!(TopicConfig::default()
             .retention_bytes(Some(0))

@@ -45,7 +45,9 @@ pub enum StorageError {
         topic: String,
     },
     /// The partition does not exist in the topic.
-    #[error("partition {partition} not found in topic {topic:?}, which has {partitions} partitions")]
+    #[error(
+        "partition {partition} not found in topic {topic:?}, which has {partitions} partitions"
+    )]
     PartitionNotFound {
         /// The topic.
         topic: String,

@@ -25,9 +25,13 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 /// Replaces `path` with `contents` atomically and durably (temp file, fsync, rename, fsync of
 /// the folder).
 pub fn atomic_write(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| StorageError::io("atomic write", path, std::io::ErrorKind::InvalidInput.into()))?;
+    let dir = path.parent().ok_or_else(|| {
+        StorageError::io(
+            "atomic write",
+            path,
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(TMP_SUFFIX);
     let tmp = Path::new(&tmp_name);
@@ -40,7 +44,8 @@ pub fn atomic_write(path: &Path, contents: &[u8]) -> Result<()> {
             .map_err(|e| StorageError::io("create", tmp, e))?;
         f.write_all(contents)
             .map_err(|e| StorageError::io("write", tmp, e))?;
-        f.sync_all().map_err(|e| StorageError::io("fsync", tmp, e))?;
+        f.sync_all()
+            .map_err(|e| StorageError::io("fsync", tmp, e))?;
         fs::rename(tmp, path).map_err(|e| StorageError::io("rename", path, e))?;
         fsync_dir(dir)
     })();
@@ -138,6 +143,9 @@ mod tests {
         let md = f.metadata().expect("metadata");
         assert_eq!(md.len(), 1 << 20);
         use std::os::unix::fs::MetadataExt;
-        assert!(md.blocks() * 512 >= 1 << 20, "blocks are reserved, not sparse");
+        assert!(
+            md.blocks() * 512 >= 1 << 20,
+            "blocks are reserved, not sparse"
+        );
     }
 }

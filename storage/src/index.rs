@@ -103,8 +103,8 @@ impl EntryFile {
             preallocate(&file, size, bytes as u64 - size)
                 .map_err(|e| StorageError::io("preallocate index", path, e))?;
         }
-        let region =
-            Region::map_writable(&file, bytes).map_err(|e| StorageError::io("map index", path, e))?;
+        let region = Region::map_writable(&file, bytes)
+            .map_err(|e| StorageError::io("map index", path, e))?;
         Ok(EntryFile {
             path: path.to_path_buf(),
             file,

@@ -34,6 +34,6 @@ pub mod store;
 
 pub use config::{FlushPolicy, TopicConfig};
 pub use error::{Result, StorageError};
-//TMP pub use groups::{CommittedOffset, GroupStore};
+pub use groups::{CommittedOffset, GroupStore};
 pub use log::{LogOptions, PartitionLog, ReadResult};
-//TMP pub use store::{Store, StoreOptions, Topic};
+pub use store::{Store, StoreOptions, Topic};

@@ -191,10 +191,7 @@ impl PartitionLog {
             partition: options.partition,
         });
         let opened = recovery::open_segments(&id, dir, &options, now_ms())?;
-        let high_watermark = opened
-            .segments
-            .last()
-            .map_or(0, |s| s.next_offset());
+        let high_watermark = opened.segments.last().map_or(0, |s| s.next_offset());
         Ok(PartitionLog {
             inner: Arc::new(Inner {
                 id,
@@ -207,7 +204,11 @@ impl PartitionLog {
                     closed: false,
                 }),
                 sync: Mutex::new(SyncState {
-                    durable_offset: if opened.report.clean { high_watermark } else { 0 },
+                    durable_offset: if opened.report.clean {
+                        high_watermark
+                    } else {
+                        0
+                    },
                     in_progress: false,
                 }),
                 sync_done: Condvar::new(),
@@ -252,7 +253,11 @@ impl PartitionLog {
 
     /// The first offset still retained.
     pub fn log_start_offset(&self) -> u64 {
-        self.inner.segments.load().first().map_or(0, |s| s.base_offset())
+        self.inner
+            .segments
+            .load()
+            .first()
+            .map_or(0, |s| s.base_offset())
     }
 
     /// Why the partition refuses writes, if it does.
@@ -609,3 +614,6 @@ impl PartitionLog {
         self.inner.fail_next_sync.store(true, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -226,7 +226,8 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     let mut removed = false;
     for (base, path) in indexes {
         if logs.binary_search(&base).is_err() {
-            fs::remove_file(&path).map_err(|e| StorageError::io("remove orphan index", &path, e))?;
+            fs::remove_file(&path)
+                .map_err(|e| StorageError::io("remove orphan index", &path, e))?;
             removed = true;
         }
     }
@@ -360,8 +361,13 @@ fn recover(
             report.rebuilt_indexes += u32::from(rebuilt);
             segment
         } else {
-            let segment =
-                Segment::open_for_recovery(Arc::clone(id), dir, base, options.segment_bytes, now_ms)?;
+            let segment = Segment::open_for_recovery(
+                Arc::clone(id),
+                dir,
+                base,
+                options.segment_bytes,
+                now_ms,
+            )?;
             let (valid, cut_bytes) = segment.recover_scan()?;
             report.scanned_bytes += valid;
             report.rebuilt_indexes += 1;
@@ -401,8 +407,13 @@ fn recover(
         if !last.fits(0) {
             let base = last.base_offset();
             segments.pop();
-            let reopened =
-                Segment::open_for_recovery(Arc::clone(id), dir, base, options.segment_bytes, now_ms)?;
+            let reopened = Segment::open_for_recovery(
+                Arc::clone(id),
+                dir,
+                base,
+                options.segment_bytes,
+                now_ms,
+            )?;
             reopened.recover_scan()?;
             segments.push(Arc::new(reopened));
         }

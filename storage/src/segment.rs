@@ -124,8 +124,8 @@ impl Segment {
         }
         let capacity = capacity_for(segment_bytes);
         let offset_index = OffsetIndex::create(&index_path, capacity);
-        let time_index = offset_index
-            .and_then(|oi| TimeIndex::create(&time_path, capacity).map(|ti| (oi, ti)));
+        let time_index =
+            offset_index.and_then(|oi| TimeIndex::create(&time_path, capacity).map(|ti| (oi, ti)));
         let (offset_index, time_index) = match time_index {
             Ok(pair) => pair,
             Err(e) => {
@@ -222,7 +222,9 @@ impl Segment {
             TimeIndex::open_sealed(&time_path)?,
         ) {
             (Some(oi), Some(ti))
-                if oi.is_consistent(size) && ti.is_consistent(size) && (size == 0 || !ti.is_empty()) =>
+                if oi.is_consistent(size)
+                    && ti.is_consistent(size)
+                    && (size == 0 || !ti.is_empty()) =>
             {
                 Some((oi, ti))
             }
@@ -322,7 +324,9 @@ impl Segment {
         let data = unsafe { self.region.slice(0, to_usize(size, &self.log_path)?) };
         while pos < size {
             let rest = &data[pos as usize..];
-            let Ok(view) = BatchView::parse(rest) else { break };
+            let Ok(view) = BatchView::parse(rest) else {
+                break;
+            };
             let header = *view.header();
             if header.base_offset != expected || view.validate().is_err() {
                 break;
@@ -427,12 +431,9 @@ impl Segment {
         stamped.base_offset = base_offset;
         self.note_batch(&mut w, pos, len, &stamped);
         // The batch was validated on the way in, so it counts as verified.
-        let _ = self.verified_bytes.compare_exchange(
-            pos,
-            end,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        let _ = self
+            .verified_bytes
+            .compare_exchange(pos, end, Ordering::AcqRel, Ordering::Relaxed);
         self.publish(end, stamped.next_offset(), 0);
         Ok(())
     }
@@ -479,7 +480,10 @@ impl Segment {
             .len()
             .checked_sub(1)
             .map_or(0, |i| u64::from(self.offset_index.get(i).position));
-        let mut max_ts = self.time_index.last().map_or(i64::MIN, |e| e.max_timestamp_ms);
+        let mut max_ts = self
+            .time_index
+            .last()
+            .map_or(i64::MIN, |e| e.max_timestamp_ms);
         let mut next = self.base_offset;
         let mut pos = start;
         while pos < committed {
@@ -520,7 +524,11 @@ impl Segment {
             return;
         };
         let committed = self.size_bytes();
-        if self.time_index.last().is_some_and(|e| e.max_timestamp_ms >= max_ts) {
+        if self
+            .time_index
+            .last()
+            .is_some_and(|e| e.max_timestamp_ms >= max_ts)
+        {
             return;
         }
         // Point at the last batch: find it from the last offset-index entry.
@@ -610,7 +618,11 @@ impl Segment {
             }
             if let Err(source) = self.verify(loc.position, len) {
                 if end == first.position {
-                    return Err(self.data_loss(loc.header.base_offset.max(offset), loc.position, source));
+                    return Err(self.data_loss(
+                        loc.header.base_offset.max(offset),
+                        loc.position,
+                        source,
+                    ));
                 }
                 break;
             }
@@ -647,7 +659,8 @@ impl Segment {
                 let view = BatchView::parse(data)
                     .map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
                 for record in view.records() {
-                    let record = record.map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
+                    let record =
+                        record.map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
                     if record.timestamp_ms >= timestamp_ms {
                         return Ok(Some(record.offset));
                     }
@@ -716,9 +729,9 @@ impl Segment {
         let data = unsafe { self.region.slice(pos as usize, end as usize) };
         batch::verify_crc(data)?;
         // Extend the verified prefix only when this batch continues it.
-        let _ =
-            self.verified_bytes
-                .compare_exchange(pos, end, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = self
+            .verified_bytes
+            .compare_exchange(pos, end, Ordering::AcqRel, Ordering::Relaxed);
         Ok(())
     }
 

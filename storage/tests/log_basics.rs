@@ -23,7 +23,11 @@ fn append_assigns_offsets_and_reads_back_across_segments() {
         }
     }
     let stats = log.stats();
-    assert!(stats.segments > 5, "should roll several segments, got {}", stats.segments);
+    assert!(
+        stats.segments > 5,
+        "should roll several segments, got {}",
+        stats.segments
+    );
     assert_eq!(stats.high_watermark, expected.len() as u64);
     assert_eq!(stats.log_start_offset, 0);
 
@@ -111,16 +115,31 @@ fn timestamp_lookup_finds_the_first_offset_at_or_after() {
     assert_eq!(log.offset_for_timestamp(i64::MIN).expect("lookup"), Some(0));
     assert_eq!(log.offset_for_timestamp(0).expect("lookup"), Some(0));
     assert_eq!(log.offset_for_timestamp(5).expect("lookup"), Some(1));
-    assert_eq!(log.offset_for_timestamp(1000 * 150).expect("lookup"), Some(600));
-    assert_eq!(log.offset_for_timestamp(1000 * 150 + 11).expect("lookup"), Some(602));
-    assert_eq!(log.offset_for_timestamp(1000 * 299 + 30).expect("lookup"), Some(1199));
-    assert_eq!(log.offset_for_timestamp(1000 * 299 + 31).expect("lookup"), None);
+    assert_eq!(
+        log.offset_for_timestamp(1000 * 150).expect("lookup"),
+        Some(600)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1000 * 150 + 11).expect("lookup"),
+        Some(602)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1000 * 299 + 30).expect("lookup"),
+        Some(1199)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(1000 * 299 + 31).expect("lookup"),
+        None
+    );
     // The same after a reopen, from the persisted time indexes.
     log.close().expect("close");
     drop(log);
     let log = open_log(dir.path(), small_options());
     assert!(log.recovery_report().clean);
-    assert_eq!(log.offset_for_timestamp(1000 * 77 + 20).expect("lookup"), Some(77 * 4 + 2));
+    assert_eq!(
+        log.offset_for_timestamp(1000 * 77 + 20).expect("lookup"),
+        Some(77 * 4 + 2)
+    );
 }
 
 #[test]
@@ -175,16 +194,25 @@ fn bad_batches_are_refused_and_change_nothing() {
         log.append(&corrupt),
         Err(StorageError::InvalidBatch { .. })
     ));
-    assert!(matches!(log.append(&[]), Err(StorageError::InvalidBatch { .. })));
+    assert!(matches!(
+        log.append(&[]),
+        Err(StorageError::InvalidBatch { .. })
+    ));
     assert!(matches!(
         log.append(&batch(1, 0, 4096)),
         Err(StorageError::BatchTooLarge { .. })
     ));
     let mut two = batch(1, 0, 10).to_vec();
     two.extend_from_slice(&batch(1, 0, 10));
-    assert!(matches!(log.append(&two), Err(StorageError::InvalidBatch { .. })));
+    assert!(matches!(
+        log.append(&two),
+        Err(StorageError::InvalidBatch { .. })
+    ));
     assert_eq!(log.high_watermark(), 1);
-    assert_eq!(decode_all(&log.read(0, 1 << 20).expect("read").chunks).len(), 1);
+    assert_eq!(
+        decode_all(&log.read(0, 1 << 20).expect("read").chunks).len(),
+        1
+    );
 }
 
 #[test]

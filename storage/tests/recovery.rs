@@ -66,7 +66,10 @@ fn clean_reopen_validates_nothing_and_keeps_everything() {
         log.append(&batch(2, i, 400)).expect("append");
     }
     log.close().expect("close");
-    assert!(matches!(log.append(&batch(1, 0, 1)), Err(StorageError::Closed)));
+    assert!(matches!(
+        log.append(&batch(1, 0, 1)),
+        Err(StorageError::Closed)
+    ));
     drop(log);
     let log = open_log(dir.path(), small_options());
     let report = log.recovery_report();
@@ -74,7 +77,10 @@ fn clean_reopen_validates_nothing_and_keeps_everything() {
     assert_eq!(report.scanned_bytes, 0);
     assert!(report.cuts.is_empty());
     assert_eq!(log.high_watermark(), 200);
-    assert_eq!(decode_all(&log.read(0, usize::MAX).expect("read").chunks).len(), 200);
+    assert_eq!(
+        decode_all(&log.read(0, usize::MAX).expect("read").chunks).len(),
+        200
+    );
     // Appending after a clean open works, and a crash after it is not mistaken for clean.
     log.append(&batch(1, 1, 10)).expect("append");
     drop(log);
@@ -91,7 +97,10 @@ fn crash_keeps_every_appended_batch() {
     let report = log.recovery_report().clone();
     assert!(!report.clean);
     assert_eq!(report.scanned_bytes, ends.last().expect("batches").0);
-    assert!(report.cuts.is_empty(), "a zero tail is the end, not damage: {report:?}");
+    assert!(
+        report.cuts.is_empty(),
+        "a zero tail is the end, not damage: {report:?}"
+    );
     assert_eq!(log.high_watermark(), ends.last().expect("batches").1);
 }
 
@@ -182,8 +191,12 @@ fn missing_or_truncated_indexes_are_rebuilt() {
     let times = segment_files(dir.path(), "timeindex");
     assert!(indexes.len() > 4);
     fs::remove_file(&indexes[0]).expect("delete index");
-    let f = OpenOptions::new().write(true).open(&indexes[1]).expect("open");
-    f.set_len(f.metadata().expect("stat").len() - 3).expect("truncate");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&indexes[1])
+        .expect("open");
+    f.set_len(f.metadata().expect("stat").len() - 3)
+        .expect("truncate");
     drop(f);
     fs::write(&times[2], b"").expect("empty time index");
     let log = open_log(dir.path(), small_options());
@@ -216,7 +229,10 @@ fn missing_recovery_point_scans_everything() {
     let (active, total) = (log.stats(), log.stats().size_bytes);
     drop(log);
     let log = open_log(dir.path(), small_options());
-    assert!(log.recovery_report().scanned_bytes < total / 2, "{active:?}");
+    assert!(
+        log.recovery_report().scanned_bytes < total / 2,
+        "{active:?}"
+    );
 }
 
 #[test]
@@ -244,7 +260,9 @@ fn flipped_byte_in_a_sealed_segment_is_data_loss_on_read() {
 
     let log = open_log(dir.path(), small_options());
     match log.read(damaged_offset, 1) {
-        Err(StorageError::DataLoss { offset, partition, .. }) => {
+        Err(StorageError::DataLoss {
+            offset, partition, ..
+        }) => {
             assert_eq!((offset, partition), (damaged_offset, 0));
         }
         other => panic!("expected data loss, got {other:?}"),
@@ -257,7 +275,9 @@ fn flipped_byte_in_a_sealed_segment_is_data_loss_on_read() {
     let before = log.read(0, usize::MAX).expect("read before");
     let offsets: Vec<u64> = decode_all(&before.chunks).iter().map(|r| r.0).collect();
     assert_eq!(offsets, (0..damaged_offset).collect::<Vec<_>>());
-    let after = log.read(damaged_offset + 2, usize::MAX).expect("read after");
+    let after = log
+        .read(damaged_offset + 2, usize::MAX)
+        .expect("read after");
     assert_eq!(decode_all(&after.chunks)[0].0, damaged_offset + 2);
 }
 
@@ -293,10 +313,19 @@ fn retention_by_time_and_size_deletes_exactly_the_right_segments() {
     let expected_start = *bases.iter().filter(|&&b| b <= 50).max().expect("a base");
     assert_eq!(start, expected_start);
     let read = log.read(start, usize::MAX).expect("read");
-    assert_eq!(decode_all(&read.chunks).len() as u64, before.high_watermark - start);
+    assert_eq!(
+        decode_all(&read.chunks).len() as u64,
+        before.high_watermark - start
+    );
     let remaining = segment_files(dir.path(), "log");
-    assert_eq!(remaining.len(), segments.len() - outcome.deleted_segments as usize);
-    assert!(matches!(log.read(0, 1), Err(StorageError::OffsetOutOfRange { .. })));
+    assert_eq!(
+        remaining.len(),
+        segments.len() - outcome.deleted_segments as usize
+    );
+    assert!(matches!(
+        log.read(0, 1),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
 
     // By size: keep at most ~40 KiB (the active segment always stays).
     let sized = LogOptions {
@@ -307,10 +336,17 @@ fn retention_by_time_and_size_deletes_exactly_the_right_segments() {
     log.close().expect("close");
     drop(log);
     let log = open_log(dir.path(), sized.clone());
-    assert_eq!(log.log_start_offset(), start, "log start persists across reopen");
+    assert_eq!(
+        log.log_start_offset(),
+        start,
+        "log start persists across reopen"
+    );
     log.apply_retention(0).expect("retention");
     assert!(log.stats().size_bytes <= 40 << 10);
-    assert!(log.stats().size_bytes + (16 << 10) > 40 << 10, "deleted no more than needed");
+    assert!(
+        log.stats().size_bytes + (16 << 10) > 40 << 10,
+        "deleted no more than needed"
+    );
     let start2 = log.log_start_offset();
     assert!(start2 > start);
     drop(log); // crash: the start still persists

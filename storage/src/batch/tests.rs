@@ -20,7 +20,10 @@ fn sample() -> Vec<Record> {
         Record {
             key: Some(Bytes::new()),
             value: Bytes::from_static(b"x"),
-            headers: vec![("a".into(), Bytes::new()), ("é".into(), Bytes::from_static(b"v"))],
+            headers: vec![
+                ("a".into(), Bytes::new()),
+                ("é".into(), Bytes::from_static(b"v")),
+            ],
             timestamp_ms: 1_500,
         },
     ]
@@ -61,7 +64,10 @@ fn round_trip_keeps_every_field() {
     stamp_base_offset(&mut b, 42);
     let view = BatchView::parse(&b).expect("parse");
     let h = view.header();
-    assert_eq!((h.base_offset, h.record_count, h.last_offset_delta), (42, 3, 2));
+    assert_eq!(
+        (h.base_offset, h.record_count, h.last_offset_delta),
+        (42, 3, 2)
+    );
     assert_eq!((h.first_timestamp, h.max_timestamp), (1_000, 1_500));
     assert_eq!(h.next_offset(), 45);
     assert_eq!(decode(&b).expect("decode"), records);
@@ -105,20 +111,29 @@ fn batches_walks_concatenated_batches() {
         .collect();
     assert_eq!(bases, vec![0, 3, 6, 9, 12]);
     buf.extend_from_slice(&[0u8; 30]);
-    assert!(batches(&buf).last().expect("last").is_err(), "a torn tail ends the walk");
+    assert!(
+        batches(&buf).last().expect("last").is_err(),
+        "a torn tail ends the walk"
+    );
 }
 
 fn arb_record() -> impl Strategy<Value = Record> {
     (
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..32)),
         proptest::collection::vec(any::<u8>(), 0..3000),
-        proptest::collection::vec(("\\PC{0,12}", proptest::collection::vec(any::<u8>(), 0..16)), 0..4),
+        proptest::collection::vec(
+            ("\\PC{0,12}", proptest::collection::vec(any::<u8>(), 0..16)),
+            0..4,
+        ),
         -(1i64 << 40)..(1i64 << 40),
     )
         .prop_map(|(key, value, headers, ts)| Record {
             key: key.map(Bytes::from),
             value: Bytes::from(value),
-            headers: headers.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect(),
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k, Bytes::from(v)))
+                .collect(),
             timestamp_ms: ts,
         })
 }
