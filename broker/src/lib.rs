@@ -1,1 +1,30 @@
-//! placeholder
+//! The Rill broker: gRPC produce (push), long-poll fetch (pull), topics and group offsets,
+//! served over the storage engine.
+//!
+//! # The map
+//! - [`config`]: [`Config`], the typed settings with their defaults.
+//! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
+//! - [`server`]: binding, serving (with health and reflection), and graceful shutdown.
+//! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
+//! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups` and `rill.v1.Admin`.
+//! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
+//! - [`fetch`]: the long-poll Fetch and ListOffsets.
+//! - [`tasks`]: the background flush and retention loops.
+//! - [`error`]: [`BrokerError`] and the one mapping to gRPC status codes.
+//!
+//! `main.rs` only loads the config and calls [`run`] with a shutdown token.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod produce;
+pub mod server;
+pub mod services;
+pub mod state;
+pub mod tasks;
+
+pub use config::Config;
+pub use error::BrokerError;
+pub use server::{init_tracing, run, shutdown_on_signals, Server};
+pub use state::Broker;

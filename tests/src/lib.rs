@@ -1,1 +1,214 @@
-//! placeholder
+//! End-to-end test harness: a real broker on 127.0.0.1 port 0, in this process or as the
+//! `rill-broker` binary, and helpers for the real client and CLI.
+//!
+//! Every broker a test starts is stopped by the test's own handle: [`TestBroker`] cancels
+//! and awaits its server on [`TestBroker::stop`] (and cancels on drop); [`BrokerProcess`]
+//! kills and reaps its child on drop. Data folders are temp folders removed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A broker running inside the test process, on a fresh temp folder (or a given one).
+pub struct TestBroker {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<Result<()>>>,
+    dir: Option<TempDir>,
+    data_dir: PathBuf,
+    broker: rill_broker::Broker,
+}
+
+impl TestBroker {
+    /// Starts a broker with default settings on a new temp folder.
+    pub async fn start() -> Result<TestBroker> {
+        let dir = tempfile::tempdir()?;
+        let config = rill_broker::Config::new(dir.path());
+        Self::start_with(config, Some(dir)).await
+    }
+
+    /// Starts a broker with `config` (its listen address is forced to 127.0.0.1:0). `dir`, if
+    /// given, is kept alive (and removed) with the broker.
+    pub async fn start_with(config: rill_broker::Config, dir: Option<TempDir>) -> Result<TestBroker> {
+        let config = config.listen(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let data_dir = config.data_dir.clone();
+        let shutdown = CancellationToken::new();
+        let server = rill_broker::Server::bind(config, shutdown.clone()).await?;
+        let addr = server.local_addr();
+        let broker = server.broker().clone();
+        let handle = tokio::spawn(server.serve());
+        Ok(TestBroker {
+            addr,
+            shutdown,
+            handle: Some(handle),
+            dir,
+            data_dir,
+            broker,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for gRPC clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The data folder.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The broker's shared state.
+    pub fn broker(&self) -> &rill_broker::Broker {
+        &self.broker
+    }
+
+    /// Stops the broker gracefully and waits for it; returns the temp folder so a test can
+    /// restart on the same data.
+    pub async fn stop(mut self) -> Result<Option<TempDir>> {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            handle.await.context("broker task panicked")??;
+        }
+        Ok(self.dir.take())
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The path of a binary built by this workspace (`rill-broker`, `rill`), next to the test
+/// executable's folder.
+pub fn binary_path(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("test binary has no folder")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The real `rill-broker` binary, running as a child process.
+pub struct BrokerProcess {
+    child: Child,
+    addr: SocketAddr,
+    stdout_tail: JoinHandle<Vec<String>>,
+}
+
+impl BrokerProcess {
+    /// Starts the binary on `data_dir`, listening on 127.0.0.1:0, and waits for the line that
+    /// names the bound address.
+    pub async fn spawn(data_dir: &Path, extra_args: &[&str]) -> Result<BrokerProcess> {
+        let mut child = Command::new(binary_path("rill-broker")?)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(extra_args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning rill-broker")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line.strip_prefix("rill-broker listening on ") {
+                    return Ok::<_, anyhow::Error>(addr.trim().parse::<SocketAddr>()?);
+                }
+            }
+            bail!("rill-broker exited before listening")
+        })
+        .await
+        .context("waiting for rill-broker to listen")??;
+        let stdout_tail = tokio::spawn(async move {
+            let mut rest = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                rest.push(line);
+            }
+            rest
+        });
+        Ok(BrokerProcess {
+            child,
+            addr,
+            stdout_tail,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for gRPC clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends a signal (SIGTERM for a graceful stop, SIGKILL for a crash) and waits for exit.
+    pub async fn signal_and_wait(mut self, signal: i32) -> Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            let rc = send_signal(pid, signal);
+            if rc != 0 {
+                bail!("kill({pid}, {signal}) failed");
+            }
+        }
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .context("broker did not exit")??;
+        let _ = (&mut self.stdout_tail).await;
+        Ok(status)
+    }
+
+    /// Stops the broker gracefully (SIGTERM) and waits for it.
+    pub async fn stop(self) -> Result<std::process::ExitStatus> {
+        self.signal_and_wait(SIGTERM).await
+    }
+}
+
+/// SIGKILL.
+pub const SIGKILL: i32 = 9;
+/// SIGTERM.
+pub const SIGTERM: i32 = 15;
+
+fn send_signal(pid: u32, signal: i32) -> i32 {
+    // Use the `kill` command rather than FFI: tests need no unsafe code.
+    match std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+    {
+        Ok(s) if s.success() => 0,
+        _ => -1,
+    }
+}

@@ -1,0 +1,153 @@
+//! The broker binary's configuration layers: defaults, then a TOML file (`--config`), then
+//! `RILL_*` environment variables, then flags. Unknown TOML keys are refused.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::config::{Config, FileConfig};
+
+/// Command-line flags of `rill-broker`; each also reads a `RILL_*` environment variable.
+#[derive(Debug, Parser)]
+#[command(name = "rill-broker", version, about = "The Rill log broker")]
+pub struct Flags {
+    /// A TOML config file; flags and environment variables override its values.
+    #[arg(long, env = "RILL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where topics and group offsets are stored [default: ./rill-data].
+    #[arg(long, env = "RILL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The address to listen on; port 0 picks a free port [default: 127.0.0.1:7171].
+    #[arg(long, env = "RILL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The largest batch and request accepted, in bytes [default: 16 MiB].
+    #[arg(long, env = "RILL_MAX_BATCH_BYTES")]
+    pub max_batch_bytes: Option<usize>,
+    /// The cap on a fetch's wait, in milliseconds [default: 30000].
+    #[arg(long, env = "RILL_MAX_FETCH_WAIT_MS")]
+    pub max_fetch_wait_ms: Option<u64>,
+    /// How often retention runs, in milliseconds [default: 60000].
+    #[arg(long, env = "RILL_RETENTION_CHECK_MS")]
+    pub retention_check_ms: Option<u64>,
+    /// The flush policy of new topics that name none: always, never or interval:MS
+    /// [default: interval:1000].
+    #[arg(long, env = "RILL_DEFAULT_FLUSH")]
+    pub default_flush: Option<String>,
+}
+
+/// Builds the config from flags (already merged with the environment by clap) over the file
+/// over the defaults.
+pub fn load(flags: Flags) -> Result<Config> {
+    let file = match &flags.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let mut config = Config::default();
+    if let Some(v) = flags.data_dir.or(file.data_dir) {
+        config.data_dir = v;
+    }
+    if let Some(v) = flags.listen.or(file.listen) {
+        config.listen = v;
+    }
+    if let Some(v) = flags.max_batch_bytes.or(file.max_batch_bytes) {
+        config.max_batch_bytes = v;
+    }
+    if let Some(v) = flags.max_fetch_wait_ms.or(file.max_fetch_wait_ms) {
+        config.max_fetch_wait_ms = v;
+    }
+    if let Some(v) = file.max_fetch_bytes {
+        config.max_fetch_bytes = v;
+    }
+    if let Some(v) = flags.retention_check_ms.or(file.retention_check_ms) {
+        config.retention_check_ms = v;
+    }
+    if let Some(v) = file.max_waiting_fetches {
+        config.max_waiting_fetches = v;
+    }
+    let defaults = file.topic_defaults.unwrap_or_default();
+    let t = &mut config.topic_defaults;
+    if let Some(v) = defaults.partitions {
+        t.partitions = v;
+    }
+    if let Some(v) = defaults.retention_ms {
+        t.retention_ms = (v > 0).then_some(v);
+    }
+    if let Some(v) = defaults.retention_bytes {
+        t.retention_bytes = (v > 0).then_some(v);
+    }
+    if let Some(v) = defaults.segment_bytes {
+        t.segment_bytes = v;
+    }
+    if let Some(v) = defaults.segment_ms {
+        t.segment_ms = v;
+    }
+    if let Some(v) = flags.default_flush.or(defaults.flush) {
+        t.flush = v
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("default flush policy: {e}"))?;
+    }
+    config
+        .topic_defaults
+        .validate("(topic defaults)")
+        .context("invalid [topic_defaults]")?;
+    anyhow::ensure!(
+        config.max_batch_bytes >= 1024,
+        "max_batch_bytes must be at least 1024"
+    );
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut all = vec!["rill-broker"];
+        all.extend_from_slice(args);
+        Flags::try_parse_from(all).expect("flags parse")
+    }
+
+    #[test]
+    fn layers_file_under_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n[topic_defaults]\npartitions = 3\nflush = \"always\"\n",
+        )
+        .expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let config = load(flags(&["--config", p, "--listen", "127.0.0.1:0"])).expect("load");
+        assert_eq!(config.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(config.listen, "127.0.0.1:0".parse().expect("addr"));
+        assert_eq!(config.topic_defaults.partitions, 3);
+        assert_eq!(
+            config.topic_defaults.flush,
+            rill_storage::FlushPolicy::Always
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(&path, "data_dir = \"x\"\nlisten_port = 5\n").expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let err = load(flags(&["--config", p])).expect_err("unknown key");
+        assert!(format!("{err:#}").contains("listen_port"), "{err:#}");
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_a_local_folder() {
+        let config = load(flags(&[])).expect("load");
+        assert!(config.listen.ip().is_loopback());
+        assert!(config.data_dir.is_relative());
+    }
+}

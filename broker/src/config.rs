@@ -1,0 +1,154 @@
+//! The broker's configuration: typed, with documented defaults, and layered by the binary
+//! (defaults, then a TOML file, then environment variables, then flags).
+//!
+//! The library takes a finished [`Config`]; only [`crate::cli`] (used by `main`) reads files,
+//! the environment and flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rill_storage::TopicConfig;
+use serde::Deserialize;
+
+/// The default listen address: loopback only, so a fresh broker is not exposed.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7171";
+/// The default data folder, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "rill-data";
+/// The default largest batch (and gRPC message) accepted, in bytes.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
+/// The default cap on a fetch's `max_wait_ms`.
+pub const DEFAULT_MAX_FETCH_WAIT_MS: u64 = 30_000;
+/// The default cap on bytes returned by one fetch.
+pub const DEFAULT_MAX_FETCH_BYTES: usize = 16 << 20;
+/// The default interval between retention passes, in milliseconds.
+pub const DEFAULT_RETENTION_CHECK_MS: u64 = 60_000;
+/// The default limit on fetches waiting at once.
+pub const DEFAULT_MAX_WAITING_FETCHES: usize = 100_000;
+
+/// Everything the broker needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where topics and group offsets live. Default `./rill-data`.
+    pub data_dir: PathBuf,
+    /// The address to listen on; port 0 picks a free one. Default `127.0.0.1:7171`.
+    pub listen: SocketAddr,
+    /// The largest batch (and request) accepted, in bytes. Default 16 MiB.
+    pub max_batch_bytes: usize,
+    /// The longest a fetch may wait, in milliseconds, whatever it asks. Default 30 s.
+    pub max_fetch_wait_ms: u64,
+    /// The most bytes one fetch returns, whatever it asks. Default 16 MiB.
+    pub max_fetch_bytes: usize,
+    /// How often retention runs, in milliseconds. Default 60 s.
+    pub retention_check_ms: u64,
+    /// The most fetches that may wait at once; more get RESOURCE_EXHAUSTED. Default 100,000.
+    pub max_waiting_fetches: usize,
+    /// Defaults for topics created without a value (partitions, retention, segments, flush).
+    pub topic_defaults: TopicConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_fetch_wait_ms: DEFAULT_MAX_FETCH_WAIT_MS,
+            max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
+            retention_check_ms: DEFAULT_RETENTION_CHECK_MS,
+            max_waiting_fetches: DEFAULT_MAX_WAITING_FETCHES,
+            topic_defaults: TopicConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// A config with defaults and the given data folder.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: data_dir.into(),
+            ..Config::default()
+        }
+    }
+
+    /// Sets the listen address (default `127.0.0.1:7171`; port 0 picks a free port).
+    pub fn listen(mut self, listen: SocketAddr) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    /// Sets the largest batch accepted, in bytes (default 16 MiB).
+    pub fn max_batch_bytes(mut self, max_batch_bytes: usize) -> Self {
+        self.max_batch_bytes = max_batch_bytes;
+        self
+    }
+
+    /// Sets the cap on a fetch's wait, in milliseconds (default 30,000).
+    pub fn max_fetch_wait_ms(mut self, max_fetch_wait_ms: u64) -> Self {
+        self.max_fetch_wait_ms = max_fetch_wait_ms;
+        self
+    }
+
+    /// Sets the interval between retention passes, in milliseconds (default 60,000).
+    pub fn retention_check_ms(mut self, retention_check_ms: u64) -> Self {
+        self.retention_check_ms = retention_check_ms;
+        self
+    }
+
+    /// Sets the limit on fetches waiting at once (default 100,000).
+    pub fn max_waiting_fetches(mut self, max_waiting_fetches: usize) -> Self {
+        self.max_waiting_fetches = max_waiting_fetches;
+        self
+    }
+
+    /// Sets the defaults for new topics.
+    pub fn topic_defaults(mut self, topic_defaults: TopicConfig) -> Self {
+        self.topic_defaults = topic_defaults;
+        self
+    }
+
+    /// The retention interval as a [`Duration`].
+    pub fn retention_interval(&self) -> Duration {
+        Duration::from_millis(self.retention_check_ms.max(1))
+    }
+}
+
+/// The TOML file's shape. Every key is optional; unknown keys are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Config::listen`].
+    pub listen: Option<SocketAddr>,
+    /// See [`Config::max_batch_bytes`].
+    pub max_batch_bytes: Option<usize>,
+    /// See [`Config::max_fetch_wait_ms`].
+    pub max_fetch_wait_ms: Option<u64>,
+    /// See [`Config::max_fetch_bytes`].
+    pub max_fetch_bytes: Option<usize>,
+    /// See [`Config::retention_check_ms`].
+    pub retention_check_ms: Option<u64>,
+    /// See [`Config::max_waiting_fetches`].
+    pub max_waiting_fetches: Option<usize>,
+    /// Topic defaults, as a `[topic_defaults]` table.
+    pub topic_defaults: Option<FileTopicDefaults>,
+}
+
+/// The `[topic_defaults]` table of the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTopicDefaults {
+    /// Partitions of a new topic.
+    pub partitions: Option<u32>,
+    /// Retention time in ms; 0 keeps data forever.
+    pub retention_ms: Option<u64>,
+    /// Retention size per partition in bytes; 0 means no limit.
+    pub retention_bytes: Option<u64>,
+    /// Segment size in bytes.
+    pub segment_bytes: Option<u64>,
+    /// Segment age in ms.
+    pub segment_ms: Option<u64>,
+    /// Flush policy: `always`, `never` or `interval:MS`.
+    pub flush: Option<String>,
+}

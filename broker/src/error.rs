@@ -1,0 +1,134 @@
+//! [`BrokerError`], and the one place where errors become gRPC statuses (DESIGN.md §2's
+//! table). Messages carry the topic, partition and offset that the storage error names.
+
+use rill_storage::StorageError;
+use tonic::{Code, Status};
+
+/// Everything a broker request can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The storage engine refused or failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The request itself is malformed (a missing field, an empty batch, a bad combination).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Too many fetches are waiting already.
+    #[error("too many waiting fetches (the limit is {limit}); retry later")]
+    TooManyWaiters {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The broker is shutting down; the client may retry against the next start.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    /// A background task died (a bug, not an input error).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    /// A malformed-request error with a message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        BrokerError::InvalidArgument(message.into())
+    }
+
+    /// The gRPC code for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            BrokerError::Storage(e) => storage_code(e),
+            BrokerError::InvalidArgument(_) => Code::InvalidArgument,
+            BrokerError::TooManyWaiters { .. } => Code::ResourceExhausted,
+            BrokerError::ShuttingDown => Code::Unavailable,
+            BrokerError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+fn storage_code(e: &StorageError) -> Code {
+    match e {
+        StorageError::InvalidName { .. }
+        | StorageError::InvalidConfig { .. }
+        | StorageError::InvalidBatch { .. }
+        | StorageError::BatchTooLarge { .. } => Code::InvalidArgument,
+        StorageError::TopicNotFound { .. }
+        | StorageError::PartitionNotFound { .. }
+        | StorageError::GroupNotFound { .. } => Code::NotFound,
+        StorageError::TopicExists { .. } => Code::AlreadyExists,
+        StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
+        StorageError::NoSpace { .. } => Code::ResourceExhausted,
+        StorageError::Fenced { .. } => Code::FailedPrecondition,
+        StorageError::DataLoss { .. } | StorageError::Corrupt { .. } => Code::DataLoss,
+        StorageError::Closed => Code::Unavailable,
+        e if e.is_no_space() => Code::ResourceExhausted,
+        _ => Code::Internal,
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let code = e.code();
+        if code == Code::Internal || code == Code::DataLoss {
+            tracing::error!(error = %e, "request failed");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for BrokerError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        BrokerError::Internal(format!("blocking task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table() {
+        let cases: Vec<(BrokerError, Code)> = vec![
+            (
+                StorageError::TopicNotFound { topic: "t".into() }.into(),
+                Code::NotFound,
+            ),
+            (
+                StorageError::TopicExists { topic: "t".into() }.into(),
+                Code::AlreadyExists,
+            ),
+            (
+                StorageError::OffsetOutOfRange {
+                    topic: "t".into(),
+                    partition: 1,
+                    offset: 9,
+                    log_start: 2,
+                    high_watermark: 5,
+                }
+                .into(),
+                Code::OutOfRange,
+            ),
+            (StorageError::Closed.into(), Code::Unavailable),
+            (BrokerError::invalid("empty batch"), Code::InvalidArgument),
+            (
+                BrokerError::TooManyWaiters { limit: 1 },
+                Code::ResourceExhausted,
+            ),
+            (BrokerError::ShuttingDown, Code::Unavailable),
+        ];
+        for (err, code) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{}", status.message());
+        }
+        let status = Status::from(BrokerError::from(StorageError::OffsetOutOfRange {
+            topic: "orders".into(),
+            partition: 1,
+            offset: 9,
+            log_start: 2,
+            high_watermark: 5,
+        }));
+        for part in ["orders", "partition 1", "9", "2", "5"] {
+            assert!(status.message().contains(part), "{}", status.message());
+        }
+    }
+}

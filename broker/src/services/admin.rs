@@ -1,0 +1,189 @@
+//! `rill.v1.Admin`: create, delete, list and describe topics.
+
+use rill_proto::v1 as pb;
+use rill_proto::v1::admin_server::Admin;
+use rill_proto::v1::flush_policy::Policy;
+use rill_storage::{FlushPolicy, Topic, TopicConfig};
+use tonic::{Request, Response, Status};
+
+use crate::error::BrokerError;
+use crate::state::Broker;
+
+/// The Admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    broker: Broker,
+}
+
+impl AdminService {
+    /// A service over the broker state.
+    pub fn new(broker: Broker) -> Self {
+        AdminService { broker }
+    }
+}
+
+/// Resolves a requested config over the broker's topic defaults. Negative retention means
+/// "no limit"; absent values take the default.
+pub fn resolve_config(
+    req: Option<pb::TopicConfig>,
+    defaults: &TopicConfig,
+) -> Result<TopicConfig, BrokerError> {
+    let mut config = defaults.clone();
+    let Some(req) = req else { return Ok(config) };
+    if req.partitions > 0 {
+        config.partitions = req.partitions;
+    }
+    let limit = |v: i64, what: &str| -> Result<Option<u64>, BrokerError> {
+        match v {
+            -1 => Ok(None),
+            v if v > 0 => Ok(Some(v as u64)),
+            v => Err(BrokerError::invalid(format!(
+                "{what} must be > 0, or -1 for no limit; got {v}"
+            ))),
+        }
+    };
+    if let Some(v) = req.retention_ms {
+        config.retention_ms = limit(v, "retention_ms")?;
+    }
+    if let Some(v) = req.retention_bytes {
+        config.retention_bytes = limit(v, "retention_bytes")?;
+    }
+    if let Some(v) = req.segment_bytes {
+        config.segment_bytes = v;
+    }
+    if let Some(v) = req.segment_ms {
+        config.segment_ms = u64::try_from(v)
+            .map_err(|_| BrokerError::invalid(format!("segment_ms must be > 0; got {v}")))?;
+    }
+    if let Some(policy) = req.flush.and_then(|f| f.policy) {
+        config.flush = match policy {
+            Policy::Always(_) => FlushPolicy::Always,
+            Policy::Never(_) => FlushPolicy::Never,
+            Policy::IntervalMs(ms) => FlushPolicy::IntervalMs(ms),
+        };
+    }
+    Ok(config)
+}
+
+/// The wire form of a resolved config.
+pub fn config_to_pb(c: &TopicConfig) -> pb::TopicConfig {
+    let opt = |v: Option<u64>| Some(v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX)));
+    pb::TopicConfig {
+        partitions: c.partitions,
+        retention_ms: opt(c.retention_ms),
+        retention_bytes: opt(c.retention_bytes),
+        segment_bytes: Some(c.segment_bytes),
+        segment_ms: Some(i64::try_from(c.segment_ms).unwrap_or(i64::MAX)),
+        flush: Some(pb::FlushPolicy {
+            policy: Some(match c.flush {
+                FlushPolicy::Always => Policy::Always(pb::Always {}),
+                FlushPolicy::Never => Policy::Never(pb::Never {}),
+                FlushPolicy::IntervalMs(ms) => Policy::IntervalMs(ms),
+            }),
+        }),
+    }
+}
+
+/// Describes a topic: its config and each partition's figures.
+pub fn describe(topic: &Topic) -> pb::TopicDescription {
+    let partitions = topic
+        .partitions()
+        .map(|(p, log)| match log {
+            Ok(log) => {
+                let s = log.stats();
+                pb::PartitionDescription {
+                    partition: p,
+                    log_start_offset: s.log_start_offset,
+                    high_watermark: s.high_watermark,
+                    size_bytes: s.size_bytes,
+                    segments: s.segments,
+                    fenced_reason: log.fenced_reason(),
+                }
+            }
+            Err(e) => pb::PartitionDescription {
+                partition: p,
+                fenced_reason: Some(e.to_string()),
+                ..Default::default()
+            },
+        })
+        .collect();
+    pb::TopicDescription {
+        name: topic.name().to_string(),
+        config: Some(config_to_pb(topic.config())),
+        partitions,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        self.broker.check_running()?;
+        let req = request.into_inner();
+        let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
+        let store = self.broker.store().clone();
+        let name = req.name;
+        let topic = tokio::task::spawn_blocking(move || store.create_topic(&name, config))
+            .await
+            .map_err(BrokerError::from)?
+            .map_err(BrokerError::from)?;
+        let state = self.broker.add_topic(topic);
+        tracing::info!(
+            topic = state.name(),
+            partitions = state.topic.partition_count(),
+            "topic created"
+        );
+        Ok(Response::new(pb::CreateTopicResponse {
+            topic: Some(describe(&state.topic)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.broker.check_running()?;
+        let name = request.into_inner().name;
+        let state = self.broker.topic(&name)?;
+        let store = self.broker.store().clone();
+        let n = name.clone();
+        tokio::task::spawn_blocking(move || store.delete_topic(&n))
+            .await
+            .map_err(BrokerError::from)?
+            .map_err(BrokerError::from)?;
+        self.broker.remove_topic(&name);
+        // Wake its waiting fetches so they find the topic gone.
+        for p in 0..state.topic.partition_count() {
+            state.notify(p, 0);
+        }
+        tracing::info!(topic = %name, "topic deleted");
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let topics = self
+            .broker
+            .topics()
+            .iter()
+            .map(|t| pb::TopicSummary {
+                name: t.name().to_string(),
+                partitions: t.topic.partition_count(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::TopicDescription>, Status> {
+        let name = request.into_inner().name;
+        let state = self.broker.topic(&name)?;
+        Ok(Response::new(describe(&state.topic)))
+    }
+}

@@ -1,0 +1,168 @@
+//! `rill.v1.Log`: Produce, ProduceStream, Fetch and ListOffsets.
+
+use std::pin::Pin;
+
+use rill_proto::v1::list_offsets_request::Spec;
+use rill_proto::v1::log_server::Log;
+use rill_proto::v1::{
+    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, OffsetSpec,
+    ProduceRequest, ProduceResponse, ProduceStreamRequest, ProduceStreamResponse,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::BrokerError;
+use crate::fetch::{fetch, parse_grpc_timeout};
+use crate::produce;
+use crate::state::Broker;
+
+/// How many produce requests of one stream may be in flight (appended, awaiting their ack).
+const STREAM_PIPELINE_DEPTH: usize = 64;
+
+/// The Log service.
+#[derive(Debug, Clone)]
+pub struct LogService {
+    broker: Broker,
+}
+
+impl LogService {
+    /// A service over the broker state.
+    pub fn new(broker: Broker) -> Self {
+        LogService { broker }
+    }
+}
+
+type ProduceStreamOut = Pin<Box<dyn Stream<Item = Result<ProduceStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Log for LogService {
+    async fn produce(
+        &self,
+        request: Request<ProduceRequest>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let resp = produce::produce(&self.broker, request.into_inner()).await?;
+        Ok(Response::new(resp))
+    }
+
+    type ProduceStreamStream = ProduceStreamOut;
+
+    /// Appends each request in arrival order as soon as it arrives, and acks in that order.
+    /// Acks that wait for a sync are pipelined: later requests are appended meanwhile, and
+    /// one group-commit sync covers them together.
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<ProduceStreamRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let broker = self.broker.clone();
+        let (ack_tx, mut ack_rx) =
+            mpsc::channel::<oneshot::Receiver<ProduceStreamResponse>>(STREAM_PIPELINE_DEPTH);
+        let (out_tx, out_rx) = mpsc::channel(STREAM_PIPELINE_DEPTH);
+        // Reader: appends in order, hands each ack's future to the writer in order.
+        let shutdown = broker.shutdown().clone();
+        let tasks = broker.tasks().clone();
+        tasks.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    msg = inbound.next() => msg,
+                };
+                let Some(Ok(msg)) = msg else { break };
+                let sequence = msg.sequence;
+                let (tx, rx) = oneshot::channel();
+                if ack_tx.send(rx).await.is_err() {
+                    break;
+                }
+                let Some(req) = msg.request else {
+                    let _ = tx.send(stream_error(
+                        sequence,
+                        BrokerError::invalid("stream message without a request"),
+                    ));
+                    continue;
+                };
+                match produce::prepare(&broker, req)
+                    .and_then(|p| produce::append(&p).map(|a| (p, a)))
+                {
+                    Err(e) => {
+                        let _ = tx.send(stream_error(sequence, e));
+                    }
+                    Ok((prepared, appended)) => {
+                        tokio::spawn(async move {
+                            let resp = match produce::settle(&prepared, &appended).await {
+                                Ok(()) => ProduceStreamResponse {
+                                    sequence,
+                                    response: Some(produce::response(&appended)),
+                                    ..Default::default()
+                                },
+                                Err(e) => stream_error(sequence, e),
+                            };
+                            let _ = tx.send(resp);
+                        });
+                    }
+                }
+            }
+        });
+        // Writer: sends acks strictly in request order.
+        self.broker.tasks().spawn(async move {
+            while let Some(rx) = ack_rx.recv().await {
+                let Ok(resp) = rx.await else { break };
+                if out_tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        let client_timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let resp = fetch(&self.broker, request.into_inner(), client_timeout).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<ListOffsetsRequest>,
+    ) -> Result<Response<ListOffsetsResponse>, Status> {
+        let req = request.into_inner();
+        let topic = self.broker.topic(&req.topic).map_err(Status::from)?;
+        let log = topic.log(req.partition)?;
+        let log_start = log.log_start_offset();
+        let high_watermark = log.high_watermark();
+        let offset = match req.spec {
+            Some(Spec::TimestampMs(ts)) => {
+                let l = log.clone();
+                tokio::task::spawn_blocking(move || l.offset_for_timestamp(ts))
+                    .await
+                    .map_err(BrokerError::from)?
+                    .map_err(BrokerError::from)?
+                    .unwrap_or(high_watermark)
+            }
+            Some(Spec::Position(p)) if p == OffsetSpec::Latest as i32 => high_watermark,
+            _ => log_start,
+        };
+        Ok(Response::new(ListOffsetsResponse {
+            offset,
+            log_start_offset: log_start,
+            high_watermark,
+        }))
+    }
+}
+
+fn stream_error(sequence: u64, e: BrokerError) -> ProduceStreamResponse {
+    ProduceStreamResponse {
+        sequence,
+        response: None,
+        error_code: Some(e.code() as i32),
+        error_message: e.to_string(),
+    }
+}

@@ -1,0 +1,10 @@
+//! The gRPC services. Each handler converts its request, calls the broker logic, and turns a
+//! [`crate::BrokerError`] into a status through the one mapping in [`crate::error`].
+
+mod admin;
+mod groups;
+mod log;
+
+pub use admin::AdminService;
+pub use groups::GroupsService;
+pub use log::LogService;
