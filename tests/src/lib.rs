@@ -212,3 +212,93 @@ fn send_signal(pid: u32, signal: i32) -> i32 {
         _ => -1,
     }
 }
+
+/// Raw generated gRPC clients on one channel, for tests of the wire contract itself.
+#[derive(Clone)]
+pub struct Clients {
+    /// `rill.v1.Log`.
+    pub log: rill_proto::v1::log_client::LogClient<tonic::transport::Channel>,
+    /// `rill.v1.Groups`.
+    pub groups: rill_proto::v1::groups_client::GroupsClient<tonic::transport::Channel>,
+    /// `rill.v1.Admin`.
+    pub admin: rill_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    /// The channel, for other clients (health, reflection).
+    pub channel: tonic::transport::Channel,
+}
+
+impl Clients {
+    /// Connects to `url` (`http://ADDR`).
+    pub async fn connect(url: String) -> Result<Clients> {
+        let channel = tonic::transport::Endpoint::from_shared(url)?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let limit = 64 << 20;
+        Ok(Clients {
+            log: rill_proto::v1::log_client::LogClient::new(channel.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+            groups: rill_proto::v1::groups_client::GroupsClient::new(channel.clone()),
+            admin: rill_proto::v1::admin_client::AdminClient::new(channel.clone()),
+            channel,
+        })
+    }
+
+    /// Creates a topic with `partitions` partitions and otherwise default settings.
+    pub async fn create_topic(&mut self, name: &str, partitions: u32) -> Result<()> {
+        self.admin
+            .create_topic(rill_proto::v1::CreateTopicRequest {
+                name: name.into(),
+                config: Some(rill_proto::v1::TopicConfig {
+                    partitions,
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Produces `values` (no keys) to one partition and returns the base offset.
+    pub async fn produce_values(&mut self, topic: &str, partition: u32, values: &[&str]) -> Result<u64> {
+        let records = values
+            .iter()
+            .map(|v| rill_proto::v1::Record {
+                value: bytes::Bytes::copy_from_slice(v.as_bytes()),
+                ..Default::default()
+            })
+            .collect();
+        let resp = self
+            .log
+            .produce(rill_proto::v1::ProduceRequest {
+                topic: topic.into(),
+                partition: Some(partition),
+                ack: 0,
+                payload: Some(rill_proto::v1::produce_request::Payload::Records(
+                    rill_proto::v1::RecordList { records },
+                )),
+            })
+            .await?
+            .into_inner();
+        Ok(resp.appends.first().map_or(0, |a| a.base_offset))
+    }
+
+    /// Fetches from `offset` with the given wait and returns the response.
+    pub async fn fetch(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_wait_ms: u32,
+    ) -> std::result::Result<rill_proto::v1::FetchResponse, tonic::Status> {
+        self.log
+            .fetch(rill_proto::v1::FetchRequest {
+                topic: topic.into(),
+                partition,
+                offset,
+                max_wait_ms,
+                ..Default::default()
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
