@@ -62,6 +62,10 @@ pub fn atomic_write(path: &Path, contents: &[u8]) -> Result<()> {
 /// Unlike `set_len`, which makes a sparse file, this fails up front with `ENOSPC` when the
 /// disk is full, instead of a later write through a mapping killing the process with SIGBUS.
 pub fn preallocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    #[cfg(test)]
+    if inject::take_failure() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+    }
     let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(std::io::ErrorKind::InvalidInput.into());
     };
@@ -118,6 +122,37 @@ pub fn remove_leftover_tmp_files(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Test-only failure injection for [`preallocate`], per thread (so parallel tests don't see
+/// each other's failures). Used where a real full filesystem cannot be mounted.
+#[cfg(test)]
+pub(crate) mod inject {
+    use std::cell::Cell;
+
+    thread_local! {
+        static FAIL_AFTER: Cell<Option<u32>> = const { Cell::new(None) };
+    }
+
+    /// Makes the calling thread's next preallocation after `n` successful ones fail once
+    /// with ENOSPC (as if space ran out, then was freed).
+    pub fn fail_preallocate_after(n: Option<u32>) {
+        FAIL_AFTER.with(|f| f.set(n));
+    }
+
+    pub(super) fn take_failure() -> bool {
+        FAIL_AFTER.with(|f| match f.get() {
+            Some(0) => {
+                f.set(None);
+                true
+            }
+            Some(n) => {
+                f.set(Some(n - 1));
+                false
+            }
+            None => false,
+        })
+    }
 }
 
 #[cfg(test)]
