@@ -65,6 +65,13 @@ impl TopicState {
         self.watches.get(p as usize).map(watch::Sender::subscribe)
     }
 
+    /// Fetches waiting on partition `p` right now: each holds one receiver of its channel.
+    pub fn waiting_fetches(&self, p: u32) -> u32 {
+        self.watches.get(p as usize).map_or(0, |tx| {
+            u32::try_from(tx.receiver_count()).unwrap_or(u32::MAX)
+        })
+    }
+
     /// The next partition for a keyless record.
     pub fn next_round_robin(&self) -> u32 {
         self.round_robin.fetch_add(1, Ordering::Relaxed) % self.topic.partition_count()

@@ -37,7 +37,10 @@ impl TestBroker {
 
     /// Starts a broker with `config` (its listen address is forced to 127.0.0.1:0). `dir`, if
     /// given, is kept alive (and removed) with the broker.
-    pub async fn start_with(config: rill_broker::Config, dir: Option<TempDir>) -> Result<TestBroker> {
+    pub async fn start_with(
+        config: rill_broker::Config,
+        dir: Option<TempDir>,
+    ) -> Result<TestBroker> {
         let config = config.listen(SocketAddr::from(([127, 0, 0, 1], 0)));
         let data_dir = config.data_dir.clone();
         let shutdown = CancellationToken::new();
@@ -92,20 +95,32 @@ impl Drop for TestBroker {
     }
 }
 
-/// The path of a binary built by this workspace (`rill-broker`, `rill`), next to the test
-/// executable's folder.
-pub fn binary_path(name: &str) -> Result<PathBuf> {
+/// The path of a binary of this workspace (`rill-broker` from package `rill-broker`, `rill`
+/// from `rill-client`), built on demand: `cargo test` builds only the test targets of other
+/// packages, so the first test that needs a binary builds it with the same cargo and profile.
+pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("test binary has no folder")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("test binary has no folder")?
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
     let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --workspace --bins)",
-            path.display()
-        );
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
+    if release {
+        cmd.arg("--release");
+    }
+    // Always ask cargo: it is a no-op when the binary is fresh, and rebuilds a stale one.
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() || !path.exists() {
+        bail!("could not build {} ({status})", path.display());
     }
     Ok(path)
 }
@@ -121,13 +136,16 @@ impl BrokerProcess {
     /// Starts the binary on `data_dir`, listening on 127.0.0.1:0, and waits for the line that
     /// names the bound address.
     pub async fn spawn(data_dir: &Path, extra_args: &[&str]) -> Result<BrokerProcess> {
-        let mut child = Command::new(binary_path("rill-broker")?)
+        let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .args(extra_args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -259,7 +277,12 @@ impl Clients {
     }
 
     /// Produces `values` (no keys) to one partition and returns the base offset.
-    pub async fn produce_values(&mut self, topic: &str, partition: u32, values: &[&str]) -> Result<u64> {
+    pub async fn produce_values(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        values: &[&str],
+    ) -> Result<u64> {
         let records = values
             .iter()
             .map(|v| rill_proto::v1::Record {

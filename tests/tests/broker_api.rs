@@ -23,7 +23,11 @@ fn record(key: Option<&str>, value: &str, ts: Option<i64>, headers: &[(&str, &st
     }
 }
 
-fn produce_req(topic: &str, partition: Option<u32>, records: Vec<pb::Record>) -> pb::ProduceRequest {
+fn produce_req(
+    topic: &str,
+    partition: Option<u32>,
+    records: Vec<pb::Record>,
+) -> pb::ProduceRequest {
     pb::ProduceRequest {
         topic: topic.into(),
         partition,
@@ -48,9 +52,21 @@ async fn produce_fetch_round_trip_keeps_keys_headers_and_timestamps() {
     let records: Vec<_> = keys
         .iter()
         .enumerate()
-        .map(|(i, k)| record(Some(k), &format!("v{i}"), Some(1000 + i as i64), &[("h", k), ("n", "1")]))
+        .map(|(i, k)| {
+            record(
+                Some(k),
+                &format!("v{i}"),
+                Some(1000 + i as i64),
+                &[("h", k), ("n", "1")],
+            )
+        })
         .collect();
-    let resp = c.log.produce(produce_req("orders", None, records)).await.expect("produce").into_inner();
+    let resp = c
+        .log
+        .produce(produce_req("orders", None, records))
+        .await
+        .expect("produce")
+        .into_inner();
     let total: u32 = resp.appends.iter().map(|a| a.record_count).sum();
     assert_eq!(total, 6);
 
@@ -61,7 +77,12 @@ async fn produce_fetch_round_trip_keeps_keys_headers_and_timestamps() {
             request: Some(produce_req(
                 "orders",
                 Some((i % 3) as u32),
-                vec![record(None, &format!("s{i}"), Some(5000 + i as i64), &[("seq", &i.to_string())])],
+                vec![record(
+                    None,
+                    &format!("s{i}"),
+                    Some(5000 + i as i64),
+                    &[("seq", &i.to_string())],
+                )],
             )),
         })
         .collect();
@@ -89,10 +110,16 @@ async fn produce_fetch_round_trip_keeps_keys_headers_and_timestamps() {
                 let i: usize = n.parse().expect("index");
                 let key = keys[i];
                 assert_eq!(r.key.as_deref(), Some(key.as_bytes()));
-                assert_eq!(p, rill_proto::partitioner::partition_for_key(key.as_bytes(), 3));
+                assert_eq!(
+                    p,
+                    rill_proto::partitioner::partition_for_key(key.as_bytes(), 3)
+                );
                 assert_eq!(r.timestamp_ms, 1000 + i as i64);
                 assert_eq!(r.headers.len(), 2);
-                assert_eq!((r.headers[0].key.as_str(), r.headers[0].value.as_ref()), ("h", key.as_bytes()));
+                assert_eq!(
+                    (r.headers[0].key.as_str(), r.headers[0].value.as_ref()),
+                    ("h", key.as_bytes())
+                );
             } else {
                 let i: u64 = value[1..].parse().expect("seq");
                 assert_eq!(p as u64, i % 3);
@@ -106,9 +133,22 @@ async fn produce_fetch_round_trip_keeps_keys_headers_and_timestamps() {
     assert_eq!(seen, 26);
 
     // A record without a timestamp gets the broker's clock.
-    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
-    c.log.produce(produce_req("orders", Some(0), vec![record(None, "now", None, &[])])).await.expect("produce");
-    let last = all_records(&mut c, "orders", 0).await.pop().expect("record");
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    c.log
+        .produce(produce_req(
+            "orders",
+            Some(0),
+            vec![record(None, "now", None, &[])],
+        ))
+        .await
+        .expect("produce");
+    let last = all_records(&mut c, "orders", 0)
+        .await
+        .pop()
+        .expect("record");
     assert!(last.timestamp_ms >= before && last.timestamp_ms < before + 60_000);
 
     // The raw-batch encoding serves the stored bytes; the client decodes them itself.
@@ -151,12 +191,27 @@ async fn a_pre_encoded_batch_is_appended_as_is() {
         ack: pb::AckMode::Durable as i32,
         payload: Some(Payload::Batch(batch.clone())),
     };
-    let resp = c.log.produce(req(Some(1))).await.expect("produce").into_inner();
+    let resp = c
+        .log
+        .produce(req(Some(1)))
+        .await
+        .expect("produce")
+        .into_inner();
     assert_eq!(resp.appends[0].record_count, 1);
     let recs = all_records(&mut c, "fast", 1).await;
-    assert_eq!((recs[0].timestamp_ms, recs[0].key.as_deref()), (77, Some(&b"k"[..])));
+    assert_eq!(
+        (recs[0].timestamp_ms, recs[0].key.as_deref()),
+        (77, Some(&b"k"[..]))
+    );
     // Without a partition, or damaged, it is refused and nothing is written.
-    assert_eq!(c.log.produce(req(None)).await.expect_err("no partition").code(), Code::InvalidArgument);
+    assert_eq!(
+        c.log
+            .produce(req(None))
+            .await
+            .expect_err("no partition")
+            .code(),
+        Code::InvalidArgument
+    );
     let mut bad = batch.to_vec();
     let last = bad.len() - 1;
     bad[last] ^= 1;
@@ -169,7 +224,13 @@ async fn a_pre_encoded_batch_is_appended_as_is() {
         .await
         .expect_err("bad crc");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(c.fetch("fast", 1, 0, 0).await.expect("fetch").high_watermark, 1);
+    assert_eq!(
+        c.fetch("fast", 1, 0, 0)
+            .await
+            .expect("fetch")
+            .high_watermark,
+        1
+    );
     broker.stop().await.expect("stop");
 }
 
@@ -184,7 +245,10 @@ async fn long_poll_wakes_on_append_times_out_empty_and_honours_min_bytes() {
     let resp = c.fetch("poll", 0, 0, 300).await.expect("fetch");
     let waited = t.elapsed();
     assert!(resp.records.is_empty());
-    assert!(waited >= Duration::from_millis(290), "returned early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(290),
+        "returned early: {waited:?}"
+    );
 
     // A waiting fetch (at the high watermark) is woken by the append itself.
     let mut waiter = c.clone();
@@ -198,7 +262,9 @@ async fn long_poll_wakes_on_append_times_out_empty_and_honours_min_bytes() {
         tokio::task::yield_now().await;
     }
     let sent = Instant::now();
-    c.produce_values("poll", 0, &["hello"]).await.expect("produce");
+    c.produce_values("poll", 0, &["hello"])
+        .await
+        .expect("produce");
     let (resp, _) = pending.await.expect("join");
     let latency = sent.elapsed();
     assert_eq!(resp.records.len(), 1);
@@ -225,7 +291,9 @@ async fn long_poll_wakes_on_append_times_out_empty_and_honours_min_bytes() {
     while broker.broker().waiting_fetches() == 0 {
         tokio::task::yield_now().await;
     }
-    c.produce_values("poll", 0, &["small"]).await.expect("produce");
+    c.produce_values("poll", 0, &["small"])
+        .await
+        .expect("produce");
     let mut pending = pending;
     let early = tokio::time::timeout(Duration::from_millis(100), &mut pending).await;
     assert!(early.is_err(), "returned below min_bytes");
@@ -241,7 +309,9 @@ async fn out_of_range_offsets_name_both_bounds() {
     let broker = TestBroker::start().await.expect("broker");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
     c.create_topic("range", 2).await.expect("create");
-    c.produce_values("range", 1, &["a", "b", "c"]).await.expect("produce");
+    c.produce_values("range", 1, &["a", "b", "c"])
+        .await
+        .expect("produce");
     let err = c.fetch("range", 1, 4, 0).await.expect_err("above hwm");
     assert_eq!(err.code(), Code::OutOfRange);
     for part in ["range", "partition 1", "offset 4", "0..=3"] {
@@ -250,10 +320,16 @@ async fn out_of_range_offsets_name_both_bounds() {
     // At the high watermark: empty, not an error.
     let resp = c.fetch("range", 1, 3, 0).await.expect("at hwm");
     assert!(resp.records.is_empty());
-    assert_eq!((resp.high_watermark, resp.log_start_offset, resp.next_offset), (3, 0, 3));
+    assert_eq!(
+        (resp.high_watermark, resp.log_start_offset, resp.next_offset),
+        (3, 0, 3)
+    );
     // Mid-batch: starts exactly at the offset.
     let resp = c.fetch("range", 1, 1, 0).await.expect("mid");
-    assert_eq!(resp.records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        resp.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     broker.stop().await.expect("stop");
 }
 
@@ -262,8 +338,13 @@ async fn list_offsets_by_position_and_time() {
     let broker = TestBroker::start().await.expect("broker");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
     c.create_topic("times", 1).await.expect("create");
-    let records = (0..10).map(|i| record(None, "v", Some(1000 * i), &[])).collect();
-    c.log.produce(produce_req("times", Some(0), records)).await.expect("produce");
+    let records = (0..10)
+        .map(|i| record(None, "v", Some(1000 * i), &[]))
+        .collect();
+    c.log
+        .produce(produce_req("times", Some(0), records))
+        .await
+        .expect("produce");
     let lookup = |spec| pb::ListOffsetsRequest {
         topic: "times".into(),
         partition: 0,
@@ -272,10 +353,22 @@ async fn list_offsets_by_position_and_time() {
     use pb::list_offsets_request::Spec;
     let at = |c: &mut Clients, spec| {
         let mut log = c.log.clone();
-        async move { log.list_offsets(lookup(spec)).await.expect("list").into_inner().offset }
+        async move {
+            log.list_offsets(lookup(spec))
+                .await
+                .expect("list")
+                .into_inner()
+                .offset
+        }
     };
-    assert_eq!(at(&mut c, Spec::Position(pb::OffsetSpec::Earliest as i32)).await, 0);
-    assert_eq!(at(&mut c, Spec::Position(pb::OffsetSpec::Latest as i32)).await, 10);
+    assert_eq!(
+        at(&mut c, Spec::Position(pb::OffsetSpec::Earliest as i32)).await,
+        0
+    );
+    assert_eq!(
+        at(&mut c, Spec::Position(pb::OffsetSpec::Latest as i32)).await,
+        10
+    );
     assert_eq!(at(&mut c, Spec::TimestampMs(4500)).await, 5);
     assert_eq!(at(&mut c, Spec::TimestampMs(99_999)).await, 10);
     broker.stop().await.expect("stop");
@@ -286,37 +379,69 @@ async fn group_offsets_commit_fetch_lag_and_reset() {
     let broker = TestBroker::start().await.expect("broker");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
     c.create_topic("g-topic", 2).await.expect("create");
-    let records = (0..10).map(|i| record(None, "v", Some(1000 * i), &[])).collect();
-    c.log.produce(produce_req("g-topic", Some(0), records)).await.expect("produce");
-    c.produce_values("g-topic", 1, &["a", "b", "c", "d"]).await.expect("produce");
+    let records = (0..10)
+        .map(|i| record(None, "v", Some(1000 * i), &[]))
+        .collect();
+    c.log
+        .produce(produce_req("g-topic", Some(0), records))
+        .await
+        .expect("produce");
+    c.produce_values("g-topic", 1, &["a", "b", "c", "d"])
+        .await
+        .expect("produce");
     c.groups
         .commit_offsets(pb::CommitOffsetsRequest {
             group: "app".into(),
             topic: "g-topic".into(),
             offsets: vec![
-                pb::PartitionOffset { partition: 0, offset: 4, metadata: Some("m".into()) },
-                pb::PartitionOffset { partition: 1, offset: 1, metadata: None },
+                pb::PartitionOffset {
+                    partition: 0,
+                    offset: 4,
+                    metadata: Some("m".into()),
+                },
+                pb::PartitionOffset {
+                    partition: 1,
+                    offset: 1,
+                    metadata: None,
+                },
             ],
         })
         .await
         .expect("commit");
     let fetched = c
         .groups
-        .fetch_offsets(pb::FetchOffsetsRequest { group: "app".into(), topic: "g-topic".into(), partitions: vec![] })
+        .fetch_offsets(pb::FetchOffsetsRequest {
+            group: "app".into(),
+            topic: "g-topic".into(),
+            partitions: vec![],
+        })
         .await
         .expect("fetch offsets")
         .into_inner();
-    assert_eq!(fetched.offsets.iter().map(|o| o.offset).collect::<Vec<_>>(), vec![Some(4), Some(1)]);
-    let listed = c.groups.list_groups(pb::ListGroupsRequest {}).await.expect("list").into_inner();
+    assert_eq!(
+        fetched.offsets.iter().map(|o| o.offset).collect::<Vec<_>>(),
+        vec![Some(4), Some(1)]
+    );
+    let listed = c
+        .groups
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(listed.groups, vec!["app".to_string()]);
     let described = c
         .groups
-        .describe_group(pb::DescribeGroupRequest { group: "app".into() })
+        .describe_group(pb::DescribeGroupRequest {
+            group: "app".into(),
+        })
         .await
         .expect("describe")
         .into_inner();
-    let lags: Vec<(u32, u64, u64)> =
-        described.partitions.iter().map(|p| (p.partition, p.committed_offset, p.lag)).collect();
+    let lags: Vec<(u32, u64, u64)> = described
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.committed_offset, p.lag))
+        .collect();
     assert_eq!(lags, vec![(0, 4, 6), (1, 1, 3)]);
 
     use pb::reset_group_offsets_request::Target;
@@ -336,29 +461,52 @@ async fn group_offsets_commit_fetch_lag_and_reset() {
         (Target::ShiftBy(-2), 2), // from the committed 4
     ];
     for (target, expected) in cases {
-        let dry = c.groups.reset_group_offsets(reset(target, true)).await.expect("dry run").into_inner();
+        let dry = c
+            .groups
+            .reset_group_offsets(reset(target, true))
+            .await
+            .expect("dry run")
+            .into_inner();
         assert!(!dry.applied);
-        assert_eq!((dry.changes[0].previous_offset, dry.changes[0].new_offset), (Some(4), expected));
+        assert_eq!(
+            (dry.changes[0].previous_offset, dry.changes[0].new_offset),
+            (Some(4), expected)
+        );
         let now = c
             .groups
-            .fetch_offsets(pb::FetchOffsetsRequest { group: "app".into(), topic: "g-topic".into(), partitions: vec![0] })
+            .fetch_offsets(pb::FetchOffsetsRequest {
+                group: "app".into(),
+                topic: "g-topic".into(),
+                partitions: vec![0],
+            })
             .await
             .expect("fetch")
             .into_inner();
         assert_eq!(now.offsets[0].offset, Some(4), "a dry run changes nothing");
     }
-    let applied = c.groups.reset_group_offsets(reset(Target::ToEarliest(true), false)).await.expect("reset").into_inner();
+    let applied = c
+        .groups
+        .reset_group_offsets(reset(Target::ToEarliest(true), false))
+        .await
+        .expect("reset")
+        .into_inner();
     assert!(applied.applied);
     let now = c
         .groups
-        .fetch_offsets(pb::FetchOffsetsRequest { group: "app".into(), topic: "g-topic".into(), partitions: vec![0] })
+        .fetch_offsets(pb::FetchOffsetsRequest {
+            group: "app".into(),
+            topic: "g-topic".into(),
+            partitions: vec![0],
+        })
         .await
         .expect("fetch")
         .into_inner();
     assert_eq!(now.offsets[0].offset, Some(0));
     let unknown = c
         .groups
-        .describe_group(pb::DescribeGroupRequest { group: "nobody".into() })
+        .describe_group(pb::DescribeGroupRequest {
+            group: "nobody".into(),
+        })
         .await
         .expect_err("unknown group");
     assert_eq!(unknown.code(), Code::NotFound);
@@ -368,52 +516,117 @@ async fn group_offsets_commit_fetch_lag_and_reset() {
 #[tokio::test]
 async fn bad_input_gets_its_code_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = TestBroker::start_with(rill_broker::Config::new(dir.path()).max_batch_bytes(64 << 10), Some(dir))
-        .await
-        .expect("broker");
+    let broker = TestBroker::start_with(
+        rill_broker::Config::new(dir.path()).max_batch_bytes(64 << 10),
+        Some(dir),
+    )
+    .await
+    .expect("broker");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
     c.create_topic("t", 2).await.expect("create");
 
     let create = |name: &str, partitions| pb::CreateTopicRequest {
         name: name.into(),
-        config: Some(pb::TopicConfig { partitions, ..Default::default() }),
+        config: Some(pb::TopicConfig {
+            partitions,
+            ..Default::default()
+        }),
     };
     for (name, partitions) in [("../x", 1), ("a/b", 1), ("", 1), ("..", 1), ("ok", 100_000)] {
-        let err = c.admin.create_topic(create(name, partitions)).await.expect_err("refused");
-        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {}", err.message());
+        let err = c
+            .admin
+            .create_topic(create(name, partitions))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name}: {}",
+            err.message()
+        );
     }
-    let err = c.admin.create_topic(create("t", 1)).await.expect_err("exists");
+    let err = c
+        .admin
+        .create_topic(create("t", 1))
+        .await
+        .expect_err("exists");
     assert_eq!(err.code(), Code::AlreadyExists);
 
     let cases: Vec<(pb::ProduceRequest, Code)> = vec![
         (produce_req("t", None, vec![]), Code::InvalidArgument),
-        (pb::ProduceRequest { payload: None, ..produce_req("t", None, vec![]) }, Code::InvalidArgument),
-        (produce_req("t", Some(0), vec![record(None, &"x".repeat(70 << 10), None, &[])]), Code::InvalidArgument),
         (
-            produce_req("t", Some(0), (0..40).map(|_| record(None, &"x".repeat(2000), None, &[])).collect()),
+            pb::ProduceRequest {
+                payload: None,
+                ..produce_req("t", None, vec![])
+            },
             Code::InvalidArgument,
         ),
-        (produce_req("nope", None, vec![record(None, "v", None, &[])]), Code::NotFound),
-        (produce_req("t", Some(2), vec![record(None, "v", None, &[])]), Code::NotFound),
-        (produce_req("bad/name", None, vec![record(None, "v", None, &[])]), Code::InvalidArgument),
+        (
+            produce_req(
+                "t",
+                Some(0),
+                vec![record(None, &"x".repeat(70 << 10), None, &[])],
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            produce_req(
+                "t",
+                Some(0),
+                (0..40)
+                    .map(|_| record(None, &"x".repeat(2000), None, &[]))
+                    .collect(),
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            produce_req("nope", None, vec![record(None, "v", None, &[])]),
+            Code::NotFound,
+        ),
+        (
+            produce_req("t", Some(2), vec![record(None, "v", None, &[])]),
+            Code::NotFound,
+        ),
+        (
+            produce_req("bad/name", None, vec![record(None, "v", None, &[])]),
+            Code::InvalidArgument,
+        ),
     ];
     for (req, code) in cases {
         let err = c.log.produce(req).await.expect_err("refused");
         assert_eq!(err.code(), code, "{}", err.message());
     }
-    assert_eq!(c.fetch("nope", 0, 0, 0).await.expect_err("unknown").code(), Code::NotFound);
-    assert_eq!(c.fetch("t", 9, 0, 0).await.expect_err("unknown").code(), Code::NotFound);
+    assert_eq!(
+        c.fetch("nope", 0, 0, 0).await.expect_err("unknown").code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        c.fetch("t", 9, 0, 0).await.expect_err("unknown").code(),
+        Code::NotFound
+    );
     let err = c
         .groups
-        .commit_offsets(pb::CommitOffsetsRequest { group: "../g".into(), topic: "t".into(), offsets: vec![] })
+        .commit_offsets(pb::CommitOffsetsRequest {
+            group: "../g".into(),
+            topic: "t".into(),
+            offsets: vec![],
+        })
         .await
         .expect_err("bad group");
     assert_eq!(err.code(), Code::InvalidArgument);
     // Nothing was written anywhere.
     for p in 0..2 {
-        assert_eq!(c.fetch("t", p, 0, 0).await.expect("fetch").high_watermark, 0);
+        assert_eq!(
+            c.fetch("t", p, 0, 0).await.expect("fetch").high_watermark,
+            0
+        );
     }
-    let topics = c.admin.list_topics(pb::ListTopicsRequest {}).await.expect("list").into_inner();
+    let topics = c
+        .admin
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(topics.topics.len(), 1);
     broker.stop().await.expect("stop");
 }
@@ -429,7 +642,9 @@ async fn concurrent_producers_keep_per_partition_order() {
         tasks.push(tokio::spawn(async move {
             for i in 0..50u32 {
                 let value = format!("{producer}:{i}");
-                c.produce_values("order", i % 3, &[&value]).await.expect("produce");
+                c.produce_values("order", i % 3, &[&value])
+                    .await
+                    .expect("produce");
             }
         }));
     }
@@ -443,7 +658,10 @@ async fn concurrent_producers_keep_per_partition_order() {
             let v = std::str::from_utf8(&r.value).expect("utf-8");
             let (producer, i) = v.split_once(':').expect("pair");
             let (producer, i): (usize, u32) = (producer.parse().expect("n"), i.parse().expect("n"));
-            assert!(last[producer].is_none_or(|l| l < i), "producer {producer} reordered on partition {p}");
+            assert!(
+                last[producer].is_none_or(|l| l < i),
+                "producer {producer} reordered on partition {p}"
+            );
             last[producer] = Some(i);
         }
     }
@@ -456,11 +674,16 @@ async fn health_and_reflection_are_served() {
     let c = Clients::connect(broker.url()).await.expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel.clone());
     let resp = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "rill.v1.Log".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "rill.v1.Log".into(),
+        })
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(resp.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -491,14 +714,18 @@ async fn health_and_reflection_are_served() {
 async fn shutdown_releases_waiting_fetches_promptly_and_restarts_clean() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().to_path_buf();
-    let broker = TestBroker::start_with(rill_broker::Config::new(&data), Some(dir)).await.expect("broker");
+    let broker = TestBroker::start_with(rill_broker::Config::new(&data), Some(dir))
+        .await
+        .expect("broker");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
     c.create_topic("bye", 1).await.expect("create");
     c.produce_values("bye", 0, &["a"]).await.expect("produce");
     let mut waiters = Vec::new();
     for _ in 0..20 {
         let mut c = c.clone();
-        waiters.push(tokio::spawn(async move { c.fetch("bye", 0, 1, 30_000).await }));
+        waiters.push(tokio::spawn(
+            async move { c.fetch("bye", 0, 1, 30_000).await },
+        ));
     }
     while broker.broker().waiting_fetches() < 20 {
         tokio::task::yield_now().await;
@@ -506,17 +733,25 @@ async fn shutdown_releases_waiting_fetches_promptly_and_restarts_clean() {
     let t = Instant::now();
     let dir = broker.stop().await.expect("stop");
     for w in waiters {
-        let resp = w.await.expect("join").expect("released with an empty answer");
+        let resp = w
+            .await
+            .expect("join")
+            .expect("released with an empty answer");
         assert!(resp.records.is_empty());
     }
     let released = t.elapsed();
     assert!(released < Duration::from_secs(5), "took {released:?}");
     println!("20 waiting fetches released by shutdown in {released:?}");
 
-    let broker = TestBroker::start_with(rill_broker::Config::new(&data), dir).await.expect("restart");
+    let broker = TestBroker::start_with(rill_broker::Config::new(&data), dir)
+        .await
+        .expect("restart");
     let topic = broker.broker().topic("bye").expect("topic");
     let log = topic.log(0).expect("log");
-    assert!(log.recovery_report().clean, "clean restart: no recovery scan");
+    assert!(
+        log.recovery_report().clean,
+        "clean restart: no recovery scan"
+    );
     assert_eq!(log.recovery_report().scanned_bytes, 0);
     assert_eq!(log.high_watermark(), 1);
     broker.stop().await.expect("stop");

@@ -3,11 +3,11 @@
 use rill_proto::v1 as pb;
 use rill_proto::v1::admin_server::Admin;
 use rill_proto::v1::flush_policy::Policy;
-use rill_storage::{FlushPolicy, Topic, TopicConfig};
+use rill_storage::{FlushPolicy, TopicConfig};
 use tonic::{Request, Response, Status};
 
 use crate::error::BrokerError;
-use crate::state::Broker;
+use crate::state::{Broker, TopicState};
 
 /// The Admin service.
 #[derive(Debug, Clone)]
@@ -85,7 +85,8 @@ pub fn config_to_pb(c: &TopicConfig) -> pb::TopicConfig {
 }
 
 /// Describes a topic: its config and each partition's figures.
-pub fn describe(topic: &Topic) -> pb::TopicDescription {
+pub fn describe(state: &TopicState) -> pb::TopicDescription {
+    let topic = &state.topic;
     let partitions = topic
         .partitions()
         .map(|(p, log)| match log {
@@ -98,6 +99,7 @@ pub fn describe(topic: &Topic) -> pb::TopicDescription {
                     size_bytes: s.size_bytes,
                     segments: s.segments,
                     fenced_reason: log.fenced_reason(),
+                    waiting_fetches: state.waiting_fetches(p),
                 }
             }
             Err(e) => pb::PartitionDescription {
@@ -136,7 +138,7 @@ impl Admin for AdminService {
             "topic created"
         );
         Ok(Response::new(pb::CreateTopicResponse {
-            topic: Some(describe(&state.topic)),
+            topic: Some(describe(&state)),
         }))
     }
 
@@ -184,6 +186,6 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TopicDescription>, Status> {
         let name = request.into_inner().name;
         let state = self.broker.topic(&name)?;
-        Ok(Response::new(describe(&state.topic)))
+        Ok(Response::new(describe(&state)))
     }
 }
