@@ -32,6 +32,8 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         // Every `bytes` field (including `optional` and `repeated` ones) becomes bytes::Bytes.
         .bytes(".")
+        // Undecodable requests are INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
+        .codec_path("crate::codec::StrictCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -11,6 +11,8 @@
 //!   (`v1::log_client::LogClient`, …). Every `bytes` field is a [`bytes::Bytes`], so decoding
 //!   shares the request buffer instead of copying.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for server reflection.
+//! - [`codec`]: the codec of the generated code: prost, with undecodable messages refused as
+//!   INVALID_ARGUMENT instead of INTERNAL.
 //! - [`partitioner`]: the documented key partitioner (Kafka's murmur2), shared by the broker
 //!   and clients.
 //!
@@ -23,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod partitioner;
 
 /// The generated `rill.v1` messages, servers and clients.
