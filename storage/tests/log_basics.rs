@@ -239,3 +239,35 @@ fn group_commit_serves_many_writers() {
     assert_eq!(log.high_watermark(), 400);
     log.flush().expect("flush");
 }
+
+#[test]
+fn segments_roll_by_age_and_sealed_files_are_trimmed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = rill_storage::LogOptions {
+        segment_ms: 1,
+        segment_bytes: 1 << 20,
+        ..small_options()
+    };
+    let log = open_log(dir.path(), options);
+    log.append(&batch(1, 0, 100)).expect("append");
+    // The age roll needs the wall clock to move on by a millisecond.
+    let start = rill_storage::log::now_ms();
+    while rill_storage::log::now_ms() < start + 2 {
+        std::thread::yield_now();
+    }
+    log.append(&batch(1, 1, 100)).expect("append");
+    assert_eq!(log.stats().segments, 2, "rolled by age");
+    let first = dir.path().join(format!("{:020}.log", 0));
+    let sealed_len = std::fs::metadata(&first).expect("stat").len();
+    assert_eq!(
+        sealed_len,
+        batch(1, 0, 100).len() as u64,
+        "trimmed to its batches"
+    );
+    let active = dir.path().join(format!("{:020}.log", 1));
+    let active_len = std::fs::metadata(&active).expect("stat").len();
+    assert!(active_len >= 1 << 20, "the active segment is preallocated");
+    use std::os::unix::fs::MetadataExt;
+    let blocks = std::fs::metadata(&active).expect("stat").blocks() * 512;
+    assert!(blocks >= active_len, "with real blocks, not a sparse file");
+}

@@ -756,3 +756,49 @@ async fn shutdown_releases_waiting_fetches_promptly_and_restarts_clean() {
     assert_eq!(log.high_watermark(), 1);
     broker.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn the_wait_ends_before_the_client_deadline_and_on_disconnect() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("dl", 1).await.expect("create");
+    // The client allows 400 ms but asks to wait 10 s: the broker answers (empty) in time
+    // instead of letting the call fail with DEADLINE_EXCEEDED.
+    let mut req = tonic::Request::new(pb::FetchRequest {
+        topic: "dl".into(),
+        max_wait_ms: 10_000,
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_millis(400));
+    let t = Instant::now();
+    let resp = c
+        .log
+        .fetch(req)
+        .await
+        .expect("answered before the deadline")
+        .into_inner();
+    assert!(resp.records.is_empty());
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // A client that goes away ends its wait at once.
+    let mut waiter = c.clone();
+    let call = tokio::spawn(async move { waiter.fetch("dl", 0, 0, 30_000).await });
+    while broker.broker().waiting_fetches() == 0 {
+        tokio::task::yield_now().await;
+    }
+    call.abort();
+    let t = Instant::now();
+    while broker.broker().waiting_fetches() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the wait outlived its client"
+        );
+        tokio::task::yield_now().await;
+    }
+    println!("a disconnected fetch was released in {:?}", t.elapsed());
+    broker.stop().await.expect("stop");
+}
