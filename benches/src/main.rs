@@ -1,1 +1,223 @@
-fn main() {}
+//! `rill-bench`: Rill's load generator. It runs the workloads of DESIGN.md §4 (produce,
+//! catchup, e2e) with the same flags and output columns as `../shared/peers/peers.sh`, so
+//! Rill's lines sit under Redis's and NATS's. By default it starts its own broker (the
+//! `rill-broker` binary beside it) on a temp folder and removes it afterwards; `--broker ADDR`
+//! uses a running one.
+
+mod broker;
+mod report;
+mod scenarios;
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use rill_proto::v1::{self as pb, admin_client::AdminClient};
+
+use crate::report::{Shape, HEADER};
+use crate::scenarios::Run;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Flags: the peers harness's, then Rill's own.
+#[derive(Parser, Debug)]
+#[command(
+    name = "rill-bench",
+    version,
+    about = "Rill load generator (produce, catchup, e2e)"
+)]
+struct Flags {
+    /// Total messages for produce (split over producers) and catch-up.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Payload size in bytes (at least 8: e2e stamps the send time in the first 8).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Messages per acknowledged produce batch.
+    #[arg(long, default_value_t = 100)]
+    batch: u64,
+    /// Concurrent producers (one connection each).
+    #[arg(long, default_value_t = 1)]
+    producers: u64,
+    /// Independent catch-up readers, each reading all messages.
+    #[arg(long, default_value_t = 1)]
+    consumers: u64,
+    /// Messages per catch-up read.
+    #[arg(long, default_value_t = 1000)]
+    fetch: u64,
+    /// Messages sent in the e2e scenario.
+    #[arg(long, default_value_t = 20_000)]
+    e2e_messages: u64,
+    /// Send rate of the e2e scenario, messages per second.
+    #[arg(long, default_value_t = 5_000)]
+    e2e_rate: u64,
+    /// Upper bound for each scenario, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Scenarios to run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "produce,catchup,e2e")]
+    scenarios: Vec<String>,
+    /// Print the column header first.
+    #[arg(long)]
+    header: bool,
+    /// Partitions of the benchmark topic (producer i writes partition i mod N).
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Produce ack mode: leader or durable.
+    #[arg(long, default_value = "leader")]
+    acks: String,
+    /// Flush policy of the benchmark topic: always, interval:MS or never.
+    #[arg(long, default_value = "interval:1000")]
+    flush: String,
+    /// Produce encoding: batch (pre-encoded, the Rust client's fast path) or records.
+    #[arg(long, default_value = "batch")]
+    encoding: String,
+    /// Use a running broker at this address instead of starting one.
+    #[arg(long)]
+    broker: Option<String>,
+}
+
+fn flush_policy(s: &str) -> Result<pb::FlushPolicy> {
+    use pb::flush_policy::Policy;
+    let policy = match s {
+        "always" => Policy::Always(pb::Always {}),
+        "never" => Policy::Never(pb::Never {}),
+        other => match other
+            .strip_prefix("interval:")
+            .and_then(|ms| ms.parse().ok())
+        {
+            Some(ms) => Policy::IntervalMs(ms),
+            None => bail!("--flush must be always, never or interval:MS"),
+        },
+    };
+    Ok(pb::FlushPolicy {
+        policy: Some(policy),
+    })
+}
+
+async fn create_topic(
+    url: &str,
+    name: &str,
+    partitions: u32,
+    flush: &pb::FlushPolicy,
+) -> Result<()> {
+    let mut admin = AdminClient::connect(url.to_string()).await?;
+    let _ = admin
+        .delete_topic(pb::DeleteTopicRequest { name: name.into() })
+        .await;
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: name.into(),
+            config: Some(pb::TopicConfig {
+                partitions,
+                flush: Some(flush.clone()),
+                retention_ms: Some(-1),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    Ok(())
+}
+
+async fn bounded<F>(flags: &Flags, shape: &Shape, scenario: &str, f: F)
+where
+    F: std::future::Future<Output = Result<report::Stats>>,
+{
+    eprintln!("[rill] {scenario} ...");
+    match tokio::time::timeout(Duration::from_secs(flags.timeout), f).await {
+        Ok(Ok(stats)) => stats.print(shape),
+        Ok(Err(e)) => println!("{:<8} {scenario:<9} ERROR {e:#}", "rill"),
+        Err(_) => println!(
+            "{:<8} {scenario:<9} TIMEOUT after {} s",
+            "rill", flags.timeout
+        ),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let flags = Flags::parse();
+    if flags.size < 8
+        || flags.batch == 0
+        || flags.producers == 0
+        || flags.consumers == 0
+        || flags.e2e_rate == 0
+        || flags.partitions == 0
+    {
+        bail!("need --size >= 8 and non-zero --batch, --producers, --consumers, --e2e-rate, --partitions");
+    }
+    let ack = match flags.acks.as_str() {
+        "leader" => pb::AckMode::Leader,
+        "durable" => pb::AckMode::Durable,
+        _ => bail!("--acks must be leader or durable"),
+    };
+    let raw_batches = match flags.encoding.as_str() {
+        "batch" => true,
+        "records" => false,
+        _ => bail!("--encoding must be batch or records"),
+    };
+    let flush = flush_policy(&flags.flush)?;
+    report::now_ns();
+    let own = match &flags.broker {
+        Some(_) => None,
+        None => Some(broker::OwnBroker::start(&[]).await?),
+    };
+    let url = match (&flags.broker, &own) {
+        (Some(addr), _) if addr.starts_with("http") => addr.clone(),
+        (Some(addr), _) => format!("http://{addr}"),
+        (None, Some(b)) => format!("http://{}", b.addr),
+        (None, None) => unreachable!("a broker was started when none was given"),
+    };
+    if flags.header {
+        println!("{HEADER}");
+    }
+    let shape = Shape {
+        size: flags.size,
+        batch: flags.batch,
+        producers: flags.producers,
+        consumers: flags.consumers,
+    };
+    let run = Run {
+        url: url.clone(),
+        topic: "rill-bench".into(),
+        partitions: flags.partitions,
+        messages: flags.messages,
+        size: flags.size,
+        batch: flags.batch,
+        producers: flags.producers,
+        consumers: flags.consumers,
+        fetch: flags.fetch,
+        e2e_messages: flags.e2e_messages,
+        e2e_rate: flags.e2e_rate,
+        ack,
+        raw_batches,
+    };
+    let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
+    if wants("produce") || wants("catchup") {
+        create_topic(&url, &run.topic, run.partitions, &flush).await?;
+    }
+    if wants("produce") {
+        bounded(&flags, &shape, "produce", scenarios::produce(&run)).await;
+    } else if wants("catchup") {
+        // Catch-up needs data: load it untimed.
+        scenarios::produce(&run).await?;
+    }
+    if wants("catchup") {
+        bounded(&flags, &shape, "catchup", scenarios::catchup(&run)).await;
+    }
+    if wants("e2e") {
+        create_topic(&url, "rill-bench-e2e", 1, &flush).await?;
+        bounded(
+            &flags,
+            &shape,
+            "e2e",
+            scenarios::e2e(&run, "rill-bench-e2e"),
+        )
+        .await;
+    }
+    if let Some(b) = own {
+        b.stop().await?;
+    }
+    Ok(())
+}

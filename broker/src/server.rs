@@ -10,9 +10,9 @@ use rill_proto::v1::groups_server::GroupsServer;
 use rill_proto::v1::log_server::LogServer;
 use rill_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::services::{AdminService, GroupsService, LogService};
@@ -101,10 +101,10 @@ impl Server {
         let admin = AdminServer::new(AdminService::new(broker.clone()));
 
         let shutdown = broker.shutdown().clone();
-        let incoming = TcpListenerStream::new(listener);
+        // Nagle's algorithm would hold small responses back for the peer's delayed ACK (40 ms).
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let served = tonic::transport::Server::builder()
             .max_frame_size(MAX_FRAME_BYTES)
-            .tcp_nodelay(true)
             // hyper's default of 200 streams per connection would queue long-polls behind
             // each other; the broker's own waiter limit bounds the total instead.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
