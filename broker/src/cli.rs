@@ -35,6 +35,10 @@ pub struct Flags {
     /// [default: interval:1000].
     #[arg(long, env = "RILL_DEFAULT_FLUSH")]
     pub default_flush: Option<String>,
+    /// Async worker threads [default: one per core]. Blocking disk work (syncs, opens) runs
+    /// on a separate pool either way.
+    #[arg(long, env = "RILL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 /// Builds the config from flags (already merged with the environment by clap) over the file
