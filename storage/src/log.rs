@@ -320,7 +320,14 @@ impl PartitionLog {
             active = self.roll(now)?;
         }
         let base_offset = inner.high_watermark.load(Ordering::Relaxed);
-        active.append(batch, base_offset, &header)?;
+        if let Err(e) = active.append(batch, base_offset, &header) {
+            // A full disk refuses this append and nothing else; any other write failure
+            // means the disk can no longer be trusted with this partition.
+            if !e.is_no_space() {
+                self.fence(format!("write failed: {e}"));
+            }
+            return Err(e);
+        }
         let next_offset = base_offset + u64::from(header.record_count);
         inner.high_watermark.store(next_offset, Ordering::Release);
         Ok(AppendInfo {

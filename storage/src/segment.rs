@@ -8,6 +8,7 @@
 //! below it); published bytes are never rewritten, so a [`Bytes`] a reader holds stays valid.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -420,13 +421,18 @@ impl Segment {
                 .map_err(|e| no_space_or_io(&self.id, &self.log_path, "grow segment", e))?;
             w.allocated_bytes = target;
         }
-        // SAFETY: the write lock makes this the only writer; `[pos, end)` is past the published
-        // length, inside the mapping (checked) and inside the file (grown above).
-        unsafe {
-            self.region.write_at(pos as usize, batch);
-            self.region
-                .write_at(pos as usize, &base_offset.to_le_bytes());
-        }
+        // Write with pwrite, not through the mapping: a store into a fresh mapped page first
+        // faults it in, and the kernel zero-fills it (and its read-ahead neighbours) before the
+        // copy, which cost a third of the produce path. pwrite fills whole pages directly.
+        // Readers see the bytes through the same page cache once the length is published.
+        let mut head = [0u8; batch::HEADER_LEN];
+        let head_len = batch.len().min(head.len());
+        head[..head_len].copy_from_slice(&batch[..head_len]);
+        batch::stamp_base_offset(&mut head, base_offset);
+        self.file
+            .write_all_at(&head[..head_len], pos)
+            .and_then(|()| self.file.write_all_at(&batch[head_len..], pos + head_len as u64))
+            .map_err(|e| no_space_or_io(&self.id, &self.log_path, "write segment", e))?;
         let mut stamped = *header;
         stamped.base_offset = base_offset;
         self.note_batch(&mut w, pos, len, &stamped);
