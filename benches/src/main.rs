@@ -111,7 +111,7 @@ async fn create_topic(
             name: name.into(),
             config: Some(pb::TopicConfig {
                 partitions,
-                flush: Some(flush.clone()),
+                flush: Some(*flush),
                 retention_ms: Some(-1),
                 ..Default::default()
             }),

@@ -147,12 +147,44 @@ pub async fn produce(run: &Run) -> Result<Stats> {
     })
 }
 
-/// One reader (per consumer) reads every partition from offset 0 to its high watermark in
-/// large raw-batch fetches, decoding each record's value.
+/// Fetches kept in flight per reader: the reader knows how many records each fetch returns
+/// (`--fetch` of them, whole batches), so it can ask for the next ranges before the current
+/// answer arrives, as the Rust consumer prefetches.
+const CATCHUP_DEPTH: usize = 4;
+
+/// One fetch of `count` records from `offset`, as raw batches; returns the answer and its
+/// latency.
+async fn fetch_range(
+    mut client: LogClient<Channel>,
+    topic: String,
+    partition: u32,
+    offset: u64,
+    count: u64,
+    max_bytes: u32,
+) -> Result<(pb::FetchResponse, Duration)> {
+    let t = Instant::now();
+    let resp = client
+        .fetch(pb::FetchRequest {
+            topic,
+            partition,
+            offset,
+            max_bytes,
+            max_records: count as u32,
+            encoding: pb::FetchEncoding::RawBatches as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok((resp, t.elapsed()))
+}
+
+/// One reader per consumer reads every partition from offset 0 to its high watermark with
+/// pipelined raw-batch fetches of `--fetch` records, decoding every record it counts.
 pub async fn catchup(run: &Run) -> Result<Stats> {
-    let fetch_bytes = (run.fetch as usize * (run.size + batch::RECORD_OVERHEAD)
-        + batch::HEADER_LEN * 16)
-        .min(64 << 20);
+    let max_bytes = ((run.fetch as usize + run.batch as usize)
+        * (run.size + batch::RECORD_OVERHEAD)
+        + batch::HEADER_LEN * 64)
+        .min(64 << 20) as u32;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..run.consumers {
@@ -161,38 +193,63 @@ pub async fn catchup(run: &Run) -> Result<Stats> {
         tasks.push(tokio::spawn(async move {
             let (mut h, mut msgs, mut bytes) = (hist(), 0u64, 0u64);
             for partition in 0..run.partitions {
-                let mut offset = 0u64;
-                loop {
-                    let t = Instant::now();
-                    let resp = client
-                        .fetch(pb::FetchRequest {
-                            topic: run.topic.clone(),
-                            partition,
-                            offset,
-                            max_bytes: fetch_bytes as u32,
-                            encoding: pb::FetchEncoding::RawBatches as i32,
-                            ..Default::default()
-                        })
-                        .await?
-                        .into_inner();
-                    record(&mut h, t.elapsed());
-                    if resp.batches.is_empty() {
+                let end = client
+                    .list_offsets(pb::ListOffsetsRequest {
+                        topic: run.topic.clone(),
+                        partition,
+                        spec: Some(pb::list_offsets_request::Spec::Position(
+                            pb::OffsetSpec::Latest as i32,
+                        )),
+                    })
+                    .await?
+                    .into_inner()
+                    .offset;
+                let (mut expected, mut next_request) = (0u64, 0u64);
+                let mut in_flight = std::collections::VecDeque::new();
+                while expected < end {
+                    while in_flight.len() < CATCHUP_DEPTH && next_request < end {
+                        in_flight.push_back((
+                            next_request,
+                            tokio::spawn(fetch_range(
+                                client.clone(),
+                                run.topic.clone(),
+                                partition,
+                                next_request,
+                                run.fetch,
+                                max_bytes,
+                            )),
+                        ));
+                        next_request += run.fetch;
+                    }
+                    let Some((asked, task)) = in_flight.pop_front() else {
                         break;
+                    };
+                    let (resp, latency) = task.await??;
+                    record(&mut h, latency);
+                    if asked != expected {
+                        // A speculative range that no longer lines up: drop it and ask again.
+                        in_flight.clear();
+                        next_request = expected;
+                        continue;
                     }
                     for b in &resp.batches {
                         for view in batch::batches(b) {
                             for r in view?.records() {
                                 let r = r?;
-                                if r.offset >= offset {
+                                if r.offset >= expected {
                                     msgs += 1;
                                     bytes += r.value.len() as u64;
                                 }
                             }
                         }
                     }
-                    offset = resp.next_offset;
-                    if offset >= resp.high_watermark {
-                        break;
+                    if resp.next_offset <= expected {
+                        bail!("no progress at offset {expected} of partition {partition}");
+                    }
+                    expected = resp.next_offset;
+                    if expected != asked + run.fetch {
+                        in_flight.clear();
+                        next_request = expected;
                     }
                 }
             }
@@ -212,7 +269,10 @@ pub async fn catchup(run: &Run) -> Result<Stats> {
         bytes,
         secs: start.elapsed().as_secs_f64(),
         hist: h,
-        note: format!("lat=per fetch of {} msgs (raw batches)", run.fetch),
+        note: format!(
+            "lat=per fetch of {} msgs (raw batches, {CATCHUP_DEPTH} in flight)",
+            run.fetch
+        ),
     })
 }
 

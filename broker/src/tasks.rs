@@ -1,4 +1,5 @@
-//! Background tasks: the periodic flush of `interval` topics and the retention pass. Each
+//! Background tasks: the periodic flush of `interval` topics, checkpoints of every partition
+//! (syncing segments sealed since the last one, off the append path), and the retention pass. Each
 //! loop selects on the shutdown token, and runs its blocking storage work on the blocking
 //! pool so the runtime's workers never wait on a disk.
 
@@ -30,22 +31,31 @@ async fn flush_loop(broker: Broker) {
             _ = tick.tick() => {}
         }
         elapsed_ms += FLUSH_TICK_MS;
-        let mut due = Vec::new();
+        // Partitions whose `interval` flush is due get a full sync; every other partition
+        // gets a checkpoint, which syncs only segments sealed since the last one (a no-op
+        // without a roll) so crash recovery stays short whatever the flush policy.
+        let mut flush = Vec::new();
+        let mut checkpoint = Vec::new();
         for topic in broker.topics() {
-            if let FlushPolicy::IntervalMs(ms) = topic.topic.config().flush {
-                if elapsed_ms % ms.max(FLUSH_TICK_MS) < FLUSH_TICK_MS {
-                    due.extend(topic.topic.partitions().filter_map(|(_, log)| log.ok()));
-                }
+            let due = match topic.topic.config().flush {
+                FlushPolicy::IntervalMs(ms) => elapsed_ms % ms.max(FLUSH_TICK_MS) < FLUSH_TICK_MS,
+                FlushPolicy::Always | FlushPolicy::Never => false,
+            };
+            let logs = topic.topic.partitions().filter_map(|(_, log)| log.ok());
+            if due {
+                flush.extend(logs);
+            } else {
+                checkpoint.extend(logs);
             }
         }
-        if due.is_empty() {
-            continue;
-        }
         let result = tokio::task::spawn_blocking(move || {
-            for log in due {
-                // A failed sync fences the partition inside the engine, which logs it; the
-                // flusher goes on with the others.
+            // A failed sync fences its partition inside the engine, which logs it; the
+            // flusher goes on with the others.
+            for log in flush {
                 let _ = log.flush();
+            }
+            for log in checkpoint {
+                let _ = log.checkpoint();
             }
         })
         .await;

@@ -172,23 +172,22 @@ impl EntryFile {
         true
     }
 
+    /// Syncs the file: entries written through the mapping and any trim. fdatasync covers
+    /// pages dirtied through a shared mapping as well as by write.
     fn sync(&self) -> Result<()> {
-        self.region
-            .sync_range(0, self.len() * self.entry_len)
+        self.file
+            .sync_data()
             .map_err(|e| StorageError::io("sync index", &self.path, e))
     }
 
-    /// Syncs, then trims the file to its entries.
+    /// Trims the file to its entries and stops appends. The trim is made durable by the next
+    /// [`EntryFile::sync`], off the append path.
     fn seal(&self) -> Result<()> {
         let mut capacity = self.write.lock();
-        self.sync()?;
         let bytes = (self.len() * self.entry_len) as u64;
         self.file
             .set_len(bytes)
             .map_err(|e| StorageError::io("trim index", &self.path, e))?;
-        self.file
-            .sync_all()
-            .map_err(|e| StorageError::io("sync index", &self.path, e))?;
         *capacity = 0;
         Ok(())
     }
@@ -281,12 +280,12 @@ impl OffsetIndex {
         true
     }
 
-    /// Syncs the published entries.
+    /// Syncs the entries (and a trim) to stable storage.
     pub fn sync(&self) -> Result<()> {
         self.0.sync()
     }
 
-    /// Syncs and trims the file to its entries.
+    /// Trims the file to its entries; the next sync makes it durable.
     pub fn seal(&self) -> Result<()> {
         self.0.seal()
     }
@@ -387,12 +386,12 @@ impl TimeIndex {
         true
     }
 
-    /// Syncs the published entries.
+    /// Syncs the entries (and a trim) to stable storage.
     pub fn sync(&self) -> Result<()> {
         self.0.sync()
     }
 
-    /// Syncs and trims the file to its entries.
+    /// Trims the file to its entries; the next sync makes it durable.
     pub fn seal(&self) -> Result<()> {
         self.0.seal()
     }

@@ -155,6 +155,12 @@ struct Inner {
     sync_done: Condvar,
     fenced: AtomicBool,
     fence_reason: Mutex<Option<String>>,
+    /// A roll happened since the last checkpoint: the folder (a new file) and the sealed
+    /// segment still need syncing before the recovery point may move past it.
+    checkpoint_due: AtomicBool,
+    /// Serializes checkpoints (folder fsync and recovery-point write), which both the group
+    /// commit and the background checkpoint may run.
+    checkpoint_lock: Mutex<()>,
     report: RecoveryReport,
     #[cfg(test)]
     fail_next_sync: AtomicBool,
@@ -214,6 +220,8 @@ impl PartitionLog {
                 sync_done: Condvar::new(),
                 fenced: AtomicBool::new(false),
                 fence_reason: Mutex::new(None),
+                checkpoint_due: AtomicBool::new(false),
+                checkpoint_lock: Mutex::new(()),
                 report: opened.report,
                 #[cfg(test)]
                 fail_next_sync: AtomicBool::new(false),
@@ -362,7 +370,8 @@ impl PartitionLog {
     }
 
     /// Seals the active segment and starts a new one at the high watermark. Called with the
-    /// writer lock held.
+    /// writer lock held. Nothing is synced here: the sealed segment, the new file's folder
+    /// entry and the recovery point are made durable by the next sync or checkpoint.
     fn roll(&self, now: i64) -> Result<Arc<Segment>> {
         let inner = &*self.inner;
         let old = self.active();
@@ -378,13 +387,54 @@ impl PartitionLog {
             inner.options.segment_bytes,
             now,
         )?);
-        fsync_dir(&inner.dir)?;
-        // Everything below the new base is sealed and synced: recovery starts there.
-        recovery::write_recovery_point(&inner.dir, base)?;
         let mut list = Vec::clone(&inner.segments.load());
         list.push(Arc::clone(&segment));
         inner.segments.store(Arc::new(list));
+        inner.checkpoint_due.store(true, Ordering::Release);
         Ok(segment)
+    }
+
+    /// Makes sealed segments durable and moves the recovery point up to the active segment,
+    /// so a crash recovery scans only that one. Cheap when no roll happened since the last
+    /// checkpoint. The broker calls this periodically for every partition; syncs of the
+    /// active segment are left to the flush policy.
+    pub fn checkpoint(&self) -> Result<()> {
+        if !self.inner.checkpoint_due.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let segments = self.inner.segments.load_full();
+        let sealed = &segments[..segments.len().saturating_sub(1)];
+        let result = self.checkpoint_segments(sealed, &segments);
+        if let Err(e) = &result {
+            self.fence(format!("checkpoint failed: {e}"));
+        }
+        result
+    }
+
+    /// Syncs `to_sync`, then, if a roll is pending, the folder and the recovery point (the
+    /// base of the last segment of `segments`).
+    fn checkpoint_segments(
+        &self,
+        to_sync: &[Arc<Segment>],
+        segments: &[Arc<Segment>],
+    ) -> Result<()> {
+        for segment in to_sync {
+            if segment.needs_sync() {
+                segment.sync()?;
+            }
+        }
+        let _lock = self.inner.checkpoint_lock.lock();
+        if self.inner.checkpoint_due.swap(false, Ordering::AcqRel) {
+            let done = fsync_dir(&self.inner.dir).and_then(|()| {
+                let point = segments.last().map_or(0, |s| s.base_offset());
+                recovery::write_recovery_point(&self.inner.dir, point)
+            });
+            if let Err(e) = done {
+                self.inner.checkpoint_due.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Returns once every offset below `end_offset` is on stable storage. Group commit: if a
@@ -430,11 +480,12 @@ impl PartitionLog {
         self.sync_through(self.high_watermark())
     }
 
-    /// Syncs the active segment; returns the offset below which all is durable. Sealed
-    /// segments were synced when sealed.
+    /// Syncs every segment with unsynced data (the active one, and any sealed since the last
+    /// sync), then the folder and the recovery point if a roll happened; returns the offset
+    /// below which all is durable.
     fn sync_now(&self) -> Result<u64> {
         // Load the watermark first: every batch below it is in a segment of the list loaded
-        // next, either the active one (synced here) or one sealed (and synced) since.
+        // next.
         let target = self.high_watermark();
         #[cfg(test)]
         if self.inner.fail_next_sync.swap(false, Ordering::AcqRel) {
@@ -444,7 +495,8 @@ impl PartitionLog {
                 std::io::Error::other("injected sync failure"),
             ));
         }
-        self.active().sync()?;
+        let segments = self.inner.segments.load_full();
+        self.checkpoint_segments(&segments, &segments)?;
         Ok(target)
     }
 

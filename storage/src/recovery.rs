@@ -15,8 +15,9 @@
 //! | 40 | 8 | high watermark |
 //! | 48 | 4 | CRC of bytes 0..48 |
 //!
-//! `recovery-point`, rewritten at each segment roll: everything below this offset is sealed
-//! and synced, so recovery need not scan it:
+//! `recovery-point`, rewritten by each checkpoint after a roll (see
+//! [`crate::PartitionLog::checkpoint`]): everything below this offset is sealed and synced, so
+//! recovery need not scan it:
 //!
 //! | offset | width | field |
 //! |---|---|---|
@@ -397,7 +398,13 @@ fn recover(
         fsync_dir(dir)?;
         segments.push(Arc::new(segment));
     }
-    // Everything before the last segment is now validated, sealed and synced.
+    // Everything before the last segment is now validated and sealed; sync what the scan
+    // touched, then record it.
+    for segment in &segments {
+        if segment.needs_sync() {
+            segment.sync()?;
+        }
+    }
     if let Some(last) = segments.last() {
         write_recovery_point(dir, last.base_offset())?;
     }

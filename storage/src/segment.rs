@@ -58,6 +58,8 @@ struct WriteState {
     bytes_since_index: u64,
     /// Published bytes already synced.
     synced_bytes: u64,
+    /// Sealing trimmed the files and no sync has made that durable yet.
+    trim_unsynced: bool,
 }
 
 /// A batch found by walking a segment.
@@ -155,6 +157,7 @@ impl Segment {
                 capacity_bytes: segment_bytes,
                 bytes_since_index: 0,
                 synced_bytes: 0,
+                trim_unsynced: false,
             }),
         })
     }
@@ -204,6 +207,7 @@ impl Segment {
                 capacity_bytes: segment_bytes.max(committed_bytes),
                 bytes_since_index: 0,
                 synced_bytes: committed_bytes,
+                trim_unsynced: false,
             }),
         };
         seg.load_tail_state()?;
@@ -260,6 +264,7 @@ impl Segment {
                 capacity_bytes: 0,
                 bytes_since_index: 0,
                 synced_bytes: size,
+                trim_unsynced: false,
             }),
         };
         if rebuilt {
@@ -307,6 +312,7 @@ impl Segment {
                 capacity_bytes,
                 bytes_since_index: 0,
                 synced_bytes: 0,
+                trim_unsynced: false,
             }),
         })
     }
@@ -431,7 +437,10 @@ impl Segment {
         batch::stamp_base_offset(&mut head, base_offset);
         self.file
             .write_all_at(&head[..head_len], pos)
-            .and_then(|()| self.file.write_all_at(&batch[head_len..], pos + head_len as u64))
+            .and_then(|()| {
+                self.file
+                    .write_all_at(&batch[head_len..], pos + head_len as u64)
+            })
             .map_err(|e| no_space_or_io(&self.id, &self.log_path, "write segment", e))?;
         let mut stamped = *header;
         stamped.base_offset = base_offset;
@@ -519,6 +528,7 @@ impl Segment {
         self.push_final_time_entry();
         self.offset_index.seal()?;
         self.time_index.seal()?;
+        w.trim_unsynced = true;
         self.next_offset.store(next, Ordering::Release);
         Ok(())
     }
@@ -567,26 +577,40 @@ impl Segment {
         }
     }
 
-    /// Syncs the published bytes and the indexes to stable storage.
+    /// True when published bytes, index entries or a seal's trim are not yet synced.
+    pub fn needs_sync(&self) -> bool {
+        let w = self.write.lock();
+        w.trim_unsynced || w.synced_bytes < self.size_bytes()
+    }
+
+    /// Syncs the published bytes, the indexes and any trim to stable storage (fdatasync,
+    /// which covers pages written by pwrite or through a mapping, and the file size).
     pub fn sync(&self) -> Result<()> {
         let committed = self.size_bytes();
-        let from = self.write.lock().synced_bytes;
-        if committed > from {
-            self.region
-                .sync_range(from as usize, committed as usize)
+        let (from, trimmed) = {
+            let w = self.write.lock();
+            (w.synced_bytes, w.trim_unsynced)
+        };
+        if committed > from || trimmed {
+            self.file
+                .sync_data()
                 .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
             self.offset_index.sync()?;
             self.time_index.sync()?;
             let mut w = self.write.lock();
             w.synced_bytes = w.synced_bytes.max(committed);
+            if trimmed {
+                w.trim_unsynced = false;
+            }
         }
         Ok(())
     }
 
-    /// Seals the segment: syncs it, trims the file to its published length, and seals the
-    /// indexes. No append is accepted afterwards.
+    /// Seals the segment: trims the file to its published length and seals the indexes. No
+    /// append is accepted afterwards. Nothing is synced here, so a roll never stalls the
+    /// append path behind a whole segment's write-back; [`Segment::needs_sync`] stays true
+    /// until a later [`Segment::sync`] (group commit, the periodic flush or a checkpoint).
     pub fn seal(&self) -> Result<()> {
-        self.sync()?;
         let mut w = self.write.lock();
         if w.capacity_bytes == 0 {
             return Ok(());
@@ -595,11 +619,9 @@ impl Segment {
         self.file
             .set_len(committed)
             .map_err(|e| StorageError::io("trim segment", &self.log_path, e))?;
-        self.file
-            .sync_all()
-            .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
         w.capacity_bytes = 0;
         w.allocated_bytes = committed;
+        w.trim_unsynced = true;
         drop(w);
         self.push_final_time_entry();
         self.offset_index.seal()?;

@@ -219,6 +219,11 @@ fn missing_recovery_point_scans_everything() {
         log.append(&batch(2, i, 300)).expect("append");
     }
     let total = log.stats().size_bytes;
+    log.checkpoint().expect("checkpoint");
+    assert!(
+        dir.path().join("recovery-point").exists(),
+        "a checkpoint writes the recovery point"
+    );
     drop(log);
     fs::remove_file(dir.path().join("recovery-point")).expect("remove recovery point");
     let log = open_log(dir.path(), small_options());
