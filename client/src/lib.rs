@@ -1,1 +1,73 @@
-//! placeholder
+//! The Rust client for Rill: a producer, a consumer and an admin client over the `rill.v1`
+//! gRPC contract, and (in `main.rs` with [`cli`]) the `rill` command-line tool.
+//!
+//! # The map
+//! - [`connection`]: [`Connection`], one tuned HTTP/2 channel shared by every client.
+//! - [`producer`]: [`Producer`]: batching by bytes and linger, the broker's key partitioner,
+//!   ordered retries on UNAVAILABLE, `flush`, ack modes.
+//! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
+//!   offsets with auto-commit, seeks, reported skips.
+//! - [`admin`]: [`Admin`]: topics, offsets and groups.
+//! - [`error`]: [`ClientError`].
+//! - [`cli`]: the `rill` tool's commands (built on the above).
+//!
+//! # Producing
+//! ```no_run
+//! # async fn demo() -> rill_client::Result<()> {
+//! use rill_client::{Acks, Connection, Producer, ProducerConfig, ProducerRecord};
+//! let conn = Connection::connect("127.0.0.1:7171").await?;
+//! let producer = Producer::new(conn, ProducerConfig::new().linger_ms(5).acks(Acks::Durable));
+//! let ack = producer.send(ProducerRecord::new("orders", "hello").key("customer-7")).await?;
+//! let (partition, offset) = ack.await?;
+//! producer.flush().await?;
+//! # let _ = (partition, offset); Ok(()) }
+//! ```
+//!
+//! # Consuming
+//! ```no_run
+//! # async fn demo() -> rill_client::Result<()> {
+//! use rill_client::{AutoOffsetReset, Connection, Consumer, ConsumerConfig, ConsumerEvent};
+//! let conn = Connection::connect("127.0.0.1:7171").await?;
+//! let config = ConsumerConfig::new()
+//!     .group("billing")
+//!     .auto_offset_reset(AutoOffsetReset::Earliest)
+//!     .auto_commit_interval_ms(Some(1000));
+//! let mut consumer = Consumer::subscribe(conn, config, "orders", None).await?;
+//! loop {
+//!     match consumer.next().await? {
+//!         ConsumerEvent::Record(r) => println!("{}@{}: {:?}", r.partition, r.offset, r.value),
+//!         ConsumerEvent::Skipped { partition, from, to, .. } => {
+//!             eprintln!("partition {partition}: data {from}..{to} was deleted by retention")
+//!         }
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! # Administering
+//! ```no_run
+//! # async fn demo() -> rill_client::Result<()> {
+//! use rill_client::{Admin, Connection, Flush, TopicSettings};
+//! let admin = Admin::new(Connection::connect("127.0.0.1:7171").await?);
+//! admin.create_topic("orders", TopicSettings::new().partitions(6).flush(Flush::Always)).await?;
+//! for group in admin.list_groups().await? {
+//!     let d = admin.describe_group(&group).await?;
+//!     println!("{group}: {} partitions", d.partitions.len());
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod cli;
+pub mod connection;
+pub mod consumer;
+pub mod error;
+pub mod producer;
+
+pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};
+pub use connection::{Connection, DEFAULT_BROKER};
+pub use consumer::{
+    AutoOffsetReset, ConsumedRecord, Consumer, ConsumerConfig, ConsumerEvent, SeekTo,
+};
+pub use error::{ClientError, Result};
+pub use producer::{Acks, Producer, ProducerConfig, ProducerRecord};

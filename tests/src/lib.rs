@@ -136,11 +136,20 @@ impl BrokerProcess {
     /// Starts the binary on `data_dir`, listening on 127.0.0.1:0, and waits for the line that
     /// names the bound address.
     pub async fn spawn(data_dir: &Path, extra_args: &[&str]) -> Result<BrokerProcess> {
+        Self::spawn_at(data_dir, "127.0.0.1:0", extra_args).await
+    }
+
+    /// Starts the binary on `data_dir` listening on `listen` (to restart on the same port).
+    pub async fn spawn_at(
+        data_dir: &Path,
+        listen: &str,
+        extra_args: &[&str],
+    ) -> Result<BrokerProcess> {
         let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .args(extra_args)
             .env(
                 "RUST_LOG",
@@ -324,4 +333,31 @@ impl Clients {
             .await
             .map(tonic::Response::into_inner)
     }
+}
+
+/// Runs the real `rill` CLI against `broker` with `args`, feeding `stdin`; returns
+/// (exit success, stdout, stderr).
+pub async fn rill_cli(broker: &str, args: &[&str], stdin: &str) -> Result<(bool, String, String)> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = Command::new(binary_path("rill-client", "rill")?)
+        .arg("--broker")
+        .arg(broker)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning rill")?;
+    let mut input = child.stdin.take().context("no stdin")?;
+    input.write_all(stdin.as_bytes()).await?;
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("rill did not finish")??;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }

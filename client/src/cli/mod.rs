@@ -1,0 +1,273 @@
+//! The `rill` command-line tool: arguments, dispatch and output formatting. Built on the
+//! library's [`crate::Admin`], [`crate::Producer`] and [`crate::Consumer`].
+
+mod admin_cmds;
+mod stream_cmds;
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::connection::{Connection, DEFAULT_BROKER};
+
+/// `rill`: topics, messages and consumer groups of a Rill broker.
+#[derive(Debug, Parser)]
+#[command(name = "rill", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The broker's address.
+    #[arg(long, env = "RILL_BROKER", default_value = DEFAULT_BROKER, global = true)]
+    pub broker: String,
+    /// Output format: human tables, or JSON (JSON lines for consume).
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, list, describe and delete topics.
+    Topic {
+        /// The topic command.
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce records: one per line of stdin (or of --file).
+    Produce(stream_cmds::ProduceArgs),
+    /// Consume records: one value per line by default.
+    Consume(stream_cmds::ConsumeArgs),
+    /// List, describe and reset consumer groups.
+    Group {
+        /// The group command.
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Topic commands.
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create(admin_cmds::CreateArgs),
+    /// List topics.
+    List,
+    /// Describe a topic: config and partitions.
+    Describe {
+        /// The topic.
+        name: String,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        /// The topic.
+        name: String,
+    },
+}
+
+/// Group commands.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// List groups.
+    List,
+    /// Show a group's committed offsets, high watermarks and lag.
+    Describe {
+        /// The group.
+        group: String,
+    },
+    /// Move a group's offsets (a dry run unless --execute).
+    ResetOffsets(admin_cmds::ResetArgs),
+}
+
+/// Parameters shared by commands that print.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    /// The output format.
+    pub output: Output,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx { output: cli.output };
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "rill", &mut std::io::stdout());
+        return Ok(());
+    }
+    let conn = Connection::connect(&cli.broker).await?;
+    match cli.command {
+        Command::Topic { command } => admin_cmds::topic(conn, ctx, command).await,
+        Command::Group { command } => admin_cmds::group(conn, ctx, command).await,
+        Command::Produce(args) => stream_cmds::produce(conn, ctx, args).await,
+        Command::Consume(args) => stream_cmds::consume(conn, ctx, args).await,
+        Command::Completions { .. } => Ok(()),
+    }
+}
+
+/// Prints rows as aligned columns under a header.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+/// Prints one JSON value on its own line.
+pub fn print_json(value: &serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Parses a duration such as `7d`, `12h`, `30m` or `500ms`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("bad duration {s:?}: {e} (try 7d, 12h, 30m, 500ms)"))
+}
+
+/// Parses `--since`: an RFC 3339 time (`2026-11-22T10:00:00Z`) or a duration ago (`10m`).
+pub fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .map_err(|_| format!("time {s:?} is before 1970"));
+    }
+    let ago = parse_duration(s).map_err(|_| {
+        format!("bad time {s:?}: use RFC 3339 (2026-11-22T10:00:00Z) or a duration ago (10m)")
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?;
+    Ok(now.saturating_sub(ago).as_millis() as i64)
+}
+
+/// Parses a `k=v` header.
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("bad header {s:?}: use key=value"))
+}
+
+/// Bytes as a JSON string when they are UTF-8, otherwise base64 (the caller records which).
+pub fn bytes_json(b: &[u8]) -> (serde_json::Value, bool) {
+    match std::str::from_utf8(b) {
+        Ok(s) => (serde_json::Value::String(s.to_string()), false),
+        Err(_) => {
+            use base64::Engine;
+            (
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+                true,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_times_and_headers_parse() {
+        assert_eq!(parse_duration("7d").expect("7d").as_secs(), 7 * 86_400);
+        assert_eq!(parse_duration("500ms").expect("ms").as_millis(), 500);
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_since("1970-01-01T00:00:01Z").expect("rfc3339"), 1000);
+        let ten_min_ago = parse_since("10m").expect("duration ago");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        assert!((now - 600_000 - ten_min_ago).abs() < 5_000);
+        assert_eq!(
+            parse_header("a=b=c").expect("header"),
+            ("a".into(), "b=c".into())
+        );
+        assert!(parse_header("nokey").is_err());
+    }
+
+    #[test]
+    fn bytes_become_json_strings_or_base64() {
+        assert_eq!(bytes_json(b"hi"), (serde_json::json!("hi"), false));
+        assert_eq!(bytes_json(&[0xff, 0x00]), (serde_json::json!("/wA="), true));
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "rill",
+            "--output",
+            "json",
+            "topic",
+            "create",
+            "t",
+            "--partitions",
+            "3",
+            "--retention",
+            "7d",
+            "--flush",
+            "interval:250",
+        ])
+        .expect("parse");
+        assert_eq!(cli.output, Output::Json);
+        let cli = Cli::try_parse_from([
+            "rill",
+            "consume",
+            "t",
+            "-n",
+            "5",
+            "--group",
+            "g",
+            "--print-key",
+        ])
+        .expect("parse");
+        assert!(matches!(cli.command, Command::Consume(_)));
+        assert!(Cli::try_parse_from([
+            "rill",
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t",
+            "--to-earliest",
+            "--to-latest"
+        ])
+        .is_err());
+    }
+}

@@ -1,0 +1,286 @@
+//! `rill produce` and `rill consume`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use super::{bytes_json, parse_header, parse_since, print_json, Ctx, Output};
+use crate::admin::{Admin, OffsetQuery};
+use crate::connection::Connection;
+use crate::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, ConsumerEvent, SeekTo};
+use crate::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+
+/// Ack modes on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AcksArg {
+    /// Appended on the broker.
+    Leader,
+    /// Synced to disk.
+    Durable,
+}
+
+/// `rill produce`.
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// The topic.
+    pub topic: String,
+    /// Read lines from this file instead of stdin.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// The key of every record.
+    #[arg(long, conflicts_with = "key_separator")]
+    pub key: Option<String>,
+    /// Split each line at the first SEP into key and value.
+    #[arg(long)]
+    pub key_separator: Option<String>,
+    /// A header `k=v` on every record (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Send every record to this partition.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// What each record's acknowledgement waits for.
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    pub acks: AcksArg,
+}
+
+/// `rill consume`.
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// The topic.
+    pub topic: String,
+    /// Consume as this group: start at its committed offsets and commit what was printed.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Start at the first retained record (even with a group's committed offsets).
+    #[arg(long, conflicts_with_all = ["offset", "since"])]
+    pub from_beginning: bool,
+    /// Start at this offset.
+    #[arg(long, conflicts_with = "since")]
+    pub offset: Option<u64>,
+    /// Start at the first record at or after a time (RFC 3339) or a duration ago (10m).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<i64>,
+    /// Stop after this many records.
+    #[arg(short = 'n', long)]
+    pub max_messages: Option<u64>,
+    /// Keep waiting for new records until Ctrl-C (otherwise stop at the end of the log).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only this partition.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Print the key before the value (tab-separated).
+    #[arg(long)]
+    pub print_key: bool,
+    /// Print the headers before the value (tab-separated).
+    #[arg(long)]
+    pub print_headers: bool,
+}
+
+/// Runs `rill produce`.
+pub async fn produce(conn: Connection, ctx: Ctx, args: ProduceArgs) -> Result<()> {
+    let acks = match args.acks {
+        AcksArg::Leader => Acks::Leader,
+        AcksArg::Durable => Acks::Durable,
+    };
+    let producer = Producer::new(conn, ProducerConfig::new().acks(acks));
+    let (reader, total): (Box<dyn BufRead>, Option<u64>) = match &args.file {
+        Some(path) => {
+            let f =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let len = f.metadata().map(|m| m.len()).ok();
+            (Box::new(std::io::BufReader::new(f)), len)
+        }
+        None => (Box::new(std::io::stdin().lock()), None),
+    };
+    let progress = match total {
+        Some(len) if std::io::stderr().is_terminal() => {
+            let bar = indicatif::ProgressBar::new(len);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Some(bar)
+        }
+        _ => None,
+    };
+    let headers: Vec<(String, Bytes)> = args
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), Bytes::from(v.clone())))
+        .collect();
+    let mut acks = Vec::new();
+    let mut count = 0u64;
+    for line in reader.lines() {
+        let line = line.context("reading input")?;
+        if let Some(bar) = &progress {
+            bar.inc(line.len() as u64 + 1);
+        }
+        let (key, value) = match (&args.key, &args.key_separator) {
+            (Some(k), _) => (Some(k.clone()), line),
+            (None, Some(sep)) => match line.split_once(sep.as_str()) {
+                Some((k, v)) => (Some(k.to_string()), v.to_string()),
+                None => (None, line),
+            },
+            (None, None) => (None, line),
+        };
+        let mut record = ProducerRecord::new(args.topic.clone(), value);
+        record.key = key.map(Bytes::from);
+        record.partition = args.partition;
+        record.headers = headers.clone();
+        acks.push(producer.send(record).await?);
+        count += 1;
+        // Keep memory bounded on huge inputs: settle acknowledgements as we go.
+        if acks.len() >= 10_000 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    producer.flush().await?;
+    let mut partitions: HashMap<u32, u64> = HashMap::new();
+    for ack in acks {
+        let (p, _) = ack.await?;
+        *partitions.entry(p).or_default() += 1;
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if ctx.output == Output::Json {
+        print_json(&json!({"topic": args.topic, "records": count}))
+    } else {
+        eprintln!("produced {count} records to {}", args.topic);
+        Ok(())
+    }
+}
+
+fn format_record(ctx: Ctx, args: &ConsumeArgs, r: &crate::consumer::ConsumedRecord) -> String {
+    if ctx.output == Output::Json {
+        let (value, value_b64) = bytes_json(&r.value);
+        let key = r.key.as_ref().map(|k| bytes_json(k));
+        let mut obj = json!({
+            "topic": r.topic,
+            "partition": r.partition,
+            "offset": r.offset,
+            "timestamp_ms": r.timestamp_ms,
+            "key": key.as_ref().map(|(k, _)| k.clone()),
+            "value": value,
+            "headers": r.headers.iter().map(|(k, v)| (k.clone(), bytes_json(v).0)).collect::<serde_json::Map<_, _>>(),
+        });
+        if value_b64 {
+            obj["value_encoding"] = json!("base64");
+        }
+        if key.as_ref().is_some_and(|(_, b64)| *b64) {
+            obj["key_encoding"] = json!("base64");
+        }
+        return obj.to_string();
+    }
+    let mut out = String::new();
+    if args.print_headers {
+        let h: Vec<String> = r
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v)))
+            .collect();
+        out.push_str(&h.join(","));
+        out.push('\t');
+    }
+    if args.print_key {
+        out.push_str(
+            &r.key
+                .as_ref()
+                .map_or("null".into(), |k| String::from_utf8_lossy(k).into_owned()),
+        );
+        out.push('\t');
+    }
+    out.push_str(&String::from_utf8_lossy(&r.value));
+    out
+}
+
+/// Runs `rill consume`.
+pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()> {
+    let mut config = ConsumerConfig::new().auto_offset_reset(AutoOffsetReset::Earliest);
+    if let Some(g) = &args.group {
+        config = config.group(g.clone());
+        if args.follow {
+            config = config.auto_commit_interval_ms(Some(1000));
+        }
+    }
+    let partitions = args.partition.map(|p| vec![p]);
+    let mut consumer = Consumer::subscribe(conn.clone(), config, &args.topic, partitions).await?;
+    let chosen: Vec<u32> = consumer.positions().keys().copied().collect();
+    for &p in &chosen {
+        if args.from_beginning {
+            consumer.seek(p, SeekTo::Beginning).await?;
+        } else if let Some(o) = args.offset {
+            consumer.seek(p, SeekTo::Offset(o)).await?;
+        } else if let Some(ts) = args.since {
+            consumer.seek(p, SeekTo::Timestamp(ts)).await?;
+        }
+    }
+    // Without --follow, stop at the end of the log as it was at the start.
+    let admin = Admin::new(conn);
+    let mut ends = HashMap::new();
+    for &p in &chosen {
+        ends.insert(
+            p,
+            admin
+                .list_offsets(&args.topic, p, OffsetQuery::Latest)
+                .await?
+                .offset,
+        );
+    }
+    let caught_up = |consumer: &Consumer| {
+        consumer
+            .positions()
+            .iter()
+            .all(|(p, pos)| *pos >= ends.get(p).copied().unwrap_or(0))
+    };
+    let mut printed = 0u64;
+    let mut out = std::io::stdout().lock();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        if args.max_messages.is_some_and(|n| printed >= n) || (!args.follow && caught_up(&consumer))
+        {
+            break;
+        }
+        let event = tokio::select! {
+            _ = &mut ctrl_c => break,
+            e = consumer.next() => e?,
+        };
+        match event {
+            ConsumerEvent::Record(r) => {
+                writeln!(out, "{}", format_record(ctx, &args, &r))?;
+                printed += 1;
+            }
+            ConsumerEvent::Skipped {
+                partition,
+                from,
+                to,
+                ..
+            } => {
+                eprintln!("warning: partition {partition}: offsets {from}..{to} were deleted by retention; skipped");
+            }
+        }
+    }
+    out.flush()?;
+    drop(out);
+    if args.group.is_some() {
+        consumer.commit().await?;
+    }
+    if args.follow && args.max_messages.is_none() && printed == 0 {
+        bail!("interrupted before any record arrived");
+    }
+    let _ = Duration::ZERO;
+    Ok(())
+}

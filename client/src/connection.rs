@@ -1,0 +1,72 @@
+//! [`Connection`]: one HTTP/2 channel to a broker, shared by every client made from it.
+//! Cloning is cheap; tonic reconnects the channel by itself after a broker restart.
+
+use rill_proto::v1::admin_client::AdminClient;
+use rill_proto::v1::groups_client::GroupsClient;
+use rill_proto::v1::log_client::LogClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{ClientError, Result};
+
+/// The broker's default address.
+pub const DEFAULT_BROKER: &str = "127.0.0.1:7171";
+/// The largest message the client sends or accepts, in bytes (64 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A connection to one broker.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    channel: Channel,
+    addr: String,
+}
+
+impl Connection {
+    /// Connects to `addr` (`host:port`, or a `http://` URL). Uses TCP_NODELAY and 1 MiB
+    /// HTTP/2 frames (the receiver's setting is what counts for large fetches).
+    pub async fn connect(addr: &str) -> Result<Connection> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let err = |message: String| ClientError::Connect {
+            addr: addr.to_string(),
+            message,
+        };
+        let channel = Endpoint::from_shared(url)
+            .map_err(|e| err(e.to_string()))?
+            .tcp_nodelay(true)
+            .max_frame_size(1 << 20)
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+            .connect()
+            .await
+            .map_err(|e| err(format!("{e}: is a broker running there?")))?;
+        Ok(Connection {
+            channel,
+            addr: addr.to_string(),
+        })
+    }
+
+    /// The address this connection was made to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// A `rill.v1.Log` client on this connection.
+    pub fn log(&self) -> LogClient<Channel> {
+        LogClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// A `rill.v1.Groups` client on this connection.
+    pub fn groups(&self) -> GroupsClient<Channel> {
+        GroupsClient::new(self.channel.clone())
+    }
+
+    /// A `rill.v1.Admin` client on this connection.
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+    }
+}

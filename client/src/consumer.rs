@@ -1,0 +1,587 @@
+//! [`Consumer`]: long-poll fetches per partition with prefetch, group offsets, seeks, and
+//! reported skips.
+//!
+//! Each subscribed partition has a fetch task that long-polls from its position and hands
+//! whole responses to a bounded channel (the prefetch depth), so the next fetch is under way
+//! while the application handles the current one. Positions advance as records are yielded;
+//! [`Consumer::commit`] (or auto-commit) stores them for the group. When retention deleted
+//! the data under a position (OUT_OF_RANGE), the reset policy picks a new position and the
+//! consumer yields [`ConsumerEvent::Skipped`], so a skip is never silent.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rill_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::admin::{Admin, OffsetQuery};
+use crate::connection::Connection;
+use crate::error::{is_retryable_status, ClientError, Result};
+
+/// Where to start when the group has no committed offset (or the offset is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoOffsetReset {
+    /// The first retained record.
+    Earliest,
+    /// Only records produced from now on (Kafka's default).
+    #[default]
+    Latest,
+}
+
+/// How a [`Consumer`] fetches and commits.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    group: Option<String>,
+    auto_offset_reset: AutoOffsetReset,
+    max_wait_ms: u32,
+    max_bytes: u32,
+    auto_commit_interval_ms: Option<u64>,
+    prefetch: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            group: None,
+            auto_offset_reset: AutoOffsetReset::Latest,
+            max_wait_ms: 500,
+            max_bytes: 4 << 20,
+            auto_commit_interval_ms: None,
+            prefetch: 2,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Defaults: no group, start at the latest, 500 ms long-polls, 4 MiB fetches, manual
+    /// commits, 2 responses prefetched per partition.
+    pub fn new() -> Self {
+        ConsumerConfig::default()
+    }
+
+    /// Consume as part of `group`, starting from its committed offsets.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Where to start without a committed offset (default [`AutoOffsetReset::Latest`]).
+    pub fn auto_offset_reset(mut self, reset: AutoOffsetReset) -> Self {
+        self.auto_offset_reset = reset;
+        self
+    }
+
+    /// The longest a fetch waits for new records, in ms (default 500).
+    pub fn max_wait_ms(mut self, max_wait_ms: u32) -> Self {
+        self.max_wait_ms = max_wait_ms;
+        self
+    }
+
+    /// About how many bytes one fetch returns (default 4 MiB).
+    pub fn max_bytes(mut self, max_bytes: u32) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Commit yielded positions automatically every so many ms (default: only on
+    /// [`Consumer::commit`]).
+    pub fn auto_commit_interval_ms(mut self, interval_ms: Option<u64>) -> Self {
+        self.auto_commit_interval_ms = interval_ms;
+        self
+    }
+
+    /// Fetch responses buffered ahead per partition (default 2, at least 1).
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+}
+
+/// A consumed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedRecord {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The offset.
+    pub offset: u64,
+    /// Timestamp, ms since the epoch.
+    pub timestamp_ms: i64,
+    /// The key, `None` for a null key.
+    pub key: Option<Bytes>,
+    /// The value.
+    pub value: Bytes,
+    /// Headers, in order.
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// What the consumer yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerEvent {
+    /// A record.
+    Record(ConsumedRecord),
+    /// The position jumped because the data under it was gone (retention): `from` was out
+    /// of range and the reset policy moved the partition to `to`.
+    Skipped {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The position that was out of range.
+        from: u64,
+        /// The new position.
+        to: u64,
+        /// The broker's message.
+        reason: String,
+    },
+}
+
+/// A position to seek to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeekTo {
+    /// An offset.
+    Offset(u64),
+    /// The first offset at or after a time, ms since the epoch.
+    Timestamp(i64),
+    /// The first retained offset.
+    Beginning,
+    /// The high watermark: only new records.
+    End,
+}
+
+enum Fetched {
+    Records {
+        partition: u32,
+        generation: u64,
+        records: Vec<pb::FetchedRecord>,
+        high_watermark: u64,
+    },
+    Skipped {
+        partition: u32,
+        generation: u64,
+        from: u64,
+        to: u64,
+        reason: String,
+    },
+    Failed {
+        partition: u32,
+        generation: u64,
+        error: ClientError,
+    },
+}
+
+struct PartitionState {
+    position: u64,
+    high_watermark: u64,
+    generation: u64,
+    cancel: CancellationToken,
+}
+
+/// A consumer of one topic.
+pub struct Consumer {
+    conn: Connection,
+    config: ConsumerConfig,
+    topic: String,
+    partitions: HashMap<u32, PartitionState>,
+    tx: mpsc::Sender<Fetched>,
+    rx: mpsc::Receiver<Fetched>,
+    buffer: VecDeque<(u32, u64, ConsumerEvent)>,
+    committed: HashMap<u32, u64>,
+    last_commit: Instant,
+    next_generation: u64,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("topic", &self.topic)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        for p in self.partitions.values() {
+            p.cancel.cancel();
+        }
+    }
+}
+
+impl Consumer {
+    /// Subscribes to `topic`: all its partitions, or the ones given. With a group, each
+    /// partition starts at its committed offset; otherwise (or without one) where
+    /// `auto_offset_reset` says.
+    pub async fn subscribe(
+        conn: Connection,
+        config: ConsumerConfig,
+        topic: &str,
+        partitions: Option<Vec<u32>>,
+    ) -> Result<Consumer> {
+        let admin = Admin::new(conn.clone());
+        let count = admin.describe_topic(topic).await?.partitions.len() as u32;
+        let chosen = partitions.unwrap_or_else(|| (0..count).collect());
+        if let Some(p) = chosen.iter().find(|&&p| p >= count) {
+            return Err(ClientError::Invalid(format!(
+                "partition {p} does not exist: topic {topic:?} has {count} partitions"
+            )));
+        }
+        let committed: HashMap<u32, u64> = match &config.group {
+            Some(group) => admin
+                .fetch_offsets(group, topic, &chosen)
+                .await?
+                .into_iter()
+                .filter_map(|c| c.offset.map(|o| (c.partition, o)))
+                .collect(),
+            None => HashMap::new(),
+        };
+        let (tx, rx) = mpsc::channel(chosen.len().max(1) * config.prefetch);
+        let mut consumer = Consumer {
+            conn,
+            config,
+            topic: topic.to_string(),
+            partitions: HashMap::new(),
+            tx,
+            rx,
+            buffer: VecDeque::new(),
+            committed: committed.clone(),
+            last_commit: Instant::now(),
+            next_generation: 0,
+        };
+        for p in chosen {
+            let start = match committed.get(&p) {
+                Some(&o) => o,
+                None => consumer.reset_position(p).await?,
+            };
+            consumer.start(p, start);
+        }
+        Ok(consumer)
+    }
+
+    async fn reset_position(&self, partition: u32) -> Result<u64> {
+        let query = match self.config.auto_offset_reset {
+            AutoOffsetReset::Earliest => OffsetQuery::Earliest,
+            AutoOffsetReset::Latest => OffsetQuery::Latest,
+        };
+        Ok(Admin::new(self.conn.clone())
+            .list_offsets(&self.topic, partition, query)
+            .await?
+            .offset)
+    }
+
+    /// (Re)starts partition `p`'s fetch task at `offset`; older tasks' answers are ignored.
+    fn start(&mut self, partition: u32, offset: u64) {
+        if let Some(old) = self.partitions.get(&partition) {
+            old.cancel.cancel();
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let cancel = CancellationToken::new();
+        self.partitions.insert(
+            partition,
+            PartitionState {
+                position: offset,
+                high_watermark: offset,
+                generation,
+                cancel: cancel.clone(),
+            },
+        );
+        self.buffer.retain(|(p, _, _)| *p != partition);
+        let task = FetchTask {
+            conn: self.conn.clone(),
+            topic: self.topic.clone(),
+            partition,
+            generation,
+            reset: self.config.auto_offset_reset,
+            max_wait_ms: self.config.max_wait_ms,
+            max_bytes: self.config.max_bytes,
+            tx: self.tx.clone(),
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = task.run(offset) => {}
+            }
+        });
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The next offset to be yielded, per partition.
+    pub fn positions(&self) -> HashMap<u32, u64> {
+        self.partitions
+            .iter()
+            .map(|(&p, s)| (p, s.position))
+            .collect()
+    }
+
+    /// The last high watermark seen per partition (lag = high watermark − position).
+    pub fn high_watermarks(&self) -> HashMap<u32, u64> {
+        self.partitions
+            .iter()
+            .map(|(&p, s)| (p, s.high_watermark))
+            .collect()
+    }
+
+    /// The next record or skip. Waits (long-polling) until one is available.
+    pub async fn next(&mut self) -> Result<ConsumerEvent> {
+        loop {
+            if let Some((partition, _, event)) = self.buffer.pop_front() {
+                if let Some(state) = self.partitions.get_mut(&partition) {
+                    state.position = match &event {
+                        ConsumerEvent::Record(r) => r.offset + 1,
+                        ConsumerEvent::Skipped { to, .. } => *to,
+                    };
+                }
+                self.maybe_auto_commit().await?;
+                return Ok(event);
+            }
+            let fetched = self.rx.recv().await.ok_or(ClientError::Closed)?;
+            self.accept(fetched)?;
+        }
+    }
+
+    /// Like [`Consumer::next`], but gives up after `timeout` with `None`.
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<ConsumerEvent>> {
+        match tokio::time::timeout(timeout, self.next()).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn accept(&mut self, fetched: Fetched) -> Result<()> {
+        let current = |parts: &HashMap<u32, PartitionState>, p: u32, g: u64| {
+            parts.get(&p).is_some_and(|s| s.generation == g)
+        };
+        match fetched {
+            Fetched::Records {
+                partition,
+                generation,
+                records,
+                high_watermark,
+            } => {
+                if !current(&self.partitions, partition, generation) {
+                    return Ok(());
+                }
+                if let Some(s) = self.partitions.get_mut(&partition) {
+                    s.high_watermark = s.high_watermark.max(high_watermark);
+                }
+                for r in records {
+                    let event = ConsumerEvent::Record(ConsumedRecord {
+                        topic: self.topic.clone(),
+                        partition,
+                        offset: r.offset,
+                        timestamp_ms: r.timestamp_ms,
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                    });
+                    self.buffer.push_back((partition, generation, event));
+                }
+                Ok(())
+            }
+            Fetched::Skipped {
+                partition,
+                generation,
+                from,
+                to,
+                reason,
+            } => {
+                if current(&self.partitions, partition, generation) {
+                    let event = ConsumerEvent::Skipped {
+                        topic: self.topic.clone(),
+                        partition,
+                        from,
+                        to,
+                        reason,
+                    };
+                    self.buffer.push_back((partition, generation, event));
+                }
+                Ok(())
+            }
+            Fetched::Failed {
+                partition,
+                generation,
+                error,
+            } => {
+                if current(&self.partitions, partition, generation) {
+                    Err(error)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    async fn maybe_auto_commit(&mut self) -> Result<()> {
+        if let Some(ms) = self.config.auto_commit_interval_ms {
+            if self.last_commit.elapsed() >= Duration::from_millis(ms) {
+                self.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the positions of every record yielded so far (the group's next offsets).
+    /// Without a group this is an error.
+    pub async fn commit(&mut self) -> Result<()> {
+        let Some(group) = self.config.group.clone() else {
+            return Err(ClientError::Invalid("commit needs a consumer group".into()));
+        };
+        let changed: Vec<(u32, u64)> = self
+            .partitions
+            .iter()
+            .filter(|(p, s)| self.committed.get(p) != Some(&s.position))
+            .map(|(&p, s)| (p, s.position))
+            .collect();
+        self.last_commit = Instant::now();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Admin::new(self.conn.clone())
+            .commit_offsets(&group, &self.topic, &changed)
+            .await?;
+        self.committed.extend(changed);
+        Ok(())
+    }
+
+    /// Moves partition `p` to a new position; records buffered for it are dropped.
+    pub async fn seek(&mut self, partition: u32, to: SeekTo) -> Result<u64> {
+        if !self.partitions.contains_key(&partition) {
+            return Err(ClientError::Invalid(format!(
+                "partition {partition} is not subscribed"
+            )));
+        }
+        let admin = Admin::new(self.conn.clone());
+        let offset = match to {
+            SeekTo::Offset(o) => o,
+            SeekTo::Beginning => {
+                admin
+                    .list_offsets(&self.topic, partition, OffsetQuery::Earliest)
+                    .await?
+                    .offset
+            }
+            SeekTo::End => {
+                admin
+                    .list_offsets(&self.topic, partition, OffsetQuery::Latest)
+                    .await?
+                    .offset
+            }
+            SeekTo::Timestamp(ts) => {
+                admin
+                    .list_offsets(&self.topic, partition, OffsetQuery::Timestamp(ts))
+                    .await?
+                    .offset
+            }
+        };
+        self.start(partition, offset);
+        Ok(offset)
+    }
+}
+
+/// One partition's long-poll loop.
+struct FetchTask {
+    conn: Connection,
+    topic: String,
+    partition: u32,
+    generation: u64,
+    reset: AutoOffsetReset,
+    max_wait_ms: u32,
+    max_bytes: u32,
+    tx: mpsc::Sender<Fetched>,
+}
+
+impl FetchTask {
+    async fn run(self, mut offset: u64) {
+        let mut log = self.conn.log();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let req = pb::FetchRequest {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                offset,
+                max_wait_ms: self.max_wait_ms,
+                max_bytes: self.max_bytes,
+                ..Default::default()
+            };
+            let mut request = tonic::Request::new(req);
+            request.set_timeout(Duration::from_millis(u64::from(self.max_wait_ms) + 10_000));
+            let sent = match log.fetch(request).await {
+                Ok(resp) => {
+                    backoff = Duration::from_millis(50);
+                    let resp = resp.into_inner();
+                    if resp.records.is_empty() {
+                        continue;
+                    }
+                    offset = resp.next_offset;
+                    self.tx
+                        .send(Fetched::Records {
+                            partition: self.partition,
+                            generation: self.generation,
+                            records: resp.records,
+                            high_watermark: resp.high_watermark,
+                        })
+                        .await
+                }
+                Err(status) if status.code() == Code::OutOfRange => {
+                    let query = match self.reset {
+                        AutoOffsetReset::Earliest => OffsetQuery::Earliest,
+                        AutoOffsetReset::Latest => OffsetQuery::Latest,
+                    };
+                    match Admin::new(self.conn.clone())
+                        .list_offsets(&self.topic, self.partition, query)
+                        .await
+                    {
+                        Ok(found) if found.offset != offset => {
+                            let from = offset;
+                            offset = found.offset;
+                            self.tx
+                                .send(Fetched::Skipped {
+                                    partition: self.partition,
+                                    generation: self.generation,
+                                    from,
+                                    to: offset,
+                                    reason: status.message().to_string(),
+                                })
+                                .await
+                        }
+                        Ok(_) | Err(_) => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                            Ok(())
+                        }
+                    }
+                }
+                Err(status) if is_retryable_status(&status) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    Ok(())
+                }
+                Err(status) => {
+                    let error =
+                        ClientError::broker(Some(&self.topic), Some(self.partition), status);
+                    let _ = self
+                        .tx
+                        .send(Fetched::Failed {
+                            partition: self.partition,
+                            generation: self.generation,
+                            error,
+                        })
+                        .await;
+                    return;
+                }
+            };
+            if sent.is_err() {
+                return; // the consumer is gone
+            }
+        }
+    }
+}
