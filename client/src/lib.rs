@@ -8,7 +8,7 @@
 //! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
 //!   offsets with auto-commit, seeks, reported skips.
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
-//! - [`error`]: [`ClientError`].
+//! - [`error`]: [`ClientError`], with the broker status as its source.
 //! - [`cli`]: the `rill` tool's commands (built on the above).
 //!
 //! # Producing

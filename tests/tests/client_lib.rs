@@ -56,7 +56,7 @@ async fn a_restarted_group_consumer_resumes_from_its_last_commit() {
                 }
                 other => panic!("unexpected {other:?}"),
             }
-            if seen.len() % 100 == 0 {
+            if seen.len().is_multiple_of(100) {
                 c.commit().await.expect("commit");
                 since_commit = 0;
             }

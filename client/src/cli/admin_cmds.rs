@@ -81,7 +81,7 @@ fn limit_text(v: Option<i64>, unit: &str) -> String {
 }
 
 fn describe_json(d: &rill_proto::v1::TopicDescription) -> serde_json::Value {
-    let c = d.config.clone().unwrap_or_default();
+    let c = d.config.unwrap_or_default();
     json!({
         "name": d.name,
         "partitions": d.partitions.iter().map(|p| json!({
@@ -108,7 +108,7 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
     if ctx.output == Output::Json {
         return print_json(&describe_json(d));
     }
-    let c = d.config.clone().unwrap_or_default();
+    let c = d.config.unwrap_or_default();
     println!(
         "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}",
         d.name,
