@@ -540,7 +540,7 @@ impl PartitionLog {
             if !result.chunks.is_empty() && remaining == 0 {
                 break;
             }
-            let read = match segment.read(result.next_offset, remaining) {
+            let read = match segment.read(result.next_offset, remaining, high_watermark) {
                 Ok(Some(read)) => read,
                 Ok(None) => continue,
                 Err(e) if result.chunks.is_empty() => return Err(e),

@@ -630,11 +630,23 @@ impl Segment {
 
     /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes`
     /// (at least one batch, however large). `None` when `offset` is past this segment.
-    pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Option<SegmentRead>> {
+    ///
+    /// Batches at or past `end_offset` (the high watermark the caller loaded) are left out:
+    /// a segment publishes a batch an instant before the partition's high watermark moves,
+    /// and a read must never hand out offsets its own high watermark does not cover.
+    pub fn read(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        end_offset: u64,
+    ) -> Result<Option<SegmentRead>> {
         let committed = self.size_bytes();
         let Some(first) = self.locate(offset, committed)? else {
             return Ok(None);
         };
+        if first.header.base_offset >= end_offset {
+            return Ok(None);
+        }
         let mut end = first.position;
         let mut next_offset = first.header.base_offset;
         let limit = first.position.saturating_add(max_bytes as u64);
@@ -656,7 +668,7 @@ impl Segment {
             }
             end += len;
             next_offset = loc.header.next_offset();
-            if end >= committed {
+            if end >= committed || next_offset >= end_offset {
                 break;
             }
             loc = match self.header_at(end, committed, Some(next_offset)) {
