@@ -35,8 +35,8 @@ pub struct Flags {
     /// [default: interval:1000].
     #[arg(long, env = "RILL_DEFAULT_FLUSH")]
     pub default_flush: Option<String>,
-    /// Async worker threads [default: one per core]. Blocking disk work (syncs, opens) runs
-    /// on a separate pool either way.
+    /// Async worker threads [default: one per core but one, at least 1]. Blocking disk work
+    /// (syncs, opens) runs on a separate pool either way.
     #[arg(long, env = "RILL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }

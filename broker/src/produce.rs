@@ -135,27 +135,43 @@ fn encode(records: &[Record], indices: &[usize], now_ms: i64) -> Bytes {
     builder.finish()
 }
 
-/// Appends every batch, waking the partitions' waiting fetches. Appends are short memory
-/// copies; growing or rolling a segment may touch the disk briefly.
-pub fn append(prepared: &Prepared) -> Result<Vec<(u32, AppendInfo)>, BrokerError> {
-    let mut done = Vec::with_capacity(prepared.batches.len());
+/// What [`append`] did: the offsets per partition, and whether fetches were waiting.
+#[derive(Debug)]
+pub struct Appended {
+    /// The offsets given per partition.
+    pub infos: Vec<(u32, AppendInfo)>,
+    /// At least one long-poll fetch was woken.
+    pub woke_fetches: bool,
+}
+
+/// Appends every batch, waking the partitions' waiting fetches. Appends are short copies
+/// into the page cache; growing or rolling a segment may touch the disk briefly.
+pub fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
+    let mut infos = Vec::with_capacity(prepared.batches.len());
+    let mut woke_fetches = false;
     for (p, log, bytes) in &prepared.batches {
         let info = log.append(bytes)?;
-        prepared.topic.notify(*p, info.next_offset);
-        done.push((*p, info));
+        woke_fetches |= prepared.topic.notify(*p, info.next_offset);
+        infos.push((*p, info));
     }
-    Ok(done)
+    Ok(Appended {
+        infos,
+        woke_fetches,
+    })
 }
 
 /// Waits until the appended data is durable when the request or the topic asks for it.
-pub async fn settle(
-    prepared: &Prepared,
-    appended: &[(u32, AppendInfo)],
-) -> Result<(), BrokerError> {
+pub async fn settle(prepared: &Prepared, appended: &Appended) -> Result<(), BrokerError> {
+    if appended.woke_fetches {
+        // Let the woken fetches (queued on this worker) answer their consumers before this
+        // producer's ack is written: end-to-end latency is the consumer's, and the ack only
+        // waits for the few microseconds it takes them to send.
+        tokio::task::yield_now().await;
+    }
     if !prepared.durable {
         return Ok(());
     }
-    for ((_, log, _), (_, info)) in prepared.batches.iter().zip(appended) {
+    for ((_, log, _), (_, info)) in prepared.batches.iter().zip(&appended.infos) {
         let log = log.clone();
         let end = info.next_offset;
         tokio::task::spawn_blocking(move || log.sync_through(end)).await??;
@@ -164,9 +180,10 @@ pub async fn settle(
 }
 
 /// The response for what was appended.
-pub fn response(appended: &[(u32, AppendInfo)]) -> ProduceResponse {
+pub fn response(appended: &Appended) -> ProduceResponse {
     ProduceResponse {
         appends: appended
+            .infos
             .iter()
             .map(|(p, info)| PartitionAppend {
                 partition: *p,

@@ -54,9 +54,14 @@ impl TopicState {
     }
 
     /// Wakes the fetches waiting on partition `p` with its new high watermark.
-    pub fn notify(&self, p: u32, high_watermark: u64) {
-        if let Some(tx) = self.watches.get(p as usize) {
-            tx.send_replace(high_watermark);
+    /// Returns true when at least one fetch was waiting.
+    pub fn notify(&self, p: u32, high_watermark: u64) -> bool {
+        match self.watches.get(p as usize) {
+            Some(tx) => {
+                tx.send_replace(high_watermark);
+                tx.receiver_count() > 0
+            }
+            None => false,
         }
     }
 
