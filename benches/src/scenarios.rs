@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use rill_proto::v1::{self as pb, log_client::LogClient, produce_request::Payload};
 use rill_storage::batch::{self, BatchBuilder};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::report::{hist, now_ns, pace, payload, record, share, Stats};
 
@@ -45,18 +45,14 @@ pub struct Run {
     pub raw_batches: bool,
 }
 
-/// A channel tuned as the Rust client tunes it: no Nagle, 1 MiB HTTP/2 frames (the receiver's
-/// setting counts for fetch responses), large windows.
+/// A Log client on a connection made by the client library (TCP_NODELAY, 1 MiB HTTP/2
+/// frames, large windows), with the message limit raised for big fetches.
 pub async fn connect(url: &str) -> Result<LogClient<Channel>> {
-    let channel = Endpoint::from_shared(url.to_string())?
-        .tcp_nodelay(true)
-        .max_frame_size(1 << 20)
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .connect()
+    let conn = rill_client::Connection::connect(url)
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    Ok(LogClient::new(channel)
+    Ok(conn
+        .log()
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20))
 }
