@@ -76,6 +76,10 @@ struct Flags {
     /// Use a running broker at this address instead of starting one.
     #[arg(long)]
     broker: Option<String>,
+    /// Catch-up only: read the topic a previous run left on `--broker`, without recreating
+    /// or loading it (for profiling the fetch path alone).
+    #[arg(long, requires = "broker")]
+    reuse_topic: bool,
 }
 
 fn flush_policy(s: &str) -> Result<pb::FlushPolicy> {
@@ -194,12 +198,12 @@ async fn main() -> Result<()> {
         raw_batches,
     };
     let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
-    if wants("produce") || wants("catchup") {
+    if (wants("produce") || wants("catchup")) && !flags.reuse_topic {
         create_topic(&url, &run.topic, run.partitions, &flush).await?;
     }
     if wants("produce") {
         bounded(&flags, &shape, "produce", scenarios::produce(&run)).await;
-    } else if wants("catchup") {
+    } else if wants("catchup") && !flags.reuse_topic {
         // Catch-up needs data: load it untimed.
         scenarios::produce(&run).await?;
     }
