@@ -7,7 +7,7 @@
 //! see part of a batch. Sealing syncs the segment and trims the file to its length (never
 //! below it); published bytes are never rewritten, so a [`Bytes`] a reader holds stays valid.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -19,10 +19,10 @@ use parking_lot::Mutex;
 use crate::batch::{self, BatchError, BatchHeader, BatchView};
 use crate::error::{Result, StorageError};
 use crate::fsutil::preallocate;
-use crate::index::{
-    capacity_for, OffsetEntry, OffsetIndex, TimeEntry, TimeIndex, INDEX_INTERVAL_BYTES,
-};
+use crate::index::{OffsetEntry, OffsetIndex, TimeEntry, TimeIndex, INDEX_INTERVAL_BYTES};
 use crate::region::Region;
+
+mod open;
 
 /// The active segment's file grows by this many bytes at a time (or less, up to the segment
 /// size). Small enough that a topic with many partitions does not reserve gigabytes up front.
@@ -103,264 +103,6 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Creates a new, empty active segment with its first chunk preallocated.
-    pub fn create(
-        id: Arc<LogId>,
-        dir: &Path,
-        base_offset: u64,
-        segment_bytes: u64,
-        now_ms: i64,
-    ) -> Result<Segment> {
-        let (log_path, index_path, time_path) = file_names(dir, base_offset);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&log_path)
-            .map_err(|e| StorageError::io("create segment", &log_path, e))?;
-        let first_chunk = PREALLOCATE_CHUNK_BYTES.min(segment_bytes);
-        if let Err(e) = preallocate(&file, 0, first_chunk) {
-            drop(file);
-            // Leave nothing behind: a later attempt creates the file again.
-            let _ = std::fs::remove_file(&log_path);
-            return Err(no_space_or_io(&id, &log_path, "preallocate segment", e));
-        }
-        let capacity = capacity_for(segment_bytes);
-        let offset_index = OffsetIndex::create(&index_path, capacity);
-        let time_index =
-            offset_index.and_then(|oi| TimeIndex::create(&time_path, capacity).map(|ti| (oi, ti)));
-        let (offset_index, time_index) = match time_index {
-            Ok(pair) => pair,
-            Err(e) => {
-                for p in [&log_path, &index_path, &time_path] {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e);
-            }
-        };
-        let region = map_writable(&file, &log_path, segment_bytes)?;
-        Ok(Segment {
-            id,
-            base_offset,
-            log_path,
-            file,
-            region: Arc::new(region),
-            offset_index,
-            time_index,
-            committed_bytes: AtomicU64::new(0),
-            next_offset: AtomicU64::new(base_offset),
-            max_timestamp_ms: AtomicI64::new(i64::MIN),
-            verified_bytes: AtomicU64::new(0),
-            created_ms: now_ms,
-            write: Mutex::new(WriteState {
-                allocated_bytes: first_chunk,
-                capacity_bytes: segment_bytes,
-                bytes_since_index: 0,
-                synced_bytes: 0,
-                trim_unsynced: false,
-            }),
-        })
-    }
-
-    /// Reopens the active segment after a clean shutdown, trusting the marker's figures.
-    #[allow(clippy::too_many_arguments)]
-    pub fn open_active(
-        id: Arc<LogId>,
-        dir: &Path,
-        base_offset: u64,
-        segment_bytes: u64,
-        committed_bytes: u64,
-        offset_entries: usize,
-        time_entries: usize,
-        now_ms: i64,
-    ) -> Result<Segment> {
-        let (log_path, index_path, time_path) = file_names(dir, base_offset);
-        let file = open_rw(&log_path)?;
-        let size = file_len(&file, &log_path)?;
-        if size < committed_bytes {
-            return Err(StorageError::Corrupt {
-                path: log_path,
-                reason: format!(
-                    "file has {size} bytes but the clean-shutdown marker says {committed_bytes}"
-                ),
-            });
-        }
-        let capacity = capacity_for(segment_bytes.max(committed_bytes));
-        let offset_index = OffsetIndex::open_active(&index_path, capacity, offset_entries)?;
-        let time_index = TimeIndex::open_active(&time_path, capacity, time_entries)?;
-        let region = map_writable(&file, &log_path, segment_bytes.max(size))?;
-        let seg = Segment {
-            id,
-            base_offset,
-            log_path,
-            file,
-            region: Arc::new(region),
-            offset_index,
-            time_index,
-            committed_bytes: AtomicU64::new(committed_bytes),
-            next_offset: AtomicU64::new(base_offset),
-            max_timestamp_ms: AtomicI64::new(i64::MIN),
-            verified_bytes: AtomicU64::new(0),
-            created_ms: now_ms,
-            write: Mutex::new(WriteState {
-                allocated_bytes: size,
-                capacity_bytes: segment_bytes.max(committed_bytes),
-                bytes_since_index: 0,
-                synced_bytes: committed_bytes,
-                trim_unsynced: false,
-            }),
-        };
-        seg.load_tail_state()?;
-        Ok(seg)
-    }
-
-    /// Opens a sealed segment read-only. Its indexes are used as they are when they look
-    /// sound, and rebuilt from the log otherwise; the returned flag says whether they were.
-    pub fn open_sealed(id: Arc<LogId>, dir: &Path, base_offset: u64) -> Result<(Segment, bool)> {
-        let (log_path, index_path, time_path) = file_names(dir, base_offset);
-        let file = open_rw(&log_path)?;
-        let size = file_len(&file, &log_path)?;
-        let region = Region::map_read_only(&file, to_usize(size, &log_path)?)
-            .map_err(|e| StorageError::io("map segment", &log_path, e))?;
-        let indexes = match (
-            OffsetIndex::open_sealed(&index_path)?,
-            TimeIndex::open_sealed(&time_path)?,
-        ) {
-            (Some(oi), Some(ti))
-                if oi.is_consistent(size)
-                    && ti.is_consistent(size)
-                    && (size == 0 || !ti.is_empty()) =>
-            {
-                Some((oi, ti))
-            }
-            _ => None,
-        };
-        let rebuilt = indexes.is_none();
-        let (offset_index, time_index) = match indexes {
-            Some(pair) => pair,
-            None => {
-                let capacity = capacity_for(size);
-                (
-                    OffsetIndex::create(&index_path, capacity)?,
-                    TimeIndex::create(&time_path, capacity)?,
-                )
-            }
-        };
-        let seg = Segment {
-            id,
-            base_offset,
-            log_path,
-            file,
-            region: Arc::new(region),
-            offset_index,
-            time_index,
-            committed_bytes: AtomicU64::new(size),
-            next_offset: AtomicU64::new(base_offset),
-            max_timestamp_ms: AtomicI64::new(i64::MIN),
-            verified_bytes: AtomicU64::new(0),
-            created_ms: 0,
-            write: Mutex::new(WriteState {
-                allocated_bytes: size,
-                capacity_bytes: 0,
-                bytes_since_index: 0,
-                synced_bytes: size,
-                trim_unsynced: false,
-            }),
-        };
-        if rebuilt {
-            tracing::warn!(
-                topic = %seg.id.topic, partition = seg.id.partition, segment = ?seg.log_path,
-                "rebuilding missing or damaged indexes of a sealed segment"
-            );
-            seg.rebuild_indexes()?;
-        } else {
-            seg.load_tail_state()?;
-        }
-        Ok((seg, rebuilt))
-    }
-
-    /// Opens a segment for recovery: writable, with fresh indexes, nothing published yet.
-    /// [`Segment::recover_scan`] then validates its batches and publishes the valid prefix.
-    pub fn open_for_recovery(
-        id: Arc<LogId>,
-        dir: &Path,
-        base_offset: u64,
-        segment_bytes: u64,
-        now_ms: i64,
-    ) -> Result<Segment> {
-        let (log_path, index_path, time_path) = file_names(dir, base_offset);
-        let file = open_rw(&log_path)?;
-        let size = file_len(&file, &log_path)?;
-        let capacity_bytes = segment_bytes.max(size);
-        let capacity = capacity_for(capacity_bytes);
-        let region = map_writable(&file, &log_path, capacity_bytes)?;
-        Ok(Segment {
-            id,
-            base_offset,
-            log_path,
-            file,
-            region: Arc::new(region),
-            offset_index: OffsetIndex::create(&index_path, capacity)?,
-            time_index: TimeIndex::create(&time_path, capacity)?,
-            committed_bytes: AtomicU64::new(0),
-            next_offset: AtomicU64::new(base_offset),
-            max_timestamp_ms: AtomicI64::new(i64::MIN),
-            verified_bytes: AtomicU64::new(0),
-            created_ms: now_ms,
-            write: Mutex::new(WriteState {
-                allocated_bytes: size,
-                capacity_bytes,
-                bytes_since_index: 0,
-                synced_bytes: 0,
-                trim_unsynced: false,
-            }),
-        })
-    }
-
-    /// Validates the file's batches from the start: each must have the expected base offset, a
-    /// sane length, and a good checksum and structure. Publishes the valid prefix (rebuilding
-    /// the indexes as it goes) and, if anything follows it, truncates the file there so the
-    /// tail reads as zeros again. Returns `(valid_bytes, damaged_bytes_cut)`.
-    pub fn recover_scan(&self) -> Result<(u64, u64)> {
-        let mut w = self.write.lock();
-        let size = w.allocated_bytes;
-        let mut pos = 0u64;
-        let mut expected = self.base_offset;
-        // SAFETY: nothing is published and nobody else has this segment yet; `[0, size)` is
-        // inside the file.
-        let data = unsafe { self.region.slice(0, to_usize(size, &self.log_path)?) };
-        while pos < size {
-            let rest = &data[pos as usize..];
-            let Ok(view) = BatchView::parse(rest) else {
-                break;
-            };
-            let header = *view.header();
-            if header.base_offset != expected || view.validate().is_err() {
-                break;
-            }
-            let len = header.total_len() as u64;
-            self.note_batch(&mut w, pos, len, &header);
-            pos += len;
-            expected = header.next_offset();
-        }
-        self.publish(pos, expected, pos);
-        w.synced_bytes = 0;
-        // A preallocated tail is zeros: that is the normal end, not damage. Anything else
-        // after the last valid batch is a torn write or garbage, and is cut.
-        let tail_is_zero = data[pos as usize..].iter().all(|&b| b == 0);
-        if pos < size && !tail_is_zero {
-            self.file
-                .set_len(pos)
-                .map_err(|e| StorageError::io("truncate segment", &self.log_path, e))?;
-            self.file
-                .sync_all()
-                .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
-            w.allocated_bytes = pos;
-            return Ok((pos, size - pos));
-        }
-        Ok((pos, 0))
-    }
-
     /// This segment's base offset (the offset of its first record).
     pub fn base_offset(&self) -> u64 {
         self.base_offset
@@ -799,32 +541,6 @@ impl Segment {
         }
         Ok(())
     }
-}
-
-fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| StorageError::io("open segment", path, e))
-}
-
-fn file_len(file: &File, path: &Path) -> Result<u64> {
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(|e| StorageError::io("stat segment", path, e))
-}
-
-fn to_usize(n: u64, path: &Path) -> Result<usize> {
-    usize::try_from(n).map_err(|_| StorageError::Corrupt {
-        path: path.to_path_buf(),
-        reason: format!("size {n} does not fit in memory"),
-    })
-}
-
-fn map_writable(file: &File, path: &Path, len: u64) -> Result<Region> {
-    Region::map_writable(file, to_usize(len, path)?)
-        .map_err(|e| StorageError::io("map segment", path, e))
 }
 
 /// Turns a failed allocation into [`StorageError::NoSpace`] when the disk is full.
