@@ -34,6 +34,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::cursor::Cursor;
+
 /// Bytes in a batch header.
 pub const HEADER_LEN: usize = 64;
 /// Bytes before the part the batch length counts: base offset and length.
@@ -481,34 +483,6 @@ impl<'a> Iterator for Records<'a> {
             self.failed = true;
         }
         Some(r)
-    }
-}
-
-/// A bounds-checked reader over a byte slice.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Some(head)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(b);
-            u64::from_le_bytes(x)
-        })
     }
 }
 

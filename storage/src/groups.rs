@@ -29,6 +29,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::validate_name;
+use crate::cursor::Cursor;
 use crate::error::{Result, StorageError};
 use crate::fsutil::{atomic_write, fsync_dir, remove_leftover_tmp_files};
 use crate::log::now_ms;
@@ -289,7 +290,7 @@ fn decode(bytes: &[u8]) -> std::result::Result<GroupMap, &'static str> {
     if body[4] != VERSION {
         return Err("unsupported version");
     }
-    let mut c = Reader(&body[5..]);
+    let mut c = Cursor(&body[5..]);
     let count = c.u32().ok_or("truncated count")?;
     let mut map = GroupMap::new();
     for _ in 0..count {
@@ -323,33 +324,6 @@ fn decode(bytes: &[u8]) -> std::result::Result<GroupMap, &'static str> {
         return Err("bytes after the last entry");
     }
     Ok(map)
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(b);
-            u64::from_le_bytes(x)
-        })
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! - [`region`]: a shared memory-mapped region; the only module that touches mapping pointers.
 //! - [`recovery`]: opening a partition: the clean-shutdown marker, the recovery point, the scan
 //!   that cuts torn tails, and index rebuilds.
+//! - `cursor`: the bounds-checked little-endian reader every decoder uses.
 //! - [`config`]: topic configuration, flush policies and name rules.
 //! - [`store`]: [`Store`], the data folder: topics with their partitions, created, opened,
 //!   listed and deleted.
@@ -22,6 +23,7 @@
 
 pub mod batch;
 pub mod config;
+mod cursor;
 pub mod error;
 pub mod fsutil;
 pub mod groups;
