@@ -193,127 +193,114 @@ impl EntryFile {
     }
 }
 
-/// The offset index of a segment.
-#[derive(Debug)]
-pub struct OffsetIndex(EntryFile);
+/// A fixed-width index entry: how it is laid out on disk and what order entries keep.
+pub trait Entry: Copy {
+    /// Width in bytes.
+    const LEN: usize;
+    /// Decodes an entry from exactly [`Entry::LEN`] bytes.
+    fn decode(bytes: &[u8]) -> Self;
+    /// Encodes the entry into exactly [`Entry::LEN`] bytes.
+    fn encode(&self, out: &mut [u8]);
+    /// Byte position of the batch the entry points at.
+    fn position(&self) -> u32;
+    /// Whether this entry may follow `prev` in a sound index.
+    fn follows(&self, prev: &Self) -> bool;
+}
 
-impl OffsetIndex {
-    /// Creates an empty, preallocated index for an active segment.
-    pub fn create(path: &Path, capacity: usize) -> Result<Self> {
-        EntryFile::create(path, OFFSET_ENTRY_LEN, capacity).map(OffsetIndex)
-    }
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
 
-    /// Opens an active segment's index with `entries` known-good entries.
-    pub fn open_active(path: &Path, capacity: usize, entries: usize) -> Result<Self> {
-        EntryFile::open_writable(path, OFFSET_ENTRY_LEN, capacity, entries).map(OffsetIndex)
-    }
+impl Entry for OffsetEntry {
+    const LEN: usize = OFFSET_ENTRY_LEN;
 
-    /// Opens a sealed index; `None` when missing or misshapen (it must be rebuilt).
-    pub fn open_sealed(path: &Path) -> Result<Option<Self>> {
-        Ok(EntryFile::open_sealed(path, OFFSET_ENTRY_LEN)?.map(OffsetIndex))
-    }
-
-    /// Number of published entries.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True with no entries.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Entry `i`, which must be below [`OffsetIndex::len`].
-    pub fn get(&self, i: usize) -> OffsetEntry {
-        let e = self.0.entry(i);
+    fn decode(b: &[u8]) -> Self {
         OffsetEntry {
-            relative_offset: u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
-            position: u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+            relative_offset: u32_at(b, 0),
+            position: u32_at(b, 4),
         }
     }
 
-    /// Appends an entry (skipped if the index is full).
-    pub fn push(&self, entry: OffsetEntry) {
-        let mut buf = [0u8; OFFSET_ENTRY_LEN];
-        buf[..4].copy_from_slice(&entry.relative_offset.to_le_bytes());
-        buf[4..].copy_from_slice(&entry.position.to_le_bytes());
-        self.0.push(&buf);
+    fn encode(&self, out: &mut [u8]) {
+        out[..4].copy_from_slice(&self.relative_offset.to_le_bytes());
+        out[4..8].copy_from_slice(&self.position.to_le_bytes());
     }
 
-    /// The byte position to start scanning from for `relative_offset`: the last entry at or
-    /// before it, considering only entries below `max_position` (published log bytes).
-    pub fn lookup(&self, relative_offset: u32, max_position: u64) -> u64 {
-        let n = self.len();
-        // Binary search for the first entry past the target; the one before it is the answer.
-        let (mut lo, mut hi) = (0usize, n);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let e = self.get(mid);
-            if e.relative_offset <= relative_offset && u64::from(e.position) < max_position {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        if lo == 0 {
-            0
-        } else {
-            u64::from(self.get(lo - 1).position)
-        }
+    fn position(&self) -> u32 {
+        self.position
     }
 
-    /// True when the entries are strictly increasing and point inside `log_len` bytes.
-    pub fn is_consistent(&self, log_len: u64) -> bool {
-        let mut prev: Option<OffsetEntry> = None;
-        for i in 0..self.len() {
-            let e = self.get(i);
-            if u64::from(e.position) >= log_len.max(1) {
-                return false;
-            }
-            if let Some(p) = prev {
-                if e.relative_offset <= p.relative_offset || e.position <= p.position {
-                    return false;
-                }
-            }
-            prev = Some(e);
-        }
-        true
-    }
-
-    /// Syncs the entries (and a trim) to stable storage.
-    pub fn sync(&self) -> Result<()> {
-        self.0.sync()
-    }
-
-    /// Trims the file to its entries; the next sync makes it durable.
-    pub fn seal(&self) -> Result<()> {
-        self.0.seal()
+    fn follows(&self, prev: &Self) -> bool {
+        self.relative_offset > prev.relative_offset && self.position > prev.position
     }
 }
 
-/// The time index of a segment.
-#[derive(Debug)]
-pub struct TimeIndex(EntryFile);
+impl Entry for TimeEntry {
+    const LEN: usize = TIME_ENTRY_LEN;
 
-impl TimeIndex {
+    fn decode(b: &[u8]) -> Self {
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&b[..8]);
+        TimeEntry {
+            max_timestamp_ms: i64::from_le_bytes(ts),
+            relative_offset: u32_at(b, 8),
+            position: u32_at(b, 12),
+        }
+    }
+
+    fn encode(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.max_timestamp_ms.to_le_bytes());
+        out[8..12].copy_from_slice(&self.relative_offset.to_le_bytes());
+        out[12..16].copy_from_slice(&self.position.to_le_bytes());
+    }
+
+    fn position(&self) -> u32 {
+        self.position
+    }
+
+    fn follows(&self, prev: &Self) -> bool {
+        self.max_timestamp_ms >= prev.max_timestamp_ms && self.position > prev.position
+    }
+}
+
+/// A memory-mapped index of entries of type `E`.
+#[derive(Debug)]
+pub struct Index<E> {
+    file: EntryFile,
+    _entry: std::marker::PhantomData<E>,
+}
+
+/// The offset index of a segment: relative offset → position.
+pub type OffsetIndex = Index<OffsetEntry>;
+/// The time index of a segment: max timestamp so far → position.
+pub type TimeIndex = Index<TimeEntry>;
+
+impl<E: Entry> Index<E> {
+    fn wrap(file: EntryFile) -> Self {
+        Index {
+            file,
+            _entry: std::marker::PhantomData,
+        }
+    }
+
     /// Creates an empty, preallocated index for an active segment.
     pub fn create(path: &Path, capacity: usize) -> Result<Self> {
-        EntryFile::create(path, TIME_ENTRY_LEN, capacity).map(TimeIndex)
+        EntryFile::create(path, E::LEN, capacity).map(Self::wrap)
     }
 
     /// Opens an active segment's index with `entries` known-good entries.
     pub fn open_active(path: &Path, capacity: usize, entries: usize) -> Result<Self> {
-        EntryFile::open_writable(path, TIME_ENTRY_LEN, capacity, entries).map(TimeIndex)
+        EntryFile::open_writable(path, E::LEN, capacity, entries).map(Self::wrap)
     }
 
     /// Opens a sealed index; `None` when missing or misshapen (it must be rebuilt).
     pub fn open_sealed(path: &Path) -> Result<Option<Self>> {
-        Ok(EntryFile::open_sealed(path, TIME_ENTRY_LEN)?.map(TimeIndex))
+        Ok(EntryFile::open_sealed(path, E::LEN)?.map(Self::wrap))
     }
 
     /// Number of published entries.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.file.len()
     }
 
     /// True with no entries.
@@ -321,65 +308,47 @@ impl TimeIndex {
         self.len() == 0
     }
 
-    /// Entry `i`, which must be below [`TimeIndex::len`].
-    pub fn get(&self, i: usize) -> TimeEntry {
-        let e = self.0.entry(i);
-        let mut ts = [0u8; 8];
-        ts.copy_from_slice(&e[..8]);
-        TimeEntry {
-            max_timestamp_ms: i64::from_le_bytes(ts),
-            relative_offset: u32::from_le_bytes([e[8], e[9], e[10], e[11]]),
-            position: u32::from_le_bytes([e[12], e[13], e[14], e[15]]),
-        }
+    /// Entry `i`, which must be below [`Index::len`].
+    pub fn get(&self, i: usize) -> E {
+        E::decode(self.file.entry(i))
     }
 
     /// The last entry, if any.
-    pub fn last(&self) -> Option<TimeEntry> {
+    pub fn last(&self) -> Option<E> {
         self.len().checked_sub(1).map(|i| self.get(i))
     }
 
     /// Appends an entry (skipped if the index is full).
-    pub fn push(&self, entry: TimeEntry) {
+    pub fn push(&self, entry: E) {
         let mut buf = [0u8; TIME_ENTRY_LEN];
-        buf[..8].copy_from_slice(&entry.max_timestamp_ms.to_le_bytes());
-        buf[8..12].copy_from_slice(&entry.relative_offset.to_le_bytes());
-        buf[12..].copy_from_slice(&entry.position.to_le_bytes());
-        self.0.push(&buf);
+        entry.encode(&mut buf[..E::LEN]);
+        self.file.push(&buf[..E::LEN]);
     }
 
-    /// The byte position to start scanning from for the first record at or after
-    /// `timestamp_ms`: the last entry whose max timestamp is still below it (every record up
-    /// to that batch is older), considering only entries below `max_position`.
-    pub fn lookup(&self, timestamp_ms: i64, max_position: u64) -> u64 {
+    /// The position of the last entry (below `max_position`) for which `before` holds, or 0:
+    /// entries for which `before` holds form a prefix, found by binary search.
+    fn last_position_where(&self, max_position: u64, before: impl Fn(&E) -> bool) -> u64 {
         let (mut lo, mut hi) = (0usize, self.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let e = self.get(mid);
-            if e.max_timestamp_ms < timestamp_ms && u64::from(e.position) < max_position {
+            if before(&e) && u64::from(e.position()) < max_position {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
-        if lo == 0 {
-            0
-        } else {
-            u64::from(self.get(lo - 1).position)
-        }
+        lo.checked_sub(1)
+            .map_or(0, |i| u64::from(self.get(i).position()))
     }
 
-    /// True when timestamps never decrease, positions strictly increase and lie in `log_len`.
+    /// True when entries keep their order and point inside `log_len` bytes.
     pub fn is_consistent(&self, log_len: u64) -> bool {
-        let mut prev: Option<TimeEntry> = None;
+        let mut prev: Option<E> = None;
         for i in 0..self.len() {
             let e = self.get(i);
-            if u64::from(e.position) >= log_len.max(1) {
+            if u64::from(e.position()) >= log_len.max(1) || prev.is_some_and(|p| !e.follows(&p)) {
                 return false;
-            }
-            if let Some(p) = prev {
-                if e.max_timestamp_ms < p.max_timestamp_ms || e.position <= p.position {
-                    return false;
-                }
             }
             prev = Some(e);
         }
@@ -388,11 +357,28 @@ impl TimeIndex {
 
     /// Syncs the entries (and a trim) to stable storage.
     pub fn sync(&self) -> Result<()> {
-        self.0.sync()
+        self.file.sync()
     }
 
     /// Trims the file to its entries; the next sync makes it durable.
     pub fn seal(&self) -> Result<()> {
-        self.0.seal()
+        self.file.seal()
+    }
+}
+
+impl Index<OffsetEntry> {
+    /// The byte position to start scanning from for `relative_offset`: the last entry at or
+    /// before it, considering only entries below `max_position` (published log bytes).
+    pub fn lookup(&self, relative_offset: u32, max_position: u64) -> u64 {
+        self.last_position_where(max_position, |e| e.relative_offset <= relative_offset)
+    }
+}
+
+impl Index<TimeEntry> {
+    /// The byte position to start scanning from for the first record at or after
+    /// `timestamp_ms`: the last entry whose max timestamp is still below it (every record up
+    /// to that batch is older), considering only entries below `max_position`.
+    pub fn lookup(&self, timestamp_ms: i64, max_position: u64) -> u64 {
+        self.last_position_where(max_position, |e| e.max_timestamp_ms < timestamp_ms)
     }
 }

@@ -148,7 +148,7 @@ impl Segment {
             region,
             offset_index,
             time_index,
-            committed_bytes: committed_bytes,
+            committed_bytes,
             created_ms: now_ms,
             allocated_bytes: size,
             capacity_bytes: segment_bytes.max(committed_bytes),
