@@ -361,3 +361,40 @@ pub async fn rill_cli(broker: &str, args: &[&str], stdin: &str) -> Result<(bool,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+/// A protobuf record with an optional key, a value, a timestamp and headers.
+pub fn record(
+    key: Option<&str>,
+    value: &str,
+    ts: Option<i64>,
+    headers: &[(&str, &str)],
+) -> rill_proto::v1::Record {
+    rill_proto::v1::Record {
+        key: key.map(|k| bytes::Bytes::copy_from_slice(k.as_bytes())),
+        value: bytes::Bytes::copy_from_slice(value.as_bytes()),
+        headers: headers
+            .iter()
+            .map(|(k, v)| rill_proto::v1::Header {
+                key: k.to_string(),
+                value: bytes::Bytes::copy_from_slice(v.as_bytes()),
+            })
+            .collect(),
+        timestamp_ms: ts,
+    }
+}
+
+/// A leader-acked produce request of protobuf records.
+pub fn produce_req(
+    topic: &str,
+    partition: Option<u32>,
+    records: Vec<rill_proto::v1::Record>,
+) -> rill_proto::v1::ProduceRequest {
+    rill_proto::v1::ProduceRequest {
+        topic: topic.into(),
+        partition,
+        ack: rill_proto::v1::AckMode::Leader as i32,
+        payload: Some(rill_proto::v1::produce_request::Payload::Records(
+            rill_proto::v1::RecordList { records },
+        )),
+    }
+}
