@@ -196,7 +196,7 @@ impl PartitionLog {
             topic: options.topic.clone(),
             partition: options.partition,
         });
-        let opened = recovery::open_segments(&id, dir, &options, now_ms())?;
+        let opened = recovery::open_segments(&id, dir, options.segment_bytes, now_ms())?;
         let high_watermark = opened.segments.last().map_or(0, |s| s.next_offset());
         Ok(PartitionLog {
             inner: Arc::new(Inner {

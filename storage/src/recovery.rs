@@ -41,7 +41,6 @@ use std::sync::Arc;
 
 use crate::error::{Result, StorageError};
 use crate::fsutil::{atomic_write, fsync_dir, remove_leftover_tmp_files};
-use crate::log::LogOptions;
 use crate::segment::{file_names, LogId, Segment};
 
 /// The clean-shutdown marker's file name.
@@ -242,7 +241,7 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
 pub(crate) fn open_segments(
     id: &Arc<LogId>,
     dir: &Path,
-    options: &LogOptions,
+    segment_bytes: u64,
     now_ms: i64,
 ) -> Result<Opened> {
     if !dir.exists() {
@@ -257,7 +256,7 @@ pub(crate) fn open_segments(
     let Some(&last_base) = bases.last() else {
         // A new partition (or one whose every segment is gone): start empty.
         let _ = fs::remove_file(dir.join(CLEAN_MARKER_FILE));
-        let segment = Segment::create(Arc::clone(id), dir, 0, options.segment_bytes, now_ms)?;
+        let segment = Segment::create(Arc::clone(id), dir, 0, segment_bytes, now_ms)?;
         fsync_dir(dir)?;
         return Ok(Opened {
             segments: vec![Arc::new(segment)],
@@ -270,7 +269,7 @@ pub(crate) fn open_segments(
         .and_then(CleanMarker::decode)
         .filter(|m| m.active_base == last_base);
     if let Some(marker) = marker {
-        match open_clean(id, dir, options, &bases, marker, now_ms, &mut report) {
+        match open_clean(id, dir, segment_bytes, &bases, marker, now_ms, &mut report) {
             Ok(segments) => {
                 report.clean = true;
                 return Ok(Opened { segments, report });
@@ -287,14 +286,14 @@ pub(crate) fn open_segments(
     // Not clean: the marker must go before anything is written, or a later crash would
     // trust it.
     remove_clean_marker(dir)?;
-    let segments = recover(id, dir, options, &bases, now_ms, &mut report)?;
+    let segments = recover(id, dir, segment_bytes, &bases, now_ms, &mut report)?;
     Ok(Opened { segments, report })
 }
 
 fn open_clean(
     id: &Arc<LogId>,
     dir: &Path,
-    options: &LogOptions,
+    segment_bytes: u64,
     bases: &[u64],
     marker: CleanMarker,
     now_ms: i64,
@@ -311,7 +310,7 @@ fn open_clean(
         Arc::clone(id),
         dir,
         marker.active_base,
-        options.segment_bytes,
+        segment_bytes,
         marker.active_bytes,
         to_usize(marker.offset_entries),
         to_usize(marker.time_entries),
@@ -334,7 +333,7 @@ fn open_clean(
 fn recover(
     id: &Arc<LogId>,
     dir: &Path,
-    options: &LogOptions,
+    segment_bytes: u64,
     bases: &[u64],
     now_ms: i64,
     report: &mut RecoveryReport,
@@ -362,13 +361,8 @@ fn recover(
             report.rebuilt_indexes += u32::from(rebuilt);
             segment
         } else {
-            let segment = Segment::open_for_recovery(
-                Arc::clone(id),
-                dir,
-                base,
-                options.segment_bytes,
-                now_ms,
-            )?;
+            let segment =
+                Segment::open_for_recovery(Arc::clone(id), dir, base, segment_bytes, now_ms)?;
             let (valid, cut_bytes) = segment.recover_scan()?;
             report.scanned_bytes += valid;
             report.rebuilt_indexes += 1;
@@ -394,7 +388,7 @@ fn recover(
         segments.push(Arc::new(segment));
     }
     if segments.is_empty() {
-        let segment = Segment::create(Arc::clone(id), dir, 0, options.segment_bytes, now_ms)?;
+        let segment = Segment::create(Arc::clone(id), dir, 0, segment_bytes, now_ms)?;
         fsync_dir(dir)?;
         segments.push(Arc::new(segment));
     }
@@ -414,13 +408,8 @@ fn recover(
         if !last.fits(0) {
             let base = last.base_offset();
             segments.pop();
-            let reopened = Segment::open_for_recovery(
-                Arc::clone(id),
-                dir,
-                base,
-                options.segment_bytes,
-                now_ms,
-            )?;
+            let reopened =
+                Segment::open_for_recovery(Arc::clone(id), dir, base, segment_bytes, now_ms)?;
             reopened.recover_scan()?;
             segments.push(Arc::new(reopened));
         }
