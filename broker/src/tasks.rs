@@ -3,10 +3,11 @@
 //! loop selects on the shutdown token, and runs its blocking storage work on the blocking
 //! pool so the runtime's workers never wait on a disk.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rill_storage::FlushPolicy;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::state::Broker;
 
@@ -24,21 +25,32 @@ pub fn spawn_background(broker: &Broker) {
 async fn flush_loop(broker: Broker) {
     let mut tick = tokio::time::interval(Duration::from_millis(FLUSH_TICK_MS));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut elapsed_ms: u64 = 0;
+    // When each `interval` topic was last flushed. Deleted topics are dropped from it as
+    // they disappear from the broker's list.
+    let mut last_flush: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = broker.shutdown().cancelled() => return,
             _ = tick.tick() => {}
         }
-        elapsed_ms += FLUSH_TICK_MS;
+        let now = Instant::now();
+        let topics = broker.topics();
+        last_flush.retain(|name, _| topics.iter().any(|t| t.name() == name));
         // Partitions whose `interval` flush is due get a full sync; every other partition
         // gets a checkpoint, which syncs only segments sealed since the last one (a no-op
         // without a roll) so crash recovery stays short whatever the flush policy.
         let mut flush = Vec::new();
         let mut checkpoint = Vec::new();
-        for topic in broker.topics() {
+        for topic in &topics {
             let due = match topic.topic.config().flush {
-                FlushPolicy::IntervalMs(ms) => elapsed_ms % ms.max(FLUSH_TICK_MS) < FLUSH_TICK_MS,
+                FlushPolicy::IntervalMs(ms) => {
+                    let last = last_flush.entry(topic.name().to_string()).or_insert(now);
+                    let due = now.duration_since(*last) >= Duration::from_millis(ms);
+                    if due {
+                        *last = now;
+                    }
+                    due
+                }
                 FlushPolicy::Always | FlushPolicy::Never => false,
             };
             let logs = topic.topic.partitions().filter_map(|(_, log)| log.ok());
