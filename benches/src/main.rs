@@ -73,6 +73,10 @@ struct Flags {
     /// Produce encoding: batch (pre-encoded, the Rust client's fast path) or records.
     #[arg(long, default_value = "batch")]
     encoding: String,
+    /// Produce calls: stream (one ProduceStream per producer, each batch acked before the
+    /// next is sent) or unary (one Produce call per batch).
+    #[arg(long, default_value = "stream")]
+    call: String,
     /// Use a running broker at this address instead of starting one.
     #[arg(long)]
     broker: Option<String>,
@@ -161,6 +165,11 @@ async fn main() -> Result<()> {
         "records" => false,
         _ => bail!("--encoding must be batch or records"),
     };
+    let stream = match flags.call.as_str() {
+        "stream" => true,
+        "unary" => false,
+        _ => bail!("--call must be stream or unary"),
+    };
     let flush = flush_policy(&flags.flush)?;
     report::now_ns();
     let own = match &flags.broker {
@@ -196,6 +205,7 @@ async fn main() -> Result<()> {
         e2e_rate: flags.e2e_rate,
         ack,
         raw_batches,
+        stream,
     };
     let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
     if (wants("produce") || wants("catchup")) && !flags.reuse_topic {

@@ -43,6 +43,8 @@ pub struct Run {
     pub ack: pb::AckMode,
     /// Send pre-encoded batches (true) or protobuf records.
     pub raw_batches: bool,
+    /// Produce on one ProduceStream per producer (true) or with unary calls.
+    pub stream: bool,
 }
 
 /// A Log client on a connection made by the client library (TCP_NODELAY, 1 MiB HTTP/2
@@ -106,14 +108,46 @@ pub async fn produce(run: &Run) -> Result<Stats> {
             let partition = i as u32 % run.partitions;
             let mut h = hist();
             let mut sent = 0;
+            // On a stream, each batch is one DATA frame each way instead of a new HTTP/2
+            // call; the producer still waits for each ack before sending the next batch.
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ProduceStreamRequest>(1);
+            let mut acks = if run.stream {
+                Some(
+                    client
+                        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner(),
+                )
+            } else {
+                None
+            };
+            let mut sequence = 0u64;
             while sent < n {
                 let k = run.batch.min(n - sent);
                 let values: Vec<Bytes> = (0..k).map(|_| data.clone()).collect();
                 let t = Instant::now();
-                let resp = client
-                    .produce(request(&run, partition, &values))
-                    .await?
-                    .into_inner();
+                let resp = match acks.as_mut() {
+                    Some(acks) => {
+                        sequence += 1;
+                        tx.send(pb::ProduceStreamRequest {
+                            sequence,
+                            request: Some(request(&run, partition, &values)),
+                        })
+                        .await?;
+                        let ack = acks
+                            .message()
+                            .await?
+                            .ok_or_else(|| anyhow::anyhow!("the produce stream ended"))?;
+                        if let Some(code) = ack.error_code {
+                            bail!("produce failed ({code}): {}", ack.error_message);
+                        }
+                        ack.response.unwrap_or_default()
+                    }
+                    None => client
+                        .produce(request(&run, partition, &values))
+                        .await?
+                        .into_inner(),
+                };
                 record(&mut h, t.elapsed());
                 let written: u32 = resp.appends.iter().map(|a| a.record_count).sum();
                 if u64::from(written) != k {
@@ -136,9 +170,10 @@ pub async fn produce(run: &Run) -> Result<Stats> {
         secs,
         hist: h,
         note: format!(
-            "lat=per-batch ack; acks={:?} encoding={}",
+            "lat=per-batch ack; acks={:?} encoding={} call={}",
             run.ack,
-            if run.raw_batches { "batch" } else { "records" }
+            if run.raw_batches { "batch" } else { "records" },
+            if run.stream { "stream" } else { "unary" }
         ),
     })
 }

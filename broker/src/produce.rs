@@ -160,6 +160,12 @@ pub fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
     })
 }
 
+/// True when the ack must wait: for a sync (durable ack, or a topic flushed `always`), or for
+/// woken fetches to answer first.
+pub fn needs_settle(prepared: &Prepared, appended: &Appended) -> bool {
+    prepared.durable || appended.woke_fetches
+}
+
 /// Waits until the appended data is durable when the request or the topic asks for it.
 pub async fn settle(prepared: &Prepared, appended: &Appended) -> Result<(), BrokerError> {
     if appended.woke_fetches {

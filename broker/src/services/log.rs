@@ -57,10 +57,10 @@ impl Log for LogService {
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let mut inbound = request.into_inner();
         let broker = self.broker.clone();
-        let (ack_tx, mut ack_rx) =
-            mpsc::channel::<oneshot::Receiver<ProduceStreamResponse>>(STREAM_PIPELINE_DEPTH);
+        let (ack_tx, mut ack_rx) = mpsc::channel::<StreamAck>(STREAM_PIPELINE_DEPTH);
         let (out_tx, out_rx) = mpsc::channel(STREAM_PIPELINE_DEPTH);
-        // Reader: appends in order, hands each ack's future to the writer in order.
+        // Reader: appends in order, hands each ack (ready, or waiting on a sync) to the
+        // writer in order.
         let shutdown = broker.shutdown().clone();
         let tasks = broker.tasks().clone();
         tasks.spawn(async move {
@@ -71,43 +71,48 @@ impl Log for LogService {
                 };
                 let Some(Ok(msg)) = msg else { break };
                 let sequence = msg.sequence;
-                let (tx, rx) = oneshot::channel();
-                if ack_tx.send(rx).await.is_err() {
-                    break;
-                }
-                let Some(req) = msg.request else {
-                    let _ = tx.send(stream_error(
+                let ack = match msg.request {
+                    None => StreamAck::Ready(stream_error(
                         sequence,
                         BrokerError::invalid("stream message without a request"),
-                    ));
-                    continue;
+                    )),
+                    Some(req) => match produce::prepare(&broker, req)
+                        .and_then(|p| produce::append(&p).map(|a| (p, a)))
+                    {
+                        Err(e) => StreamAck::Ready(stream_error(sequence, e)),
+                        Ok((prepared, appended))
+                            if !produce::needs_settle(&prepared, &appended) =>
+                        {
+                            StreamAck::Ready(stream_ok(sequence, &appended))
+                        }
+                        Ok((prepared, appended)) => {
+                            let (tx, rx) = oneshot::channel();
+                            tokio::spawn(async move {
+                                let resp = match produce::settle(&prepared, &appended).await {
+                                    Ok(()) => stream_ok(sequence, &appended),
+                                    Err(e) => stream_error(sequence, e),
+                                };
+                                let _ = tx.send(resp);
+                            });
+                            StreamAck::Pending(rx)
+                        }
+                    },
                 };
-                match produce::prepare(&broker, req)
-                    .and_then(|p| produce::append(&p).map(|a| (p, a)))
-                {
-                    Err(e) => {
-                        let _ = tx.send(stream_error(sequence, e));
-                    }
-                    Ok((prepared, appended)) => {
-                        tokio::spawn(async move {
-                            let resp = match produce::settle(&prepared, &appended).await {
-                                Ok(()) => ProduceStreamResponse {
-                                    sequence,
-                                    response: Some(produce::response(&appended)),
-                                    ..Default::default()
-                                },
-                                Err(e) => stream_error(sequence, e),
-                            };
-                            let _ = tx.send(resp);
-                        });
-                    }
+                if ack_tx.send(ack).await.is_err() {
+                    break;
                 }
             }
         });
         // Writer: sends acks strictly in request order.
         self.broker.tasks().spawn(async move {
-            while let Some(rx) = ack_rx.recv().await {
-                let Ok(resp) = rx.await else { break };
+            while let Some(ack) = ack_rx.recv().await {
+                let resp = match ack {
+                    StreamAck::Ready(resp) => resp,
+                    StreamAck::Pending(rx) => match rx.await {
+                        Ok(resp) => resp,
+                        Err(_) => break,
+                    },
+                };
                 if out_tx.send(Ok(resp)).await.is_err() {
                     break;
                 }
@@ -155,6 +160,20 @@ impl Log for LogService {
             log_start_offset: log_start,
             high_watermark,
         }))
+    }
+}
+
+/// One stream request's ack, in request order: ready now, or once its sync completes.
+enum StreamAck {
+    Ready(ProduceStreamResponse),
+    Pending(oneshot::Receiver<ProduceStreamResponse>),
+}
+
+fn stream_ok(sequence: u64, appended: &produce::Appended) -> ProduceStreamResponse {
+    ProduceStreamResponse {
+        sequence,
+        response: Some(produce::response(appended)),
+        ..Default::default()
     }
 }
 
