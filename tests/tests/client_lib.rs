@@ -11,6 +11,16 @@ use rill_client::{
 };
 use rill_tests::{BrokerProcess, TestBroker};
 
+/// A consumer without a group, starting at the first retained record, polling briefly.
+async fn from_earliest(conn: &Connection, topic: &str, partitions: Option<Vec<u32>>) -> Consumer {
+    let config = ConsumerConfig::new()
+        .auto_offset_reset(AutoOffsetReset::Earliest)
+        .max_wait_ms(100);
+    Consumer::subscribe(conn.clone(), config, topic, partitions)
+        .await
+        .expect("subscribe")
+}
+
 async fn produce_n(conn: &Connection, topic: &str, n: u64) {
     let producer = Producer::new(conn.clone(), ProducerConfig::new());
     let mut acks = Vec::new();
@@ -109,16 +119,7 @@ async fn consumer_seeks_and_reports_skipped_data() {
         .await
         .expect("create");
     produce_n(&conn, "short", 10).await;
-    let mut c = Consumer::subscribe(
-        conn.clone(),
-        ConsumerConfig::new()
-            .auto_offset_reset(AutoOffsetReset::Earliest)
-            .max_wait_ms(100),
-        "short",
-        None,
-    )
-    .await
-    .expect("subscribe");
+    let mut c = from_earliest(&conn, "short", None).await;
     assert_eq!(c.seek(0, SeekTo::Offset(7)).await.expect("seek"), 7);
     match c.next().await.expect("next") {
         ConsumerEvent::Record(r) => assert_eq!(r.offset, 7),
@@ -128,16 +129,7 @@ async fn consumer_seeks_and_reports_skipped_data() {
     assert_eq!(c.seek(0, SeekTo::Beginning).await.expect("seek start"), 0);
 
     // Retention deletes the data under the consumer's position: it resets and says so.
-    let mut slow = Consumer::subscribe(
-        conn.clone(),
-        ConsumerConfig::new()
-            .auto_offset_reset(AutoOffsetReset::Earliest)
-            .max_wait_ms(100),
-        "short",
-        None,
-    )
-    .await
-    .expect("subscribe");
+    let mut slow = from_earliest(&conn, "short", None).await;
     slow.seek(0, SeekTo::Offset(0)).await.expect("seek");
     let big = "x".repeat(3000);
     let producer = Producer::new(conn.clone(), ProducerConfig::new());
@@ -156,16 +148,7 @@ async fn consumer_seeks_and_reports_skipped_data() {
     assert!(start > 0, "retention deleted the beginning");
     // A fresh consumer positioned at 0 now finds offset 0 gone.
     drop(slow);
-    let mut late = Consumer::subscribe(
-        conn.clone(),
-        ConsumerConfig::new()
-            .auto_offset_reset(AutoOffsetReset::Earliest)
-            .max_wait_ms(100),
-        "short",
-        None,
-    )
-    .await
-    .expect("subscribe");
+    let mut late = from_earliest(&conn, "short", None).await;
     late.seek(0, SeekTo::Offset(0)).await.expect("seek");
     match late.next().await.expect("next") {
         ConsumerEvent::Skipped {
@@ -244,16 +227,7 @@ async fn a_broker_restart_under_a_producer_loses_no_acked_record() {
         by_partition.entry(*p).or_default().push((*offset, *i));
     }
     for (p, mut entries) in by_partition {
-        let mut c = Consumer::subscribe(
-            conn.clone(),
-            ConsumerConfig::new()
-                .auto_offset_reset(AutoOffsetReset::Earliest)
-                .max_wait_ms(100),
-            "steady",
-            Some(vec![p]),
-        )
-        .await
-        .expect("subscribe");
+        let mut c = from_earliest(&conn, "steady", Some(vec![p])).await;
         let mut stored = BTreeMap::new();
         while let Some(ConsumerEvent::Record(r)) =
             c.next_timeout(Duration::from_secs(1)).await.expect("next")
