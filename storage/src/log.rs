@@ -1,8 +1,8 @@
 //! [`PartitionLog`]: one partition's ordered segments, and everything done to them.
 //!
 //! - **Appends** are serialized by the writer lock (a plain lock: nothing awaits while it is
-//!   held, and appends are short memory copies). The engine assigns offsets, copies the batch
-//!   into the active segment's mapping, updates the indexes, and publishes the new length and
+//!   held, and appends are short memory copies). The engine assigns offsets, writes the batch
+//!   into the active segment (one `pwrite` into the page cache), updates the indexes, and publishes the new length and
 //!   high watermark with release stores.
 //! - **Reads** take no lock: an atomic load of the high watermark and an `Arc` clone of the
 //!   segment list, then zero-copy [`Bytes`] of whole batches.

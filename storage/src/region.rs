@@ -38,7 +38,8 @@ impl Region {
         })
     }
 
-    /// Maps the first `len` bytes of `file` read-only (sealed segments and indexes).
+    /// Maps `len` bytes of `file` read-only (segments; sealed indexes). As for a writable map,
+    /// `len` may exceed the file's size as long as nothing past the end is read.
     pub fn map_read_only(file: &File, len: usize) -> io::Result<Region> {
         if len == 0 {
             return Ok(Region { map: None, len: 0 });

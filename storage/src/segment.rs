@@ -1,11 +1,12 @@
 //! One segment: a log file named by its base offset, with its offset and time indexes.
 //!
 //! The active segment's file grows by preallocated chunks (real blocks, see
-//! [`crate::fsutil::preallocate`]) inside one mapping sized to `segment_bytes`, so an append is a
-//! copy into memory and a full disk is an error before anything is written. Appends publish the
-//! new length with a release store; readers load it and only ever read below it, so they never
-//! see part of a batch. Sealing syncs the segment and trims the file to its length (never
-//! below it); published bytes are never rewritten, so a [`Bytes`] a reader holds stays valid.
+//! [`crate::fsutil::preallocate`]), so a full disk is an error before anything is written. An
+//! append is one `pwrite` into the page cache; readers see the bytes through one read-only
+//! mapping of `segment_bytes`, zero-copy. Appends publish the new length with a release store;
+//! readers load it and only ever read below it, so they never see part of a batch. Sealing
+//! trims the file to its length (never below it) and leaves the sync to the next checkpoint;
+//! published bytes are never rewritten, so a [`Bytes`] a reader holds stays valid.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -96,7 +96,7 @@ impl Segment {
                 return Err(e);
             }
         };
-        let region = map_writable(&file, &log_path, segment_bytes)?;
+        let region = map_log(&file, &log_path, segment_bytes)?;
         Ok(Segment::assemble(Parts {
             id,
             base_offset,
@@ -139,7 +139,7 @@ impl Segment {
         let capacity = capacity_for(segment_bytes.max(committed_bytes));
         let offset_index = OffsetIndex::open_active(&index_path, capacity, offset_entries)?;
         let time_index = TimeIndex::open_active(&time_path, capacity, time_entries)?;
-        let region = map_writable(&file, &log_path, segment_bytes.max(size))?;
+        let region = map_log(&file, &log_path, segment_bytes.max(size))?;
         let seg = Segment::assemble(Parts {
             id,
             base_offset,
@@ -230,7 +230,7 @@ impl Segment {
         let size = file_len(&file, &log_path)?;
         let capacity_bytes = segment_bytes.max(size);
         let capacity = capacity_for(capacity_bytes);
-        let region = map_writable(&file, &log_path, capacity_bytes)?;
+        let region = map_log(&file, &log_path, capacity_bytes)?;
         Ok(Segment::assemble(Parts {
             id,
             base_offset,
@@ -313,7 +313,10 @@ pub(super) fn to_usize(n: u64, path: &Path) -> Result<usize> {
     })
 }
 
-pub(super) fn map_writable(file: &File, path: &Path, len: u64) -> Result<Region> {
-    Region::map_writable(file, to_usize(len, path)?)
+/// Maps `len` bytes of a segment file for reading. Appends go through `pwrite`, so the
+/// mapping is never written; `len` may run past the file's current end (the part past it is
+/// never read before the file has grown and the bytes are published).
+pub(super) fn map_log(file: &File, path: &Path, len: u64) -> Result<Region> {
+    Region::map_read_only(file, to_usize(len, path)?)
         .map_err(|e| StorageError::io("map segment", path, e))
 }
