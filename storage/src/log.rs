@@ -1,9 +1,9 @@
 //! [`PartitionLog`]: one partition's ordered segments, and everything done to them.
 //!
 //! - **Appends** are serialized by the writer lock (a plain lock: nothing awaits while it is
-//!   held, and appends are short memory copies). The engine assigns offsets, writes the batch
-//!   into the active segment (one `pwrite` into the page cache), updates the indexes, and publishes the new length and
-//!   high watermark with release stores.
+//!   held, and appends are short copies into the page cache). The engine assigns offsets,
+//!   writes the batch into the active segment with one `pwrite`, updates the indexes, and
+//!   publishes the new length and high watermark with release stores.
 //! - **Reads** take no lock: an atomic load of the high watermark and an `Arc` clone of the
 //!   segment list, then zero-copy [`Bytes`] of whole batches.
 //! - **Durability**: [`PartitionLog::sync_through`] is a group commit: one sync serves every
