@@ -39,7 +39,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 /// How long this fetch may wait: the request's wish, capped by the server, and ended early
-/// enough (a tenth of the client's deadline, at least 5 ms) that the answer beats the
+/// enough (a tenth of the client's deadline, at least 20 ms) that the answer beats the
 /// client's own timeout.
 pub fn wait_budget(
     max_wait_ms: u32,
@@ -48,7 +48,7 @@ pub fn wait_budget(
 ) -> Duration {
     let mut wait = Duration::from_millis(u64::from(max_wait_ms).min(server_cap_ms));
     if let Some(timeout) = client_timeout {
-        let margin = (timeout / 10).max(Duration::from_millis(5));
+        let margin = (timeout / 10).max(Duration::from_millis(20));
         wait = wait.min(timeout.saturating_sub(margin));
     }
     wait

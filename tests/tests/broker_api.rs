@@ -554,14 +554,14 @@ async fn the_wait_ends_before_the_client_deadline_and_on_disconnect() {
     let broker = TestBroker::start().await.expect("broker");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
     c.create_topic("dl", 1).await.expect("create");
-    // The client allows 400 ms but asks to wait 10 s: the broker answers (empty) in time
+    // The client allows 1 s but asks to wait 10 s: the broker answers (empty) in time
     // instead of letting the call fail with DEADLINE_EXCEEDED.
     let mut req = tonic::Request::new(pb::FetchRequest {
         topic: "dl".into(),
         max_wait_ms: 10_000,
         ..Default::default()
     });
-    req.set_timeout(Duration::from_millis(400));
+    req.set_timeout(Duration::from_secs(1));
     let t = Instant::now();
     let resp = c
         .log
@@ -570,11 +570,7 @@ async fn the_wait_ends_before_the_client_deadline_and_on_disconnect() {
         .expect("answered before the deadline")
         .into_inner();
     assert!(resp.records.is_empty());
-    assert!(
-        t.elapsed() < Duration::from_millis(400),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
     // A client that goes away ends its wait at once.
     let mut waiter = c.clone();
