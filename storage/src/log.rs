@@ -647,9 +647,9 @@ impl PartitionLog {
         }
     }
 
-    /// Closes the partition cleanly: syncs it and writes the clean-shutdown marker, so the
-    /// next open validates nothing. A fenced partition gets no marker (its next open scans).
-    /// Idempotent; appends fail with [`StorageError::Closed`] afterwards.
+    /// Closes the partition cleanly: syncs it, writes the recovery point and then the
+    /// clean-shutdown marker, so the next open validates nothing. A fenced partition gets no
+    /// marker (its next open scans). Idempotent; appends fail with [`StorageError::Closed`] afterwards.
     pub fn close(&self) -> Result<()> {
         let inner = &*self.inner;
         let mut w = inner.writer.lock();
@@ -660,7 +660,12 @@ impl PartitionLog {
         if self.fenced_reason().is_some() {
             return Ok(());
         }
+        // Sync everything and move the recovery point to the active segment, then write the
+        // marker: the next open trusts the marker, and a later crash scans only the active
+        // segment.
+        inner.checkpoint_due.store(true, Ordering::Release);
         self.flush()?;
+        self.checkpoint()?;
         let active = self.active();
         recovery::write_clean_marker(&inner.dir, &active, self.high_watermark())?;
         w.clean_marker_present = true;

@@ -359,3 +359,29 @@ fn retention_by_time_and_size_deletes_exactly_the_right_segments() {
     assert_eq!(log.log_start_offset(), start2);
     assert_eq!(log.high_watermark(), 100);
 }
+
+#[test]
+fn a_clean_close_leaves_a_marker_and_a_recovery_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_log(dir.path(), small_options());
+    for i in 0..60 {
+        log.append(&batch(2, i, 400)).expect("append");
+    }
+    assert!(log.stats().segments > 3, "several segments");
+    log.close().expect("close");
+    drop(log);
+    assert!(dir.path().join("clean-shutdown").exists());
+    assert!(dir.path().join("recovery-point").exists());
+    // Without the marker (as after a crash that followed the clean start), only the active
+    // segment is scanned: the recovery point covers the rest.
+    fs::remove_file(dir.path().join("clean-shutdown")).expect("remove marker");
+    let log = open_log(dir.path(), small_options());
+    let report = log.recovery_report();
+    assert!(!report.clean);
+    assert!(
+        report.scanned_bytes < 16 << 10,
+        "scanned {} bytes",
+        report.scanned_bytes
+    );
+    assert_eq!(log.high_watermark(), 120);
+}
