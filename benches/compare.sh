@@ -24,7 +24,8 @@ done
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" -p rill-broker -p rill-bench
 RAW="$(mktemp /tmp/compare.XXXXXX)"
 cleanup() {
-  pkill -f "rill-bench.*/rill-broker" 2>/dev/null || true
+  # A broker left behind by an interrupted rill-bench (its data folder is named rill-bench.*).
+  pkill -f -- "rill-broker --data-dir [^ ]*rill-bench\\." 2>/dev/null || true
   if [ -z "${COMPARE_OUT:-}" ]; then rm -f "$RAW"; else cp "$RAW" "$COMPARE_OUT"; rm -f "$RAW"; fi
 }
 trap cleanup EXIT
