@@ -1,32 +1,52 @@
 //! [`Store`]: the data folder, with its topics, their partitions, and the group offsets.
 //!
-//! Layout:
-//! - `<data>/topics/<topic>/topic.toml`: the topic's [`TopicConfig`], replaced atomically.
-//! - `<data>/topics/<topic>/<partition>/`: one [`PartitionLog`] folder per partition.
+//! # Layout
+//! - `<data>/topics/<topic>/topic.toml`: the topic's [`TopicConfig`] in TOML, written once
+//!   with [`atomic_write`].
+//! - `<data>/topics/<topic>/<partition>/`: one [`PartitionLog`] folder per partition, named
+//!   by its decimal number; the log owns its contents.
 //! - `<data>/groups/`: the [`GroupStore`].
 //! - `<data>/trash/`: topics being deleted; emptied at open.
 //!
-//! A topic exists once its `topic.toml` does: creation writes it last, so a crash during a
-//! creation leaves a folder without it, which the next open removes. A damaged `topic.toml`
-//! or a partition that cannot be opened never stops the store from opening: the topic is
-//! reported by [`Store::damaged`], or the partition is fenced while the others serve.
+//! # Crash safety
+//! A topic exists once its `topic.toml` does. Creation makes the folders (syncing each
+//! parent), opens the partition logs, and writes `topic.toml` last, so a crash during a
+//! creation leaves a folder without it, which the next open removes. Deletion renames the
+//! topic folder into `trash/` (one atomic step, synced) before removing anything, so a crash
+//! leaves either the whole topic or a trash entry that the next open empties; never a topic
+//! with half its files.
+//!
+//! # Damage is contained
+//! Nothing found on disk stops the store from opening. A `topic.toml` that cannot be read,
+//! parsed or validated is logged and listed by [`Store::damaged`]; its data is left where it
+//! is and its name stays taken. A partition that cannot be opened (or whose folder is
+//! missing) is logged and fenced: [`Topic::partition`] returns [`StorageError::Fenced`] for
+//! it while the topic's other partitions serve.
 
 use std::collections::HashMap;
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::{validate_name, TopicConfig};
 use crate::error::{Result, StorageError};
-use crate::fsutil::{atomic_write, fsync_dir};
+use crate::fsutil::{atomic_write, fsync_dir, remove_leftover_tmp_files};
 use crate::groups::GroupStore;
 use crate::log::{LogOptions, PartitionLog, DEFAULT_MAX_BATCH_BYTES};
 
+/// The name of a topic's config file, inside its folder.
 const TOPIC_FILE: &str = "topic.toml";
+/// The most threads that open partitions at once. Opening is mostly small reads, mappings
+/// and (after a crash) scans, so a few threads beyond the core count keep the disk busy;
+/// many more would only contend.
+const MAX_OPEN_THREADS: usize = 8;
 
-/// How to open a [`Store`].
+/// How to open a [`Store`]: a typed builder.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     data_dir: PathBuf,
@@ -34,7 +54,8 @@ pub struct StoreOptions {
 }
 
 impl StoreOptions {
-    /// Options for the data folder `data_dir`, with defaults otherwise.
+    /// Options for the data folder `data_dir` (created when missing), with every other
+    /// setting at its default.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         StoreOptions {
             data_dir: data_dir.into(),
@@ -42,7 +63,8 @@ impl StoreOptions {
         }
     }
 
-    /// The largest batch a partition accepts, in bytes (default 16 MiB).
+    /// Sets the largest batch a partition accepts for append, in bytes. Default 16 MiB
+    /// ([`DEFAULT_MAX_BATCH_BYTES`]).
     pub fn max_batch_bytes(mut self, max_batch_bytes: usize) -> Self {
         self.max_batch_bytes = max_batch_bytes;
         self
@@ -52,9 +74,18 @@ impl StoreOptions {
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
+
+    /// The largest batch a partition accepts for append, in bytes (set by
+    /// [`StoreOptions::max_batch_bytes`]).
+    pub fn batch_limit_bytes(&self) -> usize {
+        self.max_batch_bytes
+    }
 }
 
-/// A topic: its config and its partitions. Cheap to clone.
+/// A topic: its name, config and partitions. Cheap to clone: a handle around shared state.
+///
+/// A handle stays usable after the topic is deleted, but its partitions are closed then, so
+/// appends to them fail.
 #[derive(Debug, Clone)]
 pub struct Topic {
     inner: Arc<TopicInner>,
@@ -65,7 +96,8 @@ struct TopicInner {
     name: String,
     config: TopicConfig,
     dir: PathBuf,
-    /// Each partition's log, or why it could not be opened.
+    /// One slot per partition, `config.partitions` of them: the log, or why it could not be
+    /// opened (the partition is fenced).
     partitions: Vec<std::result::Result<PartitionLog, String>>,
 }
 
@@ -75,20 +107,28 @@ impl Topic {
         &self.inner.name
     }
 
-    /// The topic's config.
+    /// The topic's config, as created.
     pub fn config(&self) -> &TopicConfig {
         &self.inner.config
     }
 
-    /// The number of partitions.
-    pub fn partition_count(&self) -> u32 {
-        self.inner.partitions.len() as u32
+    /// The topic's folder, `<data>/topics/<name>`.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
     }
 
-    /// Partition `p`'s log: [`StorageError::PartitionNotFound`] past the count, or
-    /// [`StorageError::Fenced`] when it could not be opened.
+    /// The number of partitions, numbered `0..partition_count()`.
+    pub fn partition_count(&self) -> u32 {
+        self.inner.config.partitions
+    }
+
+    /// Partition `p`'s log. [`StorageError::PartitionNotFound`] past the count, and
+    /// [`StorageError::Fenced`] for a partition that could not be opened.
     pub fn partition(&self, p: u32) -> Result<PartitionLog> {
-        match self.inner.partitions.get(p as usize) {
+        let slot = usize::try_from(p)
+            .ok()
+            .and_then(|i| self.inner.partitions.get(i));
+        match slot {
             None => Err(StorageError::PartitionNotFound {
                 topic: self.inner.name.clone(),
                 partition: p,
@@ -103,23 +143,31 @@ impl Topic {
         }
     }
 
-    /// Every partition with its log or the error that fences it.
+    /// Every partition in order, with its log or the [`StorageError::Fenced`] error that
+    /// stands for it.
     pub fn partitions(&self) -> impl Iterator<Item = (u32, Result<PartitionLog>)> + '_ {
         (0..self.partition_count()).map(|p| (p, self.partition(p)))
     }
 
+    /// Closes every open partition (synced, with clean-shutdown markers). Tries them all and
+    /// returns the first error.
     fn close(&self) -> Result<()> {
-        let mut first = None;
+        let mut first_error = None;
         for log in self.inner.partitions.iter().flatten() {
             if let Err(e) = log.close() {
-                first.get_or_insert(e);
+                tracing::error!(topic = %self.inner.name, partition = log.partition(), error = %e, "closing a partition failed");
+                first_error.get_or_insert(e);
             }
         }
-        first.map_or(Ok(()), Err)
+        first_error.map_or(Ok(()), Err)
     }
 }
 
-/// The data folder. Cheap to clone.
+/// The data folder: every topic and the group offsets. Cheap to clone: a handle around
+/// shared state.
+///
+/// Every method blocks on disk I/O (syncs, opens); callers on an async runtime run them on a
+/// blocking pool.
 #[derive(Debug, Clone)]
 pub struct Store {
     inner: Arc<StoreInner>,
@@ -130,66 +178,91 @@ struct StoreInner {
     options: StoreOptions,
     topics_dir: PathBuf,
     trash_dir: PathBuf,
-    /// Name → topic. A plain lock, held only to look up, insert or remove.
+    /// Name → topic: what lookups see. A plain lock, held only to look up, insert or remove
+    /// an entry, never across file I/O, so a slow creation does not block produce and fetch.
     topics: RwLock<HashMap<String, Topic>>,
-    /// Serializes creations and deletions (which do slow, blocking file work) without
-    /// blocking lookups.
+    /// Serializes creations and deletions, which check the map, do slow file work, then
+    /// change the map: two creations of one name must not both pass the check.
     admin: Mutex<()>,
     groups: GroupStore,
-    damaged: Vec<String>,
+    /// Damaged topic configs and group files found at open. Fixed after open.
+    damaged: Vec<(PathBuf, String)>,
 }
 
-fn create_dir(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        fs::create_dir_all(dir).map_err(|e| StorageError::io("create folder", dir, e))?;
-        if let Some(parent) = dir.parent() {
-            fsync_dir(parent)?;
-        }
-    }
-    Ok(())
+/// A topic found at open, before its partitions are opened.
+struct FoundTopic {
+    name: String,
+    dir: PathBuf,
+    config: TopicConfig,
 }
 
 impl Store {
-    /// Opens the data folder (creating it when missing) and every topic in it.
+    /// Opens the data folder (creating its folders when missing, durably), empties the
+    /// trash, loads the group offsets, and opens every topic with its partitions (in
+    /// parallel, on a few threads).
+    ///
+    /// Damage never stops the open (see the module doc): a half-created topic is removed, a
+    /// damaged config is listed by [`Store::damaged`], a partition that fails to open is
+    /// fenced. Only a failure to create or list the folders themselves is an error.
     pub fn open(options: StoreOptions) -> Result<Store> {
-        let data = options.data_dir.clone();
-        let topics_dir = data.join("topics");
-        let trash_dir = data.join("trash");
-        create_dir(&topics_dir)?;
-        create_dir(&trash_dir)?;
-        empty_trash(&trash_dir)?;
-        let groups = GroupStore::open(&data.join("groups"))?;
-        let mut topics = HashMap::new();
-        let mut damaged: Vec<String> = groups.damaged();
-        let entries = fs::read_dir(&topics_dir)
-            .map_err(|e| StorageError::io("list topics", &topics_dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| StorageError::io("list topics", &topics_dir, e))?;
-            let dir = entry.path();
-            let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-                continue;
+        let data_dir = options.data_dir.clone();
+        let topics_dir = data_dir.join("topics");
+        let trash_dir = data_dir.join("trash");
+        create_dir_durable(&topics_dir)?;
+        create_dir_durable(&trash_dir)?;
+        empty_trash(&trash_dir);
+        let groups = GroupStore::open(&data_dir.join("groups"))?;
+        let mut damaged = Vec::new();
+        let found = scan_topics(&topics_dir, &mut damaged)?;
+
+        let jobs: Vec<PartitionJob<'_>> = found
+            .iter()
+            .flat_map(|t| {
+                (0..t.config.partitions).map(move |partition| PartitionJob {
+                    topic: &t.name,
+                    dir: t.dir.join(partition.to_string()),
+                    partition,
+                    config: &t.config,
+                    max_batch_bytes: options.max_batch_bytes,
+                    must_exist: true,
+                })
+            })
+            .collect();
+        let mut opened = open_partitions(&jobs).into_iter();
+        let mut topics = HashMap::with_capacity(found.len());
+        for t in &found {
+            let partitions = (0..t.config.partitions)
+                .map(|partition| match opened.next() {
+                    Some(Ok(log)) => Ok(log),
+                    Some(Err(e)) => {
+                        tracing::error!(
+                            topic = %t.name, partition, error = %e,
+                            "partition fenced: it could not be opened; the topic's other partitions serve"
+                        );
+                        Err(format!("it could not be opened: {e}"))
+                    }
+                    // open_partitions returns one result per job, in order.
+                    None => Err("it was not opened".to_string()),
+                })
+                .collect();
+            let topic = Topic {
+                inner: Arc::new(TopicInner {
+                    name: t.name.clone(),
+                    config: t.config.clone(),
+                    dir: t.dir.clone(),
+                    partitions,
+                }),
             };
-            if validate_name("topic", &name).is_err() || !dir.is_dir() {
-                continue;
-            }
-            let config_path = dir.join(TOPIC_FILE);
-            if !config_path.exists() {
-                tracing::warn!(topic = %name, "removing a topic whose creation never finished");
-                fs::remove_dir_all(&dir).map_err(|e| StorageError::io("remove topic", &dir, e))?;
-                fsync_dir(&topics_dir)?;
-                continue;
-            }
-            match read_config(&config_path, &name) {
-                Ok(config) => {
-                    let topic = open_topic(&name, config, dir, options.max_batch_bytes);
-                    topics.insert(name, topic);
-                }
-                Err(e) => {
-                    tracing::error!(topic = %name, error = %e, "topic config is damaged; topic not served");
-                    damaged.push(format!("topic {name}: {e}"));
-                }
-            }
+            topics.insert(t.name.clone(), topic);
         }
+        drop(jobs);
+        damaged.extend(groups.damaged().iter().cloned());
+        tracing::info!(
+            topics = topics.len(),
+            damaged = damaged.len(),
+            data_dir = ?data_dir,
+            "store opened"
+        );
         Ok(Store {
             inner: Arc::new(StoreInner {
                 options,
@@ -203,63 +276,117 @@ impl Store {
         })
     }
 
-    /// Creates a topic. A bad name or config, or an existing topic, changes nothing.
+    /// Creates topic `name` with `config` and returns it, its partitions open and empty.
+    ///
+    /// [`StorageError::InvalidName`] or [`StorageError::InvalidConfig`] for bad input, and
+    /// [`StorageError::TopicExists`] when the name is taken (also by a damaged topic still
+    /// on disk). Any failure leaves nothing behind. A new topic starts with no committed
+    /// offsets, even if a crash interrupted the deletion of an earlier topic of that name
+    /// before its offsets were dropped.
     pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<Topic> {
         validate_name("topic", name)?;
         config.validate(name)?;
-        let _admin = self.inner.admin.lock();
-        if self.inner.topics.read().contains_key(name) {
-            return Err(StorageError::TopicExists {
+        // Serialize first: a config TOML cannot hold (an integer over i64::MAX) is refused
+        // before anything is created. Reading it back proves the file will load at open.
+        let text = toml::to_string(&config)
+            .ok()
+            .filter(|text| toml::from_str::<TopicConfig>(text).ok().as_ref() == Some(&config))
+            .ok_or_else(|| StorageError::InvalidConfig {
                 topic: name.to_string(),
-            });
+                reason: "the config cannot be stored in topic.toml, whose integers stop at \
+                         9223372036854775807"
+                    .to_string(),
+            })?;
+        let _admin = self.inner.admin.lock();
+        let exists = || StorageError::TopicExists {
+            topic: name.to_string(),
+        };
+        if self.inner.topics.read().contains_key(name) {
+            return Err(exists());
         }
         let dir = self.inner.topics_dir.join(name);
-        if dir.exists() {
-            // A damaged topic still occupies the name.
-            return Err(StorageError::TopicExists {
-                topic: name.to_string(),
-            });
+        match fs::symlink_metadata(&dir) {
+            // A damaged topic (or a leftover nobody could remove) still holds the name.
+            Ok(_) => return Err(exists()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io("check topic folder", &dir, e)),
         }
-        let created = (|| {
-            create_dir(&dir)?;
-            let topic = open_topic(
-                name,
-                config.clone(),
-                dir.clone(),
-                self.inner.options.max_batch_bytes,
-            );
-            if let Some((p, Err(e))) = topic.partitions().find(|(_, r)| r.is_err()) {
-                return Err(StorageError::io(
-                    "create partition",
-                    dir.join(p.to_string()),
-                    std::io::Error::other(e.to_string()),
-                ));
-            }
-            let text = toml::to_string(&config).map_err(|e| StorageError::Corrupt {
-                path: dir.join(TOPIC_FILE),
-                reason: e.to_string(),
-            })?;
-            atomic_write(&dir.join(TOPIC_FILE), text.as_bytes())?;
-            Ok(topic)
-        })();
-        match created {
+        match self.build_topic(name, &config, &dir, &text) {
             Ok(topic) => {
                 self.inner
                     .topics
                     .write()
                     .insert(name.to_string(), topic.clone());
+                tracing::info!(
+                    topic = name,
+                    partitions = config.partitions,
+                    "topic created"
+                );
                 Ok(topic)
             }
             Err(e) => {
-                // Nothing may remain of a failed creation.
-                let _ = fs::remove_dir_all(&dir);
-                let _ = fsync_dir(&self.inner.topics_dir);
+                // Nothing may remain of a failed creation. Without topic.toml, a leftover is
+                // removed at the next open anyway, so a failure here only delays that.
+                if let Err(rm) = fs::remove_dir_all(&dir) {
+                    if rm.kind() != io::ErrorKind::NotFound {
+                        tracing::error!(topic = name, error = %rm, "cannot remove a failed creation; the next open will");
+                    }
+                }
+                if let Err(sync) = fsync_dir(&self.inner.topics_dir) {
+                    tracing::warn!(error = %sync, "cannot sync the topics folder");
+                }
                 Err(e)
             }
         }
     }
 
-    /// The topic `name`.
+    /// The crash-safe steps of a creation; the caller removes `dir` if this fails.
+    fn build_topic(
+        &self,
+        name: &str,
+        config: &TopicConfig,
+        dir: &Path,
+        text: &str,
+    ) -> Result<Topic> {
+        fs::create_dir(dir).map_err(|e| StorageError::io("create topic folder", dir, e))?;
+        fsync_dir(&self.inner.topics_dir)?;
+        let jobs: Vec<PartitionJob<'_>> = (0..config.partitions)
+            .map(|partition| PartitionJob {
+                topic: name,
+                dir: dir.join(partition.to_string()),
+                partition,
+                config,
+                max_batch_bytes: self.inner.options.max_batch_bytes,
+                must_exist: false,
+            })
+            .collect();
+        for job in &jobs {
+            fs::create_dir(&job.dir)
+                .map_err(|e| StorageError::io("create partition folder", &job.dir, e))?;
+        }
+        fsync_dir(dir)?;
+        // On an error the logs opened so far are dropped unclosed: they hold no data yet,
+        // and the caller removes their folders.
+        let partitions = open_partitions(&jobs)
+            .into_iter()
+            .map(|r| r.map(Ok))
+            .collect::<Result<Vec<_>>>()?;
+        // Offsets left by an earlier topic of this name (a deletion cut short by a crash)
+        // must not apply to this one.
+        self.inner.groups.delete_topic(name)?;
+        // Last: from here on the topic exists.
+        atomic_write(&dir.join(TOPIC_FILE), text.as_bytes())?;
+        Ok(Topic {
+            inner: Arc::new(TopicInner {
+                name: name.to_string(),
+                config: config.clone(),
+                dir: dir.to_path_buf(),
+                partitions,
+            }),
+        })
+    }
+
+    /// The topic `name`, or [`StorageError::TopicNotFound`].
     pub fn topic(&self, name: &str) -> Result<Topic> {
         self.inner
             .topics
@@ -274,11 +401,16 @@ impl Store {
     /// Every topic, sorted by name.
     pub fn topics(&self) -> Vec<Topic> {
         let mut all: Vec<Topic> = self.inner.topics.read().values().cloned().collect();
-        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all.sort_unstable_by(|a, b| a.name().cmp(b.name()));
         all
     }
 
-    /// Deletes a topic, its data and its committed offsets.
+    /// Deletes topic `name`: its partitions, its data and every group's committed offsets
+    /// for it. [`StorageError::TopicNotFound`] when there is no such topic.
+    ///
+    /// Lookups see [`StorageError::TopicNotFound`] from the start. The deletion is durable
+    /// once the folder has moved into the trash; a crash after that finishes it at the next
+    /// open. If the move fails, the topic is reopened and stays.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         validate_name("topic", name)?;
         let _admin = self.inner.admin.lock();
@@ -290,23 +422,63 @@ impl Store {
                 .ok_or_else(|| StorageError::TopicNotFound {
                     topic: name.to_string(),
                 })?;
-        // Close first so nothing appends to files about to move; readers holding mapped
-        // bytes keep them (the mappings outlive the files).
-        let _ = topic.close();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        // Close first, so nothing appends to files about to move. Readers holding mapped
+        // bytes keep them: a mapping outlives its file.
+        if let Err(e) = topic.close() {
+            tracing::warn!(topic = name, error = %e, "deleting a topic whose partitions did not close cleanly");
+        }
+        let unix_nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let trashed = self.inner.trash_dir.join(format!("{name}-{nanos}"));
-        fs::rename(&topic.inner.dir, &trashed)
-            .map_err(|e| StorageError::io("move topic to trash", &topic.inner.dir, e))?;
+        let trashed = self.inner.trash_dir.join(format!("{name}-{unix_nanos}"));
+        if let Err(e) = fs::rename(topic.dir(), &trashed) {
+            // Nothing moved: put the topic back as it is on disk.
+            tracing::error!(topic = name, error = %e, "cannot move a topic to the trash; it stays");
+            let reopened = self.reopen(&topic);
+            self.inner.topics.write().insert(name.to_string(), reopened);
+            return Err(StorageError::io("move topic to trash", topic.dir(), e));
+        }
+        // Both folders must be synced before anything is removed: otherwise a power loss
+        // could bring back the topic folder with some of its files gone.
         fsync_dir(&self.inner.topics_dir)?;
         fsync_dir(&self.inner.trash_dir)?;
+        if let Err(e) = fs::remove_dir_all(&trashed) {
+            // The topic is gone already; the next open empties the trash.
+            tracing::warn!(path = ?trashed, error = %e, "cannot empty a deleted topic from the trash");
+        }
         self.inner.groups.delete_topic(name)?;
-        fs::remove_dir_all(&trashed).map_err(|e| StorageError::io("remove topic", &trashed, e))?;
+        tracing::info!(topic = name, "topic deleted");
         Ok(())
     }
 
-    /// The group offsets.
+    /// Reopens a topic whose partitions were closed, from its folder.
+    fn reopen(&self, topic: &Topic) -> Topic {
+        let config = topic.config();
+        let jobs: Vec<PartitionJob<'_>> = (0..config.partitions)
+            .map(|partition| PartitionJob {
+                topic: topic.name(),
+                dir: topic.dir().join(partition.to_string()),
+                partition,
+                config,
+                max_batch_bytes: self.inner.options.max_batch_bytes,
+                must_exist: true,
+            })
+            .collect();
+        let partitions = open_partitions(&jobs)
+            .into_iter()
+            .map(|r| r.map_err(|e| format!("it could not be reopened: {e}")))
+            .collect();
+        Topic {
+            inner: Arc::new(TopicInner {
+                name: topic.name().to_string(),
+                config: config.clone(),
+                dir: topic.dir().to_path_buf(),
+                partitions,
+            }),
+        }
+    }
+
+    /// The committed offsets of every consumer group.
     pub fn groups(&self) -> &GroupStore {
         &self.inner.groups
     }
@@ -321,91 +493,251 @@ impl Store {
         &self.inner.options
     }
 
-    /// Topics and group files found damaged at open, with the reasons.
-    pub fn damaged(&self) -> &[String] {
+    /// What was found damaged at open and is not served: topic configs (the path of the
+    /// `topic.toml` or topic folder) and group offset files (where the damaged bytes were
+    /// moved), each with the reason.
+    pub fn damaged(&self) -> &[(PathBuf, String)] {
         &self.inner.damaged
     }
 
-    /// Closes every partition cleanly (synced, with clean-shutdown markers). Tries them all;
-    /// returns the first error.
+    /// Closes every partition cleanly (synced, with clean-shutdown markers), so the next
+    /// open validates nothing. Tries them all and returns the first error.
     pub fn close(&self) -> Result<()> {
-        let mut first = None;
+        let mut first_error = None;
         for topic in self.topics() {
             if let Err(e) = topic.close() {
-                first.get_or_insert(e);
+                first_error.get_or_insert(e);
             }
         }
-        first.map_or(Ok(()), Err)
+        first_error.map_or(Ok(()), Err)
     }
 }
 
-fn read_config(path: &Path, name: &str) -> Result<TopicConfig> {
-    let text =
-        fs::read_to_string(path).map_err(|e| StorageError::io("read topic config", path, e))?;
-    let config: TopicConfig = toml::from_str(&text).map_err(|e| StorageError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    config.validate(name)?;
-    Ok(config)
-}
-
-/// Opens every partition of a topic, in parallel: a partition's open may scan its log.
-/// A partition that fails is kept as its error, so the others serve.
-fn open_topic(name: &str, config: TopicConfig, dir: PathBuf, max_batch_bytes: usize) -> Topic {
-    let count = config.partitions as usize;
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(count)
-        .max(1);
-    let mut slots: Vec<Option<std::result::Result<PartitionLog, String>>> =
-        (0..count).map(|_| None).collect();
-    std::thread::scope(|s| {
-        let chunks: Vec<_> = slots
-            .chunks_mut(count.div_ceil(threads))
-            .enumerate()
-            .collect();
-        let chunk_len = count.div_ceil(threads);
-        for (i, chunk) in chunks {
-            let (config, dir) = (&config, &dir);
-            s.spawn(move || {
-                for (j, slot) in chunk.iter_mut().enumerate() {
-                    let p = (i * chunk_len + j) as u32;
-                    let options = LogOptions::new(name, p, config).max_batch_bytes(max_batch_bytes);
-                    let result = PartitionLog::open(&dir.join(p.to_string()), options).map_err(|e| {
-                        tracing::error!(topic = name, partition = p, error = %e, "partition fenced: it could not be opened");
-                        e.to_string()
-                    });
-                    *slot = Some(result);
-                }
-            });
+/// Creates `dir` and any missing ancestors, syncing each new folder's parent so the new
+/// entries survive a power loss. Does nothing when `dir` exists.
+pub(crate) fn create_dir_durable(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut current = dir;
+    loop {
+        match fs::symlink_metadata(current) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(current),
+            Err(e) => return Err(StorageError::io("check folder", current, e)),
         }
-    });
-    let partitions = slots
-        .into_iter()
-        .map(|s| s.unwrap_or_else(|| Err("partition was not opened".to_string())))
-        .collect();
-    Topic {
-        inner: Arc::new(TopicInner {
-            name: name.to_string(),
-            config,
-            dir,
-            partitions,
-        }),
+        match current.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => current = parent,
+            _ => break,
+        }
     }
+    for new in missing.into_iter().rev() {
+        match fs::create_dir(new) {
+            Ok(()) => {}
+            // Another process or thread made it meanwhile: fine, it exists.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StorageError::io("create folder", new, e)),
+        }
+        let parent = new
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fsync_dir(parent)?;
+    }
+    Ok(())
 }
 
-fn empty_trash(trash: &Path) -> Result<()> {
-    let entries = fs::read_dir(trash).map_err(|e| StorageError::io("list trash", trash, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| StorageError::io("list trash", trash, e))?;
+/// Removes everything in the trash: deletions a crash interrupted. Best effort: leftovers
+/// only take space, so a failure is logged and the open goes on.
+fn empty_trash(trash: &Path) {
+    let entries = match fs::read_dir(trash) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::error!(path = ?trash, error = %e, "cannot list the trash");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
         let path = entry.path();
-        let result = if path.is_dir() {
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let removed = if is_dir {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
         };
-        result.map_err(|e| StorageError::io("empty trash", &path, e))?;
+        match removed {
+            Ok(()) => tracing::info!(path = ?path, "finished an interrupted topic deletion"),
+            Err(e) => tracing::error!(path = ?path, error = %e, "cannot empty the trash"),
+        }
     }
-    Ok(())
 }
+
+/// Lists the topics in `topics_dir` with their configs. Removes creations a crash
+/// interrupted; records damaged configs in `damaged` and skips them. Fails only when the
+/// folder cannot be listed.
+fn scan_topics(topics_dir: &Path, damaged: &mut Vec<(PathBuf, String)>) -> Result<Vec<FoundTopic>> {
+    let mut found = Vec::new();
+    let mut removed_any = false;
+    let entries =
+        fs::read_dir(topics_dir).map_err(|e| StorageError::io("list topics", topics_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StorageError::io("list topics", topics_dir, e))?;
+        let dir = entry.path();
+        let name = match entry.file_name().into_string() {
+            Ok(name) if validate_name("topic", &name).is_ok() => name,
+            _ => {
+                tracing::warn!(path = ?dir, "ignoring an entry that is not a valid topic name");
+                continue;
+            }
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            tracing::warn!(path = ?dir, "ignoring an entry of the topics folder that is not a folder");
+            continue;
+        }
+        let config_path = dir.join(TOPIC_FILE);
+        match fs::symlink_metadata(&config_path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(topic = %name, "removing a topic whose creation never finished");
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => removed_any = true,
+                    Err(e) => {
+                        tracing::error!(topic = %name, error = %e, "cannot remove an unfinished topic creation");
+                        damaged.push((dir, format!("unfinished creation, cannot remove it: {e}")));
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                // Never delete on a failed check: the topic may well exist.
+                tracing::error!(topic = %name, error = %e, "cannot check a topic's config; topic not served");
+                damaged.push((config_path, format!("cannot check it: {e}")));
+                continue;
+            }
+        }
+        match read_config(&config_path, &name) {
+            Ok(config) => {
+                // atomic_write never leaves one after success, but a temp file is never
+                // needed, so clearing it is always safe.
+                if let Err(e) = remove_leftover_tmp_files(&dir) {
+                    tracing::warn!(topic = %name, error = %e, "cannot remove a leftover temp file");
+                }
+                found.push(FoundTopic { name, dir, config });
+            }
+            Err(reason) => {
+                tracing::error!(
+                    topic = %name, path = ?config_path, reason = %reason,
+                    "damaged topic config; the topic is not served and its data is kept"
+                );
+                damaged.push((config_path, reason));
+            }
+        }
+    }
+    if removed_any {
+        fsync_dir(topics_dir)?;
+    }
+    Ok(found)
+}
+
+/// Reads, parses and validates a topic config; the error is the reason.
+fn read_config(path: &Path, name: &str) -> std::result::Result<TopicConfig, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let config: TopicConfig = toml::from_str(&text).map_err(|e| format!("cannot parse it: {e}"))?;
+    config
+        .validate(name)
+        .map_err(|e| format!("invalid config: {e}"))?;
+    Ok(config)
+}
+
+/// One partition to open.
+struct PartitionJob<'a> {
+    topic: &'a str,
+    dir: PathBuf,
+    partition: u32,
+    config: &'a TopicConfig,
+    max_batch_bytes: usize,
+    /// The folder must be there already. True for a topic that exists: its folders were
+    /// made before its `topic.toml`, so a missing one was lost, and recreating it empty
+    /// would silently restart the partition's offsets at zero.
+    must_exist: bool,
+}
+
+impl PartitionJob<'_> {
+    fn open(&self) -> Result<PartitionLog> {
+        if self.must_exist {
+            let is_dir = fs::symlink_metadata(&self.dir)
+                .map_err(|e| StorageError::io("check partition folder", &self.dir, e))?
+                .is_dir();
+            if !is_dir {
+                return Err(StorageError::io(
+                    "open partition",
+                    &self.dir,
+                    io::Error::other("not a folder"),
+                ));
+            }
+        }
+        let options = LogOptions::new(self.topic, self.partition, self.config)
+            .max_batch_bytes(self.max_batch_bytes);
+        PartitionLog::open(&self.dir, options)
+    }
+}
+
+/// Opens every job's partition, in parallel on a few threads (an open may scan a log after
+/// a crash, and a broker may have thousands of partitions). Returns one result per job, in
+/// order. The calling thread works too, so this works even if no thread can be spawned.
+fn open_partitions(jobs: &[PartitionJob<'_>]) -> Vec<Result<PartitionLog>> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = (cores * 2).clamp(1, MAX_OPEN_THREADS).min(jobs.len());
+    if threads <= 1 {
+        return jobs.iter().map(PartitionJob::open).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(job) = jobs.get(i) else { break };
+            done.push((i, job.open()));
+        }
+        done
+    };
+    let mut slots: Vec<Option<Result<PartitionLog>>> = jobs.iter().map(|_| None).collect();
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("rill-open".to_string())
+                    .spawn_scoped(s, work)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot start a partition-open thread"))
+                    .ok()
+            })
+            .collect();
+        let mut results = work();
+        for helper in helpers {
+            match helper.join() {
+                Ok(done) => results.extend(done),
+                // A panic in an open is a bug: let it surface as one.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        for (i, result) in results {
+            if let Some(slot) = slots.get_mut(i) {
+                *slot = Some(result);
+            }
+        }
+    });
+    jobs.iter()
+        .zip(slots)
+        .map(|(job, slot)| {
+            // Every index below jobs.len() was taken by exactly one worker.
+            slot.unwrap_or_else(|| {
+                Err(StorageError::io(
+                    "open partition",
+                    &job.dir,
+                    io::Error::other("no thread opened it"),
+                ))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

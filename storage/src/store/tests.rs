@@ -1,0 +1,82 @@
+//! Tests of the store that need its private parts (failure injection, the open pool).
+
+use super::*;
+use crate::fsutil::inject;
+
+#[test]
+fn a_creation_that_fails_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("open");
+    // One partition opens on this thread, where the injected failure applies: the
+    // segment's preallocation fails as on a full disk.
+    inject::fail_preallocate_after(Some(0));
+    let err = store
+        .create_topic("t", TopicConfig::default())
+        .expect_err("the disk is full");
+    inject::fail_preallocate_after(None);
+    assert!(err.is_no_space(), "the original error is kept: {err:?}");
+    assert_eq!(
+        fs::read_dir(dir.path().join("topics")).expect("ls").count(),
+        0
+    );
+    assert!(matches!(
+        store.topic("t"),
+        Err(StorageError::TopicNotFound { .. })
+    ));
+    store
+        .create_topic("t", TopicConfig::default())
+        .expect("the name is free");
+}
+
+#[test]
+fn an_unstorable_config_is_refused_before_anything_is_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("open");
+    let err = store
+        .create_topic("t", TopicConfig::default().segment_ms(u64::MAX))
+        .expect_err("TOML integers stop at i64::MAX");
+    assert!(matches!(err, StorageError::InvalidConfig { .. }), "{err:?}");
+    assert_eq!(
+        fs::read_dir(dir.path().join("topics")).expect("ls").count(),
+        0
+    );
+}
+
+#[test]
+fn folders_are_created_with_missing_ancestors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deep = dir.path().join("a/b/c");
+    create_dir_durable(&deep).expect("create");
+    assert!(deep.is_dir());
+    create_dir_durable(&deep).expect("exists already");
+    fs::write(dir.path().join("file"), b"x").expect("write");
+    assert!(create_dir_durable(&dir.path().join("file/sub")).is_err());
+}
+
+#[test]
+fn parallel_open_returns_results_in_job_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TopicConfig::default();
+    let jobs: Vec<PartitionJob<'_>> = (0..20)
+        .map(|partition| PartitionJob {
+            topic: "t",
+            dir: dir.path().join(partition.to_string()),
+            partition,
+            config: &config,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            // Odd partitions have no folder, so they fail.
+            must_exist: partition % 2 == 1,
+        })
+        .collect();
+    let results = open_partitions(&jobs);
+    assert_eq!(results.len(), 20);
+    for (p, result) in (0u32..).zip(&results) {
+        match result {
+            Ok(log) => {
+                assert_eq!(p % 2, 0);
+                assert_eq!(log.partition(), p);
+            }
+            Err(_) => assert_eq!(p % 2, 1),
+        }
+    }
+}
