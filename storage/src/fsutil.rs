@@ -126,6 +126,38 @@ pub fn remove_leftover_tmp_files(dir: &Path) -> Result<()> {
 
 /// Test-only failure injection for [`preallocate`], per thread (so parallel tests don't see
 /// each other's failures). Used where a real full filesystem cannot be mounted.
+/// Creates `dir` and any missing ancestors, syncing each new folder's parent so the new
+/// entries survive a power loss. Does nothing when `dir` exists.
+pub fn create_dir_durable(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut current = dir;
+    loop {
+        match fs::symlink_metadata(current) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(current),
+            Err(e) => return Err(StorageError::io("check folder", current, e)),
+        }
+        match current.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => current = parent,
+            _ => break,
+        }
+    }
+    for new in missing.into_iter().rev() {
+        match fs::create_dir(new) {
+            Ok(()) => {}
+            // Another process or thread made it meanwhile: fine, it exists.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StorageError::io("create folder", new, e)),
+        }
+        let parent = new
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod inject {
     use std::cell::Cell;

@@ -42,9 +42,9 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::validate_name;
 use crate::cursor::Cursor;
 use crate::error::{Result, StorageError};
+use crate::fsutil::create_dir_durable;
 use crate::fsutil::{atomic_write, fsync_dir, remove_leftover_tmp_files};
 use crate::log::now_ms;
-use crate::store::create_dir_durable;
 
 /// The longest metadata string a commit may carry, in bytes.
 pub const MAX_METADATA_BYTES: usize = 4096;

@@ -35,7 +35,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::{validate_name, TopicConfig};
 use crate::error::{Result, StorageError};
-use crate::fsutil::{atomic_write, fsync_dir, remove_leftover_tmp_files};
+use crate::fsutil::{atomic_write, create_dir_durable, fsync_dir, remove_leftover_tmp_files};
 use crate::groups::GroupStore;
 use crate::log::{LogOptions, PartitionLog, DEFAULT_MAX_BATCH_BYTES};
 
@@ -511,38 +511,6 @@ impl Store {
         }
         first_error.map_or(Ok(()), Err)
     }
-}
-
-/// Creates `dir` and any missing ancestors, syncing each new folder's parent so the new
-/// entries survive a power loss. Does nothing when `dir` exists.
-pub(crate) fn create_dir_durable(dir: &Path) -> Result<()> {
-    let mut missing = Vec::new();
-    let mut current = dir;
-    loop {
-        match fs::symlink_metadata(current) {
-            Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(current),
-            Err(e) => return Err(StorageError::io("check folder", current, e)),
-        }
-        match current.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => current = parent,
-            _ => break,
-        }
-    }
-    for new in missing.into_iter().rev() {
-        match fs::create_dir(new) {
-            Ok(()) => {}
-            // Another process or thread made it meanwhile: fine, it exists.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(StorageError::io("create folder", new, e)),
-        }
-        let parent = new
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        fsync_dir(parent)?;
-    }
-    Ok(())
 }
 
 /// Removes everything in the trash: deletions a crash interrupted. Best effort: leftovers
