@@ -14,6 +14,10 @@
 //!
 //! `main.rs` only loads the config and calls [`run`] with a shutdown token.
 
+// No `unwrap` outside tests: input and I/O failures are typed errors, and `expect("why")`
+// marks the few places that are provably unreachable.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -1,5 +1,7 @@
 //! `rill-broker`: parses the config and runs the broker until SIGINT or SIGTERM.
 
+#![deny(clippy::unwrap_used)]
+
 use anyhow::{Context, Result};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;

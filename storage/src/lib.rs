@@ -21,6 +21,10 @@
 //! - [`fsutil`]: crash-safe file helpers (atomic replace, folder fsync, preallocation).
 //! - [`error`]: [`StorageError`], the one error type of this crate.
 
+// No `unwrap` outside tests: input and I/O failures are typed errors, and `expect("why")`
+// marks the few places that are provably unreachable.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod batch;
 pub mod config;
 mod cursor;
