@@ -179,7 +179,7 @@ async fn main() -> Result<()> {
     let url = match (&flags.broker, &own) {
         (Some(addr), _) if addr.starts_with("http") => addr.clone(),
         (Some(addr), _) => format!("http://{addr}"),
-        (None, Some(b)) => format!("http://{}", b.addr),
+        (None, Some(b)) => format!("http://{}", b.addr()),
         (None, None) => unreachable!("a broker was started when none was given"),
     };
     if flags.header {

@@ -4,16 +4,23 @@
 //! Every broker a test starts is stopped by the test's own handle: [`TestBroker`] cancels
 //! and awaits its server on [`TestBroker::stop`] (and cancels on drop); [`BrokerProcess`]
 //! kills and reaps its child on drop. Data folders are temp folders removed on drop.
+//!
+//! # The map
+//! - [`TestBroker`]: a broker inside the test process (the `rill-broker` library).
+//! - [`BrokerProcess`], [`binary_path`], [`SIGKILL`], [`SIGTERM`]: the real binary as a child
+//!   process; re-exported from `rill-testkit`, which `rill-bench` shares.
+//! - [`Clients`]: the raw generated gRPC clients, for tests of the wire contract.
+//! - [`rill_cli`]: the real `rill` CLI.
+//! - [`record`], [`produce_req`]: request builders.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -95,150 +102,9 @@ impl Drop for TestBroker {
     }
 }
 
-/// The path of a binary of this workspace (`rill-broker` from package `rill-broker`, `rill`
-/// from `rill-client`), built on demand: `cargo test` builds only the test targets of other
-/// packages, so the first test that needs a binary builds it with the same cargo and profile.
-pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let exe = std::env::current_exe()?;
-    let mut dir = exe
-        .parent()
-        .context("test binary has no folder")?
-        .to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
-    if release {
-        cmd.arg("--release");
-    }
-    // Always ask cargo: it is a no-op when the binary is fresh, and rebuilds a stale one.
-    let status = cmd.status().context("running cargo build")?;
-    if !status.success() || !path.exists() {
-        bail!("could not build {} ({status})", path.display());
-    }
-    Ok(path)
-}
-
-/// The real `rill-broker` binary, running as a child process.
-pub struct BrokerProcess {
-    child: Child,
-    addr: SocketAddr,
-    stdout_tail: JoinHandle<Vec<String>>,
-}
-
-impl BrokerProcess {
-    /// Starts the binary on `data_dir`, listening on 127.0.0.1:0, and waits for the line that
-    /// names the bound address.
-    pub async fn spawn(data_dir: &Path, extra_args: &[&str]) -> Result<BrokerProcess> {
-        Self::spawn_at(data_dir, "127.0.0.1:0", extra_args).await
-    }
-
-    /// Starts the binary on `data_dir` listening on `listen` (to restart on the same port).
-    pub async fn spawn_at(
-        data_dir: &Path,
-        listen: &str,
-        extra_args: &[&str],
-    ) -> Result<BrokerProcess> {
-        let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--listen")
-            .arg(listen)
-            .args(extra_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning rill-broker")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix("rill-broker listening on ") {
-                    return Ok::<_, anyhow::Error>(addr.trim().parse::<SocketAddr>()?);
-                }
-            }
-            bail!("rill-broker exited before listening")
-        })
-        .await
-        .context("waiting for rill-broker to listen")??;
-        let stdout_tail = tokio::spawn(async move {
-            let mut rest = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                rest.push(line);
-            }
-            rest
-        });
-        Ok(BrokerProcess {
-            child,
-            addr,
-            stdout_tail,
-        })
-    }
-
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// `http://ADDR`, for gRPC clients.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The child's pid.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// Sends a signal (SIGTERM for a graceful stop, SIGKILL for a crash) and waits for exit.
-    pub async fn signal_and_wait(mut self, signal: i32) -> Result<std::process::ExitStatus> {
-        if let Some(pid) = self.child.id() {
-            let rc = send_signal(pid, signal);
-            if rc != 0 {
-                bail!("kill({pid}, {signal}) failed");
-            }
-        }
-        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .context("broker did not exit")??;
-        let _ = (&mut self.stdout_tail).await;
-        Ok(status)
-    }
-
-    /// Stops the broker gracefully (SIGTERM) and waits for it.
-    pub async fn stop(self) -> Result<std::process::ExitStatus> {
-        self.signal_and_wait(SIGTERM).await
-    }
-}
-
-/// SIGKILL.
-pub const SIGKILL: i32 = 9;
-/// SIGTERM.
-pub const SIGTERM: i32 = 15;
-
-fn send_signal(pid: u32, signal: i32) -> i32 {
-    // Use the `kill` command rather than FFI: tests need no unsafe code.
-    match std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-    {
-        Ok(s) if s.success() => 0,
-        _ => -1,
-    }
-}
+// The broker-process harness is shared with `rill-bench`; it lives in `rill-testkit` and is
+// re-exported here under the names the tests use.
+pub use rill_testkit::{binary_path, BrokerProcess, SIGKILL, SIGTERM};
 
 /// Raw generated gRPC clients on one channel, for tests of the wire contract itself.
 #[derive(Clone)]
