@@ -154,7 +154,14 @@ fn concurrent_readers_see_only_whole_batches_in_order() {
             let done = Arc::clone(&done);
             s.spawn(move || {
                 let mut next = 0u64;
+                let started = std::time::Instant::now();
                 loop {
+                    // A reader that stops seeing new batches fails instead of spinning forever.
+                    assert!(
+                        started.elapsed() < std::time::Duration::from_secs(120),
+                        "reader stuck at offset {next} of {}",
+                        total_batches * 3
+                    );
                     let finished = done.load(Ordering::Acquire);
                     let read = log.read(next, 64 << 10).expect("read");
                     for (offset, value) in decode_all(&read.chunks) {

@@ -12,13 +12,14 @@
 //! - [`Clients`]: the raw generated gRPC clients, for tests of the wire contract.
 //! - [`rill_cli`]: the real `rill` CLI.
 //! - [`record`], [`produce_req`]: request builders.
+//! - [`wait_until`]: a wait on a condition with a deadline; [`skip`]: a loud, detectable skip.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
@@ -262,5 +263,48 @@ pub fn produce_req(
         payload: Some(rill_proto::v1::produce_request::Payload::Records(
             rill_proto::v1::RecordList { records },
         )),
+    }
+}
+
+/// Polls `cond` until it holds, yielding to the runtime between polls (for state that has no
+/// event to await, such as the broker's count of waiting fetches). Fails, naming `what`, once
+/// `limit` has passed: every wait in a test has a deadline instead of hanging.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !cond() {
+        if start.elapsed() >= limit {
+            bail!("gave up after {limit:?} waiting for {what}");
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
+/// Declares that `test` cannot run on this machine, and why, so it can return early without
+/// passing silently:
+/// - if the environment variable `required_by` is `1`, this machine is meant to run it, so
+///   this panics and the test fails (`.ci/run` sets `RILL_REQUIRE_TMPFS=1` when it runs as
+///   root);
+/// - otherwise it writes `SKIPPED` to the real stderr, which `cargo test` does not capture,
+///   and appends a line to the file named by `RILL_SKIPPED_FILE`, if set, which `.ci/run`
+///   lists at the end of its run.
+pub fn skip(test: &str, why: &str, required_by: &str) {
+    use std::io::Write;
+    if std::env::var(required_by).is_ok_and(|v| v == "1") {
+        panic!("{test} must run here ({required_by}=1) but cannot: {why}");
+    }
+    let line = format!("SKIPPED {test}: {why} (set {required_by}=1 to make this a failure)");
+    // `eprintln!` is captured by the test harness and shown only on failure; a direct write
+    // to the process's stderr is not.
+    let _ = writeln!(std::io::stderr().lock(), "\n*** {line} ***\n");
+    if let Ok(path) = std::env::var("RILL_SKIPPED_FILE") {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = appended {
+            panic!("{line}; and it could not be recorded in {path}: {e}");
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! The real `rill-broker` binary: restarts keep everything; 10,000 waiting fetches cost no
 //! thread each (their memory is measured and printed).
 
+use std::time::Duration;
+
 use rill_proto::v1 as pb;
 use rill_tests::{BrokerProcess, Clients};
 
@@ -105,21 +107,28 @@ async fn ten_thousand_waiting_fetches_use_no_thread_each() {
             async move { c.fetch("idle", 0, 0, 60_000).await },
         ));
     }
-    // Wait until the broker holds them all, as its own description reports.
-    loop {
-        let d = clients[0]
-            .admin
-            .describe_topic(pb::DescribeTopicRequest {
-                name: "idle".into(),
-            })
-            .await
-            .expect("describe")
-            .into_inner();
-        if d.partitions[0].waiting_fetches as usize == WAITERS {
-            break;
+    // Wait until the broker holds them all, as its own description reports (well before
+    // their 60 s wait could end them).
+    let mut admin = clients[0].admin.clone();
+    let mut held = 0;
+    let all_held = tokio::time::timeout(Duration::from_secs(40), async {
+        while held != WAITERS {
+            let d = admin
+                .describe_topic(pb::DescribeTopicRequest {
+                    name: "idle".into(),
+                })
+                .await
+                .expect("describe")
+                .into_inner();
+            held = d.partitions[0].waiting_fetches as usize;
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
+    assert!(
+        all_held.is_ok(),
+        "the broker held {held} of {WAITERS} fetches after 40 s"
+    );
     let (rss_during, threads_during) = (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"));
     assert!(
         waiting.iter().all(|w| !w.is_finished()),

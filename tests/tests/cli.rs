@@ -285,8 +285,17 @@ async fn replay_from_a_timestamp_with_since() {
     let addr = broker.addr().to_string();
     ok(&addr, &["topic", "create", "history"], "").await;
     ok(&addr, &["produce", "history"], "old-1\nold-2\n").await;
-    // The boundary is a real instant between the two produces.
+    // The boundary is a real instant between the two produces. Both waits below last a
+    // millisecond or so; the deadline only guards against a clock stepped backwards.
+    let started = std::time::Instant::now();
+    let clock_moved = || {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the wall clock did not move past the records' timestamps"
+        )
+    };
     let boundary_ms = loop {
+        clock_moved();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
@@ -305,6 +314,7 @@ async fn replay_from_a_timestamp_with_since() {
         .as_millis() as i64)
         <= boundary_ms
     {
+        clock_moved();
         tokio::task::yield_now().await;
     }
     ok(&addr, &["produce", "history"], "new-1\nnew-2\n").await;

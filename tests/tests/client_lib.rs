@@ -21,6 +21,18 @@ async fn from_earliest(conn: &Connection, topic: &str, partitions: Option<Vec<u3
         .expect("subscribe")
 }
 
+/// The longest a test waits for the consumer's next event before failing: every wait has a
+/// deadline, and this one is far beyond what a present record takes.
+const NEXT_LIMIT: Duration = Duration::from_secs(30);
+
+/// The consumer's next event, failing the test if none comes within [`NEXT_LIMIT`].
+async fn next_event(c: &mut Consumer) -> ConsumerEvent {
+    c.next_timeout(NEXT_LIMIT)
+        .await
+        .expect("next")
+        .unwrap_or_else(|| panic!("no event within {NEXT_LIMIT:?}"))
+}
+
 async fn produce_n(conn: &Connection, topic: &str, n: u64) {
     let producer = Producer::new(conn.clone(), ProducerConfig::new());
     let mut acks = Vec::new();
@@ -59,7 +71,7 @@ async fn a_restarted_group_consumer_resumes_from_its_last_commit() {
             .await
             .expect("subscribe");
         while seen.len() < 450 {
-            match c.next().await.expect("next") {
+            match next_event(&mut c).await {
                 ConsumerEvent::Record(r) => {
                     seen.push(String::from_utf8(r.value.to_vec()).expect("utf-8"));
                     since_commit += 1;
@@ -79,7 +91,9 @@ async fn a_restarted_group_consumer_resumes_from_its_last_commit() {
         .await
         .expect("resubscribe");
     let mut second: Vec<String> = Vec::new();
-    while let Some(event) = c.next_timeout(Duration::from_secs(2)).await.expect("next") {
+    // It stops at 1050 records; the idle timeout only ends it early when records are missing,
+    // so it can be long without slowing the test.
+    while let Some(event) = c.next_timeout(Duration::from_secs(10)).await.expect("next") {
         if let ConsumerEvent::Record(r) = event {
             second.push(String::from_utf8(r.value.to_vec()).expect("utf-8"));
         }
@@ -121,7 +135,7 @@ async fn consumer_seeks_and_reports_skipped_data() {
     produce_n(&conn, "short", 10).await;
     let mut c = from_earliest(&conn, "short", None).await;
     assert_eq!(c.seek(0, SeekTo::Offset(7)).await.expect("seek"), 7);
-    match c.next().await.expect("next") {
+    match next_event(&mut c).await {
         ConsumerEvent::Record(r) => assert_eq!(r.offset, 7),
         other => panic!("{other:?}"),
     }
@@ -150,7 +164,7 @@ async fn consumer_seeks_and_reports_skipped_data() {
     drop(slow);
     let mut late = from_earliest(&conn, "short", None).await;
     late.seek(0, SeekTo::Offset(0)).await.expect("seek");
-    match late.next().await.expect("next") {
+    match next_event(&mut late).await {
         ConsumerEvent::Skipped {
             partition,
             from,
@@ -226,16 +240,24 @@ async fn a_broker_restart_under_a_producer_loses_no_acked_record() {
     for (i, (p, offset)) in &acked {
         by_partition.entry(*p).or_default().push((*offset, *i));
     }
+    let described = Admin::new(conn.clone())
+        .describe_topic("steady")
+        .await
+        .expect("describe");
     for (p, mut entries) in by_partition {
+        let high_watermark = described.partitions[p as usize].high_watermark;
         let mut c = from_earliest(&conn, "steady", Some(vec![p])).await;
         let mut stored = BTreeMap::new();
-        while let Some(ConsumerEvent::Record(r)) =
-            c.next_timeout(Duration::from_secs(1)).await.expect("next")
-        {
-            stored.insert(
-                r.offset,
-                String::from_utf8(r.value.to_vec()).expect("utf-8"),
-            );
+        // Read everything stored, up to the high watermark (not until the consumer idles,
+        // which a slow machine could mistake for the end).
+        while stored.len() < high_watermark as usize {
+            match next_event(&mut c).await {
+                ConsumerEvent::Record(r) => stored.insert(
+                    r.offset,
+                    String::from_utf8(r.value.to_vec()).expect("utf-8"),
+                ),
+                other => panic!("unexpected {other:?}"),
+            };
         }
         entries.sort_unstable();
         let mut last_i = None;
