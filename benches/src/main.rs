@@ -1,6 +1,7 @@
-//! `rill-bench`: Rill's load generator. It runs the workloads of DESIGN.md §4 (produce,
-//! catchup, e2e) with the same flags and output columns as `../shared/peers/peers.sh`, so
-//! Rill's lines sit under Redis's and NATS's. By default it starts its own broker (the
+//! `rill-bench`: Rill's load generator. It runs the workloads of `docs/ARCHITECTURE.md`,
+//! "Benchmark workloads" (produce, catchup, e2e) with the same flags and output columns as the
+//! optional peers harness that `benches/compare.sh` runs, so Rill's lines sit under Redis's
+//! and NATS's. By default it starts its own broker (the
 //! `rill-broker` binary beside it) on a temp folder and removes it afterwards; `--broker ADDR`
 //! uses a running one.
 

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-/// The column header, identical to `../shared/peers`' so a Rill line sits under a Redis line.
+/// The column header, identical to the peers harness's (see `benches/compare.sh`), so a Rill
+/// line sits under a Redis line.
 pub const HEADER: &str = "system   scenario      msgs   size batch P C      secs      msg/s      MB/s   p50_us   p99_us  p999_us   max_us  note";
 
 /// One scenario's result.

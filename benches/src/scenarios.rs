@@ -1,4 +1,5 @@
-//! The three workloads of DESIGN.md §4 against a Rill broker: produce, catchup and e2e.
+//! The three workloads of `docs/ARCHITECTURE.md`, "Benchmark workloads", against a Rill
+//! broker: produce, catchup and e2e.
 //!
 //! The client side uses the wire contract's fast paths, as the Rust client does: produce sends
 //! one pre-encoded batch per request (`--encoding batch`, the default; `records` sends

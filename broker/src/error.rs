@@ -1,5 +1,6 @@
-//! [`BrokerError`], and the one place where errors become gRPC statuses (DESIGN.md §2's
-//! table). Messages carry the topic, partition and offset that the storage error names.
+//! [`BrokerError`], and the one place where errors become gRPC statuses (the table in
+//! `docs/ARCHITECTURE.md`, "Status codes"). Messages carry the topic, partition and offset
+//! that the storage error names.
 
 use rill_storage::StorageError;
 use tonic::{Code, Status};

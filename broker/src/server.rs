@@ -20,7 +20,8 @@ use crate::state::Broker;
 use crate::tasks;
 
 /// HTTP/2 frame size: 1 MiB frames moved large fetches 40–80% faster than the 16 KiB
-/// default here, while 16 MiB frames went stop-and-wait (DESIGN.md §5).
+/// default here, while 16 MiB frames went stop-and-wait (`docs/ARCHITECTURE.md`, "gRPC
+/// transport").
 const MAX_FRAME_BYTES: u32 = 1 << 20;
 /// Concurrent streams (calls) one client connection may have open.
 const MAX_STREAMS_PER_CONNECTION: u32 = 4096;

@@ -1,7 +1,7 @@
 //! [`StrictCodec`]: prost encoding with one change: a message that does not decode (for
 //! example a `string` field holding invalid UTF-8) is INVALID_ARGUMENT, naming what failed,
 //! rather than tonic's INTERNAL. Bad bytes from a client are the client's error, and the
-//! status table (DESIGN.md §2) maps bad input to INVALID_ARGUMENT.
+//! status table (`docs/ARCHITECTURE.md`, "Status codes") maps bad input to INVALID_ARGUMENT.
 
 use std::marker::PhantomData;
 
