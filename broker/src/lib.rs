@@ -12,7 +12,9 @@
 //! - [`tasks`]: the background flush and retention loops.
 //! - [`error`]: [`BrokerError`] and the one mapping to gRPC status codes.
 //!
-//! `main.rs` only loads the config and calls [`run`] with a shutdown token.
+//! `main.rs` only loads the config and calls [`run`] with a shutdown token. The design this
+//! code follows (layers, the produce and fetch paths, status codes, threading) is in
+//! `docs/ARCHITECTURE.md`.
 
 // No `unwrap` outside tests: input and I/O failures are typed errors, and `expect("why")`
 // marks the few places that are provably unreachable.
