@@ -191,10 +191,18 @@ impl Broker {
             .map(|t| self.attach(t))
             .collect();
         if self.inner.attached.read().len() > all.len() {
-            self.inner
-                .attached
-                .write()
-                .retain(|_, state| all.iter().any(|t| Arc::ptr_eq(t, state)));
+            let mut stale = Vec::new();
+            self.inner.attached.write().retain(|_, state| {
+                let live = all.iter().any(|t| Arc::ptr_eq(t, state));
+                if !live {
+                    stale.push(Arc::clone(state));
+                }
+                live
+            });
+            // Their waiting fetches find the topic gone.
+            for state in stale {
+                state.wake_all();
+            }
         }
         all
     }
@@ -271,5 +279,48 @@ impl Broker {
         } else {
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rill_storage::{StoreOptions, TopicConfig};
+
+    use super::*;
+
+    /// Topics created or deleted in the store, by whatever caller (one that went away before
+    /// updating the broker, say), are what the broker serves: it has no registry to drift.
+    #[test]
+    fn the_broker_serves_what_the_store_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreOptions::new(dir.path())).expect("open");
+        let broker = Broker::new(
+            store.clone(),
+            Config::new(dir.path()),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        assert!(broker.topic("t").is_err());
+        store
+            .create_topic("t", TopicConfig::default())
+            .expect("create");
+        let first = broker.topic("t").expect("seen without add");
+        assert!(Arc::ptr_eq(&first, &broker.topic("t").expect("again")));
+        assert_eq!(broker.topics().len(), 1);
+
+        let mut woken = first.subscribe(0).expect("partition 0");
+        woken.borrow_and_update();
+        store.delete_topic("t").expect("delete");
+        assert!(broker.topic("t").is_err(), "gone without remove");
+        assert!(broker.topics().is_empty());
+        assert!(woken.has_changed().unwrap_or(true), "waiters woken");
+
+        // A new topic of the same name gets new wake-up channels and live partitions.
+        store
+            .create_topic("t", TopicConfig::default())
+            .expect("recreate");
+        let second = broker.topic("t").expect("the new topic");
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.log(0).expect("log").high_watermark(), 0);
     }
 }

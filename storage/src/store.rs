@@ -449,7 +449,10 @@ impl Store {
             // Nothing moved: serve the topic again as it is on disk.
             tracing::error!(topic = name, error = %e, "cannot move a topic to the trash; it stays");
             self.reopen(&topic);
-            self.inner.topics.write().insert(name.to_string(), topic.clone());
+            self.inner
+                .topics
+                .write()
+                .insert(name.to_string(), topic.clone());
             return Err(StorageError::io("move topic to trash", topic.dir(), e));
         }
         // Both folders must be synced before anything is removed: otherwise a power loss
@@ -525,7 +528,9 @@ impl Store {
 fn rename(from: &Path, to: &Path) -> io::Result<()> {
     #[cfg(any(test, feature = "fault-injection"))]
     if fault::take_rename_failure(from) {
-        return Err(io::Error::other("injected rename failure (fault-injection)"));
+        return Err(io::Error::other(
+            "injected rename failure (fault-injection)",
+        ));
     }
     fs::rename(from, to)
 }

@@ -93,7 +93,11 @@ fn a_deletion_whose_move_fails_keeps_every_handle_serving() {
         timestamp_ms: 1,
         ..Default::default()
     }]);
-    topic.partition(0).expect("p0").append(&batch).expect("append");
+    topic
+        .partition(0)
+        .expect("p0")
+        .append(&batch)
+        .expect("append");
 
     fault::fail_next_rename(topic.dir());
     let err = store.delete_topic("t").expect_err("the move fails");
@@ -109,7 +113,10 @@ fn a_deletion_whose_move_fails_keeps_every_handle_serving() {
         let log = topic.partition(p).expect("reopened");
         let info = log.append(&batch).expect("appends again");
         assert_eq!(info.base_offset, u64::from(p == 0));
-        assert_eq!(log.read(0, 1 << 20).expect("read").high_watermark, info.next_offset);
+        assert_eq!(
+            log.read(0, 1 << 20).expect("read").high_watermark,
+            info.next_offset
+        );
     }
     // Nothing was left armed: the next deletion goes through.
     store.delete_topic("t").expect("delete");
@@ -117,5 +124,9 @@ fn a_deletion_whose_move_fails_keeps_every_handle_serving() {
         store.topic("t"),
         Err(StorageError::TopicNotFound { .. })
     ));
-    assert!(topic.partition(0).expect("closed log").append(&batch).is_err());
+    assert!(topic
+        .partition(0)
+        .expect("closed log")
+        .append(&batch)
+        .is_err());
 }
