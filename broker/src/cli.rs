@@ -92,6 +92,18 @@ pub fn load(flags: Flags) -> Result<Config> {
     if let Some(v) = defaults.segment_ms {
         t.segment_ms = v;
     }
+    let bound = |v: i64, what: &str| match v {
+        -1 => Ok(None),
+        v => u64::try_from(v)
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{what} must be >= 0, or -1 for no bound; got {v}")),
+    };
+    if let Some(v) = defaults.timestamp_after_max_ms {
+        t.timestamp_after_max_ms = bound(v, "timestamp_after_max_ms")?;
+    }
+    if let Some(v) = defaults.timestamp_before_max_ms {
+        t.timestamp_before_max_ms = bound(v, "timestamp_before_max_ms")?;
+    }
     if let Some(v) = flags.default_flush.or(defaults.flush) {
         t.flush = v
             .parse()
@@ -124,7 +136,8 @@ mod tests {
         let path = dir.path().join("rill.toml");
         std::fs::write(
             &path,
-            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n[topic_defaults]\npartitions = 3\nflush = \"always\"\n",
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n[topic_defaults]\npartitions = 3\nflush = \"always\"\n\
+             timestamp_after_max_ms = -1\ntimestamp_before_max_ms = 60000\n",
         )
         .expect("write");
         let p = path.to_str().expect("utf-8 path");
@@ -132,6 +145,8 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/from/file"));
         assert_eq!(config.listen, "127.0.0.1:0".parse().expect("addr"));
         assert_eq!(config.topic_defaults.partitions, 3);
+        assert_eq!(config.topic_defaults.timestamp_after_max_ms, None);
+        assert_eq!(config.topic_defaults.timestamp_before_max_ms, Some(60_000));
         assert_eq!(
             config.topic_defaults.flush,
             rill_storage::FlushPolicy::Always

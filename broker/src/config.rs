@@ -151,4 +151,8 @@ pub struct FileTopicDefaults {
     pub segment_ms: Option<u64>,
     /// Flush policy: `always`, `never` or `interval:MS`.
     pub flush: Option<String>,
+    /// How far ahead of the broker's clock a record timestamp may be, in ms; -1 for no bound.
+    pub timestamp_after_max_ms: Option<i64>,
+    /// How far behind the broker's clock a record timestamp may be, in ms; -1 for no bound.
+    pub timestamp_before_max_ms: Option<i64>,
 }

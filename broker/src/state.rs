@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use rill_storage::{PartitionLog, Store, Topic};
+use rill_storage::{PartitionLog, StorageError, Store, Topic};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,6 +58,24 @@ impl TopicState {
     /// Partition `p`'s log (NotFound or Fenced errors name the topic and partition).
     pub fn log(&self, p: u32) -> Result<PartitionLog, BrokerError> {
         Ok(self.topic.partition(p)?)
+    }
+
+    /// Checks the record timestamps of `batch`, bound for partition `p`, against the topic's
+    /// bounds (`timestamp_after_max_ms`, `timestamp_before_max_ms`) and the broker's clock
+    /// `now_ms`. INVALID_ARGUMENT, naming the topic, the partition and the bound, before
+    /// anything is written.
+    pub fn check_timestamps(&self, p: u32, batch: &[u8], now_ms: i64) -> Result<(), BrokerError> {
+        self.topic
+            .config()
+            .check_batch_timestamps(batch, now_ms)
+            .map_err(|source| {
+                StorageError::InvalidBatch {
+                    topic: self.name().to_string(),
+                    partition: p,
+                    source,
+                }
+                .into()
+            })
     }
 
     /// Wakes the fetches waiting on partition `p` with its new high watermark.

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use rill_proto::v1 as pb;
-use rill_tests::{Clients, TestBroker};
+use rill_tests::{produce_req, record, Clients, TestBroker};
 use tonic::Code;
 
 /// Every wait in these tests ends by this deadline, with a message, instead of hanging.
@@ -121,5 +121,260 @@ async fn a_failed_topic_deletion_leaves_the_topic_serving_without_a_restart() {
         .expect("delete");
     let gone = c.fetch("keep", 0, 0, 0).await.expect_err("deleted");
     assert_eq!(gone.code(), Code::NotFound);
+    broker.stop().await.expect("stop");
+}
+
+/// Year 3000, in ms since the epoch.
+const YEAR_3000_MS: i64 = 32_503_680_000_000;
+
+fn now_ms() -> i64 {
+    rill_storage::log::now_ms()
+}
+
+/// A pre-encoded batch with one record per timestamp.
+fn batch_of(timestamps: &[i64]) -> bytes::Bytes {
+    let records: Vec<_> = timestamps
+        .iter()
+        .map(|&timestamp_ms| rill_storage::batch::Record {
+            value: bytes::Bytes::from_static(b"pre-encoded"),
+            timestamp_ms,
+            ..Default::default()
+        })
+        .collect();
+    rill_storage::batch::try_encode_batch(&records).expect("encodable")
+}
+
+fn batch_req(topic: &str, partition: u32, batch: bytes::Bytes) -> pb::ProduceRequest {
+    pb::ProduceRequest {
+        topic: topic.into(),
+        partition: Some(partition),
+        ack: pb::AckMode::Leader as i32,
+        payload: Some(pb::produce_request::Payload::Batch(batch)),
+    }
+}
+
+async fn high_watermarks(c: &mut Clients, topic: &str) -> Vec<u64> {
+    let described = c
+        .admin
+        .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+        .await
+        .expect("describe")
+        .into_inner();
+    described
+        .partitions
+        .iter()
+        .map(|p| p.high_watermark)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_record_from_the_year_3000_is_refused_naming_the_bound() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("ts", 2).await.expect("create");
+    let described = c
+        .admin
+        .describe_topic(pb::DescribeTopicRequest { name: "ts".into() })
+        .await
+        .expect("describe")
+        .into_inner();
+    let config = described.config.expect("config");
+    assert_eq!(
+        config.timestamp_after_max_ms,
+        Some(3_600_000),
+        "Kafka's default"
+    );
+    assert_eq!(
+        config.timestamp_before_max_ms,
+        Some(-1),
+        "no bound, as in Kafka"
+    );
+
+    // As records: keyless, so round-robin spreads them over both partitions in one request,
+    // one of them from the year 3000. The whole request is refused and nothing is appended
+    // to either partition.
+    let refused = c
+        .log
+        .produce(produce_req(
+            "ts",
+            None,
+            vec![
+                record(None, "fine", Some(now_ms()), &[]),
+                record(None, "fine", None, &[]),
+                record(None, "future", Some(YEAR_3000_MS), &[]),
+                record(None, "fine", None, &[]),
+            ],
+        ))
+        .await
+        .expect_err("year 3000");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    for part in [
+        "timestamp_after_max_ms = 3600000",
+        "\"ts\"",
+        &YEAR_3000_MS.to_string(),
+    ] {
+        assert!(
+            refused.message().contains(part),
+            "{part}: {}",
+            refused.message()
+        );
+    }
+    assert_eq!(
+        high_watermarks(&mut c, "ts").await,
+        [0, 0],
+        "nothing appended"
+    );
+
+    // As a pre-encoded batch: its max timestamp is checked the same way.
+    let refused = c
+        .log
+        .produce(batch_req("ts", 1, batch_of(&[now_ms(), YEAR_3000_MS])))
+        .await
+        .expect_err("year 3000 in a batch");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("timestamp_after_max_ms")
+            && refused.message().contains("partition 1"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        high_watermarks(&mut c, "ts").await,
+        [0, 0],
+        "nothing appended"
+    );
+
+    // Normal records pass: the broker's time, a producer's time a minute ahead, and old
+    // times (no bound behind by default).
+    let base = c.produce_values("ts", 0, &["now"]).await.expect("produce");
+    assert_eq!(base, 0);
+    c.log
+        .produce(produce_req(
+            "ts",
+            Some(0),
+            vec![
+                record(None, "skewed", Some(now_ms() + 60_000), &[]),
+                record(None, "old", Some(1_000), &[]),
+            ],
+        ))
+        .await
+        .expect("within the bounds");
+    c.log
+        .produce(batch_req("ts", 1, batch_of(&[now_ms(), 1_000])))
+        .await
+        .expect("a good batch");
+    assert_eq!(high_watermarks(&mut c, "ts").await, [3, 2]);
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn timestamp_bounds_are_set_per_topic_at_creation() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    let create = |name: &str, after: i64, before: i64| pb::CreateTopicRequest {
+        name: name.into(),
+        config: Some(pb::TopicConfig {
+            partitions: 1,
+            timestamp_after_max_ms: Some(after),
+            timestamp_before_max_ms: Some(before),
+            ..Default::default()
+        }),
+    };
+    let day = 24 * 3600 * 1000;
+    c.admin
+        .create_topic(create("replay", -1, day))
+        .await
+        .expect("create");
+    // No bound ahead: the far future is accepted. A day behind: older is refused.
+    c.log
+        .produce(produce_req(
+            "replay",
+            Some(0),
+            vec![record(None, "future", Some(YEAR_3000_MS), &[])],
+        ))
+        .await
+        .expect("no bound ahead");
+    let refused = c
+        .log
+        .produce(produce_req(
+            "replay",
+            Some(0),
+            vec![
+                record(None, "recent", Some(now_ms() - 1000), &[]),
+                record(None, "ancient", Some(now_ms() - 2 * day), &[]),
+            ],
+        ))
+        .await
+        .expect_err("older than a day");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains(&format!("timestamp_before_max_ms = {day}")),
+        "{}",
+        refused.message()
+    );
+    // Every record of a batch is checked against the bound behind, not only the first.
+    let refused = c
+        .log
+        .produce(batch_req(
+            "replay",
+            0,
+            batch_of(&[now_ms(), now_ms() - 2 * day, now_ms()]),
+        ))
+        .await
+        .expect_err("an old record inside a batch");
+    assert!(
+        refused.message().contains("timestamp_before_max_ms"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(high_watermarks(&mut c, "replay").await, [1]);
+
+    // A bound below -1 is refused at creation, naming it.
+    let bad = c
+        .admin
+        .create_topic(create("bad", -5, -1))
+        .await
+        .expect_err("negative bound");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().contains("timestamp_after_max_ms"),
+        "{}",
+        bad.message()
+    );
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn records_whose_timestamps_overflow_are_refused_as_such() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("wide", 1).await.expect("create");
+    // Both timestamps are within the default bounds (none behind), but their distance does
+    // not fit the batch format's 64-bit delta.
+    let refused = c
+        .log
+        .produce(produce_req(
+            "wide",
+            Some(0),
+            vec![
+                record(None, "now", Some(now_ms()), &[]),
+                record(None, "dawn of time", Some(i64::MIN), &[]),
+            ],
+        ))
+        .await
+        .expect_err("overflow");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("overflow") && !refused.message().contains("record count"),
+        "the overflow is named, not an empty batch: {}",
+        refused.message()
+    );
+    assert_eq!(
+        high_watermarks(&mut c, "wide").await,
+        [0],
+        "nothing appended"
+    );
     broker.stop().await.expect("stop");
 }

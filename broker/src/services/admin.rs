@@ -55,6 +55,20 @@ pub fn resolve_config(
         config.segment_ms = u64::try_from(v)
             .map_err(|_| BrokerError::invalid(format!("segment_ms must be > 0; got {v}")))?;
     }
+    let bound = |v: i64, what: &str| -> Result<Option<u64>, BrokerError> {
+        match v {
+            -1 => Ok(None),
+            v => u64::try_from(v).map(Some).map_err(|_| {
+                BrokerError::invalid(format!("{what} must be >= 0, or -1 for no bound; got {v}"))
+            }),
+        }
+    };
+    if let Some(v) = req.timestamp_after_max_ms {
+        config.timestamp_after_max_ms = bound(v, "timestamp_after_max_ms")?;
+    }
+    if let Some(v) = req.timestamp_before_max_ms {
+        config.timestamp_before_max_ms = bound(v, "timestamp_before_max_ms")?;
+    }
     if let Some(policy) = req.flush.and_then(|f| f.policy) {
         config.flush = match policy {
             Policy::Always(_) => FlushPolicy::Always,
@@ -81,6 +95,8 @@ pub fn config_to_pb(c: &TopicConfig) -> pb::TopicConfig {
                 FlushPolicy::IntervalMs(ms) => Policy::IntervalMs(ms),
             }),
         }),
+        timestamp_after_max_ms: opt(c.timestamp_after_max_ms),
+        timestamp_before_max_ms: opt(c.timestamp_before_max_ms),
     }
 }
 
