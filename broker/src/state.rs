@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use rill_storage::{PartitionLog, StorageError, Store, Topic};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -134,6 +134,8 @@ struct Inner {
     /// across an await.
     attached: RwLock<HashMap<String, Arc<TopicState>>>,
     waiting_fetches: AtomicUsize,
+    /// One permit per client connection served; `config.max_connections` of them.
+    connections: Arc<Semaphore>,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -159,6 +161,9 @@ impl Broker {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
+        let connections = Arc::new(Semaphore::new(
+            config.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         Broker {
             inner: Arc::new(Inner {
                 store,
@@ -167,6 +172,7 @@ impl Broker {
                 tasks,
                 attached: RwLock::new(HashMap::new()),
                 waiting_fetches: AtomicUsize::new(0),
+                connections,
             }),
         }
     }
@@ -283,6 +289,21 @@ impl Broker {
             return Err(BrokerError::TooManyWaiters { limit });
         }
         Ok(slot)
+    }
+
+    /// A permit to serve one more client connection, held as long as it is served, or
+    /// `None` when `max_connections` are served already.
+    pub fn connection_permit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.connections).try_acquire_owned().ok()
+    }
+
+    /// Client connections served right now.
+    pub fn open_connections(&self) -> usize {
+        self.inner
+            .config
+            .max_connections
+            .min(Semaphore::MAX_PERMITS)
+            .saturating_sub(self.inner.connections.available_permits())
     }
 
     /// Fetches waiting right now.

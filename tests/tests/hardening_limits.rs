@@ -378,3 +378,132 @@ async fn records_whose_timestamps_overflow_are_refused_as_such() {
     );
     broker.stop().await.expect("stop");
 }
+
+async fn list_topics(c: &mut Clients) -> Result<usize, tonic::Status> {
+    c.admin
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .map(|r| r.into_inner().topics.len())
+}
+
+#[tokio::test]
+async fn a_connection_over_the_limit_is_refused_clearly_and_a_freed_slot_serves_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = rill_broker::Config::new(dir.path()).max_connections(2);
+    let broker = TestBroker::start_with(config, Some(dir))
+        .await
+        .expect("broker");
+    let state = broker.broker().clone();
+    let mut first = Clients::connect(broker.url()).await.expect("connect 1");
+    let mut second = Clients::connect(broker.url()).await.expect("connect 2");
+    first.create_topic("busy", 1).await.expect("create");
+    assert_eq!(list_topics(&mut second).await.expect("second serves"), 1);
+    assert_eq!(state.open_connections(), 2);
+
+    // The third connection is answered, not dropped: its call fails with RESOURCE_EXHAUSTED
+    // naming the limit, which a client can tell apart from a broken network.
+    let mut extra = Clients::connect(broker.url())
+        .await
+        .expect("the connection itself is accepted");
+    let refused = list_topics(&mut extra).await.expect_err("over the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("max_connections") && refused.message().contains('2'),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(state.open_connections(), 2, "the refused one holds no slot");
+
+    // The two served connections keep working.
+    assert_eq!(
+        first
+            .produce_values("busy", 0, &["a"])
+            .await
+            .expect("first"),
+        0
+    );
+    assert_eq!(
+        second
+            .produce_values("busy", 0, &["b"])
+            .await
+            .expect("second"),
+        1
+    );
+
+    // Closing one frees its slot for a new connection.
+    drop(first);
+    wait_until("the closed connection's slot to be freed", || {
+        state.open_connections() == 1
+    })
+    .await;
+    let mut third = Clients::connect(broker.url()).await.expect("connect 3");
+    assert_eq!(
+        third
+            .fetch("busy", 0, 0, 0)
+            .await
+            .expect("served")
+            .records
+            .len(),
+        2
+    );
+    assert_eq!(
+        list_topics(&mut second).await.expect("second still serves"),
+        1
+    );
+    drop((second, third, extra));
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn calls_over_max_concurrent_streams_wait_for_a_free_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = rill_broker::Config::new(dir.path()).max_concurrent_streams(2);
+    let broker = TestBroker::start_with(config, Some(dir))
+        .await
+        .expect("broker");
+    let state = broker.broker().clone();
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("streams", 1).await.expect("create");
+
+    // Two long-poll fetches fill the connection's two streams.
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let mut w = c.clone();
+            tokio::spawn(async move { w.fetch("streams", 0, 0, 15_000).await })
+        })
+        .collect();
+    wait_until("both fetches to wait", || state.waiting_fetches() == 2).await;
+
+    // A third call on the same connection waits for a stream; another connection is served.
+    let mut queued_client = c.clone();
+    let mut queued = tokio::spawn(async move { list_topics(&mut queued_client).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut queued)
+            .await
+            .is_err(),
+        "the third call got a stream beyond the limit"
+    );
+    let mut other = Clients::connect(broker.url()).await.expect("connect");
+    assert_eq!(list_topics(&mut other).await.expect("other connection"), 1);
+
+    // An append ends both fetches, and the queued call then runs.
+    other
+        .produce_values("streams", 0, &["go"])
+        .await
+        .expect("produce");
+    for waiter in waiters {
+        let resp = tokio::time::timeout(DEADLINE, waiter)
+            .await
+            .expect("the fetch answers")
+            .expect("join")
+            .expect("fetch");
+        assert_eq!(resp.records.len(), 1);
+    }
+    let listed = tokio::time::timeout(DEADLINE, queued)
+        .await
+        .expect("the queued call runs")
+        .expect("join")
+        .expect("list");
+    assert_eq!(listed, 1);
+    broker.stop().await.expect("stop");
+}
