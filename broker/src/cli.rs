@@ -35,6 +35,13 @@ pub struct Flags {
     /// [default: interval:1000].
     #[arg(long, env = "RILL_DEFAULT_FLUSH")]
     pub default_flush: Option<String>,
+    /// The most client connections served at once; more are answered RESOURCE_EXHAUSTED and
+    /// closed [default: 1000].
+    #[arg(long, env = "RILL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// The most concurrent calls (HTTP/2 streams) per connection [default: 4096].
+    #[arg(long, env = "RILL_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
     /// Async worker threads [default: one per core but one, at least 1]. Blocking disk work
     /// (syncs, opens) runs on a separate pool either way.
     #[arg(long, env = "RILL_WORKER_THREADS")]
@@ -75,6 +82,12 @@ pub fn load(flags: Flags) -> Result<Config> {
     if let Some(v) = file.max_waiting_fetches {
         config.max_waiting_fetches = v;
     }
+    if let Some(v) = flags.max_connections.or(file.max_connections) {
+        config.max_connections = v;
+    }
+    if let Some(v) = flags.max_concurrent_streams.or(file.max_concurrent_streams) {
+        config.max_concurrent_streams = v;
+    }
     let defaults = file.topic_defaults.unwrap_or_default();
     let t = &mut config.topic_defaults;
     if let Some(v) = defaults.partitions {
@@ -92,6 +105,18 @@ pub fn load(flags: Flags) -> Result<Config> {
     if let Some(v) = defaults.segment_ms {
         t.segment_ms = v;
     }
+    let bound = |v: i64, what: &str| match v {
+        -1 => Ok(None),
+        v => u64::try_from(v)
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{what} must be >= 0, or -1 for no bound; got {v}")),
+    };
+    if let Some(v) = defaults.timestamp_after_max_ms {
+        t.timestamp_after_max_ms = bound(v, "timestamp_after_max_ms")?;
+    }
+    if let Some(v) = defaults.timestamp_before_max_ms {
+        t.timestamp_before_max_ms = bound(v, "timestamp_before_max_ms")?;
+    }
     if let Some(v) = flags.default_flush.or(defaults.flush) {
         t.flush = v
             .parse()
@@ -104,6 +129,14 @@ pub fn load(flags: Flags) -> Result<Config> {
     anyhow::ensure!(
         config.max_batch_bytes >= 1024,
         "max_batch_bytes must be at least 1024"
+    );
+    anyhow::ensure!(
+        (1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&config.max_connections),
+        "max_connections must be at least 1"
+    );
+    anyhow::ensure!(
+        config.max_concurrent_streams >= 1,
+        "max_concurrent_streams must be at least 1"
     );
     Ok(config)
 }
@@ -124,14 +157,28 @@ mod tests {
         let path = dir.path().join("rill.toml");
         std::fs::write(
             &path,
-            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n[topic_defaults]\npartitions = 3\nflush = \"always\"\n",
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\nmax_connections = 3\n\
+             max_concurrent_streams = 9\n[topic_defaults]\npartitions = 3\nflush = \"always\"\n\
+             timestamp_after_max_ms = -1\ntimestamp_before_max_ms = 60000\n",
         )
         .expect("write");
         let p = path.to_str().expect("utf-8 path");
-        let config = load(flags(&["--config", p, "--listen", "127.0.0.1:0"])).expect("load");
+        let config = load(flags(&[
+            "--config",
+            p,
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "7",
+        ]))
+        .expect("load");
+        assert_eq!(config.max_connections, 7, "the flag wins over the file");
+        assert_eq!(config.max_concurrent_streams, 9, "from the file");
         assert_eq!(config.data_dir, PathBuf::from("/from/file"));
         assert_eq!(config.listen, "127.0.0.1:0".parse().expect("addr"));
         assert_eq!(config.topic_defaults.partitions, 3);
+        assert_eq!(config.topic_defaults.timestamp_after_max_ms, None);
+        assert_eq!(config.topic_defaults.timestamp_before_max_ms, Some(60_000));
         assert_eq!(
             config.topic_defaults.flush,
             rill_storage::FlushPolicy::Always

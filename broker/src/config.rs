@@ -25,6 +25,14 @@ pub const DEFAULT_MAX_FETCH_BYTES: usize = 16 << 20;
 pub const DEFAULT_RETENTION_CHECK_MS: u64 = 60_000;
 /// The default limit on fetches waiting at once.
 pub const DEFAULT_MAX_WAITING_FETCHES: usize = 100_000;
+/// The default limit on client connections served at once. Each costs a file descriptor
+/// and its HTTP/2 buffers; keep it below the process's open-file limit (`ulimit -n`, often
+/// 1024 by default) less the files the broker holds.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+/// The default limit on concurrent calls (HTTP/2 streams) of one connection. hyper's default
+/// of 200 would queue long-poll fetches behind each other on a shared connection; the
+/// broker's waiting-fetch limit bounds the total instead.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 4096;
 
 /// Everything the broker needs to run.
 #[derive(Debug, Clone)]
@@ -43,6 +51,12 @@ pub struct Config {
     pub retention_check_ms: u64,
     /// The most fetches that may wait at once; more get RESOURCE_EXHAUSTED. Default 100,000.
     pub max_waiting_fetches: usize,
+    /// The most client connections served at once. A connection over the limit has its
+    /// calls answered RESOURCE_EXHAUSTED (naming the limit), then is closed. Default 1000.
+    pub max_connections: usize,
+    /// The most concurrent calls (HTTP/2 streams) one connection may have; further calls on
+    /// it wait for one to end. Default 4096.
+    pub max_concurrent_streams: u32,
     /// Defaults for topics created without a value (partitions, retention, segments, flush).
     pub topic_defaults: TopicConfig,
 }
@@ -57,6 +71,8 @@ impl Default for Config {
             max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
             retention_check_ms: DEFAULT_RETENTION_CHECK_MS,
             max_waiting_fetches: DEFAULT_MAX_WAITING_FETCHES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             topic_defaults: TopicConfig::default(),
         }
     }
@@ -101,6 +117,18 @@ impl Config {
         self
     }
 
+    /// Sets the limit on client connections served at once (default 1000).
+    pub fn max_connections(mut self, max_connections: usize) -> Self {
+        self.max_connections = max_connections;
+        self
+    }
+
+    /// Sets the limit on concurrent calls per connection (default 4096).
+    pub fn max_concurrent_streams(mut self, max_concurrent_streams: u32) -> Self {
+        self.max_concurrent_streams = max_concurrent_streams;
+        self
+    }
+
     /// Sets the defaults for new topics.
     pub fn topic_defaults(mut self, topic_defaults: TopicConfig) -> Self {
         self.topic_defaults = topic_defaults;
@@ -131,6 +159,10 @@ pub struct FileConfig {
     pub retention_check_ms: Option<u64>,
     /// See [`Config::max_waiting_fetches`].
     pub max_waiting_fetches: Option<usize>,
+    /// See [`Config::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`Config::max_concurrent_streams`].
+    pub max_concurrent_streams: Option<u32>,
     /// Topic defaults, as a `[topic_defaults]` table.
     pub topic_defaults: Option<FileTopicDefaults>,
 }
@@ -151,4 +183,8 @@ pub struct FileTopicDefaults {
     pub segment_ms: Option<u64>,
     /// Flush policy: `always`, `never` or `interval:MS`.
     pub flush: Option<String>,
+    /// How far ahead of the broker's clock a record timestamp may be, in ms; -1 for no bound.
+    pub timestamp_after_max_ms: Option<i64>,
+    /// How far behind the broker's clock a record timestamp may be, in ms; -1 for no bound.
+    pub timestamp_before_max_ms: Option<i64>,
 }

@@ -5,6 +5,7 @@
 //! - [`config`]: [`Config`], the typed settings with their defaults.
 //! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
 //! - [`server`]: binding, serving (with health and reflection), and graceful shutdown.
+//! - [`connections`]: the accept loop that enforces `max_connections`.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
 //! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups` and `rill.v1.Admin`.
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
@@ -22,6 +23,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod fetch;
 pub mod produce;

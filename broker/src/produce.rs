@@ -56,7 +56,9 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                     req.topic
                 )));
             }
-            vec![(p, topic.log(p)?, bytes)]
+            let log = topic.log(p)?;
+            topic.check_timestamps(p, &bytes, now_ms())?;
+            vec![(p, log, bytes)]
         }
         Some(Payload::Records(list)) => {
             if list.records.is_empty() {
@@ -70,7 +72,14 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
             let mut out = Vec::with_capacity(groups.len());
             for (p, indices) in groups {
                 let log = topic.log(p)?;
-                let encoded = encode(&list.records, &indices, now);
+                let encoded = encode(&list.records, &indices, now).map_err(|source| {
+                    rill_storage::StorageError::InvalidBatch {
+                        topic: req.topic.clone(),
+                        partition: p,
+                        source,
+                    }
+                })?;
+                topic.check_timestamps(p, &encoded, now)?;
                 if encoded.len() > max_batch {
                     return Err(rill_storage::StorageError::BatchTooLarge {
                         topic: req.topic.clone(),
@@ -118,21 +127,26 @@ fn assign(
 }
 
 /// Encodes the chosen records as one batch; a record without a timestamp gets `now_ms`.
-fn encode(records: &[Record], indices: &[usize], now_ms: i64) -> Bytes {
+/// Records the format cannot hold (timestamps too far apart) are refused with the reason.
+fn encode(
+    records: &[Record],
+    indices: &[usize],
+    now_ms: i64,
+) -> Result<Bytes, rill_storage::batch::BatchError> {
     let mut builder = BatchBuilder::new(BytesMut::new());
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
     for &i in indices {
         let r = &records[i];
         headers.clear();
         headers.extend(r.headers.iter().map(|h| (h.key.as_str(), h.value.as_ref())));
-        builder.push(
+        builder.try_push(
             r.key.as_deref(),
             &r.value,
             &headers,
             r.timestamp_ms.unwrap_or(now_ms),
-        );
+        )?;
     }
-    builder.finish()
+    builder.try_finish()
 }
 
 /// What [`append`] did: the offsets per partition, and whether fetches were waiting.

@@ -12,9 +12,9 @@ use rill_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
+use crate::connections::LimitedIncoming;
 use crate::services::{AdminService, GroupsService, LogService};
 use crate::state::Broker;
 use crate::tasks;
@@ -23,8 +23,6 @@ use crate::tasks;
 /// default here, while 16 MiB frames went stop-and-wait (`docs/ARCHITECTURE.md`, "gRPC
 /// transport").
 const MAX_FRAME_BYTES: u32 = 1 << 20;
-/// Concurrent streams (calls) one client connection may have open.
-const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
 /// Room for protobuf framing around the largest batch.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 << 10;
 
@@ -102,13 +100,12 @@ impl Server {
         let admin = AdminServer::new(AdminService::new(broker.clone()));
 
         let shutdown = broker.shutdown().clone();
-        // Nagle's algorithm would hold small responses back for the peer's delayed ACK (40 ms).
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        // At most `max_connections` connections reach tonic; the others are refused with
+        // RESOURCE_EXHAUSTED (see crate::connections).
+        let incoming = LimitedIncoming::new(listener, broker.clone());
         let served = tonic::transport::Server::builder()
             .max_frame_size(MAX_FRAME_BYTES)
-            // hyper's default of 200 streams per connection would queue long-polls behind
-            // each other; the broker's own waiter limit bounds the total instead.
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .max_concurrent_streams(Some(broker.config().max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(health_service)
             .add_service(reflection_v1)

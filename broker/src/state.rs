@@ -3,6 +3,13 @@
 //! It holds the store, the config, the shutdown token and, per partition, a `watch` channel
 //! carrying the high watermark: an append sends on it, and waiting fetches wake on it. No
 //! polling loop exists anywhere.
+//!
+//! # One source of truth
+//! The store's topic registry alone says which topics exist and which partition handles are
+//! live. The broker keeps no registry of its own: every lookup asks the store, and the
+//! wake-up channels are attached to the store's [`Topic`] by identity, made on first use.
+//! So nothing the store does (a creation or deletion whose caller went away, a deletion that
+//! failed and reopened the topic) can leave the broker serving from stale handles.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -10,7 +17,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use rill_storage::{PartitionLog, StorageError, Store, Topic};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +60,24 @@ impl TopicState {
         Ok(self.topic.partition(p)?)
     }
 
+    /// Checks the record timestamps of `batch`, bound for partition `p`, against the topic's
+    /// bounds (`timestamp_after_max_ms`, `timestamp_before_max_ms`) and the broker's clock
+    /// `now_ms`. INVALID_ARGUMENT, naming the topic, the partition and the bound, before
+    /// anything is written.
+    pub fn check_timestamps(&self, p: u32, batch: &[u8], now_ms: i64) -> Result<(), BrokerError> {
+        self.topic
+            .config()
+            .check_batch_timestamps(batch, now_ms)
+            .map_err(|source| {
+                StorageError::InvalidBatch {
+                    topic: self.name().to_string(),
+                    partition: p,
+                    source,
+                }
+                .into()
+            })
+    }
+
     /// Wakes the fetches waiting on partition `p` with its new high watermark.
     /// Returns true when at least one fetch was waiting.
     pub fn notify(&self, p: u32, high_watermark: u64) -> bool {
@@ -77,6 +102,14 @@ impl TopicState {
         })
     }
 
+    /// Wakes every fetch waiting on this topic, so each checks whether its topic still
+    /// exists.
+    fn wake_all(&self) {
+        for tx in &self.watches {
+            tx.send_modify(|_| {});
+        }
+    }
+
     /// The next partition for a keyless record.
     pub fn next_round_robin(&self) -> u32 {
         self.round_robin.fetch_add(1, Ordering::Relaxed) % self.topic.partition_count()
@@ -95,10 +128,14 @@ struct Inner {
     config: Config,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    /// Topic name → state. A plain lock: held only to look up, insert or remove, never
+    /// Topic name → the wake-up state attached to the store's topic of that name. Not a
+    /// registry: an entry serves only while its topic is the very one the store holds (see
+    /// [`Broker::attach`]). A plain lock: held only to look up, insert or remove, never
     /// across an await.
-    topics: RwLock<HashMap<String, Arc<TopicState>>>,
+    attached: RwLock<HashMap<String, Arc<TopicState>>>,
     waiting_fetches: AtomicUsize,
+    /// One permit per client connection served; `config.max_connections` of them.
+    connections: Arc<Semaphore>,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -124,19 +161,18 @@ impl Broker {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        let topics = store
-            .topics()
-            .into_iter()
-            .map(|t| (t.name().to_string(), Arc::new(TopicState::new(t))))
-            .collect();
+        let connections = Arc::new(Semaphore::new(
+            config.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         Broker {
             inner: Arc::new(Inner {
                 store,
                 config,
                 shutdown,
                 tasks,
-                topics: RwLock::new(topics),
+                attached: RwLock::new(HashMap::new()),
                 waiting_fetches: AtomicUsize::new(0),
+                connections,
             }),
         }
     }
@@ -161,38 +197,84 @@ impl Broker {
         &self.inner.tasks
     }
 
-    /// The state of topic `name`, or NotFound.
+    /// The state of topic `name` as the store has it now, or NotFound.
     pub fn topic(&self, name: &str) -> Result<Arc<TopicState>, BrokerError> {
         rill_storage::config::validate_name("topic", name)?;
-        self.inner.topics.read().get(name).cloned().ok_or_else(|| {
-            StorageError::TopicNotFound {
-                topic: name.to_string(),
-            }
-            .into()
-        })
+        let topic = self.inner.store.topic(name)?;
+        Ok(self.attach(topic))
     }
 
-    /// Every topic, sorted by name.
+    /// Every topic the store has, sorted by name. Also forgets the wake-up state of topics
+    /// the store no longer has.
     pub fn topics(&self) -> Vec<Arc<TopicState>> {
-        let mut all: Vec<_> = self.inner.topics.read().values().cloned().collect();
-        all.sort_by(|a, b| a.name().cmp(b.name()));
+        let all: Vec<_> = self
+            .inner
+            .store
+            .topics()
+            .into_iter()
+            .map(|t| self.attach(t))
+            .collect();
+        if self.inner.attached.read().len() > all.len() {
+            let mut stale = Vec::new();
+            self.inner.attached.write().retain(|_, state| {
+                let live = all.iter().any(|t| Arc::ptr_eq(t, state));
+                if !live {
+                    stale.push(Arc::clone(state));
+                }
+                live
+            });
+            // Their waiting fetches find the topic gone.
+            for state in stale {
+                state.wake_all();
+            }
+        }
         all
     }
 
-    /// Registers a topic just created in the store.
-    pub fn add_topic(&self, topic: Topic) -> Arc<TopicState> {
+    /// The serving state of `topic`, a topic of the store: the one already attached to it,
+    /// or a new one. A state left from an earlier topic of the same name is replaced, and
+    /// its waiting fetches are woken so they find their topic gone.
+    pub fn attach(&self, topic: Topic) -> Arc<TopicState> {
+        if let Some(state) = self.inner.attached.read().get(topic.name()) {
+            if state.topic.is_same(&topic) {
+                return Arc::clone(state);
+            }
+        }
+        let mut attached = self.inner.attached.write();
+        // Checked again: another lookup may have attached it meanwhile.
+        if let Some(state) = attached.get(topic.name()) {
+            if state.topic.is_same(&topic) {
+                return Arc::clone(state);
+            }
+        }
         let state = Arc::new(TopicState::new(topic));
-        self.inner
-            .topics
-            .write()
-            .insert(state.name().to_string(), Arc::clone(&state));
+        if let Some(stale) = attached.insert(state.name().to_string(), Arc::clone(&state)) {
+            stale.wake_all();
+        }
         state
     }
 
-    /// Forgets a topic. Its watch senders drop, which wakes its waiting fetches; they then
-    /// find the topic gone.
-    pub fn remove_topic(&self, name: &str) -> Option<Arc<TopicState>> {
-        self.inner.topics.write().remove(name)
+    /// Called after the store deleted topic `name`: forgets its wake-up state and wakes its
+    /// waiting fetches, which then find the topic gone. Does nothing while the store still
+    /// has the topic.
+    pub fn forget_deleted(&self, name: &str) {
+        let stale = {
+            let mut attached = self.inner.attached.write();
+            let live = attached.get(name).is_some_and(|state| {
+                self.inner
+                    .store
+                    .topic(name)
+                    .is_ok_and(|t| t.is_same(&state.topic))
+            });
+            if live {
+                None
+            } else {
+                attached.remove(name)
+            }
+        };
+        if let Some(stale) = stale {
+            stale.wake_all();
+        }
     }
 
     /// Takes a waiting-fetch slot, or fails when the limit is reached.
@@ -209,6 +291,21 @@ impl Broker {
         Ok(slot)
     }
 
+    /// A permit to serve one more client connection, held as long as it is served, or
+    /// `None` when `max_connections` are served already.
+    pub fn connection_permit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.connections).try_acquire_owned().ok()
+    }
+
+    /// Client connections served right now.
+    pub fn open_connections(&self) -> usize {
+        self.inner
+            .config
+            .max_connections
+            .min(Semaphore::MAX_PERMITS)
+            .saturating_sub(self.inner.connections.available_permits())
+    }
+
     /// Fetches waiting right now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.waiting_fetches.load(Ordering::Acquire)
@@ -221,5 +318,48 @@ impl Broker {
         } else {
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rill_storage::{StoreOptions, TopicConfig};
+
+    use super::*;
+
+    /// Topics created or deleted in the store, by whatever caller (one that went away before
+    /// updating the broker, say), are what the broker serves: it has no registry to drift.
+    #[test]
+    fn the_broker_serves_what_the_store_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreOptions::new(dir.path())).expect("open");
+        let broker = Broker::new(
+            store.clone(),
+            Config::new(dir.path()),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        assert!(broker.topic("t").is_err());
+        store
+            .create_topic("t", TopicConfig::default())
+            .expect("create");
+        let first = broker.topic("t").expect("seen without add");
+        assert!(Arc::ptr_eq(&first, &broker.topic("t").expect("again")));
+        assert_eq!(broker.topics().len(), 1);
+
+        let mut woken = first.subscribe(0).expect("partition 0");
+        woken.borrow_and_update();
+        store.delete_topic("t").expect("delete");
+        assert!(broker.topic("t").is_err(), "gone without remove");
+        assert!(broker.topics().is_empty());
+        assert!(woken.has_changed().unwrap_or(true), "waiters woken");
+
+        // A new topic of the same name gets new wake-up channels and live partitions.
+        store
+            .create_topic("t", TopicConfig::default())
+            .expect("recreate");
+        let second = broker.topic("t").expect("the new topic");
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.log(0).expect("log").high_watermark(), 0);
     }
 }

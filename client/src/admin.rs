@@ -96,6 +96,8 @@ impl TopicSettings {
             retention_bytes: self.retention_bytes,
             segment_bytes: self.segment_bytes,
             segment_ms: None,
+            timestamp_after_max_ms: None,
+            timestamp_before_max_ms: None,
             flush: self.flush.map(|f| pb::FlushPolicy {
                 policy: Some(match f {
                     Flush::Always => Policy::Always(pb::Always {}),

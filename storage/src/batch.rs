@@ -204,9 +204,51 @@ pub enum BatchError {
         /// The largest record timestamp.
         actual: i64,
     },
+    /// A record's timestamp delta, added to the batch's first timestamp, overflows an `i64`.
+    #[error(
+        "record {index}: timestamp overflows: the batch's first timestamp {first} plus the \
+         record's delta {delta} does not fit a 64-bit millisecond timestamp"
+    )]
+    TimestampOverflow {
+        /// The record's index in the batch.
+        index: u32,
+        /// The batch's first timestamp.
+        first: i64,
+        /// The record's timestamp delta.
+        delta: i64,
+    },
+    /// A record timestamp is further ahead of the broker's clock than the topic allows.
+    #[error(
+        "record timestamp {timestamp_ms} is more than timestamp_after_max_ms = {max_ms} ms \
+         ahead of the broker's clock ({now_ms})"
+    )]
+    TimestampTooNew {
+        /// The record's timestamp, in ms since the epoch.
+        timestamp_ms: i64,
+        /// The broker's clock, in ms since the epoch.
+        now_ms: i64,
+        /// The topic's bound, `timestamp_after_max_ms`.
+        max_ms: u64,
+    },
+    /// A record timestamp is further behind the broker's clock than the topic allows.
+    #[error(
+        "record timestamp {timestamp_ms} is more than timestamp_before_max_ms = {max_ms} ms \
+         behind the broker's clock ({now_ms})"
+    )]
+    TimestampTooOld {
+        /// The record's timestamp, in ms since the epoch.
+        timestamp_ms: i64,
+        /// The broker's clock, in ms since the epoch.
+        now_ms: i64,
+        /// The topic's bound, `timestamp_before_max_ms`.
+        max_ms: u64,
+    },
     /// Encoding: a record's timestamp is too far from the batch's first timestamp for its
     /// delta to fit in an `i64`.
-    #[error("timestamp {timestamp} is too far from the batch's first timestamp {first}")]
+    #[error(
+        "timestamps overflow: record timestamp {timestamp} is too far from the batch's first \
+         timestamp {first} for their difference to fit 64 bits"
+    )]
     TimestampOutOfRange {
         /// The batch's first timestamp.
         first: i64,

@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::{BatchError, BatchHeader};
 use crate::error::{Result, StorageError};
 
 /// The most partitions one topic may have. A request for more is refused, so a hostile or
@@ -26,6 +27,11 @@ pub const DEFAULT_SEGMENT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// The default interval of the `interval` flush policy, in milliseconds.
 pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
+/// The default bound on how far a record's timestamp may be ahead of the broker's clock, in
+/// milliseconds (1 hour): Kafka's default for `message.timestamp.after.max.ms` since 4.0.
+/// A timestamp in the future keeps its segment from ever expiring by age, so the bound is on
+/// by default; an hour covers any sane clock skew between producers and the broker.
+pub const DEFAULT_TIMESTAMP_AFTER_MAX_MS: u64 = 3600 * 1000;
 /// The longest name a topic or group may have.
 pub const MAX_NAME_LEN: usize = 249;
 
@@ -105,6 +111,43 @@ pub struct TopicConfig {
     pub segment_ms: u64,
     /// When appends are synced. Default `interval_ms` of [`DEFAULT_FLUSH_INTERVAL_MS`].
     pub flush: FlushPolicy,
+    /// Refuse a record whose timestamp is more than this many milliseconds ahead of the
+    /// broker's clock (Kafka's `message.timestamp.after.max.ms`). `None`: no bound. Default
+    /// [`DEFAULT_TIMESTAMP_AFTER_MAX_MS`] (1 hour). Stored as `-1` for no bound; a
+    /// `topic.toml` without it (written before the bound existed) gets the default.
+    #[serde(default = "default_timestamp_after_max_ms", with = "limit_ms")]
+    pub timestamp_after_max_ms: Option<u64>,
+    /// Refuse a record whose timestamp is more than this many milliseconds behind the
+    /// broker's clock (Kafka's `message.timestamp.before.max.ms`). `None`, no bound, is the
+    /// default, as in Kafka: old timestamps are legitimate (backfills, replays, mirrored
+    /// history), and they can only make a segment expire sooner, never pin it.
+    #[serde(default, with = "limit_ms")]
+    pub timestamp_before_max_ms: Option<u64>,
+}
+
+fn default_timestamp_after_max_ms() -> Option<u64> {
+    Some(DEFAULT_TIMESTAMP_AFTER_MAX_MS)
+}
+
+/// A millisecond bound in `topic.toml`: TOML has no null, so `None` (no bound) is `-1`.
+mod limit_ms {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_i64(-1),
+            Some(ms) => s.serialize_u64(*ms),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match i64::deserialize(d)? {
+            -1 => Ok(None),
+            ms => u64::try_from(ms).map(Some).map_err(|_| {
+                de::Error::custom(format!("{ms} ms: expected >= 0, or -1 for no bound"))
+            }),
+        }
+    }
 }
 
 impl Default for TopicConfig {
@@ -116,6 +159,8 @@ impl Default for TopicConfig {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             segment_ms: DEFAULT_SEGMENT_MS,
             flush: FlushPolicy::default(),
+            timestamp_after_max_ms: default_timestamp_after_max_ms(),
+            timestamp_before_max_ms: None,
         }
     }
 }
@@ -157,6 +202,65 @@ impl TopicConfig {
         self
     }
 
+    /// Sets how far ahead of the broker's clock a record timestamp may be, in milliseconds;
+    /// `None` for no bound (default 1 hour).
+    pub fn timestamp_after_max_ms(mut self, timestamp_after_max_ms: Option<u64>) -> Self {
+        self.timestamp_after_max_ms = timestamp_after_max_ms;
+        self
+    }
+
+    /// Sets how far behind the broker's clock a record timestamp may be, in milliseconds;
+    /// `None` for no bound (the default).
+    pub fn timestamp_before_max_ms(mut self, timestamp_before_max_ms: Option<u64>) -> Self {
+        self.timestamp_before_max_ms = timestamp_before_max_ms;
+        self
+    }
+
+    /// Checks one record timestamp against the topic's bounds, relative to `now_ms` (the
+    /// broker's clock): [`BatchError::TimestampTooNew`] or [`BatchError::TimestampTooOld`],
+    /// naming the bound.
+    pub fn check_timestamp(&self, timestamp_ms: i64, now_ms: i64) -> Result<(), BatchError> {
+        // i128: no difference of two i64 overflows it.
+        let ahead = i128::from(timestamp_ms) - i128::from(now_ms);
+        if let Some(max_ms) = self.timestamp_after_max_ms {
+            if ahead > i128::from(max_ms) {
+                return Err(BatchError::TimestampTooNew {
+                    timestamp_ms,
+                    now_ms,
+                    max_ms,
+                });
+            }
+        }
+        if let Some(max_ms) = self.timestamp_before_max_ms {
+            if -ahead > i128::from(max_ms) {
+                return Err(BatchError::TimestampTooOld {
+                    timestamp_ms,
+                    now_ms,
+                    max_ms,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the record timestamps of an encoded batch against the topic's bounds (see
+    /// [`TopicConfig::check_timestamp`]), before anything is written: its max timestamp
+    /// against the bound ahead, and (only when that bound is set) each record's against the
+    /// bound behind. A malformed header or record is reported as such; the append's full
+    /// check also refuses a batch whose header's max timestamp is not its records' largest,
+    /// so a lying header cannot slip a timestamp past this.
+    pub fn check_batch_timestamps(&self, batch: &[u8], now_ms: i64) -> Result<(), BatchError> {
+        let header = BatchHeader::parse(batch)?;
+        self.check_timestamp(header.max_timestamp, now_ms)?;
+        if self.timestamp_before_max_ms.is_some() {
+            let view = crate::batch::BatchView::parse(batch)?;
+            for record in view.records() {
+                self.check_timestamp(record?.timestamp_ms, now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every value against its allowed range. `topic` only names the error.
     pub fn validate(&self, topic: &str) -> Result<()> {
         let bad = |reason: String| {
@@ -188,6 +292,17 @@ impl TopicConfig {
         }
         if self.flush == FlushPolicy::IntervalMs(0) {
             return bad("flush interval_ms must be > 0".to_string());
+        }
+        for (name, bound) in [
+            ("timestamp_after_max_ms", self.timestamp_after_max_ms),
+            ("timestamp_before_max_ms", self.timestamp_before_max_ms),
+        ] {
+            if bound.is_some_and(|ms| i64::try_from(ms).is_err()) {
+                return bad(format!(
+                    "{name} must be at most {}, or unset for no bound",
+                    i64::MAX
+                ));
+            }
         }
         Ok(())
     }
@@ -261,6 +376,98 @@ mod tests {
         assert!(TopicConfig::default().segment_ms(0).validate("t").is_err());
         assert!(TopicConfig::default()
             .retention_bytes(Some(0))
+            .validate("t")
+            .is_err());
+    }
+
+    #[test]
+    fn timestamp_bounds_follow_kafka() {
+        let now = 1_700_000_000_000;
+        let hour = 3_600_000;
+        let config = TopicConfig::default();
+        // Defaults: at most an hour ahead, any age behind.
+        assert!(config.check_timestamp(now + hour, now).is_ok());
+        assert_eq!(
+            config.check_timestamp(now + hour + 1, now),
+            Err(BatchError::TimestampTooNew {
+                timestamp_ms: now + hour + 1,
+                now_ms: now,
+                max_ms: hour as u64
+            })
+        );
+        assert!(config.check_timestamp(0, now).is_ok());
+        assert!(config.check_timestamp(i64::MIN, now).is_ok());
+        let year_3000 = 32_503_680_000_000;
+        let err = config
+            .check_timestamp(year_3000, now)
+            .expect_err("year 3000");
+        assert!(
+            err.to_string().contains("timestamp_after_max_ms = 3600000"),
+            "{err}"
+        );
+
+        let bounded = TopicConfig::default()
+            .timestamp_after_max_ms(None)
+            .timestamp_before_max_ms(Some(1000));
+        assert!(bounded.check_timestamp(i64::MAX, now).is_ok());
+        assert!(bounded.check_timestamp(now - 1000, now).is_ok());
+        let err = bounded
+            .check_timestamp(now - 1001, now)
+            .expect_err("too old");
+        assert!(
+            err.to_string().contains("timestamp_before_max_ms = 1000"),
+            "{err}"
+        );
+        // Extremes of both clocks compare without overflow.
+        assert!(bounded.check_timestamp(i64::MIN, i64::MAX).is_err());
+
+        // A batch: its max timestamp against the bound ahead, each record against the bound
+        // behind.
+        let batch = |timestamps: &[i64]| {
+            let mut b = crate::batch::BatchBuilder::default();
+            for &t in timestamps {
+                b.push(None, b"v", &[], t);
+            }
+            b.finish()
+        };
+        let both = TopicConfig::default().timestamp_before_max_ms(Some(hour as u64));
+        assert!(both
+            .check_batch_timestamps(&batch(&[now, now - 5]), now)
+            .is_ok());
+        assert!(matches!(
+            both.check_batch_timestamps(&batch(&[now, now + 2 * hour, now]), now),
+            Err(BatchError::TimestampTooNew { .. })
+        ));
+        assert!(matches!(
+            both.check_batch_timestamps(&batch(&[now, now - 2 * hour, now]), now),
+            Err(BatchError::TimestampTooOld { .. })
+        ));
+    }
+
+    #[test]
+    fn timestamp_bounds_are_stored_and_default_when_absent() {
+        for config in [
+            TopicConfig::default(),
+            TopicConfig::default()
+                .timestamp_after_max_ms(None)
+                .timestamp_before_max_ms(Some(7)),
+        ] {
+            let text = toml::to_string(&config).expect("serialize");
+            let back: TopicConfig = toml::from_str(&text).expect("parse");
+            assert_eq!(back, config, "{text}");
+        }
+        // A topic.toml written before the bounds existed gets the defaults.
+        let old = "partitions = 1\nretention_ms = 5\nsegment_bytes = 4096\nsegment_ms = 9\nflush = \"always\"\n";
+        let config: TopicConfig = toml::from_str(old).expect("parse");
+        assert_eq!(
+            config.timestamp_after_max_ms,
+            Some(DEFAULT_TIMESTAMP_AFTER_MAX_MS)
+        );
+        assert_eq!(config.timestamp_before_max_ms, None);
+        let bad = format!("{old}timestamp_before_max_ms = -2\n");
+        assert!(toml::from_str::<TopicConfig>(&bad).is_err());
+        assert!(TopicConfig::default()
+            .timestamp_after_max_ms(Some(u64::MAX))
             .validate("t")
             .is_err());
     }

@@ -14,7 +14,8 @@
 //! creation leaves a folder without it, which the next open removes. Deletion renames the
 //! topic folder into `trash/` (one atomic step, synced) before removing anything, so a crash
 //! leaves either the whole topic or a trash entry that the next open empties; never a topic
-//! with half its files.
+//! with half its files. If that move fails, the topic's partitions are reopened in place:
+//! every [`Topic`] handle of it (the broker's included) serves again, with no restart.
 //!
 //! # Damage is contained
 //! Nothing found on disk stops the store from opening. A `topic.toml` that cannot be read,
@@ -31,6 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::{validate_name, TopicConfig};
@@ -85,7 +87,8 @@ impl StoreOptions {
 /// A topic: its name, config and partitions. Cheap to clone: a handle around shared state.
 ///
 /// A handle stays usable after the topic is deleted, but its partitions are closed then, so
-/// appends to them fail.
+/// appends to them fail. A deletion that fails reopens the partitions inside the same
+/// topic, so every handle sees them serve again.
 #[derive(Debug, Clone)]
 pub struct Topic {
     inner: Arc<TopicInner>,
@@ -97,9 +100,13 @@ struct TopicInner {
     config: TopicConfig,
     dir: PathBuf,
     /// One slot per partition, `config.partitions` of them: the log, or why it could not be
-    /// opened (the partition is fenced).
-    partitions: Vec<std::result::Result<PartitionLog, String>>,
+    /// opened (the partition is fenced). Swapped whole only when a failed deletion reopens
+    /// the partitions; lookups load it without a lock.
+    partitions: ArcSwap<Vec<PartitionSlot>>,
 }
+
+/// A partition's log, or why it could not be opened (the partition is fenced).
+type PartitionSlot = std::result::Result<PartitionLog, String>;
 
 impl Topic {
     /// The topic's name.
@@ -125,9 +132,8 @@ impl Topic {
     /// Partition `p`'s log. [`StorageError::PartitionNotFound`] past the count, and
     /// [`StorageError::Fenced`] for a partition that could not be opened.
     pub fn partition(&self, p: u32) -> Result<PartitionLog> {
-        let slot = usize::try_from(p)
-            .ok()
-            .and_then(|i| self.inner.partitions.get(i));
+        let slots = self.inner.partitions.load();
+        let slot = usize::try_from(p).ok().and_then(|i| slots.get(i));
         match slot {
             None => Err(StorageError::PartitionNotFound {
                 topic: self.inner.name.clone(),
@@ -149,11 +155,17 @@ impl Topic {
         (0..self.partition_count()).map(|p| (p, self.partition(p)))
     }
 
+    /// Whether `other` is a handle of this very topic (not of another topic of the same name,
+    /// created after this one was deleted).
+    pub fn is_same(&self, other: &Topic) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Closes every open partition (synced, with clean-shutdown markers). Tries them all and
     /// returns the first error.
     fn close(&self) -> Result<()> {
         let mut first_error = None;
-        for log in self.inner.partitions.iter().flatten() {
+        for log in self.inner.partitions.load().iter().flatten() {
             if let Err(e) = log.close() {
                 tracing::error!(topic = %self.inner.name, partition = log.partition(), error = %e, "closing a partition failed");
                 first_error.get_or_insert(e);
@@ -250,7 +262,7 @@ impl Store {
                     name: t.name.clone(),
                     config: t.config.clone(),
                     dir: t.dir.clone(),
-                    partitions,
+                    partitions: ArcSwap::from_pointee(partitions),
                 }),
             };
             topics.insert(t.name.clone(), topic);
@@ -381,7 +393,7 @@ impl Store {
                 name: name.to_string(),
                 config: config.clone(),
                 dir: dir.to_path_buf(),
-                partitions,
+                partitions: ArcSwap::from_pointee(partitions),
             }),
         })
     }
@@ -410,7 +422,9 @@ impl Store {
     ///
     /// Lookups see [`StorageError::TopicNotFound`] from the start. The deletion is durable
     /// once the folder has moved into the trash; a crash after that finishes it at the next
-    /// open. If the move fails, the topic is reopened and stays.
+    /// open. If the move fails, the topic stays: its partitions are reopened inside the same
+    /// [`Topic`] (so handles held elsewhere serve again), it is listed again, and the error
+    /// is returned.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         validate_name("topic", name)?;
         let _admin = self.inner.admin.lock();
@@ -431,11 +445,14 @@ impl Store {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let trashed = self.inner.trash_dir.join(format!("{name}-{unix_nanos}"));
-        if let Err(e) = fs::rename(topic.dir(), &trashed) {
-            // Nothing moved: put the topic back as it is on disk.
+        if let Err(e) = rename(topic.dir(), &trashed) {
+            // Nothing moved: serve the topic again as it is on disk.
             tracing::error!(topic = name, error = %e, "cannot move a topic to the trash; it stays");
-            let reopened = self.reopen(&topic);
-            self.inner.topics.write().insert(name.to_string(), reopened);
+            self.reopen(&topic);
+            self.inner
+                .topics
+                .write()
+                .insert(name.to_string(), topic.clone());
             return Err(StorageError::io("move topic to trash", topic.dir(), e));
         }
         // Both folders must be synced before anything is removed: otherwise a power loss
@@ -451,8 +468,9 @@ impl Store {
         Ok(())
     }
 
-    /// Reopens a topic whose partitions were closed, from its folder.
-    fn reopen(&self, topic: &Topic) -> Topic {
+    /// Reopens the closed partitions of `topic` from its folder, in place: every handle of
+    /// the topic sees the new logs. A partition that cannot be reopened is fenced.
+    fn reopen(&self, topic: &Topic) {
         let config = topic.config();
         let jobs: Vec<PartitionJob<'_>> = (0..config.partitions)
             .map(|partition| PartitionJob {
@@ -464,18 +482,11 @@ impl Store {
                 must_exist: true,
             })
             .collect();
-        let partitions = open_partitions(&jobs)
+        let partitions: Vec<PartitionSlot> = open_partitions(&jobs)
             .into_iter()
             .map(|r| r.map_err(|e| format!("it could not be reopened: {e}")))
             .collect();
-        Topic {
-            inner: Arc::new(TopicInner {
-                name: topic.name().to_string(),
-                config: config.clone(),
-                dir: topic.dir().to_path_buf(),
-                partitions,
-            }),
-        }
+        topic.inner.partitions.store(Arc::new(partitions));
     }
 
     /// The committed offsets of every consumer group.
@@ -510,6 +521,51 @@ impl Store {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// `fs::rename`, through the test-only fault hook when it is compiled in.
+fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(any(test, feature = "fault-injection"))]
+    if fault::take_rename_failure(from) {
+        return Err(io::Error::other(
+            "injected rename failure (fault-injection)",
+        ));
+    }
+    fs::rename(from, to)
+}
+
+/// Failure injection for tests, compiled only with the `fault-injection` feature (which only
+/// the end-to-end tests enable) or in this crate's own tests.
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fault {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// Paths whose next rename fails. Keyed by path, not per thread, because the rename
+    /// runs on whatever blocking thread serves the request, and by path so that tests
+    /// running in parallel never take each other's failure.
+    static FAIL_RENAME: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// Makes the next rename of `from` (a topic folder moved to the trash by
+    /// [`Store::delete_topic`](super::Store::delete_topic)) fail once with an I/O error.
+    pub fn fail_next_rename(from: impl Into<PathBuf>) {
+        FAIL_RENAME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(from.into());
+    }
+
+    /// Whether a failure was armed for `from`; disarms it.
+    pub(super) fn take_rename_failure(from: &Path) -> bool {
+        let mut armed = FAIL_RENAME.lock().unwrap_or_else(|e| e.into_inner());
+        match armed.iter().position(|p| p == from) {
+            Some(i) => {
+                armed.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -55,6 +55,20 @@ pub fn resolve_config(
         config.segment_ms = u64::try_from(v)
             .map_err(|_| BrokerError::invalid(format!("segment_ms must be > 0; got {v}")))?;
     }
+    let bound = |v: i64, what: &str| -> Result<Option<u64>, BrokerError> {
+        match v {
+            -1 => Ok(None),
+            v => u64::try_from(v).map(Some).map_err(|_| {
+                BrokerError::invalid(format!("{what} must be >= 0, or -1 for no bound; got {v}"))
+            }),
+        }
+    };
+    if let Some(v) = req.timestamp_after_max_ms {
+        config.timestamp_after_max_ms = bound(v, "timestamp_after_max_ms")?;
+    }
+    if let Some(v) = req.timestamp_before_max_ms {
+        config.timestamp_before_max_ms = bound(v, "timestamp_before_max_ms")?;
+    }
     if let Some(policy) = req.flush.and_then(|f| f.policy) {
         config.flush = match policy {
             Policy::Always(_) => FlushPolicy::Always,
@@ -81,6 +95,8 @@ pub fn config_to_pb(c: &TopicConfig) -> pb::TopicConfig {
                 FlushPolicy::IntervalMs(ms) => Policy::IntervalMs(ms),
             }),
         }),
+        timestamp_after_max_ms: opt(c.timestamp_after_max_ms),
+        timestamp_before_max_ms: opt(c.timestamp_before_max_ms),
     }
 }
 
@@ -131,7 +147,7 @@ impl Admin for AdminService {
             .await
             .map_err(BrokerError::from)?
             .map_err(BrokerError::from)?;
-        let state = self.broker.add_topic(topic);
+        let state = self.broker.attach(topic);
         tracing::info!(
             topic = state.name(),
             partitions = state.topic.partition_count(),
@@ -148,18 +164,21 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         self.broker.check_running()?;
         let name = request.into_inner().name;
-        let state = self.broker.topic(&name)?;
+        rill_storage::config::validate_name("topic", &name).map_err(BrokerError::from)?;
         let store = self.broker.store().clone();
+        let broker = self.broker.clone();
         let n = name.clone();
-        tokio::task::spawn_blocking(move || store.delete_topic(&n))
-            .await
-            .map_err(BrokerError::from)?
-            .map_err(BrokerError::from)?;
-        self.broker.remove_topic(&name);
-        // Wake its waiting fetches so they find the topic gone.
-        for p in 0..state.topic.partition_count() {
-            state.notify(p, 0);
-        }
+        // The store is the one registry; the broker's wake-ups follow it, here and at every
+        // lookup, so a failed deletion (the store reopens the topic) leaves nothing stale,
+        // and neither does a caller that goes away before this finishes.
+        tokio::task::spawn_blocking(move || {
+            let deleted = store.delete_topic(&n);
+            broker.forget_deleted(&n);
+            deleted
+        })
+        .await
+        .map_err(BrokerError::from)?
+        .map_err(BrokerError::from)?;
         tracing::info!(topic = %name, "topic deleted");
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }

@@ -238,7 +238,11 @@ impl<'a> Records<'a> {
             .header
             .first_timestamp
             .checked_add(timestamp_delta)
-            .ok_or(bad("timestamp overflows"))?;
+            .ok_or(BatchError::TimestampOverflow {
+                index,
+                first: self.header.first_timestamp,
+                delta: timestamp_delta,
+            })?;
         let key_len = c.u32().ok_or(bad("key length past the record end"))? as i32;
         let key = match key_len {
             -1 => None,

@@ -288,7 +288,11 @@ fn record_rules_are_enforced() {
                 .copy_from_slice(&i64::MAX.to_le_bytes());
             b[r + 8..r + 16].copy_from_slice(&1i64.to_le_bytes());
         }),
-        bad("timestamp overflows")
+        Some(BatchError::TimestampOverflow {
+            index: 0,
+            first: i64::MAX,
+            delta: 1
+        })
     );
     // A byte after the last header, with both lengths grown to cover it.
     assert_eq!(
@@ -507,6 +511,59 @@ proptest! {
             prop_assert_eq!(r.offset, base + i as u64);
             prop_assert!(range.contains(&r.value.as_ptr()) || r.value.is_empty());
             prop_assert_eq!(r.header_count() as usize, records[i].headers.len());
+        }
+    }
+
+    /// Two timestamps whose difference does not fit an `i64` are refused as an overflow by
+    /// the builder, never turned into an empty batch that readers call a bad record count;
+    /// two whose difference fits round-trip exactly.
+    #[test]
+    fn timestamps_that_overflow_are_reported_as_such(a in any::<i64>(), b in any::<i64>()) {
+        let records = [a, b].map(|timestamp_ms| Record {
+            value: Bytes::from_static(b"v"),
+            timestamp_ms,
+            ..Default::default()
+        });
+        match b.checked_sub(a) {
+            None => {
+                prop_assert_eq!(
+                    try_encode_batch(&records),
+                    Err(BatchError::TimestampOutOfRange { first: a, timestamp: b })
+                );
+                let mut builder = BatchBuilder::default();
+                builder.push(None, b"v", &[], a);
+                builder.push(None, b"v", &[], b);
+                prop_assert_eq!(
+                    builder.error(),
+                    Some(&BatchError::TimestampOutOfRange { first: a, timestamp: b })
+                );
+                let message = builder.error().map(ToString::to_string).unwrap_or_default();
+                prop_assert!(message.contains("overflow"), "{}", message);
+            }
+            Some(_) => {
+                let built = try_encode_batch(&records).expect("encodable");
+                prop_assert_eq!(decode(&built).expect("decode"), records.to_vec());
+            }
+        }
+    }
+
+    /// A batch built elsewhere whose first timestamp plus a record's delta overflows is
+    /// refused with that overflow, naming the record, the first timestamp and the delta.
+    #[test]
+    fn a_foreign_batch_whose_timestamps_overflow_is_refused_as_such(first in any::<i64>(), delta in any::<i64>()) {
+        let mut b = BatchBuilder::default();
+        b.push(None, b"v", &[], 0);
+        let mut b = b.finish().to_vec();
+        let r = HEADER_LEN;
+        b[field::FIRST_TIMESTAMP..field::FIRST_TIMESTAMP + 8].copy_from_slice(&first.to_le_bytes());
+        b[field::MAX_TIMESTAMP..field::MAX_TIMESTAMP + 8]
+            .copy_from_slice(&first.wrapping_add(delta).to_le_bytes());
+        b[r + 8..r + 16].copy_from_slice(&delta.to_le_bytes());
+        reseal(&mut b);
+        let checked = BatchView::parse(&b).and_then(|v| v.validate());
+        match first.checked_add(delta) {
+            None => prop_assert_eq!(checked, Err(BatchError::TimestampOverflow { index: 0, first, delta })),
+            Some(_) => prop_assert_eq!(checked, Ok(())),
         }
     }
 

@@ -80,3 +80,53 @@ fn parallel_open_returns_results_in_job_order() {
         }
     }
 }
+
+#[test]
+fn a_deletion_whose_move_fails_keeps_every_handle_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("open");
+    let topic = store
+        .create_topic("t", TopicConfig::default().partitions(2))
+        .expect("create");
+    let batch = crate::batch::encode_batch(&[crate::batch::Record {
+        value: bytes::Bytes::from_static(b"v"),
+        timestamp_ms: 1,
+        ..Default::default()
+    }]);
+    topic
+        .partition(0)
+        .expect("p0")
+        .append(&batch)
+        .expect("append");
+
+    fault::fail_next_rename(topic.dir());
+    let err = store.delete_topic("t").expect_err("the move fails");
+    assert!(
+        matches!(err, StorageError::Io { .. }),
+        "the I/O error is returned: {err:?}"
+    );
+    // The store lists the very same topic again, and the handle taken before the deletion
+    // (as the broker holds one) appends and reads without a restart.
+    assert!(store.topic("t").expect("still there").is_same(&topic));
+    assert_eq!(store.topics().len(), 1);
+    for p in 0..2 {
+        let log = topic.partition(p).expect("reopened");
+        let info = log.append(&batch).expect("appends again");
+        assert_eq!(info.base_offset, u64::from(p == 0));
+        assert_eq!(
+            log.read(0, 1 << 20).expect("read").high_watermark,
+            info.next_offset
+        );
+    }
+    // Nothing was left armed: the next deletion goes through.
+    store.delete_topic("t").expect("delete");
+    assert!(matches!(
+        store.topic("t"),
+        Err(StorageError::TopicNotFound { .. })
+    ));
+    assert!(topic
+        .partition(0)
+        .expect("closed log")
+        .append(&batch)
+        .is_err());
+}
