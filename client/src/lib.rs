@@ -75,4 +75,4 @@ pub use consumer::{
     AutoOffsetReset, ConsumedRecord, Consumer, ConsumerConfig, ConsumerEvent, SeekTo,
 };
 pub use error::{ClientError, Result};
-pub use producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};

@@ -177,6 +177,27 @@ impl ProducerRecord {
 
 type Ack = oneshot::Sender<Result<(u32, u64)>>;
 
+/// The acknowledgement of one sent record: resolves to its `(partition, offset)` once its
+/// batch is acknowledged, or to the batch's error. Dropping it does not cancel the send.
+#[derive(Debug)]
+pub struct DeliveryFuture {
+    rx: oneshot::Receiver<Result<(u32, u64)>>,
+}
+
+impl std::future::Future for DeliveryFuture {
+    type Output = Result<(u32, u64)>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // The sender is dropped unanswered only if its task is gone (the runtime shut down).
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
 enum Msg {
     Record {
         record: pb::Record,
@@ -297,8 +318,8 @@ impl Producer {
             .clone()
     }
 
-    /// Queues a record and returns a future of its `(partition, offset)`. Records sent from
-    /// one task to one partition keep their order.
+    /// Queues a record and returns its [`DeliveryFuture`], which resolves to the record's
+    /// `(partition, offset)`. Records sent from one task to one partition keep their order.
     ///
     /// When the buffer is full (see [`ProducerConfig::buffer_memory_bytes`]) this waits until
     /// earlier records are acknowledged and make room. The first send to a topic looks the
@@ -308,30 +329,22 @@ impl Producer {
     /// The topic does not exist, the partition is past the topic's count, the record is
     /// larger than the whole buffer ([`ClientError::RecordTooLarge`]). The returned future
     /// fails with the batch's error when the broker refuses it or retries run out.
-    pub async fn send(
-        &self,
-        record: ProducerRecord,
-    ) -> Result<impl std::future::Future<Output = Result<(u32, u64)>>> {
-        let rx = self.enqueue(record, WhenFull::Wait).await?;
-        Ok(async move { rx.await.map_err(|_| ClientError::Closed)? })
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        self.enqueue(record, WhenFull::Wait).await
     }
 
     /// Like [`Producer::send`], but never waits for room in the buffer: when it is full, fails
     /// at once with [`ClientError::BufferFull`] and the record is not sent. (The first send
     /// to a topic still waits for the topic's lookup.)
-    pub async fn try_send(
-        &self,
-        record: ProducerRecord,
-    ) -> Result<impl std::future::Future<Output = Result<(u32, u64)>>> {
-        let rx = self.enqueue(record, WhenFull::Fail).await?;
-        Ok(async move { rx.await.map_err(|_| ClientError::Closed)? })
+    pub async fn try_send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        self.enqueue(record, WhenFull::Fail).await
     }
 
     async fn enqueue(
         &self,
         record: ProducerRecord,
         when_full: WhenFull,
-    ) -> Result<oneshot::Receiver<Result<(u32, u64)>>> {
+    ) -> Result<DeliveryFuture> {
         let topic = self.topic(&record.topic).await?;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p >= topic.partitions => {
@@ -396,7 +409,7 @@ impl Producer {
                 permit,
             })
             .map_err(|_| ClientError::Closed)?;
-        Ok(rx)
+        Ok(DeliveryFuture { rx })
     }
 
     /// Sends a record and waits for its `(partition, offset)`.

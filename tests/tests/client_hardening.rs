@@ -1,0 +1,359 @@
+//! Issue 9, points 3 and 4: the client library's producer and consumer against a real broker.
+//! - The producer's buffer is bounded: `send` waits for room, `try_send` fails at once.
+//! - A dropped producer frees its partition tasks and its connection (no reference cycle).
+//! - Auto-commit never covers the record in the application's hands: a consumer that dies
+//!   holding a record leaves it to the group; `commit` and `close` behave as documented.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rill_client::{
+    Admin, AutoOffsetReset, ClientError, Connection, Consumer, ConsumerConfig, ConsumerEvent,
+    Producer, ProducerConfig, ProducerRecord, TopicSettings,
+};
+use rill_tests::TestBroker;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Every wait in this file ends by this deadline.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn connect(broker: &TestBroker) -> Connection {
+    Connection::connect(&broker.addr().to_string())
+        .await
+        .expect("connect")
+}
+
+async fn create_topic(conn: &Connection, name: &str, partitions: u32) {
+    Admin::new(conn.clone())
+        .create_topic(name, TopicSettings::new().partitions(partitions))
+        .await
+        .expect("create topic");
+}
+
+/// A TCP forwarder in front of the broker that counts the client connections open through
+/// it: a client's connection is seen to close from outside the client.
+struct CountingProxy {
+    addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+    changed: Arc<Notify>,
+    cancel: CancellationToken,
+    accept: JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(target: SocketAddr) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let open = Arc::new(AtomicUsize::new(0));
+        let changed = Arc::new(Notify::new());
+        let cancel = CancellationToken::new();
+        let accept = {
+            let (open, changed, cancel) = (open.clone(), changed.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let tracker = tokio_util::task::TaskTracker::new();
+                loop {
+                    let mut inbound = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(_) => break,
+                        },
+                    };
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        continue;
+                    };
+                    open.fetch_add(1, Ordering::SeqCst);
+                    changed.notify_waiters();
+                    let (open, changed, cancel) = (open.clone(), changed.clone(), cancel.clone());
+                    tracker.spawn(async move {
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        }
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        changed.notify_waiters();
+                    });
+                }
+                tracker.close();
+                tracker.wait().await;
+            })
+        };
+        CountingProxy {
+            addr,
+            open,
+            changed,
+            cancel,
+            accept,
+        }
+    }
+
+    /// Waits until `pred(open connections)` holds; false at the deadline.
+    async fn wait_until(&self, pred: impl Fn(usize) -> bool) -> bool {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let notified = self.changed.notified();
+                if pred(self.open.load(Ordering::SeqCst)) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.accept.await.expect("proxy task");
+    }
+}
+
+#[tokio::test]
+async fn a_full_buffer_makes_send_wait_and_try_send_fail() {
+    let broker = TestBroker::start().await.expect("broker");
+    let conn = connect(&broker).await;
+    create_topic(&conn, "bp", 1).await;
+    // Batches linger for a minute, so records stay in the buffer until a flush sends them.
+    let buffer_memory_bytes = 10_000;
+    let producer = Producer::new(
+        conn.clone(),
+        ProducerConfig::new()
+            .linger_ms(60_000)
+            .buffer_memory_bytes(buffer_memory_bytes),
+    );
+    // 1,000-byte values count 1,032 bytes each: nine fit in 10,000 bytes, a tenth does not.
+    let value = "x".repeat(1000);
+    let mut acks = Vec::new();
+    for _ in 0..9 {
+        let ack = producer
+            .try_send(ProducerRecord::new("bp", value.clone()))
+            .await
+            .expect("room for nine");
+        acks.push(ack);
+    }
+    match producer
+        .try_send(ProducerRecord::new("bp", value.clone()))
+        .await
+    {
+        Err(ClientError::BufferFull {
+            topic,
+            size_bytes,
+            buffer_memory_bytes: limit,
+        }) => {
+            assert_eq!(topic, "bp");
+            assert_eq!(size_bytes, 1032);
+            assert_eq!(limit, buffer_memory_bytes);
+        }
+        Ok(_) => panic!("try_send took a record into a full buffer"),
+        Err(e) => panic!("expected BufferFull, got {e:?}"),
+    }
+
+    // `send` waits for room instead.
+    let mut waiting = {
+        let producer = producer.clone();
+        let value = value.clone();
+        tokio::spawn(async move { producer.send(ProducerRecord::new("bp", value)).await })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "send returned although the buffer is full"
+    );
+    // A record larger than the whole buffer can never fit: refused at once, by both.
+    let huge = "y".repeat(buffer_memory_bytes);
+    for result in [
+        producer.send(ProducerRecord::new("bp", huge.clone())).await,
+        producer.try_send(ProducerRecord::new("bp", huge.clone())).await,
+    ] {
+        assert!(
+            matches!(result, Err(ClientError::RecordTooLarge { .. })),
+            "a record larger than the buffer must be refused"
+        );
+    }
+
+    // Sending the lingering batch frees its bytes; the waiting send goes through.
+    tokio::time::timeout(DEADLINE, producer.flush())
+        .await
+        .expect("flush in time")
+        .expect("flush");
+    let tenth = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("the waiting send got room")
+        .expect("task")
+        .expect("send");
+    acks.push(tenth);
+    tokio::time::timeout(DEADLINE, producer.flush())
+        .await
+        .expect("flush in time")
+        .expect("flush");
+    let mut offsets = Vec::new();
+    for ack in acks {
+        offsets.push(ack.await.expect("acked").1);
+    }
+    assert_eq!(offsets, (0..10).collect::<Vec<u64>>(), "all ten, in order");
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_dropped_producer_ends_its_tasks_and_closes_its_connection() {
+    let broker = TestBroker::start().await.expect("broker");
+    let direct = connect(&broker).await;
+    create_topic(&direct, "gone", 3).await;
+    let proxy = CountingProxy::start(broker.addr()).await;
+    let conn = Connection::connect(&proxy.addr.to_string())
+        .await
+        .expect("connect through the proxy");
+    assert!(proxy.wait_until(|n| n == 1).await, "one connection open");
+
+    // The producer is the only holder of `conn`; its sends start a task per partition.
+    let producer = Producer::new(conn, ProducerConfig::new().linger_ms(50));
+    let mut acks = Vec::new();
+    for p in 0..3 {
+        let record = ProducerRecord::new("gone", format!("v{p}")).partition(p);
+        acks.push(producer.send(record).await.expect("send"));
+    }
+    // Dropped without a flush: what was queued is still sent and acknowledged...
+    drop(producer);
+    for ack in acks {
+        tokio::time::timeout(DEADLINE, ack)
+            .await
+            .expect("ack in time")
+            .expect("a dropped producer still delivers what it queued");
+    }
+    // ...and then the tasks end, and with the last of them the connection closes. Each task
+    // holds a handle on the connection, so this also shows that all of them ended.
+    assert!(
+        proxy.wait_until(|n| n == 0).await,
+        "the dropped producer kept its connection open: its partition tasks are still alive"
+    );
+    proxy.stop().await;
+    broker.stop().await.expect("stop");
+}
+
+/// The record at `offset` was handed out next.
+fn expect_record(event: ConsumerEvent, offset: u64) {
+    match event {
+        ConsumerEvent::Record(r) => assert_eq!(r.offset, offset, "record at {offset}"),
+        other => panic!("expected the record at {offset}, got {other:?}"),
+    }
+}
+
+async fn next(consumer: &mut Consumer) -> ConsumerEvent {
+    tokio::time::timeout(DEADLINE, consumer.next())
+        .await
+        .expect("a record in time")
+        .expect("next")
+}
+
+async fn committed(conn: &Connection, group: &str, topic: &str) -> Option<u64> {
+    Admin::new(conn.clone())
+        .fetch_offsets(group, topic, &[0])
+        .await
+        .expect("fetch offsets")
+        .into_iter()
+        .find(|c| c.partition == 0)
+        .and_then(|c| c.offset)
+}
+
+async fn produce(conn: &Connection, topic: &str, n: u64) {
+    let producer = Producer::new(conn.clone(), ProducerConfig::new());
+    for i in 0..n {
+        producer
+            .send_and_wait(ProducerRecord::new(topic, format!("v{i}")).partition(0))
+            .await
+            .expect("produce");
+    }
+}
+
+async fn subscribe(conn: &Connection, group: &str, topic: &str, auto: Option<u64>) -> Consumer {
+    let config = ConsumerConfig::new()
+        .group(group)
+        .auto_offset_reset(AutoOffsetReset::Earliest)
+        .max_wait_ms(100)
+        .auto_commit_interval_ms(auto);
+    Consumer::subscribe(conn.clone(), config, topic, None)
+        .await
+        .expect("subscribe")
+}
+
+#[tokio::test]
+async fn auto_commit_never_covers_the_record_in_hand() {
+    let broker = TestBroker::start().await.expect("broker");
+    let conn = connect(&broker).await;
+    create_topic(&conn, "jobs", 1).await;
+    produce(&conn, "jobs", 5).await;
+
+    // Auto-commit on every call. Take three records; the process "crashes" while it
+    // handles the third: the consumer is dropped, never closed.
+    let mut c = subscribe(&conn, "g", "jobs", Some(0)).await;
+    for offset in 0..3 {
+        expect_record(next(&mut c).await, offset);
+    }
+    drop(c);
+    assert_eq!(
+        committed(&conn, "g", "jobs").await,
+        Some(2),
+        "records 0 and 1 were handed out by earlier calls; record 2 was still in hand"
+    );
+
+    // The group's next consumer gets the record that was in hand again.
+    let mut c = subscribe(&conn, "g", "jobs", Some(0)).await;
+    expect_record(next(&mut c).await, 2);
+    drop(c);
+    assert_eq!(committed(&conn, "g", "jobs").await, Some(2));
+    broker.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn commit_and_close_cover_the_record_in_hand() {
+    let broker = TestBroker::start().await.expect("broker");
+    let conn = connect(&broker).await;
+    create_topic(&conn, "work", 1).await;
+    produce(&conn, "work", 6).await;
+
+    // Auto-commit on, with an interval too long to fire: close commits, the last record
+    // included (closing says the application is done with it).
+    let mut c = subscribe(&conn, "g", "work", Some(3_600_000)).await;
+    expect_record(next(&mut c).await, 0);
+    expect_record(next(&mut c).await, 1);
+    assert_eq!(committed(&conn, "g", "work").await, None, "nothing due yet");
+    c.close().await.expect("close");
+    assert_eq!(committed(&conn, "g", "work").await, Some(2));
+
+    // Manual commits: `commit` covers the record in hand; `close` commits nothing.
+    let mut c = subscribe(&conn, "g", "work", None).await;
+    expect_record(next(&mut c).await, 2);
+    c.commit().await.expect("commit");
+    assert_eq!(committed(&conn, "g", "work").await, Some(3));
+    expect_record(next(&mut c).await, 3);
+    c.close().await.expect("close");
+    assert_eq!(
+        committed(&conn, "g", "work").await,
+        Some(3),
+        "close without auto-commit commits nothing"
+    );
+
+    // An idle consumer commits, while it waits, what earlier calls handed out.
+    let mut c = subscribe(&conn, "g", "work", Some(100)).await;
+    expect_record(next(&mut c).await, 3);
+    expect_record(next(&mut c).await, 4);
+    expect_record(next(&mut c).await, 5);
+    let idle = c
+        .next_timeout(Duration::from_secs(2))
+        .await
+        .expect("next while idle");
+    assert!(idle.is_none(), "no more records: {idle:?}");
+    assert_eq!(
+        committed(&conn, "g", "work").await,
+        Some(6),
+        "the records handed out before the wait are committed during it"
+    );
+    drop(c);
+    broker.stop().await.expect("stop");
+}
