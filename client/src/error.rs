@@ -127,23 +127,41 @@ impl ClientError {
     }
 }
 
-/// True when a status means "try again", decided from its code and origin only:
+/// True when a status means "try again", decided from its code and the types of its
+/// source errors only:
 /// - UNAVAILABLE, from the broker (restarting, shutting down) or from tonic (the connection
 ///   could not be made);
-/// - UNKNOWN or CANCELLED that tonic built locally from a transport error (a reset or closed
-///   connection, an expired request timeout): such a status carries that error as its
-///   [`std::error::Error::source`], while a status the broker sent never has one. The
-///   request may or may not have been applied; the producer's retries make delivery at
-///   least once.
+/// - UNKNOWN or CANCELLED that tonic built locally from a transport failure before any
+///   answer arrived (a reset or closed connection, an expired client timeout): such a
+///   status carries a [`tonic::transport::Error`], [`tonic::ConnectError`],
+///   [`tonic::TimeoutExpired`] or [`std::io::Error`] in its source chain, while a status the
+///   broker sent carries no source at all. The request may or may not have been applied;
+///   the producer's retries make delivery at least once.
 ///
 /// Everything else (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, INTERNAL, ...) is
 /// final.
 pub fn is_retryable_status(status: &Status) -> bool {
     match status.code() {
         Code::Unavailable => true,
-        Code::Unknown | Code::Cancelled => std::error::Error::source(status).is_some(),
+        Code::Unknown | Code::Cancelled => from_transport(status),
         _ => false,
     }
+}
+
+/// True when `status` was made from a local transport failure (see [`is_retryable_status`]).
+fn from_transport(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>()
+            || e.is::<tonic::ConnectError>()
+            || e.is::<tonic::TimeoutExpired>()
+            || e.is::<std::io::Error>()
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -225,6 +243,14 @@ mod tests {
             assert!(!broker(Status::unknown(message)).is_retryable(), "{message}");
             assert!(!broker(Status::cancelled(message)).is_retryable(), "{message}");
         }
+        // A local source that is not a transport failure is final too.
+        let mut s = Status::unknown("transport error");
+        s.set_source(Arc::new(std::fmt::Error));
+        assert!(!broker(s).is_retryable());
+        // A timeout of tonic's own is a transport failure.
+        let mut s = Status::cancelled("Timeout expired");
+        s.set_source(Arc::new(tonic::TimeoutExpired(())));
+        assert!(broker(s).is_retryable());
         // And an UNAVAILABLE retries whatever it says.
         assert!(broker(Status::unavailable("")).is_retryable());
     }

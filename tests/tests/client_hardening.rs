@@ -1,6 +1,8 @@
 //! Issue 9, points 3 and 4: the client library's producer and consumer against a real broker.
 //! - The producer's buffer is bounded: `send` waits for room, `try_send` fails at once.
 //! - A dropped producer frees its partition tasks and its connection (no reference cycle).
+//! - A consumer's fetch that the transport breaks (the broker killed mid long-poll) is
+//!   retried: retryability is typed, not read from message text.
 //! - Auto-commit never covers the record in the application's hands: a consumer that dies
 //!   holding a record leaves it to the group; `commit` and `close` behave as documented.
 
@@ -13,7 +15,7 @@ use rill_client::{
     Admin, AutoOffsetReset, ClientError, Connection, Consumer, ConsumerConfig, ConsumerEvent,
     Producer, ProducerConfig, ProducerRecord, TopicSettings,
 };
-use rill_tests::TestBroker;
+use rill_tests::{BrokerProcess, TestBroker};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -356,4 +358,36 @@ async fn commit_and_close_cover_the_record_in_hand() {
     );
     drop(c);
     broker.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_consumer_outlives_a_broker_killed_under_its_long_poll() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::spawn(dir.path(), &[]).await.expect("spawn");
+    let addr = broker.addr().to_string();
+    let conn = Connection::connect(&addr).await.expect("connect");
+    create_topic(&conn, "live", 1).await;
+    produce(&conn, "live", 1).await;
+    let config = ConsumerConfig::new()
+        .auto_offset_reset(AutoOffsetReset::Earliest)
+        .max_wait_ms(10_000);
+    let mut c = Consumer::subscribe(conn.clone(), config, "live", None)
+        .await
+        .expect("subscribe");
+    expect_record(next(&mut c).await, 0);
+    // The next long-poll is parked in the broker (nothing to read for 10 s) when the broker
+    // dies: the in-flight fetch fails with a transport error (UNKNOWN, not UNAVAILABLE).
+    let idle = c
+        .next_timeout(Duration::from_millis(500))
+        .await
+        .expect("idle");
+    assert!(idle.is_none());
+    broker.signal_and_wait(9).await.expect("kill -9");
+    let broker = BrokerProcess::spawn_at(dir.path(), &addr, &[])
+        .await
+        .expect("restart");
+    produce(&conn, "live", 1).await;
+    expect_record(next(&mut c).await, 1);
+    drop(c);
+    assert!(broker.stop().await.expect("stop").success());
 }
