@@ -240,8 +240,14 @@ mod tests {
         // A status the broker sent (no local source) whose text merely mentions the
         // transport is the broker's own answer: final. The old substring rule retried it.
         for message in ["transport error", "connection reset", "h2 protocol error"] {
-            assert!(!broker(Status::unknown(message)).is_retryable(), "{message}");
-            assert!(!broker(Status::cancelled(message)).is_retryable(), "{message}");
+            assert!(
+                !broker(Status::unknown(message)).is_retryable(),
+                "{message}"
+            );
+            assert!(
+                !broker(Status::cancelled(message)).is_retryable(),
+                "{message}"
+            );
         }
         // A local source that is not a transport failure is final too.
         let mut s = Status::unknown("transport error");

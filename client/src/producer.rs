@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use rill_proto::partitioner::partition_for_key;
 use rill_proto::v1::{self as pb, produce_request::Payload};
-use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, OnceCell, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
@@ -265,7 +265,13 @@ impl Producer {
     }
 
     async fn topic(&self, topic: &str) -> Result<Arc<TopicState>> {
-        let cell = Arc::clone(self.inner.topics.lock().entry(topic.to_string()).or_default());
+        let cell = Arc::clone(
+            self.inner
+                .topics
+                .lock()
+                .entry(topic.to_string())
+                .or_default(),
+        );
         let found = cell
             .get_or_try_init(|| async {
                 let d = Admin::new(self.inner.conn.clone())
@@ -340,11 +346,7 @@ impl Producer {
         self.enqueue(record, WhenFull::Fail).await
     }
 
-    async fn enqueue(
-        &self,
-        record: ProducerRecord,
-        when_full: WhenFull,
-    ) -> Result<DeliveryFuture> {
+    async fn enqueue(&self, record: ProducerRecord, when_full: WhenFull) -> Result<DeliveryFuture> {
         let topic = self.topic(&record.topic).await?;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p >= topic.partitions => {
@@ -558,7 +560,11 @@ fn base_offset(
         .appends
         .iter()
         .find(|a| a.partition == partition)
-        .ok_or_else(|| bad(format!("the produce answer has no append for partition {partition}")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "the produce answer has no append for partition {partition}"
+            ))
+        })?;
     if usize::try_from(append.record_count).ok() != Some(count) {
         return Err(bad(format!(
             "{count} records were sent but the produce answer reports {} appended",

@@ -120,7 +120,10 @@ mod tests {
                 ))
             })
             .await;
-        assert_eq!(result.expect_err("final").code(), Some(tonic::Code::InvalidArgument));
+        assert_eq!(
+            result.expect_err("final").code(),
+            Some(tonic::Code::InvalidArgument)
+        );
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
     }
 
@@ -141,7 +144,10 @@ mod tests {
         // than a busy loop would make.
         assert!((4..=60).contains(&n), "{n} attempts");
         let spent = start.elapsed();
-        assert!(spent <= Duration::from_secs(5), "slept past the budget: {spent:?}");
+        assert!(
+            spent <= Duration::from_secs(5),
+            "slept past the budget: {spent:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -171,7 +171,9 @@ async fn a_full_buffer_makes_send_wait_and_try_send_fail() {
     let huge = "y".repeat(buffer_memory_bytes);
     for result in [
         producer.send(ProducerRecord::new("bp", huge.clone())).await,
-        producer.try_send(ProducerRecord::new("bp", huge.clone())).await,
+        producer
+            .try_send(ProducerRecord::new("bp", huge.clone()))
+            .await,
     ] {
         assert!(
             matches!(result, Err(ClientError::RecordTooLarge { .. })),
