@@ -103,7 +103,8 @@ impl ConsumerConfig {
     /// Commit automatically every so many ms (default: only on [`Consumer::commit`]). The
     /// commit is made by [`Consumer::next`] (also while it waits for records) and covers
     /// only the records handed out by earlier calls, never the one it is about to return;
-    /// see the module's "Commits". Needs a group.
+    /// see the module's "Commits". Needs a group. A retryable failure of an automatic
+    /// commit is logged and tried again an interval later; any other is returned by `next`.
     pub fn auto_commit_interval_ms(mut self, interval_ms: Option<u64>) -> Self {
         self.auto_commit_interval_ms = interval_ms;
         self
@@ -373,7 +374,7 @@ impl Consumer {
                     _ = tokio::time::sleep_until(due) => {
                         // Nothing was handed out by this call yet: the positions cover
                         // only records of earlier calls.
-                        self.commit().await?;
+                        self.auto_commit().await?;
                         continue;
                     }
                 },
@@ -476,8 +477,21 @@ impl Consumer {
 
     async fn maybe_auto_commit(&mut self) -> Result<()> {
         match self.auto_commit_due() {
-            Some(due) if Instant::now() >= due => self.commit().await,
+            Some(due) if Instant::now() >= due => self.auto_commit().await,
             _ => Ok(()),
+        }
+    }
+
+    /// An automatic commit. A transient failure (the broker restarting) is logged and the
+    /// commit is tried again an interval later, so it never ends a subscription; a final one
+    /// is returned.
+    async fn auto_commit(&mut self) -> Result<()> {
+        match self.commit().await {
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(topic = %self.topic, error = %e, "auto-commit failed; will retry");
+                Ok(())
+            }
+            other => other,
         }
     }
 
