@@ -1,11 +1,14 @@
 //! Issue 9, points 3 and 4: the client library's producer and consumer against a real broker.
 //! - The producer's buffer is bounded: `send` waits for room, `try_send` fails at once.
+//! - A slow topic lookup holds up only the sends to that topic, and concurrent first sends
+//!   to a topic share one lookup.
 //! - A dropped producer frees its partition tasks and its connection (no reference cycle).
 //! - A consumer's fetch that the transport breaks (the broker killed mid long-poll) is
 //!   retried: retryability is typed, not read from message text.
 //! - Auto-commit never covers the record in the application's hands: a consumer that dies
 //!   holding a record leaves it to the group; `commit` and `close` behave as documented.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -392,4 +395,123 @@ async fn a_consumer_outlives_a_broker_killed_under_its_long_poll() {
     expect_record(next(&mut c).await, 1);
     drop(c);
     assert!(broker.stop().await.expect("stop").success());
+}
+
+/// An Admin service whose DescribeTopic for "slow" waits until released; it counts lookups
+/// per topic name.
+struct StallingAdmin {
+    lookups: tokio::sync::watch::Sender<HashMap<String, usize>>,
+    release: tokio::sync::watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl rill_proto::v1::admin_server::Admin for StallingAdmin {
+    async fn create_topic(
+        &self,
+        _: tonic::Request<rill_proto::v1::CreateTopicRequest>,
+    ) -> Result<tonic::Response<rill_proto::v1::CreateTopicResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+
+    async fn delete_topic(
+        &self,
+        _: tonic::Request<rill_proto::v1::DeleteTopicRequest>,
+    ) -> Result<tonic::Response<rill_proto::v1::DeleteTopicResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+
+    async fn list_topics(
+        &self,
+        _: tonic::Request<rill_proto::v1::ListTopicsRequest>,
+    ) -> Result<tonic::Response<rill_proto::v1::ListTopicsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: tonic::Request<rill_proto::v1::DescribeTopicRequest>,
+    ) -> Result<tonic::Response<rill_proto::v1::TopicDescription>, tonic::Status> {
+        let name = request.into_inner().name;
+        self.lookups
+            .send_modify(|m| *m.entry(name.clone()).or_default() += 1);
+        if name == "slow" {
+            let mut release = self.release.clone();
+            release
+                .wait_for(|released| *released)
+                .await
+                .map_err(|_| tonic::Status::unavailable("fake stopped"))?;
+        }
+        Ok(tonic::Response::new(rill_proto::v1::TopicDescription {
+            name,
+            partitions: vec![Default::default()],
+            ..Default::default()
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_slow_topic_lookup_holds_up_only_its_own_topic() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (lookups, mut lookups_seen) = tokio::sync::watch::channel(HashMap::new());
+    let count = |m: &HashMap<String, usize>, name: &str| m.get(name).copied().unwrap_or(0);
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let shutdown = CancellationToken::new();
+    let server = {
+        let admin = StallingAdmin { lookups, release };
+        let shutdown = shutdown.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(rill_proto::v1::admin_server::AdminServer::new(admin))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                ),
+        )
+    };
+    let conn = Connection::connect(&addr.to_string())
+        .await
+        .expect("connect");
+    // No Log service: the records fail later, but queueing them needs only the lookup.
+    let producer = Producer::new(conn, ProducerConfig::new().retry_timeout_ms(0));
+
+    // Three concurrent first sends to "slow" wait in its lookup...
+    let slow: Vec<_> = (0..3)
+        .map(|i| {
+            let producer = producer.clone();
+            tokio::spawn(async move {
+                producer
+                    .send(ProducerRecord::new("slow", format!("s{i}")))
+                    .await
+                    .map(drop)
+            })
+        })
+        .collect();
+    tokio::time::timeout(DEADLINE, lookups_seen.wait_for(|m| count(m, "slow") >= 1))
+        .await
+        .expect("the lookup started in time")
+        .expect("fake alive");
+    // ...while a send to another topic is not held up by them.
+    tokio::time::timeout(DEADLINE, producer.send(ProducerRecord::new("fast", "f")))
+        .await
+        .expect("a send to another topic waited for the slow lookup")
+        .expect("queued");
+    release_tx.send(true).expect("release");
+    for send in slow {
+        tokio::time::timeout(DEADLINE, send)
+            .await
+            .expect("released in time")
+            .expect("task")
+            .expect("queued");
+    }
+    let seen = lookups_seen.borrow().clone();
+    assert_eq!(
+        count(&seen, "slow"),
+        1,
+        "concurrent first sends share one lookup"
+    );
+    assert_eq!(count(&seen, "fast"), 1);
+    drop(producer);
+    shutdown.cancel();
+    server.await.expect("server task").expect("server");
 }
