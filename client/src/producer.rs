@@ -229,6 +229,8 @@ struct Inner {
     /// lookup runs in the topic's cell without it, and concurrent first sends to a topic
     /// share that one lookup.
     topics: Mutex<HashMap<String, Arc<OnceCell<Arc<TopicState>>>>>,
+    /// The partition queues. Unbounded channels, bounded in bytes by `buffer`: every record
+    /// in them holds its share of it.
     queues: Mutex<HashMap<(String, u32), mpsc::UnboundedSender<Msg>>>,
     /// The buffer: one permit per byte of `buffer_memory_bytes`.
     buffer: Arc<Semaphore>,
@@ -265,13 +267,13 @@ impl Producer {
     }
 
     async fn topic(&self, topic: &str) -> Result<Arc<TopicState>> {
-        let cell = Arc::clone(
-            self.inner
-                .topics
-                .lock()
-                .entry(topic.to_string())
-                .or_default(),
-        );
+        let cell = {
+            let mut topics = self.inner.topics.lock();
+            match topics.get(topic) {
+                Some(cell) => Arc::clone(cell),
+                None => Arc::clone(topics.entry(topic.to_string()).or_default()),
+            }
+        };
         let found = cell
             .get_or_try_init(|| async {
                 let d = Admin::new(self.inner.conn.clone())
