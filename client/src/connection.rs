@@ -29,19 +29,21 @@ impl Connection {
         } else {
             format!("http://{addr}")
         };
-        let err = |message: String| ClientError::Connect {
-            addr: addr.to_string(),
-            message,
-        };
         let channel = Endpoint::from_shared(url)
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| ClientError::BadAddress {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?
             .tcp_nodelay(true)
             .max_frame_size(1 << 20)
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(16 << 20)
             .connect()
             .await
-            .map_err(|e| err(format!("{e}: is a broker running there?")))?;
+            .map_err(|e| ClientError::Connect {
+                addr: addr.to_string(),
+                message: format!("{e}: is a broker running there?"),
+            })?;
         Ok(Connection {
             channel,
             addr: addr.to_string(),

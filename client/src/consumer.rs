@@ -3,10 +3,22 @@
 //!
 //! Each subscribed partition has a fetch task that long-polls from its position and hands
 //! whole responses to a bounded channel (the prefetch depth), so the next fetch is under way
-//! while the application handles the current one. Positions advance as records are yielded;
-//! [`Consumer::commit`] (or auto-commit) stores them for the group. When retention deleted
-//! the data under a position (OUT_OF_RANGE), the reset policy picks a new position and the
-//! consumer yields [`ConsumerEvent::Skipped`], so a skip is never silent.
+//! while the application handles the current one. Positions advance as records are handed
+//! out; [`Consumer::commit`] (or auto-commit) stores them for the group. When retention
+//! deleted the data under a position (OUT_OF_RANGE), the reset policy picks a new position
+//! and the consumer yields [`ConsumerEvent::Skipped`], so a skip is never silent. A fetch
+//! that fails with a retryable error is retried with the client's one backoff policy for as
+//! long as the consumer lives; any other error is returned by [`Consumer::next`].
+//!
+//! # Commits: at least once
+//! Kafka's rule: a record is committed only once the application is done with it.
+//! - Auto-commit (see [`ConsumerConfig::auto_commit_interval_ms`]) runs inside
+//!   [`Consumer::next`] and covers only the records handed out by *earlier* calls: the
+//!   record a call returns is in the application's hands until the next call.
+//! - [`Consumer::commit`] covers every record handed out so far, the last one included.
+//! - [`Consumer::close`] commits like [`Consumer::commit`] when auto-commit is on, then stops.
+//! - Dropping a consumer (or a crash) commits nothing: the group gets the uncommitted
+//!   records again, the one that was in hand included.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -20,7 +32,8 @@ use tonic::Code;
 
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
-use crate::error::{is_retryable_status, ClientError, Result};
+use crate::error::{ClientError, Result};
+use crate::retry::RetryPolicy;
 
 /// Where to start when the group has no committed offset (or the offset is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,8 +100,11 @@ impl ConsumerConfig {
         self
     }
 
-    /// Commit yielded positions automatically every so many ms (default: only on
-    /// [`Consumer::commit`]).
+    /// Commit automatically every so many ms (default: only on [`Consumer::commit`]). The
+    /// commit is made by [`Consumer::next`] (also while it waits for records) and covers
+    /// only the records handed out by earlier calls, never the one it is about to return;
+    /// see the module's "Commits". Needs a group. A retryable failure of an automatic
+    /// commit is logged and tried again an interval later; any other is returned by `next`.
     pub fn auto_commit_interval_ms(mut self, interval_ms: Option<u64>) -> Self {
         self.auto_commit_interval_ms = interval_ms;
         self
@@ -315,7 +331,7 @@ impl Consumer {
         &self.topic
     }
 
-    /// The next offset to be yielded, per partition.
+    /// The next offset to be handed out, per partition.
     pub fn positions(&self) -> HashMap<u32, u64> {
         self.partitions
             .iter()
@@ -332,7 +348,16 @@ impl Consumer {
     }
 
     /// The next record or skip. Waits (long-polling) until one is available.
+    ///
+    /// Calling it says the application is done with the records earlier calls returned: when
+    /// auto-commit is on and its interval has passed, it commits their positions first (and
+    /// again while it waits, when the interval passes then). The record it returns is not
+    /// covered by that commit: if the process dies, or the consumer is dropped, before the
+    /// next call, the group gets that record again.
+    ///
+    /// Cancel-safe: a record is handed out only when the call returns it.
     pub async fn next(&mut self) -> Result<ConsumerEvent> {
+        self.maybe_auto_commit().await?;
         loop {
             if let Some((partition, _, event)) = self.buffer.pop_front() {
                 if let Some(state) = self.partitions.get_mut(&partition) {
@@ -341,11 +366,21 @@ impl Consumer {
                         ConsumerEvent::Skipped { to, .. } => *to,
                     };
                 }
-                self.maybe_auto_commit().await?;
                 return Ok(event);
             }
-            let fetched = self.rx.recv().await.ok_or(ClientError::Closed)?;
-            self.accept(fetched)?;
+            let fetched = match self.auto_commit_due() {
+                Some(due) => tokio::select! {
+                    fetched = self.rx.recv() => fetched,
+                    _ = tokio::time::sleep_until(due) => {
+                        // Nothing was handed out by this call yet: the positions cover
+                        // only records of earlier calls.
+                        self.auto_commit().await?;
+                        continue;
+                    }
+                },
+                None => self.rx.recv().await,
+            };
+            self.accept(fetched.ok_or(ClientError::Closed)?)?;
         }
     }
 
@@ -421,27 +456,53 @@ impl Consumer {
         }
     }
 
-    async fn maybe_auto_commit(&mut self) -> Result<()> {
-        if let Some(ms) = self.config.auto_commit_interval_ms {
-            if self.last_commit.elapsed() >= Duration::from_millis(ms) {
-                self.commit().await?;
-            }
-        }
-        Ok(())
+    /// Positions not committed yet.
+    fn uncommitted(&self) -> Vec<(u32, u64)> {
+        self.partitions
+            .iter()
+            .filter(|(p, s)| self.committed.get(p) != Some(&s.position))
+            .map(|(&p, s)| (p, s.position))
+            .collect()
     }
 
-    /// Commits the positions of every record yielded so far (the group's next offsets).
-    /// Without a group this is an error.
+    /// When the next auto-commit is due, if auto-commit is on and there is something to
+    /// commit.
+    fn auto_commit_due(&self) -> Option<Instant> {
+        let ms = self.config.auto_commit_interval_ms?;
+        if self.config.group.is_none() || self.uncommitted().is_empty() {
+            return None;
+        }
+        Some(self.last_commit + Duration::from_millis(ms))
+    }
+
+    async fn maybe_auto_commit(&mut self) -> Result<()> {
+        match self.auto_commit_due() {
+            Some(due) if Instant::now() >= due => self.auto_commit().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// An automatic commit. A transient failure (the broker restarting) is logged and the
+    /// commit is tried again an interval later, so it never ends a subscription; a final one
+    /// is returned.
+    async fn auto_commit(&mut self) -> Result<()> {
+        match self.commit().await {
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(topic = %self.topic, error = %e, "auto-commit failed; will retry");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Commits the positions of every record handed out so far, the one last returned by
+    /// [`Consumer::next`] included (the group's next offsets): call it once the application
+    /// is done with them. Without a group this is an error.
     pub async fn commit(&mut self) -> Result<()> {
         let Some(group) = self.config.group.clone() else {
             return Err(ClientError::Invalid("commit needs a consumer group".into()));
         };
-        let changed: Vec<(u32, u64)> = self
-            .partitions
-            .iter()
-            .filter(|(p, s)| self.committed.get(p) != Some(&s.position))
-            .map(|(&p, s)| (p, s.position))
-            .collect();
+        let changed = self.uncommitted();
         self.last_commit = Instant::now();
         if changed.is_empty() {
             return Ok(());
@@ -451,6 +512,19 @@ impl Consumer {
             .await?;
         self.committed.extend(changed);
         Ok(())
+    }
+
+    /// Stops the consumer. With a group and auto-commit on, it first commits like
+    /// [`Consumer::commit`], the record last handed out included: closing says the
+    /// application is done with it (as Kafka's `close`). Without auto-commit it commits
+    /// nothing; call [`Consumer::commit`] first. Either way the fetch tasks end.
+    ///
+    /// Dropping a consumer instead of closing it commits nothing.
+    pub async fn close(mut self) -> Result<()> {
+        if self.config.group.is_some() && self.config.auto_commit_interval_ms.is_some() {
+            self.commit().await?;
+        }
+        Ok(()) // dropping `self` cancels the fetch tasks
     }
 
     /// Moves partition `p` to a new position; records buffered for it are dropped.
@@ -499,25 +573,24 @@ struct FetchTask {
     tx: mpsc::Sender<Fetched>,
 }
 
+/// What one fetch attempt found.
+enum Step {
+    /// A response (possibly empty, when the long-poll timed out).
+    Records(pb::FetchResponse),
+    /// The position was out of range and the reset policy moved it.
+    Skipped { from: u64, to: u64, reason: String },
+    /// The position was out of range but the reset policy points at it again: the log
+    /// grew up to it meanwhile, so fetching again succeeds.
+    Again,
+}
+
 impl FetchTask {
     async fn run(self, mut offset: u64) {
-        let mut log = self.conn.log();
-        let mut backoff = Duration::from_millis(50);
+        let retry = RetryPolicy::fetch();
         loop {
-            let req = pb::FetchRequest {
-                topic: self.topic.clone(),
-                partition: self.partition,
-                offset,
-                max_wait_ms: self.max_wait_ms,
-                max_bytes: self.max_bytes,
-                ..Default::default()
-            };
-            let mut request = tonic::Request::new(req);
-            request.set_timeout(Duration::from_millis(u64::from(self.max_wait_ms) + 10_000));
-            let sent = match log.fetch(request).await {
-                Ok(resp) => {
-                    backoff = Duration::from_millis(50);
-                    let resp = resp.into_inner();
+            let step = retry.run("fetch", || self.fetch_once(offset)).await;
+            let sent = match step {
+                Ok(Step::Records(resp)) => {
                     if resp.records.is_empty() {
                         continue;
                     }
@@ -531,43 +604,20 @@ impl FetchTask {
                         })
                         .await
                 }
-                Err(status) if status.code() == Code::OutOfRange => {
-                    let query = match self.reset {
-                        AutoOffsetReset::Earliest => OffsetQuery::Earliest,
-                        AutoOffsetReset::Latest => OffsetQuery::Latest,
-                    };
-                    match Admin::new(self.conn.clone())
-                        .list_offsets(&self.topic, self.partition, query)
+                Ok(Step::Skipped { from, to, reason }) => {
+                    offset = to;
+                    self.tx
+                        .send(Fetched::Skipped {
+                            partition: self.partition,
+                            generation: self.generation,
+                            from,
+                            to,
+                            reason,
+                        })
                         .await
-                    {
-                        Ok(found) if found.offset != offset => {
-                            let from = offset;
-                            offset = found.offset;
-                            self.tx
-                                .send(Fetched::Skipped {
-                                    partition: self.partition,
-                                    generation: self.generation,
-                                    from,
-                                    to: offset,
-                                    reason: status.message().to_string(),
-                                })
-                                .await
-                        }
-                        Ok(_) | Err(_) => {
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(2));
-                            Ok(())
-                        }
-                    }
                 }
-                Err(status) if is_retryable_status(&status) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    Ok(())
-                }
-                Err(status) => {
-                    let error =
-                        ClientError::broker(Some(&self.topic), Some(self.partition), status);
+                Ok(Step::Again) => continue,
+                Err(error) => {
                     let _ = self
                         .tx
                         .send(Fetched::Failed {
@@ -582,6 +632,45 @@ impl FetchTask {
             if sent.is_err() {
                 return; // the consumer is gone
             }
+        }
+    }
+
+    /// One long-poll at `offset`; on OUT_OF_RANGE, where the reset policy moves it.
+    async fn fetch_once(&self, offset: u64) -> Result<Step> {
+        let mut request = tonic::Request::new(pb::FetchRequest {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            max_wait_ms: self.max_wait_ms,
+            max_bytes: self.max_bytes,
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_millis(u64::from(self.max_wait_ms) + 10_000));
+        match self.conn.log().fetch(request).await {
+            Ok(resp) => Ok(Step::Records(resp.into_inner())),
+            Err(status) if status.code() == Code::OutOfRange => {
+                let query = match self.reset {
+                    AutoOffsetReset::Earliest => OffsetQuery::Earliest,
+                    AutoOffsetReset::Latest => OffsetQuery::Latest,
+                };
+                let found = Admin::new(self.conn.clone())
+                    .list_offsets(&self.topic, self.partition, query)
+                    .await?
+                    .offset;
+                if found == offset {
+                    return Ok(Step::Again);
+                }
+                Ok(Step::Skipped {
+                    from: offset,
+                    to: found,
+                    reason: status.message().to_string(),
+                })
+            }
+            Err(status) => Err(ClientError::broker(
+                Some(&self.topic),
+                Some(self.partition),
+                status,
+            )),
         }
     }
 }

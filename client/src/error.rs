@@ -1,5 +1,9 @@
 //! [`ClientError`]: what the client library fails with, with the topic and partition, and the
 //! broker's status kept as the source.
+//!
+//! Whether an error is worth retrying is decided here, once, from the variant and the gRPC
+//! code ([`ClientError::is_retryable`]); never from message text, which the broker may
+//! reword at any time.
 
 use tonic::{Code, Status};
 
@@ -7,10 +11,21 @@ use tonic::{Code, Status};
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Everything the client can fail with.
-#[derive(Debug, thiserror::Error)]
+///
+/// Cloning is cheap; a failed batch hands the same error to every record in it.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The broker address could not be used, or the connection failed.
+    /// The broker address cannot be used at all (it does not parse as a URL). Not retryable.
+    #[error("cannot connect to {addr}: {message}")]
+    BadAddress {
+        /// The address.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The connection to the broker failed (nothing listens there, or the network is
+    /// down). Retryable: the broker may be restarting.
     #[error("cannot connect to {addr}: {message}")]
     Connect {
         /// The address.
@@ -18,7 +33,8 @@ pub enum ClientError {
         /// Why.
         message: String,
     },
-    /// The broker refused or failed a request; the message names topic, partition and offset.
+    /// The broker refused or failed a request, or the transport broke before its answer
+    /// arrived; the message names topic, partition and offset.
     #[error("{}", .source.message())]
     Broker {
         /// The topic the request was for, if any.
@@ -28,6 +44,44 @@ pub enum ClientError {
         /// The broker's status.
         #[source]
         source: Status,
+    },
+    /// The broker's answer broke the contract (for example a produce answer without the
+    /// append of the partition written). Not retryable: the request may have been applied.
+    #[error("bad answer from the broker for topic {topic:?} partition {partition}: {problem}")]
+    BadResponse {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What was wrong.
+        problem: String,
+    },
+    /// [`crate::Producer::try_send`] found the producer's buffer full (records waiting to be
+    /// sent or acknowledged use all of `buffer_memory_bytes`).
+    #[error(
+        "the producer's buffer is full: a {size_bytes}-byte record for topic {topic:?} does \
+         not fit in the {buffer_memory_bytes}-byte buffer until earlier records are acknowledged"
+    )]
+    BufferFull {
+        /// The topic of the refused record.
+        topic: String,
+        /// The record's size as the buffer counts it.
+        size_bytes: usize,
+        /// The producer's `buffer_memory_bytes`.
+        buffer_memory_bytes: usize,
+    },
+    /// A record is larger than the producer's whole buffer, so it could never be sent.
+    #[error(
+        "a {size_bytes}-byte record for topic {topic:?} is larger than the producer's \
+         {buffer_memory_bytes}-byte buffer (raise buffer_memory_bytes)"
+    )]
+    RecordTooLarge {
+        /// The topic of the refused record.
+        topic: String,
+        /// The record's size as the buffer counts it.
+        size_bytes: usize,
+        /// The producer's `buffer_memory_bytes`.
+        buffer_memory_bytes: usize,
     },
     /// The request is wrong before it is sent (for example a partition past the count).
     #[error("{0}")]
@@ -56,25 +110,154 @@ impl ClientError {
     }
 
     /// True for failures worth retrying: the broker is unavailable (restarting, shutting
-    /// down) or the connection broke.
+    /// down), the connection could not be made, or it broke before an answer arrived. See
+    /// [`is_retryable_status`] for broker statuses. Bad input, missing topics, fenced
+    /// partitions and contract violations are final.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Broker { source, .. } => is_retryable_status(source),
             ClientError::Connect { .. } => true,
-            _ => false,
+            ClientError::Broker { source, .. } => is_retryable_status(source),
+            ClientError::BadAddress { .. }
+            | ClientError::BadResponse { .. }
+            | ClientError::BufferFull { .. }
+            | ClientError::RecordTooLarge { .. }
+            | ClientError::Invalid(_)
+            | ClientError::Closed => false,
         }
     }
 }
 
-/// True when a status means "try again": UNAVAILABLE, or a transport failure that tonic
-/// reports as UNKNOWN/CANCELLED before any answer arrived.
+/// True when a status means "try again", decided from its code and the types of its
+/// source errors only:
+/// - UNAVAILABLE, from the broker (restarting, shutting down) or from tonic (the connection
+///   could not be made);
+/// - UNKNOWN or CANCELLED that tonic built locally from a transport failure before any
+///   answer arrived (a reset or closed connection, an expired client timeout): such a
+///   status carries a [`tonic::transport::Error`], [`tonic::ConnectError`],
+///   [`tonic::TimeoutExpired`] or [`std::io::Error`] in its source chain, while a status the
+///   broker sent carries no source at all. The request may or may not have been applied;
+///   the producer's retries make delivery at least once.
+///
+/// Everything else (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, INTERNAL, ...) is
+/// final.
 pub fn is_retryable_status(status: &Status) -> bool {
     match status.code() {
         Code::Unavailable => true,
-        Code::Unknown | Code::Cancelled => {
-            let m = status.message();
-            m.contains("transport") || m.contains("connection") || m.contains("h2 protocol")
-        }
+        Code::Unknown | Code::Cancelled => from_transport(status),
         _ => false,
+    }
+}
+
+/// True when `status` was made from a local transport failure (see [`is_retryable_status`]).
+fn from_transport(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>()
+            || e.is::<tonic::ConnectError>()
+            || e.is::<tonic::TimeoutExpired>()
+            || e.is::<std::io::Error>()
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn broker(status: Status) -> ClientError {
+        ClientError::broker(Some("t"), Some(0), status)
+    }
+
+    fn with_transport_source(code: Code) -> Status {
+        let mut s = Status::new(code, "stream closed");
+        s.set_source(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        s
+    }
+
+    #[test]
+    fn unavailable_and_broken_transports_retry() {
+        assert!(broker(Status::unavailable("shutting down")).is_retryable());
+        assert!(broker(with_transport_source(Code::Unknown)).is_retryable());
+        assert!(broker(with_transport_source(Code::Cancelled)).is_retryable());
+        let connect = ClientError::Connect {
+            addr: "x".into(),
+            message: "refused".into(),
+        };
+        assert!(connect.is_retryable());
+    }
+
+    #[test]
+    fn final_errors_do_not_retry() {
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::Internal,
+            Code::OutOfRange,
+            Code::ResourceExhausted,
+            Code::AlreadyExists,
+        ] {
+            assert!(!broker(Status::new(code, "no")).is_retryable(), "{code:?}");
+        }
+        let others = [
+            ClientError::BadAddress {
+                addr: "::".into(),
+                message: "bad".into(),
+            },
+            ClientError::BadResponse {
+                topic: "t".into(),
+                partition: 0,
+                problem: "no append".into(),
+            },
+            ClientError::BufferFull {
+                topic: "t".into(),
+                size_bytes: 10,
+                buffer_memory_bytes: 5,
+            },
+            ClientError::RecordTooLarge {
+                topic: "t".into(),
+                size_bytes: 10,
+                buffer_memory_bytes: 5,
+            },
+            ClientError::Invalid("bad".into()),
+            ClientError::Closed,
+        ];
+        for e in others {
+            assert!(!e.is_retryable(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn message_text_never_decides() {
+        // A status the broker sent (no local source) whose text merely mentions the
+        // transport is the broker's own answer: final. The old substring rule retried it.
+        for message in ["transport error", "connection reset", "h2 protocol error"] {
+            assert!(
+                !broker(Status::unknown(message)).is_retryable(),
+                "{message}"
+            );
+            assert!(
+                !broker(Status::cancelled(message)).is_retryable(),
+                "{message}"
+            );
+        }
+        // A local source that is not a transport failure is final too.
+        let mut s = Status::unknown("transport error");
+        s.set_source(Arc::new(std::fmt::Error));
+        assert!(!broker(s).is_retryable());
+        // A timeout of tonic's own is a transport failure.
+        let mut s = Status::cancelled("Timeout expired");
+        s.set_source(Arc::new(tonic::TimeoutExpired(())));
+        assert!(broker(s).is_retryable());
+        // And an UNAVAILABLE retries whatever it says.
+        assert!(broker(Status::unavailable("")).is_retryable());
     }
 }

@@ -4,11 +4,15 @@
 //! # The map
 //! - [`connection`]: [`Connection`], one tuned HTTP/2 channel shared by every client.
 //! - [`producer`]: [`Producer`]: batching by bytes and linger, the broker's key partitioner,
-//!   ordered retries on UNAVAILABLE, `flush`, ack modes.
+//!   ordered retries on UNAVAILABLE, `flush`, ack modes, a bounded buffer with
+//!   back-pressure (`send` waits, `try_send` fails at once).
 //! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
-//!   offsets with auto-commit, seeks, reported skips.
+//!   offsets with at-least-once auto-commit, seeks, reported skips.
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
-//! - [`error`]: [`ClientError`], with the broker status as its source.
+//! - [`error`]: [`ClientError`], typed, with the broker status as its source; which errors
+//!   are retryable is decided there, from codes and variants.
+//! - `retry` (private): the one backoff policy (exponential with jitter, from `backon`) that
+//!   the producer's and the consumer's retries share.
 //! - [`cli`]: the `rill` tool's commands (built on the above).
 //!
 //! # Producing
@@ -63,6 +67,7 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod producer;
+mod retry;
 
 pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};
 pub use connection::{Connection, DEFAULT_BROKER};
@@ -70,4 +75,4 @@ pub use consumer::{
     AutoOffsetReset, ConsumedRecord, Consumer, ConsumerConfig, ConsumerEvent, SeekTo,
 };
 pub use error::{ClientError, Result};
-pub use producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};

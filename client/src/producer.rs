@@ -1,26 +1,41 @@
-//! [`Producer`]: batching, partitioning, ordered retries.
+//! [`Producer`]: batching, partitioning, ordered retries, a bounded buffer.
 //!
 //! Each partition has its own queue and one task. The task takes the first waiting record,
 //! gathers more until the batch reaches `batch_bytes` or `linger_ms` passes, sends one
 //! Produce, and resolves every record's future with its offset. Only one request per
 //! partition is in flight, so a retry (on UNAVAILABLE or a broken connection, with
-//! exponential backoff until `retry_timeout_ms`) can never reorder a partition. Partitions
-//! proceed in parallel. A request whose ack was lost may be appended twice by its retry:
-//! delivery is at least once.
+//! exponential backoff and jitter until `retry_timeout_ms`, see [`crate::error`]) can never
+//! reorder a partition. Partitions proceed in parallel. A request whose ack was lost may be
+//! appended twice by its retry: delivery is at least once.
+//!
+//! # Memory
+//! Every record waiting in a queue or in a batch not yet acknowledged holds its size in the
+//! producer's buffer (`buffer_memory_bytes`, like Kafka's `buffer.memory`), and gives it back
+//! when its future resolves. [`Producer::send`] waits for room (back-pressure);
+//! [`Producer::try_send`] fails at once with [`ClientError::BufferFull`].
+//!
+//! # Lifetime
+//! The partition tasks own their queue's receiving end and a handle on the connection, never
+//! the producer's shared state. When the last clone of a [`Producer`] is dropped the queues
+//! close: each task sends what was already queued, resolves those futures, and ends, and the
+//! connection is released with the last of them. Call [`Producer::flush`] first to wait for
+//! that.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use rill_proto::partitioner::partition_for_key;
 use rill_proto::v1::{self as pb, produce_request::Payload};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, OnceCell, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::connection::Connection;
-use crate::error::{is_retryable_status, ClientError, Result};
+use crate::error::{ClientError, Result};
+use crate::retry::RetryPolicy;
 
 /// What a produce waits for before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,6 +54,7 @@ pub struct ProducerConfig {
     batch_bytes: usize,
     acks: Acks,
     retry_timeout_ms: u64,
+    buffer_memory_bytes: usize,
 }
 
 impl Default for ProducerConfig {
@@ -48,12 +64,14 @@ impl Default for ProducerConfig {
             batch_bytes: 1 << 20,
             acks: Acks::Leader,
             retry_timeout_ms: 30_000,
+            buffer_memory_bytes: 32 << 20,
         }
     }
 }
 
 impl ProducerConfig {
-    /// Defaults: linger 5 ms, batches up to 1 MiB, leader acks, retries for 30 s.
+    /// Defaults: linger 5 ms, batches up to 1 MiB, leader acks, retries for 30 s, a 32 MiB
+    /// buffer.
     pub fn new() -> Self {
         ProducerConfig::default()
     }
@@ -79,6 +97,17 @@ impl ProducerConfig {
     /// How long to keep retrying a batch the broker cannot take, in ms (default 30,000).
     pub fn retry_timeout_ms(mut self, retry_timeout_ms: u64) -> Self {
         self.retry_timeout_ms = retry_timeout_ms;
+        self
+    }
+
+    /// The most record bytes the producer holds at once, queued or awaiting their
+    /// acknowledgement, across all partitions (default 32 MiB; Kafka's `buffer.memory`).
+    /// When it is full, [`Producer::send`] waits and [`Producer::try_send`] fails with
+    /// [`ClientError::BufferFull`]. A record larger than the whole buffer is refused with
+    /// [`ClientError::RecordTooLarge`]. A record counts its key, value and headers plus 32
+    /// bytes.
+    pub fn buffer_memory_bytes(mut self, buffer_memory_bytes: usize) -> Self {
+        self.buffer_memory_bytes = buffer_memory_bytes.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 }
@@ -148,8 +177,35 @@ impl ProducerRecord {
 
 type Ack = oneshot::Sender<Result<(u32, u64)>>;
 
+/// The acknowledgement of one sent record: resolves to its `(partition, offset)` once its
+/// batch is acknowledged, or to the batch's error. Dropping it does not cancel the send.
+#[derive(Debug)]
+pub struct DeliveryFuture {
+    rx: oneshot::Receiver<Result<(u32, u64)>>,
+}
+
+impl std::future::Future for DeliveryFuture {
+    type Output = Result<(u32, u64)>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // The sender is dropped unanswered only if its task is gone (the runtime shut down).
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
 enum Msg {
-    Record(pb::Record, usize, Ack),
+    Record {
+        record: pb::Record,
+        size: usize,
+        ack: Ack,
+        /// The record's share of the buffer, given back when its ack is resolved.
+        permit: OwnedSemaphorePermit,
+    },
     Flush(oneshot::Sender<()>),
 }
 
@@ -158,17 +214,26 @@ struct TopicState {
     round_robin: std::sync::atomic::AtomicU32,
 }
 
-/// The producer. Cheap to clone; every clone shares the queues.
+/// The producer. Cheap to clone; every clone shares the queues and the buffer.
 #[derive(Clone)]
 pub struct Producer {
     inner: Arc<Inner>,
 }
 
+/// What the clones of one producer share. The partition tasks never hold it (see the
+/// module's "Lifetime"), so dropping the last [`Producer`] drops the queues' senders.
 struct Inner {
     conn: Connection,
     config: ProducerConfig,
-    topics: Mutex<HashMap<String, Arc<TopicState>>>,
+    /// Each topic's partition count, looked up once. The lock guards only the map; the
+    /// lookup runs in the topic's cell without it, and concurrent first sends to a topic
+    /// share that one lookup.
+    topics: Mutex<HashMap<String, Arc<OnceCell<Arc<TopicState>>>>>,
+    /// The partition queues. Unbounded channels, bounded in bytes by `buffer`: every record
+    /// in them holds its share of it.
     queues: Mutex<HashMap<(String, u32), mpsc::UnboundedSender<Msg>>>,
+    /// The buffer: one permit per byte of `buffer_memory_bytes`.
+    buffer: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -179,58 +244,111 @@ impl std::fmt::Debug for Producer {
     }
 }
 
+/// Whether an enqueue may wait for room in the buffer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    Wait,
+    Fail,
+}
+
 impl Producer {
     /// A producer on `conn`.
     pub fn new(conn: Connection, config: ProducerConfig) -> Self {
+        let buffer = Arc::new(Semaphore::new(config.buffer_memory_bytes));
         Producer {
             inner: Arc::new(Inner {
                 conn,
                 config,
                 topics: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
+                buffer,
             }),
         }
     }
 
     async fn topic(&self, topic: &str) -> Result<Arc<TopicState>> {
-        let mut topics = self.inner.topics.lock().await;
-        if let Some(t) = topics.get(topic) {
-            return Ok(Arc::clone(t));
+        let cell = {
+            let mut topics = self.inner.topics.lock();
+            match topics.get(topic) {
+                Some(cell) => Arc::clone(cell),
+                None => Arc::clone(topics.entry(topic.to_string()).or_default()),
+            }
+        };
+        let found = cell
+            .get_or_try_init(|| async {
+                let d = Admin::new(self.inner.conn.clone())
+                    .describe_topic(topic)
+                    .await?;
+                Ok::<_, ClientError>(Arc::new(TopicState {
+                    partitions: d.partitions.len().max(1) as u32,
+                    round_robin: std::sync::atomic::AtomicU32::new(0),
+                }))
+            })
+            .await;
+        match found {
+            Ok(state) => Ok(Arc::clone(state)),
+            Err(e) => {
+                // Forget the failed lookup so that names that never existed do not pile up.
+                let mut topics = self.inner.topics.lock();
+                if topics
+                    .get(topic)
+                    .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())
+                {
+                    topics.remove(topic);
+                }
+                Err(e)
+            }
         }
-        let d = Admin::new(self.inner.conn.clone())
-            .describe_topic(topic)
-            .await?;
-        let state = Arc::new(TopicState {
-            partitions: d.partitions.len().max(1) as u32,
-            round_robin: std::sync::atomic::AtomicU32::new(0),
-        });
-        topics.insert(topic.to_string(), Arc::clone(&state));
-        Ok(state)
     }
 
-    async fn queue(&self, topic: &str, partition: u32) -> mpsc::UnboundedSender<Msg> {
-        let mut queues = self.inner.queues.lock().await;
+    fn queue(&self, topic: &str, partition: u32) -> mpsc::UnboundedSender<Msg> {
+        let mut queues = self.inner.queues.lock();
         queues
             .entry((topic.to_string(), partition))
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(partition_loop(
-                    Arc::clone(&self.inner),
-                    topic.to_string(),
+                let config = &self.inner.config;
+                let sender = PartitionSender {
+                    conn: self.inner.conn.clone(),
+                    topic: topic.to_string(),
                     partition,
-                    rx,
-                ));
+                    linger: Duration::from_millis(config.linger_ms),
+                    batch_bytes: config.batch_bytes,
+                    ack: match config.acks {
+                        Acks::Leader => pb::AckMode::Leader,
+                        Acks::Durable => pb::AckMode::Durable,
+                    },
+                    retry: RetryPolicy::produce(Duration::from_millis(config.retry_timeout_ms)),
+                };
+                tokio::spawn(sender.run(rx));
                 tx
             })
             .clone()
     }
 
-    /// Queues a record and returns a future of its `(partition, offset)`. Records sent from
-    /// one task to one partition keep their order.
-    pub async fn send(
-        &self,
-        record: ProducerRecord,
-    ) -> Result<impl std::future::Future<Output = Result<(u32, u64)>>> {
+    /// Queues a record and returns its [`DeliveryFuture`], which resolves to the record's
+    /// `(partition, offset)`. Records sent from one task to one partition keep their order.
+    ///
+    /// When the buffer is full (see [`ProducerConfig::buffer_memory_bytes`]) this waits until
+    /// earlier records are acknowledged and make room. The first send to a topic looks the
+    /// topic up on the broker.
+    ///
+    /// # Errors
+    /// The topic does not exist, the partition is past the topic's count, the record is
+    /// larger than the whole buffer ([`ClientError::RecordTooLarge`]). The returned future
+    /// fails with the batch's error when the broker refuses it or retries run out.
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        self.enqueue(record, WhenFull::Wait).await
+    }
+
+    /// Like [`Producer::send`], but never waits for room in the buffer: when it is full, fails
+    /// at once with [`ClientError::BufferFull`] and the record is not sent. (The first send
+    /// to a topic still waits for the topic's lookup.)
+    pub async fn try_send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        self.enqueue(record, WhenFull::Fail).await
+    }
+
+    async fn enqueue(&self, record: ProducerRecord, when_full: WhenFull) -> Result<DeliveryFuture> {
         let topic = self.topic(&record.topic).await?;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p >= topic.partitions => {
@@ -249,6 +367,33 @@ impl Producer {
             }
         };
         let size = record.size();
+        let buffer_memory_bytes = self.inner.config.buffer_memory_bytes;
+        let permits = u32::try_from(size)
+            .ok()
+            .filter(|_| size <= buffer_memory_bytes)
+            .ok_or_else(|| ClientError::RecordTooLarge {
+                topic: record.topic.clone(),
+                size_bytes: size,
+                buffer_memory_bytes,
+            })?;
+        let buffer = Arc::clone(&self.inner.buffer);
+        let permit = match when_full {
+            // The semaphore is fair: a waiting large record is not overtaken by small ones.
+            WhenFull::Wait => buffer
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| ClientError::Closed)?,
+            WhenFull::Fail => buffer
+                .try_acquire_many_owned(permits)
+                .map_err(|e| match e {
+                    TryAcquireError::NoPermits => ClientError::BufferFull {
+                        topic: record.topic.clone(),
+                        size_bytes: size,
+                        buffer_memory_bytes,
+                    },
+                    TryAcquireError::Closed => ClientError::Closed,
+                })?,
+        };
         let pb_record = pb::Record {
             key: record.key,
             value: record.value,
@@ -261,10 +406,14 @@ impl Producer {
         };
         let (tx, rx) = oneshot::channel();
         self.queue(&record.topic, partition)
-            .await
-            .send(Msg::Record(pb_record, size, tx))
+            .send(Msg::Record {
+                record: pb_record,
+                size,
+                ack: tx,
+                permit,
+            })
             .map_err(|_| ClientError::Closed)?;
-        Ok(async move { rx.await.map_err(|_| ClientError::Closed)? })
+        Ok(DeliveryFuture { rx })
     }
 
     /// Sends a record and waits for its `(partition, offset)`.
@@ -272,9 +421,10 @@ impl Producer {
         self.send(record).await?.await
     }
 
-    /// Waits until every record sent before this call is acknowledged (or failed).
+    /// Waits until every record sent before this call is acknowledged (or failed). Batches
+    /// still lingering are sent at once.
     pub async fn flush(&self) -> Result<()> {
-        let queues: Vec<_> = self.inner.queues.lock().await.values().cloned().collect();
+        let queues: Vec<_> = self.inner.queues.lock().values().cloned().collect();
         let mut waits = Vec::new();
         for q in queues {
             let (tx, rx) = oneshot::channel();
@@ -294,6 +444,7 @@ impl Producer {
 struct Gathered {
     records: Vec<pb::Record>,
     acks: Vec<Ack>,
+    permits: Vec<OwnedSemaphorePermit>,
     bytes: usize,
     flushes: Vec<oneshot::Sender<()>>,
 }
@@ -301,9 +452,15 @@ struct Gathered {
 impl Gathered {
     fn take(&mut self, msg: Msg) {
         match msg {
-            Msg::Record(r, size, ack) => {
-                self.records.push(r);
+            Msg::Record {
+                record,
+                size,
+                ack,
+                permit,
+            } => {
+                self.records.push(record);
                 self.acks.push(ack);
+                self.permits.push(permit);
                 self.bytes += size;
             }
             Msg::Flush(done) => self.flushes.push(done),
@@ -311,86 +468,159 @@ impl Gathered {
     }
 }
 
-/// One partition's sender: gathers a batch, sends it with retries, resolves the acks.
-async fn partition_loop(
-    inner: Arc<Inner>,
+/// One partition's sender: gathers a batch, sends it with retries, resolves the acks. It
+/// owns what it needs and nothing of the [`Producer`]'s shared state, so it ends once the
+/// producer's queue sender is dropped and the queue is drained.
+struct PartitionSender {
+    conn: Connection,
     topic: String,
     partition: u32,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-) {
-    let linger = Duration::from_millis(inner.config.linger_ms);
-    while let Some(first) = rx.recv().await {
-        let mut g = Gathered::default();
-        g.take(first);
-        let deadline = Instant::now() + linger;
-        while g.bytes < inner.config.batch_bytes && !g.records.is_empty() {
-            // Everything already queued goes in at once; then wait out the linger.
-            match rx.try_recv() {
-                Ok(msg) => g.take(msg),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if !g.flushes.is_empty() {
-                        break; // a flush is waiting: send now
-                    }
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(msg)) => g.take(msg),
-                        Ok(None) | Err(_) => break,
+    linger: Duration,
+    batch_bytes: usize,
+    ack: pb::AckMode,
+    retry: RetryPolicy,
+}
+
+impl PartitionSender {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        while let Some(first) = rx.recv().await {
+            let mut g = Gathered::default();
+            g.take(first);
+            let deadline = Instant::now() + self.linger;
+            while g.bytes < self.batch_bytes && !g.records.is_empty() {
+                // Everything already queued goes in at once; then wait out the linger.
+                match rx.try_recv() {
+                    Ok(msg) => g.take(msg),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if !g.flushes.is_empty() {
+                            break; // a flush is waiting: send now
+                        }
+                        match tokio::time::timeout_at(deadline, rx.recv()).await {
+                            Ok(Some(msg)) => g.take(msg),
+                            Ok(None) | Err(_) => break,
+                        }
                     }
                 }
             }
-        }
-        if !g.records.is_empty() {
-            let result =
-                send_with_retries(&inner, &topic, partition, std::mem::take(&mut g.records)).await;
-            for (i, ack) in g.acks.drain(..).enumerate() {
-                let _ = ack.send(match &result {
-                    Ok(base) => Ok((partition, base + i as u64)),
-                    Err(e) => Err(ClientError::broker(
-                        Some(&topic),
-                        Some(partition),
-                        match e {
-                            ClientError::Broker { source, .. } => source.clone(),
-                            other => tonic::Status::unavailable(other.to_string()),
-                        },
-                    )),
-                });
+            if !g.records.is_empty() {
+                let result = self.send_batch(std::mem::take(&mut g.records)).await;
+                for (i, ack) in g.acks.drain(..).enumerate() {
+                    let _ = ack.send(match &result {
+                        Ok(base) => Ok((self.partition, base + i as u64)),
+                        Err(e) => Err(e.clone()),
+                    });
+                }
+            }
+            // The batch is settled: its bytes leave the buffer.
+            g.permits.clear();
+            for done in g.flushes.drain(..) {
+                let _ = done.send(());
             }
         }
-        for done in g.flushes.drain(..) {
-            let _ = done.send(());
-        }
+        tracing::trace!(topic = %self.topic, partition = self.partition, "producer queue closed");
+    }
+
+    /// Sends one batch with retries; returns its base offset.
+    async fn send_batch(&self, records: Vec<pb::Record>) -> Result<u64> {
+        let count = records.len();
+        let request = pb::ProduceRequest {
+            topic: self.topic.clone(),
+            partition: Some(self.partition),
+            ack: self.ack as i32,
+            payload: Some(Payload::Records(pb::RecordList { records })),
+        };
+        self.retry
+            .run("produce", || async {
+                let response = self
+                    .conn
+                    .log()
+                    .produce(request.clone())
+                    .await
+                    .map_err(|s| ClientError::broker(Some(&self.topic), Some(self.partition), s))?
+                    .into_inner();
+                base_offset(&response, &self.topic, self.partition, count)
+            })
+            .await
     }
 }
 
-async fn send_with_retries(
-    inner: &Inner,
+/// The base offset of the `count` records just sent to `topic`/`partition`, checked against
+/// the answer: it must hold that partition's append, with every record in it.
+fn base_offset(
+    response: &pb::ProduceResponse,
     topic: &str,
     partition: u32,
-    records: Vec<pb::Record>,
+    count: usize,
 ) -> Result<u64> {
-    let request = pb::ProduceRequest {
+    let bad = |problem: String| ClientError::BadResponse {
         topic: topic.to_string(),
-        partition: Some(partition),
-        ack: match inner.config.acks {
-            Acks::Leader => pb::AckMode::Leader as i32,
-            Acks::Durable => pb::AckMode::Durable as i32,
-        },
-        payload: Some(Payload::Records(pb::RecordList { records })),
+        partition,
+        problem,
     };
-    let give_up = Instant::now() + Duration::from_millis(inner.config.retry_timeout_ms);
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        match inner.conn.log().produce(request.clone()).await {
-            Ok(resp) => {
-                let resp = resp.into_inner();
-                return Ok(resp.appends.first().map_or(0, |a| a.base_offset));
-            }
-            Err(status) if is_retryable_status(&status) && Instant::now() + backoff < give_up => {
-                tracing::debug!(topic, partition, error = %status, "produce failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            Err(status) => return Err(ClientError::broker(Some(topic), Some(partition), status)),
+    let append = response
+        .appends
+        .iter()
+        .find(|a| a.partition == partition)
+        .ok_or_else(|| {
+            bad(format!(
+                "the produce answer has no append for partition {partition}"
+            ))
+        })?;
+    if usize::try_from(append.record_count).ok() != Some(count) {
+        return Err(bad(format!(
+            "{count} records were sent but the produce answer reports {} appended",
+            append.record_count
+        )));
+    }
+    Ok(append.base_offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(partition: u32, base_offset: u64, record_count: u32) -> pb::PartitionAppend {
+        pb::PartitionAppend {
+            partition,
+            base_offset,
+            record_count,
         }
+    }
+
+    #[test]
+    fn an_answer_without_the_append_is_an_error_not_offset_zero() {
+        let empty = pb::ProduceResponse { appends: vec![] };
+        match base_offset(&empty, "t", 3, 2) {
+            Err(ClientError::BadResponse {
+                topic, partition, ..
+            }) => assert_eq!((topic.as_str(), partition), ("t", 3)),
+            other => panic!("expected BadResponse, got {other:?}"),
+        }
+        let other_partition = pb::ProduceResponse {
+            appends: vec![append(1, 40, 2)],
+        };
+        assert!(matches!(
+            base_offset(&other_partition, "t", 3, 2),
+            Err(ClientError::BadResponse { .. })
+        ));
+    }
+
+    #[test]
+    fn an_answer_with_the_wrong_count_is_an_error() {
+        let short = pb::ProduceResponse {
+            appends: vec![append(3, 40, 1)],
+        };
+        let e = base_offset(&short, "t", 3, 2).expect_err("short");
+        assert!(matches!(e, ClientError::BadResponse { .. }), "{e:?}");
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn the_partitions_append_gives_the_base_offset() {
+        let ok = pb::ProduceResponse {
+            appends: vec![append(1, 7, 5), append(3, 40, 2)],
+        };
+        assert_eq!(base_offset(&ok, "t", 3, 2).expect("ok"), 40);
     }
 }
