@@ -8,6 +8,7 @@ Exit status: 0 on success, 1 when the broker refused the request, 2 on bad usage
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -95,6 +96,17 @@ def describe_group(channel: grpc.Channel, args: argparse.Namespace) -> int:
         f"describe group {args.group}",
         lambda: stub.DescribeGroup(request, timeout=CALL_TIMEOUT_S),
     )
+    if args.json:
+        # {"topic": {"partition": {"committed": .., "high_watermark": .., "lag": ..}}}
+        out: dict = {}
+        for p in group.partitions:
+            out.setdefault(p.topic, {})[str(p.partition)] = {
+                "committed": p.committed_offset,
+                "high_watermark": p.high_watermark,
+                "lag": p.lag,
+            }
+        print(json.dumps(out))
+        return 0
     # Lag is what the group has still to read: high watermark - max(committed, log start).
     print(f"{'topic':<20} {'partition':>9} {'committed':>10} {'high watermark':>15} {'lag':>8}")
     for p in group.partitions:
@@ -131,6 +143,7 @@ def main() -> int:
 
     group = commands.add_parser("describe-group", help="a group's committed offsets and lag")
     group.add_argument("group")
+    group.add_argument("--json", action="store_true", help="print JSON, for scripts")
     group.set_defaults(run=describe_group)
 
     args = parser.parse_args()

@@ -83,7 +83,9 @@ def describe(err: grpc.RpcError) -> str:
 
 def log(message: str) -> None:
     """Progress and errors go to stderr, so stdout carries only the data."""
-    print(message, file=sys.stderr, flush=True)
+    # One write per line, so lines from several threads do not interleave.
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 class Backoff:
