@@ -14,6 +14,11 @@ set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PY="${PYTHON:-python}"
+# A relative PYTHON is relative to where the script was started, not to this folder.
+case "$PY" in
+  /*) ;;
+  */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;;
+esac
 cd "$HERE"
 
 passed=0
@@ -49,12 +54,21 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND every 0.1 s until it succeeds.
+# A COMMAND that returns 2 says the wait is hopeless (the process it watches has exited).
 wait_for() {
-  local deadline=$((SECONDS + $1)) what="$2"
+  local seconds="$1" what="$2" status
+  local deadline=$((SECONDS + seconds))
   shift 2
-  until "$@"; do
+  while true; do
+    "$@"
+    status=$?
+    [ "$status" = 0 ] && return 0
+    if [ "$status" = 2 ]; then
+      echo "gave up waiting for $what: the process exited" >&2
+      return 1
+    fi
     if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "timed out after $1 s waiting for $what" >&2
+      echo "timed out after $seconds s waiting for $what" >&2
       return 1
     fi
     sleep 0.1
