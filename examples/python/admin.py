@@ -78,7 +78,8 @@ def describe_topic(channel: grpc.Channel, args: argparse.Namespace) -> int:
         f"describe topic {args.topic}",
         lambda: stub.DescribeTopic(request, timeout=CALL_TIMEOUT_S),
     )
-    print(f"topic {topic.name}: {topic.config.partitions} partitions, flush {flush_text(topic.config.flush)}")
+    flush = flush_text(topic.config.flush)
+    print(f"topic {topic.name}: {topic.config.partitions} partitions, flush {flush}")
     print(f"{'partition':>9} {'log start':>12} {'high watermark':>15} {'bytes':>12}")
     for p in topic.partitions:
         fenced = f"  FENCED: {p.fenced_reason}" if p.HasField("fenced_reason") else ""

@@ -44,7 +44,9 @@ def check(input_path: str, run1_path: str, run2_path: str, committed_path: str, 
             p = r["partition"]
             expected = next_offset[i].get(p, r["offset"])
             if r["offset"] != expected:
-                problems.append(f"run {i + 1}, partition {p}: offset {r['offset']} after {expected - 1}")
+                problems.append(
+                    f"run {i + 1}, partition {p}: offset {r['offset']} after {expected - 1}"
+                )
             first_offset[i].setdefault(p, r["offset"])
             next_offset[i][p] = r["offset"] + 1
 
@@ -55,13 +57,17 @@ def check(input_path: str, run1_path: str, run2_path: str, committed_path: str, 
     duplicates = 0
     for p, start in first_offset[1].items():
         if start != committed.get(p, 0):
-            problems.append(f"run 2, partition {p}: started at {start}, committed {committed.get(p)}")
+            problems.append(
+                f"run 2, partition {p}: started at {start}, committed {committed.get(p)}"
+            )
     for p, end in next_offset[0].items():
         repeated = end - committed.get(p, 0)
         if repeated < 0:
             problems.append(f"partition {p}: committed {committed[p]} beyond handled {end}")
         if repeated > window:
-            problems.append(f"partition {p}: {repeated} uncommitted records, more than one fetch ({window})")
+            problems.append(
+                f"partition {p}: {repeated} uncommitted records, more than one fetch ({window})"
+            )
         duplicates += max(repeated, 0)
 
     # Every line exactly once after removing the repeated window, with key and header.
@@ -80,7 +86,9 @@ def check(input_path: str, run1_path: str, run2_path: str, committed_path: str, 
                 problems.append(f"partition {at[0]} offset {at[1]}: headers {r['headers']}")
     repeated_seen = sum(len(run) for run in runs) - len(delivered)
     if repeated_seen != duplicates:
-        problems.append(f"{repeated_seen} records repeated, the uncommitted window held {duplicates}")
+        problems.append(
+            f"{repeated_seen} records repeated, the uncommitted window held {duplicates}"
+        )
     expected_order: Dict[str, List[str]] = defaultdict(list)
     for key, value in produced:
         expected_order[key].append(value)

@@ -161,7 +161,8 @@ lag_after_kill() {
     "$PY" -c 'import json, sys
 group = json.load(open(sys.argv[1]))["events"]
 json.dump({p: v["committed"] for p, v in group.items()}, open(sys.argv[2], "w"))
-sys.exit(0 if sum(v["lag"] for v in group.values()) > 0 else 1)' "$WORK/group1.json" "$WORK/committed.json"
+sys.exit(0 if sum(v["lag"] for v in group.values()) > 0 else 1)' \
+      "$WORK/group1.json" "$WORK/committed.json"
 }
 check "admin.py describes the group's lag after the kill (lag > 0)" lag_after_kill
 
@@ -210,7 +211,8 @@ time.sleep(120)' >"$WORK/holder.out" &
 HOLDER_PID=$!
 unavailable_retried() {
   wait_for 10 "a port to hold" test -s "$WORK/holder.out" || return 1
-  printf 'a\n' | timeout 30 "$PY" producer.py events --broker "127.0.0.1:$(head -1 "$WORK/holder.out")" \
+  local dead="127.0.0.1:$(head -1 "$WORK/holder.out")"
+  printf 'a\n' | timeout 30 "$PY" producer.py events --broker "$dead" \
     --give-up-after-s 1 >/dev/null 2>"$WORK/unavailable.err"
   [ $? = 1 ] && [ "$(grep -c "UNAVAILABLE.*new stream in" "$WORK/unavailable.err")" -ge 2 ] &&
     grep -q "giving up" "$WORK/unavailable.err"
@@ -228,7 +230,8 @@ from rill_common import connect, groups_pb2, groups_pb2_grpc
 offsets = [groups_pb2.PartitionOffset(partition=p, offset=1_000_000) for p in range(3)]
 request = groups_pb2.CommitOffsetsRequest(group=sys.argv[1], topic="events", offsets=offsets)
 with connect(sys.argv[2]) as channel:
-    groups_pb2_grpc.GroupsStub(channel).CommitOffsets(request, timeout=10)' "$group" "$ADDR" || return 1
+    groups_pb2_grpc.GroupsStub(channel).CommitOffsets(request, timeout=10)' \
+    "$group" "$ADDR" || return 1
   timeout 60 "$PY" consumer.py events --group "$group" --reset "$policy" --until-caught-up \
     >"$WORK/$group.out" 2>"$WORK/$group.err" || return 1
   [ "$(lines_in "$WORK/$group.out")" = "$expected_lines" ] &&
