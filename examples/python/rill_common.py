@@ -69,6 +69,12 @@ def connect(address: str) -> grpc.Channel:
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # While the broker is down, calls fail at once with UNAVAILABLE and the channel
+            # reconnects in the background. gRPC's own reconnect backoff grows to 2 minutes;
+            # cap it like the callers' backoff, so a restarted broker is found within seconds.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
         ],
     )
 

@@ -40,12 +40,13 @@ finish() {
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/rill-python-examples.XXXXXX")"
 BROKER_PID=""
 CONSUMER_PID=""
+PRODUCER_PID=""
 HOLDER_PID=""
 cleanup() {
-  for pid in $CONSUMER_PID $HOLDER_PID $BROKER_PID; do
+  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID $BROKER_PID; do
     kill "$pid" 2>/dev/null
   done
-  for pid in $CONSUMER_PID $HOLDER_PID $BROKER_PID; do
+  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID $BROKER_PID; do
     wait "$pid" 2>/dev/null
   done
   rm -rf "$WORK"
@@ -97,18 +98,37 @@ if [ -z "$BIN" ]; then
   }
   BIN="$ROOT/target/debug/rill-broker"
 fi
-"$BIN" --data-dir "$WORK/data" --listen 127.0.0.1:0 >"$WORK/broker.out" 2>"$WORK/broker.err" &
-BROKER_PID=$!
+# start_broker LISTEN: starts the broker on the test's data folder; sets BROKER_PID and ADDR.
+# Each start writes a new stdout file: the background shell creates it later, and an old one
+# would show the previous start's address.
+BROKER_STARTS=0
+start_broker() {
+  BROKER_STARTS=$((BROKER_STARTS + 1))
+  BROKER_OUT="$WORK/broker-$BROKER_STARTS.out"
+  "$BIN" --data-dir "$WORK/data" --listen "$1" >"$BROKER_OUT" 2>>"$WORK/broker.err" &
+  BROKER_PID=$!
+  if ! wait_for 30 "rill-broker to listen" broker_listening; then
+    tail -20 "$WORK/broker.err"
+    return 1
+  fi
+  ADDR="$(sed -n 's/^rill-broker listening on //p' "$BROKER_OUT" | head -1)"
+  [ -n "$ADDR" ]
+}
 broker_listening() {
   kill -0 "$BROKER_PID" 2>/dev/null || return 2
-  grep -q '^rill-broker listening on ' "$WORK/broker.out"
+  grep -qs '^rill-broker listening on ' "$BROKER_OUT" || return 1
 }
-if ! wait_for 30 "rill-broker to listen" broker_listening; then
+# stop PID: SIGTERM, then waits for it to exit (with a deadline); returns its exit status.
+stop() {
+  kill -TERM "$1" 2>/dev/null
+  wait_for 30 "process $1 to exit" exited "$1" || kill -9 "$1" 2>/dev/null
+  wait "$1"
+}
+exited() { ! kill -0 "$1" 2>/dev/null; }
+if ! start_broker 127.0.0.1:0; then
   not_ok "start rill-broker ($BIN)"
-  tail -20 "$WORK/broker.err"
   finish
 fi
-ADDR="$(sed -n 's/^rill-broker listening on //p' "$WORK/broker.out" | head -1)"
 export RILL_BROKER="$ADDR"
 echo "broker $BIN on $ADDR"
 
@@ -185,6 +205,46 @@ no_lag() {
 }
 check "admin.py describes the group's lag after the second run (lag 0)" no_lag
 
+# --- a broker restart: the producer and the consumer retry UNAVAILABLE and carry on -------
+"$PY" consumer.py events --group tail --output json --max-wait-ms 1000 \
+  >"$WORK/tail.jsonl" 2>"$WORK/tail.err" &
+CONSUMER_PID=$!
+tail_has() {
+  kill -0 "$CONSUMER_PID" 2>/dev/null || return 2
+  [ "$(lines_in "$WORK/tail.jsonl")" -ge "$1" ]
+}
+producer_retried() {
+  kill -0 "$PRODUCER_PID" 2>/dev/null || return 2
+  grep -qs "UNAVAILABLE.*new stream in" "$WORK/restart-produce.err" || return 1
+}
+restart() {
+  wait_for 30 "the tailing consumer to read 1000 records" tail_has 1000 || return 1
+  stop "$BROKER_PID"
+  # Produced while the broker is down: the producer retries until it is back.
+  for i in $(seq 1 10); do printf 'key-%d:after-restart-%02d\n' "$i" "$i"; done |
+    "$PY" producer.py events --key-separator : --header source=test \
+      >"$WORK/restart-produce.out" 2>"$WORK/restart-produce.err" &
+  PRODUCER_PID=$!
+  wait_for 20 "the producer to meet the stopped broker" producer_retried || return 1
+  start_broker "$ADDR" || return 1
+  wait_for 40 "the producer to finish" exited "$PRODUCER_PID" || return 1
+  wait "$PRODUCER_PID" || return 1
+  PRODUCER_PID=""
+  grep -q "^acked 10 records" "$WORK/restart-produce.out" || return 1
+  wait_for 30 "the tailing consumer to read the 10 new records" tail_has 1010 || return 1
+  stop "$CONSUMER_PID" || return 1
+  CONSUMER_PID=""
+  [ "$(grep -c after-restart "$WORK/tail.jsonl")" = 10 ] &&
+    grep -q "UNAVAILABLE.*retrying" "$WORK/tail.err" &&
+    "$PY" admin.py describe-group tail | grep -q "^group tail: total lag 0$"
+}
+if restart; then
+  ok "a broker restart: the producer and the tailing consumer retry UNAVAILABLE and go on"
+else
+  not_ok "a broker restart: the producer and the tailing consumer retry UNAVAILABLE and go on"
+  tail -5 "$WORK/restart-produce.err" "$WORK/tail.err"
+fi
+
 # --- status codes --------------------------------------------------------------------------
 # INVALID_ARGUMENT: reported at once, never retried.
 invalid_not_retried() {
@@ -237,8 +297,10 @@ with connect(sys.argv[2]) as channel:
   [ "$(lines_in "$WORK/$group.out")" = "$expected_lines" ] &&
     [ "$(grep -c "offset 1000000 out of range; reset to $policy offset" "$WORK/$group.err")" = 3 ]
 }
-check "OUT_OF_RANGE resets to the earliest offset by policy (re-reads all 1000)" \
-  out_of_range_reset earliest 1000
+# Every record in the topic: the sum of the partitions' high watermarks.
+TOTAL="$("$PY" admin.py describe-topic events | awk 'NR > 2 { sum += $3 } END { print sum }')"
+check "OUT_OF_RANGE resets to the earliest offset by policy (re-reads all $TOTAL)" \
+  out_of_range_reset earliest "$TOTAL"
 check "OUT_OF_RANGE resets to the latest offset by policy (reads nothing)" \
   out_of_range_reset latest 0
 
