@@ -335,9 +335,15 @@ def main() -> int:
         parser.error("--max-records must be at least 1")
     with connect(args.broker) as channel:
         consumer = Consumer(args, channel)
-        # SIGINT and SIGTERM stop cleanly: each partition commits what it handled, then ends.
+        # SIGINT and SIGTERM stop cleanly: each partition commits what it handled, then ends
+        # (retrying the commit while the broker is unavailable). A second one exits at once.
+        def on_signal(signum, _frame):
+            if consumer.stop.is_set():
+                os._exit(128 + signum)
+            consumer.request_stop()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: consumer.request_stop())
+            signal.signal(sig, on_signal)
         return consumer.run()
 
 

@@ -42,11 +42,16 @@ BROKER_PID=""
 CONSUMER_PID=""
 PRODUCER_PID=""
 HOLDER_PID=""
+# Stops the clients first (a consumer commits on SIGTERM, which needs the broker), then the
+# broker; each by its PID, with a deadline before SIGKILL.
 cleanup() {
-  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID $BROKER_PID; do
+  local pid
+  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID; do
     kill "$pid" 2>/dev/null
   done
   for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID $BROKER_PID; do
+    [ "$pid" = "$BROKER_PID" ] && kill "$pid" 2>/dev/null
+    wait_for 30 "process $pid to exit" exited "$pid" || kill -9 "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
   done
   rm -rf "$WORK"
@@ -75,6 +80,7 @@ wait_for() {
     sleep 0.1
   done
 }
+exited() { ! kill -0 "$1" 2>/dev/null; }
 lines_in() { [ -f "$1" ] && wc -l <"$1" || echo 0; }
 
 # --- unit tests of the batch decoder (no broker) -------------------------------------------
@@ -124,7 +130,6 @@ stop() {
   wait_for 30 "process $1 to exit" exited "$1" || kill -9 "$1" 2>/dev/null
   wait "$1"
 }
-exited() { ! kill -0 "$1" 2>/dev/null; }
 if ! start_broker 127.0.0.1:0; then
   not_ok "start rill-broker ($BIN)"
   finish
