@@ -1,0 +1,351 @@
+"""Consumes a topic as a group, at least once: long-poll, handle, then commit.
+
+    python consumer.py orders --group billing                # tail, printing one line per record
+    python consumer.py orders --group billing --output json --until-caught-up
+
+Each partition is read by a thread of its own, in a loop:
+
+1. Fetch from the partition's position with a long-poll (max_wait_ms): the broker answers as
+   soon as records arrive, or with nothing when the wait ends.
+2. Handle every record: print it (and flush, so "handled" means "written").
+3. Commit the offset after the last handled record (CommitOffsets).
+
+A crash between 2 and 3 means the records of that one fetch are handled again after a
+restart: at least once, with at most one fetch (--max-records) per partition repeated. The
+start position is the group's committed offset (FetchOffsets), so a restart resumes there.
+
+Where the group has no committed offset, or its offset is no longer in the log (OUT_OF_RANGE:
+retention deleted it, or it was never valid), the position is reset by --reset: `earliest`
+(the first retained record) or `latest` (only what is produced from now on).
+
+The group is only a name for committed offsets here: there is no membership yet, so two
+consumers with one group both read every partition. Run one consumer per group.
+
+Errors, by status code (docs/ARCHITECTURE.md, "Status codes"): UNAVAILABLE and
+RESOURCE_EXHAUSTED are retried with backoff; OUT_OF_RANGE resets the position by --reset;
+anything else stops the consumer with exit status 1 (it is never retried).
+"""
+
+import argparse
+import base64
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Dict, List, Optional
+
+import grpc
+
+from rill_batch import BatchError, Record, decode_batches
+from rill_common import (
+    DEFAULT_BROKER,
+    RETRYABLE,
+    Backoff,
+    admin_pb2,
+    admin_pb2_grpc,
+    call_with_retry,
+    connect,
+    describe,
+    groups_pb2,
+    groups_pb2_grpc,
+    log,
+    log_pb2,
+    log_pb2_grpc,
+)
+
+# A call's deadline beyond the long-poll's own wait: the broker answers a fetch before the
+# deadline (it ends its wait early enough), so this only catches a broker that never answers.
+DEADLINE_MARGIN_S = 10.0
+# The most bytes one fetch asks for: the broker still returns at least one whole batch.
+MAX_FETCH_BYTES = 1024 * 1024
+
+
+class Fatal(Exception):
+    """An error the consumer does not retry: it stops, and exits with status 1."""
+
+
+class Consumer:
+    """One consumer of one topic for one group: a thread per partition."""
+
+    def __init__(self, args: argparse.Namespace, channel: grpc.Channel) -> None:
+        self.args = args
+        self.log_stub = log_pb2_grpc.LogStub(channel)
+        self.groups = groups_pb2_grpc.GroupsStub(channel)
+        self.admin = admin_pb2_grpc.AdminStub(channel)
+        self.stop = threading.Event()
+        self.output_lock = threading.Lock()
+        self.failure: Optional[str] = None
+        # The fetch each partition's thread is waiting on, so a stop can cancel it.
+        self.in_flight: Dict[int, grpc.Future] = {}
+        self.in_flight_lock = threading.Lock()
+
+    # -- the start position -------------------------------------------------------------
+
+    def committed_offsets(self) -> Dict[int, Optional[int]]:
+        """Every partition of the topic, with the group's committed offset where it has one."""
+        topic = call_with_retry(
+            f"describe topic {self.args.topic}",
+            lambda: self.admin.DescribeTopic(
+                admin_pb2.DescribeTopicRequest(name=self.args.topic), timeout=DEADLINE_MARGIN_S
+            ),
+            stop=self.stop,
+        )
+        request = groups_pb2.FetchOffsetsRequest(group=self.args.group, topic=self.args.topic)
+        response = call_with_retry(
+            f"fetch offsets of group {self.args.group}",
+            lambda: self.groups.FetchOffsets(request, timeout=DEADLINE_MARGIN_S),
+            stop=self.stop,
+        )
+        offsets: Dict[int, Optional[int]] = {p.partition: None for p in topic.partitions}
+        for c in response.offsets:
+            offsets[c.partition] = c.offset if c.HasField("offset") else None
+        return offsets
+
+    def reset_position(self, partition: int, why: str) -> int:
+        """The position --reset picks: the log start or the high watermark."""
+        spec = {"earliest": log_pb2.OFFSET_SPEC_EARLIEST, "latest": log_pb2.OFFSET_SPEC_LATEST}
+        request = log_pb2.ListOffsetsRequest(
+            topic=self.args.topic, partition=partition, position=spec[self.args.reset]
+        )
+        found = call_with_retry(
+            f"list offsets of partition {partition}",
+            lambda: self.log_stub.ListOffsets(request, timeout=DEADLINE_MARGIN_S),
+            stop=self.stop,
+        )
+        log(f"partition {partition}: {why}; reset to {self.args.reset} offset {found.offset}")
+        return found.offset
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def fetch(self, partition: int, offset: int) -> log_pb2.FetchResponse:
+        """One long-poll fetch, cancellable by a stop."""
+        wait_ms = 0 if self.args.until_caught_up else self.args.max_wait_ms
+        request = log_pb2.FetchRequest(
+            topic=self.args.topic,
+            partition=partition,
+            offset=offset,
+            max_wait_ms=wait_ms,
+            max_bytes=MAX_FETCH_BYTES,
+            max_records=self.args.max_records,
+            encoding=(
+                log_pb2.FETCH_ENCODING_RAW_BATCHES
+                if self.args.encoding == "raw"
+                else log_pb2.FETCH_ENCODING_RECORDS
+            ),
+        )
+        future = self.log_stub.Fetch.future(request, timeout=wait_ms / 1000 + DEADLINE_MARGIN_S)
+        with self.in_flight_lock:
+            self.in_flight[partition] = future
+        try:
+            if self.stop.is_set():
+                future.cancel()
+            return future.result()
+        finally:
+            with self.in_flight_lock:
+                self.in_flight.pop(partition, None)
+
+    def records(self, response: log_pb2.FetchResponse, offset: int) -> List[Record]:
+        """The response's records from `offset` on, whichever encoding was asked for."""
+        if self.args.encoding == "raw":
+            # Whole stored batches: the first may start before the offset asked for.
+            try:
+                decoded = decode_batches(b"".join(response.batches))
+            except BatchError as err:
+                raise Fatal(f"partition {response.partition}: a fetched batch: {err}") from err
+            return [r for r in decoded if r.offset >= offset]
+        return [
+            Record(
+                r.offset,
+                r.timestamp_ms,
+                r.key if r.HasField("key") else None,
+                r.value,
+                [(h.key, h.value) for h in r.headers],
+            )
+            for r in response.records
+        ]
+
+    def handle(self, partition: int, record: Record) -> None:
+        """What this consumer does with a record: print it, flushed."""
+        if self.args.output == "json":
+            line = json.dumps(
+                {
+                    "partition": partition,
+                    "offset": record.offset,
+                    "timestamp_ms": record.timestamp_ms,
+                    "key": text(record.key),
+                    "value": text(record.value),
+                    "headers": [[k, text(v)] for k, v in record.headers],
+                }
+            )
+        else:
+            key = "" if record.key is None else record.key.decode("utf-8", "backslashreplace")
+            value = record.value.decode("utf-8", "backslashreplace")
+            line = f"{partition}\t{record.offset}\t{key}\t{value}"
+        with self.output_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        if self.args.handle_ms:
+            self.stop.wait(self.args.handle_ms / 1000)
+
+    def commit(self, partition: int, offset: int) -> None:
+        """Commits `offset` (one past the last handled record) for one partition."""
+        request = groups_pb2.CommitOffsetsRequest(
+            group=self.args.group,
+            topic=self.args.topic,
+            offsets=[groups_pb2.PartitionOffset(partition=partition, offset=offset)],
+        )
+        # Committing the same offset twice is harmless, so the commit may be retried; it
+        # still goes through when a stop is under way, to save the work just done.
+        call_with_retry(
+            f"commit partition {partition} at {offset}",
+            lambda: self.groups.CommitOffsets(request, timeout=DEADLINE_MARGIN_S),
+        )
+
+    def consume_partition(self, partition: int, committed: Optional[int]) -> None:
+        """Fetch, handle, commit, until stopped (or caught up, with --until-caught-up)."""
+        offset = committed
+        if offset is None:
+            offset = self.reset_position(partition, "no committed offset")
+        backoff = Backoff()
+        while not self.stop.is_set():
+            try:
+                response = self.fetch(partition, offset)
+            except grpc.FutureCancelledError:
+                return
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.CANCELLED and self.stop.is_set():
+                    return
+                if code == grpc.StatusCode.OUT_OF_RANGE:
+                    # The offset is outside [log start, high watermark]: move it by policy.
+                    # (The message names both bounds, but it is for people, not for code.)
+                    offset = self.reset_position(partition, f"offset {offset} out of range")
+                    continue
+                if code in RETRYABLE:
+                    delay_s = backoff.next_delay_s()
+                    log(f"partition {partition}: {describe(err)}; retrying in {delay_s:.2f} s")
+                    self.stop.wait(delay_s)
+                    continue
+                raise Fatal(f"partition {partition}: fetch at {offset}: {describe(err)}") from err
+            backoff.reset()
+            records = self.records(response, offset)
+            for record in records:
+                if self.stop.is_set():
+                    break  # commit what was handled, and no more
+                self.handle(partition, record)
+                offset = record.offset + 1
+            else:
+                # Everything fetched was handled: continue where the broker says.
+                offset = max(offset, response.next_offset)
+            if offset != committed:
+                self.commit(partition, offset)
+                committed = offset
+            if self.args.until_caught_up and offset >= response.high_watermark:
+                return
+
+    def run_partition(self, partition: int, committed: Optional[int]) -> None:
+        """The thread's body: a failure in one partition stops them all."""
+        try:
+            self.consume_partition(partition, committed)
+        except (Fatal, grpc.RpcError) as err:
+            message = describe(err) if isinstance(err, grpc.RpcError) else str(err)
+            self.fail(message)
+        except Exception as err:  # a bug: stop everything rather than leave a dead thread
+            self.fail(f"partition {partition}: {type(err).__name__}: {err}")
+
+    def fail(self, message: str) -> None:
+        log(f"consumer: {message}; stopping (not retried)")
+        self.failure = self.failure or message
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Stops every partition's loop: waiting fetches are cancelled; a commit under way
+        finishes."""
+        self.stop.set()
+        with self.in_flight_lock:
+            for future in self.in_flight.values():
+                future.cancel()
+
+    def run(self) -> int:
+        try:
+            offsets = self.committed_offsets()
+        except grpc.RpcError as err:
+            log(f"consumer: {describe(err)}")
+            return 1
+        threads = [
+            threading.Thread(target=self.run_partition, args=(p, c), name=f"partition-{p}")
+            for p, c in sorted(offsets.items())
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            # Joined with a timeout so the main thread keeps taking signals (Ctrl-C).
+            while t.is_alive():
+                t.join(0.2)
+        return 1 if self.failure else 0
+
+
+def text(data: Optional[bytes]):
+    """Bytes for JSON: UTF-8 text as a string, anything else as {"base64": ...}."""
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("topic")
+    parser.add_argument("--group", required=True, help="whose committed offsets to use")
+    parser.add_argument(
+        "--broker",
+        default=os.environ.get("RILL_BROKER", DEFAULT_BROKER),
+        help="host:port (default: $RILL_BROKER or %(default)s)",
+    )
+    parser.add_argument(
+        "--reset",
+        choices=["earliest", "latest"],
+        default="earliest",
+        help="where to start without a committed offset, or when it is out of range",
+    )
+    parser.add_argument("--max-wait-ms", type=int, default=5_000, help="long-poll wait")
+    parser.add_argument("--max-records", type=int, default=100, help="most records per fetch")
+    parser.add_argument(
+        "--encoding",
+        choices=["records", "raw"],
+        default="records",
+        help="records: decoded by the broker; raw: stored batches, decoded here (rill_batch.py)",
+    )
+    parser.add_argument("--output", choices=["text", "json"], default="text")
+    parser.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="stop once every partition is read to its high watermark (fetches do not wait)",
+    )
+    parser.add_argument(
+        "--handle-ms", type=int, default=0, help="pretend each record takes this long to handle"
+    )
+    args = parser.parse_args()
+    if args.max_records < 1:
+        parser.error("--max-records must be at least 1")
+    with connect(args.broker) as channel:
+        consumer = Consumer(args, channel)
+        # SIGINT and SIGTERM stop cleanly: each partition commits what it handled, then ends
+        # (retrying the commit while the broker is unavailable). A second one exits at once.
+        def on_signal(signum, _frame):
+            if consumer.stop.is_set():
+                os._exit(128 + signum)
+            consumer.request_stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        return consumer.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
