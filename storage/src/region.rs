@@ -116,14 +116,6 @@ impl Region {
         })
     }
 
-    /// Syncs `[start, end)` to stable storage (`msync(MS_SYNC)`, which on Linux also syncs the
-    /// file size the data needs).
-    pub fn sync_range(&self, start: usize, end: usize) -> io::Result<()> {
-        match self.map.as_ref() {
-            Some(map) if start < end && end <= self.len => map.flush_range(start, end - start),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// The owner behind a [`Bytes`] cut from a [`Region`]: an `Arc` of the region and a range that

@@ -258,12 +258,23 @@ fn segments_roll_by_age_and_sealed_files_are_trimmed() {
     log.append(&batch(1, 1, 100)).expect("append");
     assert_eq!(log.stats().segments, 2, "rolled by age");
     let first = dir.path().join(format!("{:020}.log", 0));
+    let preallocated = std::fs::metadata(&first).expect("stat").len();
+    assert!(
+        preallocated > batch(1, 0, 100).len() as u64,
+        "a roll touches no file: the trim waits for the next sync"
+    );
+    assert!(log.background_due(), "the roll awaits its checkpoint");
+    log.run_background().expect("checkpoint");
     let sealed_len = std::fs::metadata(&first).expect("stat").len();
     assert_eq!(
         sealed_len,
         batch(1, 0, 100).len() as u64,
         "trimmed to its batches"
     );
+    let index = dir.path().join(format!("{:020}.timeindex", 0));
+    let index_len = std::fs::metadata(&index).expect("stat").len();
+    assert_eq!(index_len, 16, "the time index trimmed to its one entry");
+    assert!(!log.background_due(), "nothing left to do");
     let active = dir.path().join(format!("{:020}.log", 1));
     let active_len = std::fs::metadata(&active).expect("stat").len();
     assert!(active_len >= 1 << 20, "the active segment is preallocated");
