@@ -115,7 +115,6 @@ impl Region {
             end,
         })
     }
-
 }
 
 /// The owner behind a [`Bytes`] cut from a [`Region`]: an `Arc` of the region and a range that

@@ -19,15 +19,17 @@ fn a_failed_sync_fences_writes_but_not_reads() {
     let log = PartitionLog::open(dir.path(), LogOptions::new("t", 3, &config)).expect("open");
     let syncs = log.sync_count();
     let info = log.append(&one_record()).expect("append");
-    assert_eq!(log.sync_count(), syncs + 1, "`always` synced before returning");
+    assert_eq!(
+        log.sync_count(),
+        syncs + 1,
+        "`always` synced before returning"
+    );
     assert!(log.durable_offset() >= info.next_offset);
 
     // Under `always` the append itself waits for the sync, so its failure is the append's:
     // the batch is in the log but never acknowledged.
     log.inject_sync_failure();
-    let err = log
-        .append(&one_record())
-        .expect_err("the sync must fail");
+    let err = log.append(&one_record()).expect_err("the sync must fail");
     assert!(err.to_string().contains("injected"), "{err}");
 
     match log.append(&one_record()) {
@@ -170,4 +172,65 @@ fn injected_preallocation_failure_is_no_space() {
     crate::fsutil::inject::fail_preallocate_after(Some(12));
     fill_free_and_check(dir.path());
     crate::fsutil::inject::fail_preallocate_after(None);
+}
+
+fn record_of(len: usize) -> Bytes {
+    encode_batch(&[Record {
+        key: None,
+        value: Bytes::from(vec![b'x'; len]),
+        headers: vec![],
+        timestamp_ms: 1,
+    }])
+}
+
+#[test]
+fn an_oversize_batch_is_refused_and_the_partition_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TopicConfig::default().segment_bytes(4096);
+    let options = LogOptions::new("tiny", 2, &config);
+    assert_eq!(options.effective_max_batch_bytes(), 4096);
+    let log = PartitionLog::open(dir.path(), options).expect("open");
+    log.append(&one_record()).expect("a small batch fits");
+
+    let big = record_of(20_000);
+    match log.append(&big) {
+        Err(StorageError::BatchTooLarge {
+            topic,
+            partition,
+            size_bytes,
+            max_bytes,
+        }) => {
+            assert_eq!((topic.as_str(), partition), ("tiny", 2));
+            assert_eq!((size_bytes, max_bytes), (big.len(), 4096));
+        }
+        other => panic!("expected BatchTooLarge, got {other:?}"),
+    }
+    assert_eq!(log.fenced_reason(), None, "client input never fences");
+    assert_eq!(log.high_watermark(), 1, "nothing was written");
+
+    // A batch that fills a segment exactly is the largest accepted.
+    let exact = {
+        let overhead = record_of(0).len();
+        record_of(4096 - overhead)
+    };
+    assert_eq!(exact.len(), 4096);
+    let info = log.append(&exact).expect("a batch of one whole segment");
+    assert_eq!(info.base_offset, 1);
+    let info = log
+        .append(&one_record())
+        .expect("and the partition goes on");
+    assert_eq!(info.base_offset, 2);
+    assert_eq!(
+        log.stats().segments,
+        3,
+        "each batch that did not fit rolled"
+    );
+    let read = log.read(0, usize::MAX).expect("read");
+    let records: usize = read
+        .chunks
+        .iter()
+        .flat_map(|c| crate::batch::batches(c))
+        .map(|b| b.expect("batch").header().record_count as usize)
+        .sum();
+    assert_eq!(records, 3);
 }
