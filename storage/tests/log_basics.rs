@@ -216,31 +216,6 @@ fn bad_batches_are_refused_and_change_nothing() {
 }
 
 #[test]
-fn group_commit_serves_many_writers() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = open_log(
-        dir.path(),
-        rill_storage::LogOptions {
-            flush: rill_storage::FlushPolicy::Always,
-            ..small_options()
-        },
-    );
-    std::thread::scope(|s| {
-        for t in 0..8 {
-            let log = log.clone();
-            s.spawn(move || {
-                for i in 0..50 {
-                    let info = log.append(&batch(1, t * 1000 + i, 64)).expect("append");
-                    log.sync_through(info.next_offset).expect("sync");
-                }
-            });
-        }
-    });
-    assert_eq!(log.high_watermark(), 400);
-    log.flush().expect("flush");
-}
-
-#[test]
 fn segments_roll_by_age_and_sealed_files_are_trimmed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = rill_storage::LogOptions {

@@ -234,3 +234,48 @@ fn an_oversize_batch_is_refused_and_the_partition_keeps_serving() {
         .sum();
     assert_eq!(records, 3);
 }
+
+#[test]
+fn group_commit_serves_many_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TopicConfig::default().flush(FlushPolicy::Always);
+    let log = PartitionLog::open(dir.path(), LogOptions::new("t", 0, &config)).expect("open");
+    // A sync as slow as a hard disk's, so that writers arrive while one is running whatever
+    // the disk under the test is.
+    log.inject_sync_delay(std::time::Duration::from_millis(2));
+    const WRITERS: u64 = 8;
+    const APPENDS_EACH: u64 = 50;
+    std::thread::scope(|s| {
+        for _ in 0..WRITERS {
+            let log = log.clone();
+            s.spawn(move || {
+                for _ in 0..APPENDS_EACH {
+                    let before = log.sync_count();
+                    // `always`: the append returns only once a sync covers it.
+                    let info = log.append(&one_record()).expect("append");
+                    assert!(
+                        log.sync_count() > before,
+                        "a sync ran after append {} was written",
+                        info.base_offset
+                    );
+                    assert!(
+                        log.durable_offset() >= info.next_offset,
+                        "and covered it: durable to {}, appended to {}",
+                        log.durable_offset(),
+                        info.next_offset
+                    );
+                }
+            });
+        }
+    });
+    let appends = WRITERS * APPENDS_EACH;
+    assert_eq!(log.high_watermark(), appends);
+    let syncs = log.sync_count();
+    assert!(
+        syncs < appends,
+        "one sync served several writers: {syncs} syncs for {appends} appends"
+    );
+    eprintln!("{syncs} syncs for {appends} appends");
+    log.flush().expect("flush");
+    assert_eq!(log.sync_count(), syncs, "nothing was left to sync");
+}
