@@ -279,3 +279,143 @@ fn group_commit_serves_many_writers() {
     log.flush().expect("flush");
     assert_eq!(log.sync_count(), syncs, "nothing was left to sync");
 }
+
+fn open_small(dir: &std::path::Path, config: &TopicConfig) -> PartitionLog {
+    PartitionLog::open(dir, LogOptions::new("t", 0, config)).expect("open")
+}
+
+#[test]
+fn a_failed_roll_does_not_fence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_small(dir.path(), &TopicConfig::default().segment_bytes(4096));
+    log.append(&record_of(3000)).expect("append");
+    // A folder where the next segment's index must go: the roll's rename fails.
+    let blocked = dir.path().join(format!("{:020}.index", 1));
+    std::fs::create_dir(&blocked).expect("mkdir");
+    let err = log
+        .append(&record_of(3000))
+        .expect_err("the roll cannot rename");
+    assert!(matches!(err, StorageError::Io { .. }), "{err:?}");
+    assert_eq!(log.fenced_reason(), None, "nothing written was at risk");
+    assert_eq!((log.high_watermark(), log.stats().segments), (1, 1));
+    std::fs::remove_dir(&blocked).expect("rmdir");
+    let info = log.append(&record_of(3000)).expect("the next roll works");
+    assert_eq!((info.base_offset, log.stats().segments), (1, 2));
+}
+
+#[test]
+fn a_failed_recovery_point_write_does_not_fence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_small(dir.path(), &TopicConfig::default().segment_bytes(4096));
+    log.append(&record_of(3000)).expect("append");
+    log.append(&record_of(3000)).expect("append, rolling");
+    assert!(log.background_due(), "the roll awaits its checkpoint");
+    // The temp name of the recovery point's atomic write is taken by a folder.
+    let blocked = dir.path().join("recovery-point.tmp");
+    std::fs::create_dir(&blocked).expect("mkdir");
+    log.checkpoint()
+        .expect("the sealed segment and the folder are synced; the point waits");
+    assert_eq!(log.fenced_reason(), None);
+    assert!(!dir.path().join("recovery-point").exists());
+    assert!(log.background_due(), "the checkpoint is retried");
+    std::fs::remove_dir(&blocked).expect("rmdir");
+    log.run_background().expect("checkpoint");
+    assert!(dir.path().join("recovery-point").exists());
+    assert!(!log.background_due());
+}
+
+#[test]
+fn a_failed_deletion_is_retried_and_does_not_fence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TopicConfig::default()
+        .segment_bytes(4096)
+        .retention_ms(None)
+        .retention_bytes(Some(1));
+    let log = open_small(dir.path(), &config);
+    for _ in 0..3 {
+        log.append(&record_of(3000)).expect("append");
+    }
+    assert_eq!(log.stats().segments, 3);
+    // Segment 0's time index cannot be deleted: a non-empty folder stands in its place.
+    let time_index = dir.path().join(format!("{:020}.timeindex", 0));
+    std::fs::remove_file(&time_index).expect("rm");
+    std::fs::create_dir(&time_index).expect("mkdir");
+    std::fs::write(time_index.join("pin"), b"x").expect("pin");
+    log.apply_retention(now_ms())
+        .expect_err("one file cannot be deleted");
+    assert_eq!(log.fenced_reason(), None, "deleting is not writing");
+    assert_eq!(
+        log.log_start_offset(),
+        2,
+        "both sealed segments left the log"
+    );
+    let segment_1 = dir.path().join(format!("{:020}.log", 1));
+    assert!(segment_1.exists(), "deletion stops at the first failure");
+    log.append(&one_record()).expect("appends go on");
+
+    std::fs::remove_dir_all(&time_index).expect("unpin");
+    let outcome = log.apply_retention(now_ms()).expect("retried");
+    assert_eq!(outcome.deleted_segments, 2);
+    assert!(!segment_1.exists());
+    assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
+}
+
+#[test]
+fn the_interval_flush_runs_when_due_and_only_then() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hourly = open_small(
+        &dir.path().join("hourly"),
+        &TopicConfig::default().flush(FlushPolicy::IntervalMs(3_600_000)),
+    );
+    hourly.append(&one_record()).expect("append");
+    assert!(!hourly.background_due(), "not due within the hour");
+    assert_eq!(hourly.durable_offset(), 0);
+
+    let never = open_small(
+        &dir.path().join("never"),
+        &TopicConfig::default().flush(FlushPolicy::Never),
+    );
+    never.append(&one_record()).expect("append");
+    assert!(!never.background_due(), "`never` has no periodic sync");
+
+    let fast = open_small(
+        &dir.path().join("fast"),
+        &TopicConfig::default().flush(FlushPolicy::IntervalMs(1)),
+    );
+    let info = fast.append(&one_record()).expect("append");
+    assert_eq!(fast.sync_count(), 0, "a `leader` append does not sync");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert!(fast.background_due(), "due after its interval");
+    fast.run_background().expect("flush");
+    assert_eq!(fast.sync_count(), 1);
+    assert!(fast.durable_offset() >= info.next_offset);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert!(!fast.background_due(), "nothing unsynced, nothing due");
+}
+
+#[test]
+fn data_found_at_open_is_cold_until_its_first_read_checks_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TopicConfig::default();
+    let log = open_small(dir.path(), &config);
+    for _ in 0..10 {
+        log.append(&one_record()).expect("append");
+    }
+    assert!(log.is_hot(0, usize::MAX), "appended by this process");
+    log.close().expect("close");
+    drop(log);
+
+    let log = open_small(dir.path(), &config);
+    assert!(log.recovery_report().clean);
+    assert!(!log.is_hot(0, 1 << 20), "found on disk: unchecked");
+    assert!(
+        log.is_hot(10, 1 << 20),
+        "nothing to read at the high watermark"
+    );
+    log.append(&one_record()).expect("append");
+    assert!(log.is_hot(10, 1 << 20), "appended since open");
+    assert!(!log.is_hot(9, 1 << 20));
+    let read = log.read(0, usize::MAX).expect("the first read checks");
+    assert_eq!(read.next_offset, 11);
+    assert!(log.is_hot(0, usize::MAX), "checked by the first read");
+}
