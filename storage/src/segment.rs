@@ -464,7 +464,7 @@ impl Segment {
     }
 
     /// True when a read from `offset` checks no checksum and touches only batches this
-    /// process appended or has read before (see [`Segment::verify`]). A sign that the pages
+    /// process appended or has read (and checked) before. A sign that the pages
     /// are in the page cache, not a promise: memory pressure can still evict them.
     pub fn is_hot(&self, offset: u64) -> bool {
         offset >= self.hot_from_offset.load(Ordering::Acquire)
