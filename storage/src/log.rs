@@ -359,20 +359,23 @@ impl PartitionLog {
         let first = segments
             .partition_point(|s| s.base_offset() <= offset)
             .saturating_sub(1);
+        let Some(start) = segments.get(first) else {
+            return false;
+        };
+        if !start.is_hot(offset) {
+            return false;
+        }
+        // The read may run on into later segments: they must be hot from their start, as far
+        // as `max_bytes` can reach (counting none of the first segment's bytes, to be safe).
         let mut covered = 0u64;
-        for (i, segment) in segments.iter().enumerate().skip(first) {
-            let from = if i == first {
-                offset
-            } else {
-                segment.base_offset()
-            };
-            if !segment.is_hot(from) {
-                return false;
-            }
-            covered += segment.size_bytes();
+        for segment in &segments[first + 1..] {
             if covered >= max_bytes as u64 {
                 break;
             }
+            if !segment.is_hot(segment.base_offset()) {
+                return false;
+            }
+            covered += segment.size_bytes();
         }
         true
     }
