@@ -6,6 +6,10 @@
 //! that the owner tracks (an atomic), and bytes below it are never written again. Readers only
 //! read below the published length they loaded. Writers are serialized by the owner (the
 //! partition's writer lock), so no two writes overlap either.
+//!
+//! Nothing here syncs: the owner syncs the file with `fdatasync`, which on Linux also writes
+//! back the pages dirtied through a shared mapping (the index entries written by
+//! [`Region::write_at`]).
 
 use std::fs::File;
 use std::io;
