@@ -118,6 +118,7 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
         c.segment_bytes.map_or("-".into(), |b| b.to_string()),
         flush_text(&c.flush)
     );
+    println!("max batch bytes {}", d.max_batch_bytes);
     let rows: Vec<Vec<String>> = d
         .partitions
         .iter()
