@@ -2,7 +2,9 @@
 //! library's [`crate::Admin`], [`crate::Producer`] and [`crate::Consumer`].
 
 mod admin_cmds;
+mod report;
 mod stream_cmds;
+pub mod units;
 
 use std::io::Write;
 
@@ -10,6 +12,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::connection::{Connection, DEFAULT_BROKER};
+
+pub use report::error_line;
 
 /// `rill`: topics, messages and consumer groups of a Rill broker.
 #[derive(Debug, Parser)]
