@@ -2,6 +2,7 @@
 //! library's [`crate::Admin`], [`crate::Producer`] and [`crate::Consumer`].
 
 mod admin_cmds;
+mod empty_read;
 mod report;
 mod stream_cmds;
 pub mod units;
