@@ -294,10 +294,7 @@ mod tests {
             broker(Status::internal("disk gone")).to_string(),
             "disk gone (INTERNAL)"
         );
-        assert_eq!(
-            broker(Status::not_found("")).to_string(),
-            "(NOT_FOUND)"
-        );
+        assert_eq!(broker(Status::not_found("")).to_string(), "(NOT_FOUND)");
         assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
         assert_eq!(code_name(Code::Ok), "OK");
     }

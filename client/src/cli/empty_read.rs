@@ -145,6 +145,9 @@ mod tests {
         let note = why_empty("t", Start::Group("g"), &[span(0, 7, 7, 7)]);
         assert!(note.contains("retention deleted them all"), "{note}");
         let note = why_empty("t", Start::Group("g"), &[span(0, 7, 2, 7)]);
-        assert!(note.starts_with("group \"g\" has read everything"), "{note}");
+        assert!(
+            note.starts_with("group \"g\" has read everything"),
+            "{note}"
+        );
     }
 }

@@ -3,6 +3,8 @@
 
 mod admin_cmds;
 mod empty_read;
+#[cfg(test)]
+mod help_examples;
 mod report;
 mod stream_cmds;
 pub mod units;
@@ -18,7 +20,13 @@ pub use report::error_line;
 
 /// `rill`: topics, messages and consumer groups of a Rill broker.
 #[derive(Debug, Parser)]
-#[command(name = "rill", version, about, propagate_version = true)]
+#[command(
+    name = "rill",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Example:\n  rill --broker 10.0.0.5:7171 topic list"
+)]
 pub struct Cli {
     /// The broker's address.
     #[arg(long, env = "RILL_BROKER", default_value = DEFAULT_BROKER, global = true)]
@@ -44,22 +52,31 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create, list, describe and delete topics.
+    #[command(after_help = "Example:\n  rill topic describe orders")]
     Topic {
         /// The topic command.
         #[command(subcommand)]
         command: TopicCommand,
     },
     /// Produce records: one per line of stdin (or of --file).
+    #[command(
+        after_help = "Example:\n  printf 'k1:hello\\nk2:world\\n' | rill produce orders --key-separator : --header source=cli"
+    )]
     Produce(stream_cmds::ProduceArgs),
     /// Consume records: one value per line by default.
+    #[command(after_help = stream_cmds::CONSUME_AFTER_HELP)]
     Consume(stream_cmds::ConsumeArgs),
     /// List, describe and reset consumer groups.
+    #[command(after_help = "Example:\n  rill group describe billing")]
     Group {
         /// The group command.
         #[command(subcommand)]
         command: GroupCommand,
     },
     /// Print shell completions.
+    #[command(
+        after_help = "Example:\n  rill completions bash > ~/.local/share/bash-completion/completions/rill"
+    )]
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -70,15 +87,21 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
     /// Create a topic.
+    #[command(
+        after_help = "Example:\n  rill topic create orders --partitions 3 --retention 7d --flush interval:1000"
+    )]
     Create(admin_cmds::CreateArgs),
     /// List topics.
+    #[command(after_help = "Example:\n  rill topic list --output json")]
     List,
     /// Describe a topic: config and partitions.
+    #[command(after_help = "Example:\n  rill topic describe orders")]
     Describe {
         /// The topic.
         name: String,
     },
     /// Delete a topic and its data.
+    #[command(after_help = "Example:\n  rill topic delete orders")]
     Delete {
         /// The topic.
         name: String,
@@ -89,13 +112,18 @@ pub enum TopicCommand {
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
     /// List groups.
+    #[command(after_help = "Example:\n  rill group list")]
     List,
     /// Show a group's committed offsets, high watermarks and lag.
+    #[command(after_help = "Example:\n  rill group describe billing")]
     Describe {
         /// The group.
         group: String,
     },
     /// Move a group's offsets (a dry run unless --execute).
+    #[command(
+        after_help = "Example:\n  rill group reset-offsets billing --topic orders --to-earliest --execute"
+    )]
     ResetOffsets(admin_cmds::ResetArgs),
 }
 

@@ -50,6 +50,17 @@ pub struct ProduceArgs {
     pub acks: AcksArg,
 }
 
+/// `rill consume --help`'s closing text: an example and the exit status.
+pub const CONSUME_AFTER_HELP: &str = "\
+Example:
+  rill consume orders --partition 0 --offset 42 -n 10
+
+Exit status:
+  0  the read worked, even if it printed nothing; then a note on stderr says why (the start
+     offset is past the end, --since is after the newest record, the topic is empty)
+  1  an error (unknown topic or partition, no broker), or -f interrupted before any record
+  2  a bad command line";
+
 /// `rill consume`.
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {

@@ -91,7 +91,11 @@ mod tests {
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(268_435_456), "256 MiB");
         assert_eq!(bytes(16 << 20), "16 MiB");
-        assert_eq!(bytes((1 << 20) - 1), "1 MiB", "rounds up into the next unit");
+        assert_eq!(
+            bytes((1 << 20) - 1),
+            "1 MiB",
+            "rounds up into the next unit"
+        );
         assert_eq!(bytes(5 << 30), "5 GiB");
         assert_eq!(bytes(u64::MAX), "16 EiB");
     }
@@ -103,7 +107,15 @@ mod tests {
         assert_eq!(duration_ms(500), "500ms");
         assert_eq!(duration_ms(0), "0s");
         assert_eq!(duration_ms(90_061_001), "1d 1h 1m 1s 1ms");
-        for ms in [1, 999, 1_000, 61_000, 604_800_000, 90_061_001, 31_536_000_000] {
+        for ms in [
+            1,
+            999,
+            1_000,
+            61_000,
+            604_800_000,
+            90_061_001,
+            31_536_000_000,
+        ] {
             let text = duration_ms(ms);
             let back = crate::cli::parse_duration(&text).expect("parses");
             assert_eq!(back.as_millis() as u64, ms, "{text}");
