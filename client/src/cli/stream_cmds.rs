@@ -293,10 +293,13 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
                 reason,
                 ..
             } => {
-                eprintln!(
-                    "warning: partition {partition}: offset {from} is out of range ({reason}); \
-                     continuing from offset {to}"
-                );
+                // The broker's reason names the offset and the valid range.
+                let reason = if reason.is_empty() {
+                    format!("offset {from} is out of range")
+                } else {
+                    reason
+                };
+                eprintln!("warning: partition {partition}: {reason}; continuing from offset {to}");
             }
         }
     }
