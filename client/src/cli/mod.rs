@@ -1,5 +1,11 @@
 //! The `rill` command-line tool: arguments, dispatch and output formatting. Built on the
 //! library's [`crate::Admin`], [`crate::Producer`] and [`crate::Consumer`].
+//!
+//! - `admin_cmds`, `stream_cmds`: the verbs.
+//! - [`units`]: human units for tables (`7d`, `256 MiB`, ages); JSON keeps raw numbers.
+//! - `report`: [`error_line`], the one line a failed command prints.
+//! - `empty_read`: why a `consume` that stopped at the end printed nothing.
+//! - `help_examples` (tests only): every command's `--help` has an example that parses.
 
 mod admin_cmds;
 mod empty_read;
