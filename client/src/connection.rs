@@ -42,7 +42,7 @@ impl Connection {
             .await
             .map_err(|e| ClientError::Connect {
                 addr: addr.to_string(),
-                message: format!("{e}: is a broker running there?"),
+                message: format!("{}: is a broker running there?", chain_text(&e)),
             })?;
         Ok(Connection {
             channel,
@@ -71,4 +71,20 @@ impl Connection {
     pub fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone())
     }
+}
+
+/// `e` and its sources joined with `: `, leaving out any whose text is already shown (a
+/// transport error alone says only "transport error"; the reason is further down).
+fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }

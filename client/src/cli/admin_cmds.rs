@@ -4,7 +4,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
-use super::{parse_duration, print_json, print_table, Ctx, GroupCommand, Output, TopicCommand};
+use super::{
+    parse_duration, print_json, print_table, units, Ctx, GroupCommand, Output, TopicCommand,
+};
 use crate::admin::{Admin, Flush, ResetTo, TopicSettings};
 use crate::connection::Connection;
 
@@ -72,14 +74,6 @@ fn flush_text(f: &Option<rill_proto::v1::FlushPolicy>) -> String {
     }
 }
 
-fn limit_text(v: Option<i64>, unit: &str) -> String {
-    match v {
-        None => "-".into(),
-        Some(v) if v < 0 => "unlimited".into(),
-        Some(v) => format!("{v}{unit}"),
-    }
-}
-
 fn describe_json(d: &rill_proto::v1::TopicDescription) -> serde_json::Value {
     let c = d.config.unwrap_or_default();
     json!({
@@ -113,9 +107,9 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
         "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}",
         d.name,
         c.partitions,
-        limit_text(c.retention_ms, "ms"),
-        limit_text(c.retention_bytes, ""),
-        c.segment_bytes.map_or("-".into(), |b| b.to_string()),
+        units::limit(c.retention_ms, units::duration_ms),
+        units::limit(c.retention_bytes, units::bytes),
+        c.segment_bytes.map_or("-".into(), units::bytes),
         flush_text(&c.flush)
     );
     println!("max batch bytes {}", d.max_batch_bytes);
@@ -127,7 +121,7 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
                 p.partition.to_string(),
                 p.log_start_offset.to_string(),
                 p.high_watermark.to_string(),
-                p.size_bytes.to_string(),
+                units::bytes(p.size_bytes),
                 p.segments.to_string(),
                 p.fenced_reason.clone().unwrap_or_else(|| "ok".into()),
             ]
@@ -138,7 +132,7 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
             "PARTITION",
             "LOG-START",
             "HIGH-WATERMARK",
-            "BYTES",
+            "SIZE",
             "SEGMENTS",
             "STATUS",
         ],
