@@ -138,8 +138,7 @@ async fn an_oversize_batch_is_invalid_argument_and_the_partition_keeps_serving()
         .expect("rill topic describe");
     assert!(ok, "{err}");
     assert!(
-        out.lines()
-            .any(|l| l.contains("max batch") && l.contains("4096")),
+        out.lines().any(|l| l.contains("max batch 4 KiB")),
         "the CLI states the limit: {out}"
     );
     broker.stop().await.expect("stop");

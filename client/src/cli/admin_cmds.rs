@@ -78,6 +78,7 @@ fn describe_json(d: &rill_proto::v1::TopicDescription) -> serde_json::Value {
     let c = d.config.unwrap_or_default();
     json!({
         "name": d.name,
+        "max_batch_bytes": d.max_batch_bytes,
         "partitions": d.partitions.iter().map(|p| json!({
             "partition": p.partition,
             "log_start_offset": p.log_start_offset,
@@ -104,15 +105,15 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
     }
     let c = d.config.unwrap_or_default();
     println!(
-        "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}",
+        "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}, max batch {}",
         d.name,
         c.partitions,
         units::limit(c.retention_ms, units::duration_ms),
         units::limit(c.retention_bytes, units::bytes),
         c.segment_bytes.map_or("-".into(), units::bytes),
-        flush_text(&c.flush)
+        flush_text(&c.flush),
+        units::bytes(d.max_batch_bytes)
     );
-    println!("max batch bytes {}", d.max_batch_bytes);
     let rows: Vec<Vec<String>> = d
         .partitions
         .iter()
