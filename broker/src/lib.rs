@@ -10,6 +10,8 @@
 //! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups` and `rill.v1.Admin`.
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
+//! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
+//!   collector) and the `/metrics` listener.
 //! - [`tasks`]: the background flush and retention loops.
 //! - [`error`]: [`BrokerError`] and the one mapping to gRPC status codes.
 //!
@@ -26,6 +28,7 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod fetch;
+pub mod metrics;
 pub mod produce;
 pub mod server;
 pub mod services;

@@ -165,6 +165,8 @@ pub fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
     let mut woke_fetches = false;
     for (p, log, bytes) in &prepared.batches {
         let info = log.append(bytes)?;
+        let records = u64::from(info.record_count);
+        prepared.topic.counters.produced(records, bytes.len() as u64);
         woke_fetches |= prepared.topic.notify(*p, info.next_offset);
         infos.push((*p, info));
     }

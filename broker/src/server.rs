@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::connections::LimitedIncoming;
+use crate::metrics::{Metrics, RequestMetricsLayer};
 use crate::services::{AdminService, GroupsService, LogService};
 use crate::state::Broker;
 use crate::tasks;
@@ -31,6 +32,8 @@ pub struct Server {
     broker: Broker,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The `/metrics` listener, when `metrics_listen` is set.
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Server {
@@ -45,12 +48,28 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => {
+                let listener = crate::metrics::http::bind(addr).await?;
+                let bound = listener
+                    .local_addr()
+                    .context("reading the metrics listener's address")?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         let broker = Broker::new(store, config, shutdown, TaskTracker::new());
         Ok(Server {
             broker,
             listener,
             local_addr,
+            metrics_listener,
         })
+    }
+
+    /// The address the metrics listener bound, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The address actually bound (the real port when the config asked for port 0).
@@ -68,9 +87,21 @@ impl Server {
     /// closes the store cleanly (synced, with clean-shutdown markers).
     pub async fn serve(self) -> Result<()> {
         let Server {
-            broker, listener, ..
+            broker,
+            listener,
+            metrics_listener,
+            ..
         } = self;
         tasks::spawn_background(&broker);
+        let request_metrics = match metrics_listener {
+            Some((listener, _)) => {
+                let metrics = Metrics::new(&broker);
+                let layer = metrics.layer();
+                crate::metrics::http::spawn(listener, metrics, &broker);
+                layer
+            }
+            None => RequestMetricsLayer::new(None),
+        };
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 
@@ -82,6 +113,14 @@ impl Server {
         health_reporter
             .set_serving::<AdminServer<AdminService>>()
             .await;
+        // Once shutdown begins, the whole server and each service report NOT_SERVING (to
+        // health watchers) while in-flight calls drain.
+        let reporter = health_reporter.clone();
+        let shutting_down = broker.shutdown().clone();
+        broker.tasks().spawn(async move {
+            shutting_down.cancelled().await;
+            set_all_not_serving(&reporter).await;
+        });
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(rill_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -107,6 +146,7 @@ impl Server {
             .max_frame_size(MAX_FRAME_BYTES)
             .max_concurrent_streams(Some(broker.config().max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(request_metrics)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -117,9 +157,7 @@ impl Server {
             .await;
         // Whatever ended serving, stop the tasks and close the store.
         broker.shutdown().cancel();
-        health_reporter
-            .set_not_serving::<LogServer<LogService>>()
-            .await;
+        set_all_not_serving(&health_reporter).await;
         broker.tasks().close();
         broker.tasks().wait().await;
         let store = broker.store().clone();
@@ -139,9 +177,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let server = Server::bind(config, shutdown).await?;
     // Printed on stdout, one line each, so scripts and tests can read the bound port.
     println!("rill-broker data dir: {}", data_dir.display());
+    // Before the gRPC line: a reader that stops at that line has seen this one too.
+    if let Some(addr) = server.metrics_addr() {
+        println!("rill-broker metrics listening on {addr}");
+    }
     println!("rill-broker listening on {}", server.local_addr());
     tracing::info!(addr = %server.local_addr(), data_dir = %data_dir.display(), "broker started");
     server.serve().await
+}
+
+/// Marks the whole server (`""`) and every service NOT_SERVING.
+async fn set_all_not_serving(reporter: &tonic_health::server::HealthReporter) {
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    reporter.set_not_serving::<LogServer<LogService>>().await;
+    reporter
+        .set_not_serving::<GroupsServer<GroupsService>>()
+        .await;
+    reporter.set_not_serving::<AdminServer<AdminService>>().await;
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

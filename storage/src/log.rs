@@ -406,6 +406,7 @@ impl PartitionLog {
         let sealed = &segments[..segments.len().saturating_sub(1)];
         let result = self.checkpoint_segments(sealed, &segments);
         if let Err(e) = &result {
+            crate::stats::sync_stats().record_error();
             self.fence(format!("checkpoint failed: {e}"));
         }
         result
@@ -460,12 +461,15 @@ impl PartitionLog {
             }
             state.in_progress = true;
             drop(state);
+            let started = std::time::Instant::now();
             let result = self.sync_now();
+            crate::stats::sync_stats().record(started.elapsed());
             state = inner.sync.lock();
             state.in_progress = false;
             match result {
                 Ok(synced) => state.durable_offset = state.durable_offset.max(synced),
                 Err(e) => {
+                    crate::stats::sync_stats().record_error();
                     self.fence(format!("sync failed: {e}"));
                     inner.sync_done.notify_all();
                     return Err(e);

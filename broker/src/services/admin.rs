@@ -129,6 +129,7 @@ pub fn describe(state: &TopicState) -> pb::TopicDescription {
         name: topic.name().to_string(),
         config: Some(config_to_pb(topic.config())),
         partitions,
+        records_fetched: state.counters.get().records_fetched,
     }
 }
 
