@@ -194,7 +194,10 @@ mod tests {
         .expect("load");
         assert_eq!(config.max_connections, 7, "the flag wins over the file");
         assert_eq!(config.max_concurrent_streams, 9, "from the file");
-        assert_eq!(config.metrics_listen, Some("127.0.0.1:0".parse().expect("addr")));
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:0".parse().expect("addr"))
+        );
         assert!(!config.metrics_per_group && config.metrics_per_partition);
         assert_eq!(config.data_dir, PathBuf::from("/from/file"));
         assert_eq!(config.listen, "127.0.0.1:0".parse().expect("addr"));
@@ -222,6 +225,9 @@ mod tests {
         let config = load(flags(&[])).expect("load");
         assert!(config.listen.ip().is_loopback());
         assert!(config.data_dir.is_relative());
-        assert_eq!(config.metrics_listen, None, "metrics are off unless asked for");
+        assert_eq!(
+            config.metrics_listen, None,
+            "metrics are off unless asked for"
+        );
     }
 }

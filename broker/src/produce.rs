@@ -166,7 +166,10 @@ pub fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
     for (p, log, bytes) in &prepared.batches {
         let info = log.append(bytes)?;
         let records = u64::from(info.record_count);
-        prepared.topic.counters.produced(records, bytes.len() as u64);
+        prepared
+            .topic
+            .counters
+            .produced(records, bytes.len() as u64);
         woke_fetches |= prepared.topic.notify(*p, info.next_offset);
         infos.push((*p, info));
     }

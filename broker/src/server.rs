@@ -195,7 +195,9 @@ async fn set_all_not_serving(reporter: &tonic_health::server::HealthReporter) {
     reporter
         .set_not_serving::<GroupsServer<GroupsService>>()
         .await;
-    reporter.set_not_serving::<AdminServer<AdminService>>().await;
+    reporter
+        .set_not_serving::<AdminServer<AdminService>>()
+        .await;
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

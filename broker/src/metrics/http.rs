@@ -63,8 +63,10 @@ async fn scrape(
             };
             ([(header::CONTENT_TYPE, content_type)], body).into_response()
         }
-        Ok(Err(_)) | Err(_) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed").into_response()
-        }
+        Ok(Err(_)) | Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the metrics failed",
+        )
+            .into_response(),
     }
 }
