@@ -3,6 +3,7 @@
 
 mod admin_cmds;
 mod stream_cmds;
+mod top;
 
 use std::io::Write;
 
@@ -54,6 +55,9 @@ pub enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// A live view of topics' produce and fetch rates, groups' lag and waiting long-polls
+    /// (q or Ctrl-C quits); `--once --output json` prints one sample for scripts.
+    Top(top::TopArgs),
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -115,6 +119,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Group { command } => admin_cmds::group(conn, ctx, command).await,
         Command::Produce(args) => stream_cmds::produce(conn, ctx, args).await,
         Command::Consume(args) => stream_cmds::consume(conn, ctx, args).await,
+        Command::Top(args) => top::top(conn, ctx, args, &cli.broker).await,
         Command::Completions { .. } => Ok(()),
     }
 }
