@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::connections::LimitedIncoming;
+use crate::health::{Health, Recovering};
 use crate::metrics::{Metrics, RequestMetricsLayer};
 use crate::services::{AdminService, GroupsService, LogService};
 use crate::state::Broker;
@@ -34,19 +35,25 @@ pub struct Server {
     local_addr: SocketAddr,
     /// The `/metrics` listener, when `metrics_listen` is set.
     metrics_listener: Option<(TcpListener, SocketAddr)>,
+    /// NOT_SERVING until [`Server::serve`] starts.
+    health: Health,
 }
 
 impl Server {
-    /// Opens the store (recovering partitions as needed) and binds the listen address.
+    /// Binds the listen address, then opens the store (recovering partitions as needed),
+    /// answering health checks with NOT_SERVING meanwhile (see [`crate::health`]).
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server> {
-        let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
-        let store = tokio::task::spawn_blocking(move || Store::open(options))
-            .await
-            .context("opening the store")?
-            .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
+        let health = Health::not_serving().await;
+        let recovering = Recovering::serve(&listener, &health)?;
+        let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
+        let store = tokio::task::spawn_blocking(move || Store::open(options)).await;
+        recovering.stop().await;
+        let store = store
+            .context("opening the store")?
+            .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => {
@@ -64,6 +71,7 @@ impl Server {
             listener,
             local_addr,
             metrics_listener,
+            health,
         })
     }
 
@@ -90,6 +98,7 @@ impl Server {
             broker,
             listener,
             metrics_listener,
+            health,
             ..
         } = self;
         tasks::spawn_background(&broker);
@@ -105,21 +114,16 @@ impl Server {
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<LogServer<LogService>>().await;
-        health_reporter
-            .set_serving::<GroupsServer<GroupsService>>()
-            .await;
-        health_reporter
-            .set_serving::<AdminServer<AdminService>>()
-            .await;
+        health.set_all(tonic_health::ServingStatus::Serving).await;
         // Once shutdown begins, the whole server and each service report NOT_SERVING (to
         // health watchers) while in-flight calls drain.
-        let reporter = health_reporter.clone();
+        let on_shutdown = health.clone();
         let shutting_down = broker.shutdown().clone();
         broker.tasks().spawn(async move {
             shutting_down.cancelled().await;
-            set_all_not_serving(&reporter).await;
+            on_shutdown
+                .set_all(tonic_health::ServingStatus::NotServing)
+                .await;
         });
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(rill_proto::FILE_DESCRIPTOR_SET)
@@ -147,7 +151,7 @@ impl Server {
             .max_concurrent_streams(Some(broker.config().max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(request_metrics)
-            .add_service(health_service)
+            .add_service(health.service.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(log)
@@ -157,7 +161,9 @@ impl Server {
             .await;
         // Whatever ended serving, stop the tasks and close the store.
         broker.shutdown().cancel();
-        set_all_not_serving(&health_reporter).await;
+        health
+            .set_all(tonic_health::ServingStatus::NotServing)
+            .await;
         broker.tasks().close();
         broker.tasks().wait().await;
         let store = broker.store().clone();
@@ -184,20 +190,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     println!("rill-broker listening on {}", server.local_addr());
     tracing::info!(addr = %server.local_addr(), data_dir = %data_dir.display(), "broker started");
     server.serve().await
-}
-
-/// Marks the whole server (`""`) and every service NOT_SERVING.
-async fn set_all_not_serving(reporter: &tonic_health::server::HealthReporter) {
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    reporter.set_not_serving::<LogServer<LogService>>().await;
-    reporter
-        .set_not_serving::<GroupsServer<GroupsService>>()
-        .await;
-    reporter
-        .set_not_serving::<AdminServer<AdminService>>()
-        .await;
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.
