@@ -2,8 +2,9 @@
 //! (recovering partitions after a crash can take a while) and once shutdown begins, SERVING
 //! in between; for the whole server (`""`) and for each service.
 //!
-//! While the store opens, the gRPC port already answers health checks (and only those), so
-//! a probe on a fixed port sees NOT_SERVING rather than a refused connection. When the store
+//! While the store opens, the gRPC port already answers health checks, so a probe on a fixed
+//! port sees NOT_SERVING rather than a refused connection; every other call is answered
+//! UNAVAILABLE ("starting"), which clients retry like a refused connection. When the store
 //! is open, that health-only server hands the listener to the full server: its connections
 //! are told to go away (GOAWAY) and clients reconnect to the full server.
 
@@ -81,6 +82,7 @@ impl Recovering {
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
+                .layer(tower_layer::layer_fn(|inner| Starting { inner }))
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(handle),
@@ -104,6 +106,44 @@ impl Recovering {
         {
             abort.abort();
         }
+    }
+}
+
+/// Answers every call but health checks with UNAVAILABLE while the store opens.
+#[derive(Debug, Clone)]
+struct Starting<S> {
+    inner: S,
+}
+
+type BoxedResponse<E> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<http::Response<tonic::body::Body>, E>> + Send>,
+>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for Starting<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxedResponse<S::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path().starts_with("/grpc.health.v1.Health/") {
+            return Box::pin(self.inner.call(request));
+        }
+        let status = tonic::Status::unavailable(
+            "the broker is starting: its store is still opening (recovering partitions); retry",
+        );
+        Box::pin(std::future::ready(Ok(status.into_http())))
     }
 }
 

@@ -46,15 +46,7 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
-        let health = Health::not_serving().await;
-        let recovering = Recovering::serve(&listener, &health)?;
-        let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
-        let store = tokio::task::spawn_blocking(move || Store::open(options)).await;
-        recovering.stop().await;
-        let store = store
-            .context("opening the store")?
-            .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
-        let local_addr = listener.local_addr().context("reading the bound address")?;
+        // Bound before the store opens, so a busy port fails the start at once.
         let metrics_listener = match config.metrics_listen {
             Some(addr) => {
                 let listener = crate::metrics::http::bind(addr).await?;
@@ -65,6 +57,15 @@ impl Server {
             }
             None => None,
         };
+        let health = Health::not_serving().await;
+        let recovering = Recovering::serve(&listener, &health)?;
+        let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
+        let store = tokio::task::spawn_blocking(move || Store::open(options)).await;
+        recovering.stop().await;
+        let store = store
+            .context("opening the store")?
+            .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
+        let local_addr = listener.local_addr().context("reading the bound address")?;
         let broker = Broker::new(store, config, shutdown, TaskTracker::new());
         Ok(Server {
             broker,

@@ -29,12 +29,17 @@ async fn status(
 
 /// Connects to `addr`, retrying until a deadline: the broker is starting.
 async fn health_client(addr: &str) -> HealthClient<tonic::transport::Channel> {
+    HealthClient::new(channel(addr).await)
+}
+
+/// A channel to `addr`, retrying until a deadline: the broker is starting.
+async fn channel(addr: &str) -> tonic::transport::Channel {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let endpoint =
             tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint");
         match endpoint.connect().await {
-            Ok(channel) => return HealthClient::new(channel),
+            Ok(channel) => return channel,
             Err(e) => {
                 assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -75,7 +80,8 @@ async fn not_serving_while_the_store_opens_then_serving() {
             .spawn()
             .expect("spawn");
 
-    let mut client = health_client(&addr).await;
+    let starting = channel(&addr).await;
+    let mut client = HealthClient::new(starting.clone());
     for service in SERVICES {
         assert_eq!(
             status(&mut client, service).await,
@@ -83,6 +89,14 @@ async fn not_serving_while_the_store_opens_then_serving() {
             "{service:?}"
         );
     }
+    // Other calls are UNAVAILABLE, which clients retry, not UNIMPLEMENTED.
+    let mut admin = rill_proto::v1::admin_client::AdminClient::new(starting);
+    let refused = admin
+        .list_topics(rill_proto::v1::ListTopicsRequest {})
+        .await
+        .expect_err("not served while starting");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(refused.message().contains("starting"), "{refused}");
 
     // Unblock the open: a writer appears and writes something that is not an offsets file.
     let writer = tokio::task::spawn_blocking(move || {
