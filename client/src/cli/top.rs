@@ -431,14 +431,12 @@ mod tests {
         );
         let mut now = before.clone();
         now.at = t0 + Duration::from_secs(2);
-        now.topics.get_mut("t").map(|t| {
-            t.high_watermark = 300;
-            t.records_fetched = 50;
-        });
-        now.groups.get_mut("g").map(|g| {
-            g.committed = 30;
-            g.lag = 270;
-        });
+        let t = now.topics.get_mut("t").expect("topic t");
+        t.high_watermark = 300;
+        t.records_fetched = 50;
+        let g = now.groups.get_mut("g").expect("group g");
+        g.committed = 30;
+        g.lag = 270;
         let v = view(&before, &now);
         assert_eq!(v.interval_ms, 2000);
         assert_eq!(v.topics[0].produce_per_sec, 100.0);
