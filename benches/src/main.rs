@@ -81,6 +81,14 @@ struct Flags {
     /// Use a running broker at this address instead of starting one.
     #[arg(long)]
     broker: Option<String>,
+    /// An extra flag for the broker this run starts (repeatable), e.g.
+    /// `--broker-arg=--metrics-listen=127.0.0.1:9464`.
+    #[arg(
+        long = "broker-arg",
+        allow_hyphen_values = true,
+        conflicts_with = "broker"
+    )]
+    broker_args: Vec<String>,
     /// Catch-up only: read the topic a previous run left on `--broker`, without recreating
     /// or loading it (for profiling the fetch path alone).
     #[arg(long, requires = "broker")]
@@ -175,7 +183,10 @@ async fn main() -> Result<()> {
     report::now_ns();
     let own = match &flags.broker {
         Some(_) => None,
-        None => Some(broker::OwnBroker::start(&[]).await?),
+        None => {
+            let extra: Vec<&str> = flags.broker_args.iter().map(String::as_str).collect();
+            Some(broker::OwnBroker::start(&extra).await?)
+        }
     };
     let url = match (&flags.broker, &own) {
         (Some(addr), _) if addr.starts_with("http") => addr.clone(),

@@ -59,6 +59,12 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// Defaults for topics created without a value (partitions, retention, segments, flush).
     pub topic_defaults: TopicConfig,
+    /// Where to serve Prometheus metrics (`/metrics`); off when `None`, the default.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export the per-partition series (log offsets, size, segments). Default true.
+    pub metrics_per_partition: bool,
+    /// Export the per-group series (committed offset and lag per partition). Default true.
+    pub metrics_per_group: bool,
 }
 
 impl Default for Config {
@@ -74,6 +80,9 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             topic_defaults: TopicConfig::default(),
+            metrics_listen: None,
+            metrics_per_partition: true,
+            metrics_per_group: true,
         }
     }
 }
@@ -135,6 +144,12 @@ impl Config {
         self
     }
 
+    /// Serves Prometheus metrics on `addr` (port 0 picks a free port).
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
+        self
+    }
+
     /// The retention interval as a [`Duration`].
     pub fn retention_interval(&self) -> Duration {
         Duration::from_millis(self.retention_check_ms.max(1))
@@ -163,6 +178,12 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// See [`Config::max_concurrent_streams`].
     pub max_concurrent_streams: Option<u32>,
+    /// See [`Config::metrics_listen`].
+    pub metrics_listen: Option<SocketAddr>,
+    /// See [`Config::metrics_per_partition`].
+    pub metrics_per_partition: Option<bool>,
+    /// See [`Config::metrics_per_group`].
+    pub metrics_per_group: Option<bool>,
     /// Topic defaults, as a `[topic_defaults]` table.
     pub topic_defaults: Option<FileTopicDefaults>,
 }

@@ -21,6 +21,7 @@
 //! - [`store`]: [`Store`], the data folder: topics with their partitions, created, opened,
 //!   listed and deleted.
 //! - [`groups`]: consumer-group committed offsets, durable and atomic.
+//! - [`stats`]: process-wide sync counts, durations and failures, for the broker's metrics.
 //! - [`fsutil`]: crash-safe file helpers (atomic replace, folder fsync, preallocation).
 //! - [`error`]: [`StorageError`], the one error type of this crate.
 
@@ -39,6 +40,7 @@ pub mod log;
 pub mod recovery;
 pub mod region;
 pub mod segment;
+pub mod stats;
 pub mod store;
 
 pub use config::{FlushPolicy, TopicConfig};

@@ -13,6 +13,7 @@ mod empty_read;
 mod help_examples;
 mod report;
 mod stream_cmds;
+mod top;
 pub mod units;
 
 use std::io::Write;
@@ -79,6 +80,10 @@ pub enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// A live view of topics' produce and fetch rates, groups' lag and waiting long-polls
+    /// (q or Ctrl-C quits); `--once --output json` prints one sample for scripts.
+    #[command(after_help = "Example:\n  rill top --once --output json")]
+    Top(top::TopArgs),
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  rill completions bash > ~/.local/share/bash-completion/completions/rill"
@@ -154,6 +159,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Group { command } => admin_cmds::group(conn, ctx, command).await,
         Command::Produce(args) => stream_cmds::produce(conn, ctx, args).await,
         Command::Consume(args) => stream_cmds::consume(conn, ctx, args).await,
+        Command::Top(args) => top::top(conn, ctx, args, &cli.broker).await,
         Command::Completions { .. } => Ok(()),
     }
 }
