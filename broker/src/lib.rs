@@ -10,6 +10,7 @@
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
 //! - [`tasks`]: the background flush and retention loops.
+//! - [`groups`]: the group coordinator's background work over the groups topic.
 //! - [`error`]: [`BrokerError`] and the one mapping to gRPC status codes.
 //!
 //! `main.rs` only loads the config and calls [`run`] with a shutdown token.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fetch;
+pub mod groups;
 pub mod produce;
 pub mod server;
 pub mod services;

@@ -72,6 +72,7 @@ impl Server {
             broker, listener, ..
         } = self;
         tasks::spawn_background(&broker);
+        crate::groups::spawn_background(&broker);
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 

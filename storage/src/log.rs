@@ -647,6 +647,48 @@ impl PartitionLog {
         }
     }
 
+    /// Deletes the sealed segments that end at or before `offset` (every record they hold
+    /// is below it), oldest first; the active segment is never deleted. A compacting owner
+    /// of the log (the groups topic, after writing a snapshot at `offset`) uses this to drop
+    /// what the snapshot replaces. Returns what was deleted; nothing is deleted when the
+    /// first segment reaches past `offset`.
+    pub fn delete_segments_before(&self, offset: u64) -> Result<RetentionOutcome> {
+        let inner = &*self.inner;
+        let _w = inner.writer.lock();
+        let segments = inner.segments.load_full();
+        let sealed = segments.len().saturating_sub(1);
+        let cut = segments[..sealed]
+            .iter()
+            .take_while(|s| s.next_offset() <= offset)
+            .count();
+        let mut outcome = RetentionOutcome {
+            log_start_offset: segments.first().map_or(0, |s| s.base_offset()),
+            ..RetentionOutcome::default()
+        };
+        let mut deleted = 0;
+        let mut error = None;
+        for segment in &segments[..cut] {
+            // Oldest first, so what remains on disk is always a suffix of the log.
+            if let Err(e) = segment.remove_files() {
+                error = Some(e);
+                break;
+            }
+            deleted += 1;
+            outcome.deleted_bytes += segment.size_bytes();
+        }
+        if deleted > 0 {
+            let rest = segments[deleted..].to_vec();
+            outcome.log_start_offset = rest.first().map_or(0, |s| s.base_offset());
+            inner.segments.store(Arc::new(rest));
+            outcome.deleted_segments = deleted as u32;
+            fsync_dir(&inner.dir)?;
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
+    }
+
     /// Closes the partition cleanly: syncs it, writes the recovery point and then the
     /// clean-shutdown marker, so the next open validates nothing. A fenced partition gets no
     /// marker (its next open scans). Idempotent; appends fail with [`StorageError::Closed`] afterwards.
