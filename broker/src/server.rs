@@ -72,7 +72,8 @@ impl Server {
             broker, listener, ..
         } = self;
         tasks::spawn_background(&broker);
-        crate::groups::spawn_background(&broker);
+        let coordinator = crate::groups::Coordinator::load(broker.store());
+        crate::groups::spawn_background(&broker, &coordinator);
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 
@@ -98,7 +99,7 @@ impl Server {
         let log = LogServer::new(LogService::new(broker.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_fetch.max(max_message));
-        let groups = GroupsServer::new(GroupsService::new(broker.clone()));
+        let groups = GroupsServer::new(GroupsService::new(broker.clone(), coordinator));
         let admin = AdminServer::new(AdminService::new(broker.clone()));
 
         let shutdown = broker.shutdown().clone();

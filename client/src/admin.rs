@@ -247,6 +247,7 @@ impl Admin {
                         metadata: None,
                     })
                     .collect(),
+                member: None,
             })
             .await
             .map_err(status(Some(topic)))?;

@@ -48,6 +48,7 @@ async fn prepared() -> TempDir {
                     metadata: None,
                 })
                 .collect(),
+            member: None,
         })
         .await
         .expect("commit");

@@ -1,8 +1,22 @@
-//! The group coordinator's background work over the groups topic (`__groups`), where the
-//! storage engine keeps every group's offsets and membership state.
+//! The group coordinator: membership with broker-side assignment (the next-generation
+//! consumer protocol of Kafka, KIP-848), over the groups topic (`__groups`), where the storage
+//! engine keeps every group's offsets and membership state.
 //!
-//! - [`spawn_background`]: the compaction loop, which snapshots partitions of the groups
-//!   topic once they have grown by about a segment, so the topic stays bounded.
+//! - [`assignor`]: the `uniform` (sticky) and `range` assignors.
+//! - [`state`]: one group's state machine: heartbeats, targets, incremental reconciliation,
+//!   timeouts, fencing. No I/O.
+//! - [`persist`]: the stored form of a group's state, and partition-set conversions.
+//! - [`coordinator`]: [`Coordinator`], every group in memory, stored on every change.
+//! - [`spawn_background`]: the expiry loop (session and rebalance timeouts) and the
+//!   compaction loop, which snapshots partitions of the groups topic once they have grown by
+//!   about a segment, so the topic stays bounded.
+
+pub mod assignor;
+pub mod coordinator;
+pub mod persist;
+pub mod state;
+
+pub use coordinator::Coordinator;
 
 use std::time::Duration;
 
@@ -13,12 +27,31 @@ use crate::state::Broker;
 /// How often the groups topic is checked for partitions due a snapshot.
 const COMPACTION_TICK_MS: u64 = 10_000;
 
+/// How often members are checked against their session and rebalance timeouts: a fraction
+/// of the shortest timeout allowed, so a removal is at most this late.
+const EXPIRY_TICK_MS: u64 = 100;
+
 /// Starts the groups' background loops on the broker's tracker.
-pub fn spawn_background(broker: &Broker) {
+pub fn spawn_background(broker: &Broker, coordinator: &Coordinator) {
     let b = broker.clone();
     broker
         .tasks()
         .spawn(async move { compaction_loop(b).await });
+    let b = broker.clone();
+    let c = coordinator.clone();
+    broker.tasks().spawn(async move { expiry_loop(b, c).await });
+}
+
+async fn expiry_loop(broker: Broker, coordinator: Coordinator) {
+    let mut tick = tokio::time::interval(Duration::from_millis(EXPIRY_TICK_MS));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = broker.shutdown().cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        coordinator.expire(&broker).await;
+    }
 }
 
 async fn compaction_loop(broker: Broker) {
