@@ -48,7 +48,7 @@ pub enum Command {
     Produce(stream_cmds::ProduceArgs),
     /// Consume records: one value per line by default.
     Consume(stream_cmds::ConsumeArgs),
-    /// List, describe and reset consumer groups.
+    /// List, describe, reset and delete consumer groups.
     Group {
         /// The group command.
         #[command(subcommand)]
@@ -83,10 +83,16 @@ pub enum TopicCommand {
 /// Group commands.
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
-    /// List groups.
+    /// List groups with their state and member count.
     List,
-    /// Show a group's committed offsets, high watermarks and lag.
+    /// Show a group's state, epoch and members (with their partitions), and its committed
+    /// offsets, high watermarks and lag.
     Describe {
+        /// The group.
+        group: String,
+    },
+    /// Delete a group's offsets and state (refused while it has live members).
+    Delete {
         /// The group.
         group: String,
     },
