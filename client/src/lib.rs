@@ -8,6 +8,8 @@
 //! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
 //!   offsets with auto-commit, seeks, reported skips.
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
+//! - [`membership`]: [`GroupMember`]: a consumer group member; background heartbeats, and
+//!   assigned, revoked and lost partitions as events.
 //! - [`error`]: [`ClientError`], with the broker status as its source.
 //! - [`cli`]: the `rill` tool's commands (built on the above).
 //!
@@ -62,6 +64,7 @@ pub mod cli;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+pub mod membership;
 pub mod producer;
 
 pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};
@@ -70,4 +73,5 @@ pub use consumer::{
     AutoOffsetReset, ConsumedRecord, Consumer, ConsumerConfig, ConsumerEvent, SeekTo,
 };
 pub use error::{ClientError, Result};
+pub use membership::{GroupMember, MemberConfig, MemberEvent};
 pub use producer::{Acks, Producer, ProducerConfig, ProducerRecord};
