@@ -386,6 +386,30 @@ async fn bad_heartbeats_are_refused_and_odd_groups_work() {
     }
     let d = describe(&mut c, "g").await;
     assert_eq!(d.members.len(), 1, "refused heartbeats changed nothing");
+    let mut ghost = Member {
+        id: "ghost-member".into(),
+        epoch: 3,
+        ..Member::default()
+    };
+    let err = ghost.beat(&mut c, "ghost").await.expect_err("unknown");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .groups
+        .group_heartbeat(join_req("ghost", &[], None))
+        .await
+        .expect_err("no topics");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let list = c
+        .groups
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        list.groups,
+        vec!["g".to_string()],
+        "no trace of the refused group"
+    );
 
     // More members than partitions: the extra ones are told they get nothing.
     let mut members: Vec<Member> = vec![good];

@@ -103,14 +103,36 @@ impl Coordinator {
         let now = self.now_ms();
         let size = |t: &str| broker.topic(t).ok().map(|t| t.topic.partition_count());
         let mut new_id = || self.new_member_id();
-        let reply = g.heartbeat(hb, now, &size, &mut new_id)?;
-        if !persist::same_stored(&before, &g) {
+        let mut result = g
+            .heartbeat(hb, now, &size, &mut new_id)
+            .map_err(BrokerError::from);
+        if result.is_ok() && !persist::same_stored(&before, &g) {
             if let Err(e) = store_group(broker, &g).await {
                 *g = before;
-                return Err(e);
+                result = Err(e);
             }
         }
-        Ok(reply)
+        drop(g);
+        self.forget_if_pristine(group, &slot);
+        result
+    }
+
+    /// Drops `group`'s entry when it holds nothing (a refused first heartbeat created it):
+    /// bad input leaves no trace. Only when the entry is still `slot` and nobody holds it.
+    fn forget_if_pristine(&self, group: &str, slot: &Arc<Mutex<Group>>) {
+        let mut groups = self.inner.groups.lock();
+        let Some(current) = groups.get(group) else {
+            return;
+        };
+        if !Arc::ptr_eq(current, slot) {
+            return;
+        }
+        let pristine = current
+            .try_lock()
+            .is_ok_and(|g| g.members.is_empty() && g.epoch == 0);
+        if pristine {
+            groups.remove(group);
+        }
     }
 
     /// Checks that `member_id` is a member of `group` at `epoch`, and returns the group's
