@@ -61,10 +61,11 @@ pub const GROUPS_TOPIC: &str = "__groups";
 /// Topic names starting with this are reserved for internal topics.
 pub const INTERNAL_TOPIC_PREFIX: &str = "__";
 /// The partition count of a new groups topic (fixed once created).
-pub const DEFAULT_GROUPS_PARTITIONS: u32 = 8;
-/// The segment size of a new groups topic (16 MiB): small, so compaction frees space soon,
-/// and as large as the largest batch, so every commit fits one.
-pub const DEFAULT_GROUPS_SEGMENT_BYTES: u64 = 16 << 20;
+pub const DEFAULT_GROUPS_PARTITIONS: u32 = 4;
+/// The segment size of a new groups topic (256 KiB): small, so compaction frees space soon
+/// and an idle broker holds little (each partition's active segment is preallocated: 1 MiB
+/// in all). One change may take at most half a segment.
+pub const DEFAULT_GROUPS_SEGMENT_BYTES: u64 = 256 << 10;
 /// How much is read per call during replay.
 const REPLAY_READ_BYTES: usize = 4 << 20;
 
@@ -516,9 +517,7 @@ impl GroupStore {
         }
         let group_count = states.len() as u32;
         states.push(GroupRecord::SnapshotMarker);
-        let limit = usize::try_from(log.options().segment_bytes / 2)
-            .unwrap_or(usize::MAX)
-            .min(log.options().max_batch_bytes);
+        let limit = max_change_bytes(&log);
         let mut first_offset = None;
         let mut end = log.high_watermark();
         let mut batch: Vec<GroupRecord> = Vec::new();
@@ -661,6 +660,14 @@ impl GroupStore {
     }
 }
 
+/// The largest batch one change may append: half a segment of the groups topic, so a
+/// batch always fits a fresh segment, and at most the engine's batch limit.
+fn max_change_bytes(log: &PartitionLog) -> usize {
+    usize::try_from(log.options().segment_bytes / 2)
+        .unwrap_or(usize::MAX)
+        .min(log.options().max_batch_bytes)
+}
+
 /// Appends `records` as one batch (keyed by group), not synced. Returns the batch's base
 /// offset, the offset after it, and its size in bytes.
 fn append_records(log: &PartitionLog, records: &[GroupRecord]) -> Result<(u64, u64, usize)> {
@@ -679,6 +686,14 @@ fn append_records(log: &PartitionLog, records: &[GroupRecord]) -> Result<(u64, u
     let batch = builder
         .try_finish()
         .map_err(|e| invalid(format!("cannot build a groups batch: {e}")))?;
+    let limit = max_change_bytes(log);
+    if batch.len() > limit {
+        return Err(invalid(format!(
+            "a change of {} bytes does not fit the groups topic, whose limit is {limit} bytes \
+             (half a segment); commit fewer partitions at once",
+            batch.len()
+        )));
+    }
     let info = log.append(&batch)?;
     Ok((info.base_offset, info.next_offset, batch.len()))
 }

@@ -15,7 +15,8 @@
 //!   partition (`u32`), the offset (`u64`), the commit time in ms (`i64`), and the metadata
 //!   length (`i32`, −1 for none, at most [`MAX_METADATA_BYTES`]) with its UTF-8 bytes.
 //! - kind 2, forget a topic: the group and the topic (a deleted topic's offsets).
-//! - kind 3, group metadata: the group, a length (`u32`) and that many bytes, opaque here
+//! - kind 3, group metadata: the group, a length (`u32`, at most [`MAX_GROUP_METADATA_BYTES`])
+//!   and that many bytes, opaque here
 //!   (the broker's membership state). Zero bytes clears it.
 //! - kind 4, forget a group: the group (offsets and metadata both go).
 //! - kind 5, snapshot marker: no body, no key. Ends a snapshot: the group snapshots before
@@ -36,8 +37,9 @@ use super::{CommittedOffset, GroupMap, MAX_METADATA_BYTES};
 
 /// The format version this code writes and reads.
 pub const RECORD_VERSION: u8 = 1;
-/// The largest metadata blob a group may store, in bytes (1 MiB).
-pub const MAX_GROUP_METADATA_BYTES: usize = 1 << 20;
+/// The largest metadata blob a group may store, in bytes (64 KiB: room for hundreds of
+/// members, and half of what one change of the default groups topic may take).
+pub const MAX_GROUP_METADATA_BYTES: usize = 64 << 10;
 
 const KIND_COMMIT: u8 = 1;
 const KIND_FORGET_TOPIC: u8 = 2;

@@ -7,10 +7,10 @@ use super::*;
 use crate::store::{Store, StoreOptions};
 use proptest::prelude::*;
 
-/// Opens a store with a small groups topic (2 partitions of 8 KiB segments), so tests roll
+/// Opens a store with a small groups topic (2 partitions of 16 KiB segments), so tests roll
 /// and compact segments quickly.
 fn open(dir: &Path) -> Store {
-    Store::open(StoreOptions::new(dir).groups_topic(2, 8192)).expect("open store")
+    Store::open(StoreOptions::new(dir).groups_topic(2, 16 << 10)).expect("open store")
 }
 
 fn offset(g: &GroupStore, group: &str, topic: &str, p: u32) -> Option<u64> {
@@ -254,6 +254,16 @@ fn bad_input_is_refused_and_changes_nothing() {
         g.delete_group("nobody"),
         Err(StorageError::GroupNotFound { .. })
     ));
+    // A change larger than half a segment of the groups topic (8 KiB here).
+    let big: Vec<(u32, u64, Option<String>)> = (0..4)
+        .map(|p| (p, 1, Some("z".repeat(MAX_METADATA_BYTES))))
+        .collect();
+    match g.commit("g", "t", &big) {
+        Err(StorageError::InvalidConfig { reason, .. }) => {
+            assert!(reason.contains("does not fit"), "{reason}")
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
     g.commit("g", "t", &[]).expect("an empty commit is a no-op");
     g.commit("e", "t", &[]).expect("an empty commit is a no-op");
     assert_eq!(end_offsets(g), ends, "nothing was written");
@@ -358,7 +368,7 @@ fn snapshots_bound_the_log_and_replay_to_the_same_state() {
     );
     assert!(
         max_segments <= 6,
-        "compaction keeps a few 8 KiB segments per partition, saw {max_segments}"
+        "compaction keeps a few 16 KiB segments per partition, saw {max_segments}"
     );
     let offsets = all_offsets(&g);
     let metadata = g.all_metadata();
