@@ -485,6 +485,25 @@ async fn groups_are_listed_with_members_and_deleted_only_when_empty() {
     let busy = &list.summaries[0];
     assert_eq!((busy.group.as_str(), busy.member_count), ("busy", 1));
     assert_eq!(list.summaries[1].state, "empty");
+    // An offset reset of a group with live members would race their commits.
+    let reset = |dry_run: bool| pb::ResetGroupOffsetsRequest {
+        group: "busy".into(),
+        topic: "t".into(),
+        partitions: vec![],
+        target: Some(pb::reset_group_offsets_request::Target::ToEarliest(true)),
+        dry_run,
+    };
+    let err = c
+        .groups
+        .reset_group_offsets(reset(false))
+        .await
+        .expect_err("members alive");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("offset reset"), "{}", err.message());
+    c.groups
+        .reset_group_offsets(reset(true))
+        .await
+        .expect("a dry run is allowed");
     let delete = |g: &str| pb::DeleteGroupRequest { group: g.into() };
     let err = c
         .groups

@@ -156,6 +156,28 @@ impl Coordinator {
         Ok(g)
     }
 
+    /// Fails with [`MembershipError::GroupNotEmpty`] while `group` has live members: moving
+    /// the offsets of partitions that members are consuming would race their commits.
+    pub async fn check_no_live_members(
+        &self,
+        group: &str,
+        action: &'static str,
+    ) -> Result<(), BrokerError> {
+        let Some(slot) = self.existing(group) else {
+            return Ok(());
+        };
+        let live = slot.lock().await.live_members();
+        if live > 0 {
+            return Err(MembershipError::GroupNotEmpty {
+                group: group.to_string(),
+                members: live,
+                action,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// A copy of `group`'s membership, if it has any state.
     pub async fn snapshot(&self, group: &str) -> Option<Group> {
         let slot = self.existing(group)?;
@@ -193,6 +215,7 @@ impl Coordinator {
                 return Err(MembershipError::GroupNotEmpty {
                     group: group.to_string(),
                     members: live,
+                    action: "a deletion",
                 }
                 .into());
             }

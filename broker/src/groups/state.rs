@@ -136,13 +136,15 @@ pub enum MembershipError {
         /// The member's current epoch.
         current: i32,
     },
-    /// The group still has live members (a deletion is refused).
-    #[error("group {group:?} has {members} live member(s); it can be deleted once they leave or time out")]
+    /// The group still has live members (a deletion or an offset reset is refused).
+    #[error("group {group:?} has {members} live member(s); {action} needs it empty: wait until they leave or time out")]
     GroupNotEmpty {
         /// The group.
         group: String,
         /// Its live members.
         members: usize,
+        /// What was refused.
+        action: &'static str,
     },
     /// The request is malformed.
     #[error("{0}")]

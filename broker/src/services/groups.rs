@@ -317,6 +317,9 @@ impl Groups for GroupsService {
         }
         let applied = !req.dry_run;
         if applied {
+            self.coordinator
+                .check_no_live_members(&req.group, "an offset reset")
+                .await?;
             let offsets = changes
                 .iter()
                 .map(|c| (c.partition, c.new_offset, None))
