@@ -15,6 +15,7 @@
 //! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
 //!   collector) and the `/metrics` listener.
 //! - [`tasks`]: the background flush and retention loops.
+//! - [`groups`]: the group coordinator's background work over the groups topic.
 //! - [`error`]: [`BrokerError`] and the one mapping to gRPC status codes.
 //!
 //! `main.rs` only loads the config and calls [`run`] with a shutdown token. The design this
@@ -30,6 +31,7 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod fetch;
+pub mod groups;
 pub mod health;
 pub mod metrics;
 pub mod produce;

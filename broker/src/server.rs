@@ -103,6 +103,8 @@ impl Server {
             ..
         } = self;
         tasks::spawn_background(&broker);
+        let coordinator = crate::groups::Coordinator::load(broker.store());
+        crate::groups::spawn_background(&broker, &coordinator);
         let request_metrics = match metrics_listener {
             Some((listener, _)) => {
                 let metrics = Metrics::new(&broker);
@@ -140,7 +142,7 @@ impl Server {
         let log = LogServer::new(LogService::new(broker.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_fetch.max(max_message));
-        let groups = GroupsServer::new(GroupsService::new(broker.clone()));
+        let groups = GroupsServer::new(GroupsService::new(broker.clone(), coordinator));
         let admin = AdminServer::new(AdminService::new(broker.clone()));
 
         let shutdown = broker.shutdown().clone();

@@ -20,6 +20,7 @@ async fn orders_and_billing(c: &mut Clients) {
     c.produce_values("orders", 0, &refs).await.expect("produce");
     c.groups
         .commit_offsets(CommitOffsetsRequest {
+            member: None,
             group: "billing".into(),
             topic: "orders".into(),
             offsets: vec![PartitionOffset {

@@ -109,6 +109,7 @@ async fn counters_lag_and_histograms_match_the_traffic() {
     assert_eq!(fetched.records.len() as u64, M);
     c.groups
         .commit_offsets(CommitOffsetsRequest {
+            member: None,
             group: "readers".into(),
             topic: "events".into(),
             offsets: vec![PartitionOffset {
@@ -300,6 +301,7 @@ async fn per_partition_and_per_group_series_can_be_switched_off() {
         .expect("produce");
     c.groups
         .commit_offsets(CommitOffsetsRequest {
+            member: None,
             group: "g".into(),
             topic: "t".into(),
             offsets: vec![PartitionOffset {

@@ -85,6 +85,7 @@ async fn prometheus_scrapes_the_group_lag() {
     c.produce_values("orders", 0, &refs).await.expect("produce");
     c.groups
         .commit_offsets(CommitOffsetsRequest {
+            member: None,
             group: "billing".into(),
             topic: "orders".into(),
             offsets: vec![PartitionOffset {

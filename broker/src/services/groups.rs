@@ -1,30 +1,39 @@
-//! `rill.v1.Groups`: committed offsets, lag, and resets.
+//! `rill.v1.Groups`: committed offsets, lag, resets, and membership (heartbeats, fenced
+//! member commits, group deletion) through the [`Coordinator`].
 
 use rill_proto::v1::groups_server::Groups;
 use rill_proto::v1::reset_group_offsets_request::Target;
 use rill_proto::v1::{
-    CommitOffsetsRequest, CommitOffsetsResponse, CommittedOffset, DescribeGroupRequest,
-    DescribeGroupResponse, FetchOffsetsRequest, FetchOffsetsResponse, GroupPartition,
-    ListGroupsRequest, ListGroupsResponse, OffsetChange, ResetGroupOffsetsRequest,
-    ResetGroupOffsetsResponse,
+    CommitOffsetsRequest, CommitOffsetsResponse, CommittedOffset, DeleteGroupRequest,
+    DeleteGroupResponse, DescribeGroupRequest, DescribeGroupResponse, FetchOffsetsRequest,
+    FetchOffsetsResponse, GroupHeartbeatRequest, GroupHeartbeatResponse, GroupMember,
+    GroupPartition, GroupSummary, ListGroupsRequest, ListGroupsResponse, OffsetChange,
+    ResetGroupOffsetsRequest, ResetGroupOffsetsResponse,
 };
 use rill_storage::config::validate_name;
 use rill_storage::StorageError;
 use tonic::{Request, Response, Status};
 
 use crate::error::BrokerError;
+use crate::groups::persist::{from_set, to_set};
+use crate::groups::state::Heartbeat;
+use crate::groups::Coordinator;
 use crate::state::Broker;
 
 /// The Groups service.
 #[derive(Debug, Clone)]
 pub struct GroupsService {
     broker: Broker,
+    coordinator: Coordinator,
 }
 
 impl GroupsService {
-    /// A service over the broker state.
-    pub fn new(broker: Broker) -> Self {
-        GroupsService { broker }
+    /// A service over the broker state and its group coordinator.
+    pub fn new(broker: Broker, coordinator: Coordinator) -> Self {
+        GroupsService {
+            broker,
+            coordinator,
+        }
     }
 
     /// Commits offsets durably on the blocking pool (the commit fsyncs).
@@ -77,6 +86,16 @@ impl Groups for GroupsService {
             .into_iter()
             .map(|o| (o.partition, o.offset, o.metadata))
             .collect();
+        // A member's commit holds its group's lock from the epoch check to the durable
+        // write, so a fencing cannot slip in between.
+        let _member = match &req.member {
+            Some(m) => Some(
+                self.coordinator
+                    .lock_for_commit(&req.group, &m.member_id, m.member_epoch)
+                    .await?,
+            ),
+            None => None,
+        };
         self.commit(req.group, req.topic, offsets).await?;
         Ok(Response::new(CommitOffsetsResponse {}))
     }
@@ -107,8 +126,25 @@ impl Groups for GroupsService {
         &self,
         _request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
+        let mut names = self.broker.store().groups().list();
+        let members = self.coordinator.all().await;
+        names.extend(members.iter().map(|g| g.name.clone()));
+        names.sort_unstable();
+        names.dedup();
+        let summaries = names
+            .iter()
+            .map(|name| {
+                let g = members.iter().find(|g| &g.name == name);
+                GroupSummary {
+                    group: name.clone(),
+                    state: g.map_or("empty", |g| g.state()).to_string(),
+                    member_count: g.map_or(0, |g| g.live_members() as u32),
+                }
+            })
+            .collect();
         Ok(Response::new(ListGroupsResponse {
-            groups: self.broker.store().groups().list(),
+            groups: names,
+            summaries,
         }))
     }
 
@@ -118,12 +154,13 @@ impl Groups for GroupsService {
     ) -> Result<Response<DescribeGroupResponse>, Status> {
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
-        let committed = self
-            .broker
-            .store()
-            .groups()
-            .group_offsets(&req.group)
-            .map_err(BrokerError::from)?;
+        let membership = self.coordinator.snapshot(&req.group).await;
+        let committed = match self.broker.store().groups().group_offsets(&req.group) {
+            Ok(committed) => committed,
+            // A group with members but no commits yet is still a group.
+            Err(StorageError::GroupNotFound { .. }) if membership.is_some() => Vec::new(),
+            Err(e) => return Err(BrokerError::from(e).into()),
+        };
         let partitions = committed
             .into_iter()
             .map(|(topic, partition, c)| {
@@ -146,10 +183,93 @@ impl Groups for GroupsService {
                 }
             })
             .collect();
+        let (state, group_epoch, assignor, members) = match membership {
+            Some(g) => (
+                g.state().to_string(),
+                g.epoch,
+                g.assignor.to_string(),
+                g.members
+                    .values()
+                    .filter(|m| !m.left_static)
+                    .map(|m| {
+                        let mut owned = m.assigned.clone();
+                        for (t, ps) in &m.revoking {
+                            owned.entry(t.clone()).or_default().extend(ps);
+                        }
+                        GroupMember {
+                            member_id: m.id.clone(),
+                            instance_id: m.instance_id.clone(),
+                            client_address: m.client_address.clone(),
+                            member_epoch: m.epoch,
+                            subscribed_topics: m.subscribed.iter().cloned().collect(),
+                            assigned: Some(to_set(&owned)),
+                            target: Some(to_set(&m.target)),
+                        }
+                    })
+                    .collect(),
+            ),
+            None => ("empty".to_string(), 0, String::new(), Vec::new()),
+        };
         Ok(Response::new(DescribeGroupResponse {
             group: req.group,
             partitions,
+            state,
+            group_epoch,
+            members,
+            assignor,
         }))
+    }
+
+    async fn group_heartbeat(
+        &self,
+        request: Request<GroupHeartbeatRequest>,
+    ) -> Result<Response<GroupHeartbeatResponse>, Status> {
+        self.broker.check_running()?;
+        let client_address = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let req = request.into_inner();
+        validate_name("group", &req.group).map_err(BrokerError::from)?;
+        let assignor = match &req.assignor {
+            Some(name) => Some(name.parse().map_err(BrokerError::InvalidArgument)?),
+            None => None,
+        };
+        let hb = Heartbeat {
+            member_id: req.member_id,
+            member_epoch: req.member_epoch,
+            instance_id: req.instance_id,
+            subscribed: req
+                .subscribed_topics
+                .map(|l| l.topics.into_iter().collect()),
+            owned: req.owned_partitions.as_ref().map(from_set),
+            client_address,
+            session_timeout_ms: req.session_timeout_ms,
+            rebalance_timeout_ms: req.rebalance_timeout_ms,
+            assignor,
+        };
+        let reply = self
+            .coordinator
+            .heartbeat(&self.broker, &req.group, hb)
+            .await?;
+        Ok(Response::new(GroupHeartbeatResponse {
+            member_id: reply.member_id,
+            member_epoch: reply.member_epoch,
+            heartbeat_interval_ms: reply.heartbeat_interval_ms,
+            assignment: Some(to_set(&reply.assignment)),
+            group_epoch: reply.group_epoch,
+            reconciling: reply.reconciling,
+        }))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
+        let req = request.into_inner();
+        validate_name("group", &req.group).map_err(BrokerError::from)?;
+        self.coordinator.delete(&self.broker, &req.group).await?;
+        Ok(Response::new(DeleteGroupResponse {}))
     }
 
     async fn reset_group_offsets(
@@ -197,6 +317,9 @@ impl Groups for GroupsService {
         }
         let applied = !req.dry_run;
         if applied {
+            self.coordinator
+                .check_no_live_members(&req.group, "an offset reset")
+                .await?;
             let offsets = changes
                 .iter()
                 .map(|c| (c.partition, c.new_offset, None))

@@ -73,7 +73,7 @@ pub enum Command {
     /// Consume records: one value per line by default.
     #[command(after_help = stream_cmds::CONSUME_AFTER_HELP)]
     Consume(stream_cmds::ConsumeArgs),
-    /// List, describe and reset consumer groups.
+    /// List, describe, reset and delete consumer groups.
     #[command(after_help = "Example:\n  rill group describe billing")]
     Group {
         /// The group command.
@@ -122,12 +122,19 @@ pub enum TopicCommand {
 /// Group commands.
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
-    /// List groups.
+    /// List groups with their state and member count.
     #[command(after_help = "Example:\n  rill group list")]
     List,
-    /// Show a group's committed offsets, high watermarks and lag.
+    /// Show a group's state, epoch and members (with their partitions), and its committed
+    /// offsets, high watermarks and lag.
     #[command(after_help = "Example:\n  rill group describe billing")]
     Describe {
+        /// The group.
+        group: String,
+    },
+    /// Delete a group's offsets and state (refused while it has live members).
+    #[command(after_help = "Example:\n  rill group delete billing")]
+    Delete {
         /// The group.
         group: String,
     },
