@@ -2,3 +2,29 @@
 //! replicated partition, and the broker-to-broker gRPC that carries them.
 //!
 //! See `docs/REPLICATION.md` for the design.
+//!
+//! # The map
+//! - [`types`]: the openraft type config shared by every group, ids, commands and replies.
+//! - [`log_store`]: [`LogStore`], a group's durable Raft log and vote (fsynced before acked).
+//! - [`machine`]: the [`Machine`] trait of a group's state and [`MachineStore`], its adapter
+//!   to openraft with persisted snapshots.
+//! - [`network`]: the sending side: openraft's network over the `rill.v1.Raft` gRPC service,
+//!   one channel per peer shared by all groups.
+//! - [`service`]: the receiving side: [`RaftService`], routing each message to its group.
+//! - [`host`]: [`GroupHost`], every Raft group of one broker, keyed by group id.
+//! - [`error`]: the typed [`ClusterError`].
+
+pub mod error;
+pub mod host;
+pub mod log_store;
+pub mod machine;
+pub mod network;
+pub mod service;
+pub mod types;
+
+pub use error::ClusterError;
+pub use host::{GroupHost, RaftTimings};
+pub use log_store::LogStore;
+pub use machine::{Machine, MachineStore};
+pub use service::RaftService;
+pub use types::{Command, GroupId, NodeId, Reply, TypeConfig, CONTROLLER_GROUP};
