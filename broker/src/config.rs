@@ -45,6 +45,9 @@ pub struct Config {
     pub max_waiting_fetches: usize,
     /// Defaults for topics created without a value (partitions, retention, segments, flush).
     pub topic_defaults: TopicConfig,
+    /// Cluster membership (`--node-id`, `--peers`); `None` runs a single broker, exactly as
+    /// without replication.
+    pub cluster: Option<rill_cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             retention_check_ms: DEFAULT_RETENTION_CHECK_MS,
             max_waiting_fetches: DEFAULT_MAX_WAITING_FETCHES,
             topic_defaults: TopicConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -133,6 +137,10 @@ pub struct FileConfig {
     pub max_waiting_fetches: Option<usize>,
     /// Topic defaults, as a `[topic_defaults]` table.
     pub topic_defaults: Option<FileTopicDefaults>,
+    /// This broker's node id in a cluster; requires `peers`.
+    pub node_id: Option<u64>,
+    /// The cluster's brokers, `1=HOST:PORT,2=HOST:PORT,...`; requires `node_id`.
+    pub peers: Option<String>,
 }
 
 /// The `[topic_defaults]` table of the TOML file.

@@ -4,6 +4,7 @@
 //! # The map
 //! - [`config`]: [`Config`], the typed settings with their defaults.
 //! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
+//! - [`cluster`]: cluster flags and the services of a cluster member (none without flags).
 //! - [`server`]: binding, serving (with health and reflection), and graceful shutdown.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
 //! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups` and `rill.v1.Admin`.
@@ -15,6 +16,7 @@
 //! `main.rs` only loads the config and calls [`run`] with a shutdown token.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fetch;

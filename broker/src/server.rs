@@ -30,6 +30,8 @@ const MESSAGE_OVERHEAD_BYTES: usize = 64 << 10;
 /// A bound, not yet serving broker.
 pub struct Server {
     broker: Broker,
+    /// Cluster membership, when started with `--node-id` and `--peers`.
+    cluster: Option<rill_cluster::ClusterNode>,
     listener: TcpListener,
     local_addr: SocketAddr,
 }
@@ -37,6 +39,13 @@ pub struct Server {
 impl Server {
     /// Opens the store (recovering partitions as needed) and binds the listen address.
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server> {
+        if let Some(cluster) = &config.cluster {
+            // A broker whose peers list the running ones refuse stops before it opens or
+            // writes anything.
+            rill_cluster::ClusterNode::precheck(cluster)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
         let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
         let store = tokio::task::spawn_blocking(move || Store::open(options))
             .await
@@ -46,9 +55,23 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
-        let broker = Broker::new(store, config, shutdown, TaskTracker::new());
+        let tasks = TaskTracker::new();
+        let cluster = match &config.cluster {
+            Some(c) => Some(
+                rill_cluster::ClusterNode::new(
+                    c.clone(),
+                    &config.data_dir,
+                    shutdown.clone(),
+                    tasks.clone(),
+                )
+                .context("starting cluster membership")?,
+            ),
+            None => None,
+        };
+        let broker = Broker::new(store, config, shutdown, tasks);
         Ok(Server {
             broker,
+            cluster,
             listener,
             local_addr,
         })
@@ -69,9 +92,20 @@ impl Server {
     /// closes the store cleanly (synced, with clean-shutdown markers).
     pub async fn serve(self) -> Result<()> {
         let Server {
-            broker, listener, ..
+            broker,
+            listener,
+            cluster,
+            ..
         } = self;
         tasks::spawn_background(&broker);
+        let (raft, cluster_service) = match &cluster {
+            Some(node) => {
+                node.start();
+                let (raft, status) = crate::cluster::services(node);
+                (Some(raft), Some(status))
+            }
+            None => (None, None),
+        };
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 
@@ -115,6 +149,8 @@ impl Server {
             .add_service(log)
             .add_service(groups)
             .add_service(admin)
+            .add_optional_service(raft)
+            .add_optional_service(cluster_service)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
             .await;
         // Whatever ended serving, stop the tasks and close the store.
@@ -122,6 +158,9 @@ impl Server {
         health_reporter
             .set_not_serving::<LogServer<LogService>>()
             .await;
+        if let Some(node) = &cluster {
+            node.shutdown().await;
+        }
         broker.tasks().close();
         broker.tasks().wait().await;
         let store = broker.store().clone();
@@ -130,6 +169,9 @@ impl Server {
             .context("closing the store")?
             .context("closing the store")?;
         tracing::info!("broker stopped cleanly");
+        if let Some(message) = cluster.as_ref().and_then(|n| n.fatal_error()) {
+            anyhow::bail!("{message}");
+        }
         served.context("serving gRPC")
     }
 }

@@ -2,6 +2,7 @@
 //! Cloning is cheap; tonic reconnects the channel by itself after a broker restart.
 
 use rill_proto::v1::admin_client::AdminClient;
+use rill_proto::v1::cluster_client::ClusterClient;
 use rill_proto::v1::groups_client::GroupsClient;
 use rill_proto::v1::log_client::LogClient;
 use tonic::transport::{Channel, Endpoint};
@@ -68,5 +69,10 @@ impl Connection {
     /// A `rill.v1.Admin` client on this connection.
     pub fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone())
+    }
+
+    /// A `rill.v1.Cluster` client on this connection (brokers started with cluster flags).
+    pub fn cluster(&self) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel.clone())
     }
 }

@@ -12,19 +12,32 @@
 //!   one channel per peer shared by all groups.
 //! - [`service`]: the receiving side: [`RaftService`], routing each message to its group.
 //! - [`host`]: [`GroupHost`], every Raft group of one broker, keyed by group id.
+//! - [`peers`]: [`PeerList`] (`--peers`) and [`ClusterConfig`], a broker's cluster settings.
+//! - [`node`]: [`ClusterNode`], a broker's membership: join handshake, liveness pings, the
+//!   controller group and its bootstrap.
+//! - [`controller`]: the controller's state machine (topics, replica sets, group ids) and
+//!   the placement.
+//! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
 //! - [`error`]: the typed [`ClusterError`].
 
+pub mod cluster_service;
+pub mod controller;
 pub mod error;
 pub mod host;
 pub mod log_store;
 pub mod machine;
 pub mod network;
+pub mod node;
+pub mod peers;
 pub mod service;
 pub mod types;
 
+pub use cluster_service::ClusterService;
 pub use error::ClusterError;
 pub use host::{GroupHost, RaftTimings};
 pub use log_store::LogStore;
 pub use machine::{Machine, MachineStore};
+pub use node::ClusterNode;
+pub use peers::{ClusterConfig, PeerList, PeerListError};
 pub use service::RaftService;
 pub use types::{Command, GroupId, NodeId, Reply, TypeConfig, CONTROLLER_GROUP};

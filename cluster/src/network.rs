@@ -29,9 +29,12 @@ use crate::types::{GroupId, Node, NodeId, TypeConfig};
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// The pause before retrying an unreachable peer (openraft's default is 500 ms; a restarted
-/// broker is back sooner than that, and failover time counts).
+/// The first pause before retrying an unreachable peer, doubled on each failure up to
+/// [`UNREACHABLE_BACKOFF_MAX`] (openraft's default is a flat 500 ms; a restarted broker is
+/// often back sooner, and failover time counts).
 const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest pause before retrying an unreachable peer.
+const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_millis(800);
 /// The largest Raft message sent or received.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -43,7 +46,7 @@ pub struct Peers {
 
 impl Peers {
     /// The channel to `addr` (`host:port`), created lazily on first use.
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = self.channels.lock();
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
@@ -220,6 +223,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 
     fn backoff(&self) -> Backoff {
-        Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF))
+        Backoff::new(std::iter::successors(Some(UNREACHABLE_BACKOFF), |d| {
+            Some((*d * 2).min(UNREACHABLE_BACKOFF_MAX))
+        }))
     }
 }

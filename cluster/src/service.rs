@@ -4,25 +4,40 @@
 use bytes::Bytes;
 use rill_proto::v1::raft_reply::Result as ReplyResult;
 use rill_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
-use rill_proto::v1::{RaftMessage, RaftReply};
+use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::host::GroupHost;
 use crate::network::MAX_RAFT_MESSAGE_BYTES;
+use crate::node::Registry;
 use crate::types::Raft;
 
 /// The `rill.v1.Raft` service of one broker.
 #[derive(Clone)]
 pub struct RaftService {
     host: GroupHost,
+    registry: Option<Arc<Registry>>,
 }
 
 impl RaftService {
-    /// The service for `host`'s groups.
+    /// The service for `host`'s groups, without a peers registry: pings are refused
+    /// (for groups run outside a broker, as in tests).
     pub fn new(host: GroupHost) -> Self {
-        RaftService { host }
+        RaftService {
+            host,
+            registry: None,
+        }
+    }
+
+    /// The service of a cluster member: its groups and its peers registry.
+    pub fn with_registry(host: GroupHost, registry: Arc<Registry>) -> Self {
+        RaftService {
+            host,
+            registry: Some(registry),
+        }
     }
 
     /// The tonic server for this service, with message limits fit for Raft batches.
@@ -98,5 +113,13 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftReply>, Status> {
         let (raft, rpc) = self.route(request.get_ref())?;
         reply(raft.install_snapshot(rpc).await)
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this broker is not in a cluster"))?;
+        registry.answer_ping(request.get_ref()).map(Response::new)
     }
 }

@@ -5,6 +5,8 @@
 //! and awaits its server on [`TestBroker::stop`] (and cancels on drop); [`BrokerProcess`]
 //! kills and reaps its child on drop. Data folders are temp folders removed on drop.
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

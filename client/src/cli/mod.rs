@@ -2,6 +2,7 @@
 //! library's [`crate::Admin`], [`crate::Producer`] and [`crate::Consumer`].
 
 mod admin_cmds;
+mod cluster_cmds;
 mod stream_cmds;
 
 use std::io::Write;
@@ -53,6 +54,12 @@ pub enum Command {
         /// The group command.
         #[command(subcommand)]
         command: GroupCommand,
+    },
+    /// Show the cluster: brokers, liveness, the controller leader.
+    Cluster {
+        /// The cluster command.
+        #[command(subcommand)]
+        command: cluster_cmds::ClusterCommand,
     },
     /// Print shell completions.
     Completions {
@@ -115,6 +122,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Group { command } => admin_cmds::group(conn, ctx, command).await,
         Command::Produce(args) => stream_cmds::produce(conn, ctx, args).await,
         Command::Consume(args) => stream_cmds::consume(conn, ctx, args).await,
+        Command::Cluster { command } => cluster_cmds::cluster(conn, ctx, command).await,
         Command::Completions { .. } => Ok(()),
     }
 }

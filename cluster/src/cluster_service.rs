@@ -1,0 +1,128 @@
+//! The public `rill.v1.Cluster` service: metadata (who leads what) and cluster status, as
+//! the answering broker sees them.
+
+use rill_proto::v1::cluster_server::{Cluster, ClusterServer};
+use rill_proto::v1::{
+    BrokerInfo, BrokerStatus, ClusterStatusRequest, ClusterStatusResponse, MetadataRequest,
+    MetadataResponse, PartitionMetadata, TopicMetadata,
+};
+use tonic::{Request, Response, Status};
+
+use crate::node::ClusterNode;
+
+/// The `rill.v1.Cluster` service of one broker.
+#[derive(Clone)]
+pub struct ClusterService {
+    node: ClusterNode,
+}
+
+impl ClusterService {
+    /// The service answering from `node`'s view.
+    pub fn new(node: ClusterNode) -> Self {
+        ClusterService { node }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> ClusterServer<ClusterService> {
+        ClusterServer::new(self)
+    }
+
+    fn controller_view(&self) -> (u64, u64) {
+        match self.node.controller() {
+            Some(raft) => {
+                let m = raft.metrics().borrow().clone();
+                (m.current_leader.unwrap_or(0), m.current_term)
+            }
+            None => (0, 0),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn metadata(
+        &self,
+        request: Request<MetadataRequest>,
+    ) -> Result<Response<MetadataResponse>, Status> {
+        let registry = self.node.registry();
+        let config = registry.config();
+        let brokers = config
+            .peers
+            .iter()
+            .map(|(node_id, address)| BrokerInfo {
+                node_id,
+                address: address.to_string(),
+                live: registry.is_live(node_id),
+            })
+            .collect();
+        let wanted = request.into_inner().topics;
+        let metadata = self.node.metadata();
+        let topics = metadata
+            .topics
+            .iter()
+            .filter(|(name, _)| wanted.is_empty() || wanted.contains(name))
+            .map(|(name, t)| TopicMetadata {
+                name: name.clone(),
+                replication_factor: t.replication_factor,
+                partitions: t
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(p, meta)| {
+                        // Replicated partitions' leaders come with their groups (later);
+                        // a replication factor 1 partition is led by its only replica.
+                        let leader = if meta.replicas.len() == 1 {
+                            meta.replicas[0]
+                        } else {
+                            0
+                        };
+                        PartitionMetadata {
+                            partition: p as u32,
+                            leader,
+                            leader_address: config.peers.address(leader).unwrap_or("").into(),
+                            replicas: meta.replicas.clone(),
+                            in_sync: Vec::new(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(MetadataResponse {
+            brokers,
+            controller_leader: self.controller_view().0,
+            topics,
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let registry = self.node.registry();
+        let config = registry.config();
+        let (controller_leader, controller_term) = self.controller_view();
+        let seen = registry.last_seen();
+        let brokers = config
+            .peers
+            .iter()
+            .map(|(node_id, address)| BrokerStatus {
+                node_id,
+                address: address.to_string(),
+                live: registry.is_live(node_id),
+                last_seen_ms: if node_id == config.node_id {
+                    Some(0)
+                } else {
+                    seen.get(&node_id).map(|d| d.as_millis() as u64)
+                },
+                controller_leader: node_id == controller_leader,
+                partitions_led: Vec::new(),
+            })
+            .collect();
+        Ok(Response::new(ClusterStatusResponse {
+            answered_by: config.node_id,
+            controller_leader,
+            controller_term,
+            brokers,
+        }))
+    }
+}
