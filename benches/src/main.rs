@@ -123,6 +123,7 @@ async fn create_topic(
                 retention_ms: Some(-1),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await?;
     Ok(())

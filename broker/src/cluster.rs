@@ -3,9 +3,19 @@
 //! Without cluster flags none of this runs.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rill_cluster::{ClusterConfig, ClusterNode, ClusterService, PeerList, RaftService};
+use rill_cluster::{
+    ClusterConfig, ClusterNode, ClusterService, PeerList, RaftService, Replication,
+};
+use rill_proto::v1 as pb;
+use rill_proto::v1::admin_client::AdminClient;
+use rill_proto::v1::{PartitionAppend, ProduceResponse};
+
+use crate::error::BrokerError;
+use crate::produce::Prepared;
+use crate::state::Broker;
 
 /// The cluster settings from a node id and a peers list (both or neither), checked against
 /// the listen address: a broker must listen where its own peers entry says it does.
@@ -42,14 +52,146 @@ pub fn config(
 /// The internal `Raft` and public `Cluster` services of a cluster member.
 pub fn services(
     node: &ClusterNode,
+    replication: &Replication,
 ) -> (
     rill_proto::v1::raft_server::RaftServer<RaftService>,
     rill_proto::v1::cluster_server::ClusterServer<ClusterService>,
 ) {
     (
         RaftService::with_registry(node.host().clone(), node.registry()).into_server(),
-        ClusterService::new(node.clone()).into_server(),
+        ClusterService::new(node.clone(), Some(replication.clone())).into_server(),
     )
+}
+
+/// The broker's topics as the replication layer sees them.
+pub struct BrokerTopics(pub Broker);
+
+impl rill_cluster::LocalTopics for BrokerTopics {
+    fn ensure_topic(&self, name: &str, config: &rill_storage::TopicConfig) -> Result<(), String> {
+        if self.0.topic(name).is_ok() {
+            return Ok(());
+        }
+        match self.0.store().create_topic(name, config.clone()) {
+            Ok(topic) => {
+                self.0.add_topic(topic);
+                Ok(())
+            }
+            Err(rill_storage::StorageError::TopicExists { .. }) => {
+                let topic = self.0.store().topic(name).map_err(|e| e.to_string())?;
+                self.0.add_topic(topic);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn partition(&self, name: &str, p: u32) -> Option<rill_storage::PartitionLog> {
+        self.0.topic(name).ok()?.log(p).ok()
+    }
+
+    fn appended(&self, name: &str, p: u32, next_offset: u64) {
+        if let Ok(topic) = self.0.topic(name) {
+            topic.notify(p, next_offset);
+        }
+    }
+}
+
+/// Produces a prepared request to a replicated topic: each partition's batch is committed
+/// through its Raft group (this broker must lead it), in request order.
+pub async fn produce_replicated(
+    replication: &Replication,
+    prepared: &Prepared,
+) -> Result<ProduceResponse, BrokerError> {
+    let mut appends = Vec::new();
+    for (p, batch) in prepared.batches() {
+        let (base_offset, record_count) = replication
+            .write(prepared.topic_name(), p, batch.clone())
+            .await?;
+        appends.push(PartitionAppend {
+            partition: p,
+            base_offset,
+            record_count,
+        });
+    }
+    Ok(ProduceResponse { appends })
+}
+
+/// Creates a replicated topic: on the controller leader through the controller group,
+/// elsewhere by forwarding the request to the controller leader; then waits until the topic
+/// is set up on this broker too.
+pub async fn create_replicated(
+    broker: &Broker,
+    req: &pb::CreateTopicRequest,
+    config: rill_storage::TopicConfig,
+    replication_factor: u32,
+) -> Result<(), BrokerError> {
+    rill_storage::config::validate_name("topic", &req.name)?;
+    config.validate(&req.name)?;
+    let Some(replication) = broker.replication() else {
+        return Err(BrokerError::invalid(format!(
+            "topic {}: replication factor {replication_factor} needs a cluster (start the brokers with --node-id and --peers)",
+            req.name
+        )));
+    };
+    match replication.controller_leader() {
+        Some((leader, _)) if leader == replication.node_id() => Ok(replication
+            .create_topic(&req.name, config, replication_factor)
+            .await?),
+        Some((_, address)) => {
+            let forward = async {
+                let mut admin = AdminClient::connect(format!("http://{address}")).await?;
+                admin.create_topic(req.clone()).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(FORWARD_TIMEOUT, forward).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+                        return Err(forwarded_status(status));
+                    }
+                    return Err(BrokerError::ReplicationUnavailable(format!(
+                        "forwarding the creation of topic {} to the controller at {address}: {e}",
+                        req.name
+                    )));
+                }
+                Err(_) => {
+                    return Err(BrokerError::ReplicationUnavailable(format!(
+                        "the controller at {address} did not create topic {} in time",
+                        req.name
+                    )))
+                }
+            }
+            let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+            while !replication.is_replicated(&req.name) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(BrokerError::ReplicationUnavailable(format!(
+                        "topic {} was created but is not set up on this broker yet",
+                        req.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        }
+        None => Err(BrokerError::ReplicationUnavailable(
+            "the cluster controller has no leader (an election is running); retry".into(),
+        )),
+    }
+}
+
+/// How long a forwarded topic creation may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The controller leader's refusal, as this broker's own error.
+fn forwarded_status(status: &tonic::Status) -> BrokerError {
+    match status.code() {
+        tonic::Code::AlreadyExists
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::InvalidArgument => {
+            BrokerError::Forwarded(status.code(), status.message().to_string())
+        }
+        _ => BrokerError::ReplicationUnavailable(status.message().to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,18 @@ pub struct Prepared {
     durable: bool,
 }
 
+impl Prepared {
+    /// The topic's name.
+    pub fn topic_name(&self) -> &str {
+        self.topic.name()
+    }
+
+    /// The encoded batch of each partition, in request order.
+    pub fn batches(&self) -> impl Iterator<Item = (u32, &Bytes)> {
+        self.batches.iter().map(|(p, _, b)| (*p, b))
+    }
+}
+
 /// Checks `req` and encodes its batches. Nothing is written.
 pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerError> {
     broker.check_running()?;
@@ -203,6 +215,11 @@ pub fn response(appended: &Appended) -> ProduceResponse {
 /// The whole unary produce.
 pub async fn produce(broker: &Broker, req: ProduceRequest) -> Result<ProduceResponse, BrokerError> {
     let prepared = prepare(broker, req)?;
+    if let Some(replication) = broker.replication() {
+        if replication.is_replicated(prepared.topic_name()) {
+            return crate::cluster::produce_replicated(replication, &prepared).await;
+        }
+    }
     let appended = append(&prepared)?;
     settle(&prepared, &appended).await?;
     Ok(response(&appended))

@@ -69,6 +69,10 @@ impl Server {
             None => None,
         };
         let broker = Broker::new(store, config, shutdown, tasks);
+        if let Some(node) = &cluster {
+            let local = std::sync::Arc::new(crate::cluster::BrokerTopics(broker.clone()));
+            broker.set_replication(rill_cluster::Replication::new(node.clone(), local));
+        }
         Ok(Server {
             broker,
             cluster,
@@ -101,7 +105,12 @@ impl Server {
         let (raft, cluster_service) = match &cluster {
             Some(node) => {
                 node.start();
-                let (raft, status) = crate::cluster::services(node);
+                let replication = broker
+                    .replication()
+                    .expect("set in bind for every cluster member")
+                    .clone();
+                replication.start(broker.shutdown().clone(), broker.tasks());
+                let (raft, status) = crate::cluster::services(node, &replication);
                 (Some(raft), Some(status))
             }
             None => (None, None),

@@ -99,6 +99,9 @@ struct Inner {
     /// across an await.
     topics: RwLock<HashMap<String, Arc<TopicState>>>,
     waiting_fetches: AtomicUsize,
+    /// Replicated partitions, set once when the broker runs in a cluster; unset otherwise,
+    /// so a single broker's produce path pays one check of an empty cell.
+    replication: std::sync::OnceLock<rill_cluster::Replication>,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -137,6 +140,7 @@ impl Broker {
                 tasks,
                 topics: RwLock::new(topics),
                 waiting_fetches: AtomicUsize::new(0),
+                replication: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -212,6 +216,16 @@ impl Broker {
     /// Fetches waiting right now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.waiting_fetches.load(Ordering::Acquire)
+    }
+
+    /// Replication, when the broker runs in a cluster.
+    pub fn replication(&self) -> Option<&rill_cluster::Replication> {
+        self.inner.replication.get()
+    }
+
+    /// Sets the broker's replication (once, at start in a cluster).
+    pub fn set_replication(&self, replication: rill_cluster::Replication) {
+        let _ = self.inner.replication.set(replication);
     }
 
     /// Fails with UNAVAILABLE once shutdown has begun.

@@ -9,17 +9,19 @@ use rill_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::node::ClusterNode;
+use crate::partition::Replication;
 
 /// The `rill.v1.Cluster` service of one broker.
 #[derive(Clone)]
 pub struct ClusterService {
     node: ClusterNode,
+    replication: Option<Replication>,
 }
 
 impl ClusterService {
-    /// The service answering from `node`'s view.
-    pub fn new(node: ClusterNode) -> Self {
-        ClusterService { node }
+    /// The service answering from `node`'s view, with its replicated partitions.
+    pub fn new(node: ClusterNode, replication: Option<Replication>) -> Self {
+        ClusterService { node, replication }
     }
 
     /// The tonic server for this service.
@@ -69,12 +71,15 @@ impl Cluster for ClusterService {
                     .iter()
                     .enumerate()
                     .map(|(p, meta)| {
-                        // Replicated partitions' leaders come with their groups (later);
-                        // a replication factor 1 partition is led by its only replica.
+                        // A replica knows its group's leader; a replication factor 1
+                        // partition is led by its only replica.
                         let leader = if meta.replicas.len() == 1 {
                             meta.replicas[0]
                         } else {
-                            0
+                            self.replication
+                                .as_ref()
+                                .and_then(|r| r.leader(name, p as u32))
+                                .unwrap_or(0)
                         };
                         PartitionMetadata {
                             partition: p as u32,
@@ -115,7 +120,14 @@ impl Cluster for ClusterService {
                     seen.get(&node_id).map(|d| d.as_millis() as u64)
                 },
                 controller_leader: node_id == controller_leader,
-                partitions_led: Vec::new(),
+                partitions_led: if node_id == config.node_id {
+                    self.replication
+                        .as_ref()
+                        .map(Replication::led)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
             })
             .collect();
         Ok(Response::new(ClusterStatusResponse {

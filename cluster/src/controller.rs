@@ -9,6 +9,8 @@ use std::io;
 
 use serde::{Deserialize, Serialize};
 
+use rill_storage::TopicConfig;
+
 use crate::machine::Machine;
 use crate::types::{Command, GroupId, LogId, NodeId, Reply, CONTROLLER_GROUP};
 
@@ -24,6 +26,8 @@ pub struct PartitionMeta {
 /// One topic's placement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicMeta {
+    /// The topic's storage config, the same on every replica.
+    pub config: TopicConfig,
     /// Replicas per partition.
     pub replication_factor: u32,
     /// The partitions, by number.
@@ -48,8 +52,8 @@ pub enum ControllerCommand {
     CreateTopic {
         /// The topic name.
         name: String,
-        /// Its partition count.
-        partitions: u32,
+        /// Its storage config (the partition count included).
+        config: TopicConfig,
         /// Replicas per partition.
         replication_factor: u32,
         /// The brokers to place on, in any order.
@@ -62,8 +66,38 @@ pub enum ControllerCommand {
     },
 }
 
+/// Why the controller refused a command. Every replica refuses alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ControllerError {
+    /// The topic exists already.
+    #[error("topic {topic} already exists")]
+    TopicExists {
+        /// The topic.
+        topic: String,
+    },
+    /// The topic does not exist.
+    #[error("topic {topic} does not exist")]
+    TopicNotFound {
+        /// The topic.
+        topic: String,
+    },
+    /// Fewer live brokers than replicas asked.
+    #[error("topic {topic}: replication factor {replication_factor} needs that many live brokers; {live} are live")]
+    NotEnoughBrokers {
+        /// The topic.
+        topic: String,
+        /// The replicas asked.
+        replication_factor: u32,
+        /// The live brokers.
+        live: usize,
+    },
+    /// A command this version cannot read.
+    #[error("undecodable controller command: {0}")]
+    Undecodable(String),
+}
+
 /// The answer to a [`ControllerCommand`].
-pub type ControllerReply = Result<Option<TopicMeta>, String>;
+pub type ControllerReply = Result<Option<TopicMeta>, ControllerError>;
 
 /// Places `partitions` partitions of `rf` replicas over `brokers`, starting at `start`:
 /// partition `p` gets brokers `start + p + k` for `k < rf` (modulo the sorted broker list), so
@@ -91,19 +125,21 @@ impl Metadata {
         match command {
             ControllerCommand::CreateTopic {
                 name,
-                partitions,
+                config,
                 replication_factor,
                 brokers,
             } => {
                 if self.topics.contains_key(&name) {
-                    return Err(format!("topic {name} already exists"));
+                    return Err(ControllerError::TopicExists { topic: name });
                 }
                 if (replication_factor as usize) > brokers.len() || replication_factor == 0 {
-                    return Err(format!(
-                        "topic {name}: replication factor {replication_factor} needs that many live brokers; {} are live",
-                        brokers.len()
-                    ));
+                    return Err(ControllerError::NotEnoughBrokers {
+                        topic: name,
+                        replication_factor,
+                        live: brokers.len(),
+                    });
                 }
+                let partitions = config.partitions;
                 let placed = place(&brokers, self.placed, partitions, replication_factor);
                 self.placed += u64::from(partitions);
                 let partitions = placed
@@ -120,6 +156,7 @@ impl Metadata {
                     })
                     .collect();
                 let meta = TopicMeta {
+                    config,
                     replication_factor,
                     partitions,
                 };
@@ -128,7 +165,7 @@ impl Metadata {
             }
             ControllerCommand::DeleteTopic { name } => match self.topics.remove(&name) {
                 Some(_) => Ok(None),
-                None => Err(format!("topic {name} does not exist")),
+                None => Err(ControllerError::TopicNotFound { topic: name }),
             },
         }
     }
@@ -142,12 +179,12 @@ pub struct Controller {
 }
 
 impl Machine for Controller {
-    fn apply(&mut self, _log_id: LogId, command: &Command) -> Reply {
+    fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
         let reply: ControllerReply = match bincode::deserialize::<ControllerCommand>(&command.0) {
             Ok(c) => self.metadata.apply_command(c),
-            Err(e) => Err(format!("undecodable controller command: {e}")),
+            Err(e) => Err(ControllerError::Undecodable(e.to_string())),
         };
-        Reply(bincode::serialize(&reply).unwrap_or_default())
+        Ok(Reply(bincode::serialize(&reply).map_err(io::Error::other)?))
     }
 
     fn snapshot(&self) -> io::Result<Vec<u8>> {
@@ -193,7 +230,10 @@ mod tests {
         for name in ["a", "b", "c"] {
             m.apply_command(ControllerCommand::CreateTopic {
                 name: name.into(),
-                partitions: 1,
+                config: TopicConfig {
+                    partitions: 1,
+                    ..TopicConfig::default()
+                },
                 replication_factor: 2,
                 brokers: vec![1, 2, 3],
             })
@@ -218,12 +258,18 @@ mod tests {
         let mut m = Metadata::default();
         let create = |name: &str, rf| ControllerCommand::CreateTopic {
             name: name.into(),
-            partitions: 2,
+            config: TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
             replication_factor: rf,
             brokers: vec![1, 2],
         };
         let err = m.apply_command(create("t", 3)).expect_err("rf 3 on 2");
-        assert!(err.contains("replication factor 3"), "{err}");
+        assert!(
+            matches!(err, ControllerError::NotEnoughBrokers { live: 2, .. }),
+            "{err}"
+        );
         assert_eq!(m, Metadata::default());
         m.apply_command(create("t", 2)).expect("create");
         let before = m.clone();

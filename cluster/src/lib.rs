@@ -17,6 +17,9 @@
 //!   controller group and its bootstrap.
 //! - [`controller`]: the controller's state machine (topics, replica sets, group ids) and
 //!   the placement.
+//! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
+//!   batches to a replica's log; [`Replication`] starts this broker's replica groups from
+//!   the metadata and routes writes to them.
 //! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
 //! - [`error`]: the typed [`ClusterError`].
 
@@ -28,6 +31,7 @@ pub mod log_store;
 pub mod machine;
 pub mod network;
 pub mod node;
+pub mod partition;
 pub mod peers;
 pub mod service;
 pub mod types;
@@ -38,6 +42,7 @@ pub use host::{GroupHost, RaftTimings};
 pub use log_store::LogStore;
 pub use machine::{Machine, MachineStore};
 pub use node::ClusterNode;
+pub use partition::{LocalTopics, Replication};
 pub use peers::{ClusterConfig, PeerList, PeerListError};
 pub use service::RaftService;
 pub use types::{Command, GroupId, NodeId, Reply, TypeConfig, CONTROLLER_GROUP};

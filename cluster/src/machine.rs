@@ -29,8 +29,10 @@ const SNAPSHOT_FILE: &str = "snapshot";
 pub trait Machine: Send + 'static {
     /// Applies one committed command and returns the reply for its writer. Runs on a blocking
     /// thread. It must be deterministic: every replica applies the same commands in the same
-    /// order and must reach the same state.
-    fn apply(&mut self, log_id: LogId, command: &Command) -> Reply;
+    /// order and must reach the same state. A command the machine refuses is a reply (every
+    /// replica refuses it alike); an `Err` is a local failure (a disk error) after which this
+    /// replica cannot follow: openraft stops the group here rather than let it diverge.
+    fn apply(&mut self, log_id: LogId, command: &Command) -> io::Result<Reply>;
 
     /// The whole state as bytes, for a snapshot.
     fn snapshot(&self) -> io::Result<Vec<u8>>;
@@ -177,7 +179,7 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for MachineStore<M> {
                 match entry.payload {
                     EntryPayload::Blank => replies.push(Reply::default()),
                     EntryPayload::Normal(ref command) => {
-                        replies.push(s.machine.apply(entry.log_id, command));
+                        replies.push(s.machine.apply(entry.log_id, command)?);
                     }
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m);

@@ -26,10 +26,10 @@ struct Recorder {
 }
 
 impl Machine for Recorder {
-    fn apply(&mut self, _log_id: LogId, command: &Command) -> Reply {
+    fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
         let mut applied = self.applied.lock();
         applied.push(command.0.clone());
-        Reply(((applied.len() - 1) as u64).to_le_bytes().to_vec())
+        Ok(Reply(((applied.len() - 1) as u64).to_le_bytes().to_vec()))
     }
 
     fn snapshot(&self) -> io::Result<Vec<u8>> {

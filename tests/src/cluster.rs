@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rill_proto::v1::cluster_client::ClusterClient;
-use rill_proto::v1::{ClusterStatusRequest, ClusterStatusResponse};
+use rill_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, MetadataRequest, MetadataResponse,
+};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -156,6 +158,58 @@ impl TestCluster {
         tokio::time::timeout(CALL_DEADLINE, call)
             .await
             .context("cluster status timed out")?
+    }
+
+    /// Node `id`'s metadata for `topic`, within a short deadline.
+    pub async fn metadata(&self, id: u64, topic: &str) -> Result<MetadataResponse> {
+        let url = format!("http://{}", self.addr(id));
+        let call = async {
+            let mut client = ClusterClient::connect(url).await?;
+            Ok::<_, anyhow::Error>(
+                client
+                    .metadata(MetadataRequest {
+                        topics: vec![topic.to_string()],
+                    })
+                    .await?
+                    .into_inner(),
+            )
+        };
+        tokio::time::timeout(CALL_DEADLINE, call)
+            .await
+            .context("metadata timed out")?
+    }
+
+    /// Waits until every running replica names the same running leader of partition `p` of
+    /// `topic`, and returns it.
+    pub async fn wait_partition_leader(
+        &self,
+        topic: &str,
+        p: u32,
+        deadline: Duration,
+    ) -> Result<u64> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let running = self.running();
+            let mut leaders = Vec::new();
+            for id in &running {
+                let leader = self.metadata(*id, topic).await.ok().and_then(|m| {
+                    m.topics
+                        .first()
+                        .and_then(|t| t.partitions.get(p as usize))
+                        .map(|x| x.leader)
+                });
+                leaders.push(leader);
+            }
+            if let Some(Some(l)) = leaders.first() {
+                if *l != 0 && running.contains(l) && leaders.iter().all(|x| *x == Some(*l)) {
+                    return Ok(*l);
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!("no agreed leader of {topic}/{p} within {deadline:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until every running node names the same controller leader, among the running

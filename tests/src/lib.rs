@@ -282,6 +282,7 @@ impl Clients {
                     partitions,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await?;
         Ok(())

@@ -124,6 +124,14 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         self.broker.check_running()?;
         let req = request.into_inner();
+        if let Some(rf) = req.replication_factor.filter(|rf| *rf > 1) {
+            let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
+            crate::cluster::create_replicated(&self.broker, &req, config, rf).await?;
+            let state = self.broker.topic(&req.name)?;
+            return Ok(Response::new(pb::CreateTopicResponse {
+                topic: Some(describe(&state)),
+            }));
+        }
         let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
         let store = self.broker.store().clone();
         let name = req.name;

@@ -76,6 +76,28 @@ impl Log for LogService {
                         sequence,
                         BrokerError::invalid("stream message without a request"),
                     )),
+                    Some(req)
+                        if broker
+                            .replication()
+                            .is_some_and(|r| r.is_replicated(&req.topic)) =>
+                    {
+                        // Replicated: the ack waits for the commit; later requests of the
+                        // stream are proposed meanwhile, and acks stay in order.
+                        let (tx, rx) = oneshot::channel();
+                        let b = broker.clone();
+                        tokio::spawn(async move {
+                            let resp = match produce::produce(&b, req).await {
+                                Ok(r) => ProduceStreamResponse {
+                                    sequence,
+                                    response: Some(r),
+                                    ..Default::default()
+                                },
+                                Err(e) => stream_error(sequence, e),
+                            };
+                            let _ = tx.send(resp);
+                        });
+                        StreamAck::Pending(rx)
+                    }
                     Some(req) => match produce::prepare(&broker, req)
                         .and_then(|p| produce::append(&p).map(|a| (p, a)))
                     {

@@ -28,6 +28,9 @@ pub struct CreateArgs {
     /// Flush policy: always, interval:MS or never [default: the broker's, interval:1000].
     #[arg(long)]
     pub flush: Option<Flush>,
+    /// Replicas per partition, on distinct brokers of a cluster [default: 1].
+    #[arg(long)]
+    pub replication_factor: Option<u32>,
 }
 
 /// `rill group reset-offsets`.
@@ -153,6 +156,9 @@ pub async fn topic(conn: Connection, ctx: Ctx, command: TopicCommand) -> Result<
             let mut settings = TopicSettings::new();
             if let Some(n) = args.partitions {
                 settings = settings.partitions(n);
+            }
+            if let Some(r) = args.replication_factor {
+                settings = settings.replication_factor(r);
             }
             if let Some(r) = &args.retention {
                 let retention = match r.as_str() {

@@ -1,0 +1,498 @@
+//! Replicated partitions: [`PartitionMachine`], the state machine that appends committed
+//! batches to a replica's `PartitionLog`, and [`Replication`], which starts the Raft groups of
+//! this broker's replicas as the controller's metadata names them, and routes writes.
+//!
+//! Offsets: the apply is deterministic, so every replica gives the same offsets. The machine
+//! keeps `next_offset`, the end its applied entries produced (saved in its snapshots). After a
+//! restart openraft re-applies entries the partition log may already hold; an entry whose
+//! records lie wholly below the log's end is recognised as applied and skipped, so nothing is
+//! appended twice. A log that ends *before* `next_offset` lost data this replica acknowledged:
+//! the group stops here instead of giving other offsets than its peers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::BasicNode;
+use parking_lot::RwLock;
+use rill_storage::batch::BatchHeader;
+use rill_storage::{PartitionLog, StorageError, TopicConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::controller::{ControllerCommand, ControllerError, ControllerReply, Metadata};
+use crate::machine::Machine;
+use crate::node::ClusterNode;
+use crate::types::{Command, GroupId, LogId, NodeId, Raft, Reply};
+
+/// The broker's local topics, as the replication layer needs them.
+pub trait LocalTopics: Send + Sync + 'static {
+    /// Creates topic `name` locally with `config` unless it exists. Blocking.
+    fn ensure_topic(&self, name: &str, config: &TopicConfig) -> Result<(), String>;
+    /// Partition `p` of topic `name`, if it exists locally.
+    fn partition(&self, name: &str, p: u32) -> Option<PartitionLog>;
+    /// Records were appended to partition `p` up to `next_offset`: wake waiting fetches.
+    fn appended(&self, name: &str, p: u32, next_offset: u64);
+}
+
+/// The result of one replicated write, as the apply returns it: the base offset and the
+/// record count, or why every replica refused the batch.
+pub type WriteReply = Result<(u64, u32), String>;
+
+/// A replica's state machine: appends committed batches to its partition log.
+pub struct PartitionMachine {
+    topic: String,
+    partition: u32,
+    log: PartitionLog,
+    next_offset: u64,
+    local: Arc<dyn LocalTopics>,
+}
+
+impl PartitionMachine {
+    /// The machine of partition `partition` of `topic` over `log`.
+    pub fn new(
+        topic: &str,
+        partition: u32,
+        log: PartitionLog,
+        local: Arc<dyn LocalTopics>,
+    ) -> Self {
+        PartitionMachine {
+            topic: topic.to_string(),
+            partition,
+            log,
+            next_offset: 0,
+            local,
+        }
+    }
+
+    fn reply(r: &WriteReply) -> io::Result<Reply> {
+        bincode::serialize(r).map(Reply).map_err(io::Error::other)
+    }
+}
+
+impl Machine for PartitionMachine {
+    fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
+        let header = match BatchHeader::parse(&command.0) {
+            Ok(h) => h,
+            Err(e) => {
+                return Self::reply(&Err(format!(
+                    "topic {} partition {}: invalid batch: {e}",
+                    self.topic, self.partition
+                )))
+            }
+        };
+        let count = u64::from(header.record_count);
+        let end = self.log.high_watermark();
+        if end < self.next_offset {
+            return Err(io::Error::other(format!(
+                "topic {} partition {}: the local log ends at {end} but this replica applied up to {}; it lost acknowledged data and must be rebuilt",
+                self.topic, self.partition, self.next_offset
+            )));
+        }
+        if self.next_offset + count <= end {
+            // Applied before a restart: the records are already in the log.
+            let base = self.next_offset;
+            self.next_offset += count;
+            return Self::reply(&Ok((base, header.record_count)));
+        }
+        match self.log.append(&command.0) {
+            Ok(info) => {
+                self.next_offset = info.next_offset;
+                self.local
+                    .appended(&self.topic, self.partition, info.next_offset);
+                Self::reply(&Ok((info.base_offset, info.record_count)))
+            }
+            Err(e @ (StorageError::InvalidBatch { .. } | StorageError::BatchTooLarge { .. })) => {
+                Self::reply(&Err(e.to_string()))
+            }
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
+    fn snapshot(&self) -> io::Result<Vec<u8>> {
+        bincode::serialize(&self.next_offset).map_err(io::Error::other)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.next_offset = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        Ok(())
+    }
+}
+
+/// Why a replicated write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// This broker does not lead the partition; the leader, if known, is named.
+    #[error("this broker does not lead topic {topic} partition {partition}")]
+    NotLeader {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The leader's node id and address, if known.
+        leader: Option<(NodeId, String)>,
+    },
+    /// No commit within the deadline (no quorum); the write may or may not commit later.
+    #[error(
+        "topic {topic} partition {partition}: not committed within {waited_ms} ms (no quorum?)"
+    )]
+    Timeout {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// Every replica refused the batch (it is invalid).
+    #[error("{0}")]
+    Refused(String),
+    /// The group failed here.
+    #[error("topic {topic} partition {partition}: {message}")]
+    Failed {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Why a replicated topic could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The controller refused it.
+    #[error(transparent)]
+    Refused(#[from] ControllerError),
+    /// The controller has no leader, or did not answer in time.
+    #[error("the cluster controller is unavailable: {0}")]
+    Unavailable(String),
+}
+
+struct Inner {
+    node: ClusterNode,
+    local: Arc<dyn LocalTopics>,
+    /// (topic, partition) → group, for the replicas this broker runs.
+    groups: RwLock<HashMap<(String, u32), GroupId>>,
+    /// Topics with a replication factor above 1.
+    replicated: RwLock<HashSet<String>>,
+    write_timeout: Duration,
+}
+
+/// This broker's replicated partitions. Cheap to clone.
+#[derive(Clone)]
+pub struct Replication {
+    inner: Arc<Inner>,
+}
+
+impl Replication {
+    /// Replication over `node`'s groups, with partitions kept in `local`.
+    pub fn new(node: ClusterNode, local: Arc<dyn LocalTopics>) -> Self {
+        Replication {
+            inner: Arc::new(Inner {
+                node,
+                local,
+                groups: RwLock::new(HashMap::new()),
+                replicated: RwLock::new(HashSet::new()),
+                write_timeout: Duration::from_secs(10),
+            }),
+        }
+    }
+
+    /// Follows the controller's metadata in the background: creates replicated topics
+    /// locally and starts the groups of this broker's replicas.
+    pub fn start(&self, shutdown: CancellationToken, tasks: &TaskTracker) {
+        let this = self.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = this.follow_metadata() => {}
+            }
+        });
+    }
+
+    async fn follow_metadata(&self) {
+        // The controller exists once the broker has joined; joining is a one-time wait.
+        let raft = loop {
+            if let Some(r) = self.inner.node.controller() {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut metrics = raft.metrics();
+        loop {
+            let metadata = self.inner.node.metadata();
+            self.sync(&metadata).await;
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn sync(&self, metadata: &Metadata) {
+        let me = self.inner.node.node_id();
+        for (name, topic) in &metadata.topics {
+            if topic.replication_factor <= 1 {
+                continue;
+            }
+            if !self.inner.replicated.read().contains(name) {
+                let local = self.inner.local.clone();
+                let (n, config) = (name.clone(), topic.config.clone());
+                let made = tokio::task::spawn_blocking(move || local.ensure_topic(&n, &config))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                if let Err(e) = made {
+                    tracing::error!(topic = %name, error = %e, "cannot create a replicated topic here");
+                    continue;
+                }
+                self.inner.replicated.write().insert(name.clone());
+            }
+            for (p, meta) in topic.partitions.iter().enumerate() {
+                let p = p as u32;
+                if !meta.replicas.contains(&me)
+                    || self.inner.groups.read().contains_key(&(name.clone(), p))
+                {
+                    continue;
+                }
+                if let Err(e) = self
+                    .start_replica(name, p, meta.group, &meta.replicas)
+                    .await
+                {
+                    tracing::error!(topic = %name, partition = p, error = %e, "cannot start a replica");
+                }
+            }
+        }
+    }
+
+    async fn start_replica(
+        &self,
+        name: &str,
+        p: u32,
+        group: GroupId,
+        replicas: &[NodeId],
+    ) -> Result<(), String> {
+        let log = self
+            .inner
+            .local
+            .partition(name, p)
+            .ok_or_else(|| format!("no local partition {name}/{p}"))?;
+        let machine = PartitionMachine::new(name, p, log, self.inner.local.clone());
+        let (raft, _store) = self
+            .inner
+            .node
+            .host()
+            .start_group(group, machine)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.inner
+            .groups
+            .write()
+            .insert((name.to_string(), p), group);
+        let initialized = raft.is_initialized().await.map_err(|e| e.to_string())?;
+        if !initialized {
+            // Every replica initialises with the same members (openraft allows that); the
+            // preferred leader (the first replica) then campaigns at once, so leaders spread
+            // as the placement intended.
+            let config = self.inner.node.registry();
+            let members: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .filter_map(|id| {
+                    config
+                        .config()
+                        .peers
+                        .address(*id)
+                        .map(|a| (*id, BasicNode::new(a)))
+                })
+                .collect();
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(topic = name, partition = p, error = %e, "group initialised elsewhere");
+            }
+            if replicas.first() == Some(&self.inner.node.node_id()) {
+                let _ = raft.trigger().elect().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `topic` is replicated (its writes go through Raft).
+    pub fn is_replicated(&self, topic: &str) -> bool {
+        self.inner.replicated.read().contains(topic)
+    }
+
+    /// The Raft group of partition `p` of `topic` on this broker.
+    pub fn group(&self, topic: &str, p: u32) -> Option<Raft> {
+        let id = *self.inner.groups.read().get(&(topic.to_string(), p))?;
+        self.inner.node.host().group(id)
+    }
+
+    /// The leader of partition `p` of `topic` as this broker sees it, if it is a replica.
+    pub fn leader(&self, topic: &str, p: u32) -> Option<NodeId> {
+        self.group(topic, p)
+            .and_then(|r| r.metrics().borrow().current_leader)
+    }
+
+    /// The partitions this broker leads, as `TOPIC/PARTITION`.
+    pub fn led(&self) -> Vec<String> {
+        let me = self.inner.node.node_id();
+        let groups: Vec<((String, u32), GroupId)> = self
+            .inner
+            .groups
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let mut led: Vec<String> = groups
+            .into_iter()
+            .filter(|(_, g)| {
+                self.inner
+                    .node
+                    .host()
+                    .group(*g)
+                    .is_some_and(|r| r.metrics().borrow().current_leader == Some(me))
+            })
+            .map(|((t, p), _)| format!("{t}/{p}"))
+            .collect();
+        led.sort();
+        led
+    }
+
+    /// Replicates one batch to partition `p` of `topic` and waits for its commit and local
+    /// apply; returns its base offset and record count.
+    pub async fn write(&self, topic: &str, p: u32, batch: Bytes) -> Result<(u64, u32), WriteError> {
+        let not_leader = |leader: Option<NodeId>| {
+            let registry = self.inner.node.registry();
+            WriteError::NotLeader {
+                topic: topic.to_string(),
+                partition: p,
+                leader: leader.and_then(|l| {
+                    registry
+                        .config()
+                        .peers
+                        .address(l)
+                        .map(|a| (l, a.to_string()))
+                }),
+            }
+        };
+        let Some(raft) = self.group(topic, p) else {
+            // Not a replica here: point at the leader the controller's placement prefers.
+            let md = self.inner.node.metadata();
+            let preferred = md
+                .topics
+                .get(topic)
+                .and_then(|t| t.partitions.get(p as usize))
+                .and_then(|m| m.replicas.first().copied());
+            return Err(not_leader(preferred));
+        };
+        let timeout = self.inner.write_timeout;
+        let result =
+            tokio::time::timeout(timeout, raft.client_write(Command(batch.to_vec()))).await;
+        let response = match result {
+            Err(_) => {
+                return Err(WriteError::Timeout {
+                    topic: topic.to_string(),
+                    partition: p,
+                    waited_ms: timeout.as_millis() as u64,
+                })
+            }
+            Ok(Err(e)) => {
+                if let Some(fwd) = e.forward_to_leader() {
+                    return Err(not_leader(fwd.leader_id));
+                }
+                return Err(WriteError::Failed {
+                    topic: topic.to_string(),
+                    partition: p,
+                    message: e.to_string(),
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+        let reply: WriteReply =
+            bincode::deserialize(&response.data.0).map_err(|e| WriteError::Failed {
+                topic: topic.to_string(),
+                partition: p,
+                message: format!("undecodable apply reply: {e}"),
+            })?;
+        reply.map_err(WriteError::Refused)
+    }
+
+    /// Creates a replicated topic through the controller (this broker must lead it; see
+    /// [`Replication::controller_leader`]) and waits until it exists here.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        replication_factor: u32,
+    ) -> Result<(), CreateError> {
+        let raft = self
+            .inner
+            .node
+            .controller()
+            .ok_or_else(|| CreateError::Unavailable("not joined yet".into()))?;
+        let registry = self.inner.node.registry();
+        let live: Vec<NodeId> = registry
+            .config()
+            .peers
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| registry.is_live(*id))
+            .collect();
+        let command = ControllerCommand::CreateTopic {
+            name: name.to_string(),
+            config,
+            replication_factor,
+            brokers: live,
+        };
+        let bytes =
+            bincode::serialize(&command).map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        let response =
+            tokio::time::timeout(self.inner.write_timeout, raft.client_write(Command(bytes)))
+                .await
+                .map_err(|_| CreateError::Unavailable("no commit in time".into()))?
+                .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        let reply: ControllerReply = bincode::deserialize(&response.data.0)
+            .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        reply?;
+        // The metadata follower creates it here on the apply; wait for that.
+        let deadline = tokio::time::Instant::now() + self.inner.write_timeout;
+        while !self.is_replicated(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CreateError::Unavailable(format!(
+                    "topic {name} was created but not set up on this broker in time"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// The controller leader's node id and address, if known.
+    pub fn controller_leader(&self) -> Option<(NodeId, String)> {
+        let leader = self
+            .inner
+            .node
+            .controller()?
+            .metrics()
+            .borrow()
+            .current_leader?;
+        let registry = self.inner.node.registry();
+        let address = registry.config().peers.address(leader)?.to_string();
+        Some((leader, address))
+    }
+
+    /// This broker's node id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node.node_id()
+    }
+}
+
+impl std::fmt::Debug for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replication")
+            .field("node_id", &self.inner.node.node_id())
+            .finish_non_exhaustive()
+    }
+}

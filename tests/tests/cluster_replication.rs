@@ -1,0 +1,274 @@
+//! Replicated topics on 3 real broker processes: commits reach every replica at the same
+//! offsets, followers refuse writes and name the leader, too high a replication factor is
+//! refused, and kill -9 of the leader loses no acknowledged record.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rill_proto::v1 as pb;
+use rill_tests::cluster::TestCluster;
+use rill_tests::Clients;
+use tonic::Code;
+
+/// The longest an election, a commit or a catch-up may take in these tests.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn clients(cluster: &TestCluster, id: u64) -> Clients {
+    Clients::connect(format!("http://{}", cluster.addr(id)))
+        .await
+        .expect("connect")
+}
+
+fn create_req(name: &str, partitions: u32, rf: u32) -> pb::CreateTopicRequest {
+    pb::CreateTopicRequest {
+        name: name.into(),
+        config: Some(pb::TopicConfig {
+            partitions,
+            ..Default::default()
+        }),
+        replication_factor: Some(rf),
+    }
+}
+
+/// Every record of partition `p` on node `id`: offset → value.
+async fn read_all(cluster: &TestCluster, id: u64, topic: &str, p: u32) -> BTreeMap<u64, String> {
+    let mut c = clients(cluster, id).await;
+    let mut out = BTreeMap::new();
+    let mut offset = 0;
+    loop {
+        let resp = c.fetch(topic, p, offset, 0).await.expect("fetch");
+        for r in &resp.records {
+            out.insert(r.offset, String::from_utf8_lossy(&r.value).into_owned());
+        }
+        if resp.next_offset >= resp.high_watermark || resp.records.is_empty() {
+            return out;
+        }
+        offset = resp.next_offset;
+    }
+}
+
+/// Waits until node `id` holds at least `n` records of partition `p`.
+async fn wait_records(cluster: &TestCluster, id: u64, topic: &str, p: u32, n: u64) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut c = clients(cluster, id).await;
+        if let Ok(r) = c.fetch(topic, p, 0, 0).await {
+            if r.high_watermark >= n {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "node {id} never reached {n} records on {topic}/{p}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    // Created through a broker that may not lead the controller: it forwards.
+    let mut c2 = clients(&cluster, 2).await;
+    c2.admin
+        .create_topic(create_req("rep", 3, 3))
+        .await
+        .expect("create rf 3");
+    let err = c2
+        .admin
+        .create_topic(create_req("too-many", 1, 4))
+        .await
+        .expect_err("rf 4 on 3 brokers");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("replication factor 4"), "{err:?}");
+    let err = c2
+        .admin
+        .create_topic(create_req("rep", 3, 3))
+        .await
+        .expect_err("twice");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    let mut leaders = Vec::new();
+    for p in 0..3 {
+        let leader = cluster
+            .wait_partition_leader("rep", p, DEADLINE)
+            .await
+            .expect("partition leader");
+        leaders.push(leader);
+        let mut c = clients(&cluster, leader).await;
+        let values: Vec<String> = (0..10).map(|i| format!("p{p}-v{i}")).collect();
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        let base = c
+            .produce_values("rep", p, &refs[..5])
+            .await
+            .expect("produce");
+        assert_eq!(base, 0);
+        let base = c
+            .produce_values("rep", p, &refs[5..])
+            .await
+            .expect("produce");
+        assert_eq!(base, 5, "offsets follow on");
+
+        // A follower refuses, and names the leader.
+        let follower = cluster
+            .ids()
+            .into_iter()
+            .find(|id| *id != leader)
+            .expect("follower");
+        let mut f = clients(&cluster, follower).await;
+        let err = f
+            .produce_values("rep", p, &["nope"])
+            .await
+            .expect_err("a follower refuses");
+        let status = err.downcast_ref::<tonic::Status>().expect("status");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        let named = status
+            .metadata()
+            .get("rill-leader")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        assert_eq!(named, Some(cluster.addr(leader).to_string()));
+
+        // Every replica holds the same records at the same offsets, and nothing else.
+        for id in cluster.ids() {
+            wait_records(&cluster, id, "rep", p, 10).await;
+            let got = read_all(&cluster, id, "rep", p).await;
+            let want: BTreeMap<u64, String> = values
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, v)| (i as u64, v))
+                .collect();
+            assert_eq!(got, want, "node {id} partition {p}");
+        }
+    }
+    // Placement spreads the preferred leaders: three partitions, three different brokers.
+    leaders.sort_unstable();
+    leaders.dedup();
+    assert_eq!(leaders.len(), 3, "leaders spread over the brokers");
+}
+
+/// kill -9 of the partition leader, again and again, while a producer writes to whoever
+/// leads: every acknowledged record is on every replica exactly once, at its acknowledged
+/// offset, in order; all replicas agree offset by offset; a replica's high watermark never
+/// goes back.
+async fn kill_the_leader(kills: usize) {
+    let mut cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let mut c = clients(&cluster, 1).await;
+    c.admin
+        .create_topic(create_req("k", 1, 3))
+        .await
+        .expect("create");
+    let mut acked: BTreeMap<u64, String> = BTreeMap::new();
+    let mut hwm_seen: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut elections = 0;
+    let mut next_value = 0u64;
+    let mut last_leader = 0;
+    for kill in 0..=kills {
+        let leader = cluster
+            .wait_partition_leader("k", 0, DEADLINE)
+            .await
+            .expect("leader");
+        if leader != last_leader {
+            elections += 1;
+            last_leader = leader;
+        }
+        let mut c = clients(&cluster, leader).await;
+        // A few acknowledged writes on this leader; a write that fails is not acknowledged
+        // and is not checked (it may or may not have committed).
+        for _ in 0..5 {
+            let values: Vec<String> = (0..4)
+                .map(|_| {
+                    next_value += 1;
+                    format!("v{next_value}")
+                })
+                .collect();
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            if let Ok(base) = c.produce_values("k", 0, &refs).await {
+                for (i, v) in values.into_iter().enumerate() {
+                    let previous = acked.insert(base + i as u64, v);
+                    assert!(
+                        previous.is_none(),
+                        "offset {} acknowledged twice",
+                        base + i as u64
+                    );
+                }
+            }
+        }
+        // A consumer on every running replica: the high watermark never moves back.
+        for id in cluster.running() {
+            let mut r = clients(&cluster, id).await;
+            if let Ok(resp) = r.fetch("k", 0, 0, 0).await {
+                let before = hwm_seen.insert(id, resp.high_watermark).unwrap_or(0);
+                assert!(
+                    resp.high_watermark >= before,
+                    "node {id}: high watermark went back from {before} to {}",
+                    resp.high_watermark
+                );
+            }
+        }
+        if kill < kills {
+            cluster.kill(leader).await.expect("kill -9");
+            cluster
+                .wait_partition_leader("k", 0, DEADLINE)
+                .await
+                .expect("new leader");
+            cluster.restart(leader).await.expect("restart");
+        }
+    }
+    let end = acked.keys().next_back().map_or(0, |o| o + 1);
+    let mut lost = 0;
+    let mut logs = Vec::new();
+    for id in cluster.ids() {
+        wait_records(&cluster, id, "k", 0, end).await;
+        let got = read_all(&cluster, id, "k", 0).await;
+        for (offset, value) in &acked {
+            if got.get(offset) != Some(value) {
+                lost += 1;
+            }
+        }
+        // Exactly once: no value appears at two offsets.
+        let mut seen = std::collections::HashSet::new();
+        for v in got.values() {
+            assert!(seen.insert(v.clone()), "node {id}: {v} appears twice");
+        }
+        logs.push((id, got));
+    }
+    // All replicas agree on every offset they share.
+    for (id, log) in &logs[1..] {
+        for (offset, value) in log {
+            if let Some(other) = logs[0].1.get(offset) {
+                assert_eq!(
+                    other, value,
+                    "nodes {} and {id} differ at offset {offset}",
+                    logs[0].0
+                );
+            }
+        }
+    }
+    println!(
+        "kill -9 loop: kills {kills}, elections {elections}, records acked {}, records lost {lost}",
+        acked.len()
+    );
+    assert_eq!(lost, 0, "acknowledged records lost");
+    assert!(!acked.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_ten_times_loses_no_acknowledged_record() {
+    kill_the_leader(10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 50 leader kills"]
+async fn kill_9_of_the_leader_fifty_times_loses_no_acknowledged_record() {
+    kill_the_leader(50).await;
+}
