@@ -162,7 +162,7 @@ pub async fn create_replicated(
                 }
             }
             let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
-            while !replication.is_replicated(&req.name) {
+            while !replication.is_ready(&req.name) {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(BrokerError::ReplicationUnavailable(format!(
                         "topic {} was created but is not set up on this broker yet",

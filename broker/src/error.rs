@@ -45,6 +45,9 @@ pub enum BrokerError {
     /// A replicated topic needs more live brokers than there are.
     #[error("{0}")]
     NotEnoughBrokers(String),
+    /// The operation is not available for this resource yet.
+    #[error("{0}")]
+    NotSupported(String),
     /// The controller leader refused a forwarded request; its code and message are kept.
     #[error("{1}")]
     Forwarded(Code, String),
@@ -121,6 +124,7 @@ impl BrokerError {
             BrokerError::ReplicationUnavailable(_) => Code::Unavailable,
             BrokerError::NotEnoughBrokers(_) => Code::FailedPrecondition,
             BrokerError::Forwarded(code, _) => *code,
+            BrokerError::NotSupported(_) => Code::FailedPrecondition,
         }
     }
 }

@@ -71,7 +71,13 @@ impl Server {
         let broker = Broker::new(store, config, shutdown, tasks);
         if let Some(node) = &cluster {
             let local = std::sync::Arc::new(crate::cluster::BrokerTopics(broker.clone()));
-            broker.set_replication(rill_cluster::Replication::new(node.clone(), local));
+            let node = node.clone();
+            let replication =
+                tokio::task::spawn_blocking(move || rill_cluster::Replication::open(node, local))
+                    .await
+                    .context("opening replication")?
+                    .context("reading the replicated topics")?;
+            broker.set_replication(replication);
         }
         Ok(Server {
             broker,

@@ -87,6 +87,11 @@ impl GroupHost {
         self.inner.node_id
     }
 
+    /// The folder holding every group's folder.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// The folder of group `group`.
     pub fn group_dir(&self, group: GroupId) -> PathBuf {
         self.inner.dir.join(group.to_string())

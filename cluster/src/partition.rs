@@ -188,18 +188,56 @@ pub struct Replication {
     inner: Arc<Inner>,
 }
 
+/// The file, beside the groups' folders, that lists the replicated topics of this broker, one
+/// name a line. It is read at start, before any request is served, so a produce to a
+/// replicated topic never takes the local path while the metadata is still being caught up.
+const REPLICATED_TOPICS_FILE: &str = "replicated-topics";
+
+/// How long a non-preferred replica waits for the preferred leader to initialise a new
+/// group before it initialises the group itself.
+const INIT_GRACE_MS: u64 = 3_000;
+
 impl Replication {
-    /// Replication over `node`'s groups, with partitions kept in `local`.
-    pub fn new(node: ClusterNode, local: Arc<dyn LocalTopics>) -> Self {
-        Replication {
+    /// Replication over `node`'s groups, with partitions kept in `local`. Reads the list of
+    /// replicated topics: blocking, call from a blocking thread.
+    pub fn open(node: ClusterNode, local: Arc<dyn LocalTopics>) -> io::Result<Self> {
+        let path = node.host().dir().join(REPLICATED_TOPICS_FILE);
+        let replicated = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Replication {
             inner: Arc::new(Inner {
                 node,
                 local,
                 groups: RwLock::new(HashMap::new()),
-                replicated: RwLock::new(HashSet::new()),
+                replicated: RwLock::new(replicated),
                 write_timeout: Duration::from_secs(10),
             }),
-        }
+        })
+    }
+
+    /// Adds `name` to the replicated topics, on disk first.
+    async fn mark_replicated(&self, name: &str) -> Result<(), String> {
+        let mut names: Vec<String> = self.inner.replicated.read().iter().cloned().collect();
+        names.push(name.to_string());
+        names.sort();
+        let dir = self.inner.node.host().dir().to_path_buf();
+        let text = names.join("\n") + "\n";
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            crate::log_store::write_atomic(&dir, REPLICATED_TOPICS_FILE, text.as_bytes())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        self.inner.replicated.write().insert(name.to_string());
+        Ok(())
     }
 
     /// Follows the controller's metadata in the background: creates replicated topics
@@ -238,7 +276,16 @@ impl Replication {
             if topic.replication_factor <= 1 {
                 continue;
             }
-            if !self.inner.replicated.read().contains(name) {
+            if !self.inner.replicated.read().contains(name)
+                || self.inner.local.partition(name, 0).is_none()
+            {
+                // Marked first: from then on, no produce here takes the local path.
+                if !self.inner.replicated.read().contains(name) {
+                    if let Err(e) = self.mark_replicated(name).await {
+                        tracing::error!(topic = %name, error = %e, "cannot record a replicated topic");
+                        continue;
+                    }
+                }
                 let local = self.inner.local.clone();
                 let (n, config) = (name.clone(), topic.config.clone());
                 let made = tokio::task::spawn_blocking(move || local.ensure_topic(&n, &config))
@@ -249,7 +296,6 @@ impl Replication {
                     tracing::error!(topic = %name, error = %e, "cannot create a replicated topic here");
                     continue;
                 }
-                self.inner.replicated.write().insert(name.clone());
             }
             for (p, meta) in topic.partitions.iter().enumerate() {
                 let p = p as u32;
@@ -294,26 +340,37 @@ impl Replication {
             .insert((name.to_string(), p), group);
         let initialized = raft.is_initialized().await.map_err(|e| e.to_string())?;
         if !initialized {
-            // Every replica initialises with the same members (openraft allows that); the
-            // preferred leader (the first replica) then campaigns at once, so leaders spread
-            // as the placement intended.
-            let config = self.inner.node.registry();
+            let registry = self.inner.node.registry();
             let members: BTreeMap<NodeId, BasicNode> = replicas
                 .iter()
                 .filter_map(|id| {
-                    config
+                    registry
                         .config()
                         .peers
                         .address(*id)
                         .map(|a| (*id, BasicNode::new(a)))
                 })
                 .collect();
-            if let Err(e) = raft.initialize(members).await {
-                tracing::debug!(topic = name, partition = p, error = %e, "group initialised elsewhere");
-            }
-            if replicas.first() == Some(&self.inner.node.node_id()) {
-                let _ = raft.trigger().elect().await;
-            }
+            let preferred = replicas.first() == Some(&self.inner.node.node_id());
+            // The preferred leader (the first replica) initialises the group and so leads it
+            // first, as the placement intended. If it is down, the others initialise it
+            // themselves after a grace period (the same members everywhere, which openraft
+            // allows), so a group never waits for one broker.
+            let delay = if preferred {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(INIT_GRACE_MS)
+            };
+            let (topic, raft) = (name.to_string(), raft.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if raft.is_initialized().await.unwrap_or(true) {
+                    return;
+                }
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(topic, partition = p, error = %e, "group initialised elsewhere");
+                }
+            });
         }
         Ok(())
     }
@@ -321,6 +378,11 @@ impl Replication {
     /// Whether `topic` is replicated (its writes go through Raft).
     pub fn is_replicated(&self, topic: &str) -> bool {
         self.inner.replicated.read().contains(topic)
+    }
+
+    /// Whether `topic` is replicated and set up on this broker.
+    pub fn is_ready(&self, topic: &str) -> bool {
+        self.is_replicated(topic) && self.inner.local.partition(topic, 0).is_some()
     }
 
     /// The Raft group of partition `p` of `topic` on this broker.
@@ -458,7 +520,7 @@ impl Replication {
         reply?;
         // The metadata follower creates it here on the apply; wait for that.
         let deadline = tokio::time::Instant::now() + self.inner.write_timeout;
-        while !self.is_replicated(name) {
+        while !self.is_ready(name) {
             if tokio::time::Instant::now() >= deadline {
                 return Err(CreateError::Unavailable(format!(
                     "topic {name} was created but not set up on this broker in time"

@@ -49,6 +49,21 @@ pub struct TestCluster {
     logs: TempDir,
 }
 
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // A paused broker cannot die of SIGKILL until it is continued on some systems'
+        // process states; continue every child, then kill_on_drop kills it.
+        for node in self.nodes.values() {
+            if let Some(pid) = node.child.as_ref().and_then(Child::id) {
+                let _ = std::process::Command::new("kill")
+                    .arg("-CONT")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+    }
+}
+
 impl TestCluster {
     /// Starts `n` brokers with node ids `1..=n` and waits until each listens.
     pub async fn start(n: usize) -> Result<TestCluster> {
@@ -139,6 +154,37 @@ impl TestCluster {
             tokio::time::timeout(START_DEADLINE, child.wait())
                 .await
                 .context("reaping a killed broker")??;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to node `id`'s process with the `kill` command.
+    pub async fn signal(&self, id: u64, signal: &str) -> Result<()> {
+        let pid = self.nodes[&id]
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("node not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
+    /// Deletes everything in node `id`'s data folder (the node must be stopped).
+    pub fn wipe(&self, id: u64) -> Result<()> {
+        let node = &self.nodes[&id];
+        anyhow::ensure!(node.child.is_none(), "node {id} is running");
+        for entry in std::fs::read_dir(node.dir.path())? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
         }
         Ok(())
     }

@@ -272,3 +272,168 @@ async fn kill_9_of_the_leader_ten_times_loses_no_acknowledged_record() {
 async fn kill_9_of_the_leader_fifty_times_loses_no_acknowledged_record() {
     kill_the_leader(50).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_steps_down_and_its_late_writes_are_not_acknowledged_then_lost() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let mut c = clients(&cluster, 1).await;
+    c.admin
+        .create_topic(create_req("pause", 1, 3))
+        .await
+        .expect("create");
+    let old = cluster
+        .wait_partition_leader("pause", 0, DEADLINE)
+        .await
+        .expect("leader");
+    let mut on_old = clients(&cluster, old).await;
+    on_old
+        .produce_values("pause", 0, &["before"])
+        .await
+        .expect("produce before the pause");
+
+    cluster.signal(old, "STOP").await.expect("SIGSTOP");
+    // A write sent to the paused leader waits in its socket until it runs again.
+    let late = tokio::spawn(async move { on_old.produce_values("pause", 0, &["late"]).await });
+    // The others elect a new leader and take writes.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let new = loop {
+        let mut found = None;
+        for id in cluster.ids().into_iter().filter(|id| *id != old) {
+            if let Ok(m) = cluster.metadata(id, "pause").await {
+                let l = m
+                    .topics
+                    .first()
+                    .and_then(|t| t.partitions.first())
+                    .map_or(0, |p| p.leader);
+                if l != 0 && l != old {
+                    found = Some(l);
+                }
+            }
+        }
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no new leader while paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut on_new = clients(&cluster, new).await;
+    on_new
+        .produce_values("pause", 0, &["during"])
+        .await
+        .expect("the new leader takes writes");
+
+    cluster.signal(old, "CONT").await.expect("SIGCONT");
+    let late = tokio::time::timeout(DEADLINE, late)
+        .await
+        .expect("the late write is answered")
+        .expect("task");
+    // The old leader stepped down: it now refuses writes and names the new leader.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut c = clients(&cluster, old).await;
+        match c.produce_values("pause", 0, &["refused"]).await {
+            Err(e) => {
+                let status = e.downcast_ref::<tonic::Status>().expect("status");
+                if status.code() == Code::FailedPrecondition {
+                    break;
+                }
+            }
+            Ok(_) => panic!("the old leader took a write after the new one was elected"),
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the old leader never stepped down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every replica agrees; "before" and "during" are there; "late" is there exactly where
+    // it was acknowledged, or nowhere if it was refused.
+    for id in cluster.ids() {
+        wait_records(&cluster, id, "pause", 0, 2).await;
+    }
+    let logs: Vec<_> = {
+        let mut v = Vec::new();
+        for id in cluster.ids() {
+            v.push(read_all(&cluster, id, "pause", 0).await);
+        }
+        v
+    };
+    let longest = logs.iter().max_by_key(|l| l.len()).expect("logs").clone();
+    for log in &logs {
+        for (o, v) in log {
+            assert_eq!(longest.get(o), Some(v), "replicas differ at offset {o}");
+        }
+    }
+    let values: Vec<&String> = longest.values().collect();
+    assert_eq!(values[0], "before");
+    assert!(values.iter().any(|v| *v == "during"));
+    match late {
+        Ok(offset) => assert_eq!(longest.get(&offset).map(String::as_str), Some("late")),
+        Err(_) => assert!(
+            !values.iter().any(|v| *v == "late"),
+            "a refused write appeared"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_its_data_folder_rebuilds_from_the_others() {
+    let mut cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let mut c = clients(&cluster, 1).await;
+    c.admin
+        .create_topic(create_req("lost", 1, 3))
+        .await
+        .expect("create");
+    let leader = cluster
+        .wait_partition_leader("lost", 0, DEADLINE)
+        .await
+        .expect("leader");
+    let mut on_leader = clients(&cluster, leader).await;
+    let values: Vec<String> = (0..30).map(|i| format!("r{i}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    for chunk in refs.chunks(10) {
+        on_leader
+            .produce_values("lost", 0, chunk)
+            .await
+            .expect("produce");
+    }
+    let victim = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    cluster.kill(victim).await.expect("kill");
+    cluster.wipe(victim).expect("wipe");
+    cluster.restart(victim).await.expect("restart");
+    wait_records(&cluster, victim, "lost", 0, 30).await;
+    let got = read_all(&cluster, victim, "lost", 0).await;
+    let want: BTreeMap<u64, String> = values
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, v)| (i as u64, v))
+        .collect();
+    assert_eq!(got, want, "the rebuilt replica holds the same records");
+    // And it follows new writes.
+    let leader = cluster
+        .wait_partition_leader("lost", 0, DEADLINE)
+        .await
+        .expect("leader");
+    clients(&cluster, leader)
+        .await
+        .produce_values("lost", 0, &["after"])
+        .await
+        .expect("produce after");
+    wait_records(&cluster, victim, "lost", 0, 31).await;
+}

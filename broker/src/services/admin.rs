@@ -157,6 +157,18 @@ impl Admin for AdminService {
         self.broker.check_running()?;
         let name = request.into_inner().name;
         let state = self.broker.topic(&name)?;
+        if self
+            .broker
+            .replication()
+            .is_some_and(|r| r.is_replicated(&name))
+        {
+            // Deleting on one broker would leave the other replicas and the controller's
+            // metadata behind; a cluster-wide delete is not built yet.
+            return Err(BrokerError::NotSupported(format!(
+                "topic {name} is replicated; deleting replicated topics is not supported yet"
+            ))
+            .into());
+        }
         let store = self.broker.store().clone();
         let n = name.clone();
         tokio::task::spawn_blocking(move || store.delete_topic(&n))
