@@ -24,7 +24,23 @@ pub struct Connection {
 impl Connection {
     /// Connects to `addr` (`host:port`, or a `http://` URL). Uses TCP_NODELAY and 1 MiB
     /// HTTP/2 frames (the receiver's setting is what counts for large fetches).
+    ///
+    /// `addr` may list several brokers of a cluster, comma-separated (`a:1,b:2,c:3`): they
+    /// are tried in order and the first that answers is used.
     pub async fn connect(addr: &str) -> Result<Connection> {
+        if addr.contains(',') {
+            let mut failures = Vec::new();
+            for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                match Box::pin(Connection::connect(one)).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            return Err(ClientError::Connect {
+                addr: addr.to_string(),
+                message: format!("no broker answered: {}", failures.join("; ")),
+            });
+        }
         let url = if addr.contains("://") {
             addr.to_string()
         } else {

@@ -62,6 +62,7 @@ pub mod cli;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+pub mod leaders;
 pub mod producer;
 
 pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};

@@ -166,6 +166,8 @@ pub struct Producer {
 
 struct Inner {
     conn: Connection,
+    /// Partition leaders in a cluster (empty with a single broker).
+    leaders: crate::leaders::Leaders,
     config: ProducerConfig,
     topics: Mutex<HashMap<String, Arc<TopicState>>>,
     queues: Mutex<HashMap<(String, u32), mpsc::UnboundedSender<Msg>>>,
@@ -185,6 +187,7 @@ impl Producer {
         Producer {
             inner: Arc::new(Inner {
                 conn,
+                leaders: crate::leaders::Leaders::default(),
                 config,
                 topics: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
@@ -379,13 +382,38 @@ async fn send_with_retries(
     };
     let give_up = Instant::now() + Duration::from_millis(inner.config.retry_timeout_ms);
     let mut backoff = Duration::from_millis(20);
+    // In a cluster, the partition's leader; one request is in flight per partition, so
+    // following a leader change cannot reorder the partition.
+    let mut conn = inner
+        .leaders
+        .get(topic, partition)
+        .unwrap_or_else(|| inner.conn.clone());
     loop {
-        match inner.conn.log().produce(request.clone()).await {
+        match conn.log().produce(request.clone()).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 return Ok(resp.appends.first().map_or(0, |a| a.base_offset));
             }
-            Err(status) if is_retryable_status(&status) && Instant::now() + backoff < give_up => {
+            Err(status) if Instant::now() + backoff < give_up => {
+                if let Some(leader) = crate::leaders::leader_hint(&status) {
+                    tracing::debug!(topic, partition, %leader, "following the partition leader");
+                    match inner.leaders.follow(topic, partition, &leader).await {
+                        Ok(c) => {
+                            conn = c;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!(topic, partition, error = %e, "leader unreachable");
+                        }
+                    }
+                } else if !is_retryable_status(&status) {
+                    return Err(ClientError::broker(Some(topic), Some(partition), status));
+                } else {
+                    // The leader (or the broker) may be gone: start over from the
+                    // bootstrap connection, which names the new leader once elected.
+                    inner.leaders.forget(topic, partition);
+                    conn = inner.conn.clone();
+                }
                 tracing::debug!(topic, partition, error = %status, "produce failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
