@@ -4,7 +4,7 @@
 use rill_proto::v1::cluster_server::{Cluster, ClusterServer};
 use rill_proto::v1::{
     BrokerInfo, BrokerStatus, ClusterStatusRequest, ClusterStatusResponse, MetadataRequest,
-    MetadataResponse, PartitionMetadata, TopicMetadata,
+    MetadataResponse, PartitionMetadata, ReplicaState, TopicMetadata,
 };
 use tonic::{Request, Response, Status};
 
@@ -81,12 +81,29 @@ impl Cluster for ClusterService {
                                 .and_then(|r| r.leader(name, p as u32))
                                 .unwrap_or(0)
                         };
+                        let states = self
+                            .replication
+                            .as_ref()
+                            .and_then(|r| r.replica_states(name, p as u32))
+                            .unwrap_or_default();
                         PartitionMetadata {
                             partition: p as u32,
                             leader,
                             leader_address: config.peers.address(leader).unwrap_or("").into(),
                             replicas: meta.replicas.clone(),
-                            in_sync: Vec::new(),
+                            in_sync: states
+                                .iter()
+                                .filter(|(_, in_sync, _)| *in_sync)
+                                .map(|(id, _, _)| *id)
+                                .collect(),
+                            replica_states: states
+                                .iter()
+                                .map(|(node_id, in_sync, lag_entries)| ReplicaState {
+                                    node_id: *node_id,
+                                    in_sync: *in_sync,
+                                    lag_entries: *lag_entries,
+                                })
+                                .collect(),
                         }
                     })
                     .collect(),

@@ -397,6 +397,33 @@ impl Replication {
             .and_then(|r| r.metrics().borrow().current_leader)
     }
 
+    /// Each replica's `(node, in sync, entries behind)` of partition `p` of `topic`, if this
+    /// broker leads it: in sync means it holds every entry the leader has applied
+    /// (committed).
+    pub fn replica_states(&self, topic: &str, p: u32) -> Option<Vec<(NodeId, bool, u64)>> {
+        let raft = self.group(topic, p)?;
+        let m = raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.inner.node.node_id()) {
+            return None;
+        }
+        let end = m.last_log_index.unwrap_or(0);
+        let committed = m.last_applied.map_or(0, |l| l.index);
+        let replication = m.replication?;
+        let me = self.inner.node.node_id();
+        let mut states: Vec<(NodeId, bool, u64)> = replication
+            .iter()
+            .map(|(id, matched)| {
+                let matched = matched.map_or(0, |l| l.index);
+                (*id, matched >= committed, end.saturating_sub(matched))
+            })
+            .collect();
+        if !states.iter().any(|(id, _, _)| *id == me) {
+            states.push((me, true, 0));
+        }
+        states.sort_unstable();
+        Some(states)
+    }
+
     /// The partitions this broker leads, as `TOPIC/PARTITION`.
     pub fn led(&self) -> Vec<String> {
         let me = self.inner.node.node_id();

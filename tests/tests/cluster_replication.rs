@@ -146,6 +146,43 @@ async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader
             assert_eq!(got, want, "node {id} partition {p}");
         }
     }
+    // `rill topic describe` shows, per partition, the leader, the replicas, and each
+    // replica in sync (all caught up by now).
+    let addr = cluster.addr(2).to_string();
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (ok, out, err) =
+            rill_tests::rill_cli(&addr, &["--output", "json", "topic", "describe", "rep"], "")
+                .await
+                .expect("cli");
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        let parts = v["replication"].as_array().expect("replication").clone();
+        assert_eq!(parts.len(), 3, "{v}");
+        let all_in_sync = parts.iter().all(|p| {
+            p["replica_states"]
+                .as_array()
+                .is_some_and(|r| r.len() == 3 && r.iter().all(|x| x["in_sync"] == true))
+        });
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(p["leader"], leaders[i], "{v}");
+            assert_eq!(p["replicas"].as_array().map(Vec::len), Some(3), "{v}");
+        }
+        if all_in_sync {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "replicas never all in sync: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, out, err) = rill_tests::rill_cli(&addr, &["topic", "describe", "rep"], "")
+        .await
+        .expect("cli");
+    assert!(ok, "{err}");
+    assert!(out.contains("REPLICAS") && out.contains("in-sync"), "{out}");
+
     // Placement spreads the preferred leaders: three partitions, three different brokers.
     leaders.sort_unstable();
     leaders.dedup();

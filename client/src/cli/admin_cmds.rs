@@ -150,7 +150,7 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
 
 /// Runs a topic command.
 pub async fn topic(conn: Connection, ctx: Ctx, command: TopicCommand) -> Result<()> {
-    let admin = Admin::new(conn);
+    let admin = Admin::new(conn.clone());
     match command {
         TopicCommand::Create(args) => {
             let mut settings = TopicSettings::new();
@@ -203,7 +203,21 @@ pub async fn topic(conn: Connection, ctx: Ctx, command: TopicCommand) -> Result<
             print_table(&["TOPIC", "PARTITIONS"], &rows)
         }
         TopicCommand::Describe { name } => {
-            print_description(ctx, &admin.describe_topic(&name).await?)
+            let d = admin.describe_topic(&name).await?;
+            // In a cluster: replicas, leader, in-sync or lagging (none for a single broker).
+            let replication = super::cluster_cmds::replication(&conn, &name).await?;
+            match replication {
+                Some(r) if ctx.output == Output::Json => {
+                    let mut v = describe_json(&d);
+                    v["replication"] = super::cluster_cmds::replication_json(&r);
+                    print_json(&v)
+                }
+                Some(r) => {
+                    print_description(ctx, &d)?;
+                    super::cluster_cmds::print_replication(&r)
+                }
+                None => print_description(ctx, &d),
+            }
         }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;
