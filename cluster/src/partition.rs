@@ -424,6 +424,50 @@ impl Replication {
         Some(states)
     }
 
+    /// Whether partition `p` of `topic` may be read here: it is not replicated, or this
+    /// broker holds a replica. Otherwise the error names the partition's leader as far as
+    /// this broker knows it (the preferred replica of the placement).
+    pub fn check_readable(&self, topic: &str, p: u32) -> Result<(), WriteError> {
+        if !self.is_replicated(topic)
+            || self
+                .inner
+                .groups
+                .read()
+                .contains_key(&(topic.to_string(), p))
+        {
+            return Ok(());
+        }
+        let md = self.inner.node.metadata();
+        let Some(meta) = md
+            .topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(p as usize))
+        else {
+            // Not in the metadata yet (a restart catching up): no replica here either.
+            return Err(WriteError::NotLeader {
+                topic: topic.to_string(),
+                partition: p,
+                leader: None,
+            });
+        };
+        if meta.replicas.contains(&self.inner.node.node_id()) {
+            // A replica whose group is starting: its log holds only committed records.
+            return Ok(());
+        }
+        let registry = self.inner.node.registry();
+        Err(WriteError::NotLeader {
+            topic: topic.to_string(),
+            partition: p,
+            leader: meta.replicas.first().and_then(|l| {
+                registry
+                    .config()
+                    .peers
+                    .address(*l)
+                    .map(|a| (*l, a.to_string()))
+            }),
+        })
+    }
+
     /// The partitions this broker leads, as `TOPIC/PARTITION`.
     pub fn led(&self) -> Vec<String> {
         let me = self.inner.node.node_id();

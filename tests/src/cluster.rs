@@ -258,6 +258,35 @@ impl TestCluster {
         }
     }
 
+    /// Waits until some running node reports a running leader of partition `p` of `topic`
+    /// (with a replication factor below the broker count, only replicas know it).
+    pub async fn wait_partition_leader_among(
+        &self,
+        topic: &str,
+        p: u32,
+        deadline: Duration,
+    ) -> Result<u64> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let running = self.running();
+            for id in &running {
+                let leader = self.metadata(*id, topic).await.ok().and_then(|m| {
+                    m.topics
+                        .first()
+                        .and_then(|t| t.partitions.get(p as usize))
+                        .map(|x| x.leader)
+                });
+                if let Some(l) = leader.filter(|l| running.contains(l)) {
+                    return Ok(l);
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!("no leader of {topic}/{p} within {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until every running node names the same controller leader, among the running
     /// nodes, and returns it.
     pub async fn wait_controller_leader(&self, deadline: Duration) -> Result<u64> {

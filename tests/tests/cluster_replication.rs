@@ -557,3 +557,58 @@ async fn the_client_follows_leader_changes_without_reordering() {
         assert_eq!(dedup, sent, "node {id}: acknowledged records out of order");
     }
 }
+
+/// Replication factor 2 on 3 brokers: each partition has a broker without a replica, which
+/// refuses both produce and fetch for it and points at a replica, instead of serving its
+/// empty copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_replica_refuses_reads_and_writes_and_points_at_one() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let mut c = clients(&cluster, 3).await;
+    c.admin
+        .create_topic(create_req("two", 3, 2))
+        .await
+        .expect("create rf 2");
+    for p in 0..3 {
+        let leader = cluster
+            .wait_partition_leader_among("two", p, DEADLINE)
+            .await
+            .expect("leader");
+        clients(&cluster, leader)
+            .await
+            .produce_values("two", p, &["x"])
+            .await
+            .expect("produce at the leader");
+        let m = cluster.metadata(leader, "two").await.expect("metadata");
+        let replicas = m.topics[0].partitions[p as usize].replicas.clone();
+        assert_eq!(replicas.len(), 2);
+        let outsider = cluster
+            .ids()
+            .into_iter()
+            .find(|id| !replicas.contains(id))
+            .expect("a broker without a replica");
+        let mut o = clients(&cluster, outsider).await;
+        let err = o.fetch("two", p, 0, 0).await.expect_err("no replica here");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let named = err
+            .metadata()
+            .get("rill-leader")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .expect("a replica named");
+        assert!(
+            replicas
+                .iter()
+                .any(|r| cluster.addr(*r).to_string() == named),
+            "{named} is a replica"
+        );
+        assert!(o.produce_values("two", p, &["y"]).await.is_err());
+        for r in replicas {
+            wait_records(&cluster, r, "two", p, 1).await;
+        }
+    }
+}

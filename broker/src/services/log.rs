@@ -162,6 +162,11 @@ impl Log for LogService {
     ) -> Result<Response<ListOffsetsResponse>, Status> {
         let req = request.into_inner();
         let topic = self.broker.topic(&req.topic).map_err(Status::from)?;
+        if let Some(replication) = self.broker.replication() {
+            replication
+                .check_readable(&req.topic, req.partition)
+                .map_err(BrokerError::from)?;
+        }
         let log = topic.log(req.partition)?;
         let log_start = log.log_start_offset();
         let high_watermark = log.high_watermark();
