@@ -124,6 +124,17 @@ impl Cluster for ClusterService {
         let config = registry.config();
         let (controller_leader, controller_term) = self.controller_view();
         let seen = registry.last_seen();
+        // Who leads each replicated partition, as the replicas on this broker see it.
+        let mut led: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        if let Some(replication) = &self.replication {
+            for (name, topic) in &self.node.metadata().topics {
+                for p in 0..topic.partitions.len() as u32 {
+                    if let Some(leader) = replication.leader(name, p) {
+                        led.entry(leader).or_default().push(format!("{name}/{p}"));
+                    }
+                }
+            }
+        }
         let brokers = config
             .peers
             .iter()
@@ -137,14 +148,7 @@ impl Cluster for ClusterService {
                     seen.get(&node_id).map(|d| d.as_millis() as u64)
                 },
                 controller_leader: node_id == controller_leader,
-                partitions_led: if node_id == config.node_id {
-                    self.replication
-                        .as_ref()
-                        .map(Replication::led)
-                        .unwrap_or_default()
-                } else {
-                    Vec::new()
-                },
+                partitions_led: led.remove(&node_id).unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(ClusterStatusResponse {

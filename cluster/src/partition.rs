@@ -468,31 +468,6 @@ impl Replication {
         })
     }
 
-    /// The partitions this broker leads, as `TOPIC/PARTITION`.
-    pub fn led(&self) -> Vec<String> {
-        let me = self.inner.node.node_id();
-        let groups: Vec<((String, u32), GroupId)> = self
-            .inner
-            .groups
-            .read()
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let mut led: Vec<String> = groups
-            .into_iter()
-            .filter(|(_, g)| {
-                self.inner
-                    .node
-                    .host()
-                    .group(*g)
-                    .is_some_and(|r| r.metrics().borrow().current_leader == Some(me))
-            })
-            .map(|((t, p), _)| format!("{t}/{p}"))
-            .collect();
-        led.sort();
-        led
-    }
-
     /// Replicates one batch to partition `p` of `topic` and waits for its commit and local
     /// apply; returns its base offset and record count.
     pub async fn write(&self, topic: &str, p: u32, batch: Bytes) -> Result<(u64, u32), WriteError> {

@@ -183,6 +183,17 @@ async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader
     assert!(ok, "{err}");
     assert!(out.contains("REPLICAS") && out.contains("in-sync"), "{out}");
 
+    // Cluster status, asked anywhere, lists each partition under its leader.
+    let status = cluster.status(2).await.expect("status");
+    for (p, leader) in leaders.iter().enumerate() {
+        let b = status
+            .brokers
+            .iter()
+            .find(|b| b.node_id == *leader)
+            .expect("leader listed");
+        assert!(b.partitions_led.contains(&format!("rep/{p}")), "{status:?}");
+    }
+
     // Placement spreads the preferred leaders: three partitions, three different brokers.
     leaders.sort_unstable();
     leaders.dedup();
