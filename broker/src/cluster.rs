@@ -171,6 +171,7 @@ pub async fn create_replicated(
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            replication.wait_leaders(&req.name).await;
             Ok(())
         }
         None => Err(BrokerError::ReplicationUnavailable(

@@ -574,7 +574,31 @@ impl Replication {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.wait_leaders(name).await;
         Ok(())
+    }
+
+    /// Waits (a bounded while) until every partition of `name` replicated on this broker has
+    /// a leader, so that a client's first produce after a create finds one. A partition still
+    /// without one after the deadline is not an error: its election goes on.
+    pub async fn wait_leaders(&self, name: &str) {
+        let deadline = tokio::time::Instant::now() + self.inner.write_timeout;
+        loop {
+            let mine: Vec<u32> = self
+                .inner
+                .groups
+                .read()
+                .keys()
+                .filter(|(t, _)| t == name)
+                .map(|(_, p)| *p)
+                .collect();
+            if mine.iter().all(|p| self.leader(name, *p).is_some())
+                || tokio::time::Instant::now() >= deadline
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The controller leader's node id and address, if known.
