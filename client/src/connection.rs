@@ -19,6 +19,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct Connection {
     channel: Channel,
     addr: String,
+    /// The address list this connection was made from (one address, or several brokers).
+    bootstrap: String,
 }
 
 impl Connection {
@@ -32,7 +34,12 @@ impl Connection {
             let mut failures = Vec::new();
             for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
                 match Box::pin(Connection::connect(one)).await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => {
+                        return Ok(Connection {
+                            bootstrap: addr.to_string(),
+                            ..c
+                        })
+                    }
                     Err(e) => failures.push(e.to_string()),
                 }
             }
@@ -62,7 +69,14 @@ impl Connection {
         Ok(Connection {
             channel,
             addr: addr.to_string(),
+            bootstrap: addr.to_string(),
         })
+    }
+
+    /// The address list this connection was made from: [`Connection::addr`], or several
+    /// comma-separated brokers of which `addr` answered first.
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
     }
 
     /// The address this connection was made to.

@@ -413,6 +413,13 @@ async fn send_with_retries(
                     // bootstrap connection, which names the new leader once elected.
                     inner.leaders.forget(topic, partition);
                     conn = inner.conn.clone();
+                    if inner.conn.bootstrap().contains(',') {
+                        // Several brokers: the one first connected to may be the one that
+                        // died; take whichever of the list answers now.
+                        if let Ok(c) = Connection::connect(inner.conn.bootstrap()).await {
+                            conn = c;
+                        }
+                    }
                 }
                 tracing::debug!(topic, partition, error = %status, "produce failed; retrying");
                 tokio::time::sleep(backoff).await;

@@ -506,15 +506,15 @@ async fn the_client_follows_leader_changes_without_reordering() {
         .wait_partition_leader("follow", 0, DEADLINE)
         .await
         .expect("leader");
-    // Bootstrap through a dead address, then a broker that is not the leader (it is never
-    // killed, so the bootstrap connection stays up).
-    let bootstrap = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != first)
-        .expect("a follower");
+    // Bootstrap through a dead address, then every broker, the leader first: the broker
+    // the producer first connects to is killed too.
     let dead = rill_tests::cluster::free_ports(1).expect("port")[0];
-    let list = format!("127.0.0.1:{dead},{}", cluster.addr(bootstrap));
+    let mut list = format!("127.0.0.1:{dead}");
+    let mut order = vec![first];
+    order.extend(cluster.ids().into_iter().filter(|id| *id != first));
+    for id in order {
+        list.push_str(&format!(",{}", cluster.addr(id)));
+    }
     let conn = rill_client::Connection::connect(&list)
         .await
         .expect("connect through the list");
@@ -544,10 +544,8 @@ async fn the_client_follows_leader_changes_without_reordering() {
                 .wait_partition_leader("follow", 0, DEADLINE)
                 .await
                 .expect("leader");
-            if leader != bootstrap {
-                cluster.kill(leader).await.expect("kill");
-                cluster.restart(leader).await.expect("restart");
-            }
+            cluster.kill(leader).await.expect("kill");
+            cluster.restart(leader).await.expect("restart");
         }
     }
     let end = acked.keys().next_back().map_or(0, |o| o + 1);
