@@ -584,14 +584,24 @@ impl Replication {
     pub async fn wait_leaders(&self, name: &str) {
         let deadline = tokio::time::Instant::now() + self.inner.write_timeout;
         loop {
+            // The partitions the metadata gives this broker, whether or not their groups
+            // have started yet.
+            let me = self.inner.node.node_id();
             let mine: Vec<u32> = self
                 .inner
-                .groups
-                .read()
-                .keys()
-                .filter(|(t, _)| t == name)
-                .map(|(_, p)| *p)
-                .collect();
+                .node
+                .metadata()
+                .topics
+                .get(name)
+                .map(|t| {
+                    t.partitions
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, m)| m.replicas.contains(&me))
+                        .map(|(p, _)| p as u32)
+                        .collect()
+                })
+                .unwrap_or_default();
             if mine.iter().all(|p| self.leader(name, *p).is_some())
                 || tokio::time::Instant::now() >= deadline
             {
