@@ -423,7 +423,14 @@ async fn send_with_retries(
                 }
                 tracing::debug!(topic, partition, error = %status, "produce failed; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                // Given several brokers (a cluster), the usual cause is an election, over
+                // within a second: look for the new leader often rather than back off far.
+                let cap = if inner.conn.bootstrap().contains(',') {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_secs(1)
+                };
+                backoff = (backoff * 2).min(cap);
             }
             Err(status) => return Err(ClientError::broker(Some(topic), Some(partition), status)),
         }
