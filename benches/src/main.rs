@@ -93,6 +93,10 @@ struct Flags {
     /// or loading it (for profiling the fetch path alone).
     #[arg(long, requires = "broker")]
     reuse_topic: bool,
+    /// Replication factor of the benchmark topics (a cluster: `--broker` must then be the
+    /// leader of their partitions, i.e. the first broker for a fresh cluster's first topic).
+    #[arg(long, requires = "broker")]
+    replication_factor: Option<u32>,
 }
 
 fn flush_policy(s: &str) -> Result<pb::FlushPolicy> {
@@ -118,6 +122,7 @@ async fn create_topic(
     name: &str,
     partitions: u32,
     flush: &pb::FlushPolicy,
+    replication_factor: Option<u32>,
 ) -> Result<()> {
     let mut admin = AdminClient::connect(url.to_string()).await?;
     let _ = admin
@@ -132,6 +137,7 @@ async fn create_topic(
                 retention_ms: Some(-1),
                 ..Default::default()
             }),
+            replication_factor,
         })
         .await?;
     Ok(())
@@ -221,7 +227,14 @@ async fn main() -> Result<()> {
     };
     let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
     if (wants("produce") || wants("catchup")) && !flags.reuse_topic {
-        create_topic(&url, &run.topic, run.partitions, &flush).await?;
+        create_topic(
+            &url,
+            &run.topic,
+            run.partitions,
+            &flush,
+            flags.replication_factor,
+        )
+        .await?;
     }
     if wants("produce") {
         bounded(&flags, &shape, "produce", scenarios::produce(&run)).await;
@@ -233,7 +246,7 @@ async fn main() -> Result<()> {
         bounded(&flags, &shape, "catchup", scenarios::catchup(&run)).await;
     }
     if wants("e2e") {
-        create_topic(&url, "rill-bench-e2e", 1, &flush).await?;
+        create_topic(&url, "rill-bench-e2e", 1, &flush, flags.replication_factor).await?;
         bounded(
             &flags,
             &shape,

@@ -56,6 +56,13 @@ pub struct Flags {
     /// (syncs, opens) runs on a separate pool either way.
     #[arg(long, env = "RILL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// This broker's node id in a cluster (1 or more); requires --peers.
+    #[arg(long, env = "RILL_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Every broker of the cluster, this one included: 1=HOST:PORT,2=HOST:PORT,...;
+    /// requires --node-id. Without both, the broker runs alone, unreplicated.
+    #[arg(long, env = "RILL_PEERS")]
+    pub peers: Option<String>,
 }
 
 /// Builds the config from flags (already merged with the environment by clap) over the file
@@ -157,6 +164,11 @@ pub fn load(flags: Flags) -> Result<Config> {
         config.max_concurrent_streams >= 1,
         "max_concurrent_streams must be at least 1"
     );
+    config.cluster = crate::cluster::config(
+        flags.node_id.or(file.node_id),
+        flags.peers.or(file.peers),
+        config.listen,
+    )?;
     Ok(config)
 }
 

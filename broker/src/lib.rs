@@ -4,6 +4,7 @@
 //! # The map
 //! - [`config`]: [`Config`], the typed settings with their defaults.
 //! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
+//! - [`cluster`]: cluster flags and the services of a cluster member (none without flags).
 //! - [`server`]: binding, serving (with health and reflection), and graceful shutdown.
 //! - [`health`]: the health service's states, and health checks answered while the store
 //!   opens.
@@ -27,6 +28,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod error;

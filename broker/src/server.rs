@@ -31,6 +31,8 @@ const MESSAGE_OVERHEAD_BYTES: usize = 64 << 10;
 /// A bound, not yet serving broker.
 pub struct Server {
     broker: Broker,
+    /// Cluster membership, when started with `--node-id` and `--peers`.
+    cluster: Option<rill_cluster::ClusterNode>,
     listener: TcpListener,
     local_addr: SocketAddr,
     /// The `/metrics` listener, when `metrics_listen` is set.
@@ -43,6 +45,13 @@ impl Server {
     /// Binds the listen address, then opens the store (recovering partitions as needed),
     /// answering health checks with NOT_SERVING meanwhile (see [`crate::health`]).
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server> {
+        if let Some(cluster) = &config.cluster {
+            // A broker whose peers list the running ones refuse stops before it opens or
+            // writes anything.
+            rill_cluster::ClusterNode::precheck(cluster)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -66,9 +75,33 @@ impl Server {
             .context("opening the store")?
             .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
-        let broker = Broker::new(store, config, shutdown, TaskTracker::new());
+        let tasks = TaskTracker::new();
+        let cluster = match &config.cluster {
+            Some(c) => Some(
+                rill_cluster::ClusterNode::new(
+                    c.clone(),
+                    &config.data_dir,
+                    shutdown.clone(),
+                    tasks.clone(),
+                )
+                .context("starting cluster membership")?,
+            ),
+            None => None,
+        };
+        let broker = Broker::new(store, config, shutdown, tasks);
+        if let Some(node) = &cluster {
+            let local = std::sync::Arc::new(crate::cluster::BrokerTopics(broker.clone()));
+            let node = node.clone();
+            let replication =
+                tokio::task::spawn_blocking(move || rill_cluster::Replication::open(node, local))
+                    .await
+                    .context("opening replication")?
+                    .context("reading the replicated topics")?;
+            broker.set_replication(replication);
+        }
         Ok(Server {
             broker,
+            cluster,
             listener,
             local_addr,
             metrics_listener,
@@ -100,6 +133,7 @@ impl Server {
             listener,
             metrics_listener,
             health,
+            cluster,
             ..
         } = self;
         tasks::spawn_background(&broker);
@@ -113,6 +147,19 @@ impl Server {
                 layer
             }
             None => RequestMetricsLayer::new(None),
+        };
+        let (raft, cluster_service) = match &cluster {
+            Some(node) => {
+                node.start();
+                let replication = broker
+                    .replication()
+                    .expect("set in bind for every cluster member")
+                    .clone();
+                replication.start(broker.shutdown().clone(), broker.tasks());
+                let (raft, status) = crate::cluster::services(node, &replication);
+                (Some(raft), Some(status))
+            }
+            None => (None, None),
         };
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
@@ -160,6 +207,8 @@ impl Server {
             .add_service(log)
             .add_service(groups)
             .add_service(admin)
+            .add_optional_service(raft)
+            .add_optional_service(cluster_service)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
             .await;
         // Whatever ended serving, stop the tasks and close the store.
@@ -167,6 +216,9 @@ impl Server {
         health
             .set_all(tonic_health::ServingStatus::NotServing)
             .await;
+        if let Some(node) = &cluster {
+            node.shutdown().await;
+        }
         broker.tasks().close();
         broker.tasks().wait().await;
         let store = broker.store().clone();
@@ -175,6 +227,9 @@ impl Server {
             .context("closing the store")?
             .context("closing the store")?;
         tracing::info!("broker stopped cleanly");
+        if let Some(message) = cluster.as_ref().and_then(|n| n.fatal_error()) {
+            anyhow::bail!("{message}");
+        }
         served.context("serving gRPC")
     }
 }

@@ -139,6 +139,9 @@ struct Inner {
     waiting_fetches: AtomicUsize,
     /// One permit per client connection served; `config.max_connections` of them.
     connections: Arc<Semaphore>,
+    /// Replicated partitions, set once when the broker runs in a cluster; unset otherwise,
+    /// so a single broker's produce path pays one check of an empty cell.
+    replication: std::sync::OnceLock<rill_cluster::Replication>,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -176,6 +179,7 @@ impl Broker {
                 attached: RwLock::new(HashMap::new()),
                 waiting_fetches: AtomicUsize::new(0),
                 connections,
+                replication: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -312,6 +316,16 @@ impl Broker {
     /// Fetches waiting right now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.waiting_fetches.load(Ordering::Acquire)
+    }
+
+    /// Replication, when the broker runs in a cluster.
+    pub fn replication(&self) -> Option<&rill_cluster::Replication> {
+        self.inner.replication.get()
+    }
+
+    /// Sets the broker's replication (once, at start in a cluster).
+    pub fn set_replication(&self, replication: rill_cluster::Replication) {
+        let _ = self.inner.replication.set(replication);
     }
 
     /// Fails with UNAVAILABLE once shutdown has begun.

@@ -2,6 +2,7 @@
 //! Cloning is cheap; tonic reconnects the channel by itself after a broker restart.
 
 use rill_proto::v1::admin_client::AdminClient;
+use rill_proto::v1::cluster_client::ClusterClient;
 use rill_proto::v1::groups_client::GroupsClient;
 use rill_proto::v1::log_client::LogClient;
 use tonic::transport::{Channel, Endpoint};
@@ -18,12 +19,35 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct Connection {
     channel: Channel,
     addr: String,
+    /// The address list this connection was made from (one address, or several brokers).
+    bootstrap: String,
 }
 
 impl Connection {
     /// Connects to `addr` (`host:port`, or a `http://` URL). Uses TCP_NODELAY and 1 MiB
     /// HTTP/2 frames (the receiver's setting is what counts for large fetches).
+    ///
+    /// `addr` may list several brokers of a cluster, comma-separated (`a:1,b:2,c:3`): they
+    /// are tried in order and the first that answers is used.
     pub async fn connect(addr: &str) -> Result<Connection> {
+        if addr.contains(',') {
+            let mut failures = Vec::new();
+            for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                match Box::pin(Connection::connect(one)).await {
+                    Ok(c) => {
+                        return Ok(Connection {
+                            bootstrap: addr.to_string(),
+                            ..c
+                        })
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            return Err(ClientError::Connect {
+                addr: addr.to_string(),
+                message: format!("no broker answered: {}", failures.join("; ")),
+            });
+        }
         let url = if addr.contains("://") {
             addr.to_string()
         } else {
@@ -47,7 +71,14 @@ impl Connection {
         Ok(Connection {
             channel,
             addr: addr.to_string(),
+            bootstrap: addr.to_string(),
         })
+    }
+
+    /// The address list this connection was made from: [`Connection::addr`], or several
+    /// comma-separated brokers of which `addr` answered first.
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
     }
 
     /// The address this connection was made to.
@@ -70,6 +101,11 @@ impl Connection {
     /// A `rill.v1.Admin` client on this connection.
     pub fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone())
+    }
+
+    /// A `rill.v1.Cluster` client on this connection (brokers started with cluster flags).
+    pub fn cluster(&self) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel.clone())
     }
 }
 

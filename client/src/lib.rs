@@ -68,6 +68,7 @@ pub mod cli;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+pub mod leaders;
 pub mod membership;
 pub mod producer;
 mod retry;
