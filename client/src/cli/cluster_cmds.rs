@@ -13,6 +13,7 @@ use crate::connection::Connection;
 pub enum ClusterCommand {
     /// Each broker's liveness, the controller leader, and the partitions each broker leads,
     /// as the broker asked sees them.
+    #[command(after_help = "Example:\n  rill cluster status --output json")]
     Status,
 }
 

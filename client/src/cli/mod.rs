@@ -86,7 +86,7 @@ pub enum Command {
     #[command(after_help = "Example:\n  rill top --once --output json")]
     Top(top::TopArgs),
     /// Show the cluster: brokers, liveness, the controller leader.
-    #[command(after_help = "Example:\n  rill cluster status --output json")]
+    #[command(after_help = "Example:\n  rill cluster status")]
     Cluster {
         /// The cluster command.
         #[command(subcommand)]
