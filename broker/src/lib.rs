@@ -2,12 +2,14 @@
 //! served over the storage engine.
 //!
 //! # The map
+//! - [`auth`]: TLS, tokens, ACLs and the authenticating layer (`docs/SECURITY.md`).
 //! - [`config`]: [`Config`], the typed settings with their defaults.
 //! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
 //! - [`server`]: binding, serving (with health and reflection), and graceful shutdown.
 //! - [`connections`]: the accept loop that enforces `max_connections`.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
-//! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups` and `rill.v1.Admin`.
+//! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin` and
+//!   `rill.v1.Security`.
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
 //! - [`tasks`]: the background flush and retention loops.
@@ -21,6 +23,7 @@
 // marks the few places that are provably unreachable.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connections;

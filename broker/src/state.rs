@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 use rill_storage::{PartitionLog, StorageError, Store, Topic};
@@ -136,6 +136,8 @@ struct Inner {
     waiting_fetches: AtomicUsize,
     /// One permit per client connection served; `config.max_connections` of them.
     connections: Arc<Semaphore>,
+    /// The security state, installed once at start (absent: every caller may do all).
+    security: OnceLock<crate::auth::Security>,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -173,6 +175,7 @@ impl Broker {
                 attached: RwLock::new(HashMap::new()),
                 waiting_fetches: AtomicUsize::new(0),
                 connections,
+                security: OnceLock::new(),
             }),
         }
     }
@@ -304,6 +307,16 @@ impl Broker {
             .max_connections
             .min(Semaphore::MAX_PERMITS)
             .saturating_sub(self.inner.connections.available_permits())
+    }
+
+    /// Installs the security state (once; later calls change nothing).
+    pub fn set_security(&self, security: crate::auth::Security) {
+        let _ = self.inner.security.set(security);
+    }
+
+    /// The security state, when installed.
+    pub fn security(&self) -> Option<&crate::auth::Security> {
+        self.inner.security.get()
     }
 
     /// Fetches waiting right now.

@@ -6,6 +6,7 @@ use rill_proto::v1::flush_policy::Policy;
 use rill_storage::{FlushPolicy, TopicConfig};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
 use crate::state::{Broker, TopicState};
 
@@ -139,6 +140,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         self.broker.check_running()?;
+        let topic = Resource::topic(&request.get_ref().name);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Create, topic)?;
         let req = request.into_inner();
         let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
         let store = self.broker.store().clone();
@@ -153,6 +156,7 @@ impl Admin for AdminService {
             partitions = state.topic.partition_count(),
             "topic created"
         );
+        tracing::info!(target: "rill::audit", by = %caller.principal, topic = state.name(), "topic created");
         Ok(Response::new(pb::CreateTopicResponse {
             topic: Some(describe(&state)),
         }))
@@ -163,6 +167,8 @@ impl Admin for AdminService {
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         self.broker.check_running()?;
+        let topic = Resource::topic(&request.get_ref().name);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Delete, topic)?;
         let name = request.into_inner().name;
         rill_storage::config::validate_name("topic", &name).map_err(BrokerError::from)?;
         let store = self.broker.store().clone();
@@ -180,17 +186,26 @@ impl Admin for AdminService {
         .map_err(BrokerError::from)?
         .map_err(BrokerError::from)?;
         tracing::info!(topic = %name, "topic deleted");
+        tracing::info!(target: "rill::audit", by = %caller.principal, topic = %name, "topic deleted");
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
     async fn list_topics(
         &self,
-        _request: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        // Lists only the topics the caller may describe.
+        let caller = auth::caller(&self.broker, request.extensions())?;
+        let security = self.broker.security();
         let topics = self
             .broker
             .topics()
             .iter()
+            .filter(|t| {
+                security.is_none_or(|s| {
+                    s.may(&caller, Operation::Describe, &Resource::topic(t.name()))
+                })
+            })
             .map(|t| pb::TopicSummary {
                 name: t.name().to_string(),
                 partitions: t.topic.partition_count(),
@@ -203,6 +218,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
+        let topic = Resource::topic(&request.get_ref().name);
+        auth::check(&self.broker, request.extensions(), Operation::Describe, topic)?;
         let name = request.into_inner().name;
         let state = self.broker.topic(&name)?;
         Ok(Response::new(describe(&state)))

@@ -12,6 +12,7 @@ use rill_storage::config::validate_name;
 use rill_storage::StorageError;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
 use crate::state::Broker;
 
@@ -65,6 +66,16 @@ impl Groups for GroupsService {
         &self,
         request: Request<CommitOffsetsRequest>,
     ) -> Result<Response<CommitOffsetsResponse>, Status> {
+        let (group, topic) = (&request.get_ref().group, &request.get_ref().topic);
+        let caller = auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Consume,
+            Resource::group(group),
+        )?;
+        if let Some(s) = self.broker.security() {
+            s.authorize(&caller, Operation::Consume, &Resource::topic(topic))?;
+        }
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if req.offsets.is_empty() {
@@ -85,6 +96,8 @@ impl Groups for GroupsService {
         &self,
         request: Request<FetchOffsetsRequest>,
     ) -> Result<Response<FetchOffsetsResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        auth::check(&self.broker, request.extensions(), Operation::Describe, group)?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let partitions = self.partitions(&req.topic, &req.partitions)?;
@@ -105,17 +118,24 @@ impl Groups for GroupsService {
 
     async fn list_groups(
         &self,
-        _request: Request<ListGroupsRequest>,
+        request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        Ok(Response::new(ListGroupsResponse {
-            groups: self.broker.store().groups().list(),
-        }))
+        // Lists only the groups the caller may describe.
+        let caller = auth::caller(&self.broker, request.extensions())?;
+        let security = self.broker.security();
+        let mut groups = self.broker.store().groups().list();
+        groups.retain(|g| {
+            security.is_none_or(|s| s.may(&caller, Operation::Describe, &Resource::group(g)))
+        });
+        Ok(Response::new(ListGroupsResponse { groups }))
     }
 
     async fn describe_group(
         &self,
         request: Request<DescribeGroupRequest>,
     ) -> Result<Response<DescribeGroupResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        auth::check(&self.broker, request.extensions(), Operation::Describe, group)?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let committed = self
@@ -156,6 +176,16 @@ impl Groups for GroupsService {
         &self,
         request: Request<ResetGroupOffsetsRequest>,
     ) -> Result<Response<ResetGroupOffsetsResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Alter, group)?;
+        tracing::info!(
+            target: "rill::audit",
+            by = %caller.principal,
+            group = %request.get_ref().group,
+            topic = %request.get_ref().topic,
+            dry_run = request.get_ref().dry_run,
+            "group offsets reset requested"
+        );
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let Some(target) = req.target else {

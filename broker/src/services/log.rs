@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
 use crate::fetch::{fetch, parse_grpc_timeout};
 use crate::produce;
@@ -42,6 +43,8 @@ impl Log for LogService {
         &self,
         request: Request<ProduceRequest>,
     ) -> Result<Response<ProduceResponse>, Status> {
+        let topic = Resource::topic(&request.get_ref().topic);
+        auth::check(&self.broker, request.extensions(), Operation::Produce, topic)?;
         let resp = produce::produce(&self.broker, request.into_inner()).await?;
         Ok(Response::new(resp))
     }
@@ -55,6 +58,8 @@ impl Log for LogService {
         &self,
         request: Request<Streaming<ProduceStreamRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        // Each message names its topic: the caller is checked on each (see crate::auth).
+        let caller = auth::caller(&self.broker, request.extensions())?;
         let mut inbound = request.into_inner();
         let broker = self.broker.clone();
         let (ack_tx, mut ack_rx) = mpsc::channel::<StreamAck>(STREAM_PIPELINE_DEPTH);
@@ -76,7 +81,12 @@ impl Log for LogService {
                         sequence,
                         BrokerError::invalid("stream message without a request"),
                     )),
-                    Some(req) => match produce::prepare(&broker, req)
+                    Some(req) => match broker
+                        .security()
+                        .map_or(Ok(()), |s| {
+                            s.authorize(&caller, Operation::Produce, &Resource::topic(&req.topic))
+                        })
+                        .and_then(|()| produce::prepare(&broker, req))
                         .and_then(|p| produce::append(&p).map(|a| (p, a)))
                     {
                         Err(e) => StreamAck::Ready(stream_error(sequence, e)),
@@ -130,6 +140,8 @@ impl Log for LogService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
+        let topic = Resource::topic(&request.get_ref().topic);
+        auth::check(&self.broker, request.extensions(), Operation::Consume, topic)?;
         let resp = fetch(&self.broker, request.into_inner(), client_timeout).await?;
         Ok(Response::new(resp))
     }
@@ -138,6 +150,8 @@ impl Log for LogService {
         &self,
         request: Request<ListOffsetsRequest>,
     ) -> Result<Response<ListOffsetsResponse>, Status> {
+        let topic = Resource::topic(&request.get_ref().topic);
+        auth::check(&self.broker, request.extensions(), Operation::Describe, topic)?;
         let req = request.into_inner();
         let topic = self.broker.topic(&req.topic).map_err(Status::from)?;
         let log = topic.log(req.partition)?;
