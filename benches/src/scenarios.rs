@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use rill_proto::v1::{self as pb, log_client::LogClient, produce_request::Payload};
 use rill_storage::batch::{self, BatchBuilder};
-use tonic::transport::Channel;
+use rill_client::connection::Transport;
 
 use crate::report::{hist, now_ns, pace, payload, record, share, Stats};
 
@@ -50,7 +50,7 @@ pub struct Run {
 
 /// A Log client on a connection made by the client library (TCP_NODELAY, 1 MiB HTTP/2
 /// frames, large windows), with the message limit raised for big fetches.
-pub async fn connect(url: &str) -> Result<LogClient<Channel>> {
+pub async fn connect(url: &str) -> Result<LogClient<Transport>> {
     let conn = rill_client::Connection::connect(url)
         .await
         .with_context(|| format!("connecting to {url}"))?;
@@ -187,7 +187,7 @@ const CATCHUP_DEPTH: usize = 4;
 /// One fetch of `count` records from `offset`, as raw batches; returns the answer and its
 /// latency.
 async fn fetch_range(
-    mut client: LogClient<Channel>,
+    mut client: LogClient<Transport>,
     topic: String,
     partition: u32,
     offset: u64,

@@ -13,6 +13,7 @@
 //!   are retryable is decided there, from codes and variants.
 //! - `retry` (private): the one backoff policy (exponential with jitter, from `backon`) that
 //!   the producer's and the consumer's retries share.
+//! - [`security`]: TLS settings ([`ConnectOptions`]) and the bearer token sent on every call.
 //! - [`cli`]: the `rill` tool's commands (built on the above).
 //!
 //! # Producing
@@ -68,9 +69,11 @@ pub mod consumer;
 pub mod error;
 pub mod producer;
 mod retry;
+pub mod security;
 
 pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};
 pub use connection::{Connection, DEFAULT_BROKER};
+pub use security::ConnectOptions;
 pub use consumer::{
     AutoOffsetReset, ConsumedRecord, Consumer, ConsumerConfig, ConsumerEvent, SeekTo,
 };
