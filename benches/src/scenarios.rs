@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
+use rill_client::connection::Transport;
 use rill_proto::v1::{self as pb, log_client::LogClient, produce_request::Payload};
 use rill_storage::batch::{self, BatchBuilder};
-use rill_client::connection::Transport;
 
 use crate::report::{hist, now_ns, pace, payload, record, share, Stats};
 

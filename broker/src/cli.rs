@@ -65,7 +65,12 @@ pub struct Flags {
     pub admin_token_file: Option<PathBuf>,
     /// The bootstrap admin token. Read from the environment only, so it never shows in a
     /// process list.
-    #[arg(long = "admin-token-from-env-only", env = "RILL_ADMIN_TOKEN", hide = true, hide_env_values = true)]
+    #[arg(
+        long = "admin-token-from-env-only",
+        env = "RILL_ADMIN_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
     pub admin_token: Option<String>,
     /// Serve a non-loopback address without authentication. Anyone who can reach the port
     /// can then read, write and delete every topic.
@@ -202,7 +207,13 @@ fn load_security(
     security.tls_key = flags.tls_key.clone().or(file.tls_key.clone());
     security.tls_client_ca = flags.tls_client_ca.clone().or(file.tls_client_ca.clone());
     security.insecure_no_auth = flags.insecure_no_auth;
-    let token = match (&flags.admin_token, flags.admin_token_file.as_ref().or(file.admin_token_file.as_ref())) {
+    let token = match (
+        &flags.admin_token,
+        flags
+            .admin_token_file
+            .as_ref()
+            .or(file.admin_token_file.as_ref()),
+    ) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(path)) => Some(
             std::fs::read_to_string(path)
@@ -304,14 +315,22 @@ mod tests {
         let path = dir.path().join("admin.token");
         std::fs::write(&path, "0123456789abcdef0123\n").expect("write");
         let p = path.to_str().expect("utf-8 path");
-        let config = load(flags(&["--listen", "0.0.0.0:7171", "--admin-token-file", p]))
-            .expect("auth on");
+        let config = load(flags(&[
+            "--listen",
+            "0.0.0.0:7171",
+            "--admin-token-file",
+            p,
+        ]))
+        .expect("auth on");
         assert!(config.security.auth);
         assert_eq!(
             config.security.admin_token,
             Some(crate::auth::Secret("0123456789abcdef0123".into()))
         );
-        assert!(!format!("{config:?}").contains("0123456789abcdef"), "never in Debug");
+        assert!(
+            !format!("{config:?}").contains("0123456789abcdef"),
+            "never in Debug"
+        );
     }
 
     #[test]

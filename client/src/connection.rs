@@ -59,12 +59,11 @@ impl Connection {
                     message: format!("bad TLS settings: {e}"),
                 })?;
         }
-        let auth = Auth::new(options.token.as_deref()).map_err(|message| {
-            ClientError::BadAddress {
+        let auth =
+            Auth::new(options.token.as_deref()).map_err(|message| ClientError::BadAddress {
                 addr: addr.to_string(),
                 message,
-            }
-        })?;
+            })?;
         let channel = endpoint
             .tcp_nodelay(true)
             .max_frame_size(1 << 20)

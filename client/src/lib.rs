@@ -73,9 +73,9 @@ pub mod security;
 
 pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};
 pub use connection::{Connection, DEFAULT_BROKER};
-pub use security::ConnectOptions;
 pub use consumer::{
     AutoOffsetReset, ConsumedRecord, Consumer, ConsumerConfig, ConsumerEvent, SeekTo,
 };
 pub use error::{ClientError, Result};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
+pub use security::ConnectOptions;

@@ -55,9 +55,8 @@ impl ConnectOptions {
             }
             return Ok(None);
         };
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
-            read(addr, ca, "TLS CA file").await?,
-        ));
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(addr, ca, "TLS CA file").await?));
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 tls = tls.identity(Identity::from_pem(

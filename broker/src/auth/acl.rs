@@ -211,7 +211,13 @@ pub fn decide(rules: &[AclRule], principal: &str, op: Operation, resource: &Reso
 mod tests {
     use super::*;
 
-    fn rule(principal: &str, name: &str, pattern: Pattern, op: Operation, p: Permission) -> AclRule {
+    fn rule(
+        principal: &str,
+        name: &str,
+        pattern: Pattern,
+        op: Operation,
+        p: Permission,
+    ) -> AclRule {
         AclRule {
             principal: principal.into(),
             resource_type: ResourceType::Topic,
@@ -234,9 +240,19 @@ mod tests {
         let eu = Resource::topic("orders.eu");
         assert!(decide(&rules, "app", Operation::Produce, &eu));
         assert!(!decide(&rules, "app", Operation::Delete, &eu));
-        assert!(!decide(&rules, "app", Operation::Produce, &Resource::topic("payments")));
+        assert!(!decide(
+            &rules,
+            "app",
+            Operation::Produce,
+            &Resource::topic("payments")
+        ));
         assert!(!decide(&rules, "other", Operation::Produce, &eu));
-        assert!(!decide(&rules, "app", Operation::Produce, &Resource::group("orders.eu")));
+        assert!(!decide(
+            &rules,
+            "app",
+            Operation::Produce,
+            &Resource::group("orders.eu")
+        ));
     }
 
     #[test]
@@ -244,8 +260,20 @@ mod tests {
         let t = Resource::topic("t");
         assert!(!decide(&[], "a", Operation::Consume, &t));
         let rules = [
-            rule("*", "*", Pattern::Literal, Operation::Consume, Permission::Allow),
-            rule("a", "t", Pattern::Literal, Operation::Consume, Permission::Deny),
+            rule(
+                "*",
+                "*",
+                Pattern::Literal,
+                Operation::Consume,
+                Permission::Allow,
+            ),
+            rule(
+                "a",
+                "t",
+                Pattern::Literal,
+                Operation::Consume,
+                Permission::Deny,
+            ),
         ];
         assert!(!decide(&rules, "a", Operation::Consume, &t));
         assert!(decide(&rules, "b", Operation::Consume, &t));
@@ -261,8 +289,23 @@ mod tests {
             operation: Operation::Admin,
             permission: Permission::Allow,
         }];
-        assert!(decide(&rules, "ops", Operation::Delete, &Resource::topic("x")));
-        assert!(decide(&rules, "ops", Operation::Admin, &Resource::cluster()));
-        assert!(!decide(&rules, "dev", Operation::Describe, &Resource::topic("x")));
+        assert!(decide(
+            &rules,
+            "ops",
+            Operation::Delete,
+            &Resource::topic("x")
+        ));
+        assert!(decide(
+            &rules,
+            "ops",
+            Operation::Admin,
+            &Resource::cluster()
+        ));
+        assert!(!decide(
+            &rules,
+            "dev",
+            Operation::Describe,
+            &Resource::topic("x")
+        ));
     }
 }

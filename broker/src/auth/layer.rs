@@ -39,19 +39,55 @@ pub const RPCS: &[(&str, Needs)] = &[
     ("/grpc.reflection.v1.ServerReflection/", Needs::Open),
     ("/grpc.reflection.v1alpha.ServerReflection/", Needs::Open),
     ("/rill.v1.Log/Produce", Needs::Caller(Operation::Produce)),
-    ("/rill.v1.Log/ProduceStream", Needs::Caller(Operation::Produce)),
+    (
+        "/rill.v1.Log/ProduceStream",
+        Needs::Caller(Operation::Produce),
+    ),
     ("/rill.v1.Log/Fetch", Needs::Caller(Operation::Consume)),
-    ("/rill.v1.Log/ListOffsets", Needs::Caller(Operation::Describe)),
-    ("/rill.v1.Admin/CreateTopic", Needs::Caller(Operation::Create)),
-    ("/rill.v1.Admin/DeleteTopic", Needs::Caller(Operation::Delete)),
-    ("/rill.v1.Admin/ListTopics", Needs::Caller(Operation::Describe)),
-    ("/rill.v1.Admin/DescribeTopic", Needs::Caller(Operation::Describe)),
-    ("/rill.v1.Groups/CommitOffsets", Needs::Caller(Operation::Consume)),
-    ("/rill.v1.Groups/FetchOffsets", Needs::Caller(Operation::Describe)),
-    ("/rill.v1.Groups/ListGroups", Needs::Caller(Operation::Describe)),
-    ("/rill.v1.Groups/DescribeGroup", Needs::Caller(Operation::Describe)),
-    ("/rill.v1.Groups/ResetGroupOffsets", Needs::Caller(Operation::Alter)),
-    ("/rill.v1.Security/WhoAmI", Needs::Caller(Operation::Describe)),
+    (
+        "/rill.v1.Log/ListOffsets",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Admin/CreateTopic",
+        Needs::Caller(Operation::Create),
+    ),
+    (
+        "/rill.v1.Admin/DeleteTopic",
+        Needs::Caller(Operation::Delete),
+    ),
+    (
+        "/rill.v1.Admin/ListTopics",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Admin/DescribeTopic",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Groups/CommitOffsets",
+        Needs::Caller(Operation::Consume),
+    ),
+    (
+        "/rill.v1.Groups/FetchOffsets",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Groups/ListGroups",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Groups/DescribeGroup",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Groups/ResetGroupOffsets",
+        Needs::Caller(Operation::Alter),
+    ),
+    (
+        "/rill.v1.Security/WhoAmI",
+        Needs::Caller(Operation::Describe),
+    ),
     ("/rill.v1.Security/", Needs::ClusterAdmin),
     ("/rill.v1.Raft/", Needs::ClusterAdmin),
 ];
@@ -102,7 +138,10 @@ fn bearer(req: &http::Request<Body>) -> Option<Result<&str, BrokerError>> {
         value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or_else(|| {
                 BrokerError::Unauthenticated(
@@ -210,7 +249,10 @@ mod tests {
             Some(Needs::Caller(Operation::Describe))
         );
         assert_eq!(needs("/rill.v1.Security/AddAcl"), Some(Needs::ClusterAdmin));
-        assert_eq!(needs("/rill.v1.Raft/AppendEntries"), Some(Needs::ClusterAdmin));
+        assert_eq!(
+            needs("/rill.v1.Raft/AppendEntries"),
+            Some(Needs::ClusterAdmin)
+        );
         assert_eq!(needs("/rill.v1.Unknown/Call"), None);
         assert_eq!(needs("/rill.v1.Log/ProduceX"), None);
     }

@@ -122,8 +122,14 @@ mod tests {
     fn record() -> impl Strategy<Value = SecurityRecord> {
         prop_oneof![
             ".{0,30}".prop_map(|name| SecurityRecord::PrincipalCreated { name }),
-            (".{0,30}", ".{0,30}", "[0-9a-f]{64}", any::<i64>(), any::<i64>()).prop_map(
-                |(id, principal, sha256, created_at_ms, expires_at_ms)| {
+            (
+                ".{0,30}",
+                ".{0,30}",
+                "[0-9a-f]{64}",
+                any::<i64>(),
+                any::<i64>()
+            )
+                .prop_map(|(id, principal, sha256, created_at_ms, expires_at_ms)| {
                     SecurityRecord::TokenCreated {
                         id,
                         principal,
@@ -131,8 +137,7 @@ mod tests {
                         created_at_ms,
                         expires_at_ms,
                     }
-                }
-            ),
+                }),
             ".{0,30}".prop_map(|id| SecurityRecord::TokenRevoked { id }),
             rule().prop_map(|rule| SecurityRecord::AclAdded { rule }),
             rule().prop_map(|rule| SecurityRecord::AclRemoved { rule }),
@@ -161,6 +166,9 @@ mod tests {
             SecurityRecord::decode(&bytes),
             Err(RecordError::Version(2))
         ));
-        assert!(matches!(SecurityRecord::decode(&[]), Err(RecordError::Empty)));
+        assert!(matches!(
+            SecurityRecord::decode(&[]),
+            Err(RecordError::Empty)
+        ));
     }
 }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use rand::RngCore;
 use rill_storage::batch::{batches, encode_batch, Record};
-use rill_storage::{FlushPolicy, Store, StorageError, TopicConfig};
+use rill_storage::{FlushPolicy, PartitionLog, StorageError, Store, TopicConfig};
 use sha2::{Digest, Sha256};
 
 use super::acl::{self, AclRule, Operation, Resource, ResourceType};
@@ -143,50 +143,16 @@ pub fn validate_principal(name: &str) -> Result<(), BrokerError> {
 }
 
 impl Security {
-    /// Opens the security state: creates the `__security` topic when missing and replays
-    /// it. Blocking (file work): call it on the blocking pool.
+    /// Opens the security state: replays the `__security` topic when it exists (it is
+    /// created by the first change, so a broker that never uses security has no such
+    /// topic). Blocking (file work): call it on the blocking pool.
     pub fn open(store: Store, config: &SecurityConfig) -> Result<Security, BrokerError> {
-        let topic = match store.topic(SECURITY_TOPIC) {
-            Ok(t) => t,
-            Err(StorageError::TopicNotFound { .. }) => {
-                let config = TopicConfig {
-                    partitions: 1,
-                    retention_ms: None,
-                    retention_bytes: None,
-                    flush: FlushPolicy::Always,
-                    ..TopicConfig::default()
-                };
-                store.create_topic(SECURITY_TOPIC, config)?
-            }
+        let mut state = State::default();
+        let replayed = match store.topic(SECURITY_TOPIC) {
+            Ok(topic) => replay(&topic.partition(0)?, &mut state)?,
+            Err(StorageError::TopicNotFound { .. }) => 0,
             Err(e) => return Err(e.into()),
         };
-        let log = topic.partition(0)?;
-        let mut state = State::default();
-        let mut offset = log.log_start_offset();
-        let mut replayed = 0u64;
-        while offset < log.high_watermark() {
-            let read = log.read(offset, 1 << 20)?;
-            for chunk in &read.chunks {
-                for batch in batches(chunk) {
-                    let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
-                    for record in batch.records() {
-                        let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
-                        if record.offset < offset {
-                            continue;
-                        }
-                        let decoded = SecurityRecord::decode(record.value).map_err(|e| {
-                            corrupt(format!("the record at offset {}: {e}", record.offset))
-                        })?;
-                        state.apply(decoded);
-                        replayed += 1;
-                    }
-                }
-            }
-            if read.next_offset <= offset {
-                break;
-            }
-            offset = read.next_offset;
-        }
         tracing::info!(
             records = replayed,
             principals = state.principals.len(),
@@ -205,7 +171,64 @@ impl Security {
             }),
         })
     }
+}
 
+/// The `__security` log, created (one partition, flushed on every append, kept forever) if
+/// missing.
+fn security_log(store: &Store) -> Result<PartitionLog, BrokerError> {
+    let topic = match store.topic(SECURITY_TOPIC) {
+        Ok(t) => t,
+        Err(StorageError::TopicNotFound { .. }) => {
+            let config = TopicConfig {
+                partitions: 1,
+                retention_ms: None,
+                retention_bytes: None,
+                flush: FlushPolicy::Always,
+                ..TopicConfig::default()
+            };
+            match store.create_topic(SECURITY_TOPIC, config) {
+                Ok(t) => t,
+                // Created meanwhile by another caller.
+                Err(StorageError::TopicExists { .. }) => store.topic(SECURITY_TOPIC)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(topic.partition(0)?)
+}
+
+/// Applies every record of `log` to `state`; returns how many.
+fn replay(log: &PartitionLog, state: &mut State) -> Result<u64, BrokerError> {
+    let mut offset = log.log_start_offset();
+    let mut replayed = 0u64;
+    while offset < log.high_watermark() {
+        let read = log.read(offset, 1 << 20)?;
+        for chunk in &read.chunks {
+            for batch in batches(chunk) {
+                let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
+                for record in batch.records() {
+                    let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
+                    if record.offset < offset {
+                        continue;
+                    }
+                    let decoded = SecurityRecord::decode(record.value).map_err(|e| {
+                        corrupt(format!("the record at offset {}: {e}", record.offset))
+                    })?;
+                    state.apply(decoded);
+                    replayed += 1;
+                }
+            }
+        }
+        if read.next_offset <= offset {
+            break;
+        }
+        offset = read.next_offset;
+    }
+    Ok(replayed)
+}
+
+impl Security {
     /// Whether callers must authenticate.
     pub fn enabled(&self) -> bool {
         self.inner.enabled
@@ -258,7 +281,12 @@ impl Security {
         } else {
             op
         };
-        let allowed = acl::decide(&self.inner.state.read().acls, &caller.principal, needed, resource);
+        let allowed = acl::decide(
+            &self.inner.state.read().acls,
+            &caller.principal,
+            needed,
+            resource,
+        );
         if allowed {
             return Ok(());
         }
@@ -277,7 +305,13 @@ impl Security {
 
     /// Whether `caller` may do `op` on `resource` (for filtering lists; logs nothing).
     pub fn may(&self, caller: &Caller, op: Operation, resource: &Resource) -> bool {
-        caller.superuser || acl::decide(&self.inner.state.read().acls, &caller.principal, op, resource)
+        caller.superuser
+            || acl::decide(
+                &self.inner.state.read().acls,
+                &caller.principal,
+                op,
+                resource,
+            )
     }
 
     /// Appends `record` durably to `__security`, then applies it.
@@ -286,7 +320,7 @@ impl Security {
         let store = self.inner.store.clone();
         let value = Bytes::from(record.encode());
         tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
-            let log = store.topic(SECURITY_TOPIC)?.partition(0)?;
+            let log = security_log(&store)?;
             let batch = encode_batch(&[Record {
                 key: None,
                 value,
@@ -389,7 +423,14 @@ impl Security {
 
     /// Removes every rule equal to `rule`; returns how many there were.
     pub async fn remove_acl(&self, rule: AclRule) -> Result<u32, BrokerError> {
-        let n = self.inner.state.read().acls.iter().filter(|r| **r == rule).count();
+        let n = self
+            .inner
+            .state
+            .read()
+            .acls
+            .iter()
+            .filter(|r| **r == rule)
+            .count();
         if n > 0 {
             self.commit(SecurityRecord::AclRemoved { rule }).await?;
         }

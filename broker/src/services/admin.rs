@@ -202,9 +202,8 @@ impl Admin for AdminService {
             .topics()
             .iter()
             .filter(|t| {
-                security.is_none_or(|s| {
-                    s.may(&caller, Operation::Describe, &Resource::topic(t.name()))
-                })
+                security
+                    .is_none_or(|s| s.may(&caller, Operation::Describe, &Resource::topic(t.name())))
             })
             .map(|t| pb::TopicSummary {
                 name: t.name().to_string(),
@@ -219,7 +218,12 @@ impl Admin for AdminService {
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
         let topic = Resource::topic(&request.get_ref().name);
-        auth::check(&self.broker, request.extensions(), Operation::Describe, topic)?;
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            topic,
+        )?;
         let name = request.into_inner().name;
         let state = self.broker.topic(&name)?;
         Ok(Response::new(describe(&state)))

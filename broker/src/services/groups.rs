@@ -97,7 +97,12 @@ impl Groups for GroupsService {
         request: Request<FetchOffsetsRequest>,
     ) -> Result<Response<FetchOffsetsResponse>, Status> {
         let group = Resource::group(&request.get_ref().group);
-        auth::check(&self.broker, request.extensions(), Operation::Describe, group)?;
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            group,
+        )?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let partitions = self.partitions(&req.topic, &req.partitions)?;
@@ -135,7 +140,12 @@ impl Groups for GroupsService {
         request: Request<DescribeGroupRequest>,
     ) -> Result<Response<DescribeGroupResponse>, Status> {
         let group = Resource::group(&request.get_ref().group);
-        auth::check(&self.broker, request.extensions(), Operation::Describe, group)?;
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            group,
+        )?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let committed = self

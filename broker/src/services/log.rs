@@ -44,7 +44,12 @@ impl Log for LogService {
         request: Request<ProduceRequest>,
     ) -> Result<Response<ProduceResponse>, Status> {
         let topic = Resource::topic(&request.get_ref().topic);
-        auth::check(&self.broker, request.extensions(), Operation::Produce, topic)?;
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Produce,
+            topic,
+        )?;
         let resp = produce::produce(&self.broker, request.into_inner()).await?;
         Ok(Response::new(resp))
     }
@@ -141,7 +146,12 @@ impl Log for LogService {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
         let topic = Resource::topic(&request.get_ref().topic);
-        auth::check(&self.broker, request.extensions(), Operation::Consume, topic)?;
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Consume,
+            topic,
+        )?;
         let resp = fetch(&self.broker, request.into_inner(), client_timeout).await?;
         Ok(Response::new(resp))
     }
@@ -151,7 +161,12 @@ impl Log for LogService {
         request: Request<ListOffsetsRequest>,
     ) -> Result<Response<ListOffsetsResponse>, Status> {
         let topic = Resource::topic(&request.get_ref().topic);
-        auth::check(&self.broker, request.extensions(), Operation::Describe, topic)?;
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            topic,
+        )?;
         let req = request.into_inner();
         let topic = self.broker.topic(&req.topic).map_err(Status::from)?;
         let log = topic.log(req.partition)?;

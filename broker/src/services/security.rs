@@ -165,7 +165,11 @@ impl SecurityRpc for SecurityService {
         let req = request.into_inner();
         let (token, entry) = self
             .security
-            .create_token(&req.principal, req.expires_in_ms, rill_storage::log::now_ms())
+            .create_token(
+                &req.principal,
+                req.expires_in_ms,
+                rill_storage::log::now_ms(),
+            )
             .await?;
         tracing::info!(
             target: "rill::audit",

@@ -46,7 +46,13 @@ pub struct SecurityFlags {
     #[arg(long, env = "RILL_TOKEN_FILE", global = true)]
     pub token_file: Option<std::path::PathBuf>,
     /// The bearer token, from the environment only so it never shows in a process list.
-    #[arg(long = "token-from-env-only", env = "RILL_TOKEN", hide = true, hide_env_values = true, global = true)]
+    #[arg(
+        long = "token-from-env-only",
+        env = "RILL_TOKEN",
+        hide = true,
+        hide_env_values = true,
+        global = true
+    )]
     pub token: Option<String>,
 }
 

@@ -58,9 +58,11 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum AclCommand {
     /// Add a rule.
-    #[command(after_help = "Examples:\n  rill acl add --principal billing --operation produce --topic 'orders.*'\n  \
+    #[command(
+        after_help = "Examples:\n  rill acl add --principal billing --operation produce --topic 'orders.*'\n  \
                             rill acl add --principal '*' --operation consume --topic audit --deny\n  \
-                            rill acl add --principal ops --operation admin --cluster")]
+                            rill acl add --principal ops --operation admin --cluster"
+    )]
     Add(AclArgs),
     /// List rules.
     #[command(after_help = "Example:\n  rill acl list --principal billing")]
@@ -219,7 +221,8 @@ pub async fn token(conn: Connection, ctx: Ctx, command: TokenCommand) -> Result<
     let mut client = conn.security();
     match command {
         TokenCommand::Create { principal, expires } => {
-            let expires_in_ms = expires.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let expires_in_ms =
+                expires.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let resp = client
                 .create_token(pb::CreateTokenRequest {
                     principal,
@@ -306,7 +309,8 @@ pub async fn token(conn: Connection, ctx: Ctx, command: TokenCommand) -> Result<
 }
 
 fn time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -379,7 +383,9 @@ pub async fn acl(conn: Connection, ctx: Ctx, command: AclCommand) -> Result<()> 
                         "permission": r[3],
                     }))
                     .collect::<Vec<_>>())),
-                Output::Table => print_table(&["PRINCIPAL", "OPERATION", "RESOURCE", "PERMISSION"], &rows),
+                Output::Table => {
+                    print_table(&["PRINCIPAL", "OPERATION", "RESOURCE", "PERMISSION"], &rows)
+                }
             }
         }
     }
@@ -426,7 +432,10 @@ mod tests {
         let r = rule(&args("*")).expect("rule");
         assert_eq!(r.pattern_type, pb::PatternType::Literal as i32);
         assert_eq!(r.resource_name, "*");
-        assert_eq!(resource_text(&rule(&args("orders.*")).expect("rule")), "topic:orders.*");
+        assert_eq!(
+            resource_text(&rule(&args("orders.*")).expect("rule")),
+            "topic:orders.*"
+        );
         let mut bad = args("t");
         bad.operation = "write".into();
         assert!(rule(&bad).is_err());
