@@ -73,7 +73,16 @@ impl Connection {
             .await
             .map_err(|e| ClientError::Connect {
                 addr: addr.to_string(),
-                message: format!("{e}: is a broker running there?"),
+                message: format!(
+                    "{}: {}",
+                    error_chain(&e),
+                    if options.tls_ca.is_some() {
+                        "is a broker serving TLS there, with a certificate the CA signed for \
+                         this host?"
+                    } else {
+                        "is a broker running there?"
+                    }
+                ),
             })?;
         Ok(Connection {
             channel,
@@ -113,4 +122,19 @@ impl Connection {
     pub fn transport(&self) -> Transport {
         InterceptedService::new(self.channel.clone(), self.auth.clone())
     }
+}
+
+/// An error and its sources, joined by `: ` (a TLS failure is in the sources of tonic's
+/// "transport error").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
 }
