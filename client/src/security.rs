@@ -1,7 +1,7 @@
 //! Client-side security: TLS settings ([`ConnectOptions`]) and the bearer token added to
 //! every call ([`Auth`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -83,8 +83,8 @@ fn bad(addr: &str, message: String) -> ClientError {
     }
 }
 
-async fn read(addr: &str, path: &PathBuf, what: &str) -> Result<Vec<u8>> {
-    let p = path.clone();
+async fn read(addr: &str, path: &Path, what: &str) -> Result<Vec<u8>> {
+    let p = path.to_path_buf();
     tokio::task::spawn_blocking(move || std::fs::read(p))
         .await
         .map_err(|e| bad(addr, format!("reading the {what}: {e}")))?

@@ -229,10 +229,7 @@ async fn call(c: &Connection, rpc: &str, spare_token_id: &str) -> Result<Outcome
         }
         "/rill.v1.Groups/DescribeGroup" => {
             c.groups()
-                .describe_group(pb::DescribeGroupRequest {
-                    group: "g".into(),
-                    ..Default::default()
-                })
+                .describe_group(pb::DescribeGroupRequest { group: "g".into() })
                 .await?;
         }
         "/rill.v1.Groups/ResetGroupOffsets" => {
