@@ -334,6 +334,29 @@ mod tests {
     }
 
     #[test]
+    fn security_settings_layer_file_under_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/file/cert.pem\"\ntls_key = \"/file/key.pem\"\n\
+             tls_client_ca = \"/file/ca.pem\"\nauth = true\n",
+        )
+        .expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let config = load(flags(&["--config", p, "--tls-cert", "/flag/cert.pem"])).expect("load");
+        let s = &config.security;
+        assert_eq!(
+            s.tls_cert,
+            Some(PathBuf::from("/flag/cert.pem")),
+            "the flag wins"
+        );
+        assert_eq!(s.tls_key, Some(PathBuf::from("/file/key.pem")));
+        assert_eq!(s.tls_client_ca, Some(PathBuf::from("/file/ca.pem")));
+        assert!(s.auth && s.tls() && s.admin_token.is_none());
+    }
+
+    #[test]
     fn defaults_are_loopback_and_a_local_folder() {
         let config = load(flags(&[])).expect("load");
         assert!(config.listen.ip().is_loopback());
