@@ -133,6 +133,32 @@ async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Resu
     Ok(())
 }
 
+/// The connection limit holds under TLS: a connection over it is closed (the client fails
+/// at once, no hang), and the connections within it go on.
+#[tokio::test]
+async fn the_connection_limit_holds_under_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let mut config = rill_broker::Config::new(dir.path()).max_connections(1);
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+    let tls = ConnectOptions::new().tls_ca(&ca.pem);
+    let first = Connection::connect_with(&addr, &tls).await?;
+    list_topics(&first).await?;
+    let over = try_call(&addr, &tls).await.expect_err("over the limit");
+    assert!(
+        !over.contains("no answer within"),
+        "a clean failure: {over}"
+    );
+    list_topics(&first).await?;
+    broker.stop().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn mutual_tls_maps_the_client_certificate_to_its_principal() -> Result<()> {
     const ADMIN: &str = "admin-token-for-tests-0123456789";
