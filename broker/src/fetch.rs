@@ -6,12 +6,16 @@
 //! request's `max_wait_ms`, the server's cap, and the client's own gRPC deadline minus a
 //! margin, so the response always arrives before the client gives up. If the client goes
 //! away, tonic drops this future and the wait ends with it.
+//!
+//! Reads of data the storage calls hot (appended or already read by this process) run
+//! inline; others (the first read of data found on disk at start, with its checksum check and
+//! its page-ins) run on the blocking pool.
 
 use std::time::Duration;
 
 use rill_proto::v1::{FetchEncoding, FetchRequest, FetchResponse, FetchedRecord, Header};
 use rill_storage::batch;
-use rill_storage::ReadResult;
+use rill_storage::{PartitionLog, ReadResult};
 use tokio::time::Instant;
 
 use crate::error::BrokerError;
@@ -80,7 +84,7 @@ pub async fn fetch(
             client_timeout,
         );
 
-    let mut read = log.read(req.offset, max_bytes)?;
+    let mut read = read_log(&log, req.offset, max_bytes).await?;
     if read.size_bytes() < min_bytes && Instant::now() < deadline {
         let _slot = broker.waiter_slot()?;
         let Some(mut changes) = topic.subscribe(req.partition) else {
@@ -90,14 +94,14 @@ pub async fn fetch(
             // Mark the current value seen, then re-read, so an append between the first
             // read and this point is not missed.
             changes.borrow_and_update();
-            read = log.read(req.offset, max_bytes)?;
+            read = read_log(&log, req.offset, max_bytes).await?;
             if read.size_bytes() >= min_bytes {
                 break;
             }
             tokio::select! {
                 _ = broker.shutdown().cancelled() => break,
                 _ = tokio::time::sleep_until(deadline) => {
-                    read = log.read(req.offset, max_bytes)?;
+                    read = read_log(&log, req.offset, max_bytes).await?;
                     break;
                 }
                 changed = changes.changed() => {
@@ -116,6 +120,21 @@ pub async fn fetch(
         }
     }
     Ok(build_response(&req, read, max_records, raw))
+}
+
+/// Reads inline when the storage says the data is hot ([`PartitionLog::is_hot`]), else on
+/// the blocking pool, so page-ins of cold data and first-read checksum checks never run on
+/// an async worker.
+async fn read_log(
+    log: &PartitionLog,
+    offset: u64,
+    max_bytes: usize,
+) -> Result<ReadResult, BrokerError> {
+    if log.is_hot(offset, max_bytes) {
+        return Ok(log.read(offset, max_bytes)?);
+    }
+    let log = log.clone();
+    Ok(tokio::task::spawn_blocking(move || log.read(offset, max_bytes)).await??)
 }
 
 /// Turns stored batches into the response: raw batches as they are (trimmed to whole batches

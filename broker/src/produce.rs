@@ -1,12 +1,17 @@
 //! Produce: partitioning, batch building and appending, for the unary call and the stream.
 //!
-//! A request is checked whole before anything is written (names, partitions, sizes, an empty
-//! batch), so bad input changes nothing. Records are grouped by partition in request order:
-//! an explicit partition wins, then the key's documented hash
-//! ([`rill_proto::partitioner`]), then round-robin. Each partition's records become one batch,
-//! appended under the partition's writer lock, so per-partition order holds whatever other
-//! producers do. A `durable` ack (or a topic flushed `always`) then waits for a group-commit
-//! sync on the blocking pool.
+//! A request is checked whole before anything is written (names, partitions, each batch's
+//! size against the topic's limit, checksum and structure, an empty batch), so bad input
+//! changes nothing. Records are grouped by partition in request order: an explicit partition
+//! wins, then the key's documented hash ([`rill_proto::partitioner`]), then round-robin. Each
+//! partition's records become one batch, appended under the partition's writer lock, so
+//! per-partition order holds whatever other producers do.
+//!
+//! No disk work runs on the async workers: an append that the storage can do at once (one
+//! `pwrite` into the page cache) is done inline; one that needs file work (growing the file,
+//! a roll, removing the clean-shutdown marker) runs on the blocking pool. The storage decides
+//! what the ack waits for ([`PartitionLog::settle`]: a group-commit sync for a `durable` ack
+//! or a topic flushed `always`), and that wait runs on the blocking pool too.
 
 use std::sync::Arc;
 
@@ -15,27 +20,28 @@ use rill_proto::partitioner::partition_for_key;
 use rill_proto::v1::produce_request::Payload;
 use rill_proto::v1::{AckMode, PartitionAppend, ProduceRequest, ProduceResponse, Record};
 use rill_storage::batch::BatchBuilder;
-use rill_storage::log::{now_ms, AppendInfo};
-use rill_storage::{FlushPolicy, PartitionLog};
+use rill_storage::log::{now_ms, Ack, AppendInfo, CheckedBatch, Unsettled};
+use rill_storage::PartitionLog;
 
 use crate::error::BrokerError;
 use crate::state::{Broker, TopicState};
 
-/// A checked request, ready to append: one encoded batch per partition.
+/// A checked request, ready to append: one checked batch per partition.
 #[derive(Debug)]
 pub struct Prepared {
     topic: Arc<TopicState>,
-    batches: Vec<(u32, PartitionLog, Bytes)>,
-    durable: bool,
+    batches: Vec<(u32, PartitionLog, CheckedBatch)>,
+    ack: Ack,
 }
 
 /// Checks `req` and encodes its batches. Nothing is written.
 pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerError> {
     broker.check_running()?;
     let topic = broker.topic(&req.topic)?;
-    let durable =
-        req.ack() == AckMode::Durable || topic.topic.config().flush == FlushPolicy::Always;
-    let max_batch = broker.config().max_batch_bytes;
+    let ack = match req.ack() {
+        AckMode::Durable => Ack::Durable,
+        _ => Ack::Leader,
+    };
     let batches = match req.payload {
         None => {
             return Err(BrokerError::invalid(format!(
@@ -58,7 +64,8 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
             }
             let log = topic.log(p)?;
             topic.check_timestamps(p, &bytes, now_ms())?;
-            vec![(p, log, bytes)]
+            let checked = log.check_batch(bytes)?;
+            vec![(p, log, checked)]
         }
         Some(Payload::Records(list)) => {
             if list.records.is_empty() {
@@ -80,16 +87,10 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                     }
                 })?;
                 topic.check_timestamps(p, &encoded, now)?;
-                if encoded.len() > max_batch {
-                    return Err(rill_storage::StorageError::BatchTooLarge {
-                        topic: req.topic.clone(),
-                        partition: p,
-                        size_bytes: encoded.len(),
-                        max_bytes: max_batch,
-                    }
-                    .into());
-                }
-                out.push((p, log, encoded));
+                // The topic's limit (the broker's max_batch_bytes, and no more than a
+                // segment) is checked here, with the checksum and structure.
+                let checked = log.check_batch(encoded)?;
+                out.push((p, log, checked));
             }
             out
         }
@@ -97,7 +98,7 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
     Ok(Prepared {
         topic,
         batches,
-        durable,
+        ack,
     })
 }
 
@@ -149,61 +150,75 @@ fn encode(
     builder.try_finish()
 }
 
-/// What [`append`] did: the offsets per partition, and whether fetches were waiting.
+/// What [`append`] did: per partition, an append that still owes its ack a settle, and
+/// whether fetches were waiting.
 #[derive(Debug)]
 pub struct Appended {
-    /// The offsets given per partition.
-    pub infos: Vec<(u32, AppendInfo)>,
+    unsettled: Vec<(u32, Unsettled)>,
     /// At least one long-poll fetch was woken.
     pub woke_fetches: bool,
 }
 
-/// Appends every batch, waking the partitions' waiting fetches. Appends are short copies
-/// into the page cache; growing or rolling a segment may touch the disk briefly.
-pub fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
-    let mut infos = Vec::with_capacity(prepared.batches.len());
+/// Appends every batch, waking the partitions' waiting fetches. An append the storage can do
+/// at once runs inline; one that needs file work (growing the file, a roll, removing the
+/// clean-shutdown marker) runs on the blocking pool, and the next partition waits for it so
+/// the request's order holds.
+pub async fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
+    let mut unsettled = Vec::with_capacity(prepared.batches.len());
     let mut woke_fetches = false;
-    for (p, log, bytes) in &prepared.batches {
-        let info = log.append(bytes)?;
-        woke_fetches |= prepared.topic.notify(*p, info.next_offset);
-        infos.push((*p, info));
+    for (p, log, batch) in &prepared.batches {
+        let done = match log.try_append(batch, prepared.ack)? {
+            Some(done) => done,
+            None => {
+                let (log, batch, ack) = (log.clone(), batch.clone(), prepared.ack);
+                tokio::task::spawn_blocking(move || log.append_checked(&batch, ack)).await??
+            }
+        };
+        woke_fetches |= prepared.topic.notify(*p, done.info().next_offset);
+        unsettled.push((*p, done));
     }
     Ok(Appended {
-        infos,
+        unsettled,
         woke_fetches,
     })
 }
 
-/// True when the ack must wait: for a sync (durable ack, or a topic flushed `always`), or for
-/// woken fetches to answer first.
-pub fn needs_settle(prepared: &Prepared, appended: &Appended) -> bool {
-    prepared.durable || appended.woke_fetches
+/// True when the ack must wait: for a sync (the storage says so: a durable ack, or a topic
+/// flushed `always`), or for woken fetches to answer first.
+pub fn needs_settle(appended: &Appended) -> bool {
+    appended.woke_fetches || appended.unsettled.iter().any(|(_, u)| u.needs_sync())
 }
 
-/// Waits until the appended data is durable when the request or the topic asks for it.
-pub async fn settle(prepared: &Prepared, appended: &Appended) -> Result<(), BrokerError> {
+/// Waits until every append is as durable as its ack and the topic's flush policy require
+/// (the syncs run on the blocking pool), and returns the offsets to acknowledge.
+pub async fn settle(
+    prepared: &Prepared,
+    appended: Appended,
+) -> Result<Vec<(u32, AppendInfo)>, BrokerError> {
     if appended.woke_fetches {
         // Let the woken fetches (queued on this worker) answer their consumers before this
         // producer's ack is written: end-to-end latency is the consumer's, and the ack only
         // waits for the few microseconds it takes them to send.
         tokio::task::yield_now().await;
     }
-    if !prepared.durable {
-        return Ok(());
+    let mut infos = Vec::with_capacity(appended.unsettled.len());
+    for ((_, log, _), (p, unsettled)) in prepared.batches.iter().zip(appended.unsettled) {
+        let info = if unsettled.needs_sync() {
+            let log = log.clone();
+            tokio::task::spawn_blocking(move || log.settle(unsettled)).await??
+        } else {
+            // Returns at once: nothing to wait for.
+            log.settle(unsettled)?
+        };
+        infos.push((p, info));
     }
-    for ((_, log, _), (_, info)) in prepared.batches.iter().zip(&appended.infos) {
-        let log = log.clone();
-        let end = info.next_offset;
-        tokio::task::spawn_blocking(move || log.sync_through(end)).await??;
-    }
-    Ok(())
+    Ok(infos)
 }
 
-/// The response for what was appended.
-pub fn response(appended: &Appended) -> ProduceResponse {
+/// The response for what was appended and settled.
+pub fn response(infos: &[(u32, AppendInfo)]) -> ProduceResponse {
     ProduceResponse {
-        appends: appended
-            .infos
+        appends: infos
             .iter()
             .map(|(p, info)| PartitionAppend {
                 partition: *p,
@@ -217,7 +232,7 @@ pub fn response(appended: &Appended) -> ProduceResponse {
 /// The whole unary produce.
 pub async fn produce(broker: &Broker, req: ProduceRequest) -> Result<ProduceResponse, BrokerError> {
     let prepared = prepare(broker, req)?;
-    let appended = append(&prepared)?;
-    settle(&prepared, &appended).await?;
-    Ok(response(&appended))
+    let appended = append(&prepared).await?;
+    let infos = settle(&prepared, appended).await?;
+    Ok(response(&infos))
 }

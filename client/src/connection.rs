@@ -75,7 +75,7 @@ impl Connection {
                 addr: addr.to_string(),
                 message: format!(
                     "{}: {}",
-                    error_chain(&e),
+                    chain_text(&e),
                     if options.tls_ca.is_some() {
                         "is a broker serving TLS there, with a certificate the CA signed for \
                          this host?"
@@ -124,17 +124,18 @@ impl Connection {
     }
 }
 
-/// An error and its sources, joined by `: ` (a TLS failure is in the sources of tonic's
-/// "transport error").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
+/// `e` and its sources joined with `: `, leaving out any whose text is already shown (a
+/// transport error alone says only "transport error"; the reason is further down).
+fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
+        let part = s.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
         }
         source = s.source();
     }
-    parts.join(": ")
+    text
 }

@@ -34,8 +34,10 @@ pub enum ClientError {
         message: String,
     },
     /// The broker refused or failed a request, or the transport broke before its answer
-    /// arrived; the message names topic, partition and offset.
-    #[error("{}", .source.message())]
+    /// arrived; the message names topic, partition and offset. Displayed as the broker's
+    /// message alone, followed by the code only where the code says something the message
+    /// does not (see [`code_note`]).
+    #[error("{}{}", .source.message(), code_note(.source))]
     Broker {
         /// The topic the request was for, if any.
         topic: Option<String>,
@@ -125,6 +127,45 @@ impl ClientError {
             | ClientError::Closed => false,
         }
     }
+}
+
+/// What the gRPC code adds to a broker's message, as ` (CODE)` or ` (CODE; retryable)`, or
+/// nothing. The broker's refusals (NOT_FOUND, INVALID_ARGUMENT, ALREADY_EXISTS,
+/// FAILED_PRECONDITION, OUT_OF_RANGE, RESOURCE_EXHAUSTED) name the problem in their message,
+/// so their code is left out; an outage, an internal failure or an empty message is not
+/// clear from the text alone, so the code is shown, with whether trying again may help.
+pub fn code_note(status: &Status) -> String {
+    let self_explained = matches!(
+        status.code(),
+        Code::NotFound
+            | Code::InvalidArgument
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::ResourceExhausted
+    );
+    if self_explained && !status.message().is_empty() {
+        return String::new();
+    }
+    let name = code_name(status.code());
+    let sep = if status.message().is_empty() { "" } else { " " };
+    if is_retryable_status(status) {
+        format!("{sep}({name}; retryable)")
+    } else {
+        format!("{sep}({name})")
+    }
+}
+
+/// A code's name as the gRPC specification spells it (`NOT_FOUND`), from its Rust name.
+fn code_name(code: Code) -> String {
+    let mut name = String::new();
+    for (i, ch) in format!("{code:?}").chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(ch.to_ascii_uppercase());
+    }
+    name
 }
 
 /// True when a status means "try again", decided from its code and the types of its
@@ -233,6 +274,29 @@ mod tests {
         for e in others {
             assert!(!e.is_retryable(), "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_broker_error_shows_its_message_once_and_the_code_only_where_it_adds() {
+        assert_eq!(
+            broker(Status::not_found("topic \"nope\" not found")).to_string(),
+            "topic \"nope\" not found"
+        );
+        assert_eq!(
+            broker(Status::invalid_argument("bad name")).to_string(),
+            "bad name"
+        );
+        assert_eq!(
+            broker(Status::unavailable("the broker is shutting down")).to_string(),
+            "the broker is shutting down (UNAVAILABLE; retryable)"
+        );
+        assert_eq!(
+            broker(Status::internal("disk gone")).to_string(),
+            "disk gone (INTERNAL)"
+        );
+        assert_eq!(broker(Status::not_found("")).to_string(), "(NOT_FOUND)");
+        assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+        assert_eq!(code_name(Code::Ok), "OK");
     }
 
     #[test]

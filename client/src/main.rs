@@ -18,7 +18,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(rill_client::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", rill_client::cli::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

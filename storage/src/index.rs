@@ -3,9 +3,10 @@
 //! Both are arrays of fixed-width little-endian entries (see `storage/FORMAT.md`), appended
 //! about every [`INDEX_INTERVAL_BYTES`] of log. The active segment's index files are
 //! preallocated to their capacity and their entry count lives in memory (and in the
-//! clean-shutdown marker); a sealed segment's index files are trimmed to their entries, so the
-//! count is the file length divided by the entry width. The log is the truth: an index that is
-//! missing, misshapen or inconsistent is rebuilt from the log.
+//! clean-shutdown marker); a sealed segment's index files are trimmed to their entries (by
+//! the first sync after the seal), so the count is the file length divided by the entry
+//! width. The log is the truth: an index that is missing, misshapen or inconsistent is
+//! rebuilt from the log.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -59,11 +60,20 @@ struct EntryFile {
     entry_len: usize,
     /// Entries `[0, len)` are published and never rewritten.
     len: AtomicUsize,
-    /// Serializes pushes and the seal. The partition's writer lock already serializes them, so
-    /// this lock is never contended; it exists so that writing through the shared mapping is
-    /// safe by construction rather than by a caller's promise. Holds the capacity in entries
-    /// (0 once sealed or read-only).
-    write: Mutex<usize>,
+    /// Serializes pushes, the seal and the trim. The partition's writer lock already
+    /// serializes pushes and the seal, so this lock is never contended; it exists so that
+    /// writing through the shared mapping is safe by construction rather than by a caller's
+    /// promise.
+    write: Mutex<EntryWrite>,
+}
+
+/// Writer-side state of an [`EntryFile`].
+#[derive(Debug)]
+struct EntryWrite {
+    /// Capacity in entries; 0 once sealed or read-only.
+    capacity: usize,
+    /// Sealed, but the file is not yet trimmed to its entries (the next sync trims it).
+    trim_pending: bool,
 }
 
 impl EntryFile {
@@ -111,7 +121,10 @@ impl EntryFile {
             region,
             entry_len,
             len: AtomicUsize::new(len.min(capacity)),
-            write: Mutex::new(capacity),
+            write: Mutex::new(EntryWrite {
+                capacity,
+                trim_pending: false,
+            }),
         })
     }
 
@@ -141,7 +154,10 @@ impl EntryFile {
             region,
             entry_len,
             len: AtomicUsize::new(len),
-            write: Mutex::new(0),
+            write: Mutex::new(EntryWrite {
+                capacity: 0,
+                trim_pending: false,
+            }),
         }))
     }
 
@@ -159,9 +175,9 @@ impl EntryFile {
     /// Appends one entry; false when the index is full (the entry is just skipped: a sparse
     /// index stays correct with fewer entries).
     fn push(&self, entry: &[u8]) -> bool {
-        let capacity = self.write.lock();
+        let w = self.write.lock();
         let len = self.len.load(Ordering::Relaxed);
-        if len >= *capacity {
+        if len >= w.capacity {
             return false;
         }
         // SAFETY: the write lock makes this the only writer; the slot is past the published
@@ -172,23 +188,40 @@ impl EntryFile {
         true
     }
 
-    /// Syncs the file: entries written through the mapping and any trim. fdatasync covers
-    /// pages dirtied through a shared mapping as well as by write.
+    /// Syncs the file: trims a sealed index to its entries first, then syncs the entries
+    /// written through the mapping and the trim. fdatasync covers pages dirtied through a
+    /// shared mapping as well as by write.
     fn sync(&self) -> Result<()> {
+        {
+            let mut w = self.write.lock();
+            if w.trim_pending {
+                let bytes = (self.len() * self.entry_len) as u64;
+                self.file
+                    .set_len(bytes)
+                    .map_err(|e| StorageError::io("trim index", &self.path, e))?;
+                w.trim_pending = false;
+            }
+        }
         self.file
             .sync_data()
             .map_err(|e| StorageError::io("sync index", &self.path, e))
     }
 
-    /// Trims the file to its entries and stops appends. The trim is made durable by the next
-    /// [`EntryFile::sync`], off the append path.
-    fn seal(&self) -> Result<()> {
-        let mut capacity = self.write.lock();
-        let bytes = (self.len() * self.entry_len) as u64;
-        self.file
-            .set_len(bytes)
-            .map_err(|e| StorageError::io("trim index", &self.path, e))?;
-        *capacity = 0;
+    /// Stops appends. Touches no file: the trim to the entries is left to the next
+    /// [`EntryFile::sync`], so sealing (part of a roll, under the partition's writer lock)
+    /// never waits on the file system.
+    fn seal(&self) {
+        let mut w = self.write.lock();
+        if w.capacity > 0 {
+            w.capacity = 0;
+            w.trim_pending = true;
+        }
+    }
+
+    /// Renames the file (a spare segment's index taking its segment's name).
+    fn rename(&mut self, to: &Path) -> Result<()> {
+        std::fs::rename(&self.path, to).map_err(|e| StorageError::io("rename index", to, e))?;
+        self.path = to.to_path_buf();
         Ok(())
     }
 }
@@ -355,14 +388,19 @@ impl<E: Entry> Index<E> {
         true
     }
 
-    /// Syncs the entries (and a trim) to stable storage.
+    /// Trims a sealed index to its entries, then syncs the entries and the trim.
     pub fn sync(&self) -> Result<()> {
         self.file.sync()
     }
 
-    /// Trims the file to its entries; the next sync makes it durable.
-    pub fn seal(&self) -> Result<()> {
+    /// Stops appends; the next [`Index::sync`] trims the file to its entries.
+    pub fn seal(&self) {
         self.file.seal()
+    }
+
+    /// Renames the index file to `to`.
+    pub fn rename(&mut self, to: &Path) -> Result<()> {
+        self.file.rename(to)
     }
 }
 

@@ -1,7 +1,10 @@
 //! Rill's log engine: a durable, segmented, memory-mapped log per topic partition.
 //!
 //! The engine is synchronous: it knows nothing of async runtimes, gRPC or the broker. Callers
-//! that live on an async runtime run blocking calls (syncs, opens) on a blocking pool.
+//! that live on an async runtime run blocking calls (syncs, opens, rolls) on a blocking pool;
+//! the engine tells them when a call needs no disk work ([`PartitionLog::try_append`],
+//! [`PartitionLog::is_hot`]) so the hot path can stay inline. The `fault-injection` feature
+//! adds per-partition slow-sync and slow-roll hooks for end-to-end tests.
 //!
 //! # The map
 //! - [`batch`]: the record-batch format (the unit of storage and of transfer) and its zero-copy
@@ -9,7 +12,7 @@
 //! - [`index`]: the sparse offset index and the time index of a segment, memory-mapped.
 //! - [`segment`]: one segment file: preallocation, the append mapping, sealing, batch lookup.
 //! - [`log`]: [`PartitionLog`], a partition's ordered segments: append, read, time lookup,
-//!   durability (flush policies and group commit), fencing, retention.
+//!   durability (the flush policy's enforcement and group commit), fencing, retention.
 //! - [`region`]: a shared memory-mapped region; the only module that touches mapping pointers.
 //! - [`recovery`]: opening a partition: the clean-shutdown marker, the recovery point, the scan
 //!   that cuts torn tails, and index rebuilds.

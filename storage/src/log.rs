@@ -1,35 +1,53 @@
 //! [`PartitionLog`]: one partition's ordered segments, and everything done to them.
 //!
-//! - **Appends** are serialized by the writer lock (a plain lock: nothing awaits while it is
-//!   held, and appends are short copies into the page cache). The engine assigns offsets,
-//!   writes the batch into the active segment with one `pwrite`, updates the indexes, and
-//!   publishes the new length and high watermark with release stores.
+//! - **Appends** (the `append` submodule) are serialized by the writer lock, a plain lock
+//!   held only for in-memory work and one `pwrite` into the page cache. The file work an append
+//!   may need (removing the clean-shutdown marker, growing the file, creating the next segment)
+//!   runs outside that lock, and [`PartitionLog::try_append`] tells an async caller whether
+//!   an append can be done at once or needs a blocking thread.
 //! - **Reads** take no lock: an atomic load of the high watermark and an `Arc` clone of the
-//!   segment list, then zero-copy [`Bytes`] of whole batches.
-//! - **Durability**: [`PartitionLog::sync_through`] is a group commit: one sync serves every
-//!   caller waiting on it. A failed sync fences the partition: appends fail from then on,
-//!   reads still work.
-//! - **Retention** deletes whole sealed segments from the front; the log start offset is the
+//!   segment list, then zero-copy [`Bytes`] of whole batches. [`PartitionLog::is_hot`] tells
+//!   whether a read touches only pages this process wrote or read already.
+//! - **Durability** (the `durability` submodule): the flush policy is enforced here, by
+//!   [`PartitionLog::settle`] (an append waits for a sync when its ack or the policy asks) and
+//!   by [`PartitionLog::run_background`] (the periodic flush and checkpoints, which a caller
+//!   drives). [`PartitionLog::sync_through`] is a group commit: one sync serves every caller
+//!   waiting on it. A failed sync fences the partition: appends fail from then on, reads
+//!   still work.
+//! - **Retention** (the `retention` submodule) deletes whole sealed segments from the front; the log start offset is the
 //!   first remaining segment's base offset, so it persists with the files themselves.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use crate::batch::{BatchError, BatchView};
 use crate::config::{FlushPolicy, TopicConfig};
 use crate::error::{Result, StorageError};
-use crate::fsutil::fsync_dir;
 use crate::recovery::{self, RecoveryReport};
-use crate::segment::{LogId, Segment};
+use crate::segment::{LogId, Segment, Spare};
+
+mod append;
+mod durability;
+mod inject;
+mod retention;
+
+pub use append::{Ack, CheckedBatch, Unsettled};
+pub use durability::FLUSH_TICK_MS;
 
 /// The default largest batch a partition accepts, in bytes (16 MiB).
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// The largest batch a partition accepts: the engine's limit `max_batch_bytes`, and no more
+/// than one segment of `segment_bytes` holds (a batch never spans segments). A larger batch is
+/// refused with [`StorageError::BatchTooLarge`] before anything is written.
+pub fn effective_max_batch_bytes(max_batch_bytes: usize, segment_bytes: u64) -> usize {
+    max_batch_bytes.min(usize::try_from(segment_bytes).unwrap_or(usize::MAX))
+}
 
 /// How a partition log is run: the topic's config plus engine limits.
 #[derive(Debug, Clone)]
@@ -48,7 +66,9 @@ pub struct LogOptions {
     pub retention_bytes: Option<u64>,
     /// When appends are synced.
     pub flush: FlushPolicy,
-    /// The largest batch accepted, in bytes. Default [`DEFAULT_MAX_BATCH_BYTES`].
+    /// The largest batch accepted, in bytes. Default [`DEFAULT_MAX_BATCH_BYTES`]; the
+    /// partition also refuses batches larger than a segment (see
+    /// [`LogOptions::effective_max_batch_bytes`]).
     pub max_batch_bytes: usize,
 }
 
@@ -71,6 +91,12 @@ impl LogOptions {
     pub fn max_batch_bytes(mut self, max_batch_bytes: usize) -> Self {
         self.max_batch_bytes = max_batch_bytes;
         self
+    }
+
+    /// The largest batch the partition accepts, in bytes: the smaller of
+    /// [`LogOptions::max_batch_bytes`] and the segment size.
+    pub fn effective_max_batch_bytes(&self) -> usize {
+        effective_max_batch_bytes(self.max_batch_bytes, self.segment_bytes)
     }
 }
 
@@ -147,12 +173,27 @@ struct Inner {
     /// retention, so readers need only an atomic load.
     segments: ArcSwap<Vec<Arc<Segment>>>,
     high_watermark: AtomicU64,
-    /// Serializes appends, rolls, retention and close. Never held across an await (this crate
-    /// has none) nor across a group-commit sync, which uses `sync` below instead.
-    writer: Mutex<WriterState>,
+    /// Serializes appends, rolls, the segment-list swap of retention, and the start of close.
+    /// Held only for in-memory work, one `pwrite` and (in a roll) three renames: never across
+    /// an fsync, an unlink or a file creation, and never across an await (this crate has none).
+    writer: Mutex<()>,
+    /// Set (under the writer lock) by close: appends fail from then on.
+    closed: AtomicBool,
+    /// The clean-shutdown marker is on disk: it must go, durably, before the first write, or
+    /// a crash after that write would look like a clean shutdown.
+    marker_present: AtomicBool,
+    /// Serializes the marker's removal (by the first append, off the writer lock) with its
+    /// writing (by close).
+    marker_lock: Mutex<()>,
+    /// The next segment's files, created ahead of a roll without the writer lock.
+    spare: Mutex<Option<Spare>>,
     /// Group commit state; `sync_done` wakes the callers waiting on a sync in progress.
     sync: Mutex<SyncState>,
     sync_done: Condvar,
+    /// A copy of `SyncState::durable_offset`, for lock-free checks.
+    durable_offset: AtomicU64,
+    /// Syncs that wrote appended data to stable storage (for tests and metrics).
+    syncs: AtomicU64,
     fenced: AtomicBool,
     fence_reason: Mutex<Option<String>>,
     /// A roll happened since the last checkpoint: the folder (a new file) and the sealed
@@ -161,17 +202,19 @@ struct Inner {
     /// Serializes checkpoints (folder fsync and recovery-point write), which both the group
     /// commit and the background checkpoint may run.
     checkpoint_lock: Mutex<()>,
+    /// When this handle was opened: the clock of `last_flush_ms`.
+    opened_at: Instant,
+    /// When the last `interval` flush started, in ms since `opened_at`.
+    last_flush_ms: AtomicU64,
+    /// A [`PartitionLog::run_background`] is running.
+    background_busy: AtomicBool,
+    /// Serializes retention passes (never taken by appends).
+    retention_lock: Mutex<()>,
+    /// Segments cut by retention whose files are not yet deleted or which a reader may still
+    /// hold (see the `retention` module).
+    retired: Mutex<Vec<retention::Retired>>,
     report: RecoveryReport,
-    #[cfg(test)]
-    fail_next_sync: AtomicBool,
-}
-
-#[derive(Debug)]
-struct WriterState {
-    /// The clean-shutdown marker is still on disk; it must go before the first write, or a
-    /// crash after that write would look like a clean shutdown.
-    clean_marker_present: bool,
-    closed: bool,
+    faults: inject::Faults,
 }
 
 #[derive(Debug)]
@@ -190,7 +233,7 @@ pub fn now_ms() -> i64 {
 
 impl PartitionLog {
     /// Opens the partition in `dir`, creating it when empty. After a clean shutdown this
-    /// validates nothing; after a crash it recovers (see [`crate::recovery`]).
+    /// validates nothing; after a crash it recovers (see [`crate::recovery`]). Blocking.
     pub fn open(dir: &Path, options: LogOptions) -> Result<Self> {
         let id = Arc::new(LogId {
             topic: options.topic.clone(),
@@ -198,6 +241,11 @@ impl PartitionLog {
         });
         let opened = recovery::open_segments(&id, dir, options.segment_bytes, now_ms())?;
         let high_watermark = opened.segments.last().map_or(0, |s| s.next_offset());
+        let durable_offset = if opened.report.clean {
+            high_watermark
+        } else {
+            0
+        };
         Ok(PartitionLog {
             inner: Arc::new(Inner {
                 id,
@@ -205,26 +253,29 @@ impl PartitionLog {
                 options,
                 segments: ArcSwap::from_pointee(opened.segments),
                 high_watermark: AtomicU64::new(high_watermark),
-                writer: Mutex::new(WriterState {
-                    clean_marker_present: opened.report.clean,
-                    closed: false,
-                }),
+                writer: Mutex::new(()),
+                closed: AtomicBool::new(false),
+                marker_present: AtomicBool::new(opened.report.clean),
+                marker_lock: Mutex::new(()),
+                spare: Mutex::new(None),
                 sync: Mutex::new(SyncState {
-                    durable_offset: if opened.report.clean {
-                        high_watermark
-                    } else {
-                        0
-                    },
+                    durable_offset,
                     in_progress: false,
                 }),
                 sync_done: Condvar::new(),
+                durable_offset: AtomicU64::new(durable_offset),
+                syncs: AtomicU64::new(0),
                 fenced: AtomicBool::new(false),
                 fence_reason: Mutex::new(None),
                 checkpoint_due: AtomicBool::new(false),
                 checkpoint_lock: Mutex::new(()),
+                opened_at: Instant::now(),
+                last_flush_ms: AtomicU64::new(0),
+                background_busy: AtomicBool::new(false),
+                retention_lock: Mutex::new(()),
+                retired: Mutex::new(Vec::new()),
                 report: opened.report,
-                #[cfg(test)]
-                fail_next_sync: AtomicBool::new(false),
+                faults: inject::Faults::default(),
             }),
         })
     }
@@ -288,78 +339,6 @@ impl PartitionLog {
         }
     }
 
-    /// Appends one encoded batch (see `storage/FORMAT.md`), assigning its offsets. The batch
-    /// is checked first (length, checksum, structure); a bad one changes nothing. The data is
-    /// in the page cache on return; call [`PartitionLog::sync_through`] for durability.
-    pub fn append(&self, batch: &[u8]) -> Result<AppendInfo> {
-        let inner = &*self.inner;
-        if batch.len() > inner.options.max_batch_bytes {
-            return Err(StorageError::BatchTooLarge {
-                topic: inner.id.topic.clone(),
-                partition: inner.id.partition,
-                size_bytes: batch.len(),
-                max_bytes: inner.options.max_batch_bytes,
-            });
-        }
-        let invalid = |source| StorageError::InvalidBatch {
-            topic: inner.id.topic.clone(),
-            partition: inner.id.partition,
-            source,
-        };
-        let view = BatchView::parse(batch).map_err(invalid)?;
-        view.validate().map_err(invalid)?;
-        let header = *view.header();
-        if header.total_len() != batch.len() {
-            return Err(invalid(BatchError::BadLength));
-        }
-
-        let mut w = inner.writer.lock();
-        self.check_writable(&w)?;
-        if w.clean_marker_present {
-            recovery::remove_clean_marker(&inner.dir)?;
-            w.clean_marker_present = false;
-        }
-        let now = now_ms();
-        let mut active = self.active();
-        let age_ms = now.saturating_sub(active.created_ms());
-        let too_old = active.size_bytes() > 0
-            && u64::try_from(age_ms).is_ok_and(|age| age >= inner.options.segment_ms);
-        if !active.fits(batch.len() as u64) || too_old {
-            active = self.roll(now)?;
-        }
-        let base_offset = inner.high_watermark.load(Ordering::Relaxed);
-        if let Err(e) = active.append(batch, base_offset, &header) {
-            // A full disk refuses this append and nothing else; any other write failure
-            // means the disk can no longer be trusted with this partition.
-            if !e.is_no_space() {
-                self.fence(format!("write failed: {e}"));
-            }
-            return Err(e);
-        }
-        let next_offset = base_offset + u64::from(header.record_count);
-        inner.high_watermark.store(next_offset, Ordering::Release);
-        Ok(AppendInfo {
-            base_offset,
-            last_offset: next_offset - 1,
-            next_offset,
-            record_count: header.record_count,
-        })
-    }
-
-    fn check_writable(&self, w: &WriterState) -> Result<()> {
-        if w.closed {
-            return Err(StorageError::Closed);
-        }
-        if let Some(reason) = self.fenced_reason() {
-            return Err(StorageError::Fenced {
-                topic: self.inner.id.topic.clone(),
-                partition: self.inner.id.partition,
-                reason,
-            });
-        }
-        Ok(())
-    }
-
     fn active(&self) -> Arc<Segment> {
         let segments = self.inner.segments.load();
         match segments.last() {
@@ -369,153 +348,43 @@ impl PartitionLog {
         }
     }
 
-    /// Seals the active segment and starts a new one at the high watermark. Called with the
-    /// writer lock held. Nothing is synced here: the sealed segment, the new file's folder
-    /// entry and the recovery point are made durable by the next sync or checkpoint.
-    fn roll(&self, now: i64) -> Result<Arc<Segment>> {
-        let inner = &*self.inner;
-        let old = self.active();
-        if let Err(e) = old.seal() {
-            self.fence(format!("sealing segment {:?} failed: {e}", old.path()));
-            return Err(e);
+    /// True when a read from `offset` of up to `max_bytes` touches only batches this process
+    /// appended or has read (and checked) before, so it checks no checksum and its pages were
+    /// in memory a moment ago: an async caller may read inline. False when it would check
+    /// batches found on disk at open (their first read), which are likely not in memory
+    /// either: read those on a blocking thread. Memory pressure can still evict a hot page,
+    /// so this is a good guess, not a promise. Never blocks.
+    pub fn is_hot(&self, offset: u64, max_bytes: usize) -> bool {
+        let segments = self.inner.segments.load();
+        let first = segments
+            .partition_point(|s| s.base_offset() <= offset)
+            .saturating_sub(1);
+        let Some(start) = segments.get(first) else {
+            return false;
+        };
+        if !start.is_hot(offset) {
+            return false;
         }
-        let base = inner.high_watermark.load(Ordering::Relaxed);
-        let segment = Arc::new(Segment::create(
-            Arc::clone(&inner.id),
-            &inner.dir,
-            base,
-            inner.options.segment_bytes,
-            now,
-        )?);
-        let mut list = Vec::clone(&inner.segments.load());
-        list.push(Arc::clone(&segment));
-        inner.segments.store(Arc::new(list));
-        inner.checkpoint_due.store(true, Ordering::Release);
-        Ok(segment)
-    }
-
-    /// Makes sealed segments durable and moves the recovery point up to the active segment,
-    /// so a crash recovery scans only that one. Cheap when no roll happened since the last
-    /// checkpoint. The broker calls this periodically for every partition; syncs of the
-    /// active segment are left to the flush policy.
-    pub fn checkpoint(&self) -> Result<()> {
-        if !self.inner.checkpoint_due.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let segments = self.inner.segments.load_full();
-        let sealed = &segments[..segments.len().saturating_sub(1)];
-        let result = self.checkpoint_segments(sealed, &segments);
-        if let Err(e) = &result {
-            self.fence(format!("checkpoint failed: {e}"));
-        }
-        result
-    }
-
-    /// Syncs `to_sync`, then, if a roll is pending, the folder and the recovery point (the
-    /// base of the last segment of `segments`).
-    fn checkpoint_segments(
-        &self,
-        to_sync: &[Arc<Segment>],
-        segments: &[Arc<Segment>],
-    ) -> Result<()> {
-        for segment in to_sync {
-            if segment.needs_sync() {
-                segment.sync()?;
+        // The read may run on into later segments: they must be hot from their start, as far
+        // as `max_bytes` can reach (counting none of the first segment's bytes, to be safe).
+        let mut covered = 0u64;
+        for segment in &segments[first + 1..] {
+            if covered >= max_bytes as u64 {
+                break;
             }
-        }
-        let _lock = self.inner.checkpoint_lock.lock();
-        if self.inner.checkpoint_due.swap(false, Ordering::AcqRel) {
-            let done = fsync_dir(&self.inner.dir).and_then(|()| {
-                let point = segments.last().map_or(0, |s| s.base_offset());
-                recovery::write_recovery_point(&self.inner.dir, point)
-            });
-            if let Err(e) = done {
-                self.inner.checkpoint_due.store(true, Ordering::Release);
-                return Err(e);
+            if !segment.is_hot(segment.base_offset()) {
+                return false;
             }
+            covered += segment.size_bytes();
         }
-        Ok(())
-    }
-
-    /// Returns once every offset below `end_offset` is on stable storage. Group commit: if a
-    /// sync is already running, wait for it and check again; otherwise run one that covers
-    /// everything appended so far, serving every caller waiting meanwhile.
-    pub fn sync_through(&self, end_offset: u64) -> Result<()> {
-        let inner = &*self.inner;
-        let mut state = inner.sync.lock();
-        loop {
-            if let Some(reason) = self.fenced_reason() {
-                return Err(StorageError::Fenced {
-                    topic: inner.id.topic.clone(),
-                    partition: inner.id.partition,
-                    reason,
-                });
-            }
-            if state.durable_offset >= end_offset {
-                return Ok(());
-            }
-            if state.in_progress {
-                inner.sync_done.wait(&mut state);
-                continue;
-            }
-            state.in_progress = true;
-            drop(state);
-            let result = self.sync_now();
-            state = inner.sync.lock();
-            state.in_progress = false;
-            match result {
-                Ok(synced) => state.durable_offset = state.durable_offset.max(synced),
-                Err(e) => {
-                    self.fence(format!("sync failed: {e}"));
-                    inner.sync_done.notify_all();
-                    return Err(e);
-                }
-            }
-            inner.sync_done.notify_all();
-        }
-    }
-
-    /// Syncs everything appended so far ([`PartitionLog::sync_through`] the high watermark).
-    pub fn flush(&self) -> Result<()> {
-        self.sync_through(self.high_watermark())
-    }
-
-    /// Syncs every segment with unsynced data (the active one, and any sealed since the last
-    /// sync), then the folder and the recovery point if a roll happened; returns the offset
-    /// below which all is durable.
-    fn sync_now(&self) -> Result<u64> {
-        // Load the watermark first: every batch below it is in a segment of the list loaded
-        // next.
-        let target = self.high_watermark();
-        #[cfg(test)]
-        if self.inner.fail_next_sync.swap(false, Ordering::AcqRel) {
-            return Err(StorageError::io(
-                "sync segment",
-                &self.inner.dir,
-                std::io::Error::other("injected sync failure"),
-            ));
-        }
-        let segments = self.inner.segments.load_full();
-        self.checkpoint_segments(&segments, &segments)?;
-        Ok(target)
-    }
-
-    fn fence(&self, reason: String) {
-        tracing::error!(
-            topic = %self.inner.id.topic, partition = self.inner.id.partition, %reason,
-            "partition fenced: it refuses writes until restarted"
-        );
-        let mut slot = self.inner.fence_reason.lock();
-        if slot.is_none() {
-            *slot = Some(reason);
-        }
-        self.inner.fenced.store(true, Ordering::Release);
+        true
     }
 
     /// Reads whole batches from `offset` up to about `max_bytes` (at least one batch when any
     /// exists). An offset equal to the high watermark returns nothing; one outside
     /// `[log_start, high_watermark]` is [`StorageError::OffsetOutOfRange`]. A batch that fails
-    /// its checksum is [`StorageError::DataLoss`], never served.
+    /// its checksum is [`StorageError::DataLoss`], never served. May block on page-ins (see
+    /// [`PartitionLog::is_hot`]).
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult> {
         let high_watermark = self.high_watermark();
         let segments = self.inner.segments.load();
@@ -569,7 +438,7 @@ impl PartitionLog {
     }
 
     /// The first offset whose record timestamp is at or after `timestamp_ms`, or `None` when
-    /// every retained record is older.
+    /// every retained record is older. May block on page-ins and first-read checks.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
         let segments = self.inner.segments.load();
         for segment in segments.iter() {
@@ -583,99 +452,6 @@ impl PartitionLog {
             }
         }
         Ok(None)
-    }
-
-    /// Deletes sealed segments from the front: those whose newest record is older than the
-    /// retention time, then the oldest while the partition holds more than the retention size.
-    /// The active segment is never deleted.
-    pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
-        let inner = &*self.inner;
-        let _w = inner.writer.lock();
-        let segments = inner.segments.load_full();
-        let sealed = segments.len().saturating_sub(1);
-        let mut cut = 0;
-        if let Some(retention_ms) = inner.options.retention_ms {
-            let cutoff = now_ms.saturating_sub(i64::try_from(retention_ms).unwrap_or(i64::MAX));
-            while cut < sealed
-                && segments[cut]
-                    .max_timestamp_ms()
-                    .is_none_or(|max| max < cutoff)
-            {
-                cut += 1;
-            }
-        }
-        if let Some(limit) = inner.options.retention_bytes {
-            let mut total: u64 = segments[cut..].iter().map(|s| s.size_bytes()).sum();
-            while cut < sealed && total > limit {
-                total -= segments[cut].size_bytes();
-                cut += 1;
-            }
-        }
-        let mut outcome = RetentionOutcome {
-            log_start_offset: segments.first().map_or(0, |s| s.base_offset()),
-            ..RetentionOutcome::default()
-        };
-        if cut == 0 {
-            return Ok(outcome);
-        }
-        let mut deleted = 0;
-        let mut error = None;
-        for segment in &segments[..cut] {
-            // Oldest first, so what remains on disk is always a suffix of the log.
-            if let Err(e) = segment.remove_files() {
-                error = Some(e);
-                break;
-            }
-            deleted += 1;
-            outcome.deleted_bytes += segment.size_bytes();
-        }
-        if deleted > 0 {
-            let rest = segments[deleted..].to_vec();
-            outcome.log_start_offset = rest.first().map_or(0, |s| s.base_offset());
-            inner.segments.store(Arc::new(rest));
-            outcome.deleted_segments = deleted as u32;
-            tracing::info!(
-                topic = %inner.id.topic, partition = inner.id.partition,
-                segments = deleted, bytes = outcome.deleted_bytes,
-                log_start_offset = outcome.log_start_offset, "retention deleted segments"
-            );
-            fsync_dir(&inner.dir)?;
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(outcome),
-        }
-    }
-
-    /// Closes the partition cleanly: syncs it, writes the recovery point and then the
-    /// clean-shutdown marker, so the next open validates nothing. A fenced partition gets no
-    /// marker (its next open scans). Idempotent; appends fail with [`StorageError::Closed`] afterwards.
-    pub fn close(&self) -> Result<()> {
-        let inner = &*self.inner;
-        let mut w = inner.writer.lock();
-        if w.closed {
-            return Ok(());
-        }
-        w.closed = true;
-        if self.fenced_reason().is_some() {
-            return Ok(());
-        }
-        // Sync everything and move the recovery point to the active segment, then write the
-        // marker: the next open trusts the marker, and a later crash scans only the active
-        // segment.
-        inner.checkpoint_due.store(true, Ordering::Release);
-        self.flush()?;
-        self.checkpoint()?;
-        let active = self.active();
-        recovery::write_clean_marker(&inner.dir, &active, self.high_watermark())?;
-        w.clean_marker_present = true;
-        Ok(())
-    }
-
-    /// Makes the next sync fail, to test fencing.
-    #[cfg(test)]
-    pub(crate) fn inject_sync_failure(&self) {
-        self.inner.fail_next_sync.store(true, Ordering::Release);
     }
 }
 

@@ -380,7 +380,7 @@ fn recover(
                 break;
             }
             if !is_last {
-                segment.seal()?;
+                segment.seal();
             }
             segment
         };

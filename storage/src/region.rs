@@ -6,6 +6,10 @@
 //! that the owner tracks (an atomic), and bytes below it are never written again. Readers only
 //! read below the published length they loaded. Writers are serialized by the owner (the
 //! partition's writer lock), so no two writes overlap either.
+//!
+//! Nothing here syncs: the owner syncs the file with `fdatasync`, which on Linux also writes
+//! back the pages dirtied through a shared mapping (the index entries written by
+//! [`Region::write_at`]).
 
 use std::fs::File;
 use std::io;
@@ -114,15 +118,6 @@ impl Region {
             start,
             end,
         })
-    }
-
-    /// Syncs `[start, end)` to stable storage (`msync(MS_SYNC)`, which on Linux also syncs the
-    /// file size the data needs).
-    pub fn sync_range(&self, start: usize, end: usize) -> io::Result<()> {
-        match self.map.as_ref() {
-            Some(map) if start < end && end <= self.len => map.flush_range(start, end - start),
-            _ => Ok(()),
-        }
     }
 }
 

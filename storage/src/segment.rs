@@ -4,9 +4,14 @@
 //! [`crate::fsutil::preallocate`]), so a full disk is an error before anything is written. An
 //! append is one `pwrite` into the page cache; readers see the bytes through one read-only
 //! mapping of `segment_bytes`, zero-copy. Appends publish the new length with a release store;
-//! readers load it and only ever read below it, so they never see part of a batch. Sealing
-//! trims the file to its length (never below it) and leaves the sync to the next checkpoint;
-//! published bytes are never rewritten, so a [`Bytes`] a reader holds stays valid.
+//! readers load it and only ever read below it, so they never see part of a batch. Published
+//! bytes are never rewritten, so a [`Bytes`] a reader holds stays valid.
+//!
+//! The file work a segment needs is kept apart from the append itself, so that the partition
+//! can run it without its writer lock and off the async workers: a new segment's files are
+//! created ahead as a [`Spare`] under temporary names and only renamed by the roll; growing
+//! the file ([`Segment::grow_for`]) runs beside appends; sealing only marks the segment, and
+//! trimming the files to their length is left to the next [`Segment::sync`].
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -24,6 +29,8 @@ use crate::index::{OffsetEntry, OffsetIndex, TimeEntry, TimeIndex, INDEX_INTERVA
 use crate::region::Region;
 
 mod open;
+
+pub use open::Spare;
 
 /// The active segment's file grows by this many bytes at a time (or less, up to the segment
 /// size). Small enough that a topic with many partitions does not reserve gigabytes up front.
@@ -59,8 +66,20 @@ struct WriteState {
     bytes_since_index: u64,
     /// Published bytes already synced.
     synced_bytes: u64,
-    /// Sealing trimmed the files and no sync has made that durable yet.
-    trim_unsynced: bool,
+    /// Sealed, and the files are not yet trimmed to their length: the next sync trims them
+    /// and makes the trim durable.
+    trim_pending: bool,
+}
+
+/// Whether the active segment can take a batch of a given size right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// The batch fits in the file's allocated blocks: the append is one `pwrite`.
+    Ready,
+    /// The batch fits in the segment, but the file must grow first ([`Segment::grow_for`]).
+    Grow,
+    /// The batch does not fit (or the segment is sealed): the partition must roll.
+    Full,
 }
 
 /// A batch found by walking a segment.
@@ -95,8 +114,19 @@ pub struct Segment {
     next_offset: AtomicU64,
     /// The largest record timestamp published (`i64::MIN` when empty).
     max_timestamp_ms: AtomicI64,
-    /// Bytes `[0, verified)` passed their checksum since open; reads check the rest.
+    /// Bytes `[0, verified)` passed their checksum since open.
     verified_bytes: AtomicU64,
+    /// Bytes the file held when it was opened. Bytes from here on were appended by this
+    /// process, which checked each batch on the way in; bytes below it are checked on their
+    /// first read (see [`Segment::verify`]).
+    opened_bytes: u64,
+    /// Every batch from this offset on was appended by this process or has passed its
+    /// checksum since open: reading it checks nothing and touches pages this process wrote or
+    /// read (see [`Segment::is_hot`]).
+    hot_from_offset: AtomicU64,
+    /// Serializes growing the file with trimming it; both run without the partition's
+    /// writer lock.
+    grow_lock: Mutex<()>,
     /// When the segment was created or last opened, in ms since the epoch, for rolls by age
     /// (0 for a sealed segment, which never rolls).
     created_ms: i64,
@@ -140,35 +170,78 @@ impl Segment {
         self.created_ms
     }
 
-    /// Whether a batch of `len` bytes fits without exceeding the segment size. An empty
-    /// segment takes any batch: a batch never spans segments.
+    /// Whether a batch of `len` bytes fits in this segment without exceeding its size (a
+    /// batch never spans segments). False once sealed.
     pub fn fits(&self, len: u64) -> bool {
-        let w = self.write.lock();
-        let committed = self.committed_bytes.load(Ordering::Relaxed);
-        w.capacity_bytes > 0 && (committed == 0 || committed + len <= w.capacity_bytes)
+        self.room(len) != Room::Full
     }
 
-    /// Appends `batch` (already validated) with base offset `base_offset`, growing the file
-    /// first if needed. On a full disk nothing is written.
+    /// The most bytes this segment may hold (its size when it was created or opened); 0 once
+    /// sealed.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.write.lock().capacity_bytes
+    }
+
+    /// Whether a batch of `len` bytes can be appended now, needs the file to grow first, or
+    /// needs a new segment.
+    pub fn room(&self, len: u64) -> Room {
+        let w = self.write.lock();
+        let end = self.committed_bytes.load(Ordering::Relaxed) + len;
+        if w.capacity_bytes == 0 || end > w.capacity_bytes.min(self.region.len() as u64) {
+            Room::Full
+        } else if end > w.allocated_bytes {
+            Room::Grow
+        } else {
+            Room::Ready
+        }
+    }
+
+    /// Grows the file by a preallocated chunk (at least enough for a batch of `len` bytes
+    /// after the published ones), unless it already has the room or is sealed. Runs without
+    /// the partition's writer lock: appends that fit go on meanwhile. On a full disk nothing
+    /// changes and the error is [`StorageError::NoSpace`].
+    pub fn grow_for(&self, len: u64) -> Result<()> {
+        let _grow = self.grow_lock.lock();
+        let (from, target) = {
+            let w = self.write.lock();
+            let end = self.committed_bytes.load(Ordering::Acquire) + len;
+            let limit = w.capacity_bytes.min(self.region.len() as u64);
+            if w.capacity_bytes == 0 || end <= w.allocated_bytes || end > limit {
+                // Sealed, grown by someone else, or too big: the caller looks again.
+                return Ok(());
+            }
+            let target = (w.allocated_bytes + PREALLOCATE_CHUNK_BYTES)
+                .max(end)
+                .min(limit);
+            (w.allocated_bytes, target)
+        };
+        // Past the allocated end, so no append writes there meanwhile; a trim waits on
+        // `grow_lock`, so a sealed file is never grown again after its trim.
+        preallocate(&self.file, from, target - from)
+            .map_err(|e| no_space_or_io(&self.id, &self.log_path, "grow segment", e))?;
+        let mut w = self.write.lock();
+        w.allocated_bytes = w.allocated_bytes.max(target);
+        Ok(())
+    }
+
+    /// Appends `batch` (already validated) at the published length with base offset
+    /// `base_offset`. The batch must fit in the allocated blocks ([`Room::Ready`]); otherwise
+    /// nothing is written and the error is [`StorageError::BatchTooLarge`] (the caller grows
+    /// or rolls first, under the writer lock, so this does not happen). A failed write is
+    /// [`StorageError::NoSpace`] on a full disk and [`StorageError::Io`] otherwise.
     pub fn append(&self, batch: &[u8], base_offset: u64, header: &BatchHeader) -> Result<()> {
         let mut w = self.write.lock();
         let pos = self.committed_bytes.load(Ordering::Relaxed);
         let len = batch.len() as u64;
         let end = pos + len;
-        if w.capacity_bytes == 0 || end > self.region.len() as u64 {
-            return Err(StorageError::io(
-                "append to a sealed or full segment",
-                &self.log_path,
-                std::io::ErrorKind::InvalidInput.into(),
-            ));
-        }
-        if end > w.allocated_bytes {
-            let target = (w.allocated_bytes + PREALLOCATE_CHUNK_BYTES)
-                .max(end)
-                .min(self.region.len() as u64);
-            preallocate(&self.file, w.allocated_bytes, target - w.allocated_bytes)
-                .map_err(|e| no_space_or_io(&self.id, &self.log_path, "grow segment", e))?;
-            w.allocated_bytes = target;
+        if w.capacity_bytes == 0 || end > w.allocated_bytes || end > self.region.len() as u64 {
+            return Err(StorageError::BatchTooLarge {
+                topic: self.id.topic.clone(),
+                partition: self.id.partition,
+                size_bytes: batch.len(),
+                max_bytes: usize::try_from(w.allocated_bytes.saturating_sub(pos))
+                    .unwrap_or(usize::MAX),
+            });
         }
         // Write with pwrite, not through the mapping: a store into a fresh mapped page first
         // faults it in, and the kernel zero-fills it (and its read-ahead neighbours) before the
@@ -188,10 +261,8 @@ impl Segment {
         let mut stamped = *header;
         stamped.base_offset = base_offset;
         self.note_batch(&mut w, pos, len, &stamped);
-        // The batch was validated on the way in, so it counts as verified.
-        let _ = self
-            .verified_bytes
-            .compare_exchange(pos, end, Ordering::AcqRel, Ordering::Relaxed);
+        // The batch was validated on the way in and lies past `opened_bytes`: reads do not
+        // check it again.
         self.publish(end, stamped.next_offset(), 0);
         Ok(())
     }
@@ -252,7 +323,17 @@ impl Segment {
         }
         self.max_timestamp_ms.store(max_ts, Ordering::Release);
         self.next_offset.store(next, Ordering::Release);
+        self.note_opened_end(next);
         Ok(())
+    }
+
+    /// Batches found on disk at open are unchecked until read: only offsets from `next` (the
+    /// end of what was found) on are hot, until the first reads have checked the rest.
+    fn note_opened_end(&self, next: u64) {
+        if self.opened_bytes > 0 && self.verified_bytes.load(Ordering::Acquire) < self.opened_bytes
+        {
+            self.hot_from_offset.store(next, Ordering::Release);
+        }
     }
 
     /// Rebuilds a sealed segment's indexes by walking its batch headers, then seals them.
@@ -268,11 +349,13 @@ impl Segment {
             next = loc.header.next_offset();
             pos += len;
         }
+        drop(w);
         self.push_final_time_entry();
-        self.offset_index.seal()?;
-        self.time_index.seal()?;
-        w.trim_unsynced = true;
+        self.offset_index.seal();
+        self.time_index.seal();
+        self.write.lock().trim_pending = true;
         self.next_offset.store(next, Ordering::Release);
+        self.note_opened_end(next);
         Ok(())
     }
 
@@ -323,52 +406,74 @@ impl Segment {
     /// True when published bytes, index entries or a seal's trim are not yet synced.
     pub fn needs_sync(&self) -> bool {
         let w = self.write.lock();
-        w.trim_unsynced || w.synced_bytes < self.size_bytes()
+        w.trim_pending || w.synced_bytes < self.size_bytes()
     }
 
-    /// Syncs the published bytes, the indexes and any trim to stable storage (fdatasync,
-    /// which covers pages written by pwrite or through a mapping, and the file size).
+    /// Syncs the published bytes and the indexes to stable storage (fdatasync, which covers
+    /// pages written by pwrite or through a mapping, and the file size). A sealed segment's
+    /// files are first trimmed to their length, and the trim is synced with them.
     pub fn sync(&self) -> Result<()> {
-        let committed = self.size_bytes();
-        let (from, trimmed) = {
+        // Read under the lock together: once `trim_pending` is set the segment is sealed, so
+        // `committed` is final and the trim cuts nothing published.
+        let (committed, from, trim) = {
             let w = self.write.lock();
-            (w.synced_bytes, w.trim_unsynced)
+            (self.size_bytes(), w.synced_bytes, w.trim_pending)
         };
-        if committed > from || trimmed {
+        if committed <= from && !trim {
+            return Ok(());
+        }
+        if trim {
+            let _grow = self.grow_lock.lock();
             self.file
-                .sync_data()
-                .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
-            self.offset_index.sync()?;
-            self.time_index.sync()?;
-            let mut w = self.write.lock();
-            w.synced_bytes = w.synced_bytes.max(committed);
-            if trimmed {
-                w.trim_unsynced = false;
-            }
+                .set_len(committed)
+                .map_err(|e| StorageError::io("trim segment", &self.log_path, e))?;
+            self.write.lock().allocated_bytes = committed;
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
+        self.offset_index.sync()?;
+        self.time_index.sync()?;
+        let mut w = self.write.lock();
+        w.synced_bytes = w.synced_bytes.max(committed);
+        if trim {
+            w.trim_pending = false;
         }
         Ok(())
     }
 
-    /// Seals the segment: trims the file to its published length and seals the indexes. No
-    /// append is accepted afterwards. Nothing is synced here, so a roll never stalls the
-    /// append path behind a whole segment's write-back; [`Segment::needs_sync`] stays true
-    /// until a later [`Segment::sync`] (group commit, the periodic flush or a checkpoint).
-    pub fn seal(&self) -> Result<()> {
-        let mut w = self.write.lock();
-        if w.capacity_bytes == 0 {
-            return Ok(());
+    /// Seals the segment: no append is accepted afterwards, and the time index gets a final
+    /// entry carrying the segment's max timestamp. Touches no file, so a roll never waits on
+    /// the file system: trimming the files to their length and syncing them is left to the
+    /// next [`Segment::sync`] (group commit, the periodic flush or a checkpoint), and
+    /// [`Segment::needs_sync`] stays true until then. Called with the partition's writer lock
+    /// held, so no append runs meanwhile.
+    pub fn seal(&self) {
+        {
+            let mut w = self.write.lock();
+            if w.capacity_bytes == 0 {
+                return;
+            }
+            w.capacity_bytes = 0;
         }
-        let committed = self.size_bytes();
-        self.file
-            .set_len(committed)
-            .map_err(|e| StorageError::io("trim segment", &self.log_path, e))?;
-        w.capacity_bytes = 0;
-        w.allocated_bytes = committed;
-        w.trim_unsynced = true;
-        drop(w);
         self.push_final_time_entry();
-        self.offset_index.seal()?;
-        self.time_index.seal()
+        self.offset_index.seal();
+        self.time_index.seal();
+        // Last, so that a sync that saw it also sees the indexes sealed (and trims them).
+        self.write.lock().trim_pending = true;
+    }
+
+    /// True when a read from `offset` checks no checksum and touches only batches this
+    /// process appended or has read (and checked) before. A sign that the pages
+    /// are in the page cache, not a promise: memory pressure can still evict them.
+    pub fn is_hot(&self, offset: u64) -> bool {
+        offset >= self.hot_from_offset.load(Ordering::Acquire)
+    }
+
+    /// True while a reader holds bytes of this segment's mapping (or the segment itself is
+    /// shared), so that dropping it now would not be the last reference.
+    pub fn is_shared(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) > 1 || Arc::strong_count(&self.region) > 1
     }
 
     /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes`
@@ -502,19 +607,27 @@ impl Segment {
         })
     }
 
-    /// Checks the checksum of the batch at `[pos, pos + len)` unless it was verified before.
+    /// Checks the checksum of the batch at `[pos, pos + len)` unless it was checked before:
+    /// batches appended by this process were checked on the way in, and batches found on disk
+    /// at open are checked on their first read only. Damage that happens to a batch after
+    /// that (on disk or in memory) is not caught by later reads.
     fn verify(&self, pos: u64, len: u64) -> std::result::Result<(), BatchError> {
         let end = pos + len;
-        if end <= self.verified_bytes.load(Ordering::Acquire) {
+        if pos >= self.opened_bytes || end <= self.verified_bytes.load(Ordering::Acquire) {
             return Ok(());
         }
         // SAFETY: callers pass a batch below the published length.
         let data = unsafe { self.region.slice(pos as usize, end as usize) };
         batch::verify_crc(data)?;
         // Extend the verified prefix only when this batch continues it.
-        let _ = self
+        let extended = self
             .verified_bytes
-            .compare_exchange(pos, end, Ordering::AcqRel, Ordering::Relaxed);
+            .compare_exchange(pos, end, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if extended && end >= self.opened_bytes {
+            self.hot_from_offset
+                .store(self.base_offset, Ordering::Release);
+        }
         Ok(())
     }
 

@@ -223,31 +223,6 @@ fn bad_batches_are_refused_and_change_nothing() {
 }
 
 #[test]
-fn group_commit_serves_many_writers() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = open_log(
-        dir.path(),
-        rill_storage::LogOptions {
-            flush: rill_storage::FlushPolicy::Always,
-            ..small_options()
-        },
-    );
-    std::thread::scope(|s| {
-        for t in 0..8 {
-            let log = log.clone();
-            s.spawn(move || {
-                for i in 0..50 {
-                    let info = log.append(&batch(1, t * 1000 + i, 64)).expect("append");
-                    log.sync_through(info.next_offset).expect("sync");
-                }
-            });
-        }
-    });
-    assert_eq!(log.high_watermark(), 400);
-    log.flush().expect("flush");
-}
-
-#[test]
 fn segments_roll_by_age_and_sealed_files_are_trimmed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = rill_storage::LogOptions {
@@ -265,12 +240,23 @@ fn segments_roll_by_age_and_sealed_files_are_trimmed() {
     log.append(&batch(1, 1, 100)).expect("append");
     assert_eq!(log.stats().segments, 2, "rolled by age");
     let first = dir.path().join(format!("{:020}.log", 0));
+    let preallocated = std::fs::metadata(&first).expect("stat").len();
+    assert!(
+        preallocated > batch(1, 0, 100).len() as u64,
+        "a roll touches no file: the trim waits for the next sync"
+    );
+    assert!(log.background_due(), "the roll awaits its checkpoint");
+    log.run_background().expect("checkpoint");
     let sealed_len = std::fs::metadata(&first).expect("stat").len();
     assert_eq!(
         sealed_len,
         batch(1, 0, 100).len() as u64,
         "trimmed to its batches"
     );
+    let index = dir.path().join(format!("{:020}.timeindex", 0));
+    let index_len = std::fs::metadata(&index).expect("stat").len();
+    assert_eq!(index_len, 16, "the time index trimmed to its one entry");
+    assert!(!log.background_due(), "nothing left to do");
     let active = dir.path().join(format!("{:020}.log", 1));
     let active_len = std::fs::metadata(&active).expect("stat").len();
     assert!(active_len >= 1 << 20, "the active segment is preallocated");

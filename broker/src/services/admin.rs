@@ -3,6 +3,7 @@
 use rill_proto::v1 as pb;
 use rill_proto::v1::admin_server::Admin;
 use rill_proto::v1::flush_policy::Policy;
+use rill_storage::log::effective_max_batch_bytes;
 use rill_storage::{FlushPolicy, TopicConfig};
 use tonic::{Request, Response, Status};
 
@@ -101,8 +102,9 @@ pub fn config_to_pb(c: &TopicConfig) -> pb::TopicConfig {
     }
 }
 
-/// Describes a topic: its config and each partition's figures.
-pub fn describe(state: &TopicState) -> pb::TopicDescription {
+/// Describes a topic: its config, the largest batch it accepts with the broker's
+/// `max_batch_bytes`, and each partition's figures.
+pub fn describe(state: &TopicState, max_batch_bytes: usize) -> pb::TopicDescription {
     let topic = &state.topic;
     let partitions = topic
         .partitions()
@@ -130,6 +132,8 @@ pub fn describe(state: &TopicState) -> pb::TopicDescription {
         name: topic.name().to_string(),
         config: Some(config_to_pb(topic.config())),
         partitions,
+        max_batch_bytes: effective_max_batch_bytes(max_batch_bytes, topic.config().segment_bytes)
+            as u64,
     }
 }
 
@@ -158,7 +162,7 @@ impl Admin for AdminService {
         );
         tracing::info!(target: "rill::audit", by = %caller.principal, topic = state.name(), "topic created");
         Ok(Response::new(pb::CreateTopicResponse {
-            topic: Some(describe(&state)),
+            topic: Some(describe(&state, self.broker.config().max_batch_bytes)),
         }))
     }
 
@@ -226,6 +230,9 @@ impl Admin for AdminService {
         )?;
         let name = request.into_inner().name;
         let state = self.broker.topic(&name)?;
-        Ok(Response::new(describe(&state)))
+        Ok(Response::new(describe(
+            &state,
+            self.broker.config().max_batch_bytes,
+        )))
     }
 }

@@ -56,9 +56,10 @@ impl Log for LogService {
 
     type ProduceStreamStream = ProduceStreamOut;
 
-    /// Appends each request in arrival order as soon as it arrives, and acks in that order.
-    /// Acks that wait for a sync are pipelined: later requests are appended meanwhile, and
-    /// one group-commit sync covers them together.
+    /// Appends each request in arrival order as soon as it arrives (an append that needs
+    /// file work is awaited on the blocking pool before the next request is read), and acks
+    /// in that order. Acks that wait for a sync are pipelined: later requests are appended
+    /// meanwhile, and one group-commit sync covers them together.
     async fn produce_stream(
         &self,
         request: Request<Streaming<ProduceStreamRequest>>,
@@ -86,28 +87,24 @@ impl Log for LogService {
                         sequence,
                         BrokerError::invalid("stream message without a request"),
                     )),
-                    Some(req) => match broker
-                        .security()
-                        .map_or(Ok(()), |s| {
-                            s.authorize(&caller, Operation::Produce, &Resource::topic(&req.topic))
-                        })
-                        .and_then(|()| produce::prepare(&broker, req))
-                        .and_then(|p| produce::append(&p).map(|a| (p, a)))
+                    Some(req) => match async {
+                        if let Some(s) = broker.security() {
+                            let topic = Resource::topic(&req.topic);
+                            s.authorize(&caller, Operation::Produce, &topic)?;
+                        }
+                        prepare_and_append(&broker, req).await
+                    }
+                    .await
                     {
                         Err(e) => StreamAck::Ready(stream_error(sequence, e)),
-                        Ok((prepared, appended))
-                            if !produce::needs_settle(&prepared, &appended) =>
-                        {
-                            StreamAck::Ready(stream_ok(sequence, &appended))
+                        Ok((prepared, appended)) if !produce::needs_settle(&appended) => {
+                            // Nothing to wait for: settling returns at once.
+                            StreamAck::Ready(settled(sequence, &prepared, appended).await)
                         }
                         Ok((prepared, appended)) => {
                             let (tx, rx) = oneshot::channel();
                             tokio::spawn(async move {
-                                let resp = match produce::settle(&prepared, &appended).await {
-                                    Ok(()) => stream_ok(sequence, &appended),
-                                    Err(e) => stream_error(sequence, e),
-                                };
-                                let _ = tx.send(resp);
+                                let _ = tx.send(settled(sequence, &prepared, appended).await);
                             });
                             StreamAck::Pending(rx)
                         }
@@ -198,11 +195,28 @@ enum StreamAck {
     Pending(oneshot::Receiver<ProduceStreamResponse>),
 }
 
-fn stream_ok(sequence: u64, appended: &produce::Appended) -> ProduceStreamResponse {
-    ProduceStreamResponse {
-        sequence,
-        response: Some(produce::response(appended)),
-        ..Default::default()
+async fn prepare_and_append(
+    broker: &Broker,
+    req: ProduceRequest,
+) -> Result<(produce::Prepared, produce::Appended), BrokerError> {
+    let prepared = produce::prepare(broker, req)?;
+    let appended = produce::append(&prepared).await?;
+    Ok((prepared, appended))
+}
+
+/// Settles a stream request's appends and builds its ack.
+async fn settled(
+    sequence: u64,
+    prepared: &produce::Prepared,
+    appended: produce::Appended,
+) -> ProduceStreamResponse {
+    match produce::settle(prepared, appended).await {
+        Ok(infos) => ProduceStreamResponse {
+            sequence,
+            response: Some(produce::response(&infos)),
+            ..Default::default()
+        },
+        Err(e) => stream_error(sequence, e),
     }
 }
 

@@ -4,7 +4,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
-use super::{parse_duration, print_json, print_table, Ctx, GroupCommand, Output, TopicCommand};
+use super::{
+    parse_duration, print_json, print_table, units, Ctx, GroupCommand, Output, TopicCommand,
+};
 use crate::admin::{Admin, Flush, ResetTo, TopicSettings};
 use crate::connection::Connection;
 
@@ -72,18 +74,11 @@ fn flush_text(f: &Option<rill_proto::v1::FlushPolicy>) -> String {
     }
 }
 
-fn limit_text(v: Option<i64>, unit: &str) -> String {
-    match v {
-        None => "-".into(),
-        Some(v) if v < 0 => "unlimited".into(),
-        Some(v) => format!("{v}{unit}"),
-    }
-}
-
 fn describe_json(d: &rill_proto::v1::TopicDescription) -> serde_json::Value {
     let c = d.config.unwrap_or_default();
     json!({
         "name": d.name,
+        "max_batch_bytes": d.max_batch_bytes,
         "partitions": d.partitions.iter().map(|p| json!({
             "partition": p.partition,
             "log_start_offset": p.log_start_offset,
@@ -110,13 +105,14 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
     }
     let c = d.config.unwrap_or_default();
     println!(
-        "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}",
+        "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}, max batch {}",
         d.name,
         c.partitions,
-        limit_text(c.retention_ms, "ms"),
-        limit_text(c.retention_bytes, ""),
-        c.segment_bytes.map_or("-".into(), |b| b.to_string()),
-        flush_text(&c.flush)
+        units::limit(c.retention_ms, units::duration_ms),
+        units::limit(c.retention_bytes, units::bytes),
+        c.segment_bytes.map_or("-".into(), units::bytes),
+        flush_text(&c.flush),
+        units::bytes(d.max_batch_bytes)
     );
     let rows: Vec<Vec<String>> = d
         .partitions
@@ -126,7 +122,7 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
                 p.partition.to_string(),
                 p.log_start_offset.to_string(),
                 p.high_watermark.to_string(),
-                p.size_bytes.to_string(),
+                units::bytes(p.size_bytes),
                 p.segments.to_string(),
                 p.fenced_reason.clone().unwrap_or_else(|| "ok".into()),
             ]
@@ -137,7 +133,7 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
             "PARTITION",
             "LOG-START",
             "HIGH-WATERMARK",
-            "BYTES",
+            "SIZE",
             "SEGMENTS",
             "STATUS",
         ],

@@ -1,9 +1,21 @@
 //! The `rill` command-line tool: arguments, dispatch and output formatting. Built on the
 //! library's [`crate::Admin`], [`crate::Producer`] and [`crate::Consumer`].
+//!
+//! - `admin_cmds`, `stream_cmds`, `security_cmds`: the verbs (`security_cmds`: principals,
+//!   tokens, ACLs, whoami).
+//! - [`units`]: human units for tables (`7d`, `256 MiB`, ages); JSON keeps raw numbers.
+//! - `report`: [`error_line`], the one line a failed command prints.
+//! - `empty_read`: why a `consume` that stopped at the end printed nothing.
+//! - `help_examples` (tests only): every command's `--help` has an example that parses.
 
 mod admin_cmds;
+mod empty_read;
+#[cfg(test)]
+mod help_examples;
+mod report;
 mod security_cmds;
 mod stream_cmds;
+pub mod units;
 
 use std::io::Write;
 
@@ -12,9 +24,17 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::connection::{ConnectOptions, Connection, DEFAULT_BROKER};
 
+pub use report::error_line;
+
 /// `rill`: topics, messages and consumer groups of a Rill broker.
 #[derive(Debug, Parser)]
-#[command(name = "rill", version, about, propagate_version = true)]
+#[command(
+    name = "rill",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Example:\n  rill --broker 10.0.0.5:7171 topic list"
+)]
 pub struct Cli {
     /// The broker's address.
     #[arg(long, env = "RILL_BROKER", default_value = DEFAULT_BROKER, global = true)]
@@ -91,34 +111,45 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create, list, describe and delete topics.
+    #[command(after_help = "Example:\n  rill topic describe orders")]
     Topic {
         /// The topic command.
         #[command(subcommand)]
         command: TopicCommand,
     },
     /// Produce records: one per line of stdin (or of --file).
+    #[command(
+        after_help = "Example:\n  printf 'k1:hello\\nk2:world\\n' | rill produce orders --key-separator : --header source=cli"
+    )]
     Produce(stream_cmds::ProduceArgs),
     /// Consume records: one value per line by default.
+    #[command(after_help = stream_cmds::CONSUME_AFTER_HELP)]
     Consume(stream_cmds::ConsumeArgs),
     /// List, describe and reset consumer groups.
+    #[command(after_help = "Example:\n  rill group describe billing")]
     Group {
         /// The group command.
         #[command(subcommand)]
         command: GroupCommand,
     },
     /// Create and list principals (needs the admin).
+    #[command(after_help = "Example:\n  rill principal create billing")]
     Principal {
         /// The principal command.
         #[command(subcommand)]
         command: security_cmds::PrincipalCommand,
     },
     /// Create, list and revoke bearer tokens (needs the admin).
+    #[command(after_help = "Example:\n  rill token create --principal billing --expires 30d")]
     Token {
         /// The token command.
         #[command(subcommand)]
         command: security_cmds::TokenCommand,
     },
     /// Add, list and remove access rules (needs the admin).
+    #[command(
+        after_help = "Example:\n  rill acl add --principal billing --operation produce --topic orders.*"
+    )]
     Acl {
         /// The ACL command.
         #[command(subcommand)]
@@ -128,6 +159,9 @@ pub enum Command {
     #[command(after_help = "Example:\n  RILL_TOKEN=rill_... rill whoami")]
     Whoami,
     /// Print shell completions.
+    #[command(
+        after_help = "Example:\n  rill completions bash > ~/.local/share/bash-completion/completions/rill"
+    )]
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -138,15 +172,21 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
     /// Create a topic.
+    #[command(
+        after_help = "Example:\n  rill topic create orders --partitions 3 --retention 7d --flush interval:1000"
+    )]
     Create(admin_cmds::CreateArgs),
     /// List topics.
+    #[command(after_help = "Example:\n  rill topic list --output json")]
     List,
     /// Describe a topic: config and partitions.
+    #[command(after_help = "Example:\n  rill topic describe orders")]
     Describe {
         /// The topic.
         name: String,
     },
     /// Delete a topic and its data.
+    #[command(after_help = "Example:\n  rill topic delete orders")]
     Delete {
         /// The topic.
         name: String,
@@ -157,13 +197,18 @@ pub enum TopicCommand {
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
     /// List groups.
+    #[command(after_help = "Example:\n  rill group list")]
     List,
     /// Show a group's committed offsets, high watermarks and lag.
+    #[command(after_help = "Example:\n  rill group describe billing")]
     Describe {
         /// The group.
         group: String,
     },
     /// Move a group's offsets (a dry run unless --execute).
+    #[command(
+        after_help = "Example:\n  rill group reset-offsets billing --topic orders --to-earliest --execute"
+    )]
     ResetOffsets(admin_cmds::ResetArgs),
 }
 

@@ -59,7 +59,7 @@ pub enum TokenCommand {
 pub enum AclCommand {
     /// Add a rule.
     #[command(
-        after_help = "Examples:\n  rill acl add --principal billing --operation produce --topic 'orders.*'\n  \
+        after_help = "Example:\n  rill acl add --principal billing --operation produce --topic 'orders.*'\n  \
                             rill acl add --principal '*' --operation consume --topic audit --deny\n  \
                             rill acl add --principal ops --operation admin --cluster"
     )]

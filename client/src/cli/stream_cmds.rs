@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
+use super::empty_read::{why_empty, PartitionSpan, Start};
 use super::{bytes_json, parse_header, parse_since, print_json, Ctx, Output};
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
@@ -49,6 +49,17 @@ pub struct ProduceArgs {
     #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
     pub acks: AcksArg,
 }
+
+/// `rill consume --help`'s closing text: an example and the exit status.
+pub const CONSUME_AFTER_HELP: &str = "\
+Example:
+  rill consume orders --partition 0 --offset 42 -n 10
+
+Exit status:
+  0  the read worked, even if it printed nothing; then a note on stderr says why (the start
+     offset is past the end, --since is after the newest record, the topic is empty)
+  1  an error (unknown topic or partition, no broker), or -f interrupted before any record
+  2  a bad command line";
 
 /// `rill consume`.
 #[derive(Debug, Args)]
@@ -229,16 +240,24 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
     }
     // Without --follow, stop at the end of the log as it was at the start.
     let admin = Admin::new(conn);
-    let mut ends = HashMap::new();
+    let starts = consumer.positions();
+    let mut spans = Vec::new();
     for &p in &chosen {
-        ends.insert(
-            p,
-            admin
-                .list_offsets(&args.topic, p, OffsetQuery::Latest)
-                .await?
-                .offset,
-        );
+        let o = admin
+            .list_offsets(&args.topic, p, OffsetQuery::Latest)
+            .await?;
+        spans.push(PartitionSpan {
+            partition: p,
+            position: starts.get(&p).copied().unwrap_or(0),
+            log_start: o.log_start_offset,
+            high_watermark: o.offset,
+        });
     }
+    spans.sort_by_key(|s| s.partition);
+    let ends: HashMap<u32, u64> = spans
+        .iter()
+        .map(|s| (s.partition, s.high_watermark))
+        .collect();
     let caught_up = |consumer: &Consumer| {
         consumer
             .positions()
@@ -246,12 +265,16 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
             .all(|(p, pos)| *pos >= ends.get(p).copied().unwrap_or(0))
     };
     let mut printed = 0u64;
+    let mut reached_end = false;
     let mut out = std::io::stdout().lock();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        if args.max_messages.is_some_and(|n| printed >= n) || (!args.follow && caught_up(&consumer))
-        {
+        if args.max_messages.is_some_and(|n| printed >= n) {
+            break;
+        }
+        if !args.follow && caught_up(&consumer) {
+            reached_end = true;
             break;
         }
         let event = tokio::select! {
@@ -267,9 +290,16 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
                 partition,
                 from,
                 to,
+                reason,
                 ..
             } => {
-                eprintln!("warning: partition {partition}: offsets {from}..{to} were deleted by retention; skipped");
+                // The broker's reason names the offset and the valid range.
+                let reason = if reason.is_empty() {
+                    format!("offset {from} is out of range")
+                } else {
+                    reason
+                };
+                eprintln!("warning: partition {partition}: {reason}; continuing from offset {to}");
             }
         }
     }
@@ -278,9 +308,20 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
     if args.group.is_some() {
         consumer.commit().await?;
     }
+    if reached_end && printed == 0 {
+        let start = if let Some(o) = args.offset {
+            Start::Offset(o)
+        } else if let Some(ms) = args.since {
+            Start::Since(ms)
+        } else if let (Some(g), false) = (&args.group, args.from_beginning) {
+            Start::Group(g)
+        } else {
+            Start::Beginning
+        };
+        eprintln!("note: {}", why_empty(&args.topic, start, &spans));
+    }
     if args.follow && args.max_messages.is_none() && printed == 0 {
         bail!("interrupted before any record arrived");
     }
-    let _ = Duration::ZERO;
     Ok(())
 }

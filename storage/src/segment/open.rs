@@ -1,5 +1,6 @@
-//! Opening segments: creating one, reopening it after a clean shutdown or sealed, and the
-//! recovery scan. Every path builds the segment through [`Segment::assemble`].
+//! Opening segments: creating one (through a [`Spare`]), reopening it after a clean shutdown
+//! or sealed, and the recovery scan. Every path builds the segment through
+//! [`Segment::assemble`].
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use parking_lot::Mutex;
 use super::{file_names, no_space_or_io, LogId, Segment, WriteState, PREALLOCATE_CHUNK_BYTES};
 use crate::batch::BatchView;
 use crate::error::{Result, StorageError};
-use crate::fsutil::preallocate;
+use crate::fsutil::{preallocate, TMP_SUFFIX};
 use crate::index::{capacity_for, OffsetIndex, TimeIndex};
 use crate::region::Region;
 
@@ -36,8 +37,49 @@ struct Parts {
     synced_bytes: u64,
 }
 
+/// A new segment's files, created and preallocated ahead of a roll under temporary names
+/// (ending in `.tmp`, so an open deletes leftovers). The roll only renames them
+/// ([`Segment::from_spare`]), so the slow part of creating a segment (creating files and
+/// reserving blocks) runs without the partition's writer lock.
+#[derive(Debug)]
+pub struct Spare {
+    log_path: PathBuf,
+    file: File,
+    region: Region,
+    offset_index: OffsetIndex,
+    time_index: TimeIndex,
+    segment_bytes: u64,
+    allocated_bytes: u64,
+}
+
+impl Spare {
+    /// Deletes the spare's files (best effort: an open deletes leftovers anyway).
+    pub fn discard(self) {
+        let (log, index, time) = spare_names(self.log_path.parent().unwrap_or(Path::new(".")));
+        drop(self);
+        for p in [log, index, time] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The temporary file names of a partition's spare segment.
+fn spare_names(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join(format!("spare.log{TMP_SUFFIX}")),
+        dir.join(format!("spare.index{TMP_SUFFIX}")),
+        dir.join(format!("spare.timeindex{TMP_SUFFIX}")),
+    )
+}
+
 impl Segment {
     fn assemble(p: Parts) -> Segment {
+        let hot_from = if p.committed_bytes == 0 {
+            p.base_offset
+        } else {
+            // Set from the batches found, once they are counted (`note_opened_end`).
+            u64::MAX
+        };
         Segment {
             id: p.id,
             base_offset: p.base_offset,
@@ -50,18 +92,22 @@ impl Segment {
             next_offset: AtomicU64::new(p.base_offset),
             max_timestamp_ms: AtomicI64::new(i64::MIN),
             verified_bytes: AtomicU64::new(0),
+            opened_bytes: p.committed_bytes,
+            hot_from_offset: AtomicU64::new(hot_from),
+            grow_lock: Mutex::new(()),
             created_ms: p.created_ms,
             write: Mutex::new(WriteState {
                 allocated_bytes: p.allocated_bytes,
                 capacity_bytes: p.capacity_bytes,
                 bytes_since_index: 0,
                 synced_bytes: p.synced_bytes,
-                trim_unsynced: false,
+                trim_pending: false,
             }),
         }
     }
 
-    /// Creates a new, empty active segment with its first chunk preallocated.
+    /// Creates a new, empty active segment with its first chunk preallocated (a spare,
+    /// renamed at once).
     pub fn create(
         id: Arc<LogId>,
         dir: &Path,
@@ -69,34 +115,85 @@ impl Segment {
         segment_bytes: u64,
         now_ms: i64,
     ) -> Result<Segment> {
-        let (log_path, index_path, time_path) = file_names(dir, base_offset);
+        let spare = Segment::create_spare(&id, dir, segment_bytes)?;
+        Segment::from_spare(spare, id, dir, base_offset, now_ms)
+    }
+
+    /// Creates the files of a future segment of `segment_bytes` under temporary names in
+    /// `dir`: the log with its first chunk preallocated, and both indexes preallocated, all
+    /// mapped. Leftovers of an earlier attempt are overwritten. On a full disk the error is
+    /// [`StorageError::NoSpace`], and nothing is left behind.
+    pub fn create_spare(id: &LogId, dir: &Path, segment_bytes: u64) -> Result<Spare> {
+        let (log_path, index_path, time_path) = spare_names(dir);
+        let remove_all = || {
+            // Best effort: leftovers are overwritten by the next attempt and deleted on open.
+            for p in [&log_path, &index_path, &time_path] {
+                let _ = std::fs::remove_file(p);
+            }
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(&log_path)
-            .map_err(|e| StorageError::io("create segment", &log_path, e))?;
+            .map_err(|e| no_space_or_io(id, &log_path, "create segment", e))?;
         let first_chunk = PREALLOCATE_CHUNK_BYTES.min(segment_bytes);
         if let Err(e) = preallocate(&file, 0, first_chunk) {
             drop(file);
-            // Leave nothing behind: a later attempt creates the file again.
-            let _ = std::fs::remove_file(&log_path);
-            return Err(no_space_or_io(&id, &log_path, "preallocate segment", e));
+            remove_all();
+            return Err(no_space_or_io(id, &log_path, "preallocate segment", e));
         }
         let capacity = capacity_for(segment_bytes);
-        let offset_index = OffsetIndex::create(&index_path, capacity);
-        let time_index =
-            offset_index.and_then(|oi| TimeIndex::create(&time_path, capacity).map(|ti| (oi, ti)));
-        let (offset_index, time_index) = match time_index {
-            Ok(pair) => pair,
+        let built = OffsetIndex::create(&index_path, capacity).and_then(|oi| {
+            let ti = TimeIndex::create(&time_path, capacity)?;
+            let region = map_log(&file, &log_path, segment_bytes)?;
+            Ok((oi, ti, region))
+        });
+        let (offset_index, time_index, region) = match built {
+            Ok(parts) => parts,
             Err(e) => {
-                for p in [&log_path, &index_path, &time_path] {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e);
+                remove_all();
+                return Err(as_no_space(id, e));
             }
         };
-        let region = map_log(&file, &log_path, segment_bytes)?;
+        Ok(Spare {
+            log_path,
+            file,
+            region,
+            offset_index,
+            time_index,
+            segment_bytes,
+            allocated_bytes: first_chunk,
+        })
+    }
+
+    /// Makes `spare` the segment starting at `base_offset`: renames its files to their real
+    /// names (the indexes first, so a failure leaves at most index files without a log, which
+    /// an open deletes). Creates no file and reserves no block. The new names become durable
+    /// with the next folder sync (a checkpoint); until then a crash may lose the new segment
+    /// along with its unsynced batches, which recovery handles like a torn tail.
+    pub fn from_spare(
+        spare: Spare,
+        id: Arc<LogId>,
+        dir: &Path,
+        base_offset: u64,
+        now_ms: i64,
+    ) -> Result<Segment> {
+        let (log_path, index_path, time_path) = file_names(dir, base_offset);
+        let Spare {
+            log_path: spare_log,
+            file,
+            region,
+            mut offset_index,
+            mut time_index,
+            segment_bytes,
+            allocated_bytes,
+        } = spare;
+        offset_index.rename(&index_path)?;
+        time_index.rename(&time_path)?;
+        std::fs::rename(&spare_log, &log_path)
+            .map_err(|e| StorageError::io("rename segment", &log_path, e))?;
         Ok(Segment::assemble(Parts {
             id,
             base_offset,
@@ -107,7 +204,7 @@ impl Segment {
             time_index,
             committed_bytes: 0,
             created_ms: now_ms,
-            allocated_bytes: first_chunk,
+            allocated_bytes,
             capacity_bytes: segment_bytes,
             synced_bytes: 0,
         }))
@@ -289,6 +386,21 @@ impl Segment {
             return Ok((pos, size - pos));
         }
         Ok((pos, 0))
+    }
+}
+
+/// Turns an I/O error that means the disk is full into [`StorageError::NoSpace`].
+fn as_no_space(id: &LogId, e: StorageError) -> StorageError {
+    match e {
+        StorageError::Io { path, source, .. } if crate::error::is_no_space(&source) => {
+            StorageError::NoSpace {
+                topic: id.topic.clone(),
+                partition: id.partition,
+                path,
+                source,
+            }
+        }
+        other => other,
     }
 }
 
