@@ -82,6 +82,14 @@ struct Flags {
     /// Use a running broker at this address instead of starting one.
     #[arg(long)]
     broker: Option<String>,
+    /// An extra flag for the broker this run starts (repeatable), e.g.
+    /// `--broker-arg=--metrics-listen=127.0.0.1:9464`.
+    #[arg(
+        long = "broker-arg",
+        allow_hyphen_values = true,
+        conflicts_with = "broker"
+    )]
+    broker_args: Vec<String>,
     /// Catch-up only: read the topic a previous run left on `--broker`, without recreating
     /// or loading it (for profiling the fetch path alone).
     #[arg(long, requires = "broker")]
@@ -189,11 +197,15 @@ async fn main() -> Result<()> {
     let own = match (&flags.broker, &secure) {
         (Some(_), _) => None,
         (None, Some(s)) => {
-            let args = s.broker_args();
+            let mut args = s.broker_args();
+            args.extend(flags.broker_args.iter().cloned());
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             Some(broker::OwnBroker::start(&args).await?)
         }
-        (None, None) => Some(broker::OwnBroker::start(&[]).await?),
+        (None, None) => {
+            let extra: Vec<&str> = flags.broker_args.iter().map(String::as_str).collect();
+            Some(broker::OwnBroker::start(&extra).await?)
+        }
     };
     let scheme = if secure.is_some() { "https" } else { "http" };
     let url = match (&flags.broker, &own) {

@@ -42,6 +42,16 @@ pub struct Flags {
     /// The most concurrent calls (HTTP/2 streams) per connection [default: 4096].
     #[arg(long, env = "RILL_MAX_CONCURRENT_STREAMS")]
     pub max_concurrent_streams: Option<u32>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks a free port and
+    /// the bound address is printed [default: off].
+    #[arg(long, env = "RILL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export per-partition series (one set per partition) [default: true].
+    #[arg(long, env = "RILL_METRICS_PER_PARTITION")]
+    pub metrics_per_partition: Option<bool>,
+    /// Export per-group series (one set per group and partition) [default: true].
+    #[arg(long, env = "RILL_METRICS_PER_GROUP")]
+    pub metrics_per_group: Option<bool>,
     /// Async worker threads [default: one per core but one, at least 1]. Blocking disk work
     /// (syncs, opens) runs on a separate pool either way.
     #[arg(long, env = "RILL_WORKER_THREADS")]
@@ -119,6 +129,15 @@ pub fn load(flags: Flags) -> Result<Config> {
     }
     if let Some(v) = flags.max_concurrent_streams.or(file.max_concurrent_streams) {
         config.max_concurrent_streams = v;
+    }
+    if let Some(v) = flags.metrics_listen.or(file.metrics_listen) {
+        config.metrics_listen = Some(v);
+    }
+    if let Some(v) = flags.metrics_per_partition.or(file.metrics_per_partition) {
+        config.metrics_per_partition = v;
+    }
+    if let Some(v) = flags.metrics_per_group.or(file.metrics_per_group) {
+        config.metrics_per_group = v;
     }
     let defaults = file.topic_defaults.unwrap_or_default();
     let t = &mut config.topic_defaults;
@@ -267,7 +286,8 @@ mod tests {
         std::fs::write(
             &path,
             "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\nmax_connections = 3\n\
-             max_concurrent_streams = 9\n[topic_defaults]\npartitions = 3\nflush = \"always\"\n\
+             max_concurrent_streams = 9\nmetrics_listen = \"127.0.0.1:0\"\n\
+             metrics_per_group = false\n[topic_defaults]\npartitions = 3\nflush = \"always\"\n\
              timestamp_after_max_ms = -1\ntimestamp_before_max_ms = 60000\n",
         )
         .expect("write");
@@ -283,6 +303,11 @@ mod tests {
         .expect("load");
         assert_eq!(config.max_connections, 7, "the flag wins over the file");
         assert_eq!(config.max_concurrent_streams, 9, "from the file");
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:0".parse().expect("addr"))
+        );
+        assert!(!config.metrics_per_group && config.metrics_per_partition);
         assert_eq!(config.data_dir, PathBuf::from("/from/file"));
         assert_eq!(config.listen, "127.0.0.1:0".parse().expect("addr"));
         assert_eq!(config.topic_defaults.partitions, 3);
@@ -361,5 +386,9 @@ mod tests {
         let config = load(flags(&[])).expect("load");
         assert!(config.listen.ip().is_loopback());
         assert!(config.data_dir.is_relative());
+        assert_eq!(
+            config.metrics_listen, None,
+            "metrics are off unless asked for"
+        );
     }
 }

@@ -62,6 +62,12 @@ pub struct Config {
     /// TLS and authentication (`docs/SECURITY.md`). Default: plaintext, no authentication,
     /// which the broker accepts only on a loopback address.
     pub security: crate::auth::SecurityConfig,
+    /// Where to serve Prometheus metrics (`/metrics`); off when `None`, the default.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export the per-partition series (log offsets, size, segments). Default true.
+    pub metrics_per_partition: bool,
+    /// Export the per-group series (committed offset and lag per partition). Default true.
+    pub metrics_per_group: bool,
 }
 
 impl Default for Config {
@@ -78,6 +84,9 @@ impl Default for Config {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             topic_defaults: TopicConfig::default(),
             security: crate::auth::SecurityConfig::default(),
+            metrics_listen: None,
+            metrics_per_partition: true,
+            metrics_per_group: true,
         }
     }
 }
@@ -139,6 +148,12 @@ impl Config {
         self
     }
 
+    /// Serves Prometheus metrics on `addr` (port 0 picks a free port).
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
+        self
+    }
+
     /// The retention interval as a [`Duration`].
     pub fn retention_interval(&self) -> Duration {
         Duration::from_millis(self.retention_check_ms.max(1))
@@ -177,6 +192,12 @@ pub struct FileConfig {
     pub auth: Option<bool>,
     /// A file holding the bootstrap admin token (one line); `RILL_ADMIN_TOKEN` wins.
     pub admin_token_file: Option<PathBuf>,
+    /// See [`Config::metrics_listen`].
+    pub metrics_listen: Option<SocketAddr>,
+    /// See [`Config::metrics_per_partition`].
+    pub metrics_per_partition: Option<bool>,
+    /// See [`Config::metrics_per_group`].
+    pub metrics_per_group: Option<bool>,
     /// Topic defaults, as a `[topic_defaults]` table.
     pub topic_defaults: Option<FileTopicDefaults>,
 }

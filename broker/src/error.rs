@@ -12,6 +12,9 @@ pub enum BrokerError {
     /// The storage engine refused or failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A group refused a heartbeat, a member's commit or a deletion.
+    #[error(transparent)]
+    Membership(#[from] crate::groups::state::MembershipError),
     /// The request itself is malformed (a missing field, an empty batch, a bad combination).
     #[error("{0}")]
     InvalidArgument(String),
@@ -54,6 +57,7 @@ impl BrokerError {
     pub fn code(&self) -> Code {
         match self {
             BrokerError::Storage(e) => storage_code(e),
+            BrokerError::Membership(e) => membership_code(e),
             BrokerError::InvalidArgument(_) => Code::InvalidArgument,
             BrokerError::TooManyWaiters { .. } => Code::ResourceExhausted,
             BrokerError::ShuttingDown => Code::Unavailable,
@@ -61,6 +65,17 @@ impl BrokerError {
             BrokerError::PermissionDenied { .. } => Code::PermissionDenied,
             BrokerError::Internal(_) => Code::Internal,
         }
+    }
+}
+
+fn membership_code(e: &crate::groups::state::MembershipError) -> Code {
+    use crate::groups::state::MembershipError as M;
+    match e {
+        // The member must rejoin with epoch 0; a stale member's commit changes nothing.
+        M::UnknownMember { .. } | M::FencedEpoch { .. } | M::GroupNotEmpty { .. } => {
+            Code::FailedPrecondition
+        }
+        M::Invalid(_) => Code::InvalidArgument,
     }
 }
 
@@ -144,6 +159,20 @@ mod tests {
                     resource: "topic \"orders\"".into(),
                 },
                 Code::PermissionDenied,
+            ),
+            (
+                crate::groups::state::MembershipError::FencedEpoch {
+                    group: "g".into(),
+                    member: "m".into(),
+                    given: 1,
+                    current: 2,
+                }
+                .into(),
+                Code::FailedPrecondition,
+            ),
+            (
+                crate::groups::state::MembershipError::Invalid("bad".into()).into(),
+                Code::InvalidArgument,
             ),
         ];
         for (err, code) in cases {

@@ -119,7 +119,11 @@ pub async fn fetch(
             }
         }
     }
-    Ok(build_response(&req, read, max_records, raw))
+    let read_bytes = read.size_bytes() as u64;
+    let resp = build_response(&req, read, max_records, raw);
+    let records = resp.next_offset.saturating_sub(req.offset);
+    topic.counters.fetched(records, read_bytes);
+    Ok(resp)
 }
 
 /// Reads inline when the storage says the data is hot ([`PartitionLog::is_hot`]), else on

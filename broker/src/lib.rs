@@ -6,13 +6,18 @@
 //! - [`config`]: [`Config`], the typed settings with their defaults.
 //! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
 //! - [`server`]: binding, serving (with health and reflection), and graceful shutdown.
+//! - [`health`]: the health service's states, and health checks answered while the store
+//!   opens.
 //! - [`connections`]: the accept loop that enforces `max_connections`.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
 //! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin` and
 //!   `rill.v1.Security`.
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
+//! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
+//!   collector) and the `/metrics` listener.
 //! - [`tasks`]: the background flush and retention loops.
+//! - [`groups`]: the group coordinator's background work over the groups topic.
 //! - [`error`]: [`BrokerError`] and the one mapping to gRPC status codes.
 //!
 //! `main.rs` only loads the config and calls [`run`] with a shutdown token. The design this
@@ -29,6 +34,9 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod fetch;
+pub mod groups;
+pub mod health;
+pub mod metrics;
 pub mod produce;
 pub mod server;
 pub mod services;

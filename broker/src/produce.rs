@@ -174,6 +174,11 @@ pub async fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
                 tokio::task::spawn_blocking(move || log.append_checked(&batch, ack)).await??
             }
         };
+        let records = u64::from(done.info().record_count);
+        prepared
+            .topic
+            .counters
+            .produced(records, batch.len() as u64);
         woke_fetches |= prepared.topic.notify(*p, done.info().next_offset);
         unsettled.push((*p, done));
     }

@@ -17,6 +17,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::layer::AuthLayer;
 use crate::config::Config;
 use crate::connections::LimitedIncoming;
+use crate::health::{Health, Recovering};
+use crate::metrics::{Metrics, RequestMetricsLayer};
 use crate::services::{AdminService, GroupsService, LogService, SecurityService};
 use crate::state::Broker;
 use crate::tasks;
@@ -33,19 +35,38 @@ pub struct Server {
     broker: Broker,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The `/metrics` listener, when `metrics_listen` is set.
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
+    /// NOT_SERVING until [`Server::serve`] starts.
+    health: Health,
 }
 
 impl Server {
-    /// Opens the store (recovering partitions as needed) and binds the listen address.
+    /// Binds the listen address, then opens the store (recovering partitions as needed),
+    /// answering health checks with NOT_SERVING meanwhile (see [`crate::health`]).
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server> {
-        let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
-        let store = tokio::task::spawn_blocking(move || Store::open(options))
-            .await
-            .context("opening the store")?
-            .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
+        // Bound before the store opens, so a busy port fails the start at once.
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => {
+                let listener = crate::metrics::http::bind(addr).await?;
+                let bound = listener
+                    .local_addr()
+                    .context("reading the metrics listener's address")?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
+        let health = Health::not_serving().await;
+        let recovering = Recovering::serve(&listener, &health)?;
+        let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
+        let store = tokio::task::spawn_blocking(move || Store::open(options)).await;
+        recovering.stop().await;
+        let store = store
+            .context("opening the store")?
+            .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
         let security_config = config.security.clone();
         let security_store = store.clone();
@@ -61,7 +82,14 @@ impl Server {
             broker,
             listener,
             local_addr,
+            metrics_listener,
+            health,
         })
+    }
+
+    /// The address the metrics listener bound, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The address actually bound (the real port when the config asked for port 0).
@@ -79,20 +107,38 @@ impl Server {
     /// closes the store cleanly (synced, with clean-shutdown markers).
     pub async fn serve(self) -> Result<()> {
         let Server {
-            broker, listener, ..
+            broker,
+            listener,
+            metrics_listener,
+            health,
+            ..
         } = self;
         tasks::spawn_background(&broker);
+        let coordinator = crate::groups::Coordinator::load(broker.store());
+        crate::groups::spawn_background(&broker, &coordinator);
+        let request_metrics = match metrics_listener {
+            Some((listener, _)) => {
+                let metrics = Metrics::new(&broker);
+                let layer = metrics.layer();
+                crate::metrics::http::spawn(listener, metrics, &broker);
+                layer
+            }
+            None => RequestMetricsLayer::new(None),
+        };
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<LogServer<LogService>>().await;
-        health_reporter
-            .set_serving::<GroupsServer<GroupsService>>()
-            .await;
-        health_reporter
-            .set_serving::<AdminServer<AdminService>>()
-            .await;
+        health.set_all(tonic_health::ServingStatus::Serving).await;
+        // Once shutdown begins, the whole server and each service report NOT_SERVING (to
+        // health watchers) while in-flight calls drain.
+        let on_shutdown = health.clone();
+        let shutting_down = broker.shutdown().clone();
+        broker.tasks().spawn(async move {
+            shutting_down.cancelled().await;
+            on_shutdown
+                .set_all(tonic_health::ServingStatus::NotServing)
+                .await;
+        });
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(rill_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -107,7 +153,7 @@ impl Server {
         let log = LogServer::new(LogService::new(broker.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_fetch.max(max_message));
-        let groups = GroupsServer::new(GroupsService::new(broker.clone()));
+        let groups = GroupsServer::new(GroupsService::new(broker.clone(), coordinator));
         let admin = AdminServer::new(AdminService::new(broker.clone()));
         let security = broker.security().cloned();
         let security_rpc = security
@@ -129,7 +175,8 @@ impl Server {
             .max_frame_size(MAX_FRAME_BYTES)
             .max_concurrent_streams(Some(broker.config().max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(health_service)
+            .layer(request_metrics)
+            .add_service(health.service.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(log)
@@ -140,8 +187,8 @@ impl Server {
             .await;
         // Whatever ended serving, stop the tasks and close the store.
         broker.shutdown().cancel();
-        health_reporter
-            .set_not_serving::<LogServer<LogService>>()
+        health
+            .set_all(tonic_health::ServingStatus::NotServing)
             .await;
         broker.tasks().close();
         broker.tasks().wait().await;
@@ -162,6 +209,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let server = Server::bind(config, shutdown).await?;
     // Printed on stdout, one line each, so scripts and tests can read the bound port.
     println!("rill-broker data dir: {}", data_dir.display());
+    // Before the gRPC line: a reader that stops at that line has seen this one too.
+    if let Some(addr) = server.metrics_addr() {
+        println!("rill-broker metrics listening on {addr}");
+    }
     println!("rill-broker listening on {}", server.local_addr());
     tracing::info!(addr = %server.local_addr(), data_dir = %data_dir.display(), "broker started");
     server.serve().await

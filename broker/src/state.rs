@@ -33,6 +33,8 @@ pub struct TopicState {
     watches: Vec<watch::Sender<u64>>,
     /// Spreads keyless records over the partitions.
     round_robin: AtomicU32,
+    /// Records and bytes produced and fetched, for metrics and DescribeTopic.
+    pub counters: crate::metrics::TopicCounters,
 }
 
 impl TopicState {
@@ -47,6 +49,7 @@ impl TopicState {
             topic,
             watches,
             round_robin: AtomicU32::new(0),
+            counters: crate::metrics::TopicCounters::default(),
         }
     }
 

@@ -249,6 +249,7 @@ impl Admin {
                         metadata: None,
                     })
                     .collect(),
+                member: None,
             })
             .await
             .map_err(status(Some(topic)))?;
@@ -286,6 +287,30 @@ impl Admin {
             .map_err(status(None))?
             .into_inner()
             .groups)
+    }
+
+    /// Every group with its state (`empty`, `stable`, `reconciling`) and live member count.
+    pub async fn list_group_summaries(&self) -> Result<Vec<pb::GroupSummary>> {
+        Ok(self
+            .conn
+            .groups()
+            .list_groups(pb::ListGroupsRequest {})
+            .await
+            .map_err(status(None))?
+            .into_inner()
+            .summaries)
+    }
+
+    /// Deletes a group's offsets and state; refused while it has live members.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        self.conn
+            .groups()
+            .delete_group(pb::DeleteGroupRequest {
+                group: group.into(),
+            })
+            .await
+            .map_err(status(None))?;
+        Ok(())
     }
 
     /// A group's committed offsets with the high watermark and lag of each partition.

@@ -9,6 +9,8 @@
 //! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
 //!   offsets with at-least-once auto-commit, seeks, reported skips.
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
+//! - [`membership`]: [`GroupMember`]: a consumer group member; background heartbeats, and
+//!   assigned, revoked and lost partitions as events.
 //! - [`error`]: [`ClientError`], typed, with the broker status as its source; which errors
 //!   are retryable is decided there, from codes and variants.
 //! - `retry` (private): the one backoff policy (exponential with jitter, from `backon`) that
@@ -67,6 +69,7 @@ pub mod cli;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+pub mod membership;
 pub mod producer;
 mod retry;
 pub mod security;
@@ -77,5 +80,6 @@ pub use consumer::{
     AutoOffsetReset, ConsumedRecord, Consumer, ConsumerConfig, ConsumerEvent, SeekTo,
 };
 pub use error::{ClientError, Result};
+pub use membership::{GroupMember, MemberConfig, MemberEvent};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 pub use security::ConnectOptions;

@@ -1,68 +1,119 @@
-//! Consumer-group committed offsets: `(group, topic, partition) → offset + metadata`.
+//! Consumer-group state: committed offsets `(group, topic, partition) → offset + metadata`,
+//! and each group's opaque metadata (the broker's membership state), kept in the internal
+//! topic [`GROUPS_TOPIC`].
 //!
-//! Each group has one file, `<data>/groups/<group>.offsets`, replaced atomically on every
-//! commit with [`atomic_write`] (temp file, fsync, rename, fsync of the folder). A crash leaves
-//! the old file or the new one, never a mix, so a commit is durable on return and
-//! all-or-nothing. Iggy overwrote its offset files in place, and a crash could tear them; this
-//! is the fix.
+//! # Where the state lives
+//! State that must survive the loss of a broker is kept where replication carries it: in an
+//! ordinary topic, written and read through the same append and read path as every other
+//! topic (as Kafka keeps `__consumer_offsets`). A group's records all go to one partition,
+//! [`partition_for_group`], so they stay in order. Each record says one change
+//! ([`GroupRecord`], format in `record.rs` and `docs/GROUPS.md`); the store replays the topic
+//! at open to rebuild the in-memory view, and appends to it on every change.
 //!
-//! # File format, version 1
-//! All integers are fixed-width little-endian.
+//! # Durability
+//! A commit (and every other change) returns once its record is appended and synced
+//! ([`PartitionLog::sync_through`]): durable on return, and all-or-nothing because a batch is
+//! appended whole or not at all. On an error the in-memory view is unchanged. A record whose
+//! sync failed may still be on disk, and a later replay then applies it: the outcome of a
+//! failed commit is unknown, as for any failed produce.
 //!
-//! | field | width (bytes) |
-//! |---|---|
-//! | magic `RLGO` | 4 |
-//! | version = 1 | 1 (`u8`) |
-//! | entry count | 4 (`u32`) |
-//! | per entry: topic name length | 2 (`u16`) |
-//! | per entry: topic name (a valid topic name, ASCII) | that length |
-//! | per entry: partition | 4 (`u32`) |
-//! | per entry: committed offset (the next offset the group reads) | 8 (`u64`) |
-//! | per entry: commit time, ms since the Unix epoch | 8 (`i64`) |
-//! | per entry: metadata length, −1 for none, at most [`MAX_METADATA_BYTES`] | 4 (`i32`) |
-//! | per entry: metadata (UTF-8) | that length |
-//! | CRC-32/ISO-HDLC (crc32fast, the "IEEE" polynomial, not CRC-32C) of every byte before it | 4 (`u32`) |
+//! # Bounded growth
+//! [`GroupStore::compact_if_due`] writes a snapshot of a partition once about a segment's
+//! worth of records has been appended since the last one: every group's whole state (one
+//! record each, in as many batches as needed), then a marker; then it deletes the sealed
+//! segments that end before the snapshot's first record.
 //!
-//! Entries are in strictly increasing `(topic, partition)` order (topics compared as bytes),
-//! so no pair appears twice and the same offsets always encode to the same bytes.
+//! Why replay from any later log start rebuilds the same state: a group's snapshot record
+//! replaces its whole state, and no write interleaves with a snapshot. A group that existed
+//! when the snapshot was taken gets exactly that state from its record, then the records
+//! after it. A group that did not exist had every topic forgotten after its last commit and
+//! its metadata cleared after its last set, so whatever suffix of its records remains also
+//! leaves it empty. A snapshot cut short by a crash only rewrote states that were current.
 //!
-//! A file that fails any check (size, CRC, magic, version, a length past the end, a bad
-//! name, bad UTF-8, entries out of order or repeated, trailing bytes) is never read as offsets: it is moved aside
-//! to `<group>.offsets.corrupt` (the data is kept for the operator), reported by
-//! [`GroupStore::damaged`], and the group starts with no commits.
+//! # Upgrades
+//! The offsets files of earlier versions (`<data>/groups/<group>.offsets`) are imported once
+//! at open (see `legacy.rs`): what the topic lacks is appended, then each file is renamed
+//! `<group>.offsets.imported`.
+
+mod legacy;
+mod record;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use parking_lot::{Mutex, RwLock};
 
-use crate::config::validate_name;
-use crate::cursor::Cursor;
+use crate::batch::{batches, BatchBuilder};
+use crate::config::{validate_name, FlushPolicy, TopicConfig};
 use crate::error::{Result, StorageError};
-use crate::fsutil::create_dir_durable;
-use crate::fsutil::{atomic_write, fsync_dir, remove_leftover_tmp_files};
-use crate::log::now_ms;
+use crate::log::{now_ms, PartitionLog};
+use crate::store::Topic;
+
+pub use record::{GroupRecord, MAX_GROUP_METADATA_BYTES, RECORD_VERSION};
 
 /// The longest metadata string a commit may carry, in bytes.
 pub const MAX_METADATA_BYTES: usize = 4096;
+/// The internal topic that holds every group's state.
+pub const GROUPS_TOPIC: &str = "__groups";
+/// Topic names starting with this are reserved for internal topics.
+pub const INTERNAL_TOPIC_PREFIX: &str = "__";
+/// The partition count of a new groups topic (fixed once created).
+pub const DEFAULT_GROUPS_PARTITIONS: u32 = 4;
+/// The segment size of a new groups topic (256 KiB): small, so compaction frees space soon
+/// and an idle broker holds little (each partition's active segment is preallocated: 1 MiB
+/// in all). One change may take at most half a segment.
+pub const DEFAULT_GROUPS_SEGMENT_BYTES: u64 = 256 << 10;
+/// How much is read per call during replay.
+const REPLAY_READ_BYTES: usize = 4 << 20;
 
-const MAGIC: &[u8; 4] = b"RLGO";
-const VERSION: u8 = 1;
-/// The file name suffix of a group's offsets file.
-const SUFFIX: &str = ".offsets";
-/// Appended to a damaged file's name when it is moved aside.
-const CORRUPT_SUFFIX: &str = ".corrupt";
-/// Magic, version and entry count.
-const HEADER_BYTES: usize = 4 + 1 + 4;
-/// The trailing CRC.
-const CRC_BYTES: usize = 4;
-/// The fixed-width fields of one entry: topic length, partition, offset, time, metadata length.
-const ENTRY_FIXED_BYTES: usize = 2 + 4 + 8 + 8 + 4;
-/// The metadata length that means "no metadata".
-const NO_METADATA: i32 = -1;
+/// The config of a new groups topic: `partitions` partitions of `segment_bytes` segments,
+/// kept forever (compaction, not retention, bounds it), synced by each writer.
+pub fn groups_topic_config(partitions: u32, segment_bytes: u64) -> TopicConfig {
+    TopicConfig::default()
+        .partitions(partitions)
+        .segment_bytes(segment_bytes)
+        .retention_ms(None)
+        .flush(FlushPolicy::default())
+}
+
+/// The partition of the groups topic that holds `group`'s records: Kafka's key partitioner
+/// (murmur2 of the name, seed `0x9747b28c`, masked positive, modulo the count), the same
+/// rule as `rill_proto::partitioner::partition_for_key`, which storage cannot depend on; a
+/// broker test checks that the two agree.
+pub fn partition_for_group(group: &str, partitions: u32) -> u32 {
+    (murmur2(group.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// Kafka's murmur2: 32-bit MurmurHash2, seed `0x9747b28c`, little-endian blocks.
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
+    let mut blocks = data.chunks_exact(4);
+    for block in &mut blocks {
+        let mut k = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let tail = blocks.remainder();
+    if let Some(&b) = tail.get(2) {
+        h ^= u32::from(b) << 16;
+    }
+    if let Some(&b) = tail.get(1) {
+        h ^= u32::from(b) << 8;
+    }
+    if let Some(&b) = tail.first() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
+}
 
 /// A group's committed offset for one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,16 +126,66 @@ pub struct CommittedOffset {
     pub commit_time_ms: i64,
 }
 
-/// One group's offsets: topic → partition → offset. Sorted, so encoding is deterministic and
-/// listings come out in order without a sort.
-type GroupMap = BTreeMap<String, BTreeMap<u32, CommittedOffset>>;
+/// One group's offsets: topic → partition → offset. Sorted, so listings come out in order.
+pub type GroupMap = BTreeMap<String, BTreeMap<u32, CommittedOffset>>;
 
-/// The committed offsets of every group, in `<data>/groups/`. Cheap to clone: a handle around
-/// shared state.
+/// One group's whole state.
+#[derive(Debug, Clone, Default)]
+struct GroupState {
+    offsets: GroupMap,
+    metadata: Option<Arc<[u8]>>,
+}
+
+impl GroupState {
+    fn is_empty(&self) -> bool {
+        self.offsets.is_empty() && self.metadata.is_none()
+    }
+
+    /// Applies one replayed or written record about this group.
+    fn apply(&mut self, record: GroupRecord) {
+        match record {
+            GroupRecord::Commit { topic, entries, .. } => {
+                let partitions = self.offsets.entry(topic).or_default();
+                for (p, c) in entries {
+                    partitions.insert(p, c);
+                }
+            }
+            GroupRecord::ForgetTopic { topic, .. } => {
+                self.offsets.remove(&topic);
+            }
+            GroupRecord::Metadata { metadata, .. } => {
+                self.metadata = (!metadata.is_empty()).then(|| Arc::from(metadata));
+            }
+            GroupRecord::ForgetGroup { .. } => *self = GroupState::default(),
+            GroupRecord::GroupSnapshot {
+                offsets, metadata, ..
+            } => {
+                self.offsets = offsets;
+                self.metadata = metadata.map(Arc::from);
+            }
+            GroupRecord::SnapshotMarker => {}
+        }
+    }
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotOutcome {
+    /// The offset of the snapshot's marker record.
+    pub snapshot_offset: u64,
+    /// Groups written into it.
+    pub groups: u32,
+    /// Segments deleted because the snapshot replaces them.
+    pub deleted_segments: u32,
+}
+
+/// Every group's state, kept in the groups topic. Cheap to clone: a handle around shared
+/// state.
 ///
 /// Readers ([`GroupStore::fetch`] and the listings) read an in-memory map and never wait for
-/// a disk write. Writers of one group are serialized, and its file is written while its lock
-/// is held, so files land in commit order. Writers of different groups run in parallel.
+/// a disk write. Writers of one group are serialized, and its records are appended while its
+/// lock is held, so they land in the order applied. Writers of different groups run in
+/// parallel and share the syncs of their partition (group commit).
 #[derive(Debug, Clone)]
 pub struct GroupStore {
     inner: Arc<Inner>,
@@ -92,106 +193,93 @@ pub struct GroupStore {
 
 #[derive(Debug)]
 struct Inner {
-    dir: PathBuf,
-    /// The view readers use: group → its offsets. A plain lock, held only to look up, clone an
-    /// `Arc` or swap one in; never across file I/O, so a slow fsync never blocks a fetch.
-    groups: RwLock<HashMap<String, Arc<GroupMap>>>,
-    /// One writer lock per group (created on first use, kept for the life of the store: a
-    /// group is a few bytes). A group's lock is held across its read-modify-write and file
-    /// write, so commits of one group are applied and written in one order. The outer lock is
-    /// held only to find or insert an entry.
+    topic: Topic,
+    /// The view readers use: group → its state. A plain lock, held only to look up, clone an
+    /// `Arc` or swap one in; never across I/O, so a slow sync never blocks a fetch.
+    groups: RwLock<HashMap<String, Arc<GroupState>>>,
+    /// One writer lock per group (created on first use, kept for the life of the store).
     writers: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Offset files found damaged at open: where each was moved, and why. Fixed after open.
+    /// Per partition: writers hold it shared from append to publish; a snapshot holds it
+    /// exclusively, so the state it writes is exactly what the log holds before it.
+    gates: Vec<RwLock<()>>,
+    /// Per partition: bytes appended since the last snapshot.
+    since_snapshot_bytes: Vec<AtomicU64>,
+    /// What could not be read at open, with the reason. Fixed after open.
     damaged: Vec<(PathBuf, String)>,
 }
 
 impl GroupStore {
-    /// Opens the groups folder `dir` (creating it, durably, when missing) and loads every
-    /// group.
+    /// Opens the group state over the groups topic `topic`: replays every partition to
+    /// rebuild the view, then imports the legacy offsets files of `legacy_dir` (when that
+    /// folder exists).
     ///
-    /// Leftover temp files of interrupted commits are deleted. A damaged offsets file never
-    /// stops the open and is never misread: it is logged, moved aside to
-    /// `<group>.offsets.corrupt`, listed by [`GroupStore::damaged`], and its group starts
-    /// with no commits. Only a failure to create or list the folder is an error.
-    pub fn open(dir: &Path) -> Result<GroupStore> {
-        create_dir_durable(dir)?;
-        remove_leftover_tmp_files(dir)?;
-        let mut groups = HashMap::new();
+    /// Damage never stops the open and is never misread. A fenced partition, a batch that
+    /// fails its checks, or a record that does not decode is logged and listed by
+    /// [`GroupStore::damaged`], and that partition's replay stops there: its groups keep what
+    /// came before. A damaged legacy file is moved aside and listed. Only a failure to list
+    /// the legacy folder is an error.
+    pub fn open(topic: Topic, legacy_dir: &Path) -> Result<GroupStore> {
+        let partitions = topic.partition_count();
         let mut damaged = Vec::new();
-        let mut moved_aside = false;
-        let entries = fs::read_dir(dir).map_err(|e| StorageError::io("list groups", dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| StorageError::io("list groups", dir, e))?;
-            let path = entry.path();
-            let Some(group) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(SUFFIX))
-            else {
-                // `.corrupt` files and anything else that is not ours.
-                continue;
+        let mut groups: HashMap<String, GroupState> = HashMap::new();
+        let mut since_snapshot = Vec::with_capacity(partitions as usize);
+        for (p, log) in topic.partitions() {
+            let bytes = match log {
+                Ok(log) => replay(&log, partitions, &mut groups, &mut damaged),
+                Err(e) => {
+                    tracing::error!(partition = p, error = %e, "groups partition fenced; its groups start empty");
+                    damaged.push((topic.dir().join(p.to_string()), e.to_string()));
+                    0
+                }
             };
-            if validate_name("group", group).is_err() {
-                tracing::warn!(path = ?path, "ignoring a file whose name is not a valid group name");
-                continue;
-            }
-            let loaded = fs::read(&path)
-                .map_err(|e| format!("cannot read it: {e}"))
-                .and_then(|bytes| decode(&bytes));
-            match loaded {
-                Ok(map) => {
-                    if !map.is_empty() {
-                        groups.insert(group.to_string(), Arc::new(map));
-                    }
-                }
-                Err(reason) => {
-                    let kept_at = match set_aside(&path) {
-                        Ok(aside) => {
-                            moved_aside = true;
-                            aside
-                        }
-                        Err(e) => {
-                            // Still never misread: the group starts empty, and its next
-                            // commit replaces the file.
-                            tracing::error!(path = ?path, error = %e, "cannot move a damaged offsets file aside");
-                            path.clone()
-                        }
-                    };
-                    tracing::error!(
-                        path = ?path, kept_at = ?kept_at, reason = %reason,
-                        "damaged group offsets file; the group restarts with no commits"
-                    );
-                    damaged.push((kept_at, reason));
-                }
-            }
+            since_snapshot.push(AtomicU64::new(bytes));
         }
-        if moved_aside {
-            fsync_dir(dir)?;
-        }
-        Ok(GroupStore {
+        groups.retain(|_, state| !state.is_empty());
+        let mut store = GroupStore {
             inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
-                groups: RwLock::new(groups),
+                groups: RwLock::new(
+                    groups
+                        .into_iter()
+                        .map(|(g, state)| (g, Arc::new(state)))
+                        .collect(),
+                ),
                 writers: Mutex::new(HashMap::new()),
-                damaged,
+                gates: (0..partitions).map(|_| RwLock::new(())).collect(),
+                since_snapshot_bytes: since_snapshot,
+                topic,
+                damaged: Vec::new(),
             }),
-        })
+        };
+        let (files, legacy_damaged) = legacy::load(legacy_dir)?;
+        damaged.extend(legacy_damaged);
+        for file in files {
+            if let Err(e) = store.import(&file) {
+                tracing::error!(path = ?file.path, error = %e, "cannot import a legacy offsets file; it is kept and retried at the next open");
+                damaged.push((file.path.clone(), format!("cannot import it: {e}")));
+            }
+        }
+        // Fill in the damage list now that the store is built: no clone of it has escaped
+        // yet, so this is its only handle.
+        match Arc::get_mut(&mut store.inner) {
+            Some(inner) => inner.damaged = damaged,
+            None => tracing::error!(?damaged, "cannot record the groups damage list"),
+        }
+        Ok(store)
     }
 
-    /// The groups folder.
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
+    /// The groups topic.
+    pub fn topic(&self) -> &Topic {
+        &self.inner.topic
     }
 
     /// Commits `(partition, offset, metadata)` entries of `group` for `topic`, stamped with
     /// the current time.
     ///
-    /// Every entry of one call lands atomically (one file replace), and it is durable on
-    /// return. A later entry for the same partition in one call wins. A bad group or topic
-    /// name ([`StorageError::InvalidName`]) or metadata over [`MAX_METADATA_BYTES`]
+    /// Every entry of one call lands atomically (one record), and it is durable on return. A
+    /// later entry for the same partition in one call wins. A bad group or topic name
+    /// ([`StorageError::InvalidName`]) or metadata over [`MAX_METADATA_BYTES`]
     /// ([`StorageError::InvalidConfig`]) changes nothing. An empty list changes nothing.
-    /// On an I/O error the in-memory offsets are unchanged; the file holds either the old
-    /// offsets or the new ones.
+    /// On an error the in-memory offsets are unchanged.
     pub fn commit(
         &self,
         group: &str,
@@ -215,23 +303,25 @@ impl GroupStore {
         if offsets.is_empty() {
             return Ok(());
         }
-        let writer = self.writer(group);
-        let _writing = writer.lock();
-        let mut map = self.current(group);
         let commit_time_ms = now_ms();
-        let partitions = map.entry(topic.to_string()).or_default();
-        for (partition, offset, metadata) in offsets {
-            partitions.insert(
-                *partition,
-                CommittedOffset {
-                    offset: *offset,
-                    metadata: metadata.clone(),
-                    commit_time_ms,
-                },
-            );
-        }
-        self.persist(group, &map)?;
-        self.publish(group, map);
+        let record = GroupRecord::Commit {
+            group: group.to_string(),
+            topic: topic.to_string(),
+            entries: offsets
+                .iter()
+                .map(|(p, o, m)| {
+                    (
+                        *p,
+                        CommittedOffset {
+                            offset: *o,
+                            metadata: m.clone(),
+                            commit_time_ms,
+                        },
+                    )
+                })
+                .collect(),
+        };
+        self.change(group, |_| Some(vec![record]))?;
         Ok(())
     }
 
@@ -241,6 +331,7 @@ impl GroupStore {
             .groups
             .read()
             .get(group)?
+            .offsets
             .get(topic)?
             .get(&partition)
             .cloned()
@@ -249,17 +340,18 @@ impl GroupStore {
     /// Every committed offset of `group` as `(topic, partition, offset)`, sorted by topic and
     /// partition. [`StorageError::GroupNotFound`] when the group has none.
     pub fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, CommittedOffset)>> {
-        // Clone the Arc, then build the list outside the lock.
-        let map = self
+        let state = self
             .inner
             .groups
             .read()
             .get(group)
             .cloned()
+            .filter(|s| !s.offsets.is_empty())
             .ok_or_else(|| StorageError::GroupNotFound {
                 group: group.to_string(),
             })?;
-        Ok(map
+        Ok(state
+            .offsets
             .iter()
             .flat_map(|(topic, partitions)| {
                 partitions
@@ -269,49 +361,289 @@ impl GroupStore {
             .collect())
     }
 
-    /// The groups that have committed offsets, sorted by name.
+    /// The groups that have committed offsets or metadata, sorted by name.
     pub fn list(&self) -> Vec<String> {
         let mut names: Vec<String> = self.inner.groups.read().keys().cloned().collect();
         names.sort_unstable();
         names
     }
 
-    /// Forgets every group's offsets for `topic` (a deleted topic), rewriting each affected
-    /// group's file; a group left with no offsets loses its file and leaves the listing.
-    /// Tries every group and returns the first error.
+    /// `group`'s metadata (the broker's membership state), if any.
+    pub fn metadata(&self, group: &str) -> Option<Arc<[u8]>> {
+        self.inner.groups.read().get(group)?.metadata.clone()
+    }
+
+    /// Every group's metadata, sorted by group.
+    pub fn all_metadata(&self) -> Vec<(String, Arc<[u8]>)> {
+        let mut all: Vec<_> = self
+            .inner
+            .groups
+            .read()
+            .iter()
+            .filter_map(|(g, s)| s.metadata.clone().map(|m| (g.clone(), m)))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Replaces `group`'s metadata, durably; empty clears it. Over
+    /// [`MAX_GROUP_METADATA_BYTES`] is [`StorageError::InvalidConfig`] and changes nothing.
+    pub fn put_metadata(&self, group: &str, metadata: Vec<u8>) -> Result<()> {
+        validate_name("group", group)?;
+        if metadata.len() > MAX_GROUP_METADATA_BYTES {
+            return Err(StorageError::InvalidConfig {
+                topic: GROUPS_TOPIC.to_string(),
+                reason: format!(
+                    "group {group:?} metadata is {} bytes; at most {MAX_GROUP_METADATA_BYTES} are allowed",
+                    metadata.len()
+                ),
+            });
+        }
+        let record = GroupRecord::Metadata {
+            group: group.to_string(),
+            metadata,
+        };
+        self.change(group, |_| Some(vec![record]))?;
+        Ok(())
+    }
+
+    /// Deletes `group`: its offsets and metadata, durably. [`StorageError::GroupNotFound`]
+    /// when it has neither.
+    pub fn delete_group(&self, group: &str) -> Result<()> {
+        validate_name("group", group)?;
+        let changed = self.change(group, |state| {
+            (!state.is_empty()).then(|| {
+                vec![GroupRecord::ForgetGroup {
+                    group: group.to_string(),
+                }]
+            })
+        })?;
+        if changed {
+            Ok(())
+        } else {
+            Err(StorageError::GroupNotFound {
+                group: group.to_string(),
+            })
+        }
+    }
+
+    /// Forgets every group's offsets for `topic` (a deleted topic); a group left with no
+    /// state leaves the listing. Tries every group and returns the first error.
     pub fn delete_topic(&self, topic: &str) -> Result<()> {
         let affected: Vec<String> = self
             .inner
             .groups
             .read()
             .iter()
-            .filter(|(_, map)| map.contains_key(topic))
+            .filter(|(_, s)| s.offsets.contains_key(topic))
             .map(|(group, _)| group.clone())
             .collect();
         let mut first_error = None;
         for group in affected {
-            let writer = self.writer(&group);
-            let _writing = writer.lock();
-            // Re-read under the group's lock: a commit may have landed since the scan.
-            let mut map = self.current(&group);
-            if map.remove(topic).is_none() {
-                continue;
-            }
-            match self.persist(&group, &map) {
-                Ok(()) => self.publish(&group, map),
-                Err(e) => {
-                    tracing::error!(group = %group, topic, error = %e, "cannot drop a deleted topic's offsets");
-                    first_error.get_or_insert(e);
-                }
+            // The closure re-checks under the group's lock: a commit may have landed since.
+            let result = self.change(&group, |state| {
+                state.offsets.contains_key(topic).then(|| {
+                    vec![GroupRecord::ForgetTopic {
+                        group: group.clone(),
+                        topic: topic.to_string(),
+                    }]
+                })
+            });
+            if let Err(e) = result {
+                tracing::error!(group = %group, topic, error = %e, "cannot drop a deleted topic's offsets");
+                first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Offset files found damaged at open: where each one's bytes now are (normally
-    /// `<group>.offsets.corrupt`), and why it was refused.
+    /// What was found damaged at open (groups partitions, legacy files), with the reason.
     pub fn damaged(&self) -> &[(PathBuf, String)] {
         &self.inner.damaged
+    }
+
+    /// Snapshots every partition that has had at least a segment's worth of records appended
+    /// since its last snapshot ([`GroupStore::snapshot`]). Returns the snapshots written;
+    /// tries every partition and returns the first error.
+    pub fn compact_if_due(&self) -> Result<Vec<SnapshotOutcome>> {
+        let threshold = self.inner.topic.config().segment_bytes;
+        let mut done = Vec::new();
+        let mut first_error = None;
+        for p in 0..self.inner.topic.partition_count() {
+            let due = self
+                .inner
+                .since_snapshot_bytes
+                .get(p as usize)
+                .is_some_and(|b| b.load(Ordering::Relaxed) >= threshold);
+            if due {
+                match self.snapshot(p) {
+                    Ok(outcome) => done.push(outcome),
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "groups snapshot failed");
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(done), Err)
+    }
+
+    /// Writes a snapshot of partition `p` of the groups topic (every group's whole state, in
+    /// batches of at most half a segment, then a marker, all synced), then deletes the sealed
+    /// segments that end before it: replay from the new log start rebuilds the same state
+    /// (see the module doc). A group whose state alone exceeds the batch limit makes the
+    /// snapshot fail, and nothing is deleted.
+    pub fn snapshot(&self, p: u32) -> Result<SnapshotOutcome> {
+        let log = self.inner.topic.partition(p)?;
+        let gate = self.gate(p)?;
+        let _exclusive = gate.write();
+        let mut states = Vec::new();
+        {
+            let groups = self.inner.groups.read();
+            let mut names: Vec<&String> = groups
+                .keys()
+                .filter(|g| self.partition_of(g) == p)
+                .collect();
+            names.sort_unstable();
+            for g in names {
+                if let Some(state) = groups.get(g) {
+                    states.push(GroupRecord::GroupSnapshot {
+                        group: g.clone(),
+                        offsets: state.offsets.clone(),
+                        metadata: state.metadata.as_deref().map(<[u8]>::to_vec),
+                    });
+                }
+            }
+        }
+        let group_count = states.len() as u32;
+        states.push(GroupRecord::SnapshotMarker);
+        let limit = max_change_bytes(&log);
+        let mut first_offset = None;
+        let mut end = log.high_watermark();
+        let mut batch: Vec<GroupRecord> = Vec::new();
+        let mut batch_bytes = 0;
+        let mut states = states.into_iter().peekable();
+        while let Some(record) = states.next() {
+            // The value plus room for the record's framing and key.
+            let len = record.encode().map_or(0, |v| v.len()) + 300;
+            if !batch.is_empty() && batch_bytes + len > limit {
+                let info = append_records(&log, &batch)?;
+                first_offset.get_or_insert(info.0);
+                end = info.1;
+                batch.clear();
+                batch_bytes = 0;
+            }
+            batch.push(record);
+            batch_bytes += len;
+            if states.peek().is_none() {
+                let info = append_records(&log, &batch)?;
+                first_offset.get_or_insert(info.0);
+                end = info.1;
+            }
+        }
+        log.sync_through(end)?;
+        let snapshot_offset = first_offset.unwrap_or(end);
+        if let Some(counter) = self.inner.since_snapshot_bytes.get(p as usize) {
+            counter.store(0, Ordering::Relaxed);
+        }
+        let deleted = log.delete_segments_before(snapshot_offset)?;
+        tracing::info!(
+            partition = p,
+            snapshot_offset,
+            groups = group_count,
+            deleted_segments = deleted.deleted_segments,
+            "groups partition snapshotted"
+        );
+        Ok(SnapshotOutcome {
+            snapshot_offset,
+            groups: group_count,
+            deleted_segments: deleted.deleted_segments,
+        })
+    }
+
+    /// The partition of the groups topic holding `group`.
+    pub fn partition_of(&self, group: &str) -> u32 {
+        partition_for_group(group, self.inner.topic.partition_count())
+    }
+
+    /// Imports a legacy file: appends what the topic lacks, then renames the file.
+    fn import(&self, file: &legacy::LegacyFile) -> Result<()> {
+        self.change(&file.group, |state| {
+            let records: Vec<GroupRecord> = file
+                .offsets
+                .iter()
+                .filter_map(|(topic, partitions)| {
+                    let have = state.offsets.get(topic);
+                    let entries: Vec<(u32, CommittedOffset)> = partitions
+                        .iter()
+                        .filter(|(p, _)| have.is_none_or(|h| !h.contains_key(p)))
+                        .map(|(p, c)| (*p, c.clone()))
+                        .collect();
+                    (!entries.is_empty()).then(|| GroupRecord::Commit {
+                        group: file.group.clone(),
+                        topic: topic.clone(),
+                        entries,
+                    })
+                })
+                .collect();
+            (!records.is_empty()).then_some(records)
+        })?;
+        legacy::mark_imported(&file.path)?;
+        tracing::info!(group = %file.group, path = ?file.path, "imported a legacy offsets file");
+        Ok(())
+    }
+
+    /// The one write path: under `group`'s writer lock, `decide` looks at the current state
+    /// and returns the records to write (or none: no change). They are appended as one
+    /// batch, synced, and then applied to the view. Returns whether anything was written.
+    fn change(
+        &self,
+        group: &str,
+        decide: impl FnOnce(&GroupState) -> Option<Vec<GroupRecord>>,
+    ) -> Result<bool> {
+        let writer = self.writer(group);
+        let _writing = writer.lock();
+        let current = self
+            .inner
+            .groups
+            .read()
+            .get(group)
+            .map(|s| GroupState::clone(s))
+            .unwrap_or_default();
+        let Some(records) = decide(&current) else {
+            return Ok(false);
+        };
+        let p = self.partition_of(group);
+        let log = self.inner.topic.partition(p)?;
+        let gate = self.gate(p)?;
+        let _shared = gate.read();
+        let (_, end, bytes) = append_records(&log, &records)?;
+        log.sync_through(end)?;
+        if let Some(counter) = self.inner.since_snapshot_bytes.get(p as usize) {
+            counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        let mut next = current;
+        for record in records {
+            next.apply(record);
+        }
+        let mut groups = self.inner.groups.write();
+        if next.is_empty() {
+            groups.remove(group);
+        } else {
+            groups.insert(group.to_string(), Arc::new(next));
+        }
+        Ok(true)
+    }
+
+    fn gate(&self, p: u32) -> Result<&RwLock<()>> {
+        self.inner
+            .gates
+            .get(p as usize)
+            .ok_or_else(|| StorageError::PartitionNotFound {
+                topic: GROUPS_TOPIC.to_string(),
+                partition: p,
+                partitions: self.inner.topic.partition_count(),
+            })
     }
 
     /// The writer lock of `group`, created on first use.
@@ -326,203 +658,121 @@ impl GroupStore {
             }
         }
     }
-
-    /// A copy of `group`'s current offsets, to modify (empty for a new group).
-    fn current(&self, group: &str) -> GroupMap {
-        self.inner
-            .groups
-            .read()
-            .get(group)
-            .map(|m| GroupMap::clone(m))
-            .unwrap_or_default()
-    }
-
-    /// Makes `map` what readers see for `group` (no entry when it is empty).
-    fn publish(&self, group: &str, map: GroupMap) {
-        let mut groups = self.inner.groups.write();
-        if map.is_empty() {
-            groups.remove(group);
-        } else {
-            groups.insert(group.to_string(), Arc::new(map));
-        }
-    }
-
-    /// Replaces `group`'s file with `map`, or removes it when `map` is empty. Durable on
-    /// return.
-    fn persist(&self, group: &str, map: &GroupMap) -> Result<()> {
-        let path = self.inner.dir.join(format!("{group}{SUFFIX}"));
-        if map.is_empty() {
-            return match fs::remove_file(&path) {
-                Ok(()) => fsync_dir(&self.inner.dir),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(StorageError::io("remove group offsets", &path, e)),
-            };
-        }
-        let bytes = encode(map).map_err(|reason| StorageError::Corrupt {
-            path: path.clone(),
-            reason,
-        })?;
-        atomic_write(&path, &bytes)
-    }
 }
 
-/// Renames a damaged file to `<name>.corrupt`, or `<name>.corrupt.N` when that is taken (an
-/// earlier damaged copy is kept too). Returns the new path; the caller fsyncs the folder.
-fn set_aside(path: &Path) -> io::Result<PathBuf> {
-    let mut base = path.as_os_str().to_owned();
-    base.push(CORRUPT_SUFFIX);
-    let mut aside = PathBuf::from(&base);
-    let mut n = 0u32;
-    while fs::symlink_metadata(&aside).is_ok() {
-        n += 1;
-        let mut name = base.clone();
-        name.push(format!(".{n}"));
-        aside = PathBuf::from(name);
-    }
-    fs::rename(path, &aside)?;
-    Ok(aside)
+/// The largest batch one change may append: half a segment of the groups topic, so a
+/// batch always fits a fresh segment, and at most the engine's batch limit.
+fn max_change_bytes(log: &PartitionLog) -> usize {
+    usize::try_from(log.options().segment_bytes / 2)
+        .unwrap_or(usize::MAX)
+        .min(log.options().max_batch_bytes)
 }
 
-/// Encodes a group's offsets (see the module doc). Fails only for a map no commit can build:
-/// more than `u32::MAX` entries, or a topic or metadata over its length limit.
-fn encode(map: &GroupMap) -> std::result::Result<Vec<u8>, String> {
-    let entries: usize = map.values().map(BTreeMap::len).sum();
-    let count = u32::try_from(entries).map_err(|_| format!("{entries} entries do not fit"))?;
-    let mut buf = Vec::with_capacity(HEADER_BYTES + entries * (ENTRY_FIXED_BYTES + 32));
-    buf.extend_from_slice(MAGIC);
-    buf.push(VERSION);
-    buf.extend_from_slice(&count.to_le_bytes());
-    for (topic, partitions) in map {
-        let topic_len =
-            u16::try_from(topic.len()).map_err(|_| format!("topic {topic:?} is too long"))?;
-        for (partition, c) in partitions {
-            buf.extend_from_slice(&topic_len.to_le_bytes());
-            buf.extend_from_slice(topic.as_bytes());
-            buf.extend_from_slice(&partition.to_le_bytes());
-            buf.extend_from_slice(&c.offset.to_le_bytes());
-            buf.extend_from_slice(&c.commit_time_ms.to_le_bytes());
-            match &c.metadata {
-                None => buf.extend_from_slice(&NO_METADATA.to_le_bytes()),
-                Some(m) => {
-                    let len = i32::try_from(m.len())
-                        .ok()
-                        .filter(|_| m.len() <= MAX_METADATA_BYTES)
-                        .ok_or_else(|| format!("metadata of {} bytes is too long", m.len()))?;
-                    buf.extend_from_slice(&len.to_le_bytes());
-                    buf.extend_from_slice(m.as_bytes());
-                }
-            }
-        }
-    }
-    let crc = crc32fast::hash(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
-    Ok(buf)
-}
-
-/// Decodes a group file. Any damage is an error with the reason, never a guess: every length
-/// is checked against the bytes that remain, and nothing here can panic.
-fn decode(bytes: &[u8]) -> std::result::Result<GroupMap, String> {
-    let Some(body_len) = bytes
-        .len()
-        .checked_sub(CRC_BYTES)
-        .filter(|&n| n >= HEADER_BYTES)
-    else {
-        return Err(format!(
-            "file is {} bytes, shorter than the smallest valid file ({} bytes)",
-            bytes.len(),
-            HEADER_BYTES + CRC_BYTES
-        ));
+/// Appends `records` as one batch (keyed by group), not synced. Returns the batch's base
+/// offset, the offset after it, and its size in bytes.
+fn append_records(log: &PartitionLog, records: &[GroupRecord]) -> Result<(u64, u64, usize)> {
+    let invalid = |reason: String| StorageError::InvalidConfig {
+        topic: GROUPS_TOPIC.to_string(),
+        reason,
     };
-    let (body, crc) = bytes.split_at(body_len);
-    let stored = Cursor(crc).u32().ok_or("missing checksum")?;
-    let computed = crc32fast::hash(body);
-    if stored != computed {
-        return Err(format!(
-            "checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
-        ));
+    let now = now_ms();
+    let mut builder = BatchBuilder::new(BytesMut::new());
+    for record in records {
+        let value = record.encode().map_err(invalid)?;
+        builder
+            .try_push(record.group().map(str::as_bytes), &value, &[], now)
+            .map_err(|e| invalid(format!("cannot build a groups batch: {e}")))?;
     }
-    let mut c = Cursor(body);
-    if c.take(MAGIC.len()) != Some(MAGIC.as_slice()) {
-        return Err("bad magic".to_string());
+    let batch = builder
+        .try_finish()
+        .map_err(|e| invalid(format!("cannot build a groups batch: {e}")))?;
+    let limit = max_change_bytes(log);
+    if batch.len() > limit {
+        return Err(invalid(format!(
+            "a change of {} bytes does not fit the groups topic, whose limit is {limit} bytes \
+             (half a segment); commit fewer partitions at once",
+            batch.len()
+        )));
     }
-    let version = c.take(1).and_then(|v| v.first().copied());
-    if version != Some(VERSION) {
-        return Err(format!("unsupported version {version:?}"));
-    }
-    let count = c.u32().ok_or("truncated entry count")?;
-    // Each entry has at least its fixed-width fields; refuse a count the bytes cannot hold
-    // before looping on it.
-    if usize::try_from(count).map_or(true, |n| n > c.0.len() / ENTRY_FIXED_BYTES) {
-        return Err(format!(
-            "entry count {count} does not fit in the {} bytes that follow",
-            c.0.len()
-        ));
-    }
-    let mut map = GroupMap::new();
-    let mut last: Option<(&str, u32)> = None;
-    for i in 0..count {
-        let topic_len = usize::from(c.u16().ok_or("truncated topic length")?);
-        let topic = c
-            .take(topic_len)
-            .ok_or_else(|| format!("entry {i}: topic name runs past the end"))?;
-        let topic = std::str::from_utf8(topic)
-            .ok()
-            .filter(|t| validate_name("topic", t).is_ok())
-            .ok_or_else(|| format!("entry {i}: invalid topic name"))?;
-        let partition = c.u32().ok_or("truncated partition")?;
-        let offset = c.u64().ok_or("truncated offset")?;
-        let commit_time_ms = read_i64(&mut c).ok_or("truncated commit time")?;
-        let metadata_len = read_i32(&mut c).ok_or("truncated metadata length")?;
-        let metadata = match metadata_len {
-            NO_METADATA => None,
-            n => {
-                let n = usize::try_from(n)
-                    .ok()
-                    .filter(|&n| n <= MAX_METADATA_BYTES)
-                    .ok_or_else(|| format!("entry {i}: bad metadata length {n}"))?;
-                let bytes = c
-                    .take(n)
-                    .ok_or_else(|| format!("entry {i}: metadata runs past the end"))?;
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|_| format!("entry {i}: metadata is not UTF-8"))?;
-                Some(text.to_string())
-            }
-        };
-        // Strictly increasing keys: what encode writes. This refuses duplicates, and a
-        // reordering that a checksum collision would otherwise let through.
-        if last.is_some_and(|last| last >= (topic, partition)) {
-            return Err(format!(
-                "entry {i}: topic {topic:?} partition {partition} is out of order or repeated"
-            ));
-        }
-        last = Some((topic, partition));
-        map.entry(topic.to_string()).or_default().insert(
-            partition,
-            CommittedOffset {
-                offset,
-                metadata,
-                commit_time_ms,
-            },
+    let info = log.append(&batch)?;
+    Ok((info.base_offset, info.next_offset, batch.len()))
+}
+
+/// Replays one partition of the groups topic into `groups`. Returns the bytes read since its
+/// last snapshot marker. Damage is recorded in `damaged` and ends this partition's replay.
+fn replay(
+    log: &PartitionLog,
+    partitions: u32,
+    groups: &mut HashMap<String, GroupState>,
+    damaged: &mut Vec<(PathBuf, String)>,
+) -> u64 {
+    let mut since_snapshot = 0u64;
+    if let Err((offset, reason)) = replay_from_start(log, partitions, groups, &mut since_snapshot) {
+        tracing::error!(
+            partition = log.partition(), offset, reason = %reason,
+            "damaged groups record; replay of this partition stops there"
         );
+        damaged.push((
+            log.dir().to_path_buf(),
+            format!("offset {offset}: {reason}"),
+        ));
     }
-    if !c.0.is_empty() {
-        return Err(format!("{} bytes after the last entry", c.0.len()));
-    }
-    Ok(map)
+    since_snapshot
 }
 
-/// The next little-endian `i64`.
-fn read_i64(c: &mut Cursor<'_>) -> Option<i64> {
-    c.take(8)
-        .and_then(|b| b.try_into().ok())
-        .map(i64::from_le_bytes)
-}
-
-/// The next little-endian `i32`.
-fn read_i32(c: &mut Cursor<'_>) -> Option<i32> {
-    c.take(4)
-        .and_then(|b| b.try_into().ok())
-        .map(i32::from_le_bytes)
+/// The walk of [`replay`]; an error is the offset where it stopped, and why.
+fn replay_from_start(
+    log: &PartitionLog,
+    partitions: u32,
+    groups: &mut HashMap<String, GroupState>,
+    since_snapshot: &mut u64,
+) -> std::result::Result<(), (u64, String)> {
+    let p = log.partition();
+    let mut offset = log.log_start_offset();
+    while offset < log.high_watermark() {
+        let read = log
+            .read(offset, REPLAY_READ_BYTES)
+            .map_err(|e| (offset, e.to_string()))?;
+        if read.chunks.is_empty() {
+            break;
+        }
+        for chunk in &read.chunks {
+            for batch in batches(chunk) {
+                let batch = batch.map_err(|e| (offset, e.to_string()))?;
+                let mut snapshot_end = false;
+                for record in batch.records() {
+                    let record = record.map_err(|e| (offset, e.to_string()))?;
+                    if record.offset < offset {
+                        continue;
+                    }
+                    let decoded =
+                        GroupRecord::decode(record.value).map_err(|e| (record.offset, e))?;
+                    match decoded.group() {
+                        // A snapshot ends here: only what follows counts toward the next.
+                        None => snapshot_end = true,
+                        Some(g) => {
+                            if partition_for_group(g, partitions) != p {
+                                return Err((
+                                    record.offset,
+                                    format!("group {g:?} in partition {p}, not its own"),
+                                ));
+                            }
+                            let g = g.to_string();
+                            groups.entry(g).or_default().apply(decoded);
+                        }
+                    }
+                }
+                *since_snapshot = if snapshot_end {
+                    0
+                } else {
+                    *since_snapshot + batch.as_bytes().len() as u64
+                };
+                offset = offset.max(batch.header().next_offset());
+            }
+        }
+        offset = offset.max(read.next_offset);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

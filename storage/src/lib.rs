@@ -20,7 +20,10 @@
 //! - [`config`]: topic configuration, flush policies and name rules.
 //! - [`store`]: [`Store`], the data folder: topics with their partitions, created, opened,
 //!   listed and deleted.
-//! - [`groups`]: consumer-group committed offsets, durable and atomic.
+//! - [`groups`]: consumer-group state (committed offsets and the broker's membership
+//!   metadata) kept in the internal topic `__groups`: versioned records, replay at open,
+//!   durable appends, snapshots that bound its size, and the import of older offsets files.
+//! - [`stats`]: process-wide sync counts, durations and failures, for the broker's metrics.
 //! - [`fsutil`]: crash-safe file helpers (atomic replace, folder fsync, preallocation).
 //! - [`error`]: [`StorageError`], the one error type of this crate.
 
@@ -39,6 +42,7 @@ pub mod log;
 pub mod recovery;
 pub mod region;
 pub mod segment;
+pub mod stats;
 pub mod store;
 
 pub use config::{FlushPolicy, TopicConfig};

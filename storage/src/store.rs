@@ -5,7 +5,11 @@
 //!   with [`atomic_write`].
 //! - `<data>/topics/<topic>/<partition>/`: one [`PartitionLog`] folder per partition, named
 //!   by its decimal number; the log owns its contents.
-//! - `<data>/groups/`: the [`GroupStore`].
+//! - `<data>/topics/__groups/`: the internal groups topic, which holds the [`GroupStore`]'s
+//!   state. It is laid out like any topic but is not listed, served or deletable as one;
+//!   names starting with `__` are reserved for such internal topics.
+//! - `<data>/groups/`: offsets files of earlier versions, imported once (see
+//!   [`crate::groups`]).
 //! - `<data>/trash/`: topics being deleted; emptied at open.
 //!
 //! # Crash safety
@@ -38,7 +42,10 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::{validate_name, TopicConfig};
 use crate::error::{Result, StorageError};
 use crate::fsutil::{atomic_write, create_dir_durable, fsync_dir, remove_leftover_tmp_files};
-use crate::groups::GroupStore;
+use crate::groups::{
+    groups_topic_config, GroupStore, DEFAULT_GROUPS_PARTITIONS, DEFAULT_GROUPS_SEGMENT_BYTES,
+    GROUPS_TOPIC, INTERNAL_TOPIC_PREFIX,
+};
 use crate::log::{LogOptions, PartitionLog, DEFAULT_MAX_BATCH_BYTES};
 
 /// The name of a topic's config file, inside its folder.
@@ -53,6 +60,8 @@ const MAX_OPEN_THREADS: usize = 8;
 pub struct StoreOptions {
     data_dir: PathBuf,
     max_batch_bytes: usize,
+    groups_partitions: u32,
+    groups_segment_bytes: u64,
 }
 
 impl StoreOptions {
@@ -62,7 +71,18 @@ impl StoreOptions {
         StoreOptions {
             data_dir: data_dir.into(),
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            groups_partitions: DEFAULT_GROUPS_PARTITIONS,
+            groups_segment_bytes: DEFAULT_GROUPS_SEGMENT_BYTES,
         }
+    }
+
+    /// Sets the partition count and segment size of the groups topic, used only when it is
+    /// created (a data folder keeps the ones it was made with). Defaults
+    /// [`DEFAULT_GROUPS_PARTITIONS`] and [`DEFAULT_GROUPS_SEGMENT_BYTES`].
+    pub fn groups_topic(mut self, partitions: u32, segment_bytes: u64) -> Self {
+        self.groups_partitions = partitions;
+        self.groups_segment_bytes = segment_bytes;
+        self
     }
 
     /// Sets the largest batch a partition accepts for append, in bytes. Default 16 MiB
@@ -223,9 +243,25 @@ impl Store {
         create_dir_durable(&topics_dir)?;
         create_dir_durable(&trash_dir)?;
         empty_trash(&trash_dir);
-        let groups = GroupStore::open(&data_dir.join("groups"))?;
         let mut damaged = Vec::new();
-        let found = scan_topics(&topics_dir, &mut damaged)?;
+        let mut found = scan_topics(&topics_dir, &mut damaged)?;
+        // Internal topics are opened here but never join the user-visible map.
+        let mut groups_found = None;
+        found.retain_mut(|t| {
+            if !t.name.starts_with(INTERNAL_TOPIC_PREFIX) {
+                return true;
+            }
+            if t.name == GROUPS_TOPIC {
+                groups_found = Some(FoundTopic {
+                    name: t.name.clone(),
+                    dir: t.dir.clone(),
+                    config: t.config.clone(),
+                });
+            } else {
+                tracing::warn!(topic = %t.name, "ignoring an unknown internal topic");
+            }
+            false
+        });
 
         let jobs: Vec<PartitionJob<'_>> = found
             .iter()
@@ -268,6 +304,52 @@ impl Store {
             topics.insert(t.name.clone(), topic);
         }
         drop(jobs);
+        let groups_topic = match groups_found {
+            Some(t) => {
+                let jobs: Vec<PartitionJob<'_>> = (0..t.config.partitions)
+                    .map(|partition| PartitionJob {
+                        topic: &t.name,
+                        dir: t.dir.join(partition.to_string()),
+                        partition,
+                        config: &t.config,
+                        max_batch_bytes: options.max_batch_bytes,
+                        must_exist: true,
+                    })
+                    .collect();
+                let partitions = open_partitions(&jobs)
+                    .into_iter()
+                    .map(|r| r.map_err(|e| format!("it could not be opened: {e}")))
+                    .collect::<Vec<_>>();
+                Topic {
+                    inner: Arc::new(TopicInner {
+                        name: t.name.clone(),
+                        config: t.config.clone(),
+                        dir: t.dir.clone(),
+                        partitions: ArcSwap::from_pointee(partitions),
+                    }),
+                }
+            }
+            None => {
+                let config =
+                    groups_topic_config(options.groups_partitions, options.groups_segment_bytes);
+                config.validate(GROUPS_TOPIC)?;
+                let text = toml::to_string(&config).map_err(|e| StorageError::InvalidConfig {
+                    topic: GROUPS_TOPIC.to_string(),
+                    reason: format!("cannot serialize the groups topic config: {e}"),
+                })?;
+                let dir = topics_dir.join(GROUPS_TOPIC);
+                build_topic_files(
+                    &topics_dir,
+                    GROUPS_TOPIC,
+                    &config,
+                    &dir,
+                    &text,
+                    options.max_batch_bytes,
+                    || Ok(()),
+                )?
+            }
+        };
+        let groups = GroupStore::open(groups_topic, &data_dir.join("groups"))?;
         damaged.extend(groups.damaged().iter().cloned());
         tracing::info!(
             topics = topics.len(),
@@ -297,6 +379,13 @@ impl Store {
     /// before its offsets were dropped.
     pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<Topic> {
         validate_name("topic", name)?;
+        if name.starts_with(INTERNAL_TOPIC_PREFIX) {
+            return Err(StorageError::InvalidName {
+                kind: "topic",
+                name: name.to_string(),
+                reason: "names starting with `__` are reserved for internal topics",
+            });
+        }
         config.validate(name)?;
         // Serialize first: a config TOML cannot hold (an integer over i64::MAX) is refused
         // before anything is created. Reading it back proves the file will load at open.
@@ -323,7 +412,19 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io("check topic folder", &dir, e)),
         }
-        match self.build_topic(name, &config, &dir, &text) {
+        let groups = &self.inner.groups;
+        let built = build_topic_files(
+            &self.inner.topics_dir,
+            name,
+            &config,
+            &dir,
+            &text,
+            self.inner.options.max_batch_bytes,
+            // Offsets left by an earlier topic of this name (a deletion cut short by a
+            // crash) must not apply to this one.
+            || groups.delete_topic(name),
+        );
+        match built {
             Ok(topic) => {
                 self.inner
                     .topics
@@ -350,52 +451,6 @@ impl Store {
                 Err(e)
             }
         }
-    }
-
-    /// The crash-safe steps of a creation; the caller removes `dir` if this fails.
-    fn build_topic(
-        &self,
-        name: &str,
-        config: &TopicConfig,
-        dir: &Path,
-        text: &str,
-    ) -> Result<Topic> {
-        fs::create_dir(dir).map_err(|e| StorageError::io("create topic folder", dir, e))?;
-        fsync_dir(&self.inner.topics_dir)?;
-        let jobs: Vec<PartitionJob<'_>> = (0..config.partitions)
-            .map(|partition| PartitionJob {
-                topic: name,
-                dir: dir.join(partition.to_string()),
-                partition,
-                config,
-                max_batch_bytes: self.inner.options.max_batch_bytes,
-                must_exist: false,
-            })
-            .collect();
-        for job in &jobs {
-            fs::create_dir(&job.dir)
-                .map_err(|e| StorageError::io("create partition folder", &job.dir, e))?;
-        }
-        fsync_dir(dir)?;
-        // On an error the logs opened so far are dropped unclosed: they hold no data yet,
-        // and the caller removes their folders.
-        let partitions = open_partitions(&jobs)
-            .into_iter()
-            .map(|r| r.map(Ok))
-            .collect::<Result<Vec<_>>>()?;
-        // Offsets left by an earlier topic of this name (a deletion cut short by a crash)
-        // must not apply to this one.
-        self.inner.groups.delete_topic(name)?;
-        // Last: from here on the topic exists.
-        atomic_write(&dir.join(TOPIC_FILE), text.as_bytes())?;
-        Ok(Topic {
-            inner: Arc::new(TopicInner {
-                name: name.to_string(),
-                config: config.clone(),
-                dir: dir.to_path_buf(),
-                partitions: ArcSwap::from_pointee(partitions),
-            }),
-        })
     }
 
     /// The topic `name`, or [`StorageError::TopicNotFound`].
@@ -515,7 +570,8 @@ impl Store {
     /// open validates nothing. Tries them all and returns the first error.
     pub fn close(&self) -> Result<()> {
         let mut first_error = None;
-        for topic in self.topics() {
+        let internal = self.inner.groups.topic().clone();
+        for topic in self.topics().into_iter().chain(std::iter::once(internal)) {
             if let Err(e) = topic.close() {
                 first_error.get_or_insert(e);
             }
@@ -567,6 +623,54 @@ pub mod fault {
             None => false,
         }
     }
+}
+
+/// The crash-safe steps of a topic creation in `topics_dir`: the folders (each parent
+/// synced), the partition logs, then `before_commit` (the caller's last check or cleanup),
+/// then `topic.toml`, after which the topic exists. The caller removes `dir` if this fails.
+fn build_topic_files(
+    topics_dir: &Path,
+    name: &str,
+    config: &TopicConfig,
+    dir: &Path,
+    text: &str,
+    max_batch_bytes: usize,
+    before_commit: impl FnOnce() -> Result<()>,
+) -> Result<Topic> {
+    fs::create_dir(dir).map_err(|e| StorageError::io("create topic folder", dir, e))?;
+    fsync_dir(topics_dir)?;
+    let jobs: Vec<PartitionJob<'_>> = (0..config.partitions)
+        .map(|partition| PartitionJob {
+            topic: name,
+            dir: dir.join(partition.to_string()),
+            partition,
+            config,
+            max_batch_bytes,
+            must_exist: false,
+        })
+        .collect();
+    for job in &jobs {
+        fs::create_dir(&job.dir)
+            .map_err(|e| StorageError::io("create partition folder", &job.dir, e))?;
+    }
+    fsync_dir(dir)?;
+    // On an error the logs opened so far are dropped unclosed: they hold no data yet, and
+    // the caller removes their folders.
+    let partitions = open_partitions(&jobs)
+        .into_iter()
+        .map(|r| r.map(Ok))
+        .collect::<Result<Vec<_>>>()?;
+    before_commit()?;
+    // Last: from here on the topic exists.
+    atomic_write(&dir.join(TOPIC_FILE), text.as_bytes())?;
+    Ok(Topic {
+        inner: Arc::new(TopicInner {
+            name: name.to_string(),
+            config: config.clone(),
+            dir: dir.to_path_buf(),
+            partitions: ArcSwap::from_pointee(partitions),
+        }),
+    })
 }
 
 /// Removes everything in the trash: deletions a crash interrupted. Best effort: leftovers

@@ -87,10 +87,17 @@ fn bad_names_and_configs_are_refused_and_create_nothing() {
             Err(StorageError::InvalidConfig { .. })
         ));
     }
-    assert_eq!(
-        fs::read_dir(dir.path().join("topics")).expect("ls").count(),
-        0
-    );
+    let user_folders = fs::read_dir(dir.path().join("topics"))
+        .expect("ls")
+        .filter(|e| {
+            !e.as_ref()
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .starts_with("__")
+        })
+        .count();
+    assert_eq!(user_folders, 0, "only the internal groups topic is there");
     store
         .create_topic("t", TopicConfig::default())
         .expect("create");
@@ -434,6 +441,8 @@ fn deletion_closes_handles_and_drops_stale_offsets() {
 fn damaged_group_files_are_reported_by_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     drop(open(dir.path()));
+    // An offsets file of an earlier version, imported at open: this one is torn.
+    fs::create_dir_all(dir.path().join("groups")).expect("mkdir");
     fs::write(dir.path().join("groups/g.offsets"), b"RLGO torn").expect("write");
     let store = open(dir.path());
     assert_eq!(store.damaged().len(), 1, "{:?}", store.damaged());

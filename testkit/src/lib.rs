@@ -31,6 +31,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The line the broker prints on stdout once it listens, followed by the address.
 const LISTENING_PREFIX: &str = "rill-broker listening on ";
+/// The line the broker prints before that one when it serves metrics, followed by the
+/// metrics listener's address.
+const METRICS_PREFIX: &str = "rill-broker metrics listening on ";
 
 /// SIGKILL: a crash, no cleanup.
 pub const SIGKILL: i32 = 9;
@@ -89,6 +92,7 @@ pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
 pub struct BrokerProcess {
     child: Child,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stdout_tail: JoinHandle<Vec<String>>,
 }
 
@@ -138,8 +142,12 @@ impl BrokerProcess {
             .with_context(|| format!("spawning {}", binary.display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics_addr = None;
         let addr = tokio::time::timeout(START_TIMEOUT, async {
             while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line.strip_prefix(METRICS_PREFIX) {
+                    metrics_addr = Some(addr.trim().parse::<SocketAddr>()?);
+                }
                 if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
                     return Ok::<_, anyhow::Error>(addr.trim().parse::<SocketAddr>()?);
                 }
@@ -158,6 +166,7 @@ impl BrokerProcess {
         Ok(BrokerProcess {
             child,
             addr,
+            metrics_addr,
             stdout_tail,
         })
     }
@@ -165,6 +174,11 @@ impl BrokerProcess {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The metrics listener's address, when the broker was started with `--metrics-listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://ADDR`, for gRPC clients.

@@ -410,6 +410,7 @@ async fn bad_input_gets_its_code_and_writes_nothing() {
             group: "../g".into(),
             topic: "t".into(),
             offsets: vec![],
+            member: None,
         })
         .await
         .expect_err("bad group");

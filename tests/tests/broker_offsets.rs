@@ -76,6 +76,7 @@ async fn group_offsets_commit_fetch_lag_and_reset() {
                     metadata: None,
                 },
             ],
+            member: None,
         })
         .await
         .expect("commit");

@@ -34,6 +34,7 @@ async fn topics_data_and_group_offsets_survive_a_restart_of_the_binary() {
                 offset: 1,
                 metadata: None,
             }],
+            member: None,
         })
         .await
         .expect("commit");

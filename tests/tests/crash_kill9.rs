@@ -124,6 +124,7 @@ async fn kill_loop(ack: pb::AckMode, kills: usize, seed: u64) {
                     offset,
                     metadata: None,
                 }],
+                member: None,
             })
             .await
             .expect("commit");

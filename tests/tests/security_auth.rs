@@ -103,6 +103,8 @@ const MATRIX: &[&str] = &[
     "/rill.v1.Groups/ListGroups",
     "/rill.v1.Groups/DescribeGroup",
     "/rill.v1.Groups/ResetGroupOffsets",
+    "/rill.v1.Groups/GroupHeartbeat",
+    "/rill.v1.Groups/DeleteGroup",
     "/rill.v1.Security/WhoAmI",
     "/rill.v1.Security/CreatePrincipal",
     "/rill.v1.Security/ListPrincipals",
@@ -211,6 +213,7 @@ async fn call(c: &Connection, rpc: &str, spare_token_id: &str) -> Result<Outcome
                         offset: 0,
                         ..Default::default()
                     }],
+                    ..Default::default()
                 })
                 .await?;
         }
@@ -239,6 +242,25 @@ async fn call(c: &Connection, rpc: &str, spare_token_id: &str) -> Result<Outcome
                     topic: "t".into(),
                     target: Some(pb::reset_group_offsets_request::Target::ToEarliest(true)),
                     ..Default::default()
+                })
+                .await?;
+        }
+        "/rill.v1.Groups/GroupHeartbeat" => {
+            c.groups()
+                .group_heartbeat(pb::GroupHeartbeatRequest {
+                    group: "members".into(),
+                    member_epoch: 0,
+                    subscribed_topics: Some(pb::TopicList {
+                        topics: vec!["t".into()],
+                    }),
+                    ..Default::default()
+                })
+                .await?;
+        }
+        "/rill.v1.Groups/DeleteGroup" => {
+            c.groups()
+                .delete_group(pb::DeleteGroupRequest {
+                    group: "doomed-group".into(),
                 })
                 .await?;
         }
@@ -333,6 +355,12 @@ async fn snapshot(admin: &Connection) -> Result<String> {
         })
         .await?
         .into_inner();
+    let groups = admin
+        .groups()
+        .list_groups(pb::ListGroupsRequest {})
+        .await?
+        .into_inner()
+        .groups;
     let mut s = admin.security();
     let principals = s
         .list_principals(pb::ListPrincipalsRequest {})
@@ -347,7 +375,8 @@ async fn snapshot(admin: &Connection) -> Result<String> {
         .await?
         .into_inner();
     Ok(format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        groups,
         topics.topics,
         t.partitions
             .iter()
@@ -393,6 +422,19 @@ async fn every_rpc_against_every_kind_of_caller() -> Result<()> {
     }
     call(&admin, "/rill.v1.Log/Produce", "").await?;
     call(&admin, "/rill.v1.Groups/CommitOffsets", "").await?;
+    admin
+        .groups()
+        .commit_offsets(pb::CommitOffsetsRequest {
+            group: "doomed-group".into(),
+            topic: "t".into(),
+            offsets: vec![pb::PartitionOffset {
+                partition: 0,
+                offset: 0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await?;
     let mut sec = admin.security();
     for p in ["alice", "bob", "root"] {
         sec.create_principal(pb::CreatePrincipalRequest { name: p.into() })

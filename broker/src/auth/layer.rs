@@ -85,6 +85,14 @@ pub const RPCS: &[(&str, Needs)] = &[
         Needs::Caller(Operation::Alter),
     ),
     (
+        "/rill.v1.Groups/GroupHeartbeat",
+        Needs::Caller(Operation::Consume),
+    ),
+    (
+        "/rill.v1.Groups/DeleteGroup",
+        Needs::Caller(Operation::Delete),
+    ),
+    (
         "/rill.v1.Security/WhoAmI",
         Needs::Caller(Operation::Describe),
     ),

@@ -134,6 +134,7 @@ pub fn describe(state: &TopicState, max_batch_bytes: usize) -> pb::TopicDescript
         partitions,
         max_batch_bytes: effective_max_batch_bytes(max_batch_bytes, topic.config().segment_bytes)
             as u64,
+        records_fetched: state.counters.get().records_fetched,
     }
 }
 

@@ -1,12 +1,14 @@
-//! `rill.v1.Groups`: committed offsets, lag, and resets.
+//! `rill.v1.Groups`: committed offsets, lag, resets, and membership (heartbeats, fenced
+//! member commits, group deletion) through the [`Coordinator`].
 
 use rill_proto::v1::groups_server::Groups;
 use rill_proto::v1::reset_group_offsets_request::Target;
 use rill_proto::v1::{
-    CommitOffsetsRequest, CommitOffsetsResponse, CommittedOffset, DescribeGroupRequest,
-    DescribeGroupResponse, FetchOffsetsRequest, FetchOffsetsResponse, GroupPartition,
-    ListGroupsRequest, ListGroupsResponse, OffsetChange, ResetGroupOffsetsRequest,
-    ResetGroupOffsetsResponse,
+    CommitOffsetsRequest, CommitOffsetsResponse, CommittedOffset, DeleteGroupRequest,
+    DeleteGroupResponse, DescribeGroupRequest, DescribeGroupResponse, FetchOffsetsRequest,
+    FetchOffsetsResponse, GroupHeartbeatRequest, GroupHeartbeatResponse, GroupMember,
+    GroupPartition, GroupSummary, ListGroupsRequest, ListGroupsResponse, OffsetChange,
+    ResetGroupOffsetsRequest, ResetGroupOffsetsResponse,
 };
 use rill_storage::config::validate_name;
 use rill_storage::StorageError;
@@ -14,18 +16,25 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
+use crate::groups::persist::{from_set, to_set};
+use crate::groups::state::Heartbeat;
+use crate::groups::Coordinator;
 use crate::state::Broker;
 
 /// The Groups service.
 #[derive(Debug, Clone)]
 pub struct GroupsService {
     broker: Broker,
+    coordinator: Coordinator,
 }
 
 impl GroupsService {
-    /// A service over the broker state.
-    pub fn new(broker: Broker) -> Self {
-        GroupsService { broker }
+    /// A service over the broker state and its group coordinator.
+    pub fn new(broker: Broker, coordinator: Coordinator) -> Self {
+        GroupsService {
+            broker,
+            coordinator,
+        }
     }
 
     /// Commits offsets durably on the blocking pool (the commit fsyncs).
@@ -88,6 +97,16 @@ impl Groups for GroupsService {
             .into_iter()
             .map(|o| (o.partition, o.offset, o.metadata))
             .collect();
+        // A member's commit holds its group's lock from the epoch check to the durable
+        // write, so a fencing cannot slip in between.
+        let _member = match &req.member {
+            Some(m) => Some(
+                self.coordinator
+                    .lock_for_commit(&req.group, &m.member_id, m.member_epoch)
+                    .await?,
+            ),
+            None => None,
+        };
         self.commit(req.group, req.topic, offsets).await?;
         Ok(Response::new(CommitOffsetsResponse {}))
     }
@@ -125,14 +144,31 @@ impl Groups for GroupsService {
         &self,
         request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
+        let mut names = self.broker.store().groups().list();
+        let members = self.coordinator.all().await;
+        names.extend(members.iter().map(|g| g.name.clone()));
+        names.sort_unstable();
+        names.dedup();
         // Lists only the groups the caller may describe.
         let caller = auth::caller(&self.broker, request.extensions())?;
-        let security = self.broker.security();
-        let mut groups = self.broker.store().groups().list();
-        groups.retain(|g| {
-            security.is_none_or(|s| s.may(&caller, Operation::Describe, &Resource::group(g)))
-        });
-        Ok(Response::new(ListGroupsResponse { groups }))
+        if let Some(s) = self.broker.security() {
+            names.retain(|g| s.may(&caller, Operation::Describe, &Resource::group(g)));
+        }
+        let summaries = names
+            .iter()
+            .map(|name| {
+                let g = members.iter().find(|g| &g.name == name);
+                GroupSummary {
+                    group: name.clone(),
+                    state: g.map_or("empty", |g| g.state()).to_string(),
+                    member_count: g.map_or(0, |g| g.live_members() as u32),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListGroupsResponse {
+            groups: names,
+            summaries,
+        }))
     }
 
     async fn describe_group(
@@ -148,12 +184,13 @@ impl Groups for GroupsService {
         )?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
-        let committed = self
-            .broker
-            .store()
-            .groups()
-            .group_offsets(&req.group)
-            .map_err(BrokerError::from)?;
+        let membership = self.coordinator.snapshot(&req.group).await;
+        let committed = match self.broker.store().groups().group_offsets(&req.group) {
+            Ok(committed) => committed,
+            // A group with members but no commits yet is still a group.
+            Err(StorageError::GroupNotFound { .. }) if membership.is_some() => Vec::new(),
+            Err(e) => return Err(BrokerError::from(e).into()),
+        };
         let partitions = committed
             .into_iter()
             .map(|(topic, partition, c)| {
@@ -176,10 +213,117 @@ impl Groups for GroupsService {
                 }
             })
             .collect();
+        let (state, group_epoch, assignor, members) = match membership {
+            Some(g) => (
+                g.state().to_string(),
+                g.epoch,
+                g.assignor.to_string(),
+                g.members
+                    .values()
+                    .filter(|m| !m.left_static)
+                    .map(|m| {
+                        let mut owned = m.assigned.clone();
+                        for (t, ps) in &m.revoking {
+                            owned.entry(t.clone()).or_default().extend(ps);
+                        }
+                        GroupMember {
+                            member_id: m.id.clone(),
+                            instance_id: m.instance_id.clone(),
+                            client_address: m.client_address.clone(),
+                            member_epoch: m.epoch,
+                            subscribed_topics: m.subscribed.iter().cloned().collect(),
+                            assigned: Some(to_set(&owned)),
+                            target: Some(to_set(&m.target)),
+                        }
+                    })
+                    .collect(),
+            ),
+            None => ("empty".to_string(), 0, String::new(), Vec::new()),
+        };
         Ok(Response::new(DescribeGroupResponse {
             group: req.group,
             partitions,
+            state,
+            group_epoch,
+            members,
+            assignor,
         }))
+    }
+
+    async fn group_heartbeat(
+        &self,
+        request: Request<GroupHeartbeatRequest>,
+    ) -> Result<Response<GroupHeartbeatResponse>, Status> {
+        self.broker.check_running()?;
+        // Joining (and staying in) a group is consuming through it, and from each topic it
+        // subscribes to.
+        let group = Resource::group(&request.get_ref().group);
+        let caller = auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Consume,
+            group,
+        )?;
+        if let (Some(s), Some(topics)) =
+            (self.broker.security(), &request.get_ref().subscribed_topics)
+        {
+            for t in &topics.topics {
+                s.authorize(&caller, Operation::Consume, &Resource::topic(t))?;
+            }
+        }
+        let client_address = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let req = request.into_inner();
+        validate_name("group", &req.group).map_err(BrokerError::from)?;
+        let assignor = match &req.assignor {
+            Some(name) => Some(name.parse().map_err(BrokerError::InvalidArgument)?),
+            None => None,
+        };
+        let hb = Heartbeat {
+            member_id: req.member_id,
+            member_epoch: req.member_epoch,
+            instance_id: req.instance_id,
+            subscribed: req
+                .subscribed_topics
+                .map(|l| l.topics.into_iter().collect()),
+            owned: req.owned_partitions.as_ref().map(from_set),
+            client_address,
+            session_timeout_ms: req.session_timeout_ms,
+            rebalance_timeout_ms: req.rebalance_timeout_ms,
+            assignor,
+        };
+        let reply = self
+            .coordinator
+            .heartbeat(&self.broker, &req.group, hb)
+            .await?;
+        Ok(Response::new(GroupHeartbeatResponse {
+            member_id: reply.member_id,
+            member_epoch: reply.member_epoch,
+            heartbeat_interval_ms: reply.heartbeat_interval_ms,
+            assignment: Some(to_set(&reply.assignment)),
+            group_epoch: reply.group_epoch,
+            reconciling: reply.reconciling,
+        }))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Delete, group)?;
+        tracing::info!(
+            target: "rill::audit",
+            by = %caller.principal,
+            group = %request.get_ref().group,
+            "group deletion requested"
+        );
+        let req = request.into_inner();
+        validate_name("group", &req.group).map_err(BrokerError::from)?;
+        self.coordinator.delete(&self.broker, &req.group).await?;
+        Ok(Response::new(DeleteGroupResponse {}))
     }
 
     async fn reset_group_offsets(
@@ -237,6 +381,9 @@ impl Groups for GroupsService {
         }
         let applied = !req.dry_run;
         if applied {
+            self.coordinator
+                .check_no_live_members(&req.group, "an offset reset")
+                .await?;
             let offsets = changes
                 .iter()
                 .map(|c| (c.partition, c.new_offset, None))

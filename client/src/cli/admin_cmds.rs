@@ -212,23 +212,96 @@ pub async fn group(conn: Connection, ctx: Ctx, command: GroupCommand) -> Result<
     let admin = Admin::new(conn);
     match command {
         GroupCommand::List => {
-            let groups = admin.list_groups().await?;
+            let groups = admin.list_group_summaries().await?;
             if ctx.output == Output::Json {
-                return print_json(&json!(groups));
+                return print_json(&json!(groups
+                    .iter()
+                    .map(|g| json!({"group": g.group, "state": g.state, "members": g.member_count}))
+                    .collect::<Vec<_>>()));
             }
-            let rows: Vec<Vec<String>> = groups.into_iter().map(|g| vec![g]).collect();
-            print_table(&["GROUP"], &rows)
+            let rows: Vec<Vec<String>> = groups
+                .into_iter()
+                .map(|g| vec![g.group, g.state, g.member_count.to_string()])
+                .collect();
+            print_table(&["GROUP", "STATE", "MEMBERS"], &rows)
         }
         GroupCommand::Describe { group } => {
             let d = admin.describe_group(&group).await?;
+            // Which member owns each partition, for the partition rows.
+            let mut owner: std::collections::HashMap<(String, u32), String> =
+                std::collections::HashMap::new();
+            for m in &d.members {
+                for tp in m.assigned.iter().flat_map(|s| s.topics.iter()) {
+                    for p in &tp.partitions {
+                        owner.insert((tp.topic.clone(), *p), m.member_id.clone());
+                    }
+                }
+            }
+            let sets = |s: &Option<rill_proto::v1::PartitionSet>| {
+                s.iter()
+                    .flat_map(|s| s.topics.iter())
+                    .map(|tp| json!({"topic": tp.topic, "partitions": tp.partitions}))
+                    .collect::<Vec<_>>()
+            };
             if ctx.output == Output::Json {
                 return print_json(&json!({
                     "group": d.group,
+                    "state": d.state,
+                    "group_epoch": d.group_epoch,
+                    "assignor": d.assignor,
+                    "members": d.members.iter().map(|m| json!({
+                        "member_id": m.member_id, "instance_id": m.instance_id,
+                        "client_address": m.client_address, "member_epoch": m.member_epoch,
+                        "subscribed_topics": m.subscribed_topics, "assigned": sets(&m.assigned),
+                    })).collect::<Vec<_>>(),
                     "partitions": d.partitions.iter().map(|p| json!({
                         "topic": p.topic, "partition": p.partition, "committed_offset": p.committed_offset,
                         "high_watermark": p.high_watermark, "log_start_offset": p.log_start_offset, "lag": p.lag,
+                        "owner": owner.get(&(p.topic.clone(), p.partition)),
                     })).collect::<Vec<_>>(),
                 }));
+            }
+            println!(
+                "group {}  state {}  epoch {}  members {}",
+                d.group,
+                d.state,
+                d.group_epoch,
+                d.members.len()
+            );
+            if !d.members.is_empty() {
+                let rows: Vec<Vec<String>> = d
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let assigned = m
+                            .assigned
+                            .iter()
+                            .flat_map(|s| s.topics.iter())
+                            .map(|tp| {
+                                let ps: Vec<String> =
+                                    tp.partitions.iter().map(u32::to_string).collect();
+                                format!("{}[{}]", tp.topic, ps.join(","))
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        vec![
+                            m.member_id.clone(),
+                            m.instance_id.clone().unwrap_or_else(|| "-".into()),
+                            m.client_address.clone(),
+                            m.member_epoch.to_string(),
+                            if assigned.is_empty() {
+                                "-".into()
+                            } else {
+                                assigned
+                            },
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["MEMBER", "INSTANCE", "CLIENT", "EPOCH", "PARTITIONS"],
+                    &rows,
+                )?;
+                println!();
             }
             let rows: Vec<Vec<String>> = d
                 .partitions
@@ -240,13 +313,32 @@ pub async fn group(conn: Connection, ctx: Ctx, command: GroupCommand) -> Result<
                         p.committed_offset.to_string(),
                         p.high_watermark.to_string(),
                         p.lag.to_string(),
+                        owner
+                            .get(&(p.topic.clone(), p.partition))
+                            .cloned()
+                            .unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
             print_table(
-                &["TOPIC", "PARTITION", "COMMITTED", "HIGH-WATERMARK", "LAG"],
+                &[
+                    "TOPIC",
+                    "PARTITION",
+                    "COMMITTED",
+                    "HIGH-WATERMARK",
+                    "LAG",
+                    "OWNER",
+                ],
                 &rows,
             )
+        }
+        GroupCommand::Delete { group } => {
+            admin.delete_group(&group).await?;
+            if ctx.output == Output::Json {
+                return print_json(&json!({"group": group, "deleted": true}));
+            }
+            println!("group {group} deleted");
+            Ok(())
         }
         GroupCommand::ResetOffsets(args) => {
             let to = if args.to_earliest {

@@ -15,6 +15,7 @@ mod help_examples;
 mod report;
 mod security_cmds;
 mod stream_cmds;
+mod top;
 pub mod units;
 
 use std::io::Write;
@@ -125,7 +126,7 @@ pub enum Command {
     /// Consume records: one value per line by default.
     #[command(after_help = stream_cmds::CONSUME_AFTER_HELP)]
     Consume(stream_cmds::ConsumeArgs),
-    /// List, describe and reset consumer groups.
+    /// List, describe, reset and delete consumer groups.
     #[command(after_help = "Example:\n  rill group describe billing")]
     Group {
         /// The group command.
@@ -158,6 +159,10 @@ pub enum Command {
     /// Show the principal the broker sees for these credentials.
     #[command(after_help = "Example:\n  RILL_TOKEN=rill_... rill whoami")]
     Whoami,
+    /// A live view of topics' produce and fetch rates, groups' lag and waiting long-polls
+    /// (q or Ctrl-C quits); `--once --output json` prints one sample for scripts.
+    #[command(after_help = "Example:\n  rill top --once --output json")]
+    Top(top::TopArgs),
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  rill completions bash > ~/.local/share/bash-completion/completions/rill"
@@ -196,12 +201,19 @@ pub enum TopicCommand {
 /// Group commands.
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
-    /// List groups.
+    /// List groups with their state and member count.
     #[command(after_help = "Example:\n  rill group list")]
     List,
-    /// Show a group's committed offsets, high watermarks and lag.
+    /// Show a group's state, epoch and members (with their partitions), and its committed
+    /// offsets, high watermarks and lag.
     #[command(after_help = "Example:\n  rill group describe billing")]
     Describe {
+        /// The group.
+        group: String,
+    },
+    /// Delete a group's offsets and state (refused while it has live members).
+    #[command(after_help = "Example:\n  rill group delete billing")]
+    Delete {
         /// The group.
         group: String,
     },
@@ -237,6 +249,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Token { command } => security_cmds::token(conn, ctx, command).await,
         Command::Acl { command } => security_cmds::acl(conn, ctx, command).await,
         Command::Whoami => security_cmds::whoami(conn, ctx).await,
+        Command::Top(args) => top::top(conn, ctx, args, &cli.broker).await,
         Command::Completions { .. } => Ok(()),
     }
 }

@@ -55,7 +55,9 @@ impl PartitionLog {
             }
             state.in_progress = true;
             drop(state);
+            let started = std::time::Instant::now();
             let result = self.sync_now();
+            crate::stats::sync_stats().record(started.elapsed());
             state = inner.sync.lock();
             state.in_progress = false;
             match result {
@@ -66,6 +68,7 @@ impl PartitionLog {
                         .store(state.durable_offset, Ordering::Release);
                 }
                 Err(e) => {
+                    crate::stats::sync_stats().record_error();
                     self.fence(format!("sync failed: {e}"));
                     inner.sync_done.notify_all();
                     return Err(e);
@@ -120,6 +123,7 @@ impl PartitionLog {
         let sealed = &segments[..segments.len().saturating_sub(1)];
         let result = self.checkpoint_segments(sealed, &segments).map(|_| ());
         if let Err(e) = &result {
+            crate::stats::sync_stats().record_error();
             self.fence(format!("checkpoint failed: {e}"));
         }
         result

@@ -29,12 +29,34 @@ impl PartitionLog {
     /// segment list. A failure to delete a file is returned (and retried by the next pass); it
     /// does not fence the partition, and the log start offset has moved regardless.
     pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
+        self.cut_front(|segments| self.retention_cut(segments, now_ms))
+    }
+
+    /// Deletes the sealed segments that end at or before `offset` (every record they hold
+    /// is below it), oldest first; the active segment is never deleted. A compacting owner
+    /// of the log (the groups topic, after writing a snapshot at `offset`) uses this to drop
+    /// what the snapshot replaces. Nothing is deleted when the first segment reaches past
+    /// `offset`. Blocking, with the same locking and failure rules as
+    /// [`PartitionLog::apply_retention`].
+    pub fn delete_segments_before(&self, offset: u64) -> Result<RetentionOutcome> {
+        self.cut_front(|segments| {
+            let sealed = segments.len().saturating_sub(1);
+            segments[..sealed]
+                .iter()
+                .take_while(|s| s.next_offset() <= offset)
+                .count()
+        })
+    }
+
+    /// Cuts the first `count(segments)` segments from the log under the writer lock, then
+    /// deletes their files (and any earlier pass's leftovers) without it.
+    fn cut_front(&self, count: impl FnOnce(&[Arc<Segment>]) -> usize) -> Result<RetentionOutcome> {
         let inner = &*self.inner;
         let _pass = inner.retention_lock.lock();
         let (cut, log_start_offset) = {
             let _w = inner.writer.lock();
             let segments = inner.segments.load_full();
-            let n = self.retention_cut(&segments, now_ms);
+            let n = count(&segments);
             if n > 0 {
                 inner.segments.store(Arc::new(segments[n..].to_vec()));
             }

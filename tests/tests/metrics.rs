@@ -1,0 +1,359 @@
+//! Issue 15: the `/metrics` endpoint of a real broker process, parsed with a real
+//! Prometheus parser; the dashboard and alert rules name only series it exports; a busy
+//! metrics port fails the start.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prometheus_parse::{Scrape, Value};
+use rill_proto::v1::{AckMode, CommitOffsetsRequest, FetchRequest, PartitionOffset};
+use rill_tests::{binary_path, produce_req, record, BrokerProcess, Clients};
+use serde_json::Value as Json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET /metrics` over HTTP/1.1 (the body only), with a deadline.
+async fn scrape_text(addr: SocketAddr) -> String {
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: rill\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("read");
+        String::from_utf8(raw).expect("utf-8")
+    };
+    let response = tokio::time::timeout(Duration::from_secs(30), fetch)
+        .await
+        .expect("scrape within 30 s");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4"));
+    body.to_string()
+}
+
+async fn scrape(addr: SocketAddr) -> Scrape {
+    let text = scrape_text(addr).await;
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses as Prometheus text")
+}
+
+/// The value of the one sample named `name` whose labels include `labels`.
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            other => panic!("{name} is not a scalar: {other:?}"),
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one sample {name}{labels:?}, got {found:?}");
+    found[0]
+}
+
+fn has(scrape: &Scrape, name: &str) -> bool {
+    scrape.samples.iter().any(|s| s.metric == name)
+}
+
+/// Produces N records in 3 requests (one durable), fetches M with a group and commits M,
+/// then checks the counters, the lag, the request counts and the histogram counts.
+#[tokio::test]
+async fn counters_lag_and_histograms_match_the_traffic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::spawn(dir.path(), &["--metrics-listen", "127.0.0.1:0"])
+        .await
+        .expect("broker");
+    let metrics = broker
+        .metrics_addr()
+        .expect("the metrics address is printed");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("events", 1).await.expect("create");
+
+    const N: u64 = 30;
+    const M: u64 = 12;
+    for i in 0..3 {
+        let records = (0..10)
+            .map(|j| record(None, &format!("v{i}-{j}"), None, &[]))
+            .collect();
+        let mut req = produce_req("events", Some(0), records);
+        if i == 0 {
+            req.ack = AckMode::Durable as i32;
+        }
+        c.log.produce(req).await.expect("produce");
+    }
+    let missing = c.log.produce(produce_req(
+        "nope",
+        None,
+        vec![record(None, "x", None, &[])],
+    ));
+    assert_eq!(
+        missing.await.expect_err("no topic").code(),
+        tonic::Code::NotFound
+    );
+    let fetched = c
+        .log
+        .fetch(FetchRequest {
+            topic: "events".into(),
+            partition: 0,
+            offset: 0,
+            max_records: M as u32,
+            ..Default::default()
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert_eq!(fetched.records.len() as u64, M);
+    c.groups
+        .commit_offsets(CommitOffsetsRequest {
+            member: None,
+            group: "readers".into(),
+            topic: "events".into(),
+            offsets: vec![PartitionOffset {
+                partition: 0,
+                offset: M,
+                metadata: None,
+            }],
+        })
+        .await
+        .expect("commit");
+
+    let s = scrape(metrics).await;
+    let topic = [("topic", "events")];
+    assert_eq!(value(&s, "rill_records_produced_total", &topic), N as f64);
+    assert_eq!(value(&s, "rill_records_fetched_total", &topic), M as f64);
+    assert!(value(&s, "rill_produced_bytes_total", &topic) > 0.0);
+    let gp = [
+        ("group", "readers"),
+        ("topic", "events"),
+        ("partition", "0"),
+    ];
+    assert_eq!(value(&s, "rill_group_lag_records", &gp), (N - M) as f64);
+    assert_eq!(value(&s, "rill_group_committed_offset", &gp), M as f64);
+    let p0 = [("topic", "events"), ("partition", "0")];
+    assert_eq!(value(&s, "rill_partition_high_watermark", &p0), N as f64);
+    assert_eq!(value(&s, "rill_partition_log_start_offset", &p0), 0.0);
+    assert_eq!(value(&s, "rill_partition_segments", &p0), 1.0);
+    assert_eq!(value(&s, "rill_fenced_partitions", &[]), 0.0);
+    assert_eq!(value(&s, "rill_waiting_fetches", &[]), 0.0);
+    assert!(value(&s, "rill_connections", &[]) >= 1.0);
+    assert!(
+        value(&s, "rill_fsync_duration_seconds_count", &[]) >= 1.0,
+        "the durable ack synced"
+    );
+    assert_eq!(value(&s, "rill_flush_errors_total", &[]), 0.0);
+    assert!(value(&s, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(value(&s, "process_open_fds", &[]) > 0.0);
+
+    // Requests by RPC and code.
+    let calls =
+        |rpc: &str, code: &str| value(&s, "rill_requests_total", &[("rpc", rpc), ("code", code)]);
+    assert_eq!(calls("rill.v1.Log/Produce", "OK"), 3.0);
+    assert_eq!(calls("rill.v1.Log/Produce", "NOT_FOUND"), 1.0);
+    assert_eq!(calls("rill.v1.Log/Fetch", "OK"), 1.0);
+    assert_eq!(calls("rill.v1.Groups/CommitOffsets", "OK"), 1.0);
+    assert_eq!(calls("rill.v1.Admin/CreateTopic", "OK"), 1.0);
+    // Each RPC's histogram counts exactly its calls, whatever their codes.
+    let mut by_rpc: HashMap<String, f64> = HashMap::new();
+    for sample in s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "rill_requests_total")
+    {
+        let Value::Counter(v) = sample.value else {
+            panic!("a counter")
+        };
+        *by_rpc
+            .entry(sample.labels.get("rpc").expect("rpc").to_string())
+            .or_default() += v;
+    }
+    for sample in s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "rill_request_duration_seconds_count")
+    {
+        let rpc = sample.labels.get("rpc").expect("rpc");
+        let Value::Untyped(count) = sample.value else {
+            panic!("a count")
+        };
+        assert_eq!(
+            count,
+            by_rpc.get(rpc).copied().unwrap_or(0.0),
+            "histogram count of {rpc}"
+        );
+    }
+    assert_eq!(by_rpc.get("rill.v1.Log/Produce"), Some(&4.0));
+
+    check_dashboard_and_rules(&s);
+    broker.stop().await.expect("stop");
+}
+
+/// The names a scrape exports, with the histograms' `_bucket`, `_sum` and `_count` series.
+fn exported_names(s: &Scrape) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for sample in &s.samples {
+        names.insert(sample.metric.clone());
+        if matches!(sample.value, Value::Histogram(_)) {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{}{suffix}", sample.metric));
+            }
+        }
+    }
+    names
+}
+
+/// The series names in a PromQL expression: Rill's and the process's.
+fn series_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = ["rill_", "process_"]
+        .iter()
+        .filter_map(|p| rest.find(p))
+        .min()
+    {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+fn check_dashboard_and_rules(s: &Scrape) {
+    let exported = exported_names(s);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("deploy/grafana/rill.json")).expect("dashboard");
+    let dash: Json = serde_json::from_str(&text).expect("the dashboard is JSON");
+    // What Grafana's import needs: a title, a uid, a schema version, and panels each with a
+    // type, a title, a grid position and Prometheus targets.
+    assert!(dash["title"].is_string() && dash["uid"].is_string());
+    assert!(dash["schemaVersion"].as_u64().is_some_and(|v| v >= 30));
+    assert!(dash["templating"]["list"].is_array());
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut ids = BTreeSet::new();
+    let mut exprs = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a panel title");
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("a panel id")),
+            "unique ids"
+        );
+        assert!(panel["type"].is_string(), "{title}: type");
+        for key in ["h", "w", "x", "y"] {
+            assert!(panel["gridPos"][key].is_u64(), "{title}: gridPos.{key}");
+        }
+        assert_eq!(panel["datasource"]["type"], "prometheus", "{title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no targets");
+        for t in targets {
+            assert!(t["refId"].is_string(), "{title}: refId");
+            exprs.push((
+                title.to_string(),
+                t["expr"].as_str().expect("expr").to_string(),
+            ));
+        }
+    }
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/rill.rules.yml"))
+        .expect("alert rules");
+    for line in rules.lines() {
+        if let Some(expr) = line.trim().strip_prefix("expr:") {
+            exprs.push(("alert rule".into(), expr.to_string()));
+        }
+    }
+    assert!(rules.contains("rill_fenced_partitions") && rules.contains("rill_fsync_duration"));
+    for (title, expr) in exprs {
+        let names = series_in(&expr);
+        assert!(!names.is_empty(), "{title}: {expr} names no Rill series");
+        for name in names {
+            assert!(
+                exported.contains(&name),
+                "{title}: {name} is not exported ({expr})"
+            );
+        }
+    }
+}
+
+/// Switched off, the per-partition and per-group series are absent; the per-topic ones stay.
+#[tokio::test]
+async fn per_partition_and_per_group_series_can_be_switched_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-per-partition",
+        "false",
+        "--metrics-per-group",
+        "false",
+    ];
+    let broker = BrokerProcess::spawn(dir.path(), &args)
+        .await
+        .expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("t", 2).await.expect("create");
+    c.produce_values("t", 0, &["a", "b"])
+        .await
+        .expect("produce");
+    c.groups
+        .commit_offsets(CommitOffsetsRequest {
+            member: None,
+            group: "g".into(),
+            topic: "t".into(),
+            offsets: vec![PartitionOffset {
+                partition: 0,
+                offset: 1,
+                metadata: None,
+            }],
+        })
+        .await
+        .expect("commit");
+    let s = scrape(broker.metrics_addr().expect("metrics")).await;
+    assert_eq!(
+        value(&s, "rill_records_produced_total", &[("topic", "t")]),
+        2.0
+    );
+    assert_eq!(value(&s, "rill_partitions", &[]), 2.0);
+    assert_eq!(value(&s, "rill_groups", &[]), 1.0);
+    for name in [
+        "rill_partition_high_watermark",
+        "rill_partition_size_bytes",
+        "rill_group_lag_records",
+    ] {
+        assert!(!has(&s, name), "{name} is switched off");
+    }
+    broker.stop().await.expect("stop");
+}
+
+/// A metrics port already in use fails the start, naming the address and the setting.
+#[tokio::test]
+async fn a_busy_metrics_port_fails_the_start_clearly() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = binary_path("rill-broker", "rill-broker").expect("binary");
+    let run = tokio::process::Command::new(binary)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", &addr])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("exits within 60 s")
+        .expect("runs");
+    assert!(!out.status.success(), "must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("metrics listener") && stderr.contains(&addr),
+        "{stderr}"
+    );
+    assert!(stderr.to_lowercase().contains("in use"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("listening on"), "{stdout}");
+    drop(taken);
+}
