@@ -99,6 +99,10 @@ struct Flags {
     /// to measure what security costs.
     #[arg(long, conflicts_with = "broker")]
     secure: bool,
+    /// Replication factor of the benchmark topics (a cluster: `--broker` must then be the
+    /// leader of their partitions, i.e. the first broker for a fresh cluster's first topic).
+    #[arg(long, requires = "broker")]
+    replication_factor: Option<u32>,
 }
 
 fn flush_policy(s: &str) -> Result<pb::FlushPolicy> {
@@ -125,6 +129,7 @@ async fn create_topic(
     name: &str,
     partitions: u32,
     flush: &pb::FlushPolicy,
+    replication_factor: Option<u32>,
 ) -> Result<()> {
     let mut admin = rill_client::Connection::connect_with(url, options)
         .await?
@@ -141,6 +146,7 @@ async fn create_topic(
                 retention_ms: Some(-1),
                 ..Default::default()
             }),
+            replication_factor,
         })
         .await?;
     Ok(())
@@ -246,7 +252,15 @@ async fn main() -> Result<()> {
     };
     let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
     if (wants("produce") || wants("catchup")) && !flags.reuse_topic {
-        create_topic(&url, &options, &run.topic, run.partitions, &flush).await?;
+        create_topic(
+            &url,
+            &options,
+            &run.topic,
+            run.partitions,
+            &flush,
+            flags.replication_factor,
+        )
+        .await?;
     }
     if wants("produce") {
         bounded(&flags, &shape, "produce", scenarios::produce(&run)).await;
@@ -258,7 +272,15 @@ async fn main() -> Result<()> {
         bounded(&flags, &shape, "catchup", scenarios::catchup(&run)).await;
     }
     if wants("e2e") {
-        create_topic(&url, &options, "rill-bench-e2e", 1, &flush).await?;
+        create_topic(
+            &url,
+            &options,
+            "rill-bench-e2e",
+            1,
+            &flush,
+            flags.replication_factor,
+        )
+        .await?;
         bounded(
             &flags,
             &shape,

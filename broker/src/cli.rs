@@ -86,6 +86,13 @@ pub struct Flags {
     /// can then read, write and delete every topic.
     #[arg(long, env = "RILL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// This broker's node id in a cluster (1 or more); requires --peers.
+    #[arg(long, env = "RILL_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Every broker of the cluster, this one included: 1=HOST:PORT,2=HOST:PORT,...;
+    /// requires --node-id. Without both, the broker runs alone, unreplicated.
+    #[arg(long, env = "RILL_PEERS")]
+    pub peers: Option<String>,
 }
 
 /// Builds the config from flags (already merged with the environment by clap) over the file
@@ -190,6 +197,11 @@ pub fn load(flags: Flags) -> Result<Config> {
         "max_concurrent_streams must be at least 1"
     );
     check_protected_mode(&config)?;
+    config.cluster = crate::cluster::config(
+        flags.node_id.or(file.node_id),
+        flags.peers.or(file.peers),
+        config.listen,
+    )?;
     Ok(config)
 }
 

@@ -68,6 +68,9 @@ pub struct Config {
     pub metrics_per_partition: bool,
     /// Export the per-group series (committed offset and lag per partition). Default true.
     pub metrics_per_group: bool,
+    /// Cluster membership (`--node-id`, `--peers`); `None` runs a single broker, exactly as
+    /// without replication.
+    pub cluster: Option<rill_cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             metrics_listen: None,
             metrics_per_partition: true,
             metrics_per_group: true,
+            cluster: None,
         }
     }
 }
@@ -200,6 +204,10 @@ pub struct FileConfig {
     pub metrics_per_group: Option<bool>,
     /// Topic defaults, as a `[topic_defaults]` table.
     pub topic_defaults: Option<FileTopicDefaults>,
+    /// This broker's node id in a cluster; requires `peers`.
+    pub node_id: Option<u64>,
+    /// The cluster's brokers, `1=HOST:PORT,2=HOST:PORT,...`; requires `node_id`.
+    pub peers: Option<String>,
 }
 
 /// The `[topic_defaults]` table of the TOML file.

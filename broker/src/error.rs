@@ -45,6 +45,81 @@ pub enum BrokerError {
     /// A background task died (a bug, not an input error).
     #[error("internal error: {0}")]
     Internal(String),
+    /// A replicated partition's write went to a broker that does not lead it. The status
+    /// carries the leader's address in the `rill-leader` metadata key when it is known
+    /// (FAILED_PRECONDITION), and is UNAVAILABLE while no leader is known.
+    #[error("this broker does not lead topic {topic} partition {partition}{}", leader_hint(.leader))]
+    NotLeader {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The leader's node id and address, if known.
+        leader: Option<(u64, String)>,
+    },
+    /// Replication could not complete (no quorum within the deadline, no controller); the
+    /// client may retry.
+    #[error("{0}")]
+    ReplicationUnavailable(String),
+    /// A replicated topic needs more live brokers than there are.
+    #[error("{0}")]
+    NotEnoughBrokers(String),
+    /// The operation is not available for this resource yet.
+    #[error("{0}")]
+    NotSupported(String),
+    /// The controller leader refused a forwarded request; its code and message are kept.
+    #[error("{1}")]
+    Forwarded(Code, String),
+}
+
+/// The metadata key that names a partition's leader on a NotLeader status.
+pub const LEADER_METADATA_KEY: &str = "rill-leader";
+
+fn leader_hint(leader: &Option<(u64, String)>) -> String {
+    match leader {
+        Some((id, addr)) => format!("; the leader is node {id} at {addr}"),
+        None => "; no leader is known yet (an election is running)".to_string(),
+    }
+}
+
+impl From<rill_cluster::partition::WriteError> for BrokerError {
+    fn from(e: rill_cluster::partition::WriteError) -> Self {
+        use rill_cluster::partition::WriteError;
+        match e {
+            WriteError::NotLeader {
+                topic,
+                partition,
+                leader,
+            } => BrokerError::NotLeader {
+                topic,
+                partition,
+                leader,
+            },
+            WriteError::Refused(m) => BrokerError::InvalidArgument(m),
+            e @ (WriteError::Timeout { .. } | WriteError::Failed { .. }) => {
+                BrokerError::ReplicationUnavailable(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<rill_cluster::partition::CreateError> for BrokerError {
+    fn from(e: rill_cluster::partition::CreateError) -> Self {
+        use rill_cluster::controller::ControllerError;
+        use rill_cluster::partition::CreateError;
+        match e {
+            CreateError::Refused(ControllerError::TopicExists { topic }) => {
+                StorageError::TopicExists { topic }.into()
+            }
+            CreateError::Refused(ControllerError::TopicNotFound { topic }) => {
+                StorageError::TopicNotFound { topic }.into()
+            }
+            CreateError::Refused(e @ ControllerError::NotEnoughBrokers { .. }) => {
+                BrokerError::NotEnoughBrokers(e.to_string())
+            }
+            e => BrokerError::ReplicationUnavailable(e.to_string()),
+        }
+    }
 }
 
 impl BrokerError {
@@ -64,6 +139,14 @@ impl BrokerError {
             BrokerError::Unauthenticated(_) => Code::Unauthenticated,
             BrokerError::PermissionDenied { .. } => Code::PermissionDenied,
             BrokerError::Internal(_) => Code::Internal,
+            BrokerError::NotLeader {
+                leader: Some(_), ..
+            } => Code::FailedPrecondition,
+            BrokerError::NotLeader { leader: None, .. } => Code::Unavailable,
+            BrokerError::ReplicationUnavailable(_) => Code::Unavailable,
+            BrokerError::NotEnoughBrokers(_) => Code::FailedPrecondition,
+            BrokerError::Forwarded(code, _) => *code,
+            BrokerError::NotSupported(_) => Code::FailedPrecondition,
         }
     }
 }
@@ -105,7 +188,17 @@ impl From<BrokerError> for Status {
         if code == Code::Internal || code == Code::DataLoss {
             tracing::error!(error = %e, "request failed");
         }
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let BrokerError::NotLeader {
+            leader: Some((_, addr)),
+            ..
+        } = &e
+        {
+            if let Ok(v) = addr.parse() {
+                status.metadata_mut().insert(LEADER_METADATA_KEY, v);
+            }
+        }
+        status
     }
 }
 
@@ -179,6 +272,27 @@ mod tests {
             let status = Status::from(err);
             assert_eq!(status.code(), code, "{}", status.message());
         }
+        let status = Status::from(BrokerError::NotLeader {
+            topic: "orders".into(),
+            partition: 2,
+            leader: Some((3, "127.0.0.1:7003".into())),
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status
+                .metadata()
+                .get(LEADER_METADATA_KEY)
+                .and_then(|v| v.to_str().ok()),
+            Some("127.0.0.1:7003")
+        );
+        assert!(status.message().contains("orders") && status.message().contains("partition 2"));
+        let status = Status::from(BrokerError::NotLeader {
+            topic: "orders".into(),
+            partition: 2,
+            leader: None,
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.metadata().get(LEADER_METADATA_KEY).is_none());
         let status = Status::from(BrokerError::from(StorageError::OffsetOutOfRange {
             topic: "orders".into(),
             partition: 1,

@@ -66,6 +66,10 @@ pub async fn fetch(
 ) -> Result<FetchResponse, BrokerError> {
     broker.check_running()?;
     let topic = broker.topic(&req.topic)?;
+    if let Some(replication) = broker.replication() {
+        // A broker without a replica of a replicated partition has only an empty copy.
+        replication.check_readable(&req.topic, req.partition)?;
+    }
     let log = topic.log(req.partition)?;
     let max_bytes = match req.max_bytes {
         0 => broker.config().max_fetch_bytes,

@@ -5,6 +5,7 @@
 //! - [`auth`]: TLS, tokens, ACLs and the authenticating layer (`docs/SECURITY.md`).
 //! - [`config`]: [`Config`], the typed settings with their defaults.
 //! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
+//! - [`cluster`]: cluster flags and the services of a cluster member (none without flags).
 //! - [`server`]: binding, serving (with health and reflection), and graceful shutdown.
 //! - [`health`]: the health service's states, and health checks answered while the store
 //!   opens.
@@ -30,6 +31,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod error;

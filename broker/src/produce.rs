@@ -34,6 +34,18 @@ pub struct Prepared {
     ack: Ack,
 }
 
+impl Prepared {
+    /// The topic's name.
+    pub fn topic_name(&self) -> &str {
+        self.topic.name()
+    }
+
+    /// The encoded batch of each partition, in request order.
+    pub fn batches(&self) -> impl Iterator<Item = (u32, &Bytes)> {
+        self.batches.iter().map(|(p, _, b)| (*p, b.bytes()))
+    }
+}
+
 /// Checks `req` and encodes its batches. Nothing is written.
 pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerError> {
     broker.check_running()?;
@@ -237,6 +249,11 @@ pub fn response(infos: &[(u32, AppendInfo)]) -> ProduceResponse {
 /// The whole unary produce.
 pub async fn produce(broker: &Broker, req: ProduceRequest) -> Result<ProduceResponse, BrokerError> {
     let prepared = prepare(broker, req)?;
+    if let Some(replication) = broker.replication() {
+        if replication.is_replicated(prepared.topic_name()) {
+            return crate::cluster::produce_replicated(replication, &prepared).await;
+        }
+    }
     let appended = append(&prepared).await?;
     let infos = settle(&prepared, appended).await?;
     Ok(response(&infos))

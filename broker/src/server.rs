@@ -33,6 +33,8 @@ const MESSAGE_OVERHEAD_BYTES: usize = 64 << 10;
 /// A bound, not yet serving broker.
 pub struct Server {
     broker: Broker,
+    /// Cluster membership, when started with `--node-id` and `--peers`.
+    cluster: Option<rill_cluster::ClusterNode>,
     listener: TcpListener,
     local_addr: SocketAddr,
     /// The `/metrics` listener, when `metrics_listen` is set.
@@ -45,6 +47,13 @@ impl Server {
     /// Binds the listen address, then opens the store (recovering partitions as needed),
     /// answering health checks with NOT_SERVING meanwhile (see [`crate::health`]).
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server> {
+        if let Some(cluster) = &config.cluster {
+            // A broker whose peers list the running ones refuse stops before it opens or
+            // writes anything.
+            rill_cluster::ClusterNode::precheck(cluster)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -68,6 +77,19 @@ impl Server {
             .context("opening the store")?
             .with_context(|| format!("opening data folder {}", config.data_dir.display()))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
+        let tasks = TaskTracker::new();
+        let cluster = match &config.cluster {
+            Some(c) => Some(
+                rill_cluster::ClusterNode::new(
+                    c.clone(),
+                    &config.data_dir,
+                    shutdown.clone(),
+                    tasks.clone(),
+                )
+                .context("starting cluster membership")?,
+            ),
+            None => None,
+        };
         let security_config = config.security.clone();
         let security_store = store.clone();
         let security = tokio::task::spawn_blocking(move || {
@@ -76,10 +98,21 @@ impl Server {
         .await
         .context("opening the security state")?
         .context("opening the security state")?;
-        let broker = Broker::new(store, config, shutdown, TaskTracker::new());
+        let broker = Broker::new(store, config, shutdown, tasks);
         broker.set_security(security);
+        if let Some(node) = &cluster {
+            let local = std::sync::Arc::new(crate::cluster::BrokerTopics(broker.clone()));
+            let node = node.clone();
+            let replication =
+                tokio::task::spawn_blocking(move || rill_cluster::Replication::open(node, local))
+                    .await
+                    .context("opening replication")?
+                    .context("reading the replicated topics")?;
+            broker.set_replication(replication);
+        }
         Ok(Server {
             broker,
+            cluster,
             listener,
             local_addr,
             metrics_listener,
@@ -111,6 +144,7 @@ impl Server {
             listener,
             metrics_listener,
             health,
+            cluster,
             ..
         } = self;
         tasks::spawn_background(&broker);
@@ -124,6 +158,19 @@ impl Server {
                 layer
             }
             None => RequestMetricsLayer::new(None),
+        };
+        let (raft, cluster_service) = match &cluster {
+            Some(node) => {
+                node.start();
+                let replication = broker
+                    .replication()
+                    .expect("set in bind for every cluster member")
+                    .clone();
+                replication.start(broker.shutdown().clone(), broker.tasks());
+                let (raft, status) = crate::cluster::services(node, &replication);
+                (Some(raft), Some(status))
+            }
+            None => (None, None),
         };
         let max_message = broker.config().max_batch_bytes + MESSAGE_OVERHEAD_BYTES;
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
@@ -182,6 +229,8 @@ impl Server {
             .add_service(log)
             .add_service(groups)
             .add_service(admin)
+            .add_optional_service(raft)
+            .add_optional_service(cluster_service)
             .add_optional_service(security_rpc)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
             .await;
@@ -190,6 +239,9 @@ impl Server {
         health
             .set_all(tonic_health::ServingStatus::NotServing)
             .await;
+        if let Some(node) = &cluster {
+            node.shutdown().await;
+        }
         broker.tasks().close();
         broker.tasks().wait().await;
         let store = broker.store().clone();
@@ -198,6 +250,9 @@ impl Server {
             .context("closing the store")?
             .context("closing the store")?;
         tracing::info!("broker stopped cleanly");
+        if let Some(message) = cluster.as_ref().and_then(|n| n.fatal_error()) {
+            anyhow::bail!("{message}");
+        }
         served.context("serving gRPC")
     }
 }

@@ -141,6 +141,9 @@ struct Inner {
     connections: Arc<Semaphore>,
     /// The security state, installed once at start (absent: every caller may do all).
     security: OnceLock<crate::auth::Security>,
+    /// Replicated partitions, set once when the broker runs in a cluster; unset otherwise,
+    /// so a single broker's produce path pays one check of an empty cell.
+    replication: std::sync::OnceLock<rill_cluster::Replication>,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -179,6 +182,7 @@ impl Broker {
                 waiting_fetches: AtomicUsize::new(0),
                 connections,
                 security: OnceLock::new(),
+                replication: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -325,6 +329,16 @@ impl Broker {
     /// Fetches waiting right now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.waiting_fetches.load(Ordering::Acquire)
+    }
+
+    /// Replication, when the broker runs in a cluster.
+    pub fn replication(&self) -> Option<&rill_cluster::Replication> {
+        self.inner.replication.get()
+    }
+
+    /// Sets the broker's replication (once, at start in a cluster).
+    pub fn set_replication(&self, replication: rill_cluster::Replication) {
+        let _ = self.inner.replication.set(replication);
     }
 
     /// Fails with UNAVAILABLE once shutdown has begun.

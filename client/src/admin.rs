@@ -50,9 +50,17 @@ pub struct TopicSettings {
     retention_bytes: Option<i64>,
     segment_bytes: Option<u64>,
     flush: Option<Flush>,
+    replication_factor: Option<u32>,
 }
 
 impl TopicSettings {
+    /// Replicas per partition on distinct brokers of a cluster (default 1). More than the
+    /// live brokers is refused with FAILED_PRECONDITION.
+    pub fn replication_factor(mut self, replication_factor: u32) -> Self {
+        self.replication_factor = Some(replication_factor);
+        self
+    }
+
     /// Defaults for everything (the broker's).
     pub fn new() -> Self {
         TopicSettings::default()
@@ -162,6 +170,7 @@ impl Admin {
             .admin()
             .create_topic(pb::CreateTopicRequest {
                 name: name.into(),
+                replication_factor: settings.replication_factor,
                 config: Some(settings.into_pb()),
             })
             .await

@@ -2,6 +2,7 @@
 //! Cloning is cheap; tonic reconnects the channel by itself after a broker restart.
 
 use rill_proto::v1::admin_client::AdminClient;
+use rill_proto::v1::cluster_client::ClusterClient;
 use rill_proto::v1::groups_client::GroupsClient;
 use rill_proto::v1::log_client::LogClient;
 use rill_proto::v1::security_client::SecurityClient;
@@ -27,19 +28,43 @@ pub struct Connection {
     channel: Channel,
     addr: String,
     auth: Auth,
+    /// The address list this connection was made from (one address, or several brokers).
+    bootstrap: String,
 }
 
 impl Connection {
     /// Connects to `addr` (`host:port`, or a `http://` URL). Uses TCP_NODELAY and 1 MiB
     /// HTTP/2 frames (the receiver's setting is what counts for large fetches).
+    ///
+    /// `addr` may list several brokers of a cluster, comma-separated (`a:1,b:2,c:3`): they
+    /// are tried in order and the first that answers is used.
     pub async fn connect(addr: &str) -> Result<Connection> {
         Connection::connect_with(addr, &ConnectOptions::default()).await
     }
 
     /// Connects to `addr` with TLS (when `options` names a CA) and a bearer token (when it
     /// has one). A TLS connection uses `https://`; the broker's certificate must name the
-    /// address's host.
+    /// address's host. Several comma-separated addresses (a cluster's brokers) connect to
+    /// the first that answers.
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Connection> {
+        if addr.contains(',') {
+            let mut failures = Vec::new();
+            for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                match Box::pin(Connection::connect_with(one, options)).await {
+                    Ok(c) => {
+                        return Ok(Connection {
+                            bootstrap: addr.to_string(),
+                            ..c
+                        })
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            return Err(ClientError::Connect {
+                addr: addr.to_string(),
+                message: format!("no broker answered: {}", failures.join("; ")),
+            });
+        }
         let tls = options.tls_config(addr).await?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let url = if addr.contains("://") {
@@ -88,7 +113,14 @@ impl Connection {
             channel,
             addr: addr.to_string(),
             auth,
+            bootstrap: addr.to_string(),
         })
+    }
+
+    /// The address list this connection was made from: [`Connection::addr`], or several
+    /// comma-separated brokers of which `addr` answered first.
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
     }
 
     /// The address this connection was made to.
@@ -121,6 +153,11 @@ impl Connection {
     /// The channel with this connection's credentials.
     pub fn transport(&self) -> Transport {
         InterceptedService::new(self.channel.clone(), self.auth.clone())
+    }
+
+    /// A `rill.v1.Cluster` client on this connection (brokers started with cluster flags).
+    pub fn cluster(&self) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel.clone())
     }
 }
 

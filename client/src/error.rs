@@ -118,7 +118,11 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect { .. } => true,
-            ClientError::Broker { source, .. } => is_retryable_status(source),
+            // A non-leader that names the leader (its `rill-leader` metadata): the next
+            // attempt goes there.
+            ClientError::Broker { source, .. } => {
+                is_retryable_status(source) || crate::leaders::leader_hint(source).is_some()
+            }
             ClientError::BadAddress { .. }
             | ClientError::BadResponse { .. }
             | ClientError::BufferFull { .. }

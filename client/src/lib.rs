@@ -69,6 +69,7 @@ pub mod cli;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+pub mod leaders;
 pub mod membership;
 pub mod producer;
 mod retry;

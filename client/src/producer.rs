@@ -224,6 +224,8 @@ pub struct Producer {
 /// module's "Lifetime"), so dropping the last [`Producer`] drops the queues' senders.
 struct Inner {
     conn: Connection,
+    /// Partition leaders in a cluster (empty with a single broker).
+    leaders: Arc<crate::leaders::Leaders>,
     config: ProducerConfig,
     /// Each topic's partition count, looked up once. The lock guards only the map; the
     /// lookup runs in the topic's cell without it, and concurrent first sends to a topic
@@ -258,6 +260,7 @@ impl Producer {
         Producer {
             inner: Arc::new(Inner {
                 conn,
+                leaders: Arc::default(),
                 config,
                 topics: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
@@ -310,6 +313,7 @@ impl Producer {
                 let config = &self.inner.config;
                 let sender = PartitionSender {
                     conn: self.inner.conn.clone(),
+                    leaders: Arc::clone(&self.inner.leaders),
                     topic: topic.to_string(),
                     partition,
                     linger: Duration::from_millis(config.linger_ms),
@@ -472,7 +476,10 @@ impl Gathered {
 /// owns what it needs and nothing of the [`Producer`]'s shared state, so it ends once the
 /// producer's queue sender is dropped and the queue is drained.
 struct PartitionSender {
+    /// The bootstrap connection.
     conn: Connection,
+    /// Partition leaders in a cluster (empty with a single broker).
+    leaders: Arc<crate::leaders::Leaders>,
     topic: String,
     partition: u32,
     linger: Duration,
@@ -532,16 +539,52 @@ impl PartitionSender {
         };
         self.retry
             .run("produce", || async {
-                let response = self
-                    .conn
-                    .log()
-                    .produce(request.clone())
-                    .await
-                    .map_err(|s| ClientError::broker(Some(&self.topic), Some(self.partition), s))?
-                    .into_inner();
-                base_offset(&response, &self.topic, self.partition, count)
+                // In a cluster, the partition's leader. One request is in flight per
+                // partition, so following a leader change cannot reorder the partition.
+                let conn = self
+                    .leaders
+                    .get(&self.topic, self.partition)
+                    .unwrap_or_else(|| self.conn.clone());
+                match conn.log().produce(request.clone()).await {
+                    Ok(response) => {
+                        base_offset(&response.into_inner(), &self.topic, self.partition, count)
+                    }
+                    Err(status) => {
+                        self.after_failure(&status).await;
+                        Err(ClientError::broker(
+                            Some(&self.topic),
+                            Some(self.partition),
+                            status,
+                        ))
+                    }
+                }
             })
             .await
+    }
+
+    /// Where the next attempt goes after `status`: the leader a non-leader named (the
+    /// error is then retryable, see [`ClientError::is_retryable`]), or, after an outage, the
+    /// bootstrap brokers again, which name the new leader once one is elected.
+    async fn after_failure(&self, status: &tonic::Status) {
+        if let Some(leader) = crate::leaders::leader_hint(status) {
+            tracing::debug!(topic = %self.topic, partition = self.partition, %leader, "following the partition leader");
+            if let Err(e) = self
+                .leaders
+                .follow(&self.topic, self.partition, &leader)
+                .await
+            {
+                tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "leader unreachable");
+            }
+        } else if crate::error::is_retryable_status(status) {
+            self.leaders.forget(&self.topic, self.partition);
+            if self.conn.bootstrap().contains(',') {
+                // Several brokers: the one first connected to may be the one that died;
+                // take whichever of the list answers now.
+                if let Ok(c) = Connection::connect(self.conn.bootstrap()).await {
+                    self.leaders.set(&self.topic, self.partition, c);
+                }
+            }
+        }
     }
 }
 

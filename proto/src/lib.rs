@@ -7,6 +7,8 @@
 //!   - `log.proto`: the `Log` service: Produce, ProduceStream, Fetch, ListOffsets.
 //!   - `groups.proto`: the `Groups` service: committed offsets, lag, resets.
 //!   - `admin.proto`: the `Admin` service: topics.
+//!   - `raft.proto`: the internal `Raft` service: broker-to-broker consensus traffic, by group.
+//!   - `cluster.proto`: the `Cluster` service: metadata (who leads what) and cluster status.
 //! - [`v1`]: the generated messages, servers (`v1::log_server::LogServer`, …) and clients
 //!   (`v1::log_client::LogClient`, …). Every `bytes` field is a [`bytes::Bytes`], so decoding
 //!   shares the request buffer instead of copying.

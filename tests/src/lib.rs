@@ -14,6 +14,8 @@
 //! - [`record`], [`produce_req`]: request builders.
 //! - [`wait_until`]: a wait on a condition with a deadline; [`skip`]: a loud, detectable skip.
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -147,6 +149,7 @@ impl Clients {
                     partitions,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await?;
         Ok(())

@@ -331,6 +331,7 @@ async fn bad_input_gets_its_code_and_writes_nothing() {
             partitions,
             ..Default::default()
         }),
+        ..Default::default()
     };
     for (name, partitions) in [("../x", 1), ("a/b", 1), ("", 1), ("..", 1), ("ok", 100_000)] {
         let err = c

@@ -108,6 +108,7 @@ async fn kill_loop(ack: pb::AckMode, kills: usize, seed: u64) {
                         segment_bytes: Some(64 << 10),
                         ..Default::default()
                     }),
+                    ..Default::default()
                 })
                 .await
                 .expect("create");

@@ -26,6 +26,7 @@ async fn prepared() -> TempDir {
                 segment_bytes: Some(16 << 10),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .expect("create");

@@ -82,6 +82,7 @@ async fn a_full_disk_is_resource_exhausted_and_recovers_when_space_is_freed() {
             segment_bytes: Some(256 << 10),
             ..Default::default()
         }),
+        ..Default::default()
     };
     c.admin
         .create_topic(small("ballast"))

@@ -279,6 +279,7 @@ async fn timestamp_bounds_are_set_per_topic_at_creation() {
             timestamp_before_max_ms: Some(before),
             ..Default::default()
         }),
+        replication_factor: None,
     };
     let day = 24 * 3600 * 1000;
     c.admin

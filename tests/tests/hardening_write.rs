@@ -36,6 +36,7 @@ async fn create(c: &mut Clients, name: &str, config: pb::TopicConfig) {
         .create_topic(pb::CreateTopicRequest {
             name: name.into(),
             config: Some(config),
+            replication_factor: None,
         })
         .await
         .expect("create topic");

@@ -113,6 +113,7 @@ async fn hostile_requests_get_their_status_and_memory_stays_bounded() {
                 partitions: 100_000,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .expect_err("too many partitions");

@@ -111,6 +111,7 @@ async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Resu
         .create_topic(pb::CreateTopicRequest {
             name: "over-tls".into(),
             config: None,
+            replication_factor: None,
         })
         .await?;
     assert_eq!(list_topics(&conn).await?, vec!["over-tls".to_string()]);
@@ -201,6 +202,7 @@ async fn mutual_tls_maps_the_client_certificate_to_its_principal() -> Result<()>
         .create_topic(pb::CreateTopicRequest {
             name: "billing".into(),
             config: None,
+            replication_factor: None,
         })
         .await
         .expect_err("no rule yet");
@@ -228,6 +230,7 @@ async fn mutual_tls_maps_the_client_certificate_to_its_principal() -> Result<()>
         .create_topic(pb::CreateTopicRequest {
             name: "billing".into(),
             config: None,
+            replication_factor: None,
         })
         .await?;
 

@@ -98,6 +98,8 @@ pub const RPCS: &[(&str, Needs)] = &[
     ),
     ("/rill.v1.Security/", Needs::ClusterAdmin),
     ("/rill.v1.Raft/", Needs::ClusterAdmin),
+    // The cluster's shape (brokers, leaders) is what any client needs to route its calls.
+    ("/rill.v1.Cluster/", Needs::Caller(Operation::Describe)),
 ];
 
 /// What `path` needs: the first row whose path equals it or, for a row ending in `/`,
@@ -260,6 +262,10 @@ mod tests {
         assert_eq!(
             needs("/rill.v1.Raft/AppendEntries"),
             Some(Needs::ClusterAdmin)
+        );
+        assert_eq!(
+            needs("/rill.v1.Cluster/Metadata"),
+            Some(Needs::Caller(Operation::Describe))
         );
         assert_eq!(needs("/rill.v1.Unknown/Call"), None);
         assert_eq!(needs("/rill.v1.Log/ProduceX"), None);

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use rand::RngCore;
 use rill_storage::batch::{batches, encode_batch, Record};
-use rill_storage::{FlushPolicy, PartitionLog, StorageError, Store, TopicConfig};
+use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 use sha2::{Digest, Sha256};
 
 use super::acl::{self, AclRule, Operation, Resource, ResourceType};
@@ -148,11 +148,7 @@ impl Security {
     /// topic). Blocking (file work): call it on the blocking pool.
     pub fn open(store: Store, config: &SecurityConfig) -> Result<Security, BrokerError> {
         let mut state = State::default();
-        let replayed = match store.topic(SECURITY_TOPIC) {
-            Ok(topic) => replay(&topic.partition(0)?, &mut state)?,
-            Err(StorageError::TopicNotFound { .. }) => 0,
-            Err(e) => return Err(e.into()),
-        };
+        let replayed = replay(&security_log(&store)?, &mut state)?;
         tracing::info!(
             records = replayed,
             principals = state.principals.len(),
@@ -176,26 +172,16 @@ impl Security {
 /// The `__security` log, created (one partition, flushed on every append, kept forever) if
 /// missing.
 fn security_log(store: &Store) -> Result<PartitionLog, BrokerError> {
-    let topic = match store.topic(SECURITY_TOPIC) {
-        Ok(t) => t,
-        Err(StorageError::TopicNotFound { .. }) => {
-            let config = TopicConfig {
-                partitions: 1,
-                retention_ms: None,
-                retention_bytes: None,
-                flush: FlushPolicy::Always,
-                ..TopicConfig::default()
-            };
-            match store.create_topic(SECURITY_TOPIC, config) {
-                Ok(t) => t,
-                // Created meanwhile by another caller.
-                Err(StorageError::TopicExists { .. }) => store.topic(SECURITY_TOPIC)?,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(e) => return Err(e.into()),
+    let config = TopicConfig {
+        partitions: 1,
+        retention_ms: None,
+        retention_bytes: None,
+        flush: FlushPolicy::Always,
+        // Small: the state is a few records per principal, token and rule.
+        segment_bytes: 1 << 20,
+        ..TopicConfig::default()
     };
-    Ok(topic.partition(0)?)
+    Ok(store.internal_topic(SECURITY_TOPIC, config)?.partition(0)?)
 }
 
 /// Applies every record of `log` to `state`; returns how many.

@@ -148,6 +148,14 @@ impl Admin for AdminService {
         let topic = Resource::topic(&request.get_ref().name);
         let caller = auth::check(&self.broker, request.extensions(), Operation::Create, topic)?;
         let req = request.into_inner();
+        if let Some(rf) = req.replication_factor.filter(|rf| *rf > 1) {
+            let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
+            crate::cluster::create_replicated(&self.broker, &req, config, rf).await?;
+            let state = self.broker.topic(&req.name)?;
+            return Ok(Response::new(pb::CreateTopicResponse {
+                topic: Some(describe(&state, self.broker.config().max_batch_bytes)),
+            }));
+        }
         let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
         let store = self.broker.store().clone();
         let name = req.name;
@@ -176,6 +184,18 @@ impl Admin for AdminService {
         let caller = auth::check(&self.broker, request.extensions(), Operation::Delete, topic)?;
         let name = request.into_inner().name;
         rill_storage::config::validate_name("topic", &name).map_err(BrokerError::from)?;
+        if self
+            .broker
+            .replication()
+            .is_some_and(|r| r.is_replicated(&name))
+        {
+            // Deleting on one broker would leave the other replicas and the controller's
+            // metadata behind; a cluster-wide delete is not built yet.
+            return Err(BrokerError::NotSupported(format!(
+                "topic {name} is replicated; deleting replicated topics is not supported yet"
+            ))
+            .into());
+        }
         let store = self.broker.store().clone();
         let broker = self.broker.clone();
         let n = name.clone();

@@ -87,6 +87,34 @@ impl Log for LogService {
                         sequence,
                         BrokerError::invalid("stream message without a request"),
                     )),
+                    Some(req)
+                        if broker
+                            .replication()
+                            .is_some_and(|r| r.is_replicated(&req.topic)) =>
+                    'replicated: {
+                        if let Some(s) = broker.security() {
+                            let topic = Resource::topic(&req.topic);
+                            if let Err(e) = s.authorize(&caller, Operation::Produce, &topic) {
+                                break 'replicated StreamAck::Ready(stream_error(sequence, e));
+                            }
+                        }
+                        // Replicated: the ack waits for the commit; later requests of the
+                        // stream are proposed meanwhile, and acks stay in order.
+                        let (tx, rx) = oneshot::channel();
+                        let b = broker.clone();
+                        tokio::spawn(async move {
+                            let resp = match produce::produce(&b, req).await {
+                                Ok(r) => ProduceStreamResponse {
+                                    sequence,
+                                    response: Some(r),
+                                    ..Default::default()
+                                },
+                                Err(e) => stream_error(sequence, e),
+                            };
+                            let _ = tx.send(resp);
+                        });
+                        StreamAck::Pending(rx)
+                    }
                     Some(req) => match async {
                         if let Some(s) = broker.security() {
                             let topic = Resource::topic(&req.topic);
@@ -166,6 +194,11 @@ impl Log for LogService {
         )?;
         let req = request.into_inner();
         let topic = self.broker.topic(&req.topic).map_err(Status::from)?;
+        if let Some(replication) = self.broker.replication() {
+            replication
+                .check_readable(&req.topic, req.partition)
+                .map_err(BrokerError::from)?;
+        }
         let log = topic.log(req.partition)?;
         let log_start = log.log_start_offset();
         let high_watermark = log.high_watermark();

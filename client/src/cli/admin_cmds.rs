@@ -30,6 +30,9 @@ pub struct CreateArgs {
     /// Flush policy: always, interval:MS or never [default: the broker's, interval:1000].
     #[arg(long)]
     pub flush: Option<Flush>,
+    /// Replicas per partition, on distinct brokers of a cluster [default: 1].
+    #[arg(long)]
+    pub replication_factor: Option<u32>,
 }
 
 /// `rill group reset-offsets`.
@@ -143,12 +146,15 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
 
 /// Runs a topic command.
 pub async fn topic(conn: Connection, ctx: Ctx, command: TopicCommand) -> Result<()> {
-    let admin = Admin::new(conn);
+    let admin = Admin::new(conn.clone());
     match command {
         TopicCommand::Create(args) => {
             let mut settings = TopicSettings::new();
             if let Some(n) = args.partitions {
                 settings = settings.partitions(n);
+            }
+            if let Some(r) = args.replication_factor {
+                settings = settings.replication_factor(r);
             }
             if let Some(r) = &args.retention {
                 let retention = match r.as_str() {
@@ -193,7 +199,21 @@ pub async fn topic(conn: Connection, ctx: Ctx, command: TopicCommand) -> Result<
             print_table(&["TOPIC", "PARTITIONS"], &rows)
         }
         TopicCommand::Describe { name } => {
-            print_description(ctx, &admin.describe_topic(&name).await?)
+            let d = admin.describe_topic(&name).await?;
+            // In a cluster: replicas, leader, in-sync or lagging (none for a single broker).
+            let replication = super::cluster_cmds::replication(&conn, &name).await?;
+            match replication {
+                Some(r) if ctx.output == Output::Json => {
+                    let mut v = describe_json(&d);
+                    v["replication"] = super::cluster_cmds::replication_json(&r);
+                    print_json(&v)
+                }
+                Some(r) => {
+                    print_description(ctx, &d)?;
+                    super::cluster_cmds::print_replication(&r)
+                }
+                None => print_description(ctx, &d),
+            }
         }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;

@@ -9,6 +9,7 @@
 //! - `help_examples` (tests only): every command's `--help` has an example that parses.
 
 mod admin_cmds;
+mod cluster_cmds;
 mod empty_read;
 #[cfg(test)]
 mod help_examples;
@@ -163,6 +164,13 @@ pub enum Command {
     /// (q or Ctrl-C quits); `--once --output json` prints one sample for scripts.
     #[command(after_help = "Example:\n  rill top --once --output json")]
     Top(top::TopArgs),
+    /// Show the cluster: brokers, liveness, the controller leader.
+    #[command(after_help = "Example:\n  rill cluster status")]
+    Cluster {
+        /// The cluster command.
+        #[command(subcommand)]
+        command: cluster_cmds::ClusterCommand,
+    },
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  rill completions bash > ~/.local/share/bash-completion/completions/rill"
@@ -250,6 +258,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Acl { command } => security_cmds::acl(conn, ctx, command).await,
         Command::Whoami => security_cmds::whoami(conn, ctx).await,
         Command::Top(args) => top::top(conn, ctx, args, &cli.broker).await,
+        Command::Cluster { command } => cluster_cmds::cluster(conn, ctx, command).await,
         Command::Completions { .. } => Ok(()),
     }
 }

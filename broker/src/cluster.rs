@@ -1,0 +1,227 @@
+//! The broker's side of clustering: reading `--node-id`/`--peers` into a
+//! [`rill_cluster::ClusterConfig`], and the services a cluster member adds to its listener.
+//! Without cluster flags none of this runs.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rill_cluster::{
+    ClusterConfig, ClusterNode, ClusterService, PeerList, RaftService, Replication,
+};
+use rill_proto::v1 as pb;
+use rill_proto::v1::admin_client::AdminClient;
+use rill_proto::v1::{PartitionAppend, ProduceResponse};
+
+use crate::error::BrokerError;
+use crate::produce::Prepared;
+use crate::state::Broker;
+
+/// The cluster settings from a node id and a peers list (both or neither), checked against
+/// the listen address: a broker must listen where its own peers entry says it does.
+pub fn config(
+    node_id: Option<u64>,
+    peers: Option<String>,
+    listen: SocketAddr,
+) -> Result<Option<ClusterConfig>> {
+    let (node_id, peers) = match (node_id, peers) {
+        (None, None) => return Ok(None),
+        (Some(n), Some(p)) => (n, p),
+        (Some(_), None) => {
+            anyhow::bail!("--node-id needs --peers (RILL_PEERS, or peers in the config file)")
+        }
+        (None, Some(_)) => {
+            anyhow::bail!("--peers needs --node-id (RILL_NODE_ID, or node_id in the config file)")
+        }
+    };
+    let peers: PeerList = peers.parse().context("invalid --peers")?;
+    let config = ClusterConfig::new(node_id, peers).context("invalid --node-id")?;
+    let own = config.own_address().to_string();
+    let own_port = own
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok());
+    if listen.port() != 0 && own_port != Some(listen.port()) {
+        anyhow::bail!(
+            "this broker listens on {listen}, but --peers gives node {node_id} the address {own}; \
+             another broker may already be node {node_id}"
+        );
+    }
+    Ok(Some(config))
+}
+
+/// The internal `Raft` and public `Cluster` services of a cluster member.
+pub fn services(
+    node: &ClusterNode,
+    replication: &Replication,
+) -> (
+    rill_proto::v1::raft_server::RaftServer<RaftService>,
+    rill_proto::v1::cluster_server::ClusterServer<ClusterService>,
+) {
+    (
+        RaftService::with_registry(node.host().clone(), node.registry()).into_server(),
+        ClusterService::new(node.clone(), Some(replication.clone())).into_server(),
+    )
+}
+
+/// The broker's topics as the replication layer sees them.
+pub struct BrokerTopics(pub Broker);
+
+impl rill_cluster::LocalTopics for BrokerTopics {
+    fn ensure_topic(&self, name: &str, config: &rill_storage::TopicConfig) -> Result<(), String> {
+        if self.0.topic(name).is_ok() {
+            return Ok(());
+        }
+        match self.0.store().create_topic(name, config.clone()) {
+            Ok(topic) => {
+                self.0.attach(topic);
+                Ok(())
+            }
+            Err(rill_storage::StorageError::TopicExists { .. }) => {
+                let topic = self.0.store().topic(name).map_err(|e| e.to_string())?;
+                self.0.attach(topic);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn partition(&self, name: &str, p: u32) -> Option<rill_storage::PartitionLog> {
+        self.0.topic(name).ok()?.log(p).ok()
+    }
+
+    fn appended(&self, name: &str, p: u32, next_offset: u64) {
+        if let Ok(topic) = self.0.topic(name) {
+            topic.notify(p, next_offset);
+        }
+    }
+}
+
+/// Produces a prepared request to a replicated topic: each partition's batch is committed
+/// through its Raft group (this broker must lead it), in request order.
+pub async fn produce_replicated(
+    replication: &Replication,
+    prepared: &Prepared,
+) -> Result<ProduceResponse, BrokerError> {
+    let mut appends = Vec::new();
+    for (p, batch) in prepared.batches() {
+        let (base_offset, record_count) = replication
+            .write(prepared.topic_name(), p, batch.clone())
+            .await?;
+        appends.push(PartitionAppend {
+            partition: p,
+            base_offset,
+            record_count,
+        });
+    }
+    Ok(ProduceResponse { appends })
+}
+
+/// Creates a replicated topic: on the controller leader through the controller group,
+/// elsewhere by forwarding the request to the controller leader; then waits until the topic
+/// is set up on this broker too.
+pub async fn create_replicated(
+    broker: &Broker,
+    req: &pb::CreateTopicRequest,
+    config: rill_storage::TopicConfig,
+    replication_factor: u32,
+) -> Result<(), BrokerError> {
+    rill_storage::config::validate_name("topic", &req.name)?;
+    config.validate(&req.name)?;
+    let Some(replication) = broker.replication() else {
+        return Err(BrokerError::invalid(format!(
+            "topic {}: replication factor {replication_factor} needs a cluster (start the brokers with --node-id and --peers)",
+            req.name
+        )));
+    };
+    match replication.controller_leader() {
+        Some((leader, _)) if leader == replication.node_id() => Ok(replication
+            .create_topic(&req.name, config, replication_factor)
+            .await?),
+        Some((_, address)) => {
+            let forward = async {
+                let mut admin = AdminClient::connect(format!("http://{address}")).await?;
+                admin.create_topic(req.clone()).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(FORWARD_TIMEOUT, forward).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+                        return Err(forwarded_status(status));
+                    }
+                    return Err(BrokerError::ReplicationUnavailable(format!(
+                        "forwarding the creation of topic {} to the controller at {address}: {e}",
+                        req.name
+                    )));
+                }
+                Err(_) => {
+                    return Err(BrokerError::ReplicationUnavailable(format!(
+                        "the controller at {address} did not create topic {} in time",
+                        req.name
+                    )))
+                }
+            }
+            let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+            while !replication.is_ready(&req.name) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(BrokerError::ReplicationUnavailable(format!(
+                        "topic {} was created but is not set up on this broker yet",
+                        req.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            replication.wait_leaders(&req.name).await;
+            Ok(())
+        }
+        None => Err(BrokerError::ReplicationUnavailable(
+            "the cluster controller has no leader (an election is running); retry".into(),
+        )),
+    }
+}
+
+/// How long a forwarded topic creation may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The controller leader's refusal, as this broker's own error.
+fn forwarded_status(status: &tonic::Status) -> BrokerError {
+    match status.code() {
+        tonic::Code::AlreadyExists
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::InvalidArgument => {
+            BrokerError::Forwarded(status.code(), status.message().to_string())
+        }
+        _ => BrokerError::ReplicationUnavailable(status.message().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listen(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn no_flags_is_no_cluster() {
+        assert!(config(None, None, listen(7171)).expect("ok").is_none());
+    }
+
+    #[test]
+    fn one_flag_without_the_other_is_refused() {
+        let err = config(Some(1), None, listen(0)).expect_err("needs peers");
+        assert!(format!("{err:#}").contains("--node-id needs --peers"));
+        let err = config(None, Some("1=a:1".into()), listen(0)).expect_err("needs id");
+        assert!(format!("{err:#}").contains("--peers needs --node-id"));
+    }
+
+    #[test]
+    fn the_listen_port_must_match_the_own_peers_entry() {
+        let peers = "1=127.0.0.1:7001,2=127.0.0.1:7002".to_string();
+        let ok = config(Some(2), Some(peers.clone()), listen(7002)).expect("ok");
+        assert_eq!(ok.map(|c| c.node_id), Some(2));
+        let err = config(Some(2), Some(peers), listen(7001)).expect_err("mismatch");
+        assert!(format!("{err:#}").contains("gives node 2 the address 127.0.0.1:7002"));
+    }
+}

@@ -1,0 +1,174 @@
+//! [`GroupHost`]: every Raft group of one broker process, keyed by group id, with the shared
+//! peer channels and the openraft settings.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::error::ClusterError;
+use crate::log_store::LogStore;
+use crate::machine::{Machine, MachineStore};
+use crate::network::{GroupNetwork, Peers};
+use crate::types::{GroupId, NodeId, Raft};
+
+/// Raft timing, in milliseconds. Elections must be far longer than heartbeats.
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTimings {
+    /// The leader's heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// The shortest election timeout.
+    pub election_min_ms: u64,
+    /// The longest election timeout.
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTimings {
+    /// 100 ms heartbeats and 500–1000 ms election timeouts: a leader failure is noticed within
+    /// a second, and a busy 2-core machine does not miss five heartbeats in a row.
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_ms: 100,
+            election_min_ms: 500,
+            election_max_ms: 1000,
+        }
+    }
+}
+
+struct Inner {
+    node_id: NodeId,
+    dir: PathBuf,
+    peers: Peers,
+    config: Arc<openraft::Config>,
+    groups: RwLock<HashMap<GroupId, Raft>>,
+}
+
+/// The Raft groups of one broker. Cheap to clone.
+#[derive(Clone)]
+pub struct GroupHost {
+    inner: Arc<Inner>,
+}
+
+impl GroupHost {
+    /// A host for node `node_id` keeping each group's files under `dir/<group id>/`.
+    pub fn new(
+        node_id: NodeId,
+        dir: impl Into<PathBuf>,
+        timings: RaftTimings,
+    ) -> Result<GroupHost, ClusterError> {
+        let config = openraft::Config {
+            cluster_name: "rill".into(),
+            heartbeat_interval: timings.heartbeat_ms,
+            election_timeout_min: timings.election_min_ms,
+            election_timeout_max: timings.election_max_ms,
+            // Snapshots let the log be purged; the machines here are small or (for
+            // partitions) keep their data elsewhere.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
+            max_in_snapshot_log_to_keep: 1_000,
+            ..Default::default()
+        };
+        let config = config
+            .validate()
+            .map_err(|e| ClusterError::Config(e.to_string()))?;
+        Ok(GroupHost {
+            inner: Arc::new(Inner {
+                node_id,
+                dir: dir.into(),
+                peers: Peers::default(),
+                config: Arc::new(config),
+                groups: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// This broker's node id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// The folder holding every group's folder.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The folder of group `group`.
+    pub fn group_dir(&self, group: GroupId) -> PathBuf {
+        self.inner.dir.join(group.to_string())
+    }
+
+    /// Opens group `group`'s log and state machine (recovering them) and starts its Raft
+    /// instance. The group is not initialised: see [`Raft::initialize`].
+    pub async fn start_group<M: Machine>(
+        &self,
+        group: GroupId,
+        machine: M,
+    ) -> Result<(Raft, MachineStore<M>), ClusterError> {
+        if self.inner.groups.read().contains_key(&group) {
+            return Err(ClusterError::GroupExists(group));
+        }
+        let dir = self.group_dir(group);
+        let (log, store) = tokio::task::spawn_blocking(move || open_stores(&dir, machine))
+            .await
+            .map_err(|e| ClusterError::Io {
+                group,
+                context: "opening the group's files",
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| ClusterError::Io {
+                group,
+                context: "opening the group's files",
+                source,
+            })?;
+        let network = GroupNetwork::new(group, self.inner.node_id, self.inner.peers.clone());
+        let raft = Raft::new(
+            self.inner.node_id,
+            self.inner.config.clone(),
+            network,
+            log,
+            store.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Raft {
+            group,
+            node: self.inner.node_id,
+            message: e.to_string(),
+        })?;
+        let inserted = {
+            let mut groups = self.inner.groups.write();
+            let fresh = !groups.contains_key(&group);
+            if fresh {
+                groups.insert(group, raft.clone());
+            }
+            fresh
+        };
+        if !inserted {
+            // Lost a race with another start of the same group: keep the first one.
+            let _ = raft.shutdown().await;
+            return Err(ClusterError::GroupExists(group));
+        }
+        Ok((raft, store))
+    }
+
+    /// The Raft instance of `group`, if it runs here.
+    pub fn group(&self, group: GroupId) -> Option<Raft> {
+        self.inner.groups.read().get(&group).cloned()
+    }
+
+    /// Stops every group's Raft instance (their files stay consistent: every write was
+    /// complete when it was reported).
+    pub async fn shutdown(&self) {
+        let groups: Vec<(GroupId, Raft)> = self.inner.groups.write().drain().collect();
+        for (group, raft) in groups {
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(group, error = %e, "a Raft group did not stop cleanly");
+            }
+        }
+    }
+}
+
+fn open_stores<M: Machine>(dir: &Path, machine: M) -> std::io::Result<(LogStore, MachineStore<M>)> {
+    let log = LogStore::open(dir)?;
+    let store = MachineStore::open(dir, machine)?;
+    Ok((log, store))
+}

@@ -1,0 +1,48 @@
+//! Rill's replication on openraft 0.9: the controller Raft group, one Raft group per
+//! replicated partition, and the broker-to-broker gRPC that carries them.
+//!
+//! See `docs/REPLICATION.md` for the design.
+//!
+//! # The map
+//! - [`types`]: the openraft type config shared by every group, ids, commands and replies.
+//! - [`log_store`]: [`LogStore`], a group's durable Raft log and vote (fsynced before acked).
+//! - [`machine`]: the [`Machine`] trait of a group's state and [`MachineStore`], its adapter
+//!   to openraft with persisted snapshots.
+//! - [`network`]: the sending side: openraft's network over the `rill.v1.Raft` gRPC service,
+//!   one channel per peer shared by all groups.
+//! - [`service`]: the receiving side: [`RaftService`], routing each message to its group.
+//! - [`host`]: [`GroupHost`], every Raft group of one broker, keyed by group id.
+//! - [`peers`]: [`PeerList`] (`--peers`) and [`ClusterConfig`], a broker's cluster settings.
+//! - [`node`]: [`ClusterNode`], a broker's membership: join handshake, liveness pings, the
+//!   controller group and its bootstrap.
+//! - [`controller`]: the controller's state machine (topics, replica sets, group ids) and
+//!   the placement.
+//! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
+//!   batches to a replica's log; [`Replication`] starts this broker's replica groups from
+//!   the metadata and routes writes to them.
+//! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
+//! - [`error`]: the typed [`ClusterError`].
+
+pub mod cluster_service;
+pub mod controller;
+pub mod error;
+pub mod host;
+pub mod log_store;
+pub mod machine;
+pub mod network;
+pub mod node;
+pub mod partition;
+pub mod peers;
+pub mod service;
+pub mod types;
+
+pub use cluster_service::ClusterService;
+pub use error::ClusterError;
+pub use host::{GroupHost, RaftTimings};
+pub use log_store::LogStore;
+pub use machine::{Machine, MachineStore};
+pub use node::ClusterNode;
+pub use partition::{LocalTopics, Replication};
+pub use peers::{ClusterConfig, PeerList, PeerListError};
+pub use service::RaftService;
+pub use types::{Command, GroupId, NodeId, Reply, TypeConfig, CONTROLLER_GROUP};

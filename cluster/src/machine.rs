@@ -1,0 +1,232 @@
+//! State machines: the [`Machine`] trait a group's application state implements, and
+//! [`MachineStore`], its adapter to openraft's `RaftStateMachine`.
+//!
+//! The adapter keeps the applied log id and membership, builds and installs snapshots, and
+//! persists the latest snapshot (its metadata and the machine's bytes) in the group's folder as
+//! `snapshot`, atomically. On open it restores the machine from that file; openraft then
+//! re-applies the committed entries after it from the Raft log (the log is only purged behind
+//! a snapshot). Applies run on a blocking thread, so a machine may do file work.
+
+use std::io::{self, Cursor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::log_store::write_atomic;
+use crate::types::{
+    Command, Entry, LogId, Reply, Snapshot, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig,
+};
+
+/// The snapshot file in a group folder.
+const SNAPSHOT_FILE: &str = "snapshot";
+
+/// A group's application state, fed with committed commands in log order.
+pub trait Machine: Send + 'static {
+    /// Applies one committed command and returns the reply for its writer. Runs on a blocking
+    /// thread. It must be deterministic: every replica applies the same commands in the same
+    /// order and must reach the same state. A command the machine refuses is a reply (every
+    /// replica refuses it alike); an `Err` is a local failure (a disk error) after which this
+    /// replica cannot follow: openraft stops the group here rather than let it diverge.
+    fn apply(&mut self, log_id: LogId, command: &Command) -> io::Result<Reply>;
+
+    /// The whole state as bytes, for a snapshot.
+    fn snapshot(&self) -> io::Result<Vec<u8>>;
+
+    /// Replaces the state with a snapshot's bytes.
+    fn restore(&mut self, bytes: &[u8]) -> io::Result<()>;
+}
+
+/// The snapshot file's contents.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+struct State<M> {
+    dir: PathBuf,
+    machine: M,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    current: Option<StoredSnapshot>,
+    snapshots_built: u64,
+}
+
+/// A [`Machine`] behind openraft's `RaftStateMachine`. Cheap to clone: clones share the state.
+pub struct MachineStore<M> {
+    state: Arc<Mutex<State<M>>>,
+}
+
+impl<M> Clone for MachineStore<M> {
+    fn clone(&self) -> Self {
+        MachineStore {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<M: Machine> MachineStore<M> {
+    /// Opens the machine's store in `dir`, restoring `machine` from the saved snapshot if
+    /// there is one. Blocking: call from a blocking thread.
+    pub fn open(dir: &Path, mut machine: M) -> io::Result<MachineStore<M>> {
+        std::fs::create_dir_all(dir)?;
+        let mut last_applied = None;
+        let mut membership = StoredMembership::default();
+        let current = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+            Ok(bytes) => {
+                let snap: StoredSnapshot = bincode::deserialize(&bytes)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                machine.restore(&snap.data)?;
+                last_applied = snap.meta.last_log_id;
+                membership = snap.meta.last_membership.clone();
+                Some(snap)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(MachineStore {
+            state: Arc::new(Mutex::new(State {
+                dir: dir.to_path_buf(),
+                machine,
+                last_applied,
+                membership,
+                current,
+                snapshots_built: 0,
+            })),
+        })
+    }
+
+    /// Reads the machine (for queries). Do not block inside `f`.
+    pub fn read<T>(&self, f: impl FnOnce(&M) -> T) -> T {
+        f(&self.state.lock().machine)
+    }
+
+    /// The last applied log id.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.state.lock().last_applied
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State<M>) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&mut state.lock()))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+fn save_snapshot(dir: &Path, snap: &StoredSnapshot) -> io::Result<()> {
+    let bytes =
+        bincode::serialize(snap).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    write_atomic(dir, SNAPSHOT_FILE, &bytes)
+}
+
+impl<M: Machine> RaftSnapshotBuilder<TypeConfig> for MachineStore<M> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        self.blocking(|s| {
+            let data = s.machine.snapshot()?;
+            s.snapshots_built += 1;
+            let snapshot_id = match s.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, s.snapshots_built),
+                None => format!("none-{}", s.snapshots_built),
+            };
+            let snap = StoredSnapshot {
+                meta: SnapshotMeta {
+                    last_log_id: s.last_applied,
+                    last_membership: s.membership.clone(),
+                    snapshot_id,
+                },
+                data,
+            };
+            save_snapshot(&s.dir, &snap)?;
+            let out = Snapshot {
+                meta: snap.meta.clone(),
+                snapshot: Box::new(Cursor::new(snap.data.clone())),
+            };
+            s.current = Some(snap);
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+    }
+}
+
+impl<M: Machine> RaftStateMachine<TypeConfig> for MachineStore<M> {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let s = self.state.lock();
+        Ok((s.last_applied, s.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.blocking(move |s| {
+            let mut replies = Vec::with_capacity(entries.len());
+            for entry in entries {
+                s.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => replies.push(Reply::default()),
+                    EntryPayload::Normal(ref command) => {
+                        replies.push(s.machine.apply(entry.log_id, command)?);
+                    }
+                    EntryPayload::Membership(m) => {
+                        s.membership = StoredMembership::new(Some(entry.log_id), m);
+                        replies.push(Reply::default());
+                    }
+                }
+            }
+            Ok(replies)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_state_machine(&e).into())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot.into_inner(),
+        };
+        self.blocking(move |s| {
+            s.machine.restore(&snap.data)?;
+            save_snapshot(&s.dir, &snap)?;
+            s.last_applied = snap.meta.last_log_id;
+            s.membership = snap.meta.last_membership.clone();
+            s.current = Some(snap);
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let s = self.state.lock();
+        Ok(s.current.as_ref().map(|snap| Snapshot {
+            meta: snap.meta.clone(),
+            snapshot: Box::new(Cursor::new(snap.data.clone())),
+        }))
+    }
+}

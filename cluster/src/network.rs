@@ -1,0 +1,230 @@
+//! The sending side of broker-to-broker Raft traffic: openraft's `RaftNetworkFactory` over the
+//! internal `rill.v1.Raft` gRPC service.
+//!
+//! One HTTP/2 channel per peer address is shared by every group ([`Peers`]); each request
+//! names its group, so one connection multiplexes the controller and all partition groups.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use parking_lot::Mutex;
+use rill_proto::v1::raft_client::RaftClient;
+use rill_proto::v1::raft_reply::Result as ReplyResult;
+use rill_proto::v1::{RaftMessage, RaftReply};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::types::{GroupId, Node, NodeId, TypeConfig};
+
+/// How long a connection attempt to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// The first pause before retrying an unreachable peer, doubled on each failure up to
+/// [`UNREACHABLE_BACKOFF_MAX`] (openraft's default is a flat 500 ms; a restarted broker is
+/// often back sooner, and failover time counts).
+const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest pause before retrying an unreachable peer.
+const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_millis(800);
+/// The largest Raft message sent or received.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The channels to peers, by address, shared by every group of a broker.
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    /// The channel to `addr` (`host:port`), created lazily on first use.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock();
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Makes the network clients of one group.
+#[derive(Clone)]
+pub struct GroupNetwork {
+    group: GroupId,
+    from: NodeId,
+    peers: Peers,
+}
+
+impl GroupNetwork {
+    /// The network of `group` on node `from`, over the shared `peers`.
+    pub fn new(group: GroupId, from: NodeId, peers: Peers) -> Self {
+        GroupNetwork { group, from, peers }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        PeerClient {
+            group: self.group,
+            from: self.from,
+            to: target,
+            channel: self.peers.channel(&node.addr).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Sends one group's Raft messages to one peer.
+pub struct PeerClient {
+    group: GroupId,
+    from: NodeId,
+    to: NodeId,
+    /// The channel, or why none could be made (a malformed address).
+    channel: Result<Channel, String>,
+}
+
+/// Why a call to a peer failed, before openraft's error types are chosen.
+enum CallError<E> {
+    /// Not connected or refused: openraft backs off before retrying.
+    Unreachable(String),
+    /// Any other transport or encoding failure.
+    Network(String),
+    /// The remote group answered with an error.
+    Remote(E),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Message(String);
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &self,
+        kind: RpcKind,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, CallError<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        let channel = self.channel.clone().map_err(CallError::Unreachable)?;
+        let payload = bincode::serialize(request).map_err(|e| CallError::Network(e.to_string()))?;
+        let message = RaftMessage {
+            group_id: self.group,
+            from_node: self.from,
+            to_node: self.to,
+            payload: Bytes::from(payload),
+        };
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(option.hard_ttl());
+        let reply = match kind {
+            RpcKind::Append => client.append_entries(request).await,
+            RpcKind::Vote => client.vote(request).await,
+            RpcKind::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply: RaftReply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let text = format!(
+                    "group {} node {} -> {}: {status}",
+                    self.group, self.from, self.to
+                );
+                return Err(match status.code() {
+                    // Not connected, or the peer does not host this group yet.
+                    tonic::Code::Unavailable | tonic::Code::NotFound => {
+                        CallError::Unreachable(text)
+                    }
+                    _ => CallError::Network(text),
+                });
+            }
+        };
+        match reply.result {
+            Some(ReplyResult::Ok(bytes)) => {
+                bincode::deserialize(&bytes).map_err(|e| CallError::Network(e.to_string()))
+            }
+            Some(ReplyResult::RaftError(bytes)) => Err(CallError::Remote(
+                bincode::deserialize(&bytes).map_err(|e| CallError::Network(e.to_string()))?,
+            )),
+            None => Err(CallError::Network("an empty Raft reply".into())),
+        }
+    }
+
+    fn to_rpc_error<E: std::error::Error>(
+        &self,
+        e: CallError<RaftError<NodeId, E>>,
+    ) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+        match e {
+            CallError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Message(m))),
+            CallError::Network(m) => RPCError::Network(NetworkError::new(&Message(m))),
+            CallError::Remote(e) => RPCError::RemoteError(RemoteError::new(self.to, e)),
+        }
+    }
+}
+
+/// Which RPC of the `Raft` service a message goes to.
+#[derive(Clone, Copy)]
+enum RpcKind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        self.call(RpcKind::Append, &rpc, &option)
+            .await
+            .map_err(|e| self.to_rpc_error(e))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(RpcKind::Snapshot, &rpc, &option)
+            .await
+            .map_err(|e| self.to_rpc_error(e))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        self.call(RpcKind::Vote, &rpc, &option)
+            .await
+            .map_err(|e| self.to_rpc_error(e))
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::successors(Some(UNREACHABLE_BACKOFF), |d| {
+            Some((*d * 2).min(UNREACHABLE_BACKOFF_MAX))
+        }))
+    }
+}

@@ -1,0 +1,729 @@
+//! Replicated partitions: [`PartitionMachine`], the state machine that appends committed
+//! batches to a replica's `PartitionLog`, and [`Replication`], which starts the Raft groups of
+//! this broker's replicas as the controller's metadata names them, and routes writes.
+//!
+//! Offsets: the apply is deterministic, so every replica gives the same offsets. The machine
+//! keeps `next_offset`, the end its applied entries produced (saved in its snapshots). After a
+//! restart openraft re-applies entries the partition log may already hold; an entry whose
+//! records lie wholly below the log's end is recognised as applied and skipped, so nothing is
+//! appended twice. A log that ends *before* `next_offset` lost data this replica acknowledged:
+//! the group stops here instead of giving other offsets than its peers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::BasicNode;
+use parking_lot::RwLock;
+use rill_storage::batch::BatchHeader;
+use rill_storage::{PartitionLog, StorageError, TopicConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::controller::{ControllerCommand, ControllerError, ControllerReply, Metadata};
+use crate::machine::Machine;
+use crate::node::ClusterNode;
+use crate::types::{Command, GroupId, LogId, NodeId, Raft, Reply};
+
+/// The broker's local topics, as the replication layer needs them.
+pub trait LocalTopics: Send + Sync + 'static {
+    /// Creates topic `name` locally with `config` unless it exists. Blocking.
+    fn ensure_topic(&self, name: &str, config: &TopicConfig) -> Result<(), String>;
+    /// Partition `p` of topic `name`, if it exists locally.
+    fn partition(&self, name: &str, p: u32) -> Option<PartitionLog>;
+    /// Records were appended to partition `p` up to `next_offset`: wake waiting fetches.
+    fn appended(&self, name: &str, p: u32, next_offset: u64);
+}
+
+/// The result of one replicated write, as the apply returns it: the base offset and the
+/// record count, or why every replica refused the batch.
+pub type WriteReply = Result<(u64, u32), String>;
+
+/// A replica's state machine: appends committed batches to its partition log.
+pub struct PartitionMachine {
+    topic: String,
+    partition: u32,
+    log: PartitionLog,
+    next_offset: u64,
+    local: Arc<dyn LocalTopics>,
+}
+
+impl PartitionMachine {
+    /// The machine of partition `partition` of `topic` over `log`.
+    pub fn new(
+        topic: &str,
+        partition: u32,
+        log: PartitionLog,
+        local: Arc<dyn LocalTopics>,
+    ) -> Self {
+        PartitionMachine {
+            topic: topic.to_string(),
+            partition,
+            log,
+            next_offset: 0,
+            local,
+        }
+    }
+
+    fn reply(r: &WriteReply) -> io::Result<Reply> {
+        bincode::serialize(r).map(Reply).map_err(io::Error::other)
+    }
+}
+
+impl Machine for PartitionMachine {
+    fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
+        let header = match BatchHeader::parse(&command.0) {
+            Ok(h) => h,
+            Err(e) => {
+                return Self::reply(&Err(format!(
+                    "topic {} partition {}: invalid batch: {e}",
+                    self.topic, self.partition
+                )))
+            }
+        };
+        let count = u64::from(header.record_count);
+        let end = self.log.high_watermark();
+        if end < self.next_offset {
+            return Err(io::Error::other(format!(
+                "topic {} partition {}: the local log ends at {end} but this replica applied up to {}; it lost acknowledged data and must be rebuilt",
+                self.topic, self.partition, self.next_offset
+            )));
+        }
+        if self.next_offset + count <= end {
+            // Applied before a restart: the records are already in the log.
+            let base = self.next_offset;
+            self.next_offset += count;
+            return Self::reply(&Ok((base, header.record_count)));
+        }
+        match self.log.append(&command.0) {
+            Ok(info) => {
+                self.next_offset = info.next_offset;
+                self.local
+                    .appended(&self.topic, self.partition, info.next_offset);
+                Self::reply(&Ok((info.base_offset, info.record_count)))
+            }
+            Err(e @ (StorageError::InvalidBatch { .. } | StorageError::BatchTooLarge { .. })) => {
+                Self::reply(&Err(e.to_string()))
+            }
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
+    fn snapshot(&self) -> io::Result<Vec<u8>> {
+        bincode::serialize(&self.next_offset).map_err(io::Error::other)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.next_offset = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        Ok(())
+    }
+}
+
+/// Why a replicated write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// This broker does not lead the partition; the leader, if known, is named.
+    #[error("this broker does not lead topic {topic} partition {partition}")]
+    NotLeader {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The leader's node id and address, if known.
+        leader: Option<(NodeId, String)>,
+    },
+    /// No commit within the deadline (no quorum); the write may or may not commit later.
+    #[error(
+        "topic {topic} partition {partition}: not committed within {waited_ms} ms (no quorum?)"
+    )]
+    Timeout {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// Every replica refused the batch (it is invalid).
+    #[error("{0}")]
+    Refused(String),
+    /// The group failed here.
+    #[error("topic {topic} partition {partition}: {message}")]
+    Failed {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Why a replicated topic could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The controller refused it.
+    #[error(transparent)]
+    Refused(#[from] ControllerError),
+    /// The controller has no leader, or did not answer in time.
+    #[error("the cluster controller is unavailable: {0}")]
+    Unavailable(String),
+}
+
+struct Inner {
+    node: ClusterNode,
+    local: Arc<dyn LocalTopics>,
+    /// (topic, partition) → group, for the replicas this broker runs.
+    groups: RwLock<HashMap<(String, u32), GroupId>>,
+    /// Topics with a replication factor above 1.
+    replicated: RwLock<HashSet<String>>,
+    write_timeout: Duration,
+}
+
+/// This broker's replicated partitions. Cheap to clone.
+#[derive(Clone)]
+pub struct Replication {
+    inner: Arc<Inner>,
+}
+
+/// The file, beside the groups' folders, that lists the replicated topics of this broker, one
+/// name a line. It is read at start, before any request is served, so a produce to a
+/// replicated topic never takes the local path while the metadata is still being caught up.
+const REPLICATED_TOPICS_FILE: &str = "replicated-topics";
+
+/// How long a non-preferred replica waits for the preferred leader to initialise a new
+/// group before it initialises the group itself.
+const INIT_GRACE_MS: u64 = 3_000;
+
+impl Replication {
+    /// Replication over `node`'s groups, with partitions kept in `local`. Reads the list of
+    /// replicated topics: blocking, call from a blocking thread.
+    pub fn open(node: ClusterNode, local: Arc<dyn LocalTopics>) -> io::Result<Self> {
+        let path = node.host().dir().join(REPLICATED_TOPICS_FILE);
+        let replicated = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Replication {
+            inner: Arc::new(Inner {
+                node,
+                local,
+                groups: RwLock::new(HashMap::new()),
+                replicated: RwLock::new(replicated),
+                write_timeout: Duration::from_secs(10),
+            }),
+        })
+    }
+
+    /// Adds `name` to the replicated topics, on disk first.
+    async fn mark_replicated(&self, name: &str) -> Result<(), String> {
+        let mut names: Vec<String> = self.inner.replicated.read().iter().cloned().collect();
+        names.push(name.to_string());
+        names.sort();
+        let dir = self.inner.node.host().dir().to_path_buf();
+        let text = names.join("\n") + "\n";
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            crate::log_store::write_atomic(&dir, REPLICATED_TOPICS_FILE, text.as_bytes())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        self.inner.replicated.write().insert(name.to_string());
+        Ok(())
+    }
+
+    /// Follows the controller's metadata in the background: creates replicated topics
+    /// locally and starts the groups of this broker's replicas.
+    pub fn start(&self, shutdown: CancellationToken, tasks: &TaskTracker) {
+        let this = self.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = this.follow_metadata() => {}
+            }
+        });
+    }
+
+    async fn follow_metadata(&self) {
+        // The controller exists once the broker has joined; joining is a one-time wait.
+        let raft = loop {
+            if let Some(r) = self.inner.node.controller() {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut metrics = raft.metrics();
+        loop {
+            let metadata = self.inner.node.metadata();
+            self.sync(&metadata).await;
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn sync(&self, metadata: &Metadata) {
+        let me = self.inner.node.node_id();
+        for (name, topic) in &metadata.topics {
+            if topic.replication_factor <= 1 {
+                continue;
+            }
+            if !self.inner.replicated.read().contains(name)
+                || self.inner.local.partition(name, 0).is_none()
+            {
+                // Marked first: from then on, no produce here takes the local path.
+                if !self.inner.replicated.read().contains(name) {
+                    if let Err(e) = self.mark_replicated(name).await {
+                        tracing::error!(topic = %name, error = %e, "cannot record a replicated topic");
+                        continue;
+                    }
+                }
+                let local = self.inner.local.clone();
+                let (n, config) = (name.clone(), topic.config.clone());
+                let made = tokio::task::spawn_blocking(move || local.ensure_topic(&n, &config))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                if let Err(e) = made {
+                    tracing::error!(topic = %name, error = %e, "cannot create a replicated topic here");
+                    continue;
+                }
+            }
+            for (p, meta) in topic.partitions.iter().enumerate() {
+                let p = p as u32;
+                if !meta.replicas.contains(&me)
+                    || self.inner.groups.read().contains_key(&(name.clone(), p))
+                {
+                    continue;
+                }
+                if let Err(e) = self
+                    .start_replica(name, p, meta.group, &meta.replicas)
+                    .await
+                {
+                    tracing::error!(topic = %name, partition = p, error = %e, "cannot start a replica");
+                }
+            }
+        }
+    }
+
+    async fn start_replica(
+        &self,
+        name: &str,
+        p: u32,
+        group: GroupId,
+        replicas: &[NodeId],
+    ) -> Result<(), String> {
+        let log = self
+            .inner
+            .local
+            .partition(name, p)
+            .ok_or_else(|| format!("no local partition {name}/{p}"))?;
+        let machine = PartitionMachine::new(name, p, log, self.inner.local.clone());
+        let (raft, _store) = self
+            .inner
+            .node
+            .host()
+            .start_group(group, machine)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.inner
+            .groups
+            .write()
+            .insert((name.to_string(), p), group);
+        let initialized = raft.is_initialized().await.map_err(|e| e.to_string())?;
+        if !initialized {
+            let registry = self.inner.node.registry();
+            let members: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .filter_map(|id| {
+                    registry
+                        .config()
+                        .peers
+                        .address(*id)
+                        .map(|a| (*id, BasicNode::new(a)))
+                })
+                .collect();
+            let preferred = replicas.first() == Some(&self.inner.node.node_id());
+            // The preferred leader (the first replica) initialises the group and so leads it
+            // first, as the placement intended. If it is down, the others initialise it
+            // themselves after a grace period (the same members everywhere, which openraft
+            // allows), so a group never waits for one broker.
+            let delay = if preferred {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(INIT_GRACE_MS)
+            };
+            let (topic, raft) = (name.to_string(), raft.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if raft.is_initialized().await.unwrap_or(true) {
+                    return;
+                }
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(topic, partition = p, error = %e, "group initialised elsewhere");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `topic` is replicated (its writes go through Raft).
+    pub fn is_replicated(&self, topic: &str) -> bool {
+        self.inner.replicated.read().contains(topic)
+    }
+
+    /// Whether `topic` is replicated and set up on this broker.
+    pub fn is_ready(&self, topic: &str) -> bool {
+        self.is_replicated(topic) && self.inner.local.partition(topic, 0).is_some()
+    }
+
+    /// The Raft group of partition `p` of `topic` on this broker.
+    pub fn group(&self, topic: &str, p: u32) -> Option<Raft> {
+        let id = *self.inner.groups.read().get(&(topic.to_string(), p))?;
+        self.inner.node.host().group(id)
+    }
+
+    /// The leader of partition `p` of `topic` as this broker sees it, if it is a replica.
+    pub fn leader(&self, topic: &str, p: u32) -> Option<NodeId> {
+        self.group(topic, p)
+            .and_then(|r| r.metrics().borrow().current_leader)
+    }
+
+    /// Each replica's `(node, in sync, entries behind)` of partition `p` of `topic`, if this
+    /// broker leads it: in sync means it holds every entry the leader has applied
+    /// (committed).
+    pub fn replica_states(&self, topic: &str, p: u32) -> Option<Vec<(NodeId, bool, u64)>> {
+        let raft = self.group(topic, p)?;
+        let m = raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.inner.node.node_id()) {
+            return None;
+        }
+        let end = m.last_log_index.unwrap_or(0);
+        let committed = m.last_applied.map_or(0, |l| l.index);
+        let replication = m.replication?;
+        let me = self.inner.node.node_id();
+        let mut states: Vec<(NodeId, bool, u64)> = replication
+            .iter()
+            .map(|(id, matched)| {
+                let matched = matched.map_or(0, |l| l.index);
+                (*id, matched >= committed, end.saturating_sub(matched))
+            })
+            .collect();
+        if !states.iter().any(|(id, _, _)| *id == me) {
+            states.push((me, true, 0));
+        }
+        states.sort_unstable();
+        Some(states)
+    }
+
+    /// Whether partition `p` of `topic` may be read here: it is not replicated, or this
+    /// broker holds a replica. Otherwise the error names the partition's leader as far as
+    /// this broker knows it (the preferred replica of the placement).
+    pub fn check_readable(&self, topic: &str, p: u32) -> Result<(), WriteError> {
+        if !self.is_replicated(topic)
+            || self
+                .inner
+                .groups
+                .read()
+                .contains_key(&(topic.to_string(), p))
+        {
+            return Ok(());
+        }
+        let md = self.inner.node.metadata();
+        let Some(meta) = md
+            .topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(p as usize))
+        else {
+            // Not in the metadata yet (a restart catching up): no replica here either.
+            return Err(WriteError::NotLeader {
+                topic: topic.to_string(),
+                partition: p,
+                leader: None,
+            });
+        };
+        if meta.replicas.contains(&self.inner.node.node_id()) {
+            // A replica whose group is starting: its log holds only committed records.
+            return Ok(());
+        }
+        let registry = self.inner.node.registry();
+        Err(WriteError::NotLeader {
+            topic: topic.to_string(),
+            partition: p,
+            leader: meta.replicas.first().and_then(|l| {
+                registry
+                    .config()
+                    .peers
+                    .address(*l)
+                    .map(|a| (*l, a.to_string()))
+            }),
+        })
+    }
+
+    /// Replicates one batch to partition `p` of `topic` and waits for its commit and local
+    /// apply; returns its base offset and record count.
+    pub async fn write(&self, topic: &str, p: u32, batch: Bytes) -> Result<(u64, u32), WriteError> {
+        let not_leader = |leader: Option<NodeId>| {
+            let registry = self.inner.node.registry();
+            WriteError::NotLeader {
+                topic: topic.to_string(),
+                partition: p,
+                leader: leader.and_then(|l| {
+                    registry
+                        .config()
+                        .peers
+                        .address(l)
+                        .map(|a| (l, a.to_string()))
+                }),
+            }
+        };
+        let Some(raft) = self.group(topic, p) else {
+            // Not a replica here: point at the leader the controller's placement prefers.
+            let md = self.inner.node.metadata();
+            let preferred = md
+                .topics
+                .get(topic)
+                .and_then(|t| t.partitions.get(p as usize))
+                .and_then(|m| m.replicas.first().copied());
+            return Err(not_leader(preferred));
+        };
+        let timeout = self.inner.write_timeout;
+        let result =
+            tokio::time::timeout(timeout, raft.client_write(Command(batch.to_vec()))).await;
+        let response = match result {
+            Err(_) => {
+                return Err(WriteError::Timeout {
+                    topic: topic.to_string(),
+                    partition: p,
+                    waited_ms: timeout.as_millis() as u64,
+                })
+            }
+            Ok(Err(e)) => {
+                if let Some(fwd) = e.forward_to_leader() {
+                    return Err(not_leader(fwd.leader_id));
+                }
+                return Err(WriteError::Failed {
+                    topic: topic.to_string(),
+                    partition: p,
+                    message: e.to_string(),
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+        let reply: WriteReply =
+            bincode::deserialize(&response.data.0).map_err(|e| WriteError::Failed {
+                topic: topic.to_string(),
+                partition: p,
+                message: format!("undecodable apply reply: {e}"),
+            })?;
+        reply.map_err(WriteError::Refused)
+    }
+
+    /// Creates a replicated topic through the controller (this broker must lead it; see
+    /// [`Replication::controller_leader`]) and waits until it exists here.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        replication_factor: u32,
+    ) -> Result<(), CreateError> {
+        let raft = self
+            .inner
+            .node
+            .controller()
+            .ok_or_else(|| CreateError::Unavailable("not joined yet".into()))?;
+        let registry = self.inner.node.registry();
+        let live: Vec<NodeId> = registry
+            .config()
+            .peers
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| registry.is_live(*id))
+            .collect();
+        let command = ControllerCommand::CreateTopic {
+            name: name.to_string(),
+            config,
+            replication_factor,
+            brokers: live,
+        };
+        let bytes =
+            bincode::serialize(&command).map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        let response =
+            tokio::time::timeout(self.inner.write_timeout, raft.client_write(Command(bytes)))
+                .await
+                .map_err(|_| CreateError::Unavailable("no commit in time".into()))?
+                .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        let reply: ControllerReply = bincode::deserialize(&response.data.0)
+            .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        reply?;
+        // The metadata follower creates it here on the apply; wait for that.
+        let deadline = tokio::time::Instant::now() + self.inner.write_timeout;
+        while !self.is_ready(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CreateError::Unavailable(format!(
+                    "topic {name} was created but not set up on this broker in time"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.wait_leaders(name).await;
+        Ok(())
+    }
+
+    /// Waits (a bounded while) until every partition of `name` replicated on this broker has
+    /// a leader, so that a client's first produce after a create finds one. A partition still
+    /// without one after the deadline is not an error: its election goes on.
+    pub async fn wait_leaders(&self, name: &str) {
+        let deadline = tokio::time::Instant::now() + self.inner.write_timeout;
+        loop {
+            // The partitions the metadata gives this broker, whether or not their groups
+            // have started yet.
+            let me = self.inner.node.node_id();
+            let mine: Vec<u32> = self
+                .inner
+                .node
+                .metadata()
+                .topics
+                .get(name)
+                .map(|t| {
+                    t.partitions
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, m)| m.replicas.contains(&me))
+                        .map(|(p, _)| p as u32)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if mine.iter().all(|p| self.leader(name, *p).is_some())
+                || tokio::time::Instant::now() >= deadline
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The controller leader's node id and address, if known.
+    pub fn controller_leader(&self) -> Option<(NodeId, String)> {
+        let leader = self
+            .inner
+            .node
+            .controller()?
+            .metrics()
+            .borrow()
+            .current_leader?;
+        let registry = self.inner.node.registry();
+        let address = registry.config().peers.address(leader)?.to_string();
+        Some((leader, address))
+    }
+
+    /// This broker's node id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node.node_id()
+    }
+}
+
+impl std::fmt::Debug for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replication")
+            .field("node_id", &self.inner.node.node_id())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use openraft::CommittedLeaderId;
+    use rill_storage::batch::BatchBuilder;
+    use rill_storage::{Store, StoreOptions};
+
+    struct NoTopics;
+
+    impl LocalTopics for NoTopics {
+        fn ensure_topic(&self, _: &str, _: &TopicConfig) -> Result<(), String> {
+            Ok(())
+        }
+        fn partition(&self, _: &str, _: u32) -> Option<PartitionLog> {
+            None
+        }
+        fn appended(&self, _: &str, _: u32, _: u64) {}
+    }
+
+    fn batch(values: &[&str]) -> Command {
+        let mut b = BatchBuilder::new(BytesMut::new());
+        for v in values {
+            b.push(None, v.as_bytes(), &[], 1);
+        }
+        Command(b.finish().to_vec())
+    }
+
+    fn apply(m: &mut PartitionMachine, index: u64, c: &Command) -> WriteReply {
+        let log_id = LogId::new(CommittedLeaderId::new(1, 1), index);
+        let reply = m.apply(log_id, c).expect("apply");
+        bincode::deserialize(&reply.0).expect("reply")
+    }
+
+    #[test]
+    fn replaying_applied_entries_appends_nothing_and_gives_the_same_offsets() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+        let topic = store
+            .create_topic("t", TopicConfig::default())
+            .expect("topic");
+        let log = topic.partition(0).expect("partition");
+        let (a, b, c) = (
+            batch(&["a1", "a2"]),
+            batch(&["b1"]),
+            batch(&["c1", "c2", "c3"]),
+        );
+        let mut first = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+        assert_eq!(apply(&mut first, 1, &a), Ok((0, 2)));
+        assert_eq!(apply(&mut first, 2, &b), Ok((2, 1)));
+        assert_eq!(log.high_watermark(), 3);
+
+        // A restart without a snapshot: openraft re-applies from the first entry.
+        let mut again = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+        assert_eq!(apply(&mut again, 1, &a), Ok((0, 2)));
+        assert_eq!(apply(&mut again, 2, &b), Ok((2, 1)));
+        assert_eq!(log.high_watermark(), 3, "nothing appended twice");
+        assert_eq!(apply(&mut again, 3, &c), Ok((3, 3)));
+        assert_eq!(log.high_watermark(), 6);
+
+        // A snapshot restores where the applies stopped.
+        let snap = again.snapshot().expect("snapshot");
+        let mut restored = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+        restored.restore(&snap).expect("restore");
+        assert_eq!(apply(&mut restored, 4, &b), Ok((6, 1)));
+
+        // An invalid batch is refused alike everywhere and changes nothing.
+        let refused = apply(&mut restored, 5, &Command(vec![1, 2, 3]));
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(log.high_watermark(), 7);
+    }
+
+    #[test]
+    fn a_log_shorter_than_what_was_applied_stops_the_replica() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+        let topic = store
+            .create_topic("t", TopicConfig::default())
+            .expect("topic");
+        let log = topic.partition(0).expect("partition");
+        let mut m = PartitionMachine::new("t", 0, log, Arc::new(NoTopics));
+        m.restore(&bincode::serialize(&10u64).expect("encode"))
+            .expect("restore");
+        let log_id = LogId::new(CommittedLeaderId::new(1, 1), 11);
+        // The local log ends at 0 but 10 records were applied: it lost acknowledged data.
+        assert!(m.apply(log_id, &batch(&["x"])).is_err());
+    }
+}

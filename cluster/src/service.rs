@@ -1,0 +1,125 @@
+//! The receiving side of broker-to-broker Raft traffic: the internal `rill.v1.Raft` gRPC
+//! service, which hands each message to the addressed group of this broker's [`GroupHost`].
+
+use bytes::Bytes;
+use rill_proto::v1::raft_reply::Result as ReplyResult;
+use rill_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
+use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+use crate::host::GroupHost;
+use crate::network::MAX_RAFT_MESSAGE_BYTES;
+use crate::node::Registry;
+use crate::types::Raft;
+
+/// The `rill.v1.Raft` service of one broker.
+#[derive(Clone)]
+pub struct RaftService {
+    host: GroupHost,
+    registry: Option<Arc<Registry>>,
+}
+
+impl RaftService {
+    /// The service for `host`'s groups, without a peers registry: pings are refused
+    /// (for groups run outside a broker, as in tests).
+    pub fn new(host: GroupHost) -> Self {
+        RaftService {
+            host,
+            registry: None,
+        }
+    }
+
+    /// The service of a cluster member: its groups and its peers registry.
+    pub fn with_registry(host: GroupHost, registry: Arc<Registry>) -> Self {
+        RaftService {
+            host,
+            registry: Some(registry),
+        }
+    }
+
+    /// The tonic server for this service, with message limits fit for Raft batches.
+    pub fn into_server(self) -> RaftServer<RaftService> {
+        RaftServer::new(self)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+    }
+
+    /// The addressed group and the decoded request, or the status that refuses it.
+    fn route<T: DeserializeOwned>(&self, message: &RaftMessage) -> Result<(Raft, T), Status> {
+        if message.to_node != self.host.node_id() {
+            // A peers list that points at the wrong broker: never let it vote or append here.
+            return Err(Status::failed_precondition(format!(
+                "this broker is node {}, not node {} (message from node {}); check --peers",
+                self.host.node_id(),
+                message.to_node,
+                message.from_node
+            )));
+        }
+        let raft = self.host.group(message.group_id).ok_or_else(|| {
+            Status::not_found(format!(
+                "Raft group {} does not run on node {}",
+                message.group_id,
+                self.host.node_id()
+            ))
+        })?;
+        let request = bincode::deserialize(&message.payload).map_err(|e| {
+            Status::invalid_argument(format!(
+                "undecodable Raft message for group {}: {e}",
+                message.group_id
+            ))
+        })?;
+        Ok((raft, request))
+    }
+}
+
+/// Encodes a group's answer, success or Raft error, as a reply.
+fn reply<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<RaftReply>, Status> {
+    let result = match result {
+        Ok(v) => ReplyResult::Ok(encode(&v)?),
+        Err(e) => ReplyResult::RaftError(encode(&e)?),
+    };
+    Ok(Response::new(RaftReply {
+        result: Some(result),
+    }))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, Status> {
+    bincode::serialize(value)
+        .map(Bytes::from)
+        .map_err(|e| Status::internal(format!("encoding a Raft reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let (raft, rpc) = self.route(request.get_ref())?;
+        reply(raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        let (raft, rpc) = self.route(request.get_ref())?;
+        reply(raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let (raft, rpc) = self.route(request.get_ref())?;
+        reply(raft.install_snapshot(rpc).await)
+    }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this broker is not in a cluster"))?;
+        registry.answer_ping(request.get_ref()).map(Response::new)
+    }
+}

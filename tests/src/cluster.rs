@@ -1,0 +1,376 @@
+//! A cluster of real `rill-broker` processes on 127.0.0.1: fixed free ports (a peers list
+//! needs them before the brokers start), one temp data folder each, kill -9 and restart by
+//! node id, and status queries with deadlines. Every child is killed and reaped on drop.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rill_proto::v1::cluster_client::ClusterClient;
+use rill_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, MetadataRequest, MetadataResponse,
+};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::binary_path;
+
+/// The longest a broker may take to print its listen line.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+/// The longest one status call may take.
+const CALL_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Picks `n` distinct free ports on 127.0.0.1 by binding port 0 and releasing them.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// One broker of a [`TestCluster`].
+struct Node {
+    addr: SocketAddr,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+/// Several `rill-broker` processes forming one cluster.
+pub struct TestCluster {
+    nodes: BTreeMap<u64, Node>,
+    peers: String,
+    logs: TempDir,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // A paused broker cannot die of SIGKILL until it is continued on some systems'
+        // process states; continue every child, then kill_on_drop kills it.
+        for node in self.nodes.values() {
+            if let Some(pid) = node.child.as_ref().and_then(Child::id) {
+                let _ = std::process::Command::new("kill")
+                    .arg("-CONT")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+    }
+}
+
+impl TestCluster {
+    /// Starts `n` brokers with node ids `1..=n` and waits until each listens.
+    pub async fn start(n: usize) -> Result<TestCluster> {
+        let ports = free_ports(n)?;
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = TestCluster {
+            nodes: BTreeMap::new(),
+            peers,
+            logs: tempfile::tempdir()?,
+        };
+        for (i, port) in ports.iter().enumerate() {
+            cluster.nodes.insert(
+                i as u64 + 1,
+                Node {
+                    addr: SocketAddr::from(([127, 0, 0, 1], *port)),
+                    dir: tempfile::tempdir()?,
+                    child: None,
+                },
+            );
+        }
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.restart(id).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The `--peers` value every broker got.
+    pub fn peers(&self) -> &str {
+        &self.peers
+    }
+
+    /// The node ids.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// The node ids whose process runs.
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.child.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Node `id`'s address.
+    pub fn addr(&self, id: u64) -> SocketAddr {
+        self.nodes[&id].addr
+    }
+
+    /// Node `id`'s data folder.
+    pub fn data_dir(&self, id: u64) -> &Path {
+        self.nodes[&id].dir.path()
+    }
+
+    /// Where node `id`'s stderr goes.
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.logs.path().join(format!("broker-{id}.log"))
+    }
+
+    /// Starts (again) node `id` on its address and folder, and waits until it listens.
+    pub async fn restart(&mut self, id: u64) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))?;
+        let peers = self.peers.clone();
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        if node.child.is_some() {
+            bail!("node {id} is running");
+        }
+        let child = spawn_broker(node.dir.path(), node.addr, id, &peers, log).await?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// kill -9 node `id` and reap it.
+    pub async fn kill(&mut self, id: u64) -> Result<()> {
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        if let Some(mut child) = node.child.take() {
+            child.start_kill()?;
+            tokio::time::timeout(START_DEADLINE, child.wait())
+                .await
+                .context("reaping a killed broker")??;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to node `id`'s process with the `kill` command.
+    pub async fn signal(&self, id: u64, signal: &str) -> Result<()> {
+        let pid = self.nodes[&id]
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("node not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
+    /// Deletes everything in node `id`'s data folder (the node must be stopped).
+    pub fn wipe(&self, id: u64) -> Result<()> {
+        let node = &self.nodes[&id];
+        anyhow::ensure!(node.child.is_none(), "node {id} is running");
+        for entry in std::fs::read_dir(node.dir.path())? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `id`'s cluster status, within a short deadline.
+    pub async fn status(&self, id: u64) -> Result<ClusterStatusResponse> {
+        let url = format!("http://{}", self.addr(id));
+        let call = async {
+            let mut client = ClusterClient::connect(url).await?;
+            Ok::<_, anyhow::Error>(
+                client
+                    .cluster_status(ClusterStatusRequest {})
+                    .await?
+                    .into_inner(),
+            )
+        };
+        tokio::time::timeout(CALL_DEADLINE, call)
+            .await
+            .context("cluster status timed out")?
+    }
+
+    /// Node `id`'s metadata for `topic`, within a short deadline.
+    pub async fn metadata(&self, id: u64, topic: &str) -> Result<MetadataResponse> {
+        let url = format!("http://{}", self.addr(id));
+        let call = async {
+            let mut client = ClusterClient::connect(url).await?;
+            Ok::<_, anyhow::Error>(
+                client
+                    .metadata(MetadataRequest {
+                        topics: vec![topic.to_string()],
+                    })
+                    .await?
+                    .into_inner(),
+            )
+        };
+        tokio::time::timeout(CALL_DEADLINE, call)
+            .await
+            .context("metadata timed out")?
+    }
+
+    /// Waits until every running replica names the same running leader of partition `p` of
+    /// `topic`, and returns it.
+    pub async fn wait_partition_leader(
+        &self,
+        topic: &str,
+        p: u32,
+        deadline: Duration,
+    ) -> Result<u64> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let running = self.running();
+            let mut leaders = Vec::new();
+            for id in &running {
+                let leader = self.metadata(*id, topic).await.ok().and_then(|m| {
+                    m.topics
+                        .first()
+                        .and_then(|t| t.partitions.get(p as usize))
+                        .map(|x| x.leader)
+                });
+                leaders.push(leader);
+            }
+            if let Some(Some(l)) = leaders.first() {
+                if *l != 0 && running.contains(l) && leaders.iter().all(|x| *x == Some(*l)) {
+                    return Ok(*l);
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!("no agreed leader of {topic}/{p} within {deadline:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until some running node reports a running leader of partition `p` of `topic`
+    /// (with a replication factor below the broker count, only replicas know it).
+    pub async fn wait_partition_leader_among(
+        &self,
+        topic: &str,
+        p: u32,
+        deadline: Duration,
+    ) -> Result<u64> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let running = self.running();
+            for id in &running {
+                let leader = self.metadata(*id, topic).await.ok().and_then(|m| {
+                    m.topics
+                        .first()
+                        .and_then(|t| t.partitions.get(p as usize))
+                        .map(|x| x.leader)
+                });
+                if let Some(l) = leader.filter(|l| running.contains(l)) {
+                    return Ok(l);
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!("no leader of {topic}/{p} within {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running node names the same controller leader, among the running
+    /// nodes, and returns it.
+    pub async fn wait_controller_leader(&self, deadline: Duration) -> Result<u64> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let running = self.running();
+            let mut leaders = Vec::new();
+            for id in &running {
+                leaders.push(self.status(*id).await.ok().map(|s| s.controller_leader));
+            }
+            if let Some(Some(l)) = leaders.first() {
+                if *l != 0 && running.contains(l) && leaders.iter().all(|x| *x == Some(*l)) {
+                    return Ok(*l);
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!("no agreed controller leader within {deadline:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `asked` reports exactly `live` as the live brokers.
+    pub async fn wait_live(&self, asked: u64, live: &[u64], deadline: Duration) -> Result<()> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let got: Option<Vec<u64>> = self.status(asked).await.ok().map(|s| {
+                s.brokers
+                    .iter()
+                    .filter(|b| b.live)
+                    .map(|b| b.node_id)
+                    .collect()
+            });
+            if got.as_deref() == Some(live) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!("node {asked} never reported live = {live:?}; last {got:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Starts one broker of a cluster and waits for its listen line.
+pub async fn spawn_broker(
+    data_dir: &Path,
+    addr: SocketAddr,
+    node_id: u64,
+    peers: &str,
+    log: std::fs::File,
+) -> Result<Child> {
+    let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--node-id")
+        .arg(node_id.to_string())
+        .arg("--peers")
+        .arg(peers)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning rill-broker")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(START_DEADLINE, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.starts_with("rill-broker listening on ") {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("rill-broker node {node_id} exited before listening")
+    })
+    .await
+    .context("waiting for rill-broker to listen")??;
+    // Keep draining stdout so the broker never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(child)
+}
