@@ -8,12 +8,13 @@
 mod broker;
 mod report;
 mod scenarios;
+mod secure;
 
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use rill_proto::v1::{self as pb, admin_client::AdminClient};
+use rill_proto::v1 as pb;
 
 use crate::report::{Shape, HEADER};
 use crate::scenarios::Run;
@@ -93,6 +94,11 @@ struct Flags {
     /// or loading it (for profiling the fetch path alone).
     #[arg(long, requires = "broker")]
     reuse_topic: bool,
+    /// Run the broker this run starts with TLS (a certificate made for the run) and token
+    /// authentication, and every client as a principal whose ACLs allow the benchmark topics,
+    /// to measure what security costs.
+    #[arg(long, conflicts_with = "broker")]
+    secure: bool,
     /// Replication factor of the benchmark topics (a cluster: `--broker` must then be the
     /// leader of their partitions, i.e. the first broker for a fresh cluster's first topic).
     #[arg(long, requires = "broker")]
@@ -119,12 +125,15 @@ fn flush_policy(s: &str) -> Result<pb::FlushPolicy> {
 
 async fn create_topic(
     url: &str,
+    options: &rill_client::ConnectOptions,
     name: &str,
     partitions: u32,
     flush: &pb::FlushPolicy,
     replication_factor: Option<u32>,
 ) -> Result<()> {
-    let mut admin = AdminClient::connect(url.to_string()).await?;
+    let mut admin = rill_client::Connection::connect_with(url, options)
+        .await?
+        .admin();
     let _ = admin
         .delete_topic(pb::DeleteTopicRequest { name: name.into() })
         .await;
@@ -187,18 +196,33 @@ async fn main() -> Result<()> {
     };
     let flush = flush_policy(&flags.flush)?;
     report::now_ns();
-    let own = match &flags.broker {
-        Some(_) => None,
-        None => {
+    let secure = match flags.secure {
+        true => Some(secure::Secure::new()?),
+        false => None,
+    };
+    let own = match (&flags.broker, &secure) {
+        (Some(_), _) => None,
+        (None, Some(s)) => {
+            let mut args = s.broker_args();
+            args.extend(flags.broker_args.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Some(broker::OwnBroker::start(&args).await?)
+        }
+        (None, None) => {
             let extra: Vec<&str> = flags.broker_args.iter().map(String::as_str).collect();
             Some(broker::OwnBroker::start(&extra).await?)
         }
     };
+    let scheme = if secure.is_some() { "https" } else { "http" };
     let url = match (&flags.broker, &own) {
         (Some(addr), _) if addr.starts_with("http") => addr.clone(),
         (Some(addr), _) => format!("http://{addr}"),
-        (None, Some(b)) => format!("http://{}", b.addr()),
+        (None, Some(b)) => format!("{scheme}://{}", b.addr()),
         (None, None) => unreachable!("a broker was started when none was given"),
+    };
+    let options = match &secure {
+        Some(s) => s.client_options(&url).await?,
+        None => rill_client::ConnectOptions::new(),
     };
     if flags.header {
         println!("{HEADER}");
@@ -224,11 +248,13 @@ async fn main() -> Result<()> {
         ack,
         raw_batches,
         stream,
+        options: options.clone(),
     };
     let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
     if (wants("produce") || wants("catchup")) && !flags.reuse_topic {
         create_topic(
             &url,
+            &options,
             &run.topic,
             run.partitions,
             &flush,
@@ -246,7 +272,15 @@ async fn main() -> Result<()> {
         bounded(&flags, &shape, "catchup", scenarios::catchup(&run)).await;
     }
     if wants("e2e") {
-        create_topic(&url, "rill-bench-e2e", 1, &flush, flags.replication_factor).await?;
+        create_topic(
+            &url,
+            &options,
+            "rill-bench-e2e",
+            1,
+            &flush,
+            flags.replication_factor,
+        )
+        .await?;
         bounded(
             &flags,
             &shape,

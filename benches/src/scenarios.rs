@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
+use rill_client::connection::Transport;
 use rill_proto::v1::{self as pb, log_client::LogClient, produce_request::Payload};
 use rill_storage::batch::{self, BatchBuilder};
-use tonic::transport::Channel;
 
 use crate::report::{hist, now_ns, pace, payload, record, share, Stats};
 
@@ -46,12 +46,17 @@ pub struct Run {
     pub raw_batches: bool,
     /// Produce on one ProduceStream per producer (true) or with unary calls.
     pub stream: bool,
+    /// TLS and token settings of every connection (`--secure`).
+    pub options: rill_client::ConnectOptions,
 }
 
 /// A Log client on a connection made by the client library (TCP_NODELAY, 1 MiB HTTP/2
 /// frames, large windows), with the message limit raised for big fetches.
-pub async fn connect(url: &str) -> Result<LogClient<Channel>> {
-    let conn = rill_client::Connection::connect(url)
+pub async fn connect(
+    url: &str,
+    options: &rill_client::ConnectOptions,
+) -> Result<LogClient<Transport>> {
+    let conn = rill_client::Connection::connect_with(url, options)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     Ok(conn
@@ -96,7 +101,7 @@ fn request(run: &Run, partition: u32, values: &[Bytes]) -> pb::ProduceRequest {
 pub async fn produce(run: &Run) -> Result<Stats> {
     let mut clients = Vec::new();
     for _ in 0..run.producers {
-        clients.push(connect(&run.url).await?);
+        clients.push(connect(&run.url, &run.options).await?);
     }
     let data = Bytes::from(payload(run.size));
     let start = Instant::now();
@@ -187,7 +192,7 @@ const CATCHUP_DEPTH: usize = 4;
 /// One fetch of `count` records from `offset`, as raw batches; returns the answer and its
 /// latency.
 async fn fetch_range(
-    mut client: LogClient<Channel>,
+    mut client: LogClient<Transport>,
     topic: String,
     partition: u32,
     offset: u64,
@@ -220,7 +225,7 @@ pub async fn catchup(run: &Run) -> Result<Stats> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..run.consumers {
-        let mut client = connect(&run.url).await?;
+        let mut client = connect(&run.url, &run.options).await?;
         let run = run.clone();
         tasks.push(tokio::spawn(async move {
             let (mut h, mut msgs, mut bytes) = (hist(), 0u64, 0u64);
@@ -312,7 +317,7 @@ pub async fn catchup(run: &Run) -> Result<Stats> {
 /// tailing with long-poll fetches; latency is send to receive.
 pub async fn e2e(run: &Run, topic: &str) -> Result<Stats> {
     let (n, rate, size) = (run.e2e_messages, run.e2e_rate, run.size.max(8));
-    let mut consumer_client = connect(&run.url).await?;
+    let mut consumer_client = connect(&run.url, &run.options).await?;
     let topic_c = topic.to_string();
     let start = Instant::now();
     let consumer = tokio::spawn(async move {
@@ -342,6 +347,7 @@ pub async fn e2e(run: &Run, topic: &str) -> Result<Stats> {
         anyhow::Ok((got, bytes, h))
     });
     let url = run.url.clone();
+    let options = run.options.clone();
     let mut run1 = run.clone();
     run1.topic = topic.to_string();
     // The paced producer gets its own thread and runtime, so pacing sleeps block nothing else.
@@ -350,7 +356,7 @@ pub async fn e2e(run: &Run, topic: &str) -> Result<Stats> {
             .enable_all()
             .build()?;
         rt.block_on(async move {
-            let mut client = connect(&url).await?;
+            let mut client = connect(&url, &options).await?;
             let mut buf = payload(size);
             let t0 = Instant::now();
             for i in 0..n {

@@ -56,6 +56,36 @@ pub struct Flags {
     /// (syncs, opens) runs on a separate pool either way.
     #[arg(long, env = "RILL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// The server's TLS certificate chain (PEM); with --tls-key the broker serves TLS only.
+    #[arg(long, env = "RILL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's TLS private key (PEM).
+    #[arg(long, env = "RILL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) for client certificates (mutual TLS); a verified certificate's
+    /// subject common name becomes the caller's principal.
+    #[arg(long, env = "RILL_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Require authentication (a bearer token or a client certificate) on every call but
+    /// health. Also on when an admin token is configured.
+    #[arg(long, env = "RILL_AUTH")]
+    pub auth: bool,
+    /// A file holding the bootstrap admin token; the RILL_ADMIN_TOKEN variable wins.
+    #[arg(long, env = "RILL_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The bootstrap admin token. Read from the environment only, so it never shows in a
+    /// process list.
+    #[arg(
+        long = "admin-token-from-env-only",
+        env = "RILL_ADMIN_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Serve a non-loopback address without authentication. Anyone who can reach the port
+    /// can then read, write and delete every topic.
+    #[arg(long, env = "RILL_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
     /// This broker's node id in a cluster (1 or more); requires --peers.
     #[arg(long, env = "RILL_NODE_ID")]
     pub node_id: Option<u64>,
@@ -68,6 +98,7 @@ pub struct Flags {
 /// Builds the config from flags (already merged with the environment by clap) over the file
 /// over the defaults.
 pub fn load(flags: Flags) -> Result<Config> {
+    let security_flags = flags_security(&flags);
     let file = match &flags.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -78,6 +109,7 @@ pub fn load(flags: Flags) -> Result<Config> {
         None => FileConfig::default(),
     };
     let mut config = Config::default();
+    load_security(&mut config.security, &security_flags, &file)?;
     if let Some(v) = flags.data_dir.or(file.data_dir) {
         config.data_dir = v;
     }
@@ -164,12 +196,89 @@ pub fn load(flags: Flags) -> Result<Config> {
         config.max_concurrent_streams >= 1,
         "max_concurrent_streams must be at least 1"
     );
+    check_protected_mode(&config)?;
     config.cluster = crate::cluster::config(
         flags.node_id.or(file.node_id),
         flags.peers.or(file.peers),
         config.listen,
     )?;
     Ok(config)
+}
+
+/// The security flags, taken out of [`Flags`] before the rest is consumed.
+struct SecurityFlags {
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    auth: bool,
+    admin_token_file: Option<PathBuf>,
+    admin_token: Option<String>,
+    insecure_no_auth: bool,
+}
+
+fn flags_security(flags: &Flags) -> SecurityFlags {
+    SecurityFlags {
+        tls_cert: flags.tls_cert.clone(),
+        tls_key: flags.tls_key.clone(),
+        tls_client_ca: flags.tls_client_ca.clone(),
+        auth: flags.auth,
+        admin_token_file: flags.admin_token_file.clone(),
+        admin_token: flags.admin_token.clone(),
+        insecure_no_auth: flags.insecure_no_auth,
+    }
+}
+
+/// Layers the security settings: flags and environment over the file.
+fn load_security(
+    security: &mut crate::auth::SecurityConfig,
+    flags: &SecurityFlags,
+    file: &FileConfig,
+) -> Result<()> {
+    security.tls_cert = flags.tls_cert.clone().or(file.tls_cert.clone());
+    security.tls_key = flags.tls_key.clone().or(file.tls_key.clone());
+    security.tls_client_ca = flags.tls_client_ca.clone().or(file.tls_client_ca.clone());
+    security.insecure_no_auth = flags.insecure_no_auth;
+    let token = match (
+        &flags.admin_token,
+        flags
+            .admin_token_file
+            .as_ref()
+            .or(file.admin_token_file.as_ref()),
+    ) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the admin token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(t) = &token {
+        anyhow::ensure!(
+            t.len() >= 16,
+            "the admin token must be at least 16 characters (use a random one)"
+        );
+    }
+    security.admin_token = token.map(crate::auth::Secret);
+    security.auth = flags.auth || file.auth.unwrap_or(false) || security.admin_token.is_some();
+    Ok(())
+}
+
+/// Protected mode: a broker on a non-loopback address must authenticate its callers, unless
+/// told explicitly not to.
+pub fn check_protected_mode(config: &Config) -> Result<()> {
+    let s = &config.security;
+    if !s.auth && !s.insecure_no_auth && !config.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} without authentication: anyone who can reach that \
+             address could read, write and delete every topic. Either turn authentication on \
+             (set RILL_ADMIN_TOKEN or admin_token_file, or --auth), listen on a loopback \
+             address (127.0.0.1:7171), or, on a network you trust, pass --insecure-no-auth",
+            config.listen
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -230,6 +339,58 @@ mod tests {
         let p = path.to_str().expect("utf-8 path");
         let err = load(flags(&["--config", p])).expect_err("unknown key");
         assert!(format!("{err:#}").contains("listen_port"), "{err:#}");
+    }
+
+    #[test]
+    fn protected_mode_refuses_an_open_network_address() {
+        let err = load(flags(&["--listen", "0.0.0.0:7171"])).expect_err("refused");
+        assert!(format!("{err:#}").contains("--insecure-no-auth"), "{err:#}");
+        let config =
+            load(flags(&["--listen", "0.0.0.0:7171", "--insecure-no-auth"])).expect("explicit");
+        assert!(!config.security.auth);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "0123456789abcdef0123\n").expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let config = load(flags(&[
+            "--listen",
+            "0.0.0.0:7171",
+            "--admin-token-file",
+            p,
+        ]))
+        .expect("auth on");
+        assert!(config.security.auth);
+        assert_eq!(
+            config.security.admin_token,
+            Some(crate::auth::Secret("0123456789abcdef0123".into()))
+        );
+        assert!(
+            !format!("{config:?}").contains("0123456789abcdef"),
+            "never in Debug"
+        );
+    }
+
+    #[test]
+    fn security_settings_layer_file_under_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/file/cert.pem\"\ntls_key = \"/file/key.pem\"\n\
+             tls_client_ca = \"/file/ca.pem\"\nauth = true\n",
+        )
+        .expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let config = load(flags(&["--config", p, "--tls-cert", "/flag/cert.pem"])).expect("load");
+        let s = &config.security;
+        assert_eq!(
+            s.tls_cert,
+            Some(PathBuf::from("/flag/cert.pem")),
+            "the flag wins"
+        );
+        assert_eq!(s.tls_key, Some(PathBuf::from("/file/key.pem")));
+        assert_eq!(s.tls_client_ca, Some(PathBuf::from("/file/ca.pem")));
+        assert!(s.auth && s.tls() && s.admin_token.is_none());
     }
 
     #[test]

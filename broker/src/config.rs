@@ -59,6 +59,9 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// Defaults for topics created without a value (partitions, retention, segments, flush).
     pub topic_defaults: TopicConfig,
+    /// TLS and authentication (`docs/SECURITY.md`). Default: plaintext, no authentication,
+    /// which the broker accepts only on a loopback address.
+    pub security: crate::auth::SecurityConfig,
     /// Where to serve Prometheus metrics (`/metrics`); off when `None`, the default.
     pub metrics_listen: Option<SocketAddr>,
     /// Export the per-partition series (log offsets, size, segments). Default true.
@@ -83,6 +86,7 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             topic_defaults: TopicConfig::default(),
+            security: crate::auth::SecurityConfig::default(),
             metrics_listen: None,
             metrics_per_partition: true,
             metrics_per_group: true,
@@ -182,6 +186,16 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// See [`Config::max_concurrent_streams`].
     pub max_concurrent_streams: Option<u32>,
+    /// See [`crate::auth::SecurityConfig::tls_cert`].
+    pub tls_cert: Option<PathBuf>,
+    /// See [`crate::auth::SecurityConfig::tls_key`].
+    pub tls_key: Option<PathBuf>,
+    /// See [`crate::auth::SecurityConfig::tls_client_ca`].
+    pub tls_client_ca: Option<PathBuf>,
+    /// See [`crate::auth::SecurityConfig::auth`].
+    pub auth: Option<bool>,
+    /// A file holding the bootstrap admin token (one line); `RILL_ADMIN_TOKEN` wins.
+    pub admin_token_file: Option<PathBuf>,
     /// See [`Config::metrics_listen`].
     pub metrics_listen: Option<SocketAddr>,
     /// See [`Config::metrics_per_partition`].

@@ -92,6 +92,12 @@ impl LimitedIncoming {
             );
             self.refused_since_log = 0;
         }
+        // Under TLS, the answer would have to follow a handshake that tonic (which owns the
+        // TLS config) does not offer here; the connection is closed instead, which a client
+        // sees as UNAVAILABLE and retries.
+        if self.broker.config().security.tls() {
+            return;
+        }
         let Ok(permit) = Arc::clone(&self.refusals).try_acquire_owned() else {
             // Dropping the stream closes it.
             return;

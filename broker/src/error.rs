@@ -27,6 +27,21 @@ pub enum BrokerError {
     /// The broker is shutting down; the client may retry against the next start.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// No credentials, or credentials the broker does not accept (unknown, revoked or
+    /// expired token).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// An authenticated principal may not do this. The message names the operation and the
+    /// resource, never the rules.
+    #[error("permission denied: principal {principal:?} may not {operation} {resource}")]
+    PermissionDenied {
+        /// The caller.
+        principal: String,
+        /// The operation refused.
+        operation: crate::auth::Operation,
+        /// The resource, as `topic "name"`.
+        resource: String,
+    },
     /// A background task died (a bug, not an input error).
     #[error("internal error: {0}")]
     Internal(String),
@@ -121,6 +136,8 @@ impl BrokerError {
             BrokerError::InvalidArgument(_) => Code::InvalidArgument,
             BrokerError::TooManyWaiters { .. } => Code::ResourceExhausted,
             BrokerError::ShuttingDown => Code::Unavailable,
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::PermissionDenied { .. } => Code::PermissionDenied,
             BrokerError::Internal(_) => Code::Internal,
             BrokerError::NotLeader {
                 leader: Some(_), ..
@@ -224,6 +241,18 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (BrokerError::ShuttingDown, Code::Unavailable),
+            (
+                BrokerError::Unauthenticated("unknown token".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                BrokerError::PermissionDenied {
+                    principal: "app".into(),
+                    operation: crate::auth::Operation::Delete,
+                    resource: "topic \"orders\"".into(),
+                },
+                Code::PermissionDenied,
+            ),
             (
                 crate::groups::state::MembershipError::FencedEpoch {
                     group: "g".into(),

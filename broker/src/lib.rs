@@ -2,6 +2,7 @@
 //! served over the storage engine.
 //!
 //! # The map
+//! - [`auth`]: TLS, tokens, ACLs and the authenticating layer (`docs/SECURITY.md`).
 //! - [`config`]: [`Config`], the typed settings with their defaults.
 //! - [`cli`]: the binary's layering of defaults, a TOML file, environment and flags.
 //! - [`cluster`]: cluster flags and the services of a cluster member (none without flags).
@@ -10,7 +11,8 @@
 //!   opens.
 //! - [`connections`]: the accept loop that enforces `max_connections`.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
-//! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups` and `rill.v1.Admin`.
+//! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin` and
+//!   `rill.v1.Security`.
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
 //! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
@@ -27,6 +29,7 @@
 // marks the few places that are provably unreachable.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;

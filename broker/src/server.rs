@@ -8,16 +8,18 @@ use anyhow::{Context, Result};
 use rill_proto::v1::admin_server::AdminServer;
 use rill_proto::v1::groups_server::GroupsServer;
 use rill_proto::v1::log_server::LogServer;
+use rill_proto::v1::security_server::SecurityServer;
 use rill_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::layer::AuthLayer;
 use crate::config::Config;
 use crate::connections::LimitedIncoming;
 use crate::health::{Health, Recovering};
 use crate::metrics::{Metrics, RequestMetricsLayer};
-use crate::services::{AdminService, GroupsService, LogService};
+use crate::services::{AdminService, GroupsService, LogService, SecurityService};
 use crate::state::Broker;
 use crate::tasks;
 
@@ -88,7 +90,16 @@ impl Server {
             ),
             None => None,
         };
+        let security_config = config.security.clone();
+        let security_store = store.clone();
+        let security = tokio::task::spawn_blocking(move || {
+            crate::auth::Security::open(security_store, &security_config)
+        })
+        .await
+        .context("opening the security state")?
+        .context("opening the security state")?;
         let broker = Broker::new(store, config, shutdown, tasks);
+        broker.set_security(security);
         if let Some(node) = &cluster {
             let local = std::sync::Arc::new(crate::cluster::BrokerTopics(broker.clone()));
             let node = node.clone();
@@ -191,12 +202,23 @@ impl Server {
             .max_encoding_message_size(max_fetch.max(max_message));
         let groups = GroupsServer::new(GroupsService::new(broker.clone(), coordinator));
         let admin = AdminServer::new(AdminService::new(broker.clone()));
+        let security = broker.security().cloned();
+        let security_rpc = security
+            .clone()
+            .map(|s| SecurityServer::new(SecurityService::new(broker.clone(), s)));
+        let tls = crate::auth::tls::server_config(&broker.config().security).await?;
 
         let shutdown = broker.shutdown().clone();
         // At most `max_connections` connections reach tonic; the others are refused with
         // RESOURCE_EXHAUSTED (see crate::connections).
         let incoming = LimitedIncoming::new(listener, broker.clone());
-        let served = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).context("configuring TLS")?;
+        }
+        let served = builder
+            // Authentication, in front of every service (see crate::auth).
+            .layer(AuthLayer::new(security))
             .max_frame_size(MAX_FRAME_BYTES)
             .max_concurrent_streams(Some(broker.config().max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -209,6 +231,7 @@ impl Server {
             .add_service(admin)
             .add_optional_service(raft)
             .add_optional_service(cluster_service)
+            .add_optional_service(security_rpc)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
             .await;
         // Whatever ended serving, stop the tasks and close the store.

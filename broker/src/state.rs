@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 use rill_storage::{PartitionLog, StorageError, Store, Topic};
@@ -139,6 +139,8 @@ struct Inner {
     waiting_fetches: AtomicUsize,
     /// One permit per client connection served; `config.max_connections` of them.
     connections: Arc<Semaphore>,
+    /// The security state, installed once at start (absent: every caller may do all).
+    security: OnceLock<crate::auth::Security>,
     /// Replicated partitions, set once when the broker runs in a cluster; unset otherwise,
     /// so a single broker's produce path pays one check of an empty cell.
     replication: std::sync::OnceLock<rill_cluster::Replication>,
@@ -179,6 +181,7 @@ impl Broker {
                 attached: RwLock::new(HashMap::new()),
                 waiting_fetches: AtomicUsize::new(0),
                 connections,
+                security: OnceLock::new(),
                 replication: std::sync::OnceLock::new(),
             }),
         }
@@ -311,6 +314,16 @@ impl Broker {
             .max_connections
             .min(Semaphore::MAX_PERMITS)
             .saturating_sub(self.inner.connections.available_permits())
+    }
+
+    /// Installs the security state (once; later calls change nothing).
+    pub fn set_security(&self, security: crate::auth::Security) {
+        let _ = self.inner.security.set(security);
+    }
+
+    /// The security state, when installed.
+    pub fn security(&self) -> Option<&crate::auth::Security> {
+        self.inner.security.get()
     }
 
     /// Fetches waiting right now.

@@ -5,7 +5,11 @@ use rill_proto::v1::admin_client::AdminClient;
 use rill_proto::v1::cluster_client::ClusterClient;
 use rill_proto::v1::groups_client::GroupsClient;
 use rill_proto::v1::log_client::LogClient;
+use rill_proto::v1::security_client::SecurityClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+pub use crate::security::{Auth, ConnectOptions};
 
 use crate::error::{ClientError, Result};
 
@@ -14,11 +18,16 @@ pub const DEFAULT_BROKER: &str = "127.0.0.1:7171";
 /// The largest message the client sends or accepts, in bytes (64 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// The transport every client of a [`Connection`] uses: the channel, with the bearer token
+/// (if any) added to each call.
+pub type Transport = InterceptedService<Channel, Auth>;
+
 /// A connection to one broker.
 #[derive(Debug, Clone)]
 pub struct Connection {
     channel: Channel,
     addr: String,
+    auth: Auth,
     /// The address list this connection was made from (one address, or several brokers).
     bootstrap: String,
 }
@@ -30,10 +39,18 @@ impl Connection {
     /// `addr` may list several brokers of a cluster, comma-separated (`a:1,b:2,c:3`): they
     /// are tried in order and the first that answers is used.
     pub async fn connect(addr: &str) -> Result<Connection> {
+        Connection::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connects to `addr` with TLS (when `options` names a CA) and a bearer token (when it
+    /// has one). A TLS connection uses `https://`; the broker's certificate must name the
+    /// address's host. Several comma-separated addresses (a cluster's brokers) connect to
+    /// the first that answers.
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Connection> {
         if addr.contains(',') {
             let mut failures = Vec::new();
             for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-                match Box::pin(Connection::connect(one)).await {
+                match Box::pin(Connection::connect_with(one, options)).await {
                     Ok(c) => {
                         return Ok(Connection {
                             bootstrap: addr.to_string(),
@@ -48,16 +65,31 @@ impl Connection {
                 message: format!("no broker answered: {}", failures.join("; ")),
             });
         }
+        let tls = options.tls_config(addr).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let url = if addr.contains("://") {
             addr.to_string()
         } else {
-            format!("http://{addr}")
+            format!("{scheme}://{addr}")
         };
-        let channel = Endpoint::from_shared(url)
-            .map_err(|e| ClientError::BadAddress {
+        let mut endpoint = Endpoint::from_shared(url).map_err(|e| ClientError::BadAddress {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?;
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ClientError::BadAddress {
+                    addr: addr.to_string(),
+                    message: format!("bad TLS settings: {e}"),
+                })?;
+        }
+        let auth =
+            Auth::new(options.token.as_deref()).map_err(|message| ClientError::BadAddress {
                 addr: addr.to_string(),
-                message: e.to_string(),
-            })?
+                message,
+            })?;
+        let channel = endpoint
             .tcp_nodelay(true)
             .max_frame_size(1 << 20)
             .initial_stream_window_size(8 << 20)
@@ -66,11 +98,21 @@ impl Connection {
             .await
             .map_err(|e| ClientError::Connect {
                 addr: addr.to_string(),
-                message: format!("{}: is a broker running there?", chain_text(&e)),
+                message: format!(
+                    "{}: {}",
+                    chain_text(&e),
+                    if options.tls_ca.is_some() {
+                        "is a broker serving TLS there, with a certificate the CA signed for \
+                         this host?"
+                    } else {
+                        "is a broker running there?"
+                    }
+                ),
             })?;
         Ok(Connection {
             channel,
             addr: addr.to_string(),
+            auth,
             bootstrap: addr.to_string(),
         })
     }
@@ -87,20 +129,30 @@ impl Connection {
     }
 
     /// A `rill.v1.Log` client on this connection.
-    pub fn log(&self) -> LogClient<Channel> {
-        LogClient::new(self.channel.clone())
+    pub fn log(&self) -> LogClient<Transport> {
+        LogClient::new(self.transport())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// A `rill.v1.Groups` client on this connection.
-    pub fn groups(&self) -> GroupsClient<Channel> {
-        GroupsClient::new(self.channel.clone())
+    pub fn groups(&self) -> GroupsClient<Transport> {
+        GroupsClient::new(self.transport())
     }
 
     /// A `rill.v1.Admin` client on this connection.
-    pub fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.channel.clone())
+    pub fn admin(&self) -> AdminClient<Transport> {
+        AdminClient::new(self.transport())
+    }
+
+    /// A `rill.v1.Security` client on this connection.
+    pub fn security(&self) -> SecurityClient<Transport> {
+        SecurityClient::new(self.transport())
+    }
+
+    /// The channel with this connection's credentials.
+    pub fn transport(&self) -> Transport {
+        InterceptedService::new(self.channel.clone(), self.auth.clone())
     }
 
     /// A `rill.v1.Cluster` client on this connection (brokers started with cluster flags).

@@ -15,6 +15,7 @@
 //!   are retryable is decided there, from codes and variants.
 //! - `retry` (private): the one backoff policy (exponential with jitter, from `backon`) that
 //!   the producer's and the consumer's retries share.
+//! - [`security`]: TLS settings ([`ConnectOptions`]) and the bearer token sent on every call.
 //! - [`cli`]: the `rill` tool's commands (built on the above).
 //!
 //! # Producing
@@ -72,6 +73,7 @@ pub mod leaders;
 pub mod membership;
 pub mod producer;
 mod retry;
+pub mod security;
 
 pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};
 pub use connection::{Connection, DEFAULT_BROKER};
@@ -81,3 +83,4 @@ pub use consumer::{
 pub use error::{ClientError, Result};
 pub use membership::{GroupMember, MemberConfig, MemberEvent};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
+pub use security::ConnectOptions;

@@ -217,6 +217,10 @@ struct StoreInner {
     /// change the map: two creations of one name must not both pass the check.
     admin: Mutex<()>,
     groups: GroupStore,
+    /// The other internal (`__`) topics, by name: the broker's replicated state (security,
+    /// later subscriptions). Never in `topics`, so never listed, produced to or deleted by
+    /// clients.
+    internal: RwLock<HashMap<String, Topic>>,
     /// Damaged topic configs and group files found at open. Fixed after open.
     damaged: Vec<(PathBuf, String)>,
 }
@@ -247,6 +251,7 @@ impl Store {
         let mut found = scan_topics(&topics_dir, &mut damaged)?;
         // Internal topics are opened here but never join the user-visible map.
         let mut groups_found = None;
+        let mut others_found = Vec::new();
         found.retain_mut(|t| {
             if !t.name.starts_with(INTERNAL_TOPIC_PREFIX) {
                 return true;
@@ -258,7 +263,11 @@ impl Store {
                     config: t.config.clone(),
                 });
             } else {
-                tracing::warn!(topic = %t.name, "ignoring an unknown internal topic");
+                others_found.push(FoundTopic {
+                    name: t.name.clone(),
+                    dir: t.dir.clone(),
+                    config: t.config.clone(),
+                });
             }
             false
         });
@@ -305,30 +314,7 @@ impl Store {
         }
         drop(jobs);
         let groups_topic = match groups_found {
-            Some(t) => {
-                let jobs: Vec<PartitionJob<'_>> = (0..t.config.partitions)
-                    .map(|partition| PartitionJob {
-                        topic: &t.name,
-                        dir: t.dir.join(partition.to_string()),
-                        partition,
-                        config: &t.config,
-                        max_batch_bytes: options.max_batch_bytes,
-                        must_exist: true,
-                    })
-                    .collect();
-                let partitions = open_partitions(&jobs)
-                    .into_iter()
-                    .map(|r| r.map_err(|e| format!("it could not be opened: {e}")))
-                    .collect::<Vec<_>>();
-                Topic {
-                    inner: Arc::new(TopicInner {
-                        name: t.name.clone(),
-                        config: t.config.clone(),
-                        dir: t.dir.clone(),
-                        partitions: ArcSwap::from_pointee(partitions),
-                    }),
-                }
-            }
+            Some(t) => open_found_topic(&t, options.max_batch_bytes),
             None => {
                 let config =
                     groups_topic_config(options.groups_partitions, options.groups_segment_bytes);
@@ -350,6 +336,10 @@ impl Store {
             }
         };
         let groups = GroupStore::open(groups_topic, &data_dir.join("groups"))?;
+        let internal = others_found
+            .iter()
+            .map(|t| (t.name.clone(), open_found_topic(t, options.max_batch_bytes)))
+            .collect();
         damaged.extend(groups.damaged().iter().cloned());
         tracing::info!(
             topics = topics.len(),
@@ -365,6 +355,7 @@ impl Store {
                 topics: RwLock::new(topics),
                 admin: Mutex::new(()),
                 groups,
+                internal: RwLock::new(internal),
                 damaged,
             }),
         })
@@ -463,6 +454,56 @@ impl Store {
             .ok_or_else(|| StorageError::TopicNotFound {
                 topic: name.to_string(),
             })
+    }
+
+    /// The internal topic `name` (it must start with `__`; `__groups` belongs to the
+    /// [`GroupStore`]), created with `config` the first time. Internal topics hold state the
+    /// broker must keep where replication can carry it (see docs/ARCHITECTURE.md); they are
+    /// opened with the store and closed with it, and never listed with the user's topics.
+    pub fn internal_topic(&self, name: &str, config: TopicConfig) -> Result<Topic> {
+        if !name.starts_with(INTERNAL_TOPIC_PREFIX) || name == GROUPS_TOPIC {
+            return Err(StorageError::InvalidName {
+                kind: "internal topic",
+                name: name.to_string(),
+                reason: "an internal topic starts with `__` and is not `__groups`",
+            });
+        }
+        validate_name("topic", name)?;
+        if let Some(t) = self.inner.internal.read().get(name) {
+            return Ok(t.clone());
+        }
+        config.validate(name)?;
+        let text = toml::to_string(&config).map_err(|e| StorageError::InvalidConfig {
+            topic: name.to_string(),
+            reason: format!("cannot serialize the internal topic config: {e}"),
+        })?;
+        let _admin = self.inner.admin.lock();
+        if let Some(t) = self.inner.internal.read().get(name) {
+            return Ok(t.clone());
+        }
+        let dir = self.inner.topics_dir.join(name);
+        let built = build_topic_files(
+            &self.inner.topics_dir,
+            name,
+            &config,
+            &dir,
+            &text,
+            self.inner.options.max_batch_bytes,
+            || Ok(()),
+        );
+        match built {
+            Ok(topic) => {
+                self.inner
+                    .internal
+                    .write()
+                    .insert(name.to_string(), topic.clone());
+                Ok(topic)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
     }
 
     /// Every topic, sorted by name.
@@ -570,8 +611,14 @@ impl Store {
     /// open validates nothing. Tries them all and returns the first error.
     pub fn close(&self) -> Result<()> {
         let mut first_error = None;
-        let internal = self.inner.groups.topic().clone();
-        for topic in self.topics().into_iter().chain(std::iter::once(internal)) {
+        let groups = self.inner.groups.topic().clone();
+        let internal: Vec<Topic> = self.inner.internal.read().values().cloned().collect();
+        for topic in self
+            .topics()
+            .into_iter()
+            .chain(std::iter::once(groups))
+            .chain(internal)
+        {
             if let Err(e) = topic.close() {
                 first_error.get_or_insert(e);
             }
@@ -671,6 +718,33 @@ fn build_topic_files(
             partitions: ArcSwap::from_pointee(partitions),
         }),
     })
+}
+
+/// Opens the partitions of an internal topic found at open; a partition that cannot be
+/// opened is fenced, as a user topic's would be.
+fn open_found_topic(t: &FoundTopic, max_batch_bytes: usize) -> Topic {
+    let jobs: Vec<PartitionJob<'_>> = (0..t.config.partitions)
+        .map(|partition| PartitionJob {
+            topic: &t.name,
+            dir: t.dir.join(partition.to_string()),
+            partition,
+            config: &t.config,
+            max_batch_bytes,
+            must_exist: true,
+        })
+        .collect();
+    let partitions = open_partitions(&jobs)
+        .into_iter()
+        .map(|r| r.map_err(|e| format!("it could not be opened: {e}")))
+        .collect::<Vec<_>>();
+    Topic {
+        inner: Arc::new(TopicInner {
+            name: t.name.clone(),
+            config: t.config.clone(),
+            dir: t.dir.clone(),
+            partitions: ArcSwap::from_pointee(partitions),
+        }),
+    }
 }
 
 /// Removes everything in the trash: deletions a crash interrupted. Best effort: leftovers

@@ -7,6 +7,7 @@ use rill_storage::log::effective_max_batch_bytes;
 use rill_storage::{FlushPolicy, TopicConfig};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
 use crate::state::{Broker, TopicState};
 
@@ -144,6 +145,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         self.broker.check_running()?;
+        let topic = Resource::topic(&request.get_ref().name);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Create, topic)?;
         let req = request.into_inner();
         if let Some(rf) = req.replication_factor.filter(|rf| *rf > 1) {
             let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
@@ -166,6 +169,7 @@ impl Admin for AdminService {
             partitions = state.topic.partition_count(),
             "topic created"
         );
+        tracing::info!(target: "rill::audit", by = %caller.principal, topic = state.name(), "topic created");
         Ok(Response::new(pb::CreateTopicResponse {
             topic: Some(describe(&state, self.broker.config().max_batch_bytes)),
         }))
@@ -176,6 +180,8 @@ impl Admin for AdminService {
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         self.broker.check_running()?;
+        let topic = Resource::topic(&request.get_ref().name);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Delete, topic)?;
         let name = request.into_inner().name;
         rill_storage::config::validate_name("topic", &name).map_err(BrokerError::from)?;
         if self
@@ -205,17 +211,25 @@ impl Admin for AdminService {
         .map_err(BrokerError::from)?
         .map_err(BrokerError::from)?;
         tracing::info!(topic = %name, "topic deleted");
+        tracing::info!(target: "rill::audit", by = %caller.principal, topic = %name, "topic deleted");
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
     async fn list_topics(
         &self,
-        _request: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        // Lists only the topics the caller may describe.
+        let caller = auth::caller(&self.broker, request.extensions())?;
+        let security = self.broker.security();
         let topics = self
             .broker
             .topics()
             .iter()
+            .filter(|t| {
+                security
+                    .is_none_or(|s| s.may(&caller, Operation::Describe, &Resource::topic(t.name())))
+            })
             .map(|t| pb::TopicSummary {
                 name: t.name().to_string(),
                 partitions: t.topic.partition_count(),
@@ -228,6 +242,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicDescription>, Status> {
+        let topic = Resource::topic(&request.get_ref().name);
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            topic,
+        )?;
         let name = request.into_inner().name;
         let state = self.broker.topic(&name)?;
         Ok(Response::new(describe(

@@ -14,6 +14,7 @@ use rill_storage::config::validate_name;
 use rill_storage::StorageError;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
 use crate::groups::persist::{from_set, to_set};
 use crate::groups::state::Heartbeat;
@@ -74,6 +75,16 @@ impl Groups for GroupsService {
         &self,
         request: Request<CommitOffsetsRequest>,
     ) -> Result<Response<CommitOffsetsResponse>, Status> {
+        let (group, topic) = (&request.get_ref().group, &request.get_ref().topic);
+        let caller = auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Consume,
+            Resource::group(group),
+        )?;
+        if let Some(s) = self.broker.security() {
+            s.authorize(&caller, Operation::Consume, &Resource::topic(topic))?;
+        }
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if req.offsets.is_empty() {
@@ -104,6 +115,13 @@ impl Groups for GroupsService {
         &self,
         request: Request<FetchOffsetsRequest>,
     ) -> Result<Response<FetchOffsetsResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            group,
+        )?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let partitions = self.partitions(&req.topic, &req.partitions)?;
@@ -124,13 +142,18 @@ impl Groups for GroupsService {
 
     async fn list_groups(
         &self,
-        _request: Request<ListGroupsRequest>,
+        request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
         let mut names = self.broker.store().groups().list();
         let members = self.coordinator.all().await;
         names.extend(members.iter().map(|g| g.name.clone()));
         names.sort_unstable();
         names.dedup();
+        // Lists only the groups the caller may describe.
+        let caller = auth::caller(&self.broker, request.extensions())?;
+        if let Some(s) = self.broker.security() {
+            names.retain(|g| s.may(&caller, Operation::Describe, &Resource::group(g)));
+        }
         let summaries = names
             .iter()
             .map(|name| {
@@ -152,6 +175,13 @@ impl Groups for GroupsService {
         &self,
         request: Request<DescribeGroupRequest>,
     ) -> Result<Response<DescribeGroupResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            group,
+        )?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let membership = self.coordinator.snapshot(&req.group).await;
@@ -225,6 +255,22 @@ impl Groups for GroupsService {
         request: Request<GroupHeartbeatRequest>,
     ) -> Result<Response<GroupHeartbeatResponse>, Status> {
         self.broker.check_running()?;
+        // Joining (and staying in) a group is consuming through it, and from each topic it
+        // subscribes to.
+        let group = Resource::group(&request.get_ref().group);
+        let caller = auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Consume,
+            group,
+        )?;
+        if let (Some(s), Some(topics)) =
+            (self.broker.security(), &request.get_ref().subscribed_topics)
+        {
+            for t in &topics.topics {
+                s.authorize(&caller, Operation::Consume, &Resource::topic(t))?;
+            }
+        }
         let client_address = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -266,6 +312,14 @@ impl Groups for GroupsService {
         &self,
         request: Request<DeleteGroupRequest>,
     ) -> Result<Response<DeleteGroupResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Delete, group)?;
+        tracing::info!(
+            target: "rill::audit",
+            by = %caller.principal,
+            group = %request.get_ref().group,
+            "group deletion requested"
+        );
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         self.coordinator.delete(&self.broker, &req.group).await?;
@@ -276,6 +330,16 @@ impl Groups for GroupsService {
         &self,
         request: Request<ResetGroupOffsetsRequest>,
     ) -> Result<Response<ResetGroupOffsetsResponse>, Status> {
+        let group = Resource::group(&request.get_ref().group);
+        let caller = auth::check(&self.broker, request.extensions(), Operation::Alter, group)?;
+        tracing::info!(
+            target: "rill::audit",
+            by = %caller.principal,
+            group = %request.get_ref().group,
+            topic = %request.get_ref().topic,
+            dry_run = request.get_ref().dry_run,
+            "group offsets reset requested"
+        );
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         let Some(target) = req.target else {

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
 use crate::fetch::{fetch, parse_grpc_timeout};
 use crate::produce;
@@ -42,6 +43,13 @@ impl Log for LogService {
         &self,
         request: Request<ProduceRequest>,
     ) -> Result<Response<ProduceResponse>, Status> {
+        let topic = Resource::topic(&request.get_ref().topic);
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Produce,
+            topic,
+        )?;
         let resp = produce::produce(&self.broker, request.into_inner()).await?;
         Ok(Response::new(resp))
     }
@@ -56,6 +64,8 @@ impl Log for LogService {
         &self,
         request: Request<Streaming<ProduceStreamRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        // Each message names its topic: the caller is checked on each (see crate::auth).
+        let caller = auth::caller(&self.broker, request.extensions())?;
         let mut inbound = request.into_inner();
         let broker = self.broker.clone();
         let (ack_tx, mut ack_rx) = mpsc::channel::<StreamAck>(STREAM_PIPELINE_DEPTH);
@@ -81,7 +91,13 @@ impl Log for LogService {
                         if broker
                             .replication()
                             .is_some_and(|r| r.is_replicated(&req.topic)) =>
-                    {
+                    'replicated: {
+                        if let Some(s) = broker.security() {
+                            let topic = Resource::topic(&req.topic);
+                            if let Err(e) = s.authorize(&caller, Operation::Produce, &topic) {
+                                break 'replicated StreamAck::Ready(stream_error(sequence, e));
+                            }
+                        }
                         // Replicated: the ack waits for the commit; later requests of the
                         // stream are proposed meanwhile, and acks stay in order.
                         let (tx, rx) = oneshot::channel();
@@ -99,7 +115,15 @@ impl Log for LogService {
                         });
                         StreamAck::Pending(rx)
                     }
-                    Some(req) => match prepare_and_append(&broker, req).await {
+                    Some(req) => match async {
+                        if let Some(s) = broker.security() {
+                            let topic = Resource::topic(&req.topic);
+                            s.authorize(&caller, Operation::Produce, &topic)?;
+                        }
+                        prepare_and_append(&broker, req).await
+                    }
+                    .await
+                    {
                         Err(e) => StreamAck::Ready(stream_error(sequence, e)),
                         Ok((prepared, appended)) if !produce::needs_settle(&appended) => {
                             // Nothing to wait for: settling returns at once.
@@ -146,6 +170,13 @@ impl Log for LogService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
+        let topic = Resource::topic(&request.get_ref().topic);
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Consume,
+            topic,
+        )?;
         let resp = fetch(&self.broker, request.into_inner(), client_timeout).await?;
         Ok(Response::new(resp))
     }
@@ -154,6 +185,13 @@ impl Log for LogService {
         &self,
         request: Request<ListOffsetsRequest>,
     ) -> Result<Response<ListOffsetsResponse>, Status> {
+        let topic = Resource::topic(&request.get_ref().topic);
+        auth::check(
+            &self.broker,
+            request.extensions(),
+            Operation::Describe,
+            topic,
+        )?;
         let req = request.into_inner();
         let topic = self.broker.topic(&req.topic).map_err(Status::from)?;
         if let Some(replication) = self.broker.replication() {

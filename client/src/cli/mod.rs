@@ -1,7 +1,8 @@
 //! The `rill` command-line tool: arguments, dispatch and output formatting. Built on the
 //! library's [`crate::Admin`], [`crate::Producer`] and [`crate::Consumer`].
 //!
-//! - `admin_cmds`, `stream_cmds`: the verbs.
+//! - `admin_cmds`, `stream_cmds`, `security_cmds`: the verbs (`security_cmds`: principals,
+//!   tokens, ACLs, whoami).
 //! - [`units`]: human units for tables (`7d`, `256 MiB`, ages); JSON keeps raw numbers.
 //! - `report`: [`error_line`], the one line a failed command prints.
 //! - `empty_read`: why a `consume` that stopped at the end printed nothing.
@@ -13,6 +14,7 @@ mod empty_read;
 #[cfg(test)]
 mod help_examples;
 mod report;
+mod security_cmds;
 mod stream_cmds;
 mod top;
 pub mod units;
@@ -22,7 +24,7 @@ use std::io::Write;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::connection::{Connection, DEFAULT_BROKER};
+use crate::connection::{ConnectOptions, Connection, DEFAULT_BROKER};
 
 pub use report::error_line;
 
@@ -42,9 +44,60 @@ pub struct Cli {
     /// Output format: human tables, or JSON (JSON lines for consume).
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// Connection security: TLS and the bearer token.
+    #[command(flatten)]
+    pub security: SecurityFlags,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How the CLI reaches a broker that serves TLS or wants a token.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecurityFlags {
+    /// CA certificates (PEM) to trust for the broker's certificate; turns TLS on.
+    #[arg(long, env = "RILL_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "RILL_CLIENT_TLS_CERT", global = true)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "RILL_CLIENT_TLS_KEY", global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// A file holding the bearer token (the RILL_TOKEN variable wins).
+    #[arg(long, env = "RILL_TOKEN_FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// The bearer token, from the environment only so it never shows in a process list.
+    #[arg(
+        long = "token-from-env-only",
+        env = "RILL_TOKEN",
+        hide = true,
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+}
+
+impl SecurityFlags {
+    /// The connection options these flags ask for.
+    pub fn options(&self) -> Result<ConnectOptions> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading the token file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        Ok(ConnectOptions {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            token,
+        })
+    }
 }
 
 /// Output formats.
@@ -81,6 +134,32 @@ pub enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Create and list principals (needs the admin).
+    #[command(after_help = "Example:\n  rill principal create billing")]
+    Principal {
+        /// The principal command.
+        #[command(subcommand)]
+        command: security_cmds::PrincipalCommand,
+    },
+    /// Create, list and revoke bearer tokens (needs the admin).
+    #[command(after_help = "Example:\n  rill token create --principal billing --expires 30d")]
+    Token {
+        /// The token command.
+        #[command(subcommand)]
+        command: security_cmds::TokenCommand,
+    },
+    /// Add, list and remove access rules (needs the admin).
+    #[command(
+        after_help = "Example:\n  rill acl add --principal billing --operation produce --topic orders.*"
+    )]
+    Acl {
+        /// The ACL command.
+        #[command(subcommand)]
+        command: security_cmds::AclCommand,
+    },
+    /// Show the principal the broker sees for these credentials.
+    #[command(after_help = "Example:\n  RILL_TOKEN=rill_... rill whoami")]
+    Whoami,
     /// A live view of topics' produce and fetch rates, groups' lag and waiting long-polls
     /// (q or Ctrl-C quits); `--once --output json` prints one sample for scripts.
     #[command(after_help = "Example:\n  rill top --once --output json")]
@@ -168,12 +247,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         clap_complete::generate(shell, &mut cmd, "rill", &mut std::io::stdout());
         return Ok(());
     }
-    let conn = Connection::connect(&cli.broker).await?;
+    let conn = Connection::connect_with(&cli.broker, &cli.security.options()?).await?;
     match cli.command {
         Command::Topic { command } => admin_cmds::topic(conn, ctx, command).await,
         Command::Group { command } => admin_cmds::group(conn, ctx, command).await,
         Command::Produce(args) => stream_cmds::produce(conn, ctx, args).await,
         Command::Consume(args) => stream_cmds::consume(conn, ctx, args).await,
+        Command::Principal { command } => security_cmds::principal(conn, ctx, command).await,
+        Command::Token { command } => security_cmds::token(conn, ctx, command).await,
+        Command::Acl { command } => security_cmds::acl(conn, ctx, command).await,
+        Command::Whoami => security_cmds::whoami(conn, ctx).await,
         Command::Top(args) => top::top(conn, ctx, args, &cli.broker).await,
         Command::Cluster { command } => cluster_cmds::cluster(conn, ctx, command).await,
         Command::Completions { .. } => Ok(()),

@@ -1,0 +1,444 @@
+//! [`Security`]: principals, token hashes and rules, kept in the internal `__security` topic
+//! (one partition, flushed on every append) and in memory.
+//!
+//! Each change is appended durably to the topic first and applied to memory after, under one
+//! async lock, so memory never holds what the log would not replay. At start the topic is
+//! replayed from its first record; a record that does not decode stops the start rather
+//! than skip a revocation.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use rand::RngCore;
+use rill_storage::batch::{batches, encode_batch, Record};
+use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
+use sha2::{Digest, Sha256};
+
+use super::acl::{self, AclRule, Operation, Resource, ResourceType};
+use super::records::SecurityRecord;
+use super::{AuthMethod, Caller, SecurityConfig, ADMIN_PRINCIPAL, SECURITY_TOPIC};
+use crate::error::BrokerError;
+
+/// Bytes of randomness in a token (192 bits).
+const TOKEN_BYTES: usize = 24;
+/// The prefix of every token, so a leaked one is recognisable to secret scanners.
+const TOKEN_PREFIX: &str = "rill_";
+
+/// What the broker knows of one token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    /// The token's id.
+    pub id: String,
+    /// Its principal.
+    pub principal: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: i64,
+    /// Expiry, ms since the Unix epoch; 0 for never.
+    pub expires_at_ms: i64,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    principals: BTreeSet<String>,
+    /// SHA-256 hex → token, in creation order by `order`.
+    tokens: HashMap<String, TokenEntry>,
+    /// Token ids in creation order, with their hash.
+    order: Vec<(String, String)>,
+    acls: Vec<AclRule>,
+}
+
+impl State {
+    fn apply(&mut self, record: SecurityRecord) {
+        match record {
+            SecurityRecord::PrincipalCreated { name } => {
+                self.principals.insert(name);
+            }
+            SecurityRecord::TokenCreated {
+                id,
+                principal,
+                sha256,
+                created_at_ms,
+                expires_at_ms,
+            } => {
+                self.order.push((id.clone(), sha256.clone()));
+                self.tokens.insert(
+                    sha256,
+                    TokenEntry {
+                        id,
+                        principal,
+                        created_at_ms,
+                        expires_at_ms,
+                        revoked: false,
+                    },
+                );
+            }
+            SecurityRecord::TokenRevoked { id } => {
+                if let Some((_, hash)) = self.order.iter().find(|(i, _)| *i == id) {
+                    if let Some(t) = self.tokens.get_mut(hash) {
+                        t.revoked = true;
+                    }
+                }
+            }
+            SecurityRecord::AclAdded { rule } => {
+                if !self.acls.contains(&rule) {
+                    self.acls.push(rule);
+                }
+            }
+            SecurityRecord::AclRemoved { rule } => self.acls.retain(|r| *r != rule),
+        }
+    }
+}
+
+/// The security state of a broker. A cheap clone.
+#[derive(Debug, Clone)]
+pub struct Security {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    enabled: bool,
+    admin_hash: Option<String>,
+    store: Store,
+    /// A plain lock: held only to read or apply, never across an await.
+    state: RwLock<State>,
+    /// Serialises changes: append, then apply.
+    writer: tokio::sync::Mutex<()>,
+}
+
+/// The SHA-256 of a token, as lowercase hex.
+pub fn token_hash(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    rand::rng().fill_bytes(&mut buf);
+    hex(&buf)
+}
+
+/// Checks a principal's name: 1 to 249 characters of `[a-zA-Z0-9._@=,-]`.
+pub fn validate_principal(name: &str) -> Result<(), BrokerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 249
+        && name != "*"
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._@=,-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::invalid(format!(
+            "bad principal name {name:?}: use 1 to 249 characters of [a-zA-Z0-9._@=,-]"
+        )))
+    }
+}
+
+impl Security {
+    /// Opens the security state: replays the `__security` topic when it exists (it is
+    /// created by the first change, so a broker that never uses security has no such
+    /// topic). Blocking (file work): call it on the blocking pool.
+    pub fn open(store: Store, config: &SecurityConfig) -> Result<Security, BrokerError> {
+        let mut state = State::default();
+        let replayed = replay(&security_log(&store)?, &mut state)?;
+        tracing::info!(
+            records = replayed,
+            principals = state.principals.len(),
+            tokens = state.tokens.len(),
+            acls = state.acls.len(),
+            auth = config.auth,
+            "security state loaded from {SECURITY_TOPIC}"
+        );
+        Ok(Security {
+            inner: Arc::new(Inner {
+                enabled: config.auth,
+                admin_hash: config.admin_token.as_ref().map(|t| token_hash(&t.0)),
+                store,
+                state: RwLock::new(state),
+                writer: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+}
+
+/// The `__security` log, created (one partition, flushed on every append, kept forever) if
+/// missing.
+fn security_log(store: &Store) -> Result<PartitionLog, BrokerError> {
+    let config = TopicConfig {
+        partitions: 1,
+        retention_ms: None,
+        retention_bytes: None,
+        flush: FlushPolicy::Always,
+        // Small: the state is a few records per principal, token and rule.
+        segment_bytes: 1 << 20,
+        ..TopicConfig::default()
+    };
+    Ok(store.internal_topic(SECURITY_TOPIC, config)?.partition(0)?)
+}
+
+/// Applies every record of `log` to `state`; returns how many.
+fn replay(log: &PartitionLog, state: &mut State) -> Result<u64, BrokerError> {
+    let mut offset = log.log_start_offset();
+    let mut replayed = 0u64;
+    while offset < log.high_watermark() {
+        let read = log.read(offset, 1 << 20)?;
+        for chunk in &read.chunks {
+            for batch in batches(chunk) {
+                let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
+                for record in batch.records() {
+                    let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
+                    if record.offset < offset {
+                        continue;
+                    }
+                    let decoded = SecurityRecord::decode(record.value).map_err(|e| {
+                        corrupt(format!("the record at offset {}: {e}", record.offset))
+                    })?;
+                    state.apply(decoded);
+                    replayed += 1;
+                }
+            }
+        }
+        if read.next_offset <= offset {
+            break;
+        }
+        offset = read.next_offset;
+    }
+    Ok(replayed)
+}
+
+impl Security {
+    /// Whether callers must authenticate.
+    pub fn enabled(&self) -> bool {
+        self.inner.enabled
+    }
+
+    /// The caller a bearer token stands for, or UNAUTHENTICATED (unknown, revoked or
+    /// expired; the message does not say which token matched what).
+    pub fn authenticate_token(&self, token: &str, now_ms: i64) -> Result<Caller, BrokerError> {
+        let hash = token_hash(token);
+        if self.inner.admin_hash.as_deref() == Some(hash.as_str()) {
+            return Ok(Caller {
+                principal: ADMIN_PRINCIPAL.to_string(),
+                method: AuthMethod::AdminToken,
+                superuser: true,
+            });
+        }
+        let state = self.inner.state.read();
+        match state.tokens.get(&hash) {
+            Some(t) if t.revoked => Err(BrokerError::Unauthenticated(format!(
+                "token {} is revoked",
+                t.id
+            ))),
+            Some(t) if t.expires_at_ms != 0 && t.expires_at_ms <= now_ms => Err(
+                BrokerError::Unauthenticated(format!("token {} has expired", t.id)),
+            ),
+            Some(t) => Ok(Caller {
+                principal: t.principal.clone(),
+                method: AuthMethod::Token,
+                superuser: false,
+            }),
+            None => Err(BrokerError::Unauthenticated("unknown token".into())),
+        }
+    }
+
+    /// Allows `caller` to do `op` on `resource`, or PERMISSION_DENIED naming the operation
+    /// and the resource (never the rules). Internal topics (`__` prefix) need `admin`.
+    /// Denials are logged with the principal, the operation and the resource.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        op: Operation,
+        resource: &Resource,
+    ) -> Result<(), BrokerError> {
+        if caller.superuser {
+            return Ok(());
+        }
+        let internal = resource.kind == ResourceType::Topic && resource.name.starts_with("__");
+        let needed = if internal && op != Operation::Describe {
+            Operation::Admin
+        } else {
+            op
+        };
+        let allowed = acl::decide(
+            &self.inner.state.read().acls,
+            &caller.principal,
+            needed,
+            resource,
+        );
+        if allowed {
+            return Ok(());
+        }
+        tracing::warn!(
+            principal = %caller.principal,
+            operation = %op,
+            resource = %resource,
+            "authorization denied"
+        );
+        Err(BrokerError::PermissionDenied {
+            principal: caller.principal.clone(),
+            operation: op,
+            resource: resource.to_string(),
+        })
+    }
+
+    /// Whether `caller` may do `op` on `resource` (for filtering lists; logs nothing).
+    pub fn may(&self, caller: &Caller, op: Operation, resource: &Resource) -> bool {
+        caller.superuser
+            || acl::decide(
+                &self.inner.state.read().acls,
+                &caller.principal,
+                op,
+                resource,
+            )
+    }
+
+    /// Appends `record` durably to `__security`, then applies it.
+    async fn commit(&self, record: SecurityRecord) -> Result<(), BrokerError> {
+        let _writer = self.inner.writer.lock().await;
+        let store = self.inner.store.clone();
+        let value = Bytes::from(record.encode());
+        tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+            let log = security_log(&store)?;
+            let batch = encode_batch(&[Record {
+                key: None,
+                value,
+                headers: Vec::new(),
+                timestamp_ms: rill_storage::log::now_ms(),
+            }]);
+            let appended = log.append(&batch)?;
+            log.sync_through(appended.next_offset)?;
+            Ok(())
+        })
+        .await??;
+        self.inner.state.write().apply(record);
+        Ok(())
+    }
+
+    /// Creates a principal (nothing changes when it exists).
+    pub async fn create_principal(&self, name: &str) -> Result<(), BrokerError> {
+        validate_principal(name)?;
+        if self.inner.state.read().principals.contains(name) {
+            return Ok(());
+        }
+        self.commit(SecurityRecord::PrincipalCreated {
+            name: name.to_string(),
+        })
+        .await
+    }
+
+    /// The principals, sorted.
+    pub fn principals(&self) -> Vec<String> {
+        self.inner.state.read().principals.iter().cloned().collect()
+    }
+
+    /// Creates a token for an existing principal; returns the token (shown once) and its
+    /// entry.
+    pub async fn create_token(
+        &self,
+        principal: &str,
+        expires_in_ms: u64,
+        now_ms: i64,
+    ) -> Result<(String, TokenEntry), BrokerError> {
+        if !self.inner.state.read().principals.contains(principal) {
+            return Err(BrokerError::invalid(format!(
+                "principal {principal:?} does not exist; create it first"
+            )));
+        }
+        let token = format!("{TOKEN_PREFIX}{}", random_hex(TOKEN_BYTES));
+        let id = random_hex(8);
+        let expires_at_ms = if expires_in_ms == 0 {
+            0
+        } else {
+            now_ms.saturating_add(i64::try_from(expires_in_ms).unwrap_or(i64::MAX))
+        };
+        self.commit(SecurityRecord::TokenCreated {
+            id: id.clone(),
+            principal: principal.to_string(),
+            sha256: token_hash(&token),
+            created_at_ms: now_ms,
+            expires_at_ms,
+        })
+        .await?;
+        let entry = TokenEntry {
+            id,
+            principal: principal.to_string(),
+            created_at_ms: now_ms,
+            expires_at_ms,
+            revoked: false,
+        };
+        Ok((token, entry))
+    }
+
+    /// The tokens (of `principal`, or all when empty), oldest first.
+    pub fn tokens(&self, principal: &str) -> Vec<TokenEntry> {
+        let state = self.inner.state.read();
+        state
+            .order
+            .iter()
+            .filter_map(|(_, hash)| state.tokens.get(hash))
+            .filter(|t| principal.is_empty() || t.principal == principal)
+            .cloned()
+            .collect()
+    }
+
+    /// Revokes a token by id; NOT_FOUND-like INVALID_ARGUMENT when no token has that id.
+    pub async fn revoke_token(&self, id: &str) -> Result<(), BrokerError> {
+        if !self.inner.state.read().order.iter().any(|(i, _)| i == id) {
+            return Err(BrokerError::invalid(format!("no token has id {id:?}")));
+        }
+        self.commit(SecurityRecord::TokenRevoked { id: id.to_string() })
+            .await
+    }
+
+    /// Adds a rule (nothing changes when an equal one exists).
+    pub async fn add_acl(&self, rule: AclRule) -> Result<(), BrokerError> {
+        rule.validate().map_err(BrokerError::invalid)?;
+        if self.inner.state.read().acls.contains(&rule) {
+            return Ok(());
+        }
+        self.commit(SecurityRecord::AclAdded { rule }).await
+    }
+
+    /// Removes every rule equal to `rule`; returns how many there were.
+    pub async fn remove_acl(&self, rule: AclRule) -> Result<u32, BrokerError> {
+        let n = self
+            .inner
+            .state
+            .read()
+            .acls
+            .iter()
+            .filter(|r| **r == rule)
+            .count();
+        if n > 0 {
+            self.commit(SecurityRecord::AclRemoved { rule }).await?;
+        }
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// The rules (of `principal`, or all when empty), in the order they were added.
+    pub fn acls(&self, principal: &str) -> Vec<AclRule> {
+        self.inner
+            .state
+            .read()
+            .acls
+            .iter()
+            .filter(|r| principal.is_empty() || r.principal == principal)
+            .cloned()
+            .collect()
+    }
+}
+
+fn corrupt(what: String) -> BrokerError {
+    BrokerError::Internal(format!(
+        "the {SECURITY_TOPIC} topic cannot be replayed ({what}); the broker will not start \
+         with a security state it cannot read"
+    ))
+}

@@ -1,0 +1,273 @@
+//! TLS end to end, with certificates made by the test (rcgen; no files committed): the right
+//! CA works, a plaintext client and a client trusting another CA fail cleanly, mutual TLS maps
+//! a client certificate to its principal; and protected mode.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rill_client::{ConnectOptions, Connection};
+use rill_proto::v1 as pb;
+use rill_tests::TestBroker;
+use tonic::Code;
+
+/// A CA that signs server and client certificates, written as PEM files into `dir`.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: PathBuf,
+    dir: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Result<Ca> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key)?;
+        let pem = dir.join(format!("{name}.pem"));
+        std::fs::write(&pem, cert.pem())?;
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            pem,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// A certificate for `common_name` (and the names in `sans`), signed by this CA: its
+    /// (certificate, key) PEM files.
+    fn issue(&self, common_name: &str, sans: &[&str]) -> Result<(PathBuf, PathBuf)> {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert_path = self.dir.join(format!("{common_name}.crt"));
+        let key_path = self.dir.join(format!("{common_name}.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok((cert_path, key_path))
+    }
+}
+
+async fn list_topics(conn: &Connection) -> Result<Vec<String>, tonic::Status> {
+    Ok(conn
+        .admin()
+        .list_topics(pb::ListTopicsRequest {})
+        .await?
+        .into_inner()
+        .topics
+        .into_iter()
+        .map(|t| t.name)
+        .collect())
+}
+
+/// Connecting and one call, within a deadline; an error from either is the failure.
+async fn try_call(addr: &str, options: &ConnectOptions) -> Result<Vec<String>, String> {
+    let attempt = async {
+        let conn = Connection::connect_with(addr, options)
+            .await
+            .map_err(|e| e.to_string())?;
+        list_topics(&conn).await.map_err(|e| format!("{e:?}"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| "no answer within 10 s: the failure was not clean".to_string())?
+}
+
+#[tokio::test]
+async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let other = Ca::new(certs.path(), "other-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let mut config = rill_broker::Config::new(dir.path());
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+
+    let plaintext = try_call(&addr, &ConnectOptions::new()).await;
+    assert!(
+        plaintext.is_err(),
+        "a plaintext client must fail: {plaintext:?}"
+    );
+    let wrong = try_call(&addr, &ConnectOptions::new().tls_ca(&other.pem)).await;
+    let wrong = wrong.expect_err("a client trusting another CA must fail");
+    assert!(wrong.contains("certificate"), "the error says why: {wrong}");
+
+    let right = try_call(&addr, &ConnectOptions::new().tls_ca(&ca.pem)).await;
+    assert_eq!(
+        right,
+        Ok(vec![]),
+        "the right CA works, after the failed attempts too"
+    );
+    let conn = Connection::connect_with(&addr, &ConnectOptions::new().tls_ca(&ca.pem)).await?;
+    conn.admin()
+        .create_topic(pb::CreateTopicRequest {
+            name: "over-tls".into(),
+            config: None,
+            replication_factor: None,
+        })
+        .await?;
+    assert_eq!(list_topics(&conn).await?, vec!["over-tls".to_string()]);
+
+    // The CLI takes the same settings.
+    let out = tokio::process::Command::new(rill_tests::binary_path("rill-client", "rill")?)
+        .args(["--broker", &addr, "topic", "list"])
+        .env("RILL_TLS_CA", &ca.pem)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .context("rill did not finish")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("over-tls"),
+        "{stdout} {out:?}"
+    );
+    broker.stop().await?;
+    Ok(())
+}
+
+/// The connection limit holds under TLS: a connection over it is closed (the client fails
+/// at once, no hang), and the connections within it go on.
+#[tokio::test]
+async fn the_connection_limit_holds_under_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let mut config = rill_broker::Config::new(dir.path()).max_connections(1);
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+    let tls = ConnectOptions::new().tls_ca(&ca.pem);
+    let first = Connection::connect_with(&addr, &tls).await?;
+    list_topics(&first).await?;
+    let over = try_call(&addr, &tls).await.expect_err("over the limit");
+    assert!(
+        !over.contains("no answer within"),
+        "a clean failure: {over}"
+    );
+    list_topics(&first).await?;
+    broker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn mutual_tls_maps_the_client_certificate_to_its_principal() -> Result<()> {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let stranger_ca = Ca::new(certs.path(), "stranger-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let (client_cert, client_key) = ca.issue("billing-svc", &[])?;
+    let (stranger_cert, stranger_key) = stranger_ca.issue("stranger", &[])?;
+    let mut config = rill_broker::Config::new(dir.path());
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    config.security.tls_client_ca = Some(ca.pem.clone());
+    config.security.auth = true;
+    config.security.admin_token = Some(rill_broker::auth::Secret(ADMIN.into()));
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+
+    let mtls = ConnectOptions::new()
+        .tls_ca(&ca.pem)
+        .tls_identity(&client_cert, &client_key);
+    let client = Connection::connect_with(&addr, &mtls).await?;
+    let me = client
+        .security()
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        (me.principal.as_str(), me.method.as_str()),
+        ("billing-svc", "certificate")
+    );
+    let visible = list_topics(&client).await?;
+    assert!(
+        visible.is_empty(),
+        "lists only what it may describe: {visible:?}"
+    );
+    let denied = client
+        .admin()
+        .create_topic(pb::CreateTopicRequest {
+            name: "billing".into(),
+            config: None,
+            replication_factor: None,
+        })
+        .await
+        .expect_err("no rule yet");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains("billing-svc"), "{denied:?}");
+
+    let admin =
+        Connection::connect_with(&addr, &ConnectOptions::new().tls_ca(&ca.pem).token(ADMIN))
+            .await?;
+    admin
+        .security()
+        .add_acl(pb::AddAclRequest {
+            rule: Some(pb::AclRule {
+                principal: "billing-svc".into(),
+                resource_type: pb::ResourceType::Topic as i32,
+                resource_name: "billing".into(),
+                pattern_type: pb::PatternType::Literal as i32,
+                operation: pb::Operation::Create as i32,
+                permission: pb::Permission::Allow as i32,
+            }),
+        })
+        .await?;
+    client
+        .admin()
+        .create_topic(pb::CreateTopicRequest {
+            name: "billing".into(),
+            config: None,
+            replication_factor: None,
+        })
+        .await?;
+
+    // A certificate from a CA the broker does not trust is refused at the handshake; no
+    // certificate and no token is UNAUTHENTICATED.
+    let stranger = ConnectOptions::new()
+        .tls_ca(&ca.pem)
+        .tls_identity(&stranger_cert, &stranger_key);
+    assert!(try_call(&addr, &stranger).await.is_err());
+    let anonymous = Connection::connect_with(&addr, &ConnectOptions::new().tls_ca(&ca.pem)).await?;
+    let err = list_topics(&anonymous).await.expect_err("no credentials");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    broker.stop().await?;
+    Ok(())
+}
+
+/// Protected mode: the real binary refuses a non-loopback address without authentication,
+/// and says how to fix it.
+#[tokio::test]
+async fn the_broker_refuses_an_open_address_without_auth() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = tokio::process::Command::new(rill_tests::binary_path("rill-broker", "rill-broker")?)
+        .args(["--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("RILL_ADMIN_TOKEN")
+        .env_remove("RILL_INSECURE_NO_AUTH")
+        .env_remove("RILL_AUTH")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .context("rill-broker did not exit")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it must not start: {stderr}");
+    assert!(
+        stderr.contains("without authentication") && stderr.contains("--insecure-no-auth"),
+        "{stderr}"
+    );
+    Ok(())
+}
