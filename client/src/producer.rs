@@ -322,7 +322,17 @@ impl Producer {
                         Acks::Leader => pb::AckMode::Leader,
                         Acks::Durable => pb::AckMode::Durable,
                     },
-                    retry: RetryPolicy::produce(Duration::from_millis(config.retry_timeout_ms)),
+                    retry: {
+                        let policy =
+                            RetryPolicy::produce(Duration::from_millis(config.retry_timeout_ms));
+                        // Given several brokers (a cluster), the usual cause is an election,
+                        // over within a second or two: look for the new leader often.
+                        if self.inner.conn.bootstrap().contains(',') {
+                            policy.with_max_delay(CLUSTER_MAX_RETRY_DELAY)
+                        } else {
+                            policy
+                        }
+                    },
                 };
                 tokio::spawn(sender.run(rx));
                 tx
@@ -471,6 +481,9 @@ impl Gathered {
         }
     }
 }
+
+/// The longest pause between produce retries when the producer was given several brokers.
+const CLUSTER_MAX_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// One partition's sender: gathers a batch, sends it with retries, resolves the acks. It
 /// owns what it needs and nothing of the [`Producer`]'s shared state, so it ends once the

@@ -35,6 +35,12 @@ impl RetryPolicy {
         }
     }
 
+    /// The same policy with its longest pause capped at `max_delay`.
+    pub(crate) fn with_max_delay(mut self, max_delay: Duration) -> Self {
+        self.max_delay = max_delay.max(self.min_delay);
+        self
+    }
+
     /// A consumer's fetch: 50 ms to 2 s, for as long as the consumer lives.
     pub(crate) fn fetch() -> Self {
         RetryPolicy {
@@ -195,5 +201,17 @@ mod tests {
         // Jitter: two schedules differ (the chance of 20 equal random draws is nil).
         let again: Vec<Duration> = policy.backoff().build().take(20).collect();
         assert_ne!(delays, again, "delays are jittered");
+    }
+
+    #[test]
+    fn a_capped_policy_never_pauses_longer_than_twice_its_cap() {
+        let policy = RetryPolicy::produce(Duration::from_secs(30))
+            .with_max_delay(Duration::from_millis(100));
+        let delays: Vec<Duration> = policy.backoff().build().take(30).collect();
+        assert!(!delays.is_empty());
+        for d in &delays {
+            // Jitter stretches a pause by up to 100 %.
+            assert!(*d <= Duration::from_millis(200), "{d:?} over the cap");
+        }
     }
 }
