@@ -33,7 +33,10 @@ use crate::cursor::Cursor;
 use crate::error::{Result, StorageError};
 use crate::fsutil::{fsync_dir, remove_leftover_tmp_files};
 
-use super::{CommittedOffset, GroupMap, MAX_METADATA_BYTES};
+use super::record::{read_i64, read_metadata};
+#[cfg(test)]
+use super::{record::NO_METADATA, MAX_METADATA_BYTES};
+use super::{CommittedOffset, GroupMap};
 
 const MAGIC: &[u8; 4] = b"RLGO";
 const VERSION: u8 = 1;
@@ -49,9 +52,6 @@ const HEADER_BYTES: usize = 4 + 1 + 4;
 const CRC_BYTES: usize = 4;
 /// The fixed-width fields of one entry: topic length, partition, offset, time, metadata length.
 const ENTRY_FIXED_BYTES: usize = 2 + 4 + 8 + 8 + 4;
-/// The metadata length that means "no metadata".
-const NO_METADATA: i32 = -1;
-
 /// Files found damaged: where each one's bytes now are, and why it was refused.
 pub(super) type Damaged = Vec<(PathBuf, String)>;
 
@@ -245,22 +245,7 @@ pub(super) fn decode(bytes: &[u8]) -> std::result::Result<GroupMap, String> {
         let partition = c.u32().ok_or("truncated partition")?;
         let offset = c.u64().ok_or("truncated offset")?;
         let commit_time_ms = read_i64(&mut c).ok_or("truncated commit time")?;
-        let metadata_len = read_i32(&mut c).ok_or("truncated metadata length")?;
-        let metadata = match metadata_len {
-            NO_METADATA => None,
-            n => {
-                let n = usize::try_from(n)
-                    .ok()
-                    .filter(|&n| n <= MAX_METADATA_BYTES)
-                    .ok_or_else(|| format!("entry {i}: bad metadata length {n}"))?;
-                let bytes = c
-                    .take(n)
-                    .ok_or_else(|| format!("entry {i}: metadata runs past the end"))?;
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|_| format!("entry {i}: metadata is not UTF-8"))?;
-                Some(text.to_string())
-            }
-        };
+        let metadata = read_metadata(&mut c, i)?;
         // Strictly increasing keys: what encode writes. This refuses duplicates, and a
         // reordering that a checksum collision would otherwise let through.
         if last.is_some_and(|last| last >= (topic, partition)) {
@@ -282,18 +267,4 @@ pub(super) fn decode(bytes: &[u8]) -> std::result::Result<GroupMap, String> {
         return Err(format!("{} bytes after the last entry", c.0.len()));
     }
     Ok(map)
-}
-
-/// The next little-endian `i64`.
-fn read_i64(c: &mut Cursor<'_>) -> Option<i64> {
-    c.take(8)
-        .and_then(|b| b.try_into().ok())
-        .map(i64::from_le_bytes)
-}
-
-/// The next little-endian `i32`.
-fn read_i32(c: &mut Cursor<'_>) -> Option<i32> {
-    c.take(4)
-        .and_then(|b| b.try_into().ok())
-        .map(i32::from_le_bytes)
 }

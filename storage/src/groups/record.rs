@@ -48,7 +48,7 @@ const KIND_FORGET_GROUP: u8 = 4;
 const KIND_SNAPSHOT_MARKER: u8 = 5;
 const KIND_GROUP_SNAPSHOT: u8 = 6;
 /// The metadata length that means "no metadata".
-const NO_METADATA: i32 = -1;
+pub(super) const NO_METADATA: i32 = -1;
 
 /// One record of the groups topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,31 +319,8 @@ fn get_entries(c: &mut Cursor<'_>) -> Result<Vec<(u32, CommittedOffset)>, String
     for i in 0..count {
         let partition = c.u32().ok_or("truncated partition")?;
         let offset = c.u64().ok_or("truncated offset")?;
-        let commit_time_ms = c
-            .take(8)
-            .and_then(|b| b.try_into().ok())
-            .map(i64::from_le_bytes)
-            .ok_or("truncated commit time")?;
-        let metadata_len = c
-            .take(4)
-            .and_then(|b| b.try_into().ok())
-            .map(i32::from_le_bytes)
-            .ok_or("truncated metadata length")?;
-        let metadata = match metadata_len {
-            NO_METADATA => None,
-            n => {
-                let n = usize::try_from(n)
-                    .ok()
-                    .filter(|&n| n <= MAX_METADATA_BYTES)
-                    .ok_or_else(|| format!("entry {i}: bad metadata length {n}"))?;
-                let bytes = c
-                    .take(n)
-                    .ok_or_else(|| format!("entry {i}: metadata runs past the end"))?;
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|_| format!("entry {i}: metadata is not UTF-8"))?;
-                Some(text.to_string())
-            }
-        };
+        let commit_time_ms = read_i64(c).ok_or("truncated commit time")?;
+        let metadata = read_metadata(c, i)?;
         entries.push((
             partition,
             CommittedOffset {
@@ -354,4 +331,41 @@ fn get_entries(c: &mut Cursor<'_>) -> Result<Vec<(u32, CommittedOffset)>, String
         ));
     }
     Ok(entries)
+}
+
+/// Reads a little-endian `i64`.
+pub(super) fn read_i64(c: &mut Cursor<'_>) -> Option<i64> {
+    c.take(8)
+        .and_then(|b| b.try_into().ok())
+        .map(i64::from_le_bytes)
+}
+
+/// Reads a little-endian `i32`.
+pub(super) fn read_i32(c: &mut Cursor<'_>) -> Option<i32> {
+    c.take(4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_le_bytes)
+}
+
+/// Reads entry `i`'s commit metadata: an `i32` length ([`NO_METADATA`] for none, at most
+/// [`MAX_METADATA_BYTES`]) and that many UTF-8 bytes. Shared by this codec and the legacy
+/// offsets files, which store metadata the same way.
+pub(super) fn read_metadata(
+    c: &mut Cursor<'_>,
+    i: u32,
+) -> std::result::Result<Option<String>, String> {
+    let len = read_i32(c).ok_or("truncated metadata length")?;
+    if len == NO_METADATA {
+        return Ok(None);
+    }
+    let n = usize::try_from(len)
+        .ok()
+        .filter(|&n| n <= MAX_METADATA_BYTES)
+        .ok_or_else(|| format!("entry {i}: bad metadata length {len}"))?;
+    let bytes = c
+        .take(n)
+        .ok_or_else(|| format!("entry {i}: metadata runs past the end"))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| format!("entry {i}: metadata is not UTF-8"))?;
+    Ok(Some(text.to_string()))
 }
