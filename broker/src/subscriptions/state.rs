@@ -161,7 +161,9 @@ pub struct PartitionState {
     pub next: u64,
     /// Done offsets in `floor..next`, as disjoint, sorted, non-adjacent `[start, end)`.
     pub done: Vec<(u64, u64)>,
-    /// Delivered and not done.
+    /// Delivered and not done. Stored as a list of `[offset, record]` pairs: JSON map keys
+    /// are strings, which a tagged record would not read back as integers.
+    #[serde(with = "pending_list")]
     pub pending: BTreeMap<u64, Pending>,
     /// Records sent to the dead-letter topic.
     pub dead_lettered: u64,
@@ -517,6 +519,24 @@ impl PartitionState {
             self.done.remove(0);
         }
     }
+}
+
+/// The stored form of the pending map: a list of `(offset, record)` pairs.
+mod pending_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Pending;
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<u64, Pending>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Pending>, D::Error> {
+        Ok(Vec::<(u64, Pending)>::deserialize(d)?.into_iter().collect())
+    }
+
 }
 
 fn cut(e: &str) -> String {
