@@ -94,7 +94,12 @@ async fn ack(
 fn offsets(records: &[pb::ReceivedRecord]) -> Vec<(u32, u64)> {
     records
         .iter()
-        .map(|r| (r.partition, r.record.as_ref().map_or(u64::MAX, |x| x.offset)))
+        .map(|r| {
+            (
+                r.partition,
+                r.record.as_ref().map_or(u64::MAX, |x| x.offset),
+            )
+        })
         .collect()
 }
 
@@ -132,12 +137,23 @@ async fn three_consumers_on_one_partition_never_hold_a_record_at_once() -> Resul
                     return Ok::<_, anyhow::Error>(());
                 }
                 for (_, o) in offsets(&got) {
-                    assert!(held.lock().expect("lock").insert(o), "offset {o} held twice");
+                    assert!(
+                        held.lock().expect("lock").insert(o),
+                        "offset {o} held twice"
+                    );
                     *seen.lock().expect("lock").entry(o).or_default() += 1;
                 }
                 // Hold them a moment, so the others receive meanwhile.
                 tokio::task::yield_now().await;
-                ack(&mut subs, "s", &consumer, &offsets(&got), pb::AckType::Ack, "").await?;
+                ack(
+                    &mut subs,
+                    "s",
+                    &consumer,
+                    &offsets(&got),
+                    pb::AckType::Ack,
+                    "",
+                )
+                .await?;
                 for (_, o) in offsets(&got) {
                     held.lock().expect("lock").remove(&o);
                 }
@@ -175,7 +191,10 @@ async fn a_killed_consumers_records_return_after_the_deadline_and_its_late_ack_i
     let waited = start.elapsed();
     assert_eq!(offsets(&b), offsets(&a), "the same records, to b");
     assert!(b.iter().all(|r| r.delivery_count == 2), "{b:?}");
-    assert!(waited >= Duration::from_millis(550), "returned before the deadline: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(550),
+        "returned before the deadline: {waited:?}"
+    );
     let before = describe(&mut subs, "s").await?;
     let err = ack(&mut subs, "s", "a", &offsets(&a), pb::AckType::Ack, "")
         .await
@@ -210,14 +229,31 @@ async fn records_past_their_attempts_and_rejected_ones_are_dead_lettered() -> Re
         ack(&mut subs, "s", "a", &[(0, 0)], pb::AckType::Nack, "boom").await?;
     }
     let got = receive(&mut subs, "s", "a", 10, 1_000).await?;
-    assert_eq!(offsets(&got), vec![(0, 1)], "offset 0 left after 2 attempts");
-    ack(&mut subs, "s", "a", &[(0, 1)], pb::AckType::Reject, "poison").await?;
+    assert_eq!(
+        offsets(&got),
+        vec![(0, 1)],
+        "offset 0 left after 2 attempts"
+    );
+    ack(
+        &mut subs,
+        "s",
+        "a",
+        &[(0, 1)],
+        pb::AckType::Reject,
+        "poison",
+    )
+    .await?;
     let dead = c.fetch("dlq", 0, 0, 1_000).await?.records;
     assert_eq!(dead.len(), 2);
     let headers = |r: &pb::FetchedRecord| -> BTreeMap<String, String> {
         r.headers
             .iter()
-            .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.key.clone(),
+                    String::from_utf8_lossy(&h.value).into_owned(),
+                )
+            })
             .collect()
     };
     let first = headers(&dead[0]);
@@ -245,20 +281,38 @@ async fn bad_input_is_refused() -> Result<()> {
         .await
         .expect_err("no dead-letter topic");
     let status = err.downcast_ref::<tonic::Status>().context("a status")?;
-    assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
     assert!(status.message().contains("missing"), "{}", status.message());
-    let list = subs.list(pb::ListSubscriptionsRequest {}).await?.into_inner();
+    let list = subs
+        .list(pb::ListSubscriptionsRequest {})
+        .await?
+        .into_inner();
     assert!(list.subscriptions.is_empty(), "nothing created");
 
-    let code = |r: std::result::Result<_, tonic::Status>| r.map(|_| ()).expect_err("refused").code();
-    assert_eq!(code(receive(&mut subs, "nope", "a", 1, 0).await), Code::NotFound);
+    fn code<T: std::fmt::Debug>(r: std::result::Result<T, tonic::Status>) -> Code {
+        r.expect_err("refused").code()
+    }
+    assert_eq!(
+        code(receive(&mut subs, "nope", "a", 1, 0).await),
+        Code::NotFound
+    );
     assert_eq!(
         code(ack(&mut subs, "nope", "a", &[(0, 0)], pb::AckType::Ack, "").await),
         Code::NotFound
     );
     create(&mut subs, "s", config(0, 0, "")).await?;
-    let err = create(&mut subs, "s", config(0, 0, "")).await.expect_err("exists");
-    assert_eq!(err.downcast_ref::<tonic::Status>().map(|s| s.code()), Some(Code::AlreadyExists));
+    let err = create(&mut subs, "s", config(0, 0, ""))
+        .await
+        .expect_err("exists");
+    assert_eq!(
+        err.downcast_ref::<tonic::Status>().map(|s| s.code()),
+        Some(Code::AlreadyExists)
+    );
     produce_n(&mut c, "t", 3).await?;
     let got = receive(&mut subs, "s", "a", 1, 1_000).await?;
     assert_eq!(offsets(&got), vec![(0, 0)]);
@@ -269,20 +323,30 @@ async fn bad_input_is_refused() -> Result<()> {
             .await
             .expect_err("never delivered");
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-        assert!(err.message().contains("never delivered"), "{}", err.message());
+        assert!(
+            err.message().contains("never delivered"),
+            "{}",
+            err.message()
+        );
     }
     assert_eq!(
         code(ack(&mut subs, "s", "a", &[(0, 0)], pb::AckType::Unspecified, "").await),
         Code::InvalidArgument
     );
-    assert_eq!(code(receive(&mut subs, "s", "", 1, 0).await), Code::InvalidArgument);
+    assert_eq!(
+        code(receive(&mut subs, "s", "", 1, 0).await),
+        Code::InvalidArgument
+    );
     assert_eq!(
         code(ack(&mut subs, "s", "a", &[(7, 0)], pb::AckType::Ack, "").await),
         Code::NotFound,
         "no such partition"
     );
     let after = describe(&mut subs, "s").await?;
-    assert_eq!(after.partitions, before.partitions, "refusals changed nothing");
+    assert_eq!(
+        after.partitions, before.partitions,
+        "refusals changed nothing"
+    );
     // The held record is still acknowledgeable.
     ack(&mut subs, "s", "a", &[(0, 0)], pb::AckType::Ack, "").await?;
     broker.stop().await?;
@@ -307,8 +371,14 @@ async fn state_survives_a_restart_and_unacked_records_come_back() -> Result<()> 
     let c = Clients::connect(broker.url()).await?;
     let mut subs = SubscriptionsClient::new(c.channel.clone());
     let again = receive(&mut subs, "s", "b", 100, 5_000).await?;
-    assert_eq!(offsets(&again), [1, 3, 5, 7, 9].iter().map(|&o| (0, o)).collect::<Vec<_>>());
-    assert!(again.iter().all(|r| r.delivery_count == 2), "counts survived: {again:?}");
+    assert_eq!(
+        offsets(&again),
+        [1, 3, 5, 7, 9].iter().map(|&o| (0, o)).collect::<Vec<_>>()
+    );
+    assert!(
+        again.iter().all(|r| r.delivery_count == 2),
+        "counts survived: {again:?}"
+    );
     ack(&mut subs, "s", "b", &offsets(&again), pb::AckType::Ack, "").await?;
     let d = describe(&mut subs, "s").await?;
     assert_eq!((d.backlog, d.partitions[0].ack_floor), (0, 10));
@@ -343,7 +413,11 @@ async fn seek_replays_and_skips() -> Result<()> {
     })
     .await?;
     let d = describe(&mut subs, "s").await?;
-    assert_eq!((d.backlog, d.in_flight), (0, 0), "locks dropped, nothing left");
+    assert_eq!(
+        (d.backlog, d.in_flight),
+        (0, 0),
+        "locks dropped, nothing left"
+    );
     broker.stop().await?;
     Ok(())
 }
@@ -370,7 +444,10 @@ async fn open_push(
 
 fn credits(records: u64, bytes: u64) -> pb::SubscribeRequest {
     pb::SubscribeRequest {
-        kind: Some(pb::subscribe_request::Kind::Credits(pb::Credits { records, bytes })),
+        kind: Some(pb::subscribe_request::Kind::Credits(pb::Credits {
+            records,
+            bytes,
+        })),
     }
 }
 
@@ -442,13 +519,28 @@ async fn push_never_exceeds_the_credits_granted() -> Result<()> {
         .context("ack result")?;
     match msg.kind {
         Some(pb::subscribe_response::Kind::AckResult(r)) => {
-            assert_eq!((r.sequence, r.error_code, r.records), (7, None, 15), "{r:?}")
+            assert_eq!(
+                (r.sequence, r.error_code, r.records),
+                (7, None, 15),
+                "{r:?}"
+            )
         }
         other => anyhow::bail!("unexpected {other:?}"),
     }
     assert_eq!(describe(&mut subs, "s").await?.partitions[0].ack_floor, 15);
 
-    // Byte credits bind too: "v15" and "v16" are 3 bytes each, and 7 bytes allow two.
+    drop(tx);
+
+    // Byte credits bind too (on a new stream, as credits add up): "v15" and "v16" are 3
+    // bytes each, and 7 bytes allow two.
+    let (tx, mut stream) = open_push(
+        &mut subs,
+        pb::SubscribeStart {
+            target: Some(pb::subscribe_start::Target::Subscription("s".into())),
+            consumer_id: "q".into(),
+        },
+    )
+    .await?;
     tx.send(credits(100, 7)).await?;
     assert_eq!(take(&mut stream, 2).await?, vec![15, 16]);
     quiet(&mut stream, 300).await?;
@@ -510,7 +602,11 @@ async fn credits_of_zero_or_two_to_the_63_are_refused() -> Result<()> {
         let err = tokio::time::timeout(Duration::from_secs(10), stream.message())
             .await?
             .expect_err("refused");
-        assert_eq!(err.code(), Code::InvalidArgument, "{records}/{bytes}: {err:?}");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{records}/{bytes}: {err:?}"
+        );
     }
     broker.stop().await?;
     Ok(())

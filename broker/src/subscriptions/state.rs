@@ -533,10 +533,11 @@ mod pending_list {
         s.collect_seq(m.iter())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Pending>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<u64, Pending>, D::Error> {
         Ok(Vec::<(u64, Pending)>::deserialize(d)?.into_iter().collect())
     }
-
 }
 
 fn cut(e: &str) -> String {

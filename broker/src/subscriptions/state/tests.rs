@@ -39,7 +39,10 @@ fn acks_in_any_order_collapse_into_the_floor() {
 fn a_locked_record_is_not_handed_out_again_until_its_lock_ends() {
     let mut s = delivered(2, "a");
     assert!(s.redeliverable(500, 10).is_empty(), "both locked");
-    assert!(s.expire(0, 1_000, &limits()).is_empty(), "deadline itself still holds");
+    assert!(
+        s.expire(0, 1_000, &limits()).is_empty(),
+        "deadline itself still holds"
+    );
     assert!(s.redeliverable(1_000, 10).is_empty());
     assert!(s.expire(0, 1_001, &limits()).is_empty(), "1 of 3 attempts");
     assert_eq!(s.redeliverable(1_001, 10), vec![0, 1]);
@@ -52,7 +55,10 @@ fn an_ack_after_expiry_is_refused_and_changes_nothing() {
     let mut s = delivered(1, "a");
     let before = s.clone();
     let err = s.check_held(IDS, "a", (0, 0), 1_001).expect_err("expired");
-    assert!(matches!(err, SubscriptionError::NotHeld { offset: 0, .. }), "{err}");
+    assert!(
+        matches!(err, SubscriptionError::NotHeld { offset: 0, .. }),
+        "{err}"
+    );
     assert_eq!(s, before);
     s.expire(0, 1_001, &limits());
     let err = s.check_held(IDS, "a", (0, 0), 1_002).expect_err("released");
@@ -90,7 +96,14 @@ fn a_done_record_is_not_held() {
 #[test]
 fn nack_releases_after_its_delay_and_extend_renews_the_lock() {
     let mut s = delivered(2, "a");
-    s.apply(0, (0, 0), AckKind::Nack { delay_ms: 300 }, Some("boom"), 100, &limits());
+    s.apply(
+        0,
+        (0, 0),
+        AckKind::Nack { delay_ms: 300 },
+        Some("boom"),
+        100,
+        &limits(),
+    );
     assert!(s.redeliverable(399, 10).is_empty(), "not before the delay");
     assert_eq!(s.redeliverable(400, 10), vec![0]);
     assert_eq!(s.pending[&0].last_error.as_deref(), Some("boom"));
