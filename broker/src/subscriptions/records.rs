@@ -163,11 +163,11 @@ mod tests {
                     match kind {
                         // A gap of pending records.
                         0 => {
-                            for o in at..at + len.min(3) {
-                                if let Some(p) = pendings.next() {
-                                    state.pending.insert(o, p);
-                                    at = o + 1;
-                                }
+                            let end = at + len.min(3);
+                            while at < end {
+                                let Some(p) = pendings.next() else { break };
+                                state.pending.insert(at, p);
+                                at += 1;
                             }
                         }
                         // A done range after a pending record (so it does not touch the floor).
