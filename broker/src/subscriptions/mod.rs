@@ -603,7 +603,9 @@ impl Subscriptions {
             if !got.is_empty() || Instant::now() >= deadline {
                 return Ok(got);
             }
+            // Only a future event is worth a wake-up: one due already was just tried.
             let wake_at = next_event
+                .filter(|ms| *ms > now_ms())
                 .map(|ms| {
                     let in_ms = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
                     (Instant::now() + Duration::from_millis(in_ms)).min(deadline)

@@ -188,7 +188,9 @@ impl Pusher {
                 }
                 next_event = event;
             }
-            let wake_at = next_event.map(|ms: i64| {
+            // Only a future event is worth a wake-up: one due already was just tried (a
+            // record waiting for more byte credit), and waking for it again would spin.
+            let wake_at = next_event.filter(|ms| *ms > now_ms()).map(|ms: i64| {
                 let in_ms = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
                 Instant::now() + Duration::from_millis(in_ms)
             });
