@@ -7,6 +7,7 @@
 //!   log.
 //! - [`read`]: reading records from the topic's log.
 //! - [`push`]: the `Subscribe` stream (push with credits) for subscriptions and groups.
+//! - [`webhook`]: push to HTTP endpoints: signed POSTs, retries with backoff, AIMD rate.
 //! - [`Subscriptions`]: every subscription in memory; each change is stored before it takes
 //!   effect; [`spawn_background`] runs the sweep that expires locks (and dead-letters records
 //!   past their attempts) while no consumer calls.
@@ -22,6 +23,7 @@ pub mod push;
 pub mod read;
 pub mod records;
 pub mod state;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -143,6 +145,7 @@ impl Default for StoredConfig {
             dead_letter_topic: None,
             max_in_flight_per_partition: DEFAULT_MAX_IN_FLIGHT,
             from_earliest: false,
+            push: None,
         }
     }
 }
@@ -197,6 +200,41 @@ pub fn settle_config(
             "max_in_flight_per_partition",
         )?,
         from_earliest,
+        push: match &c.push {
+            None => None,
+            Some(p) => {
+                let min = pick(
+                    p.min_backoff_ms,
+                    webhook::DEFAULT_MIN_BACKOFF_MS,
+                    MAX_ACK_DEADLINE_MS,
+                    "min_backoff_ms",
+                )?;
+                let max = pick(
+                    p.max_backoff_ms,
+                    webhook::DEFAULT_MAX_BACKOFF_MS,
+                    MAX_ACK_DEADLINE_MS,
+                    "max_backoff_ms",
+                )?;
+                if min > max {
+                    return Err(invalid(format!(
+                        "min_backoff_ms {min} is above max_backoff_ms {max}"
+                    )));
+                }
+                Some(records::StoredPush {
+                    endpoint: p.endpoint.clone(),
+                    min_backoff_ms: min,
+                    max_backoff_ms: max,
+                    max_in_flight: pick(
+                        p.max_in_flight,
+                        webhook::DEFAULT_MAX_IN_FLIGHT,
+                        webhook::MAX_IN_FLIGHT,
+                        "max_in_flight",
+                    )?,
+                    signing_secret: (!p.signing_secret.is_empty())
+                        .then(|| p.signing_secret.clone()),
+                })
+            }
+        },
     })
 }
 
@@ -208,6 +246,14 @@ pub fn config_to_pb(c: &StoredConfig) -> pb::SubscriptionConfig {
         max_delivery_attempts: c.max_delivery_attempts,
         dead_letter_topic: c.dead_letter_topic.clone().unwrap_or_default(),
         max_in_flight_per_partition: c.max_in_flight_per_partition,
+        // The secret is never returned.
+        push: c.push.as_ref().map(|p| pb::PushConfig {
+            endpoint: p.endpoint.clone(),
+            min_backoff_ms: p.min_backoff_ms,
+            max_backoff_ms: p.max_backoff_ms,
+            max_in_flight: p.max_in_flight,
+            signing_secret: String::new(),
+        }),
     }
 }
 
@@ -401,6 +447,9 @@ impl Subscriptions {
     ) -> Result<(), BrokerError> {
         rill_storage::config::validate_name("subscription", name)?;
         let topic = broker.topic(&config.topic)?;
+        if let Some(p) = &config.push {
+            webhook::check_endpoint(name, &p.endpoint, &broker.config().push_endpoint_allow)?;
+        }
         if let Some(d) = &config.dead_letter_topic {
             if broker.topic(d).is_err() {
                 return Err(SubscriptionError::DeadLetterTopicMissing {
@@ -448,7 +497,11 @@ impl Subscriptions {
             released: tokio::sync::Notify::new(),
             rotation: AtomicU32::new(0),
         };
-        self.inner.subs.write().insert(name.into(), Arc::new(sub));
+        let sub = Arc::new(sub);
+        self.inner.subs.write().insert(name.into(), Arc::clone(&sub));
+        if sub.config.push.is_some() {
+            webhook::spawn(broker, self, &sub);
+        }
         tracing::info!(subscription = name, "subscription created");
         Ok(())
     }
@@ -944,8 +997,20 @@ impl Subscriptions {
     }
 }
 
-/// Starts the sweep loop on the broker's tracker.
+/// Starts the sweep loop, and the webhook pusher of every subscription with an endpoint, on
+/// the broker's tracker.
 pub fn spawn_background(broker: &Broker, subs: &Subscriptions) {
+    let with_push: Vec<Arc<Sub>> = subs
+        .inner
+        .subs
+        .read()
+        .values()
+        .filter(|s| s.config.push.is_some())
+        .cloned()
+        .collect();
+    for sub in with_push {
+        webhook::spawn(broker, subs, &sub);
+    }
     let b = broker.clone();
     let s = subs.clone();
     broker.tasks().spawn(async move {

@@ -26,6 +26,24 @@ pub struct StoredConfig {
     pub max_in_flight_per_partition: u32,
     /// Where new partitions start: true for the log start, false for the high watermark.
     pub from_earliest: bool,
+    /// Webhook delivery, when set (absent in records of earlier brokers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<StoredPush>,
+}
+
+/// A subscription's webhook settings as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPush {
+    /// The endpoint URL.
+    pub endpoint: String,
+    /// Shortest retry wait, ms.
+    pub min_backoff_ms: u32,
+    /// Longest retry wait, ms.
+    pub max_backoff_ms: u32,
+    /// Requests outstanding at once.
+    pub max_in_flight: u32,
+    /// The HMAC key, if requests are signed.
+    pub signing_secret: Option<String>,
 }
 
 /// One change to the subscriptions' state.
@@ -196,9 +214,10 @@ mod tests {
                 any::<u32>(),
                 proptest::option::of("[a-z]{1,10}"),
                 any::<u32>(),
-                any::<bool>()
+                any::<bool>(),
+                proptest::option::of(("http://[a-z]{1,10}", any::<u32>(), any::<u32>(), proptest::option::of(".{0,20}"))),
             )
-                .prop_map(|(name, topic, a, m, d, f, e)| SubscriptionRecord::Created {
+                .prop_map(|(name, topic, a, m, d, f, e, push)| SubscriptionRecord::Created {
                     name,
                     config: StoredConfig {
                         topic,
@@ -207,6 +226,13 @@ mod tests {
                         dead_letter_topic: d,
                         max_in_flight_per_partition: f,
                         from_earliest: e,
+                        push: push.map(|(endpoint, b, n, signing_secret)| StoredPush {
+                            endpoint,
+                            min_backoff_ms: b,
+                            max_backoff_ms: b,
+                            max_in_flight: n,
+                            signing_secret,
+                        }),
                     },
                 }),
             "[a-zA-Z0-9._-]{1,30}".prop_map(|name| SubscriptionRecord::Deleted { name }),

@@ -85,6 +85,16 @@ pub enum SubscriptionError {
         /// The dead-letter topic.
         topic: String,
     },
+    /// A push endpoint the broker may not call (outside its allow-list).
+    #[error("subscription {subscription:?}: the push endpoint {endpoint:?} is not allowed: {reason}")]
+    EndpointNotAllowed {
+        /// The subscription.
+        subscription: String,
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
