@@ -71,6 +71,10 @@ pub struct Config {
     /// Cluster membership (`--node-id`, `--peers`); `None` runs a single broker, exactly as
     /// without replication.
     pub cluster: Option<rill_cluster::ClusterConfig>,
+    /// Hosts (names or IP addresses, exactly) that subscriptions may push to, beside
+    /// loopback (`localhost`, 127.0.0.0/8, `::1`), which is always allowed. Default: none, so
+    /// a topic admin cannot make the broker call other hosts.
+    pub push_endpoint_allow: Vec<String>,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             metrics_per_partition: true,
             metrics_per_group: true,
             cluster: None,
+            push_endpoint_allow: Vec::new(),
         }
     }
 }

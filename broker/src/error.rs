@@ -15,6 +15,9 @@ pub enum BrokerError {
     /// A group refused a heartbeat, a member's commit or a deletion.
     #[error(transparent)]
     Membership(#[from] crate::groups::state::MembershipError),
+    /// A subscription refused a call (unknown, exists, a record not held, bad input).
+    #[error(transparent)]
+    Subscription(#[from] crate::subscriptions::state::SubscriptionError),
     /// The request itself is malformed (a missing field, an empty batch, a bad combination).
     #[error("{0}")]
     InvalidArgument(String),
@@ -133,6 +136,7 @@ impl BrokerError {
         match self {
             BrokerError::Storage(e) => storage_code(e),
             BrokerError::Membership(e) => membership_code(e),
+            BrokerError::Subscription(e) => subscription_code(e),
             BrokerError::InvalidArgument(_) => Code::InvalidArgument,
             BrokerError::TooManyWaiters { .. } => Code::ResourceExhausted,
             BrokerError::ShuttingDown => Code::Unavailable,
@@ -159,6 +163,20 @@ fn membership_code(e: &crate::groups::state::MembershipError) -> Code {
             Code::FailedPrecondition
         }
         M::Invalid(_) => Code::InvalidArgument,
+    }
+}
+
+fn subscription_code(e: &crate::subscriptions::state::SubscriptionError) -> Code {
+    use crate::subscriptions::state::SubscriptionError as S;
+    match e {
+        S::NotFound { .. } => Code::NotFound,
+        S::Exists { .. } => Code::AlreadyExists,
+        // An ack after the lock expired (or by another consumer) changes nothing; the
+        // consumer must receive again.
+        S::NotHeld { .. } | S::DeadLetterTopicMissing { .. } | S::EndpointNotAllowed { .. } => {
+            Code::FailedPrecondition
+        }
+        S::NeverDelivered { .. } | S::Invalid(_) => Code::InvalidArgument,
     }
 }
 
@@ -266,6 +284,42 @@ mod tests {
             (
                 crate::groups::state::MembershipError::Invalid("bad".into()).into(),
                 Code::InvalidArgument,
+            ),
+            (
+                crate::subscriptions::state::SubscriptionError::NotFound { name: "s".into() }
+                    .into(),
+                Code::NotFound,
+            ),
+            (
+                crate::subscriptions::state::SubscriptionError::NotHeld {
+                    subscription: "s".into(),
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 3,
+                    consumer: "c".into(),
+                    reason: "its lock expired",
+                }
+                .into(),
+                Code::FailedPrecondition,
+            ),
+            (
+                crate::subscriptions::state::SubscriptionError::NeverDelivered {
+                    subscription: "s".into(),
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 9,
+                    next: 3,
+                }
+                .into(),
+                Code::InvalidArgument,
+            ),
+            (
+                crate::subscriptions::state::SubscriptionError::DeadLetterTopicMissing {
+                    subscription: "s".into(),
+                    topic: "dlq".into(),
+                }
+                .into(),
+                Code::FailedPrecondition,
             ),
         ];
         for (err, code) in cases {

@@ -11,14 +11,16 @@
 //!   opens.
 //! - [`connections`]: the accept loop that enforces `max_connections`.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
-//! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin` and
-//!   `rill.v1.Security`.
+//! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin`,
+//!   `rill.v1.Security` and `rill.v1.Subscriptions`.
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
 //! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
 //!   collector) and the `/metrics` listener.
 //! - [`tasks`]: the background flush and retention loops.
 //! - [`groups`]: the group coordinator's background work over the groups topic.
+//! - [`subscriptions`]: queue subscriptions (per-record acks, redelivery, dead letters) over
+//!   the internal topic `__subscriptions`, and push delivery with credits.
 //! - [`error`]: [`BrokerError`] and the one mapping to gRPC status codes.
 //!
 //! `main.rs` only loads the config and calls [`run`] with a shutdown token. The design this
@@ -43,6 +45,7 @@ pub mod produce;
 pub mod server;
 pub mod services;
 pub mod state;
+pub mod subscriptions;
 pub mod tasks;
 
 pub use config::Config;

@@ -9,6 +9,7 @@ use rill_proto::v1::admin_server::AdminServer;
 use rill_proto::v1::groups_server::GroupsServer;
 use rill_proto::v1::log_server::LogServer;
 use rill_proto::v1::security_server::SecurityServer;
+use rill_proto::v1::subscriptions_server::SubscriptionsServer;
 use rill_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +20,9 @@ use crate::config::Config;
 use crate::connections::LimitedIncoming;
 use crate::health::{Health, Recovering};
 use crate::metrics::{Metrics, RequestMetricsLayer};
-use crate::services::{AdminService, GroupsService, LogService, SecurityService};
+use crate::services::{
+    AdminService, GroupsService, LogService, SecurityService, SubscriptionsService,
+};
 use crate::state::Broker;
 use crate::tasks;
 
@@ -150,6 +153,14 @@ impl Server {
         tasks::spawn_background(&broker);
         let coordinator = crate::groups::Coordinator::load(broker.store());
         crate::groups::spawn_background(&broker, &coordinator);
+        let subs_store = broker.store().clone();
+        let subscriptions = tokio::task::spawn_blocking(move || {
+            crate::subscriptions::Subscriptions::open(&subs_store)
+        })
+        .await
+        .context("opening the subscription state")?
+        .context("opening the subscription state")?;
+        crate::subscriptions::spawn_background(&broker, &subscriptions);
         let request_metrics = match metrics_listener {
             Some((listener, _)) => {
                 let metrics = Metrics::new(&broker);
@@ -202,6 +213,9 @@ impl Server {
             .max_encoding_message_size(max_fetch.max(max_message));
         let groups = GroupsServer::new(GroupsService::new(broker.clone(), coordinator));
         let admin = AdminServer::new(AdminService::new(broker.clone()));
+        let subscriptions =
+            SubscriptionsServer::new(SubscriptionsService::new(broker.clone(), subscriptions))
+                .max_encoding_message_size(max_fetch.max(max_message));
         let security = broker.security().cloned();
         let security_rpc = security
             .clone()
@@ -229,6 +243,7 @@ impl Server {
             .add_service(log)
             .add_service(groups)
             .add_service(admin)
+            .add_service(subscriptions)
             .add_optional_service(raft)
             .add_optional_service(cluster_service)
             .add_optional_service(security_rpc)

@@ -6,6 +6,7 @@ use rill_proto::v1::cluster_client::ClusterClient;
 use rill_proto::v1::groups_client::GroupsClient;
 use rill_proto::v1::log_client::LogClient;
 use rill_proto::v1::security_client::SecurityClient;
+use rill_proto::v1::subscriptions_client::SubscriptionsClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -148,6 +149,13 @@ impl Connection {
     /// A `rill.v1.Security` client on this connection.
     pub fn security(&self) -> SecurityClient<Transport> {
         SecurityClient::new(self.transport())
+    }
+
+    /// A `rill.v1.Subscriptions` client on this connection.
+    pub fn subscriptions(&self) -> SubscriptionsClient<Transport> {
+        SubscriptionsClient::new(self.transport())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// The channel with this connection's credentials.

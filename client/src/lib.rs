@@ -15,6 +15,9 @@
 //!   are retryable is decided there, from codes and variants.
 //! - `retry` (private): the one backoff policy (exponential with jitter, from `backon`) that
 //!   the producer's and the consumer's retries share.
+//! - [`subscription`]: queue subscriptions: [`Subscriptions`] (admin), [`QueueConsumer`]
+//!   (Receive, ack, nack, reject, extend), and [`PushStream`] (records pushed within
+//!   credits, queue or offset mode).
 //! - [`security`]: TLS settings ([`ConnectOptions`]) and the bearer token sent on every call.
 //! - [`cli`]: the `rill` tool's commands (built on the above).
 //!
@@ -74,6 +77,7 @@ pub mod membership;
 pub mod producer;
 mod retry;
 pub mod security;
+pub mod subscription;
 
 pub use admin::{Admin, Flush, OffsetQuery, ResetTo, TopicSettings};
 pub use connection::{Connection, DEFAULT_BROKER};
@@ -84,3 +88,4 @@ pub use error::{ClientError, Result};
 pub use membership::{GroupMember, MemberConfig, MemberEvent};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 pub use security::ConnectOptions;
+pub use subscription::{PushStream, PushTarget, QueueConsumer, QueueRecord, Subscriptions};

@@ -9,6 +9,8 @@
 //!   - `admin.proto`: the `Admin` service: topics.
 //!   - `raft.proto`: the internal `Raft` service: broker-to-broker consensus traffic, by group.
 //!   - `cluster.proto`: the `Cluster` service: metadata (who leads what) and cluster status.
+//!   - `subscriptions.proto`: the `Subscriptions` service: queue subscriptions (per-record
+//!     acks, redelivery, dead letters) and push delivery with credits.
 //! - [`v1`]: the generated messages, servers (`v1::log_server::LogServer`, …) and clients
 //!   (`v1::log_client::LogClient`, …). Every `bytes` field is a [`bytes::Bytes`], so decoding
 //!   shares the request buffer instead of copying.

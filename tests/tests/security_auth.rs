@@ -10,6 +10,7 @@ use prost::Message;
 use rill_client::{ConnectOptions, Connection};
 use rill_proto::v1 as pb;
 use rill_tests::{produce_req, record, wait_until, TestBroker};
+use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 const ADMIN: &str = "admin-token-for-tests-0123456789";
@@ -113,6 +114,14 @@ const MATRIX: &[&str] = &[
     "/rill.v1.Groups/ResetGroupOffsets",
     "/rill.v1.Groups/GroupHeartbeat",
     "/rill.v1.Groups/DeleteGroup",
+    "/rill.v1.Subscriptions/Create",
+    "/rill.v1.Subscriptions/List",
+    "/rill.v1.Subscriptions/Describe",
+    "/rill.v1.Subscriptions/Delete",
+    "/rill.v1.Subscriptions/Seek",
+    "/rill.v1.Subscriptions/Receive",
+    "/rill.v1.Subscriptions/Acknowledge",
+    "/rill.v1.Subscriptions/Subscribe",
     "/rill.v1.Security/WhoAmI",
     "/rill.v1.Security/CreatePrincipal",
     "/rill.v1.Security/ListPrincipals",
@@ -273,6 +282,118 @@ async fn call(c: &Connection, rpc: &str, spare_token_id: &str) -> Result<Outcome
                 })
                 .await?;
         }
+        "/rill.v1.Subscriptions/Create" => {
+            c.subscriptions()
+                .create(pb::CreateSubscriptionRequest {
+                    name: "created-sub".into(),
+                    config: Some(pb::SubscriptionConfig {
+                        topic: "t".into(),
+                        ..Default::default()
+                    }),
+                    start: 0,
+                })
+                .await?;
+        }
+        "/rill.v1.Subscriptions/List" => {
+            let r = c
+                .subscriptions()
+                .list(pb::ListSubscriptionsRequest {})
+                .await?;
+            return Ok(Listed(r.into_inner().subscriptions.len()));
+        }
+        "/rill.v1.Subscriptions/Describe" => {
+            c.subscriptions()
+                .describe(pb::DescribeSubscriptionRequest { name: "sub".into() })
+                .await?;
+        }
+        "/rill.v1.Subscriptions/Delete" => {
+            c.subscriptions()
+                .delete(pb::DeleteSubscriptionRequest {
+                    name: "doomed-sub".into(),
+                })
+                .await?;
+        }
+        "/rill.v1.Subscriptions/Seek" => {
+            c.subscriptions()
+                .seek(pb::SeekSubscriptionRequest {
+                    name: "sub".into(),
+                    target: Some(pb::seek_subscription_request::Target::ToOffset(0)),
+                    partition: None,
+                })
+                .await?;
+        }
+        "/rill.v1.Subscriptions/Receive" => {
+            c.subscriptions()
+                .receive(pb::ReceiveRequest {
+                    subscription: "sub".into(),
+                    consumer_id: "c".into(),
+                    max_records: 1,
+                    max_wait_ms: 0,
+                    max_bytes: 0,
+                })
+                .await?;
+        }
+        "/rill.v1.Subscriptions/Acknowledge" => {
+            // Receives on its own subscription first, so there is a record to ack.
+            let got = c
+                .subscriptions()
+                .receive(pb::ReceiveRequest {
+                    subscription: "ack-sub".into(),
+                    consumer_id: "c".into(),
+                    max_records: 1,
+                    max_wait_ms: 1_000,
+                    max_bytes: 0,
+                })
+                .await?
+                .into_inner()
+                .records;
+            let offset = got
+                .first()
+                .and_then(|r| r.record.as_ref())
+                .map(|r| r.offset)
+                .ok_or_else(|| Status::internal("nothing received to ack"))?;
+            c.subscriptions()
+                .acknowledge(pb::AcknowledgeRequest {
+                    subscription: "ack-sub".into(),
+                    consumer_id: "c".into(),
+                    ranges: vec![pb::AckRange {
+                        partition: 0,
+                        first_offset: offset,
+                        last_offset: offset,
+                    }],
+                    r#type: pb::AckType::Ack as i32,
+                    ..Default::default()
+                })
+                .await?;
+        }
+        "/rill.v1.Subscriptions/Subscribe" => {
+            let start = pb::SubscribeRequest {
+                kind: Some(pb::subscribe_request::Kind::Start(pb::SubscribeStart {
+                    target: Some(pb::subscribe_start::Target::Subscription("push-sub".into())),
+                    consumer_id: "c".into(),
+                })),
+            };
+            let credits = pb::SubscribeRequest {
+                kind: Some(pb::subscribe_request::Kind::Credits(pb::Credits {
+                    records: 1,
+                    bytes: 1 << 20,
+                })),
+            };
+            let mut out = c
+                .subscriptions()
+                .subscribe(tokio_stream::iter(vec![start, credits]).chain(tokio_stream::pending()))
+                .await?
+                .into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(10), out.message())
+                .await
+                .map_err(|_| Status::internal("nothing pushed"))??;
+            if !matches!(
+                first.and_then(|m| m.kind),
+                Some(pb::subscribe_response::Kind::Record(_))
+            ) {
+                return Err(Status::internal("no record pushed"));
+            }
+        }
         "/rill.v1.Security/WhoAmI" => {
             c.security().who_am_i(pb::WhoAmIRequest {}).await?;
         }
@@ -383,8 +504,29 @@ async fn snapshot(admin: &Connection) -> Result<String> {
         .list_acls(pb::ListAclsRequest::default())
         .await?
         .into_inner();
+    let subs = admin
+        .subscriptions()
+        .list(pb::ListSubscriptionsRequest {})
+        .await?
+        .into_inner()
+        .subscriptions;
+    let mut described = Vec::new();
+    for sub in &subs {
+        described.push(
+            admin
+                .subscriptions()
+                .describe(pb::DescribeSubscriptionRequest {
+                    name: sub.name.clone(),
+                })
+                .await?
+                .into_inner()
+                .partitions,
+        );
+    }
     Ok(format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        subs,
+        described,
         groups,
         topics.topics,
         t.partitions
@@ -445,6 +587,19 @@ async fn every_rpc_against_every_kind_of_caller() -> Result<()> {
             ..Default::default()
         })
         .await?;
+    for name in ["sub", "ack-sub", "push-sub", "doomed-sub"] {
+        admin
+            .subscriptions()
+            .create(pb::CreateSubscriptionRequest {
+                name: name.into(),
+                config: Some(pb::SubscriptionConfig {
+                    topic: "t".into(),
+                    ..Default::default()
+                }),
+                start: pb::StartPosition::Earliest as i32,
+            })
+            .await?;
+    }
     let mut sec = admin.security();
     for p in ["alice", "bob", "root"] {
         sec.create_principal(pb::CreatePrincipalRequest { name: p.into() })
@@ -459,7 +614,11 @@ async fn every_rpc_against_every_kind_of_caller() -> Result<()> {
         Op::Describe,
         Op::Alter,
     ] {
-        for kind in [pb::ResourceType::Topic, pb::ResourceType::Group] {
+        for kind in [
+            pb::ResourceType::Topic,
+            pb::ResourceType::Group,
+            pb::ResourceType::Subscription,
+        ] {
             sec.add_acl(pb::AddAclRequest {
                 rule: Some(rule("alice", kind, "*", op)),
             })
@@ -522,7 +681,12 @@ async fn every_rpc_against_every_kind_of_caller() -> Result<()> {
         let without = conn(&broker, Some(&bob)).await?;
         match (*rpc, call(&without, rpc, &spare).await) {
             ("/rill.v1.Security/WhoAmI", r) => assert_eq!(r?, Outcome::Done),
-            ("/rill.v1.Admin/ListTopics" | "/rill.v1.Groups/ListGroups", r) => {
+            (
+                "/rill.v1.Admin/ListTopics"
+                | "/rill.v1.Groups/ListGroups"
+                | "/rill.v1.Subscriptions/List",
+                r,
+            ) => {
                 assert_eq!(r?, Outcome::Listed(0), "{rpc}: only what bob may describe")
             }
             (_, Ok(o)) => panic!("{rpc} without permission answered {o:?}"),

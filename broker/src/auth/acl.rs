@@ -108,6 +108,14 @@ impl Resource {
         }
     }
 
+    /// A subscription.
+    pub fn subscription(name: &str) -> Self {
+        Resource {
+            kind: ResourceType::Subscription,
+            name: name.to_string(),
+        }
+    }
+
     /// The cluster.
     pub fn cluster() -> Self {
         Resource {

@@ -93,6 +93,38 @@ pub const RPCS: &[(&str, Needs)] = &[
         Needs::Caller(Operation::Delete),
     ),
     (
+        "/rill.v1.Subscriptions/Create",
+        Needs::Caller(Operation::Create),
+    ),
+    (
+        "/rill.v1.Subscriptions/List",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Subscriptions/Describe",
+        Needs::Caller(Operation::Describe),
+    ),
+    (
+        "/rill.v1.Subscriptions/Delete",
+        Needs::Caller(Operation::Delete),
+    ),
+    (
+        "/rill.v1.Subscriptions/Seek",
+        Needs::Caller(Operation::Alter),
+    ),
+    (
+        "/rill.v1.Subscriptions/Receive",
+        Needs::Caller(Operation::Consume),
+    ),
+    (
+        "/rill.v1.Subscriptions/Acknowledge",
+        Needs::Caller(Operation::Consume),
+    ),
+    (
+        "/rill.v1.Subscriptions/Subscribe",
+        Needs::Caller(Operation::Consume),
+    ),
+    (
         "/rill.v1.Security/WhoAmI",
         Needs::Caller(Operation::Describe),
     ),

@@ -5,8 +5,10 @@ mod admin;
 mod groups;
 mod log;
 mod security;
+pub mod subscriptions;
 
 pub use admin::AdminService;
 pub use groups::GroupsService;
 pub use log::LogService;
 pub use security::{rule_from_pb, rule_to_pb, SecurityService};
+pub use subscriptions::SubscriptionsService;

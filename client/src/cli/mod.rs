@@ -3,6 +3,7 @@
 //!
 //! - `admin_cmds`, `stream_cmds`, `security_cmds`: the verbs (`security_cmds`: principals,
 //!   tokens, ACLs, whoami).
+//! - `subscription_cmds`: `rill subscription ...` and `rill consume --subscription/--push`.
 //! - [`units`]: human units for tables (`7d`, `256 MiB`, ages); JSON keeps raw numbers.
 //! - `report`: [`error_line`], the one line a failed command prints.
 //! - `empty_read`: why a `consume` that stopped at the end printed nothing.
@@ -16,6 +17,7 @@ mod help_examples;
 mod report;
 mod security_cmds;
 mod stream_cmds;
+mod subscription_cmds;
 mod top;
 pub mod units;
 
@@ -133,6 +135,13 @@ pub enum Command {
         /// The group command.
         #[command(subcommand)]
         command: GroupCommand,
+    },
+    /// Create, list, describe, delete and seek queue subscriptions.
+    #[command(after_help = "Example:\n  rill subscription describe jobs --output json")]
+    Subscription {
+        /// The subscription command.
+        #[command(subcommand)]
+        command: subscription_cmds::SubscriptionCommand,
     },
     /// Create and list principals (needs the admin).
     #[command(after_help = "Example:\n  rill principal create billing")]
@@ -253,6 +262,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Group { command } => admin_cmds::group(conn, ctx, command).await,
         Command::Produce(args) => stream_cmds::produce(conn, ctx, args).await,
         Command::Consume(args) => stream_cmds::consume(conn, ctx, args).await,
+        Command::Subscription { command } => {
+            subscription_cmds::subscription(conn, ctx, command).await
+        }
         Command::Principal { command } => security_cmds::principal(conn, ctx, command).await,
         Command::Token { command } => security_cmds::token(conn, ctx, command).await,
         Command::Acl { command } => security_cmds::acl(conn, ctx, command).await,

@@ -93,6 +93,14 @@ pub struct ConsumeArgs {
     /// Print the headers before the value (tab-separated).
     #[arg(long)]
     pub print_headers: bool,
+    /// Consume from this queue subscription instead of offsets: each record is acked once
+    /// printed.
+    #[arg(long, conflicts_with_all = ["from_beginning", "offset", "since", "partition"])]
+    pub subscription: Option<String>,
+    /// Have the broker push records (a gRPC stream with credits) for --subscription or
+    /// --group, instead of long-polling.
+    #[arg(long)]
+    pub push: bool,
 }
 
 /// Runs `rill produce`.
@@ -174,7 +182,11 @@ pub async fn produce(conn: Connection, ctx: Ctx, args: ProduceArgs) -> Result<()
     }
 }
 
-fn format_record(ctx: Ctx, args: &ConsumeArgs, r: &crate::consumer::ConsumedRecord) -> String {
+pub(super) fn format_record(
+    ctx: Ctx,
+    args: &ConsumeArgs,
+    r: &crate::consumer::ConsumedRecord,
+) -> String {
     if ctx.output == Output::Json {
         let (value, value_b64) = bytes_json(&r.value);
         let key = r.key.as_ref().map(|k| bytes_json(k));
@@ -219,6 +231,9 @@ fn format_record(ctx: Ctx, args: &ConsumeArgs, r: &crate::consumer::ConsumedReco
 
 /// Runs `rill consume`.
 pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()> {
+    if args.subscription.is_some() || args.push {
+        return super::subscription_cmds::consume(conn, ctx, args).await;
+    }
     let mut config = ConsumerConfig::new().auto_offset_reset(AutoOffsetReset::Earliest);
     if let Some(g) = &args.group {
         config = config.group(g.clone());

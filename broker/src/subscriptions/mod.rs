@@ -1,0 +1,1037 @@
+//! Queue subscriptions: named, per-record-acknowledged consumption of a topic, shared by
+//! many consumers per partition, with redelivery and dead letters (`docs/SUBSCRIPTIONS.md`).
+//!
+//! - [`state`]: one partition's state machine (done ranges, pending records, locks). No I/O.
+//! - [`records`]: the `__subscriptions` record codec.
+//! - [`persist`]: [`persist::StateLog`], the internal topic written and replayed as a keyed
+//!   log.
+//! - [`read`]: reading records from the topic's log.
+//! - [`push`]: the `Subscribe` stream (push with credits) for subscriptions and groups.
+//! - [`webhook`]: push to HTTP endpoints: signed POSTs, retries with backoff, AIMD rate.
+//! - [`Subscriptions`]: every subscription in memory; each change is stored before it takes
+//!   effect; [`spawn_background`] runs the sweep that expires locks (and dead-letters records
+//!   past their attempts) while no consumer calls.
+//!
+//! # Concurrency
+//! Each subscription has one async lock over its partitions' state. A call works on a copy:
+//! it reads records, dead-letters, and stores the changed partitions, and only then installs
+//! the copy. A failure leaves the state as it was. The store's writes go through one
+//! blocking-pool lock over the log.
+
+pub mod persist;
+pub mod push;
+pub mod read;
+pub mod records;
+pub mod state;
+pub mod webhook;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use rill_proto::v1::{self as pb, FetchedRecord};
+use rill_storage::log::now_ms;
+use rill_storage::Store;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{StreamExt, StreamMap};
+
+use self::persist::StateLog;
+use self::records::{StoredConfig, SubscriptionRecord};
+use self::state::{AckKind, DeadLetter, Limits, PartitionState, SubscriptionError};
+use crate::error::BrokerError;
+use crate::state::{Broker, TopicState};
+
+/// Default lock length.
+pub const DEFAULT_ACK_DEADLINE_MS: u32 = 30_000;
+/// Longest lock (and nack delay).
+pub const MAX_ACK_DEADLINE_MS: u32 = 3_600_000;
+/// Default deliveries before dead-lettering.
+pub const DEFAULT_MAX_DELIVERY_ATTEMPTS: u32 = 5;
+/// Most deliveries allowed.
+pub const MAX_DELIVERY_ATTEMPTS: u32 = 1_000;
+/// Default pending records per partition.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1_000;
+/// Most pending records per partition: bounds one stored partition record (about 100 bytes
+/// each) well below half a segment of the state topic.
+pub const MAX_IN_FLIGHT: u32 = 10_000;
+/// Default records per Receive.
+const DEFAULT_RECEIVE_RECORDS: usize = 500;
+/// How often the sweep looks for expired locks.
+const SWEEP_TICK_MS: u64 = 500;
+
+/// The dead-letter headers: where a record came from and why it left.
+pub const HEADER_TOPIC: &str = "rill-dead-letter-topic";
+/// The origin partition header.
+pub const HEADER_PARTITION: &str = "rill-dead-letter-partition";
+/// The origin offset header.
+pub const HEADER_OFFSET: &str = "rill-dead-letter-offset";
+/// The deliveries-made header.
+pub const HEADER_ATTEMPTS: &str = "rill-dead-letter-attempts";
+/// The last-error header (present when an error is known).
+pub const HEADER_ERROR: &str = "rill-dead-letter-error";
+/// The subscription header.
+pub const HEADER_SUBSCRIPTION: &str = "rill-dead-letter-subscription";
+
+/// One subscription.
+#[derive(Debug)]
+pub struct Sub {
+    name: String,
+    config: StoredConfig,
+    state: tokio::sync::Mutex<SubState>,
+    /// Woken when records may have become deliverable (nack, seek, expiry).
+    released: tokio::sync::Notify,
+    /// Where the next acquisition starts looking, so partitions share consumers fairly.
+    rotation: AtomicU32,
+}
+
+#[derive(Debug, Default)]
+struct SubState {
+    partitions: BTreeMap<u32, PartitionState>,
+    deleted: bool,
+}
+
+impl Sub {
+    fn limits(&self) -> Limits {
+        Limits {
+            ack_deadline_ms: self.config.ack_deadline_ms,
+            max_delivery_attempts: self.config.max_delivery_attempts,
+            max_in_flight: self.config.max_in_flight_per_partition,
+        }
+    }
+
+    /// The subscription's settings.
+    pub fn config(&self) -> &StoredConfig {
+        &self.config
+    }
+}
+
+/// Every subscription: a cheap clone.
+#[derive(Debug, Clone)]
+pub struct Subscriptions {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// A plain lock: looked up and changed, never held across an await.
+    subs: RwLock<BTreeMap<String, Arc<Sub>>>,
+    /// Used only on the blocking pool.
+    log: Arc<Mutex<StateLog>>,
+    /// Serializes creations and deletions.
+    admin: tokio::sync::Mutex<()>,
+}
+
+/// What a subscription's description says.
+#[derive(Debug, Clone, Default)]
+pub struct Description {
+    /// The settings.
+    pub config: StoredConfig,
+    /// Per partition: (partition, state copy, high watermark).
+    pub partitions: Vec<(u32, PartitionState, u64)>,
+    /// Timestamp of the oldest record not done, if any.
+    pub oldest_unacked_ms: Option<i64>,
+}
+
+impl Default for StoredConfig {
+    fn default() -> Self {
+        StoredConfig {
+            topic: String::new(),
+            ack_deadline_ms: DEFAULT_ACK_DEADLINE_MS,
+            max_delivery_attempts: DEFAULT_MAX_DELIVERY_ATTEMPTS,
+            dead_letter_topic: None,
+            max_in_flight_per_partition: DEFAULT_MAX_IN_FLIGHT,
+            from_earliest: false,
+            push: None,
+        }
+    }
+}
+
+/// Fills in defaults and checks bounds.
+pub fn settle_config(
+    name: &str,
+    c: &pb::SubscriptionConfig,
+    from_earliest: bool,
+) -> Result<StoredConfig, BrokerError> {
+    let invalid = |what: String| {
+        BrokerError::from(SubscriptionError::Invalid(format!(
+            "subscription {name:?}: {what}"
+        )))
+    };
+    let pick = |v: u32, default: u32, max: u32, what: &str| {
+        let v = if v == 0 { default } else { v };
+        if v > max {
+            Err(invalid(format!("{what} {v} is above the limit {max}")))
+        } else {
+            Ok(v)
+        }
+    };
+    if c.topic.is_empty() {
+        return Err(invalid("the topic is required".into()));
+    }
+    let dead_letter_topic = (!c.dead_letter_topic.is_empty()).then(|| c.dead_letter_topic.clone());
+    if dead_letter_topic.as_deref() == Some(c.topic.as_str()) {
+        return Err(invalid(
+            "the dead-letter topic must not be the topic itself".into(),
+        ));
+    }
+    Ok(StoredConfig {
+        topic: c.topic.clone(),
+        ack_deadline_ms: pick(
+            c.ack_deadline_ms,
+            DEFAULT_ACK_DEADLINE_MS,
+            MAX_ACK_DEADLINE_MS,
+            "ack_deadline_ms",
+        )?,
+        max_delivery_attempts: pick(
+            c.max_delivery_attempts,
+            DEFAULT_MAX_DELIVERY_ATTEMPTS,
+            MAX_DELIVERY_ATTEMPTS,
+            "max_delivery_attempts",
+        )?,
+        dead_letter_topic,
+        max_in_flight_per_partition: pick(
+            c.max_in_flight_per_partition,
+            DEFAULT_MAX_IN_FLIGHT,
+            MAX_IN_FLIGHT,
+            "max_in_flight_per_partition",
+        )?,
+        from_earliest,
+        push: match &c.push {
+            None => None,
+            Some(p) => {
+                let min = pick(
+                    p.min_backoff_ms,
+                    webhook::DEFAULT_MIN_BACKOFF_MS,
+                    MAX_ACK_DEADLINE_MS,
+                    "min_backoff_ms",
+                )?;
+                let max = pick(
+                    p.max_backoff_ms,
+                    webhook::DEFAULT_MAX_BACKOFF_MS,
+                    MAX_ACK_DEADLINE_MS,
+                    "max_backoff_ms",
+                )?;
+                if min > max {
+                    return Err(invalid(format!(
+                        "min_backoff_ms {min} is above max_backoff_ms {max}"
+                    )));
+                }
+                Some(records::StoredPush {
+                    endpoint: p.endpoint.clone(),
+                    min_backoff_ms: min,
+                    max_backoff_ms: max,
+                    max_in_flight: pick(
+                        p.max_in_flight,
+                        webhook::DEFAULT_MAX_IN_FLIGHT,
+                        webhook::MAX_IN_FLIGHT,
+                        "max_in_flight",
+                    )?,
+                    signing_secret: (!p.signing_secret.is_empty())
+                        .then(|| p.signing_secret.clone()),
+                })
+            }
+        },
+    })
+}
+
+/// The settings as the wire message.
+pub fn config_to_pb(c: &StoredConfig) -> pb::SubscriptionConfig {
+    pb::SubscriptionConfig {
+        topic: c.topic.clone(),
+        ack_deadline_ms: c.ack_deadline_ms,
+        max_delivery_attempts: c.max_delivery_attempts,
+        dead_letter_topic: c.dead_letter_topic.clone().unwrap_or_default(),
+        max_in_flight_per_partition: c.max_in_flight_per_partition,
+        // The secret is never returned.
+        push: c.push.as_ref().map(|p| pb::PushConfig {
+            endpoint: p.endpoint.clone(),
+            min_backoff_ms: p.min_backoff_ms,
+            max_backoff_ms: p.max_backoff_ms,
+            max_in_flight: p.max_in_flight,
+            signing_secret: String::new(),
+        }),
+    }
+}
+
+/// Checks a consumer id.
+pub fn validate_consumer(id: &str) -> Result<(), BrokerError> {
+    if id.is_empty() || id.len() > state::MAX_CONSUMER_ID_LEN {
+        return Err(SubscriptionError::Invalid(format!(
+            "consumer_id must be 1 to {} bytes (got {})",
+            state::MAX_CONSUMER_ID_LEN,
+            id.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// An acknowledgement, as both the RPC and the push stream carry it.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// Inclusive ranges: (partition, first, last).
+    pub ranges: Vec<(u32, u64, u64)>,
+    /// What to do.
+    pub kind: AckKind,
+    /// Why (nack, reject).
+    pub error: Option<String>,
+}
+
+impl Ack {
+    /// Reads the wire form; an unspecified type or a delay above the limit is refused.
+    pub fn from_pb(
+        ranges: &[pb::AckRange],
+        kind: i32,
+        delay_ms: u32,
+        error: &str,
+    ) -> Result<Ack, BrokerError> {
+        let kind = match pb::AckType::try_from(kind) {
+            Ok(pb::AckType::Ack) => AckKind::Ack,
+            Ok(pb::AckType::Nack) => {
+                if delay_ms > MAX_ACK_DEADLINE_MS {
+                    return Err(SubscriptionError::Invalid(format!(
+                        "a nack delay of {delay_ms} ms is above the limit {MAX_ACK_DEADLINE_MS} ms"
+                    ))
+                    .into());
+                }
+                AckKind::Nack { delay_ms }
+            }
+            Ok(pb::AckType::Reject) => AckKind::Reject,
+            Ok(pb::AckType::Extend) => AckKind::Extend,
+            _ => {
+                return Err(SubscriptionError::Invalid(
+                    "the ack type must be ACK, NACK, REJECT or EXTEND".into(),
+                )
+                .into())
+            }
+        };
+        if ranges.is_empty() {
+            return Err(SubscriptionError::Invalid(
+                "an acknowledgement needs at least one range".into(),
+            )
+            .into());
+        }
+        let mut total = 0u64;
+        for r in ranges {
+            let n = r
+                .last_offset
+                .checked_sub(r.first_offset)
+                .and_then(|d| d.checked_add(1))
+                .ok_or_else(|| {
+                    SubscriptionError::Invalid(format!(
+                        "partition {}: the range {}..={} is empty (the last offset is before the first)",
+                        r.partition, r.first_offset, r.last_offset
+                    ))
+                })?;
+            total = total.saturating_add(n);
+        }
+        if total > state::MAX_ACK_RECORDS {
+            return Err(SubscriptionError::Invalid(format!(
+                "an acknowledgement names {total} records; the limit is {}",
+                state::MAX_ACK_RECORDS
+            ))
+            .into());
+        }
+        Ok(Ack {
+            ranges: ranges
+                .iter()
+                .map(|r| (r.partition, r.first_offset, r.last_offset))
+                .collect(),
+            kind,
+            error: (!error.is_empty()).then(|| error.to_string()),
+        })
+    }
+}
+
+impl Subscriptions {
+    /// Opens the state: replays `__subscriptions` (creating it when missing). Every lock
+    /// held before is dropped, so records acquired and not acknowledged before a restart
+    /// are delivered again. Blocking: call it on the blocking pool.
+    pub fn open(store: &Store) -> Result<Subscriptions, BrokerError> {
+        let (log, replayed) = StateLog::open(store)?;
+        let mut subs: BTreeMap<String, (StoredConfig, BTreeMap<u32, PartitionState>)> =
+            BTreeMap::new();
+        let count = replayed.len();
+        for r in replayed {
+            match r {
+                SubscriptionRecord::Created { name, config } => {
+                    subs.insert(name, (config, BTreeMap::new()));
+                }
+                SubscriptionRecord::Deleted { name } => {
+                    subs.remove(&name);
+                }
+                SubscriptionRecord::Partition {
+                    name,
+                    partition,
+                    state,
+                } => {
+                    if let Some((_, parts)) = subs.get_mut(&name) {
+                        parts.insert(partition, state);
+                    }
+                }
+            }
+        }
+        let subs: BTreeMap<String, Arc<Sub>> = subs
+            .into_iter()
+            .map(|(name, (config, mut partitions))| {
+                for p in partitions.values_mut() {
+                    p.drop_locks();
+                }
+                let sub = Sub {
+                    name: name.clone(),
+                    config,
+                    state: tokio::sync::Mutex::new(SubState {
+                        partitions,
+                        deleted: false,
+                    }),
+                    released: tokio::sync::Notify::new(),
+                    rotation: AtomicU32::new(0),
+                };
+                (name, Arc::new(sub))
+            })
+            .collect();
+        tracing::info!(
+            records = count,
+            subscriptions = subs.len(),
+            "subscription state loaded from {}",
+            persist::SUBSCRIPTIONS_TOPIC
+        );
+        Ok(Subscriptions {
+            inner: Arc::new(Inner {
+                subs: RwLock::new(subs),
+                log: Arc::new(Mutex::new(log)),
+                admin: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The subscription `name`, or NOT_FOUND.
+    pub fn get(&self, name: &str) -> Result<Arc<Sub>, BrokerError> {
+        self.inner
+            .subs
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SubscriptionError::NotFound { name: name.into() }.into())
+    }
+
+    /// Every subscription's name and topic, sorted by name.
+    pub fn list(&self) -> Vec<(String, String)> {
+        self.inner
+            .subs
+            .read()
+            .values()
+            .map(|s| (s.name.clone(), s.config.topic.clone()))
+            .collect()
+    }
+
+    async fn write(&self, records: Vec<SubscriptionRecord>) -> Result<(), BrokerError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let log = Arc::clone(&self.inner.log);
+        tokio::task::spawn_blocking(move || log.lock().write(&records)).await?
+    }
+
+    /// Creates subscription `name`, starting every partition at the log start or the high
+    /// watermark.
+    pub async fn create(
+        &self,
+        broker: &Broker,
+        name: &str,
+        config: StoredConfig,
+    ) -> Result<(), BrokerError> {
+        rill_storage::config::validate_name("subscription", name)?;
+        let topic = broker.topic(&config.topic)?;
+        if let Some(p) = &config.push {
+            webhook::check_endpoint(name, &p.endpoint, &broker.config().push_endpoint_allow)?;
+        }
+        if let Some(d) = &config.dead_letter_topic {
+            if broker.topic(d).is_err() {
+                return Err(SubscriptionError::DeadLetterTopicMissing {
+                    subscription: name.into(),
+                    topic: d.clone(),
+                }
+                .into());
+            }
+        }
+        let _admin = self.inner.admin.lock().await;
+        if self.inner.subs.read().contains_key(name) {
+            return Err(SubscriptionError::Exists { name: name.into() }.into());
+        }
+        let mut partitions = BTreeMap::new();
+        for p in 0..topic.topic.partition_count() {
+            let log = topic.log(p)?;
+            let start = if config.from_earliest {
+                log.log_start_offset()
+            } else {
+                log.high_watermark()
+            };
+            partitions.insert(p, PartitionState::starting_at(start));
+        }
+        let mut records = vec![SubscriptionRecord::Created {
+            name: name.into(),
+            config: config.clone(),
+        }];
+        records.extend(
+            partitions
+                .iter()
+                .map(|(p, s)| SubscriptionRecord::Partition {
+                    name: name.into(),
+                    partition: *p,
+                    state: s.clone(),
+                }),
+        );
+        self.write(records).await?;
+        let sub = Sub {
+            name: name.into(),
+            config,
+            state: tokio::sync::Mutex::new(SubState {
+                partitions,
+                deleted: false,
+            }),
+            released: tokio::sync::Notify::new(),
+            rotation: AtomicU32::new(0),
+        };
+        let sub = Arc::new(sub);
+        self.inner.subs.write().insert(name.into(), Arc::clone(&sub));
+        if sub.config.push.is_some() {
+            webhook::spawn(broker, self, &sub);
+        }
+        tracing::info!(subscription = name, "subscription created");
+        Ok(())
+    }
+
+    /// Deletes subscription `name` and its state.
+    pub async fn delete(&self, name: &str) -> Result<(), BrokerError> {
+        let _admin = self.inner.admin.lock().await;
+        let sub = self.get(name)?;
+        let mut st = sub.state.lock().await;
+        self.write(vec![SubscriptionRecord::Deleted { name: name.into() }])
+            .await?;
+        st.deleted = true;
+        self.inner.subs.write().remove(name);
+        sub.released.notify_waiters();
+        tracing::info!(subscription = name, "subscription deleted");
+        Ok(())
+    }
+
+    /// Describes subscription `name`.
+    pub async fn describe(&self, broker: &Broker, name: &str) -> Result<Description, BrokerError> {
+        let sub = self.get(name)?;
+        let topic = broker.topic(&sub.config.topic)?;
+        let st = sub.state.lock().await;
+        let mut out = Description {
+            config: sub.config.clone(),
+            ..Description::default()
+        };
+        let mut oldest: Vec<(rill_storage::PartitionLog, u64)> = Vec::new();
+        for p in 0..topic.topic.partition_count() {
+            let log = topic.log(p)?;
+            let mut ps = st
+                .partitions
+                .get(&p)
+                .cloned()
+                .unwrap_or_else(|| PartitionState::starting_at(log.log_start_offset()));
+            ps.clamp_to_log_start(log.log_start_offset());
+            let hwm = log.high_watermark();
+            if ps.floor < hwm {
+                oldest.push((log, ps.floor));
+            }
+            out.partitions.push((p, ps, hwm));
+        }
+        drop(st);
+        out.oldest_unacked_ms = tokio::task::spawn_blocking(move || {
+            oldest
+                .iter()
+                .filter_map(|(log, at)| {
+                    read::read_from(log, *at, 1, 1)
+                        .ok()?
+                        .first()
+                        .map(|r| r.timestamp_ms)
+                })
+                .min()
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Moves `name` to an offset or a time in one partition or all. Returns where each went.
+    pub async fn seek(
+        &self,
+        broker: &Broker,
+        name: &str,
+        target: pb::seek_subscription_request::Target,
+        partition: Option<u32>,
+    ) -> Result<Vec<(u32, u64)>, BrokerError> {
+        let sub = self.get(name)?;
+        let topic = broker.topic(&sub.config.topic)?;
+        let partitions: Vec<u32> = match partition {
+            Some(p) => {
+                topic.log(p)?;
+                vec![p]
+            }
+            None => (0..topic.topic.partition_count()).collect(),
+        };
+        let mut targets = Vec::new();
+        for p in partitions {
+            let log = topic.log(p)?;
+            let offset = match target {
+                pb::seek_subscription_request::Target::ToOffset(o) => {
+                    o.clamp(log.log_start_offset(), log.high_watermark())
+                }
+                pb::seek_subscription_request::Target::ToTimestampMs(t) => {
+                    let l = log.clone();
+                    tokio::task::spawn_blocking(move || l.offset_for_timestamp(t))
+                        .await??
+                        .unwrap_or_else(|| log.high_watermark())
+                }
+            };
+            targets.push((p, offset));
+        }
+        let mut st = sub.state.lock().await;
+        if st.deleted {
+            return Err(SubscriptionError::NotFound { name: name.into() }.into());
+        }
+        let mut next = st.partitions.clone();
+        for (p, offset) in &targets {
+            next.entry(*p).or_default().seek(*offset);
+        }
+        self.write(
+            targets
+                .iter()
+                .filter_map(|(p, _)| next.get(p).map(|s| (p, s)))
+                .map(|(p, s)| SubscriptionRecord::Partition {
+                    name: name.into(),
+                    partition: *p,
+                    state: s.clone(),
+                })
+                .collect(),
+        )
+        .await?;
+        st.partitions = next;
+        drop(st);
+        sub.released.notify_waiters();
+        Ok(targets)
+    }
+
+    /// Acquires up to `max_records` records (and about `max_bytes`) for `consumer`, waiting
+    /// up to `wait` for the first.
+    pub async fn receive(
+        &self,
+        broker: &Broker,
+        name: &str,
+        consumer: &str,
+        max_records: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<Vec<pb::ReceivedRecord>, BrokerError> {
+        validate_consumer(consumer)?;
+        let sub = self.get(name)?;
+        let topic = broker.topic(&sub.config.topic)?;
+        let max_records = if max_records == 0 {
+            DEFAULT_RECEIVE_RECORDS
+        } else {
+            max_records
+        };
+        let deadline = Instant::now() + wait;
+        let mut changes = StreamMap::new();
+        for p in 0..topic.topic.partition_count() {
+            if let Some(rx) = topic.subscribe(p) {
+                changes.insert(p, WatchStream::from_changes(rx));
+            }
+        }
+        let _slot = broker.waiter_slot()?;
+        loop {
+            let released = sub.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let (got, next_event) = self
+                .acquire(broker, &sub, &topic, consumer, max_records, max_bytes)
+                .await?;
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            // Only a future event is worth a wake-up: one due already was just tried.
+            let wake_at = next_event
+                .filter(|ms| *ms > now_ms())
+                .map(|ms| {
+                    let in_ms = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
+                    (Instant::now() + Duration::from_millis(in_ms)).min(deadline)
+                })
+                .unwrap_or(deadline);
+            tokio::select! {
+                _ = broker.shutdown().cancelled() => return Ok(Vec::new()),
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = &mut released => {}
+                _ = changes.next(), if !changes.is_empty() => {}
+            }
+        }
+    }
+
+    /// One pass of acquisition (also expiring locks and dead-lettering). Returns the records
+    /// and the next time a lock ends or a released record becomes due. The first record is
+    /// returned even when larger than `max_bytes`, so a large record is never stuck.
+    pub async fn acquire(
+        &self,
+        broker: &Broker,
+        sub: &Arc<Sub>,
+        topic: &Arc<TopicState>,
+        consumer: &str,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<pb::ReceivedRecord>, Option<i64>), BrokerError> {
+        self.acquire_with(
+            broker,
+            sub,
+            topic,
+            consumer,
+            (max_records, max_bytes),
+            false,
+        )
+        .await
+    }
+
+    /// [`Subscriptions::acquire`] that never goes past `max_bytes` (push credits).
+    pub async fn acquire_strict(
+        &self,
+        broker: &Broker,
+        sub: &Arc<Sub>,
+        topic: &Arc<TopicState>,
+        consumer: &str,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<pb::ReceivedRecord>, Option<i64>), BrokerError> {
+        self.acquire_with(broker, sub, topic, consumer, (max_records, max_bytes), true)
+            .await
+    }
+
+    async fn acquire_with(
+        &self,
+        broker: &Broker,
+        sub: &Arc<Sub>,
+        topic: &Arc<TopicState>,
+        consumer: &str,
+        (max_records, max_bytes): (usize, usize),
+        strict: bool,
+    ) -> Result<(Vec<pb::ReceivedRecord>, Option<i64>), BrokerError> {
+        let mut st = sub.state.lock().await;
+        if st.deleted {
+            return Err(SubscriptionError::NotFound {
+                name: sub.name.clone(),
+            }
+            .into());
+        }
+        let limits = sub.limits();
+        let now = now_ms();
+        let mut next = st.partitions.clone();
+        let count = topic.topic.partition_count();
+        let mut leaving = Vec::new();
+        for (p, ps) in next.iter_mut() {
+            leaving.extend(ps.expire(*p, now, &limits));
+        }
+        let mut out = Vec::new();
+        let mut bytes_left = max_bytes;
+        let first = sub.rotation.fetch_add(1, Ordering::Relaxed) % count.max(1);
+        for i in 0..count {
+            if out.len() >= max_records || bytes_left == 0 {
+                break;
+            }
+            let p = (first + i) % count;
+            let log = topic.log(p)?;
+            let ps = next
+                .entry(p)
+                .or_insert_with(|| PartitionState::starting_at(log.log_start_offset()));
+            ps.clamp_to_log_start(log.log_start_offset());
+            let want = max_records - out.len();
+            let again = ps.redeliverable(now, want);
+            let room = (limits.max_in_flight as usize).saturating_sub(ps.pending.len());
+            let new_max = want.saturating_sub(again.len()).min(room);
+            let from = ps.next;
+            if again.is_empty() && (new_max == 0 || from >= log.high_watermark()) {
+                continue;
+            }
+            let budget = bytes_left;
+            let (old, new) = tokio::task::spawn_blocking(move || -> Result<_, BrokerError> {
+                let old = read::read_at(&log, &again)?;
+                let new = if new_max > 0 {
+                    read::read_from(&log, from, new_max, budget)?
+                } else {
+                    Vec::new()
+                };
+                Ok((old, new))
+            })
+            .await??;
+            // Redelivered offsets the log no longer holds are done.
+            let found: std::collections::BTreeSet<u64> = old.iter().map(|r| r.offset).collect();
+            for o in ps.redeliverable(now, want) {
+                if !found.contains(&o) {
+                    ps.forget(o);
+                }
+            }
+            for r in &new {
+                ps.take_new(r.offset);
+            }
+            for r in old.into_iter().chain(new) {
+                let size = read::record_bytes(&r);
+                if (strict || !out.is_empty()) && size > bytes_left {
+                    break;
+                }
+                if let Some((delivery_count, lock_deadline_ms)) =
+                    ps.lock(r.offset, consumer, now, &limits)
+                {
+                    bytes_left = bytes_left.saturating_sub(size);
+                    out.push(pb::ReceivedRecord {
+                        partition: p,
+                        record: Some(r),
+                        delivery_count,
+                        lock_deadline_ms,
+                    });
+                }
+            }
+        }
+        self.finish(broker, sub, &mut st, next, leaving).await?;
+        let next_event = st
+            .partitions
+            .values()
+            .filter_map(PartitionState::next_event_ms)
+            .min();
+        Ok((out, next_event))
+    }
+
+    /// Dead-letters `leaving`, stores the partitions of `next` that differ from the state,
+    /// then installs `next`. On an error nothing changes.
+    async fn finish(
+        &self,
+        broker: &Broker,
+        sub: &Arc<Sub>,
+        st: &mut SubState,
+        mut next: BTreeMap<u32, PartitionState>,
+        leaving: Vec<DeadLetter>,
+    ) -> Result<(), BrokerError> {
+        if !leaving.is_empty() {
+            let to_topic = self.dead_letter(broker, sub, &leaving).await?;
+            for d in &leaving {
+                if let Some(ps) = next.get_mut(&d.partition) {
+                    ps.count_left(1, to_topic);
+                }
+            }
+            tracing::debug!(subscription = %sub.name, records = leaving.len(), to_topic, "records left the subscription");
+        }
+        let changed: Vec<SubscriptionRecord> = next
+            .iter()
+            .filter(|(p, s)| st.partitions.get(p) != Some(s))
+            .map(|(p, s)| SubscriptionRecord::Partition {
+                name: sub.name.clone(),
+                partition: *p,
+                state: s.clone(),
+            })
+            .collect();
+        self.write(changed).await?;
+        st.partitions = next;
+        Ok(())
+    }
+
+    /// Sends `leaving` to the dead-letter topic with origin headers. Returns whether there
+    /// is one (false: the records are archived).
+    async fn dead_letter(
+        &self,
+        broker: &Broker,
+        sub: &Arc<Sub>,
+        leaving: &[DeadLetter],
+    ) -> Result<bool, BrokerError> {
+        let Some(dlq) = sub.config.dead_letter_topic.clone() else {
+            return Ok(false);
+        };
+        if broker.topic(&dlq).is_err() {
+            return Err(SubscriptionError::DeadLetterTopicMissing {
+                subscription: sub.name.clone(),
+                topic: dlq,
+            }
+            .into());
+        }
+        let topic = broker.topic(&sub.config.topic)?;
+        let mut by_partition: BTreeMap<u32, Vec<&DeadLetter>> = BTreeMap::new();
+        for d in leaving {
+            by_partition.entry(d.partition).or_default().push(d);
+        }
+        let mut records = Vec::new();
+        for (p, ds) in by_partition {
+            let log = topic.log(p)?;
+            let offsets: Vec<u64> = ds.iter().map(|d| d.offset).collect();
+            let found =
+                tokio::task::spawn_blocking(move || read::read_at(&log, &offsets)).await??;
+            for r in found {
+                let Some(d) = ds.iter().find(|d| d.offset == r.offset) else {
+                    continue;
+                };
+                let mut headers = r.headers;
+                let mut add = |k: &str, v: String| {
+                    headers.push(pb::Header {
+                        key: k.into(),
+                        value: Bytes::from(v),
+                    })
+                };
+                add(HEADER_SUBSCRIPTION, sub.name.clone());
+                add(HEADER_TOPIC, sub.config.topic.clone());
+                add(HEADER_PARTITION, p.to_string());
+                add(HEADER_OFFSET, r.offset.to_string());
+                add(HEADER_ATTEMPTS, d.attempts.to_string());
+                if let Some(e) = &d.last_error {
+                    add(HEADER_ERROR, e.clone());
+                }
+                records.push(pb::Record {
+                    key: r.key,
+                    value: r.value,
+                    headers,
+                    timestamp_ms: Some(r.timestamp_ms),
+                });
+            }
+        }
+        if !records.is_empty() {
+            crate::produce::produce(
+                broker,
+                pb::ProduceRequest {
+                    topic: dlq,
+                    partition: None,
+                    ack: pb::AckMode::Durable as i32,
+                    payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
+                        records,
+                    })),
+                },
+            )
+            .await?;
+        }
+        Ok(true)
+    }
+
+    /// Applies `ack` for `consumer`: all ranges or none. Returns the records it applied to
+    /// and, for an extend, the new deadline.
+    pub async fn acknowledge(
+        &self,
+        broker: &Broker,
+        name: &str,
+        consumer: &str,
+        ack: &Ack,
+    ) -> Result<(u64, i64), BrokerError> {
+        validate_consumer(consumer)?;
+        let sub = self.get(name)?;
+        let topic = broker.topic(&sub.config.topic)?;
+        let count = topic.topic.partition_count();
+        let mut st = sub.state.lock().await;
+        if st.deleted {
+            return Err(SubscriptionError::NotFound { name: name.into() }.into());
+        }
+        let limits = sub.limits();
+        let now = now_ms();
+        let mut next = st.partitions.clone();
+        let mut leaving = Vec::new();
+        for (p, ps) in next.iter_mut() {
+            leaving.extend(ps.expire(*p, now, &limits));
+        }
+        let mut applied = 0u64;
+        let mut deadline = 0;
+        for &(p, first, last) in &ack.ranges {
+            if p >= count {
+                return Err(rill_storage::StorageError::PartitionNotFound {
+                    topic: sub.config.topic.clone(),
+                    partition: p,
+                    partitions: count,
+                }
+                .into());
+            }
+            let ps = next.entry(p).or_default();
+            applied += ps.check_held((name, &sub.config.topic, p), consumer, (first, last), now)?;
+            let (out, d) = ps.apply(
+                p,
+                (first, last),
+                ack.kind,
+                ack.error.as_deref(),
+                now,
+                &limits,
+            );
+            leaving.extend(out);
+            deadline = deadline.max(d);
+        }
+        self.finish(broker, &sub, &mut st, next, leaving).await?;
+        drop(st);
+        if matches!(ack.kind, AckKind::Nack { .. }) {
+            sub.released.notify_waiters();
+        }
+        Ok((applied, deadline))
+    }
+
+    /// Expires locks of every subscription (dead-lettering records past their attempts), so
+    /// that happens while no consumer calls.
+    pub async fn sweep(&self, broker: &Broker) {
+        let subs: Vec<Arc<Sub>> = self.inner.subs.read().values().cloned().collect();
+        let now = now_ms();
+        for sub in subs {
+            let due = {
+                let Ok(st) = sub.state.try_lock() else {
+                    continue;
+                };
+                st.partitions.values().any(|ps| {
+                    ps.pending
+                        .values()
+                        .any(|p| p.lock.as_ref().is_some_and(|l| l.deadline_ms < now))
+                })
+            };
+            if !due {
+                continue;
+            }
+            let Ok(topic) = broker.topic(&sub.config.topic) else {
+                continue;
+            };
+            match self.acquire(broker, &sub, &topic, "-", 0, 0).await {
+                Ok(_) => sub.released.notify_waiters(),
+                Err(e) => {
+                    tracing::warn!(subscription = %sub.name, error = %e, "subscription sweep failed")
+                }
+            }
+        }
+    }
+}
+
+/// Starts the sweep loop, and the webhook pusher of every subscription with an endpoint, on
+/// the broker's tracker.
+pub fn spawn_background(broker: &Broker, subs: &Subscriptions) {
+    let with_push: Vec<Arc<Sub>> = subs
+        .inner
+        .subs
+        .read()
+        .values()
+        .filter(|s| s.config.push.is_some())
+        .cloned()
+        .collect();
+    for sub in with_push {
+        webhook::spawn(broker, subs, &sub);
+    }
+    let b = broker.clone();
+    let s = subs.clone();
+    broker.tasks().spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(SWEEP_TICK_MS));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = b.shutdown().cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            s.sweep(&b).await;
+        }
+    });
+}
+
+/// A record as pushed in offset mode (no lock).
+pub fn unlocked(partition: u32, record: FetchedRecord) -> pb::ReceivedRecord {
+    pb::ReceivedRecord {
+        partition,
+        record: Some(record),
+        delivery_count: 0,
+        lock_deadline_ms: 0,
+    }
+}

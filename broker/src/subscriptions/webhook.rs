@@ -1,0 +1,456 @@
+//! Push to HTTP endpoints: one pusher per subscription with an endpoint. It acquires records
+//! as the consumer [`CONSUMER`] (so locks, delivery counts, dead letters and persistence are
+//! the queue's own), POSTs each as a JSON envelope, acks on 200, 201, 202, 204 or 102, and
+//! nacks otherwise (any other status, a connection error, no answer within the ack
+//! deadline) with a delay from an exponential backoff with jitter between the subscription's
+//! minimum and maximum. At most a window of requests is outstanding: it grows on success
+//! (slow start, then additive increase) and halves on failure, up to `max_in_flight`, so a
+//! failing endpoint is not hammered.
+//!
+//! The endpoint must be `http` or `https` on a loopback host or a host in the broker's
+//! `push_endpoint_allow` list ([`check_endpoint`]), so a topic admin cannot make the broker
+//! call arbitrary hosts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rill_proto::v1 as pb;
+use rill_storage::log::now_ms;
+use sha2::Sha256;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{StreamExt, StreamMap};
+
+use super::state::{AckKind, SubscriptionError};
+use super::{Ack, Sub, Subscriptions};
+use crate::error::BrokerError;
+use crate::state::Broker;
+
+/// Default shortest retry wait.
+pub const DEFAULT_MIN_BACKOFF_MS: u32 = 100;
+/// Default longest retry wait.
+pub const DEFAULT_MAX_BACKOFF_MS: u32 = 60_000;
+/// Default requests outstanding.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
+/// Most requests outstanding.
+pub const MAX_IN_FLIGHT: u32 = 10_000;
+/// The consumer id the pusher acquires records as.
+pub const CONSUMER: &str = "rill-webhook";
+/// The signature header: `t=<unix ms>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+pub const SIGNATURE_HEADER: &str = "rill-signature";
+/// The statuses that acknowledge a record.
+pub const ACK_STATUSES: [u16; 5] = [200, 201, 202, 204, 102];
+
+/// Checks that `endpoint` is an http(s) URL on a loopback host or an allowed one.
+pub fn check_endpoint(
+    subscription: &str,
+    endpoint: &str,
+    allow: &[String],
+) -> Result<(), BrokerError> {
+    let refuse = |reason: String| -> BrokerError {
+        SubscriptionError::EndpointNotAllowed {
+            subscription: subscription.into(),
+            endpoint: endpoint.into(),
+            reason,
+        }
+        .into()
+    };
+    let url = reqwest::Url::parse(endpoint).map_err(|e| {
+        BrokerError::from(SubscriptionError::Invalid(format!(
+            "subscription {subscription:?}: the push endpoint {endpoint:?} is not a URL: {e}"
+        )))
+    })?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(SubscriptionError::Invalid(format!(
+            "subscription {subscription:?}: the push endpoint {endpoint:?} must be http or https"
+        ))
+        .into());
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err(refuse("it has no host".into())),
+    };
+    let host = url.host_str().unwrap_or_default().trim_matches(['[', ']']);
+    if loopback || allow.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        Ok(())
+    } else {
+        Err(refuse(format!(
+            "{host} is not loopback and not in the broker's push_endpoint_allow list"
+        )))
+    }
+}
+
+/// The wait before retrying a record that failed its `attempt`-th delivery: `min * 2^(n-1)`
+/// capped at `max`, plus a random jitter below itself (backon's exponential backoff). So
+/// each wait is at least the previous one.
+pub fn backoff_ms(min_ms: u32, max_ms: u32, attempt: u32) -> u32 {
+    let mut b = backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(u64::from(min_ms)))
+            .with_max_delay(Duration::from_millis(u64::from(max_ms)))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times(),
+    );
+    let wait = b
+        .nth(attempt.saturating_sub(1) as usize)
+        .unwrap_or(Duration::from_millis(u64::from(max_ms)));
+    u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// The outstanding-request window: slow start, then additive increase; halved on failure.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    window: f64,
+    threshold: f64,
+    max: f64,
+}
+
+impl Rate {
+    /// One request at first, at most `max`.
+    pub fn new(max: u32) -> Self {
+        let max = f64::from(max.max(1));
+        Rate {
+            window: 1.0,
+            threshold: max,
+            max,
+        }
+    }
+
+    /// Requests allowed outstanding now.
+    pub fn window(&self) -> usize {
+        self.window as usize
+    }
+
+    /// A delivery succeeded.
+    pub fn success(&mut self) {
+        self.window += if self.window < self.threshold {
+            1.0
+        } else {
+            1.0 / self.window
+        };
+        self.window = self.window.min(self.max);
+    }
+
+    /// A delivery failed.
+    pub fn failure(&mut self) {
+        self.window = (self.window / 2.0).max(1.0);
+        self.threshold = self.window;
+    }
+}
+
+/// Starts `sub`'s pusher on the broker's tracker.
+pub fn spawn(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) {
+    let (b, s, sub) = (broker.clone(), subs.clone(), Arc::clone(sub));
+    broker.tasks().spawn(async move {
+        if let Err(e) = run(&b, &s, &sub).await {
+            tracing::warn!(subscription = %sub.name, error = %e, "webhook pusher stopped");
+        }
+    });
+}
+
+/// What one POST came to.
+struct Outcome {
+    partition: u32,
+    offset: u64,
+    attempt: u32,
+    /// `None`: acked; else why not.
+    error: Option<String>,
+}
+
+async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<(), BrokerError> {
+    let Some(push) = sub.config.push.clone() else {
+        return Ok(());
+    };
+    let deadline = Duration::from_millis(u64::from(sub.config.ack_deadline_ms));
+    let client = reqwest::Client::builder()
+        .timeout(deadline)
+        .connect_timeout(deadline.min(Duration::from_secs(10)))
+        .pool_max_idle_per_host(push.max_in_flight as usize)
+        .build()
+        .map_err(|e| BrokerError::Internal(format!("cannot build the HTTP client: {e}")))?;
+    let topic = broker.topic(&sub.config.topic)?;
+    let mut changes = StreamMap::new();
+    for p in 0..topic.topic.partition_count() {
+        if let Some(rx) = topic.subscribe(p) {
+            changes.insert(p, WatchStream::from_changes(rx));
+        }
+    }
+    let mut rate = Rate::new(push.max_in_flight);
+    let mut posts: JoinSet<Outcome> = JoinSet::new();
+    let max_bytes = broker.config().max_fetch_bytes;
+    loop {
+        let released = sub.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        let room = rate.window().saturating_sub(posts.len());
+        let mut next_event = None;
+        if room > 0 {
+            let (records, event) =
+                match subs.acquire(broker, sub, &topic, CONSUMER, room, max_bytes).await {
+                    Ok(got) => got,
+                    Err(BrokerError::Subscription(SubscriptionError::NotFound { .. })) => {
+                        return Ok(())
+                    }
+                    Err(e) => return Err(e),
+                };
+            for r in records {
+                posts.spawn(post(
+                    client.clone(),
+                    sub.name.clone(),
+                    sub.config.topic.clone(),
+                    push.clone(),
+                    r,
+                ));
+            }
+            next_event = event.filter(|ms| *ms > now_ms());
+        }
+        let has_room = rate.window() > posts.len();
+        let wake_at = next_event.map(|ms| {
+            Instant::now() + Duration::from_millis(u64::try_from(ms - now_ms()).unwrap_or(0))
+        });
+        tokio::select! {
+            _ = broker.shutdown().cancelled() => return Ok(()),
+            Some(done) = posts.join_next(), if !posts.is_empty() => {
+                let mut outcomes = vec![done.map_err(BrokerError::from)?];
+                while let Some(more) = posts.try_join_next() {
+                    outcomes.push(more.map_err(BrokerError::from)?);
+                }
+                settle(broker, subs, sub, &push, &mut rate, outcomes).await?;
+            }
+            _ = &mut released, if has_room => {}
+            _ = changes.next(), if has_room && !changes.is_empty() => {}
+            _ = sleep_until_opt(wake_at), if has_room && wake_at.is_some() => {}
+        }
+    }
+}
+
+/// Acks the successes in one call, nacks each failure with its backoff, and adapts the rate.
+async fn settle(
+    broker: &Broker,
+    subs: &Subscriptions,
+    sub: &Arc<Sub>,
+    push: &super::records::StoredPush,
+    rate: &mut Rate,
+    outcomes: Vec<Outcome>,
+) -> Result<(), BrokerError> {
+    let mut acked = Vec::new();
+    for o in outcomes {
+        match o.error {
+            None => {
+                rate.success();
+                acked.push((o.partition, o.offset, o.offset));
+            }
+            Some(error) => {
+                rate.failure();
+                let delay_ms = backoff_ms(push.min_backoff_ms, push.max_backoff_ms, o.attempt);
+                let nack = Ack {
+                    ranges: vec![(o.partition, o.offset, o.offset)],
+                    kind: AckKind::Nack { delay_ms },
+                    error: Some(error),
+                };
+                apply(broker, subs, sub, &nack).await?;
+            }
+        }
+    }
+    if !acked.is_empty() {
+        let ack = Ack {
+            ranges: acked,
+            kind: AckKind::Ack,
+            error: None,
+        };
+        apply(broker, subs, sub, &ack).await?;
+    }
+    Ok(())
+}
+
+/// Applies an ack or nack; a record whose lock ended meanwhile (a slow answer) is left to
+/// its redelivery, and an ack batch with such a record is retried record by record.
+async fn apply(
+    broker: &Broker,
+    subs: &Subscriptions,
+    sub: &Arc<Sub>,
+    ack: &Ack,
+) -> Result<(), BrokerError> {
+    match subs.acknowledge(broker, &sub.name, CONSUMER, ack).await {
+        Ok(_) => Ok(()),
+        Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) if ack.ranges.len() > 1 => {
+            for r in &ack.ranges {
+                let one = Ack {
+                    ranges: vec![*r],
+                    kind: ack.kind,
+                    error: ack.error.clone(),
+                };
+                match subs.acknowledge(broker, &sub.name, CONSUMER, &one).await {
+                    Ok(_) | Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+        Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The JSON envelope of one record.
+pub fn envelope(subscription: &str, topic: &str, r: &pb::ReceivedRecord) -> serde_json::Value {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let rec = r.record.clone().unwrap_or_default();
+    let attributes: BTreeMap<String, String> = rec
+        .headers
+        .iter()
+        .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.value).into_owned()))
+        .collect();
+    serde_json::json!({
+        "subscription": subscription,
+        "message": {
+            "message_id": format!("{topic}/{}/{}", r.partition, rec.offset),
+            "topic": topic,
+            "partition": r.partition,
+            "offset": rec.offset,
+            "key": rec.key.as_ref().map(|k| b64(k)),
+            "data": b64(&rec.value),
+            "attributes": attributes,
+            "publish_time_ms": rec.timestamp_ms,
+            "delivery_attempt": r.delivery_count,
+        }
+    })
+}
+
+/// The signature header's value for `body` at `t_ms`.
+pub fn signature(secret: &str, t_ms: i64, body: &[u8]) -> String {
+    // An HMAC takes a key of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC-SHA256 accepts keys of any length");
+    mac.update(t_ms.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={t_ms},v1={hex}")
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn post(
+    client: reqwest::Client,
+    subscription: String,
+    topic: String,
+    push: super::records::StoredPush,
+    r: pb::ReceivedRecord,
+) -> Outcome {
+    let offset = r.record.as_ref().map_or(0, |x| x.offset);
+    let mut outcome = Outcome {
+        partition: r.partition,
+        offset,
+        attempt: r.delivery_count,
+        error: None,
+    };
+    // A JSON value of strings and numbers always serializes.
+    let body = serde_json::to_vec(&envelope(&subscription, &topic, &r)).unwrap_or_default();
+    let mut req = client
+        .post(&push.endpoint)
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    if let Some(secret) = &push.signing_secret {
+        req = req.header(SIGNATURE_HEADER, signature(secret, now_ms(), &body));
+    }
+    outcome.error = match req.body(body).send().await {
+        Ok(resp) if ACK_STATUSES.contains(&resp.status().as_u16()) => None,
+        Ok(resp) => Some(format!("HTTP {}", resp.status().as_u16())),
+        Err(e) if e.is_timeout() => Some("no answer within the ack deadline".into()),
+        Err(e) => Some(format!("request failed: {e}")),
+    };
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_and_allowed_hosts_over_http_are_accepted() {
+        let allow = vec!["hooks.example.com".to_string(), "10.0.0.7".to_string()];
+        for ok in [
+            "http://127.0.0.1:8080/x",
+            "https://localhost/x",
+            "http://[::1]:9/",
+            "https://hooks.example.com/in",
+            "http://10.0.0.7/",
+        ] {
+            check_endpoint("s", ok, &allow).expect(ok);
+        }
+        for bad in [
+            "http://169.254.169.254/latest/meta-data",
+            "https://evil.example.com/",
+            "http://10.0.0.8/",
+        ] {
+            let e = check_endpoint("s", bad, &allow).expect_err(bad);
+            assert_eq!(tonic::Status::from(e).code(), tonic::Code::FailedPrecondition, "{bad}");
+        }
+        for bad in ["ftp://127.0.0.1/", "file:///etc/passwd", "not a url"] {
+            let e = check_endpoint("s", bad, &allow).expect_err(bad);
+            assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_within_its_bounds() {
+        for _ in 0..50 {
+            let waits: Vec<u32> = (1..=8).map(|n| backoff_ms(100, 2_000, n)).collect();
+            assert!((100..200).contains(&waits[0]), "{waits:?}");
+            for w in waits.windows(2) {
+                assert!(w[1] >= w[0] || w[0] >= 2_000, "{waits:?}");
+            }
+            assert!(waits.iter().all(|w| *w < 4_000), "{waits:?}");
+        }
+    }
+
+    #[test]
+    fn the_rate_starts_slow_grows_and_halves_on_failure() {
+        let mut r = Rate::new(64);
+        assert_eq!(r.window(), 1);
+        for _ in 0..10 {
+            r.success();
+        }
+        assert_eq!(r.window(), 11, "slow start: one more per success");
+        r.failure();
+        assert_eq!(r.window(), 5);
+        for _ in 0..5 {
+            r.success();
+        }
+        assert_eq!(
+            r.window(),
+            6,
+            "additive increase from 5.5: about one per window of successes, not one each"
+        );
+        for _ in 0..20 {
+            r.failure();
+        }
+        assert_eq!(r.window(), 1, "never below one");
+        for _ in 0..10_000 {
+            r.success();
+        }
+        assert_eq!(r.window(), 64, "never above the maximum");
+    }
+
+    #[test]
+    fn the_signature_is_an_hmac_of_the_timestamp_and_body() {
+        // RFC 4231 test case 2 shape: key "Jefe", message "what do ya want for nothing?".
+        let s = signature("Jefe", 1, b"what do ya want for nothing?");
+        assert!(s.starts_with("t=1,v1="), "{s}");
+        assert_eq!(s.len(), "t=1,v1=".len() + 64);
+        assert_ne!(s, signature("Jefe", 2, b"what do ya want for nothing?"));
+    }
+}
