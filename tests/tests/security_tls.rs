@@ -271,3 +271,53 @@ async fn the_broker_refuses_an_open_address_without_auth() -> Result<()> {
     );
     Ok(())
 }
+
+/// A client following a partition leader (or going back to its bootstrap brokers) connects
+/// with the TLS and token settings of its first connection: without them, the new
+/// connection would be plaintext and anonymous, and a secured cluster would refuse it.
+#[tokio::test]
+async fn a_followed_leader_connection_keeps_tls_and_token() -> Result<()> {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let mut config = rill_broker::Config::new(dir.path());
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    config.security.auth = true;
+    config.security.admin_token = Some(rill_broker::auth::Secret(ADMIN.into()));
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+    let origin =
+        Connection::connect_with(&addr, &ConnectOptions::new().tls_ca(&ca.pem).token(ADMIN))
+            .await?;
+
+    // The broker a refusal names as the leader is reached as the first one was.
+    let leaders = rill_client::leaders::Leaders::default();
+    let leader = tokio::time::timeout(
+        Duration::from_secs(10),
+        leaders.follow(&origin, "t", 0, &addr),
+    )
+    .await
+    .context("following a leader hung")??;
+    let me = leader
+        .security()
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(me.principal, "admin", "the token went along: {me:?}");
+    // So is a retry through the bootstrap list.
+    let again = origin.connect_like(&format!("{addr},{addr}")).await?;
+    assert_eq!(
+        again
+            .security()
+            .who_am_i(pb::WhoAmIRequest {})
+            .await?
+            .into_inner()
+            .principal,
+        "admin"
+    );
+    broker.stop().await?;
+    Ok(())
+}
