@@ -210,11 +210,16 @@ impl Server {
 
         let shutdown = broker.shutdown().clone();
         // At most `max_connections` connections reach tonic; the others are refused with
-        // RESOURCE_EXHAUSTED (see crate::connections).
-        let incoming = LimitedIncoming::new(listener, broker.clone());
+        // RESOURCE_EXHAUSTED, and plaintext clients of a TLS port are told to use TLS (see
+        // crate::connections).
+        let incoming = LimitedIncoming::new(
+            listener,
+            broker.clone(),
+            tls.as_ref().map(|t| t.refusals.clone()),
+        );
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
-            builder = builder.tls_config(tls).context("configuring TLS")?;
+            builder = builder.tls_config(tls.tonic).context("configuring TLS")?;
         }
         let served = builder
             // Authentication, in front of every service (see crate::auth).

@@ -92,9 +92,10 @@ async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Resu
     let addr = broker.addr().to_string();
 
     let plaintext = try_call(&addr, &ConnectOptions::new()).await;
+    let plaintext = plaintext.expect_err("a plaintext client must fail");
     assert!(
-        plaintext.is_err(),
-        "a plaintext client must fail: {plaintext:?}"
+        plaintext.contains("FailedPrecondition") && plaintext.contains("serves TLS only"),
+        "a plaintext client is told to use TLS: {plaintext}"
     );
     let wrong = try_call(&addr, &ConnectOptions::new().tls_ca(&other.pem)).await;
     let wrong = wrong.expect_err("a client trusting another CA must fail");
@@ -134,8 +135,9 @@ async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Resu
     Ok(())
 }
 
-/// The connection limit holds under TLS: a connection over it is closed (the client fails
-/// at once, no hang), and the connections within it go on.
+/// The connection limit holds under TLS: a call on a connection over it is answered
+/// RESOURCE_EXHAUSTED naming the limit, as without TLS (not a bare close), and the
+/// connections within it go on.
 #[tokio::test]
 async fn the_connection_limit_holds_under_tls() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -152,8 +154,8 @@ async fn the_connection_limit_holds_under_tls() -> Result<()> {
     list_topics(&first).await?;
     let over = try_call(&addr, &tls).await.expect_err("over the limit");
     assert!(
-        !over.contains("no answer within"),
-        "a clean failure: {over}"
+        over.contains("ResourceExhausted") && over.contains("max_connections"),
+        "answered RESOURCE_EXHAUSTED, naming the limit: {over}"
     );
     list_topics(&first).await?;
     broker.stop().await?;
@@ -319,5 +321,81 @@ async fn a_followed_leader_connection_keeps_tls_and_token() -> Result<()> {
         "admin"
     );
     broker.stop().await?;
+    Ok(())
+}
+
+/// Log lines written while it is the thread's subscriber (the test runtime runs the broker's
+/// accept loop on the test's thread).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+/// Plaintext clients on a TLS port each get a clear answer, and the broker logs them once
+/// (rate-limited), not once per connection or per byte; TLS clients go on meanwhile.
+#[tokio::test]
+async fn plaintext_clients_on_a_tls_port_are_told_and_logged_once() -> Result<()> {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let mut config = rill_broker::Config::new(dir.path());
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+    for _ in 0..5 {
+        let err = try_call(&addr, &ConnectOptions::new())
+            .await
+            .expect_err("plaintext fails");
+        assert!(err.contains("serves TLS only"), "{err}");
+    }
+    // Raw bytes that are not even HTTP/2 are dropped without a line per byte.
+    let mut raw = tokio::net::TcpStream::connect(&addr).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET / HTTP/1.1\r\n\r\n").await?;
+    drop(raw);
+    assert_eq!(
+        try_call(&addr, &ConnectOptions::new().tls_ca(&ca.pem)).await,
+        Ok(vec![]),
+        "TLS clients are served meanwhile"
+    );
+    broker.stop().await?;
+    let logs = captured.text();
+    let lines = logs
+        .lines()
+        .filter(|l| l.contains("plaintext client connected to the TLS port"))
+        .count();
+    // Six plaintext connections: one line per second at most (two if the machine is slow
+    // enough to straddle a second), never one per connection.
+    assert!(
+        (1..=2).contains(&lines),
+        "logged once, not per client or byte ({lines} lines):\n{logs}"
+    );
     Ok(())
 }
