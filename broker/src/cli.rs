@@ -86,6 +86,10 @@ pub struct Flags {
     /// can then read, write and delete every topic.
     #[arg(long, env = "RILL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Keep gRPC reflection open to unauthenticated callers when authentication is on;
+    /// false makes it need a token or client certificate [default: true].
+    #[arg(long, env = "RILL_OPEN_REFLECTION")]
+    pub open_reflection: Option<bool>,
     /// This broker's node id in a cluster (1 or more); requires --peers.
     #[arg(long, env = "RILL_NODE_ID")]
     pub node_id: Option<u64>,
@@ -214,6 +218,7 @@ struct SecurityFlags {
     admin_token_file: Option<PathBuf>,
     admin_token: Option<String>,
     insecure_no_auth: bool,
+    open_reflection: Option<bool>,
 }
 
 fn flags_security(flags: &Flags) -> SecurityFlags {
@@ -225,6 +230,7 @@ fn flags_security(flags: &Flags) -> SecurityFlags {
         admin_token_file: flags.admin_token_file.clone(),
         admin_token: flags.admin_token.clone(),
         insecure_no_auth: flags.insecure_no_auth,
+        open_reflection: flags.open_reflection,
     }
 }
 
@@ -238,6 +244,9 @@ fn load_security(
     security.tls_key = flags.tls_key.clone().or(file.tls_key.clone());
     security.tls_client_ca = flags.tls_client_ca.clone().or(file.tls_client_ca.clone());
     security.insecure_no_auth = flags.insecure_no_auth;
+    if let Some(v) = flags.open_reflection.or(file.open_reflection) {
+        security.open_reflection = v;
+    }
     let token = match (
         &flags.admin_token,
         flags

@@ -223,7 +223,10 @@ impl Server {
         }
         let served = builder
             // Authentication, in front of every service (see crate::auth).
-            .layer(AuthLayer::new(security))
+            .layer(AuthLayer::new(
+                security,
+                broker.config().security.open_reflection,
+            ))
             .max_frame_size(MAX_FRAME_BYTES)
             .max_concurrent_streams(Some(broker.config().max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -1,6 +1,6 @@
 //! TLS end to end, with certificates made by the test (rcgen; no files committed): the right
 //! CA works, a plaintext client and a client trusting another CA fail cleanly, mutual TLS maps
-//! a client certificate to its principal; and protected mode.
+//! a client certificate to its principal; protected mode; and the reflection setting.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -397,5 +397,59 @@ async fn plaintext_clients_on_a_tls_port_are_told_and_logged_once() -> Result<()
         (1..=2).contains(&lines),
         "logged once, not per client or byte ({lines} lines):\n{logs}"
     );
+    Ok(())
+}
+
+/// Lists the services over reflection, through `conn`'s transport (with its token, if any).
+async fn reflection_services(conn: &Connection) -> Result<Vec<String>, tonic::Status> {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(conn.transport())
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await?
+        .into_inner();
+    let resp = stream
+        .next()
+        .await
+        .ok_or_else(|| tonic::Status::internal("no reflection response"))??;
+    match resp.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => Err(tonic::Status::internal(format!("unexpected {other:?}"))),
+    }
+}
+
+/// With authentication on, reflection is open by default and needs a credential with
+/// `open_reflection = false`.
+#[tokio::test]
+async fn reflection_is_open_or_closed_by_config() -> Result<()> {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    for open in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let mut config = rill_broker::Config::new(dir.path());
+        config.security.auth = true;
+        config.security.admin_token = Some(rill_broker::auth::Secret(ADMIN.into()));
+        config.security.open_reflection = open;
+        let broker = TestBroker::start_with(config, Some(dir)).await?;
+        let addr = broker.addr().to_string();
+        let anonymous = Connection::connect(&addr).await?;
+        let admin = Connection::connect_with(&addr, &ConnectOptions::new().token(ADMIN)).await?;
+        let listed = reflection_services(&admin).await?;
+        assert!(listed.iter().any(|s| s == "rill.v1.Log"), "{listed:?}");
+        match (open, reflection_services(&anonymous).await) {
+            (true, Ok(listed)) => assert!(listed.iter().any(|s| s == "rill.v1.Log")),
+            (false, Err(e)) => assert_eq!(e.code(), Code::Unauthenticated, "{e:?}"),
+            (open, got) => panic!("open_reflection = {open}: {got:?}"),
+        }
+        broker.stop().await?;
+    }
     Ok(())
 }

@@ -102,6 +102,12 @@ pub const RPCS: &[(&str, Needs)] = &[
     ("/rill.v1.Cluster/", Needs::Caller(Operation::Describe)),
 ];
 
+/// Whether `path` is a gRPC reflection call (open by default, closed by
+/// `open_reflection = false`).
+pub fn is_reflection(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.")
+}
+
 /// What `path` needs: the first row whose path equals it or, for a row ending in `/`,
 /// starts it. `None`: no row, refused.
 pub fn needs(path: &str) -> Option<Needs> {
@@ -114,12 +120,18 @@ pub fn needs(path: &str) -> Option<Needs> {
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     security: Option<Security>,
+    open_reflection: bool,
 }
 
 impl AuthLayer {
     /// Authenticates against `security`; `None` lets every call through as anonymous.
-    pub fn new(security: Option<Security>) -> Self {
-        AuthLayer { security }
+    /// Reflection stays open to all with `open_reflection`, and otherwise needs an
+    /// authenticated caller.
+    pub fn new(security: Option<Security>, open_reflection: bool) -> Self {
+        AuthLayer {
+            security,
+            open_reflection,
+        }
     }
 }
 
@@ -130,6 +142,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             security: self.security.clone().map(Arc::new),
+            open_reflection: self.open_reflection,
         }
     }
 }
@@ -139,6 +152,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     security: Option<Arc<Security>>,
+    open_reflection: bool,
 }
 
 /// The bearer token of a request's `authorization` header, if any.
@@ -211,6 +225,9 @@ where
         };
         let path = req.uri().path().to_string();
         let outcome = match needs(&path) {
+            Some(Needs::Open) if !self.open_reflection && is_reflection(&path) => {
+                authenticate(security, &req).map(Some)
+            }
             Some(Needs::Open) => Ok(None),
             None => Err(BrokerError::Unauthenticated(format!(
                 "{path} is not open to any caller"

@@ -51,7 +51,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// The security settings of a broker.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SecurityConfig {
     /// The server's certificate chain (PEM). With `tls_key`, the broker serves TLS only.
     pub tls_cert: Option<PathBuf>,
@@ -67,6 +67,24 @@ pub struct SecurityConfig {
     pub admin_token: Option<Secret>,
     /// Allows a non-loopback listen address with authentication off.
     pub insecure_no_auth: bool,
+    /// Whether gRPC reflection stays open to unauthenticated callers when authentication is
+    /// on (it lists the services and message types, nothing else). `false` makes it need an
+    /// authenticated caller. Default true.
+    pub open_reflection: bool,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth: false,
+            admin_token: None,
+            insecure_no_auth: false,
+            open_reflection: true,
+        }
+    }
 }
 
 impl SecurityConfig {
