@@ -86,6 +86,23 @@ pub struct Flags {
     /// can then read, write and delete every topic.
     #[arg(long, env = "RILL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// A file holding the cluster token, which the brokers of a cluster send each other
+    /// (and which alone opens the internal replication service); RILL_CLUSTER_TOKEN wins.
+    #[arg(long, env = "RILL_CLUSTER_TOKEN_FILE")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// The cluster token. Read from the environment only, so it never shows in a process
+    /// list.
+    #[arg(
+        long = "cluster-token-from-env-only",
+        env = "RILL_CLUSTER_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub cluster_token: Option<String>,
+    /// CA certificates (PEM) of the peer brokers' certificates, for broker-to-broker TLS
+    /// [default: --tls-client-ca].
+    #[arg(long, env = "RILL_TLS_PEER_CA")]
+    pub tls_peer_ca: Option<PathBuf>,
     /// Keep gRPC reflection open to unauthenticated callers when authentication is on;
     /// false makes it need a token or client certificate [default: true].
     #[arg(long, env = "RILL_OPEN_REFLECTION")]
@@ -219,6 +236,9 @@ struct SecurityFlags {
     admin_token: Option<String>,
     insecure_no_auth: bool,
     open_reflection: Option<bool>,
+    cluster_token_file: Option<PathBuf>,
+    cluster_token: Option<String>,
+    tls_peer_ca: Option<PathBuf>,
 }
 
 fn flags_security(flags: &Flags) -> SecurityFlags {
@@ -231,6 +251,9 @@ fn flags_security(flags: &Flags) -> SecurityFlags {
         admin_token: flags.admin_token.clone(),
         insecure_no_auth: flags.insecure_no_auth,
         open_reflection: flags.open_reflection,
+        cluster_token_file: flags.cluster_token_file.clone(),
+        cluster_token: flags.cluster_token.clone(),
+        tls_peer_ca: flags.tls_peer_ca.clone(),
     }
 }
 
@@ -247,6 +270,15 @@ fn load_security(
     if let Some(v) = flags.open_reflection.or(file.open_reflection) {
         security.open_reflection = v;
     }
+    security.tls_peer_ca = flags.tls_peer_ca.clone().or(file.tls_peer_ca.clone());
+    security.cluster_token = secret(
+        &flags.cluster_token,
+        flags
+            .cluster_token_file
+            .as_ref()
+            .or(file.cluster_token_file.as_ref()),
+        "cluster token",
+    )?;
     let token = match (
         &flags.admin_token,
         flags
@@ -272,6 +304,27 @@ fn load_security(
     security.admin_token = token.map(crate::auth::Secret);
     security.auth = flags.auth || file.auth.unwrap_or(false) || security.admin_token.is_some();
     Ok(())
+}
+
+/// A secret from the environment (wins) or a file, at least 16 characters.
+fn secret(
+    from_env: &Option<String>,
+    file: Option<&PathBuf>,
+    what: &str,
+) -> Result<Option<crate::auth::Secret>> {
+    let token = match (from_env, file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the {what} file {}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the {what} must be at least 16 characters (use a random one)"
+    );
+    Ok(Some(crate::auth::Secret(token)))
 }
 
 /// Protected mode: a broker on a non-loopback address must authenticate its callers, unless

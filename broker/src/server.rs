@@ -46,7 +46,10 @@ pub struct Server {
 impl Server {
     /// Binds the listen address, then opens the store (recovering partitions as needed),
     /// answering health checks with NOT_SERVING meanwhile (see [`crate::health`]).
-    pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server> {
+    pub async fn bind(mut config: Config, shutdown: CancellationToken) -> Result<Server> {
+        if let Some(cluster) = config.cluster.as_mut() {
+            cluster.transport = crate::cluster::peer_transport(&config.security).await?;
+        }
         if let Some(cluster) = &config.cluster {
             // A broker whose peers list the running ones refuse stops before it opens or
             // writes anything.

@@ -2,56 +2,14 @@
 //! CA works, a plaintext client and a client trusting another CA fail cleanly, mutual TLS maps
 //! a client certificate to its principal; protected mode; and the reflection setting.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rill_client::{ConnectOptions, Connection};
 use rill_proto::v1 as pb;
+use rill_tests::certs::Ca;
 use rill_tests::TestBroker;
 use tonic::Code;
-
-/// A CA that signs server and client certificates, written as PEM files into `dir`.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: PathBuf,
-    dir: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Result<Ca> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.self_signed(&key)?;
-        let pem = dir.join(format!("{name}.pem"));
-        std::fs::write(&pem, cert.pem())?;
-        Ok(Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    /// A certificate for `common_name` (and the names in `sans`), signed by this CA: its
-    /// (certificate, key) PEM files.
-    fn issue(&self, common_name: &str, sans: &[&str]) -> Result<(PathBuf, PathBuf)> {
-        let key = KeyPair::generate()?;
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let cert_path = self.dir.join(format!("{common_name}.crt"));
-        let key_path = self.dir.join(format!("{common_name}.key"));
-        std::fs::write(&cert_path, cert.pem())?;
-        std::fs::write(&key_path, key.serialize_pem())?;
-        Ok((cert_path, key_path))
-    }
-}
 
 async fn list_topics(conn: &Connection) -> Result<Vec<String>, tonic::Status> {
     Ok(conn

@@ -2,8 +2,7 @@
 //!
 //! It looks the RPC path up in [`RPCS`]: health (and reflection) stay open; every `rill.v1`
 //! RPC needs an authenticated caller; the internal replication service (`rill.v1.Raft`)
-//! needs the cluster's `admin` (brokers authenticate with the admin token or a certificate
-//! granted `admin`). A path in no row is refused: a service added without a row cannot be
+//! accepts only brokers, which authenticate with the cluster token. A path in no row is refused: a service added without a row cannot be
 //! reached unauthenticated by accident. A caller is, in order: the bearer token in
 //! `authorization`, else a verified client certificate's principal. The [`super::Caller`]
 //! goes into the request's extensions for [`super::check`].
@@ -29,6 +28,8 @@ pub enum Needs {
     Caller(Operation),
     /// The cluster's `admin`, checked here.
     ClusterAdmin,
+    /// A peer broker (the cluster token), checked here.
+    Broker,
 }
 
 /// Every service path prefix and RPC, with what it needs. The operation in a
@@ -97,7 +98,7 @@ pub const RPCS: &[(&str, Needs)] = &[
         Needs::Caller(Operation::Describe),
     ),
     ("/rill.v1.Security/", Needs::ClusterAdmin),
-    ("/rill.v1.Raft/", Needs::ClusterAdmin),
+    ("/rill.v1.Raft/", Needs::Broker),
     // The cluster's shape (brokers, leaders) is what any client needs to route its calls.
     ("/rill.v1.Cluster/", Needs::Caller(Operation::Describe)),
 ];
@@ -233,6 +234,18 @@ where
                 "{path} is not open to any caller"
             ))),
             Some(Needs::Caller(_)) => authenticate(security, &req).map(Some),
+            Some(Needs::Broker) => authenticate(security, &req).and_then(|caller| {
+                if caller.method == AuthMethod::Broker {
+                    Ok(Some(caller))
+                } else {
+                    tracing::warn!(principal = %caller.principal, %path, "denied: only brokers may call the replication service");
+                    Err(BrokerError::PermissionDenied {
+                        principal: caller.principal,
+                        operation: Operation::Admin,
+                        resource: "the internal replication service (brokers only)".into(),
+                    })
+                }
+            }),
             Some(Needs::ClusterAdmin) => authenticate(security, &req).and_then(|caller| {
                 security
                     .authorize(&caller, Operation::Admin, &Resource::cluster())
@@ -276,10 +289,7 @@ mod tests {
             Some(Needs::Caller(Operation::Describe))
         );
         assert_eq!(needs("/rill.v1.Security/AddAcl"), Some(Needs::ClusterAdmin));
-        assert_eq!(
-            needs("/rill.v1.Raft/AppendEntries"),
-            Some(Needs::ClusterAdmin)
-        );
+        assert_eq!(needs("/rill.v1.Raft/AppendEntries"), Some(Needs::Broker));
         assert_eq!(
             needs("/rill.v1.Cluster/Metadata"),
             Some(Needs::Caller(Operation::Describe))

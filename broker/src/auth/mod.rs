@@ -37,6 +37,8 @@ use crate::state::Broker;
 pub const SECURITY_TOPIC: &str = "__security";
 /// The principal of the bootstrap admin token.
 pub const ADMIN_PRINCIPAL: &str = "admin";
+/// The principal of a peer broker (authenticated by the cluster token).
+pub const BROKER_PRINCIPAL: &str = "broker";
 /// The principal every caller is when authentication is off.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -71,6 +73,12 @@ pub struct SecurityConfig {
     /// on (it lists the services and message types, nothing else). `false` makes it need an
     /// authenticated caller. Default true.
     pub open_reflection: bool,
+    /// The cluster token (from `RILL_CLUSTER_TOKEN` or `cluster_token_file`): brokers of a
+    /// cluster send it to each other, and only it opens the internal replication service.
+    pub cluster_token: Option<Secret>,
+    /// CA certificates (PEM) that signed the peer brokers' certificates, for broker-to-broker
+    /// TLS; `tls_client_ca` when not set.
+    pub tls_peer_ca: Option<PathBuf>,
 }
 
 impl Default for SecurityConfig {
@@ -83,6 +91,8 @@ impl Default for SecurityConfig {
             admin_token: None,
             insecure_no_auth: false,
             open_reflection: true,
+            cluster_token: None,
+            tls_peer_ca: None,
         }
     }
 }
@@ -105,6 +115,8 @@ pub enum AuthMethod {
     AdminToken,
     /// A verified client certificate.
     Certificate,
+    /// The cluster token: a peer broker.
+    Broker,
 }
 
 impl AuthMethod {
@@ -115,6 +127,7 @@ impl AuthMethod {
             AuthMethod::Token => "token",
             AuthMethod::AdminToken => "admin-token",
             AuthMethod::Certificate => "certificate",
+            AuthMethod::Broker => "broker",
         }
     }
 }
