@@ -278,3 +278,27 @@ mod tests {
         assert!(format!("{err:#}").contains("gives node 2 the address 127.0.0.1:7002"));
     }
 }
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+    use crate::auth::{Secret, SecurityConfig};
+
+    #[tokio::test]
+    async fn a_cluster_with_auth_needs_a_cluster_token_and_with_tls_a_peer_ca() {
+        let mut security = SecurityConfig {
+            auth: true,
+            ..SecurityConfig::default()
+        };
+        let e = peer_transport(&security).await.expect_err("no token");
+        assert!(e.to_string().contains("RILL_CLUSTER_TOKEN"), "{e}");
+        security.cluster_token = Some(Secret("cluster-token-0123456789".into()));
+        let t = peer_transport(&security).await.expect("a token");
+        assert!(t.token.is_some() && t.tls.is_none());
+
+        security.tls_cert = Some("cert.pem".into());
+        security.tls_key = Some("key.pem".into());
+        let e = peer_transport(&security).await.expect_err("no peer CA");
+        assert!(e.to_string().contains("tls_peer_ca"), "{e}");
+    }
+}

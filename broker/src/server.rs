@@ -179,6 +179,14 @@ impl Server {
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 
         health.set_all(tonic_health::ServingStatus::Serving).await;
+        if let Some(replication) = broker.replication() {
+            crate::health::watch_controller_quorum(
+                &health,
+                replication.clone(),
+                broker.shutdown().clone(),
+                broker.tasks(),
+            );
+        }
         // Once shutdown begins, the whole server and each service report NOT_SERVING (to
         // health watchers) while in-flight calls drain.
         let on_shutdown = health.clone();

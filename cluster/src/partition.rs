@@ -625,6 +625,27 @@ impl Replication {
         Some((leader, address))
     }
 
+    /// Whether the controller group has a quorum, as this broker sees it: a leader is known
+    /// and, when this broker is that leader, a majority acknowledged it within twice the
+    /// longest election timeout. A follower cut off from the leader starts elections, which
+    /// clears the leader it knows.
+    pub fn controller_has_quorum(&self) -> bool {
+        let Some(raft) = self.inner.node.controller() else {
+            return false;
+        };
+        let (leader, me, acked_ms) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            (m.current_leader, m.id, m.millis_since_quorum_ack)
+        };
+        let bound_ms = self.inner.node.registry().config().timings.election_max_ms * 2;
+        match leader {
+            None => false,
+            Some(l) if l == me => acked_ms.is_some_and(|ms| ms <= bound_ms),
+            Some(_) => true,
+        }
+    }
+
     /// This broker's node id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node.node_id()
