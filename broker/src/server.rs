@@ -155,7 +155,7 @@ impl Server {
         crate::groups::spawn_background(&broker, &coordinator);
         let request_metrics = match metrics_listener {
             Some((listener, _)) => {
-                let metrics = Metrics::new(&broker);
+                let metrics = Metrics::new(&broker, Some(coordinator.clone()));
                 let layer = metrics.layer();
                 crate::metrics::http::spawn(listener, metrics, &broker);
                 layer
