@@ -394,6 +394,37 @@ mod tests {
     }
 
     #[test]
+    fn cluster_security_and_reflection_settings_load_from_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("cluster.token");
+        std::fs::write(&token, "cluster-token-0123456789\n").expect("write");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "open_reflection = false\ntls_peer_ca = \"/etc/rill/peers.pem\"\n\
+                 cluster_token_file = {:?}\n",
+                token.to_str().expect("utf-8 path")
+            ),
+        )
+        .expect("write");
+        let config = load(flags(&["--config", path.to_str().expect("utf-8 path")])).expect("load");
+        let s = &config.security;
+        assert!(!s.open_reflection);
+        assert_eq!(s.tls_peer_ca, Some(PathBuf::from("/etc/rill/peers.pem")));
+        assert_eq!(
+            s.cluster_token.as_ref().map(|t| t.0.as_str()),
+            Some("cluster-token-0123456789")
+        );
+        assert!(load(flags(&[])).expect("defaults").security.open_reflection);
+
+        std::fs::write(&token, "short\n").expect("write");
+        let err =
+            load(flags(&["--config", path.to_str().expect("utf-8 path")])).expect_err("too short");
+        assert!(format!("{err:#}").contains("cluster token"), "{err:#}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("rill.toml");
