@@ -1,8 +1,9 @@
 //! [`AuthLayer`]: the one place where callers are authenticated, in front of every service.
 //!
-//! It looks the RPC path up in [`RPCS`]: health (and reflection) stay open; every `rill.v1`
-//! RPC needs an authenticated caller; the internal replication service (`rill.v1.Raft`)
-//! accepts only brokers, which authenticate with the cluster token. A path in no row is refused: a service added without a row cannot be
+//! It looks the RPC path up in [`RPCS`]: health stays open, and reflection too unless
+//! `open_reflection` is off; every `rill.v1` RPC needs an authenticated caller; the internal
+//! replication service (`rill.v1.Raft`) accepts only brokers, which authenticate with the
+//! cluster token. A path in no row is refused: a service added without a row cannot be
 //! reached unauthenticated by accident. A caller is, in order: the bearer token in
 //! `authorization`, else a verified client certificate's principal. The [`super::Caller`]
 //! goes into the request's extensions for [`super::check`].

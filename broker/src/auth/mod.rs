@@ -4,9 +4,9 @@
 //!
 //! # Where the checks happen
 //! Authentication happens in one place, [`layer::AuthLayer`], a tower layer in front of every
-//! service: it maps each RPC path to what it needs (open, any authenticated caller, or the
-//! cluster's `admin`), refuses a missing or bad credential with UNAUTHENTICATED, and puts the
-//! [`Caller`] into the request's extensions. Authorization needs the resource, which is in
+//! service: it maps each RPC path to what it needs (open, any authenticated caller, the
+//! cluster's `admin`, or a peer broker), refuses a missing or bad credential with
+//! UNAUTHENTICATED, and puts the [`Caller`] into the request's extensions. Authorization needs the resource, which is in
 //! the request body (a topic name, a group), so the layer does not decode bodies: each RPC
 //! calls [`check`] first thing, through one helper, with its operation and resource. The
 //! table of every RPC's operation is [`layer::RPCS`]; the end-to-end matrix test runs every
