@@ -6,11 +6,11 @@
 //! Authentication happens in one place, [`layer::AuthLayer`], a tower layer in front of every
 //! service: it maps each RPC path to what it needs (open, any authenticated caller, the
 //! cluster's `admin`, or a peer broker), refuses a missing or bad credential with
-//! UNAUTHENTICATED, and puts the [`Caller`] into the request's extensions. Authorization needs the resource, which is in
-//! the request body (a topic name, a group), so the layer does not decode bodies: each RPC
-//! calls [`check`] first thing, through one helper, with its operation and resource. The
-//! table of every RPC's operation is [`layer::RPCS`]; the end-to-end matrix test runs every
-//! RPC of the contract against it.
+//! UNAUTHENTICATED, and puts the [`Caller`] into the request's extensions. Authorization
+//! needs the resource, which is in the request body (a topic name, a group), so the layer
+//! does not decode bodies: each RPC calls [`check`] first thing, through one helper, with its
+//! operation and resource. The table of every RPC's operation is [`layer::RPCS`]; the
+//! end-to-end matrix test runs every RPC of the contract against it.
 //!
 //! # Modules
 //! - [`acl`]: rules and the allow/deny decision.
