@@ -86,6 +86,27 @@ pub struct Flags {
     /// can then read, write and delete every topic.
     #[arg(long, env = "RILL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// A file holding the cluster token, which the brokers of a cluster send each other
+    /// (and which alone opens the internal replication service); RILL_CLUSTER_TOKEN wins.
+    #[arg(long, env = "RILL_CLUSTER_TOKEN_FILE")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// The cluster token. Read from the environment only, so it never shows in a process
+    /// list.
+    #[arg(
+        long = "cluster-token-from-env-only",
+        env = "RILL_CLUSTER_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub cluster_token: Option<String>,
+    /// CA certificates (PEM) of the peer brokers' certificates, for broker-to-broker TLS
+    /// [default: --tls-client-ca].
+    #[arg(long, env = "RILL_TLS_PEER_CA")]
+    pub tls_peer_ca: Option<PathBuf>,
+    /// Keep gRPC reflection open to unauthenticated callers when authentication is on;
+    /// false makes it need a token or client certificate [default: true].
+    #[arg(long, env = "RILL_OPEN_REFLECTION")]
+    pub open_reflection: Option<bool>,
     /// This broker's node id in a cluster (1 or more); requires --peers.
     #[arg(long, env = "RILL_NODE_ID")]
     pub node_id: Option<u64>,
@@ -214,6 +235,10 @@ struct SecurityFlags {
     admin_token_file: Option<PathBuf>,
     admin_token: Option<String>,
     insecure_no_auth: bool,
+    open_reflection: Option<bool>,
+    cluster_token_file: Option<PathBuf>,
+    cluster_token: Option<String>,
+    tls_peer_ca: Option<PathBuf>,
 }
 
 fn flags_security(flags: &Flags) -> SecurityFlags {
@@ -225,6 +250,10 @@ fn flags_security(flags: &Flags) -> SecurityFlags {
         admin_token_file: flags.admin_token_file.clone(),
         admin_token: flags.admin_token.clone(),
         insecure_no_auth: flags.insecure_no_auth,
+        open_reflection: flags.open_reflection,
+        cluster_token_file: flags.cluster_token_file.clone(),
+        cluster_token: flags.cluster_token.clone(),
+        tls_peer_ca: flags.tls_peer_ca.clone(),
     }
 }
 
@@ -238,6 +267,18 @@ fn load_security(
     security.tls_key = flags.tls_key.clone().or(file.tls_key.clone());
     security.tls_client_ca = flags.tls_client_ca.clone().or(file.tls_client_ca.clone());
     security.insecure_no_auth = flags.insecure_no_auth;
+    if let Some(v) = flags.open_reflection.or(file.open_reflection) {
+        security.open_reflection = v;
+    }
+    security.tls_peer_ca = flags.tls_peer_ca.clone().or(file.tls_peer_ca.clone());
+    security.cluster_token = secret(
+        &flags.cluster_token,
+        flags
+            .cluster_token_file
+            .as_ref()
+            .or(file.cluster_token_file.as_ref()),
+        "cluster token",
+    )?;
     let token = match (
         &flags.admin_token,
         flags
@@ -263,6 +304,27 @@ fn load_security(
     security.admin_token = token.map(crate::auth::Secret);
     security.auth = flags.auth || file.auth.unwrap_or(false) || security.admin_token.is_some();
     Ok(())
+}
+
+/// A secret from the environment (wins) or a file, at least 16 characters.
+fn secret(
+    from_env: &Option<String>,
+    file: Option<&PathBuf>,
+    what: &str,
+) -> Result<Option<crate::auth::Secret>> {
+    let token = match (from_env, file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the {what} file {}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the {what} must be at least 16 characters (use a random one)"
+    );
+    Ok(Some(crate::auth::Secret(token)))
 }
 
 /// Protected mode: a broker on a non-loopback address must authenticate its callers, unless
@@ -329,6 +391,37 @@ mod tests {
             config.topic_defaults.flush,
             rill_storage::FlushPolicy::Always
         );
+    }
+
+    #[test]
+    fn cluster_security_and_reflection_settings_load_from_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("cluster.token");
+        std::fs::write(&token, "cluster-token-0123456789\n").expect("write");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "open_reflection = false\ntls_peer_ca = \"/etc/rill/peers.pem\"\n\
+                 cluster_token_file = {:?}\n",
+                token.to_str().expect("utf-8 path")
+            ),
+        )
+        .expect("write");
+        let config = load(flags(&["--config", path.to_str().expect("utf-8 path")])).expect("load");
+        let s = &config.security;
+        assert!(!s.open_reflection);
+        assert_eq!(s.tls_peer_ca, Some(PathBuf::from("/etc/rill/peers.pem")));
+        assert_eq!(
+            s.cluster_token.as_ref().map(|t| t.0.as_str()),
+            Some("cluster-token-0123456789")
+        );
+        assert!(load(flags(&[])).expect("defaults").security.open_reflection);
+
+        std::fs::write(&token, "short\n").expect("write");
+        let err =
+            load(flags(&["--config", path.to_str().expect("utf-8 path")])).expect_err("too short");
+        assert!(format!("{err:#}").contains("cluster token"), "{err:#}");
     }
 
     #[test]

@@ -49,6 +49,51 @@ pub fn config(
     Ok(Some(config))
 }
 
+/// How this broker reaches its peers: TLS when it serves TLS (trusting `tls_peer_ca`, else
+/// `tls_client_ca`), and the cluster token when authentication is on. A cluster that serves
+/// TLS without a CA for its peers, or authenticates without a cluster token, refuses to
+/// start: its brokers could not reach each other.
+pub async fn peer_transport(
+    security: &crate::auth::SecurityConfig,
+) -> Result<rill_cluster::network::PeerTransport> {
+    let mut transport = rill_cluster::network::PeerTransport::default();
+    if security.tls() {
+        let Some(ca) = security
+            .tls_peer_ca
+            .as_ref()
+            .or(security.tls_client_ca.as_ref())
+        else {
+            anyhow::bail!(
+                "a cluster serving TLS needs the CA of its brokers' certificates: set \
+                 tls_peer_ca (--tls-peer-ca, RILL_TLS_PEER_CA) or tls_client_ca"
+            );
+        };
+        let path = ca.clone();
+        let pem = tokio::task::spawn_blocking(move || std::fs::read(&path))
+            .await
+            .context("reading the peer CA")?
+            .with_context(|| format!("reading the peer CA (tls_peer_ca) {}", ca.display()))?;
+        transport.tls = Some(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        );
+    }
+    if security.auth {
+        let Some(token) = &security.cluster_token else {
+            anyhow::bail!(
+                "a cluster with authentication needs a cluster token, the same on every \
+                 broker: set RILL_CLUSTER_TOKEN or cluster_token_file (--cluster-token-file)"
+            );
+        };
+        transport.token = Some(
+            format!("Bearer {}", token.0)
+                .parse()
+                .context("the cluster token must be printable ASCII")?,
+        );
+    }
+    Ok(transport)
+}
+
 /// The internal `Raft` and public `Cluster` services of a cluster member.
 pub fn services(
     node: &ClusterNode,
@@ -139,7 +184,15 @@ pub async fn create_replicated(
             .await?),
         Some((_, address)) => {
             let forward = async {
-                let mut admin = AdminClient::connect(format!("http://{address}")).await?;
+                // As a broker (the cluster token, over TLS when on): this broker authorized
+                // its caller already.
+                let transport = broker
+                    .config()
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.transport.clone())
+                    .unwrap_or_default();
+                let mut admin = AdminClient::new(transport.connect_lazy(&address)?);
                 admin.create_topic(req.clone()).await?;
                 Ok::<_, anyhow::Error>(())
             };
@@ -223,5 +276,29 @@ mod tests {
         assert_eq!(ok.map(|c| c.node_id), Some(2));
         let err = config(Some(2), Some(peers), listen(7001)).expect_err("mismatch");
         assert!(format!("{err:#}").contains("gives node 2 the address 127.0.0.1:7002"));
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+    use crate::auth::{Secret, SecurityConfig};
+
+    #[tokio::test]
+    async fn a_cluster_with_auth_needs_a_cluster_token_and_with_tls_a_peer_ca() {
+        let mut security = SecurityConfig {
+            auth: true,
+            ..SecurityConfig::default()
+        };
+        let e = peer_transport(&security).await.expect_err("no token");
+        assert!(e.to_string().contains("RILL_CLUSTER_TOKEN"), "{e}");
+        security.cluster_token = Some(Secret("cluster-token-0123456789".into()));
+        let t = peer_transport(&security).await.expect("a token");
+        assert!(t.token.is_some() && t.tls.is_none());
+
+        security.tls_cert = Some("cert.pem".into());
+        security.tls_key = Some("key.pem".into());
+        let e = peer_transport(&security).await.expect_err("no peer CA");
+        assert!(e.to_string().contains("tls_peer_ca"), "{e}");
     }
 }

@@ -201,6 +201,12 @@ pub struct FileConfig {
     pub auth: Option<bool>,
     /// A file holding the bootstrap admin token (one line); `RILL_ADMIN_TOKEN` wins.
     pub admin_token_file: Option<PathBuf>,
+    /// A file holding the cluster token (one line); `RILL_CLUSTER_TOKEN` wins.
+    pub cluster_token_file: Option<PathBuf>,
+    /// See [`crate::auth::SecurityConfig::tls_peer_ca`].
+    pub tls_peer_ca: Option<PathBuf>,
+    /// See [`crate::auth::SecurityConfig::open_reflection`].
+    pub open_reflection: Option<bool>,
     /// See [`Config::metrics_listen`].
     pub metrics_listen: Option<SocketAddr>,
     /// See [`Config::metrics_per_partition`].

@@ -73,6 +73,21 @@ pub enum BrokerError {
     /// The controller leader refused a forwarded request; its code and message are kept.
     #[error("{1}")]
     Forwarded(Code, String),
+    /// A connection over `max_connections`; the client may retry later.
+    #[error(
+        "too many connections: the broker serves at most {limit} at once (max_connections); \
+         close one or retry later"
+    )]
+    TooManyConnections {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A plaintext client reached a port that serves TLS only. Not worth retrying as it is.
+    #[error(
+        "this broker serves TLS only: connect with TLS (https://, `--tls-ca FILE` or \
+         `RILL_TLS_CA` with the CA that signed the broker's certificate)"
+    )]
+    TlsRequired,
 }
 
 /// The metadata key that names a partition's leader on a NotLeader status.
@@ -151,6 +166,8 @@ impl BrokerError {
             BrokerError::NotEnoughBrokers(_) => Code::FailedPrecondition,
             BrokerError::Forwarded(code, _) => *code,
             BrokerError::NotSupported(_) => Code::FailedPrecondition,
+            BrokerError::TooManyConnections { .. } => Code::ResourceExhausted,
+            BrokerError::TlsRequired => Code::FailedPrecondition,
         }
     }
 }

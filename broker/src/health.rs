@@ -1,6 +1,8 @@
 //! The gRPC health service's states: NOT_SERVING while the store is still opening
 //! (recovering partitions after a crash can take a while) and once shutdown begins, SERVING
-//! in between; for the whole server (`""`) and for each service.
+//! in between; for the whole server (`""`) and for each service. In a cluster, the Admin
+//! service also reports NOT_SERVING while this broker sees no controller quorum (topics
+//! cannot be created or deleted then), checked every [`QUORUM_CHECK_INTERVAL`].
 //!
 //! While the store opens, the gRPC port already answers health checks, so a probe on a fixed
 //! port sees NOT_SERVING rather than a refused connection; every other call is answered
@@ -27,6 +29,9 @@ use crate::services::{AdminService, GroupsService, LogService};
 
 /// How long the health-only server's connections get to go away before they are dropped.
 const HANDOVER_GRACE: Duration = Duration::from_secs(1);
+
+/// How often a cluster member checks its controller quorum for the Admin service's state.
+pub const QUORUM_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The health reporter and the service it feeds.
 #[derive(Clone)]
@@ -64,6 +69,45 @@ impl Health {
         r.set_service_status(<AdminServer<AdminService> as NamedService>::NAME, status)
             .await;
     }
+}
+
+/// Keeps the Admin service's state in step with the controller quorum until shutdown: SERVING
+/// with a quorum, NOT_SERVING without. The whole server and the other services are left
+/// alone (produce and fetch of partitions with a leader go on without the controller).
+pub fn watch_controller_quorum(
+    health: &Health,
+    replication: rill_cluster::Replication,
+    shutdown: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) {
+    let reporter = health.reporter.clone();
+    tasks.spawn(async move {
+        let admin = <AdminServer<AdminService> as NamedService>::NAME;
+        let mut serving = None;
+        loop {
+            let quorum = replication.controller_has_quorum();
+            // Not after shutdown began: everything says NOT_SERVING then.
+            if serving != Some(quorum) && !shutdown.is_cancelled() {
+                let status = if quorum {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter.set_service_status(admin, status).await;
+                if serving.is_some() {
+                    tracing::info!(
+                        quorum,
+                        "the controller quorum changed; admin health follows"
+                    );
+                }
+                serving = Some(quorum);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(QUORUM_CHECK_INTERVAL) => {}
+            }
+        }
+    });
 }
 
 /// The health-only server that answers on the gRPC port while the store opens.

@@ -49,7 +49,10 @@ pub struct Server {
 impl Server {
     /// Binds the listen address, then opens the store (recovering partitions as needed),
     /// answering health checks with NOT_SERVING meanwhile (see [`crate::health`]).
-    pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server> {
+    pub async fn bind(mut config: Config, shutdown: CancellationToken) -> Result<Server> {
+        if let Some(cluster) = config.cluster.as_mut() {
+            cluster.transport = crate::cluster::peer_transport(&config.security).await?;
+        }
         if let Some(cluster) = &config.cluster {
             // A broker whose peers list the running ones refuse stops before it opens or
             // writes anything.
@@ -163,7 +166,7 @@ impl Server {
         crate::subscriptions::spawn_background(&broker, &subscriptions);
         let request_metrics = match metrics_listener {
             Some((listener, _)) => {
-                let metrics = Metrics::new(&broker);
+                let metrics = Metrics::new(&broker, Some(coordinator.clone()));
                 let layer = metrics.layer();
                 crate::metrics::http::spawn(listener, metrics, &broker);
                 layer
@@ -187,6 +190,14 @@ impl Server {
         let max_fetch = broker.config().max_fetch_bytes + MESSAGE_OVERHEAD_BYTES;
 
         health.set_all(tonic_health::ServingStatus::Serving).await;
+        if let Some(replication) = broker.replication() {
+            crate::health::watch_controller_quorum(
+                &health,
+                replication.clone(),
+                broker.shutdown().clone(),
+                broker.tasks(),
+            );
+        }
         // Once shutdown begins, the whole server and each service report NOT_SERVING (to
         // health watchers) while in-flight calls drain.
         let on_shutdown = health.clone();
@@ -224,15 +235,23 @@ impl Server {
 
         let shutdown = broker.shutdown().clone();
         // At most `max_connections` connections reach tonic; the others are refused with
-        // RESOURCE_EXHAUSTED (see crate::connections).
-        let incoming = LimitedIncoming::new(listener, broker.clone());
+        // RESOURCE_EXHAUSTED, and plaintext clients of a TLS port are told to use TLS (see
+        // crate::connections).
+        let incoming = LimitedIncoming::new(
+            listener,
+            broker.clone(),
+            tls.as_ref().map(|t| t.refusals.clone()),
+        );
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
-            builder = builder.tls_config(tls).context("configuring TLS")?;
+            builder = builder.tls_config(tls.tonic).context("configuring TLS")?;
         }
         let served = builder
             // Authentication, in front of every service (see crate::auth).
-            .layer(AuthLayer::new(security))
+            .layer(AuthLayer::new(
+                security,
+                broker.config().security.open_reflection,
+            ))
             .max_frame_size(MAX_FRAME_BYTES)
             .max_concurrent_streams(Some(broker.config().max_concurrent_streams))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

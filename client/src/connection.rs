@@ -31,6 +31,9 @@ pub struct Connection {
     auth: Auth,
     /// The address list this connection was made from (one address, or several brokers).
     bootstrap: String,
+    /// The TLS and token settings it was made with, which connections to other brokers of
+    /// the same cluster (partition leaders, a bootstrap retry) reuse.
+    options: ConnectOptions,
 }
 
 impl Connection {
@@ -115,7 +118,20 @@ impl Connection {
             addr: addr.to_string(),
             auth,
             bootstrap: addr.to_string(),
+            options: options.clone(),
         })
+    }
+
+    /// Connects to another broker (`addr`, or several comma-separated) with this
+    /// connection's TLS and token settings: how a client follows a partition leader or goes
+    /// back to its bootstrap brokers without dropping to plaintext or anonymous.
+    pub async fn connect_like(&self, addr: &str) -> Result<Connection> {
+        Connection::connect_with(addr, &self.options).await
+    }
+
+    /// The TLS and token settings this connection was made with.
+    pub fn options(&self) -> &ConnectOptions {
+        &self.options
     }
 
     /// The address list this connection was made from: [`Connection::addr`], or several
@@ -164,8 +180,8 @@ impl Connection {
     }
 
     /// A `rill.v1.Cluster` client on this connection (brokers started with cluster flags).
-    pub fn cluster(&self) -> ClusterClient<Channel> {
-        ClusterClient::new(self.channel.clone())
+    pub fn cluster(&self) -> ClusterClient<Transport> {
+        ClusterClient::new(self.transport())
     }
 }
 

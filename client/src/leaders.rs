@@ -57,13 +57,21 @@ impl Leaders {
     }
 
     /// Records `address` as the leader of partition `p` of `topic` and returns a connection
-    /// to it (reused if one is open).
-    pub async fn follow(&self, topic: &str, p: u32, address: &str) -> Result<Connection> {
+    /// to it (reused if one is open). A new connection takes `origin`'s TLS and token
+    /// settings: a leader of a cluster that wants TLS and tokens wants them as much as the
+    /// broker first connected to.
+    pub async fn follow(
+        &self,
+        origin: &Connection,
+        topic: &str,
+        p: u32,
+        address: &str,
+    ) -> Result<Connection> {
         let known = self.by_address.guard().get(address).cloned();
         let conn = match known {
             Some(c) => c,
             None => {
-                let c = Connection::connect(address).await?;
+                let c = origin.connect_like(address).await?;
                 self.by_address
                     .guard()
                     .insert(address.to_string(), c.clone());

@@ -583,7 +583,7 @@ impl PartitionSender {
             tracing::debug!(topic = %self.topic, partition = self.partition, %leader, "following the partition leader");
             if let Err(e) = self
                 .leaders
-                .follow(&self.topic, self.partition, &leader)
+                .follow(&self.conn, &self.topic, self.partition, &leader)
                 .await
             {
                 tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "leader unreachable");
@@ -593,7 +593,7 @@ impl PartitionSender {
             if self.conn.bootstrap().contains(',') {
                 // Several brokers: the one first connected to may be the one that died;
                 // take whichever of the list answers now.
-                if let Ok(c) = Connection::connect(self.conn.bootstrap()).await {
+                if let Ok(c) = self.conn.connect_like(self.conn.bootstrap()).await {
                     self.leaders.set(&self.topic, self.partition, c);
                 }
             }

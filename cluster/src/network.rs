@@ -3,6 +3,8 @@
 //!
 //! One HTTP/2 channel per peer address is shared by every group ([`Peers`]); each request
 //! names its group, so one connection multiplexes the controller and all partition groups.
+//! Channels use the broker's [`PeerTransport`]: TLS when the brokers serve TLS, and the
+//! cluster token that proves to a peer that the caller is a broker.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +25,9 @@ use rill_proto::v1::raft_reply::Result as ReplyResult;
 use rill_proto::v1::{RaftMessage, RaftReply};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::types::{GroupId, Node, NodeId, TypeConfig};
 
@@ -38,23 +42,81 @@ const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_millis(800);
 /// The largest Raft message sent or received.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
 
+/// How a broker reaches its peers: plaintext or TLS, and the credential it sends.
+#[derive(Clone, Default)]
+pub struct PeerTransport {
+    /// TLS to peers (trusting the CA that signed their certificates); plaintext when `None`.
+    pub tls: Option<ClientTlsConfig>,
+    /// The cluster token, sent as `authorization: Bearer <token>` on every call to a peer.
+    pub token: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for PeerTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token: configs are logged.
+        f.debug_struct("PeerTransport")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+impl PeerTransport {
+    /// A lazily connected channel to `addr` (`host:port`) with this transport's TLS and token.
+    pub fn connect_lazy(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(InterceptedService::new(
+            endpoint.connect_lazy(),
+            PeerAuth(self.token.clone()),
+        ))
+    }
+}
+
+/// Adds the cluster token to each call to a peer.
+#[derive(Clone, Debug)]
+pub struct PeerAuth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for PeerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to a peer, with the cluster token added to each call.
+pub type PeerChannel = InterceptedService<Channel, PeerAuth>;
+
 /// The channels to peers, by address, shared by every group of a broker.
 #[derive(Clone, Default)]
 pub struct Peers {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    transport: PeerTransport,
+    channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
 }
 
 impl Peers {
+    /// Channels made with `transport`.
+    pub fn new(transport: PeerTransport) -> Self {
+        Peers {
+            transport,
+            channels: Arc::default(),
+        }
+    }
+
     /// The channel to `addr` (`host:port`), created lazily on first use.
-    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub(crate) fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
         let mut channels = self.channels.lock();
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = self.transport.connect_lazy(addr)?;
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -94,7 +156,7 @@ pub struct PeerClient {
     from: NodeId,
     to: NodeId,
     /// The channel, or why none could be made (a malformed address).
-    channel: Result<Channel, String>,
+    channel: Result<PeerChannel, String>,
 }
 
 /// Why a call to a peer failed, before openraft's error types are chosen.

@@ -625,6 +625,56 @@ impl Replication {
         Some((leader, address))
     }
 
+    /// The replicated partitions this broker holds a replica of, as `(topic, partition)`.
+    pub fn hosted_partitions(&self) -> Vec<(String, u32)> {
+        self.inner.groups.read().keys().cloned().collect()
+    }
+
+    /// Whether `node` counts as live (heard from within the session; this broker always is).
+    pub fn is_live(&self, node: NodeId) -> bool {
+        self.inner.node.registry().is_live(node)
+    }
+
+    /// The sum of the current Raft terms of the groups hosted here, the controller's
+    /// included. Every election starts a new term, so this grows by one per election any of
+    /// them held (a group dropped with its topic takes its terms along).
+    pub fn terms(&self) -> u64 {
+        let ids: Vec<GroupId> = self.inner.groups.read().values().copied().collect();
+        let host = self.inner.node.host();
+        let controller = self
+            .inner
+            .node
+            .controller()
+            .map_or(0, |r| r.metrics().borrow().current_term);
+        controller
+            + ids
+                .into_iter()
+                .filter_map(|id| host.group(id))
+                .map(|r| r.metrics().borrow().current_term)
+                .sum::<u64>()
+    }
+
+    /// Whether the controller group has a quorum, as this broker sees it: a leader is known
+    /// and, when this broker is that leader, a majority acknowledged it within twice the
+    /// longest election timeout. A follower cut off from the leader starts elections, which
+    /// clears the leader it knows.
+    pub fn controller_has_quorum(&self) -> bool {
+        let Some(raft) = self.inner.node.controller() else {
+            return false;
+        };
+        let (leader, me, acked_ms) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            (m.current_leader, m.id, m.millis_since_quorum_ack)
+        };
+        let bound_ms = self.inner.node.registry().config().timings.election_max_ms * 2;
+        match leader {
+            None => false,
+            Some(l) if l == me => acked_ms.is_some_and(|ms| ms <= bound_ms),
+            Some(_) => true,
+        }
+    }
+
     /// This broker's node id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node.node_id()

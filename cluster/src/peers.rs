@@ -166,6 +166,9 @@ pub struct ClusterConfig {
     pub timings: RaftTimings,
     /// A broker not heard from for this long is reported not live, in milliseconds.
     pub session_ms: u64,
+    /// How this broker reaches its peers (TLS, the cluster token). Default: plaintext, no
+    /// token.
+    pub transport: crate::network::PeerTransport,
 }
 
 /// The default liveness session: six missed pings.
@@ -185,6 +188,7 @@ impl ClusterConfig {
             peers,
             timings: RaftTimings::default(),
             session_ms: DEFAULT_SESSION_MS,
+            transport: crate::network::PeerTransport::default(),
         })
     }
 

@@ -47,6 +47,17 @@ pub struct TestCluster {
     nodes: BTreeMap<u64, Node>,
     peers: String,
     logs: TempDir,
+    /// More flags and environment variables for every broker (TLS, tokens).
+    extra: Extra,
+}
+
+/// Flags and environment variables given to every broker of a cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Extra {
+    /// More command-line arguments.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Drop for TestCluster {
@@ -67,6 +78,11 @@ impl Drop for TestCluster {
 impl TestCluster {
     /// Starts `n` brokers with node ids `1..=n` and waits until each listens.
     pub async fn start(n: usize) -> Result<TestCluster> {
+        TestCluster::start_with(n, Extra::default()).await
+    }
+
+    /// As [`TestCluster::start`], each broker also given `extra`.
+    pub async fn start_with(n: usize, extra: Extra) -> Result<TestCluster> {
         let ports = free_ports(n)?;
         let peers = ports
             .iter()
@@ -78,6 +94,7 @@ impl TestCluster {
             nodes: BTreeMap::new(),
             peers,
             logs: tempfile::tempdir()?,
+            extra,
         };
         for (i, port) in ports.iter().enumerate() {
             cluster.nodes.insert(
@@ -141,7 +158,8 @@ impl TestCluster {
         if node.child.is_some() {
             bail!("node {id} is running");
         }
-        let child = spawn_broker(node.dir.path(), node.addr, id, &peers, log).await?;
+        let child =
+            spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &self.extra).await?;
         node.child = Some(child);
         Ok(())
     }
@@ -339,6 +357,18 @@ pub async fn spawn_broker(
     peers: &str,
     log: std::fs::File,
 ) -> Result<Child> {
+    spawn_broker_with(data_dir, addr, node_id, peers, log, &Extra::default()).await
+}
+
+/// As [`spawn_broker`], with `extra` flags and environment.
+pub async fn spawn_broker_with(
+    data_dir: &Path,
+    addr: SocketAddr,
+    node_id: u64,
+    peers: &str,
+    log: std::fs::File,
+    extra: &Extra,
+) -> Result<Child> {
     let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
         .arg("--data-dir")
         .arg(data_dir)
@@ -348,6 +378,8 @@ pub async fn spawn_broker(
         .arg(node_id.to_string())
         .arg("--peers")
         .arg(peers)
+        .args(&extra.args)
+        .envs(extra.env.iter().map(|(k, v)| (k, v)))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),

@@ -13,7 +13,9 @@
 //! - [`rill_cli`]: the real `rill` CLI.
 //! - [`record`], [`produce_req`]: request builders.
 //! - [`wait_until`]: a wait on a condition with a deadline; [`skip`]: a loud, detectable skip.
+//! - [`certs`]: a test CA and its certificates (rcgen); [`cluster`]: a cluster of processes.
 
+pub mod certs;
 pub mod cluster;
 
 use std::net::SocketAddr;

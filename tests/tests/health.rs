@@ -159,3 +159,50 @@ async fn not_serving_once_shutdown_begins() {
     }
     stopping.await.expect("join").expect("stop");
 }
+
+/// Polls `service`'s health on `client` until it is `want`, within `limit`.
+async fn wait_status(
+    client: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+    want: ServingStatus,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let got = status(client, service).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service:?} still {got:?} after {limit:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// In a cluster, a broker that sees no controller quorum reports NOT_SERVING for the Admin
+/// service (it cannot create or delete topics), while the whole server and the data
+/// services stay SERVING; the quorum back, Admin is SERVING again.
+#[tokio::test]
+async fn admin_is_not_serving_without_a_controller_quorum() -> anyhow::Result<()> {
+    let mut cluster = rill_tests::cluster::TestCluster::start(3).await?;
+    let mut client = health_client(&cluster.addr(1).to_string()).await;
+    let limit = Duration::from_secs(30);
+    wait_status(&mut client, "rill.v1.Admin", ServingStatus::Serving, limit).await;
+    cluster.kill(2).await?;
+    cluster.kill(3).await?;
+    wait_status(
+        &mut client,
+        "rill.v1.Admin",
+        ServingStatus::NotServing,
+        limit,
+    )
+    .await;
+    for service in ["", "rill.v1.Log", "rill.v1.Groups"] {
+        assert_eq!(status(&mut client, service).await, ServingStatus::Serving);
+    }
+    cluster.restart(2).await?;
+    wait_status(&mut client, "rill.v1.Admin", ServingStatus::Serving, limit).await;
+    Ok(())
+}

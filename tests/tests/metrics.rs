@@ -267,6 +267,7 @@ fn check_dashboard_and_rules(s: &Scrape) {
         }
     }
     assert!(rules.contains("rill_fenced_partitions") && rules.contains("rill_fsync_duration"));
+    assert!(rules.contains("rill_under_replicated_partitions"));
     for (title, expr) in exprs {
         let names = series_in(&expr);
         assert!(!names.is_empty(), "{title}: {expr} names no Rill series");
@@ -323,6 +324,7 @@ async fn per_partition_and_per_group_series_can_be_switched_off() {
         "rill_partition_high_watermark",
         "rill_partition_size_bytes",
         "rill_group_lag_records",
+        "rill_group_members",
     ] {
         assert!(!has(&s, name), "{name} is switched off");
     }
@@ -356,4 +358,163 @@ async fn a_busy_metrics_port_fails_the_start_clearly() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("listening on"), "{stdout}");
     drop(taken);
+}
+
+/// Members per group follow joins and leaves; a broker without a cluster exports the
+/// replication gauges as zero (so dashboards and alerts work unchanged).
+#[tokio::test]
+async fn members_per_group_follow_joins_and_leaves() {
+    use rill_proto::v1::{GroupHeartbeatRequest, TopicList};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::spawn(dir.path(), &["--metrics-listen", "127.0.0.1:0"])
+        .await
+        .expect("broker");
+    let metrics = broker.metrics_addr().expect("metrics");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("t", 2).await.expect("create");
+    let join = || GroupHeartbeatRequest {
+        group: "g".into(),
+        member_id: String::new(),
+        member_epoch: 0,
+        instance_id: None,
+        subscribed_topics: Some(TopicList {
+            topics: vec!["t".into()],
+        }),
+        owned_partitions: None,
+        session_timeout_ms: None,
+        rebalance_timeout_ms: None,
+        assignor: None,
+    };
+    let first = c
+        .groups
+        .group_heartbeat(join())
+        .await
+        .expect("join")
+        .into_inner();
+    c.groups.group_heartbeat(join()).await.expect("join");
+    let s = scrape(metrics).await;
+    assert_eq!(value(&s, "rill_group_members", &[("group", "g")]), 2.0);
+    assert_eq!(value(&s, "rill_leader_partitions", &[]), 0.0);
+    assert_eq!(value(&s, "rill_under_replicated_partitions", &[]), 0.0);
+    assert_eq!(value(&s, "rill_raft_elections_total", &[]), 0.0);
+
+    c.groups
+        .group_heartbeat(GroupHeartbeatRequest {
+            member_id: first.member_id,
+            member_epoch: -1,
+            subscribed_topics: None,
+            ..join()
+        })
+        .await
+        .expect("leave");
+    let s = scrape(metrics).await;
+    assert_eq!(value(&s, "rill_group_members", &[("group", "g")]), 1.0);
+    broker.stop().await.expect("stop");
+}
+
+/// The sum of `name` over the scrapes of `addrs`.
+async fn sum_over(addrs: &[SocketAddr], name: &str) -> f64 {
+    let mut total = 0.0;
+    for addr in addrs {
+        total += value(&scrape(*addr).await, name, &[]);
+    }
+    total
+}
+
+/// Waits until the sum of `name` over `addrs` is `want`.
+async fn wait_sum(addrs: &[SocketAddr], name: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = sum_over(addrs, name).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} summed over {addrs:?} is {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A 3-broker cluster with an RF 3 topic of 3 partitions: the brokers lead 3 partitions in
+/// all, none under-replicated, with elections counted and each leader reporting its
+/// replicas' lag; with one broker killed, the survivors lead all 3 and report each
+/// under-replicated.
+#[tokio::test]
+async fn replication_series_follow_leaders_and_a_lost_replica() {
+    use rill_proto::v1::{CreateTopicRequest, TopicConfig};
+    use rill_tests::cluster::{free_ports, spawn_broker_with, Extra};
+    let ports = free_ports(6).expect("ports");
+    let peers = (0..3)
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let logs = tempfile::tempdir().expect("logs");
+    let mut dirs = Vec::new();
+    let mut children = Vec::new();
+    let mut metrics = Vec::new();
+    for i in 0..3 {
+        let dir = tempfile::tempdir().expect("dir");
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], ports[3 + i]));
+        let extra = Extra {
+            args: vec!["--metrics-listen".into(), metrics_addr.to_string()],
+            env: vec![],
+        };
+        let log = std::fs::File::create(logs.path().join(format!("{i}.log"))).expect("log");
+        let addr = SocketAddr::from(([127, 0, 0, 1], ports[i]));
+        let child = spawn_broker_with(dir.path(), addr, i as u64 + 1, &peers, log, &extra)
+            .await
+            .expect("broker");
+        dirs.push(dir);
+        children.push(child);
+        metrics.push(metrics_addr);
+    }
+    let mut c = Clients::connect(format!("http://127.0.0.1:{}", ports[0]))
+        .await
+        .expect("connect");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = c
+            .admin
+            .create_topic(CreateTopicRequest {
+                name: "r".into(),
+                config: Some(TopicConfig {
+                    partitions: 3,
+                    ..Default::default()
+                }),
+                replication_factor: Some(3),
+            })
+            .await;
+        match created {
+            Ok(_) => break,
+            Err(s) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("creating the topic: {s:?}"),
+        }
+    }
+    wait_sum(&metrics, "rill_leader_partitions", 3.0).await;
+    wait_sum(&metrics, "rill_under_replicated_partitions", 0.0).await;
+    for addr in &metrics {
+        let s = scrape(*addr).await;
+        assert!(value(&s, "rill_raft_elections_total", &[]) >= 1.0);
+        let led = value(&s, "rill_leader_partitions", &[]) as usize;
+        let lags = s
+            .samples
+            .iter()
+            .filter(|x| x.metric == "rill_replica_lag_entries")
+            .count();
+        assert_eq!(lags, led * 2, "two followers per partition led");
+    }
+
+    let mut killed = children.pop().expect("node 3");
+    killed.kill().await.expect("kill node 3");
+    let survivors = &metrics[..2];
+    wait_sum(survivors, "rill_leader_partitions", 3.0).await;
+    wait_sum(survivors, "rill_under_replicated_partitions", 3.0).await;
+    for mut child in children {
+        child.kill().await.expect("kill");
+    }
 }

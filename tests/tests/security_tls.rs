@@ -1,57 +1,15 @@
 //! TLS end to end, with certificates made by the test (rcgen; no files committed): the right
 //! CA works, a plaintext client and a client trusting another CA fail cleanly, mutual TLS maps
-//! a client certificate to its principal; and protected mode.
+//! a client certificate to its principal; protected mode; and the reflection setting.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rill_client::{ConnectOptions, Connection};
 use rill_proto::v1 as pb;
+use rill_tests::certs::Ca;
 use rill_tests::TestBroker;
 use tonic::Code;
-
-/// A CA that signs server and client certificates, written as PEM files into `dir`.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: PathBuf,
-    dir: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Result<Ca> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.self_signed(&key)?;
-        let pem = dir.join(format!("{name}.pem"));
-        std::fs::write(&pem, cert.pem())?;
-        Ok(Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    /// A certificate for `common_name` (and the names in `sans`), signed by this CA: its
-    /// (certificate, key) PEM files.
-    fn issue(&self, common_name: &str, sans: &[&str]) -> Result<(PathBuf, PathBuf)> {
-        let key = KeyPair::generate()?;
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let cert_path = self.dir.join(format!("{common_name}.crt"));
-        let key_path = self.dir.join(format!("{common_name}.key"));
-        std::fs::write(&cert_path, cert.pem())?;
-        std::fs::write(&key_path, key.serialize_pem())?;
-        Ok((cert_path, key_path))
-    }
-}
 
 async fn list_topics(conn: &Connection) -> Result<Vec<String>, tonic::Status> {
     Ok(conn
@@ -92,9 +50,10 @@ async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Resu
     let addr = broker.addr().to_string();
 
     let plaintext = try_call(&addr, &ConnectOptions::new()).await;
+    let plaintext = plaintext.expect_err("a plaintext client must fail");
     assert!(
-        plaintext.is_err(),
-        "a plaintext client must fail: {plaintext:?}"
+        plaintext.contains("FailedPrecondition") && plaintext.contains("serves TLS only"),
+        "a plaintext client is told to use TLS: {plaintext}"
     );
     let wrong = try_call(&addr, &ConnectOptions::new().tls_ca(&other.pem)).await;
     let wrong = wrong.expect_err("a client trusting another CA must fail");
@@ -134,8 +93,9 @@ async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Resu
     Ok(())
 }
 
-/// The connection limit holds under TLS: a connection over it is closed (the client fails
-/// at once, no hang), and the connections within it go on.
+/// The connection limit holds under TLS: a call on a connection over it is answered
+/// RESOURCE_EXHAUSTED naming the limit, as without TLS (not a bare close), and the
+/// connections within it go on.
 #[tokio::test]
 async fn the_connection_limit_holds_under_tls() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -152,8 +112,8 @@ async fn the_connection_limit_holds_under_tls() -> Result<()> {
     list_topics(&first).await?;
     let over = try_call(&addr, &tls).await.expect_err("over the limit");
     assert!(
-        !over.contains("no answer within"),
-        "a clean failure: {over}"
+        over.contains("ResourceExhausted") && over.contains("max_connections"),
+        "answered RESOURCE_EXHAUSTED, naming the limit: {over}"
     );
     list_topics(&first).await?;
     broker.stop().await?;
@@ -269,5 +229,185 @@ async fn the_broker_refuses_an_open_address_without_auth() -> Result<()> {
         stderr.contains("without authentication") && stderr.contains("--insecure-no-auth"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// A client following a partition leader (or going back to its bootstrap brokers) connects
+/// with the TLS and token settings of its first connection: without them, the new
+/// connection would be plaintext and anonymous, and a secured cluster would refuse it.
+#[tokio::test]
+async fn a_followed_leader_connection_keeps_tls_and_token() -> Result<()> {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let mut config = rill_broker::Config::new(dir.path());
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    config.security.auth = true;
+    config.security.admin_token = Some(rill_broker::auth::Secret(ADMIN.into()));
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+    let origin =
+        Connection::connect_with(&addr, &ConnectOptions::new().tls_ca(&ca.pem).token(ADMIN))
+            .await?;
+
+    // The broker a refusal names as the leader is reached as the first one was.
+    let leaders = rill_client::leaders::Leaders::default();
+    let leader = tokio::time::timeout(
+        Duration::from_secs(10),
+        leaders.follow(&origin, "t", 0, &addr),
+    )
+    .await
+    .context("following a leader hung")??;
+    let me = leader
+        .security()
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(me.principal, "admin", "the token went along: {me:?}");
+    // So is a retry through the bootstrap list.
+    let again = origin.connect_like(&format!("{addr},{addr}")).await?;
+    assert_eq!(
+        again
+            .security()
+            .who_am_i(pb::WhoAmIRequest {})
+            .await?
+            .into_inner()
+            .principal,
+        "admin"
+    );
+    broker.stop().await?;
+    Ok(())
+}
+
+/// Log lines written while it is the thread's subscriber (the test runtime runs the broker's
+/// accept loop on the test's thread).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+/// Plaintext clients on a TLS port each get a clear answer, and the broker logs them once
+/// (rate-limited), not once per connection or per byte; TLS clients go on meanwhile.
+#[tokio::test]
+async fn plaintext_clients_on_a_tls_port_are_told_and_logged_once() -> Result<()> {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = Ca::new(certs.path(), "rill-test-ca")?;
+    let (cert, key) = ca.issue("broker", &["localhost", "127.0.0.1"])?;
+    let mut config = rill_broker::Config::new(dir.path());
+    config.security.tls_cert = Some(cert);
+    config.security.tls_key = Some(key);
+    let broker = TestBroker::start_with(config, Some(dir)).await?;
+    let addr = broker.addr().to_string();
+    for _ in 0..5 {
+        let err = try_call(&addr, &ConnectOptions::new())
+            .await
+            .expect_err("plaintext fails");
+        assert!(err.contains("serves TLS only"), "{err}");
+    }
+    // Raw bytes that are not even HTTP/2 are dropped without a line per byte.
+    let mut raw = tokio::net::TcpStream::connect(&addr).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET / HTTP/1.1\r\n\r\n").await?;
+    drop(raw);
+    assert_eq!(
+        try_call(&addr, &ConnectOptions::new().tls_ca(&ca.pem)).await,
+        Ok(vec![]),
+        "TLS clients are served meanwhile"
+    );
+    broker.stop().await?;
+    let logs = captured.text();
+    let lines = logs
+        .lines()
+        .filter(|l| l.contains("plaintext client connected to the TLS port"))
+        .count();
+    // Six plaintext connections: one line per second at most (two if the machine is slow
+    // enough to straddle a second), never one per connection.
+    assert!(
+        (1..=2).contains(&lines),
+        "logged once, not per client or byte ({lines} lines):\n{logs}"
+    );
+    Ok(())
+}
+
+/// Lists the services over reflection, through `conn`'s transport (with its token, if any).
+async fn reflection_services(conn: &Connection) -> Result<Vec<String>, tonic::Status> {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(conn.transport())
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await?
+        .into_inner();
+    let resp = stream
+        .next()
+        .await
+        .ok_or_else(|| tonic::Status::internal("no reflection response"))??;
+    match resp.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => Err(tonic::Status::internal(format!("unexpected {other:?}"))),
+    }
+}
+
+/// With authentication on, reflection is open by default and needs a credential with
+/// `open_reflection = false`.
+#[tokio::test]
+async fn reflection_is_open_or_closed_by_config() -> Result<()> {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    for open in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let mut config = rill_broker::Config::new(dir.path());
+        config.security.auth = true;
+        config.security.admin_token = Some(rill_broker::auth::Secret(ADMIN.into()));
+        config.security.open_reflection = open;
+        let broker = TestBroker::start_with(config, Some(dir)).await?;
+        let addr = broker.addr().to_string();
+        let anonymous = Connection::connect(&addr).await?;
+        let admin = Connection::connect_with(&addr, &ConnectOptions::new().token(ADMIN)).await?;
+        let listed = reflection_services(&admin).await?;
+        assert!(listed.iter().any(|s| s == "rill.v1.Log"), "{listed:?}");
+        match (open, reflection_services(&anonymous).await) {
+            (true, Ok(listed)) => assert!(listed.iter().any(|s| s == "rill.v1.Log")),
+            (false, Err(e)) => assert_eq!(e.code(), Code::Unauthenticated, "{e:?}"),
+            (open, got) => panic!("open_reflection = {open}: {got:?}"),
+        }
+        broker.stop().await?;
+    }
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! [`AuthLayer`]: the one place where callers are authenticated, in front of every service.
 //!
-//! It looks the RPC path up in [`RPCS`]: health (and reflection) stay open; every `rill.v1`
-//! RPC needs an authenticated caller; the internal replication service (`rill.v1.Raft`)
-//! needs the cluster's `admin` (brokers authenticate with the admin token or a certificate
-//! granted `admin`). A path in no row is refused: a service added without a row cannot be
+//! It looks the RPC path up in [`RPCS`]: health stays open, and reflection too unless
+//! `open_reflection` is off; every `rill.v1` RPC needs an authenticated caller; the internal
+//! replication service (`rill.v1.Raft`) accepts only brokers, which authenticate with the
+//! cluster token. A path in no row is refused: a service added without a row cannot be
 //! reached unauthenticated by accident. A caller is, in order: the bearer token in
 //! `authorization`, else a verified client certificate's principal. The [`super::Caller`]
 //! goes into the request's extensions for [`super::check`].
@@ -29,6 +29,8 @@ pub enum Needs {
     Caller(Operation),
     /// The cluster's `admin`, checked here.
     ClusterAdmin,
+    /// A peer broker (the cluster token), checked here.
+    Broker,
 }
 
 /// Every service path prefix and RPC, with what it needs. The operation in a
@@ -129,10 +131,16 @@ pub const RPCS: &[(&str, Needs)] = &[
         Needs::Caller(Operation::Describe),
     ),
     ("/rill.v1.Security/", Needs::ClusterAdmin),
-    ("/rill.v1.Raft/", Needs::ClusterAdmin),
+    ("/rill.v1.Raft/", Needs::Broker),
     // The cluster's shape (brokers, leaders) is what any client needs to route its calls.
     ("/rill.v1.Cluster/", Needs::Caller(Operation::Describe)),
 ];
+
+/// Whether `path` is a gRPC reflection call (open by default, closed by
+/// `open_reflection = false`).
+pub fn is_reflection(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.")
+}
 
 /// What `path` needs: the first row whose path equals it or, for a row ending in `/`,
 /// starts it. `None`: no row, refused.
@@ -146,12 +154,18 @@ pub fn needs(path: &str) -> Option<Needs> {
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     security: Option<Security>,
+    open_reflection: bool,
 }
 
 impl AuthLayer {
     /// Authenticates against `security`; `None` lets every call through as anonymous.
-    pub fn new(security: Option<Security>) -> Self {
-        AuthLayer { security }
+    /// Reflection stays open to all with `open_reflection`, and otherwise needs an
+    /// authenticated caller.
+    pub fn new(security: Option<Security>, open_reflection: bool) -> Self {
+        AuthLayer {
+            security,
+            open_reflection,
+        }
     }
 }
 
@@ -162,6 +176,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             security: self.security.clone().map(Arc::new),
+            open_reflection: self.open_reflection,
         }
     }
 }
@@ -171,6 +186,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     security: Option<Arc<Security>>,
+    open_reflection: bool,
 }
 
 /// The bearer token of a request's `authorization` header, if any.
@@ -243,11 +259,26 @@ where
         };
         let path = req.uri().path().to_string();
         let outcome = match needs(&path) {
+            Some(Needs::Open) if !self.open_reflection && is_reflection(&path) => {
+                authenticate(security, &req).map(Some)
+            }
             Some(Needs::Open) => Ok(None),
             None => Err(BrokerError::Unauthenticated(format!(
                 "{path} is not open to any caller"
             ))),
             Some(Needs::Caller(_)) => authenticate(security, &req).map(Some),
+            Some(Needs::Broker) => authenticate(security, &req).and_then(|caller| {
+                if caller.method == AuthMethod::Broker {
+                    Ok(Some(caller))
+                } else {
+                    tracing::warn!(principal = %caller.principal, %path, "denied: only brokers may call the replication service");
+                    Err(BrokerError::PermissionDenied {
+                        principal: caller.principal,
+                        operation: Operation::Admin,
+                        resource: "the internal replication service (brokers only)".into(),
+                    })
+                }
+            }),
             Some(Needs::ClusterAdmin) => authenticate(security, &req).and_then(|caller| {
                 security
                     .authorize(&caller, Operation::Admin, &Resource::cluster())
@@ -291,10 +322,7 @@ mod tests {
             Some(Needs::Caller(Operation::Describe))
         );
         assert_eq!(needs("/rill.v1.Security/AddAcl"), Some(Needs::ClusterAdmin));
-        assert_eq!(
-            needs("/rill.v1.Raft/AppendEntries"),
-            Some(Needs::ClusterAdmin)
-        );
+        assert_eq!(needs("/rill.v1.Raft/AppendEntries"), Some(Needs::Broker));
         assert_eq!(
             needs("/rill.v1.Cluster/Metadata"),
             Some(Needs::Caller(Operation::Describe))

@@ -4,13 +4,13 @@
 //!
 //! # Where the checks happen
 //! Authentication happens in one place, [`layer::AuthLayer`], a tower layer in front of every
-//! service: it maps each RPC path to what it needs (open, any authenticated caller, or the
-//! cluster's `admin`), refuses a missing or bad credential with UNAUTHENTICATED, and puts the
-//! [`Caller`] into the request's extensions. Authorization needs the resource, which is in
-//! the request body (a topic name, a group), so the layer does not decode bodies: each RPC
-//! calls [`check`] first thing, through one helper, with its operation and resource. The
-//! table of every RPC's operation is [`layer::RPCS`]; the end-to-end matrix test runs every
-//! RPC of the contract against it.
+//! service: it maps each RPC path to what it needs (open, any authenticated caller, the
+//! cluster's `admin`, or a peer broker), refuses a missing or bad credential with
+//! UNAUTHENTICATED, and puts the [`Caller`] into the request's extensions. Authorization
+//! needs the resource, which is in the request body (a topic name, a group), so the layer
+//! does not decode bodies: each RPC calls [`check`] first thing, through one helper, with its
+//! operation and resource. The table of every RPC's operation is [`layer::RPCS`]; the
+//! end-to-end matrix test runs every RPC of the contract against it.
 //!
 //! # Modules
 //! - [`acl`]: rules and the allow/deny decision.
@@ -37,6 +37,8 @@ use crate::state::Broker;
 pub const SECURITY_TOPIC: &str = "__security";
 /// The principal of the bootstrap admin token.
 pub const ADMIN_PRINCIPAL: &str = "admin";
+/// The principal of a peer broker (authenticated by the cluster token).
+pub const BROKER_PRINCIPAL: &str = "broker";
 /// The principal every caller is when authentication is off.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -51,7 +53,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// The security settings of a broker.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SecurityConfig {
     /// The server's certificate chain (PEM). With `tls_key`, the broker serves TLS only.
     pub tls_cert: Option<PathBuf>,
@@ -67,6 +69,32 @@ pub struct SecurityConfig {
     pub admin_token: Option<Secret>,
     /// Allows a non-loopback listen address with authentication off.
     pub insecure_no_auth: bool,
+    /// Whether gRPC reflection stays open to unauthenticated callers when authentication is
+    /// on (it lists the services and message types, nothing else). `false` makes it need an
+    /// authenticated caller. Default true.
+    pub open_reflection: bool,
+    /// The cluster token (from `RILL_CLUSTER_TOKEN` or `cluster_token_file`): brokers of a
+    /// cluster send it to each other, and only it opens the internal replication service.
+    pub cluster_token: Option<Secret>,
+    /// CA certificates (PEM) that signed the peer brokers' certificates, for broker-to-broker
+    /// TLS; `tls_client_ca` when not set.
+    pub tls_peer_ca: Option<PathBuf>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth: false,
+            admin_token: None,
+            insecure_no_auth: false,
+            open_reflection: true,
+            cluster_token: None,
+            tls_peer_ca: None,
+        }
+    }
 }
 
 impl SecurityConfig {
@@ -87,6 +115,8 @@ pub enum AuthMethod {
     AdminToken,
     /// A verified client certificate.
     Certificate,
+    /// The cluster token: a peer broker.
+    Broker,
 }
 
 impl AuthMethod {
@@ -97,6 +127,7 @@ impl AuthMethod {
             AuthMethod::Token => "token",
             AuthMethod::AdminToken => "admin-token",
             AuthMethod::Certificate => "certificate",
+            AuthMethod::Broker => "broker",
         }
     }
 }

@@ -18,7 +18,9 @@ use sha2::{Digest, Sha256};
 
 use super::acl::{self, AclRule, Operation, Resource, ResourceType};
 use super::records::SecurityRecord;
-use super::{AuthMethod, Caller, SecurityConfig, ADMIN_PRINCIPAL, SECURITY_TOPIC};
+use super::{
+    AuthMethod, Caller, SecurityConfig, ADMIN_PRINCIPAL, BROKER_PRINCIPAL, SECURITY_TOPIC,
+};
 use crate::error::BrokerError;
 
 /// Bytes of randomness in a token (192 bits).
@@ -103,6 +105,8 @@ pub struct Security {
 struct Inner {
     enabled: bool,
     admin_hash: Option<String>,
+    /// The cluster token's hash: the credential brokers send each other.
+    cluster_hash: Option<String>,
     store: Store,
     /// A plain lock: held only to read or apply, never across an await.
     state: RwLock<State>,
@@ -161,6 +165,7 @@ impl Security {
             inner: Arc::new(Inner {
                 enabled: config.auth,
                 admin_hash: config.admin_token.as_ref().map(|t| token_hash(&t.0)),
+                cluster_hash: config.cluster_token.as_ref().map(|t| token_hash(&t.0)),
                 store,
                 state: RwLock::new(state),
                 writer: tokio::sync::Mutex::new(()),
@@ -228,6 +233,15 @@ impl Security {
             return Ok(Caller {
                 principal: ADMIN_PRINCIPAL.to_string(),
                 method: AuthMethod::AdminToken,
+                superuser: true,
+            });
+        }
+        if self.inner.cluster_hash.as_deref() == Some(hash.as_str()) {
+            // A peer broker: it replicates every topic and forwards what its own callers
+            // were already authorized for.
+            return Ok(Caller {
+                principal: BROKER_PRINCIPAL.to_string(),
+                method: AuthMethod::Broker,
                 superuser: true,
             });
         }

@@ -67,6 +67,25 @@ impl Coordinator {
         coordinator
     }
 
+    /// Each group's live members, for metrics. Blocking (it waits for each group's lock):
+    /// call it off the async worker threads, as a scrape does.
+    pub fn live_member_counts(&self) -> Vec<(String, usize)> {
+        let groups: Vec<(String, Arc<Mutex<Group>>)> = self
+            .inner
+            .groups
+            .lock()
+            .iter()
+            .map(|(name, g)| (name.clone(), Arc::clone(g)))
+            .collect();
+        groups
+            .into_iter()
+            .map(|(name, g)| {
+                let live = g.blocking_lock().live_members();
+                (name, live)
+            })
+            .collect()
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }

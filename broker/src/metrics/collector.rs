@@ -23,13 +23,63 @@ use crate::state::Broker;
 #[derive(Debug)]
 pub struct BrokerCollector {
     broker: Broker,
+    /// Group membership, for members per group.
+    coordinator: Option<crate::groups::Coordinator>,
 }
 
 impl BrokerCollector {
-    /// A collector over `broker`.
-    pub fn new(broker: Broker) -> Self {
-        BrokerCollector { broker }
+    /// A collector over `broker` and, when given, its groups' membership.
+    pub fn new(broker: Broker, coordinator: Option<crate::groups::Coordinator>) -> Self {
+        BrokerCollector {
+            broker,
+            coordinator,
+        }
     }
+}
+
+/// This broker's replication figures (all zero for a broker without a cluster).
+#[derive(Default)]
+struct ReplicationFigures {
+    leader_partitions: u64,
+    under_replicated: u64,
+    elections: u64,
+    /// `(topic, partition, replica, entries behind)` of the partitions this broker leads.
+    lag: Vec<(String, u32, u64, u64)>,
+}
+
+fn replication_figures(broker: &Broker, per_partition: bool) -> ReplicationFigures {
+    let Some(replication) = broker.replication() else {
+        return ReplicationFigures::default();
+    };
+    let me = replication.node_id();
+    let mut figures = ReplicationFigures {
+        elections: replication.terms(),
+        ..ReplicationFigures::default()
+    };
+    for (topic, p) in replication.hosted_partitions() {
+        // Only the leader knows its replicas' progress.
+        let Some(states) = replication.replica_states(&topic, p) else {
+            continue;
+        };
+        figures.leader_partitions += 1;
+        // Out of sync: behind what is committed, or not heard from (a dead replica holds
+        // everything committed until the next write).
+        if states
+            .iter()
+            .any(|(node, in_sync, _)| !in_sync || !replication.is_live(*node))
+        {
+            figures.under_replicated += 1;
+        }
+        if per_partition {
+            figures.lag.extend(
+                states
+                    .into_iter()
+                    .filter(|(node, _, _)| *node != me)
+                    .map(|(node, _, behind)| (topic.clone(), p, node, behind)),
+            );
+        }
+    }
+    figures
 }
 
 /// One partition's figures, gathered before encoding.
@@ -194,6 +244,47 @@ impl Collector for BrokerCollector {
             fenced,
         )?;
 
+        let replication = replication_figures(&self.broker, config.metrics_per_partition);
+        gauge(
+            &mut encoder,
+            "rill_leader_partitions",
+            "Replicated partitions this broker leads",
+            replication.leader_partitions,
+        )?;
+        gauge(
+            &mut encoder,
+            "rill_under_replicated_partitions",
+            "Partitions this broker leads with a replica behind the committed entries or not live",
+            replication.under_replicated,
+        )?;
+        {
+            let metric = encoder.encode_descriptor(
+                "rill_raft_elections",
+                "Raft elections (terms) of the groups hosted here, controller included",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(replication.elections).encode(metric)?;
+        }
+        if config.metrics_per_partition {
+            family(
+                &mut encoder,
+                "rill_replica_lag_entries",
+                "Raft entries a replica is behind its leader, by partition and replica (on the leader)",
+                MetricType::Gauge,
+                replication.lag.iter().map(|(topic, p, replica, behind)| {
+                    (
+                        [
+                            ("topic", topic.clone()),
+                            ("partition", p.to_string()),
+                            ("replica", replica.to_string()),
+                        ],
+                        ConstGauge::new(*behind),
+                    )
+                }),
+            )?;
+        }
+
         if config.metrics_per_partition {
             let labels = |r: &PartitionRow| {
                 [
@@ -285,6 +376,23 @@ impl Collector for BrokerCollector {
                     ("partition", r.partition.clone()),
                 ]
             };
+            // Members per group: every group with members or committed offsets.
+            let mut members: std::collections::BTreeMap<String, u64> =
+                names.iter().map(|g| (g.clone(), 0)).collect();
+            if let Some(coordinator) = &self.coordinator {
+                for (group, live) in coordinator.live_member_counts() {
+                    members.insert(group, live as u64);
+                }
+            }
+            family(
+                &mut encoder,
+                "rill_group_members",
+                "Live members of a group, by group",
+                MetricType::Gauge,
+                members
+                    .iter()
+                    .map(|(g, n)| ([("group", g.clone())], ConstGauge::new(*n))),
+            )?;
             family(
                 &mut encoder,
                 "rill_group_committed_offset",

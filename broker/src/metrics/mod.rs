@@ -36,11 +36,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The registry for `broker`.
-    pub fn new(broker: &Broker) -> Self {
+    /// The registry for `broker` and, when given, its groups' membership.
+    pub fn new(broker: &Broker, coordinator: Option<crate::groups::Coordinator>) -> Self {
         let mut registry = Registry::default();
         let requests = RequestMetrics::register(&mut registry);
-        registry.register_collector(Box::new(collector::BrokerCollector::new(broker.clone())));
+        registry.register_collector(Box::new(collector::BrokerCollector::new(
+            broker.clone(),
+            coordinator,
+        )));
         Metrics {
             registry: Arc::new(registry),
             requests,

@@ -120,7 +120,7 @@ pub async fn replication(conn: &Connection, topic: &str) -> Result<Option<Vec<Pa
         if !p.replica_states.is_empty() || p.leader_address.is_empty() {
             continue;
         }
-        let Ok(leader) = Connection::connect(&p.leader_address).await else {
+        let Ok(leader) = conn.connect_like(&p.leader_address).await else {
             continue;
         };
         if let Ok(m) = leader.cluster().metadata(request.clone()).await {
