@@ -128,6 +128,9 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the heartbeat loop early (after a release).
     wake: Notify,
+    /// Where events go. Kept here (not only in the heartbeat loop) so that
+    /// [`GroupMember::rejoin`] can report what it gave up.
+    tx: mpsc::UnboundedSender<MemberEvent>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -156,14 +159,15 @@ impl GroupMember {
             config,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            tx,
         });
         let reply = shared
             .send(shared.request())
             .await
             .map_err(|s| ClientError::broker(None, None, s))?;
-        shared.apply(reply, &tx);
+        shared.apply(reply, &shared.tx);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(heartbeat_loop(Arc::clone(&shared), tx, cancel.clone()));
+        let task = tokio::spawn(heartbeat_loop(Arc::clone(&shared), cancel.clone()));
         Ok(GroupMember {
             shared,
             events,
@@ -188,9 +192,28 @@ impl GroupMember {
         union(&s.owned, &s.releasing)
     }
 
-    /// The next change of ownership; `None` once the member has stopped.
+    /// The next change of ownership. Waits while nothing changes.
     pub async fn next_event(&mut self) -> Option<MemberEvent> {
         self.events.recv().await
+    }
+
+    /// The next change of ownership if one has arrived already, without waiting.
+    pub fn try_next_event(&mut self) -> Option<MemberEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.shared.config.group
+    }
+
+    /// Gives up every partition at once, without a handover, and rejoins with epoch 0 at
+    /// once: for a member that learnt it was fenced some other way than by a heartbeat (a
+    /// commit refused with FAILED_PRECONDITION). A [`MemberEvent::Lost`] follows when it
+    /// owned anything.
+    pub fn rejoin(&self) {
+        self.shared.lose_all(&self.shared.tx);
+        self.shared.wake.notify_one();
     }
 
     /// Gives up revoked partitions (after committing and stopping them). The broker learns it
@@ -341,11 +364,8 @@ impl Shared {
     }
 }
 
-async fn heartbeat_loop(
-    shared: Arc<Shared>,
-    tx: mpsc::UnboundedSender<MemberEvent>,
-    cancel: CancellationToken,
-) {
+async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let tx = &shared.tx;
     let session = Duration::from_millis(u64::from(
         shared
             .config
@@ -368,11 +388,11 @@ async fn heartbeat_loop(
         match answer {
             Ok(r) => {
                 last_ok = Instant::now();
-                shared.apply(r, &tx);
+                shared.apply(r, tx);
             }
             Err(status) if status.code() == Code::FailedPrecondition => {
                 tracing::warn!(group = %shared.config.group, error = %status.message(), "fenced; rejoining");
-                shared.lose_all(&tx);
+                shared.lose_all(tx);
             }
             Err(status) => {
                 if !is_retryable_status(&status) {
@@ -380,7 +400,7 @@ async fn heartbeat_loop(
                 }
                 if last_ok.elapsed() > session {
                     // The broker has removed this member by now.
-                    shared.lose_all(&tx);
+                    shared.lose_all(tx);
                     last_ok = Instant::now();
                 }
             }
