@@ -142,6 +142,8 @@ struct State {
     /// Revoked, not released yet: still owned, and reported so.
     releasing: Partitions,
     interval_ms: u32,
+    /// Why the member was last fenced (the broker's message), until taken.
+    fenced_reason: Option<String>,
 }
 
 impl GroupMember {
@@ -200,6 +202,12 @@ impl GroupMember {
     /// The next change of ownership if one has arrived already, without waiting.
     pub fn try_next_event(&mut self) -> Option<MemberEvent> {
         self.events.try_recv().ok()
+    }
+
+    /// Why the member was last fenced or timed out (the broker's message, naming the group,
+    /// the member and the epochs), if it was since the last call.
+    pub fn take_fenced_reason(&self) -> Option<String> {
+        self.shared.lock().fenced_reason.take()
     }
 
     /// The group.
@@ -392,6 +400,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             }
             Err(status) if status.code() == Code::FailedPrecondition => {
                 tracing::warn!(group = %shared.config.group, error = %status.message(), "fenced; rejoining");
+                shared.lock().fenced_reason = Some(status.message().to_string());
                 shared.lose_all(tx);
             }
             Err(status) => {
@@ -400,6 +409,11 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
                 if last_ok.elapsed() > session {
                     // The broker has removed this member by now.
+                    shared.lock().fenced_reason = Some(format!(
+                        "no heartbeat answered for the session timeout ({} ms): {}",
+                        session.as_millis(),
+                        status.message()
+                    ));
                     shared.lose_all(tx);
                     last_ok = Instant::now();
                 }

@@ -152,7 +152,12 @@ impl Consumer {
             }
             MemberEvent::Lost(lost) => {
                 let lost = self.mine(&lost);
-                self.drop_partitions(&lost, "the member was fenced (it missed its session timeout, or its epoch is stale); it rejoins");
+                let reason = self
+                    .member
+                    .as_ref()
+                    .and_then(GroupMember::take_fenced_reason)
+                    .unwrap_or_else(|| "the member was fenced".to_string());
+                self.drop_partitions(&lost, &format!("{reason}; rejoining"));
             }
         }
         Ok(())
