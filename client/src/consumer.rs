@@ -691,9 +691,9 @@ impl Consumer {
 
     /// Moves partition `p` to a new position; records buffered for it are dropped.
     pub async fn seek(&mut self, partition: u32, to: SeekTo) -> Result<u64> {
-        if !self.partitions.contains_key(&partition) {
+        if !self.partitions.get(&partition).is_some_and(|s| !s.revoked) {
             return Err(ClientError::Invalid(format!(
-                "partition {partition} is not subscribed"
+                "partition {partition} is not subscribed (or was revoked from this member)"
             )));
         }
         let admin = Admin::new(self.conn.clone());

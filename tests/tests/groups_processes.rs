@@ -184,7 +184,12 @@ impl ConsumerProc {
             .await
             .expect("exits within 30 s")
             .expect("wait");
-        assert!(status.success(), "{} exited with {status}:\n{}", self.name, self.stderr());
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            self.name,
+            self.stderr()
+        );
     }
 
     async fn kill9(&mut self) {
@@ -251,7 +256,12 @@ async fn produce(conn: &Connection, topic: &str, partitions: u32, per_partition:
     producer.flush().await.expect("flush");
 }
 
-async fn committed(conn: &Connection, group: &str, topic: &str, partitions: &[u32]) -> BTreeMap<u32, Option<u64>> {
+async fn committed(
+    conn: &Connection,
+    group: &str,
+    topic: &str,
+    partitions: &[u32],
+) -> BTreeMap<u32, Option<u64>> {
     Admin::new(conn.clone())
         .fetch_offsets(group, topic, partitions)
         .await
@@ -271,16 +281,20 @@ fn counts(records: &[(u32, u64, String)]) -> BTreeMap<(u32, u64), usize> {
 }
 
 #[tokio::test]
-async fn a_killed_consumer_s_partitions_move_after_the_session_timeout_and_resume_from_the_commit() {
+async fn a_killed_consumer_s_partitions_move_after_the_session_timeout_and_resume_from_the_commit()
+{
     const SESSION_MS: u64 = 3_000;
     let s = setup("t", 4).await;
     let addr = s.broker.addr().to_string();
     let args = ["--session-timeout-ms", "3000"];
     produce(&s.conn, "t", 4, 25).await;
     let mut a = ConsumerProc::spawn(&addr, "a", "t", "g", &args, &s.notify).await;
-    wait_for(&s.notify, "a to own 4 and print 100", Duration::from_secs(30), || {
-        a.owned().len() == 4 && a.records().len() == 100
-    })
+    wait_for(
+        &s.notify,
+        "a to own 4 and print 100",
+        Duration::from_secs(30),
+        || a.owned().len() == 4 && a.records().len() == 100,
+    )
     .await;
     let mut b = ConsumerProc::spawn(&addr, "b", "t", "g", &args, &s.notify).await;
     wait_for(&s.notify, "a 2 / b 2", Duration::from_secs(30), || {
@@ -292,16 +306,24 @@ async fn a_killed_consumer_s_partitions_move_after_the_session_timeout_and_resum
     // More records; a is killed as soon as it printed its share, so some of them are likely
     // uncommitted (it commits every second).
     produce(&s.conn, "t", 4, 10).await;
-    wait_for(&s.notify, "a to print its new records", Duration::from_secs(30), || {
-        let c = counts(&a.records());
-        a_parts.iter().all(|&p| c.contains_key(&(p, 34)))
-    })
+    wait_for(
+        &s.notify,
+        "a to print its new records",
+        Duration::from_secs(30),
+        || {
+            let c = counts(&a.records());
+            a_parts.iter().all(|&p| c.contains_key(&(p, 34)))
+        },
+    )
     .await;
     a.kill9().await;
     let killed = Instant::now();
     // Nobody owns a's partitions until they move: what is committed now is where they resume.
     let at_kill = committed(&s.conn, "g", "t", &a_parts).await;
-    wait_for(&s.notify, "b to own all 4", Duration::from_secs(30), || b.owned().len() == 4).await;
+    wait_for(&s.notify, "b to own all 4", Duration::from_secs(30), || {
+        b.owned().len() == 4
+    })
+    .await;
     let moved = killed.elapsed();
     // The session timeout plus a heartbeat interval (1 s), with a wide margin for a loaded
     // machine; the figure itself is measured by benches/groups.py.
@@ -309,27 +331,47 @@ async fn a_killed_consumer_s_partitions_move_after_the_session_timeout_and_resum
         moved < Duration::from_millis(SESSION_MS + 1_000 + 6_000),
         "a's partitions moved {moved:?} after the kill"
     );
-    wait_for(&s.notify, "b to print every record", Duration::from_secs(30), || {
-        let c = counts(&b.records());
-        a_parts.iter().chain(&b_parts).all(|&p| c.contains_key(&(p, 34)))
-    })
+    wait_for(
+        &s.notify,
+        "b to print every record",
+        Duration::from_secs(30),
+        || {
+            let c = counts(&b.records());
+            a_parts
+                .iter()
+                .chain(&b_parts)
+                .all(|&p| c.contains_key(&(p, 34)))
+        },
+    )
     .await;
     let (a_recs, b_recs) = (a.records(), b.records());
     for &p in &a_parts {
         let from = at_kill[&p].expect("a committed before the kill");
         let first = b_recs.iter().find(|r| r.0 == p).expect("b read p").1;
-        assert_eq!(first, from, "partition {p} resumed from its committed offset");
+        assert_eq!(
+            first, from,
+            "partition {p} resumed from its committed offset"
+        );
     }
     let (ca, cb) = (counts(&a_recs), counts(&b_recs));
     for p in 0..4u32 {
         for o in 0..35u64 {
-            let (na, nb) = (ca.get(&(p, o)).copied().unwrap_or(0), cb.get(&(p, o)).copied().unwrap_or(0));
+            let (na, nb) = (
+                ca.get(&(p, o)).copied().unwrap_or(0),
+                cb.get(&(p, o)).copied().unwrap_or(0),
+            );
             assert!(na + nb >= 1, "record {p}@{o} was never consumed");
             assert!(na <= 1 && nb <= 1, "{p}@{o} printed twice by one consumer");
             if na + nb == 2 {
                 // Only a's uncommitted window at the kill is read again.
-                assert!(a_parts.contains(&p), "{p}@{o} duplicated on a partition b always had");
-                assert!(o >= at_kill[&p].unwrap_or(0), "{p}@{o} was committed, yet read twice");
+                assert!(
+                    a_parts.contains(&p),
+                    "{p}@{o} duplicated on a partition b always had"
+                );
+                assert!(
+                    o >= at_kill[&p].unwrap_or(0),
+                    "{p}@{o} was committed, yet read twice"
+                );
             }
         }
     }
@@ -363,36 +405,59 @@ async fn scaling_1_to_6_to_2_consumers_loses_nothing_and_never_shares_a_partitio
         })
     };
     let mut procs = vec![ConsumerProc::spawn(&addr, "c0", "s", "g", &args, &s.notify).await];
-    wait_for(&s.notify, "c0 to own 6 and consume", Duration::from_secs(30), || {
-        procs[0].owned().len() == 6 && !procs[0].records().is_empty()
-    })
+    wait_for(
+        &s.notify,
+        "c0 to own 6 and consume",
+        Duration::from_secs(30),
+        || procs[0].owned().len() == 6 && !procs[0].records().is_empty(),
+    )
     .await;
     for i in 1..6 {
         procs.push(ConsumerProc::spawn(&addr, &format!("c{i}"), "s", "g", &args, &s.notify).await);
     }
-    wait_for(&s.notify, "six consumers with one partition each", Duration::from_secs(60), || {
-        procs.iter().all(|c| c.owned().len() == 1)
-    })
+    wait_for(
+        &s.notify,
+        "six consumers with one partition each",
+        Duration::from_secs(60),
+        || procs.iter().all(|c| c.owned().len() == 1),
+    )
     .await;
     let printed: Vec<usize> = procs.iter().map(|c| c.records().len()).collect();
-    wait_for(&s.notify, "each of the six to consume", Duration::from_secs(30), || {
-        procs.iter().zip(&printed).all(|(c, &n)| c.records().len() > n)
-    })
+    wait_for(
+        &s.notify,
+        "each of the six to consume",
+        Duration::from_secs(30),
+        || {
+            procs
+                .iter()
+                .zip(&printed)
+                .all(|(c, &n)| c.records().len() > n)
+        },
+    )
     .await;
     for c in &mut procs[2..] {
         c.interrupt().await;
     }
-    wait_for(&s.notify, "two consumers with three partitions each", Duration::from_secs(60), || {
-        procs[0].owned().len() == 3 && procs[1].owned().len() == 3
-    })
+    wait_for(
+        &s.notify,
+        "two consumers with three partitions each",
+        Duration::from_secs(60),
+        || procs[0].owned().len() == 3 && procs[1].owned().len() == 3,
+    )
     .await;
     stop.cancel();
     let ends = producing.await.expect("producer");
-    wait_for(&s.notify, "every record consumed", Duration::from_secs(60), || {
-        let all: Vec<_> = procs.iter().flat_map(ConsumerProc::records).collect();
-        let c = counts(&all);
-        ends.iter().all(|(&p, &end)| (0..end).all(|o| c.contains_key(&(p, o))))
-    })
+    wait_for(
+        &s.notify,
+        "every record consumed",
+        Duration::from_secs(60),
+        || {
+            let all: Vec<_> = procs.iter().flat_map(ConsumerProc::records).collect();
+            let c = counts(&all);
+            ends.iter()
+                .all(|(&p, &end)| (0..end).all(|o| c.contains_key(&(p, o))))
+        },
+    )
     .await;
     procs[0].interrupt().await;
     procs[1].interrupt().await;
@@ -412,16 +477,26 @@ async fn scaling_1_to_6_to_2_consumers_loses_nothing_and_never_shares_a_partitio
                 if ch.what == "assigned" {
                     open.insert(p, ch.at_ms);
                 } else if let Some(start) = open.remove(&p) {
-                    intervals.entry(p).or_default().push((start, ch.at_ms, proc.name.clone()));
+                    intervals
+                        .entry(p)
+                        .or_default()
+                        .push((start, ch.at_ms, proc.name.clone()));
                 }
             }
         }
         let end = proc.stopped_at_ms.expect("stopped by the test");
         for (p, start) in open {
-            intervals.entry(p).or_default().push((start, end, proc.name.clone()));
+            intervals
+                .entry(p)
+                .or_default()
+                .push((start, end, proc.name.clone()));
         }
     }
-    assert_eq!(intervals.len(), 6, "every partition was owned: {intervals:?}");
+    assert_eq!(
+        intervals.len(),
+        6,
+        "every partition was owned: {intervals:?}"
+    );
     for (p, list) in &mut intervals {
         list.sort();
         for pair in list.windows(2) {
@@ -443,14 +518,29 @@ async fn a_zombie_consumer_s_commits_are_refused_and_change_nothing() {
     let s = setup("z", 2).await;
     let addr = s.broker.addr().to_string();
     produce(&s.conn, "z", 2, 10).await;
-    let mut a = ConsumerProc::spawn(&addr, "a", "z", "g", &["--session-timeout-ms", "2000"], &s.notify).await;
-    wait_for(&s.notify, "a to own 2 and print 20", Duration::from_secs(30), || {
-        a.owned().len() == 2 && a.records().len() == 20
-    })
+    let mut a = ConsumerProc::spawn(
+        &addr,
+        "a",
+        "z",
+        "g",
+        &["--session-timeout-ms", "2000"],
+        &s.notify,
+    )
+    .await;
+    wait_for(
+        &s.notify,
+        "a to own 2 and print 20",
+        Duration::from_secs(30),
+        || a.owned().len() == 2 && a.records().len() == 20,
+    )
     .await;
     // a commits every second; the broker has no event for it, so poll.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while committed(&s.conn, "g", "z", &[0, 1]).await.values().any(|o| *o != Some(10)) {
+    while committed(&s.conn, "g", "z", &[0, 1])
+        .await
+        .values()
+        .any(|o| *o != Some(10))
+    {
         assert!(Instant::now() < deadline, "a never committed 10, 10");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -459,31 +549,53 @@ async fn a_zombie_consumer_s_commits_are_refused_and_change_nothing() {
 
     // The new owner, driven by the test: once a is removed it owns both partitions, and
     // rewinds them to 3 (the owner may).
-    let mut b = GroupMember::join(s.conn.clone(), MemberConfig::new("g", ["z"]).session_timeout_ms(2_000))
-        .await
-        .expect("join");
+    let mut b = GroupMember::join(
+        s.conn.clone(),
+        MemberConfig::new("g", ["z"]).session_timeout_ms(2_000),
+    )
+    .await
+    .expect("join");
     let mut owned = BTreeSet::new();
     while owned.len() < 2 {
         match tokio::time::timeout(Duration::from_secs(20), b.next_event()).await {
-            Ok(Some(MemberEvent::Assigned(given))) => owned.extend(given.get("z").cloned().unwrap_or_default()),
+            Ok(Some(MemberEvent::Assigned(given))) => {
+                owned.extend(given.get("z").cloned().unwrap_or_default())
+            }
             other => panic!("expected an assignment, got {other:?}"),
         }
     }
-    b.commit("z", &[(0, 3), (1, 3)]).await.expect("the owner commits");
+    b.commit("z", &[(0, 3), (1, 3)])
+        .await
+        .expect("the owner commits");
     // New records, for the zombie's fetches to hand out when it wakes up.
     produce(&s.conn, "z", 2, 10).await;
 
     a.signal("CONT");
-    wait_for(&s.notify, "the zombie to learn it is fenced", Duration::from_secs(30), || {
-        a.changes().iter().any(|c| c.what == "lost")
-    })
+    wait_for(
+        &s.notify,
+        "the zombie to learn it is fenced",
+        Duration::from_secs(30),
+        || a.changes().iter().any(|c| c.what == "lost"),
+    )
     .await;
-    let lost = a.changes().into_iter().find(|c| c.what == "lost").expect("lost");
+    let lost = a
+        .changes()
+        .into_iter()
+        .find(|c| c.what == "lost")
+        .expect("lost");
     for part in ["\"g\"", &format!("\"{}\"", last.member), "epoch"] {
-        assert!(lost.line.contains(part), "the refusal names {part}: {}", lost.line);
+        assert!(
+            lost.line.contains(part),
+            "the refusal names {part}: {}",
+            lost.line
+        );
     }
     assert_eq!(
-        committed(&s.conn, "g", "z", &[0, 1]).await.values().copied().collect::<Vec<_>>(),
+        committed(&s.conn, "g", "z", &[0, 1])
+            .await
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
         vec![Some(3), Some(3)],
         "the zombie moved the group's offsets; its stderr:\n{}",
         a.stderr()
@@ -491,24 +603,37 @@ async fn a_zombie_consumer_s_commits_are_refused_and_change_nothing() {
     // b leaves: a (rejoined) takes both partitions and resumes from the owner's commit.
     let before = a.records().len();
     b.leave().await.expect("leave");
-    wait_for(&s.notify, "a to own both again and read", Duration::from_secs(30), || {
-        a.owned().len() == 2 && {
-            let c = counts(&a.records()[before..]);
-            c.contains_key(&(0, 3)) && c.contains_key(&(1, 3))
-        }
-    })
+    wait_for(
+        &s.notify,
+        "a to own both again and read",
+        Duration::from_secs(30),
+        || {
+            a.owned().len() == 2 && {
+                let c = counts(&a.records()[before..]);
+                c.contains_key(&(0, 3)) && c.contains_key(&(1, 3))
+            }
+        },
+    )
     .await;
     for p in [0, 1] {
-        let first = a.records()[before..].iter().find(|r| r.0 == p).expect("read").1;
+        let first = a.records()[before..]
+            .iter()
+            .find(|r| r.0 == p)
+            .expect("read")
+            .1;
         assert_eq!(first, 3, "partition {p} resumed from the owner's commit");
     }
-    assert!(a.changes().iter().any(|c| c.what == "assigned" && c.epoch > last.epoch));
+    assert!(a
+        .changes()
+        .iter()
+        .any(|c| c.what == "assigned" && c.epoch > last.epoch));
     a.interrupt().await;
     s.broker.stop().await.expect("stop");
 }
 
 #[tokio::test]
-async fn a_static_member_restarted_within_its_session_gets_its_partitions_back_without_a_rebalance() {
+async fn a_static_member_restarted_within_its_session_gets_its_partitions_back_without_a_rebalance()
+{
     let s = setup("st", 4).await;
     let addr = s.broker.addr().to_string();
     let with = |id: &'static str| ["--session-timeout-ms", "10000", "--instance-id", id];
@@ -526,15 +651,32 @@ async fn a_static_member_restarted_within_its_session_gets_its_partitions_back_w
     a.kill9().await;
     let restarted = Instant::now();
     let mut a2 = ConsumerProc::spawn(&addr, "a2", "st", "g", &with("host-a"), &s.notify).await;
-    wait_for(&s.notify, "the restarted a to own its partitions", Duration::from_secs(8), || {
-        !a2.owned().is_empty()
-    })
+    wait_for(
+        &s.notify,
+        "the restarted a to own its partitions",
+        Duration::from_secs(8),
+        || !a2.owned().is_empty(),
+    )
     .await;
-    assert!(restarted.elapsed() < Duration::from_secs(10), "within the session timeout");
+    assert!(
+        restarted.elapsed() < Duration::from_secs(10),
+        "within the session timeout"
+    );
     assert_eq!(a2.owned(), a_parts, "the same partitions");
     let after = admin.describe_group("g").await.expect("describe");
     assert_eq!(after.group_epoch, described.group_epoch, "no rebalance");
-    assert_eq!(b.changes().len(), b_changes, "b saw no change: {:?}", b.changes());
+    assert_eq!(
+        b.changes().len(),
+        b_changes,
+        "b saw no change: {:?}",
+        b.changes()
+    );
+    // Records for both to print (a `-f` run that printed nothing exits with status 1).
+    produce(&s.conn, "st", 4, 1).await;
+    wait_for(&s.notify, "both to print", Duration::from_secs(30), || {
+        !a2.records().is_empty() && !b.records().is_empty()
+    })
+    .await;
     a2.interrupt().await;
     b.interrupt().await;
     s.broker.stop().await.expect("stop");

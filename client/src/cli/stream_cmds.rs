@@ -327,14 +327,20 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
             }
             ConsumerEvent::Assigned { topic, partitions } => {
                 if args.verbose {
-                    eprintln!("{}", membership_line(&consumer, "assigned", &topic, &partitions));
+                    eprintln!(
+                        "{}",
+                        membership_line(&consumer, "assigned", &topic, &partitions)
+                    );
                 }
             }
             ConsumerEvent::Revoked { topic, partitions } => {
                 // Printed before the partitions are given up (at the next call): nothing of
                 // them is printed after this line.
                 if args.verbose {
-                    eprintln!("{}", membership_line(&consumer, "revoked", &topic, &partitions));
+                    eprintln!(
+                        "{}",
+                        membership_line(&consumer, "revoked", &topic, &partitions)
+                    );
                 }
             }
             ConsumerEvent::Lost {
@@ -344,7 +350,9 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
             } => {
                 if args.verbose {
                     let line = membership_line(&consumer, "lost", &topic, &partitions);
-                    eprintln!("{line} reason={reason:?}");
+                    // Last, and as it is: the broker's message names the group, the member
+                    // and the epochs.
+                    eprintln!("{line} reason: {reason}");
                 }
             }
             ConsumerEvent::Skipped {

@@ -174,7 +174,8 @@ impl Consumer {
             self.committed.remove(p);
         }
         self.buffer.retain(|(p, _, _)| !partitions.contains(p));
-        self.notices.retain(|n| !matches!(n, ConsumerEvent::Revoked { .. }));
+        self.notices
+            .retain(|n| !matches!(n, ConsumerEvent::Revoked { .. }));
         if !gone.is_empty() {
             gone.sort_unstable();
             self.notices.push_back(ConsumerEvent::Lost {
@@ -223,7 +224,10 @@ impl Consumer {
         }
         if let Some(m) = &self.member {
             let mut released = Partitions::new();
-            released.insert(self.topic.clone(), revoked.into_iter().collect::<BTreeSet<_>>());
+            released.insert(
+                self.topic.clone(),
+                revoked.into_iter().collect::<BTreeSet<_>>(),
+            );
             m.release(&released);
         }
         Ok(())
