@@ -691,7 +691,7 @@ impl Consumer {
 
     /// Moves partition `p` to a new position; records buffered for it are dropped.
     pub async fn seek(&mut self, partition: u32, to: SeekTo) -> Result<u64> {
-        if !self.partitions.get(&partition).is_some_and(|s| !s.revoked) {
+        if self.partitions.get(&partition).is_none_or(|s| s.revoked) {
             return Err(ClientError::Invalid(format!(
                 "partition {partition} is not subscribed (or was revoked from this member)"
             )));
