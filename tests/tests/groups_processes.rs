@@ -37,6 +37,8 @@ struct Change {
 struct Seen {
     /// (partition, offset, value), in the order printed.
     records: Vec<(u32, u64, String)>,
+    /// When each record was read by the test.
+    read_at: Vec<Instant>,
     changes: Vec<Change>,
     stderr: Vec<String>,
 }
@@ -109,7 +111,10 @@ impl ConsumerProc {
                     v["offset"].as_u64().expect("offset"),
                     v["value"].as_str().expect("value").to_string(),
                 );
-                s.lock().expect("seen").records.push(record);
+                let mut seen = s.lock().expect("seen");
+                seen.records.push(record);
+                seen.read_at.push(Instant::now());
+                drop(seen);
                 n.notify_waiters();
             }
         });
@@ -155,6 +160,16 @@ impl ConsumerProc {
 
     fn records(&self) -> Vec<(u32, u64, String)> {
         self.seen.lock().expect("seen").records.clone()
+    }
+
+    /// How many records of `partition` were read in `from..to`.
+    fn read_between(&self, partition: u32, from: Instant, to: Instant) -> usize {
+        let seen = self.seen.lock().expect("seen");
+        seen.records
+            .iter()
+            .zip(&seen.read_at)
+            .filter(|((p, _, _), &at)| *p == partition && at >= from && at < to)
+            .count()
     }
 
     fn changes(&self) -> Vec<Change> {
@@ -379,6 +394,100 @@ async fn a_killed_consumer_s_partitions_move_after_the_session_timeout_and_resum
     s.broker.stop().await.expect("stop");
 }
 
+/// Produces to every partition of `topic`, round robin, until `stop`; returns each partition's
+/// end offset.
+fn keep_producing(
+    conn: &Connection,
+    topic: &'static str,
+    partitions: u32,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<BTreeMap<u32, u64>> {
+    let (conn, stop) = (conn.clone(), stop.clone());
+    tokio::spawn(async move {
+        let producer = Producer::new(conn, ProducerConfig::new());
+        let mut ends = BTreeMap::<u32, u64>::new();
+        let mut i = 0u64;
+        while !stop.is_cancelled() {
+            let p = (i % u64::from(partitions)) as u32;
+            let (_, offset) = producer
+                .send_and_wait(ProducerRecord::new(topic, format!("{topic}{i}")).partition(p))
+                .await
+                .expect("produce");
+            ends.insert(p, offset + 1);
+            i += 1;
+        }
+        ends
+    })
+}
+
+#[tokio::test]
+async fn three_consumers_get_two_partitions_each_and_keep_consuming_while_a_fourth_joins() {
+    let s = setup("f", 6).await;
+    let addr = s.broker.addr().to_string();
+    // A long session (a 3.3 s heartbeat interval) makes the rebalance last seconds.
+    let args = ["--session-timeout-ms", "10000"];
+    let stop = CancellationToken::new();
+    let producing = keep_producing(&s.conn, "f", 6, &stop);
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        procs.push(ConsumerProc::spawn(&addr, &format!("c{i}"), "f", "g", &args, &s.notify).await);
+    }
+    wait_for(
+        &s.notify,
+        "three consumers with two partitions each",
+        Duration::from_secs(60),
+        || procs.iter().all(|c| c.owned().len() == 2),
+    )
+    .await;
+    let before: Vec<BTreeSet<u32>> = procs.iter().map(ConsumerProc::owned).collect();
+    let changes_before: Vec<usize> = procs.iter().map(|c| c.changes().len()).collect();
+    let joined = Instant::now();
+    procs.push(ConsumerProc::spawn(&addr, "c3", "f", "g", &args, &s.notify).await);
+    wait_for(
+        &s.notify,
+        "the fourth to get its share",
+        Duration::from_secs(60),
+        || {
+            !procs[3].owned().is_empty()
+                && procs.iter().map(|c| c.owned().len()).sum::<usize>() == 6
+        },
+    )
+    .await;
+    let settled = Instant::now();
+    let given = procs[3].owned();
+    assert!((1..=2).contains(&given.len()), "the fourth got {given:?}");
+    for (i, c) in procs[..3].iter().enumerate() {
+        let kept: BTreeSet<u32> = before[i].intersection(&c.owned()).copied().collect();
+        assert!(
+            c.owned().is_subset(&before[i]),
+            "{} only gave partitions up",
+            c.name
+        );
+        for &p in &kept {
+            // No pause: records of a kept partition were read throughout the rebalance.
+            assert!(
+                c.read_between(p, joined, settled) > 0,
+                "{} read nothing of its kept partition {p} during the rebalance ({:?})",
+                c.name,
+                settled - joined
+            );
+            assert!(
+                c.changes()[changes_before[i]..]
+                    .iter()
+                    .all(|ch| !ch.partitions.contains(&p)),
+                "{} kept {p} without a revocation",
+                c.name
+            );
+        }
+    }
+    stop.cancel();
+    producing.await.expect("producer");
+    for c in &mut procs {
+        c.interrupt().await;
+    }
+    s.broker.stop().await.expect("stop");
+}
+
 #[tokio::test]
 async fn scaling_1_to_6_to_2_consumers_loses_nothing_and_never_shares_a_partition() {
     let s = setup("s", 6).await;
@@ -386,24 +495,7 @@ async fn scaling_1_to_6_to_2_consumers_loses_nothing_and_never_shares_a_partitio
     let args = ["--session-timeout-ms", "10000"];
     // A producer running throughout.
     let stop = CancellationToken::new();
-    let producing = {
-        let (conn, stop) = (s.conn.clone(), stop.clone());
-        tokio::spawn(async move {
-            let producer = Producer::new(conn, ProducerConfig::new());
-            let mut ends = BTreeMap::<u32, u64>::new();
-            let mut i = 0u64;
-            while !stop.is_cancelled() {
-                let p = (i % 6) as u32;
-                let (_, offset) = producer
-                    .send_and_wait(ProducerRecord::new("s", format!("s{i}")).partition(p))
-                    .await
-                    .expect("produce");
-                ends.insert(p, offset + 1);
-                i += 1;
-            }
-            ends
-        })
-    };
+    let producing = keep_producing(&s.conn, "s", 6, &stop);
     let mut procs = vec![ConsumerProc::spawn(&addr, "c0", "s", "g", &args, &s.notify).await];
     wait_for(
         &s.notify,
