@@ -637,7 +637,21 @@ async fn a_zombie_consumer_s_commits_are_refused_and_change_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let last = a.changes().last().cloned().expect("a change");
+    // New records, and a is stopped as soon as it printed them: it commits every second, and
+    // at once only for the first record after an idle spell, so it is stopped holding
+    // printed, uncommitted records. Resumed, its first move is to commit them.
+    produce(&s.conn, "z", 2, 10).await;
+    wait_for(&s.notify, "a to print 40", Duration::from_secs(30), || {
+        a.records().len() == 40
+    })
+    .await;
     a.signal("STOP");
+    let at_stop = committed(&s.conn, "g", "z", &[0, 1]).await;
+    if at_stop.values().all(|o| *o == Some(20)) {
+        // Too slow a machine: a committed everything before it was stopped. The checks below
+        // still hold, but its commit after the resume is then empty.
+        eprintln!("note: a committed everything before SIGSTOP; the zombie commits nothing");
+    }
 
     // The new owner, driven by the test: once a is removed it owns both partitions, and
     // rewinds them to 3 (the owner may).
@@ -659,7 +673,7 @@ async fn a_zombie_consumer_s_commits_are_refused_and_change_nothing() {
     b.commit("z", &[(0, 3), (1, 3)])
         .await
         .expect("the owner commits");
-    // New records, for the zombie's fetches to hand out when it wakes up.
+    // More records, for the zombie's fetches to hand out when it wakes up.
     produce(&s.conn, "z", 2, 10).await;
 
     a.signal("CONT");
