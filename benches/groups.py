@@ -11,11 +11,12 @@
   to the first record the survivor prints from a partition of the killed one (session
   timeout, then the broker's expiry check, then the survivor's next heartbeat and fetch).
 
-All with a 3 s session timeout (heartbeat interval 1 s). Prints every sample, then p50 and
-max.
+All with a 3 s session timeout (heartbeat interval 1 s) unless SESSION_MS says otherwise.
+Prints every sample, then p50 and max.
 
 usage: benches/groups.py [ROUNDS]   (after cargo build --release -p rill-broker -p rill-client;
-       RILL_PROFILE=debug uses target/debug)
+       RILL_PROFILE=debug uses target/debug; SESSION_MS=45000 KILL=0 measures the joins with
+       the broker's default session timeout, without the kill rounds)
 Every process started here is killed here, and the data folder removed."""
 import json, os, signal, socket, subprocess, sys, tempfile, threading, time
 
@@ -24,7 +25,8 @@ PROFILE = os.environ.get("RILL_PROFILE", "release")
 BROKER = os.path.join(ROOT, "target", PROFILE, "rill-broker")
 RILL = os.path.join(ROOT, "target", PROFILE, "rill")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-SESSION_MS = "3000"
+SESSION_MS = os.environ.get("SESSION_MS", "3000")
+KILL = os.environ.get("KILL", "1") != "0"
 
 
 def free_port():
@@ -148,15 +150,21 @@ def main():
             a.wait_owned(3)
             print(f"round {k + 1}: join alone {alone[-1] * 1000:.0f} ms, "
                   f"join as second {second[-1] * 1000:.0f} ms", flush=True)
+            if not KILL:
+                a.stop()
+                b.stop()
+                continue
             lost = a.wait_owned(3)
             a.stop(signal.SIGKILL)
             killed = time.time()
             kill.append(b.first_record_after(killed, lost) - killed)
             print(f"round {k + 1}: kill -9 -> redelivery {kill[-1] * 1000:.0f} ms", flush=True)
             b.stop()
+        print(f"session timeout {SESSION_MS} ms", flush=True)
         summary("join alone -> first record", alone)
         summary("join as second member -> first record", second)
-        summary(f"kill -9 -> first redelivered record (session {SESSION_MS} ms)", kill)
+        if kill:
+            summary(f"kill -9 -> first redelivered record (session {SESSION_MS} ms)", kill)
         stop.set()
     finally:
         for c in consumers:

@@ -43,6 +43,10 @@ use crate::error::{is_retryable_status, ClientError, Result};
 /// Partitions by topic.
 pub type Partitions = BTreeMap<String, BTreeSet<u32>>;
 
+/// How often a member that waits for partitions heartbeats, ms (at most; the broker's
+/// interval when shorter).
+const RECONCILING_POLL_MS: u64 = 200;
+
 /// The session timeout the broker uses when a member sets none, ms.
 const DEFAULT_SESSION_TIMEOUT_MS: u32 = 45_000;
 
@@ -142,6 +146,8 @@ struct State {
     /// Revoked, not released yet: still owned, and reported so.
     releasing: Partitions,
     interval_ms: u32,
+    /// The broker's last answer said partitions are still to come (or to give up).
+    reconciling: bool,
     /// Why the member was last fenced (the broker's message), until taken.
     fenced_reason: Option<String>,
 }
@@ -346,6 +352,7 @@ impl Shared {
         s.member_id = r.member_id;
         s.epoch = r.member_epoch;
         s.interval_ms = r.heartbeat_interval_ms.max(1);
+        s.reconciling = r.reconciling;
         let revoked = minus(&s.owned, &assignment);
         let added = minus(&minus(&assignment, &s.owned), &s.releasing);
         if !revoked.is_empty() {
@@ -382,7 +389,19 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     ));
     let mut last_ok = Instant::now();
     loop {
-        let interval = Duration::from_millis(u64::from(shared.lock().interval_ms.max(1)));
+        let interval = {
+            let s = shared.lock();
+            let ms = u64::from(s.interval_ms.max(1));
+            // While partitions are on their way (their previous owner releases them at its
+            // next heartbeat), ask again sooner than the interval: the new owner then starts
+            // within RECONCILING_POLL_MS of the release instead of up to an interval later.
+            // Only during a rebalance, so the steady-state heartbeat rate is unchanged.
+            if s.reconciling && s.releasing.is_empty() {
+                Duration::from_millis(ms.min(RECONCILING_POLL_MS))
+            } else {
+                Duration::from_millis(ms)
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
