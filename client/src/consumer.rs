@@ -19,6 +19,25 @@
 //! - [`Consumer::close`] commits like [`Consumer::commit`] when auto-commit is on, then stops.
 //! - Dropping a consumer (or a crash) commits nothing: the group gets the uncommitted
 //!   records again, the one that was in hand included.
+//!
+//! # Group membership
+//! Built with a group and no explicit partitions, the consumer is a member of the group (see
+//! [`crate::membership`]): it heartbeats in the background, and consumes only the partitions
+//! the broker assigns it. Changes come out of [`Consumer::next`] as
+//! [`ConsumerEvent::Assigned`], [`ConsumerEvent::Revoked`] and [`ConsumerEvent::Lost`]:
+//! - `Assigned`: the partitions now fetch from the group's committed offsets.
+//! - `Revoked`: the partitions have stopped (nothing more of them is handed out); the next call
+//!   to `next` (or `commit`, or `close`) commits what was handed out for them, with the member
+//!   epoch, and only then gives them up, so the next owner starts where this one stopped.
+//!   The application flushes its own state for them before that call.
+//! - `Lost`: the member was fenced (it missed its session timeout, or a commit was refused):
+//!   the partitions stopped at once and nothing of them can be committed any more; the member
+//!   rejoins by itself.
+//!
+//! Commits carry the member epoch, so a member that was fenced cannot move the group's
+//! offsets. [`Consumer::close`] leaves the group (a static member, with an instance id, leaves
+//! for a restart and keeps its partitions for the session timeout). Given explicit partitions,
+//! the consumer manages them itself and commits plain offsets (no membership).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -33,7 +52,10 @@ use tonic::Code;
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::membership::GroupMember;
 use crate::retry::RetryPolicy;
+
+mod group;
 
 /// Where to start when the group has no committed offset (or the offset is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +76,10 @@ pub struct ConsumerConfig {
     max_bytes: u32,
     auto_commit_interval_ms: Option<u64>,
     prefetch: usize,
+    instance_id: Option<String>,
+    session_timeout_ms: Option<u32>,
+    rebalance_timeout_ms: Option<u32>,
+    assignor: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -65,6 +91,10 @@ impl Default for ConsumerConfig {
             max_bytes: 4 << 20,
             auto_commit_interval_ms: None,
             prefetch: 2,
+            instance_id: None,
+            session_timeout_ms: None,
+            rebalance_timeout_ms: None,
+            assignor: None,
         }
     }
 }
@@ -115,6 +145,34 @@ impl ConsumerConfig {
         self.prefetch = prefetch.max(1);
         self
     }
+
+    /// As a group member, be a static member with this instance id: a restart within the
+    /// session timeout gets the same partitions back, with no rebalance.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// As a group member, set the group's session timeout, ms (the broker allows 500 to
+    /// 3600000; its default is 45000).
+    pub fn session_timeout_ms(mut self, ms: u32) -> Self {
+        self.session_timeout_ms = Some(ms);
+        self
+    }
+
+    /// As a group member, set the group's rebalance timeout, ms: the longest a revoked
+    /// partition may be kept before the member is fenced (the broker's default is 60000).
+    pub fn rebalance_timeout_ms(mut self, ms: u32) -> Self {
+        self.rebalance_timeout_ms = Some(ms);
+        self
+    }
+
+    /// As the first member of an empty group, choose its assignor, `uniform` (the default)
+    /// or `range`.
+    pub fn assignor(mut self, name: impl Into<String>) -> Self {
+        self.assignor = Some(name.into());
+        self
+    }
 }
 
 /// A consumed record.
@@ -153,6 +211,33 @@ pub enum ConsumerEvent {
         /// The new position.
         to: u64,
         /// The broker's message.
+        reason: String,
+    },
+    /// As a group member: these partitions are now this consumer's; they fetch from the
+    /// group's committed offsets (or where the reset policy says).
+    Assigned {
+        /// The topic.
+        topic: String,
+        /// The partitions added.
+        partitions: Vec<u32>,
+    },
+    /// As a group member: these partitions go to another member. Nothing more of them is
+    /// handed out; the next call to [`Consumer::next`], [`Consumer::commit`] or
+    /// [`Consumer::close`] commits what was handed out for them and then gives them up.
+    Revoked {
+        /// The topic.
+        topic: String,
+        /// The partitions given up.
+        partitions: Vec<u32>,
+    },
+    /// As a group member: these partitions were lost without a handover (the member was
+    /// fenced); they stopped at once, and the member rejoins.
+    Lost {
+        /// The topic.
+        topic: String,
+        /// The partitions lost.
+        partitions: Vec<u32>,
+        /// Why.
         reason: String,
     },
 }
@@ -196,6 +281,8 @@ struct PartitionState {
     high_watermark: u64,
     generation: u64,
     cancel: CancellationToken,
+    /// Revoked from this group member: stopped, to be committed and given up.
+    revoked: bool,
 }
 
 /// A consumer of one topic.
@@ -210,6 +297,10 @@ pub struct Consumer {
     committed: HashMap<u32, u64>,
     last_commit: Instant,
     next_generation: u64,
+    /// The group membership, when the broker assigns the partitions.
+    member: Option<GroupMember>,
+    /// Membership changes to hand out before any record.
+    notices: VecDeque<ConsumerEvent>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -223,6 +314,8 @@ impl std::fmt::Debug for Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
+        // A dropped member stops heartbeating (its own drop) without leaving: like a crash,
+        // its partitions move after the session timeout.
         for p in self.partitions.values() {
             p.cancel.cancel();
         }
@@ -230,9 +323,12 @@ impl Drop for Consumer {
 }
 
 impl Consumer {
-    /// Subscribes to `topic`: all its partitions, or the ones given. With a group, each
-    /// partition starts at its committed offset; otherwise (or without one) where
-    /// `auto_offset_reset` says.
+    /// Subscribes to `topic`. With a group and no partitions given, the consumer joins the
+    /// group as a member and consumes the partitions the broker assigns it (see the module's
+    /// "Group membership"; the first heartbeat is answered before this returns). Otherwise it
+    /// consumes all the topic's partitions, or the ones given. With a group, each partition
+    /// starts at its committed offset; otherwise (or without one) where `auto_offset_reset`
+    /// says.
     pub async fn subscribe(
         conn: Connection,
         config: ConsumerConfig,
@@ -241,6 +337,9 @@ impl Consumer {
     ) -> Result<Consumer> {
         let admin = Admin::new(conn.clone());
         let count = admin.describe_topic(topic).await?.partitions.len() as u32;
+        if partitions.is_none() && config.group.is_some() {
+            return Consumer::join(conn, config, topic, count).await;
+        }
         let chosen = partitions.unwrap_or_else(|| (0..count).collect());
         if let Some(p) = chosen.iter().find(|&&p| p >= count) {
             return Err(ClientError::Invalid(format!(
@@ -256,19 +355,8 @@ impl Consumer {
                 .collect(),
             None => HashMap::new(),
         };
-        let (tx, rx) = mpsc::channel(chosen.len().max(1) * config.prefetch);
-        let mut consumer = Consumer {
-            conn,
-            config,
-            topic: topic.to_string(),
-            partitions: HashMap::new(),
-            tx,
-            rx,
-            buffer: VecDeque::new(),
-            committed: committed.clone(),
-            last_commit: Instant::now(),
-            next_generation: 0,
-        };
+        let mut consumer = Consumer::new(conn, config, topic, chosen.len(), None);
+        consumer.committed.clone_from(&committed);
         for p in chosen {
             let start = match committed.get(&p) {
                 Some(&o) => o,
@@ -277,6 +365,31 @@ impl Consumer {
             consumer.start(p, start);
         }
         Ok(consumer)
+    }
+
+    /// A consumer of `topic` with nothing started yet, its channel sized for `partitions`.
+    fn new(
+        conn: Connection,
+        config: ConsumerConfig,
+        topic: &str,
+        partitions: usize,
+        member: Option<GroupMember>,
+    ) -> Consumer {
+        let (tx, rx) = mpsc::channel(partitions.max(1) * config.prefetch);
+        Consumer {
+            conn,
+            config,
+            topic: topic.to_string(),
+            partitions: HashMap::new(),
+            tx,
+            rx,
+            buffer: VecDeque::new(),
+            committed: HashMap::new(),
+            last_commit: Instant::now(),
+            next_generation: 0,
+            member,
+            notices: VecDeque::new(),
+        }
     }
 
     async fn reset_position(&self, partition: u32) -> Result<u64> {
@@ -305,6 +418,7 @@ impl Consumer {
                 high_watermark: offset,
                 generation,
                 cancel: cancel.clone(),
+                revoked: false,
             },
         );
         self.buffer.retain(|(p, _, _)| *p != partition);
@@ -331,7 +445,8 @@ impl Consumer {
         &self.topic
     }
 
-    /// The next offset to be handed out, per partition.
+    /// The next offset to be handed out, per partition (as a group member: the partitions it
+    /// owns, revoked ones not given up yet included).
     pub fn positions(&self) -> HashMap<u32, u64> {
         self.partitions
             .iter()
@@ -358,27 +473,42 @@ impl Consumer {
     /// Cancel-safe: a record is handed out only when the call returns it.
     pub async fn next(&mut self) -> Result<ConsumerEvent> {
         self.maybe_auto_commit().await?;
+        self.finish_revocations().await?;
         loop {
+            self.take_member_events().await?;
+            if let Some(notice) = self.notices.pop_front() {
+                return Ok(notice);
+            }
             if let Some((partition, _, event)) = self.buffer.pop_front() {
                 if let Some(state) = self.partitions.get_mut(&partition) {
-                    state.position = match &event {
-                        ConsumerEvent::Record(r) => r.offset + 1,
-                        ConsumerEvent::Skipped { to, .. } => *to,
-                    };
+                    match &event {
+                        ConsumerEvent::Record(r) => state.position = r.offset + 1,
+                        ConsumerEvent::Skipped { to, .. } => state.position = *to,
+                        // Never buffered: they are notices.
+                        ConsumerEvent::Assigned { .. }
+                        | ConsumerEvent::Revoked { .. }
+                        | ConsumerEvent::Lost { .. } => {}
+                    }
                 }
                 return Ok(event);
             }
-            let fetched = match self.auto_commit_due() {
-                Some(due) => tokio::select! {
-                    fetched = self.rx.recv() => fetched,
-                    _ = tokio::time::sleep_until(due) => {
-                        // Nothing was handed out by this call yet: the positions cover
-                        // only records of earlier calls.
-                        self.auto_commit().await?;
-                        continue;
-                    }
-                },
-                None => self.rx.recv().await,
+            // Far in the future when there is nothing to auto-commit.
+            let due = self
+                .auto_commit_due()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let member = self.member.as_mut();
+            let fetched = tokio::select! {
+                fetched = self.rx.recv() => fetched,
+                _ = tokio::time::sleep_until(due) => {
+                    // Nothing was handed out by this call yet: the positions cover
+                    // only records of earlier calls.
+                    self.auto_commit().await?;
+                    continue;
+                }
+                event = group::next_member_event(member) => {
+                    self.on_member_event(event).await?;
+                    continue;
+                }
             };
             self.accept(fetched.ok_or(ClientError::Closed)?)?;
         }
@@ -394,7 +524,9 @@ impl Consumer {
 
     fn accept(&mut self, fetched: Fetched) -> Result<()> {
         let current = |parts: &HashMap<u32, PartitionState>, p: u32, g: u64| {
-            parts.get(&p).is_some_and(|s| s.generation == g)
+            parts
+                .get(&p)
+                .is_some_and(|s| s.generation == g && !s.revoked)
         };
         match fetched {
             Fetched::Records {
@@ -491,6 +623,9 @@ impl Consumer {
                 tracing::warn!(topic = %self.topic, error = %e, "auto-commit failed; will retry");
                 Ok(())
             }
+            // A fenced member's commit: its partitions are reported lost (a Lost event),
+            // and it rejoins.
+            Err(e) if self.member.is_some() && group::is_fenced(&e) => Ok(()),
             other => other,
         }
     }
@@ -499,6 +634,12 @@ impl Consumer {
     /// [`Consumer::next`] included (the group's next offsets): call it once the application
     /// is done with them. Without a group this is an error.
     pub async fn commit(&mut self) -> Result<()> {
+        self.commit_positions().await?;
+        self.finish_revocations().await
+    }
+
+    /// Commits the positions not committed yet: as a group member with the member epoch.
+    async fn commit_positions(&mut self) -> Result<()> {
         let Some(group) = self.config.group.clone() else {
             return Err(ClientError::Invalid("commit needs a consumer group".into()));
         };
@@ -507,9 +648,21 @@ impl Consumer {
         if changed.is_empty() {
             return Ok(());
         }
-        Admin::new(self.conn.clone())
-            .commit_offsets(&group, &self.topic, &changed)
-            .await?;
+        match &self.member {
+            Some(member) => {
+                if let Err(e) = member.commit(&self.topic, &changed).await {
+                    if group::is_fenced(&e) {
+                        self.lose_all(&e.to_string());
+                    }
+                    return Err(e);
+                }
+            }
+            None => {
+                Admin::new(self.conn.clone())
+                    .commit_offsets(&group, &self.topic, &changed)
+                    .await?;
+            }
+        }
         self.committed.extend(changed);
         Ok(())
     }
@@ -520,18 +673,27 @@ impl Consumer {
     /// nothing; call [`Consumer::commit`] first. Either way the fetch tasks end.
     ///
     /// Dropping a consumer instead of closing it commits nothing.
+    ///
+    /// A group member also commits what it handed out of revoked partitions, then leaves the
+    /// group, so its partitions move at once (a static member keeps them for the session
+    /// timeout, for a restart).
     pub async fn close(mut self) -> Result<()> {
         if self.config.group.is_some() && self.config.auto_commit_interval_ms.is_some() {
             self.commit().await?;
+        } else {
+            self.finish_revocations().await?;
+        }
+        if let Some(member) = self.member.take() {
+            member.leave().await?;
         }
         Ok(()) // dropping `self` cancels the fetch tasks
     }
 
     /// Moves partition `p` to a new position; records buffered for it are dropped.
     pub async fn seek(&mut self, partition: u32, to: SeekTo) -> Result<u64> {
-        if !self.partitions.contains_key(&partition) {
+        if self.partitions.get(&partition).is_none_or(|s| s.revoked) {
             return Err(ClientError::Invalid(format!(
-                "partition {partition} is not subscribed"
+                "partition {partition} is not subscribed (or was revoked from this member)"
             )));
         }
         let admin = Admin::new(self.conn.clone());

@@ -7,7 +7,9 @@
 //!   ordered retries on UNAVAILABLE, `flush`, ack modes, a bounded buffer with
 //!   back-pressure (`send` waits, `try_send` fails at once).
 //! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
-//!   offsets with at-least-once auto-commit, seeks, reported skips.
+//!   offsets with at-least-once auto-commit, seeks, reported skips; as a group member (built
+//!   with a group and no explicit partitions) it consumes the partitions the broker assigns,
+//!   committing before it gives one up (`consumer/group.rs`).
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
 //! - [`membership`]: [`GroupMember`]: a consumer group member; background heartbeats, and
 //!   assigned, revoked and lost partitions as events.
@@ -42,6 +44,7 @@
 //!     .group("billing")
 //!     .auto_offset_reset(AutoOffsetReset::Earliest)
 //!     .auto_commit_interval_ms(Some(1000));
+//! // A group and no explicit partitions: a member; the broker assigns its share.
 //! let mut consumer = Consumer::subscribe(conn, config, "orders", None).await?;
 //! loop {
 //!     match consumer.next().await? {
@@ -49,6 +52,10 @@
 //!         ConsumerEvent::Skipped { partition, from, to, .. } => {
 //!             eprintln!("partition {partition}: data {from}..{to} was deleted by retention")
 //!         }
+//!         ConsumerEvent::Assigned { partitions, .. } => eprintln!("now own {partitions:?}"),
+//!         // Flush state kept for them now: the next call commits and gives them up.
+//!         ConsumerEvent::Revoked { partitions, .. } => eprintln!("giving up {partitions:?}"),
+//!         ConsumerEvent::Lost { partitions, reason, .. } => eprintln!("lost {partitions:?}: {reason}"),
 //!     }
 //! }
 //! # }

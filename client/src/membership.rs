@@ -43,6 +43,10 @@ use crate::error::{is_retryable_status, ClientError, Result};
 /// Partitions by topic.
 pub type Partitions = BTreeMap<String, BTreeSet<u32>>;
 
+/// How often a member that waits for partitions heartbeats, ms (at most; the broker's
+/// interval when shorter).
+const RECONCILING_POLL_MS: u64 = 200;
+
 /// The session timeout the broker uses when a member sets none, ms.
 const DEFAULT_SESSION_TIMEOUT_MS: u32 = 45_000;
 
@@ -128,6 +132,9 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the heartbeat loop early (after a release).
     wake: Notify,
+    /// Where events go. Kept here (not only in the heartbeat loop) so that
+    /// [`GroupMember::rejoin`] can report what it gave up.
+    tx: mpsc::UnboundedSender<MemberEvent>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -139,6 +146,10 @@ struct State {
     /// Revoked, not released yet: still owned, and reported so.
     releasing: Partitions,
     interval_ms: u32,
+    /// The broker's last answer said partitions are still to come (or to give up).
+    reconciling: bool,
+    /// Why the member was last fenced (the broker's message), until taken.
+    fenced_reason: Option<String>,
 }
 
 impl GroupMember {
@@ -156,14 +167,15 @@ impl GroupMember {
             config,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            tx,
         });
         let reply = shared
             .send(shared.request())
             .await
             .map_err(|s| ClientError::broker(None, None, s))?;
-        shared.apply(reply, &tx);
+        shared.apply(reply, &shared.tx);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(heartbeat_loop(Arc::clone(&shared), tx, cancel.clone()));
+        let task = tokio::spawn(heartbeat_loop(Arc::clone(&shared), cancel.clone()));
         Ok(GroupMember {
             shared,
             events,
@@ -188,9 +200,34 @@ impl GroupMember {
         union(&s.owned, &s.releasing)
     }
 
-    /// The next change of ownership; `None` once the member has stopped.
+    /// The next change of ownership. Waits while nothing changes.
     pub async fn next_event(&mut self) -> Option<MemberEvent> {
         self.events.recv().await
+    }
+
+    /// The next change of ownership if one has arrived already, without waiting.
+    pub fn try_next_event(&mut self) -> Option<MemberEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// Why the member was last fenced or timed out (the broker's message, naming the group,
+    /// the member and the epochs), if it was since the last call.
+    pub fn take_fenced_reason(&self) -> Option<String> {
+        self.shared.lock().fenced_reason.take()
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.shared.config.group
+    }
+
+    /// Gives up every partition at once, without a handover, and rejoins with epoch 0 at
+    /// once: for a member that learnt it was fenced some other way than by a heartbeat (a
+    /// commit refused with FAILED_PRECONDITION). A [`MemberEvent::Lost`] follows when it
+    /// owned anything.
+    pub fn rejoin(&self) {
+        self.shared.lose_all(&self.shared.tx);
+        self.shared.wake.notify_one();
     }
 
     /// Gives up revoked partitions (after committing and stopping them). The broker learns it
@@ -315,6 +352,7 @@ impl Shared {
         s.member_id = r.member_id;
         s.epoch = r.member_epoch;
         s.interval_ms = r.heartbeat_interval_ms.max(1);
+        s.reconciling = r.reconciling;
         let revoked = minus(&s.owned, &assignment);
         let added = minus(&minus(&assignment, &s.owned), &s.releasing);
         if !revoked.is_empty() {
@@ -341,11 +379,8 @@ impl Shared {
     }
 }
 
-async fn heartbeat_loop(
-    shared: Arc<Shared>,
-    tx: mpsc::UnboundedSender<MemberEvent>,
-    cancel: CancellationToken,
-) {
+async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let tx = &shared.tx;
     let session = Duration::from_millis(u64::from(
         shared
             .config
@@ -354,7 +389,19 @@ async fn heartbeat_loop(
     ));
     let mut last_ok = Instant::now();
     loop {
-        let interval = Duration::from_millis(u64::from(shared.lock().interval_ms.max(1)));
+        let interval = {
+            let s = shared.lock();
+            let ms = u64::from(s.interval_ms.max(1));
+            // While partitions are on their way (their previous owner releases them at its
+            // next heartbeat), ask again sooner than the interval: the new owner then starts
+            // within RECONCILING_POLL_MS of the release instead of up to an interval later.
+            // Only during a rebalance, so the steady-state heartbeat rate is unchanged.
+            if s.reconciling && s.releasing.is_empty() {
+                Duration::from_millis(ms.min(RECONCILING_POLL_MS))
+            } else {
+                Duration::from_millis(ms)
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
@@ -368,11 +415,12 @@ async fn heartbeat_loop(
         match answer {
             Ok(r) => {
                 last_ok = Instant::now();
-                shared.apply(r, &tx);
+                shared.apply(r, tx);
             }
             Err(status) if status.code() == Code::FailedPrecondition => {
                 tracing::warn!(group = %shared.config.group, error = %status.message(), "fenced; rejoining");
-                shared.lose_all(&tx);
+                shared.lock().fenced_reason = Some(status.message().to_string());
+                shared.lose_all(tx);
             }
             Err(status) => {
                 if !is_retryable_status(&status) {
@@ -380,7 +428,12 @@ async fn heartbeat_loop(
                 }
                 if last_ok.elapsed() > session {
                     // The broker has removed this member by now.
-                    shared.lose_all(&tx);
+                    shared.lock().fenced_reason = Some(format!(
+                        "no heartbeat answered for the session timeout ({} ms): {}",
+                        session.as_millis(),
+                        status.message()
+                    ));
+                    shared.lose_all(tx);
                     last_ok = Instant::now();
                 }
             }

@@ -3,6 +3,23 @@
     python consumer.py orders --group billing                # tail, printing one line per record
     python consumer.py orders --group billing --output json --until-caught-up
 
+The consumer is a member of the group (the next-generation consumer protocol, KIP-848): its
+main thread sends GroupHeartbeat every heartbeat interval, and the broker answers with the
+partitions this member may own. Several consumers with one group share the partitions:
+
+- A partition in the answer that the member does not own yet gets a thread (below), starting
+  at the group's committed offset (FetchOffsets).
+- A partition it owns that is no longer in the answer is revoked: its thread stops, commits
+  what it handled, and only then does the next heartbeat report it gone. The broker hands it
+  to its next owner after that, so no partition is read by two members at once.
+- Commits carry the member id and epoch. A member that was fenced (it missed its session
+  timeout, --session-timeout-ms) gets FAILED_PRECONDITION on its heartbeats and commits: it
+  stops every partition at once (what it handled since its last commit is read again by the
+  next owner) and rejoins with epoch 0.
+- On SIGINT or SIGTERM each partition commits what it handled, then the member leaves the
+  group (epoch -1), so its partitions move at once. After a SIGKILL they move after the
+  session timeout.
+
 Each partition is read by a thread of its own, in a loop:
 
 1. Fetch from the partition's position with a long-poll (max_wait_ms): the broker answers as
@@ -18,12 +35,13 @@ Where the group has no committed offset, or its offset is no longer in the log (
 retention deleted it, or it was never valid), the position is reset by --reset: `earliest`
 (the first retained record) or `latest` (only what is produced from now on).
 
-The group is only a name for committed offsets here: there is no membership yet, so two
-consumers with one group both read every partition. Run one consumer per group.
+With --until-caught-up the consumer stops once the broker has given it its whole share (it
+is not reconciling) and each of its partitions is read to its high watermark.
 
 Errors, by status code (docs/ARCHITECTURE.md, "Status codes"): UNAVAILABLE and
 RESOURCE_EXHAUSTED are retried with backoff; OUT_OF_RANGE resets the position by --reset;
-anything else stops the consumer with exit status 1 (it is never retried).
+FAILED_PRECONDITION on a heartbeat or a commit means fenced (above); anything else stops the
+consumer with exit status 1 (it is never retried).
 """
 
 import argparse
@@ -33,7 +51,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Dict, List, Optional
+import time
+from typing import Dict, List, Optional, Set
 
 import grpc
 
@@ -79,28 +98,39 @@ class Consumer:
         # The fetch each partition's thread is waiting on, so a stop can cancel it.
         self.in_flight: Dict[int, grpc.Future] = {}
         self.in_flight_lock = threading.Lock()
+        # The membership: the member's id and epoch (0 joins), the partitions it owns, each
+        # with its thread and the event that stops that thread alone.
+        self.member_id = ""
+        self.member_epoch = 0
+        self.threads: Dict[int, threading.Thread] = {}
+        self.partition_stop: Dict[int, threading.Event] = {}
+        # Set by a partition whose commit was refused as fenced: the heartbeat loop rejoins.
+        self.fenced = threading.Event()
+        # Wakes the heartbeat loop early.
+        self.wake = threading.Event()
 
     # -- the start position -------------------------------------------------------------
 
-    def committed_offsets(self) -> Dict[int, Optional[int]]:
-        """Every partition of the topic, with the group's committed offset where it has one."""
-        topic = call_with_retry(
-            f"describe topic {self.args.topic}",
-            lambda: self.admin.DescribeTopic(
-                admin_pb2.DescribeTopicRequest(name=self.args.topic), timeout=DEADLINE_MARGIN_S
-            ),
-            stop=self.stop,
+    def committed_offsets(self, partitions: List[int]) -> Dict[int, Optional[int]]:
+        """The group's committed offset of each partition given, where it has one."""
+        request = groups_pb2.FetchOffsetsRequest(
+            group=self.args.group, topic=self.args.topic, partitions=partitions
         )
-        request = groups_pb2.FetchOffsetsRequest(group=self.args.group, topic=self.args.topic)
         response = call_with_retry(
             f"fetch offsets of group {self.args.group}",
             lambda: self.groups.FetchOffsets(request, timeout=DEADLINE_MARGIN_S),
             stop=self.stop,
         )
-        offsets: Dict[int, Optional[int]] = {p.partition: None for p in topic.partitions}
+        offsets: Dict[int, Optional[int]] = {p: None for p in partitions}
         for c in response.offsets:
             offsets[c.partition] = c.offset if c.HasField("offset") else None
         return offsets
+
+    def stopped(self, partition: int) -> bool:
+        """Whether the partition's loop must end: the consumer stops, or the partition was
+        revoked or lost."""
+        event = self.partition_stop.get(partition)
+        return self.stop.is_set() or (event is not None and event.is_set())
 
     def reset_position(self, partition: int, why: str) -> int:
         """The position --reset picks: the log start or the high watermark."""
@@ -138,7 +168,7 @@ class Consumer:
         with self.in_flight_lock:
             self.in_flight[partition] = future
         try:
-            if self.stop.is_set():
+            if self.stopped(partition):
                 future.cancel()
             return future.result()
         finally:
@@ -188,19 +218,33 @@ class Consumer:
         if self.args.handle_ms:
             self.stop.wait(self.args.handle_ms / 1000)
 
-    def commit(self, partition: int, offset: int) -> None:
-        """Commits `offset` (one past the last handled record) for one partition."""
+    def commit(self, partition: int, offset: int) -> bool:
+        """Commits `offset` (one past the last handled record) for one partition, as this
+        member. False when refused because the member is fenced: the partition is lost."""
         request = groups_pb2.CommitOffsetsRequest(
             group=self.args.group,
             topic=self.args.topic,
             offsets=[groups_pb2.PartitionOffset(partition=partition, offset=offset)],
+            member=groups_pb2.MemberIdentity(
+                member_id=self.member_id, member_epoch=self.member_epoch
+            ),
         )
         # Committing the same offset twice is harmless, so the commit may be retried; it
         # still goes through when a stop is under way, to save the work just done.
-        call_with_retry(
-            f"commit partition {partition} at {offset}",
-            lambda: self.groups.CommitOffsets(request, timeout=DEADLINE_MARGIN_S),
-        )
+        try:
+            call_with_retry(
+                f"commit partition {partition} at {offset}",
+                lambda: self.groups.CommitOffsets(request, timeout=DEADLINE_MARGIN_S),
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # The message names the group, the member and the epochs.
+            log(f"partition {partition}: commit refused, the member is fenced: {describe(err)}")
+            self.fenced.set()
+            self.wake.set()
+            return False
+        return True
 
     def consume_partition(self, partition: int, committed: Optional[int]) -> None:
         """Fetch, handle, commit, until stopped (or caught up, with --until-caught-up)."""
@@ -208,14 +252,14 @@ class Consumer:
         if offset is None:
             offset = self.reset_position(partition, "no committed offset")
         backoff = Backoff()
-        while not self.stop.is_set():
+        while not self.stopped(partition):
             try:
                 response = self.fetch(partition, offset)
             except grpc.FutureCancelledError:
                 return
             except grpc.RpcError as err:
                 code = err.code()
-                if code == grpc.StatusCode.CANCELLED and self.stop.is_set():
+                if code == grpc.StatusCode.CANCELLED and self.stopped(partition):
                     return
                 if code == grpc.StatusCode.OUT_OF_RANGE:
                     # The offset is outside [log start, high watermark]: move it by policy.
@@ -231,7 +275,7 @@ class Consumer:
             backoff.reset()
             records = self.records(response, offset)
             for record in records:
-                if self.stop.is_set():
+                if self.stopped(partition):
                     break  # commit what was handled, and no more
                 self.handle(partition, record)
                 offset = record.offset + 1
@@ -239,7 +283,8 @@ class Consumer:
                 # Everything fetched was handled: continue where the broker says.
                 offset = max(offset, response.next_offset)
             if offset != committed:
-                self.commit(partition, offset)
+                if not self.commit(partition, offset):
+                    return  # fenced: the partition is lost
                 committed = offset
             if self.args.until_caught_up and offset >= response.high_watermark:
                 return
@@ -263,26 +308,142 @@ class Consumer:
         """Stops every partition's loop: waiting fetches are cancelled; a commit under way
         finishes."""
         self.stop.set()
+        self.wake.set()
         with self.in_flight_lock:
             for future in self.in_flight.values():
                 future.cancel()
 
-    def run(self) -> int:
-        try:
-            offsets = self.committed_offsets()
-        except grpc.RpcError as err:
-            log(f"consumer: {describe(err)}")
-            return 1
-        threads = [
-            threading.Thread(target=self.run_partition, args=(p, c), name=f"partition-{p}")
-            for p, c in sorted(offsets.items())
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
+    # -- the membership -----------------------------------------------------------------
+
+    def start_partitions(self, partitions: List[int]) -> None:
+        """Starts a thread for each newly assigned partition, at the group's offset."""
+        offsets = self.committed_offsets(partitions)
+        for p in partitions:
+            self.partition_stop[p] = threading.Event()
+            thread = threading.Thread(
+                target=self.run_partition, args=(p, offsets[p]), name=f"partition-{p}"
+            )
+            self.threads[p] = thread
+            thread.start()
+
+    def stop_partitions(self, partitions: Set[int]) -> None:
+        """Stops the partitions' threads and waits for them: each commits what it handled
+        first (unless the member is fenced)."""
+        for p in partitions:
+            self.partition_stop[p].set()
+            with self.in_flight_lock:
+                future = self.in_flight.get(p)
+            if future is not None:
+                future.cancel()
+        for p in partitions:
             # Joined with a timeout so the main thread keeps taking signals (Ctrl-C).
-            while t.is_alive():
-                t.join(0.2)
+            while self.threads[p].is_alive():
+                self.threads[p].join(0.2)
+            del self.threads[p]
+            del self.partition_stop[p]
+
+    def heartbeat(self, epoch: int) -> groups_pb2.GroupHeartbeatResponse:
+        """One GroupHeartbeat: a join (epoch 0) carries the subscription and the timeout;
+        every heartbeat carries the partitions owned now."""
+        joining = epoch == 0
+        request = groups_pb2.GroupHeartbeatRequest(
+            group=self.args.group,
+            member_id=self.member_id,
+            member_epoch=epoch,
+            owned_partitions=groups_pb2.PartitionSet(
+                topics=[
+                    groups_pb2.TopicPartitions(
+                        topic=self.args.topic, partitions=sorted(self.threads)
+                    )
+                ]
+            ),
+        )
+        if joining:
+            request.subscribed_topics.topics.append(self.args.topic)
+            if self.args.session_timeout_ms:
+                request.session_timeout_ms = self.args.session_timeout_ms
+        return self.groups.GroupHeartbeat(request, timeout=DEADLINE_MARGIN_S)
+
+    def lose_all(self, why: str) -> None:
+        """Fenced: every partition stops at once (their commits would be refused), and the
+        member rejoins with epoch 0."""
+        if self.threads:
+            log(f"member {self.member_id}: lost partitions {sorted(self.threads)}: {why}")
+        self.stop_partitions(set(self.threads))
+        self.member_epoch = 0
+        self.fenced.clear()
+
+    def run(self) -> int:
+        """The heartbeat loop, in the main thread, until stopped, caught up or failed."""
+        backoff = Backoff()
+        last_ok = time.monotonic()
+        interval_s = 1.0
+        session_s = (self.args.session_timeout_ms or 45_000) / 1000
+        while not self.stop.is_set():
+            if self.fenced.is_set():
+                self.lose_all("a commit was refused")
+            try:
+                response = self.heartbeat(self.member_epoch)
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    self.lose_all(describe(err))
+                    continue
+                if code not in RETRYABLE:
+                    self.fail(f"heartbeat: {describe(err)}")
+                    break
+                if time.monotonic() - last_ok > session_s:
+                    self.lose_all("no heartbeat answered for the session timeout")
+                    last_ok = time.monotonic()
+                delay_s = backoff.next_delay_s()
+                log(f"heartbeat: {describe(err)}; retrying in {delay_s:.2f} s")
+                self.stop.wait(delay_s)
+                continue
+            except Fatal as err:
+                self.fail(str(err))
+                break
+            backoff.reset()
+            last_ok = time.monotonic()
+            self.member_id = response.member_id
+            self.member_epoch = response.member_epoch
+            interval_s = max(response.heartbeat_interval_ms, 1) / 1000
+            assigned = {
+                p
+                for tp in response.assignment.topics
+                if tp.topic == self.args.topic
+                for p in tp.partitions
+            }
+            owned = set(self.threads)
+            revoked = owned - assigned
+            if revoked:
+                log(f"member {self.member_id}: revoked {sorted(revoked)}")
+                self.stop_partitions(revoked)
+                continue  # report them gone at once: their next owner is waiting
+            added = sorted(assigned - owned)
+            if added:
+                log(f"member {self.member_id} epoch {self.member_epoch}: assigned {added}")
+                try:
+                    self.start_partitions(added)
+                except grpc.RpcError as err:
+                    self.fail(f"starting partitions {added}: {describe(err)}")
+                    break
+            if (
+                self.args.until_caught_up
+                and not response.reconciling
+                and not any(t.is_alive() for t in self.threads.values())
+            ):
+                break
+            self.wake.wait(interval_s)
+            self.wake.clear()
+        # Each partition commits what it handled, then the member leaves: its partitions move
+        # at once.
+        self.request_stop()
+        self.stop_partitions(set(self.threads))
+        if self.member_id and self.member_epoch > 0:
+            try:
+                self.heartbeat(-1)
+            except grpc.RpcError as err:
+                log(f"leaving the group: {describe(err)}")
         return 1 if self.failure else 0
 
 
@@ -301,7 +462,14 @@ def main() -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("topic")
-    parser.add_argument("--group", required=True, help="whose committed offsets to use")
+    parser.add_argument("--group", required=True, help="the group to join")
+    parser.add_argument(
+        "--session-timeout-ms",
+        type=int,
+        default=None,
+        help="the group's session timeout (the broker's default is 45000): a member not heard "
+        "from for this long loses its partitions",
+    )
     parser.add_argument(
         "--broker",
         default=os.environ.get("RILL_BROKER", DEFAULT_BROKER),

@@ -159,8 +159,11 @@ check "producer.py produces 1000 lines on a ProduceStream with durable acks" pro
 # The first run pretends each record takes 5 ms, so it is killed mid-way, with records
 # handled but not yet committed.
 MAX_RECORDS=50
+# A short session timeout: the killed member holds its partitions for that long, then the
+# second run (a new member of the group) gets them.
+SESSION_MS=3000
 "$PY" consumer.py events --group readers --output json --max-records "$MAX_RECORDS" \
-  --handle-ms 5 >"$WORK/run1.jsonl" 2>"$WORK/run1.err" &
+  --session-timeout-ms "$SESSION_MS" --handle-ms 5 >"$WORK/run1.jsonl" 2>"$WORK/run1.err" &
 CONSUMER_PID=$!
 consumer_handled_some() {
   kill -0 "$CONSUMER_PID" 2>/dev/null || return 2
@@ -195,12 +198,15 @@ check "admin.py describes the group's lag after the kill (lag > 0)" lag_after_ki
 # CRC-checked by rill_batch.py.
 resume() {
   timeout 60 "$PY" consumer.py events --group readers --output json --max-records "$MAX_RECORDS" \
-    --encoding raw --until-caught-up >"$WORK/run2.jsonl" 2>"$WORK/run2.err" || {
+    --session-timeout-ms "$SESSION_MS" --encoding raw --until-caught-up \
+    >"$WORK/run2.jsonl" 2>"$WORK/run2.err" || {
     cat "$WORK/run2.err"
     return 1
   }
 }
 check "consumer.py resumes and catches up (run 2, raw batches)" resume
+joined() { grep -q "epoch [0-9]*: assigned \[" "$WORK/run2.err"; }
+check "consumer.py joins the group by GroupHeartbeat (run 2 was assigned partitions)" joined
 check "every line arrived, in order per key, only the uncommitted window repeated" \
   "$PY" check_delivery.py "$WORK/input.txt" "$WORK/run1.jsonl" "$WORK/run2.jsonl" \
   "$WORK/committed.json" "$MAX_RECORDS"

@@ -167,6 +167,7 @@ impl Coordinator {
             return Err(MembershipError::UnknownMember {
                 group: group.to_string(),
                 member: member_id.to_string(),
+                given: epoch,
             }
             .into());
         };

@@ -117,12 +117,14 @@ pub struct Reply {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MembershipError {
     /// The member id is not in the group (never joined, removed, or fenced).
-    #[error("group {group:?} has no member {member:?}: it left, timed out or was fenced; rejoin with epoch 0")]
+    #[error("group {group:?} has no member {member:?} (it sent epoch {given}): it left, timed out or was fenced; rejoin with epoch 0")]
     UnknownMember {
         /// The group.
         group: String,
         /// The member.
         member: String,
+        /// The epoch it sent.
+        given: i32,
     },
     /// The member's epoch is not its current one.
     #[error("member {member:?} of group {group:?} sent epoch {given}, but its epoch is {current}: it is fenced; rejoin with epoch 0")]
@@ -229,7 +231,7 @@ impl Group {
             -2 => return self.leave_static(&hb.member_id, now_ms),
             0 => self.join(&hb, now_ms, new_id)?,
             epoch => {
-                let member = self.known(&hb.member_id)?;
+                let member = self.known(&hb.member_id, epoch)?;
                 let lost_answer = epoch == member.previous_epoch
                     && hb.owned.as_ref().is_none_or(|owned| {
                         owned
@@ -272,7 +274,7 @@ impl Group {
 
     /// Checks a member's commit: it must be a member at its current epoch.
     pub fn check_commit(&self, member_id: &str, epoch: i32) -> Result<(), MembershipError> {
-        let member = self.known(member_id)?;
+        let member = self.known(member_id, epoch)?;
         if member.epoch != epoch || member.left_static {
             return Err(MembershipError::FencedEpoch {
                 group: self.name.clone(),
@@ -466,12 +468,13 @@ impl Group {
         Ok(())
     }
 
-    fn known(&self, id: &str) -> Result<&Member, MembershipError> {
+    fn known(&self, id: &str, given: i32) -> Result<&Member, MembershipError> {
         self.members
             .get(id)
             .ok_or_else(|| MembershipError::UnknownMember {
                 group: self.name.clone(),
                 member: id.to_string(),
+                given,
             })
     }
 
@@ -498,6 +501,7 @@ impl Group {
             .ok_or_else(|| MembershipError::UnknownMember {
                 group: name,
                 member: id.to_string(),
+                given: -2,
             })?;
         if m.instance_id.is_none() {
             return Err(MembershipError::Invalid(format!(

@@ -54,6 +54,11 @@ pub struct ProduceArgs {
 pub const CONSUME_AFTER_HELP: &str = "\
 Example:
   rill consume orders --partition 0 --offset 42 -n 10
+  rill consume orders --group billing -f -v
+
+With --group and no --partition, it is a member of the group: the broker assigns it a share
+of the partitions (several of them share the topic), and it commits what it printed before it
+gives a partition up and when it stops (Ctrl-C).
 
 Exit status:
   0  the read worked, even if it printed nothing; then a note on stderr says why (the start
@@ -66,9 +71,21 @@ Exit status:
 pub struct ConsumeArgs {
     /// The topic.
     pub topic: String,
-    /// Consume as this group: start at its committed offsets and commit what was printed.
+    /// Consume as a member of this group: start at its committed offsets and commit what was
+    /// printed. Without --partition the broker assigns the partitions.
     #[arg(long)]
     pub group: Option<String>,
+    /// With --group: a static member with this instance id (a restart within the session
+    /// timeout gets the same partitions back).
+    #[arg(long, requires = "group")]
+    pub instance_id: Option<String>,
+    /// With --group: the group's session timeout, ms (500 to 3600000; the broker's default
+    /// is 45000).
+    #[arg(long, requires = "group")]
+    pub session_timeout_ms: Option<u32>,
+    /// Print partition assignment changes on stderr (with the member id, epoch and time).
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
     /// Start at the first retained record (even with a group's committed offsets).
     #[arg(long, conflicts_with_all = ["offset", "since"])]
     pub from_beginning: bool,
@@ -229,6 +246,22 @@ pub(super) fn format_record(
     out
 }
 
+/// One line about a membership change, for `--verbose`: what, which partitions, the member id
+/// and epoch, and the wall-clock time in ms (so ownership intervals of several consumers can
+/// be compared).
+fn membership_line(consumer: &Consumer, what: &str, topic: &str, partitions: &[u32]) -> String {
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let list: Vec<String> = partitions.iter().map(u32::to_string).collect();
+    format!(
+        "{what} topic={topic} partitions={} member={} epoch={} at_ms={at_ms}",
+        list.join(","),
+        consumer.member_id().unwrap_or_default(),
+        consumer.member_epoch().unwrap_or_default(),
+    )
+}
+
 /// Runs `rill consume`.
 pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()> {
     if args.subscription.is_some() || args.push {
@@ -239,6 +272,12 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
         config = config.group(g.clone());
         if args.follow {
             config = config.auto_commit_interval_ms(Some(1000));
+        }
+        if let Some(id) = &args.instance_id {
+            config = config.instance_id(id.clone());
+        }
+        if let Some(ms) = args.session_timeout_ms {
+            config = config.session_timeout_ms(ms);
         }
     }
     let partitions = args.partition.map(|p| vec![p]);
@@ -301,6 +340,36 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
                 writeln!(out, "{}", format_record(ctx, &args, &r))?;
                 printed += 1;
             }
+            ConsumerEvent::Assigned { topic, partitions } => {
+                if args.verbose {
+                    eprintln!(
+                        "{}",
+                        membership_line(&consumer, "assigned", &topic, &partitions)
+                    );
+                }
+            }
+            ConsumerEvent::Revoked { topic, partitions } => {
+                // Printed before the partitions are given up (at the next call): nothing of
+                // them is printed after this line.
+                if args.verbose {
+                    eprintln!(
+                        "{}",
+                        membership_line(&consumer, "revoked", &topic, &partitions)
+                    );
+                }
+            }
+            ConsumerEvent::Lost {
+                topic,
+                partitions,
+                reason,
+            } => {
+                if args.verbose {
+                    let line = membership_line(&consumer, "lost", &topic, &partitions);
+                    // Last, and as it is: the broker's message names the group, the member
+                    // and the epochs.
+                    eprintln!("{line} reason: {reason}");
+                }
+            }
             ConsumerEvent::Skipped {
                 partition,
                 from,
@@ -323,6 +392,8 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
     if args.group.is_some() {
         consumer.commit().await?;
     }
+    // A group member leaves the group, so its partitions move at once.
+    consumer.close().await?;
     if reached_end && printed == 0 {
         let start = if let Some(o) = args.offset {
             Start::Offset(o)
