@@ -253,7 +253,11 @@ impl TopicConfig {
         let header = BatchHeader::parse(batch)?;
         self.check_timestamp(header.max_timestamp, now_ms)?;
         if self.timestamp_before_max_ms.is_some() {
-            let view = crate::batch::BatchView::parse(batch)?;
+            // Compressed records are read from the plain equivalent; the append's check
+            // bounds the decompressed size again with the partition's limit.
+            let plain =
+                crate::batch::decompress(batch, crate::batch::MAX_DECOMPRESSED_BATCH_BYTES)?;
+            let view = crate::batch::BatchView::parse(&plain)?;
             for record in view.records() {
                 self.check_timestamp(record?.timestamp_ms, now_ms)?;
             }

@@ -122,7 +122,9 @@ impl PartitionLog {
             source,
         };
         let view = BatchView::parse(batch).map_err(invalid)?;
-        view.validate().map_err(invalid)?;
+        // A compressed batch is held to the same limit once decompressed, so a small batch
+        // that decompresses to gigabytes (a bomb) is refused.
+        view.validate_within(max_bytes).map_err(invalid)?;
         let header = *view.header();
         if header.total_len() != batch.len() {
             return Err(invalid(BatchError::BadLength));
