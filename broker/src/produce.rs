@@ -18,8 +18,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use rill_proto::partitioner::partition_for_key;
 use rill_proto::v1::produce_request::Payload;
-use rill_proto::v1::{AckMode, PartitionAppend, ProduceRequest, ProduceResponse, Record};
-use rill_storage::batch::BatchBuilder;
+use rill_proto::v1::{
+    AckMode, Compression, PartitionAppend, ProduceRequest, ProduceResponse, Record,
+};
+use rill_storage::batch::{self, BatchBuilder, Codec, MAX_DECOMPRESSED_BATCH_BYTES};
 use rill_storage::log::{now_ms, Ack, AppendInfo, CheckedBatch, Unsettled};
 use rill_storage::PartitionLog;
 
@@ -75,8 +77,11 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                 )));
             }
             let log = topic.log(p)?;
-            topic.check_timestamps(p, &bytes, now_ms())?;
+            // The full check first: it bounds a compressed batch's decompressed size before
+            // the timestamps are read from its records.
             let checked = log.check_batch(bytes)?;
+            topic.check_timestamps(p, checked.bytes(), now_ms())?;
+            let checked = store_as(&topic, p, &log, checked, None)?;
             vec![(p, log, checked)]
         }
         Some(Payload::Records(list)) => {
@@ -86,6 +91,7 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                     req.topic
                 )));
             }
+            let requested = codec_of(req.compression());
             let groups = assign(&topic, req.partition, &list.records)?;
             let now = now_ms();
             let mut out = Vec::with_capacity(groups.len());
@@ -102,6 +108,7 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                 // The topic's limit (the broker's max_batch_bytes, and no more than a
                 // segment) is checked here, with the checksum and structure.
                 let checked = log.check_batch(encoded)?;
+                let checked = store_as(&topic, p, &log, checked, Some(requested))?;
                 out.push((p, log, checked));
             }
             out
@@ -112,6 +119,46 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
         batches,
         ack,
     })
+}
+
+/// The storage codec of a request's `compression`.
+fn codec_of(c: Compression) -> Codec {
+    match c {
+        Compression::Lz4 => Codec::Lz4,
+        Compression::Zstd => Codec::Zstd,
+        Compression::None | Compression::Unspecified => Codec::None,
+    }
+}
+
+/// The batch as the topic stores it: compressed with the topic's codec when it names one,
+/// else with `requested` (a `records` produce's `compression`) or as it came (a pre-encoded
+/// batch, `None`). A batch that must change codec is decompressed (its size already bounded
+/// by the check it passed) and compressed again, then checked like any other.
+fn store_as(
+    topic: &TopicState,
+    p: u32,
+    log: &PartitionLog,
+    checked: CheckedBatch,
+    requested: Option<Codec>,
+) -> Result<CheckedBatch, BrokerError> {
+    let came_with = Codec::from_bits(checked.header().compression_codec()).unwrap_or_default();
+    let wanted = topic
+        .topic
+        .config()
+        .compression
+        .stored_codec(requested.unwrap_or(came_with));
+    if wanted == came_with {
+        return Ok(checked);
+    }
+    let invalid = |source| rill_storage::StorageError::InvalidBatch {
+        topic: topic.name().to_string(),
+        partition: p,
+        source,
+    };
+    let plain =
+        batch::decompress(checked.bytes(), MAX_DECOMPRESSED_BATCH_BYTES).map_err(invalid)?;
+    let stored = batch::compress(&plain, wanted).map_err(invalid)?;
+    Ok(log.check_batch(stored)?)
 }
 
 /// Groups record indices by partition, in request order.

@@ -71,6 +71,9 @@ pub fn resolve_config(
     if let Some(v) = req.timestamp_before_max_ms {
         config.timestamp_before_max_ms = bound(v, "timestamp_before_max_ms")?;
     }
+    if let Some(c) = req.compression {
+        config.compression = c.parse().map_err(BrokerError::invalid)?;
+    }
     if let Some(policy) = req.flush.and_then(|f| f.policy) {
         config.flush = match policy {
             Policy::Always(_) => FlushPolicy::Always,
@@ -99,6 +102,7 @@ pub fn config_to_pb(c: &TopicConfig) -> pb::TopicConfig {
         }),
         timestamp_after_max_ms: opt(c.timestamp_after_max_ms),
         timestamp_before_max_ms: opt(c.timestamp_before_max_ms),
+        compression: Some(c.compression.to_string()),
     }
 }
 

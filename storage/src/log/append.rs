@@ -19,6 +19,7 @@ use super::{now_ms, AppendInfo, PartitionLog};
 use crate::batch::{BatchError, BatchHeader, BatchView};
 use crate::config::FlushPolicy;
 use crate::error::{Result, StorageError};
+use crate::producers;
 use crate::recovery;
 use crate::segment::{Room, Segment, Spare};
 
@@ -30,6 +31,12 @@ const FAST_PATH_LOCK_WAIT: Duration = Duration::from_micros(200);
 /// How many rounds of file work (grow, create a spare, roll) an append tries before giving up.
 /// Each round makes room for some append; only a storm of concurrent rolls needs more than 3.
 const MAX_APPEND_ROUNDS: usize = 64;
+
+/// What the producer state decided for a batch.
+enum Verdict<T> {
+    Append,
+    Duplicate(T),
+}
 
 /// How an append is acknowledged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,6 +71,11 @@ impl CheckedBatch {
     /// Never true: an empty batch does not pass the checks.
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
+    }
+
+    /// Its header.
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
     }
 
     /// How many records it holds.
@@ -167,7 +179,10 @@ impl PartitionLog {
         if self.room_for(&active, batch.len() as u64, now_ms()) != Room::Ready {
             return Ok(None);
         }
-        let info = self.write_locked(&active, &batch.bytes, &batch.header)?;
+        let info = match self.producer_verdict(&batch.header)? {
+            Verdict::Duplicate(info) => info,
+            Verdict::Append => self.write_locked(&active, &batch.bytes, &batch.header)?,
+        };
         Ok(Some(self.unsettled(info, ack)))
     }
 
@@ -212,7 +227,10 @@ impl PartitionLog {
                 let room = self.room_for(&active, len, now_ms());
                 match room {
                     Room::Ready => {
-                        let info = self.write_locked(&active, batch, header)?;
+                        let info = match self.producer_verdict(header)? {
+                            Verdict::Duplicate(info) => info,
+                            Verdict::Append => self.write_locked(&active, batch, header)?,
+                        };
                         return Ok(self.unsettled(info, ack));
                     }
                     Room::Full if active.size_bytes() == 0 => {
@@ -265,6 +283,27 @@ impl PartitionLog {
         }
     }
 
+    /// What the producer state says of `header`'s batch, as an error when it is refused.
+    /// Called with the writer lock held, so the verdict still holds at the write. A retry of
+    /// a remembered batch is answered with that batch's offsets (a full duplicate: the same
+    /// first and last sequence).
+    fn producer_verdict(&self, header: &BatchHeader) -> Result<Verdict<AppendInfo>> {
+        let inner = &*self.inner;
+        match inner.producers.lock().check(header) {
+            Ok(producers::Verdict::Append) => Ok(Verdict::Append),
+            Ok(producers::Verdict::Duplicate(b)) => {
+                let next_offset = b.base_offset + u64::from(b.record_count);
+                Ok(Verdict::Duplicate(AppendInfo {
+                    base_offset: b.base_offset,
+                    last_offset: next_offset.saturating_sub(1),
+                    next_offset,
+                    record_count: b.record_count,
+                }))
+            }
+            Err(e) => Err(producers::refused(&inner.id.topic, inner.id.partition, e)),
+        }
+    }
+
     pub(super) fn check_writable(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed);
@@ -298,6 +337,7 @@ impl PartitionLog {
             return Err(e);
         }
         let next_offset = base_offset + u64::from(header.record_count);
+        inner.producers.lock().apply(header, base_offset);
         inner.high_watermark.store(next_offset, Ordering::Release);
         Ok(AppendInfo {
             base_offset,
