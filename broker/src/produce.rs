@@ -56,6 +56,8 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
         AckMode::Durable => Ack::Durable,
         _ => Ack::Leader,
     };
+    let requested = codec_of(req.compression());
+    let producer = producer_fields(&req)?;
     let batches = match req.payload {
         None => {
             return Err(BrokerError::invalid(format!(
@@ -70,6 +72,16 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                     req.topic
                 )));
             };
+            if req.producer_id.is_some()
+                || req.producer_epoch.is_some()
+                || req.base_sequence.is_some()
+            {
+                return Err(BrokerError::invalid(format!(
+                    "a pre-encoded batch for topic {:?} partition {p} carries its producer id, \
+                     epoch and sequence in its header, not in the request",
+                    req.topic
+                )));
+            }
             if bytes.is_empty() {
                 return Err(BrokerError::invalid(format!(
                     "empty batch for topic {:?} partition {p}",
@@ -80,6 +92,8 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
             // The full check first: it bounds a compressed batch's decompressed size before
             // the timestamps are read from its records.
             let checked = log.check_batch(bytes)?;
+            let h = checked.header();
+            check_producer(broker, h.producer_id, h.producer_epoch)?;
             topic.check_timestamps(p, checked.bytes(), now_ms())?;
             let checked = store_as(&topic, p, &log, checked, None)?;
             vec![(p, log, checked)]
@@ -91,13 +105,15 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                     req.topic
                 )));
             }
-            let requested = codec_of(req.compression());
+            if let Some((id, epoch, _)) = producer {
+                check_producer(broker, id, epoch)?;
+            }
             let groups = assign(&topic, req.partition, &list.records)?;
             let now = now_ms();
             let mut out = Vec::with_capacity(groups.len());
             for (p, indices) in groups {
                 let log = topic.log(p)?;
-                let encoded = encode(&list.records, &indices, now).map_err(|source| {
+                let encoded = encode(&list.records, &indices, now, producer).map_err(|source| {
                     rill_storage::StorageError::InvalidBatch {
                         topic: req.topic.clone(),
                         partition: p,
@@ -119,6 +135,48 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
         batches,
         ack,
     })
+}
+
+/// A `records` produce's idempotence fields: all three or none, in range, and only with a
+/// named partition (sequences are per partition).
+fn producer_fields(req: &ProduceRequest) -> Result<Option<(i64, i16, i32)>, BrokerError> {
+    let (id, epoch, sequence) = match (req.producer_id, req.producer_epoch, req.base_sequence) {
+        (None, None, None) => return Ok(None),
+        (Some(id), Some(epoch), Some(sequence)) => (id, epoch, sequence),
+        _ => {
+            return Err(BrokerError::invalid(format!(
+                "produce to topic {:?}: producer_id, producer_epoch and base_sequence go \
+                 together (set all three or none)",
+                req.topic
+            )))
+        }
+    };
+    let Some(p) = req.partition else {
+        return Err(BrokerError::invalid(format!(
+            "an idempotent produce to topic {:?} must name its partition",
+            req.topic
+        )));
+    };
+    let epoch = i16::try_from(epoch).ok().filter(|e| *e >= 0);
+    match epoch {
+        Some(epoch) if id >= 0 && sequence >= 0 => Ok(Some((id, epoch, sequence))),
+        _ => Err(BrokerError::invalid(format!(
+            "produce to topic {:?} partition {p}: producer_id {id}, producer_epoch {:?} and \
+             base_sequence {sequence} must be >= 0 (the epoch at most {})",
+            req.topic,
+            req.producer_epoch,
+            i16::MAX
+        ))),
+    }
+}
+
+/// Checks a batch's producer id and epoch against the broker's registry (no id: nothing to
+/// check).
+fn check_producer(broker: &Broker, producer_id: i64, epoch: i16) -> Result<(), BrokerError> {
+    if producer_id == -1 {
+        return Ok(());
+    }
+    broker.producers()?.check(producer_id, epoch)
 }
 
 /// The storage codec of a request's `compression`.
@@ -192,8 +250,12 @@ fn encode(
     records: &[Record],
     indices: &[usize],
     now_ms: i64,
+    producer: Option<(i64, i16, i32)>,
 ) -> Result<Bytes, rill_storage::batch::BatchError> {
     let mut builder = BatchBuilder::new(BytesMut::new());
+    if let Some((id, epoch, sequence)) = producer {
+        builder = builder.with_producer(id, epoch, sequence);
+    }
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
     for &i in indices {
         let r = &records[i];
