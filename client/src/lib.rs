@@ -82,5 +82,7 @@ pub use consumer::{
 };
 pub use error::{ClientError, Result};
 pub use membership::{GroupMember, MemberConfig, MemberEvent};
-pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
+pub use producer::{
+    Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, MAX_IN_FLIGHT,
+};
 pub use security::ConnectOptions;

@@ -2,11 +2,22 @@
 //!
 //! Each partition has its own queue and one task. The task takes the first waiting record,
 //! gathers more until the batch reaches `batch_bytes` or `linger_ms` passes, sends one
-//! Produce, and resolves every record's future with its offset. Only one request per
-//! partition is in flight, so a retry (on UNAVAILABLE or a broken connection, with
-//! exponential backoff and jitter until `retry_timeout_ms`, see [`crate::error`]) can never
-//! reorder a partition. Partitions proceed in parallel. A request whose ack was lost may be
-//! appended twice by its retry: delivery is at least once.
+//! Produce, and resolves every record's future with its offset. Retries (on UNAVAILABLE or a
+//! broken connection, with exponential backoff and jitter until `retry_timeout_ms`, see
+//! [`crate::error`]) resend the same batch. Partitions proceed in parallel.
+//!
+//! # Idempotence (the default)
+//! The producer gets a producer id and epoch from the broker (`InitProducer`) and numbers
+//! each partition's records 0, 1, 2, …; every batch carries its first record's sequence. The
+//! broker appends a batch only at the next sequence and answers a retry of one it already
+//! appended with the original offsets, so a batch whose ack was lost is never appended
+//! twice: delivery is exactly once per batch. Up to `max_in_flight` (at most 5) batches per
+//! partition are sent without waiting for the previous ack; the broker keeps them in order
+//! (a batch that arrives before an earlier one is refused with the sequence it expects, and
+//! resent shortly, see [`EXPECTED_SEQUENCE_METADATA_KEY`]). A batch that fails for good
+//! breaks the partition's sequence: the batches after it fail too, and the partition starts
+//! again with a fresh producer id. With idempotence off, one batch per partition is in
+//! flight and a retry may append a batch twice (at least once).
 //!
 //! # Memory
 //! Every record waiting in a queue or in a batch not yet acknowledged holds its size in the
@@ -21,7 +32,8 @@
 //! connection is released with the last of them. Call [`Producer::flush`] first to wait for
 //! that.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +59,52 @@ pub enum Acks {
     Durable,
 }
 
+/// The metadata key of a sequence-gap refusal that carries the sequence the partition
+/// expects next (set by the broker).
+pub const EXPECTED_SEQUENCE_METADATA_KEY: &str = "rill-expected-sequence";
+
+/// The most batches per partition an idempotent producer keeps in flight: the broker
+/// remembers a producer's last 5 batches per partition, so a retry of any of them is found.
+pub const MAX_IN_FLIGHT: usize = 5;
+
+/// How a batch's records are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Not compressed (the default).
+    #[default]
+    None,
+    /// LZ4: fast, a moderate ratio.
+    Lz4,
+    /// Zstandard: a better ratio at more CPU.
+    Zstd,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// Parses `none`, `lz4` or `zstd`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(format!(
+                "unknown compression {other:?}: expected none, lz4 or zstd"
+            )),
+        }
+    }
+}
+
+impl Compression {
+    fn to_pb(self) -> pb::Compression {
+        match self {
+            Compression::None => pb::Compression::None,
+            Compression::Lz4 => pb::Compression::Lz4,
+            Compression::Zstd => pb::Compression::Zstd,
+        }
+    }
+}
+
 /// How a [`Producer`] batches and retries.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -55,6 +113,10 @@ pub struct ProducerConfig {
     acks: Acks,
     retry_timeout_ms: u64,
     buffer_memory_bytes: usize,
+    idempotence: bool,
+    max_in_flight: usize,
+    compression: Compression,
+    producer_name: Option<String>,
 }
 
 impl Default for ProducerConfig {
@@ -65,13 +127,17 @@ impl Default for ProducerConfig {
             acks: Acks::Leader,
             retry_timeout_ms: 30_000,
             buffer_memory_bytes: 32 << 20,
+            idempotence: true,
+            max_in_flight: MAX_IN_FLIGHT,
+            compression: Compression::None,
+            producer_name: None,
         }
     }
 }
 
 impl ProducerConfig {
     /// Defaults: linger 5 ms, batches up to 1 MiB, leader acks, retries for 30 s, a 32 MiB
-    /// buffer.
+    /// buffer, idempotent with up to 5 batches in flight per partition, no compression.
     pub fn new() -> Self {
         ProducerConfig::default()
     }
@@ -97,6 +163,34 @@ impl ProducerConfig {
     /// How long to keep retrying a batch the broker cannot take, in ms (default 30,000).
     pub fn retry_timeout_ms(mut self, retry_timeout_ms: u64) -> Self {
         self.retry_timeout_ms = retry_timeout_ms;
+        self
+    }
+
+    /// Whether the producer is idempotent (default true): see the module's "Idempotence".
+    /// Off, one batch per partition is in flight and a retry may append a batch twice.
+    pub fn idempotence(mut self, idempotence: bool) -> Self {
+        self.idempotence = idempotence;
+        self
+    }
+
+    /// How many batches per partition an idempotent producer sends before the first is
+    /// acknowledged, 1 to [`MAX_IN_FLIGHT`] (default 5).
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = max_in_flight.clamp(1, MAX_IN_FLIGHT);
+        self
+    }
+
+    /// How the broker is asked to store the batches (default none; a topic whose
+    /// `compression` names a codec uses that one).
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// A stable name for this producer: a new producer with the same name fences this one
+    /// (the broker refuses its batches from then on). Default: none.
+    pub fn producer_name(mut self, name: impl Into<String>) -> Self {
+        self.producer_name = Some(name.into());
         self
     }
 
@@ -236,6 +330,8 @@ struct Inner {
     queues: Mutex<HashMap<(String, u32), mpsc::UnboundedSender<Msg>>>,
     /// The buffer: one permit per byte of `buffer_memory_bytes`.
     buffer: Arc<Semaphore>,
+    /// The producer id and epoch, asked for once by the first partition that sends.
+    identity: Arc<OnceCell<(i64, i16)>>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -265,6 +361,7 @@ impl Producer {
                 topics: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
                 buffer,
+                identity: Arc::default(),
             }),
         }
     }
@@ -322,6 +419,15 @@ impl Producer {
                         Acks::Leader => pb::AckMode::Leader,
                         Acks::Durable => pb::AckMode::Durable,
                     },
+                    idempotent: config.idempotence,
+                    max_in_flight: if config.idempotence {
+                        config.max_in_flight
+                    } else {
+                        1
+                    },
+                    compression: config.compression.to_pb(),
+                    producer_name: config.producer_name.clone(),
+                    identity: Arc::clone(&self.inner.identity),
                     retry: {
                         let policy =
                             RetryPolicy::produce(Duration::from_millis(config.retry_timeout_ms));
@@ -499,15 +605,96 @@ struct PartitionSender {
     batch_bytes: usize,
     ack: pb::AckMode,
     retry: RetryPolicy,
+    idempotent: bool,
+    /// Batches sent before the first is acknowledged (1 without idempotence).
+    max_in_flight: usize,
+    compression: pb::Compression,
+    producer_name: Option<String>,
+    /// The producer's shared id and epoch.
+    identity: Arc<OnceCell<(i64, i16)>>,
+}
+
+/// A batch sent and not yet settled.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<u64>>,
+    gathered: Gathered,
+}
+
+/// One partition's place in its producer's sequence.
+struct Sequence {
+    /// The id and epoch in use; `None` until asked for (and after a reset).
+    identity: Option<(i64, i16)>,
+    /// The sequence of the next record.
+    next: i32,
+    /// Set when a batch failed for good: the batches after it cannot be appended (the
+    /// broker waits for the failed one's sequence), so they stop retrying.
+    broken: Arc<AtomicBool>,
+    /// A batch failed for good: take a fresh producer id before the next batch.
+    reset: bool,
+    /// This partition started again after a failure: it uses an id of its own.
+    fresh: bool,
+}
+
+/// What an idempotent batch carries.
+#[derive(Clone)]
+struct Stamp {
+    id: i64,
+    epoch: i16,
+    base_sequence: i32,
+    broken: Arc<AtomicBool>,
+}
+
+/// The sequence `count` records after `seq`, wrapping from `i32::MAX` to 0 as the broker
+/// does.
+fn advance(seq: i32, count: usize) -> i32 {
+    let m = i64::from(i32::MAX) + 1;
+    ((i64::from(seq) + count as i64).rem_euclid(m)) as i32
 }
 
 impl PartitionSender {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        while let Some(first) = rx.recv().await {
+        let this = Arc::new(self);
+        let mut seq = Sequence {
+            identity: None,
+            next: 0,
+            broken: Arc::default(),
+            reset: false,
+            fresh: false,
+        };
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut closed = false;
+        loop {
+            if in_flight.len() >= this.max_in_flight || (closed && !in_flight.is_empty()) {
+                if let Some(f) = in_flight.pop_front() {
+                    let out = f.task.await;
+                    this.settle(f.gathered, out, &mut seq);
+                }
+                continue;
+            }
+            if closed {
+                break;
+            }
+            // The next record, settling acknowledged batches meanwhile.
+            let first = match in_flight.front_mut() {
+                None => rx.recv().await,
+                Some(front) => tokio::select! {
+                    msg = rx.recv() => msg,
+                    out = &mut front.task => {
+                        if let Some(f) = in_flight.pop_front() {
+                            this.settle(f.gathered, out, &mut seq);
+                        }
+                        continue;
+                    }
+                },
+            };
+            let Some(first) = first else {
+                closed = true;
+                continue;
+            };
             let mut g = Gathered::default();
             g.take(first);
-            let deadline = Instant::now() + self.linger;
-            while g.bytes < self.batch_bytes && !g.records.is_empty() {
+            let deadline = Instant::now() + this.linger;
+            while g.bytes < this.batch_bytes && !g.records.is_empty() {
                 // Everything already queued goes in at once; then wait out the linger.
                 match rx.try_recv() {
                     Ok(msg) => g.take(msg),
@@ -523,52 +710,187 @@ impl PartitionSender {
                     }
                 }
             }
-            if !g.records.is_empty() {
-                let result = self.send_batch(std::mem::take(&mut g.records)).await;
-                for (i, ack) in g.acks.drain(..).enumerate() {
-                    let _ = ack.send(match &result {
-                        Ok(base) => Ok((self.partition, base + i as u64)),
-                        Err(e) => Err(e.clone()),
-                    });
+            if g.records.is_empty() {
+                // Only flushes: they wait for the batches already sent.
+                match in_flight.back_mut() {
+                    Some(last) => last.gathered.flushes.append(&mut g.flushes),
+                    None => {
+                        for done in g.flushes.drain(..) {
+                            let _ = done.send(());
+                        }
+                    }
                 }
+                continue;
             }
-            // The batch is settled: its bytes leave the buffer.
-            g.permits.clear();
-            for done in g.flushes.drain(..) {
-                let _ = done.send(());
-            }
+            let stamp = if this.idempotent {
+                if seq.reset {
+                    // Let the batches sent after the failed one settle (they fail too), then
+                    // start again under a fresh id.
+                    while let Some(f) = in_flight.pop_front() {
+                        let out = f.task.await;
+                        this.settle(f.gathered, out, &mut seq);
+                    }
+                    seq = Sequence {
+                        identity: None,
+                        next: 0,
+                        broken: Arc::default(),
+                        reset: false,
+                        fresh: true,
+                    };
+                }
+                let identity = match seq.identity {
+                    Some(i) => Ok(i),
+                    None => this.init_identity(seq.fresh).await,
+                };
+                match identity {
+                    Ok((id, epoch)) => {
+                        seq.identity = Some((id, epoch));
+                        let base_sequence = seq.next;
+                        seq.next = advance(base_sequence, g.records.len());
+                        Some(Stamp {
+                            id,
+                            epoch,
+                            base_sequence,
+                            broken: Arc::clone(&seq.broken),
+                        })
+                    }
+                    Err(e) => {
+                        this.settle(std::mem::take(&mut g), Ok(Err(e)), &mut seq);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let records = std::mem::take(&mut g.records);
+            let sender = Arc::clone(&this);
+            let task = tokio::spawn(async move { sender.send_batch(records, stamp).await });
+            in_flight.push_back(InFlight { task, gathered: g });
         }
-        tracing::trace!(topic = %self.topic, partition = self.partition, "producer queue closed");
+        tracing::trace!(topic = %this.topic, partition = this.partition, "producer queue closed");
     }
 
-    /// Sends one batch with retries; returns its base offset.
-    async fn send_batch(&self, records: Vec<pb::Record>) -> Result<u64> {
+    /// Resolves a settled batch's acks and flushes and gives back its buffer share. A batch
+    /// that failed breaks the partition's sequence (see [`Sequence`]).
+    fn settle(
+        &self,
+        mut g: Gathered,
+        out: std::result::Result<Result<u64>, tokio::task::JoinError>,
+        seq: &mut Sequence,
+    ) {
+        let result = out.unwrap_or(Err(ClientError::Closed));
+        if result.is_err() && self.idempotent {
+            seq.broken.store(true, Ordering::Release);
+            seq.reset = true;
+        }
+        for (i, ack) in g.acks.drain(..).enumerate() {
+            let _ = ack.send(match &result {
+                Ok(base) => Ok((self.partition, base + i as u64)),
+                Err(e) => Err(e.clone()),
+            });
+        }
+        // The batch is settled: its bytes leave the buffer.
+        g.permits.clear();
+        for done in g.flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
+    /// The producer id and epoch: the producer's shared one, or (after a broken sequence) a
+    /// fresh one for this partition alone.
+    async fn init_identity(&self, fresh: bool) -> Result<(i64, i16)> {
+        if fresh {
+            return self.init_producer(None).await;
+        }
+        self.identity
+            .get_or_try_init(|| self.init_producer(self.producer_name.clone()))
+            .await
+            .copied()
+    }
+
+    async fn init_producer(&self, producer_name: Option<String>) -> Result<(i64, i16)> {
+        self.retry
+            .run("init producer", || async {
+                let response = self
+                    .conn
+                    .log()
+                    .init_producer(pb::InitProducerRequest {
+                        producer_name: producer_name.clone(),
+                    })
+                    .await
+                    .map_err(|status| ClientError::broker(None, None, status))?
+                    .into_inner();
+                let epoch = i16::try_from(response.producer_epoch).map_err(|_| {
+                    ClientError::Invalid(format!(
+                        "the broker gave producer epoch {}, outside 0..=32767",
+                        response.producer_epoch
+                    ))
+                })?;
+                Ok((response.producer_id, epoch))
+            })
+            .await
+    }
+
+    /// Sends one batch with retries; returns its base offset. An idempotent batch that
+    /// arrives before an earlier one of the partition (the broker expects an earlier
+    /// sequence) is resent shortly, until the earlier one lands or the retry budget ends.
+    async fn send_batch(&self, records: Vec<pb::Record>, stamp: Option<Stamp>) -> Result<u64> {
         let count = records.len();
         let request = pb::ProduceRequest {
             topic: self.topic.clone(),
             partition: Some(self.partition),
             ack: self.ack as i32,
             payload: Some(Payload::Records(pb::RecordList { records })),
+            producer_id: stamp.as_ref().map(|s| s.id),
+            producer_epoch: stamp.as_ref().map(|s| i32::from(s.epoch)),
+            base_sequence: stamp.as_ref().map(|s| s.base_sequence),
+            compression: self.compression as i32,
         };
+        let give_up_at = Instant::now() + self.retry.budget();
         self.retry
             .run("produce", || async {
-                // In a cluster, the partition's leader. One request is in flight per
-                // partition, so following a leader change cannot reorder the partition.
-                let conn = self
-                    .leaders
-                    .get(&self.topic, self.partition)
-                    .unwrap_or_else(|| self.conn.clone());
-                match conn.log().produce(request.clone()).await {
-                    Ok(response) => {
-                        base_offset(&response.into_inner(), &self.topic, self.partition, count)
+                let mut wait = Duration::from_millis(1);
+                loop {
+                    if let Some(s) = &stamp {
+                        if s.broken.load(Ordering::Acquire) {
+                            return Err(ClientError::Invalid(format!(
+                                "an earlier batch to topic {:?} partition {} failed, so this \
+                                 one (sequence {}) cannot be appended after it",
+                                self.topic, self.partition, s.base_sequence
+                            )));
+                        }
                     }
-                    Err(status) => {
-                        self.after_failure(&status).await;
-                        Err(ClientError::broker(
-                            Some(&self.topic),
-                            Some(self.partition),
-                            status,
-                        ))
+                    // In a cluster, the partition's leader.
+                    let conn = self
+                        .leaders
+                        .get(&self.topic, self.partition)
+                        .unwrap_or_else(|| self.conn.clone());
+                    match conn.log().produce(request.clone()).await {
+                        Ok(response) => {
+                            return base_offset(
+                                &response.into_inner(),
+                                &self.topic,
+                                self.partition,
+                                count,
+                            )
+                        }
+                        Err(status)
+                            if stamp
+                                .as_ref()
+                                .is_some_and(|s| waits_for_earlier(&status, s))
+                                && Instant::now() < give_up_at =>
+                        {
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_millis(100));
+                        }
+                        Err(status) => {
+                            self.after_failure(&status).await;
+                            return Err(ClientError::broker(
+                                Some(&self.topic),
+                                Some(self.partition),
+                                status,
+                            ));
+                        }
                     }
                 }
             })
@@ -599,6 +921,26 @@ impl PartitionSender {
             }
         }
     }
+}
+
+/// True when `status` refuses `stamp`'s batch only because an earlier batch of the same
+/// sequence has not landed yet: a sequence gap whose expected sequence lies (wrapping) a
+/// little before the batch's own.
+fn waits_for_earlier(status: &tonic::Status, stamp: &Stamp) -> bool {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return false;
+    }
+    let Some(expected) = status
+        .metadata()
+        .get(EXPECTED_SEQUENCE_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return false;
+    };
+    let m = i64::from(i32::MAX) + 1;
+    let behind = (i64::from(stamp.base_sequence) - i64::from(expected)).rem_euclid(m);
+    behind > 0 && behind < (1 << 30)
 }
 
 /// The base offset of the `count` records just sent to `topic`/`partition`, checked against
