@@ -79,6 +79,7 @@ async fn produce_until_error(
                     })
                     .collect(),
             })),
+            ..Default::default()
         };
         match c.log.produce(req).await {
             Ok(resp) => {
