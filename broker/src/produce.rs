@@ -295,12 +295,16 @@ pub async fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
                 tokio::task::spawn_blocking(move || log.append_checked(&batch, ack)).await??
             }
         };
-        let records = u64::from(done.info().record_count);
-        prepared
-            .topic
-            .counters
-            .produced(records, batch.len() as u64);
-        woke_fetches |= prepared.topic.notify(*p, done.info().next_offset);
+        // A producer's retry of a batch already in the log appended nothing: no new records
+        // to count, no fetch to wake (its offsets lie below the high watermark).
+        if !done.is_duplicate() {
+            let records = u64::from(done.info().record_count);
+            prepared
+                .topic
+                .counters
+                .produced(records, batch.len() as u64);
+            woke_fetches |= prepared.topic.notify(*p, done.info().next_offset);
+        }
         unsettled.push((*p, done));
     }
     Ok(Appended {

@@ -92,6 +92,7 @@ impl CheckedBatch {
 pub struct Unsettled {
     info: AppendInfo,
     needs_sync: bool,
+    duplicate: bool,
 }
 
 impl Unsettled {
@@ -99,6 +100,12 @@ impl Unsettled {
     /// acknowledging: use what [`PartitionLog::settle`] returns.
     pub fn info(&self) -> &AppendInfo {
         &self.info
+    }
+
+    /// True when the batch was an idempotent producer's retry of a batch already in the log:
+    /// nothing was appended, and [`Unsettled::info`] holds the original offsets.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
     }
 
     /// True when settling waits for a sync (a blocking call): the ack asked for `durable`, or
@@ -179,11 +186,13 @@ impl PartitionLog {
         if self.room_for(&active, batch.len() as u64, now_ms()) != Room::Ready {
             return Ok(None);
         }
-        let info = match self.producer_verdict(&batch.header)? {
-            Verdict::Duplicate(info) => info,
-            Verdict::Append => self.write_locked(&active, &batch.bytes, &batch.header)?,
-        };
-        Ok(Some(self.unsettled(info, ack)))
+        Ok(Some(match self.producer_verdict(&batch.header)? {
+            Verdict::Duplicate(info) => self.unsettled(info, ack, true),
+            Verdict::Append => {
+                let info = self.write_locked(&active, &batch.bytes, &batch.header)?;
+                self.unsettled(info, ack, false)
+            }
+        }))
     }
 
     /// Appends a checked batch, doing whatever file work that needs first (removing the
@@ -205,10 +214,12 @@ impl PartitionLog {
         Ok(unsettled.info)
     }
 
-    fn unsettled(&self, info: AppendInfo, ack: Ack) -> Unsettled {
+    fn unsettled(&self, info: AppendInfo, ack: Ack, duplicate: bool) -> Unsettled {
         Unsettled {
             info,
+            // A duplicate waits too: its original may not be synced yet.
             needs_sync: ack == Ack::Durable || self.inner.options.flush == FlushPolicy::Always,
+            duplicate,
         }
     }
 
@@ -227,11 +238,13 @@ impl PartitionLog {
                 let room = self.room_for(&active, len, now_ms());
                 match room {
                     Room::Ready => {
-                        let info = match self.producer_verdict(header)? {
-                            Verdict::Duplicate(info) => info,
-                            Verdict::Append => self.write_locked(&active, batch, header)?,
-                        };
-                        return Ok(self.unsettled(info, ack));
+                        return Ok(match self.producer_verdict(header)? {
+                            Verdict::Duplicate(info) => self.unsettled(info, ack, true),
+                            Verdict::Append => {
+                                let info = self.write_locked(&active, batch, header)?;
+                                self.unsettled(info, ack, false)
+                            }
+                        });
                     }
                     Room::Full if active.size_bytes() == 0 => {
                         // Cannot happen after the size check; refuse rather than roll onto the
