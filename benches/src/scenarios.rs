@@ -94,6 +94,7 @@ fn request(run: &Run, partition: u32, values: &[Bytes]) -> pb::ProduceRequest {
         partition: Some(partition),
         ack: run.ack as i32,
         payload: Some(payload),
+        ..Default::default()
     }
 }
 

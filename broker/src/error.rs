@@ -2,6 +2,7 @@
 //! `docs/ARCHITECTURE.md`, "Status codes"). Messages carry the topic, partition and offset
 //! that the storage error names.
 
+use rill_storage::producers::ProducerError;
 use rill_storage::StorageError;
 use tonic::{Code, Status};
 
@@ -70,6 +71,25 @@ pub enum BrokerError {
     /// The operation is not available for this resource yet.
     #[error("{0}")]
     NotSupported(String),
+    /// A produce named a producer id this broker never gave (see `InitProducer`).
+    #[error("unknown producer id {producer_id}: get one from InitProducer")]
+    UnknownProducerId {
+        /// The id.
+        producer_id: i64,
+    },
+    /// A produce carried an epoch older than the named producer's latest: a newer instance
+    /// took over the name, and this one is fenced.
+    #[error(
+        "producer {producer_id} epoch {epoch} is fenced: a newer instance has epoch {current}"
+    )]
+    ProducerFenced {
+        /// The id.
+        producer_id: i64,
+        /// The epoch the produce carried.
+        epoch: i16,
+        /// The producer's current epoch.
+        current: i16,
+    },
     /// The controller leader refused a forwarded request; its code and message are kept.
     #[error("{1}")]
     Forwarded(Code, String),
@@ -89,6 +109,10 @@ pub enum BrokerError {
     )]
     TlsRequired,
 }
+
+/// The metadata key that carries the sequence a partition expects next from a producer, on
+/// the FAILED_PRECONDITION of a sequence gap.
+pub const EXPECTED_SEQUENCE_METADATA_KEY: &str = "rill-expected-sequence";
 
 /// The metadata key that names a partition's leader on a NotLeader status.
 pub const LEADER_METADATA_KEY: &str = "rill-leader";
@@ -168,6 +192,9 @@ impl BrokerError {
             BrokerError::NotSupported(_) => Code::FailedPrecondition,
             BrokerError::TooManyConnections { .. } => Code::ResourceExhausted,
             BrokerError::TlsRequired => Code::FailedPrecondition,
+            BrokerError::UnknownProducerId { .. } | BrokerError::ProducerFenced { .. } => {
+                Code::FailedPrecondition
+            }
         }
     }
 }
@@ -210,6 +237,12 @@ fn storage_code(e: &StorageError) -> Code {
         StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
         StorageError::NoSpace { .. } => Code::ResourceExhausted,
         StorageError::Fenced { .. } => Code::FailedPrecondition,
+        // Bad producer fields are bad input; a gap or a stale epoch is the producer's state
+        // disagreeing with the partition's: retrying the same batch cannot succeed.
+        StorageError::ProducerRefused { source, .. } => match source {
+            ProducerError::BadFields { .. } => Code::InvalidArgument,
+            _ => Code::FailedPrecondition,
+        },
         StorageError::DataLoss { .. } | StorageError::Corrupt { .. } => Code::DataLoss,
         StorageError::Closed => Code::Unavailable,
         e if e.is_no_space() => Code::ResourceExhausted,
@@ -224,6 +257,19 @@ impl From<BrokerError> for Status {
             tracing::error!(error = %e, "request failed");
         }
         let mut status = Status::new(code, e.to_string());
+        if let BrokerError::Storage(StorageError::ProducerRefused {
+            source: ProducerError::SequenceGap { expected, .. },
+            ..
+        }) = &e
+        {
+            // Typed for the client: a batch that arrived before an earlier one of its
+            // producer is retried rather than failed (see the client's producer).
+            if let Ok(v) = expected.to_string().parse() {
+                status
+                    .metadata_mut()
+                    .insert(EXPECTED_SEQUENCE_METADATA_KEY, v);
+            }
+        }
         if let BrokerError::NotLeader {
             leader: Some((_, addr)),
             ..

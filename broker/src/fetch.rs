@@ -183,6 +183,21 @@ fn build_response(
                     .push(chunk.slice(batch_start..batch_start + len));
                 resp.next_offset = header.next_offset();
             } else {
+                // A compressed batch's records are read from its plain form (it was bounded
+                // at append); a plain batch is read in place.
+                let plain =
+                    match batch::decompress(view.as_bytes(), batch::MAX_DECOMPRESSED_BATCH_BYTES) {
+                        Ok(std::borrow::Cow::Owned(b)) => Some(bytes::Bytes::from(b)),
+                        Ok(std::borrow::Cow::Borrowed(_)) => None,
+                        Err(_) => break 'chunks,
+                    };
+                let (chunk, view) = match &plain {
+                    Some(b) => match batch::BatchView::parse(b) {
+                        Ok(v) => (b, v),
+                        Err(_) => break 'chunks,
+                    },
+                    None => (chunk, view),
+                };
                 for record in view.records() {
                     let Ok(record) = record else { break 'chunks };
                     if record.offset < req.offset {

@@ -13,7 +13,8 @@
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
 //! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin`,
 //!   `rill.v1.Security` and `rill.v1.Subscriptions`.
-//! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
+//! - [`produce`]: partitioning, batch building and compression for Produce and ProduceStream.
+//! - [`producers`]: the producer id registry behind InitProducer (idempotent producers).
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
 //! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
 //!   collector) and the `/metrics` listener.
@@ -42,6 +43,7 @@ pub mod groups;
 pub mod health;
 pub mod metrics;
 pub mod produce;
+pub mod producers;
 pub mod server;
 pub mod services;
 pub mod state;

@@ -18,8 +18,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use rill_proto::partitioner::partition_for_key;
 use rill_proto::v1::produce_request::Payload;
-use rill_proto::v1::{AckMode, PartitionAppend, ProduceRequest, ProduceResponse, Record};
-use rill_storage::batch::BatchBuilder;
+use rill_proto::v1::{
+    AckMode, Compression, PartitionAppend, ProduceRequest, ProduceResponse, Record,
+};
+use rill_storage::batch::{self, BatchBuilder, Codec, MAX_DECOMPRESSED_BATCH_BYTES};
 use rill_storage::log::{now_ms, Ack, AppendInfo, CheckedBatch, Unsettled};
 use rill_storage::PartitionLog;
 
@@ -54,6 +56,8 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
         AckMode::Durable => Ack::Durable,
         _ => Ack::Leader,
     };
+    let requested = codec_of(req.compression());
+    let producer = producer_fields(&req)?;
     let batches = match req.payload {
         None => {
             return Err(BrokerError::invalid(format!(
@@ -68,6 +72,16 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                     req.topic
                 )));
             };
+            if req.producer_id.is_some()
+                || req.producer_epoch.is_some()
+                || req.base_sequence.is_some()
+            {
+                return Err(BrokerError::invalid(format!(
+                    "a pre-encoded batch for topic {:?} partition {p} carries its producer id, \
+                     epoch and sequence in its header, not in the request",
+                    req.topic
+                )));
+            }
             if bytes.is_empty() {
                 return Err(BrokerError::invalid(format!(
                     "empty batch for topic {:?} partition {p}",
@@ -75,8 +89,13 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                 )));
             }
             let log = topic.log(p)?;
-            topic.check_timestamps(p, &bytes, now_ms())?;
+            // The full check first: it bounds a compressed batch's decompressed size before
+            // the timestamps are read from its records.
             let checked = log.check_batch(bytes)?;
+            let h = checked.header();
+            check_producer(broker, h.producer_id, h.producer_epoch)?;
+            topic.check_timestamps(p, checked.bytes(), now_ms())?;
+            let checked = store_as(&topic, p, &log, checked, None)?;
             vec![(p, log, checked)]
         }
         Some(Payload::Records(list)) => {
@@ -86,12 +105,15 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                     req.topic
                 )));
             }
+            if let Some((id, epoch, _)) = producer {
+                check_producer(broker, id, epoch)?;
+            }
             let groups = assign(&topic, req.partition, &list.records)?;
             let now = now_ms();
             let mut out = Vec::with_capacity(groups.len());
             for (p, indices) in groups {
                 let log = topic.log(p)?;
-                let encoded = encode(&list.records, &indices, now).map_err(|source| {
+                let encoded = encode(&list.records, &indices, now, producer).map_err(|source| {
                     rill_storage::StorageError::InvalidBatch {
                         topic: req.topic.clone(),
                         partition: p,
@@ -102,6 +124,7 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
                 // The topic's limit (the broker's max_batch_bytes, and no more than a
                 // segment) is checked here, with the checksum and structure.
                 let checked = log.check_batch(encoded)?;
+                let checked = store_as(&topic, p, &log, checked, Some(requested))?;
                 out.push((p, log, checked));
             }
             out
@@ -112,6 +135,88 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
         batches,
         ack,
     })
+}
+
+/// A `records` produce's idempotence fields: all three or none, in range, and only with a
+/// named partition (sequences are per partition).
+fn producer_fields(req: &ProduceRequest) -> Result<Option<(i64, i16, i32)>, BrokerError> {
+    let (id, epoch, sequence) = match (req.producer_id, req.producer_epoch, req.base_sequence) {
+        (None, None, None) => return Ok(None),
+        (Some(id), Some(epoch), Some(sequence)) => (id, epoch, sequence),
+        _ => {
+            return Err(BrokerError::invalid(format!(
+                "produce to topic {:?}: producer_id, producer_epoch and base_sequence go \
+                 together (set all three or none)",
+                req.topic
+            )))
+        }
+    };
+    let Some(p) = req.partition else {
+        return Err(BrokerError::invalid(format!(
+            "an idempotent produce to topic {:?} must name its partition",
+            req.topic
+        )));
+    };
+    let epoch = i16::try_from(epoch).ok().filter(|e| *e >= 0);
+    match epoch {
+        Some(epoch) if id >= 0 && sequence >= 0 => Ok(Some((id, epoch, sequence))),
+        _ => Err(BrokerError::invalid(format!(
+            "produce to topic {:?} partition {p}: producer_id {id}, producer_epoch {:?} and \
+             base_sequence {sequence} must be >= 0 (the epoch at most {})",
+            req.topic,
+            req.producer_epoch,
+            i16::MAX
+        ))),
+    }
+}
+
+/// Checks a batch's producer id and epoch against the broker's registry (no id: nothing to
+/// check).
+fn check_producer(broker: &Broker, producer_id: i64, epoch: i16) -> Result<(), BrokerError> {
+    if producer_id == -1 {
+        return Ok(());
+    }
+    broker.producers()?.check(producer_id, epoch)
+}
+
+/// The storage codec of a request's `compression`.
+fn codec_of(c: Compression) -> Codec {
+    match c {
+        Compression::Lz4 => Codec::Lz4,
+        Compression::Zstd => Codec::Zstd,
+        Compression::None | Compression::Unspecified => Codec::None,
+    }
+}
+
+/// The batch as the topic stores it: compressed with the topic's codec when it names one,
+/// else with `requested` (a `records` produce's `compression`) or as it came (a pre-encoded
+/// batch, `None`). A batch that must change codec is decompressed (its size already bounded
+/// by the check it passed) and compressed again, then checked like any other.
+fn store_as(
+    topic: &TopicState,
+    p: u32,
+    log: &PartitionLog,
+    checked: CheckedBatch,
+    requested: Option<Codec>,
+) -> Result<CheckedBatch, BrokerError> {
+    let came_with = Codec::from_bits(checked.header().compression_codec()).unwrap_or_default();
+    let wanted = topic
+        .topic
+        .config()
+        .compression
+        .stored_codec(requested.unwrap_or(came_with));
+    if wanted == came_with {
+        return Ok(checked);
+    }
+    let invalid = |source| rill_storage::StorageError::InvalidBatch {
+        topic: topic.name().to_string(),
+        partition: p,
+        source,
+    };
+    let plain =
+        batch::decompress(checked.bytes(), MAX_DECOMPRESSED_BATCH_BYTES).map_err(invalid)?;
+    let stored = batch::compress(&plain, wanted).map_err(invalid)?;
+    Ok(log.check_batch(stored)?)
 }
 
 /// Groups record indices by partition, in request order.
@@ -145,8 +250,12 @@ fn encode(
     records: &[Record],
     indices: &[usize],
     now_ms: i64,
+    producer: Option<(i64, i16, i32)>,
 ) -> Result<Bytes, rill_storage::batch::BatchError> {
     let mut builder = BatchBuilder::new(BytesMut::new());
+    if let Some((id, epoch, sequence)) = producer {
+        builder = builder.with_producer(id, epoch, sequence);
+    }
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
     for &i in indices {
         let r = &records[i];
@@ -186,12 +295,16 @@ pub async fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
                 tokio::task::spawn_blocking(move || log.append_checked(&batch, ack)).await??
             }
         };
-        let records = u64::from(done.info().record_count);
-        prepared
-            .topic
-            .counters
-            .produced(records, batch.len() as u64);
-        woke_fetches |= prepared.topic.notify(*p, done.info().next_offset);
+        // A producer's retry of a batch already in the log appended nothing: no new records
+        // to count, no fetch to wake (its offsets lie below the high watermark).
+        if !done.is_duplicate() {
+            let records = u64::from(done.info().record_count);
+            prepared
+                .topic
+                .counters
+                .produced(records, batch.len() as u64);
+            woke_fetches |= prepared.topic.notify(*p, done.info().next_offset);
+        }
         unsettled.push((*p, done));
     }
     Ok(Appended {

@@ -104,8 +104,17 @@ impl Server {
         .await
         .context("opening the security state")?
         .context("opening the security state")?;
+        let data_dir = config.data_dir.clone();
+        let node_id = config.cluster.as_ref().map(|c| c.node_id);
+        let producers = tokio::task::spawn_blocking(move || {
+            crate::producers::ProducerIds::open(&data_dir, node_id)
+        })
+        .await
+        .context("opening the producer ids")?
+        .context("opening the producer ids")?;
         let broker = Broker::new(store, config, shutdown, tasks);
         broker.set_security(security);
+        broker.set_producers(producers);
         if let Some(node) = &cluster {
             let local = std::sync::Arc::new(crate::cluster::BrokerTopics(broker.clone()));
             let node = node.clone();

@@ -144,6 +144,9 @@ struct Inner {
     /// Replicated partitions, set once when the broker runs in a cluster; unset otherwise,
     /// so a single broker's produce path pays one check of an empty cell.
     replication: std::sync::OnceLock<rill_cluster::Replication>,
+    /// The producer id registry, installed once at start (absent: InitProducer is
+    /// unavailable and idempotent produces are refused).
+    producers: OnceLock<crate::producers::ProducerIds>,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -183,6 +186,7 @@ impl Broker {
                 connections,
                 security: OnceLock::new(),
                 replication: std::sync::OnceLock::new(),
+                producers: OnceLock::new(),
             }),
         }
     }
@@ -314,6 +318,18 @@ impl Broker {
             .max_connections
             .min(Semaphore::MAX_PERMITS)
             .saturating_sub(self.inner.connections.available_permits())
+    }
+
+    /// Installs the producer id registry (once, at start).
+    pub fn set_producers(&self, producers: crate::producers::ProducerIds) {
+        let _ = self.inner.producers.set(producers);
+    }
+
+    /// The producer id registry, once installed.
+    pub fn producers(&self) -> Result<&crate::producers::ProducerIds, BrokerError> {
+        self.inner.producers.get().ok_or_else(|| {
+            BrokerError::NotSupported("idempotent producers are not set up on this broker".into())
+        })
     }
 
     /// Installs the security state (once; later calls change nothing).

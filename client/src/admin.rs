@@ -51,6 +51,7 @@ pub struct TopicSettings {
     segment_bytes: Option<u64>,
     flush: Option<Flush>,
     replication_factor: Option<u32>,
+    compression: Option<String>,
 }
 
 impl TopicSettings {
@@ -97,6 +98,13 @@ impl TopicSettings {
         self
     }
 
+    /// How the broker stores the topic's batches: `producer` (the default: as they came),
+    /// or a codec it recompresses every batch to: `none`, `lz4` or `zstd`.
+    pub fn compression(mut self, compression: impl Into<String>) -> Self {
+        self.compression = Some(compression.into());
+        self
+    }
+
     fn into_pb(self) -> pb::TopicConfig {
         pb::TopicConfig {
             partitions: self.partitions,
@@ -106,6 +114,7 @@ impl TopicSettings {
             segment_ms: None,
             timestamp_after_max_ms: None,
             timestamp_before_max_ms: None,
+            compression: self.compression,
             flush: self.flush.map(|f| pb::FlushPolicy {
                 policy: Some(match f {
                     Flush::Always => Policy::Always(pb::Always {}),

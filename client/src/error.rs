@@ -179,9 +179,10 @@ fn code_name(code: Code) -> String {
 /// - UNKNOWN or CANCELLED that tonic built locally from a transport failure before any
 ///   answer arrived (a reset or closed connection, an expired client timeout): such a
 ///   status carries a [`tonic::transport::Error`], [`tonic::ConnectError`],
-///   [`tonic::TimeoutExpired`] or [`std::io::Error`] in its source chain, while a status the
-///   broker sent carries no source at all. The request may or may not have been applied;
-///   the producer's retries make delivery at least once.
+///   [`tonic::TimeoutExpired`], a `hyper::Error` (an HTTP/2 stream cut mid-answer) or
+///   [`std::io::Error`] in its source chain, while a status the broker sent carries no
+///   source at all. The request may or may not have been applied; an idempotent producer's
+///   retry is then answered with the original offsets (see [`crate::producer`]).
 ///
 /// Everything else (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, INTERNAL, ...) is
 /// final.
@@ -200,6 +201,7 @@ fn from_transport(status: &Status) -> bool {
         if e.is::<tonic::transport::Error>()
             || e.is::<tonic::ConnectError>()
             || e.is::<tonic::TimeoutExpired>()
+            || e.is::<hyper::Error>()
             || e.is::<std::io::Error>()
         {
             return true;

@@ -93,6 +93,8 @@ pub use consumer::{
 };
 pub use error::{ClientError, Result};
 pub use membership::{GroupMember, MemberConfig, MemberEvent};
-pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
+pub use producer::{
+    Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, MAX_IN_FLIGHT,
+};
 pub use security::ConnectOptions;
 pub use subscription::{PushStream, PushTarget, QueueConsumer, QueueRecord, Subscriptions};

@@ -2,11 +2,22 @@
 //!
 //! Each partition has its own queue and one task. The task takes the first waiting record,
 //! gathers more until the batch reaches `batch_bytes` or `linger_ms` passes, sends one
-//! Produce, and resolves every record's future with its offset. Only one request per
-//! partition is in flight, so a retry (on UNAVAILABLE or a broken connection, with
-//! exponential backoff and jitter until `retry_timeout_ms`, see [`crate::error`]) can never
-//! reorder a partition. Partitions proceed in parallel. A request whose ack was lost may be
-//! appended twice by its retry: delivery is at least once.
+//! Produce, and resolves every record's future with its offset. Retries (on UNAVAILABLE or a
+//! broken connection, with exponential backoff and jitter until `retry_timeout_ms`, see
+//! [`crate::error`]) resend the same batch. Partitions proceed in parallel.
+//!
+//! # Idempotence (the default)
+//! The producer gets a producer id and epoch from the broker (`InitProducer`) and numbers
+//! each partition's records 0, 1, 2, …; every batch carries its first record's sequence. The
+//! broker appends a batch only at the next sequence and answers a retry of one it already
+//! appended with the original offsets, so a batch whose ack was lost is never appended
+//! twice: delivery is exactly once per batch. Up to `max_in_flight` (at most 5) batches per
+//! partition are sent without waiting for the previous ack; the broker keeps them in order
+//! (a batch that arrives before an earlier one is refused with the sequence it expects, and
+//! resent shortly, see [`EXPECTED_SEQUENCE_METADATA_KEY`]). A batch that fails for good
+//! breaks the partition's sequence: the batches after it fail too, and the partition starts
+//! again with a fresh producer id. With idempotence off, one batch per partition is in
+//! flight and a retry may append a batch twice (at least once).
 //!
 //! # Memory
 //! Every record waiting in a queue or in a batch not yet acknowledged holds its size in the
@@ -28,14 +39,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rill_proto::partitioner::partition_for_key;
-use rill_proto::v1::{self as pb, produce_request::Payload};
+use rill_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, OnceCell, OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::retry::RetryPolicy;
+
+mod sender;
+
+use sender::{PartitionSender, CLUSTER_MAX_RETRY_DELAY};
 
 /// What a produce waits for before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,6 +61,52 @@ pub enum Acks {
     Durable,
 }
 
+/// The metadata key of a sequence-gap refusal that carries the sequence the partition
+/// expects next (set by the broker).
+pub const EXPECTED_SEQUENCE_METADATA_KEY: &str = "rill-expected-sequence";
+
+/// The most batches per partition an idempotent producer keeps in flight: the broker
+/// remembers a producer's last 5 batches per partition, so a retry of any of them is found.
+pub const MAX_IN_FLIGHT: usize = 5;
+
+/// How a batch's records are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Not compressed (the default).
+    #[default]
+    None,
+    /// LZ4: fast, a moderate ratio.
+    Lz4,
+    /// Zstandard: a better ratio at more CPU.
+    Zstd,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// Parses `none`, `lz4` or `zstd`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(format!(
+                "unknown compression {other:?}: expected none, lz4 or zstd"
+            )),
+        }
+    }
+}
+
+impl Compression {
+    fn to_pb(self) -> pb::Compression {
+        match self {
+            Compression::None => pb::Compression::None,
+            Compression::Lz4 => pb::Compression::Lz4,
+            Compression::Zstd => pb::Compression::Zstd,
+        }
+    }
+}
+
 /// How a [`Producer`] batches and retries.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -55,6 +115,10 @@ pub struct ProducerConfig {
     acks: Acks,
     retry_timeout_ms: u64,
     buffer_memory_bytes: usize,
+    idempotence: bool,
+    max_in_flight: usize,
+    compression: Compression,
+    producer_name: Option<String>,
 }
 
 impl Default for ProducerConfig {
@@ -65,13 +129,17 @@ impl Default for ProducerConfig {
             acks: Acks::Leader,
             retry_timeout_ms: 30_000,
             buffer_memory_bytes: 32 << 20,
+            idempotence: true,
+            max_in_flight: MAX_IN_FLIGHT,
+            compression: Compression::None,
+            producer_name: None,
         }
     }
 }
 
 impl ProducerConfig {
     /// Defaults: linger 5 ms, batches up to 1 MiB, leader acks, retries for 30 s, a 32 MiB
-    /// buffer.
+    /// buffer, idempotent with up to 5 batches in flight per partition, no compression.
     pub fn new() -> Self {
         ProducerConfig::default()
     }
@@ -97,6 +165,34 @@ impl ProducerConfig {
     /// How long to keep retrying a batch the broker cannot take, in ms (default 30,000).
     pub fn retry_timeout_ms(mut self, retry_timeout_ms: u64) -> Self {
         self.retry_timeout_ms = retry_timeout_ms;
+        self
+    }
+
+    /// Whether the producer is idempotent (default true): see the module's "Idempotence".
+    /// Off, one batch per partition is in flight and a retry may append a batch twice.
+    pub fn idempotence(mut self, idempotence: bool) -> Self {
+        self.idempotence = idempotence;
+        self
+    }
+
+    /// How many batches per partition an idempotent producer sends before the first is
+    /// acknowledged, 1 to [`MAX_IN_FLIGHT`] (default 5).
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = max_in_flight.clamp(1, MAX_IN_FLIGHT);
+        self
+    }
+
+    /// How the broker is asked to store the batches (default none; a topic whose
+    /// `compression` names a codec uses that one).
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// A stable name for this producer: a new producer with the same name fences this one
+    /// (the broker refuses its batches from then on). Default: none.
+    pub fn producer_name(mut self, name: impl Into<String>) -> Self {
+        self.producer_name = Some(name.into());
         self
     }
 
@@ -236,6 +332,8 @@ struct Inner {
     queues: Mutex<HashMap<(String, u32), mpsc::UnboundedSender<Msg>>>,
     /// The buffer: one permit per byte of `buffer_memory_bytes`.
     buffer: Arc<Semaphore>,
+    /// The producer id and epoch, asked for once by the first partition that sends.
+    identity: Arc<OnceCell<(i64, i16)>>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -265,6 +363,7 @@ impl Producer {
                 topics: Mutex::new(HashMap::new()),
                 queues: Mutex::new(HashMap::new()),
                 buffer,
+                identity: Arc::default(),
             }),
         }
     }
@@ -322,6 +421,15 @@ impl Producer {
                         Acks::Leader => pb::AckMode::Leader,
                         Acks::Durable => pb::AckMode::Durable,
                     },
+                    idempotent: config.idempotence,
+                    max_in_flight: if config.idempotence {
+                        config.max_in_flight
+                    } else {
+                        1
+                    },
+                    compression: config.compression.to_pb(),
+                    producer_name: config.producer_name.clone(),
+                    identity: Arc::clone(&self.inner.identity),
                     retry: {
                         let policy =
                             RetryPolicy::produce(Duration::from_millis(config.retry_timeout_ms));
@@ -450,233 +558,5 @@ impl Producer {
             let _ = w.await;
         }
         Ok(())
-    }
-}
-
-/// What one partition's sender has gathered for its next request.
-#[derive(Default)]
-struct Gathered {
-    records: Vec<pb::Record>,
-    acks: Vec<Ack>,
-    permits: Vec<OwnedSemaphorePermit>,
-    bytes: usize,
-    flushes: Vec<oneshot::Sender<()>>,
-}
-
-impl Gathered {
-    fn take(&mut self, msg: Msg) {
-        match msg {
-            Msg::Record {
-                record,
-                size,
-                ack,
-                permit,
-            } => {
-                self.records.push(record);
-                self.acks.push(ack);
-                self.permits.push(permit);
-                self.bytes += size;
-            }
-            Msg::Flush(done) => self.flushes.push(done),
-        }
-    }
-}
-
-/// The longest pause between produce retries when the producer was given several brokers.
-const CLUSTER_MAX_RETRY_DELAY: Duration = Duration::from_millis(100);
-
-/// One partition's sender: gathers a batch, sends it with retries, resolves the acks. It
-/// owns what it needs and nothing of the [`Producer`]'s shared state, so it ends once the
-/// producer's queue sender is dropped and the queue is drained.
-struct PartitionSender {
-    /// The bootstrap connection.
-    conn: Connection,
-    /// Partition leaders in a cluster (empty with a single broker).
-    leaders: Arc<crate::leaders::Leaders>,
-    topic: String,
-    partition: u32,
-    linger: Duration,
-    batch_bytes: usize,
-    ack: pb::AckMode,
-    retry: RetryPolicy,
-}
-
-impl PartitionSender {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        while let Some(first) = rx.recv().await {
-            let mut g = Gathered::default();
-            g.take(first);
-            let deadline = Instant::now() + self.linger;
-            while g.bytes < self.batch_bytes && !g.records.is_empty() {
-                // Everything already queued goes in at once; then wait out the linger.
-                match rx.try_recv() {
-                    Ok(msg) => g.take(msg),
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        if !g.flushes.is_empty() {
-                            break; // a flush is waiting: send now
-                        }
-                        match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some(msg)) => g.take(msg),
-                            Ok(None) | Err(_) => break,
-                        }
-                    }
-                }
-            }
-            if !g.records.is_empty() {
-                let result = self.send_batch(std::mem::take(&mut g.records)).await;
-                for (i, ack) in g.acks.drain(..).enumerate() {
-                    let _ = ack.send(match &result {
-                        Ok(base) => Ok((self.partition, base + i as u64)),
-                        Err(e) => Err(e.clone()),
-                    });
-                }
-            }
-            // The batch is settled: its bytes leave the buffer.
-            g.permits.clear();
-            for done in g.flushes.drain(..) {
-                let _ = done.send(());
-            }
-        }
-        tracing::trace!(topic = %self.topic, partition = self.partition, "producer queue closed");
-    }
-
-    /// Sends one batch with retries; returns its base offset.
-    async fn send_batch(&self, records: Vec<pb::Record>) -> Result<u64> {
-        let count = records.len();
-        let request = pb::ProduceRequest {
-            topic: self.topic.clone(),
-            partition: Some(self.partition),
-            ack: self.ack as i32,
-            payload: Some(Payload::Records(pb::RecordList { records })),
-        };
-        self.retry
-            .run("produce", || async {
-                // In a cluster, the partition's leader. One request is in flight per
-                // partition, so following a leader change cannot reorder the partition.
-                let conn = self
-                    .leaders
-                    .get(&self.topic, self.partition)
-                    .unwrap_or_else(|| self.conn.clone());
-                match conn.log().produce(request.clone()).await {
-                    Ok(response) => {
-                        base_offset(&response.into_inner(), &self.topic, self.partition, count)
-                    }
-                    Err(status) => {
-                        self.after_failure(&status).await;
-                        Err(ClientError::broker(
-                            Some(&self.topic),
-                            Some(self.partition),
-                            status,
-                        ))
-                    }
-                }
-            })
-            .await
-    }
-
-    /// Where the next attempt goes after `status`: the leader a non-leader named (the
-    /// error is then retryable, see [`ClientError::is_retryable`]), or, after an outage, the
-    /// bootstrap brokers again, which name the new leader once one is elected.
-    async fn after_failure(&self, status: &tonic::Status) {
-        if let Some(leader) = crate::leaders::leader_hint(status) {
-            tracing::debug!(topic = %self.topic, partition = self.partition, %leader, "following the partition leader");
-            if let Err(e) = self
-                .leaders
-                .follow(&self.conn, &self.topic, self.partition, &leader)
-                .await
-            {
-                tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "leader unreachable");
-            }
-        } else if crate::error::is_retryable_status(status) {
-            self.leaders.forget(&self.topic, self.partition);
-            if self.conn.bootstrap().contains(',') {
-                // Several brokers: the one first connected to may be the one that died;
-                // take whichever of the list answers now.
-                if let Ok(c) = self.conn.connect_like(self.conn.bootstrap()).await {
-                    self.leaders.set(&self.topic, self.partition, c);
-                }
-            }
-        }
-    }
-}
-
-/// The base offset of the `count` records just sent to `topic`/`partition`, checked against
-/// the answer: it must hold that partition's append, with every record in it.
-fn base_offset(
-    response: &pb::ProduceResponse,
-    topic: &str,
-    partition: u32,
-    count: usize,
-) -> Result<u64> {
-    let bad = |problem: String| ClientError::BadResponse {
-        topic: topic.to_string(),
-        partition,
-        problem,
-    };
-    let append = response
-        .appends
-        .iter()
-        .find(|a| a.partition == partition)
-        .ok_or_else(|| {
-            bad(format!(
-                "the produce answer has no append for partition {partition}"
-            ))
-        })?;
-    if usize::try_from(append.record_count).ok() != Some(count) {
-        return Err(bad(format!(
-            "{count} records were sent but the produce answer reports {} appended",
-            append.record_count
-        )));
-    }
-    Ok(append.base_offset)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn append(partition: u32, base_offset: u64, record_count: u32) -> pb::PartitionAppend {
-        pb::PartitionAppend {
-            partition,
-            base_offset,
-            record_count,
-        }
-    }
-
-    #[test]
-    fn an_answer_without_the_append_is_an_error_not_offset_zero() {
-        let empty = pb::ProduceResponse { appends: vec![] };
-        match base_offset(&empty, "t", 3, 2) {
-            Err(ClientError::BadResponse {
-                topic, partition, ..
-            }) => assert_eq!((topic.as_str(), partition), ("t", 3)),
-            other => panic!("expected BadResponse, got {other:?}"),
-        }
-        let other_partition = pb::ProduceResponse {
-            appends: vec![append(1, 40, 2)],
-        };
-        assert!(matches!(
-            base_offset(&other_partition, "t", 3, 2),
-            Err(ClientError::BadResponse { .. })
-        ));
-    }
-
-    #[test]
-    fn an_answer_with_the_wrong_count_is_an_error() {
-        let short = pb::ProduceResponse {
-            appends: vec![append(3, 40, 1)],
-        };
-        let e = base_offset(&short, "t", 3, 2).expect_err("short");
-        assert!(matches!(e, ClientError::BadResponse { .. }), "{e:?}");
-        assert!(!e.is_retryable());
-    }
-
-    #[test]
-    fn the_partitions_append_gives_the_base_offset() {
-        let ok = pb::ProduceResponse {
-            appends: vec![append(1, 7, 5), append(3, 40, 2)],
-        };
-        assert_eq!(base_offset(&ok, "t", 3, 2).expect("ok"), 40);
     }
 }

@@ -50,6 +50,12 @@ impl RetryPolicy {
         }
     }
 
+    /// How long retries may go on (a long time when unbounded).
+    pub(crate) fn budget(&self) -> Duration {
+        self.give_up_after
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600))
+    }
+
     /// The backoff schedule. Its total of sleeps is capped by `give_up_after` as well, so a
     /// retry never sleeps past the budget.
     fn backoff(&self) -> ExponentialBuilder {

@@ -99,14 +99,18 @@ impl Machine for PartitionMachine {
         }
         match self.log.append(&command.0) {
             Ok(info) => {
-                self.next_offset = info.next_offset;
+                // A producer's retry of a batch already appended is answered with its
+                // original offsets and appends nothing: the applied end does not move back.
+                self.next_offset = self.next_offset.max(info.next_offset);
                 self.local
                     .appended(&self.topic, self.partition, info.next_offset);
                 Self::reply(&Ok((info.base_offset, info.record_count)))
             }
-            Err(e @ (StorageError::InvalidBatch { .. } | StorageError::BatchTooLarge { .. })) => {
-                Self::reply(&Err(e.to_string()))
-            }
+            Err(
+                e @ (StorageError::InvalidBatch { .. }
+                | StorageError::BatchTooLarge { .. }
+                | StorageError::ProducerRefused { .. }),
+            ) => Self::reply(&Err(e.to_string())),
             Err(e) => Err(io::Error::other(e)),
         }
     }

@@ -174,6 +174,7 @@ mod tests {
                     timestamp_ms: Some(5),
                 }],
             })),
+            ..Default::default()
         };
         let buf = req.encode_to_vec();
         assert_eq!(

@@ -12,7 +12,7 @@
 //! | 14 | 1 | version = 1 |
 //! | 15 | 1 | reserved, 0 |
 //! | 16 | 4 | CRC-32/ISO-HDLC (crc32fast; not CRC-32C) of bytes `[20, end)` |
-//! | 20 | 2 | attributes: bits 0–2 compression (0 = none), bit 3 timestamp type |
+//! | 20 | 2 | attributes: bits 0–2 compression (0 none, 1 lz4, 2 zstd), bit 3 timestamp type |
 //! | 22 | 2 | reserved, 0 |
 //! | 24 | 4 | last offset delta (`u32`) = record count − 1 |
 //! | 28 | 4 | record count (`u32`, ≥ 1) |
@@ -27,7 +27,9 @@
 //! Each record: `u32` record length (bytes after this field), `u32` offset delta (its index),
 //! `i64` timestamp delta, `i32` key length (−1 = null key) and key, `u32` value length and
 //! value, `u16` header count, then per header `u16` key length, UTF-8 key, `u32` value length,
-//! value. The records fill the batch exactly.
+//! value. The records fill the batch exactly. In a compressed batch the records section (every
+//! byte after the header) is compressed as a whole and the header stays plain; [`decompress`]
+//! gives the plain equivalent, whose records can be read.
 //!
 //! # Three levels of checking
 //! - [`BatchHeader::parse`]: the fixed 64-byte header only (no CRC, no records). Cheap enough
@@ -41,10 +43,12 @@
 //! field: every length is checked against the bytes that remain. Reading records allocates
 //! nothing: [`RecordView`]s borrow the batch's bytes.
 
+mod compress;
 mod decode;
 mod encode;
 mod header;
 
+pub use compress::{compress, decompress, Codec, MAX_DECOMPRESSED_BATCH_BYTES};
 pub use decode::{batches, BatchView, Batches, Headers, RecordView, Records};
 pub use encode::{encode_batch, record_size, try_encode_batch, BatchBuilder, Record};
 pub use header::{peek_total_len, stamp_base_offset, verify_crc, BatchHeader};
@@ -175,8 +179,34 @@ pub enum BatchError {
         record_count: u32,
     },
     /// A compression codec this code does not implement.
-    #[error("unsupported compression codec {0}")]
+    #[error("unsupported compression codec {0} (known: 0 none, 1 lz4, 2 zstd)")]
     UnsupportedCompression(u8),
+    /// The batch's records are compressed with this codec: decompress it first
+    /// ([`decompress`]) to read them, or to compress it with another codec.
+    #[error("the batch's records are compressed (codec {0}): decompress it first")]
+    Compressed(u8),
+    /// The compressed records section does not decompress: damaged or truncated data.
+    #[error("compressed records (codec {codec}) do not decompress: {reason}")]
+    BadCompressedData {
+        /// The codec's value.
+        codec: u8,
+        /// What the decompressor reported.
+        reason: String,
+    },
+    /// The records decompress to more than the limit allows (a decompression bomb, or just
+    /// a batch too large for this partition).
+    #[error(
+        "compressed batch (codec {codec}) decompresses to more than {max_bytes} bytes \
+         (at least {decompressed_bytes})"
+    )]
+    DecompressedTooLarge {
+        /// The codec's value.
+        codec: u8,
+        /// How many bytes the batch decompressed to before it was stopped.
+        decompressed_bytes: usize,
+        /// The limit.
+        max_bytes: usize,
+    },
     /// Unknown attribute bits are set.
     #[error("unknown attribute bits in {0:#06x}")]
     UnknownAttributes(u16),

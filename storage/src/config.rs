@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{BatchError, BatchHeader};
+use crate::batch::{BatchError, BatchHeader, Codec};
 use crate::error::{Result, StorageError};
 
 /// The most partitions one topic may have. A request for more is refused, so a hostile or
@@ -123,6 +123,73 @@ pub struct TopicConfig {
     /// history), and they can only make a segment expire sooner, never pin it.
     #[serde(default, with = "limit_ms")]
     pub timestamp_before_max_ms: Option<u64>,
+    /// How the topic's batches are stored: as the producer compressed them (`producer`, the
+    /// default), or recompressed by the broker to one codec (`none`, `lz4`, `zstd`). Stored
+    /// by name; a `topic.toml` without it (written before compression existed) gets
+    /// `producer`.
+    #[serde(default, with = "compression_name")]
+    pub compression: TopicCompression,
+}
+
+/// A topic's `compression` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TopicCompression {
+    /// Keep each batch compressed as it came (Kafka's `compression.type=producer`).
+    #[default]
+    Producer,
+    /// Store every batch with this codec, recompressing those that came otherwise.
+    Codec(Codec),
+}
+
+impl TopicCompression {
+    /// The codec batches are stored with, given the one a batch came with.
+    pub fn stored_codec(self, came_with: Codec) -> Codec {
+        match self {
+            TopicCompression::Producer => came_with,
+            TopicCompression::Codec(c) => c,
+        }
+    }
+}
+
+impl fmt::Display for TopicCompression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TopicCompression::Producer => f.write_str("producer"),
+            TopicCompression::Codec(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+impl FromStr for TopicCompression {
+    type Err = String;
+
+    /// Parses `producer`, `none`, `lz4` or `zstd`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "producer" => Ok(TopicCompression::Producer),
+            other => other
+                .parse::<Codec>()
+                .map(TopicCompression::Codec)
+                .map_err(|_| {
+                    format!("bad compression {other:?}: expected producer, none, lz4 or zstd")
+                }),
+        }
+    }
+}
+
+/// A topic's compression in `topic.toml`, by name.
+mod compression_name {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    use super::TopicCompression;
+
+    pub fn serialize<S: Serializer>(v: &TopicCompression, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TopicCompression, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
 }
 
 fn default_timestamp_after_max_ms() -> Option<u64> {
@@ -161,6 +228,7 @@ impl Default for TopicConfig {
             flush: FlushPolicy::default(),
             timestamp_after_max_ms: default_timestamp_after_max_ms(),
             timestamp_before_max_ms: None,
+            compression: TopicCompression::Producer,
         }
     }
 }
@@ -216,6 +284,13 @@ impl TopicConfig {
         self
     }
 
+    /// Sets how batches are stored: as they came (`Producer`, the default) or recompressed to
+    /// one codec.
+    pub fn compression(mut self, compression: TopicCompression) -> Self {
+        self.compression = compression;
+        self
+    }
+
     /// Checks one record timestamp against the topic's bounds, relative to `now_ms` (the
     /// broker's clock): [`BatchError::TimestampTooNew`] or [`BatchError::TimestampTooOld`],
     /// naming the bound.
@@ -253,7 +328,11 @@ impl TopicConfig {
         let header = BatchHeader::parse(batch)?;
         self.check_timestamp(header.max_timestamp, now_ms)?;
         if self.timestamp_before_max_ms.is_some() {
-            let view = crate::batch::BatchView::parse(batch)?;
+            // Compressed records are read from the plain equivalent; the append's check
+            // bounds the decompressed size again with the partition's limit.
+            let plain =
+                crate::batch::decompress(batch, crate::batch::MAX_DECOMPRESSED_BATCH_BYTES)?;
+            let view = crate::batch::BatchView::parse(&plain)?;
             for record in view.records() {
                 self.check_timestamp(record?.timestamp_ms, now_ms)?;
             }

@@ -124,6 +124,18 @@ pub enum StorageError {
         #[source]
         source: BatchError,
     },
+    /// An idempotent producer's batch was refused (a sequence gap, a stale epoch, bad
+    /// producer fields). Nothing was appended.
+    #[error("topic {topic:?} partition {partition}: {source}")]
+    ProducerRefused {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Why.
+        #[source]
+        source: crate::producers::ProducerError,
+    },
     /// The partition refuses writes after an I/O failure (fail-stop), or could not be opened.
     #[error("topic {topic:?} partition {partition} is fenced: {reason}")]
     Fenced {

@@ -13,6 +13,8 @@
 //! - [`segment`]: one segment file: preallocation, the append mapping, sealing, batch lookup.
 //! - [`log`]: [`PartitionLog`], a partition's ordered segments: append, read, time lookup,
 //!   durability (the flush policy's enforcement and group commit), fencing, retention.
+//! - [`producers`]: idempotent producers' per-partition sequences and offsets, rebuilt from
+//!   the log's batch headers and snapshotted at checkpoints.
 //! - [`region`]: a shared memory-mapped region; the only module that touches mapping pointers.
 //! - [`recovery`]: opening a partition: the clean-shutdown marker, the recovery point, the scan
 //!   that cuts torn tails, and index rebuilds.
@@ -39,13 +41,14 @@ pub mod fsutil;
 pub mod groups;
 pub mod index;
 pub mod log;
+pub mod producers;
 pub mod recovery;
 pub mod region;
 pub mod segment;
 pub mod stats;
 pub mod store;
 
-pub use config::{FlushPolicy, TopicConfig};
+pub use config::{FlushPolicy, TopicCompression, TopicConfig};
 pub use error::{Result, StorageError};
 pub use groups::{CommittedOffset, GroupStore};
 pub use log::{LogOptions, PartitionLog, ReadResult};

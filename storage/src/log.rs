@@ -28,6 +28,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::config::{FlushPolicy, TopicConfig};
 use crate::error::{Result, StorageError};
+use crate::producers::{self, ProducerStates};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::{LogId, Segment, Spare};
 
@@ -70,6 +71,10 @@ pub struct LogOptions {
     /// partition also refuses batches larger than a segment (see
     /// [`LogOptions::effective_max_batch_bytes`]).
     pub max_batch_bytes: usize,
+    /// An idempotent producer's state in this partition is dropped this many milliseconds
+    /// after its newest batch's timestamp. Default
+    /// [`crate::producers::DEFAULT_PRODUCER_EXPIRY_MS`] (7 days).
+    pub producer_expiry_ms: u64,
 }
 
 impl LogOptions {
@@ -84,7 +89,14 @@ impl LogOptions {
             retention_bytes: config.retention_bytes,
             flush: config.flush,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            producer_expiry_ms: crate::producers::DEFAULT_PRODUCER_EXPIRY_MS,
         }
+    }
+
+    /// Sets how long an idle producer's state is kept, in ms (default 7 days).
+    pub fn producer_expiry_ms(mut self, producer_expiry_ms: u64) -> Self {
+        self.producer_expiry_ms = producer_expiry_ms;
+        self
     }
 
     /// Sets the largest batch accepted, in bytes (default 16 MiB).
@@ -215,6 +227,9 @@ struct Inner {
     retired: Mutex<Vec<retention::Retired>>,
     report: RecoveryReport,
     faults: inject::Faults,
+    /// Idempotent producers' sequences and offsets. Changed only under the writer lock, with
+    /// the append it describes, so a check and its append are one step.
+    producers: Mutex<ProducerStates>,
 }
 
 #[derive(Debug)]
@@ -246,7 +261,7 @@ impl PartitionLog {
         } else {
             0
         };
-        Ok(PartitionLog {
+        let log = PartitionLog {
             inner: Arc::new(Inner {
                 id,
                 dir: dir.to_path_buf(),
@@ -276,8 +291,56 @@ impl PartitionLog {
                 retired: Mutex::new(Vec::new()),
                 report: opened.report,
                 faults: inject::Faults::default(),
+                producers: Mutex::new(ProducerStates::default()),
             }),
-        })
+        };
+        log.rebuild_producers()?;
+        Ok(log)
+    }
+
+    /// Rebuilds the producers' state from the snapshot and the batches after it (all of the
+    /// log when there is no usable snapshot). Reads headers only. Blocking; run at open.
+    fn rebuild_producers(&self) -> Result<()> {
+        let inner = &*self.inner;
+        let high_watermark = self.high_watermark();
+        let (mut states, mut offset) = match producers::read_snapshot(&inner.dir) {
+            // A snapshot past the log's end describes batches a crash cut: unusable.
+            Some((states, offset)) if offset <= high_watermark => (states, offset),
+            _ => (ProducerStates::default(), 0),
+        };
+        offset = offset.max(self.log_start_offset());
+        while offset < high_watermark {
+            let read = self.read(offset, 1 << 20)?;
+            if read.next_offset <= offset {
+                break;
+            }
+            for chunk in &read.chunks {
+                for view in crate::batch::batches(chunk) {
+                    let Ok(view) = view else { break };
+                    let header = view.header();
+                    if header.next_offset() > offset {
+                        states.apply(header, header.base_offset);
+                    }
+                }
+            }
+            offset = read.next_offset;
+        }
+        states.expire(now_ms(), inner.options.producer_expiry_ms);
+        *inner.producers.lock() = states;
+        Ok(())
+    }
+
+    /// Writes the producer snapshot as of the high watermark, dropping expired producers
+    /// first. Blocking; called by checkpoints and close.
+    pub(crate) fn snapshot_producers(&self) -> Result<()> {
+        let inner = &*self.inner;
+        let (states, offset) = {
+            let _w = inner.writer.lock();
+            let mut states = inner.producers.lock();
+            states.expire(now_ms(), inner.options.producer_expiry_ms);
+            (states.clone(), self.high_watermark())
+        };
+        producers::write_snapshot(&inner.dir, &states, offset)
     }
 
     /// The topic this partition belongs to.

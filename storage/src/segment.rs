@@ -544,7 +544,9 @@ impl Segment {
                     .map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
                 // SAFETY: below the published length.
                 let data = unsafe { self.region.slice(pos as usize, (pos + len) as usize) };
-                let view = BatchView::parse(data)
+                let plain = batch::decompress(data, batch::MAX_DECOMPRESSED_BATCH_BYTES)
+                    .map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
+                let view = BatchView::parse(&plain)
                     .map_err(|e| self.data_loss(loc.header.base_offset, pos, e))?;
                 for record in view.records() {
                     let record =

@@ -180,6 +180,7 @@ impl Clients {
                 payload: Some(rill_proto::v1::produce_request::Payload::Records(
                     rill_proto::v1::RecordList { records },
                 )),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -268,6 +269,7 @@ pub fn produce_req(
         payload: Some(rill_proto::v1::produce_request::Payload::Records(
             rill_proto::v1::RecordList { records },
         )),
+        ..Default::default()
     }
 }
 

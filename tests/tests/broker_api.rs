@@ -165,6 +165,7 @@ async fn a_pre_encoded_batch_is_appended_as_is() {
         partition,
         ack: pb::AckMode::Durable as i32,
         payload: Some(Payload::Batch(batch.clone())),
+        ..Default::default()
     };
     let resp = c
         .log

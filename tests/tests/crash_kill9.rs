@@ -79,6 +79,7 @@ async fn produce_until_error(
                     })
                     .collect(),
             })),
+            ..Default::default()
         };
         match c.log.produce(req).await {
             Ok(resp) => {
@@ -90,12 +91,105 @@ async fn produce_until_error(
     }
 }
 
+/// One partition's idempotent producer, carried across kills: its id, its next sequence, and
+/// the batch whose answer a kill cut off (resent first, with the same sequence).
+#[derive(Clone, Default)]
+struct Idem {
+    id: i64,
+    next_sequence: i32,
+    next_value: u64,
+    unanswered: Option<(i32, Vec<String>)>,
+    /// Batches resent after a kill, and how many of those the broker had already appended.
+    resent: u64,
+    deduplicated: u64,
+}
+
+/// Like [`produce_until_error`], with an idempotent producer: a batch that got no answer
+/// is resent (same values, same sequence) when the broker is back, before any new one.
+async fn produce_idempotent_until_error(
+    mut c: Clients,
+    partition: u32,
+    ack: pb::AckMode,
+    mut state: Idem,
+    acked: Arc<Acked>,
+) -> Idem {
+    loop {
+        let (sequence, values, resend) = match state.unanswered.take() {
+            Some((sequence, values)) => (sequence, values, true),
+            None => {
+                let values: Vec<String> = (0..10)
+                    .map(|i| format!("p{partition}-{}", state.next_value + i))
+                    .collect();
+                state.next_value += 10;
+                let sequence = state.next_sequence;
+                state.next_sequence += 10;
+                (sequence, values, false)
+            }
+        };
+        let req = pb::ProduceRequest {
+            topic: "crash".into(),
+            partition: Some(partition),
+            ack: ack as i32,
+            payload: Some(Payload::Records(pb::RecordList {
+                records: values
+                    .iter()
+                    .map(|v| pb::Record {
+                        value: Bytes::copy_from_slice(v.as_bytes()),
+                        key: Some(Bytes::from(format!("k{partition}"))),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+            producer_id: Some(state.id),
+            producer_epoch: Some(0),
+            base_sequence: Some(sequence),
+            ..Default::default()
+        };
+        let hw_before = if resend {
+            c.fetch("crash", partition, 0, 0)
+                .await
+                .map(|r| r.high_watermark)
+                .ok()
+        } else {
+            None
+        };
+        match c.log.produce(req).await {
+            Ok(resp) => {
+                let base = resp.into_inner().appends[0].base_offset;
+                if resend {
+                    state.resent += 1;
+                    if hw_before.is_some_and(|hw| base < hw) {
+                        state.deduplicated += 1;
+                    }
+                }
+                acked.record(partition, base, &values);
+            }
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ),
+                    "partition {partition}: the broker refused a batch: {status}"
+                );
+                state.unanswered = Some((sequence, values));
+                return state;
+            }
+        }
+    }
+}
+
 async fn kill_loop(ack: pb::AckMode, kills: usize, seed: u64) {
+    kill_loop_with(ack, kills, seed, false).await;
+}
+
+async fn kill_loop_with(ack: pb::AckMode, kills: usize, seed: u64, idempotent: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let acked = Arc::new(Acked::default());
     let mut rng = Rng(seed);
     let mut next_seq = [0u64; PARTITIONS as usize];
     let mut committed: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut idem: Vec<Idem> = vec![Idem::default(); PARTITIONS as usize];
     for round in 0..kills {
         let broker = BrokerProcess::spawn(dir.path(), &[]).await.expect("spawn");
         let mut c = Clients::connect(broker.url()).await.expect("connect");
@@ -112,6 +206,17 @@ async fn kill_loop(ack: pb::AckMode, kills: usize, seed: u64) {
                 })
                 .await
                 .expect("create");
+            if idempotent {
+                for state in &mut idem {
+                    state.id = c
+                        .log
+                        .init_producer(pb::InitProducerRequest::default())
+                        .await
+                        .expect("init producer")
+                        .into_inner()
+                        .producer_id;
+                }
+            }
         }
         // Commit a group offset each round, and remember the last one acknowledged.
         let p = (round as u32) % PARTITIONS;
@@ -131,6 +236,26 @@ async fn kill_loop(ack: pb::AckMode, kills: usize, seed: u64) {
             .expect("commit");
         committed.insert(p, offset);
 
+        if idempotent {
+            let producers: Vec<_> = (0..PARTITIONS)
+                .map(|p| {
+                    tokio::spawn(produce_idempotent_until_error(
+                        c.clone(),
+                        p,
+                        ack,
+                        idem[p as usize].clone(),
+                        Arc::clone(&acked),
+                    ))
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(20 + rng.below(200))).await;
+            let status = broker.signal_and_wait(SIGKILL).await.expect("kill");
+            assert!(!status.success(), "killed, not exited");
+            for (p, task) in producers.into_iter().enumerate() {
+                idem[p] = task.await.expect("producer");
+            }
+            continue;
+        }
         let producers: Vec<_> = (0..PARTITIONS)
             .map(|p| {
                 tokio::spawn(produce_until_error(
@@ -153,6 +278,23 @@ async fn kill_loop(ack: pb::AckMode, kills: usize, seed: u64) {
     // Restart once more and verify everything.
     let broker = BrokerProcess::spawn(dir.path(), &[]).await.expect("spawn");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
+    if idempotent {
+        // Resend every batch a kill left unanswered: all of them land exactly once.
+        let producers: Vec<_> = (0..PARTITIONS)
+            .map(|p| {
+                tokio::spawn(resend_unanswered(
+                    c.clone(),
+                    p,
+                    ack,
+                    idem[p as usize].clone(),
+                    Arc::clone(&acked),
+                ))
+            })
+            .collect();
+        for (p, task) in producers.into_iter().enumerate() {
+            idem[p] = task.await.expect("resend");
+        }
+    }
     let acked = acked.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (mut total_acked, mut verified) = (0usize, 0usize);
     for p in 0..PARTITIONS {
@@ -222,10 +364,27 @@ async fn kill_loop(ack: pb::AckMode, kills: usize, seed: u64) {
         );
     }
     println!(
-        "kill -9 loop ({ack:?} acks): kills {kills}, records acked {total_acked}, \
-         records verified {verified}, records lost {}",
-        total_acked - verified
+        "kill -9 loop ({ack:?} acks, idempotent {idempotent}): kills {kills}, records acked \
+         {total_acked}, records verified {verified}, records lost {}, batches resent {}, \
+         of which already appended (deduplicated) {}",
+        total_acked - verified,
+        idem.iter().map(|s| s.resent).sum::<u64>(),
+        idem.iter().map(|s| s.deduplicated).sum::<u64>(),
     );
+    if idempotent {
+        // Every batch was eventually answered, so every value sent is acked: the log holds
+        // exactly the acked values (the "no value twice" check above is the zero-duplicates
+        // assertion over the resent batches).
+        assert_eq!(
+            verified as u64,
+            idem.iter().map(|s| s.next_value).sum::<u64>(),
+            "every sent record is in the log exactly once"
+        );
+        assert!(
+            idem.iter().any(|s| s.deduplicated > 0),
+            "no resent batch had been appended already: the loop did not test deduplication"
+        );
+    }
     assert!(total_acked > 0, "the producers got acks");
     drop(c);
     assert!(broker.stop().await.expect("stop").success());
@@ -239,6 +398,65 @@ async fn kill_9_loop_with_durable_acks_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loop_with_leader_acks_loses_nothing_acknowledged() {
     kill_loop(pb::AckMode::Leader, 20, 0x2545_f491_4f6c_dd1d).await;
+}
+
+/// Issue 12: with an idempotent producer that resends each batch a kill left unanswered, no
+/// record is ever appended twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loop_with_an_idempotent_producer_appends_no_resent_batch_twice() {
+    // Durable acks: a kill during the sync leaves batches appended but unanswered.
+    kill_loop_with(pb::AckMode::Durable, 15, 0x1d3e_5eed_0bad_cafe, true).await;
+}
+
+/// Resends `state`'s unanswered batch, if any, until it is answered.
+async fn resend_unanswered(
+    mut c: Clients,
+    partition: u32,
+    ack: pb::AckMode,
+    mut state: Idem,
+    acked: Arc<Acked>,
+) -> Idem {
+    let Some((sequence, values)) = state.unanswered.take() else {
+        return state;
+    };
+    let hw = c
+        .fetch("crash", partition, 0, 0)
+        .await
+        .expect("fetch")
+        .high_watermark;
+    let req = pb::ProduceRequest {
+        topic: "crash".into(),
+        partition: Some(partition),
+        ack: ack as i32,
+        payload: Some(Payload::Records(pb::RecordList {
+            records: values
+                .iter()
+                .map(|v| pb::Record {
+                    value: Bytes::copy_from_slice(v.as_bytes()),
+                    key: Some(Bytes::from(format!("k{partition}"))),
+                    ..Default::default()
+                })
+                .collect(),
+        })),
+        producer_id: Some(state.id),
+        producer_epoch: Some(0),
+        base_sequence: Some(sequence),
+        ..Default::default()
+    };
+    let base = c
+        .log
+        .produce(req)
+        .await
+        .expect("the resent batch is answered")
+        .into_inner()
+        .appends[0]
+        .base_offset;
+    state.resent += 1;
+    if base < hw {
+        state.deduplicated += 1;
+    }
+    acked.record(partition, base, &values);
+    state
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

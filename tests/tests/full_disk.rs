@@ -54,6 +54,7 @@ fn record_req(topic: &str, value: &Bytes) -> pb::ProduceRequest {
                 ..Default::default()
             }],
         })),
+        ..Default::default()
     }
 }
 

@@ -150,6 +150,7 @@ fn batch_req(topic: &str, partition: u32, batch: bytes::Bytes) -> pb::ProduceReq
         partition: Some(partition),
         ack: pb::AckMode::Leader as i32,
         payload: Some(pb::produce_request::Payload::Batch(batch)),
+        ..Default::default()
     }
 }
 

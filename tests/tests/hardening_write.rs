@@ -95,6 +95,7 @@ async fn an_oversize_batch_is_invalid_argument_and_the_partition_keeps_serving()
             partition: Some(0),
             ack: pb::AckMode::Leader as i32,
             payload: Some(Payload::Batch(encoded)),
+            ..Default::default()
         })
         .await
         .expect_err("a pre-encoded batch larger than a segment is refused");

@@ -52,6 +52,7 @@ fn one(value: Bytes) -> pb::ProduceRequest {
                 ..Default::default()
             }],
         })),
+        ..Default::default()
     }
 }
 

@@ -47,6 +47,10 @@ pub const RPCS: &[(&str, Needs)] = &[
     ),
     ("/rill.v1.Log/Fetch", Needs::Caller(Operation::Consume)),
     (
+        "/rill.v1.Log/InitProducer",
+        Needs::Caller(Operation::Produce),
+    ),
+    (
         "/rill.v1.Log/ListOffsets",
         Needs::Caller(Operation::Describe),
     ),

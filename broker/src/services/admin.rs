@@ -71,6 +71,9 @@ pub fn resolve_config(
     if let Some(v) = req.timestamp_before_max_ms {
         config.timestamp_before_max_ms = bound(v, "timestamp_before_max_ms")?;
     }
+    if let Some(c) = req.compression {
+        config.compression = c.parse().map_err(BrokerError::invalid)?;
+    }
     if let Some(policy) = req.flush.and_then(|f| f.policy) {
         config.flush = match policy {
             Policy::Always(_) => FlushPolicy::Always,
@@ -99,6 +102,7 @@ pub fn config_to_pb(c: &TopicConfig) -> pb::TopicConfig {
         }),
         timestamp_after_max_ms: opt(c.timestamp_after_max_ms),
         timestamp_before_max_ms: opt(c.timestamp_before_max_ms),
+        compression: Some(c.compression.to_string()),
     }
 }
 
@@ -149,14 +153,14 @@ impl Admin for AdminService {
         let caller = auth::check(&self.broker, request.extensions(), Operation::Create, topic)?;
         let req = request.into_inner();
         if let Some(rf) = req.replication_factor.filter(|rf| *rf > 1) {
-            let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
+            let config = resolve_config(req.config.clone(), &self.broker.config().topic_defaults)?;
             crate::cluster::create_replicated(&self.broker, &req, config, rf).await?;
             let state = self.broker.topic(&req.name)?;
             return Ok(Response::new(pb::CreateTopicResponse {
                 topic: Some(describe(&state, self.broker.config().max_batch_bytes)),
             }));
         }
-        let config = resolve_config(req.config, &self.broker.config().topic_defaults)?;
+        let config = resolve_config(req.config.clone(), &self.broker.config().topic_defaults)?;
         let store = self.broker.store().clone();
         let name = req.name;
         let topic = tokio::task::spawn_blocking(move || store.create_topic(&name, config))

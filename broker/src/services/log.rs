@@ -1,12 +1,13 @@
-//! `rill.v1.Log`: Produce, ProduceStream, Fetch and ListOffsets.
+//! `rill.v1.Log`: Produce, ProduceStream, Fetch, ListOffsets and InitProducer.
 
 use std::pin::Pin;
 
 use rill_proto::v1::list_offsets_request::Spec;
 use rill_proto::v1::log_server::Log;
 use rill_proto::v1::{
-    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, OffsetSpec,
-    ProduceRequest, ProduceResponse, ProduceStreamRequest, ProduceStreamResponse,
+    FetchRequest, FetchResponse, InitProducerRequest, InitProducerResponse, ListOffsetsRequest,
+    ListOffsetsResponse, OffsetSpec, ProduceRequest, ProduceResponse, ProduceStreamRequest,
+    ProduceStreamResponse,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -179,6 +180,24 @@ impl Log for LogService {
         )?;
         let resp = fetch(&self.broker, request.into_inner(), client_timeout).await?;
         Ok(Response::new(resp))
+    }
+
+    async fn init_producer(
+        &self,
+        request: Request<InitProducerRequest>,
+    ) -> Result<Response<InitProducerResponse>, Status> {
+        // Getting an id is part of producing; no topic is named yet, so any caller allowed
+        // to connect may ask (the produce itself is authorized per topic).
+        auth::caller(&self.broker, request.extensions())?;
+        let ids = self.broker.producers()?.clone();
+        let name = request.into_inner().producer_name;
+        let (producer_id, epoch) = tokio::task::spawn_blocking(move || ids.init(name.as_deref()))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        Ok(Response::new(InitProducerResponse {
+            producer_id,
+            producer_epoch: i32::from(epoch),
+        }))
     }
 
     async fn list_offsets(

@@ -33,6 +33,10 @@ pub struct CreateArgs {
     /// Replicas per partition, on distinct brokers of a cluster [default: 1].
     #[arg(long)]
     pub replication_factor: Option<u32>,
+    /// How batches are stored: producer (as they came), none, lz4 or zstd
+    /// [default: producer].
+    #[arg(long, value_parser = ["producer", "none", "lz4", "zstd"])]
+    pub compression: Option<String>,
 }
 
 /// `rill group reset-offsets`.
@@ -78,7 +82,7 @@ fn flush_text(f: &Option<rill_proto::v1::FlushPolicy>) -> String {
 }
 
 fn describe_json(d: &rill_proto::v1::TopicDescription) -> serde_json::Value {
-    let c = d.config.unwrap_or_default();
+    let c = d.config.clone().unwrap_or_default();
     json!({
         "name": d.name,
         "max_batch_bytes": d.max_batch_bytes,
@@ -98,6 +102,7 @@ fn describe_json(d: &rill_proto::v1::TopicDescription) -> serde_json::Value {
             "segment_bytes": c.segment_bytes,
             "segment_ms": c.segment_ms,
             "flush": flush_text(&c.flush),
+            "compression": c.compression,
         },
     })
 }
@@ -106,15 +111,16 @@ fn print_description(ctx: Ctx, d: &rill_proto::v1::TopicDescription) -> Result<(
     if ctx.output == Output::Json {
         return print_json(&describe_json(d));
     }
-    let c = d.config.unwrap_or_default();
+    let c = d.config.clone().unwrap_or_default();
     println!(
-        "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}, max batch {}",
+        "topic {}: {} partitions, retention {}, retention bytes {}, segment bytes {}, flush {}, compression {}, max batch {}",
         d.name,
         c.partitions,
         units::limit(c.retention_ms, units::duration_ms),
         units::limit(c.retention_bytes, units::bytes),
         c.segment_bytes.map_or("-".into(), units::bytes),
         flush_text(&c.flush),
+        c.compression.as_deref().unwrap_or("producer"),
         units::bytes(d.max_batch_bytes)
     );
     let rows: Vec<Vec<String>> = d
@@ -171,6 +177,9 @@ pub async fn topic(conn: Connection, ctx: Ctx, command: TopicCommand) -> Result<
             }
             if let Some(f) = args.flush {
                 settings = settings.flush(f);
+            }
+            if let Some(c) = &args.compression {
+                settings = settings.compression(c.clone());
             }
             let d = admin.create_topic(&args.name, settings).await?;
             if ctx.output == Output::Json {

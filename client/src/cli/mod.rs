@@ -123,7 +123,7 @@ pub enum Command {
     },
     /// Produce records: one per line of stdin (or of --file).
     #[command(
-        after_help = "Example:\n  printf 'k1:hello\\nk2:world\\n' | rill produce orders --key-separator : --header source=cli"
+        after_help = "Example:\n  printf 'k1:hello\\nk2:world\\n' | rill produce orders --key-separator : --header source=cli --compression lz4"
     )]
     Produce(stream_cmds::ProduceArgs),
     /// Consume records: one value per line by default.
@@ -195,7 +195,7 @@ pub enum Command {
 pub enum TopicCommand {
     /// Create a topic.
     #[command(
-        after_help = "Example:\n  rill topic create orders --partitions 3 --retention 7d --flush interval:1000"
+        after_help = "Example:\n  rill topic create orders --partitions 3 --retention 7d --flush interval:1000 --compression zstd"
     )]
     Create(admin_cmds::CreateArgs),
     /// List topics.

@@ -14,7 +14,7 @@ use super::{bytes_json, parse_header, parse_since, print_json, Ctx, Output};
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
 use crate::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, ConsumerEvent, SeekTo};
-use crate::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+use crate::producer::{Acks, Compression, Producer, ProducerConfig, ProducerRecord};
 
 /// Ack modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,6 +48,13 @@ pub struct ProduceArgs {
     /// What each record's acknowledgement waits for.
     #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
     pub acks: AcksArg,
+    /// Compress the batches: none, lz4 or zstd (a topic whose compression names a codec
+    /// stores that one).
+    #[arg(long, default_value = "none", value_parser = ["none", "lz4", "zstd"])]
+    pub compression: String,
+    /// Turn off idempotence: a retried batch may then be appended twice.
+    #[arg(long)]
+    pub no_idempotence: bool,
 }
 
 /// `rill consume --help`'s closing text: an example and the exit status.
@@ -126,7 +133,14 @@ pub async fn produce(conn: Connection, ctx: Ctx, args: ProduceArgs) -> Result<()
         AcksArg::Leader => Acks::Leader,
         AcksArg::Durable => Acks::Durable,
     };
-    let producer = Producer::new(conn, ProducerConfig::new().acks(acks));
+    let compression: Compression = args.compression.parse().map_err(anyhow::Error::msg)?;
+    let producer = Producer::new(
+        conn,
+        ProducerConfig::new()
+            .acks(acks)
+            .compression(compression)
+            .idempotence(!args.no_idempotence),
+    );
     let (reader, total): (Box<dyn BufRead>, Option<u64>) = match &args.file {
         Some(path) => {
             let f =

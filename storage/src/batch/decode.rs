@@ -39,8 +39,20 @@ impl<'a> BatchView<'a> {
 
     /// Checks everything the format requires: the CRC first (cheap, and it catches most
     /// damage with a precise error), then every record's structure, header keys' UTF-8, and
-    /// the header's max timestamp. A batch built elsewhere is trusted only after this.
+    /// the header's max timestamp. A batch built elsewhere is trusted only after this. A
+    /// compressed batch is decompressed (bounded by [`super::MAX_DECOMPRESSED_BATCH_BYTES`])
+    /// and its records checked; see [`BatchView::validate_within`] for a lower bound.
     pub fn validate(&self) -> Result<(), BatchError> {
+        self.validate_within(super::MAX_DECOMPRESSED_BATCH_BYTES)
+    }
+
+    /// [`BatchView::validate`], with a compressed batch refused when it decompresses to more
+    /// than `max_decompressed_bytes` (the whole plain batch, header included).
+    pub fn validate_within(&self, max_decompressed_bytes: usize) -> Result<(), BatchError> {
+        if self.header.compression_codec() != 0 {
+            let plain = super::decompress(self.bytes, max_decompressed_bytes)?;
+            return BatchView::parse(&plain)?.validate_within(max_decompressed_bytes);
+        }
         verify_crc(self.bytes)?;
         let mut max_timestamp = i64::MIN;
         // The records iterator checks each record fully (headers included), the offset
@@ -60,9 +72,12 @@ impl<'a> BatchView<'a> {
     /// The records, decoded lazily without allocation. Each record is checked as it is
     /// decoded (its fields fill its length exactly, its offset delta is its index, its
     /// timestamp does not overflow, its header keys are UTF-8); after the last record, bytes
-    /// left over are an error. The first error ends the iteration.
+    /// left over are an error. The first error ends the iteration. A compressed batch yields
+    /// one [`BatchError::Compressed`]: read the records of its [`super::decompress`]ed form.
     pub fn records(&self) -> Records<'a> {
+        let codec = self.header.compression_codec();
         Records {
+            compressed: codec,
             header: self.header,
             // The header check guarantees at least HEADER_LEN bytes; the fallback only keeps
             // this free of any panic path.
@@ -213,6 +228,8 @@ impl std::iter::FusedIterator for Headers<'_> {}
 /// Iterator over a batch's records; see [`BatchView::records`].
 #[derive(Debug, Clone)]
 pub struct Records<'a> {
+    /// The codec of a compressed batch (its records cannot be read as they are), else 0.
+    compressed: u8,
     header: BatchHeader,
     rest: &'a [u8],
     index: u32,
@@ -291,6 +308,10 @@ impl<'a> Iterator for Records<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
             return None;
+        }
+        if self.compressed != 0 {
+            self.failed = true;
+            return Some(Err(BatchError::Compressed(self.compressed)));
         }
         if self.index >= self.header.record_count {
             if self.rest.is_empty() {

@@ -117,7 +117,11 @@ impl BatchHeader {
         }
         // Every record takes at least RECORD_OVERHEAD bytes, so a count the length cannot
         // hold is refused here; a caller may then size a buffer by the count safely.
-        if (self.record_count as usize).saturating_mul(RECORD_OVERHEAD) > records_len {
+        // (A compressed records section may be far smaller: its count is checked against the
+        // decompressed records.)
+        if self.compression_codec() == 0
+            && (self.record_count as usize).saturating_mul(RECORD_OVERHEAD) > records_len
+        {
             return Err(BatchError::BadBatchLength {
                 batch_length: self.batch_length,
                 reason: "too short for the record count",
@@ -137,7 +141,7 @@ impl BatchHeader {
             return Err(BatchError::UnknownAttributes(self.attributes));
         }
         let codec = self.compression_codec();
-        if codec != 0 {
+        if super::Codec::from_bits(codec).is_none() {
             return Err(BatchError::UnsupportedCompression(codec));
         }
         Ok(())
@@ -161,7 +165,8 @@ impl BatchHeader {
             .saturating_add(u64::from(self.record_count))
     }
 
-    /// The compression codec (attribute bits 0–2); version 1 only knows 0, none.
+    /// The compression codec's value (attribute bits 0–2): 0 none, 1 lz4, 2 zstd (see
+    /// [`super::Codec`]).
     pub fn compression_codec(&self) -> u8 {
         // The mask keeps three bits, so the cast cannot truncate.
         (self.attributes & ATTR_COMPRESSION_MASK) as u8

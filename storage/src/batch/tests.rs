@@ -220,8 +220,8 @@ fn header_rules_are_enforced() {
         );
     }
     assert_eq!(
-        parse(&with(field::ATTRIBUTES, &[2, 0])),
-        Some(BatchError::UnsupportedCompression(2))
+        parse(&with(field::ATTRIBUTES, &[3, 0])),
+        Some(BatchError::UnsupportedCompression(3))
     );
     assert_eq!(
         parse(&with(field::ATTRIBUTES, &[0x10, 0])),
@@ -641,3 +641,5 @@ proptest! {
         prop_assert_eq!(ok, len as usize == true_len);
     }
 }
+
+mod compress;

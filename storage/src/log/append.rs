@@ -19,6 +19,7 @@ use super::{now_ms, AppendInfo, PartitionLog};
 use crate::batch::{BatchError, BatchHeader, BatchView};
 use crate::config::FlushPolicy;
 use crate::error::{Result, StorageError};
+use crate::producers;
 use crate::recovery;
 use crate::segment::{Room, Segment, Spare};
 
@@ -30,6 +31,12 @@ const FAST_PATH_LOCK_WAIT: Duration = Duration::from_micros(200);
 /// How many rounds of file work (grow, create a spare, roll) an append tries before giving up.
 /// Each round makes room for some append; only a storm of concurrent rolls needs more than 3.
 const MAX_APPEND_ROUNDS: usize = 64;
+
+/// What the producer state decided for a batch.
+enum Verdict<T> {
+    Append,
+    Duplicate(T),
+}
 
 /// How an append is acknowledged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,6 +73,11 @@ impl CheckedBatch {
         self.bytes.is_empty()
     }
 
+    /// Its header.
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
     /// How many records it holds.
     pub fn record_count(&self) -> u32 {
         self.header.record_count
@@ -80,6 +92,7 @@ impl CheckedBatch {
 pub struct Unsettled {
     info: AppendInfo,
     needs_sync: bool,
+    duplicate: bool,
 }
 
 impl Unsettled {
@@ -87,6 +100,12 @@ impl Unsettled {
     /// acknowledging: use what [`PartitionLog::settle`] returns.
     pub fn info(&self) -> &AppendInfo {
         &self.info
+    }
+
+    /// True when the batch was an idempotent producer's retry of a batch already in the log:
+    /// nothing was appended, and [`Unsettled::info`] holds the original offsets.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
     }
 
     /// True when settling waits for a sync (a blocking call): the ack asked for `durable`, or
@@ -122,7 +141,9 @@ impl PartitionLog {
             source,
         };
         let view = BatchView::parse(batch).map_err(invalid)?;
-        view.validate().map_err(invalid)?;
+        // A compressed batch is held to the same limit once decompressed, so a small batch
+        // that decompresses to gigabytes (a bomb) is refused.
+        view.validate_within(max_bytes).map_err(invalid)?;
         let header = *view.header();
         if header.total_len() != batch.len() {
             return Err(invalid(BatchError::BadLength));
@@ -165,8 +186,13 @@ impl PartitionLog {
         if self.room_for(&active, batch.len() as u64, now_ms()) != Room::Ready {
             return Ok(None);
         }
-        let info = self.write_locked(&active, &batch.bytes, &batch.header)?;
-        Ok(Some(self.unsettled(info, ack)))
+        Ok(Some(match self.producer_verdict(&batch.header)? {
+            Verdict::Duplicate(info) => self.unsettled(info, ack, true),
+            Verdict::Append => {
+                let info = self.write_locked(&active, &batch.bytes, &batch.header)?;
+                self.unsettled(info, ack, false)
+            }
+        }))
     }
 
     /// Appends a checked batch, doing whatever file work that needs first (removing the
@@ -188,10 +214,12 @@ impl PartitionLog {
         Ok(unsettled.info)
     }
 
-    fn unsettled(&self, info: AppendInfo, ack: Ack) -> Unsettled {
+    fn unsettled(&self, info: AppendInfo, ack: Ack, duplicate: bool) -> Unsettled {
         Unsettled {
             info,
+            // A duplicate waits too: its original may not be synced yet.
             needs_sync: ack == Ack::Durable || self.inner.options.flush == FlushPolicy::Always,
+            duplicate,
         }
     }
 
@@ -210,8 +238,13 @@ impl PartitionLog {
                 let room = self.room_for(&active, len, now_ms());
                 match room {
                     Room::Ready => {
-                        let info = self.write_locked(&active, batch, header)?;
-                        return Ok(self.unsettled(info, ack));
+                        return Ok(match self.producer_verdict(header)? {
+                            Verdict::Duplicate(info) => self.unsettled(info, ack, true),
+                            Verdict::Append => {
+                                let info = self.write_locked(&active, batch, header)?;
+                                self.unsettled(info, ack, false)
+                            }
+                        });
                     }
                     Room::Full if active.size_bytes() == 0 => {
                         // Cannot happen after the size check; refuse rather than roll onto the
@@ -263,6 +296,27 @@ impl PartitionLog {
         }
     }
 
+    /// What the producer state says of `header`'s batch, as an error when it is refused.
+    /// Called with the writer lock held, so the verdict still holds at the write. A retry of
+    /// a remembered batch is answered with that batch's offsets (a full duplicate: the same
+    /// first and last sequence).
+    fn producer_verdict(&self, header: &BatchHeader) -> Result<Verdict<AppendInfo>> {
+        let inner = &*self.inner;
+        match inner.producers.lock().check(header) {
+            Ok(producers::Verdict::Append) => Ok(Verdict::Append),
+            Ok(producers::Verdict::Duplicate(b)) => {
+                let next_offset = b.base_offset + u64::from(b.record_count);
+                Ok(Verdict::Duplicate(AppendInfo {
+                    base_offset: b.base_offset,
+                    last_offset: next_offset.saturating_sub(1),
+                    next_offset,
+                    record_count: b.record_count,
+                }))
+            }
+            Err(e) => Err(producers::refused(&inner.id.topic, inner.id.partition, e)),
+        }
+    }
+
     pub(super) fn check_writable(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed);
@@ -296,6 +350,7 @@ impl PartitionLog {
             return Err(e);
         }
         let next_offset = base_offset + u64::from(header.record_count);
+        inner.producers.lock().apply(header, base_offset);
         inner.high_watermark.store(next_offset, Ordering::Release);
         Ok(AppendInfo {
             base_offset,

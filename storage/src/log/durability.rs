@@ -160,6 +160,15 @@ impl PartitionLog {
                     "cannot move the recovery point; a crash recovery would scan more"
                 );
             }
+            // The producers' snapshot moves with the recovery point, so a recovery replays
+            // only the batches after it. A failed write leaves the older snapshot, which is
+            // still right (recovery replays more).
+            if let Err(e) = self.snapshot_producers() {
+                tracing::warn!(
+                    topic = %inner.id.topic, partition = inner.id.partition, error = %e,
+                    "cannot write the producer snapshot; a recovery would replay more"
+                );
+            }
         }
         Ok(synced)
     }

@@ -1,0 +1,352 @@
+//! Idempotent producers: per partition and per producer id, the epoch and the last batches
+//! appended (their sequences and offsets), so that a retried batch is answered with its
+//! original offsets instead of being appended twice.
+//!
+//! The state is derived from the log alone: every idempotent batch carries its producer id,
+//! epoch and base sequence in its header, so replaying the headers in offset order rebuilds
+//! it exactly (on every replica that holds the same batches). A snapshot written at
+//! checkpoints (`producer-snapshot`, see `storage/FORMAT.md`) records the state up to an
+//! offset, so recovery replays only the batches after it.
+//!
+//! Sequences are per partition, count records, and wrap from `i32::MAX` to 0.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+
+use crate::batch::BatchHeader;
+use crate::cursor::Cursor;
+use crate::error::{Result, StorageError};
+use crate::fsutil;
+
+/// How many of a producer's last batches a partition remembers (as Kafka does): up to this
+/// many batches may be in flight per partition and still be deduplicated on retry.
+pub const MAX_REMEMBERED_BATCHES: usize = 5;
+/// The default time after its last batch that a producer's state is dropped, in ms (7 days,
+/// Kafka's `producer.id.expiration.ms`).
+pub const DEFAULT_PRODUCER_EXPIRY_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The snapshot's file name in the partition folder.
+pub const SNAPSHOT_FILE: &str = "producer-snapshot";
+const SNAPSHOT_MAGIC: [u8; 4] = *b"RLPS";
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// Why an idempotent batch is refused. Nothing was appended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProducerError {
+    /// The batch does not start at the producer's next sequence.
+    #[error(
+        "out of order sequence for producer {producer_id}: expected {expected}, received \
+         {received}"
+    )]
+    SequenceGap {
+        /// The producer id.
+        producer_id: i64,
+        /// The sequence the partition expects next.
+        expected: i32,
+        /// The batch's base sequence.
+        received: i32,
+    },
+    /// The batch's epoch is older than the producer's latest: a fenced instance.
+    #[error("producer {producer_id} epoch {epoch} is stale: the current epoch is {current}")]
+    StaleEpoch {
+        /// The producer id.
+        producer_id: i64,
+        /// The batch's epoch.
+        epoch: i16,
+        /// The newest epoch the partition has seen.
+        current: i16,
+    },
+    /// The batch's producer fields are not a valid combination.
+    #[error("bad producer fields: id {producer_id}, epoch {epoch}, base sequence {base_sequence}: {reason}")]
+    BadFields {
+        /// The producer id.
+        producer_id: i64,
+        /// The epoch.
+        epoch: i16,
+        /// The base sequence.
+        base_sequence: i32,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// One remembered batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RememberedBatch {
+    /// Its base sequence.
+    pub first_sequence: i32,
+    /// Its last sequence.
+    pub last_sequence: i32,
+    /// Its first offset.
+    pub base_offset: u64,
+    /// Its record count.
+    pub record_count: u32,
+}
+
+/// One producer's state in one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Producer {
+    epoch: i16,
+    /// The newest batch's max timestamp, for expiry.
+    last_timestamp_ms: i64,
+    /// The last batches, oldest first; never empty.
+    batches: VecDeque<RememberedBatch>,
+}
+
+/// What the state says about a batch about to be appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not idempotent (no producer id), or the next in sequence: append it.
+    Append,
+    /// A retry of a batch already appended: answer with these offsets, append nothing.
+    Duplicate(RememberedBatch),
+}
+
+/// The sequence after `seq` moved on by `count` records, wrapping past `i32::MAX` to 0.
+pub fn advance(seq: i32, count: u32) -> i32 {
+    let m = i64::from(i32::MAX) + 1;
+    ((i64::from(seq) + i64::from(count)).rem_euclid(m)) as i32
+}
+
+/// Every producer's state in one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerStates {
+    producers: HashMap<i64, Producer>,
+}
+
+impl ProducerStates {
+    /// How many producers have state.
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    /// True when no producer has state.
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
+    /// Decides what to do with `header`'s batch; changes nothing.
+    pub fn check(&self, header: &BatchHeader) -> std::result::Result<Verdict, ProducerError> {
+        let (id, epoch, seq) = (
+            header.producer_id,
+            header.producer_epoch,
+            header.base_sequence,
+        );
+        if id == -1 {
+            return Ok(Verdict::Append);
+        }
+        let bad = |reason| ProducerError::BadFields {
+            producer_id: id,
+            epoch,
+            base_sequence: seq,
+            reason,
+        };
+        if id < 0 {
+            return Err(bad("a producer id is >= 0, or -1 for none"));
+        }
+        if epoch < 0 || seq < 0 {
+            return Err(bad(
+                "an idempotent batch needs an epoch and a sequence >= 0",
+            ));
+        }
+        let Some(p) = self.producers.get(&id) else {
+            // A new producer (or one whose state expired) starts at sequence 0.
+            return if seq == 0 {
+                Ok(Verdict::Append)
+            } else {
+                Err(ProducerError::SequenceGap {
+                    producer_id: id,
+                    expected: 0,
+                    received: seq,
+                })
+            };
+        };
+        if epoch < p.epoch {
+            return Err(ProducerError::StaleEpoch {
+                producer_id: id,
+                epoch,
+                current: p.epoch,
+            });
+        }
+        if epoch > p.epoch {
+            // A new instance of the producer starts its sequences again.
+            return if seq == 0 {
+                Ok(Verdict::Append)
+            } else {
+                Err(ProducerError::SequenceGap {
+                    producer_id: id,
+                    expected: 0,
+                    received: seq,
+                })
+            };
+        }
+        let last_sequence = advance(seq, header.record_count.saturating_sub(1));
+        if let Some(b) = p
+            .batches
+            .iter()
+            .find(|b| b.first_sequence == seq && b.last_sequence == last_sequence)
+        {
+            return Ok(Verdict::Duplicate(*b));
+        }
+        let expected = p.batches.back().map_or(0, |b| advance(b.last_sequence, 1));
+        if seq == expected {
+            Ok(Verdict::Append)
+        } else {
+            Err(ProducerError::SequenceGap {
+                producer_id: id,
+                expected,
+                received: seq,
+            })
+        }
+    }
+
+    /// Records an appended batch (one that [`ProducerStates::check`] let through, or one
+    /// met replaying the log) at `base_offset`.
+    pub fn apply(&mut self, header: &BatchHeader, base_offset: u64) {
+        if header.producer_id < 0 || header.producer_epoch < 0 || header.base_sequence < 0 {
+            return;
+        }
+        let batch = RememberedBatch {
+            first_sequence: header.base_sequence,
+            last_sequence: advance(header.base_sequence, header.record_count.saturating_sub(1)),
+            base_offset,
+            record_count: header.record_count,
+        };
+        let p = self
+            .producers
+            .entry(header.producer_id)
+            .or_insert_with(|| Producer {
+                epoch: header.producer_epoch,
+                last_timestamp_ms: header.max_timestamp,
+                batches: VecDeque::new(),
+            });
+        if header.producer_epoch != p.epoch {
+            p.epoch = header.producer_epoch;
+            p.batches.clear();
+        }
+        p.last_timestamp_ms = p.last_timestamp_ms.max(header.max_timestamp);
+        if p.batches.len() == MAX_REMEMBERED_BATCHES {
+            p.batches.pop_front();
+        }
+        p.batches.push_back(batch);
+    }
+
+    /// Drops producers whose newest batch is older than `expiry_ms` before `now_ms`.
+    pub fn expire(&mut self, now_ms: i64, expiry_ms: u64) {
+        let cutoff = now_ms.saturating_sub(i64::try_from(expiry_ms).unwrap_or(i64::MAX));
+        self.producers.retain(|_, p| p.last_timestamp_ms >= cutoff);
+    }
+
+    /// The snapshot's bytes for this state as of `offset` (the state covers every batch
+    /// below it).
+    pub fn encode_snapshot(&self, offset: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&SNAPSHOT_MAGIC);
+        out.push(SNAPSHOT_VERSION);
+        out.extend_from_slice(&[0; 3]);
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&(self.producers.len() as u32).to_le_bytes());
+        let mut ids: Vec<_> = self.producers.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let p = &self.producers[&id];
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&p.epoch.to_le_bytes());
+            out.extend_from_slice(&p.last_timestamp_ms.to_le_bytes());
+            out.push(p.batches.len() as u8);
+            for b in &p.batches {
+                out.extend_from_slice(&b.first_sequence.to_le_bytes());
+                out.extend_from_slice(&b.last_sequence.to_le_bytes());
+                out.extend_from_slice(&b.base_offset.to_le_bytes());
+                out.extend_from_slice(&b.record_count.to_le_bytes());
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes a snapshot: the state and the offset it covers up to. `None` for anything
+    /// that fails a check (the caller then replays the log from its start).
+    pub fn decode_snapshot(bytes: &[u8]) -> Option<(ProducerStates, u64)> {
+        let (body, crc) = bytes.split_last_chunk::<4>()?;
+        if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+            return None;
+        }
+        let mut c = Cursor(body);
+        if c.take(4)? != SNAPSHOT_MAGIC || c.take(1)? != [SNAPSHOT_VERSION] || c.take(3)? != [0; 3]
+        {
+            return None;
+        }
+        let offset = c.u64()?;
+        let count = c.u32()?;
+        let mut producers = HashMap::new();
+        for _ in 0..count {
+            let id = c.u64()? as i64;
+            let epoch = c.u16()? as i16;
+            let last_timestamp_ms = c.u64()? as i64;
+            let n = usize::from(*c.take(1)?.first()?);
+            if n == 0 || n > MAX_REMEMBERED_BATCHES {
+                return None;
+            }
+            let mut batches = VecDeque::with_capacity(n);
+            for _ in 0..n {
+                batches.push_back(RememberedBatch {
+                    first_sequence: c.u32()? as i32,
+                    last_sequence: c.u32()? as i32,
+                    base_offset: c.u64()?,
+                    record_count: c.u32()?,
+                });
+            }
+            producers.insert(
+                id,
+                Producer {
+                    epoch,
+                    last_timestamp_ms,
+                    batches,
+                },
+            );
+        }
+        if !c.0.is_empty() {
+            return None;
+        }
+        Some((ProducerStates { producers }, offset))
+    }
+}
+
+/// Writes the snapshot of `states` as of `offset` into the partition folder `dir`,
+/// atomically and durably. Blocking.
+pub fn write_snapshot(dir: &Path, states: &ProducerStates, offset: u64) -> Result<()> {
+    fsutil::atomic_write(&dir.join(SNAPSHOT_FILE), &states.encode_snapshot(offset))
+}
+
+/// Reads the snapshot in `dir`, if there is a valid one. A damaged one is ignored (and
+/// logged): the log is the truth, and replaying it from the start rebuilds the same state.
+pub fn read_snapshot(dir: &Path) -> Option<(ProducerStates, u64)> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "producer snapshot unreadable; replaying the log");
+            return None;
+        }
+    };
+    let decoded = ProducerStates::decode_snapshot(&bytes);
+    if decoded.is_none() {
+        tracing::warn!(path = %path.display(), "producer snapshot damaged; replaying the log");
+    }
+    decoded
+}
+
+/// The storage error for a refused idempotent batch.
+pub(crate) fn refused(topic: &str, partition: u32, source: ProducerError) -> StorageError {
+    StorageError::ProducerRefused {
+        topic: topic.to_string(),
+        partition,
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests;
