@@ -2,11 +2,13 @@
 //! [`crate::BrokerError`] into a status through the one mapping in [`crate::error`].
 
 mod admin;
+mod fetch_wire;
 mod groups;
 mod log;
 mod security;
 
 pub use admin::AdminService;
+pub use fetch_wire::{encode_response, FrameBody, LogRoutes};
 pub use groups::GroupsService;
 pub use log::LogService;
 pub use security::{rule_from_pb, rule_to_pb, SecurityService};
