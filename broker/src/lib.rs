@@ -12,7 +12,8 @@
 //! - [`connections`]: the accept loop that enforces `max_connections`.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
 //! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin` and
-//!   `rill.v1.Security`.
+//!   `rill.v1.Security`; `Fetch` is framed by hand around the stored batches
+//!   ([`services::LogRoutes`]).
 //! - [`produce`]: partitioning and batch building for Produce and ProduceStream.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
 //! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time

@@ -1,5 +1,7 @@
 //! The gRPC services. Each handler converts its request, calls the broker logic, and turns a
 //! [`crate::BrokerError`] into a status through the one mapping in [`crate::error`].
+//! [`LogRoutes`] serves the Log service: Fetch framed by hand (no copy of stored batches),
+//! the other RPCs through the generated [`LogService`] server.
 
 mod admin;
 mod fetch_wire;
