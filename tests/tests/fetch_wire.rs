@@ -50,8 +50,7 @@ impl Decoder for WireDecoder {
 
 /// The response message exactly as the broker framed it.
 async fn fetch_wire(c: &Clients, req: pb::FetchRequest) -> Result<Bytes, Status> {
-    let mut grpc = tonic::client::Grpc::new(c.channel.clone())
-        .max_decoding_message_size(64 << 20);
+    let mut grpc = tonic::client::Grpc::new(c.channel.clone()).max_decoding_message_size(64 << 20);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -97,7 +96,9 @@ async fn raw_fetch_on_the_wire_is_the_stored_batches() {
         .enumerate()
     {
         let value = format!("{i}").repeat(size);
-        let records = (0..count).map(|_| record(Some("k"), &value, None, &[])).collect();
+        let records = (0..count)
+            .map(|_| record(Some("k"), &value, None, &[]))
+            .collect();
         c.log
             .produce(produce_req("wire", Some(0), records))
             .await

@@ -372,7 +372,11 @@ mod tests {
             );
         }
         // The head, three keys with lengths, the tail: small pieces between the batches.
-        let small: usize = body.chunks().filter(|c| c.len() < 100).map(Bytes::len).sum();
+        let small: usize = body
+            .chunks()
+            .filter(|c| c.len() < 100)
+            .map(Bytes::len)
+            .sum();
         assert!(small < 64, "{small} bytes of framing");
     }
 
