@@ -12,7 +12,8 @@
 //! - [`connections`]: the accept loop that enforces `max_connections`.
 //! - [`state`]: [`Broker`], the shared handle: the store, topics, and per-partition wake-ups.
 //! - [`services`]: the gRPC services `rill.v1.Log`, `rill.v1.Groups`, `rill.v1.Admin`,
-//!   `rill.v1.Security` and `rill.v1.Subscriptions`.
+//!   `rill.v1.Security` and `rill.v1.Subscriptions`; `Fetch` is framed by hand around the
+//!   stored batches ([`services::LogRoutes`]).
 //! - [`produce`]: partitioning, batch building and compression for Produce and ProduceStream.
 //! - [`producers`]: the producer id registry behind InitProducer (idempotent producers).
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.

@@ -21,7 +21,7 @@ use crate::connections::LimitedIncoming;
 use crate::health::{Health, Recovering};
 use crate::metrics::{Metrics, RequestMetricsLayer};
 use crate::services::{
-    AdminService, GroupsService, LogService, SecurityService, SubscriptionsService,
+    AdminService, GroupsService, LogRoutes, LogService, SecurityService, SubscriptionsService,
 };
 use crate::state::Broker;
 use crate::tasks;
@@ -228,9 +228,14 @@ impl Server {
             .build_v1alpha()
             .context("building reflection v1alpha")?;
 
-        let log = LogServer::new(LogService::new(broker.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_fetch.max(max_message));
+        // Fetch is framed by hand around the stored batches (no copy); the other Log RPCs
+        // go through the generated server (see crate::services::LogRoutes).
+        let log = LogRoutes::new(
+            LogServer::new(LogService::new(broker.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_fetch.max(max_message)),
+            broker.clone(),
+        );
         let groups = GroupsServer::new(GroupsService::new(broker.clone(), coordinator));
         let admin = AdminServer::new(AdminService::new(broker.clone()));
         let subscriptions =

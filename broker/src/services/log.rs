@@ -162,6 +162,9 @@ impl Log for LogService {
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
+    /// The generated Fetch path. The broker's server answers Fetch in
+    /// [`super::LogRoutes`] instead (the same [`fetch`], framed without a copy); this one
+    /// serves a plain `LogServer<LogService>` embedded elsewhere.
     async fn fetch(
         &self,
         request: Request<FetchRequest>,
