@@ -93,6 +93,11 @@ pub struct Flags {
     /// requires --node-id. Without both, the broker runs alone, unreplicated.
     #[arg(long, env = "RILL_PEERS")]
     pub peers: Option<String>,
+    /// The address other brokers reach this one at (HOST:PORT), when it is not the listen
+    /// address (a proxy, a NAT, a container port mapping); it must be this broker's own
+    /// --peers entry [default: the listen address].
+    #[arg(long, env = "RILL_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 /// Builds the config from flags (already merged with the environment by clap) over the file
@@ -201,6 +206,7 @@ pub fn load(flags: Flags) -> Result<Config> {
         flags.node_id.or(file.node_id),
         flags.peers.or(file.peers),
         config.listen,
+        flags.advertise.or(file.advertise),
     )?;
     Ok(config)
 }

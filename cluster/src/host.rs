@@ -57,6 +57,16 @@ impl GroupHost {
         dir: impl Into<PathBuf>,
         timings: RaftTimings,
     ) -> Result<GroupHost, ClusterError> {
+        Self::with_peers(node_id, dir, timings, Peers::default())
+    }
+
+    /// [`GroupHost::new`] over the given peer channels (shared with the liveness pings).
+    pub fn with_peers(
+        node_id: NodeId,
+        dir: impl Into<PathBuf>,
+        timings: RaftTimings,
+        peers: Peers,
+    ) -> Result<GroupHost, ClusterError> {
         let config = openraft::Config {
             cluster_name: "rill".into(),
             heartbeat_interval: timings.heartbeat_ms,
@@ -75,7 +85,7 @@ impl GroupHost {
             inner: Arc::new(Inner {
                 node_id,
                 dir: dir.into(),
-                peers: Peers::default(),
+                peers,
                 config: Arc::new(config),
                 groups: RwLock::new(HashMap::new()),
             }),

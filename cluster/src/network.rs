@@ -5,6 +5,7 @@
 //! names its group, so one connection multiplexes the controller and all partition groups.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,9 +43,19 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    source_ip: Option<IpAddr>,
 }
 
 impl Peers {
+    /// Channels whose connections to loopback peers leave from `source_ip` (see
+    /// [`crate::ClusterConfig::source_ip`]).
+    pub fn with_source_ip(source_ip: Option<IpAddr>) -> Peers {
+        Peers {
+            channels: Arc::default(),
+            source_ip,
+        }
+    }
+
     /// The channel to `addr` (`host:port`), created lazily on first use.
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = self.channels.lock();
@@ -54,10 +65,22 @@ impl Peers {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .local_address(source_for(self.source_ip, addr))
             .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
+}
+
+/// The local address a connection to `addr` leaves from: `source` when both it and the
+/// target are loopback addresses of the same family (brokers on one machine, each on its own
+/// 127.0.0.N), else the system's choice. A loopback source could not reach another host.
+fn source_for(source: Option<IpAddr>, addr: &str) -> Option<IpAddr> {
+    let source = source.filter(IpAddr::is_loopback)?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let target: IpAddr = host.parse().ok()?;
+    (target.is_loopback() && target.is_ipv4() == source.is_ipv4()).then_some(source)
 }
 
 /// Makes the network clients of one group.
@@ -226,5 +249,24 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         Backoff::new(std::iter::successors(Some(UNREACHABLE_BACKOFF), |d| {
             Some((*d * 2).min(UNREACHABLE_BACKOFF_MAX))
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_source_is_used_only_for_loopback_peers_of_its_family() {
+        let v4: IpAddr = "127.0.1.2".parse().expect("ip");
+        assert_eq!(source_for(Some(v4), "127.0.2.3:7000"), Some(v4));
+        assert_eq!(source_for(Some(v4), "10.0.0.3:7000"), None);
+        assert_eq!(source_for(Some(v4), "broker-3:7000"), None);
+        assert_eq!(source_for(Some(v4), "[::1]:7000"), None);
+        assert_eq!(source_for(None, "127.0.0.1:7000"), None);
+        let wide: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(source_for(Some(wide), "127.0.0.1:7000"), None);
+        let v6: IpAddr = "::1".parse().expect("ip");
+        assert_eq!(source_for(Some(v6), "[::1]:7000"), Some(v6));
     }
 }

@@ -173,12 +173,19 @@ impl ClusterNode {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<ClusterNode, ClusterError> {
-        let host = GroupHost::new(config.node_id, data_dir.join("raft"), config.timings)?;
+        // One pool of channels for Raft traffic and pings, leaving from the configured source.
+        let peers = Peers::with_source_ip(config.source_ip);
+        let host = GroupHost::with_peers(
+            config.node_id,
+            data_dir.join("raft"),
+            config.timings,
+            peers.clone(),
+        )?;
         Ok(ClusterNode {
             inner: Arc::new(Inner {
                 registry: Arc::new(Registry::new(config)),
                 host,
-                peers: Peers::default(),
+                peers,
                 controller: OnceLock::new(),
                 fatal: Mutex::new(None),
                 shutdown,
@@ -254,7 +261,7 @@ impl ClusterNode {
     /// skipped (the join checks again once they answer).
     pub async fn precheck(config: &ClusterConfig) -> Result<(), String> {
         let registry = Registry::new(config.clone());
-        let peers = Peers::default();
+        let peers = Peers::with_source_ip(config.source_ip);
         let pings = config
             .peers
             .iter()

@@ -166,6 +166,12 @@ pub struct ClusterConfig {
     pub timings: RaftTimings,
     /// A broker not heard from for this long is reported not live, in milliseconds.
     pub session_ms: u64,
+    /// The address connections to peers leave from, when the peer is on this machine
+    /// (a loopback address): the broker's own listen address, so that brokers sharing a
+    /// machine on distinct loopback addresses (127.0.0.N) are told apart by their source,
+    /// as a per-broker firewall rule or a fault-injecting proxy needs. `None`: the system
+    /// chooses.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 /// The default liveness session: six missed pings.
@@ -185,6 +191,7 @@ impl ClusterConfig {
             peers,
             timings: RaftTimings::default(),
             session_ms: DEFAULT_SESSION_MS,
+            source_ip: None,
         })
     }
 
