@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
@@ -42,6 +43,8 @@ struct Inner {
     peers: Peers,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Raft>>,
+    /// Until when this broker refuses to vote, when it started without any Raft state.
+    vote_quiet_until: Option<Instant>,
 }
 
 /// The Raft groups of one broker. Cheap to clone.
@@ -61,6 +64,10 @@ impl GroupHost {
     }
 
     /// [`GroupHost::new`] over the given peer channels (shared with the liveness pings).
+    ///
+    /// Reads whether `dir` holds any Raft state: blocking, call from a blocking thread. A
+    /// host that finds none (a new broker, or one whose data folder was lost) refuses to
+    /// vote for one election timeout (see [`GroupHost::vote_quiet_until`]).
     pub fn with_peers(
         node_id: NodeId,
         dir: impl Into<PathBuf>,
@@ -81,13 +88,17 @@ impl GroupHost {
         let config = config
             .validate()
             .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let dir: PathBuf = dir.into();
+        let vote_quiet_until = holds_nothing(&dir)
+            .then(|| Instant::now() + Duration::from_millis(config.election_timeout_max));
         Ok(GroupHost {
             inner: Arc::new(Inner {
                 node_id,
-                dir: dir.into(),
+                dir,
                 peers,
                 config: Arc::new(config),
                 groups: RwLock::new(HashMap::new()),
+                vote_quiet_until,
             }),
         })
     }
@@ -95,6 +106,18 @@ impl GroupHost {
     /// This broker's node id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// While this is in the future, the broker answers no vote request: it started with no
+    /// Raft state at all, so it may have forgotten a vote it gave in the current term (its
+    /// data folder was lost) and could elect a second leader in that term. After one
+    /// election timeout that term has ended or has a leader whose heartbeats carry it, and
+    /// the first heartbeat makes the broker remember it. `None` for a broker that found its
+    /// files.
+    pub fn vote_quiet_until(&self) -> Option<Instant> {
+        self.inner
+            .vote_quiet_until
+            .filter(|until| *until > Instant::now())
     }
 
     /// The folder holding every group's folder.
@@ -174,6 +197,15 @@ impl GroupHost {
                 tracing::warn!(group, error = %e, "a Raft group did not stop cleanly");
             }
         }
+    }
+}
+
+/// Whether `dir` is missing or holds no group folder and no file.
+fn holds_nothing(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        // Unreadable is not "empty": the group's own open reports the error.
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 

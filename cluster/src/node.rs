@@ -166,7 +166,8 @@ enum PingOutcome {
 
 impl ClusterNode {
     /// A node keeping its Raft files under `data_dir/raft`. Nothing is written until
-    /// [`ClusterNode::start`] has joined.
+    /// [`ClusterNode::start`] has joined. Looks at that folder (see
+    /// [`GroupHost::vote_quiet_until`]): blocking, call from a blocking thread.
     pub fn new(
         config: ClusterConfig,
         data_dir: &Path,
