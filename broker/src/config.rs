@@ -211,6 +211,8 @@ pub struct FileConfig {
     /// The address other brokers reach this one at, when not the listen address; it must
     /// be this broker's own `peers` entry.
     pub advertise: Option<String>,
+    /// Raft entries between snapshots of each replicated group (default 5,000).
+    pub raft_snapshot_entries: Option<u64>,
 }
 
 /// The `[topic_defaults]` table of the TOML file.

@@ -37,6 +37,10 @@ impl Default for RaftTimings {
     }
 }
 
+/// The default count of Raft entries between a group's snapshots (see
+/// [`GroupHost::with_peers`]).
+pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 5_000;
+
 struct Inner {
     node_id: NodeId,
     dir: PathBuf,
@@ -60,7 +64,13 @@ impl GroupHost {
         dir: impl Into<PathBuf>,
         timings: RaftTimings,
     ) -> Result<GroupHost, ClusterError> {
-        Self::with_peers(node_id, dir, timings, Peers::default())
+        Self::with_peers(
+            node_id,
+            dir,
+            timings,
+            DEFAULT_SNAPSHOT_ENTRIES,
+            Peers::default(),
+        )
     }
 
     /// [`GroupHost::new`] over the given peer channels (shared with the liveness pings).
@@ -68,10 +78,13 @@ impl GroupHost {
     /// Reads whether `dir` holds any Raft state: blocking, call from a blocking thread. A
     /// host that finds none (a new broker, or one whose data folder was lost) refuses to
     /// vote for one election timeout (see [`GroupHost::vote_quiet_until`]).
+    /// Each group snapshots after `snapshot_entries` entries and then purges its Raft log
+    /// behind the snapshot, keeping a fifth of that for followers slightly behind.
     pub fn with_peers(
         node_id: NodeId,
         dir: impl Into<PathBuf>,
         timings: RaftTimings,
+        snapshot_entries: u64,
         peers: Peers,
     ) -> Result<GroupHost, ClusterError> {
         let config = openraft::Config {
@@ -81,8 +94,8 @@ impl GroupHost {
             election_timeout_max: timings.election_max_ms,
             // Snapshots let the log be purged; the machines here are small or (for
             // partitions) keep their data elsewhere.
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
-            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_entries.max(1)),
+            max_in_snapshot_log_to_keep: snapshot_entries / 5,
             ..Default::default()
         };
         let config = config

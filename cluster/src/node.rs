@@ -180,6 +180,7 @@ impl ClusterNode {
             config.node_id,
             data_dir.join("raft"),
             config.timings,
+            config.snapshot_entries,
             peers.clone(),
         )?;
         Ok(ClusterNode {

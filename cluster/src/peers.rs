@@ -172,6 +172,9 @@ pub struct ClusterConfig {
     /// as a per-broker firewall rule or a fault-injecting proxy needs. `None`: the system
     /// chooses.
     pub source_ip: Option<std::net::IpAddr>,
+    /// Raft entries between a group's snapshots, after which its Raft log is purged (a
+    /// follower further behind then catches up by snapshot). Default 5,000.
+    pub snapshot_entries: u64,
 }
 
 /// The default liveness session: six missed pings.
@@ -192,6 +195,7 @@ impl ClusterConfig {
             timings: RaftTimings::default(),
             session_ms: DEFAULT_SESSION_MS,
             source_ip: None,
+            snapshot_entries: crate::host::DEFAULT_SNAPSHOT_ENTRIES,
         })
     }
 

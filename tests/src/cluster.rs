@@ -60,6 +60,8 @@ pub struct TestCluster {
     peers: String,
     logs: TempDir,
     faults: Option<NetFaults>,
+    /// More flags every broker gets.
+    extra_args: Vec<String>,
 }
 
 impl Drop for TestCluster {
@@ -80,6 +82,11 @@ impl Drop for TestCluster {
 impl TestCluster {
     /// Starts `n` brokers with node ids `1..=n` and waits until each listens.
     pub async fn start(n: usize) -> Result<TestCluster> {
+        Self::start_with(n, &[]).await
+    }
+
+    /// [`TestCluster::start`], every broker given `extra_args` too (and on each restart).
+    pub async fn start_with(n: usize, extra_args: &[&str]) -> Result<TestCluster> {
         let ports = free_ports(n)?;
         let peers = ports
             .iter()
@@ -92,6 +99,7 @@ impl TestCluster {
             peers,
             logs: tempfile::tempdir()?,
             faults: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         for (i, port) in ports.iter().enumerate() {
             cluster.nodes.insert(
@@ -145,6 +153,7 @@ impl TestCluster {
             peers: peers.join(","),
             logs: tempfile::tempdir()?,
             faults: Some(faults),
+            extra_args: Vec::new(),
         };
         cluster.start_all().await?;
         Ok(cluster)
@@ -227,8 +236,13 @@ impl TestCluster {
         if node.child.is_some() {
             bail!("node {id} is running");
         }
-        let child =
-            spawn_broker(node.dir.path(), node.addr, node.advertise, id, &peers, log).await?;
+        let mut args: Vec<String> = Vec::new();
+        if let Some(advertise) = node.advertise {
+            args.push("--advertise".into());
+            args.push(advertise.to_string());
+        }
+        args.extend(self.extra_args.iter().cloned());
+        let child = spawn_broker(node.dir.path(), node.addr, id, &peers, &args, log).await?;
         node.child = Some(child);
         Ok(())
     }
@@ -422,16 +436,13 @@ impl TestCluster {
 pub async fn spawn_broker(
     data_dir: &Path,
     addr: SocketAddr,
-    advertise: Option<SocketAddr>,
     node_id: u64,
     peers: &str,
+    extra_args: &[String],
     log: std::fs::File,
 ) -> Result<Child> {
-    let mut command = Command::new(binary_path("rill-broker", "rill-broker")?);
-    if let Some(advertise) = advertise {
-        command.arg("--advertise").arg(advertise.to_string());
-    }
-    let mut child = command
+    let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
+        .args(extra_args)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--listen")
