@@ -300,7 +300,14 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
             .expect("producer task");
         assert!(!acked.is_empty(), "partition {p}: nothing acknowledged");
         acked_total += acked.len();
-        let end = acked.keys().next_back().map_or(0, |o| o + 1);
+        // Every replica up to the furthest end any of them reports (a write whose client
+        // gave up may still have committed after the last acknowledged one).
+        let mut end = acked.keys().next_back().map_or(0, |o| o + 1);
+        for id in cluster.ids() {
+            if let Ok(r) = clients(&cluster, id).await.fetch("net", p, 0, 0).await {
+                end = end.max(r.high_watermark);
+            }
+        }
         let mut logs = Vec::new();
         for id in cluster.ids() {
             wait_records(&cluster, id, "net", p, end).await;
