@@ -114,6 +114,15 @@ pub struct Flags {
     /// requires --node-id. Without both, the broker runs alone, unreplicated.
     #[arg(long, env = "RILL_PEERS")]
     pub peers: Option<String>,
+    /// The address other brokers reach this one at (HOST:PORT), when it is not the listen
+    /// address (a proxy, a NAT, a container port mapping); it must be this broker's own
+    /// --peers entry [default: the listen address].
+    #[arg(long, env = "RILL_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Raft entries between snapshots of each replicated group, after which its Raft log is
+    /// purged; a follower further behind catches up by snapshot [default: 5000].
+    #[arg(long, env = "RILL_RAFT_SNAPSHOT_ENTRIES")]
+    pub raft_snapshot_entries: Option<u64>,
 }
 
 /// Builds the config from flags (already merged with the environment by clap) over the file
@@ -222,7 +231,15 @@ pub fn load(flags: Flags) -> Result<Config> {
         flags.node_id.or(file.node_id),
         flags.peers.or(file.peers),
         config.listen,
+        flags.advertise.or(file.advertise),
     )?;
+    if let Some(entries) = flags.raft_snapshot_entries.or(file.raft_snapshot_entries) {
+        anyhow::ensure!(entries >= 1, "raft_snapshot_entries must be at least 1");
+        match config.cluster.as_mut() {
+            Some(c) => c.snapshot_entries = entries,
+            None => anyhow::bail!("raft_snapshot_entries needs a cluster (--node-id, --peers)"),
+        }
+    }
     Ok(config)
 }
 

@@ -18,14 +18,21 @@ use crate::produce::Prepared;
 use crate::state::Broker;
 
 /// The cluster settings from a node id and a peers list (both or neither), checked against
-/// the listen address: a broker must listen where its own peers entry says it does.
+/// the address others reach this broker at: its own peers entry must be the advertised
+/// address (`--advertise`) when one is given, else name the port it listens on.
 pub fn config(
     node_id: Option<u64>,
     peers: Option<String>,
     listen: SocketAddr,
+    advertise: Option<String>,
 ) -> Result<Option<ClusterConfig>> {
     let (node_id, peers) = match (node_id, peers) {
-        (None, None) => return Ok(None),
+        (None, None) => {
+            if advertise.is_some() {
+                anyhow::bail!("--advertise needs --node-id and --peers (a cluster)");
+            }
+            return Ok(None);
+        }
         (Some(n), Some(p)) => (n, p),
         (Some(_), None) => {
             anyhow::bail!("--node-id needs --peers (RILL_PEERS, or peers in the config file)")
@@ -35,8 +42,19 @@ pub fn config(
         }
     };
     let peers: PeerList = peers.parse().context("invalid --peers")?;
-    let config = ClusterConfig::new(node_id, peers).context("invalid --node-id")?;
+    let mut config = ClusterConfig::new(node_id, peers).context("invalid --node-id")?;
+    // On one machine, each broker's peer connections leave from its own loopback address.
+    config.source_ip = Some(listen.ip()).filter(|ip| ip.is_loopback());
     let own = config.own_address().to_string();
+    if let Some(advertise) = advertise {
+        if advertise.trim() != own {
+            anyhow::bail!(
+                "this broker advertises {advertise}, but --peers gives node {node_id} the address {own}; \
+                 another broker may already be node {node_id}"
+            );
+        }
+        return Ok(Some(config));
+    }
     let own_port = own
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok());
@@ -190,7 +208,7 @@ pub async fn create_replicated(
                     .config()
                     .cluster
                     .as_ref()
-                    .map(|c| c.transport.clone())
+                    .map(|c| c.peer_transport())
                     .unwrap_or_default();
                 let mut admin = AdminClient::new(transport.connect_lazy(&address)?);
                 admin.create_topic(req.clone()).await?;
@@ -258,23 +276,54 @@ mod tests {
 
     #[test]
     fn no_flags_is_no_cluster() {
-        assert!(config(None, None, listen(7171)).expect("ok").is_none());
+        assert!(config(None, None, listen(7171), None)
+            .expect("ok")
+            .is_none());
+        let err = config(None, None, listen(7171), Some("h:1".into())).expect_err("alone");
+        assert!(format!("{err:#}").contains("--advertise needs --node-id"));
+    }
+
+    #[test]
+    fn the_advertised_address_must_be_the_own_peers_entry() {
+        let peers = "1=127.0.2.1:8001,2=127.0.2.2:8002".to_string();
+        // Listening elsewhere (behind a proxy or a NAT) is fine when advertised.
+        let ok = config(
+            Some(2),
+            Some(peers.clone()),
+            listen(7002),
+            Some("127.0.2.2:8002".into()),
+        )
+        .expect("ok")
+        .expect("cluster");
+        assert_eq!(ok.node_id, 2);
+        assert_eq!(ok.source_ip, Some(listen(0).ip()));
+        let err = config(
+            Some(2),
+            Some(peers),
+            listen(8002),
+            Some("127.0.2.1:8001".into()),
+        )
+        .expect_err("another node's address");
+        assert!(
+            format!("{err:#}").contains("advertises 127.0.2.1:8001, but --peers gives node 2"),
+            "{err:#}"
+        );
     }
 
     #[test]
     fn one_flag_without_the_other_is_refused() {
-        let err = config(Some(1), None, listen(0)).expect_err("needs peers");
+        let err = config(Some(1), None, listen(0), None).expect_err("needs peers");
         assert!(format!("{err:#}").contains("--node-id needs --peers"));
-        let err = config(None, Some("1=a:1".into()), listen(0)).expect_err("needs id");
+        let err = config(None, Some("1=a:1".into()), listen(0), None).expect_err("needs id");
         assert!(format!("{err:#}").contains("--peers needs --node-id"));
     }
 
     #[test]
     fn the_listen_port_must_match_the_own_peers_entry() {
         let peers = "1=127.0.0.1:7001,2=127.0.0.1:7002".to_string();
-        let ok = config(Some(2), Some(peers.clone()), listen(7002)).expect("ok");
+        let ok = config(Some(2), Some(peers.clone()), listen(7002), None).expect("ok");
         assert_eq!(ok.map(|c| c.node_id), Some(2));
-        let err = config(Some(2), Some(peers), listen(7001)).expect_err("mismatch");
+        let err = config(Some(2), Some(peers), listen(7001), None).expect_err("mismatch");
         assert!(format!("{err:#}").contains("gives node 2 the address 127.0.0.1:7002"));
     }
 }

@@ -219,6 +219,11 @@ pub struct FileConfig {
     pub node_id: Option<u64>,
     /// The cluster's brokers, `1=HOST:PORT,2=HOST:PORT,...`; requires `node_id`.
     pub peers: Option<String>,
+    /// The address other brokers reach this one at, when not the listen address; it must
+    /// be this broker's own `peers` entry.
+    pub advertise: Option<String>,
+    /// Raft entries between snapshots of each replicated group (default 5,000).
+    pub raft_snapshot_entries: Option<u64>,
 }
 
 /// The `[topic_defaults]` table of the TOML file.

@@ -85,15 +85,18 @@ impl Server {
         let local_addr = listener.local_addr().context("reading the bound address")?;
         let tasks = TaskTracker::new();
         let cluster = match &config.cluster {
-            Some(c) => Some(
-                rill_cluster::ClusterNode::new(
-                    c.clone(),
-                    &config.data_dir,
-                    shutdown.clone(),
-                    tasks.clone(),
-                )
-                .context("starting cluster membership")?,
-            ),
+            Some(c) => {
+                // It looks at the Raft folder: blocking.
+                let (c, dir) = (c.clone(), config.data_dir.clone());
+                let (shutdown, tasks) = (shutdown.clone(), tasks.clone());
+                let node = tokio::task::spawn_blocking(move || {
+                    rill_cluster::ClusterNode::new(c, &dir, shutdown, tasks)
+                })
+                .await
+                .context("starting cluster membership")?
+                .context("starting cluster membership")?;
+                Some(node)
+            }
             None => None,
         };
         let security_config = config.security.clone();

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
@@ -36,12 +37,18 @@ impl Default for RaftTimings {
     }
 }
 
+/// The default count of Raft entries between a group's snapshots (see
+/// [`GroupHost::with_peers`]).
+pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 5_000;
+
 struct Inner {
     node_id: NodeId,
     dir: PathBuf,
     peers: Peers,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Raft>>,
+    /// Until when this broker refuses to vote, when it started without any Raft state.
+    vote_quiet_until: Option<Instant>,
 }
 
 /// The Raft groups of one broker. Cheap to clone.
@@ -57,14 +64,27 @@ impl GroupHost {
         dir: impl Into<PathBuf>,
         timings: RaftTimings,
     ) -> Result<GroupHost, ClusterError> {
-        GroupHost::with_peers(node_id, dir, timings, Peers::default())
+        Self::with_peers(
+            node_id,
+            dir,
+            timings,
+            DEFAULT_SNAPSHOT_ENTRIES,
+            Peers::default(),
+        )
     }
 
-    /// As [`GroupHost::new`], reaching peers through `peers` (TLS, the cluster token).
+    /// [`GroupHost::new`] over the given peer channels (shared with the liveness pings).
+    ///
+    /// Reads whether `dir` holds any Raft state: blocking, call from a blocking thread. A
+    /// host that finds none (a new broker, or one whose data folder was lost) refuses to
+    /// vote for one election timeout (see [`GroupHost::vote_quiet_until`]).
+    /// Each group snapshots after `snapshot_entries` entries and then purges its Raft log
+    /// behind the snapshot, keeping a fifth of that for followers slightly behind.
     pub fn with_peers(
         node_id: NodeId,
         dir: impl Into<PathBuf>,
         timings: RaftTimings,
+        snapshot_entries: u64,
         peers: Peers,
     ) -> Result<GroupHost, ClusterError> {
         let config = openraft::Config {
@@ -74,20 +94,24 @@ impl GroupHost {
             election_timeout_max: timings.election_max_ms,
             // Snapshots let the log be purged; the machines here are small or (for
             // partitions) keep their data elsewhere.
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
-            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_entries.max(1)),
+            max_in_snapshot_log_to_keep: snapshot_entries / 5,
             ..Default::default()
         };
         let config = config
             .validate()
             .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let dir: PathBuf = dir.into();
+        let vote_quiet_until = holds_nothing(&dir)
+            .then(|| Instant::now() + Duration::from_millis(config.election_timeout_max));
         Ok(GroupHost {
             inner: Arc::new(Inner {
                 node_id,
-                dir: dir.into(),
+                dir,
                 peers,
                 config: Arc::new(config),
                 groups: RwLock::new(HashMap::new()),
+                vote_quiet_until,
             }),
         })
     }
@@ -95,6 +119,18 @@ impl GroupHost {
     /// This broker's node id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// While this is in the future, the broker answers no vote request: it started with no
+    /// Raft state at all, so it may have forgotten a vote it gave in the current term (its
+    /// data folder was lost) and could elect a second leader in that term. After one
+    /// election timeout that term has ended or has a leader whose heartbeats carry it, and
+    /// the first heartbeat makes the broker remember it. `None` for a broker that found its
+    /// files.
+    pub fn vote_quiet_until(&self) -> Option<Instant> {
+        self.inner
+            .vote_quiet_until
+            .filter(|until| *until > Instant::now())
     }
 
     /// The folder holding every group's folder.
@@ -174,6 +210,15 @@ impl GroupHost {
                 tracing::warn!(group, error = %e, "a Raft group did not stop cleanly");
             }
         }
+    }
+}
+
+/// Whether `dir` is missing or holds no group folder and no file.
+fn holds_nothing(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        // Unreadable is not "empty": the group's own open reports the error.
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 

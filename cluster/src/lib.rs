@@ -20,9 +20,12 @@
 //! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
 //!   batches to a replica's log; [`Replication`] starts this broker's replica groups from
 //!   the metadata and routes writes to them.
+//! - [`catch_up`]: a follower's pull of the records a snapshot says it lacks, from another
+//!   replica's partition log (`Log.Fetch`).
 //! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
 //! - [`error`]: the typed [`ClusterError`].
 
+pub mod catch_up;
 pub mod cluster_service;
 pub mod controller;
 pub mod error;

@@ -39,6 +39,13 @@ pub trait Machine: Send + 'static {
 
     /// Replaces the state with a snapshot's bytes.
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()>;
+
+    /// Replaces the state with a snapshot received from the leader (not one read back from
+    /// this replica's own file): a machine whose data lives outside the snapshot fetches what
+    /// it lacks here, before the install is reported done. Runs on a blocking thread.
+    fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.restore(bytes)
+    }
 }
 
 /// The snapshot file's contents.
@@ -211,7 +218,7 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for MachineStore<M> {
             data: snapshot.into_inner(),
         };
         self.blocking(move |s| {
-            s.machine.restore(&snap.data)?;
+            s.machine.install(&snap.data)?;
             save_snapshot(&s.dir, &snap)?;
             s.last_applied = snap.meta.last_log_id;
             s.membership = snap.meta.last_membership.clone();

@@ -7,6 +7,7 @@
 //! cluster token that proves to a peer that the caller is a broker.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,9 @@ pub struct PeerTransport {
     pub tls: Option<ClientTlsConfig>,
     /// The cluster token, sent as `authorization: Bearer <token>` on every call to a peer.
     pub token: Option<MetadataValue<Ascii>>,
+    /// The address connections to loopback peers leave from (see
+    /// [`crate::ClusterConfig::source_ip`]); `None`: the system chooses.
+    pub source_ip: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for PeerTransport {
@@ -57,6 +61,7 @@ impl std::fmt::Debug for PeerTransport {
         f.debug_struct("PeerTransport")
             .field("tls", &self.tls.is_some())
             .field("token", &self.token.is_some())
+            .field("source_ip", &self.source_ip)
             .finish()
     }
 }
@@ -67,7 +72,8 @@ impl PeerTransport {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .local_address(source_for(self.source_ip, addr));
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone())?;
         }
@@ -120,6 +126,17 @@ impl Peers {
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
+}
+
+/// The local address a connection to `addr` leaves from: `source` when both it and the
+/// target are loopback addresses of the same family (brokers on one machine, each on its own
+/// 127.0.0.N), else the system's choice. A loopback source could not reach another host.
+fn source_for(source: Option<IpAddr>, addr: &str) -> Option<IpAddr> {
+    let source = source.filter(IpAddr::is_loopback)?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let target: IpAddr = host.parse().ok()?;
+    (target.is_loopback() && target.is_ipv4() == source.is_ipv4()).then_some(source)
 }
 
 /// Makes the network clients of one group.
@@ -288,5 +305,24 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         Backoff::new(std::iter::successors(Some(UNREACHABLE_BACKOFF), |d| {
             Some((*d * 2).min(UNREACHABLE_BACKOFF_MAX))
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_source_is_used_only_for_loopback_peers_of_its_family() {
+        let v4: IpAddr = "127.0.1.2".parse().expect("ip");
+        assert_eq!(source_for(Some(v4), "127.0.2.3:7000"), Some(v4));
+        assert_eq!(source_for(Some(v4), "10.0.0.3:7000"), None);
+        assert_eq!(source_for(Some(v4), "broker-3:7000"), None);
+        assert_eq!(source_for(Some(v4), "[::1]:7000"), None);
+        assert_eq!(source_for(None, "127.0.0.1:7000"), None);
+        let wide: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(source_for(Some(wide), "127.0.0.1:7000"), None);
+        let v6: IpAddr = "::1".parse().expect("ip");
+        assert_eq!(source_for(Some(v6), "[::1]:7000"), Some(v6));
     }
 }

@@ -166,18 +166,20 @@ enum PingOutcome {
 
 impl ClusterNode {
     /// A node keeping its Raft files under `data_dir/raft`. Nothing is written until
-    /// [`ClusterNode::start`] has joined.
+    /// [`ClusterNode::start`] has joined. Looks at that folder (see
+    /// [`GroupHost::vote_quiet_until`]): blocking, call from a blocking thread.
     pub fn new(
         config: ClusterConfig,
         data_dir: &Path,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<ClusterNode, ClusterError> {
-        let peers = Peers::new(config.transport.clone());
+        let peers = Peers::new(config.peer_transport());
         let host = GroupHost::with_peers(
             config.node_id,
             data_dir.join("raft"),
             config.timings,
+            config.snapshot_entries,
             peers.clone(),
         )?;
         Ok(ClusterNode {
@@ -260,7 +262,7 @@ impl ClusterNode {
     /// skipped (the join checks again once they answer).
     pub async fn precheck(config: &ClusterConfig) -> Result<(), String> {
         let registry = Registry::new(config.clone());
-        let peers = Peers::new(config.transport.clone());
+        let peers = Peers::new(config.peer_transport());
         let pings = config
             .peers
             .iter()

@@ -48,6 +48,8 @@ pub struct PartitionMachine {
     log: PartitionLog,
     next_offset: u64,
     local: Arc<dyn LocalTopics>,
+    /// Where to pull records from when a snapshot is ahead of the log; none: fail instead.
+    catch_up: Option<crate::catch_up::CatchUp>,
 }
 
 impl PartitionMachine {
@@ -64,7 +66,15 @@ impl PartitionMachine {
             log,
             next_offset: 0,
             local,
+            catch_up: None,
         }
+    }
+
+    /// Lets an installed snapshot pull the records this replica lacks from `catch_up`'s
+    /// sources (see [`crate::catch_up`]).
+    pub fn with_catch_up(mut self, catch_up: crate::catch_up::CatchUp) -> Self {
+        self.catch_up = Some(catch_up);
+        self
     }
 
     fn reply(r: &WriteReply) -> io::Result<Reply> {
@@ -121,6 +131,23 @@ impl Machine for PartitionMachine {
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.next_offset = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let next_offset: u64 = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        if self.log.high_watermark() < next_offset {
+            if let Some(catch_up) = &self.catch_up {
+                let target = crate::catch_up::Target {
+                    topic: &self.topic,
+                    partition: self.partition,
+                    log: &self.log,
+                    local: self.local.as_ref(),
+                };
+                crate::catch_up::pull(catch_up, &target, next_offset)?;
+            }
+        }
+        self.next_offset = next_offset;
         Ok(())
     }
 }
@@ -330,7 +357,18 @@ impl Replication {
             .local
             .partition(name, p)
             .ok_or_else(|| format!("no local partition {name}/{p}"))?;
-        let machine = PartitionMachine::new(name, p, log, self.inner.local.clone());
+        let registry = self.inner.node.registry();
+        let sources = replicas
+            .iter()
+            .filter(|id| **id != self.inner.node.node_id())
+            .filter_map(|id| registry.config().peers.address(*id).map(str::to_string))
+            .collect();
+        let catch_up = crate::catch_up::CatchUp {
+            sources,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let machine =
+            PartitionMachine::new(name, p, log, self.inner.local.clone()).with_catch_up(catch_up);
         let (raft, _store) = self
             .inner
             .node

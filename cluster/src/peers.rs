@@ -168,13 +168,31 @@ pub struct ClusterConfig {
     pub session_ms: u64,
     /// How this broker reaches its peers (TLS, the cluster token). Default: plaintext, no
     /// token.
+    /// `source_ip` is added by [`ClusterConfig::peer_transport`], which is what connections use.
     pub transport: crate::network::PeerTransport,
+    /// The address connections to peers leave from, when the peer is on this machine
+    /// (a loopback address): the broker's own listen address, so that brokers sharing a
+    /// machine on distinct loopback addresses (127.0.0.N) are told apart by their source,
+    /// as a per-broker firewall rule or a fault-injecting proxy needs. `None`: the system
+    /// chooses.
+    pub source_ip: Option<std::net::IpAddr>,
+    /// Raft entries between a group's snapshots, after which its Raft log is purged (a
+    /// follower further behind then catches up by snapshot). Default 5,000.
+    pub snapshot_entries: u64,
 }
 
 /// The default liveness session: six missed pings.
 pub const DEFAULT_SESSION_MS: u64 = 3_000;
 
 impl ClusterConfig {
+    /// How connections to peers are made: [`ClusterConfig::transport`] leaving from
+    /// [`ClusterConfig::source_ip`].
+    pub fn peer_transport(&self) -> crate::network::PeerTransport {
+        let mut transport = self.transport.clone();
+        transport.source_ip = self.source_ip;
+        transport
+    }
+
     /// Checks that `node_id` is in `peers` and builds the config with default timings.
     pub fn new(node_id: NodeId, peers: PeerList) -> Result<ClusterConfig, PeerListError> {
         if peers.address(node_id).is_none() {
@@ -189,6 +207,8 @@ impl ClusterConfig {
             timings: RaftTimings::default(),
             session_ms: DEFAULT_SESSION_MS,
             transport: crate::network::PeerTransport::default(),
+            source_ip: None,
+            snapshot_entries: crate::host::DEFAULT_SNAPSHOT_ENTRIES,
         })
     }
 

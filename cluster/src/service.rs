@@ -103,6 +103,16 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        if let Some(until) = self.host.vote_quiet_until() {
+            // The candidate treats this as an unreachable voter and asks again later.
+            return Err(Status::unavailable(format!(
+                "node {} started without Raft state and does not vote for another {} ms",
+                self.host.node_id(),
+                until
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_millis()
+            )));
+        }
         let (raft, rpc) = self.route(request.get_ref())?;
         reply(raft.vote(rpc).await)
     }
@@ -121,5 +131,51 @@ impl RaftRpc for RaftService {
             .as_ref()
             .ok_or_else(|| Status::unimplemented("this broker is not in a cluster"))?;
         registry.answer_ping(request.get_ref()).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::RaftTimings;
+
+    fn vote_message(to_node: u64) -> Request<RaftMessage> {
+        Request::new(RaftMessage {
+            group_id: 7,
+            from_node: 2,
+            to_node,
+            payload: Bytes::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_broker_started_without_raft_state_does_not_vote_for_an_election_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let timings = RaftTimings::default();
+        let host = GroupHost::new(1, dir.path().join("raft"), timings).expect("host");
+        let until = host.vote_quiet_until().expect("quiet after an empty start");
+        let window = until.saturating_duration_since(std::time::Instant::now());
+        assert!(window <= std::time::Duration::from_millis(timings.election_max_ms));
+        let err = RaftService::new(host)
+            .vote(vote_message(1))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("does not vote"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_found_its_raft_state_votes_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("raft").join("0")).expect("a group folder");
+        let host =
+            GroupHost::new(1, dir.path().join("raft"), RaftTimings::default()).expect("host");
+        assert!(host.vote_quiet_until().is_none());
+        // Past the quiet check: the unknown group is what refuses it.
+        let err = RaftService::new(host)
+            .vote(vote_message(1))
+            .await
+            .expect_err("no group 7");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     }
 }

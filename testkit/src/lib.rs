@@ -13,6 +13,12 @@
 //!   (for tests run by `cargo test`); [`sibling_binary`]: the one beside the running
 //!   executable, not built (for `rill-bench`, which runs without cargo).
 //! - [`SIGKILL`], [`SIGTERM`]: the signals the harness sends.
+//! - [`proxy`]: [`NetFaults`], fault-injecting TCP proxies between brokers (network
+//!   partitions: cut a direction, drop its connections, heal).
+
+pub mod proxy;
+
+pub use proxy::NetFaults;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

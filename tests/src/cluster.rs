@@ -1,9 +1,13 @@
 //! A cluster of real `rill-broker` processes on 127.0.0.1: fixed free ports (a peers list
 //! needs them before the brokers start), one temp data folder each, kill -9 and restart by
 //! node id, and status queries with deadlines. Every child is killed and reaped on drop.
+//!
+//! [`TestCluster::start_partitionable`] puts a fault-injecting proxy ([`NetFaults`]) in front
+//! of every broker for broker-to-broker traffic (see [`TestCluster::isolate`]); clients still
+//! reach every broker directly.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,11 +22,17 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::binary_path;
+use rill_testkit::NetFaults;
 
 /// The longest a broker may take to print its listen line.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 /// The longest one status call may take.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
+
+/// A free port on `ip`, by binding port 0 and releasing it.
+fn free_port_on(ip: IpAddr) -> Result<u16> {
+    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
 
 /// Picks `n` distinct free ports on 127.0.0.1 by binding port 0 and releasing them.
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
@@ -38,6 +48,8 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
 /// One broker of a [`TestCluster`].
 struct Node {
     addr: SocketAddr,
+    /// The proxy other brokers reach this one through, when partitionable.
+    advertise: Option<SocketAddr>,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -49,6 +61,8 @@ pub struct TestCluster {
     logs: TempDir,
     /// More flags and environment variables for every broker (TLS, tokens).
     extra: Extra,
+    /// The proxies between brokers of a partitionable cluster.
+    faults: Option<NetFaults>,
 }
 
 /// Flags and environment variables given to every broker of a cluster.
@@ -58,6 +72,16 @@ pub struct Extra {
     pub args: Vec<String>,
     /// Environment variables.
     pub env: Vec<(String, String)>,
+}
+
+impl Extra {
+    /// Only these command-line arguments.
+    pub fn args(args: &[&str]) -> Extra {
+        Extra {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+        }
+    }
 }
 
 impl Drop for TestCluster {
@@ -95,22 +119,96 @@ impl TestCluster {
             peers,
             logs: tempfile::tempdir()?,
             extra,
+            faults: None,
         };
         for (i, port) in ports.iter().enumerate() {
             cluster.nodes.insert(
                 i as u64 + 1,
                 Node {
                     addr: SocketAddr::from(([127, 0, 0, 1], *port)),
+                    advertise: None,
                     dir: tempfile::tempdir()?,
                     child: None,
                 },
             );
         }
-        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
-        for id in ids {
-            cluster.restart(id).await?;
-        }
+        cluster.start_all().await?;
         Ok(cluster)
+    }
+
+    async fn start_all(&mut self) -> Result<()> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.restart(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts `n` brokers whose broker-to-broker traffic goes through fault-injecting
+    /// proxies: node `N` listens on `127.0.1.N` (where clients reach it) and advertises a
+    /// proxy on `127.0.2.N` in the peers list; see [`TestCluster::isolate`].
+    pub async fn start_partitionable(n: usize) -> Result<TestCluster> {
+        anyhow::ensure!((1..=250).contains(&n), "1 to 250 brokers");
+        let faults = NetFaults::new();
+        let mut nodes = BTreeMap::new();
+        let mut peers = Vec::new();
+        for id in 1..=n as u64 {
+            let listen_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 1, id as u8));
+            let addr = SocketAddr::new(listen_ip, free_port_on(listen_ip)?);
+            let proxy_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 2, id as u8));
+            let advertise = faults.proxy(SocketAddr::new(proxy_ip, 0), addr).await?;
+            peers.push(format!("{id}={advertise}"));
+            nodes.insert(
+                id,
+                Node {
+                    addr,
+                    advertise: Some(advertise),
+                    dir: tempfile::tempdir()?,
+                    child: None,
+                },
+            );
+        }
+        let mut cluster = TestCluster {
+            nodes,
+            peers: peers.join(","),
+            logs: tempfile::tempdir()?,
+            faults: Some(faults),
+            extra: Extra::default(),
+        };
+        cluster.start_all().await?;
+        Ok(cluster)
+    }
+
+    /// Cuts node `id` off from every other broker, both directions, dropping the
+    /// connections in flight; clients still reach it. Only on a partitionable cluster.
+    pub fn isolate(&self, id: u64) -> Result<()> {
+        let faults = self
+            .faults
+            .as_ref()
+            .context("not a partitionable cluster")?;
+        let others: Vec<IpAddr> = self
+            .nodes
+            .iter()
+            .filter(|(other, _)| **other != id)
+            .map(|(_, n)| n.addr.ip())
+            .collect();
+        faults.isolate(self.addr(id).ip(), &others);
+        Ok(())
+    }
+
+    /// Lets all broker-to-broker traffic through again.
+    pub fn heal(&self) -> Result<()> {
+        self.faults
+            .as_ref()
+            .context("not a partitionable cluster")?
+            .heal();
+        Ok(())
+    }
+
+    /// The address other brokers reach node `id` at (its peers entry).
+    pub fn advertised(&self, id: u64) -> SocketAddr {
+        let node = &self.nodes[&id];
+        node.advertise.unwrap_or(node.addr)
     }
 
     /// The `--peers` value every broker got.
@@ -158,8 +256,12 @@ impl TestCluster {
         if node.child.is_some() {
             bail!("node {id} is running");
         }
-        let child =
-            spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &self.extra).await?;
+        let mut extra = self.extra.clone();
+        if let Some(advertise) = node.advertise {
+            extra.args.push("--advertise".into());
+            extra.args.push(advertise.to_string());
+        }
+        let child = spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &extra).await?;
         node.child = Some(child);
         Ok(())
     }

@@ -1,0 +1,143 @@
+//! Snapshot catch-up of a replicated partition's data: a follower behind a purged Raft log
+//! receives a snapshot that is only the partition's end offset (`next_offset`); before the
+//! snapshot is installed, [`pull`] copies the committed records it lacks from another
+//! replica's partition log with the ordinary `Log.Fetch` RPC (raw stored batches), so the
+//! follower's log reaches that offset with the same records at the same offsets.
+//!
+//! Every replica's partition log holds only committed records, so any replica whose log
+//! reaches the snapshot's offset is a valid source; the replicas are tried in turn. Each
+//! committed Raft entry is one batch on every replica, so batches line up: the first batch a
+//! source returns must start exactly at this replica's end, or the logs disagree and the pull
+//! fails (the group then stops here, as it would have without the pull).
+
+use std::io;
+use std::time::Duration;
+
+use rill_proto::v1::log_client::LogClient;
+use rill_proto::v1::{FetchEncoding, FetchRequest};
+use rill_storage::batch::BatchHeader;
+use rill_storage::PartitionLog;
+use tonic::transport::Endpoint;
+
+use crate::partition::LocalTopics;
+
+/// How long one fetch from a source replica may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most bytes asked for by one fetch.
+const FETCH_MAX_BYTES: u32 = 4 << 20;
+
+/// Where a replica's partition can pull the records it lacks from.
+#[derive(Clone)]
+pub struct CatchUp {
+    /// The addresses (`host:port`) of the other replicas, in the order to try them.
+    pub sources: Vec<String>,
+    /// The runtime the pulls run on (the caller is a blocking thread of it).
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// The partition a pull fills.
+pub struct Target<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// The partition.
+    pub partition: u32,
+    /// Its local log.
+    pub log: &'a PartitionLog,
+    /// The broker's topics, told of each append (to wake waiting fetches).
+    pub local: &'a dyn LocalTopics,
+}
+
+/// Appends to `target`'s log the committed records from its end up to `until`, fetched
+/// from the first source that has them. Blocking: runs the fetches on the catch-up's runtime
+/// from the calling (blocking) thread.
+pub fn pull(catch_up: &CatchUp, target: &Target<'_>, until: u64) -> io::Result<()> {
+    let mut failures = Vec::new();
+    for source in &catch_up.sources {
+        if target.log.high_watermark() >= until {
+            break;
+        }
+        let result = catch_up.runtime.block_on(pull_from(source, target, until));
+        match result {
+            Ok(()) => {}
+            Err(e) => failures.push(format!("{source}: {e}")),
+        }
+    }
+    let end = target.log.high_watermark();
+    if end >= until {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "topic {} partition {}: this replica's log ends at {end}, the snapshot at {until}, and no replica supplied the records ({})",
+        target.topic,
+        target.partition,
+        failures.join("; ")
+    )))
+}
+
+/// Pulls from one source until the log reaches `until` or the source has nothing more.
+async fn pull_from(source: &str, target: &Target<'_>, until: u64) -> io::Result<()> {
+    let channel = Endpoint::from_shared(format!("http://{source}"))
+        .map_err(io::Error::other)?
+        .connect_timeout(FETCH_TIMEOUT)
+        .timeout(FETCH_TIMEOUT)
+        .connect()
+        .await
+        .map_err(io::Error::other)?;
+    let mut client =
+        LogClient::new(channel).max_decoding_message_size(2 * FETCH_MAX_BYTES as usize);
+    loop {
+        let end = target.log.high_watermark();
+        if end >= until {
+            return Ok(());
+        }
+        let resp = client
+            .fetch(FetchRequest {
+                topic: target.topic.to_string(),
+                partition: target.partition,
+                offset: end,
+                max_wait_ms: 0,
+                min_bytes: 0,
+                max_bytes: FETCH_MAX_BYTES,
+                max_records: 0,
+                encoding: FetchEncoding::RawBatches as i32,
+            })
+            .await
+            .map_err(|s| io::Error::other(format!("fetch at {end}: {}", s.message())))?
+            .into_inner();
+        if resp.log_start_offset > end {
+            // Records below the source's log start are gone there by retention: this
+            // replica would have to restart its log at that offset (not built).
+            return Err(io::Error::other(format!(
+                "its log starts at {}, after this replica's end {end}",
+                resp.log_start_offset
+            )));
+        }
+        if resp.batches.is_empty() {
+            return Err(io::Error::other(format!(
+                "it has nothing at {end} (its high watermark is {})",
+                resp.high_watermark
+            )));
+        }
+        for batch in &resp.batches {
+            let header = BatchHeader::parse(batch).map_err(io::Error::other)?;
+            let end = target.log.high_watermark();
+            if end >= until {
+                return Ok(());
+            }
+            let batch_end = header.base_offset + u64::from(header.record_count);
+            if batch_end <= end {
+                continue; // held already
+            }
+            if header.base_offset != end || batch_end > until {
+                return Err(io::Error::other(format!(
+                    "its batch at {}..{batch_end} does not line up with this replica's end {end} and the snapshot's {until}",
+                    header.base_offset
+                )));
+            }
+            let info = target.log.append(batch).map_err(io::Error::other)?;
+            target
+                .local
+                .appended(target.topic, target.partition, info.next_offset);
+        }
+    }
+}
