@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use rill_cluster::partition::WriteAck;
 use rill_cluster::{
     ClusterConfig, ClusterNode, ClusterService, PeerList, RaftService, Replication,
 };
@@ -96,16 +97,22 @@ impl rill_cluster::LocalTopics for BrokerTopics {
     }
 }
 
-/// Produces a prepared request to a replicated topic: each partition's batch is committed
-/// through its Raft group (this broker must lead it), in request order.
+/// Produces a prepared request to a replicated topic: each partition's batch goes through its
+/// Raft group (this broker must lead it), in request order, and is acknowledged as its ack
+/// mode asks (see [`WriteAck`]).
 pub async fn produce_replicated(
     replication: &Replication,
     prepared: &Prepared,
 ) -> Result<ProduceResponse, BrokerError> {
+    let ack = match prepared.ack_mode() {
+        pb::AckMode::Leader => WriteAck::Leader,
+        pb::AckMode::Durable => WriteAck::Durable,
+        pb::AckMode::Quorum | pb::AckMode::Unspecified => WriteAck::Quorum,
+    };
     let mut appends = Vec::new();
     for (p, batch) in prepared.batches() {
         let (base_offset, record_count) = replication
-            .write(prepared.topic_name(), p, batch.clone())
+            .write_acked(prepared.topic_name(), p, batch.clone(), ack)
             .await?;
         appends.push(PartitionAppend {
             partition: p,
