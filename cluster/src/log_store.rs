@@ -807,7 +807,10 @@ mod tests {
         drop(store);
         let store = LogStore::open(dir.path()).expect("reopen again");
         let mem = store.mem.lock();
-        assert_eq!(mem.entries.get(&2).map(|e| e.log_id.leader_id.term), Some(2));
+        assert_eq!(
+            mem.entries.get(&2).map(|e| e.log_id.leader_id.term),
+            Some(2)
+        );
     }
 
     #[test]
@@ -819,8 +822,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_that_need_no_sync_are_written_without_an_fsync_and_one_that_does_syncs_them_all(
-    ) {
+    fn entries_that_need_no_sync_are_written_without_an_fsync_and_one_that_does_syncs_them_all() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = LogStore::open(dir.path()).expect("open");
         let before = store.fsyncs();
@@ -830,7 +832,11 @@ mod tests {
         // Within the background flush interval of the last write: none was fsynced.
         assert_eq!(store.fsyncs(), before, "page-cache appends were fsynced");
         append_and_wait(&store, vec![entry(1, 21)], true);
-        assert_eq!(store.fsyncs(), before + 1, "one fsync for the durable entry");
+        assert_eq!(
+            store.fsyncs(),
+            before + 1,
+            "one fsync for the durable entry"
+        );
         // The background flush covers page-cache-only frames once the queue is idle.
         append_and_wait(&store, vec![entry(1, 22)], false);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
