@@ -27,23 +27,26 @@ wait_listen() { for _ in $(seq 100); do grep -q "listening on" "$1" && return 0;
 
 single() { # scenario [rill-bench flags...]
   local port; port=$(free_port)
-  RUST_LOG=error "$B" --listen "127.0.0.1:$port" --data-dir "$D/single-$1" > "$D/single-$1.out" 2>&1 &
+  RUN=$((RUN + 1))
+  RUST_LOG=error "$B" --listen "127.0.0.1:$port" --data-dir "$D/s$RUN-$1" > "$D/s$RUN-$1.out" 2>&1 &
   PIDS+=($!)
-  wait_listen "$D/single-$1.out"
+  wait_listen "$D/s$RUN-$1.out"
   "$BENCH" --broker "127.0.0.1:$port" --scenarios "$1" --messages "$MSG" "${@:2}" | tail -1
   kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 }
 
+RUN=0
 cluster() { # scenario [rill-bench flags...]
   local ports=() peers="" pids=()
+  RUN=$((RUN + 1)) # a fresh data folder per cluster
   for i in 1 2 3; do ports+=("$(free_port)"); done
   for i in 1 2 3; do peers+="${peers:+,}$i=127.0.0.1:${ports[$((i-1))]}"; done
   for i in 1 2 3; do
     RUST_LOG=error "$B" --node-id "$i" --peers "$peers" --listen "127.0.0.1:${ports[$((i-1))]}" \
-      --data-dir "$D/c-$1-$i" > "$D/c-$1-$i.out" 2>&1 &
+      --data-dir "$D/c$RUN-$1-$i" > "$D/c$RUN-$1-$i.out" 2>&1 &
     PIDS+=($!); pids+=($!)
   done
-  for i in 1 2 3; do wait_listen "$D/c-$1-$i.out"; done
+  for i in 1 2 3; do wait_listen "$D/c$RUN-$1-$i.out"; done
   # The controller elects and bootstraps within a few seconds.
   for _ in $(seq 100); do
     "$ROOT/target/release/rill" --broker "127.0.0.1:${ports[0]}" cluster status 2>/dev/null \
