@@ -66,7 +66,7 @@ struct Flags {
     /// Partitions of the benchmark topic (producer i writes partition i mod N).
     #[arg(long, default_value_t = 1)]
     partitions: u32,
-    /// Produce ack mode: leader or durable.
+    /// Produce ack mode: leader, quorum or durable (quorum is leader with replication factor 1).
     #[arg(long, default_value = "leader")]
     acks: String,
     /// Flush policy of the benchmark topic: always, interval:MS or never.
@@ -182,7 +182,8 @@ async fn main() -> Result<()> {
     let ack = match flags.acks.as_str() {
         "leader" => pb::AckMode::Leader,
         "durable" => pb::AckMode::Durable,
-        _ => bail!("--acks must be leader or durable"),
+        "quorum" => pb::AckMode::Quorum,
+        _ => bail!("--acks must be leader, quorum or durable"),
     };
     let raw_batches = match flags.encoding.as_str() {
         "batch" => true,

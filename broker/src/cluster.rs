@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use rill_cluster::partition::WriteAck;
 use rill_cluster::{
-    ClusterConfig, ClusterNode, ClusterService, PeerList, RaftService, Replication,
+    ClusterConfig, ClusterNode, ClusterService, PeerList, RaftService, RaftTimings, Replication,
 };
 use rill_proto::v1 as pb;
 use rill_proto::v1::admin_client::AdminClient;
@@ -45,6 +46,9 @@ pub fn config(
     let mut config = ClusterConfig::new(node_id, peers).context("invalid --node-id")?;
     // On one machine, each broker's peer connections leave from its own loopback address.
     config.source_ip = Some(listen.ip()).filter(|ip| ip.is_loopback());
+    if let Ok(text) = std::env::var(TIMINGS_ENV) {
+        config.timings = parse_timings(&text).with_context(|| format!("invalid {TIMINGS_ENV}"))?;
+    }
     let own = config.own_address().to_string();
     if let Some(advertise) = advertise {
         if advertise.trim() != own {
@@ -112,6 +116,34 @@ pub async fn peer_transport(
     Ok(transport)
 }
 
+/// The environment variable that overrides the Raft timings (a tuning knob for slow or
+/// overloaded machines and for benchmarks): `HEARTBEAT_MS,ELECTION_MIN_MS,ELECTION_MAX_MS`.
+pub const TIMINGS_ENV: &str = "RILL_RAFT_TIMINGS";
+
+/// Parses `HEARTBEAT_MS,ELECTION_MIN_MS,ELECTION_MAX_MS`; elections must be at least three
+/// heartbeats long and the range not empty.
+pub fn parse_timings(text: &str) -> Result<RaftTimings> {
+    let parts: Vec<u64> = text
+        .split(',')
+        .map(|p| p.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{text:?} is not three numbers of milliseconds"))?;
+    let [heartbeat_ms, election_min_ms, election_max_ms] = parts[..] else {
+        anyhow::bail!("{text:?}: want HEARTBEAT_MS,ELECTION_MIN_MS,ELECTION_MAX_MS");
+    };
+    if heartbeat_ms == 0 || election_min_ms < 3 * heartbeat_ms || election_max_ms <= election_min_ms
+    {
+        anyhow::bail!(
+            "{text:?}: want a heartbeat above 0, an election minimum of at least 3 heartbeats, and a maximum above the minimum"
+        );
+    }
+    Ok(RaftTimings {
+        heartbeat_ms,
+        election_min_ms,
+        election_max_ms,
+    })
+}
+
 /// The internal `Raft` and public `Cluster` services of a cluster member.
 pub fn services(
     node: &ClusterNode,
@@ -159,16 +191,22 @@ impl rill_cluster::LocalTopics for BrokerTopics {
     }
 }
 
-/// Produces a prepared request to a replicated topic: each partition's batch is committed
-/// through its Raft group (this broker must lead it), in request order.
+/// Produces a prepared request to a replicated topic: each partition's batch goes through its
+/// Raft group (this broker must lead it), in request order, and is acknowledged as its ack
+/// mode asks (see [`WriteAck`]).
 pub async fn produce_replicated(
     replication: &Replication,
     prepared: &Prepared,
 ) -> Result<ProduceResponse, BrokerError> {
+    let ack = match prepared.ack_mode() {
+        pb::AckMode::Leader => WriteAck::Leader,
+        pb::AckMode::Durable => WriteAck::Durable,
+        pb::AckMode::Quorum | pb::AckMode::Unspecified => WriteAck::Quorum,
+    };
     let mut appends = Vec::new();
     for (p, batch) in prepared.batches() {
         let (base_offset, record_count) = replication
-            .write(prepared.topic_name(), p, batch.clone())
+            .write_acked(prepared.topic_name(), p, batch.clone(), ack)
             .await?;
         appends.push(PartitionAppend {
             partition: p,
@@ -316,6 +354,26 @@ mod tests {
         assert!(format!("{err:#}").contains("--node-id needs --peers"));
         let err = config(None, Some("1=a:1".into()), listen(0), None).expect_err("needs id");
         assert!(format!("{err:#}").contains("--peers needs --node-id"));
+    }
+
+    #[test]
+    fn raft_timings_parse_and_bad_ones_are_refused() {
+        let t = parse_timings("50, 300,600").expect("ok");
+        assert_eq!(
+            (t.heartbeat_ms, t.election_min_ms, t.election_max_ms),
+            (50, 300, 600)
+        );
+        for bad in [
+            "",
+            "50,300",
+            "50,300,600,1",
+            "0,300,600",
+            "100,200,600",
+            "50,600,600",
+            "a,b,c",
+        ] {
+            assert!(parse_timings(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -34,12 +34,18 @@ pub struct Prepared {
     topic: Arc<TopicState>,
     batches: Vec<(u32, PartitionLog, CheckedBatch)>,
     ack: Ack,
+    mode: AckMode,
 }
 
 impl Prepared {
     /// The topic's name.
     pub fn topic_name(&self) -> &str {
         self.topic.name()
+    }
+
+    /// The ack mode the producer asked for (unspecified is `quorum`).
+    pub fn ack_mode(&self) -> AckMode {
+        self.mode
     }
 
     /// The encoded batch of each partition, in request order.
@@ -52,7 +58,12 @@ impl Prepared {
 pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerError> {
     broker.check_running()?;
     let topic = broker.topic(&req.topic)?;
-    let ack = match req.ack() {
+    // On one broker a majority is the leader: `quorum` is `leader` there.
+    let mode = match req.ack() {
+        AckMode::Unspecified => AckMode::Quorum,
+        m => m,
+    };
+    let ack = match mode {
         AckMode::Durable => Ack::Durable,
         _ => Ack::Leader,
     };
@@ -134,6 +145,7 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
         topic,
         batches,
         ack,
+        mode,
     })
 }
 

@@ -54,10 +54,14 @@ use sender::{PartitionSender, CLUSTER_MAX_RETRY_DELAY};
 /// What a produce waits for before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Acks {
-    /// Appended to the partition log (the page cache). The default.
-    #[default]
+    /// Appended to the partition leader's log (the page cache). With replication factor above
+    /// 1, not yet committed: lost if the leader fails before a majority holds it.
     Leader,
-    /// Synced to stable storage.
+    /// Committed by a majority of the partition's replicas (their page caches). The default.
+    /// With replication factor 1, the same as [`Acks::Leader`].
+    #[default]
+    Quorum,
+    /// Synced to stable storage (with replication factor above 1, by a majority).
     Durable,
 }
 
@@ -126,7 +130,7 @@ impl Default for ProducerConfig {
         ProducerConfig {
             linger_ms: 5,
             batch_bytes: 1 << 20,
-            acks: Acks::Leader,
+            acks: Acks::Quorum,
             retry_timeout_ms: 30_000,
             buffer_memory_bytes: 32 << 20,
             idempotence: true,
@@ -138,7 +142,7 @@ impl Default for ProducerConfig {
 }
 
 impl ProducerConfig {
-    /// Defaults: linger 5 ms, batches up to 1 MiB, leader acks, retries for 30 s, a 32 MiB
+    /// Defaults: linger 5 ms, batches up to 1 MiB, quorum acks, retries for 30 s, a 32 MiB
     /// buffer, idempotent with up to 5 batches in flight per partition, no compression.
     pub fn new() -> Self {
         ProducerConfig::default()
@@ -156,7 +160,7 @@ impl ProducerConfig {
         self
     }
 
-    /// What acknowledgements wait for (default [`Acks::Leader`]).
+    /// What acknowledgements wait for (default [`Acks::Quorum`]).
     pub fn acks(mut self, acks: Acks) -> Self {
         self.acks = acks;
         self
@@ -419,6 +423,7 @@ impl Producer {
                     batch_bytes: config.batch_bytes,
                     ack: match config.acks {
                         Acks::Leader => pb::AckMode::Leader,
+                        Acks::Quorum => pb::AckMode::Quorum,
                         Acks::Durable => pb::AckMode::Durable,
                     },
                     idempotent: config.idempotence,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 use crate::error::ClusterError;
-use crate::log_store::LogStore;
+use crate::log_store::{LogPolicy, LogStore};
 use crate::machine::{Machine, MachineStore};
 use crate::network::{GroupNetwork, Peers};
 use crate::types::{GroupId, NodeId, Raft};
@@ -223,7 +223,11 @@ fn holds_nothing(dir: &Path) -> bool {
 }
 
 fn open_stores<M: Machine>(dir: &Path, machine: M) -> std::io::Result<(LogStore, MachineStore<M>)> {
-    let log = LogStore::open(dir)?;
+    let policy = LogPolicy {
+        must_sync: M::must_sync,
+        waiters: machine.append_waiters(),
+    };
+    let log = LogStore::open_with(dir, policy)?;
     let store = MachineStore::open(dir, machine)?;
     Ok((log, store))
 }

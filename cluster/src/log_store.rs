@@ -4,29 +4,47 @@
 //! - `vote`: the current vote, one frame, replaced atomically (temporary file, fsync, rename,
 //!   folder fsync) before it is reported saved, so a broker never votes twice in a term.
 //! - `log`: an append-only file of frames, each an [`Op`]: entries appended, a tail truncated,
-//!   a head purged. Appends are fsynced before openraft is told they are flushed, because
-//!   a follower's flushed entries count toward the commit. Opening replays the ops; a torn
-//!   last frame (short, or a bad CRC) is cut off, as a crash mid-append leaves it.
+//!   a head purged. Opening replays the ops; a torn last frame (short, or a bad CRC) is cut
+//!   off, as a crash mid-append leaves it.
+//!
+//! **When an append counts.** openraft counts an entry toward the commit once the storage
+//! reports it flushed (`LogFlushed::log_io_completed`), on the leader and on each follower.
+//! Whether that report waits for an fsync is the group's [`LogPolicy`], per entry: an entry
+//! that must be durable (a `durable` produce, a membership change, a blank, every controller
+//! entry) is fsynced first; any other (a `leader` or `quorum` produce) is reported once it is
+//! written to the file (the page cache). Reports are made in log order, so one durable entry
+//! makes every entry before it wait for the same fsync.
+//!
+//! **Group commit.** All file work runs on one writer thread per group, fed by a queue:
+//! `append` records the entries in memory and queues their frame; the thread writes every
+//! frame queued meanwhile in one `write`, fsyncs once if any of them must be durable, then
+//! reports them all. While it fsyncs, later appends queue up and share the next fsync. The
+//! thread also fsyncs frames left unsynced for [`BACKGROUND_FLUSH_MS`] (busy or idle), so
+//! page-cache-only entries reach the disk soon anyway.
 //!
 //! Entries live in memory between purges too (openraft purges behind the applied index, so
 //! the live tail is short); the file is rewritten when purged frames dominate it.
 //!
 //! A frame is `len: u32 LE`, `crc32: u32 LE` (of the payload), then `len` bytes of bincode.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{OptionalSend, RaftLogId, StorageIOError};
+use openraft::{EntryPayload, OptionalSend, RaftLogId, StorageIOError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
-use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::types::{Command, Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// Name of the log file in a group folder.
 const LOG_FILE: &str = "log";
@@ -36,6 +54,8 @@ const VOTE_FILE: &str = "vote";
 const MAX_FRAME_BYTES: u32 = 256 << 20;
 /// A log file smaller than this is never rewritten.
 const COMPACT_MIN_BYTES: u64 = 8 << 20;
+/// How long the writer thread leaves frames unsynced at most.
+pub const BACKGROUND_FLUSH_MS: u64 = 200;
 
 /// One change to the log, as written in a frame.
 #[derive(Serialize, Deserialize)]
@@ -48,26 +68,151 @@ enum Op {
     Purge(LogId),
 }
 
-/// The in-memory image of the log file.
-struct Inner {
-    dir: PathBuf,
-    file: File,
-    file_bytes: u64,
+/// How a group's log treats its entries.
+#[derive(Clone)]
+pub struct LogPolicy {
+    /// Whether a normal entry's command must be fsynced before openraft counts it. Blank and
+    /// membership entries always are.
+    pub must_sync: fn(&Command) -> bool,
+    /// Writers waiting for their entry to be appended to this log (leader acks), if any.
+    pub waiters: Option<AppendWaiters>,
+}
+
+impl Default for LogPolicy {
+    /// Every entry fsynced before it counts; nobody waits for appends.
+    fn default() -> Self {
+        LogPolicy {
+            must_sync: |_| true,
+            waiters: None,
+        }
+    }
+}
+
+/// Writers waiting for their command to be appended to a group's log, by a token their
+/// command carries (see [`AppendWaiters::new`]). Also reads the log's entries for them. Cheap
+/// to clone.
+#[derive(Clone)]
+pub struct AppendWaiters {
+    inner: Arc<WaitersInner>,
+}
+
+struct WaitersInner {
+    token_of: fn(&Command) -> Option<u64>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<LogId>>>,
+    /// The log's memory image, set when the log opens (weak: the log owns the waiters).
+    log: OnceLock<Weak<Mutex<Mem>>>,
+}
+
+impl AppendWaiters {
+    /// Waiters for commands whose token `token_of` reads (`None`: no token).
+    pub fn new(token_of: fn(&Command) -> Option<u64>) -> Self {
+        AppendWaiters {
+            inner: Arc::new(WaitersInner {
+                token_of,
+                waiting: Mutex::new(HashMap::new()),
+                log: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Waits for the command carrying `token`: the receiver gets its log id once it is
+    /// written to this log. Call [`AppendWaiters::cancel`] when giving up.
+    pub fn register(&self, token: u64) -> oneshot::Receiver<LogId> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.waiting.lock().insert(token, tx);
+        rx
+    }
+
+    /// Stops waiting for `token`.
+    pub fn cancel(&self, token: u64) {
+        self.inner.waiting.lock().remove(&token);
+    }
+
+    /// Calls `f` with each normal entry's command with an index in `(after, before)`, in
+    /// order. False if the log is gone or some index of the range is no longer in it.
+    pub fn for_each_between(&self, after: u64, before: u64, mut f: impl FnMut(&Command)) -> bool {
+        let Some(mem) = self.inner.log.get().and_then(Weak::upgrade) else {
+            return false;
+        };
+        let mem = mem.lock();
+        let mut expected = after + 1;
+        for (index, entry) in mem.entries.range(after + 1..before) {
+            if *index != expected {
+                return false;
+            }
+            expected += 1;
+            if let EntryPayload::Normal(c) = &entry.payload {
+                f(c);
+            }
+        }
+        expected == before
+    }
+
+    /// The waiters of the normal entries in `entries`, with their log ids.
+    fn take(&self, entries: &[Entry]) -> Vec<(oneshot::Sender<LogId>, LogId)> {
+        let mut waiting = self.inner.waiting.lock();
+        if waiting.is_empty() {
+            return Vec::new();
+        }
+        entries
+            .iter()
+            .filter_map(|e| match &e.payload {
+                EntryPayload::Normal(c) => (self.inner.token_of)(c)
+                    .and_then(|t| waiting.remove(&t))
+                    .map(|tx| (tx, e.log_id)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The in-memory image of the log.
+struct Mem {
     entries: BTreeMap<u64, Entry>,
     last_purged: Option<LogId>,
     vote: Option<Vote>,
 }
 
+/// What to do once a queued frame is written (and fsynced, if asked).
+enum Done {
+    /// Report an append to openraft, and wake the writers waiting for its entries.
+    Flushed(LogFlushed<TypeConfig>, Vec<(oneshot::Sender<LogId>, LogId)>),
+    /// Wake one caller.
+    Notify(oneshot::Sender<io::Result<()>>),
+    /// Nothing: nobody waits (a purge).
+    Nothing,
+}
+
+/// One unit of work for the writer thread.
+struct Job {
+    frame: Vec<u8>,
+    sync: bool,
+    /// A purge: see whether the file should be compacted after it.
+    purge: bool,
+    done: Done,
+}
+
 /// The durable Raft log and vote of one group. Cheap to clone: clones share the log.
 #[derive(Clone)]
 pub struct LogStore {
-    inner: Arc<Mutex<Inner>>,
+    dir: PathBuf,
+    mem: Arc<Mutex<Mem>>,
+    jobs: mpsc::Sender<Job>,
+    policy: LogPolicy,
+    fsyncs: Arc<AtomicU64>,
 }
 
 impl LogStore {
-    /// Opens (or creates) the log and vote in `dir`, replaying the log and cutting a torn tail.
+    /// Opens (or creates) the log and vote in `dir`, every entry fsynced before it counts.
     /// Blocking: call from a blocking thread.
     pub fn open(dir: &Path) -> io::Result<LogStore> {
+        LogStore::open_with(dir, LogPolicy::default())
+    }
+
+    /// Opens (or creates) the log and vote in `dir`, replaying the log and cutting a torn
+    /// tail, and starts its writer thread (which ends when the last clone is dropped).
+    /// Blocking: call from a blocking thread.
+    pub fn open_with(dir: &Path, policy: LogPolicy) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
         let vote = match std::fs::read(dir.join(VOTE_FILE)) {
             Ok(bytes) => {
@@ -108,48 +253,217 @@ impl LogStore {
             file.sync_all()?;
         }
         sync_dir(dir)?;
+        let mem = Arc::new(Mutex::new(Mem {
+            entries,
+            last_purged,
+            vote,
+        }));
+        if let Some(w) = &policy.waiters {
+            // A second open of the same waiters keeps the first log: a group's waiters
+            // belong to one log.
+            let _ = w.inner.log.set(Arc::downgrade(&mem));
+        }
+        let (jobs, queue) = mpsc::channel();
+        let fsyncs = Arc::new(AtomicU64::new(0));
+        let mut writer = Writer {
+            fsyncs: fsyncs.clone(),
+            dir: dir.to_path_buf(),
+            file,
+            file_bytes: pos as u64,
+            dirty_since: None,
+            failed: None,
+            mem: mem.clone(),
+        };
+        std::thread::Builder::new()
+            .name("rill-raft-log".into())
+            .spawn(move || writer.run(queue))?;
         Ok(LogStore {
-            inner: Arc::new(Mutex::new(Inner {
-                dir: dir.to_path_buf(),
-                file,
-                file_bytes: pos as u64,
-                entries,
-                last_purged,
-                vote,
-            })),
+            dir: dir.to_path_buf(),
+            mem,
+            jobs,
+            policy,
+            fsyncs,
         })
     }
 
-    /// Runs blocking file work off the async worker threads.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Inner) -> io::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&mut inner.lock()))
-            .await
-            .map_err(io::Error::other)?
+    /// How many fsyncs of the log file the writer thread has made (appends, truncations,
+    /// background flushes), since open.
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Queues a frame for the writer thread.
+    fn submit(&self, job: Job) -> io::Result<()> {
+        self.jobs
+            .send(job)
+            .map_err(|_| io::Error::other("the Raft log's writer thread has stopped"))
+    }
+
+    /// Queues a frame and waits until it is written (and fsynced, if `sync`).
+    async fn write_and_wait(&self, frame: Vec<u8>, sync: bool) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job {
+            frame,
+            sync,
+            purge: false,
+            done: Done::Notify(tx),
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("the Raft log's writer thread has stopped"))?
+    }
+
+    /// Whether `entry` must be fsynced before it counts, under this log's policy.
+    fn must_sync(&self, entry: &Entry) -> bool {
+        match &entry.payload {
+            EntryPayload::Normal(c) => (self.policy.must_sync)(c),
+            EntryPayload::Blank | EntryPayload::Membership(_) => true,
+        }
     }
 }
 
-impl Inner {
-    /// Appends one op as a frame; fsyncs it when `sync`.
-    fn write_op(&mut self, op: &Op, sync: bool) -> io::Result<()> {
-        let frame = encode_frame(op)?;
-        self.file.write_all(&frame)?;
-        if sync {
-            self.file.sync_data()?;
+/// The writer thread's side of a log: the file, and what it knows of it.
+struct Writer {
+    dir: PathBuf,
+    file: File,
+    file_bytes: u64,
+    /// Since when frames written without an fsync wait for one.
+    dirty_since: Option<Instant>,
+    /// The first write error: the file may end in a partial frame, so nothing more is written.
+    failed: Option<String>,
+    mem: Arc<Mutex<Mem>>,
+    fsyncs: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(&mut self, queue: mpsc::Receiver<Job>) {
+        let flush_after = Duration::from_millis(BACKGROUND_FLUSH_MS);
+        loop {
+            // Unsynced frames wait at most `flush_after`, busy or idle.
+            let wait = match self.dirty_since {
+                Some(since) => flush_after.saturating_sub(since.elapsed()),
+                None => flush_after,
+            };
+            let first = match queue.recv_timeout(wait) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.background_sync();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // The log is closed: leave nothing unsynced behind.
+                    self.background_sync();
+                    return;
+                }
+            };
+            let mut batch = vec![first];
+            while let Ok(job) = queue.try_recv() {
+                batch.push(job);
+            }
+            let result = self.write_batch(&batch);
+            for job in batch {
+                let r = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                };
+                match job.done {
+                    Done::Flushed(callback, waiters) => {
+                        if r.is_ok() {
+                            for (tx, log_id) in waiters {
+                                let _ = tx.send(log_id);
+                            }
+                        }
+                        callback.log_io_completed(r);
+                    }
+                    Done::Notify(tx) => {
+                        let _ = tx.send(r);
+                    }
+                    Done::Nothing => {}
+                }
+            }
+            if self
+                .dirty_since
+                .is_some_and(|since| since.elapsed() >= flush_after)
+            {
+                self.background_sync();
+            }
         }
-        self.file_bytes += frame.len() as u64;
+    }
+
+    /// Writes the batch's frames in one write, compacts after a purge if due, and fsyncs
+    /// once if any job asks for it.
+    fn write_batch(&mut self, batch: &[Job]) -> io::Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(io::Error::other(format!(
+                "an earlier Raft log write failed: {e}"
+            )));
+        }
+        let result = self.write_frames(batch);
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    fn write_frames(&mut self, batch: &[Job]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(batch.iter().map(|j| j.frame.len()).sum());
+        for job in batch {
+            buf.extend_from_slice(&job.frame);
+            if job.purge {
+                // Everything before the purge is in the file before it may be rewritten.
+                self.file.write_all(&buf)?;
+                self.file_bytes += buf.len() as u64;
+                self.mark_dirty();
+                buf.clear();
+                self.maybe_compact()?;
+            }
+        }
+        self.file.write_all(&buf)?;
+        self.file_bytes += buf.len() as u64;
+        if !buf.is_empty() {
+            self.mark_dirty();
+        }
+        if batch.iter().any(|j| j.sync) {
+            self.file.sync_data()?;
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.dirty_since = None;
+        }
         Ok(())
     }
 
+    fn mark_dirty(&mut self) {
+        self.dirty_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Fsyncs frames written without one.
+    fn background_sync(&mut self) {
+        if self.dirty_since.is_none() || self.failed.is_some() {
+            return;
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.dirty_since = None;
+            }
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "background fsync of the Raft log failed");
+                self.failed = Some(e.to_string());
+            }
+        }
+    }
+
     /// Rewrites the log file with only the live entries, when purged frames dominate it.
+    /// The live entries are read from memory, which may already hold ops still queued behind
+    /// this one; those ops are written after the rewrite and replay to the same state (each
+    /// index ends as the last op touching it leaves it).
     fn maybe_compact(&mut self) -> io::Result<()> {
         if self.file_bytes < COMPACT_MIN_BYTES {
             return Ok(());
         }
-        let live: Vec<Entry> = self.entries.values().cloned().collect();
+        let (live, last_purged) = {
+            let mem = self.mem.lock();
+            let live: Vec<Entry> = mem.entries.values().cloned().collect();
+            (live, mem.last_purged)
+        };
         let live_bytes = bincode::serialized_size(&live).map_err(invalid)?;
         if live_bytes * 2 > self.file_bytes {
             return Ok(());
@@ -157,7 +471,7 @@ impl Inner {
         let tmp = self.dir.join("log.tmp");
         let mut out = File::create(&tmp)?;
         let mut written = 0u64;
-        if let Some(purged) = self.last_purged {
+        if let Some(purged) = last_purged {
             let frame = encode_frame(&Op::Purge(purged))?;
             out.write_all(&frame)?;
             written += frame.len() as u64;
@@ -173,9 +487,12 @@ impl Inner {
             .append(true)
             .open(self.dir.join(LOG_FILE))?;
         self.file_bytes = written;
+        self.dirty_since = None;
         Ok(())
     }
+}
 
+impl Mem {
     fn last_log_id(&self) -> Option<LogId> {
         self.entries
             .values()
@@ -256,8 +573,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let inner = self.inner.lock();
-        Ok(inner.entries.range(range).map(|(_, e)| e.clone()).collect())
+        let mem = self.mem.lock();
+        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
     }
 }
 
@@ -265,10 +582,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let inner = self.inner.lock();
+        let mem = self.mem.lock();
         Ok(LogState {
-            last_purged_log_id: inner.last_purged,
-            last_log_id: inner.last_log_id(),
+            last_purged_log_id: mem.last_purged,
+            last_log_id: mem.last_log_id(),
         })
     }
 
@@ -277,21 +594,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let vote = *vote;
-        self.blocking(move |inner| {
+        let (vote, dir, mem) = (*vote, self.dir.clone(), self.mem.clone());
+        tokio::task::spawn_blocking(move || {
             let frame = encode_frame(&vote)?;
-            write_atomic(&inner.dir, VOTE_FILE, &frame)?;
-            inner.vote = Some(vote);
-            Ok(())
+            write_atomic(&dir, VOTE_FILE, &frame)?;
+            mem.lock().vote = Some(vote);
+            Ok::<_, io::Error>(())
         })
         .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
         .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        Ok(self.inner.lock().vote)
+        Ok(self.mem.lock().vote)
     }
 
+    /// Records the entries in memory (readable at once, as openraft expects) and queues
+    /// their frame; the writer thread reports them flushed (see the module doc).
     async fn append<I>(
         &mut self,
         entries: I,
@@ -302,71 +623,98 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let result = self
-            .blocking(move |inner| {
-                let op = Op::Append(entries);
-                inner.write_op(&op, true)?;
-                let Inner {
-                    entries,
-                    last_purged,
-                    ..
-                } = inner;
-                apply_op(entries, last_purged, op);
-                Ok(())
-            })
-            .await;
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
+        let sync = entries.iter().any(|e| self.must_sync(e));
+        let waiters = match &self.policy.waiters {
+            Some(w) => w.take(&entries),
+            None => Vec::new(),
+        };
+        let op = Op::Append(entries);
+        let frame = match encode_frame(&op) {
+            Ok(f) => f,
             Err(e) => {
                 let err = StorageIOError::write_logs(&e).into();
                 callback.log_io_completed(Err(e));
-                Err(err)
+                return Err(err);
             }
+        };
+        {
+            let mut mem = self.mem.lock();
+            let Mem {
+                entries,
+                last_purged,
+                ..
+            } = &mut *mem;
+            apply_op(entries, last_purged, op);
         }
+        let job = Job {
+            frame,
+            sync,
+            purge: false,
+            done: Done::Flushed(callback, waiters),
+        };
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            let e = io::Error::other("the Raft log's writer thread has stopped");
+            let err = StorageIOError::write_logs(&e).into();
+            if let Done::Flushed(callback, _) = job.done {
+                callback.log_io_completed(Err(e));
+            }
+            return Err(err);
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.blocking(move |inner| {
-            let op = Op::Truncate(log_id.index);
-            inner.write_op(&op, true)?;
-            let Inner {
-                entries,
-                last_purged,
-                ..
-            } = inner;
-            apply_op(entries, last_purged, op);
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(&e).into())
+        let op = Op::Truncate(log_id.index);
+        let result = async {
+            let frame = encode_frame(&op)?;
+            {
+                let mut mem = self.mem.lock();
+                let Mem {
+                    entries,
+                    last_purged,
+                    ..
+                } = &mut *mem;
+                apply_op(entries, last_purged, op);
+            }
+            // Fsynced: a truncated tail must not come back after a crash.
+            self.write_and_wait(frame, true).await
+        };
+        result
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.blocking(move |inner| {
-            // No fsync: purged entries that reappear after a crash are harmless (they are
-            // behind the state machine's applied index and get purged again).
-            let op = Op::Purge(log_id);
-            inner.write_op(&op, false)?;
-            let Inner {
-                entries,
-                last_purged,
-                ..
-            } = inner;
-            apply_op(entries, last_purged, op);
-            inner.maybe_compact()
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(&e).into())
+        let op = Op::Purge(log_id);
+        let result = (|| {
+            let frame = encode_frame(&op)?;
+            {
+                let mut mem = self.mem.lock();
+                let Mem {
+                    entries,
+                    last_purged,
+                    ..
+                } = &mut *mem;
+                apply_op(entries, last_purged, op);
+            }
+            // No fsync, and nobody waits: purged entries that reappear after a crash are
+            // harmless (they are behind the state machine's applied index and get purged
+            // again).
+            self.submit(Job {
+                frame,
+                sync: false,
+                purge: true,
+                done: Done::Nothing,
+            })
+        })();
+        result.map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::{CommittedLeaderId, EntryPayload};
+    use openraft::CommittedLeaderId;
 
     fn entry(term: u64, index: u64) -> Entry {
         Entry {
@@ -375,16 +723,43 @@ mod tests {
         }
     }
 
-    fn append_sync(store: &LogStore, entries: Vec<Entry>) {
-        let mut inner = store.inner.lock();
+    /// Queues a frame as an append would, and waits for the writer thread to write it.
+    fn append_and_wait(store: &LogStore, entries: Vec<Entry>, sync: bool) {
         let op = Op::Append(entries);
-        inner.write_op(&op, true).expect("write");
-        let Inner {
-            entries,
-            last_purged,
-            ..
-        } = &mut *inner;
-        apply_op(entries, last_purged, op);
+        let frame = encode_frame(&op).expect("encode");
+        {
+            let mut mem = store.mem.lock();
+            let Mem {
+                entries,
+                last_purged,
+                ..
+            } = &mut *mem;
+            apply_op(entries, last_purged, op);
+        }
+        let (tx, rx) = oneshot::channel();
+        store
+            .submit(Job {
+                frame,
+                sync,
+                purge: false,
+                done: Done::Notify(tx),
+            })
+            .expect("submit");
+        rx.blocking_recv().expect("writer").expect("write");
+    }
+
+    /// Waits until every frame queued so far is written.
+    fn barrier(store: &LogStore) {
+        let (tx, rx) = oneshot::channel();
+        store
+            .submit(Job {
+                frame: Vec::new(),
+                sync: false,
+                purge: false,
+                done: Done::Notify(tx),
+            })
+            .expect("submit");
+        rx.blocking_recv().expect("writer").expect("barrier");
     }
 
     #[test]
@@ -396,7 +771,7 @@ mod tests {
             .expect("runtime");
         {
             let mut store = LogStore::open(dir.path()).expect("open");
-            append_sync(&store, (1..=5).map(|i| entry(1, i)).collect());
+            append_and_wait(&store, (1..=5).map(|i| entry(1, i)).collect(), true);
             rt.block_on(async {
                 store.truncate(entry(1, 4).log_id).await.expect("truncate");
                 store.purge(entry(1, 1).log_id).await.expect("purge");
@@ -405,6 +780,7 @@ mod tests {
                     .await
                     .expect("vote");
             });
+            barrier(&store);
         }
         let mut store = LogStore::open(dir.path()).expect("reopen");
         rt.block_on(async {
@@ -426,8 +802,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = LogStore::open(dir.path()).expect("open");
-            append_sync(&store, vec![entry(1, 1)]);
-            append_sync(&store, vec![entry(1, 2)]);
+            append_and_wait(&store, vec![entry(1, 1)], true);
+            append_and_wait(&store, vec![entry(1, 2)], true);
         }
         let path = dir.path().join(LOG_FILE);
         let len = std::fs::metadata(&path).expect("meta").len();
@@ -435,17 +811,21 @@ mod tests {
         f.set_len(len - 3).expect("tear");
         drop(f);
         let store = LogStore::open(dir.path()).expect("reopen");
-        let inner = store.inner.lock();
-        assert_eq!(inner.entries.keys().copied().collect::<Vec<_>>(), vec![1]);
-        assert!(inner.file_bytes < len - 3, "the torn frame was cut");
-        drop(inner);
+        assert_eq!(
+            store.mem.lock().entries.keys().copied().collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert!(
+            std::fs::metadata(&path).expect("meta").len() < len - 3,
+            "the torn frame was cut"
+        );
         // Appends after the cut land after the last good frame.
-        append_sync(&store, vec![entry(2, 2)]);
+        append_and_wait(&store, vec![entry(2, 2)], true);
         drop(store);
         let store = LogStore::open(dir.path()).expect("reopen again");
-        let inner = store.inner.lock();
+        let mem = store.mem.lock();
         assert_eq!(
-            inner.entries.get(&2).map(|e| e.log_id.leader_id.term),
+            mem.entries.get(&2).map(|e| e.log_id.leader_id.term),
             Some(2)
         );
     }
@@ -456,5 +836,80 @@ mod tests {
         std::fs::write(dir.path().join(VOTE_FILE), b"garbage!!").expect("write");
         // Forgetting a vote could let this node vote twice in a term: refuse to open.
         assert!(LogStore::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn entries_that_need_no_sync_are_written_without_an_fsync_and_one_that_does_syncs_them_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::open(dir.path()).expect("open");
+        let before = store.fsyncs();
+        for i in 1..=20 {
+            append_and_wait(&store, vec![entry(1, i)], false);
+        }
+        // Page-cache appends are not fsynced one by one (a background fsync may have come
+        // if writing them took over 200 ms).
+        assert!(
+            store.fsyncs() < before + 3,
+            "page-cache appends were fsynced: {}",
+            store.fsyncs() - before
+        );
+        let before = store.fsyncs();
+        append_and_wait(&store, vec![entry(1, 21)], true);
+        assert_eq!(
+            store.fsyncs(),
+            before + 1,
+            "one fsync for the durable entry"
+        );
+        // The background flush covers page-cache-only frames once the queue is idle.
+        append_and_wait(&store, vec![entry(1, 22)], false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.fsyncs() < before + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no background fsync came"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(store);
+        let store = LogStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.mem.lock().entries.len(), 22);
+    }
+
+    #[test]
+    fn a_batch_of_durable_frames_shares_one_fsync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(dir.path().join(LOG_FILE))
+            .expect("file");
+        let fsyncs = Arc::new(AtomicU64::new(0));
+        let mut writer = Writer {
+            dir: dir.path().to_path_buf(),
+            file,
+            file_bytes: 0,
+            dirty_since: None,
+            failed: None,
+            mem: Arc::new(Mutex::new(Mem {
+                entries: BTreeMap::new(),
+                last_purged: None,
+                vote: None,
+            })),
+            fsyncs: fsyncs.clone(),
+        };
+        let jobs: Vec<Job> = (1..=50)
+            .map(|i| Job {
+                frame: encode_frame(&Op::Append(vec![entry(1, i)])).expect("encode"),
+                sync: true,
+                purge: false,
+                done: Done::Nothing,
+            })
+            .collect();
+        writer.write_batch(&jobs).expect("write");
+        assert_eq!(fsyncs.load(Ordering::Relaxed), 1, "one fsync for the batch");
+        drop(writer);
+        let store = LogStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.mem.lock().entries.len(), 50);
     }
 }

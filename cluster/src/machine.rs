@@ -16,7 +16,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::log_store::write_atomic;
+use crate::log_store::{write_atomic, AppendWaiters};
 use crate::types::{
     Command, Entry, LogId, Reply, Snapshot, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
@@ -45,6 +45,23 @@ pub trait Machine: Send + 'static {
     /// it lacks here, before the install is reported done. Runs on a blocking thread.
     fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.restore(bytes)
+    }
+
+    /// Whether `command` must be fsynced in the Raft log before it counts toward the commit
+    /// (on the leader and on each follower). Always, unless a machine's commands say
+    /// otherwise (a partition's `leader` and `quorum` produces).
+    fn must_sync(command: &Command) -> bool
+    where
+        Self: Sized,
+    {
+        let _ = command;
+        true
+    }
+
+    /// Writers waiting for their commands to reach this replica's Raft log (leader acks),
+    /// if the machine's commands carry tokens for them. None by default.
+    fn append_waiters(&self) -> Option<AppendWaiters> {
+        None
     }
 }
 
@@ -111,6 +128,13 @@ impl<M: Machine> MachineStore<M> {
     /// Reads the machine (for queries). Do not block inside `f`.
     pub fn read<T>(&self, f: impl FnOnce(&M) -> T) -> T {
         f(&self.state.lock().machine)
+    }
+
+    /// Reads the machine and its last applied log id together (one consistent view). Do not
+    /// block inside `f`.
+    pub fn read_applied<T>(&self, f: impl FnOnce(&M, Option<LogId>) -> T) -> T {
+        let s = self.state.lock();
+        f(&s.machine, s.last_applied)
     }
 
     /// The last applied log id.

@@ -8,9 +8,17 @@
 //! records lie wholly below the log's end is recognised as applied and skipped, so nothing is
 //! appended twice. A log that ends *before* `next_offset` lost data this replica acknowledged:
 //! the group stops here instead of giving other offsets than its peers.
+//!
+//! Acks ([`WriteAck`]): a command carries its ack mode, so every replica's Raft log knows
+//! whether to fsync it before it counts (`durable`) or not (`leader`, `quorum`), and a token
+//! by which the leader's log wakes a `leader` ack as soon as the entry is in its own log. A
+//! `leader` ack's offset is the one the apply will give the entry if it commits: the
+//! machine's applied end plus the records of the entries between.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::controller::{ControllerCommand, ControllerError, ControllerReply, Metadata};
-use crate::machine::Machine;
+use crate::log_store::AppendWaiters;
+use crate::machine::{Machine, MachineStore};
 use crate::node::ClusterNode;
 use crate::types::{Command, GroupId, LogId, NodeId, Raft, Reply};
 
@@ -35,6 +44,58 @@ pub trait LocalTopics: Send + Sync + 'static {
     fn partition(&self, name: &str, p: u32) -> Option<PartitionLog>;
     /// Records were appended to partition `p` up to `next_offset`: wake waiting fetches.
     fn appended(&self, name: &str, p: u32, next_offset: u64);
+}
+
+/// What a replicated write's acknowledgement waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAck {
+    /// The entry is in the leader's own Raft log (its page cache). Not committed: lost if
+    /// the leader fails before a majority holds it.
+    Leader,
+    /// Committed: in the Raft logs of a majority (their page caches, not fsynced), and
+    /// applied by the leader.
+    Quorum,
+    /// Committed by a majority that each fsynced the entry in its Raft log, and applied by
+    /// the leader.
+    Durable,
+}
+
+impl WriteAck {
+    fn code(self) -> u8 {
+        match self {
+            WriteAck::Leader => 1,
+            WriteAck::Quorum => 2,
+            WriteAck::Durable => 3,
+        }
+    }
+}
+
+/// The bytes before the record batch in a partition command: the ack code (`u8`) and the
+/// writer's token (`u64` LE).
+const COMMAND_HEADER_BYTES: usize = 9;
+
+/// A partition command: `[ack code: u8][token: u64 LE][record batch]`.
+fn encode_command(ack: WriteAck, token: u64, batch: &[u8]) -> Command {
+    let mut bytes = Vec::with_capacity(COMMAND_HEADER_BYTES + batch.len());
+    bytes.push(ack.code());
+    bytes.extend_from_slice(&token.to_le_bytes());
+    bytes.extend_from_slice(batch);
+    Command(bytes)
+}
+
+/// The ack code, token and record batch of a partition command; `None` if it is too short.
+fn split_command(command: &Command) -> Option<(u8, u64, &[u8])> {
+    let (head, batch) = command.0.split_at_checked(COMMAND_HEADER_BYTES)?;
+    let token = u64::from_le_bytes(head[1..].try_into().ok()?);
+    Some((head[0], token, batch))
+}
+
+/// The records a partition command adds when applied: its batch's record count, 0 for a
+/// command the apply refuses.
+fn command_records(command: &Command) -> u64 {
+    split_command(command)
+        .and_then(|(_, _, batch)| BatchHeader::parse(batch).ok())
+        .map_or(0, |h| u64::from(h.record_count))
 }
 
 /// The result of one replicated write, as the apply returns it: the base offset and the
@@ -50,6 +111,7 @@ pub struct PartitionMachine {
     local: Arc<dyn LocalTopics>,
     /// Where to pull records from when a snapshot is ahead of the log; none: fail instead.
     catch_up: Option<crate::catch_up::CatchUp>,
+    waiters: AppendWaiters,
 }
 
 impl PartitionMachine {
@@ -67,6 +129,7 @@ impl PartitionMachine {
             next_offset: 0,
             local,
             catch_up: None,
+            waiters: AppendWaiters::new(|c| split_command(c).map(|(_, token, _)| token)),
         }
     }
 
@@ -77,6 +140,11 @@ impl PartitionMachine {
         self
     }
 
+    /// The end of the records the applied entries produced.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
     fn reply(r: &WriteReply) -> io::Result<Reply> {
         bincode::serialize(r).map(Reply).map_err(io::Error::other)
     }
@@ -84,7 +152,15 @@ impl PartitionMachine {
 
 impl Machine for PartitionMachine {
     fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
-        let header = match BatchHeader::parse(&command.0) {
+        let Some((_, _, batch)) = split_command(command) else {
+            return Self::reply(&Err(format!(
+                "topic {} partition {}: a replicated command of {} bytes is too short",
+                self.topic,
+                self.partition,
+                command.0.len()
+            )));
+        };
+        let header = match BatchHeader::parse(batch) {
             Ok(h) => h,
             Err(e) => {
                 return Self::reply(&Err(format!(
@@ -107,7 +183,7 @@ impl Machine for PartitionMachine {
             self.next_offset += count;
             return Self::reply(&Ok((base, header.record_count)));
         }
-        match self.log.append(&command.0) {
+        match self.log.append(batch) {
             Ok(info) => {
                 // A producer's retry of a batch already appended is answered with its
                 // original offsets and appends nothing: the applied end does not move back.
@@ -125,7 +201,12 @@ impl Machine for PartitionMachine {
         }
     }
 
+    /// The snapshot is `next_offset`; the records below it are synced first, because the Raft
+    /// log is purged behind a snapshot: after a power loss they could not be re-applied.
     fn snapshot(&self) -> io::Result<Vec<u8>> {
+        self.log
+            .sync_through(self.next_offset)
+            .map_err(io::Error::other)?;
         bincode::serialize(&self.next_offset).map_err(io::Error::other)
     }
 
@@ -149,6 +230,15 @@ impl Machine for PartitionMachine {
         }
         self.next_offset = next_offset;
         Ok(())
+    }
+
+    /// Only `durable` writes are fsynced in the Raft log before they count.
+    fn must_sync(command: &Command) -> bool {
+        split_command(command).is_none_or(|(code, _, _)| code == WriteAck::Durable.code())
+    }
+
+    fn append_waiters(&self) -> Option<AppendWaiters> {
+        Some(self.waiters.clone())
     }
 }
 
@@ -210,6 +300,11 @@ struct Inner {
     groups: RwLock<HashMap<(String, u32), GroupId>>,
     /// Topics with a replication factor above 1.
     replicated: RwLock<HashSet<String>>,
+    /// Per group run here: its machine and the waiters of its `leader` acks.
+    replicas: RwLock<HashMap<GroupId, (MachineStore<PartitionMachine>, AppendWaiters)>>,
+    /// The next token for a `leader` ack's command (random start: tokens of several brokers
+    /// do not meet).
+    next_token: AtomicU64,
     write_timeout: Duration,
 }
 
@@ -248,6 +343,12 @@ impl Replication {
                 local,
                 groups: RwLock::new(HashMap::new()),
                 replicated: RwLock::new(replicated),
+                replicas: RwLock::new(HashMap::new()),
+                next_token: AtomicU64::new(
+                    std::collections::hash_map::RandomState::new()
+                        .build_hasher()
+                        .finish(),
+                ),
                 write_timeout: Duration::from_secs(10),
             }),
         })
@@ -369,13 +470,15 @@ impl Replication {
         };
         let machine =
             PartitionMachine::new(name, p, log, self.inner.local.clone()).with_catch_up(catch_up);
-        let (raft, _store) = self
+        let waiters = machine.waiters.clone();
+        let (raft, store) = self
             .inner
             .node
             .host()
             .start_group(group, machine)
             .await
             .map_err(|e| e.to_string())?;
+        self.inner.replicas.write().insert(group, (store, waiters));
         self.inner
             .groups
             .write()
@@ -510,9 +613,22 @@ impl Replication {
         })
     }
 
-    /// Replicates one batch to partition `p` of `topic` and waits for its commit and local
-    /// apply; returns its base offset and record count.
+    /// Replicates one batch to partition `p` of `topic` and waits for its commit, fsynced
+    /// on a majority, and its local apply ([`WriteAck::Durable`]); returns its base offset
+    /// and record count.
     pub async fn write(&self, topic: &str, p: u32, batch: Bytes) -> Result<(u64, u32), WriteError> {
+        self.write_acked(topic, p, batch, WriteAck::Durable).await
+    }
+
+    /// Replicates one batch to partition `p` of `topic` and waits for what `ack` asks (see
+    /// [`WriteAck`]); returns its base offset and record count.
+    pub async fn write_acked(
+        &self,
+        topic: &str,
+        p: u32,
+        batch: Bytes,
+        ack: WriteAck,
+    ) -> Result<(u64, u32), WriteError> {
         let not_leader = |leader: Option<NodeId>| {
             let registry = self.inner.node.registry();
             WriteError::NotLeader {
@@ -527,7 +643,18 @@ impl Replication {
                 }),
             }
         };
-        let Some(raft) = self.group(topic, p) else {
+        let failed = |message: String| WriteError::Failed {
+            topic: topic.to_string(),
+            partition: p,
+            message,
+        };
+        let Some(group) = self
+            .inner
+            .groups
+            .read()
+            .get(&(topic.to_string(), p))
+            .copied()
+        else {
             // Not a replica here: point at the leader the controller's placement prefers.
             let md = self.inner.node.metadata();
             let preferred = md
@@ -537,35 +664,79 @@ impl Replication {
                 .and_then(|m| m.replicas.first().copied());
             return Err(not_leader(preferred));
         };
-        let timeout = self.inner.write_timeout;
-        let result =
-            tokio::time::timeout(timeout, raft.client_write(Command(batch.to_vec()))).await;
-        let response = match result {
-            Err(_) => {
-                return Err(WriteError::Timeout {
-                    topic: topic.to_string(),
-                    partition: p,
-                    waited_ms: timeout.as_millis() as u64,
-                })
-            }
-            Ok(Err(e)) => {
-                if let Some(fwd) = e.forward_to_leader() {
-                    return Err(not_leader(fwd.leader_id));
-                }
-                return Err(WriteError::Failed {
-                    topic: topic.to_string(),
-                    partition: p,
-                    message: e.to_string(),
-                });
-            }
-            Ok(Ok(r)) => r,
+        let Some(raft) = self.inner.node.host().group(group) else {
+            return Err(not_leader(None));
         };
-        let reply: WriteReply =
-            bincode::deserialize(&response.data.0).map_err(|e| WriteError::Failed {
-                topic: topic.to_string(),
-                partition: p,
-                message: format!("undecodable apply reply: {e}"),
-            })?;
+        let timeout = self.inner.write_timeout;
+        let timed_out = || WriteError::Timeout {
+            topic: topic.to_string(),
+            partition: p,
+            waited_ms: timeout.as_millis() as u64,
+        };
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        let command = encode_command(ack, token, &batch);
+        let replica = if ack == WriteAck::Leader {
+            self.inner.replicas.read().get(&group).cloned()
+        } else {
+            None
+        };
+        let applied = match replica {
+            Some((store, waiters)) => {
+                // Woken when the entry is in this broker's Raft log; the commit goes on.
+                let appended = waiters.register(token);
+                let outcome = tokio::time::timeout(timeout, async {
+                    let mut responder = raft
+                        .client_write_ff(command)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    let applied = tokio::select! {
+                        log_id = appended => {
+                            let base = log_id
+                                .ok()
+                                .and_then(|l| predicted_base(&store, &waiters, l.index));
+                            if let Some(base) = base {
+                                return Ok(LeaderAck::Appended(base));
+                            }
+                            // Applied already (or the log moved on): the apply's answer is
+                            // on its way.
+                            (&mut responder).await
+                        }
+                        r = &mut responder => r,
+                    };
+                    Ok(LeaderAck::Applied(applied))
+                })
+                .await;
+                waiters.cancel(token);
+                match outcome.map_err(|_| timed_out())?? {
+                    LeaderAck::Appended(base) => {
+                        let count = BatchHeader::parse(&batch)
+                            .map(|h| h.record_count)
+                            .map_err(|e| failed(format!("invalid batch: {e}")))?;
+                        return Ok((base, count));
+                    }
+                    LeaderAck::Applied(r) => r
+                        .map_err(|_| failed("the Raft group stopped".into()))?
+                        .map_err(|e| match e {
+                            openraft::error::ClientWriteError::ForwardToLeader(fwd) => {
+                                not_leader(fwd.leader_id)
+                            }
+                            e => failed(e.to_string()),
+                        })?,
+                }
+            }
+            None => match tokio::time::timeout(timeout, raft.client_write(command)).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(e)) => {
+                    if let Some(fwd) = e.forward_to_leader() {
+                        return Err(not_leader(fwd.leader_id));
+                    }
+                    return Err(failed(e.to_string()));
+                }
+                Ok(Ok(r)) => r,
+            },
+        };
+        let reply: WriteReply = bincode::deserialize(&applied.data.0)
+            .map_err(|e| failed(format!("undecodable apply reply: {e}")))?;
         reply.map_err(WriteError::Refused)
     }
 
@@ -723,6 +894,32 @@ impl Replication {
     }
 }
 
+/// How a `leader` ack ended: the entry is in the leader's log with this predicted base
+/// offset, or the apply answered first.
+enum LeaderAck<R> {
+    Appended(u64),
+    Applied(R),
+}
+
+/// The base offset the apply will give the entry at `index` of this replica's Raft log if it
+/// commits: the applied end plus the records of the entries between. `None` if the entry is
+/// applied already, or the entries between are no longer all in the log.
+fn predicted_base(
+    store: &MachineStore<PartitionMachine>,
+    waiters: &AppendWaiters,
+    index: u64,
+) -> Option<u64> {
+    let (applied, next_offset) =
+        store.read_applied(|m, applied| (applied.map_or(0, |l| l.index), m.next_offset()));
+    if applied >= index {
+        return None;
+    }
+    let mut records = 0;
+    waiters
+        .for_each_between(applied, index, |c| records += command_records(c))
+        .then_some(next_offset + records)
+}
+
 impl std::fmt::Debug for Replication {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replication")
@@ -756,7 +953,7 @@ mod tests {
         for v in values {
             b.push(None, v.as_bytes(), &[], 1);
         }
-        Command(b.finish().to_vec())
+        encode_command(WriteAck::Quorum, 7, &b.finish())
     }
 
     fn apply(m: &mut PartitionMachine, index: u64, c: &Command) -> WriteReply {
@@ -791,8 +988,12 @@ mod tests {
         assert_eq!(apply(&mut again, 3, &c), Ok((3, 3)));
         assert_eq!(log.high_watermark(), 6);
 
-        // A snapshot restores where the applies stopped.
+        // A snapshot restores where the applies stopped, and covers only synced records.
         let snap = again.snapshot().expect("snapshot");
+        assert!(
+            log.durable_offset() >= 6,
+            "a snapshot covered unsynced records"
+        );
         let mut restored = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
         restored.restore(&snap).expect("restore");
         assert_eq!(apply(&mut restored, 4, &b), Ok((6, 1)));

@@ -19,9 +19,11 @@ use crate::producer::{Acks, Compression, Producer, ProducerConfig, ProducerRecor
 /// Ack modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AcksArg {
-    /// Appended on the broker.
+    /// Appended on the partition leader (not yet replicated).
     Leader,
-    /// Synced to disk.
+    /// Committed by a majority of the replicas (the leader alone with replication factor 1).
+    Quorum,
+    /// Synced to disk (by a majority of the replicas).
     Durable,
 }
 
@@ -46,7 +48,7 @@ pub struct ProduceArgs {
     #[arg(long)]
     pub partition: Option<u32>,
     /// What each record's acknowledgement waits for.
-    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    #[arg(long, value_enum, default_value_t = AcksArg::Quorum)]
     pub acks: AcksArg,
     /// Compress the batches: none, lz4 or zstd (a topic whose compression names a codec
     /// stores that one).
@@ -131,6 +133,7 @@ pub struct ConsumeArgs {
 pub async fn produce(conn: Connection, ctx: Ctx, args: ProduceArgs) -> Result<()> {
     let acks = match args.acks {
         AcksArg::Leader => Acks::Leader,
+        AcksArg::Quorum => Acks::Quorum,
         AcksArg::Durable => Acks::Durable,
     };
     let compression: Compression = args.compression.parse().map_err(anyhow::Error::msg)?;
