@@ -26,13 +26,16 @@ pub struct RaftTimings {
 }
 
 impl Default for RaftTimings {
-    /// 100 ms heartbeats and 500–1000 ms election timeouts: a leader failure is noticed within
-    /// a second, and a busy 2-core machine does not miss five heartbeats in a row.
+    /// 100 ms heartbeats and 300–600 ms election timeouts: a leader failure is noticed within
+    /// 0.6 s (openraft 0.9 also holds the leader's lease for the longest election timeout),
+    /// and a busy 2-core machine does not miss three heartbeats in a row. The heartbeat is
+    /// not shorter because openraft uses it as the AppendEntries timeout too: at 40–50 ms,
+    /// large batches on a loaded machine time out and cause elections (measured).
     fn default() -> Self {
         RaftTimings {
             heartbeat_ms: 100,
-            election_min_ms: 500,
-            election_max_ms: 1000,
+            election_min_ms: 300,
+            election_max_ms: 600,
         }
     }
 }
@@ -96,6 +99,9 @@ impl GroupHost {
             // partitions) keep their data elsewhere.
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_entries.max(1)),
             max_in_snapshot_log_to_keep: snapshot_entries / 5,
+            // An AppendEntries must finish within one heartbeat (openraft's timeout for it):
+            // with produce batches of up to a few MB per entry, 300 entries would not.
+            max_payload_entries: 32,
             ..Default::default()
         };
         let config = config

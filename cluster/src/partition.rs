@@ -319,6 +319,10 @@ pub struct Replication {
 /// replicated topic never takes the local path while the metadata is still being caught up.
 const REPLICATED_TOPICS_FILE: &str = "replicated-topics";
 
+/// How many entries the leader's log may run ahead of its applied index before a `leader`
+/// ack waits for the commit like a `quorum` one.
+const LEADER_ACK_MAX_UNAPPLIED: u64 = 16;
+
 /// How long a non-preferred replica waits for the preferred leader to initialise a new
 /// group before it initialises the group itself.
 const INIT_GRACE_MS: u64 = 3_000;
@@ -675,7 +679,18 @@ impl Replication {
         };
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let command = encode_command(ack, token, &batch);
-        let replica = if ack == WriteAck::Leader {
+        // Backpressure: a `leader` ack waits for the commit, as `quorum`, while the leader's
+        // log is far ahead of its applied index; otherwise a fast producer would pile up
+        // entries that no follower can take within one AppendEntries timeout.
+        let far_ahead = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.last_log_index
+                .unwrap_or(0)
+                .saturating_sub(m.last_applied.map_or(0, |l| l.index))
+                > LEADER_ACK_MAX_UNAPPLIED
+        };
+        let replica = if ack == WriteAck::Leader && !far_ahead {
             self.inner.replicas.read().get(&group).cloned()
         } else {
             None
