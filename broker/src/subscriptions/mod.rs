@@ -498,7 +498,10 @@ impl Subscriptions {
             rotation: AtomicU32::new(0),
         };
         let sub = Arc::new(sub);
-        self.inner.subs.write().insert(name.into(), Arc::clone(&sub));
+        self.inner
+            .subs
+            .write()
+            .insert(name.into(), Arc::clone(&sub));
         if sub.config.push.is_some() {
             webhook::spawn(broker, self, &sub);
         }
