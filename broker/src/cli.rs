@@ -52,6 +52,14 @@ pub struct Flags {
     /// Export per-group series (one set per group and partition) [default: true].
     #[arg(long, env = "RILL_METRICS_PER_GROUP")]
     pub metrics_per_group: Option<bool>,
+    /// A host (name or IP address) that subscriptions may push to, beside loopback; repeat
+    /// for more [default: loopback only].
+    #[arg(
+        long = "push-endpoint-allow",
+        value_delimiter = ',',
+        env = "RILL_PUSH_ENDPOINT_ALLOW"
+    )]
+    pub push_endpoint_allow: Vec<String>,
     /// Async worker threads [default: one per core but one, at least 1]. Blocking disk work
     /// (syncs, opens) runs on a separate pool either way.
     #[arg(long, env = "RILL_WORKER_THREADS")]
@@ -175,6 +183,11 @@ pub fn load(flags: Flags) -> Result<Config> {
     }
     if let Some(v) = flags.metrics_per_group.or(file.metrics_per_group) {
         config.metrics_per_group = v;
+    }
+    if !flags.push_endpoint_allow.is_empty() {
+        config.push_endpoint_allow = flags.push_endpoint_allow.clone();
+    } else if let Some(v) = file.push_endpoint_allow.clone() {
+        config.push_endpoint_allow = v;
     }
     let defaults = file.topic_defaults.unwrap_or_default();
     let t = &mut config.topic_defaults;

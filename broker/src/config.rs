@@ -213,6 +213,8 @@ pub struct FileConfig {
     pub metrics_per_partition: Option<bool>,
     /// See [`Config::metrics_per_group`].
     pub metrics_per_group: Option<bool>,
+    /// See [`Config::push_endpoint_allow`].
+    pub push_endpoint_allow: Option<Vec<String>>,
     /// Topic defaults, as a `[topic_defaults]` table.
     pub topic_defaults: Option<FileTopicDefaults>,
     /// This broker's node id in a cluster; requires `peers`.

@@ -30,6 +30,7 @@ fn config(ack_deadline_ms: u32, attempts: u32, dlq: &str) -> pb::SubscriptionCon
         max_delivery_attempts: attempts,
         dead_letter_topic: dlq.into(),
         max_in_flight_per_partition: 0,
+        push: None,
     }
 }
 

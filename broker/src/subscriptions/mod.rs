@@ -3,6 +3,8 @@
 //!
 //! - [`state`]: one partition's state machine (done ranges, pending records, locks). No I/O.
 //! - [`records`]: the `__subscriptions` record codec.
+//! - [`settings`]: settings (defaults, bounds, wire form) and [`Ack`].
+//! - `dead_letter`: appending leaving records to the dead-letter topic.
 //! - [`persist`]: [`persist::StateLog`], the internal topic written and replayed as a keyed
 //!   log.
 //! - [`read`]: reading records from the topic's log.
@@ -18,10 +20,12 @@
 //! the copy. A failure leaves the state as it was. The store's writes go through one
 //! blocking-pool lock over the log.
 
+mod dead_letter;
 pub mod persist;
 pub mod push;
 pub mod read;
 pub mod records;
+pub mod settings;
 pub mod state;
 pub mod webhook;
 
@@ -30,7 +34,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use rill_proto::v1::{self as pb, FetchedRecord};
 use rill_storage::log::now_ms;
@@ -38,6 +41,8 @@ use rill_storage::Store;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{StreamExt, StreamMap};
+
+pub use self::settings::{config_to_pb, settle_config, validate_consumer, Ack};
 
 use self::persist::StateLog;
 use self::records::{StoredConfig, SubscriptionRecord};
@@ -134,217 +139,6 @@ pub struct Description {
     pub partitions: Vec<(u32, PartitionState, u64)>,
     /// Timestamp of the oldest record not done, if any.
     pub oldest_unacked_ms: Option<i64>,
-}
-
-impl Default for StoredConfig {
-    fn default() -> Self {
-        StoredConfig {
-            topic: String::new(),
-            ack_deadline_ms: DEFAULT_ACK_DEADLINE_MS,
-            max_delivery_attempts: DEFAULT_MAX_DELIVERY_ATTEMPTS,
-            dead_letter_topic: None,
-            max_in_flight_per_partition: DEFAULT_MAX_IN_FLIGHT,
-            from_earliest: false,
-            push: None,
-        }
-    }
-}
-
-/// Fills in defaults and checks bounds.
-pub fn settle_config(
-    name: &str,
-    c: &pb::SubscriptionConfig,
-    from_earliest: bool,
-) -> Result<StoredConfig, BrokerError> {
-    let invalid = |what: String| {
-        BrokerError::from(SubscriptionError::Invalid(format!(
-            "subscription {name:?}: {what}"
-        )))
-    };
-    let pick = |v: u32, default: u32, max: u32, what: &str| {
-        let v = if v == 0 { default } else { v };
-        if v > max {
-            Err(invalid(format!("{what} {v} is above the limit {max}")))
-        } else {
-            Ok(v)
-        }
-    };
-    if c.topic.is_empty() {
-        return Err(invalid("the topic is required".into()));
-    }
-    let dead_letter_topic = (!c.dead_letter_topic.is_empty()).then(|| c.dead_letter_topic.clone());
-    if dead_letter_topic.as_deref() == Some(c.topic.as_str()) {
-        return Err(invalid(
-            "the dead-letter topic must not be the topic itself".into(),
-        ));
-    }
-    Ok(StoredConfig {
-        topic: c.topic.clone(),
-        ack_deadline_ms: pick(
-            c.ack_deadline_ms,
-            DEFAULT_ACK_DEADLINE_MS,
-            MAX_ACK_DEADLINE_MS,
-            "ack_deadline_ms",
-        )?,
-        max_delivery_attempts: pick(
-            c.max_delivery_attempts,
-            DEFAULT_MAX_DELIVERY_ATTEMPTS,
-            MAX_DELIVERY_ATTEMPTS,
-            "max_delivery_attempts",
-        )?,
-        dead_letter_topic,
-        max_in_flight_per_partition: pick(
-            c.max_in_flight_per_partition,
-            DEFAULT_MAX_IN_FLIGHT,
-            MAX_IN_FLIGHT,
-            "max_in_flight_per_partition",
-        )?,
-        from_earliest,
-        push: match &c.push {
-            None => None,
-            Some(p) => {
-                let min = pick(
-                    p.min_backoff_ms,
-                    webhook::DEFAULT_MIN_BACKOFF_MS,
-                    MAX_ACK_DEADLINE_MS,
-                    "min_backoff_ms",
-                )?;
-                let max = pick(
-                    p.max_backoff_ms,
-                    webhook::DEFAULT_MAX_BACKOFF_MS,
-                    MAX_ACK_DEADLINE_MS,
-                    "max_backoff_ms",
-                )?;
-                if min > max {
-                    return Err(invalid(format!(
-                        "min_backoff_ms {min} is above max_backoff_ms {max}"
-                    )));
-                }
-                Some(records::StoredPush {
-                    endpoint: p.endpoint.clone(),
-                    min_backoff_ms: min,
-                    max_backoff_ms: max,
-                    max_in_flight: pick(
-                        p.max_in_flight,
-                        webhook::DEFAULT_MAX_IN_FLIGHT,
-                        webhook::MAX_IN_FLIGHT,
-                        "max_in_flight",
-                    )?,
-                    signing_secret: (!p.signing_secret.is_empty())
-                        .then(|| p.signing_secret.clone()),
-                })
-            }
-        },
-    })
-}
-
-/// The settings as the wire message.
-pub fn config_to_pb(c: &StoredConfig) -> pb::SubscriptionConfig {
-    pb::SubscriptionConfig {
-        topic: c.topic.clone(),
-        ack_deadline_ms: c.ack_deadline_ms,
-        max_delivery_attempts: c.max_delivery_attempts,
-        dead_letter_topic: c.dead_letter_topic.clone().unwrap_or_default(),
-        max_in_flight_per_partition: c.max_in_flight_per_partition,
-        // The secret is never returned.
-        push: c.push.as_ref().map(|p| pb::PushConfig {
-            endpoint: p.endpoint.clone(),
-            min_backoff_ms: p.min_backoff_ms,
-            max_backoff_ms: p.max_backoff_ms,
-            max_in_flight: p.max_in_flight,
-            signing_secret: String::new(),
-        }),
-    }
-}
-
-/// Checks a consumer id.
-pub fn validate_consumer(id: &str) -> Result<(), BrokerError> {
-    if id.is_empty() || id.len() > state::MAX_CONSUMER_ID_LEN {
-        return Err(SubscriptionError::Invalid(format!(
-            "consumer_id must be 1 to {} bytes (got {})",
-            state::MAX_CONSUMER_ID_LEN,
-            id.len()
-        ))
-        .into());
-    }
-    Ok(())
-}
-
-/// An acknowledgement, as both the RPC and the push stream carry it.
-#[derive(Debug, Clone)]
-pub struct Ack {
-    /// Inclusive ranges: (partition, first, last).
-    pub ranges: Vec<(u32, u64, u64)>,
-    /// What to do.
-    pub kind: AckKind,
-    /// Why (nack, reject).
-    pub error: Option<String>,
-}
-
-impl Ack {
-    /// Reads the wire form; an unspecified type or a delay above the limit is refused.
-    pub fn from_pb(
-        ranges: &[pb::AckRange],
-        kind: i32,
-        delay_ms: u32,
-        error: &str,
-    ) -> Result<Ack, BrokerError> {
-        let kind = match pb::AckType::try_from(kind) {
-            Ok(pb::AckType::Ack) => AckKind::Ack,
-            Ok(pb::AckType::Nack) => {
-                if delay_ms > MAX_ACK_DEADLINE_MS {
-                    return Err(SubscriptionError::Invalid(format!(
-                        "a nack delay of {delay_ms} ms is above the limit {MAX_ACK_DEADLINE_MS} ms"
-                    ))
-                    .into());
-                }
-                AckKind::Nack { delay_ms }
-            }
-            Ok(pb::AckType::Reject) => AckKind::Reject,
-            Ok(pb::AckType::Extend) => AckKind::Extend,
-            _ => {
-                return Err(SubscriptionError::Invalid(
-                    "the ack type must be ACK, NACK, REJECT or EXTEND".into(),
-                )
-                .into())
-            }
-        };
-        if ranges.is_empty() {
-            return Err(SubscriptionError::Invalid(
-                "an acknowledgement needs at least one range".into(),
-            )
-            .into());
-        }
-        let mut total = 0u64;
-        for r in ranges {
-            let n = r
-                .last_offset
-                .checked_sub(r.first_offset)
-                .and_then(|d| d.checked_add(1))
-                .ok_or_else(|| {
-                    SubscriptionError::Invalid(format!(
-                        "partition {}: the range {}..={} is empty (the last offset is before the first)",
-                        r.partition, r.first_offset, r.last_offset
-                    ))
-                })?;
-            total = total.saturating_add(n);
-        }
-        if total > state::MAX_ACK_RECORDS {
-            return Err(SubscriptionError::Invalid(format!(
-                "an acknowledgement names {total} records; the limit is {}",
-                state::MAX_ACK_RECORDS
-            ))
-            .into());
-        }
-        Ok(Ack {
-            ranges: ranges
-                .iter()
-                .map(|r| (r.partition, r.first_offset, r.last_offset))
-                .collect(),
-            kind,
-            error: (!error.is_empty()).then(|| error.to_string()),
-        })
-    }
 }
 
 impl Subscriptions {
@@ -498,7 +292,10 @@ impl Subscriptions {
             rotation: AtomicU32::new(0),
         };
         let sub = Arc::new(sub);
-        self.inner.subs.write().insert(name.into(), Arc::clone(&sub));
+        self.inner
+            .subs
+            .write()
+            .insert(name.into(), Arc::clone(&sub));
         if sub.config.push.is_some() {
             webhook::spawn(broker, self, &sub);
         }
@@ -814,7 +611,7 @@ impl Subscriptions {
         leaving: Vec<DeadLetter>,
     ) -> Result<(), BrokerError> {
         if !leaving.is_empty() {
-            let to_topic = self.dead_letter(broker, sub, &leaving).await?;
+            let to_topic = dead_letter::dead_letter(broker, sub, &leaving).await?;
             for d in &leaving {
                 if let Some(ps) = next.get_mut(&d.partition) {
                     ps.count_left(1, to_topic);
@@ -834,79 +631,6 @@ impl Subscriptions {
         self.write(changed).await?;
         st.partitions = next;
         Ok(())
-    }
-
-    /// Sends `leaving` to the dead-letter topic with origin headers. Returns whether there
-    /// is one (false: the records are archived).
-    async fn dead_letter(
-        &self,
-        broker: &Broker,
-        sub: &Arc<Sub>,
-        leaving: &[DeadLetter],
-    ) -> Result<bool, BrokerError> {
-        let Some(dlq) = sub.config.dead_letter_topic.clone() else {
-            return Ok(false);
-        };
-        if broker.topic(&dlq).is_err() {
-            return Err(SubscriptionError::DeadLetterTopicMissing {
-                subscription: sub.name.clone(),
-                topic: dlq,
-            }
-            .into());
-        }
-        let topic = broker.topic(&sub.config.topic)?;
-        let mut by_partition: BTreeMap<u32, Vec<&DeadLetter>> = BTreeMap::new();
-        for d in leaving {
-            by_partition.entry(d.partition).or_default().push(d);
-        }
-        let mut records = Vec::new();
-        for (p, ds) in by_partition {
-            let log = topic.log(p)?;
-            let offsets: Vec<u64> = ds.iter().map(|d| d.offset).collect();
-            let found =
-                tokio::task::spawn_blocking(move || read::read_at(&log, &offsets)).await??;
-            for r in found {
-                let Some(d) = ds.iter().find(|d| d.offset == r.offset) else {
-                    continue;
-                };
-                let mut headers = r.headers;
-                let mut add = |k: &str, v: String| {
-                    headers.push(pb::Header {
-                        key: k.into(),
-                        value: Bytes::from(v),
-                    })
-                };
-                add(HEADER_SUBSCRIPTION, sub.name.clone());
-                add(HEADER_TOPIC, sub.config.topic.clone());
-                add(HEADER_PARTITION, p.to_string());
-                add(HEADER_OFFSET, r.offset.to_string());
-                add(HEADER_ATTEMPTS, d.attempts.to_string());
-                if let Some(e) = &d.last_error {
-                    add(HEADER_ERROR, e.clone());
-                }
-                records.push(pb::Record {
-                    key: r.key,
-                    value: r.value,
-                    headers,
-                    timestamp_ms: Some(r.timestamp_ms),
-                });
-            }
-        }
-        if !records.is_empty() {
-            crate::produce::produce(
-                broker,
-                pb::ProduceRequest {
-                    topic: dlq,
-                    partition: None,
-                    ack: pb::AckMode::Durable as i32,
-                    payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
-                        records,
-                    })),
-                },
-            )
-            .await?;
-        }
-        Ok(true)
     }
 
     /// Applies `ack` for `consumer`: all ranges or none. Returns the records it applied to

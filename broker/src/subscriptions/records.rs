@@ -215,25 +215,32 @@ mod tests {
                 proptest::option::of("[a-z]{1,10}"),
                 any::<u32>(),
                 any::<bool>(),
-                proptest::option::of(("http://[a-z]{1,10}", any::<u32>(), any::<u32>(), proptest::option::of(".{0,20}"))),
+                proptest::option::of((
+                    "http://[a-z]{1,10}",
+                    any::<u32>(),
+                    any::<u32>(),
+                    proptest::option::of(".{0,20}")
+                )),
             )
-                .prop_map(|(name, topic, a, m, d, f, e, push)| SubscriptionRecord::Created {
-                    name,
-                    config: StoredConfig {
-                        topic,
-                        ack_deadline_ms: a,
-                        max_delivery_attempts: m,
-                        dead_letter_topic: d,
-                        max_in_flight_per_partition: f,
-                        from_earliest: e,
-                        push: push.map(|(endpoint, b, n, signing_secret)| StoredPush {
-                            endpoint,
-                            min_backoff_ms: b,
-                            max_backoff_ms: b,
-                            max_in_flight: n,
-                            signing_secret,
-                        }),
-                    },
+                .prop_map(|(name, topic, a, m, d, f, e, push)| {
+                    SubscriptionRecord::Created {
+                        name,
+                        config: StoredConfig {
+                            topic,
+                            ack_deadline_ms: a,
+                            max_delivery_attempts: m,
+                            dead_letter_topic: d,
+                            max_in_flight_per_partition: f,
+                            from_earliest: e,
+                            push: push.map(|(endpoint, b, n, signing_secret)| StoredPush {
+                                endpoint,
+                                min_backoff_ms: b,
+                                max_backoff_ms: b,
+                                max_in_flight: n,
+                                signing_secret,
+                            }),
+                        },
+                    }
                 }),
             "[a-zA-Z0-9._-]{1,30}".prop_map(|name| SubscriptionRecord::Deleted { name }),
             ("[a-zA-Z0-9._-]{1,30}", any::<u32>(), partition_state()).prop_map(

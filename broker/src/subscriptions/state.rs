@@ -86,7 +86,9 @@ pub enum SubscriptionError {
         topic: String,
     },
     /// A push endpoint the broker may not call (outside its allow-list).
-    #[error("subscription {subscription:?}: the push endpoint {endpoint:?} is not allowed: {reason}")]
+    #[error(
+        "subscription {subscription:?}: the push endpoint {endpoint:?} is not allowed: {reason}"
+    )]
     EndpointNotAllowed {
         /// The subscription.
         subscription: String,

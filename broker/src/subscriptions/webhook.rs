@@ -38,7 +38,10 @@ pub const DEFAULT_MAX_BACKOFF_MS: u32 = 60_000;
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
 /// Most requests outstanding.
 pub const MAX_IN_FLIGHT: u32 = 10_000;
-/// The consumer id the pusher acquires records as.
+/// The consumer id the pusher acquires records as, followed by `-<pass>`: each acquisition
+/// pass locks under its own id, so the late outcome of an earlier delivery (a POST that
+/// timed out as its lock expired and the record was delivered again) cannot ack or nack
+/// the later one.
 pub const CONSUMER: &str = "rill-webhook";
 /// The signature header: `t=<unix ms>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
 pub const SIGNATURE_HEADER: &str = "rill-signature";
@@ -110,6 +113,9 @@ pub struct Rate {
     window: f64,
     threshold: f64,
     max: f64,
+    /// Deliveries finished since the window last shrank: it shrinks at most once per
+    /// window's worth, as failures of requests sent together are one congestion signal.
+    since_decrease: f64,
 }
 
 impl Rate {
@@ -120,6 +126,7 @@ impl Rate {
             window: 1.0,
             threshold: max,
             max,
+            since_decrease: f64::INFINITY,
         }
     }
 
@@ -130,6 +137,7 @@ impl Rate {
 
     /// A delivery succeeded.
     pub fn success(&mut self) {
+        self.since_decrease += 1.0;
         self.window += if self.window < self.threshold {
             1.0
         } else {
@@ -138,10 +146,16 @@ impl Rate {
         self.window = self.window.min(self.max);
     }
 
-    /// A delivery failed.
+    /// A delivery failed: the window halves, unless it did within the last window's worth
+    /// of deliveries.
     pub fn failure(&mut self) {
+        if self.since_decrease < self.window {
+            self.since_decrease += 1.0;
+            return;
+        }
         self.window = (self.window / 2.0).max(1.0);
         self.threshold = self.window;
+        self.since_decrease = 0.0;
     }
 }
 
@@ -157,6 +171,8 @@ pub fn spawn(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) {
 
 /// What one POST came to.
 struct Outcome {
+    /// The consumer id the record was locked to.
+    consumer: String,
     partition: u32,
     offset: u64,
     attempt: u32,
@@ -170,7 +186,8 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
     };
     let deadline = Duration::from_millis(u64::from(sub.config.ack_deadline_ms));
     let client = reqwest::Client::builder()
-        .timeout(deadline)
+        // A little before the lock ends, so the nack lands while the lock still holds.
+        .timeout(deadline * 9 / 10)
         .connect_timeout(deadline.min(Duration::from_secs(10)))
         .pool_max_idle_per_host(push.max_in_flight as usize)
         .build()
@@ -185,6 +202,7 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
     let mut rate = Rate::new(push.max_in_flight);
     let mut posts: JoinSet<Outcome> = JoinSet::new();
     let max_bytes = broker.config().max_fetch_bytes;
+    let mut pass = 0u64;
     loop {
         let released = sub.released.notified();
         tokio::pin!(released);
@@ -192,17 +210,20 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
         let room = rate.window().saturating_sub(posts.len());
         let mut next_event = None;
         if room > 0 {
-            let (records, event) =
-                match subs.acquire(broker, sub, &topic, CONSUMER, room, max_bytes).await {
-                    Ok(got) => got,
-                    Err(BrokerError::Subscription(SubscriptionError::NotFound { .. })) => {
-                        return Ok(())
-                    }
-                    Err(e) => return Err(e),
-                };
+            pass += 1;
+            let consumer = format!("{CONSUMER}-{pass}");
+            let (records, event) = match subs
+                .acquire(broker, sub, &topic, &consumer, room, max_bytes)
+                .await
+            {
+                Ok(got) => got,
+                Err(BrokerError::Subscription(SubscriptionError::NotFound { .. })) => return Ok(()),
+                Err(e) => return Err(e),
+            };
             for r in records {
                 posts.spawn(post(
                     client.clone(),
+                    consumer.clone(),
                     sub.name.clone(),
                     sub.config.topic.clone(),
                     push.clone(),
@@ -240,12 +261,15 @@ async fn settle(
     rate: &mut Rate,
     outcomes: Vec<Outcome>,
 ) -> Result<(), BrokerError> {
-    let mut acked = Vec::new();
+    let mut acked: BTreeMap<String, Vec<(u32, u64, u64)>> = BTreeMap::new();
     for o in outcomes {
         match o.error {
             None => {
                 rate.success();
-                acked.push((o.partition, o.offset, o.offset));
+                acked
+                    .entry(o.consumer)
+                    .or_default()
+                    .push((o.partition, o.offset, o.offset));
             }
             Some(error) => {
                 rate.failure();
@@ -255,17 +279,17 @@ async fn settle(
                     kind: AckKind::Nack { delay_ms },
                     error: Some(error),
                 };
-                apply(broker, subs, sub, &nack).await?;
+                apply(broker, subs, sub, &o.consumer, &nack).await?;
             }
         }
     }
-    if !acked.is_empty() {
+    for (consumer, ranges) in acked {
         let ack = Ack {
-            ranges: acked,
+            ranges,
             kind: AckKind::Ack,
             error: None,
         };
-        apply(broker, subs, sub, &ack).await?;
+        apply(broker, subs, sub, &consumer, &ack).await?;
     }
     Ok(())
 }
@@ -276,18 +300,21 @@ async fn apply(
     broker: &Broker,
     subs: &Subscriptions,
     sub: &Arc<Sub>,
+    consumer: &str,
     ack: &Ack,
 ) -> Result<(), BrokerError> {
-    match subs.acknowledge(broker, &sub.name, CONSUMER, ack).await {
+    match subs.acknowledge(broker, &sub.name, consumer, ack).await {
         Ok(_) => Ok(()),
-        Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) if ack.ranges.len() > 1 => {
+        Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. }))
+            if ack.ranges.len() > 1 =>
+        {
             for r in &ack.ranges {
                 let one = Ack {
                     ranges: vec![*r],
                     kind: ack.kind,
                     error: ack.error.clone(),
                 };
-                match subs.acknowledge(broker, &sub.name, CONSUMER, &one).await {
+                match subs.acknowledge(broker, &sub.name, consumer, &one).await {
                     Ok(_) | Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) => {}
                     Err(e) => return Err(e),
                 }
@@ -306,7 +333,12 @@ pub fn envelope(subscription: &str, topic: &str, r: &pb::ReceivedRecord) -> serd
     let attributes: BTreeMap<String, String> = rec
         .headers
         .iter()
-        .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.value).into_owned()))
+        .map(|h| {
+            (
+                h.key.clone(),
+                String::from_utf8_lossy(&h.value).into_owned(),
+            )
+        })
         .collect();
     serde_json::json!({
         "subscription": subscription,
@@ -346,6 +378,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 async fn post(
     client: reqwest::Client,
+    consumer: String,
     subscription: String,
     topic: String,
     push: super::records::StoredPush,
@@ -353,6 +386,7 @@ async fn post(
 ) -> Outcome {
     let offset = r.record.as_ref().map_or(0, |x| x.offset);
     let mut outcome = Outcome {
+        consumer,
         partition: r.partition,
         offset,
         attempt: r.delivery_count,
@@ -397,11 +431,19 @@ mod tests {
             "http://10.0.0.8/",
         ] {
             let e = check_endpoint("s", bad, &allow).expect_err(bad);
-            assert_eq!(tonic::Status::from(e).code(), tonic::Code::FailedPrecondition, "{bad}");
+            assert_eq!(
+                tonic::Status::from(e).code(),
+                tonic::Code::FailedPrecondition,
+                "{bad}"
+            );
         }
         for bad in ["ftp://127.0.0.1/", "file:///etc/passwd", "not a url"] {
             let e = check_endpoint("s", bad, &allow).expect_err(bad);
-            assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument, "{bad}");
+            assert_eq!(
+                tonic::Status::from(e).code(),
+                tonic::Code::InvalidArgument,
+                "{bad}"
+            );
         }
     }
 
@@ -427,6 +469,10 @@ mod tests {
         assert_eq!(r.window(), 11, "slow start: one more per success");
         r.failure();
         assert_eq!(r.window(), 5);
+        for _ in 0..4 {
+            r.failure();
+        }
+        assert_eq!(r.window(), 5, "failures of one window halve it once");
         for _ in 0..5 {
             r.success();
         }
@@ -435,7 +481,7 @@ mod tests {
             6,
             "additive increase from 5.5: about one per window of successes, not one each"
         );
-        for _ in 0..20 {
+        for _ in 0..200 {
             r.failure();
         }
         assert_eq!(r.window(), 1, "never below one");

@@ -64,7 +64,23 @@ pub struct CreateArgs {
     pub dead_letter_topic: Option<String>,
     /// Records delivered and not done at once, per partition (1000).
     #[arg(long)]
+    pub max_in_flight_per_partition: Option<u32>,
+    /// Have the broker POST each record to this http(s) URL (a webhook); the broker allows
+    /// loopback hosts and those in its push_endpoint_allow list.
+    #[arg(long)]
+    pub push_endpoint: Option<String>,
+    /// Shortest wait before a failed POST is retried (100ms).
+    #[arg(long, value_parser = parse_duration, requires = "push_endpoint")]
+    pub min_backoff: Option<std::time::Duration>,
+    /// Longest wait before a retry (60s).
+    #[arg(long, value_parser = parse_duration, requires = "push_endpoint")]
+    pub max_backoff: Option<std::time::Duration>,
+    /// POSTs outstanding at once (100).
+    #[arg(long, requires = "push_endpoint")]
     pub max_in_flight: Option<u32>,
+    /// Sign every POST (HMAC-SHA256) with the secret in this environment variable.
+    #[arg(long, requires = "push_endpoint")]
+    pub signing_secret_env: Option<String>,
     /// Start at the first retained record (default: only records appended from now on).
     #[arg(long)]
     pub from_beginning: bool,
@@ -98,16 +114,32 @@ pub async fn subscription(conn: Connection, ctx: Ctx, command: SubscriptionComma
             let ms = |d: Option<std::time::Duration>| -> Result<u32> {
                 Ok(match d {
                     Some(d) => u32::try_from(d.as_millis())
-                        .map_err(|_| anyhow::anyhow!("--ack-deadline is too long"))?,
+                        .map_err(|_| anyhow::anyhow!("a duration is too long"))?,
                     None => 0,
                 })
+            };
+            let push = match &a.push_endpoint {
+                None => None,
+                Some(endpoint) => Some(pb::PushConfig {
+                    endpoint: endpoint.clone(),
+                    min_backoff_ms: ms(a.min_backoff)?,
+                    max_backoff_ms: ms(a.max_backoff)?,
+                    max_in_flight: a.max_in_flight.unwrap_or(0),
+                    signing_secret: match &a.signing_secret_env {
+                        Some(var) => std::env::var(var).map_err(|_| {
+                            anyhow::anyhow!("--signing-secret-env: {var} is not set")
+                        })?,
+                        None => String::new(),
+                    },
+                }),
             };
             let config = pb::SubscriptionConfig {
                 topic: a.topic,
                 ack_deadline_ms: ms(a.ack_deadline)?,
                 max_delivery_attempts: a.max_attempts.unwrap_or(0),
                 dead_letter_topic: a.dead_letter_topic.unwrap_or_default(),
-                max_in_flight_per_partition: a.max_in_flight.unwrap_or(0),
+                max_in_flight_per_partition: a.max_in_flight_per_partition.unwrap_or(0),
+                push,
             };
             let c = subs.create(&a.name, config, a.from_beginning).await?;
             match ctx.output {
@@ -184,6 +216,12 @@ fn config_json(name: &str, c: &pb::SubscriptionConfig) -> serde_json::Value {
         "max_delivery_attempts": c.max_delivery_attempts,
         "dead_letter_topic": (!c.dead_letter_topic.is_empty()).then_some(&c.dead_letter_topic),
         "max_in_flight_per_partition": c.max_in_flight_per_partition,
+        "push": c.push.as_ref().map(|p| json!({
+            "endpoint": p.endpoint,
+            "min_backoff_ms": p.min_backoff_ms,
+            "max_backoff_ms": p.max_backoff_ms,
+            "max_in_flight": p.max_in_flight,
+        })),
     })
 }
 
@@ -225,6 +263,16 @@ fn describe_out(ctx: Ctx, d: &pb::DescribeSubscriptionResponse) -> Result<()> {
         },
         c.max_in_flight_per_partition
     )?;
+    if let Some(p) = &c.push {
+        writeln!(
+            out,
+            "  pushed to {} (backoff {}..{}, at most {} requests outstanding)",
+            p.endpoint,
+            units::duration_ms(u64::from(p.min_backoff_ms)),
+            units::duration_ms(u64::from(p.max_backoff_ms)),
+            p.max_in_flight
+        )?;
+    }
     writeln!(
         out,
         "  backlog {}, in flight {}, oldest unacked {}, dead-lettered {}, archived {}",
