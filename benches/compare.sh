@@ -25,6 +25,7 @@ ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -58,7 +59,7 @@ else
   done
 fi
 
-echo "# $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; flags: ${ARGS[*]:-(defaults)}; rill extra: ${RILL_BENCH_ARGS:-(none)}; rounds: $ROUNDS"
+echo "# $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; flags: ${ARGS[*]:-(defaults)}; rill extra: ${RILL_BENCH_ARGS:-(none)}; rounds: ${COMPARE_FROM:+as in }${COMPARE_FROM:-$ROUNDS}"
 RESULT=0
 awk -v baseline="$BASELINE" '
   BEGIN {
