@@ -29,6 +29,37 @@ pub(super) async fn next_member_event(member: Option<&mut GroupMember>) -> Membe
     }
 }
 
+/// The member's settings (used when the consumer is a group member).
+impl ConsumerConfig {
+    /// As a group member, be a static member with this instance id: a restart within the
+    /// session timeout gets the same partitions back, with no rebalance.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// As a group member, set the group's session timeout, ms (the broker allows 500 to
+    /// 3600000; its default is 45000).
+    pub fn session_timeout_ms(mut self, ms: u32) -> Self {
+        self.session_timeout_ms = Some(ms);
+        self
+    }
+
+    /// As a group member, set the group's rebalance timeout, ms: the longest a revoked
+    /// partition may be kept before the member is fenced (the broker's default is 60000).
+    pub fn rebalance_timeout_ms(mut self, ms: u32) -> Self {
+        self.rebalance_timeout_ms = Some(ms);
+        self
+    }
+
+    /// As the first member of an empty group, choose its assignor, `uniform` (the default)
+    /// or `range`.
+    pub fn assignor(mut self, name: impl Into<String>) -> Self {
+        self.assignor = Some(name.into());
+        self
+    }
+}
+
 impl Consumer {
     /// Joins `config`'s group as a member subscribed to `topic` (of `count` partitions), and
     /// starts what the first answer assigns.
