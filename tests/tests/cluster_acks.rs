@@ -61,6 +61,7 @@ async fn produce(
             payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
                 records,
             })),
+            ..Default::default()
         })
         .await?
         .into_inner();

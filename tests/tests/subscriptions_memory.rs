@@ -36,6 +36,7 @@ async fn produce_mib(c: &mut Clients, mib: usize) -> Result<()> {
                 partition: Some(0),
                 ack: 0,
                 payload: Some(Payload::Records(pb::RecordList { records })),
+                ..Default::default()
             })
             .await?;
     }

@@ -79,6 +79,8 @@ pub(super) async fn dead_letter(
                 payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
                     records,
                 })),
+                // Not idempotent; the topic's own compression applies.
+                ..Default::default()
             },
         )
         .await?;
