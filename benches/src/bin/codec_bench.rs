@@ -165,7 +165,7 @@ async fn main() -> Result<()> {
         );
     }
     println!("producer                      produce_msg_s");
-    for (label, config) in [
+    for (n, (label, config)) in [
         ("idempotent, 5 in flight", ProducerConfig::new()),
         (
             "idempotent, 1 in flight",
@@ -175,8 +175,11 @@ async fn main() -> Result<()> {
             "not idempotent (1 in flight)",
             ProducerConfig::new().idempotence(false),
         ),
-    ] {
-        let topic = format!("idem-{}", label.len());
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let topic = format!("idem-{n}");
         admin
             .create_topic(&topic, TopicSettings::new().partitions(args.partitions))
             .await?;
