@@ -17,7 +17,6 @@ use rill_proto::v1::log_client::LogClient;
 use rill_proto::v1::{FetchEncoding, FetchRequest};
 use rill_storage::batch::BatchHeader;
 use rill_storage::PartitionLog;
-use tonic::transport::Endpoint;
 
 use crate::partition::LocalTopics;
 
@@ -33,6 +32,9 @@ pub struct CatchUp {
     pub sources: Vec<String>,
     /// The runtime the pulls run on (the caller is a blocking thread of it).
     pub runtime: tokio::runtime::Handle,
+    /// How to reach the other replicas: TLS and the cluster token when the cluster uses them
+    /// (a secured replica refuses an anonymous fetch).
+    pub transport: crate::network::PeerTransport,
 }
 
 /// The partition a pull fills.
@@ -56,7 +58,10 @@ pub fn pull(catch_up: &CatchUp, target: &Target<'_>, until: u64) -> io::Result<(
         if target.log.high_watermark() >= until {
             break;
         }
-        let result = catch_up.runtime.block_on(pull_from(source, target, until));
+        let result =
+            catch_up
+                .runtime
+                .block_on(pull_from(&catch_up.transport, source, target, until));
         match result {
             Ok(()) => {}
             Err(e) => failures.push(format!("{source}: {e}")),
@@ -75,14 +80,13 @@ pub fn pull(catch_up: &CatchUp, target: &Target<'_>, until: u64) -> io::Result<(
 }
 
 /// Pulls from one source until the log reaches `until` or the source has nothing more.
-async fn pull_from(source: &str, target: &Target<'_>, until: u64) -> io::Result<()> {
-    let channel = Endpoint::from_shared(format!("http://{source}"))
-        .map_err(io::Error::other)?
-        .connect_timeout(FETCH_TIMEOUT)
-        .timeout(FETCH_TIMEOUT)
-        .connect()
-        .await
-        .map_err(io::Error::other)?;
+async fn pull_from(
+    transport: &crate::network::PeerTransport,
+    source: &str,
+    target: &Target<'_>,
+    until: u64,
+) -> io::Result<()> {
+    let channel = transport.connect_lazy(source).map_err(io::Error::other)?;
     let mut client =
         LogClient::new(channel).max_decoding_message_size(2 * FETCH_MAX_BYTES as usize);
     loop {
@@ -90,18 +94,22 @@ async fn pull_from(source: &str, target: &Target<'_>, until: u64) -> io::Result<
         if end >= until {
             return Ok(());
         }
-        let resp = client
-            .fetch(FetchRequest {
-                topic: target.topic.to_string(),
-                partition: target.partition,
-                offset: end,
-                max_wait_ms: 0,
-                min_bytes: 0,
-                max_bytes: FETCH_MAX_BYTES,
-                max_records: 0,
-                encoding: FetchEncoding::RawBatches as i32,
-            })
+        let fetch = client.fetch(FetchRequest {
+            topic: target.topic.to_string(),
+            partition: target.partition,
+            offset: end,
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_bytes: FETCH_MAX_BYTES,
+            max_records: 0,
+            encoding: FetchEncoding::RawBatches as i32,
+        });
+        // The channel connects lazily and has no timeout of its own: bound each fetch here.
+        let resp = tokio::time::timeout(FETCH_TIMEOUT, fetch)
             .await
+            .map_err(|_| {
+                io::Error::other(format!("fetch at {end}: no answer in {FETCH_TIMEOUT:?}"))
+            })?
             .map_err(|s| io::Error::other(format!("fetch at {end}: {}", s.message())))?
             .into_inner();
         if resp.log_start_offset > end {

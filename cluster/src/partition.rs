@@ -471,6 +471,7 @@ impl Replication {
         let catch_up = crate::catch_up::CatchUp {
             sources,
             runtime: tokio::runtime::Handle::current(),
+            transport: registry.config().peer_transport(),
         };
         let machine =
             PartitionMachine::new(name, p, log, self.inner.local.clone()).with_catch_up(catch_up);
