@@ -251,6 +251,7 @@ impl TestCluster {
             .create(true)
             .append(true)
             .open(self.log_path(id))?;
+        let log_path = self.log_path(id);
         let peers = self.peers.clone();
         let node = self.nodes.get_mut(&id).context("no such node")?;
         if node.child.is_some() {
@@ -261,7 +262,18 @@ impl TestCluster {
             extra.args.push("--advertise".into());
             extra.args.push(advertise.to_string());
         }
-        let child = spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &extra).await?;
+        let child = match spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &extra)
+            .await
+        {
+            Ok(child) => child,
+            Err(e) => {
+                // The broker's own words say why it did not start (a port taken, a refusal).
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                return Err(e.context(format!("node {id}'s log ends with:\n{tail}")));
+            }
+        };
         node.child = Some(child);
         Ok(())
     }

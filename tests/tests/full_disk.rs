@@ -60,7 +60,7 @@ fn record_req(topic: &str, value: &Bytes) -> pb::ProduceRequest {
 
 #[tokio::test]
 async fn a_full_disk_is_resource_exhausted_and_recovers_when_space_is_freed() {
-    let mount = match Mount::tmpfs("8m") {
+    let mount = match Mount::tmpfs("16m") {
         Ok(m) => m,
         Err(why) => {
             rill_tests::skip(

@@ -19,7 +19,7 @@ use crate::error::BrokerError;
 /// The internal topic that holds every subscription's state.
 pub const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
 /// Segment size of the topic: a compaction runs once about this much was appended.
-const SEGMENT_BYTES: u64 = 4 << 20;
+const SEGMENT_BYTES: u64 = 1 << 20;
 
 /// The open `__subscriptions` log and the latest record of each key.
 #[derive(Debug)]
