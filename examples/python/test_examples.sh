@@ -56,7 +56,8 @@ cleanup() {
     wait_for 30 "process $pid to exit" exited "$pid" || kill -9 "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
   done
-  rm -rf "$WORK"
+  # KEEP_WORK=1 keeps the data and every output, to look into a failure.
+  if [ -n "${KEEP_WORK:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -89,7 +90,7 @@ lines_in() { [ -f "$1" ] && wc -l <"$1" || echo 0; }
 check "rill_batch decodes the FORMAT.md example and refuses damaged batches" \
   "$PY" -m unittest -q test_batch
 check "webhook_receiver verifies signatures and answers 200, 401 or 400" \
-  "$PY" -m unittest -q test_webhook 2>"$WORK/test_webhook.err"
+  "$PY" -m unittest -q test_webhook >"$WORK/test_webhook.out" 2>&1
 
 # --- the broker ----------------------------------------------------------------------------
 BIN="${RILL_BROKER_BIN:-}"
@@ -258,7 +259,7 @@ if restart; then
   ok "a broker restart: the producer and the tailing consumer retry UNAVAILABLE and go on"
 else
   not_ok "a broker restart: the producer and the tailing consumer retry UNAVAILABLE and go on"
-  tail -5 "$WORK/restart-produce.err" "$WORK/tail.err"
+  tail -n 5 "$WORK/restart-produce.err" "$WORK/tail.err"
 fi
 
 # --- status codes --------------------------------------------------------------------------
@@ -330,20 +331,26 @@ start_receiver() {
   RILL_WEBHOOK_SECRET="$2" "$PY" webhook_receiver.py --listen 127.0.0.1:0 --output json \
     >"$WORK/$1.jsonl" 2>"$WORK/$1.err" &
   STARTED_PID=$!
-  wait_for 10 "webhook_receiver.py to listen" receiver_listening "$STARTED_PID" "$WORK/$1.err" ||
+  if ! wait_for 10 "webhook_receiver.py to listen" receiver_listening "$STARTED_PID" "$WORK/$1.err"
+  then
+    stop "$STARTED_PID"
+    echo "webhook_receiver.py exited with status $?" >&2
     return 1
+  fi
   RECEIVER_URL="$(sed -n 's/^listening on //p' "$WORK/$1.err" | head -1)"
   echo "webhook receiver $1 on $RECEIVER_URL"
 }
 receiver_listening() {
   kill -0 "$1" 2>/dev/null || return 2
-  grep -qs '^listening on http://127.0.0.1:[0-9]*/$' "$2"
+  # grep says 2 when the file is not there yet: that is "not yet", not "hopeless".
+  grep -qs '^listening on http://127.0.0.1:[0-9]*/$' "$2" || return 1
 }
 # subscription_is NAME FIELD VALUE: the subscription's FIELD (backlog, ...) is VALUE.
 subscription_is() {
   "$PY" admin.py describe-subscription "$1" --json >"$WORK/sub-$1.json" &&
     "$PY" -c 'import json, sys
-sys.exit(json.load(open(sys.argv[1]))[sys.argv[2]] != int(sys.argv[3]))' "$WORK/sub-$1.json" "$2" "$3"
+sys.exit(json.load(open(sys.argv[1]))[sys.argv[2]] != int(sys.argv[3]))' \
+      "$WORK/sub-$1.json" "$2" "$3"
 }
 received() { [ "$(lines_in "$WORK/$1.jsonl")" -ge "$2" ]; }
 webhook_delivery() {
@@ -355,21 +362,22 @@ webhook_delivery() {
     timeout 60 "$PY" producer.py pushed <"$WORK/push-input.txt" >/dev/null || return 1
   wait_for 120 "the receiver to ack $PUSHED records" received hook "$PUSHED" || return 1
   wait_for 30 "the subscription's backlog to reach 0" subscription_is hook backlog 0 || return 1
-  stop "$RECEIVER_PID" || return 1
+  stop "$RECEIVER_PID" || { echo "webhook_receiver.py exited with status $?" >&2; return 1; }
   RECEIVER_PID=""
   # Every line arrived (at least once), through the verified path only: nothing refused.
   "$PY" -c 'import json, sys
 got = [json.loads(line) for line in open(sys.argv[2])]
 want = open(sys.argv[1]).read().split()
-sys.exit(sorted({r["value"] for r in got}) != want or any(r["subscription"] != "hook" for r in got))' \
-    "$WORK/push-input.txt" "$WORK/hook.jsonl" &&
-    ! grep -q "refused" "$WORK/hook.err"
+values = sorted({r["value"] for r in got})
+sys.exit(values != want or any(r["subscription"] != "hook" for r in got))' \
+    "$WORK/push-input.txt" "$WORK/hook.jsonl" || { echo "lines missing" >&2; return 1; }
+  ! grep "^refused" "$WORK/hook.err"
 }
 if webhook_delivery; then
   ok "webhook_receiver.py verifies and acks all $PUSHED pushed records; backlog 0"
 else
   not_ok "webhook_receiver.py verifies and acks all $PUSHED pushed records; backlog 0"
-  tail -5 "$WORK/hook.err" "$WORK/broker.err"
+  tail -n 5 "$WORK/hook.err" "$WORK/broker.err"
 fi
 
 # A receiver with the wrong secret refuses every request (401): nothing is acked, nothing is
@@ -405,8 +413,8 @@ make_certificates() {
     -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
     -keyout "$WORK/ca.key" -out "$WORK/ca.pem" &&
     openssl req "${ec[@]}" -subj /CN=127.0.0.1 -keyout "$WORK/server.key" -out "$WORK/server.csr" &&
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
-      >"$WORK/server.ext" &&
+    printf '%s\n' subjectAltName=IP:127.0.0.1,DNS:localhost basicConstraints=CA:FALSE \
+      extendedKeyUsage=serverAuth >"$WORK/server.ext" &&
     openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
       -CAcreateserial -days 2 -extfile "$WORK/server.ext" -out "$WORK/server.pem"
 } >"$WORK/openssl.out" 2>&1
