@@ -9,6 +9,7 @@
 # exists. It listens on 127.0.0.1 port 0 with a fresh data folder, and is stopped by its PID
 # when the script exits, however it exits. Every wait has a deadline.
 # The last line is `python examples: N passed, M failed`; the exit status is 1 if M > 0.
+# KEEP_WORK=1 keeps the work folder (data, certificates, outputs) to look into a failure.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
