@@ -1,8 +1,13 @@
-"""Creates topics and describes them and consumer groups, from the .proto contract alone.
+"""Creates topics and subscriptions and describes them and consumer groups, from the .proto
+contract alone.
 
     python admin.py create-topic orders --partitions 3 --flush interval:1000 [--if-not-exists]
     python admin.py describe-topic orders
     python admin.py describe-group billing
+    python admin.py create-subscription hooks --topic orders \
+        --push-endpoint http://127.0.0.1:8080/ --signing-secret-env RILL_WEBHOOK_SECRET
+    python admin.py describe-subscription hooks
+    python admin.py delete-subscription hooks
 
 Exit status: 0 on success, 1 when the broker refused the request, 2 on bad usage.
 """
@@ -15,15 +20,17 @@ import sys
 import grpc
 
 from rill_common import (
-    DEFAULT_BROKER,
+    add_connection_args,
     admin_pb2,
     admin_pb2_grpc,
     call_with_retry,
-    connect,
+    connect_from_args,
     describe,
     groups_pb2,
     groups_pb2_grpc,
     log,
+    subscriptions_pb2,
+    subscriptions_pb2_grpc,
 )
 
 # Every call gets a deadline: a broker that never answers must not hang the tool.
@@ -119,13 +126,72 @@ def describe_group(channel: grpc.Channel, args: argparse.Namespace) -> int:
     return 0
 
 
+def create_subscription(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    config = subscriptions_pb2.SubscriptionConfig(
+        topic=args.topic,
+        ack_deadline_ms=args.ack_deadline_ms,
+        max_delivery_attempts=args.max_attempts,
+        dead_letter_topic=args.dead_letter_topic or "",
+    )
+    if args.push_endpoint:
+        config.push.endpoint = args.push_endpoint
+        config.push.min_backoff_ms = args.min_backoff_ms
+        config.push.max_backoff_ms = args.max_backoff_ms
+        if args.signing_secret_env:
+            # The secret comes from the environment, never from a flag, where it would show
+            # in the process list.
+            secret = os.environ.get(args.signing_secret_env)
+            if not secret:
+                log(f"admin: --signing-secret-env: {args.signing_secret_env} is not set")
+                return 2
+            config.push.signing_secret = secret
+    start = subscriptions_pb2.START_POSITION_EARLIEST
+    if args.start == "latest":
+        start = subscriptions_pb2.START_POSITION_LATEST
+    request = subscriptions_pb2.CreateSubscriptionRequest(
+        name=args.name, config=config, start=start
+    )
+    stub = subscriptions_pb2_grpc.SubscriptionsStub(channel)
+    # Not retried: a create whose answer was lost would meet ALREADY_EXISTS on the retry.
+    stub.Create(request, timeout=CALL_TIMEOUT_S)
+    push = f", pushed to {args.push_endpoint}" if args.push_endpoint else ""
+    print(f"created subscription {args.name} on topic {args.topic}{push}")
+    return 0
+
+
+def describe_subscription(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = subscriptions_pb2_grpc.SubscriptionsStub(channel)
+    request = subscriptions_pb2.DescribeSubscriptionRequest(name=args.name)
+    sub = call_with_retry(
+        f"describe subscription {args.name}",
+        lambda: stub.Describe(request, timeout=CALL_TIMEOUT_S),
+    )
+    totals = {
+        "backlog": sub.backlog,
+        "in_flight": sub.in_flight,
+        "dead_lettered": sub.dead_lettered,
+        "archived": sub.archived,
+    }
+    if args.json:
+        print(json.dumps({"name": sub.name, "topic": sub.config.topic, **totals}))
+        return 0
+    push = f", pushed to {sub.config.push.endpoint}" if sub.config.HasField("push") else ""
+    print(f"subscription {sub.name} on topic {sub.config.topic}{push}")
+    print(" ".join(f"{k} {v}" for k, v in totals.items()))
+    return 0
+
+
+def delete_subscription(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = subscriptions_pb2_grpc.SubscriptionsStub(channel)
+    request = subscriptions_pb2.DeleteSubscriptionRequest(name=args.name)
+    stub.Delete(request, timeout=CALL_TIMEOUT_S)
+    print(f"deleted subscription {args.name}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--broker",
-        default=os.environ.get("RILL_BROKER", DEFAULT_BROKER),
-        help="host:port (default: $RILL_BROKER or %(default)s)",
-    )
+    add_connection_args(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     create = commands.add_parser("create-topic", help="create a topic")
@@ -147,8 +213,36 @@ def main() -> int:
     group.add_argument("--json", action="store_true", help="print JSON, for scripts")
     group.set_defaults(run=describe_group)
 
+    sub = commands.add_parser(
+        "create-subscription", help="a queue subscription, optionally pushed to a webhook"
+    )
+    sub.add_argument("name")
+    sub.add_argument("--topic", required=True)
+    sub.add_argument("--start", choices=["earliest", "latest"], default="latest")
+    sub.add_argument("--ack-deadline-ms", type=int, default=0, help="0: the broker's (30 s)")
+    sub.add_argument("--max-attempts", type=int, default=0, help="0: the broker's (5)")
+    sub.add_argument("--dead-letter-topic", help="default: records past the attempts are archived")
+    sub.add_argument("--push-endpoint", metavar="URL", help="the broker POSTs each record here")
+    sub.add_argument("--min-backoff-ms", type=int, default=0, help="0: the broker's (100)")
+    sub.add_argument("--max-backoff-ms", type=int, default=0, help="0: the broker's (60000)")
+    sub.add_argument(
+        "--signing-secret-env",
+        metavar="VAR",
+        help="sign each push with the secret in this environment variable",
+    )
+    sub.set_defaults(run=create_subscription)
+
+    sub = commands.add_parser("describe-subscription", help="a subscription's backlog")
+    sub.add_argument("name")
+    sub.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    sub.set_defaults(run=describe_subscription)
+
+    sub = commands.add_parser("delete-subscription", help="delete a subscription")
+    sub.add_argument("name")
+    sub.set_defaults(run=delete_subscription)
+
     args = parser.parse_args()
-    with connect(args.broker) as channel:
+    with connect_from_args(args) as channel:
         try:
             return args.run(channel, args)
         except grpc.RpcError as err:

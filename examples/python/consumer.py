@@ -58,13 +58,13 @@ import grpc
 
 from rill_batch import BatchError, Record, decode_batches
 from rill_common import (
-    DEFAULT_BROKER,
+    add_connection_args,
     RETRYABLE,
     Backoff,
     admin_pb2,
     admin_pb2_grpc,
     call_with_retry,
-    connect,
+    connect_from_args,
     describe,
     groups_pb2,
     groups_pb2_grpc,
@@ -470,11 +470,7 @@ def main() -> int:
         help="the group's session timeout (the broker's default is 45000): a member not heard "
         "from for this long loses its partitions",
     )
-    parser.add_argument(
-        "--broker",
-        default=os.environ.get("RILL_BROKER", DEFAULT_BROKER),
-        help="host:port (default: $RILL_BROKER or %(default)s)",
-    )
+    add_connection_args(parser)
     parser.add_argument(
         "--reset",
         choices=["earliest", "latest"],
@@ -501,7 +497,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.max_records < 1:
         parser.error("--max-records must be at least 1")
-    with connect(args.broker) as channel:
+    with connect_from_args(args) as channel:
         consumer = Consumer(args, channel)
         # SIGINT and SIGTERM stop cleanly: each partition commits what it handled, then ends
         # (retrying the commit while the broker is unavailable). A second one exits at once.

@@ -24,7 +24,6 @@ Exit status: 0 when every line was acked, 1 otherwise, 2 on bad usage.
 
 import argparse
 import collections
-import os
 import queue
 import sys
 import threading
@@ -35,10 +34,10 @@ from typing import Iterator, List, Optional
 import grpc
 
 from rill_common import (
-    DEFAULT_BROKER,
+    add_connection_args,
     RETRYABLE,
     Backoff,
-    connect,
+    connect_from_args,
     describe,
     log,
     log_pb2,
@@ -253,11 +252,7 @@ def main() -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("topic")
-    parser.add_argument(
-        "--broker",
-        default=os.environ.get("RILL_BROKER", DEFAULT_BROKER),
-        help="host:port (default: $RILL_BROKER or %(default)s)",
-    )
+    add_connection_args(parser)
     keys = parser.add_mutually_exclusive_group()
     keys.add_argument("--key", help="the key of every record")
     keys.add_argument("--key-separator", help="split each line at the first SEP into key, value")
@@ -280,7 +275,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1 or args.max_in_flight < 1:
         parser.error("--batch and --max-in-flight must be at least 1")
-    with connect(args.broker) as channel:
+    with connect_from_args(args) as channel:
         return Producer(args).run(log_pb2_grpc.LogStub(channel))
 
 

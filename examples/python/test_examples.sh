@@ -9,6 +9,7 @@
 # exists. It listens on 127.0.0.1 port 0 with a fresh data folder, and is stopped by its PID
 # when the script exits, however it exits. Every wait has a deadline.
 # The last line is `python examples: N passed, M failed`; the exit status is 1 if M > 0.
+# KEEP_WORK=1 keeps the work folder (data, certificates, outputs) to look into a failure.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -42,19 +43,22 @@ BROKER_PID=""
 CONSUMER_PID=""
 PRODUCER_PID=""
 HOLDER_PID=""
+RECEIVER_PID=""
+BAD_RECEIVER_PID=""
 # Stops the clients first (a consumer commits on SIGTERM, which needs the broker), then the
 # broker; each by its PID, with a deadline before SIGKILL.
 cleanup() {
   local pid
-  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID; do
+  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID $RECEIVER_PID $BAD_RECEIVER_PID; do
     kill "$pid" 2>/dev/null
   done
-  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID $BROKER_PID; do
+  for pid in $CONSUMER_PID $PRODUCER_PID $HOLDER_PID $RECEIVER_PID $BAD_RECEIVER_PID $BROKER_PID; do
     [ "$pid" = "$BROKER_PID" ] && kill "$pid" 2>/dev/null
     wait_for 30 "process $pid to exit" exited "$pid" || kill -9 "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
   done
-  rm -rf "$WORK"
+  # KEEP_WORK=1 keeps the data and every output, to look into a failure.
+  if [ -n "${KEEP_WORK:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -86,6 +90,8 @@ lines_in() { [ -f "$1" ] && wc -l <"$1" || echo 0; }
 # --- unit tests of the batch decoder (no broker) -------------------------------------------
 check "rill_batch decodes the FORMAT.md example and refuses damaged batches" \
   "$PY" -m unittest -q test_batch
+check "webhook_receiver verifies signatures and answers 200, 401 or 400" \
+  "$PY" -m unittest -q test_webhook >"$WORK/test_webhook.out" 2>&1
 
 # --- the broker ----------------------------------------------------------------------------
 BIN="${RILL_BROKER_BIN:-}"
@@ -104,14 +110,15 @@ if [ -z "$BIN" ]; then
   }
   BIN="$ROOT/target/debug/rill-broker"
 fi
-# start_broker LISTEN: starts the broker on the test's data folder; sets BROKER_PID and ADDR.
+# start_broker LISTEN [FLAGS...]: starts the broker on $DATA_DIR; sets BROKER_PID and ADDR.
 # Each start writes a new stdout file: the background shell creates it later, and an old one
 # would show the previous start's address.
 BROKER_STARTS=0
+DATA_DIR="$WORK/data"
 start_broker() {
   BROKER_STARTS=$((BROKER_STARTS + 1))
   BROKER_OUT="$WORK/broker-$BROKER_STARTS.out"
-  "$BIN" --data-dir "$WORK/data" --listen "$1" >"$BROKER_OUT" 2>>"$WORK/broker.err" &
+  "$BIN" --data-dir "$DATA_DIR" --listen "$@" >"$BROKER_OUT" 2>>"$WORK/broker.err" &
   BROKER_PID=$!
   if ! wait_for 30 "rill-broker to listen" broker_listening; then
     tail -20 "$WORK/broker.err"
@@ -253,7 +260,7 @@ if restart; then
   ok "a broker restart: the producer and the tailing consumer retry UNAVAILABLE and go on"
 else
   not_ok "a broker restart: the producer and the tailing consumer retry UNAVAILABLE and go on"
-  tail -5 "$WORK/restart-produce.err" "$WORK/tail.err"
+  tail -n 5 "$WORK/restart-produce.err" "$WORK/tail.err"
 fi
 
 # --- status codes --------------------------------------------------------------------------
@@ -314,5 +321,145 @@ check "OUT_OF_RANGE resets to the earliest offset by policy (re-reads all $TOTAL
   out_of_range_reset earliest "$TOTAL"
 check "OUT_OF_RANGE resets to the latest offset by policy (reads nothing)" \
   out_of_range_reset latest 0
+
+# --- push to a webhook: the receiver verifies every signature, prints, and acks ------------
+export RILL_WEBHOOK_SECRET="python-examples-webhook-secret"
+PUSHED=50
+seq -f 'push-%03g' 1 "$PUSHED" >"$WORK/push-input.txt"
+# start_receiver NAME SECRET: starts webhook_receiver.py on 127.0.0.1 port 0 with SECRET;
+# sets STARTED_PID and RECEIVER_URL (the receiver prints the address it bound).
+start_receiver() {
+  RILL_WEBHOOK_SECRET="$2" "$PY" webhook_receiver.py --listen 127.0.0.1:0 --output json \
+    >"$WORK/$1.jsonl" 2>"$WORK/$1.err" &
+  STARTED_PID=$!
+  if ! wait_for 10 "webhook_receiver.py to listen" receiver_listening "$STARTED_PID" "$WORK/$1.err"
+  then
+    stop "$STARTED_PID"
+    echo "webhook_receiver.py exited with status $?" >&2
+    return 1
+  fi
+  RECEIVER_URL="$(sed -n 's/^listening on //p' "$WORK/$1.err" | head -1)"
+  echo "webhook receiver $1 on $RECEIVER_URL"
+}
+receiver_listening() {
+  kill -0 "$1" 2>/dev/null || return 2
+  # grep says 2 when the file is not there yet: that is "not yet", not "hopeless".
+  grep -qs '^listening on http://127.0.0.1:[0-9]*/$' "$2" || return 1
+}
+# subscription_is NAME FIELD VALUE: the subscription's FIELD (backlog, ...) is VALUE.
+subscription_is() {
+  "$PY" admin.py describe-subscription "$1" --json >"$WORK/sub-$1.json" &&
+    "$PY" -c 'import json, sys
+sys.exit(json.load(open(sys.argv[1]))[sys.argv[2]] != int(sys.argv[3]))' \
+      "$WORK/sub-$1.json" "$2" "$3"
+}
+received() { [ "$(lines_in "$WORK/$1.jsonl")" -ge "$2" ]; }
+webhook_delivery() {
+  start_receiver hook "$RILL_WEBHOOK_SECRET" || return 1
+  RECEIVER_PID="$STARTED_PID"
+  "$PY" admin.py create-topic pushed --partitions 2 >/dev/null &&
+    "$PY" admin.py create-subscription hook --topic pushed --start earliest \
+      --push-endpoint "$RECEIVER_URL" --signing-secret-env RILL_WEBHOOK_SECRET >/dev/null &&
+    timeout 60 "$PY" producer.py pushed <"$WORK/push-input.txt" >/dev/null || return 1
+  wait_for 120 "the receiver to ack $PUSHED records" received hook "$PUSHED" || return 1
+  wait_for 30 "the subscription's backlog to reach 0" subscription_is hook backlog 0 || return 1
+  stop "$RECEIVER_PID" || { echo "webhook_receiver.py exited with status $?" >&2; return 1; }
+  RECEIVER_PID=""
+  # Every line arrived (at least once), through the verified path only: nothing refused.
+  "$PY" -c 'import json, sys
+got = [json.loads(line) for line in open(sys.argv[2])]
+want = open(sys.argv[1]).read().split()
+values = sorted({r["value"] for r in got})
+sys.exit(values != want or any(r["subscription"] != "hook" for r in got))' \
+    "$WORK/push-input.txt" "$WORK/hook.jsonl" || { echo "lines missing" >&2; return 1; }
+  ! grep "^refused" "$WORK/hook.err"
+}
+if webhook_delivery; then
+  ok "webhook_receiver.py verifies and acks all $PUSHED pushed records; backlog 0"
+else
+  not_ok "webhook_receiver.py verifies and acks all $PUSHED pushed records; backlog 0"
+  tail -n 5 "$WORK/hook.err" "$WORK/broker.err"
+fi
+
+# A receiver with the wrong secret refuses every request (401): nothing is acked, nothing is
+# lost (with attempts to spare, no record is dead-lettered or archived).
+wrong_secret() {
+  start_receiver hook-bad "not-the-subscription-secret" || return 1
+  BAD_RECEIVER_PID="$STARTED_PID"
+  "$PY" admin.py create-subscription hook-bad --topic pushed --start earliest \
+    --push-endpoint "$RECEIVER_URL" --signing-secret-env RILL_WEBHOOK_SECRET \
+    --max-attempts 1000 >/dev/null || return 1
+  refused_some() { [ "$(grep -c "refused a request with 401: signature does not match" \
+    "$WORK/hook-bad.err")" -ge 3 ]; }
+  wait_for 30 "the receiver to refuse 3 requests" refused_some || return 1
+  local result=0
+  subscription_is hook-bad backlog "$PUSHED" && subscription_is hook-bad dead_lettered 0 &&
+    subscription_is hook-bad archived 0 && [ "$(lines_in "$WORK/hook-bad.jsonl")" = 0 ] ||
+    result=1
+  "$PY" admin.py delete-subscription hook-bad >/dev/null || result=1
+  stop "$BAD_RECEIVER_PID"
+  BAD_RECEIVER_PID=""
+  return "$result"
+}
+check "a wrong secret: every push refused with 401, none acked, none lost" wrong_secret
+
+# --- TLS and a token -----------------------------------------------------------------------
+# A second broker, serving TLS only with a certificate made here (a CA, and a server
+# certificate it signs for 127.0.0.1), and with authentication on (RILL_ADMIN_TOKEN).
+stop "$BROKER_PID"
+BROKER_PID=""
+make_certificates() {
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -days 2 -subj /CN=rill-python-examples-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
+    -keyout "$WORK/ca.key" -out "$WORK/ca.pem" &&
+    openssl req "${ec[@]}" -subj /CN=127.0.0.1 -keyout "$WORK/server.key" -out "$WORK/server.csr" &&
+    printf '%s\n' subjectAltName=IP:127.0.0.1,DNS:localhost basicConstraints=CA:FALSE \
+      extendedKeyUsage=serverAuth >"$WORK/server.ext" &&
+    openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
+      -CAcreateserial -days 2 -extfile "$WORK/server.ext" -out "$WORK/server.pem"
+} >"$WORK/openssl.out" 2>&1
+TOKEN="python-examples-admin-token-0123456789"
+tls_broker() {
+  command -v openssl >/dev/null || { echo "openssl is needed for the TLS pass" >&2; return 1; }
+  make_certificates || { cat "$WORK/openssl.out"; return 1; }
+  DATA_DIR="$WORK/data-tls"
+  RILL_ADMIN_TOKEN="$TOKEN" start_broker 127.0.0.1:0 \
+    --tls-cert "$WORK/server.pem" --tls-key "$WORK/server.key"
+}
+if tls_broker; then
+  ok "start rill-broker with TLS and an admin token"
+  echo "TLS broker on $ADDR"
+  export RILL_BROKER="$ADDR"
+  secure_round_trip() {
+    printf 'key-%d:secure-%d\n' 1 1 2 2 3 3 4 4 5 5 >"$WORK/secure-input.txt"
+    "$PY" admin.py --tls-ca "$WORK/ca.pem" --token "$TOKEN" create-topic secure --partitions 2 \
+      >/dev/null &&
+      timeout 60 "$PY" producer.py secure --tls-ca "$WORK/ca.pem" --token "$TOKEN" \
+        --key-separator : <"$WORK/secure-input.txt" >"$WORK/secure-produce.out" &&
+      grep -q "^acked 5 records" "$WORK/secure-produce.out" &&
+      # The consumer takes both from the environment.
+      RILL_TLS_CA="$WORK/ca.pem" RILL_TOKEN="$TOKEN" timeout 60 "$PY" consumer.py secure \
+        --group secure-readers --until-caught-up >"$WORK/secure.out" 2>"$WORK/secure.err" &&
+      [ "$(grep -c "secure-" "$WORK/secure.out")" = 5 ]
+  }
+  check "over TLS with a token: admin.py, producer.py and consumer.py (--tls-ca, --token, env)" \
+    secure_round_trip
+  # refused_with CODE NAME ARGS...: admin.py with ARGS fails with CODE at once, not retried.
+  refused_with() {
+    local code="$1" name="$2"
+    shift 2
+    ! timeout 30 "$PY" admin.py "$@" describe-topic secure 2>"$WORK/$name.err" &&
+      grep -q "^admin: $code" "$WORK/$name.err" && ! grep -q "retrying" "$WORK/$name.err"
+  }
+  check "a call without the token fails with UNAUTHENTICATED" \
+    refused_with UNAUTHENTICATED no-token --tls-ca "$WORK/ca.pem"
+  check "a call with a wrong token fails with UNAUTHENTICATED" \
+    refused_with UNAUTHENTICATED wrong-token --tls-ca "$WORK/ca.pem" --token not-the-token
+  check "a plaintext call to the TLS broker fails with FAILED_PRECONDITION" \
+    refused_with FAILED_PRECONDITION plaintext --token "$TOKEN"
+else
+  not_ok "start rill-broker with TLS and an admin token"
+fi
 
 finish
