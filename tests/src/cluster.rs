@@ -262,18 +262,17 @@ impl TestCluster {
             extra.args.push("--advertise".into());
             extra.args.push(advertise.to_string());
         }
-        let child = match spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &extra)
-            .await
-        {
-            Ok(child) => child,
-            Err(e) => {
-                // The broker's own words say why it did not start (a port taken, a refusal).
-                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-                return Err(e.context(format!("node {id}'s log ends with:\n{tail}")));
-            }
-        };
+        let child =
+            match spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &extra).await {
+                Ok(child) => child,
+                Err(e) => {
+                    // The broker's own words say why it did not start (a port taken, a refusal).
+                    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                    return Err(e.context(format!("node {id}'s log ends with:\n{tail}")));
+                }
+            };
         node.child = Some(child);
         Ok(())
     }
