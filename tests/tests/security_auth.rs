@@ -103,6 +103,7 @@ const MATRIX: &[&str] = &[
     "/rill.v1.Log/ProduceStream",
     "/rill.v1.Log/Fetch",
     "/rill.v1.Log/ListOffsets",
+    "/rill.v1.Log/InitProducer",
     "/rill.v1.Admin/CreateTopic",
     "/rill.v1.Admin/DeleteTopic",
     "/rill.v1.Admin/ListTopics",
@@ -193,6 +194,13 @@ async fn call(c: &Connection, rpc: &str, spare_token_id: &str) -> Result<Outcome
                     topic: "t".into(),
                     partition: 0,
                     ..Default::default()
+                })
+                .await?;
+        }
+        "/rill.v1.Log/InitProducer" => {
+            c.log()
+                .init_producer(pb::InitProducerRequest {
+                    producer_name: None,
                 })
                 .await?;
         }
@@ -680,7 +688,11 @@ async fn every_rpc_against_every_kind_of_caller() -> Result<()> {
         }
         let without = conn(&broker, Some(&bob)).await?;
         match (*rpc, call(&without, rpc, &spare).await) {
-            ("/rill.v1.Security/WhoAmI", r) => assert_eq!(r?, Outcome::Done),
+            // Any authenticated caller may ask who it is, and get a producer id (the
+            // produces it makes with it are authorized per topic).
+            ("/rill.v1.Security/WhoAmI" | "/rill.v1.Log/InitProducer", r) => {
+                assert_eq!(r?, Outcome::Done)
+            }
             (
                 "/rill.v1.Admin/ListTopics"
                 | "/rill.v1.Groups/ListGroups"
