@@ -145,6 +145,27 @@ impl PartitionMachine {
         self.next_offset
     }
 
+    /// Whether the log's batch at `offset` is the one `header` describes (same producer,
+    /// epoch, sequence and record count: fields an append never rewrites).
+    fn holds_at(&self, offset: u64, header: &BatchHeader) -> io::Result<bool> {
+        let read = self
+            .log
+            .read(offset, rill_storage::batch::HEADER_LEN)
+            .map_err(io::Error::other)?;
+        let Some(stored) = read
+            .chunks
+            .first()
+            .and_then(|chunk| BatchHeader::parse(chunk).ok())
+        else {
+            return Ok(false);
+        };
+        Ok(stored.base_offset == offset
+            && stored.record_count == header.record_count
+            && stored.producer_id == header.producer_id
+            && stored.producer_epoch == header.producer_epoch
+            && stored.base_sequence == header.base_sequence)
+    }
+
     fn reply(r: &WriteReply) -> io::Result<Reply> {
         bincode::serialize(r).map(Reply).map_err(io::Error::other)
     }
@@ -178,7 +199,16 @@ impl Machine for PartitionMachine {
             )));
         }
         if self.next_offset + count <= end {
-            // Applied before a restart: the records are already in the log.
+            // Replaying entries applied before a restart: their records are in the log
+            // already. An idempotent producer's retry (or a refused batch) appended nothing
+            // the first time; it must not move the applied end now, or every later entry
+            // would be taken for another and a plain batch after it appended twice.
+            if header.producer_id >= 0 && !self.holds_at(self.next_offset, &header)? {
+                return Self::reply(&Err(format!(
+                    "topic {} partition {}: a replayed idempotent batch (producer {}, sequence {}) appended nothing when first applied",
+                    self.topic, self.partition, header.producer_id, header.base_sequence
+                )));
+            }
             let base = self.next_offset;
             self.next_offset += count;
             return Self::reply(&Ok((base, header.record_count)));
@@ -1018,6 +1048,41 @@ mod tests {
         let refused = apply(&mut restored, 5, &Command(vec![1, 2, 3]));
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(log.high_watermark(), 7);
+    }
+
+    #[test]
+    fn replaying_a_deduplicated_retry_does_not_append_a_later_batch_twice() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+        let topic = store
+            .create_topic("t", TopicConfig::default())
+            .expect("topic");
+        let log = topic.partition(0).expect("partition");
+        let idempotent = {
+            let mut b = BatchBuilder::new(BytesMut::new()).with_producer(5, 0, 0);
+            b.push(None, b"a", &[], 1);
+            encode_command(WriteAck::Quorum, 7, &b.finish())
+        };
+        let plain = batch(&["b1", "b2"]);
+        let mut first = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+        assert_eq!(apply(&mut first, 1, &idempotent), Ok((0, 1)));
+        // The producer's retry (its answer was lost) is deduplicated: nothing appended.
+        assert_eq!(apply(&mut first, 2, &idempotent), Ok((0, 1)));
+        assert_eq!(apply(&mut first, 3, &plain), Ok((1, 2)));
+        assert_eq!(log.high_watermark(), 3);
+
+        // A restart replays all three entries: the retry must not move the applied end,
+        // or the plain batch is taken for a new one and appended a second time.
+        let mut again = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+        assert_eq!(apply(&mut again, 1, &idempotent), Ok((0, 1)));
+        let _ = apply(&mut again, 2, &idempotent);
+        assert_eq!(apply(&mut again, 3, &plain), Ok((1, 2)));
+        assert_eq!(
+            log.high_watermark(),
+            3,
+            "a replayed batch was appended twice"
+        );
+        assert_eq!(apply(&mut again, 4, &batch(&["c"])), Ok((3, 1)));
     }
 
     #[test]
