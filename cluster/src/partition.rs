@@ -145,6 +145,27 @@ impl PartitionMachine {
         self.next_offset
     }
 
+    /// Whether the log's batch at `offset` is the one `header` describes (same producer,
+    /// epoch, sequence and record count: fields an append never rewrites).
+    fn holds_at(&self, offset: u64, header: &BatchHeader) -> io::Result<bool> {
+        let read = self
+            .log
+            .read(offset, rill_storage::batch::HEADER_LEN)
+            .map_err(io::Error::other)?;
+        let Some(stored) = read
+            .chunks
+            .first()
+            .and_then(|chunk| BatchHeader::parse(chunk).ok())
+        else {
+            return Ok(false);
+        };
+        Ok(stored.base_offset == offset
+            && stored.record_count == header.record_count
+            && stored.producer_id == header.producer_id
+            && stored.producer_epoch == header.producer_epoch
+            && stored.base_sequence == header.base_sequence)
+    }
+
     fn reply(r: &WriteReply) -> io::Result<Reply> {
         bincode::serialize(r).map(Reply).map_err(io::Error::other)
     }
@@ -178,7 +199,16 @@ impl Machine for PartitionMachine {
             )));
         }
         if self.next_offset + count <= end {
-            // Applied before a restart: the records are already in the log.
+            // Replaying entries applied before a restart: their records are in the log
+            // already. An idempotent producer's retry (or a refused batch) appended nothing
+            // the first time; it must not move the applied end now, or every later entry
+            // would be taken for another and a plain batch after it appended twice.
+            if header.producer_id >= 0 && !self.holds_at(self.next_offset, &header)? {
+                return Self::reply(&Err(format!(
+                    "topic {} partition {}: a replayed idempotent batch (producer {}, sequence {}) appended nothing when first applied",
+                    self.topic, self.partition, header.producer_id, header.base_sequence
+                )));
+            }
             let base = self.next_offset;
             self.next_offset += count;
             return Self::reply(&Ok((base, header.record_count)));
@@ -945,94 +975,4 @@ impl std::fmt::Debug for Replication {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::BytesMut;
-    use openraft::CommittedLeaderId;
-    use rill_storage::batch::BatchBuilder;
-    use rill_storage::{Store, StoreOptions};
-
-    struct NoTopics;
-
-    impl LocalTopics for NoTopics {
-        fn ensure_topic(&self, _: &str, _: &TopicConfig) -> Result<(), String> {
-            Ok(())
-        }
-        fn partition(&self, _: &str, _: u32) -> Option<PartitionLog> {
-            None
-        }
-        fn appended(&self, _: &str, _: u32, _: u64) {}
-    }
-
-    fn batch(values: &[&str]) -> Command {
-        let mut b = BatchBuilder::new(BytesMut::new());
-        for v in values {
-            b.push(None, v.as_bytes(), &[], 1);
-        }
-        encode_command(WriteAck::Quorum, 7, &b.finish())
-    }
-
-    fn apply(m: &mut PartitionMachine, index: u64, c: &Command) -> WriteReply {
-        let log_id = LogId::new(CommittedLeaderId::new(1, 1), index);
-        let reply = m.apply(log_id, c).expect("apply");
-        bincode::deserialize(&reply.0).expect("reply")
-    }
-
-    #[test]
-    fn replaying_applied_entries_appends_nothing_and_gives_the_same_offsets() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = Store::open(StoreOptions::new(dir.path())).expect("store");
-        let topic = store
-            .create_topic("t", TopicConfig::default())
-            .expect("topic");
-        let log = topic.partition(0).expect("partition");
-        let (a, b, c) = (
-            batch(&["a1", "a2"]),
-            batch(&["b1"]),
-            batch(&["c1", "c2", "c3"]),
-        );
-        let mut first = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
-        assert_eq!(apply(&mut first, 1, &a), Ok((0, 2)));
-        assert_eq!(apply(&mut first, 2, &b), Ok((2, 1)));
-        assert_eq!(log.high_watermark(), 3);
-
-        // A restart without a snapshot: openraft re-applies from the first entry.
-        let mut again = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
-        assert_eq!(apply(&mut again, 1, &a), Ok((0, 2)));
-        assert_eq!(apply(&mut again, 2, &b), Ok((2, 1)));
-        assert_eq!(log.high_watermark(), 3, "nothing appended twice");
-        assert_eq!(apply(&mut again, 3, &c), Ok((3, 3)));
-        assert_eq!(log.high_watermark(), 6);
-
-        // A snapshot restores where the applies stopped, and covers only synced records.
-        let snap = again.snapshot().expect("snapshot");
-        assert!(
-            log.durable_offset() >= 6,
-            "a snapshot covered unsynced records"
-        );
-        let mut restored = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
-        restored.restore(&snap).expect("restore");
-        assert_eq!(apply(&mut restored, 4, &b), Ok((6, 1)));
-
-        // An invalid batch is refused alike everywhere and changes nothing.
-        let refused = apply(&mut restored, 5, &Command(vec![1, 2, 3]));
-        assert!(refused.is_err(), "{refused:?}");
-        assert_eq!(log.high_watermark(), 7);
-    }
-
-    #[test]
-    fn a_log_shorter_than_what_was_applied_stops_the_replica() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = Store::open(StoreOptions::new(dir.path())).expect("store");
-        let topic = store
-            .create_topic("t", TopicConfig::default())
-            .expect("topic");
-        let log = topic.partition(0).expect("partition");
-        let mut m = PartitionMachine::new("t", 0, log, Arc::new(NoTopics));
-        m.restore(&bincode::serialize(&10u64).expect("encode"))
-            .expect("restore");
-        let log_id = LogId::new(CommittedLeaderId::new(1, 1), 11);
-        // The local log ends at 0 but 10 records were applied: it lost acknowledged data.
-        assert!(m.apply(log_id, &batch(&["x"])).is_err());
-    }
-}
+mod tests;

@@ -83,7 +83,8 @@ mod disabled {
 
     /// No faults: every hook does nothing.
     #[derive(Debug, Default)]
-    pub(in crate::log) struct Faults;
+    // Braced, not a unit struct, so that both builds construct it with `Faults::default()`.
+    pub(in crate::log) struct Faults {}
 
     impl Faults {
         #[inline(always)]

@@ -1,0 +1,126 @@
+//! Unit tests of the partition state machine: replay, snapshots, and refusals.
+
+use super::*;
+use bytes::BytesMut;
+use openraft::CommittedLeaderId;
+use rill_storage::batch::BatchBuilder;
+use rill_storage::{Store, StoreOptions};
+
+struct NoTopics;
+
+impl LocalTopics for NoTopics {
+    fn ensure_topic(&self, _: &str, _: &TopicConfig) -> Result<(), String> {
+        Ok(())
+    }
+    fn partition(&self, _: &str, _: u32) -> Option<PartitionLog> {
+        None
+    }
+    fn appended(&self, _: &str, _: u32, _: u64) {}
+}
+
+fn batch(values: &[&str]) -> Command {
+    let mut b = BatchBuilder::new(BytesMut::new());
+    for v in values {
+        b.push(None, v.as_bytes(), &[], 1);
+    }
+    encode_command(WriteAck::Quorum, 7, &b.finish())
+}
+
+fn apply(m: &mut PartitionMachine, index: u64, c: &Command) -> WriteReply {
+    let log_id = LogId::new(CommittedLeaderId::new(1, 1), index);
+    let reply = m.apply(log_id, c).expect("apply");
+    bincode::deserialize(&reply.0).expect("reply")
+}
+
+#[test]
+fn replaying_applied_entries_appends_nothing_and_gives_the_same_offsets() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+    let topic = store
+        .create_topic("t", TopicConfig::default())
+        .expect("topic");
+    let log = topic.partition(0).expect("partition");
+    let (a, b, c) = (
+        batch(&["a1", "a2"]),
+        batch(&["b1"]),
+        batch(&["c1", "c2", "c3"]),
+    );
+    let mut first = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    assert_eq!(apply(&mut first, 1, &a), Ok((0, 2)));
+    assert_eq!(apply(&mut first, 2, &b), Ok((2, 1)));
+    assert_eq!(log.high_watermark(), 3);
+
+    // A restart without a snapshot: openraft re-applies from the first entry.
+    let mut again = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    assert_eq!(apply(&mut again, 1, &a), Ok((0, 2)));
+    assert_eq!(apply(&mut again, 2, &b), Ok((2, 1)));
+    assert_eq!(log.high_watermark(), 3, "nothing appended twice");
+    assert_eq!(apply(&mut again, 3, &c), Ok((3, 3)));
+    assert_eq!(log.high_watermark(), 6);
+
+    // A snapshot restores where the applies stopped, and covers only synced records.
+    let snap = again.snapshot().expect("snapshot");
+    assert!(
+        log.durable_offset() >= 6,
+        "a snapshot covered unsynced records"
+    );
+    let mut restored = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    restored.restore(&snap).expect("restore");
+    assert_eq!(apply(&mut restored, 4, &b), Ok((6, 1)));
+
+    // An invalid batch is refused alike everywhere and changes nothing.
+    let refused = apply(&mut restored, 5, &Command(vec![1, 2, 3]));
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(log.high_watermark(), 7);
+}
+
+#[test]
+fn replaying_a_deduplicated_retry_does_not_append_a_later_batch_twice() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+    let topic = store
+        .create_topic("t", TopicConfig::default())
+        .expect("topic");
+    let log = topic.partition(0).expect("partition");
+    let idempotent = {
+        let mut b = BatchBuilder::new(BytesMut::new()).with_producer(5, 0, 0);
+        b.push(None, b"a", &[], 1);
+        encode_command(WriteAck::Quorum, 7, &b.finish())
+    };
+    let plain = batch(&["b1", "b2"]);
+    let mut first = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    assert_eq!(apply(&mut first, 1, &idempotent), Ok((0, 1)));
+    // The producer's retry (its answer was lost) is deduplicated: nothing appended.
+    assert_eq!(apply(&mut first, 2, &idempotent), Ok((0, 1)));
+    assert_eq!(apply(&mut first, 3, &plain), Ok((1, 2)));
+    assert_eq!(log.high_watermark(), 3);
+
+    // A restart replays all three entries: the retry must not move the applied end,
+    // or the plain batch is taken for a new one and appended a second time.
+    let mut again = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    assert_eq!(apply(&mut again, 1, &idempotent), Ok((0, 1)));
+    let _ = apply(&mut again, 2, &idempotent);
+    assert_eq!(apply(&mut again, 3, &plain), Ok((1, 2)));
+    assert_eq!(
+        log.high_watermark(),
+        3,
+        "a replayed batch was appended twice"
+    );
+    assert_eq!(apply(&mut again, 4, &batch(&["c"])), Ok((3, 1)));
+}
+
+#[test]
+fn a_log_shorter_than_what_was_applied_stops_the_replica() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+    let topic = store
+        .create_topic("t", TopicConfig::default())
+        .expect("topic");
+    let log = topic.partition(0).expect("partition");
+    let mut m = PartitionMachine::new("t", 0, log, Arc::new(NoTopics));
+    m.restore(&bincode::serialize(&10u64).expect("encode"))
+        .expect("restore");
+    let log_id = LogId::new(CommittedLeaderId::new(1, 1), 11);
+    // The local log ends at 0 but 10 records were applied: it lost acknowledged data.
+    assert!(m.apply(log_id, &batch(&["x"])).is_err());
+}
