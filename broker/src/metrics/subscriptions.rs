@@ -15,7 +15,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use crate::state::Broker;
-use crate::subscriptions::stats::Outcomes;
 use crate::subscriptions::Subscriptions;
 
 /// Reads every subscription at each scrape.
@@ -34,14 +33,6 @@ impl SubscriptionCollector {
         }
     }
 }
-
-/// The outcome label values, with how to read each from [`Outcomes`].
-const OUTCOMES: [(&str, fn(&Outcomes) -> u64); 4] = [
-    ("acked", |o| o.acked),
-    ("nacked", |o| o.nacked),
-    ("rejected", |o| o.rejected),
-    ("expired", |o| o.expired),
-];
 
 impl Collector for SubscriptionCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
@@ -93,12 +84,12 @@ impl Collector for SubscriptionCollector {
                 MetricType::Counter,
             )?;
             for f in &figures {
-                for (outcome, read) in OUTCOMES {
+                for (outcome, count) in f.outcomes.by_outcome() {
                     let labels = [
                         ("subscription", f.name.clone()),
                         ("outcome", outcome.to_string()),
                     ];
-                    ConstCounter::new(read(&f.outcomes)).encode(metric.encode_family(&labels)?)?;
+                    ConstCounter::new(count).encode(metric.encode_family(&labels)?)?;
                 }
             }
         }

@@ -40,6 +40,19 @@ pub struct Outcomes {
     pub dead_lettered: u64,
 }
 
+impl Outcomes {
+    /// The delivery outcomes with their label values: `acked`, `nacked`, `rejected`,
+    /// `expired`.
+    pub fn by_outcome(&self) -> [(&'static str, u64); 4] {
+        [
+            ("acked", self.acked),
+            ("nacked", self.nacked),
+            ("rejected", self.rejected),
+            ("expired", self.expired),
+        ]
+    }
+}
+
 impl Counters {
     /// Counts an acknowledgement of `kind` applied to `records` records (extensions are not
     /// an outcome).
