@@ -49,7 +49,8 @@ pub struct Flags {
     /// Export per-partition series (one set per partition) [default: true].
     #[arg(long, env = "RILL_METRICS_PER_PARTITION")]
     pub metrics_per_partition: Option<bool>,
-    /// Export per-group series (one set per group and partition) [default: true].
+    /// Export per-group series (one set per group and partition, and per subscription)
+    /// [default: true].
     #[arg(long, env = "RILL_METRICS_PER_GROUP")]
     pub metrics_per_group: Option<bool>,
     /// A host (name or IP address) that subscriptions may push to, beside loopback; repeat

@@ -66,7 +66,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Export the per-partition series (log offsets, size, segments). Default true.
     pub metrics_per_partition: bool,
-    /// Export the per-group series (committed offset and lag per partition). Default true.
+    /// Export the per-group series (committed offset and lag per partition) and the
+    /// per-subscription ones (backlog, in flight, outcomes). Default true.
     pub metrics_per_group: bool,
     /// Cluster membership (`--node-id`, `--peers`); `None` runs a single broker, exactly as
     /// without replication.

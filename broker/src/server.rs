@@ -178,7 +178,11 @@ impl Server {
         crate::subscriptions::spawn_background(&broker, &subscriptions);
         let request_metrics = match metrics_listener {
             Some((listener, _)) => {
-                let metrics = Metrics::new(&broker, Some(coordinator.clone()));
+                let metrics = Metrics::new(
+                    &broker,
+                    Some(coordinator.clone()),
+                    Some(subscriptions.clone()),
+                );
                 let layer = metrics.layer();
                 crate::metrics::http::spawn(listener, metrics, &broker);
                 layer

@@ -5,6 +5,7 @@
 //! - [`counters`]: per-topic records and bytes produced and fetched, plain atomics bumped on
 //!   the hot path.
 //! - [`collector`]: everything else, computed at scrape time from the broker's state.
+//! - [`subscriptions`]: the per-subscription series, computed at scrape time.
 //! - [`process`]: resident memory and open files from `/proc/self`.
 //! - [`http`]: `GET /metrics` on its own listener (`metrics_listen`), stopped by the
 //!   broker's shutdown token.
@@ -18,6 +19,7 @@ pub mod counters;
 pub mod http;
 pub mod process;
 pub mod requests;
+pub mod subscriptions;
 
 use std::sync::Arc;
 
@@ -36,14 +38,25 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The registry for `broker` and, when given, its groups' membership.
-    pub fn new(broker: &Broker, coordinator: Option<crate::groups::Coordinator>) -> Self {
+    /// The registry for `broker` and, when given, its groups' membership and its queue
+    /// subscriptions.
+    pub fn new(
+        broker: &Broker,
+        coordinator: Option<crate::groups::Coordinator>,
+        subscriptions: Option<crate::subscriptions::Subscriptions>,
+    ) -> Self {
         let mut registry = Registry::default();
         let requests = RequestMetrics::register(&mut registry);
         registry.register_collector(Box::new(collector::BrokerCollector::new(
             broker.clone(),
             coordinator,
         )));
+        if let Some(subscriptions) = subscriptions {
+            registry.register_collector(Box::new(subscriptions::SubscriptionCollector::new(
+                broker.clone(),
+                subscriptions,
+            )));
+        }
         Metrics {
             registry: Arc::new(registry),
             requests,

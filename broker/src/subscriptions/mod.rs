@@ -10,6 +10,7 @@
 //! - [`read`]: reading records from the topic's log.
 //! - [`push`]: the `Subscribe` stream (push with credits) for subscriptions and groups.
 //! - [`webhook`]: push to HTTP endpoints: signed POSTs, retries with backoff, AIMD rate.
+//! - [`stats`]: delivery outcome counters and the figures the metrics read at scrape time.
 //! - [`Subscriptions`]: every subscription in memory; each change is stored before it takes
 //!   effect; [`spawn_background`] runs the sweep that expires locks (and dead-letters records
 //!   past their attempts) while no consumer calls.
@@ -27,6 +28,7 @@ pub mod read;
 pub mod records;
 pub mod settings;
 pub mod state;
+pub mod stats;
 pub mod webhook;
 
 use std::collections::BTreeMap;
@@ -91,6 +93,8 @@ pub struct Sub {
     released: tokio::sync::Notify,
     /// Where the next acquisition starts looking, so partitions share consumers fairly.
     rotation: AtomicU32,
+    /// Delivery outcomes, for the metrics.
+    counters: stats::Counters,
 }
 
 #[derive(Debug, Default)]
@@ -184,6 +188,7 @@ impl Subscriptions {
                     }),
                     released: tokio::sync::Notify::new(),
                     rotation: AtomicU32::new(0),
+                    counters: stats::Counters::default(),
                 };
                 (name, Arc::new(sub))
             })
@@ -290,6 +295,7 @@ impl Subscriptions {
             }),
             released: tokio::sync::Notify::new(),
             rotation: AtomicU32::new(0),
+            counters: stats::Counters::default(),
         };
         let sub = Arc::new(sub);
         self.inner
@@ -527,6 +533,7 @@ impl Subscriptions {
         let now = now_ms();
         let mut next = st.partitions.clone();
         let count = topic.topic.partition_count();
+        let expired = stats::expiring(&next, now);
         let mut leaving = Vec::new();
         for (p, ps) in next.iter_mut() {
             leaving.extend(ps.expire(*p, now, &limits));
@@ -592,6 +599,7 @@ impl Subscriptions {
             }
         }
         self.finish(broker, sub, &mut st, next, leaving).await?;
+        sub.counters.settled(expired, 0);
         let next_event = st
             .partitions
             .values()
@@ -610,6 +618,7 @@ impl Subscriptions {
         mut next: BTreeMap<u32, PartitionState>,
         leaving: Vec<DeadLetter>,
     ) -> Result<(), BrokerError> {
+        let leaving_count = leaving.len() as u64;
         if !leaving.is_empty() {
             let to_topic = dead_letter::dead_letter(broker, sub, &leaving).await?;
             for d in &leaving {
@@ -630,6 +639,7 @@ impl Subscriptions {
             .collect();
         self.write(changed).await?;
         st.partitions = next;
+        sub.counters.settled(0, leaving_count);
         Ok(())
     }
 
@@ -653,6 +663,7 @@ impl Subscriptions {
         let limits = sub.limits();
         let now = now_ms();
         let mut next = st.partitions.clone();
+        let expired = stats::expiring(&next, now);
         let mut leaving = Vec::new();
         for (p, ps) in next.iter_mut() {
             leaving.extend(ps.expire(*p, now, &limits));
@@ -683,6 +694,8 @@ impl Subscriptions {
         }
         self.finish(broker, &sub, &mut st, next, leaving).await?;
         drop(st);
+        sub.counters.settled(expired, 0);
+        sub.counters.acknowledged(ack.kind, applied);
         if matches!(ack.kind, AckKind::Nack { .. }) {
             sub.released.notify_waiters();
         }

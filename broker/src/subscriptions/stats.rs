@@ -1,0 +1,203 @@
+//! What the metrics export per subscription: delivery outcomes counted as calls complete
+//! (relaxed atomics, bumped only after the change is stored, so a failed call counts
+//! nothing), and backlog and in-flight figures read from the state at scrape time.
+//!
+//! The scrape is synchronous and the state sits behind an async lock that calls hold while
+//! they read the log and store changes, so the scrape only *tries* the lock: a subscription
+//! busy at that instant is left out of that scrape's gauges (its counters are always there).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rill_storage::log::now_ms;
+
+use super::state::{AckKind, PartitionState};
+use super::Subscriptions;
+use crate::state::Broker;
+
+/// One subscription's outcome counters since the broker started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    rejected: AtomicU64,
+    expired: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// A copy of [`Counters`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Records acknowledged.
+    pub acked: u64,
+    /// Records nacked (released for redelivery).
+    pub nacked: u64,
+    /// Records rejected (sent to leave at once).
+    pub rejected: u64,
+    /// Locks that ended without an acknowledgement.
+    pub expired: u64,
+    /// Records that left without an ack: to the dead-letter topic, or archived without one.
+    pub dead_lettered: u64,
+}
+
+impl Outcomes {
+    /// The delivery outcomes with their label values: `acked`, `nacked`, `rejected`,
+    /// `expired`.
+    pub fn by_outcome(&self) -> [(&'static str, u64); 4] {
+        [
+            ("acked", self.acked),
+            ("nacked", self.nacked),
+            ("rejected", self.rejected),
+            ("expired", self.expired),
+        ]
+    }
+}
+
+impl Counters {
+    /// Counts an acknowledgement of `kind` applied to `records` records (extensions are not
+    /// an outcome).
+    pub fn acknowledged(&self, kind: AckKind, records: u64) {
+        let counter = match kind {
+            AckKind::Ack => &self.acked,
+            AckKind::Nack { .. } => &self.nacked,
+            AckKind::Reject => &self.rejected,
+            AckKind::Extend => return,
+        };
+        counter.fetch_add(records, Ordering::Relaxed);
+    }
+
+    /// Counts `expired` locks ended and `left` records gone without an ack.
+    pub fn settled(&self, expired: u64, left: u64) {
+        if expired > 0 {
+            self.expired.fetch_add(expired, Ordering::Relaxed);
+        }
+        if left > 0 {
+            self.dead_lettered.fetch_add(left, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts now.
+    pub fn get(&self) -> Outcomes {
+        Outcomes {
+            acked: self.acked.load(Ordering::Relaxed),
+            nacked: self.nacked.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Locks in `partitions` that ended before `now_ms` (what `expire` is about to release).
+pub(super) fn expiring(partitions: &BTreeMap<u32, PartitionState>, now_ms: i64) -> u64 {
+    partitions
+        .values()
+        .flat_map(|ps| ps.pending.values())
+        .filter(|p| p.lock.as_ref().is_some_and(|l| l.deadline_ms < now_ms))
+        .count() as u64
+}
+
+/// One subscription's figures for a scrape.
+#[derive(Debug, Clone)]
+pub struct SubscriptionFigures {
+    /// The subscription.
+    pub name: String,
+    /// Records not done, over its partitions, and records locked now; `None` when the
+    /// state was busy during this scrape.
+    pub backlog_and_in_flight: Option<(u64, u64)>,
+    /// Outcome counters.
+    pub outcomes: Outcomes,
+}
+
+impl Subscriptions {
+    /// Every subscription's figures now, sorted by name. Never waits: reads only memory
+    /// (the state, and each partition's high watermark).
+    pub fn figures(&self, broker: &Broker) -> Vec<SubscriptionFigures> {
+        let subs: Vec<_> = self.inner.subs.read().values().cloned().collect();
+        let now = now_ms();
+        subs.iter()
+            .map(|sub| {
+                let gauges = broker.topic(&sub.config.topic).ok().and_then(|topic| {
+                    let st = sub.state.try_lock().ok()?;
+                    let mut backlog = 0u64;
+                    let mut in_flight = 0u64;
+                    for p in 0..topic.topic.partition_count() {
+                        // A fenced partition has no high watermark: nothing to add.
+                        let Ok(log) = topic.log(p) else { continue };
+                        let start = log.log_start_offset();
+                        let hwm = log.high_watermark();
+                        match st.partitions.get(&p) {
+                            // As Describe: records below the log start are gone, so done.
+                            Some(ps) if ps.floor < start => {
+                                let mut ps = ps.clone();
+                                ps.clamp_to_log_start(start);
+                                backlog += ps.backlog(hwm);
+                                in_flight += ps.in_flight(now);
+                            }
+                            Some(ps) => {
+                                backlog += ps.backlog(hwm);
+                                in_flight += ps.in_flight(now);
+                            }
+                            None => backlog += hwm.saturating_sub(start),
+                        }
+                    }
+                    Some((backlog, in_flight))
+                });
+                SubscriptionFigures {
+                    name: sub.name.clone(),
+                    backlog_and_in_flight: gauges,
+                    outcomes: sub.counters.get(),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subscriptions::state::{Lock, Pending};
+
+    #[test]
+    fn each_ack_kind_counts_under_its_outcome_and_extend_under_none() {
+        let c = Counters::default();
+        c.acknowledged(AckKind::Ack, 3);
+        c.acknowledged(AckKind::Nack { delay_ms: 10 }, 2);
+        c.acknowledged(AckKind::Reject, 1);
+        c.acknowledged(AckKind::Extend, 7);
+        c.settled(4, 5);
+        c.settled(0, 0);
+        assert_eq!(
+            c.get(),
+            Outcomes {
+                acked: 3,
+                nacked: 2,
+                rejected: 1,
+                expired: 4,
+                dead_lettered: 5,
+            }
+        );
+    }
+
+    #[test]
+    fn only_locks_past_their_deadline_count_as_expiring() {
+        let pending = |deadline_ms: Option<i64>| Pending {
+            delivery_count: 1,
+            lock: deadline_ms.map(|deadline_ms| Lock {
+                consumer: "c".into(),
+                deadline_ms,
+            }),
+            not_before_ms: 0,
+            last_error: None,
+        };
+        let mut ps = PartitionState::starting_at(0);
+        ps.pending.insert(0, pending(Some(99)));
+        ps.pending.insert(1, pending(Some(100)));
+        ps.pending.insert(2, pending(None));
+        ps.pending.insert(3, pending(Some(50)));
+        let parts = BTreeMap::from([(0, ps.clone()), (1, ps)]);
+        // A lock ending exactly now still holds (as `expire` and `in_flight` see it).
+        assert_eq!(expiring(&parts, 100), 4);
+        assert_eq!(expiring(&parts, 0), 0);
+    }
+}
