@@ -440,6 +440,56 @@ impl TestCluster {
         }
     }
 
+    /// The gRPC clients of node `id`.
+    pub async fn clients(&self, id: u64) -> Result<crate::Clients> {
+        crate::Clients::connect(format!("http://{}", self.addr(id))).await
+    }
+
+    /// Every record of `topic`/`p` on node `id`, read from offset 0: offset → value.
+    pub async fn read_all(&self, id: u64, topic: &str, p: u32) -> Result<BTreeMap<u64, String>> {
+        let mut c = self.clients(id).await?;
+        let mut out = BTreeMap::new();
+        let mut offset = 0;
+        loop {
+            let resp = c.fetch(topic, p, offset, 0).await?;
+            for r in &resp.records {
+                out.insert(r.offset, String::from_utf8_lossy(&r.value).into_owned());
+            }
+            if resp.next_offset >= resp.high_watermark || resp.records.is_empty() {
+                return Ok(out);
+            }
+            offset = resp.next_offset;
+        }
+    }
+
+    /// Waits until node `id`'s high watermark of `topic`/`p` reaches `n`.
+    pub async fn wait_records(
+        &self,
+        id: u64,
+        topic: &str,
+        p: u32,
+        n: u64,
+        deadline: Duration,
+    ) -> Result<()> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Ok(mut c) = self.clients(id).await {
+                if let Ok(r) = c.fetch(topic, p, 0, 0).await {
+                    if r.high_watermark >= n {
+                        return Ok(());
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!(
+                    "node {id} never reached {n} records on {topic}/{p} (see {})",
+                    self.log_path(id).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until node `asked` reports exactly `live` as the live brokers.
     pub async fn wait_live(&self, asked: u64, live: &[u64], deadline: Duration) -> Result<()> {
         let until = tokio::time::Instant::now() + deadline;

@@ -14,9 +14,7 @@ use rill_tests::Clients;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn clients(cluster: &TestCluster, id: u64) -> Clients {
-    Clients::connect(format!("http://{}", cluster.addr(id)))
-        .await
-        .expect("connect")
+    cluster.clients(id).await.expect("connect")
 }
 
 async fn create(cluster: &TestCluster, name: &str) {
@@ -72,37 +70,15 @@ async fn produce(
 
 /// Every record of partition 0 on node `id`: offset → value.
 async fn read_all(cluster: &TestCluster, id: u64, topic: &str) -> BTreeMap<u64, String> {
-    let mut c = clients(cluster, id).await;
-    let mut out = BTreeMap::new();
-    let mut offset = 0;
-    loop {
-        let resp = c.fetch(topic, 0, offset, 0).await.expect("fetch");
-        for r in &resp.records {
-            out.insert(r.offset, String::from_utf8_lossy(&r.value).into_owned());
-        }
-        if resp.next_offset >= resp.high_watermark || resp.records.is_empty() {
-            return out;
-        }
-        offset = resp.next_offset;
-    }
+    cluster.read_all(id, topic, 0).await.expect("read")
 }
 
 /// Waits until node `id` holds at least `n` records of partition 0.
 async fn wait_records(cluster: &TestCluster, id: u64, topic: &str, n: u64) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let mut c = clients(cluster, id).await;
-        if let Ok(r) = c.fetch(topic, 0, 0, 0).await {
-            if r.high_watermark >= n {
-                return;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "node {id} never reached {n} records on {topic}/0"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster
+        .wait_records(id, topic, 0, n, DEADLINE)
+        .await
+        .expect("records")
 }
 
 /// Checks that every replica holds every acknowledged record at its acknowledged offset,

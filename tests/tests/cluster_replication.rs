@@ -14,9 +14,7 @@ use tonic::Code;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn clients(cluster: &TestCluster, id: u64) -> Clients {
-    Clients::connect(format!("http://{}", cluster.addr(id)))
-        .await
-        .expect("connect")
+    cluster.clients(id).await.expect("connect")
 }
 
 fn create_req(name: &str, partitions: u32, rf: u32) -> pb::CreateTopicRequest {
@@ -32,37 +30,15 @@ fn create_req(name: &str, partitions: u32, rf: u32) -> pb::CreateTopicRequest {
 
 /// Every record of partition `p` on node `id`: offset → value.
 async fn read_all(cluster: &TestCluster, id: u64, topic: &str, p: u32) -> BTreeMap<u64, String> {
-    let mut c = clients(cluster, id).await;
-    let mut out = BTreeMap::new();
-    let mut offset = 0;
-    loop {
-        let resp = c.fetch(topic, p, offset, 0).await.expect("fetch");
-        for r in &resp.records {
-            out.insert(r.offset, String::from_utf8_lossy(&r.value).into_owned());
-        }
-        if resp.next_offset >= resp.high_watermark || resp.records.is_empty() {
-            return out;
-        }
-        offset = resp.next_offset;
-    }
+    cluster.read_all(id, topic, p).await.expect("read")
 }
 
 /// Waits until node `id` holds at least `n` records of partition `p`.
 async fn wait_records(cluster: &TestCluster, id: u64, topic: &str, p: u32, n: u64) {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let mut c = clients(cluster, id).await;
-        if let Ok(r) = c.fetch(topic, p, 0, 0).await {
-            if r.high_watermark >= n {
-                return;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "node {id} never reached {n} records on {topic}/{p}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster
+        .wait_records(id, topic, p, n, DEADLINE)
+        .await
+        .expect("records")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
