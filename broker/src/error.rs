@@ -244,7 +244,7 @@ fn storage_code(e: &StorageError) -> Code {
             _ => Code::FailedPrecondition,
         },
         StorageError::DataLoss { .. } | StorageError::Corrupt { .. } => Code::DataLoss,
-        StorageError::Closed => Code::Unavailable,
+        StorageError::Closed | StorageError::Unavailable { .. } => Code::Unavailable,
         e if e.is_no_space() => Code::ResourceExhausted,
         _ => Code::Internal,
     }

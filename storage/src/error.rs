@@ -170,6 +170,17 @@ pub enum StorageError {
     /// The store is closed or shutting down.
     #[error("storage is closed")]
     Closed,
+    /// A replicated internal topic could not commit a change (no quorum, no leader, or a
+    /// timeout); the outcome of the change is unknown, as for any failed produce.
+    #[error("topic {topic:?} partition {partition} is unavailable: {reason}")]
+    Unavailable {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Why.
+        reason: String,
+    },
     /// Any other I/O failure, with what was being done and to which file.
     #[error("{op} {path:?}: {source}")]
     Io {

@@ -30,6 +30,16 @@
 //! its metadata cleared after its last set, so whatever suffix of its records remains also
 //! leaves it empty. A snapshot cut short by a crash only rewrote states that were current.
 //!
+//! # Replicated
+//! In a cluster the groups topic is a replicated topic, and its writes are Raft commits: the
+//! broker sets a [`GroupsWriter`] ([`GroupStore::replicate_with`]) that hands each change's
+//! batch to the partition's Raft group, whose apply appends it to this replica's log. The
+//! view is then fed only from the log: [`GroupStore::catch_up`] applies what the log holds
+//! beyond the view, on the leader after each write and on followers as their logs grow, so
+//! every replica holds the same state and a new leader serves at once. Snapshots and segment
+//! deletion are off for a replicated groups topic (each replica's log must keep the records
+//! a lagging follower's catch-up reads); it grows by one small record per change.
+//!
 //! # Upgrades
 //! The offsets files of earlier versions (`<data>/groups/<group>.offsets`) are imported once
 //! at open (see `legacy.rs`): what the topic lacks is appended, then each file is renamed
@@ -37,16 +47,18 @@
 
 mod legacy;
 mod record;
+mod replay;
+mod replicated;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
 
-use crate::batch::{batches, BatchBuilder};
+use crate::batch::BatchBuilder;
 use crate::config::{validate_name, FlushPolicy, TopicConfig};
 use crate::error::{Result, StorageError};
 use crate::log::{now_ms, PartitionLog};
@@ -179,6 +191,14 @@ pub struct SnapshotOutcome {
     pub deleted_segments: u32,
 }
 
+/// Where a replicated groups topic's changes go: the partition's Raft group, whose apply
+/// appends the batch to this replica's log before [`GroupsWriter::append`] returns.
+pub trait GroupsWriter: Send + Sync + std::fmt::Debug {
+    /// Commits `batch` (the records of one change) to partition `partition` of the groups
+    /// topic, durably, and returns once this replica's log holds it. Blocking.
+    fn append(&self, partition: u32, batch: Bytes) -> Result<()>;
+}
+
 /// Every group's state, kept in the groups topic. Cheap to clone: a handle around shared
 /// state.
 ///
@@ -206,6 +226,10 @@ struct Inner {
     since_snapshot_bytes: Vec<AtomicU64>,
     /// What could not be read at open, with the reason. Fixed after open.
     damaged: Vec<(PathBuf, String)>,
+    /// Per partition: the offset the view holds every record before.
+    applied_next: Vec<AtomicU64>,
+    /// Set when the groups topic is replicated: changes go through it.
+    writer: RwLock<Option<Arc<dyn GroupsWriter>>>,
 }
 
 impl GroupStore {
@@ -223,9 +247,13 @@ impl GroupStore {
         let mut damaged = Vec::new();
         let mut groups: HashMap<String, GroupState> = HashMap::new();
         let mut since_snapshot = Vec::with_capacity(partitions as usize);
+        let mut applied_next = Vec::with_capacity(partitions as usize);
         for (p, log) in topic.partitions() {
+            applied_next.push(AtomicU64::new(
+                log.as_ref().map_or(0, PartitionLog::high_watermark),
+            ));
             let bytes = match log {
-                Ok(log) => replay(&log, partitions, &mut groups, &mut damaged),
+                Ok(log) => replay::replay(&log, partitions, &mut groups, &mut damaged),
                 Err(e) => {
                     tracing::error!(partition = p, error = %e, "groups partition fenced; its groups start empty");
                     damaged.push((topic.dir().join(p.to_string()), e.to_string()));
@@ -248,6 +276,8 @@ impl GroupStore {
                 since_snapshot_bytes: since_snapshot,
                 topic,
                 damaged: Vec::new(),
+                applied_next,
+                writer: RwLock::new(None),
             }),
         };
         let (files, legacy_damaged) = legacy::load(legacy_dir)?;
@@ -466,6 +496,9 @@ impl GroupStore {
     /// since its last snapshot ([`GroupStore::snapshot`]). Returns the snapshots written;
     /// tries every partition and returns the first error.
     pub fn compact_if_due(&self) -> Result<Vec<SnapshotOutcome>> {
+        if self.is_replicated() {
+            return Ok(Vec::new());
+        }
         let threshold = self.inner.topic.config().segment_bytes;
         let mut done = Vec::new();
         let mut first_error = None;
@@ -603,6 +636,11 @@ impl GroupStore {
     ) -> Result<bool> {
         let writer = self.writer(group);
         let _writing = writer.lock();
+        let p = self.partition_of(group);
+        let replicated = self.inner.writer.read().clone();
+        if let Some(replicated) = replicated {
+            return self.change_replicated(group, p, &*replicated, decide);
+        }
         let current = self
             .inner
             .groups
@@ -613,7 +651,6 @@ impl GroupStore {
         let Some(records) = decide(&current) else {
             return Ok(false);
         };
-        let p = self.partition_of(group);
         let log = self.inner.topic.partition(p)?;
         let gate = self.gate(p)?;
         let _shared = gate.read();
@@ -621,6 +658,9 @@ impl GroupStore {
         log.sync_through(end)?;
         if let Some(counter) = self.inner.since_snapshot_bytes.get(p as usize) {
             counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        if let Some(applied) = self.inner.applied_next.get(p as usize) {
+            applied.fetch_max(end, Ordering::Relaxed);
         }
         let mut next = current;
         for record in records {
@@ -635,7 +675,7 @@ impl GroupStore {
         Ok(true)
     }
 
-    fn gate(&self, p: u32) -> Result<&RwLock<()>> {
+    pub(crate) fn gate(&self, p: u32) -> Result<&RwLock<()>> {
         self.inner
             .gates
             .get(p as usize)
@@ -662,7 +702,7 @@ impl GroupStore {
 
 /// The largest batch one change may append: half a segment of the groups topic, so a
 /// batch always fits a fresh segment, and at most the engine's batch limit.
-fn max_change_bytes(log: &PartitionLog) -> usize {
+pub(crate) fn max_change_bytes(log: &PartitionLog) -> usize {
     usize::try_from(log.options().segment_bytes / 2)
         .unwrap_or(usize::MAX)
         .min(log.options().max_batch_bytes)
@@ -671,6 +711,14 @@ fn max_change_bytes(log: &PartitionLog) -> usize {
 /// Appends `records` as one batch (keyed by group), not synced. Returns the batch's base
 /// offset, the offset after it, and its size in bytes.
 fn append_records(log: &PartitionLog, records: &[GroupRecord]) -> Result<(u64, u64, usize)> {
+    let batch = build_batch(records, max_change_bytes(log))?;
+    let info = log.append(&batch)?;
+    Ok((info.base_offset, info.next_offset, batch.len()))
+}
+
+/// `records` as one batch (keyed by group), or [`StorageError::InvalidConfig`] when it is
+/// over `limit` bytes.
+pub(crate) fn build_batch(records: &[GroupRecord], limit: usize) -> Result<Bytes> {
     let invalid = |reason: String| StorageError::InvalidConfig {
         topic: GROUPS_TOPIC.to_string(),
         reason,
@@ -686,7 +734,6 @@ fn append_records(log: &PartitionLog, records: &[GroupRecord]) -> Result<(u64, u
     let batch = builder
         .try_finish()
         .map_err(|e| invalid(format!("cannot build a groups batch: {e}")))?;
-    let limit = max_change_bytes(log);
     if batch.len() > limit {
         return Err(invalid(format!(
             "a change of {} bytes does not fit the groups topic, whose limit is {limit} bytes \
@@ -694,85 +741,7 @@ fn append_records(log: &PartitionLog, records: &[GroupRecord]) -> Result<(u64, u
             batch.len()
         )));
     }
-    let info = log.append(&batch)?;
-    Ok((info.base_offset, info.next_offset, batch.len()))
-}
-
-/// Replays one partition of the groups topic into `groups`. Returns the bytes read since its
-/// last snapshot marker. Damage is recorded in `damaged` and ends this partition's replay.
-fn replay(
-    log: &PartitionLog,
-    partitions: u32,
-    groups: &mut HashMap<String, GroupState>,
-    damaged: &mut Vec<(PathBuf, String)>,
-) -> u64 {
-    let mut since_snapshot = 0u64;
-    if let Err((offset, reason)) = replay_from_start(log, partitions, groups, &mut since_snapshot) {
-        tracing::error!(
-            partition = log.partition(), offset, reason = %reason,
-            "damaged groups record; replay of this partition stops there"
-        );
-        damaged.push((
-            log.dir().to_path_buf(),
-            format!("offset {offset}: {reason}"),
-        ));
-    }
-    since_snapshot
-}
-
-/// The walk of [`replay`]; an error is the offset where it stopped, and why.
-fn replay_from_start(
-    log: &PartitionLog,
-    partitions: u32,
-    groups: &mut HashMap<String, GroupState>,
-    since_snapshot: &mut u64,
-) -> std::result::Result<(), (u64, String)> {
-    let p = log.partition();
-    let mut offset = log.log_start_offset();
-    while offset < log.high_watermark() {
-        let read = log
-            .read(offset, REPLAY_READ_BYTES)
-            .map_err(|e| (offset, e.to_string()))?;
-        if read.chunks.is_empty() {
-            break;
-        }
-        for chunk in &read.chunks {
-            for batch in batches(chunk) {
-                let batch = batch.map_err(|e| (offset, e.to_string()))?;
-                let mut snapshot_end = false;
-                for record in batch.records() {
-                    let record = record.map_err(|e| (offset, e.to_string()))?;
-                    if record.offset < offset {
-                        continue;
-                    }
-                    let decoded =
-                        GroupRecord::decode(record.value).map_err(|e| (record.offset, e))?;
-                    match decoded.group() {
-                        // A snapshot ends here: only what follows counts toward the next.
-                        None => snapshot_end = true,
-                        Some(g) => {
-                            if partition_for_group(g, partitions) != p {
-                                return Err((
-                                    record.offset,
-                                    format!("group {g:?} in partition {p}, not its own"),
-                                ));
-                            }
-                            let g = g.to_string();
-                            groups.entry(g).or_default().apply(decoded);
-                        }
-                    }
-                }
-                *since_snapshot = if snapshot_end {
-                    0
-                } else {
-                    *since_snapshot + batch.as_bytes().len() as u64
-                };
-                offset = offset.max(batch.header().next_offset());
-            }
-        }
-        offset = offset.max(read.next_offset);
-    }
-    Ok(())
+    Ok(batch)
 }
 
 #[cfg(test)]

@@ -665,3 +665,84 @@ proptest! {
         let _ = legacy::decode(&bytes);
     }
 }
+
+/// A replicated writer as the Raft apply behaves: the batch is appended to every replica's
+/// log (here the leader's and one follower's), and `append` returns once the leader's holds it.
+#[derive(Debug)]
+struct ApplyToAll(Vec<Store>);
+
+impl GroupsWriter for ApplyToAll {
+    fn append(&self, partition: u32, batch: Bytes) -> Result<()> {
+        for store in &self.0 {
+            let log = store.groups().topic().partition(partition)?;
+            let info = log.append(&batch)?;
+            log.sync_through(info.next_offset)?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_replicated_store_writes_only_through_its_writer_and_followers_catch_up_from_the_log() {
+    let (a, b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let (leader, follower) = (open(a.path()), open(b.path()));
+    leader
+        .groups()
+        .replicate_with(Arc::new(ApplyToAll(vec![leader.clone(), follower.clone()])));
+    assert!(leader.groups().is_replicated());
+    assert!(
+        leader.groups().compact_if_due().expect("no-op").is_empty(),
+        "no snapshots on a replicated topic"
+    );
+    let g = leader.groups();
+    g.commit("g1", "t", &[(0, 5, None)]).expect("commit");
+    g.commit("g2", "t", &[(1, 7, None)]).expect("commit");
+    g.put_metadata("g1", b"members".to_vec()).expect("metadata");
+    g.commit("g1", "t", &[(0, 6, None)]).expect("commit");
+    assert_eq!(
+        offset(g, "g1", "t", 0),
+        Some(6),
+        "the leader's view follows its log"
+    );
+
+    // The follower's view lags until it catches up with its log.
+    let f = follower.groups();
+    assert_eq!(offset(f, "g1", "t", 0), None);
+    for p in 0..2 {
+        let end = f.catch_up(p).expect("catch up");
+        assert_eq!(end, f.topic().partition(p).expect("p").high_watermark());
+    }
+    assert_eq!(all_offsets(f), all_offsets(g));
+    assert_eq!(f.metadata("g1").as_deref(), Some(&b"members"[..]));
+
+    // A delete goes through the log too, and a caught-up follower forgets the group.
+    g.delete_group("g1").expect("delete");
+    assert!(offset(g, "g1", "t", 0).is_none());
+    for p in 0..2 {
+        f.catch_up(p).expect("catch up");
+    }
+    assert_eq!(f.list(), vec!["g2".to_string()]);
+    assert!(f.metadata("g1").is_none());
+
+    // A failing writer changes nothing: the view holds only what the log holds.
+    #[derive(Debug)]
+    struct Down;
+    impl GroupsWriter for Down {
+        fn append(&self, partition: u32, _: Bytes) -> Result<()> {
+            Err(StorageError::Unavailable {
+                topic: GROUPS_TOPIC.into(),
+                partition,
+                reason: "no quorum".into(),
+            })
+        }
+    }
+    g.replicate_with(Arc::new(Down));
+    let before = end_offsets(g);
+    let err = g.commit("g2", "t", &[(1, 99, None)]).expect_err("down");
+    assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+    assert_eq!(offset(g, "g2", "t", 1), Some(7));
+    assert_eq!(end_offsets(g), before);
+}
