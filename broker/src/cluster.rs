@@ -163,6 +163,18 @@ pub struct BrokerTopics(pub Broker);
 
 impl rill_cluster::LocalTopics for BrokerTopics {
     fn ensure_topic(&self, name: &str, config: &rill_storage::TopicConfig) -> Result<(), String> {
+        if name.starts_with(rill_storage::groups::INTERNAL_TOPIC_PREFIX) {
+            // Internal topics are the store's own (see crate::internal), never attached.
+            if self.0.store().existing_internal_topic(name).is_some() {
+                return Ok(());
+            }
+            return self
+                .0
+                .store()
+                .internal_topic(name, config.clone())
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+        }
         if self.0.topic(name).is_ok() {
             return Ok(());
         }
@@ -181,6 +193,14 @@ impl rill_cluster::LocalTopics for BrokerTopics {
     }
 
     fn partition(&self, name: &str, p: u32) -> Option<rill_storage::PartitionLog> {
+        if name.starts_with(rill_storage::groups::INTERNAL_TOPIC_PREFIX) {
+            return self
+                .0
+                .store()
+                .existing_internal_topic(name)?
+                .partition(p)
+                .ok();
+        }
         self.0.topic(name).ok()?.log(p).ok()
     }
 

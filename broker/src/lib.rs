@@ -20,6 +20,9 @@
 //! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
 //!   collector) and the `/metrics` listener.
 //! - [`tasks`]: the background flush and retention loops.
+//! - [`internal`]: the internal state topics (`__groups`, `__security`, `__subscriptions`)
+//!   on replicated storage in a cluster: durable appends, routing to the partition leader,
+//!   and rebuilding state on a new leader.
 //! - [`groups`]: the group coordinator's background work over the groups topic.
 //! - [`subscriptions`]: queue subscriptions (per-record acks, redelivery, dead letters) over
 //!   the internal topic `__subscriptions`, and push delivery with credits.
@@ -42,6 +45,7 @@ pub mod error;
 pub mod fetch;
 pub mod groups;
 pub mod health;
+pub mod internal;
 pub mod metrics;
 pub mod produce;
 pub mod producers;

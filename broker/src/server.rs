@@ -127,6 +127,8 @@ impl Server {
                     .context("opening replication")?
                     .context("reading the replicated topics")?;
             broker.set_replication(replication);
+            crate::internal::check_unreplicated_state(&broker)?;
+            crate::groups::replicated::replicate_store(&broker);
         }
         Ok(Server {
             broker,
@@ -168,6 +170,7 @@ impl Server {
         tasks::spawn_background(&broker);
         let coordinator = crate::groups::Coordinator::load(broker.store());
         crate::groups::spawn_background(&broker, &coordinator);
+        crate::groups::replicated::follow(&broker, &coordinator);
         let subs_store = broker.store().clone();
         let subscriptions = tokio::task::spawn_blocking(move || {
             crate::subscriptions::Subscriptions::open(&subs_store)
@@ -197,6 +200,11 @@ impl Server {
                     .expect("set in bind for every cluster member")
                     .clone();
                 replication.start(broker.shutdown().clone(), broker.tasks());
+                replication.ensure_internal_topics(
+                    crate::internal::specs(&broker),
+                    broker.shutdown().clone(),
+                    broker.tasks(),
+                );
                 let (raft, status) = crate::cluster::services(node, &replication);
                 (Some(raft), Some(status))
             }

@@ -147,6 +147,8 @@ struct Inner {
     /// The producer id registry, installed once at start (absent: InitProducer is
     /// unavailable and idempotent produces are refused).
     producers: OnceLock<crate::producers::ProducerIds>,
+    /// The internal state topics' leadership bookkeeping and peer channels.
+    internal: crate::internal::Internal,
 }
 
 /// Counts a waiting fetch for as long as it lives.
@@ -187,6 +189,7 @@ impl Broker {
                 security: OnceLock::new(),
                 replication: std::sync::OnceLock::new(),
                 producers: OnceLock::new(),
+                internal: crate::internal::Internal::default(),
             }),
         }
     }
@@ -355,6 +358,11 @@ impl Broker {
     /// Sets the broker's replication (once, at start in a cluster).
     pub fn set_replication(&self, replication: rill_cluster::Replication) {
         let _ = self.inner.replication.set(replication);
+    }
+
+    /// The internal state topics' bookkeeping (see [`crate::internal`]).
+    pub fn internal(&self) -> &crate::internal::Internal {
+        &self.inner.internal
     }
 
     /// Fails with UNAVAILABLE once shutdown has begun.

@@ -20,6 +20,8 @@
 //! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
 //!   batches to a replica's log; [`Replication`] starts this broker's replica groups from
 //!   the metadata and routes writes to them.
+//! - [`internal`]: the internal replicated topics (group, security and subscription state):
+//!   their creation at the cluster's start, and leadership for their writers.
 //! - [`catch_up`]: a follower's pull of the records a snapshot says it lacks, from another
 //!   replica's partition log (`Log.Fetch`).
 //! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
@@ -30,6 +32,7 @@ pub mod cluster_service;
 pub mod controller;
 pub mod error;
 pub mod host;
+pub mod internal;
 pub mod log_store;
 pub mod machine;
 pub mod network;

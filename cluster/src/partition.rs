@@ -938,6 +938,11 @@ impl Replication {
     pub fn node_id(&self) -> NodeId {
         self.inner.node.node_id()
     }
+
+    /// This broker's cluster membership.
+    pub(crate) fn node(&self) -> &ClusterNode {
+        &self.inner.node
+    }
 }
 
 /// How a `leader` ack ended: the entry is in the leader's log with this predicted base

@@ -455,6 +455,15 @@ impl Store {
             })
     }
 
+    /// The internal topic `name` if it exists: `__groups` (the [`GroupStore`]'s) or one
+    /// made by [`Store::internal_topic`].
+    pub fn existing_internal_topic(&self, name: &str) -> Option<Topic> {
+        if name == GROUPS_TOPIC {
+            return Some(self.inner.groups.topic().clone());
+        }
+        self.inner.internal.read().get(name).cloned()
+    }
+
     /// The internal topic `name` (it must start with `__`; `__groups` belongs to the
     /// [`GroupStore`]), created with `config` the first time. Internal topics hold state the
     /// broker must keep where replication can carry it (see docs/ARCHITECTURE.md); they are
@@ -558,7 +567,14 @@ impl Store {
             // The topic is gone already; the next open empties the trash.
             tracing::warn!(path = ?trashed, error = %e, "cannot empty a deleted topic from the trash");
         }
-        self.inner.groups.delete_topic(name)?;
+        if let Err(e) = self.inner.groups.delete_topic(name) {
+            // A replicated groups topic forgets offsets only where this broker leads the
+            // group's partition; the others keep them until a recreate overwrites them.
+            if !self.inner.groups.is_replicated() {
+                return Err(e);
+            }
+            tracing::warn!(topic = name, error = %e, "a deleted topic's offsets stay in some groups");
+        }
         tracing::info!(topic = name, "topic deleted");
         Ok(())
     }

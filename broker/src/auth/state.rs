@@ -177,7 +177,15 @@ impl Security {
 /// The `__security` log, created (one partition, flushed on every append, kept forever) if
 /// missing.
 fn security_log(store: &Store) -> Result<PartitionLog, BrokerError> {
-    let config = TopicConfig {
+    Ok(store
+        .internal_topic(SECURITY_TOPIC, security_topic_config())?
+        .partition(0)?)
+}
+
+/// The config of the `__security` topic: one partition, flushed on every append, kept
+/// forever.
+pub fn security_topic_config() -> TopicConfig {
+    TopicConfig {
         partitions: 1,
         retention_ms: None,
         retention_bytes: None,
@@ -185,8 +193,7 @@ fn security_log(store: &Store) -> Result<PartitionLog, BrokerError> {
         // Small: the state is a few records per principal, token and rule.
         segment_bytes: 1 << 20,
         ..TopicConfig::default()
-    };
-    Ok(store.internal_topic(SECURITY_TOPIC, config)?.partition(0)?)
+    }
 }
 
 /// Applies every record of `log` to `state`; returns how many.

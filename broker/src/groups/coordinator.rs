@@ -47,7 +47,8 @@ impl Coordinator {
             inner: Arc::new(Inner {
                 groups: parking_lot::Mutex::new(HashMap::new()),
                 started: Instant::now(),
-                id_prefix: format!("{unix_ms:x}"),
+                // Random bits keep ids unique between brokers of a cluster too.
+                id_prefix: format!("{unix_ms:x}{:04x}", rand::random::<u16>()),
                 next_id: AtomicU64::new(0),
             }),
         };
@@ -65,6 +66,31 @@ impl Coordinator {
         }
         drop(groups);
         coordinator
+    }
+
+    /// Rebuilds the groups of partition `p` of the groups topic from the store's view (a
+    /// broker that just became that partition's leader, with its view caught up): the
+    /// in-memory state of those groups is replaced, and members' session timers restart.
+    pub fn reload_partition(&self, store: &Store, p: u32) {
+        let groups = store.groups();
+        let now = self.now_ms();
+        let mut fresh = HashMap::new();
+        for (name, bytes) in groups.all_metadata() {
+            if groups.partition_of(&name) != p {
+                continue;
+            }
+            match persist::decode(&name, &bytes, now) {
+                Ok(group) => {
+                    fresh.insert(name, Arc::new(Mutex::new(group)));
+                }
+                Err(reason) => {
+                    tracing::error!(group = %name, reason = %reason, "damaged group membership state; the group starts with no members");
+                }
+            }
+        }
+        let mut map = self.inner.groups.lock();
+        map.retain(|name, _| groups.partition_of(name) != p);
+        map.extend(fresh);
     }
 
     /// Each group's live members, for metrics. Blocking (it waits for each group's lock):
@@ -251,8 +277,17 @@ impl Coordinator {
 
     /// Removes timed-out members of every group, recomputes the targets and stores what
     /// changed. Returns how many members were removed.
+    /// Only groups coordinated here count: in a cluster, those of the groups partitions this
+    /// broker leads.
     pub async fn expire(&self, broker: &Broker) -> usize {
-        let slots: Vec<Arc<Mutex<Group>>> = self.inner.groups.lock().values().cloned().collect();
+        let slots: Vec<Arc<Mutex<Group>>> = self
+            .inner
+            .groups
+            .lock()
+            .iter()
+            .filter(|(name, _)| coordinates(broker, name))
+            .map(|(_, slot)| Arc::clone(slot))
+            .collect();
         let mut removed = 0;
         for slot in slots {
             let mut g = slot.lock().await;
@@ -274,6 +309,16 @@ impl Coordinator {
         }
         removed
     }
+}
+
+/// Whether this broker coordinates `group`: always on a single broker; in a cluster, when it
+/// is the settled leader of the group's partition of the groups topic.
+pub fn coordinates(broker: &Broker, group: &str) -> bool {
+    let p = broker.store().groups().partition_of(group);
+    matches!(
+        crate::internal::route(broker, rill_storage::groups::GROUPS_TOPIC, p),
+        Ok(crate::internal::Route::Here)
+    )
 }
 
 /// Stores `group`'s state durably in the groups topic.

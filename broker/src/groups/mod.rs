@@ -7,6 +7,7 @@
 //!   timeouts, fencing. No I/O.
 //! - [`persist`]: the stored form of a group's state, and partition-set conversions.
 //! - [`coordinator`]: [`Coordinator`], every group in memory, stored on every change.
+//! - [`replicated`]: the groups topic on replicated storage in a cluster.
 //! - [`spawn_background`]: the expiry loop (session and rebalance timeouts) and the
 //!   compaction loop, which snapshots partitions of the groups topic once they have grown by
 //!   about a segment, so the topic stays bounded.
@@ -14,6 +15,7 @@
 pub mod assignor;
 pub mod coordinator;
 pub mod persist;
+pub mod replicated;
 pub mod state;
 
 pub use coordinator::Coordinator;

@@ -1,6 +1,8 @@
 //! `rill.v1.Groups`: committed offsets, lag, resets, and membership (heartbeats, fenced
 //! member commits, group deletion) through the [`Coordinator`].
 
+use rill_cluster::network::PeerChannel;
+use rill_proto::v1::groups_client::GroupsClient;
 use rill_proto::v1::groups_server::Groups;
 use rill_proto::v1::reset_group_offsets_request::Target;
 use rill_proto::v1::{
@@ -11,6 +13,7 @@ use rill_proto::v1::{
     ResetGroupOffsetsRequest, ResetGroupOffsetsResponse,
 };
 use rill_storage::config::validate_name;
+use rill_storage::groups::GROUPS_TOPIC;
 use rill_storage::StorageError;
 use tonic::{Request, Response, Status};
 
@@ -19,6 +22,7 @@ use crate::error::BrokerError;
 use crate::groups::persist::{from_set, to_set};
 use crate::groups::state::Heartbeat;
 use crate::groups::Coordinator;
+use crate::internal::{self, Route};
 use crate::state::Broker;
 
 /// The Groups service.
@@ -47,6 +51,23 @@ impl GroupsService {
         let groups = self.broker.store().groups().clone();
         tokio::task::spawn_blocking(move || groups.commit(&group, &topic, &offsets)).await??;
         Ok(())
+    }
+
+    /// A client to `group`'s coordinator when that is another broker (in a cluster, the
+    /// leader of the group's partition of the groups topic); `None` when it is this one.
+    /// The caller was authorized here; the coordinator trusts this broker's cluster token.
+    fn coordinator_elsewhere(
+        &self,
+        group: &str,
+    ) -> Result<Option<GroupsClient<PeerChannel>>, BrokerError> {
+        let p = self.broker.store().groups().partition_of(group);
+        match internal::route(&self.broker, GROUPS_TOPIC, p)? {
+            Route::Here => Ok(None),
+            Route::Leader(address) => Ok(Some(GroupsClient::new(internal::channel(
+                &self.broker,
+                &address,
+            )?))),
+        }
     }
 
     /// The partitions a request names, or all of the topic's; each must exist.
@@ -87,6 +108,9 @@ impl Groups for GroupsService {
         }
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
+        if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
+            return coordinator.commit_offsets(req).await;
+        }
         if req.offsets.is_empty() {
             return Err(BrokerError::invalid("commit without offsets").into());
         }
@@ -124,6 +148,9 @@ impl Groups for GroupsService {
         )?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
+        if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
+            return coordinator.fetch_offsets(req).await;
+        }
         let partitions = self.partitions(&req.topic, &req.partitions)?;
         let groups = self.broker.store().groups();
         let offsets = partitions
@@ -184,6 +211,9 @@ impl Groups for GroupsService {
         )?;
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
+        if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
+            return coordinator.describe_group(req).await;
+        }
         let membership = self.coordinator.snapshot(&req.group).await;
         let committed = match self.broker.store().groups().group_offsets(&req.group) {
             Ok(committed) => committed,
@@ -277,6 +307,9 @@ impl Groups for GroupsService {
             .unwrap_or_default();
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
+        if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
+            return coordinator.group_heartbeat(req).await;
+        }
         let assignor = match &req.assignor {
             Some(name) => Some(name.parse().map_err(BrokerError::InvalidArgument)?),
             None => None,
@@ -322,6 +355,9 @@ impl Groups for GroupsService {
         );
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
+        if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
+            return coordinator.delete_group(req).await;
+        }
         self.coordinator.delete(&self.broker, &req.group).await?;
         Ok(Response::new(DeleteGroupResponse {}))
     }
@@ -342,6 +378,9 @@ impl Groups for GroupsService {
         );
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
+        if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
+            return coordinator.reset_group_offsets(req).await;
+        }
         let Some(target) = req.target else {
             return Err(BrokerError::invalid(
                 "reset needs a target: earliest, latest, an offset, a timestamp or a shift",

@@ -21,6 +21,19 @@ pub const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
 /// Segment size of the topic: a compaction runs once about this much was appended.
 const SEGMENT_BYTES: u64 = 1 << 20;
 
+/// The config of the `__subscriptions` topic: one partition, flushed on every append, kept
+/// forever (compaction bounds it).
+pub fn subscriptions_topic_config() -> TopicConfig {
+    TopicConfig {
+        partitions: 1,
+        retention_ms: None,
+        retention_bytes: None,
+        flush: FlushPolicy::Always,
+        segment_bytes: SEGMENT_BYTES,
+        ..TopicConfig::default()
+    }
+}
+
 /// The open `__subscriptions` log and the latest record of each key.
 #[derive(Debug)]
 pub struct StateLog {
@@ -34,16 +47,8 @@ impl StateLog {
     /// Opens (creating if missing) the topic and replays it. Returns the log and every
     /// record in order. Blocking: call it on the blocking pool.
     pub fn open(store: &Store) -> Result<(StateLog, Vec<SubscriptionRecord>), BrokerError> {
-        let config = TopicConfig {
-            partitions: 1,
-            retention_ms: None,
-            retention_bytes: None,
-            flush: FlushPolicy::Always,
-            segment_bytes: SEGMENT_BYTES,
-            ..TopicConfig::default()
-        };
         let log = store
-            .internal_topic(SUBSCRIPTIONS_TOPIC, config)?
+            .internal_topic(SUBSCRIPTIONS_TOPIC, subscriptions_topic_config())?
             .partition(0)?;
         let mut records = Vec::new();
         let mut offset = log.log_start_offset();

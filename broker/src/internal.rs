@@ -1,0 +1,318 @@
+//! The broker's internal state topics (`__groups`, `__security`, `__subscriptions`) on
+//! replicated storage.
+//!
+//! On a single broker each is a local internal topic, written and synced in place. In a
+//! cluster of two brokers or more each is a replicated topic the controller creates at
+//! start (replication factor 3, or the cluster's size), and:
+//! - a change is a Raft commit on the partition's group, fsynced by a majority
+//!   ([`append`]), so an acknowledged change survives the loss of any one broker;
+//! - only the partition's leader changes state and answers for it: a request that reaches
+//!   another broker is forwarded to the leader ([`route`], [`channel`]), so clients need
+//!   not know where state lives;
+//! - a broker that comes to lead a partition first applies every entry committed before
+//!   its term, then rebuilds what it keeps in memory from its replica's log, and only then
+//!   serves it ([`follow`]); every replica also tails its log as it grows, so reads that
+//!   any broker may answer (authentication) see changes at once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rill_cluster::network::PeerChannel;
+use rill_cluster::partition::WriteAck;
+use rill_cluster::Replication;
+use rill_storage::batch::Record;
+use rill_storage::groups::GROUPS_TOPIC;
+
+use crate::error::BrokerError;
+use crate::state::Broker;
+
+/// How long a new leader may take to confirm itself with a majority and apply what was
+/// committed before its term.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a partition whose Raft group has not started here yet is looked for.
+const GROUP_POLL_MS: u64 = 100;
+
+/// Per-broker bookkeeping of the internal partitions: the terms in which this broker's state
+/// for a partition was rebuilt, and the channels to peers that requests are forwarded on.
+#[derive(Debug, Default)]
+pub struct Internal {
+    /// (topic, partition) → the term this broker settled as its leader.
+    settled: parking_lot::Mutex<HashMap<(String, u32), u64>>,
+    /// Peer address → a channel, reused by every forwarded request.
+    channels: parking_lot::Mutex<HashMap<String, PeerChannel>>,
+}
+
+/// The internal topics that are replicated in a cluster, with their configs.
+pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
+    vec![(
+        GROUPS_TOPIC.to_string(),
+        broker.store().groups().topic().config().clone(),
+    )]
+}
+
+/// Refuses to start a cluster member whose data folder holds internal state written by a
+/// single broker (not through Raft): its records would sit where the replicated partition's
+/// entries go. Such state is not carried into a cluster.
+pub fn check_unreplicated_state(broker: &Broker) -> anyhow::Result<()> {
+    let Some(r) = replication(broker) else {
+        return Ok(());
+    };
+    for (name, _) in specs(broker) {
+        if r.is_replicated(&name) {
+            continue;
+        }
+        let Some(topic) = broker.store().existing_internal_topic(&name) else {
+            continue;
+        };
+        for (p, log) in topic.partitions() {
+            if log.is_ok_and(|l| l.high_watermark() > 0) {
+                anyhow::bail!(
+                    "the data folder {} holds {name} partition {p} written by a single broker; a                      cluster keeps {name} replicated and cannot adopt it: start this broker                      with an empty data folder (or without --node-id/--peers)",
+                    broker.store().data_dir().display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a request about an internal partition is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Here: the state is local (a single broker), or this broker is the settled leader.
+    Here,
+    /// At the leader, whose address this is.
+    Leader(String),
+}
+
+/// The replication of internal topics, when this broker is in a cluster of two or more.
+pub fn replication(broker: &Broker) -> Option<&Replication> {
+    broker
+        .replication()
+        .filter(|r| r.replicates_internal_topics())
+}
+
+/// Where requests about partition `p` of the internal topic `topic` are answered. UNAVAILABLE
+/// (worth a retry) while the topic is being created, no leader is known, or this broker
+/// leads it but has not rebuilt its state yet.
+pub fn route(broker: &Broker, topic: &str, p: u32) -> Result<Route, BrokerError> {
+    let Some(r) = replication(broker) else {
+        return Ok(Route::Here);
+    };
+    if !r.has_topic(topic) {
+        return Err(BrokerError::ReplicationUnavailable(format!(
+            "the cluster is still creating its internal topic {topic}; retry"
+        )));
+    }
+    let Some(l) = r.leadership(topic, p) else {
+        // No replica here (a cluster larger than the replication factor): the placement's
+        // preferred leader answers, or names the leader.
+        return match r.check_readable(topic, p) {
+            Err(rill_cluster::partition::WriteError::NotLeader {
+                leader: Some((_, address)),
+                ..
+            }) => Ok(Route::Leader(address)),
+            _ => Err(no_leader(topic, p)),
+        };
+    };
+    match l.leader {
+        Some(id) if id == r.node_id() => {
+            let settled = broker
+                .internal()
+                .settled
+                .lock()
+                .get(&key(topic, p))
+                .copied();
+            if settled == Some(l.term) {
+                Ok(Route::Here)
+            } else {
+                Err(BrokerError::ReplicationUnavailable(format!(
+                    "topic {topic} partition {p}: this broker was just elected its leader and is \
+                     loading its state; retry"
+                )))
+            }
+        }
+        Some(id) => r
+            .address(id)
+            .map(Route::Leader)
+            .ok_or_else(|| no_leader(topic, p)),
+        None => Err(no_leader(topic, p)),
+    }
+}
+
+fn no_leader(topic: &str, p: u32) -> BrokerError {
+    BrokerError::ReplicationUnavailable(format!(
+        "topic {topic} partition {p} has no leader yet (an election is running); retry"
+    ))
+}
+
+fn key(topic: &str, p: u32) -> (String, u32) {
+    (topic.to_string(), p)
+}
+
+/// A channel to the peer at `address`, as a broker (TLS and the cluster token when on),
+/// reused across requests.
+pub fn channel(broker: &Broker, address: &str) -> Result<PeerChannel, BrokerError> {
+    if let Some(c) = broker.internal().channels.lock().get(address) {
+        return Ok(c.clone());
+    }
+    let transport = broker
+        .config()
+        .cluster
+        .as_ref()
+        .map(|c| c.peer_transport())
+        .unwrap_or_default();
+    let channel = transport.connect_lazy(address).map_err(|e| {
+        BrokerError::ReplicationUnavailable(format!("cannot reach the broker at {address}: {e}"))
+    })?;
+    broker
+        .internal()
+        .channels
+        .lock()
+        .insert(address.to_string(), channel.clone());
+    Ok(channel)
+}
+
+/// Appends `records` to partition `p` of the internal topic `topic` durably: a Raft commit
+/// fsynced by a majority in a cluster, else an append synced in place. On return this
+/// broker's copy of the partition holds them.
+pub async fn append(
+    broker: &Broker,
+    topic: &str,
+    p: u32,
+    records: Vec<Record>,
+) -> Result<(), BrokerError> {
+    let batch = rill_storage::batch::try_encode_batch(&records)
+        .map_err(|e| BrokerError::invalid(format!("topic {topic}: {e}")))?;
+    append_batch(broker, topic, p, batch).await
+}
+
+/// [`append`] for an encoded batch.
+pub async fn append_batch(
+    broker: &Broker,
+    topic: &str,
+    p: u32,
+    batch: Bytes,
+) -> Result<(), BrokerError> {
+    if let Some(r) = replication(broker) {
+        if !r.has_topic(topic) {
+            return Err(BrokerError::ReplicationUnavailable(format!(
+                "the cluster is still creating its internal topic {topic}; retry"
+            )));
+        }
+        r.write_acked(topic, p, batch, WriteAck::Durable).await?;
+        return Ok(());
+    }
+    let log = broker
+        .store()
+        .existing_internal_topic(topic)
+        .ok_or_else(|| BrokerError::Internal(format!("the internal topic {topic} is not open")))?
+        .partition(p)?;
+    tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+        let appended = log.append(&batch)?;
+        log.sync_through(appended.next_offset)?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Runs, for each partition `0..partitions` of the internal topic `topic`, a follower of its
+/// Raft group here: `applied(p)` whenever this replica applied new entries (to tail its
+/// log), and `settled(p)` once this broker leads it and has applied everything committed
+/// before its term (to rebuild the in-memory state); only after `settled` succeeds does
+/// [`route`] answer [`Route::Here`]. Nothing runs on a single broker.
+pub fn follow<A, AF, S, SF>(broker: &Broker, topic: &str, partitions: u32, applied: A, settled: S)
+where
+    A: Fn(u32) -> AF + Send + Sync + 'static,
+    AF: Future<Output = ()> + Send,
+    S: Fn(u32) -> SF + Send + Sync + 'static,
+    SF: Future<Output = Result<(), BrokerError>> + Send,
+{
+    if replication(broker).is_none() {
+        return;
+    }
+    let (applied, settled) = (Arc::new(applied), Arc::new(settled));
+    for p in 0..partitions {
+        let (broker, topic) = (broker.clone(), topic.to_string());
+        let (applied, settled) = (Arc::clone(&applied), Arc::clone(&settled));
+        let tasks = broker.tasks().clone();
+        tasks.spawn(async move {
+            let shutdown = broker.shutdown().clone();
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = follow_partition(&broker, &topic, p, &*applied, &*settled) => {}
+            }
+        });
+    }
+}
+
+async fn follow_partition<A, AF, S, SF>(
+    broker: &Broker,
+    topic: &str,
+    p: u32,
+    applied: &A,
+    settled: &S,
+) where
+    A: Fn(u32) -> AF,
+    AF: Future<Output = ()>,
+    S: Fn(u32) -> SF,
+    SF: Future<Output = Result<(), BrokerError>>,
+{
+    let Some(r) = replication(broker) else {
+        return;
+    };
+    loop {
+        let Some(mut changes) = r.watch(topic, p) else {
+            tokio::time::sleep(Duration::from_millis(GROUP_POLL_MS)).await;
+            continue;
+        };
+        let mut seen_applied = None;
+        loop {
+            if let Some(l) = r.leadership(topic, p) {
+                if seen_applied != Some(l.applied) {
+                    seen_applied = Some(l.applied);
+                    applied(p).await;
+                }
+                let k = key(topic, p);
+                let mine = l.leader == Some(r.node_id());
+                let current = broker.internal().settled.lock().get(&k).copied();
+                if !mine {
+                    broker.internal().settled.lock().remove(&k);
+                } else if current != Some(l.term) {
+                    match r.settle_leadership(topic, p, SETTLE_TIMEOUT).await {
+                        Ok(term) => {
+                            applied(p).await;
+                            match settled(p).await {
+                                Ok(()) => {
+                                    tracing::info!(
+                                        topic,
+                                        partition = p,
+                                        term,
+                                        "leading an internal partition; its state is loaded"
+                                    );
+                                    broker.internal().settled.lock().insert(k, term);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(topic, partition = p, error = %e, "cannot load an internal partition's state; retrying");
+                                    tokio::time::sleep(Duration::from_millis(GROUP_POLL_MS)).await;
+                                    continue;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(topic, partition = p, error = %e, "leadership not settled yet");
+                        }
+                    }
+                }
+            }
+            if changes.changed().await.is_err() {
+                // The group stopped here (its topic went away): look for it again.
+                break;
+            }
+        }
+    }
+}
