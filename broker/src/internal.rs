@@ -48,10 +48,16 @@ pub struct Internal {
 
 /// The internal topics that are replicated in a cluster, with their configs.
 pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
-    vec![(
-        GROUPS_TOPIC.to_string(),
-        broker.store().groups().topic().config().clone(),
-    )]
+    vec![
+        (
+            GROUPS_TOPIC.to_string(),
+            broker.store().groups().topic().config().clone(),
+        ),
+        (
+            crate::auth::SECURITY_TOPIC.to_string(),
+            crate::auth::state::security_topic_config(),
+        ),
+    ]
 }
 
 /// Refuses to start a cluster member whose data folder holds internal state written by a

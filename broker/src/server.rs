@@ -171,6 +171,9 @@ impl Server {
         let coordinator = crate::groups::Coordinator::load(broker.store());
         crate::groups::spawn_background(&broker, &coordinator);
         crate::groups::replicated::follow(&broker, &coordinator);
+        if let Some(security) = broker.security() {
+            security.follow(&broker);
+        }
         let subs_store = broker.store().clone();
         let subscriptions = tokio::task::spawn_blocking(move || {
             crate::subscriptions::Subscriptions::open(&subs_store)

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use rill_proto::v1 as pb;
 use rill_storage::groups::{partition_for_group, DEFAULT_GROUPS_PARTITIONS, GROUPS_TOPIC};
-use rill_tests::cluster::TestCluster;
+use rill_tests::cluster::{Extra, TestCluster};
+
+const SECURITY_TOPIC: &str = "__security";
 
 /// The longest an election, a commit or a failover may take in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -248,5 +250,183 @@ async fn offsets_and_members_survive_kill_9_of_their_coordinator() {
             "the restarted broker never saw offset 50"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const ADMIN: &str = "admin-token-for-tests-0123456789";
+const CLUSTER: &str = "cluster-token-for-tests-98765432";
+
+/// Retries `call` on UNAVAILABLE until the deadline, through the client library's errors.
+async fn retrying_client<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    retrying(what, || {
+        let fut = call();
+        async move { fut.await.map(tonic::Response::into_inner) }
+    })
+    .await
+}
+
+async fn connect(cluster: &TestCluster, id: u64, token: &str) -> rill_client::Connection {
+    let options = rill_client::ConnectOptions::new().token(token);
+    rill_client::Connection::connect_with(&cluster.addr(id).to_string(), &options)
+        .await
+        .expect("connect")
+}
+
+/// Asks node `id` who `token` is, retrying while it is not known there yet.
+async fn whoami(cluster: &TestCluster, id: u64, token: &str) -> Result<String, tonic::Status> {
+    let c = connect(cluster, id, token).await;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match c.security().who_am_i(pb::WhoAmIRequest {}).await {
+            Ok(r) => return Ok(r.into_inner().principal),
+            Err(s)
+                if s.code() == tonic::Code::Unauthenticated
+                    && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// Calls `$method` of the Security service on `$conn` with `$req`, retrying on UNAVAILABLE.
+macro_rules! security {
+    ($conn:expr, $method:ident, $req:expr) => {
+        retrying_client(stringify!($method), || {
+            let mut c = $conn.security();
+            let req = $req;
+            async move { c.$method(req).await }
+        })
+        .await
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_tokens_and_acls_survive_kill_9_of_their_writer_and_hold_on_every_broker() {
+    let extra = Extra {
+        args: Vec::new(),
+        env: vec![
+            ("RILL_ADMIN_TOKEN".into(), ADMIN.into()),
+            ("RILL_CLUSTER_TOKEN".into(), CLUSTER.into()),
+        ],
+    };
+    let mut cluster = TestCluster::start_with(3, extra).await.expect("start");
+    // The leader of __security, asked with the admin token (authentication is on).
+    let boot = connect(&cluster, 1, ADMIN).await;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let writer = loop {
+        let md = boot
+            .cluster()
+            .metadata(pb::MetadataRequest {
+                topics: vec![SECURITY_TOPIC.into()],
+            })
+            .await
+            .ok()
+            .and_then(|m| {
+                m.into_inner()
+                    .topics
+                    .first()
+                    .map(|t| t.partitions[0].leader)
+            });
+        match md {
+            Some(l) if l != 0 => break l,
+            _ => {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "no leader of {SECURITY_TOPIC}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let other = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != writer)
+        .expect("another");
+
+    // Created through a broker that does not write the security state: forwarded.
+    let admin = connect(&cluster, other, ADMIN).await;
+    security!(
+        admin,
+        create_principal,
+        pb::CreatePrincipalRequest {
+            name: "alice".into()
+        }
+    );
+    let token = security!(
+        admin,
+        create_token,
+        pb::CreateTokenRequest {
+            principal: "alice".into(),
+            expires_in_ms: 0,
+        }
+    );
+    security!(
+        admin,
+        add_acl,
+        pb::AddAclRequest {
+            rule: Some(pb::AclRule {
+                principal: "alice".into(),
+                resource_type: pb::ResourceType::Topic as i32,
+                resource_name: "orders".into(),
+                pattern_type: pb::PatternType::Literal as i32,
+                operation: pb::Operation::Describe as i32,
+                permission: pb::Permission::Allow as i32,
+            }),
+        }
+    );
+
+    // Every broker authenticates alice.
+    for id in cluster.ids() {
+        let who = whoami(&cluster, id, &token.token).await;
+        assert_eq!(who.expect("authenticated"), "alice", "node {id}");
+    }
+
+    // kill -9 the writer: the token still works on the others, the rule survived, and a
+    // revocation through a survivor takes effect on every broker, the restarted one too.
+    cluster.kill(writer).await.expect("kill");
+    for id in cluster.running() {
+        let who = whoami(&cluster, id, &token.token).await;
+        assert_eq!(who.expect("still authenticated"), "alice", "node {id}");
+    }
+    let survivor = cluster.running()[0];
+    let admin = connect(&cluster, survivor, ADMIN).await;
+    let acls = security!(
+        admin,
+        list_acls,
+        pb::ListAclsRequest {
+            principal: "alice".into()
+        }
+    );
+    assert_eq!(acls.rules.len(), 1, "the rule survived: {acls:?}");
+    security!(
+        admin,
+        revoke_token,
+        pb::RevokeTokenRequest {
+            token_id: token.token_id.clone()
+        }
+    );
+    cluster.restart(writer).await.expect("restart");
+    for id in cluster.ids() {
+        let c = connect(&cluster, id, &token.token).await;
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match c.security().who_am_i(pb::WhoAmIRequest {}).await {
+                Err(s) if s.code() == tonic::Code::Unauthenticated => break,
+                other => {
+                    assert!(
+                        tokio::time::Instant::now() < until,
+                        "node {id} still accepts a revoked token: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
 }

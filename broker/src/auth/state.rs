@@ -1,10 +1,13 @@
 //! [`Security`]: principals, token hashes and rules, kept in the internal `__security` topic
 //! (one partition, flushed on every append) and in memory.
 //!
-//! Each change is appended durably to the topic first and applied to memory after, under one
+//! Each change is appended durably to the topic first (in a cluster, a Raft commit fsynced
+//! by a majority: see [`crate::internal`]) and reaches memory only from the log, under one
 //! async lock, so memory never holds what the log would not replay. At start the topic is
 //! replayed from its first record; a record that does not decode stops the start rather
-//! than skip a revocation.
+//! than skip a revocation. In a cluster every broker's memory follows its replica of the
+//! log ([`Security::refresh`]), so each authenticates with every principal, token and rule,
+//! and a revocation takes effect everywhere within a commit's time.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use rand::RngCore;
-use rill_storage::batch::{batches, encode_batch, Record};
+use rill_storage::batch::{batches, Record};
 use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 use sha2::{Digest, Sha256};
 
@@ -22,6 +25,7 @@ use super::{
     AuthMethod, Caller, SecurityConfig, ADMIN_PRINCIPAL, BROKER_PRINCIPAL, SECURITY_TOPIC,
 };
 use crate::error::BrokerError;
+use crate::state::Broker;
 
 /// Bytes of randomness in a token (192 bits).
 const TOKEN_BYTES: usize = 24;
@@ -43,7 +47,7 @@ pub struct TokenEntry {
     pub revoked: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct State {
     principals: BTreeSet<String>,
     /// SHA-256 hex → token, in creation order by `order`.
@@ -110,6 +114,9 @@ struct Inner {
     store: Store,
     /// A plain lock: held only to read or apply, never across an await.
     state: RwLock<State>,
+    /// The offset memory holds every record before. Locked while the log is read into
+    /// memory, so two refreshes never apply the same records.
+    applied_next: parking_lot::Mutex<u64>,
     /// Serialises changes: append, then apply.
     writer: tokio::sync::Mutex<()>,
 }
@@ -152,7 +159,9 @@ impl Security {
     /// topic). Blocking (file work): call it on the blocking pool.
     pub fn open(store: Store, config: &SecurityConfig) -> Result<Security, BrokerError> {
         let mut state = State::default();
-        let replayed = replay(&security_log(&store)?, &mut state)?;
+        let log = security_log(&store)?;
+        let start = log.log_start_offset();
+        let (replayed, applied_next) = replay(&log, start, &mut state)?;
         tracing::info!(
             records = replayed,
             principals = state.principals.len(),
@@ -168,6 +177,7 @@ impl Security {
                 cluster_hash: config.cluster_token.as_ref().map(|t| token_hash(&t.0)),
                 store,
                 state: RwLock::new(state),
+                applied_next: parking_lot::Mutex::new(applied_next),
                 writer: tokio::sync::Mutex::new(()),
             }),
         })
@@ -196,9 +206,10 @@ pub fn security_topic_config() -> TopicConfig {
     }
 }
 
-/// Applies every record of `log` to `state`; returns how many.
-fn replay(log: &PartitionLog, state: &mut State) -> Result<u64, BrokerError> {
-    let mut offset = log.log_start_offset();
+/// Applies every record of `log` from offset `from` to `state`; returns how many, and the
+/// offset it reached.
+fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<(u64, u64), BrokerError> {
+    let mut offset = from;
     let mut replayed = 0u64;
     while offset < log.high_watermark() {
         let read = log.read(offset, 1 << 20)?;
@@ -223,7 +234,7 @@ fn replay(log: &PartitionLog, state: &mut State) -> Result<u64, BrokerError> {
         }
         offset = read.next_offset;
     }
-    Ok(replayed)
+    Ok((replayed, offset))
 }
 
 impl Security {
@@ -321,37 +332,76 @@ impl Security {
             )
     }
 
-    /// Appends `record` durably to `__security`, then applies it.
-    async fn commit(&self, record: SecurityRecord) -> Result<(), BrokerError> {
+    /// Appends `record` durably to `__security` (through `broker`: a Raft commit in a
+    /// cluster), then brings memory up to the log, which now holds it.
+    async fn commit(&self, broker: &Broker, record: SecurityRecord) -> Result<(), BrokerError> {
         let _writer = self.inner.writer.lock().await;
-        let store = self.inner.store.clone();
         let value = Bytes::from(record.encode());
-        tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
-            let log = security_log(&store)?;
-            let batch = encode_batch(&[Record {
-                key: None,
-                value,
-                headers: Vec::new(),
-                timestamp_ms: rill_storage::log::now_ms(),
-            }]);
-            let appended = log.append(&batch)?;
-            log.sync_through(appended.next_offset)?;
-            Ok(())
-        })
-        .await??;
-        self.inner.state.write().apply(record);
+        let record = Record {
+            key: None,
+            value,
+            headers: Vec::new(),
+            timestamp_ms: rill_storage::log::now_ms(),
+        };
+        crate::internal::append(broker, SECURITY_TOPIC, 0, vec![record]).await?;
+        self.refresh().await
+    }
+
+    /// Applies to memory what this broker's `__security` log holds beyond it: the changes
+    /// other brokers committed (in a cluster), or this one's last. Runs on the blocking pool.
+    pub async fn refresh(&self) -> Result<(), BrokerError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.refresh_blocking()).await?
+    }
+
+    /// Keeps memory following this broker's replica of `__security` in a cluster (see
+    /// [`crate::internal::follow`]); nothing on a single broker.
+    pub fn follow(&self, broker: &Broker) {
+        let (a, b) = (self.clone(), self.clone());
+        crate::internal::follow(
+            broker,
+            SECURITY_TOPIC,
+            1,
+            move |_| {
+                let s = a.clone();
+                async move {
+                    if let Err(e) = s.refresh().await {
+                        tracing::error!(error = %e, "the security state cannot follow its log");
+                    }
+                }
+            },
+            move |_| {
+                let s = b.clone();
+                async move { s.refresh().await }
+            },
+        );
+    }
+
+    fn refresh_blocking(&self) -> Result<(), BrokerError> {
+        let mut applied = self.inner.applied_next.lock();
+        let log = security_log(&self.inner.store)?;
+        if *applied >= log.high_watermark() && *applied >= log.log_start_offset() {
+            return Ok(());
+        }
+        let mut state = self.inner.state.read().clone();
+        let (_, next) = replay(&log, *applied, &mut state)?;
+        *self.inner.state.write() = state;
+        *applied = next;
         Ok(())
     }
 
     /// Creates a principal (nothing changes when it exists).
-    pub async fn create_principal(&self, name: &str) -> Result<(), BrokerError> {
+    pub async fn create_principal(&self, broker: &Broker, name: &str) -> Result<(), BrokerError> {
         validate_principal(name)?;
         if self.inner.state.read().principals.contains(name) {
             return Ok(());
         }
-        self.commit(SecurityRecord::PrincipalCreated {
-            name: name.to_string(),
-        })
+        self.commit(
+            broker,
+            SecurityRecord::PrincipalCreated {
+                name: name.to_string(),
+            },
+        )
         .await
     }
 
@@ -364,6 +414,7 @@ impl Security {
     /// entry.
     pub async fn create_token(
         &self,
+        broker: &Broker,
         principal: &str,
         expires_in_ms: u64,
         now_ms: i64,
@@ -380,13 +431,16 @@ impl Security {
         } else {
             now_ms.saturating_add(i64::try_from(expires_in_ms).unwrap_or(i64::MAX))
         };
-        self.commit(SecurityRecord::TokenCreated {
-            id: id.clone(),
-            principal: principal.to_string(),
-            sha256: token_hash(&token),
-            created_at_ms: now_ms,
-            expires_at_ms,
-        })
+        self.commit(
+            broker,
+            SecurityRecord::TokenCreated {
+                id: id.clone(),
+                principal: principal.to_string(),
+                sha256: token_hash(&token),
+                created_at_ms: now_ms,
+                expires_at_ms,
+            },
+        )
         .await?;
         let entry = TokenEntry {
             id,
@@ -411,25 +465,25 @@ impl Security {
     }
 
     /// Revokes a token by id; NOT_FOUND-like INVALID_ARGUMENT when no token has that id.
-    pub async fn revoke_token(&self, id: &str) -> Result<(), BrokerError> {
+    pub async fn revoke_token(&self, broker: &Broker, id: &str) -> Result<(), BrokerError> {
         if !self.inner.state.read().order.iter().any(|(i, _)| i == id) {
             return Err(BrokerError::invalid(format!("no token has id {id:?}")));
         }
-        self.commit(SecurityRecord::TokenRevoked { id: id.to_string() })
+        self.commit(broker, SecurityRecord::TokenRevoked { id: id.to_string() })
             .await
     }
 
     /// Adds a rule (nothing changes when an equal one exists).
-    pub async fn add_acl(&self, rule: AclRule) -> Result<(), BrokerError> {
+    pub async fn add_acl(&self, broker: &Broker, rule: AclRule) -> Result<(), BrokerError> {
         rule.validate().map_err(BrokerError::invalid)?;
         if self.inner.state.read().acls.contains(&rule) {
             return Ok(());
         }
-        self.commit(SecurityRecord::AclAdded { rule }).await
+        self.commit(broker, SecurityRecord::AclAdded { rule }).await
     }
 
     /// Removes every rule equal to `rule`; returns how many there were.
-    pub async fn remove_acl(&self, rule: AclRule) -> Result<u32, BrokerError> {
+    pub async fn remove_acl(&self, broker: &Broker, rule: AclRule) -> Result<u32, BrokerError> {
         let n = self
             .inner
             .state
@@ -439,7 +493,8 @@ impl Security {
             .filter(|r| **r == rule)
             .count();
         if n > 0 {
-            self.commit(SecurityRecord::AclRemoved { rule }).await?;
+            self.commit(broker, SecurityRecord::AclRemoved { rule })
+                .await?;
         }
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }

@@ -8,7 +8,10 @@ use tonic::{Request, Response, Status};
 use crate::auth::acl::{AclRule, Operation, Pattern, Permission, Resource, ResourceType};
 use crate::auth::{self, Security};
 use crate::error::BrokerError;
+use crate::internal::{self, Route};
 use crate::state::Broker;
+use rill_cluster::network::PeerChannel;
+use rill_proto::v1::security_client::SecurityClient;
 
 /// The Security service.
 #[derive(Debug, Clone)]
@@ -21,6 +24,19 @@ impl SecurityService {
     /// A service over the broker's security state.
     pub fn new(broker: Broker, security: Security) -> Self {
         SecurityService { broker, security }
+    }
+
+    /// A client to the broker that writes the security state when that is another one (in
+    /// a cluster, the leader of `__security`); `None` when it is this one. The caller was
+    /// authorized here; the leader trusts this broker's cluster token.
+    fn writer_elsewhere(&self) -> Result<Option<SecurityClient<PeerChannel>>, BrokerError> {
+        match internal::route(&self.broker, auth::SECURITY_TOPIC, 0)? {
+            Route::Here => Ok(None),
+            Route::Leader(address) => Ok(Some(SecurityClient::new(internal::channel(
+                &self.broker,
+                &address,
+            )?))),
+        }
     }
 
     /// The admin caller, for the audit line (the layer checked it already; checked again
@@ -141,8 +157,11 @@ impl SecurityRpc for SecurityService {
         request: Request<pb::CreatePrincipalRequest>,
     ) -> Result<Response<pb::CreatePrincipalResponse>, Status> {
         let caller = self.admin(&request)?;
+        if let Some(mut leader) = self.writer_elsewhere()? {
+            return leader.create_principal(request.into_inner()).await;
+        }
         let name = request.into_inner().name;
-        self.security.create_principal(&name).await?;
+        self.security.create_principal(&self.broker, &name).await?;
         tracing::info!(target: "rill::audit", by = %caller.principal, principal = %name, "principal created");
         Ok(Response::new(pb::CreatePrincipalResponse {}))
     }
@@ -162,10 +181,14 @@ impl SecurityRpc for SecurityService {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let caller = self.admin(&request)?;
+        if let Some(mut leader) = self.writer_elsewhere()? {
+            return leader.create_token(request.into_inner()).await;
+        }
         let req = request.into_inner();
         let (token, entry) = self
             .security
             .create_token(
+                &self.broker,
                 &req.principal,
                 req.expires_in_ms,
                 rill_storage::log::now_ms(),
@@ -211,8 +234,11 @@ impl SecurityRpc for SecurityService {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let caller = self.admin(&request)?;
+        if let Some(mut leader) = self.writer_elsewhere()? {
+            return leader.revoke_token(request.into_inner()).await;
+        }
         let id = request.into_inner().token_id;
-        self.security.revoke_token(&id).await?;
+        self.security.revoke_token(&self.broker, &id).await?;
         tracing::info!(target: "rill::audit", by = %caller.principal, token_id = %id, "token revoked");
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
@@ -222,9 +248,12 @@ impl SecurityRpc for SecurityService {
         request: Request<pb::AddAclRequest>,
     ) -> Result<Response<pb::AddAclResponse>, Status> {
         let caller = self.admin(&request)?;
+        if let Some(mut leader) = self.writer_elsewhere()? {
+            return leader.add_acl(request.into_inner()).await;
+        }
         let rule = rule_from_pb(request.into_inner().rule)?;
         let text = describe_rule(&rule);
-        self.security.add_acl(rule).await?;
+        self.security.add_acl(&self.broker, rule).await?;
         tracing::info!(target: "rill::audit", by = %caller.principal, rule = %text, "acl added");
         Ok(Response::new(pb::AddAclResponse {}))
     }
@@ -248,9 +277,12 @@ impl SecurityRpc for SecurityService {
         request: Request<pb::RemoveAclRequest>,
     ) -> Result<Response<pb::RemoveAclResponse>, Status> {
         let caller = self.admin(&request)?;
+        if let Some(mut leader) = self.writer_elsewhere()? {
+            return leader.remove_acl(request.into_inner()).await;
+        }
         let rule = rule_from_pb(request.into_inner().rule)?;
         let text = describe_rule(&rule);
-        let removed = self.security.remove_acl(rule).await?;
+        let removed = self.security.remove_acl(&self.broker, rule).await?;
         tracing::info!(target: "rill::audit", by = %caller.principal, rule = %text, removed, "acl removed");
         Ok(Response::new(pb::RemoveAclResponse { removed }))
     }
