@@ -57,6 +57,10 @@ pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
             crate::auth::SECURITY_TOPIC.to_string(),
             crate::auth::state::security_topic_config(),
         ),
+        (
+            crate::subscriptions::persist::SUBSCRIPTIONS_TOPIC.to_string(),
+            crate::subscriptions::persist::subscriptions_topic_config(),
+        ),
     ]
 }
 
@@ -181,6 +185,32 @@ pub fn channel(broker: &Broker, address: &str) -> Result<PeerChannel, BrokerErro
         .lock()
         .insert(address.to_string(), channel.clone());
     Ok(channel)
+}
+
+/// `message` as a request forwarded on behalf of `caller`: the receiving broker, which trusts
+/// this one's cluster token, authorizes it as `caller` (see [`crate::auth::ON_BEHALF_OF`]).
+/// A principal that cannot travel in metadata is refused rather than forwarded as the broker.
+pub fn on_behalf<T>(
+    caller: &crate::auth::Caller,
+    message: T,
+) -> Result<tonic::Request<T>, BrokerError> {
+    let mut request = tonic::Request::new(message);
+    let principal = caller.principal.parse().map_err(|_| {
+        BrokerError::invalid(format!(
+            "principal {:?} cannot be forwarded to the broker that serves this request",
+            caller.principal
+        ))
+    })?;
+    request
+        .metadata_mut()
+        .insert(crate::auth::ON_BEHALF_OF, principal);
+    if caller.superuser {
+        request.metadata_mut().insert(
+            crate::auth::ON_BEHALF_OF_SUPERUSER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+    }
+    Ok(request)
 }
 
 /// Appends `records` to partition `p` of the internal topic `topic` durably: a Raft commit

@@ -182,6 +182,7 @@ impl Server {
         .context("opening the subscription state")?
         .context("opening the subscription state")?;
         crate::subscriptions::spawn_background(&broker, &subscriptions);
+        crate::subscriptions::replicated::follow(&broker, &subscriptions);
         let request_metrics = match metrics_listener {
             Some((listener, _)) => {
                 let metrics = Metrics::new(

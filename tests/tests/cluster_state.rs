@@ -430,3 +430,133 @@ async fn principals_tokens_and_acls_survive_kill_9_of_their_writer_and_hold_on_e
         }
     }
 }
+
+const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
+
+/// Receives up to `n` records of subscription `sub` through node `via` (forwarded to the
+/// leader of `__subscriptions` when that is another broker): (partition, offset) pairs.
+async fn receive(cluster: &TestCluster, via: u64, sub: &str, n: u32) -> Vec<(u32, u64)> {
+    let c = cluster.clients(via).await.expect("connect");
+    let subs = rill_proto::v1::subscriptions_client::SubscriptionsClient::new(c.channel.clone());
+    retrying("receive", || {
+        let mut subs = subs.clone();
+        let req = pb::ReceiveRequest {
+            subscription: sub.into(),
+            consumer_id: "worker".into(),
+            max_records: n,
+            max_wait_ms: 1_000,
+            max_bytes: 0,
+        };
+        async move { subs.receive(req).await }
+    })
+    .await
+    .into_inner()
+    .records
+    .iter()
+    .map(|r| {
+        (
+            r.partition,
+            r.record.as_ref().map_or(u64::MAX, |x| x.offset),
+        )
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriptions_acks_survive_kill_9_of_its_leader_and_unacked_records_come_again() {
+    let mut cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let mut admin = cluster.clients(1).await.expect("connect").admin;
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: "jobs".into(),
+            config: Some(pb::TopicConfig {
+                partitions: 1,
+                ..Default::default()
+            }),
+            replication_factor: Some(3),
+        })
+        .await
+        .expect("create");
+    let leader = cluster
+        .wait_partition_leader("jobs", 0, DEADLINE)
+        .await
+        .expect("leader of jobs");
+    let mut producer = cluster.clients(leader).await.expect("connect");
+    let values: Vec<String> = (0..10).map(|i| format!("job-{i}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    producer
+        .produce_values("jobs", 0, &refs)
+        .await
+        .expect("produce");
+
+    let writer = cluster
+        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
+        .await
+        .expect("leader of __subscriptions");
+    let other = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != writer)
+        .expect("another");
+    let oc = cluster.clients(other).await.expect("connect");
+    let subs = rill_proto::v1::subscriptions_client::SubscriptionsClient::new(oc.channel.clone());
+    retrying("create subscription", || {
+        let mut subs = subs.clone();
+        let req = pb::CreateSubscriptionRequest {
+            name: "workers".into(),
+            config: Some(pb::SubscriptionConfig {
+                topic: "jobs".into(),
+                ack_deadline_ms: 60_000,
+                ..Default::default()
+            }),
+            start: pb::StartPosition::Earliest as i32,
+        };
+        async move { subs.create(req).await }
+    })
+    .await;
+
+    // Five records handed out through a non-leader, three of them acked.
+    let got = receive(&cluster, other, "workers", 5).await;
+    assert_eq!(got, (0..5).map(|o| (0, o)).collect::<Vec<_>>());
+    retrying("ack", || {
+        let mut subs = subs.clone();
+        let req = pb::AcknowledgeRequest {
+            subscription: "workers".into(),
+            consumer_id: "worker".into(),
+            ranges: vec![pb::AckRange {
+                partition: 0,
+                first_offset: 0,
+                last_offset: 2,
+            }],
+            r#type: pb::AckType::Ack as i32,
+            delay_ms: 0,
+            error: String::new(),
+        };
+        async move { subs.acknowledge(req).await }
+    })
+    .await;
+
+    // kill -9 the leader of __subscriptions: the acks survive, the two records that were
+    // locked come again (their locks were the dead leader's), and the rest follow.
+    cluster.kill(writer).await.expect("kill");
+    let survivor = cluster.running()[0];
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while seen.len() < 7 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "only {seen:?} came back"
+        );
+        seen.extend(receive(&cluster, survivor, "workers", 10).await);
+    }
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (3..10).map(|o| (0, o)).collect::<Vec<_>>(),
+        "exactly the records not acked"
+    );
+}

@@ -216,7 +216,19 @@ fn bearer(req: &http::Request<Body>) -> Option<Result<&str, BrokerError>> {
 /// Who sent `req`, or UNAUTHENTICATED.
 fn authenticate(security: &Security, req: &http::Request<Body>) -> Result<Caller, BrokerError> {
     if let Some(token) = bearer(req) {
-        return security.authenticate_token(token?, rill_storage::log::now_ms());
+        let caller = security.authenticate_token(token?, rill_storage::log::now_ms())?;
+        if caller.method == AuthMethod::Broker {
+            // A peer forwarding its caller's request: that caller is checked here.
+            let header = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
+            if let Some(principal) = header(super::ON_BEHALF_OF) {
+                return Ok(Caller {
+                    principal: principal.to_string(),
+                    method: AuthMethod::Forwarded,
+                    superuser: header(super::ON_BEHALF_OF_SUPERUSER) == Some("1"),
+                });
+            }
+        }
+        return Ok(caller);
     }
     let certs = req
         .extensions()

@@ -117,7 +117,16 @@ pub enum AuthMethod {
     Certificate,
     /// The cluster token: a peer broker.
     Broker,
+    /// A peer broker forwarding its own caller's request (see [`ON_BEHALF_OF`]).
+    Forwarded,
 }
+
+/// The metadata key in which a broker forwarding a request names its caller's principal.
+/// Honoured only on calls that carry the cluster token, so only brokers can act for others.
+pub const ON_BEHALF_OF: &str = "rill-on-behalf-of";
+/// The metadata key, beside [`ON_BEHALF_OF`], that marks the forwarded caller a superuser
+/// (the admin token, or authentication off at the forwarding broker).
+pub const ON_BEHALF_OF_SUPERUSER: &str = "rill-on-behalf-of-superuser";
 
 impl AuthMethod {
     /// The lowercase name, as WhoAmI reports it.
@@ -128,6 +137,7 @@ impl AuthMethod {
             AuthMethod::AdminToken => "admin-token",
             AuthMethod::Certificate => "certificate",
             AuthMethod::Broker => "broker",
+            AuthMethod::Forwarded => "forwarded",
         }
     }
 }

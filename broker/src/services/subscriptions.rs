@@ -13,14 +13,18 @@ use rill_proto::v1::{
     SubscriptionSummary,
 };
 use rill_storage::log::now_ms;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Operation, Resource};
 use crate::error::BrokerError;
 use crate::fetch::{parse_grpc_timeout, wait_budget};
+use crate::internal::{self, Route};
 use crate::state::Broker;
+use crate::subscriptions::persist::SUBSCRIPTIONS_TOPIC;
 use crate::subscriptions::{config_to_pb, settle_config, Ack, Subscriptions};
+use rill_cluster::network::PeerChannel;
+use rill_proto::v1::subscriptions_client::SubscriptionsClient;
 
 /// The Subscriptions service.
 #[derive(Debug, Clone)]
@@ -50,6 +54,34 @@ impl SubscriptionsService {
     }
 }
 
+impl SubscriptionsService {
+    /// A client to the leader of `__subscriptions` when that is another broker (in a
+    /// cluster only that broker serves subscriptions); `None` when it is this one. Calls
+    /// go there on behalf of the caller, who is authorized there.
+    fn leader_elsewhere(&self) -> Result<Option<SubscriptionsClient<PeerChannel>>, BrokerError> {
+        match internal::route(&self.broker, SUBSCRIPTIONS_TOPIC, 0)? {
+            Route::Here => Ok(None),
+            Route::Leader(address) => Ok(Some(SubscriptionsClient::new(internal::channel(
+                &self.broker,
+                &address,
+            )?))),
+        }
+    }
+}
+
+/// Forwards `$request` to the leader of `__subscriptions` with `$method` when that is
+/// another broker, returning its answer from the handler.
+macro_rules! forward_unary {
+    ($self:ident, $request:ident, $method:ident) => {
+        if let Some(mut leader) = $self.leader_elsewhere()? {
+            let caller = auth::caller(&$self.broker, $request.extensions())?;
+            return leader
+                .$method(internal::on_behalf(&caller, $request.into_inner())?)
+                .await;
+        }
+    };
+}
+
 /// The push stream's type.
 pub type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
 
@@ -59,6 +91,7 @@ impl SubscriptionsRpc for SubscriptionsService {
         &self,
         request: Request<CreateSubscriptionRequest>,
     ) -> Result<Response<CreateSubscriptionResponse>, Status> {
+        forward_unary!(self, request, create);
         let name = request.get_ref().name.clone();
         auth::check(
             &self.broker,
@@ -86,6 +119,7 @@ impl SubscriptionsRpc for SubscriptionsService {
         &self,
         request: Request<ListSubscriptionsRequest>,
     ) -> Result<Response<ListSubscriptionsResponse>, Status> {
+        forward_unary!(self, request, list);
         let caller = auth::caller(&self.broker, request.extensions())?;
         let mut all = self.subs.list();
         // Lists only the subscriptions the caller may describe.
@@ -104,6 +138,7 @@ impl SubscriptionsRpc for SubscriptionsService {
         &self,
         request: Request<DescribeSubscriptionRequest>,
     ) -> Result<Response<DescribeSubscriptionResponse>, Status> {
+        forward_unary!(self, request, describe);
         let name = request.get_ref().name.clone();
         auth::check(
             &self.broker,
@@ -142,6 +177,7 @@ impl SubscriptionsRpc for SubscriptionsService {
         &self,
         request: Request<DeleteSubscriptionRequest>,
     ) -> Result<Response<DeleteSubscriptionResponse>, Status> {
+        forward_unary!(self, request, delete);
         let name = request.get_ref().name.clone();
         auth::check(
             &self.broker,
@@ -157,6 +193,7 @@ impl SubscriptionsRpc for SubscriptionsService {
         &self,
         request: Request<SeekSubscriptionRequest>,
     ) -> Result<Response<SeekSubscriptionResponse>, Status> {
+        forward_unary!(self, request, seek);
         let name = request.get_ref().name.clone();
         auth::check(
             &self.broker,
@@ -186,6 +223,7 @@ impl SubscriptionsRpc for SubscriptionsService {
         &self,
         request: Request<ReceiveRequest>,
     ) -> Result<Response<ReceiveResponse>, Status> {
+        forward_unary!(self, request, receive);
         let name = request.get_ref().subscription.clone();
         auth::check(
             &self.broker,
@@ -228,6 +266,7 @@ impl SubscriptionsRpc for SubscriptionsService {
         &self,
         request: Request<AcknowledgeRequest>,
     ) -> Result<Response<AcknowledgeResponse>, Status> {
+        forward_unary!(self, request, acknowledge);
         let name = request.get_ref().subscription.clone();
         auth::check(
             &self.broker,
@@ -254,6 +293,15 @@ impl SubscriptionsRpc for SubscriptionsService {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = auth::caller(&self.broker, request.extensions())?;
+        if let Some(mut leader) = self.leader_elsewhere()? {
+            // The push stream runs at the leader; this broker relays both directions.
+            let inbound = request.into_inner().map_while(Result::ok);
+            let relayed = leader
+                .subscribe(internal::on_behalf(&caller, inbound)?)
+                .await?
+                .into_inner();
+            return Ok(Response::new(Box::pin(relayed)));
+        }
         let stream = crate::subscriptions::push::start(
             self.broker.clone(),
             self.subs.clone(),

@@ -9,6 +9,8 @@
 //!   log.
 //! - [`read`]: reading records from the topic's log.
 //! - [`push`]: the `Subscribe` stream (push with credits) for subscriptions and groups.
+//! - [`replicated`]: `__subscriptions` on replicated storage in a cluster: served by its
+//!   leader, reloaded by a new one.
 //! - [`webhook`]: push to HTTP endpoints: signed POSTs, retries with backoff, AIMD rate.
 //! - [`stats`]: delivery outcome counters and the figures the metrics read at scrape time.
 //! - [`Subscriptions`]: every subscription in memory; each change is stored before it takes
@@ -26,6 +28,7 @@ pub mod persist;
 pub mod push;
 pub mod read;
 pub mod records;
+pub mod replicated;
 pub mod settings;
 pub mod state;
 pub mod stats;
@@ -150,55 +153,7 @@ impl Subscriptions {
     /// held before is dropped, so records acquired and not acknowledged before a restart
     /// are delivered again. Blocking: call it on the blocking pool.
     pub fn open(store: &Store) -> Result<Subscriptions, BrokerError> {
-        let (log, replayed) = StateLog::open(store)?;
-        let mut subs: BTreeMap<String, (StoredConfig, BTreeMap<u32, PartitionState>)> =
-            BTreeMap::new();
-        let count = replayed.len();
-        for r in replayed {
-            match r {
-                SubscriptionRecord::Created { name, config } => {
-                    subs.insert(name, (config, BTreeMap::new()));
-                }
-                SubscriptionRecord::Deleted { name } => {
-                    subs.remove(&name);
-                }
-                SubscriptionRecord::Partition {
-                    name,
-                    partition,
-                    state,
-                } => {
-                    if let Some((_, parts)) = subs.get_mut(&name) {
-                        parts.insert(partition, state);
-                    }
-                }
-            }
-        }
-        let subs: BTreeMap<String, Arc<Sub>> = subs
-            .into_iter()
-            .map(|(name, (config, mut partitions))| {
-                for p in partitions.values_mut() {
-                    p.drop_locks();
-                }
-                let sub = Sub {
-                    name: name.clone(),
-                    config,
-                    state: tokio::sync::Mutex::new(SubState {
-                        partitions,
-                        deleted: false,
-                    }),
-                    released: tokio::sync::Notify::new(),
-                    rotation: AtomicU32::new(0),
-                    counters: stats::Counters::default(),
-                };
-                (name, Arc::new(sub))
-            })
-            .collect();
-        tracing::info!(
-            records = count,
-            subscriptions = subs.len(),
-            "subscription state loaded from {}",
-            persist::SUBSCRIPTIONS_TOPIC
-        );
+        let (log, subs) = replicated::load(store)?;
         Ok(Subscriptions {
             inner: Arc::new(Inner {
                 subs: RwLock::new(subs),
@@ -705,6 +660,9 @@ impl Subscriptions {
     /// Expires locks of every subscription (dead-lettering records past their attempts), so
     /// that happens while no consumer calls.
     pub async fn sweep(&self, broker: &Broker) {
+        if !replicated::serves(broker) {
+            return;
+        }
         let subs: Vec<Arc<Sub>> = self.inner.subs.read().values().cloned().collect();
         let now = now_ms();
         for sub in subs {
@@ -737,12 +695,14 @@ impl Subscriptions {
 /// Starts the sweep loop, and the webhook pusher of every subscription with an endpoint, on
 /// the broker's tracker.
 pub fn spawn_background(broker: &Broker, subs: &Subscriptions) {
+    // In a cluster the leader of `__subscriptions` starts them once it has loaded the state.
+    let clustered = crate::internal::replication(broker).is_some();
     let with_push: Vec<Arc<Sub>> = subs
         .inner
         .subs
         .read()
         .values()
-        .filter(|s| s.config.push.is_some())
+        .filter(|s| s.config.push.is_some() && !clustered)
         .cloned()
         .collect();
     for sub in with_push {

@@ -38,6 +38,9 @@ pub fn subscriptions_topic_config() -> TopicConfig {
 #[derive(Debug)]
 pub struct StateLog {
     log: PartitionLog,
+    /// Set in a cluster: changes are Raft commits through the broker (see
+    /// [`crate::internal`]), made from the blocking pool with this runtime.
+    replicated: Option<(crate::state::Broker, tokio::runtime::Handle)>,
     /// Key → the latest record's bytes (a `Deleted` removes its name's keys).
     latest: BTreeMap<String, Bytes>,
     since_compaction_bytes: u64,
@@ -75,6 +78,7 @@ impl StateLog {
         }
         let mut state = StateLog {
             log,
+            replicated: None,
             latest: BTreeMap::new(),
             since_compaction_bytes: 0,
         };
@@ -82,6 +86,13 @@ impl StateLog {
             state.remember(r, Bytes::from(r.encode()));
         }
         Ok((state, records))
+    }
+
+    /// Makes every later change a Raft commit through `broker` (a cluster member whose
+    /// internal topics are replicated). Compaction is then off: each replica's log keeps the
+    /// records a lagging follower's catch-up reads.
+    pub fn replicate_through(&mut self, broker: crate::state::Broker) {
+        self.replicated = Some((broker, tokio::runtime::Handle::current()));
     }
 
     /// Appends `records` as one batch and syncs it. Blocking.
@@ -98,7 +109,7 @@ impl StateLog {
             self.remember(&r, b);
         }
         self.since_compaction_bytes += bytes as u64;
-        if self.since_compaction_bytes >= SEGMENT_BYTES {
+        if self.since_compaction_bytes >= SEGMENT_BYTES && self.replicated.is_none() {
             // A failed compaction is retried at the next write; the state is intact.
             if let Err(e) = self.compact() {
                 tracing::warn!(error = %e, "{SUBSCRIPTIONS_TOPIC} compaction failed");
@@ -171,6 +182,16 @@ impl StateLog {
         let batch = try_encode_batch(records).map_err(|e| {
             BrokerError::Internal(format!("cannot build a {SUBSCRIPTIONS_TOPIC} batch: {e}"))
         })?;
+        if let Some((broker, runtime)) = &self.replicated {
+            let len = batch.len();
+            runtime.block_on(crate::internal::append_batch(
+                broker,
+                SUBSCRIPTIONS_TOPIC,
+                0,
+                batch,
+            ))?;
+            return Ok(len);
+        }
         let appended = self.log.append(&batch)?;
         self.log.sync_through(appended.next_offset)?;
         Ok(batch.len())

@@ -1,0 +1,144 @@
+//! `__subscriptions` on replicated storage (see [`crate::internal`]): in a cluster every
+//! change is a Raft commit made by the topic's leader, which alone serves subscriptions;
+//! a broker that becomes the leader rebuilds them from its replica before it serves.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use rill_storage::Store;
+
+use super::persist::{self, StateLog};
+use super::records::SubscriptionRecord;
+use super::state::PartitionState;
+use super::{stats, webhook, StoredConfig, Sub, SubState, Subscriptions};
+use crate::error::BrokerError;
+use crate::state::Broker;
+
+impl Subscriptions {
+    /// In a cluster whose internal topics are replicated: every later change is a Raft
+    /// commit (see [`crate::internal`]). Nothing on a single broker.
+    pub fn replicate(&self, broker: &Broker) {
+        if crate::internal::replication(broker).is_some() {
+            self.inner.log.lock().replicate_through(broker.clone());
+        }
+    }
+
+    /// Rebuilds every subscription from this broker's replica of `__subscriptions`, for a
+    /// broker that just became its leader (its replica then holds every committed change):
+    /// the subscriptions held before end (their push streams and webhook pushers stop,
+    /// locks taken before are dropped, so those records are delivered again), and the
+    /// webhook pushers of the rebuilt ones start.
+    pub async fn reload(&self, broker: &Broker) -> Result<(), BrokerError> {
+        let _admin = self.inner.admin.lock().await;
+        let store = broker.store().clone();
+        let (mut log, subs) = tokio::task::spawn_blocking(move || load(&store)).await??;
+        log.replicate_through(broker.clone());
+        let current = Arc::clone(&self.inner.log);
+        // Waits for a write in progress, on the blocking pool.
+        tokio::task::spawn_blocking(move || *current.lock() = log).await?;
+        let old: Vec<Arc<Sub>> = {
+            let mut map = self.inner.subs.write();
+            let old = map.values().cloned().collect();
+            *map = subs;
+            old
+        };
+        for sub in old {
+            sub.state.lock().await.deleted = true;
+            sub.released.notify_waiters();
+        }
+        let with_push: Vec<Arc<Sub>> = self
+            .inner
+            .subs
+            .read()
+            .values()
+            .filter(|s| s.config.push.is_some())
+            .cloned()
+            .collect();
+        for sub in with_push {
+            webhook::spawn(broker, self, &sub);
+        }
+        Ok(())
+    }
+}
+
+/// Whether this broker serves subscriptions: always on a single broker; in a cluster, when
+/// it is the settled leader of `__subscriptions`.
+pub fn serves(broker: &Broker) -> bool {
+    matches!(
+        crate::internal::route(broker, persist::SUBSCRIPTIONS_TOPIC, 0),
+        Ok(crate::internal::Route::Here)
+    )
+}
+
+/// Keeps `subs` served by the leader of `__subscriptions` in a cluster: changes go through
+/// Raft, and a broker that becomes the leader reloads the state (see
+/// [`Subscriptions::reload`]). Nothing on a single broker.
+pub fn follow(broker: &Broker, subs: &Subscriptions) {
+    subs.replicate(broker);
+    let (b, s) = (broker.clone(), subs.clone());
+    crate::internal::follow(
+        broker,
+        persist::SUBSCRIPTIONS_TOPIC,
+        1,
+        |_| async {},
+        move |_| {
+            let (b, s) = (b.clone(), s.clone());
+            async move { s.reload(&b).await }
+        },
+    );
+}
+
+/// Replays `__subscriptions` into every subscription's state, with the locks held before
+/// dropped. Blocking.
+pub(super) fn load(store: &Store) -> Result<(StateLog, BTreeMap<String, Arc<Sub>>), BrokerError> {
+    let (log, replayed) = StateLog::open(store)?;
+    let mut subs: BTreeMap<String, (StoredConfig, BTreeMap<u32, PartitionState>)> = BTreeMap::new();
+    let count = replayed.len();
+    for r in replayed {
+        match r {
+            SubscriptionRecord::Created { name, config } => {
+                subs.insert(name, (config, BTreeMap::new()));
+            }
+            SubscriptionRecord::Deleted { name } => {
+                subs.remove(&name);
+            }
+            SubscriptionRecord::Partition {
+                name,
+                partition,
+                state,
+            } => {
+                if let Some((_, parts)) = subs.get_mut(&name) {
+                    parts.insert(partition, state);
+                }
+            }
+        }
+    }
+    let subs: BTreeMap<String, Arc<Sub>> = subs
+        .into_iter()
+        .map(|(name, (config, mut partitions))| {
+            for p in partitions.values_mut() {
+                p.drop_locks();
+            }
+            let sub = Sub {
+                name: name.clone(),
+                config,
+                state: tokio::sync::Mutex::new(SubState {
+                    partitions,
+                    deleted: false,
+                }),
+                released: tokio::sync::Notify::new(),
+                rotation: AtomicU32::new(0),
+                counters: stats::Counters::default(),
+            };
+            (name, Arc::new(sub))
+        })
+        .collect();
+    tracing::info!(
+        records = count,
+        subscriptions = subs.len(),
+        "subscription state loaded from {}",
+        persist::SUBSCRIPTIONS_TOPIC
+    );
+    Ok((log, subs))
+}
