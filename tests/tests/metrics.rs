@@ -445,6 +445,38 @@ async fn wait_sum(addrs: &[SocketAddr], name: &str, want: f64) {
     }
 }
 
+/// The partitions of the internal state topics, once the cluster has created them all.
+async fn internal_partitions(c: &Clients) -> usize {
+    use rill_proto::v1::cluster_client::ClusterClient;
+    const INTERNAL: [&str; 3] = ["__groups", "__security", "__subscriptions"];
+    let mut cluster = ClusterClient::new(c.channel.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let md = cluster
+            .metadata(rill_proto::v1::MetadataRequest { topics: Vec::new() })
+            .await
+            .expect("metadata")
+            .into_inner();
+        let internal: Vec<_> = md
+            .topics
+            .iter()
+            .filter(|t| t.name.starts_with("__"))
+            .collect();
+        if INTERNAL
+            .iter()
+            .all(|n| internal.iter().any(|t| t.name == *n))
+        {
+            return internal.iter().map(|t| t.partitions.len()).sum();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the internal topics were not all created: {:?}",
+            md.topics.iter().map(|t| &t.name).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A 3-broker cluster with an RF 3 topic of 3 partitions: the brokers lead 3 partitions in
 /// all, none under-replicated, with elections counted and each leader reporting its
 /// replicas' lag; with one broker killed, the survivors lead all 3 and report each
@@ -503,7 +535,10 @@ async fn replication_series_follow_leaders_and_a_lost_replica() {
             Err(s) => panic!("creating the topic: {s:?}"),
         }
     }
-    wait_sum(&metrics, "rill_leader_partitions", 3.0).await;
+    // The internal state topics are replicated partitions too, led and counted alike.
+    let internal = internal_partitions(&c).await;
+    let all = 3.0 + internal as f64;
+    wait_sum(&metrics, "rill_leader_partitions", all).await;
     wait_sum(&metrics, "rill_under_replicated_partitions", 0.0).await;
     for addr in &metrics {
         let s = scrape(*addr).await;
@@ -520,8 +555,8 @@ async fn replication_series_follow_leaders_and_a_lost_replica() {
     let mut killed = children.pop().expect("node 3");
     killed.kill().await.expect("kill node 3");
     let survivors = &metrics[..2];
-    wait_sum(survivors, "rill_leader_partitions", 3.0).await;
-    wait_sum(survivors, "rill_under_replicated_partitions", 3.0).await;
+    wait_sum(survivors, "rill_leader_partitions", all).await;
+    wait_sum(survivors, "rill_under_replicated_partitions", all).await;
     for mut child in children {
         child.kill().await.expect("kill");
     }
