@@ -68,6 +68,9 @@ pub fn spawn_background(broker: &Broker, subs: &Subscriptions) {
                 _ = tick.tick() => {}
             }
             s.sweep(&b).await;
+            if b.config().metrics_listen.is_some() && b.config().metrics_per_group {
+                s.refresh_oldest(&b).await;
+            }
         }
     });
 }
