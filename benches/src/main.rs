@@ -6,6 +6,7 @@
 //! uses a running one.
 
 mod broker;
+mod push;
 mod report;
 mod scenarios;
 mod secure;
@@ -57,7 +58,8 @@ struct Flags {
     /// Upper bound for each scenario, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
-    /// Scenarios to run, comma separated.
+    /// Scenarios to run, comma separated: produce, catchup, e2e, and push, push-queue,
+    /// webhook, webhook-e2e (issue 13's push delivery).
     #[arg(long, value_delimiter = ',', default_value = "produce,catchup,e2e")]
     scenarios: Vec<String>,
     /// Print the column header first.
@@ -79,6 +81,10 @@ struct Flags {
     /// next is sent) or unary (one Produce call per batch).
     #[arg(long, default_value = "stream")]
     call: String,
+    /// Records per webhook POST in the webhook scenarios (the subscription's
+    /// max_batch_records).
+    #[arg(long, default_value_t = 1)]
+    webhook_batch: u32,
     /// Use a running broker at this address instead of starting one.
     #[arg(long)]
     broker: Option<String>,
@@ -289,6 +295,32 @@ async fn main() -> Result<()> {
             scenarios::e2e(&run, "rill-bench-e2e"),
         )
         .await;
+    }
+    for (scenario, topic) in [
+        ("push", "rill-bench-push"),
+        ("push-queue", "rill-bench-push-q"),
+        ("webhook", "rill-bench-hook"),
+        ("webhook-e2e", "rill-bench-hook-e2e"),
+    ] {
+        if !wants(scenario) {
+            continue;
+        }
+        create_topic(&url, &options, topic, 1, &flush, flags.replication_factor).await?;
+        let batch = flags.webhook_batch;
+        match scenario {
+            "push" => bounded(&flags, &shape, scenario, push::push(&run, topic, false)).await,
+            "push-queue" => bounded(&flags, &shape, scenario, push::push(&run, topic, true)).await,
+            "webhook" => bounded(&flags, &shape, scenario, push::webhook(&run, topic, batch)).await,
+            _ => {
+                bounded(
+                    &flags,
+                    &shape,
+                    scenario,
+                    push::webhook_e2e(&run, topic, batch),
+                )
+                .await
+            }
+        }
     }
     if let Some(b) = own {
         b.stop().await?;

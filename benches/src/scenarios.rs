@@ -75,7 +75,8 @@ fn encode(values: &[Bytes], first_ts: i64) -> Bytes {
     b.finish()
 }
 
-fn request(run: &Run, partition: u32, values: &[Bytes]) -> pb::ProduceRequest {
+/// One produce request of `values` to `run.topic`'s `partition`, in the run's encoding.
+pub fn request(run: &Run, partition: u32, values: &[Bytes]) -> pb::ProduceRequest {
     let payload = if run.raw_batches {
         Payload::Batch(encode(values, rill_storage::log::now_ms()))
     } else {

@@ -121,10 +121,11 @@ async fn counters_lag_and_histograms_match_the_traffic() {
         })
         .await
         .expect("commit");
-    // The dashboard's subscription panel needs a subscription's series in the scrape.
+    // The dashboard's subscription panels need a subscription's series in the scrape; its
+    // oldest-unacked age appears once the background sweep has read the record's time.
     create_subscription(&c, "audit", "events").await;
 
-    let s = scrape(metrics).await;
+    let s = scrape_until(metrics, "rill_subscription_oldest_unacked_age_seconds").await;
     let topic = [("topic", "events")];
     assert_eq!(value(&s, "rill_records_produced_total", &topic), N as f64);
     assert_eq!(value(&s, "rill_records_fetched_total", &topic), M as f64);
@@ -331,6 +332,7 @@ async fn per_partition_and_per_group_series_can_be_switched_off() {
         "rill_group_lag_records",
         "rill_group_members",
         "rill_subscription_backlog_records",
+        "rill_subscription_oldest_unacked_age_seconds",
         "rill_subscription_deliveries_total",
         "rill_subscription_dead_lettered_total",
     ] {
@@ -602,6 +604,103 @@ async fn settle(c: &Clients, name: &str, offsets: &[u64], kind: pb::AckType) {
         .expect("acknowledge")
         .into_inner();
     assert_eq!(resp.records, offsets.len() as u64);
+}
+
+/// Scrapes until a sample named `name` is there (a subscription's gauges wait for the state
+/// lock and the background sweep), for at most 10 s.
+async fn scrape_until(metrics: SocketAddr, name: &str) -> Scrape {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = scrape(metrics).await;
+        if has(&s, name) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {name} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 15: the age of a subscription's oldest unacknowledged record, from its timestamp,
+/// follows the floor as records are acked, and is 0 once nothing is left.
+#[tokio::test]
+async fn subscription_oldest_unacked_age_follows_the_acks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::spawn(dir.path(), &["--metrics-listen", "127.0.0.1:0"])
+        .await
+        .expect("broker");
+    let metrics = broker.metrics_addr().expect("metrics");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("aged", 1).await.expect("create");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    // Written 10, 5 and 1 minutes ago.
+    let records = [600, 300, 60]
+        .iter()
+        .map(|ago_s| record(None, "v", Some(now_ms - ago_s * 1000), &[]))
+        .collect();
+    c.log
+        .produce(produce_req("aged", Some(0), records))
+        .await
+        .expect("produce");
+    create_subscription(&c, "slow", "aged").await;
+    let sub = [("subscription", "slow")];
+    // Waits (10 s at most) until the age is about `want_s`: the sweep refreshes it twice a
+    // second, and time goes on during the test, hence the margin.
+    let age_near = |want_s: f64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = scrape(metrics).await;
+            let got = s
+                .samples
+                .iter()
+                .find(|x| {
+                    x.metric == "rill_subscription_oldest_unacked_age_seconds"
+                        && x.labels.get("subscription") == Some("slow")
+                })
+                .map(|x| match x.value {
+                    Value::Gauge(v) => v,
+                    ref other => panic!("not a gauge: {other:?}"),
+                });
+            if got.is_some_and(|v| (v - want_s).abs() < 30.0) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "age {got:?}, want about {want_s} s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    age_near(600.0).await;
+    let s = scrape_until(metrics, "rill_subscription_backlog_records").await;
+    assert_eq!(value(&s, "rill_subscription_backlog_records", &sub), 3.0);
+
+    let got = SubscriptionsClient::new(c.channel.clone())
+        .receive(pb::ReceiveRequest {
+            subscription: "slow".into(),
+            consumer_id: "worker".into(),
+            max_records: 3,
+            max_wait_ms: 5_000,
+            max_bytes: 0,
+        })
+        .await
+        .expect("receive")
+        .into_inner()
+        .records;
+    assert_eq!(got.len(), 3);
+    // Acking a later record leaves the oldest where it is.
+    settle(&c, "slow", &[1], pb::AckType::Ack).await;
+    age_near(600.0).await;
+    settle(&c, "slow", &[0], pb::AckType::Ack).await;
+    age_near(60.0).await;
+    settle(&c, "slow", &[2], pb::AckType::Ack).await;
+    age_near(0.0).await;
+    broker.stop().await.expect("stop");
 }
 
 /// Issue 15, per subscription: 10 records produced, 6 received, 3 acked, 1 nacked, 1

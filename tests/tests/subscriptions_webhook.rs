@@ -176,6 +176,7 @@ async fn webhooks_under_failure_ack_once_or_dead_letter_after_max_attempts() -> 
                 max_backoff_ms: 5_000,
                 max_in_flight: 64,
                 signing_secret: SECRET.into(),
+                ..Default::default()
             }),
         }),
         start: pb::StartPosition::Earliest as i32,

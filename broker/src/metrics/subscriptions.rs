@@ -78,6 +78,20 @@ impl Collector for SubscriptionCollector {
         }
         {
             let mut metric = encoder.encode_descriptor(
+                "rill_subscription_oldest_unacked_age_seconds",
+                "Age of the oldest record not done (from its timestamp), 0 with none, by subscription",
+                None,
+                MetricType::Gauge,
+            )?;
+            for f in &figures {
+                if let Some(ms) = f.oldest_unacked_age_ms {
+                    let seconds = ms as f64 / 1000.0;
+                    ConstGauge::new(seconds).encode(metric.encode_family(&label(&f.name))?)?;
+                }
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
                 "rill_subscription_deliveries",
                 "Delivered records by how their delivery ended, by subscription and outcome",
                 None,

@@ -7,6 +7,7 @@
 //! - `dead_letter`: appending leaving records to the dead-letter topic.
 //! - [`persist`]: [`persist::StateLog`], the internal topic written and replayed as a keyed
 //!   log.
+//! - [`ordered`]: per-key ordered acquisition for webhooks created with `ordered`.
 //! - [`read`]: reading records from the topic's log.
 //! - [`push`]: the `Subscribe` stream (push with credits) for subscriptions and groups.
 //! - [`replicated`]: `__subscriptions` on replicated storage in a cluster: served by its
@@ -14,8 +15,9 @@
 //! - [`webhook`]: push to HTTP endpoints: signed POSTs, retries with backoff, AIMD rate.
 //! - [`stats`]: delivery outcome counters and the figures the metrics read at scrape time.
 //! - [`Subscriptions`]: every subscription in memory; each change is stored before it takes
-//!   effect; [`spawn_background`] runs the sweep that expires locks (and dead-letters records
-//!   past their attempts) while no consumer calls.
+//!   effect.
+//! - `background`: [`spawn_background`] runs the sweep that expires locks (and dead-letters
+//!   records past their attempts) while no consumer calls, and starts the webhook pushers.
 //!
 //! # Concurrency
 //! Each subscription has one async lock over its partitions' state. A call works on a copy:
@@ -23,7 +25,9 @@
 //! the copy. A failure leaves the state as it was. The store's writes go through one
 //! blocking-pool lock over the log.
 
+mod background;
 mod dead_letter;
+pub mod ordered;
 pub mod persist;
 pub mod push;
 pub mod read;
@@ -43,10 +47,11 @@ use parking_lot::{Mutex, RwLock};
 use rill_proto::v1::{self as pb, FetchedRecord};
 use rill_storage::log::now_ms;
 use rill_storage::Store;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{StreamExt, StreamMap};
 
+pub use self::background::spawn_background;
 pub use self::settings::{config_to_pb, settle_config, validate_consumer, Ack};
 
 use self::persist::StateLog;
@@ -414,9 +419,9 @@ impl Subscriptions {
             if !got.is_empty() || Instant::now() >= deadline {
                 return Ok(got);
             }
-            // Only a future event is worth a wake-up: one due already was just tried.
+            // Events are after the pass began (due records were just tried); one that
+            // came due during the pass wakes at once.
             let wake_at = next_event
-                .filter(|ms| *ms > now_ms())
                 .map(|ms| {
                     let in_ms = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
                     (Instant::now() + Duration::from_millis(in_ms)).min(deadline)
@@ -443,15 +448,24 @@ impl Subscriptions {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<(Vec<pb::ReceivedRecord>, Option<i64>), BrokerError> {
-        self.acquire_with(
-            broker,
-            sub,
-            topic,
-            consumer,
-            (max_records, max_bytes),
-            false,
-        )
-        .await
+        let limits = (max_records, max_bytes);
+        self.acquire_with(broker, sub, topic, consumer, limits, How::Loose)
+            .await
+    }
+
+    /// [`Subscriptions::acquire`] in per-key order ([`ordered`]), for an ordered webhook.
+    pub async fn acquire_ordered(
+        &self,
+        broker: &Broker,
+        sub: &Arc<Sub>,
+        topic: &Arc<TopicState>,
+        consumer: &str,
+        (max_records, max_bytes): (usize, usize),
+        index: &mut ordered::KeyIndex,
+    ) -> Result<(Vec<pb::ReceivedRecord>, Option<i64>), BrokerError> {
+        let limits = (max_records, max_bytes);
+        self.acquire_with(broker, sub, topic, consumer, limits, How::Ordered(index))
+            .await
     }
 
     /// [`Subscriptions::acquire`] that never goes past `max_bytes` (push credits).
@@ -464,7 +478,8 @@ impl Subscriptions {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<(Vec<pb::ReceivedRecord>, Option<i64>), BrokerError> {
-        self.acquire_with(broker, sub, topic, consumer, (max_records, max_bytes), true)
+        let limits = (max_records, max_bytes);
+        self.acquire_with(broker, sub, topic, consumer, limits, How::Strict)
             .await
     }
 
@@ -475,8 +490,9 @@ impl Subscriptions {
         topic: &Arc<TopicState>,
         consumer: &str,
         (max_records, max_bytes): (usize, usize),
-        strict: bool,
+        mut how: How<'_>,
     ) -> Result<(Vec<pb::ReceivedRecord>, Option<i64>), BrokerError> {
+        let strict = matches!(how, How::Strict);
         let mut st = sub.state.lock().await;
         if st.deleted {
             return Err(SubscriptionError::NotFound {
@@ -507,6 +523,18 @@ impl Subscriptions {
                 .or_insert_with(|| PartitionState::starting_at(log.log_start_offset()));
             ps.clamp_to_log_start(log.log_start_offset());
             let want = max_records - out.len();
+            if let How::Ordered(index) = &mut how {
+                let pass = ordered::Pass {
+                    partition: p,
+                    consumer,
+                    now_ms: now,
+                    limits,
+                    want,
+                };
+                let bytes = &mut bytes_left;
+                ordered::acquire(index, ps, log, pass, bytes, strict, &mut out).await?;
+                continue;
+            }
             let again = ps.redeliverable(now, want);
             let room = (limits.max_in_flight as usize).saturating_sub(ps.pending.len());
             let new_max = want.saturating_sub(again.len()).min(room);
@@ -558,7 +586,7 @@ impl Subscriptions {
         let next_event = st
             .partitions
             .values()
-            .filter_map(PartitionState::next_event_ms)
+            .filter_map(|ps| ps.next_event_ms(now))
             .min();
         Ok((out, next_event))
     }
@@ -656,71 +684,16 @@ impl Subscriptions {
         }
         Ok((applied, deadline))
     }
-
-    /// Expires locks of every subscription (dead-lettering records past their attempts), so
-    /// that happens while no consumer calls.
-    pub async fn sweep(&self, broker: &Broker) {
-        if !replicated::serves(broker) {
-            return;
-        }
-        let subs: Vec<Arc<Sub>> = self.inner.subs.read().values().cloned().collect();
-        let now = now_ms();
-        for sub in subs {
-            let due = {
-                let Ok(st) = sub.state.try_lock() else {
-                    continue;
-                };
-                st.partitions.values().any(|ps| {
-                    ps.pending
-                        .values()
-                        .any(|p| p.lock.as_ref().is_some_and(|l| l.deadline_ms < now))
-                })
-            };
-            if !due {
-                continue;
-            }
-            let Ok(topic) = broker.topic(&sub.config.topic) else {
-                continue;
-            };
-            match self.acquire(broker, &sub, &topic, "-", 0, 0).await {
-                Ok(_) => sub.released.notify_waiters(),
-                Err(e) => {
-                    tracing::warn!(subscription = %sub.name, error = %e, "subscription sweep failed")
-                }
-            }
-        }
-    }
 }
 
-/// Starts the sweep loop, and the webhook pusher of every subscription with an endpoint, on
-/// the broker's tracker.
-pub fn spawn_background(broker: &Broker, subs: &Subscriptions) {
-    // In a cluster the leader of `__subscriptions` starts them once it has loaded the state.
-    let clustered = crate::internal::replication(broker).is_some();
-    let with_push: Vec<Arc<Sub>> = subs
-        .inner
-        .subs
-        .read()
-        .values()
-        .filter(|s| s.config.push.is_some() && !clustered)
-        .cloned()
-        .collect();
-    for sub in with_push {
-        webhook::spawn(broker, subs, &sub);
-    }
-    let b = broker.clone();
-    let s = subs.clone();
-    broker.tasks().spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(SWEEP_TICK_MS));
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = b.shutdown().cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            s.sweep(&b).await;
-        }
-    });
+/// How an acquisition pass takes records.
+enum How<'a> {
+    /// The first record even when larger than the byte budget (so it is never stuck).
+    Loose,
+    /// Never past the byte budget (push credits).
+    Strict,
+    /// Loose, in per-key order.
+    Ordered(&'a mut ordered::KeyIndex),
 }
 
 /// A record as pushed in offset mode (no lock).

@@ -44,6 +44,16 @@ pub struct StoredPush {
     pub max_in_flight: u32,
     /// The HMAC key, if requests are signed.
     pub signing_secret: Option<String>,
+    /// Per-key order (absent in records of earlier brokers: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ordered: bool,
+    /// Records per POST; 0 or 1: one (absent in records of earlier brokers).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_batch_records: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One change to the subscriptions' state.
@@ -238,6 +248,8 @@ mod tests {
                                 max_backoff_ms: b,
                                 max_in_flight: n,
                                 signing_secret,
+                                ordered: b % 2 == 0,
+                                max_batch_records: n % 3,
                             }),
                         },
                     }

@@ -108,6 +108,13 @@ pub fn settle_config(
                     )?,
                     signing_secret: (!p.signing_secret.is_empty())
                         .then(|| p.signing_secret.clone()),
+                    ordered: p.ordered,
+                    max_batch_records: pick(
+                        p.max_batch_records,
+                        1,
+                        webhook::MAX_BATCH_RECORDS,
+                        "max_batch_records",
+                    )?,
                 })
             }
         },
@@ -129,6 +136,8 @@ pub fn config_to_pb(c: &StoredConfig) -> pb::SubscriptionConfig {
             max_backoff_ms: p.max_backoff_ms,
             max_in_flight: p.max_in_flight,
             signing_secret: String::new(),
+            ordered: p.ordered,
+            max_batch_records: p.max_batch_records.max(1),
         }),
     }
 }

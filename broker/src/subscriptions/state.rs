@@ -255,14 +255,17 @@ impl PartitionState {
             .collect()
     }
 
-    /// The earliest time an unlocked record becomes due or a lock ends, if any.
-    pub fn next_event_ms(&self) -> Option<i64> {
+    /// The earliest time after `now_ms` an unlocked record becomes due or a lock ends, if
+    /// any. Records due already are left out: a caller that did not take them (its limits,
+    /// or an ordered key waiting) must still wake for the next future event.
+    pub fn next_event_ms(&self, now_ms: i64) -> Option<i64> {
         self.pending
             .values()
             .map(|p| match &p.lock {
                 Some(l) => l.deadline_ms.saturating_add(1),
                 None => p.not_before_ms,
             })
+            .filter(|at| *at > now_ms)
             .min()
     }
 

@@ -5,17 +5,24 @@
 //! The scrape is synchronous and the state sits behind an async lock that calls hold while
 //! they read the log and store changes, so the scrape only *tries* the lock: a subscription
 //! busy at that instant is left out of that scrape's gauges (its counters are always there).
+//!
+//! The age of the oldest record not done needs that record's timestamp, which the state does
+//! not keep: the background sweep ([`Subscriptions::refresh_oldest`]) reads it from the log
+//! when a partition's floor has moved and keeps it in memory, so the scrape reads no disk.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::Mutex;
 use rill_storage::log::now_ms;
 
+use super::read;
 use super::state::{AckKind, PartitionState};
 use super::Subscriptions;
 use crate::state::Broker;
 
-/// One subscription's outcome counters since the broker started.
+/// One subscription's outcome counters since the broker started, and the timestamp of the
+/// first record not done in each partition.
 #[derive(Debug, Default)]
 pub struct Counters {
     acked: AtomicU64,
@@ -23,6 +30,9 @@ pub struct Counters {
     rejected: AtomicU64,
     expired: AtomicU64,
     dead_lettered: AtomicU64,
+    /// Partition → (the floor when read, that record's timestamp in ms). A plain lock:
+    /// never held across an await. Absent for a partition with nothing left to do.
+    oldest: Mutex<BTreeMap<u32, (u64, i64)>>,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -107,6 +117,9 @@ pub struct SubscriptionFigures {
     pub backlog_and_in_flight: Option<(u64, u64)>,
     /// Outcome counters.
     pub outcomes: Outcomes,
+    /// Age in ms of the oldest record not done (0 with none); `None` when the state was busy
+    /// or a partition with records left has not been read by the sweep yet.
+    pub oldest_unacked_age_ms: Option<u64>,
 }
 
 impl Subscriptions {
@@ -117,39 +130,113 @@ impl Subscriptions {
         let now = now_ms();
         subs.iter()
             .map(|sub| {
+                let oldest = sub.counters.oldest.lock().clone();
                 let gauges = broker.topic(&sub.config.topic).ok().and_then(|topic| {
                     let st = sub.state.try_lock().ok()?;
                     let mut backlog = 0u64;
                     let mut in_flight = 0u64;
+                    // The oldest timestamp over partitions with records left; `None` inside
+                    // once one of them has not been read yet.
+                    let mut oldest_ms: Option<Option<i64>> = None;
                     for p in 0..topic.topic.partition_count() {
                         // A fenced partition has no high watermark: nothing to add.
                         let Ok(log) = topic.log(p) else { continue };
                         let start = log.log_start_offset();
                         let hwm = log.high_watermark();
-                        match st.partitions.get(&p) {
+                        let left = match st.partitions.get(&p) {
                             // As Describe: records below the log start are gone, so done.
                             Some(ps) if ps.floor < start => {
                                 let mut ps = ps.clone();
                                 ps.clamp_to_log_start(start);
-                                backlog += ps.backlog(hwm);
                                 in_flight += ps.in_flight(now);
+                                ps.backlog(hwm)
                             }
                             Some(ps) => {
-                                backlog += ps.backlog(hwm);
                                 in_flight += ps.in_flight(now);
+                                ps.backlog(hwm)
                             }
-                            None => backlog += hwm.saturating_sub(start),
+                            None => hwm.saturating_sub(start),
+                        };
+                        backlog += left;
+                        if left > 0 {
+                            let ts = oldest.get(&p).map(|(_, ts)| *ts);
+                            oldest_ms = Some(match (oldest_ms, ts) {
+                                (Some(Some(a)), Some(b)) => Some(a.min(b)),
+                                (None, b) => b,
+                                _ => None,
+                            });
                         }
                     }
-                    Some((backlog, in_flight))
+                    let age = match oldest_ms {
+                        None => Some(0),
+                        Some(ts) => ts.map(|ts| u64::try_from(now - ts).unwrap_or(0)),
+                    };
+                    Some(((backlog, in_flight), age))
                 });
                 SubscriptionFigures {
                     name: sub.name.clone(),
-                    backlog_and_in_flight: gauges,
+                    backlog_and_in_flight: gauges.map(|g| g.0),
                     outcomes: sub.counters.get(),
+                    oldest_unacked_age_ms: gauges.and_then(|g| g.1),
                 }
             })
             .collect()
+    }
+}
+
+impl Subscriptions {
+    /// Reads, for each partition of each subscription whose floor moved since the last
+    /// call, the timestamp of its first record not done (one record read, on the blocking
+    /// pool), for [`Subscriptions::figures`]. Called by the background sweep.
+    pub async fn refresh_oldest(&self, broker: &Broker) {
+        let subs: Vec<_> = self.inner.subs.read().values().cloned().collect();
+        for sub in subs {
+            let Ok(topic) = broker.topic(&sub.config.topic) else {
+                continue;
+            };
+            // Waiting here delays only the background loop, never a call.
+            let floors: Vec<(u32, u64)> = {
+                let st = sub.state.lock().await;
+                st.partitions.iter().map(|(p, ps)| (*p, ps.floor)).collect()
+            };
+            let mut reads = Vec::new();
+            {
+                let mut oldest = sub.counters.oldest.lock();
+                for p in 0..topic.topic.partition_count() {
+                    let Ok(log) = topic.log(p) else { continue };
+                    let start = log.log_start_offset();
+                    let floor = floors
+                        .iter()
+                        .find(|(q, _)| *q == p)
+                        .map_or(start, |(_, f)| *f)
+                        .max(start);
+                    if floor >= log.high_watermark() {
+                        oldest.remove(&p);
+                    } else if oldest.get(&p).map(|(at, _)| *at) != Some(floor) {
+                        reads.push((p, floor, log));
+                    }
+                }
+            }
+            if reads.is_empty() {
+                continue;
+            }
+            let read = tokio::task::spawn_blocking(move || {
+                reads
+                    .into_iter()
+                    .filter_map(|(p, floor, log)| {
+                        let first = read::read_from(&log, floor, 1, 1).ok()?;
+                        Some((p, floor, first.first()?.timestamp_ms))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            if let Ok(read) = read {
+                let mut oldest = sub.counters.oldest.lock();
+                for (p, floor, ts) in read {
+                    oldest.insert(p, (floor, ts));
+                }
+            }
+        }
     }
 }
 

@@ -7,6 +7,10 @@
 //! (slow start, then additive increase) and halves on failure, up to `max_in_flight`, so a
 //! failing endpoint is not hammered.
 //!
+//! With `max_batch_records` above 1, one POST carries up to that many records (a
+//! `messages` array) and its answer acks or nacks them all. With `ordered`, records are
+//! acquired in per-key order ([`super::ordered`]): one record of a key in flight at a time.
+//!
 //! The endpoint must be `http` or `https` on a loopback host or a host in the broker's
 //! `push_endpoint_allow` list ([`check_endpoint`]), so a topic admin cannot make the broker
 //! call arbitrary hosts.
@@ -38,6 +42,8 @@ pub const DEFAULT_MAX_BACKOFF_MS: u32 = 60_000;
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
 /// Most requests outstanding.
 pub const MAX_IN_FLIGHT: u32 = 10_000;
+/// Most records in one POST.
+pub const MAX_BATCH_RECORDS: u32 = 1_000;
 /// The consumer id the pusher acquires records as, followed by `-<pass>`: each acquisition
 /// pass locks under its own id, so the late outcome of an earlier delivery (a POST that
 /// timed out as its lock expired and the record was delivered again) cannot ack or nack
@@ -171,11 +177,10 @@ pub fn spawn(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) {
 
 /// What one POST came to.
 struct Outcome {
-    /// The consumer id the record was locked to.
+    /// The consumer id the records were locked to.
     consumer: String,
-    partition: u32,
-    offset: u64,
-    attempt: u32,
+    /// (partition, offset, delivery attempt) of each record the POST carried.
+    records: Vec<(u32, u64, u32)>,
     /// `None`: acked; else why not.
     error: Option<String>,
 }
@@ -200,6 +205,8 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
         }
     }
     let mut rate = Rate::new(push.max_in_flight);
+    let batch = push.max_batch_records.max(1) as usize;
+    let mut keys = push.ordered.then(super::ordered::KeyIndex::default);
     let mut posts: JoinSet<Outcome> = JoinSet::new();
     let max_bytes = broker.config().max_fetch_bytes;
     let mut pass = 0u64;
@@ -212,29 +219,37 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
         if room > 0 {
             pass += 1;
             let consumer = format!("{CONSUMER}-{pass}");
-            let (records, event) = match subs
-                .acquire(broker, sub, &topic, &consumer, room, max_bytes)
-                .await
-            {
+            let want = (room.saturating_mul(batch), max_bytes);
+            let got = match keys.as_mut() {
+                Some(keys) => {
+                    subs.acquire_ordered(broker, sub, &topic, &consumer, want, keys)
+                        .await
+                }
+                None => {
+                    subs.acquire(broker, sub, &topic, &consumer, want.0, want.1)
+                        .await
+                }
+            };
+            let (records, event) = match got {
                 Ok(got) => got,
                 Err(BrokerError::Subscription(SubscriptionError::NotFound { .. })) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            for r in records {
+            for request in batches(records, batch) {
                 posts.spawn(post(
                     client.clone(),
                     consumer.clone(),
-                    sub.name.clone(),
-                    sub.config.topic.clone(),
+                    Arc::clone(sub),
                     push.clone(),
-                    r,
+                    request,
                 ));
             }
-            next_event = event.filter(|ms| *ms > now_ms());
+            next_event = event;
         }
         let has_room = rate.window() > posts.len();
         let wake_at = next_event.map(|ms| {
-            Instant::now() + Duration::from_millis(u64::try_from(ms - now_ms()).unwrap_or(0))
+            let in_ms = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
+            Instant::now() + Duration::from_millis(in_ms)
         });
         tokio::select! {
             _ = broker.shutdown().cancelled() => return Ok(()),
@@ -252,6 +267,20 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
     }
 }
 
+/// Splits acquired records into POSTs: first deliveries in batches of up to `batch`, and
+/// each retry alone, so a record that failed (say, one the endpoint cannot take) fails no
+/// other record with it again.
+fn batches(records: Vec<pb::ReceivedRecord>, batch: usize) -> Vec<Vec<pb::ReceivedRecord>> {
+    let (fresh, retries): (Vec<_>, Vec<_>) =
+        records.into_iter().partition(|r| r.delivery_count <= 1);
+    let mut out: Vec<Vec<pb::ReceivedRecord>> = retries.into_iter().map(|r| vec![r]).collect();
+    let mut fresh = fresh.into_iter().peekable();
+    while fresh.peek().is_some() {
+        out.push(fresh.by_ref().take(batch.max(1)).collect());
+    }
+    out
+}
+
 /// Acks the successes in one call, nacks each failure with its backoff, and adapts the rate.
 async fn settle(
     broker: &Broker,
@@ -263,19 +292,22 @@ async fn settle(
 ) -> Result<(), BrokerError> {
     let mut acked: BTreeMap<String, Vec<(u32, u64, u64)>> = BTreeMap::new();
     for o in outcomes {
+        let ranges = o
+            .records
+            .iter()
+            .map(|(p, offset, _)| (*p, *offset, *offset));
         match o.error {
             None => {
                 rate.success();
-                acked
-                    .entry(o.consumer)
-                    .or_default()
-                    .push((o.partition, o.offset, o.offset));
+                acked.entry(o.consumer).or_default().extend(ranges);
             }
             Some(error) => {
                 rate.failure();
-                let delay_ms = backoff_ms(push.min_backoff_ms, push.max_backoff_ms, o.attempt);
+                // A batch waits as long as its most-tried record: one nack, one write.
+                let attempt = o.records.iter().map(|r| r.2).max().unwrap_or(1);
+                let delay_ms = backoff_ms(push.min_backoff_ms, push.max_backoff_ms, attempt);
                 let nack = Ack {
-                    ranges: vec![(o.partition, o.offset, o.offset)],
+                    ranges: ranges.collect(),
                     kind: AckKind::Nack { delay_ms },
                     error: Some(error),
                 };
@@ -323,6 +355,26 @@ async fn apply(
         }
         Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// The JSON body of a POST: `{"subscription", "message"}` for one record at a time, or
+/// `{"subscription", "messages": [...]}` when the subscription batches (`batched`), however
+/// many records this POST carries.
+pub fn body(
+    subscription: &str,
+    topic: &str,
+    records: &[pb::ReceivedRecord],
+    batched: bool,
+) -> serde_json::Value {
+    if batched || records.len() != 1 {
+        let messages: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| envelope(subscription, topic, r)["message"].take())
+            .collect();
+        serde_json::json!({"subscription": subscription, "messages": messages})
+    } else {
+        envelope(subscription, topic, &records[0])
     }
 }
 
@@ -379,21 +431,25 @@ async fn sleep_until_opt(at: Option<Instant>) {
 async fn post(
     client: reqwest::Client,
     consumer: String,
-    subscription: String,
-    topic: String,
+    sub: Arc<Sub>,
     push: super::records::StoredPush,
-    r: pb::ReceivedRecord,
+    records: Vec<pb::ReceivedRecord>,
 ) -> Outcome {
-    let offset = r.record.as_ref().map_or(0, |x| x.offset);
     let mut outcome = Outcome {
         consumer,
-        partition: r.partition,
-        offset,
-        attempt: r.delivery_count,
+        records: records
+            .iter()
+            .map(|r| {
+                let offset = r.record.as_ref().map_or(0, |x| x.offset);
+                (r.partition, offset, r.delivery_count)
+            })
+            .collect(),
         error: None,
     };
+    let batched = push.max_batch_records > 1;
+    let json = body(&sub.name, &sub.config.topic, &records, batched);
     // A JSON value of strings and numbers always serializes.
-    let body = serde_json::to_vec(&envelope(&subscription, &topic, &r)).unwrap_or_default();
+    let body = serde_json::to_vec(&json).unwrap_or_default();
     let mut req = client
         .post(&push.endpoint)
         .header(reqwest::header::CONTENT_TYPE, "application/json");
@@ -489,6 +545,44 @@ mod tests {
             r.success();
         }
         assert_eq!(r.window(), 64, "never above the maximum");
+    }
+
+    #[test]
+    fn first_deliveries_are_batched_and_retries_go_alone() {
+        let r = |offset: u64, delivery_count: u32| pb::ReceivedRecord {
+            partition: 0,
+            record: Some(pb::FetchedRecord {
+                offset,
+                ..Default::default()
+            }),
+            delivery_count,
+            lock_deadline_ms: 0,
+        };
+        let got = batches(
+            vec![
+                r(0, 1),
+                r(1, 3),
+                r(2, 1),
+                r(3, 1),
+                r(4, 2),
+                r(5, 1),
+                r(6, 1),
+            ],
+            2,
+        );
+        let offsets: Vec<Vec<u64>> = got
+            .iter()
+            .map(|b| {
+                b.iter()
+                    .filter_map(|r| r.record.as_ref().map(|x| x.offset))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            offsets,
+            vec![vec![1], vec![4], vec![0, 2], vec![3, 5], vec![6]]
+        );
+        assert_eq!(batches(vec![r(0, 1), r(1, 1)], 1).len(), 2);
     }
 
     #[test]

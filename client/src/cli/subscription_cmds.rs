@@ -19,7 +19,7 @@ use crate::subscription::{PushStream, PushTarget, QueueConsumer, QueueRecord, Su
 pub enum SubscriptionCommand {
     /// Create a queue subscription on a topic.
     #[command(
-        after_help = "Example:\n  rill subscription create jobs --topic orders --ack-deadline 30s --max-attempts 5 --dead-letter-topic orders.dlq"
+        after_help = "Example:\n  rill subscription create jobs --topic orders --ack-deadline 30s --max-attempts 5 --dead-letter-topic orders.dlq\n  rill subscription create hooks --topic orders --push-endpoint http://127.0.0.1:8080/hook --ordered --max-batch-records 10"
     )]
     Create(CreateArgs),
     /// List subscriptions.
@@ -81,6 +81,14 @@ pub struct CreateArgs {
     /// Sign every POST (HMAC-SHA256) with the secret in this environment variable.
     #[arg(long, requires = "push_endpoint")]
     pub signing_secret_env: Option<String>,
+    /// Deliver records with the same key one at a time, in offset order: the next only
+    /// after the one before is acked or dead-lettered (a failing key blocks only itself).
+    #[arg(long, requires = "push_endpoint")]
+    pub ordered: bool,
+    /// Records per POST, in a `messages` array, acked or nacked together (1: one record per
+    /// POST, in a `message` envelope).
+    #[arg(long, requires = "push_endpoint")]
+    pub max_batch_records: Option<u32>,
     /// Start at the first retained record (default: only records appended from now on).
     #[arg(long)]
     pub from_beginning: bool,
@@ -131,6 +139,8 @@ pub async fn subscription(conn: Connection, ctx: Ctx, command: SubscriptionComma
                         })?,
                         None => String::new(),
                     },
+                    ordered: a.ordered,
+                    max_batch_records: a.max_batch_records.unwrap_or(0),
                 }),
             };
             let config = pb::SubscriptionConfig {
@@ -221,6 +231,8 @@ fn config_json(name: &str, c: &pb::SubscriptionConfig) -> serde_json::Value {
             "min_backoff_ms": p.min_backoff_ms,
             "max_backoff_ms": p.max_backoff_ms,
             "max_in_flight": p.max_in_flight,
+            "ordered": p.ordered,
+            "max_batch_records": p.max_batch_records,
         })),
     })
 }
@@ -266,11 +278,13 @@ fn describe_out(ctx: Ctx, d: &pb::DescribeSubscriptionResponse) -> Result<()> {
     if let Some(p) = &c.push {
         writeln!(
             out,
-            "  pushed to {} (backoff {}..{}, at most {} requests outstanding)",
+            "  pushed to {} (backoff {}..{}, at most {} requests outstanding, {} per POST{})",
             p.endpoint,
             units::duration_ms(u64::from(p.min_backoff_ms)),
             units::duration_ms(u64::from(p.max_backoff_ms)),
-            p.max_in_flight
+            p.max_in_flight,
+            p.max_batch_records.max(1),
+            if p.ordered { ", ordered by key" } else { "" }
         )?;
     }
     writeln!(
