@@ -28,6 +28,11 @@ pub struct Flags {
     /// The cap on a fetch's wait, in milliseconds [default: 30000].
     #[arg(long, env = "RILL_MAX_FETCH_WAIT_MS")]
     pub max_fetch_wait_ms: Option<u64>,
+    /// How long an idle idempotent producer's state is kept in each partition, in
+    /// milliseconds; afterwards its next batch must start again at sequence 0
+    /// [default: 604800000, 7 days].
+    #[arg(long, env = "RILL_PRODUCER_ID_EXPIRATION_MS")]
+    pub producer_id_expiration_ms: Option<u64>,
     /// How often retention runs, in milliseconds [default: 60000].
     #[arg(long, env = "RILL_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<u64>,
@@ -164,6 +169,12 @@ pub fn load(flags: Flags) -> Result<Config> {
     if let Some(v) = file.max_fetch_bytes {
         config.max_fetch_bytes = v;
     }
+    if let Some(v) = flags
+        .producer_id_expiration_ms
+        .or(file.producer_id_expiration_ms)
+    {
+        config.producer_id_expiration_ms = v;
+    }
     if let Some(v) = flags.retention_check_ms.or(file.retention_check_ms) {
         config.retention_check_ms = v;
     }
@@ -231,6 +242,10 @@ pub fn load(flags: Flags) -> Result<Config> {
     anyhow::ensure!(
         config.max_batch_bytes >= 1024,
         "max_batch_bytes must be at least 1024"
+    );
+    anyhow::ensure!(
+        config.producer_id_expiration_ms >= 1,
+        "producer_id_expiration_ms must be at least 1"
     );
     anyhow::ensure!(
         (1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&config.max_connections),
@@ -382,6 +397,34 @@ mod tests {
         let mut all = vec!["rill-broker"];
         all.extend_from_slice(args);
         Flags::try_parse_from(all).expect("flags parse")
+    }
+
+    #[test]
+    fn producer_id_expiration_layers_file_under_flag_and_refuses_zero() {
+        assert_eq!(
+            load(flags(&[])).expect("load").producer_id_expiration_ms,
+            7 * 24 * 3600 * 1000,
+            "7 days by default"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(&path, "producer_id_expiration_ms = 60000\n").expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let from_file = load(flags(&["--config", p])).expect("load");
+        assert_eq!(from_file.producer_id_expiration_ms, 60_000);
+        let flagged = load(flags(&[
+            "--config",
+            p,
+            "--producer-id-expiration-ms",
+            "500",
+        ]))
+        .expect("load");
+        assert_eq!(flagged.producer_id_expiration_ms, 500, "the flag wins");
+        let zero = load(flags(&["--producer-id-expiration-ms", "0"])).expect_err("zero");
+        assert!(
+            zero.to_string().contains("producer_id_expiration_ms"),
+            "{zero}"
+        );
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 /// broker's waiting-fetch limit bounds the total instead.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 4096;
 
+/// The default time an idle idempotent producer's state is kept, in ms: 7 days, as Kafka's
+/// `producer.id.expiration.ms`.
+pub const DEFAULT_PRODUCER_ID_EXPIRATION_MS: u64 =
+    rill_storage::producers::DEFAULT_PRODUCER_EXPIRY_MS;
+
 /// Everything the broker needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -45,6 +50,11 @@ pub struct Config {
     pub max_batch_bytes: usize,
     /// The longest a fetch may wait, in milliseconds, whatever it asks. Default 30 s.
     pub max_fetch_wait_ms: u64,
+    /// How long after its last batch to a partition an idempotent producer's state there
+    /// (its epoch and last sequences) is kept, in ms. A producer idle longer is unknown to
+    /// that partition: its next batch must start again at sequence 0, and a retry of an
+    /// older batch is no longer recognised. Default 7 days.
+    pub producer_id_expiration_ms: u64,
     /// The most bytes one fetch returns, whatever it asks. Default 16 MiB.
     pub max_fetch_bytes: usize,
     /// How often retention runs, in milliseconds. Default 60 s.
@@ -85,6 +95,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_fetch_wait_ms: DEFAULT_MAX_FETCH_WAIT_MS,
+            producer_id_expiration_ms: DEFAULT_PRODUCER_ID_EXPIRATION_MS,
             max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
             retention_check_ms: DEFAULT_RETENTION_CHECK_MS,
             max_waiting_fetches: DEFAULT_MAX_WAITING_FETCHES,
@@ -125,6 +136,12 @@ impl Config {
     /// Sets the cap on a fetch's wait, in milliseconds (default 30,000).
     pub fn max_fetch_wait_ms(mut self, max_fetch_wait_ms: u64) -> Self {
         self.max_fetch_wait_ms = max_fetch_wait_ms;
+        self
+    }
+
+    /// Sets how long an idle idempotent producer's state is kept, in ms (default 7 days).
+    pub fn producer_id_expiration_ms(mut self, producer_id_expiration_ms: u64) -> Self {
+        self.producer_id_expiration_ms = producer_id_expiration_ms;
         self
     }
 
@@ -184,6 +201,8 @@ pub struct FileConfig {
     pub max_fetch_wait_ms: Option<u64>,
     /// See [`Config::max_fetch_bytes`].
     pub max_fetch_bytes: Option<usize>,
+    /// See [`Config::producer_id_expiration_ms`].
+    pub producer_id_expiration_ms: Option<u64>,
     /// See [`Config::retention_check_ms`].
     pub retention_check_ms: Option<u64>,
     /// See [`Config::max_waiting_fetches`].

@@ -76,7 +76,9 @@ impl Server {
         };
         let health = Health::not_serving().await;
         let recovering = Recovering::serve(&listener, &health)?;
-        let options = StoreOptions::new(&config.data_dir).max_batch_bytes(config.max_batch_bytes);
+        let options = StoreOptions::new(&config.data_dir)
+            .max_batch_bytes(config.max_batch_bytes)
+            .producer_expiry_ms(config.producer_id_expiration_ms);
         let store = tokio::task::spawn_blocking(move || Store::open(options)).await;
         recovering.stop().await;
         let store = store

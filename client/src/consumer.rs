@@ -43,19 +43,19 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rill_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
 
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::membership::GroupMember;
-use crate::retry::RetryPolicy;
 
+mod fetch;
 mod group;
+
+use fetch::{FetchTask, Fetched};
 
 /// Where to start when the group has no committed offset (or the offset is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -226,27 +226,6 @@ pub enum SeekTo {
     Beginning,
     /// The high watermark: only new records.
     End,
-}
-
-enum Fetched {
-    Records {
-        partition: u32,
-        generation: u64,
-        records: Vec<pb::FetchedRecord>,
-        high_watermark: u64,
-    },
-    Skipped {
-        partition: u32,
-        generation: u64,
-        from: u64,
-        to: u64,
-        reason: String,
-    },
-    Failed {
-        partition: u32,
-        generation: u64,
-        error: ClientError,
-    },
 }
 
 struct PartitionState {
@@ -693,119 +672,5 @@ impl Consumer {
         };
         self.start(partition, offset);
         Ok(offset)
-    }
-}
-
-/// One partition's long-poll loop.
-struct FetchTask {
-    conn: Connection,
-    topic: String,
-    partition: u32,
-    generation: u64,
-    reset: AutoOffsetReset,
-    max_wait_ms: u32,
-    max_bytes: u32,
-    tx: mpsc::Sender<Fetched>,
-}
-
-/// What one fetch attempt found.
-enum Step {
-    /// A response (possibly empty, when the long-poll timed out).
-    Records(pb::FetchResponse),
-    /// The position was out of range and the reset policy moved it.
-    Skipped { from: u64, to: u64, reason: String },
-    /// The position was out of range but the reset policy points at it again: the log
-    /// grew up to it meanwhile, so fetching again succeeds.
-    Again,
-}
-
-impl FetchTask {
-    async fn run(self, mut offset: u64) {
-        let retry = RetryPolicy::fetch();
-        loop {
-            let step = retry.run("fetch", || self.fetch_once(offset)).await;
-            let sent = match step {
-                Ok(Step::Records(resp)) => {
-                    if resp.records.is_empty() {
-                        continue;
-                    }
-                    offset = resp.next_offset;
-                    self.tx
-                        .send(Fetched::Records {
-                            partition: self.partition,
-                            generation: self.generation,
-                            records: resp.records,
-                            high_watermark: resp.high_watermark,
-                        })
-                        .await
-                }
-                Ok(Step::Skipped { from, to, reason }) => {
-                    offset = to;
-                    self.tx
-                        .send(Fetched::Skipped {
-                            partition: self.partition,
-                            generation: self.generation,
-                            from,
-                            to,
-                            reason,
-                        })
-                        .await
-                }
-                Ok(Step::Again) => continue,
-                Err(error) => {
-                    let _ = self
-                        .tx
-                        .send(Fetched::Failed {
-                            partition: self.partition,
-                            generation: self.generation,
-                            error,
-                        })
-                        .await;
-                    return;
-                }
-            };
-            if sent.is_err() {
-                return; // the consumer is gone
-            }
-        }
-    }
-
-    /// One long-poll at `offset`; on OUT_OF_RANGE, where the reset policy moves it.
-    async fn fetch_once(&self, offset: u64) -> Result<Step> {
-        let mut request = tonic::Request::new(pb::FetchRequest {
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset,
-            max_wait_ms: self.max_wait_ms,
-            max_bytes: self.max_bytes,
-            ..Default::default()
-        });
-        request.set_timeout(Duration::from_millis(u64::from(self.max_wait_ms) + 10_000));
-        match self.conn.log().fetch(request).await {
-            Ok(resp) => Ok(Step::Records(resp.into_inner())),
-            Err(status) if status.code() == Code::OutOfRange => {
-                let query = match self.reset {
-                    AutoOffsetReset::Earliest => OffsetQuery::Earliest,
-                    AutoOffsetReset::Latest => OffsetQuery::Latest,
-                };
-                let found = Admin::new(self.conn.clone())
-                    .list_offsets(&self.topic, self.partition, query)
-                    .await?
-                    .offset;
-                if found == offset {
-                    return Ok(Step::Again);
-                }
-                Ok(Step::Skipped {
-                    from: offset,
-                    to: found,
-                    reason: status.message().to_string(),
-                })
-            }
-            Err(status) => Err(ClientError::broker(
-                Some(&self.topic),
-                Some(self.partition),
-                status,
-            )),
-        }
     }
 }

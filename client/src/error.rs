@@ -85,6 +85,18 @@ pub enum ClientError {
         /// The producer's `buffer_memory_bytes`.
         buffer_memory_bytes: usize,
     },
+    /// The producer could not build a batch of its records (timestamps too far apart for
+    /// the format, a field over its limit). Not retryable: the same records fail again.
+    #[error("cannot build a batch for topic {topic:?} partition {partition}: {source}")]
+    BadBatch {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What the batch format refused.
+        #[source]
+        source: rill_batch::BatchError,
+    },
     /// The request is wrong before it is sent (for example a partition past the count).
     #[error("{0}")]
     Invalid(String),
@@ -127,6 +139,7 @@ impl ClientError {
             | ClientError::BadResponse { .. }
             | ClientError::BufferFull { .. }
             | ClientError::RecordTooLarge { .. }
+            | ClientError::BadBatch { .. }
             | ClientError::Invalid(_)
             | ClientError::Closed => false,
         }

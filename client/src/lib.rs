@@ -5,11 +5,13 @@
 //! - [`connection`]: [`Connection`], one tuned HTTP/2 channel shared by every client.
 //! - [`producer`]: [`Producer`]: batching by bytes and linger, the broker's key partitioner,
 //!   ordered retries on UNAVAILABLE, `flush`, ack modes, a bounded buffer with
-//!   back-pressure (`send` waits, `try_send` fails at once).
+//!   back-pressure (`send` waits, `try_send` fails at once); it builds and compresses its
+//!   batches itself with `rill-batch`, the format's shared codec (`producer/sender.rs`).
 //! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
 //!   offsets with at-least-once auto-commit, seeks, reported skips; as a group member (built
 //!   with a group and no explicit partitions) it consumes the partitions the broker assigns,
-//!   committing before it gives one up (`consumer/group.rs`).
+//!   committing before it gives one up (`consumer/group.rs`); each partition's long-poll
+//!   task is in `consumer/fetch.rs`.
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
 //! - [`membership`]: [`GroupMember`]: a consumer group member; background heartbeats, and
 //!   assigned, revoked and lost partitions as events.

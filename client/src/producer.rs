@@ -2,7 +2,11 @@
 //!
 //! Each partition has its own queue and one task. The task takes the first waiting record,
 //! gathers more until the batch reaches `batch_bytes` or `linger_ms` passes, sends one
-//! Produce, and resolves every record's future with its offset. Retries (on UNAVAILABLE or a
+//! Produce, and resolves every record's future with its offset. The producer builds each
+//! batch itself, in the record-batch format of `storage/FORMAT.md` (with `rill-batch`, the
+//! code the broker validates and stores it with), compresses its records with the configured
+//! codec, and sends it as a pre-encoded `batch`: the broker checks it and stores its bytes as
+//! they came, so compression costs the producer's CPU, not the broker's. Retries (on UNAVAILABLE or a
 //! broken connection, with exponential backoff and jitter until `retry_timeout_ms`, see
 //! [`crate::error`]) resend the same batch. Partitions proceed in parallel.
 //!
@@ -102,11 +106,12 @@ impl std::str::FromStr for Compression {
 }
 
 impl Compression {
-    fn to_pb(self) -> pb::Compression {
+    /// The batch format's codec.
+    fn codec(self) -> rill_batch::Codec {
         match self {
-            Compression::None => pb::Compression::None,
-            Compression::Lz4 => pb::Compression::Lz4,
-            Compression::Zstd => pb::Compression::Zstd,
+            Compression::None => rill_batch::Codec::None,
+            Compression::Lz4 => rill_batch::Codec::Lz4,
+            Compression::Zstd => rill_batch::Codec::Zstd,
         }
     }
 }
@@ -186,8 +191,9 @@ impl ProducerConfig {
         self
     }
 
-    /// How the broker is asked to store the batches (default none; a topic whose
-    /// `compression` names a codec uses that one).
+    /// How the producer compresses its batches' records before sending them (default none).
+    /// The broker stores a batch as it came, unless the topic's `compression` names another
+    /// codec, which it then recompresses to.
     pub fn compression(mut self, compression: Compression) -> Self {
         self.compression = compression;
         self
@@ -225,7 +231,8 @@ pub struct ProducerRecord {
     pub value: Bytes,
     /// Headers, in order.
     pub headers: Vec<(String, Bytes)>,
-    /// A timestamp in ms since the epoch; the broker's clock when `None`.
+    /// A timestamp in ms since the epoch; the producer's clock when its batch is built, when
+    /// `None`.
     pub timestamp_ms: Option<i64>,
 }
 
@@ -432,7 +439,7 @@ impl Producer {
                     } else {
                         1
                     },
-                    compression: config.compression.to_pb(),
+                    compression: config.compression.codec(),
                     producer_name: config.producer_name.clone(),
                     identity: Arc::clone(&self.inner.identity),
                     retry: {

@@ -8,7 +8,8 @@
 //!
 //! # The map
 //! - [`batch`]: the record-batch format (the unit of storage and of transfer) and its zero-copy
-//!   codec. The byte layout is specified in `storage/FORMAT.md`.
+//!   codec, re-exported from the `rill-batch` crate, which the client shares. The byte layout
+//!   is specified in `storage/FORMAT.md`.
 //! - [`index`]: the sparse offset index and the time index of a segment, memory-mapped.
 //! - [`segment`]: one segment file: preallocation, the append mapping, sealing, batch lookup.
 //! - [`log`]: [`PartitionLog`], a partition's ordered segments: append, read, time lookup,
@@ -18,7 +19,7 @@
 //! - [`region`]: a shared memory-mapped region; the only module that touches mapping pointers.
 //! - [`recovery`]: opening a partition: the clean-shutdown marker, the recovery point, the scan
 //!   that cuts torn tails, and index rebuilds.
-//! - `cursor`: the bounds-checked little-endian reader every decoder uses.
+//! - `cursor`: the bounds-checked little-endian reader every decoder uses (`rill-batch`'s).
 //! - [`config`]: topic configuration, flush policies and name rules.
 //! - [`store`]: [`Store`], the data folder: topics with their partitions, created, opened,
 //!   listed and deleted.
@@ -33,9 +34,12 @@
 // marks the few places that are provably unreachable.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod batch;
+pub use rill_batch as batch;
 pub mod config;
-mod cursor;
+mod cursor {
+    //! The batch crate's bounds-checked reader, for this crate's other decoders.
+    pub(crate) use rill_batch::cursor::Cursor;
+}
 pub mod error;
 pub mod fsutil;
 pub mod groups;

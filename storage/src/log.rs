@@ -309,6 +309,7 @@ impl PartitionLog {
             _ => (ProducerStates::default(), 0),
         };
         offset = offset.max(self.log_start_offset());
+        let now = now_ms();
         while offset < high_watermark {
             let read = self.read(offset, 1 << 20)?;
             if read.next_offset <= offset {
@@ -319,13 +320,16 @@ impl PartitionLog {
                     let Ok(view) = view else { break };
                     let header = view.header();
                     if header.next_offset() > offset {
-                        states.apply(header, header.base_offset);
+                        // The batch's append time is not in the log: count the producer
+                        // as active now, which keeps it longer rather than expiring it
+                        // early (a producer backfilling old timestamps).
+                        states.apply_at(header, header.base_offset, now);
                     }
                 }
             }
             offset = read.next_offset;
         }
-        states.expire(now_ms(), inner.options.producer_expiry_ms);
+        states.expire(now, inner.options.producer_expiry_ms);
         *inner.producers.lock() = states;
         Ok(())
     }

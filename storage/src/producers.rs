@@ -87,7 +87,10 @@ pub struct RememberedBatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Producer {
     epoch: i16,
-    /// The newest batch's max timestamp, for expiry.
+    /// When the producer was last active, for expiry: the newest of its batches' max
+    /// timestamps and the broker's clock when they were appended (or replayed). The clock
+    /// counts too, so that a producer writing old timestamps (a backfill) does not expire
+    /// between two of its batches.
     last_timestamp_ms: i64,
     /// The last batches, oldest first; never empty.
     batches: VecDeque<RememberedBatch>,
@@ -106,6 +109,11 @@ pub enum Verdict {
 pub fn advance(seq: i32, count: u32) -> i32 {
     let m = i64::from(i32::MAX) + 1;
     ((i64::from(seq) + i64::from(count)).rem_euclid(m)) as i32
+}
+
+/// The oldest activity time a producer may have at `now_ms` and keep its state.
+fn expiry_cutoff(now_ms: i64, expiry_ms: u64) -> i64 {
+    now_ms.saturating_sub(i64::try_from(expiry_ms).unwrap_or(i64::MAX))
 }
 
 /// Every producer's state in one partition.
@@ -201,8 +209,15 @@ impl ProducerStates {
     }
 
     /// Records an appended batch (one that [`ProducerStates::check`] let through, or one
-    /// met replaying the log) at `base_offset`.
+    /// met replaying the log) at `base_offset`. Its activity time is the batch's max
+    /// timestamp alone; see [`ProducerStates::apply_at`].
     pub fn apply(&mut self, header: &BatchHeader, base_offset: u64) {
+        self.apply_at(header, base_offset, i64::MIN);
+    }
+
+    /// [`ProducerStates::apply`], with the broker's clock `now_ms` counted as the producer's
+    /// latest activity when it is newer than the batch's timestamps.
+    pub fn apply_at(&mut self, header: &BatchHeader, base_offset: u64, now_ms: i64) {
         if header.producer_id < 0 || header.producer_epoch < 0 || header.base_sequence < 0 {
             return;
         }
@@ -217,24 +232,39 @@ impl ProducerStates {
             .entry(header.producer_id)
             .or_insert_with(|| Producer {
                 epoch: header.producer_epoch,
-                last_timestamp_ms: header.max_timestamp,
+                last_timestamp_ms: header.max_timestamp.max(now_ms),
                 batches: VecDeque::new(),
             });
         if header.producer_epoch != p.epoch {
             p.epoch = header.producer_epoch;
             p.batches.clear();
         }
-        p.last_timestamp_ms = p.last_timestamp_ms.max(header.max_timestamp);
+        p.last_timestamp_ms = p.last_timestamp_ms.max(header.max_timestamp).max(now_ms);
         if p.batches.len() == MAX_REMEMBERED_BATCHES {
             p.batches.pop_front();
         }
         p.batches.push_back(batch);
     }
 
-    /// Drops producers whose newest batch is older than `expiry_ms` before `now_ms`.
+    /// Drops producers last active more than `expiry_ms` before `now_ms`.
     pub fn expire(&mut self, now_ms: i64, expiry_ms: u64) {
-        let cutoff = now_ms.saturating_sub(i64::try_from(expiry_ms).unwrap_or(i64::MAX));
+        let cutoff = expiry_cutoff(now_ms, expiry_ms);
         self.producers.retain(|_, p| p.last_timestamp_ms >= cutoff);
+    }
+
+    /// Drops `producer_id`'s state if it was last active more than `expiry_ms` before
+    /// `now_ms`; one lookup. The append path calls it before [`ProducerStates::check`], so a
+    /// producer idle past the expiry is treated as unknown at once, not only after the next
+    /// sweep ([`ProducerStates::expire`], at checkpoints and at open).
+    pub fn expire_producer(&mut self, producer_id: i64, now_ms: i64, expiry_ms: u64) {
+        let cutoff = expiry_cutoff(now_ms, expiry_ms);
+        if self
+            .producers
+            .get(&producer_id)
+            .is_some_and(|p| p.last_timestamp_ms < cutoff)
+        {
+            self.producers.remove(&producer_id);
+        }
     }
 
     /// The snapshot's bytes for this state as of `offset` (the state covers every batch

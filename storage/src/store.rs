@@ -59,6 +59,7 @@ const MAX_OPEN_THREADS: usize = 8;
 pub struct StoreOptions {
     data_dir: PathBuf,
     max_batch_bytes: usize,
+    producer_expiry_ms: u64,
     groups_partitions: u32,
     groups_segment_bytes: u64,
 }
@@ -70,6 +71,7 @@ impl StoreOptions {
         StoreOptions {
             data_dir: data_dir.into(),
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            producer_expiry_ms: crate::producers::DEFAULT_PRODUCER_EXPIRY_MS,
             groups_partitions: DEFAULT_GROUPS_PARTITIONS,
             groups_segment_bytes: DEFAULT_GROUPS_SEGMENT_BYTES,
         }
@@ -89,6 +91,21 @@ impl StoreOptions {
     pub fn max_batch_bytes(mut self, max_batch_bytes: usize) -> Self {
         self.max_batch_bytes = max_batch_bytes;
         self
+    }
+
+    /// Sets how long an idle idempotent producer's state is kept in each partition, in ms.
+    /// Default 7 days ([`crate::producers::DEFAULT_PRODUCER_EXPIRY_MS`]).
+    pub fn producer_expiry_ms(mut self, producer_expiry_ms: u64) -> Self {
+        self.producer_expiry_ms = producer_expiry_ms;
+        self
+    }
+
+    /// The settings each partition log is opened with.
+    fn limits(&self) -> PartitionLimits {
+        PartitionLimits {
+            max_batch_bytes: self.max_batch_bytes,
+            producer_expiry_ms: self.producer_expiry_ms,
+        }
     }
 
     /// The data folder.
@@ -271,6 +288,7 @@ impl Store {
             false
         });
 
+        let limits = options.limits();
         let jobs: Vec<PartitionJob<'_>> = found
             .iter()
             .flat_map(|t| {
@@ -279,7 +297,7 @@ impl Store {
                     dir: t.dir.join(partition.to_string()),
                     partition,
                     config: &t.config,
-                    max_batch_bytes: options.max_batch_bytes,
+                    limits,
                     must_exist: true,
                 })
             })
@@ -313,7 +331,7 @@ impl Store {
         }
         drop(jobs);
         let groups_topic = match groups_found {
-            Some(t) => open_found_topic(&t, options.max_batch_bytes),
+            Some(t) => open_found_topic(&t, options.limits()),
             None => {
                 let config =
                     groups_topic_config(options.groups_partitions, options.groups_segment_bytes);
@@ -329,7 +347,7 @@ impl Store {
                     &config,
                     &dir,
                     &text,
-                    options.max_batch_bytes,
+                    options.limits(),
                     || Ok(()),
                 )?
             }
@@ -337,7 +355,7 @@ impl Store {
         let groups = GroupStore::open(groups_topic, &data_dir.join("groups"))?;
         let internal = others_found
             .iter()
-            .map(|t| (t.name.clone(), open_found_topic(t, options.max_batch_bytes)))
+            .map(|t| (t.name.clone(), open_found_topic(t, options.limits())))
             .collect();
         damaged.extend(groups.damaged().iter().cloned());
         tracing::info!(
@@ -409,7 +427,7 @@ impl Store {
             &config,
             &dir,
             &text,
-            self.inner.options.max_batch_bytes,
+            self.inner.options.limits(),
             // Offsets left by an earlier topic of this name (a deletion cut short by a
             // crash) must not apply to this one.
             || groups.delete_topic(name),
@@ -496,7 +514,7 @@ impl Store {
             &config,
             &dir,
             &text,
-            self.inner.options.max_batch_bytes,
+            self.inner.options.limits(),
             || Ok(()),
         );
         match built {
@@ -589,7 +607,7 @@ impl Store {
                 dir: topic.dir().join(partition.to_string()),
                 partition,
                 config,
-                max_batch_bytes: self.inner.options.max_batch_bytes,
+                limits: self.inner.options.limits(),
                 must_exist: true,
             })
             .collect();
@@ -647,7 +665,7 @@ mod files;
 pub use files::fault;
 use files::{
     build_topic_files, empty_trash, open_found_topic, open_partitions, rename, scan_topics,
-    PartitionJob,
+    PartitionJob, PartitionLimits,
 };
 
 #[cfg(test)]

@@ -317,3 +317,152 @@ async fn a_records_produce_asking_for_lz4_is_stored_compressed() {
     assert_eq!(&recs[99].value[..8], b"{\"n\":99,");
     broker.stop().await.expect("stop");
 }
+
+/// A TCP proxy to `broker` that records every byte its clients send. Stopped (with every
+/// connection it serves) by `stop`.
+async fn recording_proxy(
+    broker: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let client = tokio::select! {
+                _ = stop.cancelled() => break,
+                c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => break },
+            };
+            let (sent, stop) = (std::sync::Arc::clone(&sent), stop.clone());
+            conns.spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(broker).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        sent.lock().expect("lock").extend_from_slice(&buf[..n]);
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut ur, &mut cw);
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+        conns.shutdown().await;
+    });
+    (addr, task)
+}
+
+/// `Producer` with a codec compresses its batches itself: the batches the broker stores are
+/// byte for byte what the client sent (the broker did not recompress them, and the client
+/// sent them compressed: far fewer bytes than the records hold), and they read back whole.
+#[tokio::test]
+async fn the_producer_compresses_its_batches_and_the_broker_stores_them_as_sent() {
+    use rill_client::{Compression, Connection, Producer, ProducerConfig, ProducerRecord};
+    const RECORDS: usize = 400;
+    let broker = TestBroker::start().await.expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    for (codec, compression) in [
+        (Codec::Lz4, Compression::Lz4),
+        (Codec::Zstd, Compression::Zstd),
+    ] {
+        let topic = format!("client-{codec}");
+        create(&mut c, &topic, None).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (proxy, proxy_task) =
+            recording_proxy(broker.addr(), stop.clone(), std::sync::Arc::clone(&sent)).await;
+        let conn = Connection::connect(&proxy.to_string())
+            .await
+            .expect("connect via proxy");
+        let producer = Producer::new(
+            conn,
+            ProducerConfig::new()
+                .linger_ms(20)
+                .batch_bytes(32 << 10)
+                .compression(compression),
+        );
+        let value = |i: usize| {
+            format!(
+                r#"{{"ts":"2026-11-30T05:00:00Z","level":"info","service":"checkout","msg":"request served","path":"/api/v1/orders","status":200,"id":{i}}}"#
+            )
+        };
+        let mut acks = Vec::new();
+        let mut payload_bytes = 0;
+        for i in 0..RECORDS {
+            payload_bytes += value(i).len();
+            let record = ProducerRecord::new(topic.clone(), value(i))
+                .partition(0)
+                .header("h", "x");
+            acks.push(producer.send(record).await.expect("send"));
+        }
+        for (i, ack) in acks.into_iter().enumerate() {
+            assert_eq!(ack.await.expect("ack"), (0, i as u64));
+        }
+        drop(producer);
+        stop.cancel();
+        proxy_task.await.expect("proxy");
+        let sent = std::mem::take(&mut *sent.lock().expect("lock"));
+        assert!(
+            sent.len() < payload_bytes / 3,
+            "{codec}: the client sent {} bytes for {payload_bytes} bytes of records: not \
+             compressed",
+            sent.len()
+        );
+        let raw = fetch(&mut c, &topic, true).await;
+        assert!(!raw.batches.is_empty());
+        let mut count = 0;
+        for stored in &raw.batches {
+            let h = BatchHeader::parse(stored).expect("header");
+            assert_eq!(
+                h.compression_codec(),
+                codec.bits(),
+                "{codec}: stored compressed"
+            );
+            assert!(
+                h.producer_id >= 0 && h.base_sequence >= 0,
+                "idempotent batch"
+            );
+            count += h.record_count as usize;
+            // What the broker stores is what the client sent, but the base offset it stamps.
+            let mut as_sent = stored.to_vec();
+            as_sent[..8].copy_from_slice(&0u64.to_le_bytes());
+            assert!(
+                sent.windows(as_sent.len()).any(|w| w == as_sent.as_slice()),
+                "{codec}: the stored batch at offset {} is not the one the client sent",
+                h.base_offset
+            );
+        }
+        assert!(count > 0 && count <= RECORDS, "{codec}: {count} records");
+        // Every record reads back, decompressed, through the records encoding.
+        let mut offset = 0u64;
+        while offset < RECORDS as u64 {
+            let recs = c.fetch(&topic, 0, offset, 0).await.expect("fetch").records;
+            assert!(!recs.is_empty(), "{codec}: records stop at offset {offset}");
+            for r in &recs {
+                assert_eq!(r.offset, offset);
+                assert_eq!(r.value, value(offset as usize).as_bytes(), "{codec}");
+                assert_eq!(r.headers.len(), 1);
+                offset += 1;
+            }
+        }
+    }
+    broker.stop().await.expect("stop");
+}

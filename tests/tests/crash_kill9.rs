@@ -52,81 +52,28 @@ mod acked {
     }
 }
 
-async fn produce_until_error(
-    mut c: Clients,
-    partition: u32,
-    ack: pb::AckMode,
-    first_seq: u64,
-    acked: Arc<Acked>,
-) -> u64 {
-    let mut seq = first_seq;
-    loop {
-        let values: Vec<String> = (0..10)
-            .map(|i| format!("p{partition}-{}", seq + i))
-            .collect();
-        seq += 10;
-        let req = pb::ProduceRequest {
-            topic: "crash".into(),
-            partition: Some(partition),
-            ack: ack as i32,
-            payload: Some(Payload::Records(pb::RecordList {
-                records: values
-                    .iter()
-                    .map(|v| pb::Record {
-                        value: Bytes::copy_from_slice(v.as_bytes()),
-                        key: Some(Bytes::from(format!("k{partition}"))),
-                        ..Default::default()
-                    })
-                    .collect(),
-            })),
-            ..Default::default()
-        };
-        match c.log.produce(req).await {
-            Ok(resp) => {
-                let base = resp.into_inner().appends[0].base_offset;
-                acked.record(partition, base, &values);
-            }
-            Err(_) => return seq,
-        }
-    }
-}
-
-/// One partition's idempotent producer, carried across kills: its id, its next sequence, and
-/// the batch whose answer a kill cut off (resent first, with the same sequence).
+/// One partition's producer, carried across kills: the next value it writes, and, when it is
+/// idempotent, its producer id, its next sequence and the batch whose answer a kill cut off
+/// (resent first, with the same sequence).
 #[derive(Clone, Default)]
-struct Idem {
-    id: i64,
-    next_sequence: i32,
+struct Writer {
+    partition: u32,
     next_value: u64,
+    /// The producer id, when idempotent.
+    id: Option<i64>,
+    next_sequence: i32,
     unanswered: Option<(i32, Vec<String>)>,
     /// Batches resent after a kill, and how many of those the broker had already appended.
     resent: u64,
     deduplicated: u64,
 }
 
-/// Like [`produce_until_error`], with an idempotent producer: a batch that got no answer
-/// is resent (same values, same sequence) when the broker is back, before any new one.
-async fn produce_idempotent_until_error(
-    mut c: Clients,
-    partition: u32,
-    ack: pb::AckMode,
-    mut state: Idem,
-    acked: Arc<Acked>,
-) -> Idem {
-    loop {
-        let (sequence, values, resend) = match state.unanswered.take() {
-            Some((sequence, values)) => (sequence, values, true),
-            None => {
-                let values: Vec<String> = (0..10)
-                    .map(|i| format!("p{partition}-{}", state.next_value + i))
-                    .collect();
-                state.next_value += 10;
-                let sequence = state.next_sequence;
-                state.next_sequence += 10;
-                (sequence, values, false)
-            }
-        };
-        let req = pb::ProduceRequest {
+impl Writer {
+    /// The produce of `values` to this writer's partition, stamped with `sequence` when the
+    /// writer is idempotent.
+    fn request(&self, ack: pb::AckMode, values: &[String], sequence: i32) -> pb::ProduceRequest {
+        let partition = self.partition;
+        pb::ProduceRequest {
             topic: "crash".into(),
             partition: Some(partition),
             ack: ack as i32,
@@ -140,10 +87,46 @@ async fn produce_idempotent_until_error(
                     })
                     .collect(),
             })),
-            producer_id: Some(state.id),
-            producer_epoch: Some(0),
-            base_sequence: Some(sequence),
+            producer_id: self.id,
+            producer_epoch: self.id.map(|_| 0),
+            base_sequence: self.id.map(|_| sequence),
             ..Default::default()
+        }
+    }
+
+    /// Counts an answered resend; `appended_before` tells whether its offsets lie below the
+    /// high watermark seen before it was resent (the broker had appended it already).
+    fn resend_answered(&mut self, appended_before: bool) {
+        self.resent += 1;
+        if appended_before {
+            self.deduplicated += 1;
+        }
+    }
+}
+
+/// Produces batches of 10 records until the broker dies. Without idempotence a batch that got
+/// no answer is given up (it may or may not be in the log, unacknowledged). An idempotent
+/// writer keeps it, and resends it (same values, same sequence) first when the broker is
+/// back.
+async fn produce_until_error(
+    mut c: Clients,
+    ack: pb::AckMode,
+    mut w: Writer,
+    acked: Arc<Acked>,
+) -> Writer {
+    let partition = w.partition;
+    loop {
+        let (sequence, values, resend) = match w.unanswered.take() {
+            Some((sequence, values)) => (sequence, values, true),
+            None => {
+                let values: Vec<String> = (0..10)
+                    .map(|i| format!("p{partition}-{}", w.next_value + i))
+                    .collect();
+                w.next_value += 10;
+                let sequence = w.next_sequence;
+                w.next_sequence += 10;
+                (sequence, values, false)
+            }
         };
         let hw_before = if resend {
             c.fetch("crash", partition, 0, 0)
@@ -153,27 +136,28 @@ async fn produce_idempotent_until_error(
         } else {
             None
         };
-        match c.log.produce(req).await {
+        match c.log.produce(w.request(ack, &values, sequence)).await {
             Ok(resp) => {
                 let base = resp.into_inner().appends[0].base_offset;
                 if resend {
-                    state.resent += 1;
-                    if hw_before.is_some_and(|hw| base < hw) {
-                        state.deduplicated += 1;
-                    }
+                    w.resend_answered(hw_before.is_some_and(|hw| base < hw));
                 }
                 acked.record(partition, base, &values);
             }
             Err(status) => {
-                assert!(
-                    matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                    ),
-                    "partition {partition}: the broker refused a batch: {status}"
-                );
-                state.unanswered = Some((sequence, values));
-                return state;
+                if w.id.is_some() {
+                    assert!(
+                        matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::Cancelled
+                        ),
+                        "partition {partition}: the broker refused a batch: {status}"
+                    );
+                    w.unanswered = Some((sequence, values));
+                }
+                return w;
             }
         }
     }
@@ -187,9 +171,13 @@ async fn kill_loop_with(ack: pb::AckMode, kills: usize, seed: u64, idempotent: b
     let dir = tempfile::tempdir().expect("tempdir");
     let acked = Arc::new(Acked::default());
     let mut rng = Rng(seed);
-    let mut next_seq = [0u64; PARTITIONS as usize];
     let mut committed: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut idem: Vec<Idem> = vec![Idem::default(); PARTITIONS as usize];
+    let mut writers: Vec<Writer> = (0..PARTITIONS)
+        .map(|partition| Writer {
+            partition,
+            ..Writer::default()
+        })
+        .collect();
     for round in 0..kills {
         let broker = BrokerProcess::spawn(dir.path(), &[]).await.expect("spawn");
         let mut c = Clients::connect(broker.url()).await.expect("connect");
@@ -207,14 +195,15 @@ async fn kill_loop_with(ack: pb::AckMode, kills: usize, seed: u64, idempotent: b
                 .await
                 .expect("create");
             if idempotent {
-                for state in &mut idem {
-                    state.id = c
-                        .log
-                        .init_producer(pb::InitProducerRequest::default())
-                        .await
-                        .expect("init producer")
-                        .into_inner()
-                        .producer_id;
+                for w in &mut writers {
+                    w.id = Some(
+                        c.log
+                            .init_producer(pb::InitProducerRequest::default())
+                            .await
+                            .expect("init producer")
+                            .into_inner()
+                            .producer_id,
+                    );
                 }
             }
         }
@@ -236,33 +225,13 @@ async fn kill_loop_with(ack: pb::AckMode, kills: usize, seed: u64, idempotent: b
             .expect("commit");
         committed.insert(p, offset);
 
-        if idempotent {
-            let producers: Vec<_> = (0..PARTITIONS)
-                .map(|p| {
-                    tokio::spawn(produce_idempotent_until_error(
-                        c.clone(),
-                        p,
-                        ack,
-                        idem[p as usize].clone(),
-                        Arc::clone(&acked),
-                    ))
-                })
-                .collect();
-            tokio::time::sleep(Duration::from_millis(20 + rng.below(200))).await;
-            let status = broker.signal_and_wait(SIGKILL).await.expect("kill");
-            assert!(!status.success(), "killed, not exited");
-            for (p, task) in producers.into_iter().enumerate() {
-                idem[p] = task.await.expect("producer");
-            }
-            continue;
-        }
-        let producers: Vec<_> = (0..PARTITIONS)
-            .map(|p| {
+        let producers: Vec<_> = writers
+            .iter()
+            .map(|w| {
                 tokio::spawn(produce_until_error(
                     c.clone(),
-                    p,
                     ack,
-                    next_seq[p as usize],
+                    w.clone(),
                     Arc::clone(&acked),
                 ))
             })
@@ -271,29 +240,28 @@ async fn kill_loop_with(ack: pb::AckMode, kills: usize, seed: u64, idempotent: b
         let status = broker.signal_and_wait(SIGKILL).await.expect("kill");
         assert!(!status.success(), "killed, not exited");
         for (p, task) in producers.into_iter().enumerate() {
-            next_seq[p] = task.await.expect("producer");
+            writers[p] = task.await.expect("producer");
         }
     }
 
     // Restart once more and verify everything.
     let broker = BrokerProcess::spawn(dir.path(), &[]).await.expect("spawn");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
-    if idempotent {
-        // Resend every batch a kill left unanswered: all of them land exactly once.
-        let producers: Vec<_> = (0..PARTITIONS)
-            .map(|p| {
-                tokio::spawn(resend_unanswered(
-                    c.clone(),
-                    p,
-                    ack,
-                    idem[p as usize].clone(),
-                    Arc::clone(&acked),
-                ))
-            })
-            .collect();
-        for (p, task) in producers.into_iter().enumerate() {
-            idem[p] = task.await.expect("resend");
-        }
+    // Resend every batch a kill left unanswered (idempotent writers keep them): all of them
+    // land exactly once.
+    let resends: Vec<_> = writers
+        .iter()
+        .map(|w| {
+            tokio::spawn(resend_unanswered(
+                c.clone(),
+                ack,
+                w.clone(),
+                Arc::clone(&acked),
+            ))
+        })
+        .collect();
+    for (p, task) in resends.into_iter().enumerate() {
+        writers[p] = task.await.expect("resend");
     }
     let acked = acked.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (mut total_acked, mut verified) = (0usize, 0usize);
@@ -368,8 +336,8 @@ async fn kill_loop_with(ack: pb::AckMode, kills: usize, seed: u64, idempotent: b
          {total_acked}, records verified {verified}, records lost {}, batches resent {}, \
          of which already appended (deduplicated) {}",
         total_acked - verified,
-        idem.iter().map(|s| s.resent).sum::<u64>(),
-        idem.iter().map(|s| s.deduplicated).sum::<u64>(),
+        writers.iter().map(|w| w.resent).sum::<u64>(),
+        writers.iter().map(|w| w.deduplicated).sum::<u64>(),
     );
     if idempotent {
         // Every batch was eventually answered, so every value sent is acked: the log holds
@@ -377,11 +345,11 @@ async fn kill_loop_with(ack: pb::AckMode, kills: usize, seed: u64, idempotent: b
         // assertion over the resent batches).
         assert_eq!(
             verified as u64,
-            idem.iter().map(|s| s.next_value).sum::<u64>(),
+            writers.iter().map(|w| w.next_value).sum::<u64>(),
             "every sent record is in the log exactly once"
         );
         assert!(
-            idem.iter().any(|s| s.deduplicated > 0),
+            writers.iter().any(|w| w.deduplicated > 0),
             "no resent batch had been appended already: the loop did not test deduplication"
         );
     }
@@ -408,55 +376,32 @@ async fn kill_9_loop_with_an_idempotent_producer_appends_no_resent_batch_twice()
     kill_loop_with(pb::AckMode::Durable, 15, 0x1d3e_5eed_0bad_cafe, true).await;
 }
 
-/// Resends `state`'s unanswered batch, if any, until it is answered.
+/// Resends `w`'s unanswered batch, if any (only an idempotent writer keeps one).
 async fn resend_unanswered(
     mut c: Clients,
-    partition: u32,
     ack: pb::AckMode,
-    mut state: Idem,
+    mut w: Writer,
     acked: Arc<Acked>,
-) -> Idem {
-    let Some((sequence, values)) = state.unanswered.take() else {
-        return state;
+) -> Writer {
+    let Some((sequence, values)) = w.unanswered.take() else {
+        return w;
     };
     let hw = c
-        .fetch("crash", partition, 0, 0)
+        .fetch("crash", w.partition, 0, 0)
         .await
         .expect("fetch")
         .high_watermark;
-    let req = pb::ProduceRequest {
-        topic: "crash".into(),
-        partition: Some(partition),
-        ack: ack as i32,
-        payload: Some(Payload::Records(pb::RecordList {
-            records: values
-                .iter()
-                .map(|v| pb::Record {
-                    value: Bytes::copy_from_slice(v.as_bytes()),
-                    key: Some(Bytes::from(format!("k{partition}"))),
-                    ..Default::default()
-                })
-                .collect(),
-        })),
-        producer_id: Some(state.id),
-        producer_epoch: Some(0),
-        base_sequence: Some(sequence),
-        ..Default::default()
-    };
     let base = c
         .log
-        .produce(req)
+        .produce(w.request(ack, &values, sequence))
         .await
         .expect("the resent batch is answered")
         .into_inner()
         .appends[0]
         .base_offset;
-    state.resent += 1;
-    if base < hw {
-        state.deduplicated += 1;
-    }
-    acked.record(partition, base, &values);
-    state
+    w.resend_answered(base < hw);
+    acked.record(w.partition, base, &values);
+    w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

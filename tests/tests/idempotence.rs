@@ -377,3 +377,69 @@ async fn without_idempotence_the_same_faults_duplicate_records() {
     );
     broker.stop().await.expect("stop");
 }
+
+/// `producer_id_expiration_ms` (`--producer-id-expiration-ms`): a producer idle longer than
+/// it is forgotten by the partition. Probed with a sequence gap, which is refused and changes
+/// nothing: it names the next sequence while the producer is known, and 0 once it expired;
+/// then the retry of its first batch is no longer recognised and is appended again.
+#[tokio::test]
+async fn an_idle_producer_expires_after_the_configured_time() {
+    const EXPIRY_MS: u64 = 2_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = rill_broker::Config::new(dir.path()).producer_id_expiration_ms(EXPIRY_MS);
+    let broker = TestBroker::start_with(config, None).await.expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("x", 1).await.expect("create");
+    let (id, epoch) = init(&mut c, None).await;
+    let started = std::time::Instant::now();
+    let first = c
+        .log
+        .produce(req("x", id, epoch, 0, &["a"]))
+        .await
+        .expect("first")
+        .into_inner();
+    let retry = c
+        .log
+        .produce(req("x", id, epoch, 0, &["a"]))
+        .await
+        .expect("retry");
+    assert_eq!(retry.into_inner(), first, "known: the retry is recognised");
+    let deadline = started + std::time::Duration::from_secs(30);
+    loop {
+        let err = c
+            .log
+            .produce(req("x", id, epoch, 5, &["gap"]))
+            .await
+            .expect_err("a gap is refused");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        if err.message().contains("expected 0, received 5") {
+            break;
+        }
+        assert!(
+            err.message().contains("expected 1, received 5"),
+            "{}",
+            err.message()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the producer never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Its last batch was appended after `started`, and it is active until the expiry has
+    // passed since then (a little slack for the wall clock's rounding).
+    assert!(
+        started.elapsed().as_millis() as u64 >= EXPIRY_MS - 100,
+        "expired after {:?}, before the {EXPIRY_MS} ms setting",
+        started.elapsed()
+    );
+    let again = c
+        .log
+        .produce(req("x", id, epoch, 0, &["a"]))
+        .await
+        .expect("after expiry")
+        .into_inner();
+    assert_ne!(again, first, "forgotten: the old batch is appended again");
+    assert_eq!(values(&mut c, "x", 0).await, ["a", "a"]);
+    broker.stop().await.expect("stop");
+}

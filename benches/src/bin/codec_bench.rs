@@ -5,6 +5,10 @@
 //!   library `Consumer` (records fetches, which the broker decompresses).
 //! - Produce msg/s with the idempotent producer and 5 batches in flight per partition,
 //!   against 1 in flight (idempotent and not).
+//! - Where compression runs: the `Producer` compressing its own batches (the topic keeps what
+//!   came), against the producer sending plain batches to a topic whose `compression` makes
+//!   the broker compress them; produce msg/s, and the CPU seconds the broker process and this
+//!   (client) process spent on each run.
 //!
 //! ```sh
 //! cargo build --release -p rill-broker -p rill-bench
@@ -119,6 +123,18 @@ async fn catch_up(conn: &Connection, topic: &str, partitions: u32, records: u64)
     Ok(bytes as f64 / 1e6 / start.elapsed().as_secs_f64())
 }
 
+/// CPU seconds (user + system) process `pid` has used, from `/proc/<pid>/stat` (Linux; the
+/// fields count USER_HZ ticks, 100 per second on Linux's user-space ABI). `None` elsewhere.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 async fn disk_bytes(admin: &Admin, topic: &str) -> Result<u64> {
     let d = admin.describe_topic(topic).await?;
     Ok(d.partitions.iter().map(|p| p.size_bytes).sum())
@@ -185,6 +201,38 @@ async fn main() -> Result<()> {
             .await?;
         let (rate, _) = produce(&conn, &topic, args.records, config).await?;
         println!("{label:<29} {rate:>13.0}");
+    }
+    let broker_pid = broker.pid().map(|p| p.to_string()).unwrap_or_default();
+    println!("compression  where   produce_msg_s  broker_cpu_s  client_cpu_s");
+    for (name, codec) in [("lz4", Compression::Lz4), ("zstd", Compression::Zstd)] {
+        for (place, producer_codec, topic_codec) in [
+            ("client", codec, None),
+            ("broker", Compression::None, Some(name)),
+        ] {
+            let topic = format!("where-{name}-{place}");
+            let mut settings = TopicSettings::new().partitions(args.partitions);
+            if let Some(c) = topic_codec {
+                settings = settings.compression(c);
+            }
+            admin.create_topic(&topic, settings).await?;
+            let (broker_cpu, client_cpu) = (cpu_seconds(&broker_pid), cpu_seconds("self"));
+            let (rate, _) = produce(
+                &conn,
+                &topic,
+                args.records,
+                ProducerConfig::new().compression(producer_codec),
+            )
+            .await?;
+            let spent = |before: Option<f64>, pid: &str| match (before, cpu_seconds(pid)) {
+                (Some(b), Some(a)) => format!("{:.2}", a - b),
+                _ => "n/a".to_string(),
+            };
+            println!(
+                "{name:<12} {place:<7} {rate:>13.0}  {:>12}  {:>12}",
+                spent(broker_cpu, &broker_pid),
+                spent(client_cpu, "self")
+            );
+        }
     }
     broker.stop().await?;
     Ok(())

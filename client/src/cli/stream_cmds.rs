@@ -50,8 +50,8 @@ pub struct ProduceArgs {
     /// What each record's acknowledgement waits for.
     #[arg(long, value_enum, default_value_t = AcksArg::Quorum)]
     pub acks: AcksArg,
-    /// Compress the batches: none, lz4 or zstd (a topic whose compression names a codec
-    /// stores that one).
+    /// Compress the batches here, before sending: none, lz4 or zstd (the broker stores them
+    /// as they come, unless the topic's compression names another codec).
     #[arg(long, default_value = "none", value_parser = ["none", "lz4", "zstd"])]
     pub compression: String,
     /// Turn off idempotence: a retried batch may then be appended twice.

@@ -302,7 +302,16 @@ impl PartitionLog {
     /// first and last sequence).
     fn producer_verdict(&self, header: &BatchHeader) -> Result<Verdict<AppendInfo>> {
         let inner = &*self.inner;
-        match inner.producers.lock().check(header) {
+        let mut states = inner.producers.lock();
+        if header.producer_id >= 0 {
+            // An idle producer's state is gone once it expires, not only at the next sweep.
+            states.expire_producer(
+                header.producer_id,
+                now_ms(),
+                inner.options.producer_expiry_ms,
+            );
+        }
+        match states.check(header) {
             Ok(producers::Verdict::Append) => Ok(Verdict::Append),
             Ok(producers::Verdict::Duplicate(b)) => {
                 let next_offset = b.base_offset + u64::from(b.record_count);
@@ -350,7 +359,8 @@ impl PartitionLog {
             return Err(e);
         }
         let next_offset = base_offset + u64::from(header.record_count);
-        inner.producers.lock().apply(header, base_offset);
+        let now = if header.producer_id >= 0 { now_ms() } else { 0 };
+        inner.producers.lock().apply_at(header, base_offset, now);
         inner.high_watermark.store(next_offset, Ordering::Release);
         Ok(AppendInfo {
             base_offset,

@@ -159,6 +159,37 @@ fn idle_producers_expire() {
     assert!(s.is_empty());
 }
 
+/// A producer writing old timestamps (a backfill) counts as active at the broker's clock,
+/// so it does not expire between two of its batches; one idle past the expiry is dropped at
+/// its next batch, without waiting for a sweep.
+#[test]
+fn activity_counts_the_brokers_clock_and_one_idle_producer_expires_at_its_next_batch() {
+    let mut s = ProducerStates::default();
+    let old = header(1, 0, 0, 1);
+    let now = old.max_timestamp + 10 * 24 * 3600 * 1000;
+    s.apply_at(&old, 0, now);
+    s.expire(now + 1000, 1000);
+    assert_eq!(
+        s.len(),
+        1,
+        "active at the broker's clock, whatever its timestamps"
+    );
+    s.apply_at(&header(2, 0, 0, 1), 1, now);
+    s.expire_producer(1, now + 1001, 1000);
+    assert_eq!(s.len(), 1, "producer 1 expired, producer 2 untouched");
+    assert_eq!(
+        s.check(&header(1, 0, 1, 1)),
+        Err(ProducerError::SequenceGap {
+            producer_id: 1,
+            expected: 0,
+            received: 1
+        }),
+        "an expired producer is unknown: it must start again at 0"
+    );
+    s.expire_producer(2, now + 1000, 1000);
+    assert_eq!(s.len(), 1, "not idle past the expiry yet");
+}
+
 fn open(dir: &std::path::Path) -> PartitionLog {
     PartitionLog::open(dir, LogOptions::new("t", 0, &TopicConfig::default())).expect("open")
 }

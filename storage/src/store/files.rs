@@ -70,7 +70,7 @@ pub(super) fn build_topic_files(
     config: &TopicConfig,
     dir: &Path,
     text: &str,
-    max_batch_bytes: usize,
+    limits: PartitionLimits,
     before_commit: impl FnOnce() -> Result<()>,
 ) -> Result<Topic> {
     fs::create_dir(dir).map_err(|e| StorageError::io("create topic folder", dir, e))?;
@@ -81,7 +81,7 @@ pub(super) fn build_topic_files(
             dir: dir.join(partition.to_string()),
             partition,
             config,
-            max_batch_bytes,
+            limits,
             must_exist: false,
         })
         .collect();
@@ -111,14 +111,14 @@ pub(super) fn build_topic_files(
 
 /// Opens the partitions of an internal topic found at open; a partition that cannot be
 /// opened is fenced, as a user topic's would be.
-pub(super) fn open_found_topic(t: &FoundTopic, max_batch_bytes: usize) -> Topic {
+pub(super) fn open_found_topic(t: &FoundTopic, limits: PartitionLimits) -> Topic {
     let jobs: Vec<PartitionJob<'_>> = (0..t.config.partitions)
         .map(|partition| PartitionJob {
             topic: &t.name,
             dir: t.dir.join(partition.to_string()),
             partition,
             config: &t.config,
-            max_batch_bytes,
+            limits,
             must_exist: true,
         })
         .collect();
@@ -241,13 +241,22 @@ fn read_config(path: &Path, name: &str) -> std::result::Result<TopicConfig, Stri
     Ok(config)
 }
 
+/// The store-wide settings every partition log is opened with.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PartitionLimits {
+    /// See [`LogOptions::max_batch_bytes`].
+    pub(super) max_batch_bytes: usize,
+    /// See [`LogOptions::producer_expiry_ms`].
+    pub(super) producer_expiry_ms: u64,
+}
+
 /// One partition to open.
 pub(super) struct PartitionJob<'a> {
     pub(super) topic: &'a str,
     pub(super) dir: PathBuf,
     pub(super) partition: u32,
     pub(super) config: &'a TopicConfig,
-    pub(super) max_batch_bytes: usize,
+    pub(super) limits: PartitionLimits,
     /// The folder must be there already. True for a topic that exists: its folders were
     /// made before its `topic.toml`, so a missing one was lost, and recreating it empty
     /// would silently restart the partition's offsets at zero.
@@ -269,7 +278,8 @@ impl PartitionJob<'_> {
             }
         }
         let options = LogOptions::new(self.topic, self.partition, self.config)
-            .max_batch_bytes(self.max_batch_bytes);
+            .max_batch_bytes(self.limits.max_batch_bytes)
+            .producer_expiry_ms(self.limits.producer_expiry_ms);
         PartitionLog::open(&self.dir, options)
     }
 }

@@ -71,7 +71,7 @@ fn parallel_open_returns_results_in_job_order() {
             dir: dir.path().join(partition.to_string()),
             partition,
             config: &config,
-            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            limits: StoreOptions::new(dir.path()).limits(),
             // Odd partitions have no folder, so they fail.
             must_exist: partition % 2 == 1,
         })

@@ -70,7 +70,7 @@ fn the_checksum_is_crc32_iso_hdlc() {
 #[test]
 fn the_spec_example_is_what_the_builder_writes() {
     // The annotated example in FORMAT.md is normative: read its hex back and compare.
-    let spec = include_str!("../../FORMAT.md");
+    let spec = include_str!("../../storage/FORMAT.md");
     let start = spec
         .find("<!-- example-batch")
         .expect("FORMAT.md has the example");

@@ -2,11 +2,11 @@
 //! Every read checks the length first, so decoders built on it never panic or over-read.
 
 /// Reads fixed-width little-endian fields from the front of a slice.
-pub(crate) struct Cursor<'a>(pub(crate) &'a [u8]);
+pub struct Cursor<'a>(pub &'a [u8]);
 
 impl<'a> Cursor<'a> {
     /// The next `n` bytes, or `None` when fewer remain.
-    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -16,18 +16,18 @@ impl<'a> Cursor<'a> {
     }
 
     /// The next `u16`.
-    pub(crate) fn u16(&mut self) -> Option<u16> {
+    pub fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
 
     /// The next `u32`.
-    pub(crate) fn u32(&mut self) -> Option<u32> {
+    pub fn u32(&mut self) -> Option<u32> {
         self.take(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// The next `u64`.
-    pub(crate) fn u64(&mut self) -> Option<u64> {
+    pub fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| {
             let mut x = [0u8; 8];
             x.copy_from_slice(b);

@@ -42,8 +42,26 @@
 //! Decoding never panics, never indexes out of bounds and never allocates from a length
 //! field: every length is checked against the bytes that remain. Reading records allocates
 //! nothing: [`RecordView`]s borrow the batch's bytes.
+//!
+//! # Who uses it
+//! The log engine (`rill-storage`, which re-exports this crate as `rill_storage::batch`)
+//! validates, stores and serves batches; the client library (`rill-client`) builds and
+//! compresses its producer's batches with the same code, so both sides agree on every byte.
+//! It depends on no other Rill crate.
+//!
+//! # The map
+//! - `header`: [`BatchHeader`], the CRC, base-offset stamping.
+//! - `encode`: [`BatchBuilder`] and [`encode_batch`].
+//! - `decode`: [`BatchView`], record iteration and validation.
+//! - `compress`: [`Codec`], [`compress`] and the bounded [`decompress`].
+//! - [`cursor`]: the bounds-checked little-endian reader every decoder uses.
+
+// No `unwrap` outside tests: these decoders read bytes from disk and the network, and their
+// failures are typed errors.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod compress;
+pub mod cursor;
 mod decode;
 mod encode;
 mod header;
