@@ -1,5 +1,6 @@
 //! `rill.v1.Log`: Produce, ProduceStream, Fetch, ListOffsets and InitProducer.
 
+use std::future::Future;
 use std::pin::Pin;
 
 use rill_proto::v1::list_offsets_request::Spec;
@@ -10,7 +11,6 @@ use rill_proto::v1::{
     ProduceStreamResponse,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -69,8 +69,7 @@ impl Log for LogService {
         let caller = auth::caller(&self.broker, request.extensions())?;
         let mut inbound = request.into_inner();
         let broker = self.broker.clone();
-        let (ack_tx, mut ack_rx) = mpsc::channel::<StreamAck>(STREAM_PIPELINE_DEPTH);
-        let (out_tx, out_rx) = mpsc::channel(STREAM_PIPELINE_DEPTH);
+        let (ack_tx, ack_rx) = mpsc::channel::<StreamAck>(STREAM_PIPELINE_DEPTH);
         // Reader: appends in order, hands each ack (ready, or waiting on a sync) to the
         // writer in order.
         let shutdown = broker.shutdown().clone();
@@ -144,22 +143,13 @@ impl Log for LogService {
                 }
             }
         });
-        // Writer: sends acks strictly in request order.
-        self.broker.tasks().spawn(async move {
-            while let Some(ack) = ack_rx.recv().await {
-                let resp = match ack {
-                    StreamAck::Ready(resp) => resp,
-                    StreamAck::Pending(rx) => match rx.await {
-                        Ok(resp) => resp,
-                        Err(_) => break,
-                    },
-                };
-                if out_tx.send(Ok(resp)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        // The response stream hands out the acks strictly in request order, awaiting each
+        // pending one in turn; HTTP/2 polls it directly (no writer task, no second channel:
+        // one task wake-up fewer per batch).
+        Ok(Response::new(Box::pin(AcksInOrder {
+            acks: ack_rx,
+            waiting: None,
+        })))
     }
 
     /// The generated Fetch path. The broker's server answers Fetch in
@@ -248,6 +238,38 @@ impl Log for LogService {
 enum StreamAck {
     Ready(ProduceStreamResponse),
     Pending(oneshot::Receiver<ProduceStreamResponse>),
+}
+
+/// A ProduceStream's responses: its acks in request order, each pending one awaited before
+/// the next is looked at. Ends when the reader is done, or when a pending ack's task went
+/// away without answering.
+struct AcksInOrder {
+    acks: mpsc::Receiver<StreamAck>,
+    waiting: Option<oneshot::Receiver<ProduceStreamResponse>>,
+}
+
+impl Stream for AcksInOrder {
+    type Item = Result<ProduceStreamResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(waiting) = this.waiting.as_mut() {
+                let done = std::task::ready!(Pin::new(waiting).poll(cx));
+                this.waiting = None;
+                return Poll::Ready(done.ok().map(Ok));
+            }
+            match std::task::ready!(this.acks.poll_recv(cx)) {
+                None => return Poll::Ready(None),
+                Some(StreamAck::Ready(resp)) => return Poll::Ready(Some(Ok(resp))),
+                Some(StreamAck::Pending(rx)) => this.waiting = Some(rx),
+            }
+        }
+    }
 }
 
 async fn prepare_and_append(
