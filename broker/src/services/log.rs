@@ -305,3 +305,57 @@ fn stream_error(sequence: u64, e: BrokerError) -> ProduceStreamResponse {
         error_message: e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(sequence: u64) -> ProduceStreamResponse {
+        ProduceStreamResponse {
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    /// Acks come out in request order even when a later one is ready first: a pending ack
+    /// holds back the ones after it. A pending ack whose task went away ends the stream.
+    /// Catches a response stream that hands out acks as they complete.
+    #[tokio::test]
+    async fn acks_come_out_in_request_order() {
+        let (tx, rx) = mpsc::channel(8);
+        let mut out = AcksInOrder {
+            acks: rx,
+            waiting: None,
+        };
+        let (slow_tx, slow_rx) = oneshot::channel();
+        let (lost_tx, lost_rx) = oneshot::channel::<ProduceStreamResponse>();
+        tx.send(StreamAck::Ready(ack(0))).await.expect("send");
+        tx.send(StreamAck::Pending(slow_rx)).await.expect("send");
+        tx.send(StreamAck::Ready(ack(2))).await.expect("send");
+        tx.send(StreamAck::Pending(lost_rx)).await.expect("send");
+        tx.send(StreamAck::Ready(ack(4))).await.expect("send");
+
+        let next = |out: &mut AcksInOrder| {
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            Pin::new(out).poll_next(&mut cx)
+        };
+        let sequence = |p: std::task::Poll<Option<Result<ProduceStreamResponse, Status>>>| match p {
+            std::task::Poll::Ready(Some(Ok(r))) => Some(r.sequence),
+            _ => None,
+        };
+        assert_eq!(sequence(next(&mut out)), Some(0));
+        assert!(
+            next(&mut out).is_pending(),
+            "ack 1 is not ready: ack 2 waits"
+        );
+        slow_tx.send(ack(1)).expect("send");
+        assert_eq!(sequence(next(&mut out)), Some(1));
+        assert_eq!(sequence(next(&mut out)), Some(2));
+        drop(lost_tx);
+        assert!(
+            matches!(next(&mut out), std::task::Poll::Ready(None)),
+            "a lost ack ends the stream"
+        );
+    }
+}
