@@ -10,7 +10,10 @@ use rill_proto::v1::subscriptions_client::SubscriptionsClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+mod transport;
+
 pub use crate::security::{Auth, ConnectOptions};
+pub use transport::{EndsWithData, Transport};
 
 use crate::error::{ClientError, Result};
 
@@ -18,10 +21,6 @@ use crate::error::{ClientError, Result};
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7171";
 /// The largest message the client sends or accepts, in bytes (64 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-/// The transport every client of a [`Connection`] uses: the channel, with the bearer token
-/// (if any) added to each call.
-pub type Transport = InterceptedService<Channel, Auth>;
 
 /// A connection to one broker.
 #[derive(Debug, Clone)]
@@ -176,7 +175,10 @@ impl Connection {
 
     /// The channel with this connection's credentials.
     pub fn transport(&self) -> Transport {
-        InterceptedService::new(self.channel.clone(), self.auth.clone())
+        Transport::new(InterceptedService::new(
+            self.channel.clone(),
+            self.auth.clone(),
+        ))
     }
 
     /// A `rill.v1.Cluster` client on this connection (brokers started with cluster flags).

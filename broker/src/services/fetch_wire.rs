@@ -44,6 +44,16 @@ const MAX_REQUEST_BYTES: usize = 64 << 10;
 const BATCHES_FIELD: u32 = 4;
 /// The gRPC message prefix: a compressed flag and a big-endian length.
 const GRPC_PREFIX_BYTES: usize = 5;
+/// h2 copies a DATA frame shorter than 256 bytes into its write buffer, but queues a longer
+/// one apart, to be written by reference; nothing can be buffered after such a frame until
+/// it is written. A small response sent as one piece therefore left its `grpc-status`
+/// trailer for a second `writev` (a second TCP segment the client must wait for). Its pieces
+/// stay under this size instead, so the whole response goes out in one write.
+const H2_COPIED_FRAME_BYTES: usize = 255;
+/// Responses up to this size are cut into [`H2_COPIED_FRAME_BYTES`] pieces (at most 17
+/// DATA frames, 9 bytes of frame header each, and no byte copied by us); larger ones are
+/// sent as they are, where one more write is nothing next to the bytes moved.
+const SMALL_RESPONSE_BYTES: usize = 4096;
 
 /// The Log service as served: `Fetch` framed by hand, the other RPCs by the generated
 /// [`LogServer`]. A cheap clone, like every tower service the server holds.
@@ -232,11 +242,34 @@ pub fn encode_response(mut resp: FetchResponse) -> Result<FrameBody, BrokerError
             chunks.push_back(batch);
         }
     }
+    let remaining = chunks.iter().map(Bytes::len).sum();
+    if remaining <= SMALL_RESPONSE_BYTES {
+        chunks = cut_for_one_write(chunks);
+    }
     Ok(FrameBody {
-        remaining: chunks.iter().map(Bytes::len).sum(),
+        remaining,
         chunks,
         trailers_sent: false,
     })
+}
+
+/// The same bytes, as slices (no copy) of at most [`H2_COPIED_FRAME_BYTES`] each, which h2
+/// copies into its write buffer together with the trailer that follows.
+fn cut_for_one_write(chunks: VecDeque<Bytes>) -> VecDeque<Bytes> {
+    let pieces = chunks
+        .iter()
+        .map(|c| c.len().div_ceil(H2_COPIED_FRAME_BYTES))
+        .sum();
+    let mut out = VecDeque::with_capacity(pieces);
+    for mut chunk in chunks {
+        while chunk.len() > H2_COPIED_FRAME_BYTES {
+            out.push_back(chunk.split_to(H2_COPIED_FRAME_BYTES));
+        }
+        if !chunk.is_empty() {
+            out.push_back(chunk);
+        }
+    }
+    out
 }
 
 /// A unary gRPC response body: the message's chunks as they are, then `grpc-status: 0`.
@@ -378,6 +411,41 @@ mod tests {
             .map(Bytes::len)
             .sum();
         assert!(small < 64, "{small} bytes of framing");
+    }
+
+    /// A small response goes out in pieces h2 copies into its write buffer (under 256
+    /// bytes), so its trailer shares the response's one write; a large one keeps its
+    /// batches whole. Catches a small response sent as one long DATA frame, whose trailer
+    /// then needs a second write (the e2e tail's extra TCP segment).
+    #[test]
+    fn a_small_response_is_cut_into_frames_h2_copies() {
+        let stored = Bytes::from(vec![3u8; 1_100]);
+        let resp = FetchResponse {
+            topic: "t".into(),
+            batches: vec![stored.clone()],
+            next_offset: 1,
+            ..FetchResponse::default()
+        };
+        let body = encode_response(resp.clone()).expect("encode");
+        assert!(body.chunks().count() > 1);
+        assert!(body.chunks().all(|c| c.len() <= H2_COPIED_FRAME_BYTES));
+        // Still the stored memory, sliced, and still the bytes prost writes.
+        let base = stored.as_ptr() as usize;
+        assert!(body
+            .chunks()
+            .filter(|c| c.len() == H2_COPIED_FRAME_BYTES)
+            .any(|c| (c.as_ptr() as usize).wrapping_sub(base) < stored.len()));
+        let mut expected = vec![0u8];
+        expected.extend((resp.encoded_len() as u32).to_be_bytes());
+        expected.extend(resp.encode_to_vec());
+        assert_eq!(concat(&body), expected);
+
+        let big = encode_response(FetchResponse {
+            batches: vec![batch(SMALL_RESPONSE_BYTES, 1)],
+            ..FetchResponse::default()
+        })
+        .expect("encode");
+        assert!(big.chunks().any(|c| c.len() == SMALL_RESPONSE_BYTES));
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! `rill.v1.Log`: Produce, ProduceStream, Fetch, ListOffsets and InitProducer.
 
+use std::future::Future;
 use std::pin::Pin;
 
 use rill_proto::v1::list_offsets_request::Spec;
@@ -10,7 +11,6 @@ use rill_proto::v1::{
     ProduceStreamResponse,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -69,8 +69,7 @@ impl Log for LogService {
         let caller = auth::caller(&self.broker, request.extensions())?;
         let mut inbound = request.into_inner();
         let broker = self.broker.clone();
-        let (ack_tx, mut ack_rx) = mpsc::channel::<StreamAck>(STREAM_PIPELINE_DEPTH);
-        let (out_tx, out_rx) = mpsc::channel(STREAM_PIPELINE_DEPTH);
+        let (ack_tx, ack_rx) = mpsc::channel::<StreamAck>(STREAM_PIPELINE_DEPTH);
         // Reader: appends in order, hands each ack (ready, or waiting on a sync) to the
         // writer in order.
         let shutdown = broker.shutdown().clone();
@@ -144,22 +143,13 @@ impl Log for LogService {
                 }
             }
         });
-        // Writer: sends acks strictly in request order.
-        self.broker.tasks().spawn(async move {
-            while let Some(ack) = ack_rx.recv().await {
-                let resp = match ack {
-                    StreamAck::Ready(resp) => resp,
-                    StreamAck::Pending(rx) => match rx.await {
-                        Ok(resp) => resp,
-                        Err(_) => break,
-                    },
-                };
-                if out_tx.send(Ok(resp)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        // The response stream hands out the acks strictly in request order, awaiting each
+        // pending one in turn; HTTP/2 polls it directly (no writer task, no second channel:
+        // one task wake-up fewer per batch).
+        Ok(Response::new(Box::pin(AcksInOrder {
+            acks: ack_rx,
+            waiting: None,
+        })))
     }
 
     /// The generated Fetch path. The broker's server answers Fetch in
@@ -250,6 +240,38 @@ enum StreamAck {
     Pending(oneshot::Receiver<ProduceStreamResponse>),
 }
 
+/// A ProduceStream's responses: its acks in request order, each pending one awaited before
+/// the next is looked at. Ends when the reader is done, or when a pending ack's task went
+/// away without answering.
+struct AcksInOrder {
+    acks: mpsc::Receiver<StreamAck>,
+    waiting: Option<oneshot::Receiver<ProduceStreamResponse>>,
+}
+
+impl Stream for AcksInOrder {
+    type Item = Result<ProduceStreamResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(waiting) = this.waiting.as_mut() {
+                let done = std::task::ready!(Pin::new(waiting).poll(cx));
+                this.waiting = None;
+                return Poll::Ready(done.ok().map(Ok));
+            }
+            match std::task::ready!(this.acks.poll_recv(cx)) {
+                None => return Poll::Ready(None),
+                Some(StreamAck::Ready(resp)) => return Poll::Ready(Some(Ok(resp))),
+                Some(StreamAck::Pending(rx)) => this.waiting = Some(rx),
+            }
+        }
+    }
+}
+
 async fn prepare_and_append(
     broker: &Broker,
     req: ProduceRequest,
@@ -281,5 +303,59 @@ fn stream_error(sequence: u64, e: BrokerError) -> ProduceStreamResponse {
         response: None,
         error_code: Some(e.code() as i32),
         error_message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(sequence: u64) -> ProduceStreamResponse {
+        ProduceStreamResponse {
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    /// Acks come out in request order even when a later one is ready first: a pending ack
+    /// holds back the ones after it. A pending ack whose task went away ends the stream.
+    /// Catches a response stream that hands out acks as they complete.
+    #[tokio::test]
+    async fn acks_come_out_in_request_order() {
+        let (tx, rx) = mpsc::channel(8);
+        let mut out = AcksInOrder {
+            acks: rx,
+            waiting: None,
+        };
+        let (slow_tx, slow_rx) = oneshot::channel();
+        let (lost_tx, lost_rx) = oneshot::channel::<ProduceStreamResponse>();
+        tx.send(StreamAck::Ready(ack(0))).await.expect("send");
+        tx.send(StreamAck::Pending(slow_rx)).await.expect("send");
+        tx.send(StreamAck::Ready(ack(2))).await.expect("send");
+        tx.send(StreamAck::Pending(lost_rx)).await.expect("send");
+        tx.send(StreamAck::Ready(ack(4))).await.expect("send");
+
+        let next = |out: &mut AcksInOrder| {
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            Pin::new(out).poll_next(&mut cx)
+        };
+        let sequence = |p: std::task::Poll<Option<Result<ProduceStreamResponse, Status>>>| match p {
+            std::task::Poll::Ready(Some(Ok(r))) => Some(r.sequence),
+            _ => None,
+        };
+        assert_eq!(sequence(next(&mut out)), Some(0));
+        assert!(
+            next(&mut out).is_pending(),
+            "ack 1 is not ready: ack 2 waits"
+        );
+        slow_tx.send(ack(1)).expect("send");
+        assert_eq!(sequence(next(&mut out)), Some(1));
+        assert_eq!(sequence(next(&mut out)), Some(2));
+        drop(lost_tx);
+        assert!(
+            matches!(next(&mut out), std::task::Poll::Ready(None)),
+            "a lost ack ends the stream"
+        );
     }
 }
