@@ -1,5 +1,5 @@
-//! The broker's internal state topics (`__groups`, `__security`, `__subscriptions`) on
-//! replicated storage.
+//! The broker's internal state topics (`__groups`, `__security`, `__subscriptions`,
+//! `__producers`) on replicated storage.
 //!
 //! On a single broker each is a local internal topic, written and synced in place. In a
 //! cluster of two brokers or more each is a replicated topic the controller creates at
@@ -60,6 +60,10 @@ pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
         (
             crate::subscriptions::persist::SUBSCRIPTIONS_TOPIC.to_string(),
             crate::subscriptions::persist::subscriptions_topic_config(),
+        ),
+        (
+            crate::producers::PRODUCERS_TOPIC.to_string(),
+            crate::producers::producers_topic_config(),
         ),
     ]
 }

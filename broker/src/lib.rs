@@ -15,13 +15,14 @@
 //!   `rill.v1.Security` and `rill.v1.Subscriptions`; `Fetch` is framed by hand around the
 //!   stored batches ([`services::LogRoutes`]).
 //! - [`produce`]: partitioning, batch building and compression for Produce and ProduceStream.
-//! - [`producers`]: the producer id registry behind InitProducer (idempotent producers).
+//! - [`producers`]: the producer id registry behind InitProducer (idempotent producers), in
+//!   the internal topic `__producers`.
 //! - [`fetch`]: the long-poll Fetch and ListOffsets.
 //! - [`metrics`]: Prometheus metrics (request layer, per-topic counters, scrape-time
 //!   collector) and the `/metrics` listener.
 //! - [`tasks`]: the background flush and retention loops.
-//! - [`internal`]: the internal state topics (`__groups`, `__security`, `__subscriptions`)
-//!   on replicated storage in a cluster: durable appends, routing to the partition leader,
+//! - [`internal`]: the internal state topics (`__groups`, `__security`, `__subscriptions`,
+//!   `__producers`) on replicated storage in a cluster: durable appends, routing to the partition leader,
 //!   and rebuilding state on a new leader.
 //! - [`groups`]: the group coordinator's background work over the groups topic.
 //! - [`subscriptions`]: queue subscriptions (per-record acks, redelivery, dead letters) over

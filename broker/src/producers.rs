@@ -1,25 +1,96 @@
-//! Producer ids: the broker's registry behind `InitProducer`.
+//! Producer ids: the broker's registry behind `InitProducer`, kept in the internal
+//! `__producers` topic (one partition, flushed on every append) and in memory.
 //!
-//! Ids are handed out in order from a counter kept in `<data>/producer-ids` (TOML, replaced
-//! atomically), so an id is never given twice, even across restarts, and an id at or past the
-//! counter is one this broker never gave (refused at produce). In a cluster each broker gives
-//! ids from its own range (node id × 2^40 onwards), so no two brokers give the same id, and an
-//! id from another broker's range is accepted (its partitions' sequences still apply). A named producer keeps its id,
-//! and each `InitProducer` with its name raises its epoch, which fences the older instance:
-//! its batches are refused from then on. The per-partition sequences live with each
-//! partition's log (`rill_storage::producers`), where they are rebuilt from the batches.
+//! The topic holds two kinds of records: an id block (`every id below next_id may have been
+//! given`) and a named producer's id and current epoch. Ids are given in order from a cursor
+//! that only the writer holds; an id is given only once a block holding it is durable, and a
+//! writer that (re)starts, or a new leader in a cluster, starts its cursor at the end of the
+//! last block, so no id is ever given twice, even across restarts and failovers (the ids a
+//! writer did not give before it stopped are skipped). A named producer keeps its id, and
+//! each `InitProducer` with its name raises its epoch, which fences the older instance: its
+//! batches are refused from then on.
+//!
+//! On a single broker a block is one id (each `InitProducer` appends and syncs, as the old
+//! per-broker file did). In a cluster (see [`crate::internal`]) the registry is written only
+//! by the leader of `__producers`, through Raft commits; other brokers forward
+//! `InitProducer` to it, and every broker's memory follows its replica, so the produce-time
+//! [`ProducerIds::check`] on any partition leader knows every id and epoch within a commit's
+//! time. There a block is [`CLUSTER_BLOCK`] ids, committed well before its ids are given,
+//! so an unnamed `InitProducer` is answered without a commit.
+//!
+//! The per-partition sequences live with each partition's log (`rill_storage::producers`),
+//! where they are rebuilt from the batches.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use rill_storage::batch::{batches, Record};
+use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
+use crate::state::Broker;
 
-/// The registry's file name in the data folder.
+/// The internal topic that holds the registry.
+pub const PRODUCERS_TOPIC: &str = "__producers";
+
+/// The old per-broker registry file in the data folder, imported once into `__producers`
+/// by a single broker (then renamed to [`IMPORTED_FILE`]).
 pub const FILE: &str = "producer-ids";
+
+/// What [`FILE`] is renamed to once imported.
+pub const IMPORTED_FILE: &str = "producer-ids.imported";
+
+/// Ids per block in a cluster: a new block is committed when fewer than half remain, so
+/// every broker knows an id's block long before a producer is given it.
+pub const CLUSTER_BLOCK: i64 = 1000;
+
+/// The version byte that starts every record of `__producers`.
+const VERSION: u8 = 1;
+
+/// One record of `__producers`: a version byte, then this as JSON tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ProducerRecord {
+    /// Every id below `next_id` may have been given.
+    IdBlock {
+        /// The end (exclusive) of the ids that may be given.
+        next_id: i64,
+    },
+    /// A named producer's id and current epoch.
+    NamedProducer {
+        /// The producer's name.
+        name: String,
+        /// Its id.
+        id: i64,
+        /// Its current epoch; older epochs are fenced.
+        epoch: i16,
+    },
+}
+
+impl ProducerRecord {
+    /// The record's bytes: the version byte, then JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![VERSION];
+        // Plain strings and integers always serialize.
+        serde_json::to_writer(&mut out, self).expect("a producer record always serializes");
+        out
+    }
+
+    /// Reads a record's bytes, or the reason they do not decode.
+    pub fn decode(bytes: &[u8]) -> Result<ProducerRecord, String> {
+        match bytes.split_first() {
+            None => Err("an empty record".into()),
+            Some((&VERSION, json)) => serde_json::from_slice(json).map_err(|e| e.to_string()),
+            Some((v, _)) => Err(format!(
+                "record version {v} is not understood (this broker reads {VERSION})"
+            )),
+        }
+    }
+}
 
 /// A named producer's id and current epoch.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -28,14 +99,28 @@ struct Named {
     epoch: i16,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Registry {
-    /// The next id to give; every id below it was given.
-    next_id: i64,
+/// The registry as the log holds it.
+#[derive(Debug, Clone, Default)]
+struct State {
+    /// Every id below it may have been given; none at or above it was.
+    block_end: i64,
     /// Producer name → its id and current epoch.
-    #[serde(default)]
     named: BTreeMap<String, Named>,
+    /// Id → the newest epoch of a named producer with that id, for the produce check.
+    epochs: BTreeMap<i64, i16>,
+}
+
+impl State {
+    fn apply(&mut self, record: ProducerRecord) {
+        match record {
+            ProducerRecord::IdBlock { next_id } => self.block_end = self.block_end.max(next_id),
+            ProducerRecord::NamedProducer { name, id, epoch } => {
+                let newest = self.epochs.entry(id).or_insert(epoch);
+                *newest = (*newest).max(epoch);
+                self.named.insert(name, Named { id, epoch });
+            }
+        }
+    }
 }
 
 /// The broker's producer ids. Cheap to clone.
@@ -46,115 +131,239 @@ pub struct ProducerIds {
 
 #[derive(Debug)]
 struct Inner {
-    path: PathBuf,
-    /// The first id of this broker's range: 0 alone, node id × 2^40 in a cluster.
-    first_id: i64,
-    /// In a cluster: ids outside this broker's range were given by another broker.
-    clustered: bool,
-    /// A plain lock: held for the lookup and the file write of one `InitProducer`, which runs
-    /// on the blocking pool; produce checks take it only to read.
-    registry: Mutex<Registry>,
-    /// Id → epoch of the named producers, for the produce check.
-    epochs: Mutex<BTreeMap<i64, i16>>,
+    store: Store,
+    /// A plain lock: held only to read or apply, never across an await.
+    state: RwLock<State>,
+    /// The offset memory holds every record before. Locked while the log is read into
+    /// memory, so two refreshes never apply the same records.
+    applied_next: parking_lot::Mutex<u64>,
+    /// The writer's cursor (the next id it gives), which also serialises changes: append,
+    /// then apply. Meaningful only on the writer; reset when it starts to write.
+    cursor: tokio::sync::Mutex<i64>,
+}
+
+/// The config of `__producers`: one partition, flushed on every append, kept forever, small
+/// segments (a few records per named producer and per block).
+pub fn producers_topic_config() -> TopicConfig {
+    TopicConfig {
+        partitions: 1,
+        retention_ms: None,
+        retention_bytes: None,
+        flush: FlushPolicy::Always,
+        segment_bytes: 1 << 20,
+        ..TopicConfig::default()
+    }
+}
+
+fn producers_log(store: &Store) -> Result<PartitionLog, BrokerError> {
+    Ok(store
+        .internal_topic(PRODUCERS_TOPIC, producers_topic_config())?
+        .partition(0)?)
+}
+
+fn corrupt(what: String) -> BrokerError {
+    BrokerError::Internal(format!(
+        "the {PRODUCERS_TOPIC} topic cannot be replayed ({what}); the broker will not start \
+         with producer ids it cannot read (it could give an id twice)"
+    ))
+}
+
+/// Applies every record of `log` from offset `from` to `state`; returns the offset reached.
+fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<u64, BrokerError> {
+    let mut offset = from.max(log.log_start_offset());
+    while offset < log.high_watermark() {
+        let read = log.read(offset, 1 << 20)?;
+        for chunk in &read.chunks {
+            for batch in batches(chunk) {
+                let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
+                for record in batch.records() {
+                    let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
+                    if record.offset < offset {
+                        continue;
+                    }
+                    let decoded = ProducerRecord::decode(record.value).map_err(|e| {
+                        corrupt(format!("the record at offset {}: {e}", record.offset))
+                    })?;
+                    state.apply(decoded);
+                }
+            }
+        }
+        if read.next_offset <= offset {
+            break;
+        }
+        offset = read.next_offset;
+    }
+    Ok(offset)
+}
+
+/// The old file's layout.
+#[derive(Debug, Deserialize)]
+struct OldFile {
+    next_id: i64,
+    #[serde(default)]
+    named: BTreeMap<String, Named>,
+}
+
+/// Imports `<data>/producer-ids` into an empty local `__producers` (synced), then renames
+/// the file so it is imported once. Blocking.
+fn import_file(data_dir: &Path, log: &PartitionLog) -> Result<bool, BrokerError> {
+    let path = data_dir.join(FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(BrokerError::Internal(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let old: OldFile = toml::from_str(&text)
+        .map_err(|e| BrokerError::Internal(format!("{} does not parse: {e}", path.display())))?;
+    let mut records = vec![ProducerRecord::IdBlock {
+        next_id: old.next_id,
+    }];
+    records.extend(
+        old.named
+            .into_iter()
+            .map(|(name, n)| ProducerRecord::NamedProducer {
+                name,
+                id: n.id,
+                epoch: n.epoch,
+            }),
+    );
+    let batch = rill_storage::batch::try_encode_batch(&to_records(&records))
+        .map_err(|e| BrokerError::Internal(format!("encoding {PRODUCERS_TOPIC}: {e}")))?;
+    let appended = log.append(&batch)?;
+    log.sync_through(appended.next_offset)?;
+    std::fs::rename(&path, data_dir.join(IMPORTED_FILE)).map_err(|e| {
+        BrokerError::Internal(format!(
+            "cannot rename {} once imported: {e}",
+            path.display()
+        ))
+    })?;
+    rill_storage::fsutil::fsync_dir(data_dir)?;
+    Ok(true)
+}
+
+fn to_records(records: &[ProducerRecord]) -> Vec<Record> {
+    let now = rill_storage::log::now_ms();
+    records
+        .iter()
+        .map(|r| Record {
+            key: None,
+            value: Bytes::from(r.encode()),
+            headers: Vec::new(),
+            timestamp_ms: now,
+        })
+        .collect()
 }
 
 impl ProducerIds {
-    /// Opens the registry in `data_dir` (empty when the file is missing); `node_id` is the
-    /// broker's in a cluster. Blocking.
-    pub fn open(data_dir: &Path, node_id: Option<u64>) -> Result<Self, BrokerError> {
-        let first_id = node_id.map_or(0, |n| ((n & 0x7f_ffff) as i64) << 40);
-        let path = data_dir.join(FILE);
-        let registry = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str::<Registry>(&text).map_err(|e| {
-                BrokerError::Internal(format!("{} does not parse: {e}", path.display()))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry {
-                next_id: first_id,
-                named: BTreeMap::new(),
-            },
-            Err(e) => {
-                return Err(BrokerError::Internal(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )))
-            }
-        };
-        let epochs = registry.named.values().map(|n| (n.id, n.epoch)).collect();
+    /// Opens the registry: replays `__producers` (created empty if missing). `import_old`
+    /// (a single broker) first imports an old `<data>/producer-ids` file into an empty topic;
+    /// a cluster member never writes its internal topics outside Raft, so it leaves the file
+    /// alone (its ids came from per-broker ranges the cluster registry does not reuse).
+    /// Blocking (file work).
+    pub fn open(store: Store, import_old: bool) -> Result<Self, BrokerError> {
+        let log = producers_log(&store)?;
+        let data_dir = store.data_dir().to_path_buf();
+        if import_old && log.high_watermark() == 0 && import_file(&data_dir, &log)? {
+            tracing::info!(
+                "imported {} into {PRODUCERS_TOPIC}",
+                data_dir.join(FILE).display()
+            );
+        } else if !import_old && data_dir.join(FILE).exists() {
+            tracing::warn!(
+                "{} is a single broker's producer ids; a cluster keeps them in \
+                 {PRODUCERS_TOPIC} and does not carry that file over",
+                data_dir.join(FILE).display()
+            );
+        }
+        let mut state = State::default();
+        let applied_next = replay(&log, 0, &mut state)?;
+        let cursor = state.block_end;
+        tracing::info!(
+            next_id = state.block_end,
+            named = state.named.len(),
+            "producer ids loaded from {PRODUCERS_TOPIC}"
+        );
         Ok(ProducerIds {
             inner: Arc::new(Inner {
-                path,
-                first_id,
-                clustered: node_id.is_some(),
-                registry: Mutex::new(registry),
-                epochs: Mutex::new(epochs),
+                store,
+                state: RwLock::new(state),
+                applied_next: parking_lot::Mutex::new(applied_next),
+                cursor: tokio::sync::Mutex::new(cursor),
             }),
         })
     }
 
     /// Gives an id and epoch: a fresh id with epoch 0, or for `name` its id with the next
-    /// epoch. Durable before it returns. Blocking (a file write).
-    pub fn init(&self, name: Option<&str>) -> Result<(i64, i16), BrokerError> {
+    /// epoch. What it gives is durable before it returns (a Raft commit in a cluster). Call
+    /// it only on the writer (a single broker, or the settled leader of `__producers`).
+    pub async fn init(
+        &self,
+        broker: &Broker,
+        name: Option<&str>,
+    ) -> Result<(i64, i16), BrokerError> {
         if let Some(name) = name {
             rill_storage::config::validate_name("producer", name)?;
         }
-        let mut registry = self.inner.registry.lock();
-        let mut next = registry.clone();
-        let given = match name {
-            None => {
-                let id = next.next_id;
-                next.next_id += 1;
-                (id, 0)
-            }
-            Some(name) => match next.named.get(name).copied() {
-                Some(n) if n.epoch == i16::MAX => {
-                    // Kafka gives a new id when the epoch would overflow.
-                    let id = next.next_id;
-                    next.next_id += 1;
-                    (id, 0)
-                }
-                Some(n) => (n.id, n.epoch + 1),
-                None => {
-                    let id = next.next_id;
-                    next.next_id += 1;
-                    (id, 0)
-                }
-            },
+        let mut cursor = self.inner.cursor.lock().await;
+        self.refresh().await?;
+        let (block_end, known) = {
+            let state = self.inner.state.read();
+            (
+                state.block_end,
+                name.and_then(|n| state.named.get(n).copied()),
+            )
         };
+        let (block, low_water) = if crate::internal::replication(broker).is_some() {
+            (CLUSTER_BLOCK, CLUSTER_BLOCK / 2)
+        } else {
+            (1, 0)
+        };
+        // A new id, unless a named producer keeps its own (Kafka gives a new id when the
+        // epoch would overflow).
+        let given = match known {
+            Some(n) if n.epoch < i16::MAX => (n.id, n.epoch + 1, false),
+            _ => (*cursor, 0, true),
+        };
+        let mut records = Vec::new();
+        if given.2 && given.0 + 1 + low_water > block_end {
+            records.push(ProducerRecord::IdBlock {
+                next_id: block_end.max(given.0) + block,
+            });
+        }
         if let Some(name) = name {
-            next.named.insert(
-                name.to_string(),
-                Named {
-                    id: given.0,
-                    epoch: given.1,
-                },
-            );
+            records.push(ProducerRecord::NamedProducer {
+                name: name.to_string(),
+                id: given.0,
+                epoch: given.1,
+            });
         }
-        let text = toml::to_string(&next)
-            .map_err(|e| BrokerError::Internal(format!("encoding producer ids: {e}")))?;
-        rill_storage::fsutil::atomic_write(&self.inner.path, text.as_bytes())?;
-        *registry = next;
-        if name.is_some() {
-            self.inner.epochs.lock().insert(given.0, given.1);
+        if !records.is_empty() {
+            crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&records)).await?;
+            self.refresh().await?;
         }
-        Ok(given)
+        if given.2 {
+            *cursor = given.0 + 1;
+        }
+        Ok((given.0, given.1))
     }
 
-    /// Checks a batch's producer id and epoch against what this broker gave: an id it never
-    /// gave, or an epoch older than a named producer's latest, is refused
-    /// (FAILED_PRECONDITION). Sequences are checked by the partition.
+    /// Checks a batch's producer id and epoch against the registry: an id never given, or
+    /// an epoch older than a named producer's latest, is refused (FAILED_PRECONDITION).
+    /// Sequences are checked by the partition.
     pub fn check(&self, producer_id: i64, epoch: i16) -> Result<(), BrokerError> {
         if producer_id == -1 {
             return Ok(());
         }
-        let next_id = self.inner.registry.lock().next_id;
-        let ours = producer_id >= self.inner.first_id && producer_id < next_id;
-        let elsewhere = self.inner.clustered
-            && producer_id >= 0
-            && !(self.inner.first_id..self.inner.first_id + (1 << 40)).contains(&producer_id);
-        if !ours && !elsewhere {
+        let state = self.inner.state.read();
+        if producer_id < 0 || producer_id >= state.block_end {
             return Err(BrokerError::UnknownProducerId { producer_id });
         }
-        if let Some(&current) = self.inner.epochs.lock().get(&producer_id) {
+        if let Some(&current) = state.epochs.get(&producer_id) {
             if epoch < current {
                 return Err(BrokerError::ProducerFenced {
                     producer_id,
@@ -165,31 +374,99 @@ impl ProducerIds {
         }
         Ok(())
     }
+
+    /// Applies to memory what this broker's `__producers` log holds beyond it. Runs on the
+    /// blocking pool.
+    pub async fn refresh(&self) -> Result<(), BrokerError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.refresh_blocking()).await?
+    }
+
+    fn refresh_blocking(&self) -> Result<(), BrokerError> {
+        let mut applied = self.inner.applied_next.lock();
+        let log = producers_log(&self.inner.store)?;
+        if *applied >= log.high_watermark() {
+            return Ok(());
+        }
+        let mut state = self.inner.state.read().clone();
+        let next = replay(&log, *applied, &mut state)?;
+        *self.inner.state.write() = state;
+        *applied = next;
+        Ok(())
+    }
+
+    /// A new writer in a cluster: memory holds every committed record; the cursor starts at
+    /// the end of the last block (ids of it the old leader did not give are skipped), and
+    /// a fresh block is committed at once so every broker knows it before its ids are given.
+    async fn settle(&self, broker: &Broker) -> Result<(), BrokerError> {
+        let mut cursor = self.inner.cursor.lock().await;
+        self.refresh().await?;
+        let block_end = self.inner.state.read().block_end;
+        let record = ProducerRecord::IdBlock {
+            next_id: block_end + CLUSTER_BLOCK,
+        };
+        crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&[record])).await?;
+        self.refresh().await?;
+        *cursor = block_end;
+        Ok(())
+    }
+
+    /// Keeps memory following this broker's replica of `__producers` in a cluster, and
+    /// settles this broker as the writer when it comes to lead it (see
+    /// [`crate::internal::follow`]); nothing on a single broker.
+    pub fn follow(&self, broker: &Broker) {
+        let (a, b, settling) = (self.clone(), self.clone(), broker.clone());
+        crate::internal::follow(
+            broker,
+            PRODUCERS_TOPIC,
+            1,
+            move |_| {
+                let ids = a.clone();
+                async move {
+                    if let Err(e) = ids.refresh().await {
+                        tracing::error!(error = %e, "the producer ids cannot follow their log");
+                    }
+                }
+            },
+            move |_| {
+                let (ids, broker) = (b.clone(), settling.clone());
+                async move { ids.settle(&broker).await }
+            },
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use rill_storage::StoreOptions;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
     use super::*;
 
-    #[test]
-    fn in_a_cluster_each_broker_gives_its_own_range() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ids = ProducerIds::open(dir.path(), Some(2)).expect("open");
-        assert_eq!(ids.init(None).expect("init"), (2 << 40, 0));
-        // Given by broker 1: accepted here; an unused id of this broker's range is not.
-        ids.check(1 << 40, 0).expect("another broker's id");
-        assert!(ids.check((2 << 40) + 1, 0).is_err());
+    /// A single broker over `dir` with its registry (importing an old file, as a single
+    /// broker does).
+    fn single(dir: &Path) -> (Broker, ProducerIds) {
+        let store = Store::open(StoreOptions::new(dir)).expect("open");
+        let ids = ProducerIds::open(store.clone(), true).expect("ids");
+        let broker = Broker::new(
+            store,
+            crate::Config::new(dir),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        (broker, ids)
     }
 
-    #[test]
-    fn ids_are_never_given_twice_and_names_are_fenced_by_epoch() {
+    #[tokio::test]
+    async fn ids_are_never_given_twice_and_names_are_fenced_by_epoch() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ids = ProducerIds::open(dir.path(), None).expect("open");
-        assert_eq!(ids.init(None).expect("init"), (0, 0));
-        assert_eq!(ids.init(Some("app")).expect("init"), (1, 0));
-        assert_eq!(ids.init(None).expect("init"), (2, 0));
+        let (broker, ids) = single(dir.path());
+        assert_eq!(ids.init(&broker, None).await.expect("init"), (0, 0));
+        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (1, 0));
+        assert_eq!(ids.init(&broker, None).await.expect("init"), (2, 0));
         ids.check(1, 0).expect("current epoch");
-        assert_eq!(ids.init(Some("app")).expect("init"), (1, 1));
+        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (1, 1));
         assert!(matches!(
             ids.check(1, 0),
             Err(BrokerError::ProducerFenced { current: 1, .. })
@@ -198,12 +475,68 @@ mod tests {
             ids.check(3, 0),
             Err(BrokerError::UnknownProducerId { producer_id: 3 })
         ));
-        assert!(ids.init(Some("bad/name")).is_err());
-        drop(ids);
+        assert!(ids.init(&broker, Some("bad/name")).await.is_err());
+        broker.store().close().expect("close");
+        drop((broker, ids));
         // After a restart: the counter and the epochs are where they were.
-        let ids = ProducerIds::open(dir.path(), None).expect("reopen");
-        assert_eq!(ids.init(None).expect("init"), (3, 0));
-        assert_eq!(ids.init(Some("app")).expect("init"), (1, 2));
+        let (broker, ids) = single(dir.path());
+        assert_eq!(ids.init(&broker, None).await.expect("init"), (3, 0));
+        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (1, 2));
         assert!(ids.check(1, 1).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_old_registry_file_is_imported_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(FILE),
+            "next_id = 7\n[named.app]\nid = 4\nepoch = 2\n",
+        )
+        .expect("write");
+        let (broker, ids) = single(dir.path());
+        assert!(!dir.path().join(FILE).exists(), "renamed once imported");
+        assert!(dir.path().join(IMPORTED_FILE).exists());
+        assert!(ids.check(4, 1).is_err(), "the old epoch still fences");
+        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (4, 3));
+        assert_eq!(ids.init(&broker, None).await.expect("init"), (7, 0));
+        broker.store().close().expect("close");
+        drop((broker, ids));
+        // Imported once: a reopen replays the topic, not the renamed file.
+        let (broker, ids) = single(dir.path());
+        assert_eq!(ids.init(&broker, None).await.expect("init"), (8, 0));
+        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (4, 4));
+    }
+
+    #[test]
+    fn records_round_trip_and_bad_bytes_are_refused() {
+        for r in [
+            ProducerRecord::IdBlock { next_id: 7 },
+            ProducerRecord::NamedProducer {
+                name: "app".into(),
+                id: 3,
+                epoch: 2,
+            },
+        ] {
+            assert_eq!(ProducerRecord::decode(&r.encode()).expect("decode"), r);
+        }
+        assert!(ProducerRecord::decode(b"").is_err());
+        assert!(ProducerRecord::decode(b"\x02{}").is_err());
+        assert!(ProducerRecord::decode(b"\x01{\"type\":\"other\"}").is_err());
+    }
+
+    #[test]
+    fn the_newest_epoch_of_an_id_fences_and_blocks_bound_the_known_ids() {
+        let mut state = State::default();
+        state.apply(ProducerRecord::IdBlock { next_id: 10 });
+        // A block never shrinks the known ids (records apply in log order, but a stale
+        // writer's block may come after a newer one).
+        state.apply(ProducerRecord::IdBlock { next_id: 4 });
+        assert_eq!(state.block_end, 10);
+        state.apply(ProducerRecord::NamedProducer {
+            name: "app".into(),
+            id: 2,
+            epoch: 5,
+        });
+        assert_eq!(state.epochs.get(&2), Some(&5));
     }
 }

@@ -109,10 +109,12 @@ impl Server {
         .await
         .context("opening the security state")?
         .context("opening the security state")?;
-        let data_dir = config.data_dir.clone();
-        let node_id = config.cluster.as_ref().map(|c| c.node_id);
+        // A cluster of two or more keeps the registry replicated; only a single broker (or a
+        // one-broker cluster) imports an old per-broker file.
+        let single = config.cluster.as_ref().is_none_or(|c| c.peers.len() <= 1);
+        let producers_store = store.clone();
         let producers = tokio::task::spawn_blocking(move || {
-            crate::producers::ProducerIds::open(&data_dir, node_id)
+            crate::producers::ProducerIds::open(producers_store, single)
         })
         .await
         .context("opening the producer ids")?
@@ -175,6 +177,9 @@ impl Server {
         crate::groups::replicated::follow(&broker, &coordinator);
         if let Some(security) = broker.security() {
             security.follow(&broker);
+        }
+        if let Ok(producers) = broker.producers() {
+            producers.follow(&broker);
         }
         let subs_store = broker.store().clone();
         let subscriptions = tokio::task::spawn_blocking(move || {

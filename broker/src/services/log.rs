@@ -183,10 +183,18 @@ impl Log for LogService {
         // to connect may ask (the produce itself is authorized per topic).
         auth::caller(&self.broker, request.extensions())?;
         let ids = self.broker.producers()?.clone();
+        // In a cluster the leader of `__producers` gives ids; another broker forwards (as
+        // itself: the leader only needs an authenticated caller).
+        if let crate::internal::Route::Leader(address) =
+            crate::internal::route(&self.broker, crate::producers::PRODUCERS_TOPIC, 0)?
+        {
+            let channel = crate::internal::channel(&self.broker, &address)?;
+            return rill_proto::v1::log_client::LogClient::new(channel)
+                .init_producer(request.into_inner())
+                .await;
+        }
         let name = request.into_inner().producer_name;
-        let (producer_id, epoch) = tokio::task::spawn_blocking(move || ids.init(name.as_deref()))
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        let (producer_id, epoch) = ids.init(&self.broker, name.as_deref()).await?;
         Ok(Response::new(InitProducerResponse {
             producer_id,
             producer_epoch: i32::from(epoch),
