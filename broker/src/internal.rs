@@ -191,6 +191,23 @@ pub fn channel(broker: &Broker, address: &str) -> Result<PeerChannel, BrokerErro
     Ok(channel)
 }
 
+/// The answer of a forwarded call, as this broker's: a call the serving broker never
+/// answered (it died, or the connection broke: CANCELLED or UNAVAILABLE from the transport)
+/// becomes UNAVAILABLE, which clients retry; its own answers pass unchanged.
+pub fn relayed<T>(
+    answer: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    answer.map_err(|status| match status.code() {
+        tonic::Code::Cancelled | tonic::Code::Unavailable => {
+            tonic::Status::from(BrokerError::ReplicationUnavailable(format!(
+                "the broker serving this state did not answer ({}); retry",
+                status.message()
+            )))
+        }
+        _ => status,
+    })
+}
+
 /// `message` as a request forwarded on behalf of `caller`: the receiving broker, which trusts
 /// this one's cluster token, authorizes it as `caller` (see [`crate::auth::ON_BEHALF_OF`]).
 /// A principal that cannot travel in metadata is refused rather than forwarded as the broker.

@@ -450,7 +450,7 @@ async fn wait_sum(addrs: &[SocketAddr], name: &str, want: f64) {
 /// The partitions of the internal state topics, once the cluster has created them all.
 async fn internal_partitions(c: &Clients) -> usize {
     use rill_proto::v1::cluster_client::ClusterClient;
-    const INTERNAL: [&str; 3] = ["__groups", "__security", "__subscriptions"];
+    const INTERNAL: [&str; 4] = ["__groups", "__security", "__subscriptions", "__producers"];
     let mut cluster = ClusterClient::new(c.channel.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {

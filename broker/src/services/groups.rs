@@ -109,7 +109,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
-            return coordinator.commit_offsets(req).await;
+            return internal::relayed(coordinator.commit_offsets(req).await);
         }
         if req.offsets.is_empty() {
             return Err(BrokerError::invalid("commit without offsets").into());
@@ -149,7 +149,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
-            return coordinator.fetch_offsets(req).await;
+            return internal::relayed(coordinator.fetch_offsets(req).await);
         }
         let partitions = self.partitions(&req.topic, &req.partitions)?;
         let groups = self.broker.store().groups();
@@ -212,7 +212,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
-            return coordinator.describe_group(req).await;
+            return internal::relayed(coordinator.describe_group(req).await);
         }
         let membership = self.coordinator.snapshot(&req.group).await;
         let committed = match self.broker.store().groups().group_offsets(&req.group) {
@@ -308,7 +308,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
-            return coordinator.group_heartbeat(req).await;
+            return internal::relayed(coordinator.group_heartbeat(req).await);
         }
         let assignor = match &req.assignor {
             Some(name) => Some(name.parse().map_err(BrokerError::InvalidArgument)?),
@@ -356,7 +356,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
-            return coordinator.delete_group(req).await;
+            return internal::relayed(coordinator.delete_group(req).await);
         }
         self.coordinator.delete(&self.broker, &req.group).await?;
         Ok(Response::new(DeleteGroupResponse {}))
@@ -379,7 +379,7 @@ impl Groups for GroupsService {
         let req = request.into_inner();
         validate_name("group", &req.group).map_err(BrokerError::from)?;
         if let Some(mut coordinator) = self.coordinator_elsewhere(&req.group)? {
-            return coordinator.reset_group_offsets(req).await;
+            return internal::relayed(coordinator.reset_group_offsets(req).await);
         }
         let Some(target) = req.target else {
             return Err(BrokerError::invalid(

@@ -158,7 +158,7 @@ impl SecurityRpc for SecurityService {
     ) -> Result<Response<pb::CreatePrincipalResponse>, Status> {
         let caller = self.admin(&request)?;
         if let Some(mut leader) = self.writer_elsewhere()? {
-            return leader.create_principal(request.into_inner()).await;
+            return internal::relayed(leader.create_principal(request.into_inner()).await);
         }
         let name = request.into_inner().name;
         self.security.create_principal(&self.broker, &name).await?;
@@ -182,7 +182,7 @@ impl SecurityRpc for SecurityService {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let caller = self.admin(&request)?;
         if let Some(mut leader) = self.writer_elsewhere()? {
-            return leader.create_token(request.into_inner()).await;
+            return internal::relayed(leader.create_token(request.into_inner()).await);
         }
         let req = request.into_inner();
         let (token, entry) = self
@@ -235,7 +235,7 @@ impl SecurityRpc for SecurityService {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let caller = self.admin(&request)?;
         if let Some(mut leader) = self.writer_elsewhere()? {
-            return leader.revoke_token(request.into_inner()).await;
+            return internal::relayed(leader.revoke_token(request.into_inner()).await);
         }
         let id = request.into_inner().token_id;
         self.security.revoke_token(&self.broker, &id).await?;
@@ -249,7 +249,7 @@ impl SecurityRpc for SecurityService {
     ) -> Result<Response<pb::AddAclResponse>, Status> {
         let caller = self.admin(&request)?;
         if let Some(mut leader) = self.writer_elsewhere()? {
-            return leader.add_acl(request.into_inner()).await;
+            return internal::relayed(leader.add_acl(request.into_inner()).await);
         }
         let rule = rule_from_pb(request.into_inner().rule)?;
         let text = describe_rule(&rule);
@@ -278,7 +278,7 @@ impl SecurityRpc for SecurityService {
     ) -> Result<Response<pb::RemoveAclResponse>, Status> {
         let caller = self.admin(&request)?;
         if let Some(mut leader) = self.writer_elsewhere()? {
-            return leader.remove_acl(request.into_inner()).await;
+            return internal::relayed(leader.remove_acl(request.into_inner()).await);
         }
         let rule = rule_from_pb(request.into_inner().rule)?;
         let text = describe_rule(&rule);

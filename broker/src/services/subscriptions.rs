@@ -75,9 +75,11 @@ macro_rules! forward_unary {
     ($self:ident, $request:ident, $method:ident) => {
         if let Some(mut leader) = $self.leader_elsewhere()? {
             let caller = auth::caller(&$self.broker, $request.extensions())?;
-            return leader
-                .$method(internal::on_behalf(&caller, $request.into_inner())?)
-                .await;
+            return internal::relayed(
+                leader
+                    .$method(internal::on_behalf(&caller, $request.into_inner())?)
+                    .await,
+            );
         }
     };
 }
@@ -296,10 +298,12 @@ impl SubscriptionsRpc for SubscriptionsService {
         if let Some(mut leader) = self.leader_elsewhere()? {
             // The push stream runs at the leader; this broker relays both directions.
             let inbound = request.into_inner().map_while(Result::ok);
-            let relayed = leader
-                .subscribe(internal::on_behalf(&caller, inbound)?)
-                .await?
-                .into_inner();
+            let relayed = internal::relayed(
+                leader
+                    .subscribe(internal::on_behalf(&caller, inbound)?)
+                    .await,
+            )?
+            .into_inner();
             return Ok(Response::new(Box::pin(relayed)));
         }
         let stream = crate::subscriptions::push::start(
