@@ -281,7 +281,8 @@ fn batches(records: Vec<pb::ReceivedRecord>, batch: usize) -> Vec<Vec<pb::Receiv
     out
 }
 
-/// Acks the successes in one call, nacks each failure with its backoff, and adapts the rate.
+/// Acks the successes and nacks each failure with its backoff, all in one stored change,
+/// and adapts the rate.
 async fn settle(
     broker: &Broker,
     subs: &Subscriptions,
@@ -291,6 +292,7 @@ async fn settle(
     outcomes: Vec<Outcome>,
 ) -> Result<(), BrokerError> {
     let mut acked: BTreeMap<String, Vec<(u32, u64, u64)>> = BTreeMap::new();
+    let mut items = Vec::new();
     for o in outcomes {
         let ranges = o
             .records
@@ -303,7 +305,7 @@ async fn settle(
             }
             Some(error) => {
                 rate.failure();
-                // A batch waits as long as its most-tried record: one nack, one write.
+                // A batch waits as long as its most-tried record.
                 let attempt = o.records.iter().map(|r| r.2).max().unwrap_or(1);
                 let delay_ms = backoff_ms(push.min_backoff_ms, push.max_backoff_ms, attempt);
                 let nack = Ack {
@@ -311,50 +313,77 @@ async fn settle(
                     kind: AckKind::Nack { delay_ms },
                     error: Some(error),
                 };
-                apply(broker, subs, sub, &o.consumer, &nack).await?;
+                items.push((o.consumer, nack));
             }
         }
     }
-    for (consumer, ranges) in acked {
+    items.extend(acked.into_iter().map(|(consumer, ranges)| {
         let ack = Ack {
             ranges,
             kind: AckKind::Ack,
             error: None,
         };
-        apply(broker, subs, sub, &consumer, &ack).await?;
-    }
-    Ok(())
+        (consumer, ack)
+    }));
+    subs.apply_held(broker, sub, &items).await
 }
 
-/// Applies an ack or nack; a record whose lock ended meanwhile (a slow answer) is left to
-/// its redelivery, and an ack batch with such a record is retried record by record.
-async fn apply(
-    broker: &Broker,
-    subs: &Subscriptions,
-    sub: &Arc<Sub>,
-    consumer: &str,
-    ack: &Ack,
-) -> Result<(), BrokerError> {
-    match subs.acknowledge(broker, &sub.name, consumer, ack).await {
-        Ok(_) => Ok(()),
-        Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. }))
-            if ack.ranges.len() > 1 =>
-        {
-            for r in &ack.ranges {
-                let one = Ack {
-                    ranges: vec![*r],
-                    kind: ack.kind,
-                    error: ack.error.clone(),
-                };
-                match subs.acknowledge(broker, &sub.name, consumer, &one).await {
-                    Ok(_) | Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) => {}
-                    Err(e) => return Err(e),
-                }
+impl Subscriptions {
+    /// Applies each `(consumer, ack)` range that its consumer still holds, all in one stored
+    /// change (one synced write, however many outcomes a round of POSTs brought). A range
+    /// whose lock ended meanwhile (a slow answer, delivered again since) is skipped: it is
+    /// left to its redelivery, as the late outcome of an earlier delivery.
+    async fn apply_held(
+        &self,
+        broker: &Broker,
+        sub: &Arc<Sub>,
+        items: &[(String, Ack)],
+    ) -> Result<(), BrokerError> {
+        let topic = broker.topic(&sub.config.topic)?;
+        let count = topic.topic.partition_count();
+        let mut st = sub.state.lock().await;
+        if st.deleted {
+            return Err(SubscriptionError::NotFound {
+                name: sub.name.clone(),
             }
-            Ok(())
+            .into());
         }
-        Err(BrokerError::Subscription(SubscriptionError::NotHeld { .. })) => Ok(()),
-        Err(e) => Err(e),
+        let limits = sub.limits();
+        let now = now_ms();
+        let mut next = st.partitions.clone();
+        let expired = super::stats::expiring(&next, now);
+        let mut leaving = Vec::new();
+        for (p, ps) in next.iter_mut() {
+            leaving.extend(ps.expire(*p, now, &limits));
+        }
+        let mut applied = Vec::new();
+        for (consumer, ack) in items {
+            for &(p, first, last) in &ack.ranges {
+                let Some(ps) = next.get_mut(&p).filter(|_| p < count) else {
+                    continue;
+                };
+                let ids = (sub.name.as_str(), sub.config.topic.as_str(), p);
+                let Ok(n) = ps.check_held(ids, consumer, (first, last), now) else {
+                    continue;
+                };
+                let error = ack.error.as_deref();
+                let (out, _) = ps.apply(p, (first, last), ack.kind, error, now, &limits);
+                leaving.extend(out);
+                applied.push((ack.kind, n));
+            }
+        }
+        self.finish(broker, sub, &mut st, next, leaving).await?;
+        drop(st);
+        sub.counters.settled(expired, 0);
+        let mut nacked = false;
+        for (kind, n) in applied {
+            sub.counters.acknowledged(kind, n);
+            nacked |= matches!(kind, AckKind::Nack { .. });
+        }
+        if nacked {
+            sub.released.notify_waiters();
+        }
+        Ok(())
     }
 }
 
