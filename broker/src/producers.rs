@@ -351,12 +351,14 @@ impl ProducerIds {
                 epoch: given.1,
             });
         }
+        if given.2 {
+            // Taken before the append: an append that fails may still commit later (a Raft
+            // timeout), and its id must not be given again.
+            *cursor = given.0 + 1;
+        }
         if !records.is_empty() {
             crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&records)).await?;
             self.refresh().await?;
-        }
-        if given.2 {
-            *cursor = given.0 + 1;
         }
         Ok((given.0, given.1))
     }
