@@ -259,6 +259,19 @@ fn to_records(records: &[ProducerRecord]) -> Vec<Record> {
         .collect()
 }
 
+/// The end of the block to commit before giving `id` when the last block ends at
+/// `block_end`, if one is needed: on a single broker a block is that one id; in a cluster a
+/// block of [`CLUSTER_BLOCK`] ids is added once fewer than half of the current one remain
+/// after `id`, so followers know it long before its ids are given.
+fn next_block(id: i64, block_end: i64, clustered: bool) -> Option<i64> {
+    let (block, low_water) = if clustered {
+        (CLUSTER_BLOCK, CLUSTER_BLOCK / 2)
+    } else {
+        (1, 0)
+    };
+    (id + 1 + low_water > block_end).then(|| block_end.max(id) + block)
+}
+
 impl ProducerIds {
     /// Opens the registry: replays `__producers` (created empty if missing). `import_old`
     /// (a single broker) first imports an old `<data>/producer-ids` file into an empty topic;
@@ -318,11 +331,7 @@ impl ProducerIds {
                 name.and_then(|n| state.named.get(n).copied()),
             )
         };
-        let (block, low_water) = if crate::internal::replication(broker).is_some() {
-            (CLUSTER_BLOCK, CLUSTER_BLOCK / 2)
-        } else {
-            (1, 0)
-        };
+        let clustered = crate::internal::replication(broker).is_some();
         // A new id, unless a named producer keeps its own (Kafka gives a new id when the
         // epoch would overflow).
         let given = match known {
@@ -330,10 +339,10 @@ impl ProducerIds {
             _ => (*cursor, 0, true),
         };
         let mut records = Vec::new();
-        if given.2 && given.0 + 1 + low_water > block_end {
-            records.push(ProducerRecord::IdBlock {
-                next_id: block_end.max(given.0) + block,
-            });
+        if given.2 {
+            if let Some(next_id) = next_block(given.0, block_end, clustered) {
+                records.push(ProducerRecord::IdBlock { next_id });
+            }
         }
         if let Some(name) = name {
             records.push(ProducerRecord::NamedProducer {
@@ -342,12 +351,14 @@ impl ProducerIds {
                 epoch: given.1,
             });
         }
+        if given.2 {
+            // Taken before the append: an append that fails may still commit later (a Raft
+            // timeout), and its id must not be given again.
+            *cursor = given.0 + 1;
+        }
         if !records.is_empty() {
             crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&records)).await?;
             self.refresh().await?;
-        }
-        if given.2 {
-            *cursor = given.0 + 1;
         }
         Ok((given.0, given.1))
     }
@@ -522,6 +533,23 @@ mod tests {
         assert!(ProducerRecord::decode(b"").is_err());
         assert!(ProducerRecord::decode(b"\x02{}").is_err());
         assert!(ProducerRecord::decode(b"\x01{\"type\":\"other\"}").is_err());
+    }
+
+    #[test]
+    fn a_block_always_holds_the_id_given_and_a_cluster_commits_the_next_one_early() {
+        // A single broker: one id per block, committed with the id.
+        assert_eq!(next_block(5, 5, false), Some(6));
+        // A cluster: nothing to commit while half a block remains after the id ...
+        assert_eq!(next_block(0, 1000, true), None);
+        assert_eq!(next_block(499, 1000, true), None);
+        // ... then the next whole block, before the current one runs out.
+        assert_eq!(next_block(500, 1000, true), Some(2000));
+        // A writer whose cursor is at the end (just started) gets a block holding its id.
+        assert_eq!(next_block(1000, 1000, true), Some(2000));
+        for (id, end, clustered) in [(7, 3, false), (7, 3, true), (2999, 3000, true)] {
+            let next = next_block(id, end, clustered).expect("a block");
+            assert!(next > id, "block end {next} holds id {id}");
+        }
     }
 
     #[test]

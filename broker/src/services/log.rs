@@ -23,6 +23,10 @@ use crate::state::Broker;
 /// How many produce requests of one stream may be in flight (appended, awaiting their ack).
 const STREAM_PIPELINE_DEPTH: usize = 64;
 
+/// The metadata key that marks an `InitProducer` forwarded by another broker to the leader
+/// of `__producers` (it is not forwarded again).
+const FORWARDED: &str = "rill-forwarded";
+
 /// The Log service.
 #[derive(Debug, Clone)]
 pub struct LogService {
@@ -184,13 +188,27 @@ impl Log for LogService {
         auth::caller(&self.broker, request.extensions())?;
         let ids = self.broker.producers()?.clone();
         // In a cluster the leader of `__producers` gives ids; another broker forwards (as
-        // itself: the leader only needs an authenticated caller).
+        // itself: the leader only needs an authenticated caller), once: a forwarded request
+        // that reaches a broker which does not lead either (two views of an election) is
+        // answered UNAVAILABLE, for the client to retry, rather than bounced on.
         if let crate::internal::Route::Leader(address) =
             crate::internal::route(&self.broker, crate::producers::PRODUCERS_TOPIC, 0)?
         {
+            if request.metadata().contains_key(FORWARDED) {
+                return Err(BrokerError::ReplicationUnavailable(format!(
+                    "a forwarded InitProducer reached a broker that does not lead {}; the \
+                     leader is at {address}; retry",
+                    crate::producers::PRODUCERS_TOPIC
+                ))
+                .into());
+            }
             let channel = crate::internal::channel(&self.broker, &address)?;
+            let mut forwarded = Request::new(request.into_inner());
+            forwarded
+                .metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
             return rill_proto::v1::log_client::LogClient::new(channel)
-                .init_producer(request.into_inner())
+                .init_producer(forwarded)
                 .await;
         }
         let name = request.into_inner().producer_name;
