@@ -737,8 +737,7 @@ impl Consumer {
             .iter()
             .position(|t| t == topic)
             .map(|t| (t, partition));
-        let Some(slot) = slot.filter(|s| self.partitions.get(s).is_some_and(|s| !s.revoked))
-        else {
+        let Some(slot) = slot.filter(|s| self.partitions.get(s).is_some_and(|s| !s.revoked)) else {
             return Err(ClientError::Invalid(format!(
                 "topic {topic:?} partition {partition} is not subscribed (or was revoked from this member)"
             )));

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rill_client::{
-    AutoOffsetReset, Connection, Consumer, ConsumerConfig, ConsumerEvent, Producer,
-    ProducerConfig, ProducerRecord,
+    AutoOffsetReset, Connection, Consumer, ConsumerConfig, ConsumerEvent, Producer, ProducerConfig,
+    ProducerRecord,
 };
 use rill_tests::{Clients, TestBroker};
 use tokio::sync::Notify;
@@ -116,7 +116,10 @@ async fn two_members_share_the_partitions_of_two_topics_and_get_the_records_of_b
             for (t, p) in all {
                 for i in 0..5 {
                     producer
-                        .send(ProducerRecord::new(t.clone(), format!("{t}-{p}-{round}-{i}")).partition(*p))
+                        .send(
+                            ProducerRecord::new(t.clone(), format!("{t}-{p}-{round}-{i}"))
+                                .partition(*p),
+                        )
                         .await
                         .expect("send");
                 }
@@ -161,7 +164,12 @@ async fn two_members_share_the_partitions_of_two_topics_and_get_the_records_of_b
     let expected = all.len() * 5 * 2;
     wait_for(&notify, "every record of both topics", || {
         let (f, s) = (first.lock().expect("seen"), second.lock().expect("seen"));
-        f.records.keys().chain(s.records.keys()).collect::<BTreeSet<_>>().len() == expected
+        f.records
+            .keys()
+            .chain(s.records.keys())
+            .collect::<BTreeSet<_>>()
+            .len()
+            == expected
     })
     .await;
     assert!(split(), "still split after the records arrived");
@@ -170,17 +178,29 @@ async fn two_members_share_the_partitions_of_two_topics_and_get_the_records_of_b
         // Round 1 went out after the split: each of its records reached only the owner of
         // its partition.
         for (seen, other) in [(&f, &s), (&s, &f)] {
-            for ((t, p, _), v) in seen.records.iter().filter(|(_, v)| v.split('-').nth(2) == Some("1")) {
+            for ((t, p, _), v) in seen
+                .records
+                .iter()
+                .filter(|(_, v)| v.split('-').nth(2) == Some("1"))
+            {
                 assert!(
-                    seen.owned.contains(&(t.clone(), *p)) && !other.owned.contains(&(t.clone(), *p)),
+                    seen.owned.contains(&(t.clone(), *p))
+                        && !other.owned.contains(&(t.clone(), *p)),
                     "{v} of {t}/{p} reached a member that does not own it"
                 );
             }
         }
         for ((t, p, _), v) in f.records.iter().chain(s.records.iter()) {
-            assert!(v.starts_with(&format!("{t}-{p}-")), "{v} carries topic {t} partition {p}");
+            assert!(
+                v.starts_with(&format!("{t}-{p}-")),
+                "{v} carries topic {t} partition {p}"
+            );
         }
-        assert_eq!(f.assigned_topics.len(), 2, "assigned events name both topics");
+        assert_eq!(
+            f.assigned_topics.len(),
+            2,
+            "assigned events name both topics"
+        );
         assert!(!s.assigned_topics.is_empty());
     }
     stop.cancel();
