@@ -442,7 +442,7 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
             let of_topic: Vec<PartitionSpan> = spans
                 .iter()
                 .filter(|(t, _)| *t == topic)
-                .map(|(_, s)| s.clone())
+                .map(|(_, s)| *s)
                 .collect();
             eprintln!("note: {}", why_empty(&topic, start, &of_topic));
         }

@@ -1,7 +1,7 @@
 //! The [`Consumer`] as a group member: joining, starting assigned partitions, committing and
 //! giving up revoked ones, dropping lost ones. See the parent module's "Group membership".
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use tonic::Code;
 
@@ -254,7 +254,7 @@ impl Consumer {
             self.committed.remove(slot);
             released
                 .entry(self.topics[slot.0].clone())
-                .or_insert_with(BTreeSet::new)
+                .or_default()
                 .insert(slot.1);
         }
         if let Some(m) = &self.member {
