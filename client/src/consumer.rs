@@ -22,8 +22,9 @@
 //!
 //! # Group membership
 //! Built with a group and no explicit partitions, the consumer is a member of the group (see
-//! [`crate::membership`]): it heartbeats in the background, and consumes only the partitions
-//! the broker assigns it. Changes come out of [`Consumer::next`] as
+//! [`crate::membership`]) subscribed to one topic ([`Consumer::subscribe`]) or several
+//! ([`Consumer::subscribe_topics`]): it heartbeats in the background, and consumes only the
+//! partitions the broker assigns it, each `(topic, partition)` with its own fetch task. Changes come out of [`Consumer::next`] as
 //! [`ConsumerEvent::Assigned`], [`ConsumerEvent::Revoked`] and [`ConsumerEvent::Lost`]:
 //! - `Assigned`: the partitions now fetch from the group's committed offsets.
 //! - `Revoked`: the partitions have stopped (nothing more of them is handed out); the next call
@@ -39,7 +40,7 @@
 //! for a restart and keeps its partitions for the session timeout). Given explicit partitions,
 //! the consumer manages them itself and commits plain offsets (no membership).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -237,16 +238,21 @@ struct PartitionState {
     revoked: bool,
 }
 
-/// A consumer of one topic.
+/// A subscribed partition: its topic's index in [`Consumer::topics`], and the partition. An
+/// index rather than the name keeps the per-record bookkeeping free of string copies.
+type Slot = (usize, u32);
+
+/// A consumer of one topic or several.
 pub struct Consumer {
     conn: Connection,
     config: ConsumerConfig,
-    topic: String,
-    partitions: HashMap<u32, PartitionState>,
+    /// The subscribed topics, in the order given, without duplicates.
+    topics: Vec<String>,
+    partitions: HashMap<Slot, PartitionState>,
     tx: mpsc::Sender<Fetched>,
     rx: mpsc::Receiver<Fetched>,
-    buffer: VecDeque<(u32, u64, ConsumerEvent)>,
-    committed: HashMap<u32, u64>,
+    buffer: VecDeque<(Slot, ConsumerEvent)>,
+    committed: HashMap<Slot, u64>,
     last_commit: Instant,
     next_generation: u64,
     /// The group membership, when the broker assigns the partitions.
@@ -258,7 +264,7 @@ pub struct Consumer {
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
-            .field("topic", &self.topic)
+            .field("topics", &self.topics)
             .field("config", &self.config)
             .finish()
     }
@@ -290,7 +296,7 @@ impl Consumer {
         let admin = Admin::new(conn.clone());
         let count = admin.describe_topic(topic).await?.partitions.len() as u32;
         if partitions.is_none() && config.group.is_some() {
-            return Consumer::join(conn, config, topic, count).await;
+            return Consumer::join(conn, config, vec![topic.to_string()], count).await;
         }
         let chosen = partitions.unwrap_or_else(|| (0..count).collect());
         if let Some(p) = chosen.iter().find(|&&p| p >= count) {
@@ -298,32 +304,83 @@ impl Consumer {
                 "partition {p} does not exist: topic {topic:?} has {count} partitions"
             )));
         }
-        let committed: HashMap<u32, u64> = match &config.group {
-            Some(group) => admin
-                .fetch_offsets(group, topic, &chosen)
+        let mut consumer = Consumer::new(conn, config, vec![topic.to_string()], chosen.len(), None);
+        consumer.start_all(0, &chosen).await?;
+        Ok(consumer)
+    }
+
+    /// Subscribes to every partition of several topics (each listed once; at least one). With
+    /// a group, the consumer joins it as a member subscribed to all of them, and consumes the
+    /// `(topic, partition)`s the broker assigns it; [`ConsumerEvent::Assigned`] and the other
+    /// membership events come one per topic. Without a group it consumes every partition of
+    /// every topic. Where each partition starts is as for [`Consumer::subscribe`].
+    pub async fn subscribe_topics<S: AsRef<str>>(
+        conn: Connection,
+        config: ConsumerConfig,
+        topics: &[S],
+    ) -> Result<Consumer> {
+        let mut names: Vec<String> = Vec::new();
+        for t in topics {
+            if !names.iter().any(|n| n == t.as_ref()) {
+                names.push(t.as_ref().to_string());
+            }
+        }
+        if names.is_empty() {
+            return Err(ClientError::Invalid(
+                "a consumer needs at least one topic".into(),
+            ));
+        }
+        let admin = Admin::new(conn.clone());
+        let mut counts = Vec::with_capacity(names.len());
+        for t in &names {
+            counts.push(admin.describe_topic(t).await?.partitions.len() as u32);
+        }
+        let total: u32 = counts.iter().sum();
+        if config.group.is_some() {
+            return Consumer::join(conn, config, names, total).await;
+        }
+        let mut consumer = Consumer::new(conn, config, names, total as usize, None);
+        for (i, count) in counts.into_iter().enumerate() {
+            let all: Vec<u32> = (0..count).collect();
+            consumer.start_all(i, &all).await?;
+        }
+        Ok(consumer)
+    }
+
+    /// Starts `partitions` of topic `topic` (an index into `topics`) at the group's committed
+    /// offsets, or where the reset policy says.
+    async fn start_all(&mut self, topic: usize, partitions: &[u32]) -> Result<()> {
+        let committed: HashMap<u32, u64> = match &self.config.group {
+            Some(group) => Admin::new(self.conn.clone())
+                .fetch_offsets(group, &self.topics[topic], partitions)
                 .await?
                 .into_iter()
                 .filter_map(|c| c.offset.map(|o| (c.partition, o)))
                 .collect(),
             None => HashMap::new(),
         };
-        let mut consumer = Consumer::new(conn, config, topic, chosen.len(), None);
-        consumer.committed.clone_from(&committed);
-        for p in chosen {
+        for &p in partitions {
             let start = match committed.get(&p) {
-                Some(&o) => o,
-                None => consumer.reset_position(p).await?,
+                Some(&o) => {
+                    self.committed.insert((topic, p), o);
+                    o
+                }
+                None => {
+                    self.committed.remove(&(topic, p));
+                    self.reset_position((topic, p)).await?
+                }
             };
-            consumer.start(p, start);
+            self.start((topic, p), start);
         }
-        Ok(consumer)
+        Ok(())
     }
 
-    /// A consumer of `topic` with nothing started yet, its channel sized for `partitions`.
+    /// A consumer of `topics` with nothing started yet, its channel sized for `partitions`
+    /// (all topics together).
     fn new(
         conn: Connection,
         config: ConsumerConfig,
-        topic: &str,
+        topics: Vec<String>,
         partitions: usize,
         member: Option<GroupMember>,
     ) -> Consumer {
@@ -331,7 +388,7 @@ impl Consumer {
         Consumer {
             conn,
             config,
-            topic: topic.to_string(),
+            topics,
             partitions: HashMap::new(),
             tx,
             rx,
@@ -344,27 +401,27 @@ impl Consumer {
         }
     }
 
-    async fn reset_position(&self, partition: u32) -> Result<u64> {
+    async fn reset_position(&self, (topic, partition): Slot) -> Result<u64> {
         let query = match self.config.auto_offset_reset {
             AutoOffsetReset::Earliest => OffsetQuery::Earliest,
             AutoOffsetReset::Latest => OffsetQuery::Latest,
         };
         Ok(Admin::new(self.conn.clone())
-            .list_offsets(&self.topic, partition, query)
+            .list_offsets(&self.topics[topic], partition, query)
             .await?
             .offset)
     }
 
-    /// (Re)starts partition `p`'s fetch task at `offset`; older tasks' answers are ignored.
-    fn start(&mut self, partition: u32, offset: u64) {
-        if let Some(old) = self.partitions.get(&partition) {
+    /// (Re)starts a partition's fetch task at `offset`; older tasks' answers are ignored.
+    fn start(&mut self, slot: Slot, offset: u64) {
+        if let Some(old) = self.partitions.get(&slot) {
             old.cancel.cancel();
         }
         self.next_generation += 1;
         let generation = self.next_generation;
         let cancel = CancellationToken::new();
         self.partitions.insert(
-            partition,
+            slot,
             PartitionState {
                 position: offset,
                 high_watermark: offset,
@@ -373,11 +430,11 @@ impl Consumer {
                 revoked: false,
             },
         );
-        self.buffer.retain(|(p, _, _)| *p != partition);
+        self.buffer.retain(|(s, _)| *s != slot);
         let task = FetchTask {
             conn: self.conn.clone(),
-            topic: self.topic.clone(),
-            partition,
+            topic: self.topics[slot.0].clone(),
+            slot,
             generation,
             reset: self.config.auto_offset_reset,
             max_wait_ms: self.config.max_wait_ms,
@@ -392,25 +449,31 @@ impl Consumer {
         });
     }
 
-    /// The topic.
+    /// The topic (the first one, when several are subscribed).
     pub fn topic(&self) -> &str {
-        &self.topic
+        &self.topics[0]
     }
 
-    /// The next offset to be handed out, per partition (as a group member: the partitions it
-    /// owns, revoked ones not given up yet included).
-    pub fn positions(&self) -> HashMap<u32, u64> {
+    /// The subscribed topics, in the order given.
+    pub fn topics(&self) -> &[String] {
+        &self.topics
+    }
+
+    /// The next offset to be handed out, per `(topic, partition)` (as a group member: the
+    /// partitions it owns, revoked ones not given up yet included).
+    pub fn positions(&self) -> HashMap<(String, u32), u64> {
         self.partitions
             .iter()
-            .map(|(&p, s)| (p, s.position))
+            .map(|(&(t, p), s)| ((self.topics[t].clone(), p), s.position))
             .collect()
     }
 
-    /// The last high watermark seen per partition (lag = high watermark − position).
-    pub fn high_watermarks(&self) -> HashMap<u32, u64> {
+    /// The last high watermark seen per `(topic, partition)` (lag = high watermark −
+    /// position).
+    pub fn high_watermarks(&self) -> HashMap<(String, u32), u64> {
         self.partitions
             .iter()
-            .map(|(&p, s)| (p, s.high_watermark))
+            .map(|(&(t, p), s)| ((self.topics[t].clone(), p), s.high_watermark))
             .collect()
     }
 
@@ -431,8 +494,8 @@ impl Consumer {
             if let Some(notice) = self.notices.pop_front() {
                 return Ok(notice);
             }
-            if let Some((partition, _, event)) = self.buffer.pop_front() {
-                if let Some(state) = self.partitions.get_mut(&partition) {
+            if let Some((slot, event)) = self.buffer.pop_front() {
+                if let Some(state) = self.partitions.get_mut(&slot) {
                     match &event {
                         ConsumerEvent::Record(r) => state.position = r.offset + 1,
                         ConsumerEvent::Skipped { to, .. } => state.position = *to,
@@ -475,63 +538,63 @@ impl Consumer {
     }
 
     fn accept(&mut self, fetched: Fetched) -> Result<()> {
-        let current = |parts: &HashMap<u32, PartitionState>, p: u32, g: u64| {
+        let current = |parts: &HashMap<Slot, PartitionState>, slot: Slot, g: u64| {
             parts
-                .get(&p)
+                .get(&slot)
                 .is_some_and(|s| s.generation == g && !s.revoked)
         };
         match fetched {
             Fetched::Records {
-                partition,
+                slot,
                 generation,
                 records,
                 high_watermark,
             } => {
-                if !current(&self.partitions, partition, generation) {
+                if !current(&self.partitions, slot, generation) {
                     return Ok(());
                 }
-                if let Some(s) = self.partitions.get_mut(&partition) {
+                if let Some(s) = self.partitions.get_mut(&slot) {
                     s.high_watermark = s.high_watermark.max(high_watermark);
                 }
                 for r in records {
                     let event = ConsumerEvent::Record(ConsumedRecord {
-                        topic: self.topic.clone(),
-                        partition,
+                        topic: self.topics[slot.0].clone(),
+                        partition: slot.1,
                         offset: r.offset,
                         timestamp_ms: r.timestamp_ms,
                         key: r.key,
                         value: r.value,
                         headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
                     });
-                    self.buffer.push_back((partition, generation, event));
+                    self.buffer.push_back((slot, event));
                 }
                 Ok(())
             }
             Fetched::Skipped {
-                partition,
+                slot,
                 generation,
                 from,
                 to,
                 reason,
             } => {
-                if current(&self.partitions, partition, generation) {
+                if current(&self.partitions, slot, generation) {
                     let event = ConsumerEvent::Skipped {
-                        topic: self.topic.clone(),
-                        partition,
+                        topic: self.topics[slot.0].clone(),
+                        partition: slot.1,
                         from,
                         to,
                         reason,
                     };
-                    self.buffer.push_back((partition, generation, event));
+                    self.buffer.push_back((slot, event));
                 }
                 Ok(())
             }
             Fetched::Failed {
-                partition,
+                slot,
                 generation,
                 error,
             } => {
-                if current(&self.partitions, partition, generation) {
+                if current(&self.partitions, slot, generation) {
                     Err(error)
                 } else {
                     Ok(())
@@ -541,11 +604,11 @@ impl Consumer {
     }
 
     /// Positions not committed yet.
-    fn uncommitted(&self) -> Vec<(u32, u64)> {
+    fn uncommitted(&self) -> Vec<(Slot, u64)> {
         self.partitions
             .iter()
-            .filter(|(p, s)| self.committed.get(p) != Some(&s.position))
-            .map(|(&p, s)| (p, s.position))
+            .filter(|(slot, s)| self.committed.get(slot) != Some(&s.position))
+            .map(|(&slot, s)| (slot, s.position))
             .collect()
     }
 
@@ -572,7 +635,7 @@ impl Consumer {
     async fn auto_commit(&mut self) -> Result<()> {
         match self.commit().await {
             Err(e) if e.is_retryable() => {
-                tracing::warn!(topic = %self.topic, error = %e, "auto-commit failed; will retry");
+                tracing::warn!(topics = ?self.topics, error = %e, "auto-commit failed; will retry");
                 Ok(())
             }
             // A fenced member's commit: its partitions are reported lost (a Lost event),
@@ -600,22 +663,32 @@ impl Consumer {
         if changed.is_empty() {
             return Ok(());
         }
-        match &self.member {
-            Some(member) => {
-                if let Err(e) = member.commit(&self.topic, &changed).await {
-                    if group::is_fenced(&e) {
-                        self.lose_all(&e.to_string());
+        // One request per topic; a topic's offsets count as committed once its request
+        // succeeded, so a failure part-way leaves only the rest for the next try.
+        let mut by_topic: BTreeMap<usize, Vec<(u32, u64)>> = BTreeMap::new();
+        for ((t, p), o) in changed {
+            by_topic.entry(t).or_default().push((p, o));
+        }
+        for (t, offsets) in by_topic {
+            let topic = &self.topics[t];
+            match &self.member {
+                Some(member) => {
+                    if let Err(e) = member.commit(topic, &offsets).await {
+                        if group::is_fenced(&e) {
+                            self.lose_all(&e.to_string());
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
+                }
+                None => {
+                    Admin::new(self.conn.clone())
+                        .commit_offsets(&group, topic, &offsets)
+                        .await?;
                 }
             }
-            None => {
-                Admin::new(self.conn.clone())
-                    .commit_offsets(&group, &self.topic, &changed)
-                    .await?;
-            }
+            self.committed
+                .extend(offsets.into_iter().map(|(p, o)| ((t, p), o)));
         }
-        self.committed.extend(changed);
         Ok(())
     }
 
@@ -641,36 +714,57 @@ impl Consumer {
         Ok(()) // dropping `self` cancels the fetch tasks
     }
 
-    /// Moves partition `p` to a new position; records buffered for it are dropped.
+    /// Moves partition `partition` of the consumer's topic to a new position; records
+    /// buffered for it are dropped. With several topics subscribed, this is an error: use
+    /// [`Consumer::seek_in`].
     pub async fn seek(&mut self, partition: u32, to: SeekTo) -> Result<u64> {
-        if self.partitions.get(&partition).is_none_or(|s| s.revoked) {
+        if self.topics.len() > 1 {
             return Err(ClientError::Invalid(format!(
-                "partition {partition} is not subscribed (or was revoked from this member)"
+                "the consumer has {} topics ({}): seek needs a topic (seek_in)",
+                self.topics.len(),
+                self.topics.join(", ")
             )));
         }
+        let topic = self.topics[0].clone();
+        self.seek_in(&topic, partition, to).await
+    }
+
+    /// Moves partition `partition` of `topic` to a new position; records buffered for it are
+    /// dropped.
+    pub async fn seek_in(&mut self, topic: &str, partition: u32, to: SeekTo) -> Result<u64> {
+        let slot = self
+            .topics
+            .iter()
+            .position(|t| t == topic)
+            .map(|t| (t, partition));
+        let Some(slot) = slot.filter(|s| self.partitions.get(s).is_some_and(|s| !s.revoked)) else {
+            return Err(ClientError::Invalid(format!(
+                "topic {topic:?} partition {partition} is not subscribed (or was revoked from this member)"
+            )));
+        };
         let admin = Admin::new(self.conn.clone());
         let offset = match to {
             SeekTo::Offset(o) => o,
             SeekTo::Beginning => {
                 admin
-                    .list_offsets(&self.topic, partition, OffsetQuery::Earliest)
+                    .list_offsets(topic, partition, OffsetQuery::Earliest)
                     .await?
                     .offset
             }
             SeekTo::End => {
                 admin
-                    .list_offsets(&self.topic, partition, OffsetQuery::Latest)
+                    .list_offsets(topic, partition, OffsetQuery::Latest)
                     .await?
                     .offset
             }
             SeekTo::Timestamp(ts) => {
                 admin
-                    .list_offsets(&self.topic, partition, OffsetQuery::Timestamp(ts))
+                    .list_offsets(topic, partition, OffsetQuery::Timestamp(ts))
                     .await?
                     .offset
             }
         };
-        self.start(partition, offset);
+        self.start(slot, offset);
         Ok(offset)
     }
 }

@@ -9,9 +9,9 @@
 //!   batches itself with `rill-batch`, the format's shared codec (`producer/sender.rs`).
 //! - [`consumer`]: [`Consumer`]: long-poll fetches per partition with prefetch, group
 //!   offsets with at-least-once auto-commit, seeks, reported skips; as a group member (built
-//!   with a group and no explicit partitions) it consumes the partitions the broker assigns,
-//!   committing before it gives one up (`consumer/group.rs`); each partition's long-poll
-//!   task is in `consumer/fetch.rs`.
+//!   with a group and no explicit partitions, of one topic or several) it consumes the
+//!   `(topic, partition)`s the broker assigns, committing before it gives one up
+//!   (`consumer/group.rs`); each partition's long-poll task is in `consumer/fetch.rs`.
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
 //! - [`membership`]: [`GroupMember`]: a consumer group member; background heartbeats, and
 //!   assigned, revoked and lost partitions as events.

@@ -176,3 +176,38 @@ async fn describe_list_and_delete_show_members_and_refuse_while_alive() {
     assert_eq!(json(&addr, &["group", "list"]).await, serde_json::json!([]));
     broker.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn consume_with_a_group_takes_several_topics_and_commits_each() {
+    rill_tests::binary_path("rill-client", "rill").expect("the rill binary");
+    let broker = TestBroker::start().await.expect("broker");
+    let addr = broker.addr().to_string();
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("a", 2).await.expect("create a");
+    c.create_topic("b", 1).await.expect("create b");
+    c.produce_values("a", 0, &["a0", "a1"])
+        .await
+        .expect("produce");
+    c.produce_values("a", 1, &["a2"]).await.expect("produce");
+    c.produce_values("b", 0, &["b0", "b1"])
+        .await
+        .expect("produce");
+
+    // Several topics need a group (exit status 2: a bad command line).
+    let (ok, _, err) = run(&addr, &["consume", "a", "b"]).await;
+    assert!(!ok && err.contains("--group"), "{err}");
+
+    let consume = ["consume", "a", "b", "--group", "g", "-f", "-n"];
+    let (ok, out, err) = run(&addr, &[&consume[..], &["5"]].concat()).await;
+    assert!(ok, "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["a\ta0", "a\ta1", "a\ta2", "b\tb0", "b\tb1"]);
+
+    // Both topics' offsets were committed: a new member gets only what came after.
+    c.produce_values("b", 0, &["b2"]).await.expect("produce");
+    let (ok, out, err) = run(&addr, &[&consume[..], &["1"]].concat()).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim_end(), "b\tb2");
+    broker.stop().await.expect("stop");
+}

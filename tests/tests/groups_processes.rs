@@ -5,295 +5,16 @@
 //! value) and stderr a line per ownership change, with the member id, the epoch and the
 //! wall-clock time, which the checks below compare across processes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+#[path = "groups_processes/procs.rs"]
+mod procs;
 
-use rill_client::{
-    Admin, Connection, GroupMember, MemberConfig, MemberEvent, Producer, ProducerConfig,
-    ProducerRecord, TopicSettings,
-};
-use rill_tests::{binary_path, BrokerProcess};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::Notify;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use procs::{committed, counts, keep_producing, produce, setup, wait_for, ConsumerProc};
+use rill_client::{Admin, GroupMember, MemberConfig, MemberEvent};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// One ownership change printed by a consumer.
-#[derive(Debug, Clone)]
-struct Change {
-    what: String,
-    partitions: Vec<u32>,
-    member: String,
-    epoch: i32,
-    at_ms: u128,
-    line: String,
-}
-
-/// What a consumer process printed so far.
-#[derive(Debug, Default)]
-struct Seen {
-    /// (partition, offset, value), in the order printed.
-    records: Vec<(u32, u64, String)>,
-    /// When each record was read by the test.
-    read_at: Vec<Instant>,
-    changes: Vec<Change>,
-    stderr: Vec<String>,
-}
-
-/// A `rill consume --group` child process; killed on drop.
-struct ConsumerProc {
-    name: String,
-    child: Child,
-    seen: Arc<Mutex<Seen>>,
-    /// Set when the test sends SIGINT (or SIGKILL): the process hands out nothing after it.
-    stopped_at_ms: Option<u128>,
-}
-
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
-}
-
-fn parse_change(line: &str) -> Option<Change> {
-    let mut words = line.split(' ');
-    let what = words.next()?.to_string();
-    if !["assigned", "revoked", "lost"].contains(&what.as_str()) {
-        return None;
-    }
-    let fields: HashMap<&str, &str> = words.filter_map(|w| w.split_once('=')).collect();
-    Some(Change {
-        what,
-        partitions: fields
-            .get("partitions")?
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.parse().expect("a partition number"))
-            .collect(),
-        member: fields.get("member")?.to_string(),
-        epoch: fields.get("epoch")?.parse().ok()?,
-        at_ms: fields.get("at_ms")?.parse().ok()?,
-        line: line.to_string(),
-    })
-}
-
-impl ConsumerProc {
-    async fn spawn(
-        broker: &str,
-        name: &str,
-        topic: &str,
-        group: &str,
-        extra: &[&str],
-        notify: &Arc<Notify>,
-    ) -> ConsumerProc {
-        let mut child = Command::new(binary_path("rill-client", "rill").expect("rill binary"))
-            .args(["--broker", broker, "--output", "json", "consume", topic])
-            .args(["--group", group, "-f", "-v"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn rill consume");
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let stdout = child.stdout.take().expect("stdout");
-        let (s, n) = (Arc::clone(&seen), Arc::clone(notify));
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON record");
-                let record = (
-                    v["partition"].as_u64().expect("partition") as u32,
-                    v["offset"].as_u64().expect("offset"),
-                    v["value"].as_str().expect("value").to_string(),
-                );
-                let mut seen = s.lock().expect("seen");
-                seen.records.push(record);
-                seen.read_at.push(Instant::now());
-                drop(seen);
-                n.notify_waiters();
-            }
-        });
-        let stderr = child.stderr.take().expect("stderr");
-        let (s, n) = (Arc::clone(&seen), Arc::clone(notify));
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut seen = s.lock().expect("seen");
-                if let Some(change) = parse_change(&line) {
-                    seen.changes.push(change);
-                }
-                seen.stderr.push(line);
-                drop(seen);
-                n.notify_waiters();
-            }
-        });
-        ConsumerProc {
-            name: name.to_string(),
-            child,
-            seen,
-            stopped_at_ms: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("running")
-    }
-
-    /// The partitions owned now, by the printed changes.
-    fn owned(&self) -> BTreeSet<u32> {
-        let mut owned = BTreeSet::new();
-        for c in &self.seen.lock().expect("seen").changes {
-            match c.what.as_str() {
-                "assigned" => owned.extend(&c.partitions),
-                _ => c.partitions.iter().for_each(|p| {
-                    owned.remove(p);
-                }),
-            }
-        }
-        owned
-    }
-
-    fn records(&self) -> Vec<(u32, u64, String)> {
-        self.seen.lock().expect("seen").records.clone()
-    }
-
-    /// How many records of `partition` were read in `from..to`.
-    fn read_between(&self, partition: u32, from: Instant, to: Instant) -> usize {
-        let seen = self.seen.lock().expect("seen");
-        seen.records
-            .iter()
-            .zip(&seen.read_at)
-            .filter(|((p, _, _), &at)| *p == partition && at >= from && at < to)
-            .count()
-    }
-
-    fn changes(&self) -> Vec<Change> {
-        self.seen.lock().expect("seen").changes.clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.seen.lock().expect("seen").stderr.join("\n")
-    }
-
-    fn signal(&mut self, signal: &str) {
-        if matches!(signal, "INT" | "KILL") {
-            self.stopped_at_ms = Some(now_ms());
-        }
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{signal} {}", self.name);
-    }
-
-    /// SIGINT (Ctrl-C: commit what was printed, leave) and the exit, which must be clean.
-    async fn interrupt(&mut self) {
-        self.signal("INT");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("exits within 30 s")
-            .expect("wait");
-        assert!(
-            status.success(),
-            "{} exited with {status}:\n{}",
-            self.name,
-            self.stderr()
-        );
-    }
-
-    async fn kill9(&mut self) {
-        self.signal("KILL");
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("exits within 30 s")
-            .expect("wait");
-    }
-}
-
-/// Waits until `cond` holds, woken by every line any consumer prints; fails after `limit`.
-async fn wait_for(notify: &Notify, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let woken = notify.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        if cond() {
-            return;
-        }
-        if tokio::time::timeout_at(deadline, woken).await.is_err() {
-            assert!(cond(), "gave up after {limit:?} waiting for {what}");
-            return;
-        }
-    }
-}
-
-struct Setup {
-    broker: BrokerProcess,
-    _dir: tempfile::TempDir,
-    conn: Connection,
-    notify: Arc<Notify>,
-}
-
-async fn setup(topic: &str, partitions: u32) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = BrokerProcess::spawn(dir.path(), &[]).await.expect("broker");
-    let conn = Connection::connect(&broker.addr().to_string())
-        .await
-        .expect("connect");
-    Admin::new(conn.clone())
-        .create_topic(topic, TopicSettings::new().partitions(partitions))
-        .await
-        .expect("create");
-    Setup {
-        broker,
-        _dir: dir,
-        conn,
-        notify: Arc::new(Notify::new()),
-    }
-}
-
-async fn produce(conn: &Connection, topic: &str, partitions: u32, per_partition: u64) {
-    let producer = Producer::new(conn.clone(), ProducerConfig::new());
-    for i in 0..per_partition {
-        for p in 0..partitions {
-            producer
-                .send(ProducerRecord::new(topic, format!("p{p}-{i}")).partition(p))
-                .await
-                .expect("send");
-        }
-    }
-    producer.flush().await.expect("flush");
-}
-
-async fn committed(
-    conn: &Connection,
-    group: &str,
-    topic: &str,
-    partitions: &[u32],
-) -> BTreeMap<u32, Option<u64>> {
-    Admin::new(conn.clone())
-        .fetch_offsets(group, topic, partitions)
-        .await
-        .expect("fetch offsets")
-        .into_iter()
-        .map(|c| (c.partition, c.offset))
-        .collect()
-}
-
-/// Records printed per partition: offset → how many times.
-fn counts(records: &[(u32, u64, String)]) -> BTreeMap<(u32, u64), usize> {
-    let mut out = BTreeMap::new();
-    for (p, o, _) in records {
-        *out.entry((*p, *o)).or_insert(0) += 1;
-    }
-    out
-}
 
 #[tokio::test]
 async fn a_killed_consumer_s_partitions_move_after_the_session_timeout_and_resume_from_the_commit()
@@ -394,32 +115,6 @@ async fn a_killed_consumer_s_partitions_move_after_the_session_timeout_and_resum
     s.broker.stop().await.expect("stop");
 }
 
-/// Produces to every partition of `topic`, round robin, until `stop`; returns each partition's
-/// end offset.
-fn keep_producing(
-    conn: &Connection,
-    topic: &'static str,
-    partitions: u32,
-    stop: &CancellationToken,
-) -> tokio::task::JoinHandle<BTreeMap<u32, u64>> {
-    let (conn, stop) = (conn.clone(), stop.clone());
-    tokio::spawn(async move {
-        let producer = Producer::new(conn, ProducerConfig::new());
-        let mut ends = BTreeMap::<u32, u64>::new();
-        let mut i = 0u64;
-        while !stop.is_cancelled() {
-            let p = (i % u64::from(partitions)) as u32;
-            let (_, offset) = producer
-                .send_and_wait(ProducerRecord::new(topic, format!("{topic}{i}")).partition(p))
-                .await
-                .expect("produce");
-            ends.insert(p, offset + 1);
-            i += 1;
-        }
-        ends
-    })
-}
-
 #[tokio::test]
 async fn three_consumers_get_two_partitions_each_and_keep_consuming_while_a_fourth_joins() {
     let s = setup("f", 6).await;
@@ -480,8 +175,57 @@ async fn three_consumers_get_two_partitions_each_and_keep_consuming_while_a_four
             );
         }
     }
+    // The moved partitions were never owned twice: each old owner printed its revocation
+    // (after which it hands out nothing of them) before the fourth printed the assignment.
+    let newcomer = procs[3].changes();
+    for (i, c) in procs[..3].iter().enumerate() {
+        for &p in before[i].difference(&c.owned()) {
+            let revoked_at = c.changes()[changes_before[i]..]
+                .iter()
+                .find(|ch| ch.what == "revoked" && ch.partitions.contains(&p))
+                .map(|ch| ch.at_ms)
+                .unwrap_or_else(|| panic!("{} gave {p} up without a revocation", c.name));
+            let assigned_at = newcomer
+                .iter()
+                .find(|ch| ch.what == "assigned" && ch.partitions.contains(&p))
+                .map(|ch| ch.at_ms)
+                .unwrap_or_else(|| panic!("c3 never got {p}"));
+            assert!(
+                revoked_at <= assigned_at,
+                "partition {p}: {} revoked it at {revoked_at}, c3 got it at {assigned_at}",
+                c.name
+            );
+        }
+    }
     stop.cancel();
     producing.await.expect("producer");
+    // The handover resumed exactly where the old owner stopped: it committed what it
+    // printed before giving the partition up, so nothing is read twice or skipped.
+    for (i, c) in procs[..3].iter().enumerate() {
+        for &p in before[i].difference(&c.owned()) {
+            let offsets = |proc: &ConsumerProc| -> BTreeSet<u64> {
+                proc.records()
+                    .iter()
+                    .filter(|r| r.0 == p)
+                    .map(|r| r.1)
+                    .collect()
+            };
+            wait_for(
+                &s.notify,
+                &format!("c3 to continue partition {p} right after {}", c.name),
+                Duration::from_secs(30),
+                || {
+                    let (old, new) = (offsets(c), offsets(&procs[3]));
+                    old.last()
+                        .zip(new.first())
+                        .is_some_and(|(o, n)| o + 1 == *n)
+                },
+            )
+            .await;
+            let (old, new) = (offsets(c), offsets(&procs[3]));
+            assert!(old.is_disjoint(&new), "partition {p} read twice");
+        }
+    }
     for c in &mut procs {
         c.interrupt().await;
     }

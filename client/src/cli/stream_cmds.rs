@@ -64,10 +64,13 @@ pub const CONSUME_AFTER_HELP: &str = "\
 Example:
   rill consume orders --partition 0 --offset 42 -n 10
   rill consume orders --group billing -f -v
+  rill consume orders refunds --group billing -f
 
 With --group and no --partition, it is a member of the group: the broker assigns it a share
 of the partitions (several of them share the topic), and it commits what it printed before it
-gives a partition up and when it stops (Ctrl-C).
+gives a partition up and when it stops (Ctrl-C). With --group, several topics may be given:
+the member subscribes to all of them, and each printed line starts with the record's topic
+and a tab (--output json carries the topic anyway).
 
 Exit status:
   0  the read worked, even if it printed nothing; then a note on stderr says why (the start
@@ -80,6 +83,10 @@ Exit status:
 pub struct ConsumeArgs {
     /// The topic.
     pub topic: String,
+    /// With --group: more topics the member subscribes to (the group assigns partitions of
+    /// all of them).
+    #[arg(requires = "group", conflicts_with_all = ["partition", "subscription", "push"])]
+    pub more_topics: Vec<String>,
     /// Consume as a member of this group: start at its committed offsets and commit what was
     /// printed. Without --partition the broker assigns the partitions.
     #[arg(long)]
@@ -242,6 +249,10 @@ pub(super) fn format_record(
         return obj.to_string();
     }
     let mut out = String::new();
+    if !args.more_topics.is_empty() {
+        out.push_str(&r.topic);
+        out.push('\t');
+    }
     if args.print_headers {
         let h: Vec<String> = r
             .headers
@@ -297,43 +308,49 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
             config = config.session_timeout_ms(ms);
         }
     }
-    let partitions = args.partition.map(|p| vec![p]);
-    let mut consumer = Consumer::subscribe(conn.clone(), config, &args.topic, partitions).await?;
-    let chosen: Vec<u32> = consumer.positions().keys().copied().collect();
-    for &p in &chosen {
+    let mut consumer = if args.more_topics.is_empty() {
+        let partitions = args.partition.map(|p| vec![p]);
+        Consumer::subscribe(conn.clone(), config, &args.topic, partitions).await?
+    } else {
+        Consumer::subscribe_topics(conn.clone(), config, &consumer_topics(&args)).await?
+    };
+    let mut chosen: Vec<(String, u32)> = consumer.positions().into_keys().collect();
+    chosen.sort();
+    for (t, p) in &chosen {
         if args.from_beginning {
-            consumer.seek(p, SeekTo::Beginning).await?;
+            consumer.seek_in(t, *p, SeekTo::Beginning).await?;
         } else if let Some(o) = args.offset {
-            consumer.seek(p, SeekTo::Offset(o)).await?;
+            consumer.seek_in(t, *p, SeekTo::Offset(o)).await?;
         } else if let Some(ts) = args.since {
-            consumer.seek(p, SeekTo::Timestamp(ts)).await?;
+            consumer.seek_in(t, *p, SeekTo::Timestamp(ts)).await?;
         }
     }
     // Without --follow, stop at the end of the log as it was at the start.
     let admin = Admin::new(conn);
     let starts = consumer.positions();
-    let mut spans = Vec::new();
-    for &p in &chosen {
-        let o = admin
-            .list_offsets(&args.topic, p, OffsetQuery::Latest)
-            .await?;
-        spans.push(PartitionSpan {
-            partition: p,
-            position: starts.get(&p).copied().unwrap_or(0),
-            log_start: o.log_start_offset,
-            high_watermark: o.offset,
-        });
+    let mut spans: Vec<(String, PartitionSpan)> = Vec::new();
+    for (t, p) in chosen {
+        let o = admin.list_offsets(&t, p, OffsetQuery::Latest).await?;
+        let position = starts.get(&(t.clone(), p)).copied().unwrap_or(0);
+        spans.push((
+            t,
+            PartitionSpan {
+                partition: p,
+                position,
+                log_start: o.log_start_offset,
+                high_watermark: o.offset,
+            },
+        ));
     }
-    spans.sort_by_key(|s| s.partition);
-    let ends: HashMap<u32, u64> = spans
+    let ends: HashMap<(String, u32), u64> = spans
         .iter()
-        .map(|s| (s.partition, s.high_watermark))
+        .map(|(t, s)| ((t.clone(), s.partition), s.high_watermark))
         .collect();
     let caught_up = |consumer: &Consumer| {
         consumer
             .positions()
             .iter()
-            .all(|(p, pos)| *pos >= ends.get(p).copied().unwrap_or(0))
+            .all(|(tp, pos)| *pos >= ends.get(tp).copied().unwrap_or(0))
     };
     let mut printed = 0u64;
     let mut reached_end = false;
@@ -421,10 +438,24 @@ pub async fn consume(conn: Connection, ctx: Ctx, args: ConsumeArgs) -> Result<()
         } else {
             Start::Beginning
         };
-        eprintln!("note: {}", why_empty(&args.topic, start, &spans));
+        for topic in consumer_topics(&args) {
+            let of_topic: Vec<PartitionSpan> = spans
+                .iter()
+                .filter(|(t, _)| *t == topic)
+                .map(|(_, s)| *s)
+                .collect();
+            eprintln!("note: {}", why_empty(&topic, start, &of_topic));
+        }
     }
     if args.follow && args.max_messages.is_none() && printed == 0 {
         bail!("interrupted before any record arrived");
     }
     Ok(())
+}
+
+/// The topics `rill consume` was given, in order.
+fn consumer_topics(args: &ConsumeArgs) -> Vec<String> {
+    let mut topics = vec![args.topic.clone()];
+    topics.extend(args.more_topics.iter().cloned());
+    topics
 }

@@ -7,7 +7,7 @@ use rill_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Code;
 
-use super::AutoOffsetReset;
+use super::{AutoOffsetReset, Slot};
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
@@ -17,20 +17,20 @@ use crate::retry::RetryPolicy;
 /// before a seek or a reassignment) from the current one's.
 pub(super) enum Fetched {
     Records {
-        partition: u32,
+        slot: Slot,
         generation: u64,
         records: Vec<pb::FetchedRecord>,
         high_watermark: u64,
     },
     Skipped {
-        partition: u32,
+        slot: Slot,
         generation: u64,
         from: u64,
         to: u64,
         reason: String,
     },
     Failed {
-        partition: u32,
+        slot: Slot,
         generation: u64,
         error: ClientError,
     },
@@ -39,8 +39,10 @@ pub(super) enum Fetched {
 /// One partition's long-poll loop.
 pub(super) struct FetchTask {
     pub(super) conn: Connection,
+    /// The topic's name, for requests.
     pub(super) topic: String,
-    pub(super) partition: u32,
+    /// The topic's index and the partition, for the consumer.
+    pub(super) slot: Slot,
     pub(super) generation: u64,
     pub(super) reset: AutoOffsetReset,
     pub(super) max_wait_ms: u32,
@@ -72,7 +74,7 @@ impl FetchTask {
                     offset = resp.next_offset;
                     self.tx
                         .send(Fetched::Records {
-                            partition: self.partition,
+                            slot: self.slot,
                             generation: self.generation,
                             records: resp.records,
                             high_watermark: resp.high_watermark,
@@ -83,7 +85,7 @@ impl FetchTask {
                     offset = to;
                     self.tx
                         .send(Fetched::Skipped {
-                            partition: self.partition,
+                            slot: self.slot,
                             generation: self.generation,
                             from,
                             to,
@@ -96,7 +98,7 @@ impl FetchTask {
                     let _ = self
                         .tx
                         .send(Fetched::Failed {
-                            partition: self.partition,
+                            slot: self.slot,
                             generation: self.generation,
                             error,
                         })
@@ -114,7 +116,7 @@ impl FetchTask {
     async fn fetch_once(&self, offset: u64) -> Result<Step> {
         let mut request = tonic::Request::new(pb::FetchRequest {
             topic: self.topic.clone(),
-            partition: self.partition,
+            partition: self.slot.1,
             offset,
             max_wait_ms: self.max_wait_ms,
             max_bytes: self.max_bytes,
@@ -129,7 +131,7 @@ impl FetchTask {
                     AutoOffsetReset::Latest => OffsetQuery::Latest,
                 };
                 let found = Admin::new(self.conn.clone())
-                    .list_offsets(&self.topic, self.partition, query)
+                    .list_offsets(&self.topic, self.slot.1, query)
                     .await?
                     .offset;
                 if found == offset {
@@ -143,7 +145,7 @@ impl FetchTask {
             }
             Err(status) => Err(ClientError::broker(
                 Some(&self.topic),
-                Some(self.partition),
+                Some(self.slot.1),
                 status,
             )),
         }

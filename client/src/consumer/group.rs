@@ -1,12 +1,11 @@
 //! The [`Consumer`] as a group member: joining, starting assigned partitions, committing and
 //! giving up revoked ones, dropping lost ones. See the parent module's "Group membership".
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use tonic::Code;
 
-use super::{Consumer, ConsumerConfig, ConsumerEvent};
-use crate::admin::Admin;
+use super::{Consumer, ConsumerConfig, ConsumerEvent, Slot};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::membership::{GroupMember, MemberConfig, MemberEvent, Partitions};
@@ -61,16 +60,16 @@ impl ConsumerConfig {
 }
 
 impl Consumer {
-    /// Joins `config`'s group as a member subscribed to `topic` (of `count` partitions), and
-    /// starts what the first answer assigns.
+    /// Joins `config`'s group as a member subscribed to `topics` (of `count` partitions in
+    /// all), and starts what the first answer assigns.
     pub(super) async fn join(
         conn: Connection,
         config: ConsumerConfig,
-        topic: &str,
+        topics: Vec<String>,
         count: u32,
     ) -> Result<Consumer> {
         let group = config.group.clone().unwrap_or_default();
-        let mut member_config = MemberConfig::new(&group, [topic]);
+        let mut member_config = MemberConfig::new(&group, topics.iter().cloned());
         if let Some(id) = &config.instance_id {
             member_config = member_config.instance_id(id);
         }
@@ -84,7 +83,7 @@ impl Consumer {
             member_config = member_config.assignor(name);
         }
         let member = GroupMember::join(conn.clone(), member_config).await?;
-        let mut consumer = Consumer::new(conn, config, topic, count as usize, Some(member));
+        let mut consumer = Consumer::new(conn, config, topics, count as usize, Some(member));
         consumer.take_member_events().await?;
         Ok(consumer)
     }
@@ -107,82 +106,81 @@ impl Consumer {
         Ok(())
     }
 
-    fn mine(&self, partitions: &Partitions) -> Vec<u32> {
-        partitions
-            .get(&self.topic)
-            .map(|ps| ps.iter().copied().collect())
-            .unwrap_or_default()
+    /// The partitions of `partitions` in subscribed topics, per topic index (in topic order),
+    /// and the ones of topics not subscribed.
+    fn split(&self, partitions: Partitions) -> (BTreeMap<usize, Vec<u32>>, Partitions) {
+        let mut mine = BTreeMap::new();
+        let mut others = Partitions::new();
+        for (topic, ps) in partitions {
+            match self.topics.iter().position(|t| *t == topic) {
+                Some(i) => {
+                    mine.insert(i, ps.into_iter().collect());
+                }
+                None => {
+                    others.insert(topic, ps);
+                }
+            }
+        }
+        (mine, others)
     }
 
     /// Starts assigned partitions, stops revoked ones (kept until committed and given up),
-    /// drops lost ones; each becomes a notice for the application.
+    /// drops lost ones; each becomes a notice for the application, one per topic.
     pub(super) async fn on_member_event(&mut self, event: MemberEvent) -> Result<()> {
         match event {
             MemberEvent::Assigned(given) => {
-                let added: Vec<u32> = self
-                    .mine(&given)
-                    .into_iter()
-                    .filter(|p| !self.partitions.contains_key(p))
-                    .collect();
-                if added.is_empty() {
-                    return Ok(());
+                for (t, ps) in self.split(given).0 {
+                    let added: Vec<u32> = ps
+                        .into_iter()
+                        .filter(|p| !self.partitions.contains_key(&(t, *p)))
+                        .collect();
+                    if added.is_empty() {
+                        continue;
+                    }
+                    self.start_all(t, &added).await?;
+                    self.notices.push_back(ConsumerEvent::Assigned {
+                        topic: self.topics[t].clone(),
+                        partitions: added,
+                    });
                 }
-                let group = self.config.group.clone().unwrap_or_default();
-                let committed = Admin::new(self.conn.clone())
-                    .fetch_offsets(&group, &self.topic, &added)
-                    .await?;
-                for &p in &added {
-                    let offset = committed
-                        .iter()
-                        .find(|c| c.partition == p)
-                        .and_then(|c| c.offset);
-                    let start = match offset {
-                        Some(o) => {
-                            self.committed.insert(p, o);
-                            o
-                        }
-                        None => {
-                            self.committed.remove(&p);
-                            self.reset_position(p).await?
-                        }
-                    };
-                    self.start(p, start);
-                }
-                self.notices.push_back(ConsumerEvent::Assigned {
-                    topic: self.topic.clone(),
-                    partitions: added,
-                });
             }
             MemberEvent::Revoked(taken) => {
-                let revoked: Vec<u32> = self
-                    .mine(&taken)
-                    .into_iter()
-                    .filter(|p| self.partitions.contains_key(p))
-                    .collect();
-                for p in &revoked {
-                    if let Some(s) = self.partitions.get_mut(p) {
-                        s.cancel.cancel();
-                        s.revoked = true;
+                let (mine, others) = self.split(taken);
+                for (t, ps) in mine {
+                    let revoked: Vec<u32> = ps
+                        .into_iter()
+                        .filter(|p| self.partitions.contains_key(&(t, *p)))
+                        .collect();
+                    for &p in &revoked {
+                        if let Some(s) = self.partitions.get_mut(&(t, p)) {
+                            s.cancel.cancel();
+                            s.revoked = true;
+                        }
+                    }
+                    self.buffer
+                        .retain(|((bt, bp), _)| *bt != t || !revoked.contains(bp));
+                    if !revoked.is_empty() {
+                        self.notices.push_back(ConsumerEvent::Revoked {
+                            topic: self.topics[t].clone(),
+                            partitions: revoked,
+                        });
                     }
                 }
-                self.buffer.retain(|(p, _, _)| !revoked.contains(p));
-                // Other topics (none: one topic is subscribed) are given up at once.
-                let mut others = taken;
-                others.remove(&self.topic);
+                // Topics not subscribed (not expected) have nothing to commit: given up at
+                // once.
                 if let Some(m) = &self.member {
                     if !others.is_empty() {
                         m.release(&others);
                     }
                 }
-                if !revoked.is_empty() {
-                    self.notices.push_back(ConsumerEvent::Revoked {
-                        topic: self.topic.clone(),
-                        partitions: revoked,
-                    });
-                }
             }
             MemberEvent::Lost(lost) => {
-                let lost = self.mine(&lost);
+                let lost: Vec<Slot> = self
+                    .split(lost)
+                    .0
+                    .into_iter()
+                    .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t, p)))
+                    .collect();
                 let reason = self
                     .member
                     .as_ref()
@@ -194,24 +192,25 @@ impl Consumer {
         Ok(())
     }
 
-    /// Stops `partitions` at once, forgets them, and reports them lost.
-    fn drop_partitions(&mut self, partitions: &[u32], reason: &str) {
-        let mut gone = Vec::new();
-        for p in partitions {
-            if let Some(s) = self.partitions.remove(p) {
+    /// Stops `slots` at once, forgets them, and reports them lost (one notice per topic).
+    fn drop_partitions(&mut self, slots: &[Slot], reason: &str) {
+        let mut gone: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for slot in slots {
+            if let Some(s) = self.partitions.remove(slot) {
                 s.cancel.cancel();
-                gone.push(*p);
+                gone.entry(slot.0).or_default().push(slot.1);
             }
-            self.committed.remove(p);
+            self.committed.remove(slot);
         }
-        self.buffer.retain(|(p, _, _)| !partitions.contains(p));
+        self.buffer.retain(|(slot, _)| !slots.contains(slot));
+        // Fencing loses everything: no revocation is pending any more.
         self.notices
             .retain(|n| !matches!(n, ConsumerEvent::Revoked { .. }));
-        if !gone.is_empty() {
-            gone.sort_unstable();
+        for (t, mut partitions) in gone {
+            partitions.sort_unstable();
             self.notices.push_back(ConsumerEvent::Lost {
-                topic: self.topic.clone(),
-                partitions: gone,
+                topic: self.topics[t].clone(),
+                partitions,
                 reason: reason.to_string(),
             });
         }
@@ -220,7 +219,7 @@ impl Consumer {
     /// A commit was refused because the member is fenced: everything it owned is lost, and it
     /// rejoins.
     pub(super) fn lose_all(&mut self, reason: &str) {
-        let all: Vec<u32> = self.partitions.keys().copied().collect();
+        let all: Vec<Slot> = self.partitions.keys().copied().collect();
         self.drop_partitions(&all, reason);
         if let Some(m) = &self.member {
             m.rejoin();
@@ -230,11 +229,11 @@ impl Consumer {
     /// Commits what was handed out of revoked partitions, then gives them up. A transient
     /// failure keeps them for the next try; a fenced member loses them.
     pub(super) async fn finish_revocations(&mut self) -> Result<()> {
-        let revoked: Vec<u32> = self
+        let revoked: Vec<Slot> = self
             .partitions
             .iter()
             .filter(|(_, s)| s.revoked)
-            .map(|(&p, _)| p)
+            .map(|(&slot, _)| slot)
             .collect();
         if revoked.is_empty() {
             return Ok(());
@@ -242,23 +241,23 @@ impl Consumer {
         match self.commit_positions().await {
             Ok(()) => {}
             Err(e) if e.is_retryable() => {
-                tracing::warn!(topic = %self.topic, error = %e, "commit before giving up revoked partitions failed; will retry");
+                tracing::warn!(topics = ?self.topics, error = %e, "commit before giving up revoked partitions failed; will retry");
                 return Ok(());
             }
             // Fenced: `commit_positions` reported them lost.
             Err(e) if is_fenced(&e) => return Ok(()),
             Err(e) => return Err(e),
         }
-        for p in &revoked {
-            self.partitions.remove(p);
-            self.committed.remove(p);
+        let mut released = Partitions::new();
+        for slot in &revoked {
+            self.partitions.remove(slot);
+            self.committed.remove(slot);
+            released
+                .entry(self.topics[slot.0].clone())
+                .or_default()
+                .insert(slot.1);
         }
         if let Some(m) = &self.member {
-            let mut released = Partitions::new();
-            released.insert(
-                self.topic.clone(),
-                revoked.into_iter().collect::<BTreeSet<_>>(),
-            );
             m.release(&released);
         }
         Ok(())
