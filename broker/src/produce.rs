@@ -371,8 +371,22 @@ pub fn response(infos: &[(u32, AppendInfo)]) -> ProduceResponse {
     }
 }
 
+/// In a cluster, lets this broker's copy of the producer-id registry catch up (bounded)
+/// when the request's producer id is beyond what it knows: the leader of `__producers` may
+/// have given it a moment ago. Nothing to wait for otherwise.
+pub async fn await_producer_known(broker: &Broker, req: &ProduceRequest) {
+    let id = match &req.payload {
+        Some(Payload::Batch(b)) => batch::BatchHeader::parse(b).ok().map(|h| h.producer_id),
+        _ => req.producer_id,
+    };
+    if let (Some(id), Ok(ids)) = (id.filter(|id| *id >= 0), broker.producers()) {
+        ids.await_known(broker, id).await;
+    }
+}
+
 /// The whole unary produce.
 pub async fn produce(broker: &Broker, req: ProduceRequest) -> Result<ProduceResponse, BrokerError> {
+    await_producer_known(broker, &req).await;
     let prepared = prepare(broker, req)?;
     if let Some(replication) = broker.replication() {
         if replication.is_replicated(prepared.topic_name()) {

@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -47,6 +48,13 @@ pub const IMPORTED_FILE: &str = "producer-ids.imported";
 /// Ids per block in a cluster: a new block is committed when fewer than half remain, so
 /// every broker knows an id's block long before a producer is given it.
 pub const CLUSTER_BLOCK: i64 = 1000;
+
+/// The longest a produce waits for this broker's copy of the registry to learn its producer
+/// id (see [`ProducerIds::await_known`]).
+pub const CATCH_UP_MS: u64 = 2_000;
+
+/// How often a replica of `__producers` whose Raft group has not started here is looked for.
+const GROUP_POLL_MS: u64 = 50;
 
 /// The version byte that starts every record of `__producers`.
 const VERSION: u8 = 1;
@@ -384,6 +392,43 @@ impl ProducerIds {
             }
         }
         Ok(())
+    }
+
+    /// In a cluster, when `id` is beyond the blocks memory knows, waits until this broker's
+    /// replica of `__producers` has applied a block holding it, or [`CATCH_UP_MS`] passed (a
+    /// follower learns a commit a moment after the leader answers; a replica just started
+    /// may be further behind). Returns at once when the id is known, or on a single broker.
+    /// Only this request waits; the check that follows refuses an id still unknown.
+    pub async fn await_known(&self, broker: &Broker, id: i64) {
+        if self.inner.state.read().block_end > id {
+            return;
+        }
+        let Some(r) = crate::internal::replication(broker) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(CATCH_UP_MS);
+        loop {
+            // A change may land between this refresh and the watch below: the watch is
+            // taken first, so it is not missed.
+            let changes = r.watch(PRODUCERS_TOPIC, 0);
+            if self.refresh().await.is_err() || self.inner.state.read().block_end > id {
+                return;
+            }
+            match changes {
+                Some(mut changes) => tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                },
+                // The group has not started here yet.
+                None => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    let poll = tokio::time::Instant::now() + Duration::from_millis(GROUP_POLL_MS);
+                    tokio::time::sleep_until(poll.min(deadline)).await;
+                }
+            }
+        }
     }
 
     /// Applies to memory what this broker's `__producers` log holds beyond it. Runs on the

@@ -302,6 +302,7 @@ async fn prepare_and_append(
     broker: &Broker,
     req: ProduceRequest,
 ) -> Result<(produce::Prepared, produce::Appended), BrokerError> {
+    produce::await_producer_known(broker, &req).await;
     let prepared = produce::prepare(broker, req)?;
     let appended = produce::append(&prepared).await?;
     Ok((prepared, appended))
