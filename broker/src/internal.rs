@@ -277,6 +277,42 @@ pub async fn append_batch(
     .await?
 }
 
+/// Walks the records of an internal topic's partition `log` from offset `from` (or its log
+/// start, if later) to its end, handing each record's offset and value to `apply`, and
+/// returns the offset reached. A batch or record that does not read back is
+/// `corrupt(what)`, and stops the walk: the state topics refuse to start with a change
+/// skipped (a revocation, an id given) rather than guess. Blocking.
+pub fn replay_values(
+    log: &rill_storage::PartitionLog,
+    from: u64,
+    corrupt: impl Fn(String) -> BrokerError,
+    mut apply: impl FnMut(u64, &[u8]) -> Result<(), BrokerError>,
+) -> Result<u64, BrokerError> {
+    let mut offset = from.max(log.log_start_offset());
+    while offset < log.high_watermark() {
+        let read = log.read(offset, REPLAY_READ_BYTES)?;
+        for chunk in &read.chunks {
+            for batch in rill_storage::batch::batches(chunk) {
+                let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
+                for record in batch.records() {
+                    let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
+                    if record.offset >= offset {
+                        apply(record.offset, record.value)?;
+                    }
+                }
+            }
+        }
+        if read.next_offset <= offset {
+            break;
+        }
+        offset = read.next_offset;
+    }
+    Ok(offset)
+}
+
+/// How much [`replay_values`] reads per call.
+const REPLAY_READ_BYTES: usize = 4 << 20;
+
 /// Runs, for each partition `0..partitions` of the internal topic `topic`, a follower of its
 /// Raft group here: `applied(p)` whenever this replica applied new entries (to tail its
 /// log), and `settled(p)` once this broker leads it and has applied everything committed

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use rill_storage::batch::{batches, Record};
+use rill_storage::batch::Record;
 use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 use serde::{Deserialize, Serialize};
 
@@ -178,30 +178,12 @@ fn corrupt(what: String) -> BrokerError {
 
 /// Applies every record of `log` from offset `from` to `state`; returns the offset reached.
 fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<u64, BrokerError> {
-    let mut offset = from.max(log.log_start_offset());
-    while offset < log.high_watermark() {
-        let read = log.read(offset, 1 << 20)?;
-        for chunk in &read.chunks {
-            for batch in batches(chunk) {
-                let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
-                for record in batch.records() {
-                    let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
-                    if record.offset < offset {
-                        continue;
-                    }
-                    let decoded = ProducerRecord::decode(record.value).map_err(|e| {
-                        corrupt(format!("the record at offset {}: {e}", record.offset))
-                    })?;
-                    state.apply(decoded);
-                }
-            }
-        }
-        if read.next_offset <= offset {
-            break;
-        }
-        offset = read.next_offset;
-    }
-    Ok(offset)
+    crate::internal::replay_values(log, from, corrupt, |offset, value| {
+        let decoded = ProducerRecord::decode(value)
+            .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
+        state.apply(decoded);
+        Ok(())
+    })
 }
 
 /// The old file's layout.

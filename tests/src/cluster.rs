@@ -440,6 +440,28 @@ impl TestCluster {
         }
     }
 
+    /// Starts 3 brokers, waits for a controller leader, and creates topic `name` with
+    /// `partitions` partitions, replicated on all three, through node 1.
+    pub async fn start_with_topic(name: &str, partitions: u32) -> Result<TestCluster> {
+        let cluster = TestCluster::start(3).await?;
+        cluster
+            .wait_controller_leader(Duration::from_secs(30))
+            .await?;
+        let mut admin = cluster.clients(1).await?.admin;
+        admin
+            .create_topic(rill_proto::v1::CreateTopicRequest {
+                name: name.to_string(),
+                config: Some(rill_proto::v1::TopicConfig {
+                    partitions,
+                    ..Default::default()
+                }),
+                replication_factor: Some(3),
+            })
+            .await
+            .with_context(|| format!("creating {name}"))?;
+        Ok(cluster)
+    }
+
     /// The gRPC clients of node `id`.
     pub async fn clients(&self, id: u64) -> Result<crate::Clients> {
         crate::Clients::connect(format!("http://{}", self.addr(id))).await

@@ -85,23 +85,9 @@ async fn produce(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_producer_keeps_its_id_and_is_fenced_across_kill_9_of_the_registry_leader() {
-    let mut cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let mut cluster = TestCluster::start_with_topic("orders", 1)
         .await
-        .expect("controller");
-    let mut admin = cluster.clients(1).await.expect("connect").admin;
-    admin
-        .create_topic(pb::CreateTopicRequest {
-            name: "orders".into(),
-            config: Some(pb::TopicConfig {
-                partitions: 1,
-                ..Default::default()
-            }),
-            replication_factor: Some(3),
-        })
-        .await
-        .expect("create");
+        .expect("start");
 
     // The registry is replicated on all three brokers.
     let leader = cluster

@@ -98,23 +98,9 @@ async fn heartbeat(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_and_members_survive_kill_9_of_their_coordinator() {
-    let mut cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let mut cluster = TestCluster::start_with_topic("orders", 1)
         .await
-        .expect("controller");
-    let mut admin = cluster.clients(1).await.expect("connect").admin;
-    admin
-        .create_topic(pb::CreateTopicRequest {
-            name: "orders".into(),
-            config: Some(pb::TopicConfig {
-                partitions: 1,
-                ..Default::default()
-            }),
-            replication_factor: Some(3),
-        })
-        .await
-        .expect("create");
+        .expect("start");
 
     // The groups topic is replicated on all three brokers.
     let group = "billing";
@@ -464,23 +450,9 @@ async fn receive(cluster: &TestCluster, via: u64, sub: &str, n: u32) -> Vec<(u32
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriptions_acks_survive_kill_9_of_its_leader_and_unacked_records_come_again() {
-    let mut cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let mut cluster = TestCluster::start_with_topic("jobs", 1)
         .await
-        .expect("controller");
-    let mut admin = cluster.clients(1).await.expect("connect").admin;
-    admin
-        .create_topic(pb::CreateTopicRequest {
-            name: "jobs".into(),
-            config: Some(pb::TopicConfig {
-                partitions: 1,
-                ..Default::default()
-            }),
-            replication_factor: Some(3),
-        })
-        .await
-        .expect("create");
+        .expect("start");
     let leader = cluster
         .wait_partition_leader("jobs", 0, DEADLINE)
         .await

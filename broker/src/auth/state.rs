@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use rand::RngCore;
-use rill_storage::batch::{batches, Record};
+use rill_storage::batch::Record;
 use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 use sha2::{Digest, Sha256};
 
@@ -209,32 +209,15 @@ pub fn security_topic_config() -> TopicConfig {
 /// Applies every record of `log` from offset `from` to `state`; returns how many, and the
 /// offset it reached.
 fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<(u64, u64), BrokerError> {
-    let mut offset = from;
     let mut replayed = 0u64;
-    while offset < log.high_watermark() {
-        let read = log.read(offset, 1 << 20)?;
-        for chunk in &read.chunks {
-            for batch in batches(chunk) {
-                let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
-                for record in batch.records() {
-                    let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
-                    if record.offset < offset {
-                        continue;
-                    }
-                    let decoded = SecurityRecord::decode(record.value).map_err(|e| {
-                        corrupt(format!("the record at offset {}: {e}", record.offset))
-                    })?;
-                    state.apply(decoded);
-                    replayed += 1;
-                }
-            }
-        }
-        if read.next_offset <= offset {
-            break;
-        }
-        offset = read.next_offset;
-    }
-    Ok((replayed, offset))
+    let end = crate::internal::replay_values(log, from, corrupt, |offset, value| {
+        let decoded = SecurityRecord::decode(value)
+            .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
+        state.apply(decoded);
+        replayed += 1;
+        Ok(())
+    })?;
+    Ok((replayed, end))
 }
 
 impl Security {

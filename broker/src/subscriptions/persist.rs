@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use rill_storage::batch::{batches, try_encode_batch, Record};
+use rill_storage::batch::{try_encode_batch, Record};
 use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 
 use super::records::SubscriptionRecord;
@@ -54,28 +54,14 @@ impl StateLog {
             .internal_topic(SUBSCRIPTIONS_TOPIC, subscriptions_topic_config())?
             .partition(0)?;
         let mut records = Vec::new();
-        let mut offset = log.log_start_offset();
-        while offset < log.high_watermark() {
-            let read = log.read(offset, 4 << 20)?;
-            for chunk in &read.chunks {
-                for batch in batches(chunk) {
-                    let batch = batch.map_err(|e| corrupt(format!("a batch: {e}")))?;
-                    for record in batch.records() {
-                        let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
-                        if record.offset < offset {
-                            continue;
-                        }
-                        records.push(SubscriptionRecord::decode(record.value).map_err(|e| {
-                            corrupt(format!("the record at offset {}: {e}", record.offset))
-                        })?);
-                    }
-                }
-            }
-            if read.next_offset <= offset {
-                break;
-            }
-            offset = read.next_offset;
-        }
+        let start = log.log_start_offset();
+        crate::internal::replay_values(&log, start, corrupt, |offset, value| {
+            records.push(
+                SubscriptionRecord::decode(value)
+                    .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?,
+            );
+            Ok(())
+        })?;
         let mut state = StateLog {
             log,
             replicated: None,
