@@ -13,10 +13,15 @@
 //! A source may have deleted the records this replica lacks by retention (its log starts
 //! past this replica's end: its Fetch answers OUT_OF_RANGE, and `Log.ListOffsets` gives its
 //! log start). Every record below a source's log start was committed (a replica's log holds
-//! only committed records) and the source deleted it, so when that start is at or below the
-//! snapshot's end this replica restarts its own log empty at that start
-//! ([`PartitionLog::restart_at`]) and pulls from there: a "snapshot" of a log is its start
-//! offset. A start past the snapshot's end would skip records the snapshot names: refused.
+//! only committed records) and the source deleted it, so this replica restarts its own log
+//! empty at that start ([`PartitionLog::restart_at`]) and pulls from there: a "snapshot" of a
+//! log is its start offset.
+//!
+//! The snapshot openraft sends may be older than the sources' log start (retention ran since
+//! it was built). Then the log restarts past the snapshot's end, and the Raft entries between
+//! the two, which follow the snapshot, are applied as records the log already holds (the
+//! machine's replay path): their offsets stay those every replica gave them. Refusing instead
+//! would be fatal: a failed install stops the replica's Raft group.
 
 use std::io;
 use std::time::Duration;
@@ -124,13 +129,13 @@ async fn pull_from(
             Err(s) if s.code() == tonic::Code::OutOfRange => {
                 // Below the source's log start (or past its end): ask where it starts.
                 let start = log_start(&mut client, target, end).await?;
-                restart_at_source_start(target, end, start, until)?;
+                restart_at_source_start(target, end, start)?;
                 continue;
             }
             Err(s) => return Err(io::Error::other(format!("fetch at {end}: {}", s.message()))),
         };
         if resp.log_start_offset > end {
-            restart_at_source_start(target, end, resp.log_start_offset, until)?;
+            restart_at_source_start(target, end, resp.log_start_offset)?;
             continue;
         }
         if resp.batches.is_empty() {
@@ -192,22 +197,13 @@ async fn log_start(
 }
 
 /// Restarts the target's log empty at `start`, the source's log start, when the source
-/// deleted the records from this replica's `end` on: only when `start` is past `end` and at
-/// or below the snapshot's end `until` (every record below it was committed, and is gone).
-fn restart_at_source_start(
-    target: &Target<'_>,
-    end: u64,
-    start: u64,
-    until: u64,
-) -> io::Result<()> {
+/// deleted the records from this replica's `end` on (every record below `start` was
+/// committed, and is gone there). `start` may be past the snapshot's end: see the module
+/// notes.
+fn restart_at_source_start(target: &Target<'_>, end: u64, start: u64) -> io::Result<()> {
     if start <= end {
         return Err(io::Error::other(format!(
             "a fetch at {end} was out of range though its log starts at {start}"
-        )));
-    }
-    if start > until {
-        return Err(io::Error::other(format!(
-            "its log starts at {start}, past the snapshot's end {until}: records the snapshot names are not there"
         )));
     }
     tracing::warn!(

@@ -13,9 +13,10 @@ use rill_tests::Clients;
 
 /// The longest an election, a commit, a retention pass or a catch-up may take here.
 const DEADLINE: Duration = Duration::from_secs(30);
-/// Tiny segments and a retention of two of them, so a few hundred writes delete most.
+/// Tiny segments and a retention of four of them (about 70 records), so a few hundred writes
+/// delete most, while the log start stays well behind the leader's newest Raft snapshot.
 const SEGMENT_BYTES: u64 = 4096;
-const RETENTION_BYTES: i64 = 8192;
+const RETENTION_BYTES: i64 = 16384;
 
 async fn clients(cluster: &TestCluster, id: u64) -> Clients {
     cluster.clients(id).await.expect("connect")
@@ -177,9 +178,8 @@ async fn a_follower_behind_retention_restarts_its_log_at_the_leaders_log_start()
     }
 
     cluster.restart(follower).await.expect("restart");
-    // The leader may first send an older snapshot, whose end is below the live replicas' log
-    // start: that one cannot be installed (records it names are gone). Writes go on, so the
-    // leader builds newer snapshots, and one of those ends past the log start.
+    // Writes go on while it catches up (the snapshot it gets may end below the live
+    // replicas' log start: the entries between are applied as already held).
     let more = 60;
     write(&cluster, topic, total, more).await;
     let total = total + more;
