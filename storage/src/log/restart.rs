@@ -23,7 +23,9 @@ impl PartitionLog {
     /// and the high watermark are both `offset`, and the next append gets base offset
     /// `offset`. Only for an `offset` past the high watermark (anything else is
     /// [`StorageError::OffsetOutOfRange`] and changes nothing), so no offset is ever reused.
-    /// The idempotent producers' state is cleared with the records it described.
+    /// The idempotent producers' state is cleared with the records it described. The caller
+    /// must be the log's only writer meanwhile (a replica's apply): an append that races it
+    /// past `offset` fences the partition.
     ///
     /// Crash-safe: the restart marker commits it (see the module notes). A failure before the
     /// marker is on disk changes nothing; one between the marker and the in-memory switch
@@ -73,6 +75,15 @@ impl PartitionLog {
             if inner.closed.load(Ordering::Acquire) {
                 // Close ran meanwhile; the marker completes the restart at the next open.
                 return Err(StorageError::Closed);
+            }
+            let now = inner.high_watermark.load(Ordering::Acquire);
+            if now >= offset {
+                // An append raced past the offset meanwhile: its records are not to be
+                // discarded, and the marker on disk says otherwise. Stop writes until a
+                // reopen settles it.
+                let e = self.out_of_range(offset, self.log_start_offset(), now);
+                self.fence(format!("restart at offset {offset} raced an append: {e}"));
+                return Err(e);
             }
             let old = inner.segments.load_full();
             inner.segments.store(Arc::new(vec![Arc::new(segment)]));
