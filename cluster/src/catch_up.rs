@@ -9,12 +9,26 @@
 //! committed Raft entry is one batch on every replica, so batches line up: the first batch a
 //! source returns must start exactly at this replica's end, or the logs disagree and the pull
 //! fails (the group then stops here, as it would have without the pull).
+//!
+//! A source may have deleted the records this replica lacks by retention (its log starts
+//! past this replica's end: its Fetch answers OUT_OF_RANGE, and `Log.ListOffsets` gives its
+//! log start). Every record below a source's log start was committed (a replica's log holds
+//! only committed records) and the source deleted it, so this replica restarts its own log
+//! empty at that start ([`PartitionLog::restart_at`]) and pulls from there: a "snapshot" of a
+//! log is its start offset.
+//!
+//! The snapshot openraft sends may be older than the sources' log start (retention ran since
+//! it was built). Then the log restarts past the snapshot's end, and the Raft entries between
+//! the two, which follow the snapshot, are applied as records the log already holds (the
+//! machine's replay path): their offsets stay those every replica gave them. Refusing instead
+//! would be fatal: a failed install stops the replica's Raft group.
 
 use std::io;
 use std::time::Duration;
 
+use rill_proto::v1::list_offsets_request::Spec;
 use rill_proto::v1::log_client::LogClient;
-use rill_proto::v1::{FetchEncoding, FetchRequest};
+use rill_proto::v1::{FetchEncoding, FetchRequest, ListOffsetsRequest, OffsetSpec};
 use rill_storage::batch::BatchHeader;
 use rill_storage::PartitionLog;
 
@@ -109,16 +123,20 @@ async fn pull_from(
             .await
             .map_err(|_| {
                 io::Error::other(format!("fetch at {end}: no answer in {FETCH_TIMEOUT:?}"))
-            })?
-            .map_err(|s| io::Error::other(format!("fetch at {end}: {}", s.message())))?
-            .into_inner();
+            })?;
+        let resp = match resp {
+            Ok(resp) => resp.into_inner(),
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                // Below the source's log start (or past its end): ask where it starts.
+                let start = log_start(&mut client, target, end).await?;
+                restart_at_source_start(target, end, start)?;
+                continue;
+            }
+            Err(s) => return Err(io::Error::other(format!("fetch at {end}: {}", s.message()))),
+        };
         if resp.log_start_offset > end {
-            // Records below the source's log start are gone there by retention: this
-            // replica would have to restart its log at that offset (not built).
-            return Err(io::Error::other(format!(
-                "its log starts at {}, after this replica's end {end}",
-                resp.log_start_offset
-            )));
+            restart_at_source_start(target, end, resp.log_start_offset)?;
+            continue;
         }
         if resp.batches.is_empty() {
             return Err(io::Error::other(format!(
@@ -148,4 +166,51 @@ async fn pull_from(
                 .appended(target.topic, target.partition, info.next_offset);
         }
     }
+}
+
+/// The source's log start offset, by `Log.ListOffsets`.
+async fn log_start(
+    client: &mut LogClient<crate::network::PeerChannel>,
+    target: &Target<'_>,
+    end: u64,
+) -> io::Result<u64> {
+    let list = client.list_offsets(ListOffsetsRequest {
+        topic: target.topic.to_string(),
+        partition: target.partition,
+        spec: Some(Spec::Position(OffsetSpec::Earliest as i32)),
+    });
+    let resp = tokio::time::timeout(FETCH_TIMEOUT, list)
+        .await
+        .map_err(|_| {
+            io::Error::other(format!(
+                "fetch at {end} was out of range, and its log start: no answer in {FETCH_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|s| {
+            io::Error::other(format!(
+                "fetch at {end} was out of range, and its log start: {}",
+                s.message()
+            ))
+        })?
+        .into_inner();
+    Ok(resp.log_start_offset)
+}
+
+/// Restarts the target's log empty at `start`, the source's log start, when the source
+/// deleted the records from this replica's `end` on (every record below `start` was
+/// committed, and is gone there). `start` may be past the snapshot's end: see the module
+/// notes.
+fn restart_at_source_start(target: &Target<'_>, end: u64, start: u64) -> io::Result<()> {
+    if start <= end {
+        return Err(io::Error::other(format!(
+            "a fetch at {end} was out of range though its log starts at {start}"
+        )));
+    }
+    tracing::warn!(
+        topic = target.topic, partition = target.partition, end, start,
+        "the records this replica lacks were deleted by retention on its source: restarting the local log at the source's log start"
+    );
+    target.log.restart_at(start).map_err(io::Error::other)?;
+    target.local.appended(target.topic, target.partition, start);
+    Ok(())
 }

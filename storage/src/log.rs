@@ -16,6 +16,8 @@
 //!   still work.
 //! - **Retention** (the `retention` submodule) deletes whole sealed segments from the front; the log start offset is the
 //!   first remaining segment's base offset, so it persists with the files themselves.
+//! - **Restart** (the `restart` submodule) empties the log and starts it at a later offset,
+//!   committed by one marker file, for a replica whose missing records are gone everywhere.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +37,7 @@ use crate::segment::{LogId, Segment, Spare};
 mod append;
 mod durability;
 mod inject;
+mod restart;
 mod retention;
 
 pub use append::{Ack, CheckedBatch, Unsettled};

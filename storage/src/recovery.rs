@@ -47,9 +47,12 @@ use crate::segment::{file_names, LogId, Segment};
 pub const CLEAN_MARKER_FILE: &str = "clean-shutdown";
 /// The recovery-point checkpoint's file name.
 pub const RECOVERY_POINT_FILE: &str = "recovery-point";
+/// The restart marker's file name (see [`crate::PartitionLog::restart_at`]).
+pub const RESTART_MARKER_FILE: &str = "restart-at";
 
 const CLEAN_MAGIC: &[u8; 4] = b"RLCS";
 const POINT_MAGIC: &[u8; 4] = b"RLRP";
+const RESTART_MAGIC: &[u8; 4] = b"RLRA";
 const CHECKPOINT_VERSION: u8 = 1;
 const CLEAN_LEN: usize = 52;
 const POINT_LEN: usize = 20;
@@ -149,8 +152,13 @@ impl CleanMarker {
 }
 
 fn encode_point(offset: u64) -> [u8; POINT_LEN] {
+    encode_offset_file(POINT_MAGIC, offset)
+}
+
+/// The recovery point and the restart marker share one layout: magic, version, an offset.
+fn encode_offset_file(magic: &[u8; 4], offset: u64) -> [u8; POINT_LEN] {
     let mut buf = [0u8; POINT_LEN];
-    buf[..4].copy_from_slice(POINT_MAGIC);
+    buf[..4].copy_from_slice(magic);
     buf[4] = CHECKPOINT_VERSION;
     buf[8..16].copy_from_slice(&offset.to_le_bytes());
     checksum_tail(&mut buf);
@@ -187,6 +195,84 @@ pub(crate) fn remove_clean_marker(dir: &Path) -> Result<()> {
 /// Records that every offset below `offset` is sealed and synced.
 pub(crate) fn write_recovery_point(dir: &Path, offset: u64) -> Result<()> {
     atomic_write(&dir.join(RECOVERY_POINT_FILE), &encode_point(offset))
+}
+
+/// Records, durably, that the log restarts empty at `offset`: from now on an open deletes
+/// every segment below it (see [`finish_restart`]).
+pub(crate) fn write_restart_marker(dir: &Path, offset: u64) -> Result<()> {
+    atomic_write(
+        &dir.join(RESTART_MARKER_FILE),
+        &encode_offset_file(RESTART_MAGIC, offset),
+    )
+}
+
+/// Deletes the restart marker, durably, once nothing below its offset is left.
+pub(crate) fn remove_restart_marker(dir: &Path) -> Result<()> {
+    let path = dir.join(RESTART_MARKER_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => fsync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::io("remove restart marker", path, e)),
+    }
+}
+
+/// Deletes the three files of the segment at `base` (those present).
+pub(crate) fn remove_segment_files(dir: &Path, base: u64) -> Result<()> {
+    let (log, index, time) = file_names(dir, base);
+    // The log last: an index without its log is an orphan the next open deletes.
+    for p in [index, time, log] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io("delete segment file", &p, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Completes an interrupted [`crate::PartitionLog::restart_at`]: with a restart marker at
+/// `offset` present, every segment below `offset` is deleted, an empty segment is created at
+/// `offset` when none at or past it is left, the producer snapshot (which describes the
+/// discarded records) is deleted, and then the marker. Each step is idempotent, so a crash
+/// here is completed by the next open. A marker that fails its check is refused as corrupt
+/// (never guessed at: ignoring it could serve a log with a hole).
+fn finish_restart(id: &Arc<LogId>, dir: &Path, segment_bytes: u64, now_ms: i64) -> Result<()> {
+    let path = dir.join(RESTART_MARKER_FILE);
+    let Some(buf) = read_small(&path)? else {
+        return Ok(());
+    };
+    let offset = checked(&buf, RESTART_MAGIC, POINT_LEN)
+        .and_then(|b| u64_at(b, 8))
+        .ok_or_else(|| StorageError::Corrupt {
+            path: path.clone(),
+            reason: "restart marker fails its check".to_string(),
+        })?;
+    tracing::info!(
+        topic = %id.topic, partition = id.partition, offset,
+        "completing a restart of the log"
+    );
+    let bases = list_segments(dir)?;
+    for &base in bases.iter().filter(|&&b| b < offset) {
+        remove_segment_files(dir, base)?;
+    }
+    if !bases.iter().any(|&b| b >= offset) {
+        // Dropped at once: the open that follows finds its files.
+        Segment::create(Arc::clone(id), dir, offset, segment_bytes, now_ms)?;
+    }
+    fsync_dir(dir)?;
+    match fs::remove_file(dir.join(crate::producers::SNAPSHOT_FILE)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(StorageError::io(
+                "remove producer snapshot",
+                dir.join(crate::producers::SNAPSHOT_FILE),
+                e,
+            ))
+        }
+    }
+    fsync_dir(dir)?;
+    remove_restart_marker(dir)
 }
 
 fn read_small(path: &Path) -> Result<Option<Vec<u8>>> {
@@ -251,6 +337,7 @@ pub(crate) fn open_segments(
         }
     }
     remove_leftover_tmp_files(dir)?;
+    finish_restart(id, dir, segment_bytes, now_ms)?;
     let bases = list_segments(dir)?;
     let mut report = RecoveryReport::default();
     let Some(&last_base) = bases.last() else {

@@ -415,7 +415,7 @@ impl PartitionLog {
     /// Removes the clean-shutdown marker, durably, before the first write after a clean open.
     /// Blocking (an unlink and a folder sync), not under the writer lock; appenders that need
     /// it gone wait for it here, since none may write before it is.
-    fn remove_clean_marker(&self) -> Result<()> {
+    pub(super) fn remove_clean_marker(&self) -> Result<()> {
         let inner = &*self.inner;
         if !inner.marker_present.load(Ordering::Acquire) {
             return Ok(());

@@ -22,6 +22,16 @@ pub(super) struct Retired {
     removed: bool,
 }
 
+impl Retired {
+    /// A segment cut from the list whose files are still to be deleted.
+    pub(super) fn new(segment: Arc<Segment>) -> Self {
+        Retired {
+            segment,
+            removed: false,
+        }
+    }
+}
+
 impl PartitionLog {
     /// Deletes sealed segments from the front: those whose newest record is older than the
     /// retention time, then the oldest while the partition holds more than the retention size.
@@ -73,11 +83,23 @@ impl PartitionLog {
                 segments = cut.len(), log_start_offset, "retention cut segments"
             );
         }
+        inner
+            .retired
+            .lock()
+            .extend(cut.into_iter().map(Retired::new));
+        let (deleted_segments, deleted_bytes) = self.remove_retired_files()?;
+        outcome.deleted_segments = deleted_segments;
+        outcome.deleted_bytes = deleted_bytes;
+        Ok(outcome)
+    }
+
+    /// Deletes the files of the retired segments not yet deleted, oldest first, stopping at
+    /// the first failure, then syncs the folder; drops the retired segments no reader holds.
+    /// Returns how many segments and bytes were deleted. Called with the retention lock held.
+    pub(super) fn remove_retired_files(&self) -> Result<(u32, u64)> {
+        let inner = &*self.inner;
         let mut retired = inner.retired.lock();
-        retired.extend(cut.into_iter().map(|segment| Retired {
-            segment,
-            removed: false,
-        }));
+        let mut deleted = (0u32, 0u64);
         // Oldest first (earlier passes' leftovers are older than this pass's cut), stopping at
         // the first failure, so that what remains on disk is always a suffix of the log.
         let mut error = None;
@@ -93,8 +115,8 @@ impl PartitionLog {
             }
             r.removed = true;
             removed_any = true;
-            outcome.deleted_segments += 1;
-            outcome.deleted_bytes += r.segment.size_bytes();
+            deleted.0 += 1;
+            deleted.1 += r.segment.size_bytes();
         }
         if removed_any {
             if let Err(e) = fsync_dir(&inner.dir) {
@@ -105,7 +127,7 @@ impl PartitionLog {
         retired.retain(|r| !r.removed || r.segment.is_shared());
         match error {
             Some(e) => Err(e),
-            None => Ok(outcome),
+            None => Ok(deleted),
         }
     }
 

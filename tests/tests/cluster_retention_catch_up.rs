@@ -1,0 +1,220 @@
+//! Snapshot catch-up past retention, on 3 real broker processes: a follower that was down
+//! while the leader purged its Raft log behind a snapshot *and* every live replica deleted
+//! the records it lacks by retention cannot pull them from anyone. It restarts its log empty
+//! at the other replicas' log start and pulls from there: it ends with exactly the leader's
+//! records, from the same log start.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rill_proto::v1 as pb;
+use rill_tests::cluster::{Extra, TestCluster};
+use rill_tests::Clients;
+
+/// The longest an election, a commit, a retention pass or a catch-up may take here.
+const DEADLINE: Duration = Duration::from_secs(30);
+/// Tiny segments and a retention of four of them (about 70 records), so a few hundred writes
+/// delete most, while the log start stays well behind the leader's newest Raft snapshot.
+const SEGMENT_BYTES: u64 = 4096;
+const RETENTION_BYTES: i64 = 16384;
+
+async fn clients(cluster: &TestCluster, id: u64) -> Clients {
+    cluster.clients(id).await.expect("connect")
+}
+
+/// The value of record `i`: about 200 bytes, so a segment holds a dozen batches.
+fn value(i: u64) -> String {
+    format!("r{i}-{}", "x".repeat(200))
+}
+
+/// Node `id`'s log start and high watermark of partition 0.
+async fn offsets(cluster: &TestCluster, id: u64, topic: &str) -> (u64, u64) {
+    try_offsets(cluster, id, topic).await.expect("list offsets")
+}
+
+/// Node `id`'s log start and high watermark of partition 0, if it answers.
+async fn try_offsets(cluster: &TestCluster, id: u64, topic: &str) -> Option<(u64, u64)> {
+    let resp = cluster
+        .clients(id)
+        .await
+        .ok()?
+        .log
+        .list_offsets(pb::ListOffsetsRequest {
+            topic: topic.into(),
+            partition: 0,
+            spec: Some(pb::list_offsets_request::Spec::Position(
+                pb::OffsetSpec::Earliest as i32,
+            )),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    Some((resp.log_start_offset, resp.high_watermark))
+}
+
+/// Waits until node `id`'s high watermark of partition 0 reaches `end` (reading no records:
+/// its log may start past 0).
+async fn wait_end(cluster: &TestCluster, id: u64, topic: &str, end: u64) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let got = try_offsets(cluster, id, topic).await;
+        if got.is_some_and(|(_, high_watermark)| high_watermark >= end) {
+            return;
+        }
+        if tokio::time::Instant::now() >= until {
+            // The broker's log goes with the test's folder: show its end here.
+            let log = std::fs::read_to_string(cluster.log_path(id)).unwrap_or_default();
+            let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+            panic!("node {id} never reached {end} records (now {got:?}); its log, newest first:\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every record of partition 0 on node `id`, from its log start: offset → value.
+async fn read_from_start(cluster: &TestCluster, id: u64, topic: &str) -> BTreeMap<u64, String> {
+    let (mut offset, _) = offsets(cluster, id, topic).await;
+    let mut c = clients(cluster, id).await;
+    let mut out = BTreeMap::new();
+    loop {
+        let resp = c.fetch(topic, 0, offset, 0).await.expect("fetch");
+        for r in &resp.records {
+            out.insert(r.offset, String::from_utf8_lossy(&r.value).into_owned());
+        }
+        if resp.next_offset >= resp.high_watermark || resp.records.is_empty() {
+            return out;
+        }
+        offset = resp.next_offset;
+    }
+}
+
+/// Writes `n` single-record batches (one Raft entry each) through the leader, numbered from
+/// `first`.
+async fn write(cluster: &TestCluster, topic: &str, first: u64, n: u64) {
+    let leader = cluster
+        .wait_partition_leader_among(topic, 0, DEADLINE)
+        .await
+        .expect("leader");
+    let mut c = clients(cluster, leader).await;
+    for i in first..first + n {
+        c.produce_values(topic, 0, &[&value(i)])
+            .await
+            .expect("produce");
+    }
+}
+
+/// Waits until node `id`'s log of partition 0 starts past `offset` and ends at `end`.
+async fn wait_start_past(cluster: &TestCluster, id: u64, topic: &str, offset: u64, end: u64) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (start, high_watermark) = offsets(cluster, id, topic).await;
+        if start > offset && high_watermark == end {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "node {id}: log start {start} never passed {offset} (high watermark {high_watermark}, want {end})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_retention_restarts_its_log_at_the_leaders_log_start() {
+    // A Raft snapshot every 20 entries, and retention every 100 ms.
+    let mut cluster = TestCluster::start_with(
+        3,
+        Extra::args(&[
+            "--raft-snapshot-entries",
+            "20",
+            "--retention-check-ms",
+            "100",
+        ]),
+    )
+    .await
+    .expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let topic = "ret";
+    clients(&cluster, 1)
+        .await
+        .admin
+        .create_topic(pb::CreateTopicRequest {
+            name: topic.into(),
+            config: Some(pb::TopicConfig {
+                partitions: 1,
+                segment_bytes: Some(SEGMENT_BYTES),
+                retention_bytes: Some(RETENTION_BYTES),
+                ..Default::default()
+            }),
+            replication_factor: Some(3),
+        })
+        .await
+        .expect("create");
+    write(&cluster, topic, 0, 5).await;
+    let leader = cluster
+        .wait_partition_leader(topic, 0, DEADLINE)
+        .await
+        .expect("leader");
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    cluster
+        .wait_records(follower, topic, 0, 5, DEADLINE)
+        .await
+        .expect("records");
+
+    // Down (kill -9) while 200 entries are written: the Raft log is purged behind snapshots,
+    // and retention deletes everything from the follower's end on, on both live replicas.
+    cluster.kill(follower).await.expect("kill");
+    let total = 205;
+    write(&cluster, topic, 5, total - 5).await;
+    for id in cluster.ids().into_iter().filter(|id| *id != follower) {
+        wait_start_past(&cluster, id, topic, 5, total).await;
+    }
+
+    cluster.restart(follower).await.expect("restart");
+    // Writes go on while it catches up (the snapshot it gets may end below the live
+    // replicas' log start: the entries between are applied as already held).
+    let more = 60;
+    write(&cluster, topic, total, more).await;
+    let total = total + more;
+    wait_end(&cluster, follower, topic, total).await;
+    let leader = cluster
+        .wait_partition_leader_among(topic, 0, DEADLINE)
+        .await
+        .expect("leader");
+    // Retention keeps running on every replica: wait until the two agree on the start (the
+    // follower's own pass may trail by a tick).
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let leader_start = loop {
+        let (leader_start, _) = offsets(&cluster, leader, topic).await;
+        let (follower_start, follower_end) = offsets(&cluster, follower, topic).await;
+        if leader_start == follower_start {
+            assert_eq!(follower_end, total);
+            break leader_start;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "log starts differ: leader {leader_start}, follower {follower_start}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        leader_start > 5,
+        "retention deleted nothing: {leader_start}"
+    );
+    let want = read_from_start(&cluster, leader, topic).await;
+    let want_values: Vec<String> = (leader_start..total).map(value).collect();
+    assert_eq!(want.values().cloned().collect::<Vec<_>>(), want_values);
+    assert_eq!(want.keys().next(), Some(&leader_start));
+    assert_eq!(read_from_start(&cluster, follower, topic).await, want);
+
+    // And it follows new writes as an ordinary replica.
+    write(&cluster, topic, total, 1).await;
+    wait_end(&cluster, follower, topic, total + 1).await;
+}
