@@ -13,10 +13,12 @@
 //! - [`rill_cli`]: the real `rill` CLI.
 //! - [`record`], [`produce_req`]: request builders.
 //! - [`wait_until`]: a wait on a condition with a deadline; [`skip`]: a loud, detectable skip.
-//! - [`certs`]: a test CA and its certificates (rcgen); [`cluster`]: a cluster of processes.
+//! - [`certs`]: a test CA and its certificates (rcgen); [`cluster`]: a cluster of processes;
+//!   [`hooks`]: a local HTTP server for webhook tests.
 
 pub mod certs;
 pub mod cluster;
+pub mod hooks;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -122,18 +122,11 @@ async fn hook(
 #[tokio::test]
 async fn webhooks_under_failure_ack_once_or_dead_letter_after_max_attempts() -> Result<()> {
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}/hook", listener.local_addr()?);
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(hook))
         .with_state(Arc::clone(&seen));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let stopped = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stopped.cancelled().await })
-            .await
-    });
+    let server = rill_tests::hooks::HookServer::start(app).await?;
+    let endpoint = server.endpoint.clone();
 
     let broker = TestBroker::start().await?;
     let mut c = Clients::connect(broker.url()).await?;
@@ -275,7 +268,6 @@ async fn webhooks_under_failure_ack_once_or_dead_letter_after_max_attempts() -> 
     // backoff. The means are printed, not compared: on a loaded machine the sweep and the
     // window pace retries too, and the means of neighbouring attempts cross.
     broker.stop().await?;
-    stop.cancel();
-    server.await??;
+    server.stop().await?;
     Ok(())
 }

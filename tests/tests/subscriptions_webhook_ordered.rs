@@ -117,18 +117,11 @@ async fn hook(
 async fn ordered_batched_webhooks_keep_key_order_and_a_failing_key_blocks_only_itself() -> Result<()>
 {
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}/hook", listener.local_addr()?);
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(hook))
         .with_state(Arc::clone(&seen));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let stopped = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stopped.cancelled().await })
-            .await
-    });
+    let server = rill_tests::hooks::HookServer::start(app).await?;
+    let endpoint = server.endpoint.clone();
 
     let broker = TestBroker::start().await?;
     let addr = broker.addr().to_string();
@@ -267,7 +260,6 @@ async fn ordered_batched_webhooks_keep_key_order_and_a_failing_key_blocks_only_i
     );
     assert!(dead.len() >= 3, "{dead:?}");
     broker.stop().await?;
-    stop.cancel();
-    server.await??;
+    server.stop().await?;
     Ok(())
 }
