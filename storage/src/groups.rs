@@ -641,13 +641,7 @@ impl GroupStore {
         if let Some(replicated) = replicated {
             return self.change_replicated(group, p, &*replicated, decide);
         }
-        let current = self
-            .inner
-            .groups
-            .read()
-            .get(group)
-            .map(|s| GroupState::clone(s))
-            .unwrap_or_default();
+        let current = self.state_of(group);
         let Some(records) = decide(&current) else {
             return Ok(false);
         };
@@ -673,6 +667,16 @@ impl GroupStore {
             groups.insert(group.to_string(), Arc::new(next));
         }
         Ok(true)
+    }
+
+    /// A copy of `group`'s state in the view (empty when it has none).
+    fn state_of(&self, group: &str) -> GroupState {
+        self.inner
+            .groups
+            .read()
+            .get(group)
+            .map(|s| GroupState::clone(s))
+            .unwrap_or_default()
     }
 
     pub(crate) fn gate(&self, p: u32) -> Result<&RwLock<()>> {

@@ -24,13 +24,7 @@ impl GroupStore {
         decide: impl FnOnce(&GroupState) -> Option<Vec<GroupRecord>>,
     ) -> Result<bool> {
         self.catch_up(p)?;
-        let current = self
-            .inner
-            .groups
-            .read()
-            .get(group)
-            .map(|s| GroupState::clone(s))
-            .unwrap_or_default();
+        let current = self.state_of(group);
         let Some(records) = decide(&current) else {
             return Ok(false);
         };
