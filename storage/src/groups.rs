@@ -594,7 +594,12 @@ impl GroupStore {
         })
     }
 
-    /// The partition of the groups topic holding `group`.
+    /// How many partitions the groups topic has.
+    pub fn partition_count(&self) -> u32 {
+        self.inner.topic.partition_count()
+    }
+
+    /// The partition of the groups topic that holds `group`'s state.
     pub fn partition_of(&self, group: &str) -> u32 {
         partition_for_group(group, self.inner.topic.partition_count())
     }

@@ -96,6 +96,18 @@ async fn heartbeat(
     .into_inner()
 }
 
+/// `group`'s summary in `ListGroups` as broker `via` answers it.
+async fn listed(cluster: &TestCluster, via: u64, group: &str) -> Option<pb::GroupSummary> {
+    let c = cluster.clients(via).await.expect("connect");
+    let resp = retrying("list groups", || {
+        let mut groups = c.groups.clone();
+        async move { groups.list_groups(pb::ListGroupsRequest::default()).await }
+    })
+    .await
+    .into_inner();
+    resp.summaries.into_iter().find(|g| g.group == group)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_and_members_survive_kill_9_of_their_coordinator() {
     let mut cluster = TestCluster::start_with_topic("orders", 1)
@@ -156,6 +168,16 @@ async fn offsets_and_members_survive_kill_9_of_their_coordinator() {
         !joined.member_id.is_empty() && joined.member_epoch > 0,
         "{joined:?}"
     );
+    // Every broker lists the group with its member, as its coordinator counts it (the
+    // membership lives only in the coordinator's memory).
+    for id in cluster.ids() {
+        let g = listed(&cluster, id, group).await;
+        assert_eq!(
+            g.as_ref().map(|g| g.member_count),
+            Some(1),
+            "ListGroups asked of node {id} (coordinator {coordinator}): {g:?}"
+        );
+    }
 
     // kill -9 the coordinator: a new leader of the partition takes over with the state.
     cluster.kill(coordinator).await.expect("kill");
@@ -189,6 +211,14 @@ async fn offsets_and_members_survive_kill_9_of_their_coordinator() {
         again.member_epoch, joined.member_epoch,
         "no rebalance: {again:?}"
     );
+    for id in cluster.running() {
+        let g = listed(&cluster, id, group).await;
+        assert_eq!(
+            g.as_ref().map(|g| g.member_count),
+            Some(1),
+            "ListGroups asked of survivor {id}: {g:?}"
+        );
+    }
     // Its fenced commit works on the new coordinator, and a stale epoch is refused.
     commit(
         &cluster,

@@ -25,6 +25,10 @@ use crate::groups::Coordinator;
 use crate::internal::{self, Route};
 use crate::state::Broker;
 
+/// Request metadata asking a broker's `ListGroups` for only the groups it coordinates: one
+/// broker asks every coordinator so for a cluster-wide listing with current member counts.
+pub const COORDINATED_ONLY: &str = "rill-coordinated-only";
+
 /// The Groups service.
 #[derive(Debug, Clone)]
 pub struct GroupsService {
@@ -68,6 +72,69 @@ impl GroupsService {
                 &address,
             )?))),
         }
+    }
+
+    /// The groups this broker knows, sorted, with their state and live members as its
+    /// coordinator sees them; with `coordinated_only`, just the groups it coordinates (whose
+    /// summaries are current).
+    async fn local_summaries(&self, coordinated_only: bool) -> Vec<GroupSummary> {
+        let mut names = self.broker.store().groups().list();
+        let members = self.coordinator.all().await;
+        names.extend(members.iter().map(|g| g.name.clone()));
+        names.sort_unstable();
+        names.dedup();
+        if coordinated_only {
+            names.retain(|g| crate::groups::coordinator::coordinates(&self.broker, g));
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let g = members.iter().find(|g| g.name == name);
+                GroupSummary {
+                    state: g.map_or("empty", |g| g.state()).to_string(),
+                    member_count: g.map_or(0, |g| g.live_members() as u32),
+                    group: name,
+                }
+            })
+            .collect()
+    }
+
+    /// Every group of the cluster, each summarized by its coordinator: memberships live only
+    /// in the coordinator's memory, so every broker leading a partition of the groups topic
+    /// is asked for the groups it coordinates (this one included), and the answers merged.
+    /// UNAVAILABLE when a partition has no settled leader or its leader does not answer.
+    async fn cluster_summaries(&self) -> Result<Vec<GroupSummary>, Status> {
+        let mut here = false;
+        let mut elsewhere: Vec<String> = Vec::new();
+        for p in 0..self.broker.store().groups().partition_count() {
+            match internal::route(&self.broker, GROUPS_TOPIC, p)? {
+                Route::Here => here = true,
+                Route::Leader(address) => {
+                    if !elsewhere.contains(&address) {
+                        elsewhere.push(address);
+                    }
+                }
+            }
+        }
+        let mut summaries = if here {
+            self.local_summaries(true).await
+        } else {
+            Vec::new()
+        };
+        for address in elsewhere {
+            let mut peer = GroupsClient::new(internal::channel(&self.broker, &address)?);
+            let mut request = Request::new(ListGroupsRequest::default());
+            request.metadata_mut().insert(
+                COORDINATED_ONLY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            let answer = internal::relayed(peer.list_groups(request).await)?;
+            summaries.extend(answer.into_inner().summaries);
+        }
+        summaries.sort_unstable_by(|a, b| a.group.cmp(&b.group));
+        // A group whose partition changed leader between two answers may come twice.
+        summaries.dedup_by(|a, b| a.group == b.group);
+        Ok(summaries)
     }
 
     /// The partitions a request names, or all of the topic's; each must exist.
@@ -171,29 +238,19 @@ impl Groups for GroupsService {
         &self,
         request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        let mut names = self.broker.store().groups().list();
-        let members = self.coordinator.all().await;
-        names.extend(members.iter().map(|g| g.name.clone()));
-        names.sort_unstable();
-        names.dedup();
-        // Lists only the groups the caller may describe.
         let caller = auth::caller(&self.broker, request.extensions())?;
+        let coordinated_only = request.metadata().get(COORDINATED_ONLY).is_some();
+        let mut summaries = if coordinated_only || internal::replication(&self.broker).is_none() {
+            self.local_summaries(coordinated_only).await
+        } else {
+            self.cluster_summaries().await?
+        };
+        // Lists only the groups the caller may describe.
         if let Some(s) = self.broker.security() {
-            names.retain(|g| s.may(&caller, Operation::Describe, &Resource::group(g)));
+            summaries.retain(|g| s.may(&caller, Operation::Describe, &Resource::group(&g.group)));
         }
-        let summaries = names
-            .iter()
-            .map(|name| {
-                let g = members.iter().find(|g| &g.name == name);
-                GroupSummary {
-                    group: name.clone(),
-                    state: g.map_or("empty", |g| g.state()).to_string(),
-                    member_count: g.map_or(0, |g| g.live_members() as u32),
-                }
-            })
-            .collect();
         Ok(Response::new(ListGroupsResponse {
-            groups: names,
+            groups: summaries.iter().map(|g| g.group.clone()).collect(),
             summaries,
         }))
     }
