@@ -222,7 +222,8 @@ impl Admin {
             .into_inner())
     }
 
-    /// Looks up an offset of one partition.
+    /// Looks up an offset of one partition. A broker of a cluster that holds no replica of
+    /// the partition names one, which is asked instead.
     pub async fn list_offsets(
         &self,
         topic: &str,
@@ -234,15 +235,23 @@ impl Admin {
             OffsetQuery::Latest => Spec::Position(pb::OffsetSpec::Latest as i32),
             OffsetQuery::Timestamp(ts) => Spec::TimestampMs(ts),
         };
-        Ok(self
-            .conn
-            .log()
-            .list_offsets(pb::ListOffsetsRequest {
-                topic: topic.into(),
-                partition,
-                spec: Some(spec),
-            })
-            .await
+        let request = pb::ListOffsetsRequest {
+            topic: topic.into(),
+            partition,
+            spec: Some(spec),
+        };
+        let answer = match self.conn.log().list_offsets(request.clone()).await {
+            // A broker without a replica of the partition (in a cluster) names one.
+            Err(status) => match crate::leaders::leader_hint(&status) {
+                Some(replica) => {
+                    let conn = self.conn.connect_like(&replica).await?;
+                    conn.log().list_offsets(request).await
+                }
+                None => Err(status),
+            },
+            answer => answer,
+        };
+        Ok(answer
             .map_err(|s| ClientError::broker(Some(topic), Some(partition), s))?
             .into_inner())
     }

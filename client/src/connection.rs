@@ -128,6 +128,13 @@ impl Connection {
         Connection::connect_with(addr, &self.options).await
     }
 
+    /// This connection, with `bootstrap` as the address list it belongs to (a connection
+    /// made to one broker of a cluster that another connection found).
+    pub fn with_bootstrap(mut self, bootstrap: &str) -> Connection {
+        self.bootstrap = bootstrap.to_string();
+        self
+    }
+
     /// The TLS and token settings this connection was made with.
     pub fn options(&self) -> &ConnectOptions {
         &self.options

@@ -1,7 +1,17 @@
 //! A subscribed partition's fetch task: it long-polls from its position and hands whole
 //! responses (or a skip, or its final error) to the consumer's channel.
+//!
+//! In a cluster any replica of a partition serves its committed records, so a fetch task
+//! moves rather than fails: a broker without a replica names one (`rill-leader`), and the
+//! task goes there; a broker that stops answering is left for the next address of the
+//! connection's bootstrap list. A replica reached that way may not yet hold the records
+//! up to the task's position (it lags the one the task read from): OUT_OF_RANGE above its
+//! end then means "wait", not "reset the position", for [`BEHIND_GRACE`] after a move.
 
 use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use rill_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -11,6 +21,7 @@ use super::{AutoOffsetReset, Slot};
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::leaders::leader_hint;
 use crate::retry::RetryPolicy;
 
 /// What a fetch task hands the consumer; `generation` tells a stale task's leftovers (from
@@ -34,6 +45,17 @@ pub(super) enum Fetched {
         generation: u64,
         error: ClientError,
     },
+}
+
+/// How long after moving to another broker a position above that broker's end is taken
+/// for a lagging replica (retried) rather than a position out of range (reset).
+pub(super) const BEHIND_GRACE: Duration = Duration::from_secs(30);
+
+/// The broker a fetch task reads from.
+struct Source {
+    conn: Connection,
+    /// When the task last moved to another broker, until that broker answered records.
+    moved_at: Option<Instant>,
 }
 
 /// One partition's long-poll loop.
@@ -64,8 +86,14 @@ enum Step {
 impl FetchTask {
     pub(super) async fn run(self, mut offset: u64) {
         let retry = RetryPolicy::fetch();
+        let source = Mutex::new(Source {
+            conn: self.conn.clone(),
+            moved_at: None,
+        });
         loop {
-            let step = retry.run("fetch", || self.fetch_once(offset)).await;
+            let step = retry
+                .run("fetch", || self.fetch_once(&source, offset))
+                .await;
             let sent = match step {
                 Ok(Step::Records(resp)) => {
                     if resp.records.is_empty() {
@@ -112,8 +140,37 @@ impl FetchTask {
         }
     }
 
-    /// One long-poll at `offset`; on OUT_OF_RANGE, where the reset policy moves it.
-    async fn fetch_once(&self, offset: u64) -> Result<Step> {
+    /// One long-poll at `offset` from the source broker; on failure, moves the source to
+    /// where the next attempt should go (see the module's doc).
+    async fn fetch_once(&self, source: &Mutex<Source>, offset: u64) -> Result<Step> {
+        let mut source = source.lock().await;
+        let behind_ok = source
+            .moved_at
+            .is_some_and(|at| at.elapsed() < BEHIND_GRACE);
+        let result = self.fetch_at(&source.conn, offset, behind_ok).await;
+        match &result {
+            Ok(Step::Records(_)) => source.moved_at = None,
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(next) = next_source(&source.conn, e).await {
+                    tracing::debug!(
+                        topic = %self.topic,
+                        partition = self.slot.1,
+                        from = source.conn.addr(),
+                        to = next.addr(),
+                        "fetching from another broker"
+                    );
+                    source.conn = next;
+                    source.moved_at = Some(Instant::now());
+                }
+            }
+        }
+        result
+    }
+
+    /// One long-poll at `offset` from `conn`; on OUT_OF_RANGE, where the reset policy moves
+    /// it, unless `behind_ok` and the broker's log ends below `offset` (a lagging replica).
+    async fn fetch_at(&self, conn: &Connection, offset: u64, behind_ok: bool) -> Result<Step> {
         let mut request = tonic::Request::new(pb::FetchRequest {
             topic: self.topic.clone(),
             partition: self.slot.1,
@@ -123,14 +180,31 @@ impl FetchTask {
             ..Default::default()
         });
         request.set_timeout(Duration::from_millis(u64::from(self.max_wait_ms) + 10_000));
-        match self.conn.log().fetch(request).await {
+        match conn.log().fetch(request).await {
             Ok(resp) => Ok(Step::Records(resp.into_inner())),
             Err(status) if status.code() == Code::OutOfRange => {
+                if behind_ok {
+                    let end = Admin::new(conn.clone())
+                        .list_offsets(&self.topic, self.slot.1, OffsetQuery::Latest)
+                        .await?
+                        .offset;
+                    if end < offset {
+                        return Err(ClientError::broker(
+                            Some(&self.topic),
+                            Some(self.slot.1),
+                            tonic::Status::unavailable(format!(
+                                "the replica at {} ends at offset {end}, before this \
+                                 consumer's position {offset}: waiting for it to catch up",
+                                conn.addr()
+                            )),
+                        ));
+                    }
+                }
                 let query = match self.reset {
                     AutoOffsetReset::Earliest => OffsetQuery::Earliest,
                     AutoOffsetReset::Latest => OffsetQuery::Latest,
                 };
-                let found = Admin::new(self.conn.clone())
+                let found = Admin::new(conn.clone())
                     .list_offsets(&self.topic, self.slot.1, query)
                     .await?
                     .offset;
@@ -149,5 +223,59 @@ impl FetchTask {
                 status,
             )),
         }
+    }
+}
+
+/// Where a fetch that failed with `error` on `conn` should go next, if elsewhere: the
+/// replica a non-replica named, or, when the broker did not answer (a broken or refused
+/// connection, UNAVAILABLE), the next address of the bootstrap list that accepts a
+/// connection. `None`: try the same broker again (or the error is final).
+async fn next_source(conn: &Connection, error: &ClientError) -> Option<Connection> {
+    if let ClientError::Broker { source, .. } = error {
+        if let Some(hint) = leader_hint(source) {
+            let next = conn.connect_like(&hint).await.ok()?;
+            return Some(next.with_bootstrap(conn.bootstrap()));
+        }
+    }
+    if !error.is_retryable() {
+        return None;
+    }
+    let others = rotate(conn.bootstrap(), conn.addr());
+    for addr in others {
+        if let Ok(next) = conn.connect_like(&addr).await {
+            // Keeps the whole list, so the move after this one goes on round it.
+            return Some(next.with_bootstrap(conn.bootstrap()));
+        }
+    }
+    None
+}
+
+/// The addresses of the comma-separated `bootstrap` list after `current`, wrapping around,
+/// without `current` itself: the order in which a fetch tries the other brokers.
+fn rotate(bootstrap: &str, current: &str) -> Vec<String> {
+    let all: Vec<&str> = bootstrap
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let at = all.iter().position(|a| *a == current);
+    let start = at.map_or(0, |i| i + 1);
+    (0..all.len())
+        .map(|k| all[(start + k) % all.len()])
+        .filter(|a| *a != current)
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotate;
+
+    #[test]
+    fn the_other_brokers_come_in_list_order_after_the_current_one() {
+        assert_eq!(rotate("a:1,b:2,c:3", "b:2"), vec!["c:3", "a:1"]);
+        assert_eq!(rotate("a:1, b:2 ,c:3", "c:3"), vec!["a:1", "b:2"]);
+        assert_eq!(rotate("a:1,b:2,c:3", "x:9"), vec!["a:1", "b:2", "c:3"]);
+        assert!(rotate("a:1", "a:1").is_empty());
     }
 }
