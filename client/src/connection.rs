@@ -128,6 +128,19 @@ impl Connection {
         Connection::connect_with(addr, &self.options).await
     }
 
+    /// A connection to the next broker of this connection's address list that answers,
+    /// trying them in list order after this one and wrapping round; `None` when no other
+    /// answers (or the list has one address). How a client leaves a broker that stopped
+    /// answering: the new connection keeps the whole list, so a later move goes on round it.
+    pub async fn next_in_list(&self) -> Option<Connection> {
+        for addr in others_in_list(&self.bootstrap, &self.addr) {
+            if let Ok(next) = self.connect_like(&addr).await {
+                return Some(next.with_bootstrap(&self.bootstrap));
+            }
+        }
+        None
+    }
+
     /// This connection, with `bootstrap` as the address list it belongs to (a connection
     /// made to one broker of a cluster that another connection found).
     pub fn with_bootstrap(mut self, bootstrap: &str) -> Connection {
@@ -208,4 +221,36 @@ fn chain_text(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// The addresses of the comma-separated `bootstrap` list after `current`, wrapping around,
+/// without `current` itself (all of them, in order, when `current` is not in the list).
+fn others_in_list(bootstrap: &str, current: &str) -> Vec<String> {
+    let all: Vec<&str> = bootstrap
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let start = all.iter().position(|a| *a == current).map_or(0, |i| i + 1);
+    (0..all.len())
+        .map(|k| all[(start + k) % all.len()])
+        .filter(|a| *a != current)
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::others_in_list;
+
+    #[test]
+    fn the_other_brokers_come_in_list_order_after_the_current_one() {
+        assert_eq!(others_in_list("a:1,b:2,c:3", "b:2"), vec!["c:3", "a:1"]);
+        assert_eq!(others_in_list("a:1, b:2 ,c:3", "c:3"), vec!["a:1", "b:2"]);
+        assert_eq!(
+            others_in_list("a:1,b:2,c:3", "x:9"),
+            vec!["a:1", "b:2", "c:3"]
+        );
+        assert!(others_in_list("a:1", "a:1").is_empty());
+    }
 }

@@ -126,7 +126,9 @@ pub struct GroupMember {
 
 #[derive(Debug)]
 struct Shared {
-    conn: Connection,
+    /// The broker heartbeats and commits go to; moved to the next broker of its address
+    /// list when it stops answering (any broker forwards group calls to the coordinator).
+    conn: Mutex<Connection>,
     config: MemberConfig,
     /// A plain lock, held only to read or update the state, never across an await.
     state: Mutex<State>,
@@ -163,7 +165,7 @@ impl GroupMember {
         }
         let (tx, events) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            conn,
+            conn: Mutex::new(conn),
             config,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
@@ -252,8 +254,8 @@ impl GroupMember {
             let s = self.shared.lock();
             (s.member_id.clone(), s.epoch)
         };
-        self.shared
-            .conn
+        let conn = self.shared.conn();
+        let answer = conn
             .groups()
             .commit_offsets(pb::CommitOffsetsRequest {
                 group: self.shared.config.group.clone(),
@@ -271,8 +273,14 @@ impl GroupMember {
                     member_epoch,
                 }),
             })
-            .await
-            .map_err(|s| ClientError::broker(Some(topic), None, s))?;
+            .await;
+        if let Err(status) = &answer {
+            if is_retryable_status(status) {
+                // The caller's retry goes to a broker that answers.
+                self.shared.move_on(&conn).await;
+            }
+        }
+        answer.map_err(|s| ClientError::broker(Some(topic), None, s))?;
         Ok(())
     }
 
@@ -342,7 +350,37 @@ impl Shared {
         &self,
         req: pb::GroupHeartbeatRequest,
     ) -> std::result::Result<pb::GroupHeartbeatResponse, tonic::Status> {
-        Ok(self.conn.groups().group_heartbeat(req).await?.into_inner())
+        let conn = self.conn();
+        let answer = conn.groups().group_heartbeat(req).await;
+        if let Err(status) = &answer {
+            if is_retryable_status(status) {
+                self.move_on(&conn).await;
+            }
+        }
+        Ok(answer?.into_inner())
+    }
+
+    /// The broker group calls go to now.
+    fn conn(&self) -> Connection {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Leaves `failed` (the broker that did not answer) for the next broker of its list
+    /// that does, unless another call moved already.
+    async fn move_on(&self, failed: &Connection) {
+        if let Some(next) = failed.next_in_list().await {
+            let mut conn = self
+                .conn
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if conn.addr() == failed.addr() {
+                tracing::debug!(from = failed.addr(), to = next.addr(), "group calls move");
+                *conn = next;
+            }
+        }
     }
 
     /// Takes an answer in: new partitions are assigned, ones no longer given are revoked.

@@ -1,7 +1,8 @@
 //! The client library's `Consumer` in a cluster, on 3 real broker processes: it reads a
 //! partition through a broker that holds no replica of it (that broker names a replica, and
 //! the fetch moves there), and it goes on reading, exactly once and in order, after kill -9
-//! of the broker it was reading from (the fetch moves to the next broker of its list).
+//! of the broker it was reading from (the fetch moves to the next broker of its list). A
+//! group member's heartbeats and commits move the same way, keeping its membership.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -145,12 +146,54 @@ async fn the_consumer_reads_from_replicas_elsewhere_and_through_the_loss_of_its_
     let mut want: BTreeMap<(String, u32), usize> = (0..3).map(|p| (("two".into(), p), 5)).collect();
     want.insert(("three".into(), 0), 5);
     take(&mut consumer, &mut seen, &want).await;
+    // A group member, also through broker 1.
+    let mut member = Consumer::subscribe(
+        Connection::connect(&list).await.expect("connect member"),
+        ConsumerConfig::new()
+            .group("g")
+            .auto_offset_reset(AutoOffsetReset::Earliest)
+            .auto_commit_interval_ms(None),
+        "three",
+        None,
+    )
+    .await
+    .expect("join");
+    let mut member_seen = BTreeMap::new();
+    let mut member_want = BTreeMap::from([(("three".to_string(), 0), 5)]);
+    take(&mut member, &mut member_seen, &member_want).await;
 
     // kill -9 the consumer's broker; records written after it are read from the others.
     cluster.kill(1).await.expect("kill broker 1");
     produce(&producer, "three", 0, 5, 5).await;
     want.insert(("three".into(), 0), 10);
     take(&mut consumer, &mut seen, &want).await;
+    member_want.insert(("three".into(), 0), 10);
+    take(&mut member, &mut member_seen, &member_want).await;
+    // Its commit reaches the coordinator through a broker that answers (the first try may
+    // meet the coordinator's election: UNAVAILABLE, retried).
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match member.commit().await {
+            Ok(()) => break,
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("commit after the kill: {e}"),
+        }
+    }
+    let committed = rill_client::Admin::new(
+        Connection::connect(&cluster.addr(2).to_string())
+            .await
+            .expect("connect 2"),
+    )
+    .fetch_offsets("g", "three", &[0])
+    .await
+    .expect("fetch offsets");
+    assert_eq!(
+        committed.first().and_then(|c| c.offset),
+        Some(10),
+        "{committed:?}"
+    );
     let three: Vec<String> = seen[&("three".to_string(), 0)]
         .iter()
         .map(|(_, v)| v.clone())

@@ -240,42 +240,5 @@ async fn next_source(conn: &Connection, error: &ClientError) -> Option<Connectio
     if !error.is_retryable() {
         return None;
     }
-    let others = rotate(conn.bootstrap(), conn.addr());
-    for addr in others {
-        if let Ok(next) = conn.connect_like(&addr).await {
-            // Keeps the whole list, so the move after this one goes on round it.
-            return Some(next.with_bootstrap(conn.bootstrap()));
-        }
-    }
-    None
-}
-
-/// The addresses of the comma-separated `bootstrap` list after `current`, wrapping around,
-/// without `current` itself: the order in which a fetch tries the other brokers.
-fn rotate(bootstrap: &str, current: &str) -> Vec<String> {
-    let all: Vec<&str> = bootstrap
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .collect();
-    let at = all.iter().position(|a| *a == current);
-    let start = at.map_or(0, |i| i + 1);
-    (0..all.len())
-        .map(|k| all[(start + k) % all.len()])
-        .filter(|a| *a != current)
-        .map(str::to_string)
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rotate;
-
-    #[test]
-    fn the_other_brokers_come_in_list_order_after_the_current_one() {
-        assert_eq!(rotate("a:1,b:2,c:3", "b:2"), vec!["c:3", "a:1"]);
-        assert_eq!(rotate("a:1, b:2 ,c:3", "c:3"), vec!["a:1", "b:2"]);
-        assert_eq!(rotate("a:1,b:2,c:3", "x:9"), vec!["a:1", "b:2", "c:3"]);
-        assert!(rotate("a:1", "a:1").is_empty());
-    }
+    conn.next_in_list().await
 }
