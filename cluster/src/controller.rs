@@ -397,7 +397,10 @@ mod tests {
     #[test]
     fn a_delete_leaves_a_tombstone_and_a_recreate_gets_a_newer_incarnation() {
         let mut m = Metadata::default();
-        let first = m.apply_command(create("t", 3)).expect("create").expect("meta");
+        let first = m
+            .apply_command(create("t", 3))
+            .expect("create")
+            .expect("meta");
         m.apply_command(create("other", 1)).expect("create");
         m.apply_command(ControllerCommand::DeleteTopic { name: "t".into() })
             .expect("delete");
@@ -406,7 +409,10 @@ mod tests {
         assert_eq!(tomb.incarnation, first.incarnation);
         let groups: Vec<GroupId> = first.partitions.iter().map(|p| p.group).collect();
         assert_eq!(tomb.groups, groups, "the deleted groups are named");
-        let again = m.apply_command(create("t", 3)).expect("recreate").expect("meta");
+        let again = m
+            .apply_command(create("t", 3))
+            .expect("recreate")
+            .expect("meta");
         assert!(again.incarnation > first.incarnation);
         assert!(
             again.partitions.iter().all(|p| !groups.contains(&p.group)),
@@ -418,7 +424,10 @@ mod tests {
                 name: "nothing".into(),
             })
             .expect_err("unknown");
-        assert!(matches!(err, ControllerError::TopicNotFound { .. }), "{err}");
+        assert!(
+            matches!(err, ControllerError::TopicNotFound { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -431,7 +440,10 @@ mod tests {
                 name: "__groups".into(),
             })
             .expect_err("internal");
-        assert!(matches!(err, ControllerError::InternalTopic { .. }), "{err}");
+        assert!(
+            matches!(err, ControllerError::InternalTopic { .. }),
+            "{err}"
+        );
         assert_eq!(m, before, "nothing changed");
     }
 
