@@ -205,6 +205,18 @@ async fn an_rf1_topic_is_known_to_every_broker_and_served_by_its_owners_through_
         cluster.ids().into_iter().collect::<BTreeSet<_>>(),
         "the placement spreads the partitions over the brokers: {owners:?}"
     );
+    let status = cluster.status(2).await.expect("status");
+    for (p, owner) in owners.iter().enumerate() {
+        let b = status
+            .brokers
+            .iter()
+            .find(|b| b.node_id == *owner)
+            .expect("the owner");
+        assert!(
+            b.partitions_led.contains(&format!("solo/{p}")),
+            "the owner leads its partition in ClusterStatus: {status:?}"
+        );
+    }
 
     // Produce to every partition through each broker in turn: the producer follows the
     // redirect to the partition's owner.
