@@ -209,6 +209,20 @@ impl rill_cluster::LocalTopics for BrokerTopics {
             topic.notify(p, next_offset);
         }
     }
+
+    fn delete_topic(&self, name: &str) -> Result<(), String> {
+        if name.starts_with(rill_storage::groups::INTERNAL_TOPIC_PREFIX) {
+            return Err(format!("topic {name} is internal; it is never deleted"));
+        }
+        // As the single broker's delete: the data, then the group offsets (forgotten by
+        // whichever broker leads each group's `__groups` partition).
+        let deleted = match self.0.store().delete_topic(name) {
+            Err(rill_storage::StorageError::TopicNotFound { .. }) => Ok(()),
+            r => r.map_err(|e| e.to_string()),
+        };
+        self.0.forget_deleted(name);
+        deleted
+    }
 }
 
 /// Produces a prepared request to a replicated topic: each partition's batch goes through its
@@ -237,9 +251,10 @@ pub async fn produce_replicated(
     Ok(ProduceResponse { appends })
 }
 
-/// Creates a replicated topic: on the controller leader through the controller group,
+/// Creates a topic in a cluster: on the controller leader through the controller group,
 /// elsewhere by forwarding the request to the controller leader; then waits until the topic
-/// is set up on this broker too.
+/// is set up on this broker too. Replication factor 1 topics go the same way (their
+/// partitions are spread over the brokers, one owner each).
 pub async fn create_replicated(
     broker: &Broker,
     req: &pb::CreateTopicRequest,
@@ -247,6 +262,17 @@ pub async fn create_replicated(
     replication_factor: u32,
 ) -> Result<(), BrokerError> {
     rill_storage::config::validate_name("topic", &req.name)?;
+    if req
+        .name
+        .starts_with(rill_storage::groups::INTERNAL_TOPIC_PREFIX)
+    {
+        return Err(rill_storage::StorageError::InvalidName {
+            kind: "topic",
+            name: req.name.clone(),
+            reason: "names starting with `__` are reserved for internal topics",
+        }
+        .into());
+    }
     config.validate(&req.name)?;
     let Some(replication) = broker.replication() else {
         return Err(BrokerError::invalid(format!(
@@ -254,68 +280,127 @@ pub async fn create_replicated(
             req.name
         )));
     };
-    match replication.controller_leader() {
-        Some((leader, _)) if leader == replication.node_id() => Ok(replication
-            .create_topic(&req.name, config, replication_factor)
-            .await?),
-        Some((_, address)) => {
-            let forward = async {
-                // As a broker (the cluster token, over TLS when on): this broker authorized
-                // its caller already.
-                let transport = broker
-                    .config()
-                    .cluster
-                    .as_ref()
-                    .map(|c| c.peer_transport())
-                    .unwrap_or_default();
-                let mut admin = AdminClient::new(transport.connect_lazy(&address)?);
-                admin.create_topic(req.clone()).await?;
-                Ok::<_, anyhow::Error>(())
-            };
-            match tokio::time::timeout(FORWARD_TIMEOUT, forward).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    if let Some(status) = e.downcast_ref::<tonic::Status>() {
-                        return Err(forwarded_status(status));
-                    }
-                    return Err(BrokerError::ReplicationUnavailable(format!(
-                        "forwarding the creation of topic {} to the controller at {address}: {e}",
-                        req.name
-                    )));
-                }
-                Err(_) => {
-                    return Err(BrokerError::ReplicationUnavailable(format!(
-                        "the controller at {address} did not create topic {} in time",
-                        req.name
-                    )))
-                }
-            }
-            let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
-            while !replication.is_ready(&req.name) {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(BrokerError::ReplicationUnavailable(format!(
-                        "topic {} was created but is not set up on this broker yet",
-                        req.name
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            replication.wait_leaders(&req.name).await;
-            Ok(())
+    if broker.topic(&req.name).is_ok() && !replication.is_known(&req.name) {
+        // A local topic the controller does not know (made before this broker was in a
+        // cluster): the name is taken here.
+        return Err(rill_storage::StorageError::TopicExists {
+            topic: req.name.clone(),
         }
-        None => Err(BrokerError::ReplicationUnavailable(
+        .into());
+    }
+    let leader = controller_leader(replication)?;
+    if leader.0 == replication.node_id() {
+        return Ok(replication
+            .create_topic(&req.name, config, replication_factor)
+            .await?);
+    }
+    let forward = |mut admin: AdminClient<rill_cluster::network::PeerChannel>| {
+        let req = req.clone();
+        async move { admin.create_topic(req).await.map(|_| ()) }
+    };
+    forward_to_controller(broker, &leader.1, &req.name, "creation", forward).await?;
+    let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+    while !replication.is_ready(&req.name) {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BrokerError::ReplicationUnavailable(format!(
+                "topic {} was created but is not set up on this broker yet",
+                req.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replication.wait_leaders(&req.name).await;
+    Ok(())
+}
+
+/// Deletes a topic of the controller's: on the controller leader through the controller
+/// group (a tombstone every broker follows), elsewhere by forwarding the request to the
+/// controller leader; then waits until this broker's copy is gone.
+pub async fn delete_replicated(broker: &Broker, name: &str) -> Result<(), BrokerError> {
+    let Some(replication) = broker.replication() else {
+        return Err(BrokerError::Internal("not in a cluster".into()));
+    };
+    if name.starts_with(rill_storage::groups::INTERNAL_TOPIC_PREFIX) {
+        return Err(BrokerError::invalid(format!(
+            "topic {name} is internal (the brokers' own state); it cannot be deleted"
+        )));
+    }
+    let before = replication.incarnation(name);
+    let leader = controller_leader(replication)?;
+    if leader.0 == replication.node_id() {
+        return Ok(replication.delete_topic(name).await?);
+    }
+    let forward = |mut admin: AdminClient<rill_cluster::network::PeerChannel>| {
+        let req = pb::DeleteTopicRequest {
+            name: name.to_string(),
+        };
+        async move { admin.delete_topic(req).await.map(|_| ()) }
+    };
+    forward_to_controller(broker, &leader.1, name, "deletion", forward).await?;
+    if let Some(incarnation) = before {
+        replication.wait_deleted(name, incarnation).await?;
+    }
+    Ok(())
+}
+
+/// The controller leader's node id and address, or UNAVAILABLE during an election.
+fn controller_leader(replication: &Replication) -> Result<(u64, String), BrokerError> {
+    replication.controller_leader().ok_or_else(|| {
+        BrokerError::ReplicationUnavailable(
             "the cluster controller has no leader (an election is running); retry".into(),
-        )),
+        )
+    })
+}
+
+/// Sends an admin call about `topic` to the controller leader at `address` as a broker
+/// (the cluster token, over TLS when on: this broker authorized its caller already), and
+/// maps its refusal to this broker's own error.
+async fn forward_to_controller<F, Fut>(
+    broker: &Broker,
+    address: &str,
+    topic: &str,
+    what: &str,
+    call: F,
+) -> Result<(), BrokerError>
+where
+    F: FnOnce(AdminClient<rill_cluster::network::PeerChannel>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let forward = async {
+        let transport = broker
+            .config()
+            .cluster
+            .as_ref()
+            .map(|c| c.peer_transport())
+            .unwrap_or_default();
+        let admin = AdminClient::new(transport.connect_lazy(address)?);
+        call(admin).await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, forward).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            if let Some(status) = e.downcast_ref::<tonic::Status>() {
+                return Err(forwarded_status(status));
+            }
+            Err(BrokerError::ReplicationUnavailable(format!(
+                "forwarding the {what} of topic {topic} to the controller at {address}: {e}"
+            )))
+        }
+        Err(_) => Err(BrokerError::ReplicationUnavailable(format!(
+            "the controller at {address} did not finish the {what} of topic {topic} in time"
+        ))),
     }
 }
 
-/// How long a forwarded topic creation may take.
+/// How long a forwarded topic creation or deletion may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The controller leader's refusal, as this broker's own error.
 fn forwarded_status(status: &tonic::Status) -> BrokerError {
     match status.code() {
         tonic::Code::AlreadyExists
+        | tonic::Code::NotFound
         | tonic::Code::FailedPrecondition
         | tonic::Code::InvalidArgument => {
             BrokerError::Forwarded(status.code(), status.message().to_string())

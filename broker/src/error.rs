@@ -159,6 +159,9 @@ impl From<rill_cluster::partition::CreateError> for BrokerError {
             CreateError::Refused(e @ ControllerError::NotEnoughBrokers { .. }) => {
                 BrokerError::NotEnoughBrokers(e.to_string())
             }
+            CreateError::Refused(e @ ControllerError::InternalTopic { .. }) => {
+                BrokerError::InvalidArgument(e.to_string())
+            }
             e => BrokerError::ReplicationUnavailable(e.to_string()),
         }
     }

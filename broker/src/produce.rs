@@ -141,6 +141,13 @@ pub fn prepare(broker: &Broker, req: ProduceRequest) -> Result<Prepared, BrokerE
             out
         }
     };
+    if let Some(replication) = broker.replication() {
+        // A replication factor 1 partition of a cluster is written only by its owner; the
+        // others name it (`rill-leader`), before anything is appended.
+        for (p, _, _) in &batches {
+            replication.check_owned(topic.name(), *p)?;
+        }
+    }
     Ok(Prepared {
         topic,
         batches,

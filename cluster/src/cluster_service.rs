@@ -124,12 +124,17 @@ impl Cluster for ClusterService {
         let config = registry.config();
         let (controller_leader, controller_term) = self.controller_view();
         let seen = registry.last_seen();
-        // Who leads each replicated partition, as the replicas on this broker see it.
+        // Who leads each replicated partition, as the replicas on this broker see it; a
+        // replication factor 1 partition is led by its owner.
         let mut led: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
         if let Some(replication) = &self.replication {
             for (name, topic) in &self.node.metadata().topics {
-                for p in 0..topic.partitions.len() as u32 {
-                    if let Some(leader) = replication.leader(name, p) {
+                for (p, meta) in topic.partitions.iter().enumerate() {
+                    let leader = match meta.replicas[..] {
+                        [owner] => Some(owner),
+                        _ => replication.leader(name, p as u32),
+                    };
+                    if let Some(leader) = leader {
                         led.entry(leader).or_default().push(format!("{name}/{p}"));
                     }
                 }

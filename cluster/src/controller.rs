@@ -3,12 +3,19 @@
 //!
 //! Brokers and their addresses are the controller group's Raft membership itself (each node's
 //! `BasicNode` address), so they are not repeated here.
+//!
+//! Deletes leave a [`Tombstone`]: every topic gets an incarnation number when it is created
+//! (a recreate of the same name gets a higher one), and a delete records the deleted
+//! incarnation. A broker deletes its local copy of a topic only on that positive evidence (a
+//! tombstone, or the same name at a newer incarnation), never because the metadata it has
+//! applied so far lacks the topic: right after a start it is still being replayed.
 
 use std::collections::BTreeMap;
 use std::io;
 
 use serde::{Deserialize, Serialize};
 
+use rill_storage::groups::INTERNAL_TOPIC_PREFIX;
 use rill_storage::TopicConfig;
 
 use crate::machine::Machine;
@@ -32,6 +39,19 @@ pub struct TopicMeta {
     pub replication_factor: u32,
     /// The partitions, by number.
     pub partitions: Vec<PartitionMeta>,
+    /// This topic's incarnation: unique over the cluster's life, higher for a later
+    /// creation of the same name (1 for the first topic ever created).
+    pub incarnation: u64,
+}
+
+/// What a delete leaves behind, so that a broker that missed it (down at the time, or given a
+/// snapshot instead of the entries) still deletes its copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The deleted incarnation: a local copy of this one or an older one is stale.
+    pub incarnation: u64,
+    /// The deleted incarnation's partition groups (their folders go too).
+    pub groups: Vec<GroupId>,
 }
 
 /// The replicated cluster metadata.
@@ -43,6 +63,52 @@ pub struct Metadata {
     pub next_group: GroupId,
     /// Partitions placed so far, where the next topic's placement starts.
     pub placed: u64,
+    /// The last incarnation given to a topic.
+    pub last_incarnation: u64,
+    /// The latest deleted incarnation of each deleted name (one entry per name, kept after a
+    /// recreate: it is what tells a broker that missed the delete to drop its copy).
+    pub deleted: BTreeMap<String, Tombstone>,
+}
+
+/// The metadata as snapshots stored it before incarnations and tombstones: read once after
+/// an upgrade (its topics get incarnation 0, which no later topic has).
+#[derive(Debug, Clone, Default, Deserialize)]
+struct MetadataWithoutTombstones {
+    topics: BTreeMap<String, TopicMetaWithoutIncarnation>,
+    next_group: GroupId,
+    placed: u64,
+}
+
+/// A topic in [`MetadataWithoutTombstones`].
+#[derive(Debug, Clone, Deserialize)]
+struct TopicMetaWithoutIncarnation {
+    config: TopicConfig,
+    replication_factor: u32,
+    partitions: Vec<PartitionMeta>,
+}
+
+impl From<MetadataWithoutTombstones> for Metadata {
+    fn from(old: MetadataWithoutTombstones) -> Self {
+        Metadata {
+            topics: old
+                .topics
+                .into_iter()
+                .map(|(name, t)| {
+                    let meta = TopicMeta {
+                        config: t.config,
+                        replication_factor: t.replication_factor,
+                        partitions: t.partitions,
+                        incarnation: 0,
+                    };
+                    (name, meta)
+                })
+                .collect(),
+            next_group: old.next_group,
+            placed: old.placed,
+            last_incarnation: 0,
+            deleted: BTreeMap::new(),
+        }
+    }
 }
 
 /// A change to the metadata, proposed through the controller group.
@@ -94,6 +160,12 @@ pub enum ControllerError {
     /// A command this version cannot read.
     #[error("undecodable controller command: {0}")]
     Undecodable(String),
+    /// Internal topics hold the brokers' own state and are never deleted.
+    #[error("topic {topic} is internal (the brokers' own state); it cannot be deleted")]
+    InternalTopic {
+        /// The topic.
+        topic: String,
+    },
 }
 
 /// The answer to a [`ControllerCommand`].
@@ -155,18 +227,36 @@ impl Metadata {
                         PartitionMeta { group, replicas }
                     })
                     .collect();
+                self.last_incarnation += 1;
                 let meta = TopicMeta {
                     config,
                     replication_factor,
                     partitions,
+                    incarnation: self.last_incarnation,
                 };
                 self.topics.insert(name, meta.clone());
                 Ok(Some(meta))
             }
-            ControllerCommand::DeleteTopic { name } => match self.topics.remove(&name) {
-                Some(_) => Ok(None),
-                None => Err(ControllerError::TopicNotFound { topic: name }),
-            },
+            ControllerCommand::DeleteTopic { name } => {
+                if name.starts_with(INTERNAL_TOPIC_PREFIX) {
+                    return Err(ControllerError::InternalTopic { topic: name });
+                }
+                let Some(meta) = self.topics.remove(&name) else {
+                    return Err(ControllerError::TopicNotFound { topic: name });
+                };
+                let groups = meta
+                    .partitions
+                    .iter()
+                    .map(|p| p.group)
+                    .filter(|g| *g != CONTROLLER_GROUP)
+                    .collect();
+                let tombstone = Tombstone {
+                    incarnation: meta.incarnation,
+                    groups,
+                };
+                self.deleted.insert(name, tombstone);
+                Ok(Some(meta))
+            }
         }
     }
 }
@@ -187,15 +277,30 @@ impl Machine for Controller {
         Ok(Reply(bincode::serialize(&reply).map_err(io::Error::other)?))
     }
 
+    /// The metadata after [`SNAPSHOT_MARK`].
     fn snapshot(&self) -> io::Result<Vec<u8>> {
-        bincode::serialize(&self.metadata).map_err(io::Error::other)
+        let mut bytes = SNAPSHOT_MARK.to_le_bytes().to_vec();
+        bincode::serialize_into(&mut bytes, &self.metadata).map_err(io::Error::other)?;
+        Ok(bytes)
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.metadata = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        self.metadata = match bytes.split_first_chunk::<8>() {
+            Some((mark, rest)) if u64::from_le_bytes(*mark) == SNAPSHOT_MARK => {
+                bincode::deserialize(rest).map_err(io::Error::other)?
+            }
+            // A snapshot written before tombstones existed: the bare metadata of then.
+            _ => bincode::deserialize::<MetadataWithoutTombstones>(bytes)
+                .map(Metadata::from)
+                .map_err(io::Error::other)?,
+        };
         Ok(())
     }
 }
+
+/// The first 8 bytes of a controller snapshot with incarnations and tombstones. A snapshot
+/// from before them starts with its topic count, which is never this.
+const SNAPSHOT_MARK: u64 = u64::MAX;
 
 #[cfg(test)]
 mod tests {
@@ -275,5 +380,114 @@ mod tests {
         let before = m.clone();
         assert!(m.apply_command(create("t", 2)).is_err());
         assert_eq!(m, before);
+    }
+
+    fn create(name: &str, rf: u32) -> ControllerCommand {
+        ControllerCommand::CreateTopic {
+            name: name.into(),
+            config: TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+            replication_factor: rf,
+            brokers: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn a_delete_leaves_a_tombstone_and_a_recreate_gets_a_newer_incarnation() {
+        let mut m = Metadata::default();
+        let first = m
+            .apply_command(create("t", 3))
+            .expect("create")
+            .expect("meta");
+        m.apply_command(create("other", 1)).expect("create");
+        m.apply_command(ControllerCommand::DeleteTopic { name: "t".into() })
+            .expect("delete");
+        assert!(!m.topics.contains_key("t"));
+        let tomb = m.deleted.get("t").expect("a tombstone");
+        assert_eq!(tomb.incarnation, first.incarnation);
+        let groups: Vec<GroupId> = first.partitions.iter().map(|p| p.group).collect();
+        assert_eq!(tomb.groups, groups, "the deleted groups are named");
+        let again = m
+            .apply_command(create("t", 3))
+            .expect("recreate")
+            .expect("meta");
+        assert!(again.incarnation > first.incarnation);
+        assert!(
+            again.partitions.iter().all(|p| !groups.contains(&p.group)),
+            "a recreate never reuses a group id"
+        );
+        assert_eq!(m.deleted["t"].incarnation, first.incarnation, "kept");
+        let err = m
+            .apply_command(ControllerCommand::DeleteTopic {
+                name: "nothing".into(),
+            })
+            .expect_err("unknown");
+        assert!(
+            matches!(err, ControllerError::TopicNotFound { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_internal_topic_cannot_be_deleted() {
+        let mut m = Metadata::default();
+        m.apply_command(create("__groups", 3)).expect("create");
+        let before = m.clone();
+        let err = m
+            .apply_command(ControllerCommand::DeleteTopic {
+                name: "__groups".into(),
+            })
+            .expect_err("internal");
+        assert!(
+            matches!(err, ControllerError::InternalTopic { .. }),
+            "{err}"
+        );
+        assert_eq!(m, before, "nothing changed");
+    }
+
+    #[test]
+    fn snapshots_keep_tombstones_and_an_old_snapshot_still_restores() {
+        let mut c = Controller::default();
+        c.metadata.apply_command(create("t", 2)).expect("create");
+        c.metadata.apply_command(create("u", 1)).expect("create");
+        c.metadata
+            .apply_command(ControllerCommand::DeleteTopic { name: "t".into() })
+            .expect("delete");
+        let bytes = c.snapshot().expect("snapshot");
+        let mut restored = Controller::default();
+        restored.restore(&bytes).expect("restore");
+        assert_eq!(restored.metadata, c.metadata);
+        assert!(restored.metadata.deleted.contains_key("t"));
+
+        // The layout of a snapshot written before incarnations.
+        #[derive(Serialize)]
+        struct OldTopic<'a> {
+            config: &'a TopicConfig,
+            replication_factor: u32,
+            partitions: &'a [PartitionMeta],
+        }
+        let u = &c.metadata.topics["u"];
+        let old: (BTreeMap<String, OldTopic<'_>>, GroupId, u64) = (
+            [(
+                "u".to_string(),
+                OldTopic {
+                    config: &u.config,
+                    replication_factor: 1,
+                    partitions: &u.partitions,
+                },
+            )]
+            .into(),
+            7,
+            4,
+        );
+        let mut from_old = Controller::default();
+        from_old
+            .restore(&bincode::serialize(&old).expect("encode"))
+            .expect("an old snapshot restores");
+        assert_eq!(from_old.metadata.next_group, 7);
+        assert_eq!(from_old.metadata.topics["u"].incarnation, 0);
+        assert_eq!(from_old.metadata.topics["u"].partitions, u.partitions);
     }
 }

@@ -207,6 +207,17 @@ impl GroupHost {
         self.inner.groups.read().get(&group).cloned()
     }
 
+    /// Stops group `group`'s Raft instance and forgets it (its files stay; see
+    /// [`GroupHost::group_dir`]). Nothing happens for a group not running here.
+    pub async fn stop_group(&self, group: GroupId) {
+        let raft = self.inner.groups.write().remove(&group);
+        if let Some(raft) = raft {
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(group, error = %e, "a Raft group did not stop cleanly");
+            }
+        }
+    }
+
     /// Stops every group's Raft instance (their files stay consistent: every write was
     /// complete when it was reported).
     pub async fn shutdown(&self) {

@@ -15,11 +15,13 @@
 //! - [`peers`]: [`PeerList`] (`--peers`) and [`ClusterConfig`], a broker's cluster settings.
 //! - [`node`]: [`ClusterNode`], a broker's membership: join handshake, liveness pings, the
 //!   controller group and its bootstrap.
-//! - [`controller`]: the controller's state machine (topics, replica sets, group ids) and
-//!   the placement.
+//! - [`controller`]: the controller's state machine (topics, replica sets, group ids,
+//!   incarnations and delete tombstones) and the placement.
 //! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
-//!   batches to a replica's log; [`Replication`] starts this broker's replica groups from
-//!   the metadata and routes writes to them.
+//!   batches to a replica's log; [`Replication`] sets the controller's topics up here from
+//!   the metadata (replication factor 1 ones served by their owners), starts this broker's
+//!   replica groups, routes writes to them, and deletes local copies that tombstones show
+//!   stale (`partition/topics.rs`).
 //! - [`internal`]: the internal replicated topics (group, security and subscription state):
 //!   their creation at the cluster's start, and leadership for their writers.
 //! - [`catch_up`]: a follower's pull of the records a snapshot says it lacks, from another

@@ -15,7 +15,7 @@
 //! `leader` ack's offset is the one the apply will give the entry if it commits: the
 //! machine's applied end plus the records of the entries between.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::sync::atomic::AtomicU64;
@@ -43,6 +43,9 @@ pub trait LocalTopics: Send + Sync + 'static {
     fn partition(&self, name: &str, p: u32) -> Option<PartitionLog>;
     /// Records were appended to partition `p` up to `next_offset`: wake waiting fetches.
     fn appended(&self, name: &str, p: u32, next_offset: u64);
+    /// Deletes topic `name` locally (its data, and its group offsets as a single broker's
+    /// delete does); nothing to do if it does not exist. Blocking.
+    fn delete_topic(&self, name: &str) -> Result<(), String>;
 }
 
 /// What a replicated write's acknowledgement waits for.
@@ -311,7 +314,7 @@ pub enum WriteError {
     },
 }
 
-/// Why a replicated topic could not be created.
+/// Why a topic could not be created or deleted through the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
     /// The controller refused it.
@@ -327,8 +330,8 @@ struct Inner {
     local: Arc<dyn LocalTopics>,
     /// (topic, partition) → group, for the replicas this broker runs.
     groups: RwLock<HashMap<(String, u32), GroupId>>,
-    /// Topics with a replication factor above 1.
-    replicated: RwLock<HashSet<String>>,
+    /// The controller's topics set up here, as `replicated-topics` records them.
+    topics: RwLock<HashMap<String, topics::LocalSetup>>,
     /// Per group run here: its machine and the waiters of its `leader` acks.
     replicas: RwLock<HashMap<GroupId, (MachineStore<PartitionMachine>, AppendWaiters)>>,
     /// The next token for a `leader` ack's command (random start: tokens of several brokers
@@ -343,9 +346,12 @@ pub struct Replication {
     inner: Arc<Inner>,
 }
 
-/// The file, beside the groups' folders, that lists the replicated topics of this broker, one
-/// name a line. It is read at start, before any request is served, so a produce to a
-/// replicated topic never takes the local path while the metadata is still being caught up.
+/// The file, beside the groups' folders, that lists the controller's topics set up on this
+/// broker, one a line with its incarnation, its partitions' owners (replication factor 1) and
+/// its groups (see `topics::parse_setups`). It is read at start, before any request is
+/// served, so a produce never takes a path its topic does not allow (the local log of a
+/// replicated topic, or of another broker's partition) while the metadata is still being
+/// caught up.
 const REPLICATED_TOPICS_FILE: &str = "replicated-topics";
 
 /// How many entries the leader's log may run ahead of its applied index before a `leader`
@@ -358,16 +364,12 @@ const INIT_GRACE_MS: u64 = 3_000;
 
 impl Replication {
     /// Replication over `node`'s groups, with partitions kept in `local`. Reads the list of
-    /// replicated topics: blocking, call from a blocking thread.
+    /// the controller's topics set up here: blocking, call from a blocking thread.
     pub fn open(node: ClusterNode, local: Arc<dyn LocalTopics>) -> io::Result<Self> {
         let path = node.host().dir().join(REPLICATED_TOPICS_FILE);
-        let replicated = match std::fs::read_to_string(&path) {
-            Ok(text) => text
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
+        let topics = match std::fs::read_to_string(&path) {
+            Ok(text) => topics::parse_setups(&text)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => HashMap::new(),
             Err(e) => return Err(e),
         };
         Ok(Replication {
@@ -375,7 +377,7 @@ impl Replication {
                 node,
                 local,
                 groups: RwLock::new(HashMap::new()),
-                replicated: RwLock::new(replicated),
+                topics: RwLock::new(topics),
                 replicas: RwLock::new(HashMap::new()),
                 next_token: AtomicU64::new(
                     std::collections::hash_map::RandomState::new()
@@ -387,26 +389,9 @@ impl Replication {
         })
     }
 
-    /// Adds `name` to the replicated topics, on disk first.
-    async fn mark_replicated(&self, name: &str) -> Result<(), String> {
-        let mut names: Vec<String> = self.inner.replicated.read().iter().cloned().collect();
-        names.push(name.to_string());
-        names.sort();
-        let dir = self.inner.node.host().dir().to_path_buf();
-        let text = names.join("\n") + "\n";
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)?;
-            crate::log_store::write_atomic(&dir, REPLICATED_TOPICS_FILE, text.as_bytes())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        self.inner.replicated.write().insert(name.to_string());
-        Ok(())
-    }
-
-    /// Follows the controller's metadata in the background: creates replicated topics
-    /// locally and starts the groups of this broker's replicas.
+    /// Follows the controller's metadata in the background: sets its topics up locally,
+    /// starts the groups of this broker's replicas, and deletes what it deleted (see
+    /// `topics`).
     pub fn start(&self, shutdown: CancellationToken, tasks: &TaskTracker) {
         let this = self.clone();
         tasks.spawn(async move {
@@ -431,50 +416,6 @@ impl Replication {
             self.sync(&metadata).await;
             if metrics.changed().await.is_err() {
                 return;
-            }
-        }
-    }
-
-    async fn sync(&self, metadata: &Metadata) {
-        let me = self.inner.node.node_id();
-        for (name, topic) in &metadata.topics {
-            if topic.replication_factor <= 1 {
-                continue;
-            }
-            if !self.inner.replicated.read().contains(name)
-                || self.inner.local.partition(name, 0).is_none()
-            {
-                // Marked first: from then on, no produce here takes the local path.
-                if !self.inner.replicated.read().contains(name) {
-                    if let Err(e) = self.mark_replicated(name).await {
-                        tracing::error!(topic = %name, error = %e, "cannot record a replicated topic");
-                        continue;
-                    }
-                }
-                let local = self.inner.local.clone();
-                let (n, config) = (name.clone(), topic.config.clone());
-                let made = tokio::task::spawn_blocking(move || local.ensure_topic(&n, &config))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r);
-                if let Err(e) = made {
-                    tracing::error!(topic = %name, error = %e, "cannot create a replicated topic here");
-                    continue;
-                }
-            }
-            for (p, meta) in topic.partitions.iter().enumerate() {
-                let p = p as u32;
-                if !meta.replicas.contains(&me)
-                    || self.inner.groups.read().contains_key(&(name.clone(), p))
-                {
-                    continue;
-                }
-                if let Err(e) = self
-                    .start_replica(name, p, meta.group, &meta.replicas)
-                    .await
-                {
-                    tracing::error!(topic = %name, partition = p, error = %e, "cannot start a replica");
-                }
             }
         }
     }
@@ -556,12 +497,16 @@ impl Replication {
 
     /// Whether `topic` is replicated (its writes go through Raft).
     pub fn is_replicated(&self, topic: &str) -> bool {
-        self.inner.replicated.read().contains(topic)
+        self.inner
+            .topics
+            .read()
+            .get(topic)
+            .is_some_and(|s| s.owners.is_none())
     }
 
-    /// Whether `topic` is replicated and set up on this broker.
+    /// Whether `topic` is one of the controller's topics and set up on this broker.
     pub fn is_ready(&self, topic: &str) -> bool {
-        self.is_replicated(topic) && self.inner.local.partition(topic, 0).is_some()
+        self.is_controlled(topic) && self.inner.local.partition(topic, 0).is_some()
     }
 
     /// The Raft group of partition `p` of `topic` on this broker.
@@ -604,9 +549,11 @@ impl Replication {
     }
 
     /// Whether partition `p` of `topic` may be read here: it is not replicated, or this
-    /// broker holds a replica. Otherwise the error names the partition's leader as far as
-    /// this broker knows it (the preferred replica of the placement).
+    /// broker holds a replica; a replication factor 1 partition only at its owner. Otherwise
+    /// the error names the partition's leader as far as this broker knows it (the preferred
+    /// replica of the placement, or the owner).
     pub fn check_readable(&self, topic: &str, p: u32) -> Result<(), WriteError> {
+        self.check_owned(topic, p)?;
         if !self.is_replicated(topic)
             || self
                 .inner
@@ -717,6 +664,7 @@ impl std::fmt::Debug for Replication {
 }
 
 mod create;
+mod topics;
 mod write;
 
 #[cfg(test)]

@@ -152,7 +152,15 @@ impl Admin for AdminService {
         let topic = Resource::topic(&request.get_ref().name);
         let caller = auth::check(&self.broker, request.extensions(), Operation::Create, topic)?;
         let req = request.into_inner();
-        if let Some(rf) = req.replication_factor.filter(|rf| *rf > 1) {
+        // In a cluster every topic goes through the controller (replication factor 1 too);
+        // without one, a replication factor above 1 is refused there.
+        let clustered = self.broker.replication().is_some();
+        if let Some(rf) = req
+            .replication_factor
+            .filter(|rf| *rf > 1 || clustered)
+            .or(clustered.then_some(1))
+        {
+            let rf = rf.max(1);
             let config = resolve_config(req.config.clone(), &self.broker.config().topic_defaults)?;
             crate::cluster::create_replicated(&self.broker, &req, config, rf).await?;
             let state = self.broker.topic(&req.name)?;
@@ -188,17 +196,16 @@ impl Admin for AdminService {
         let caller = auth::check(&self.broker, request.extensions(), Operation::Delete, topic)?;
         let name = request.into_inner().name;
         rill_storage::config::validate_name("topic", &name).map_err(BrokerError::from)?;
-        if self
-            .broker
-            .replication()
-            .is_some_and(|r| r.is_replicated(&name))
-        {
-            // Deleting on one broker would leave the other replicas and the controller's
-            // metadata behind; a cluster-wide delete is not built yet.
-            return Err(BrokerError::NotSupported(format!(
-                "topic {name} is replicated; deleting replicated topics is not supported yet"
-            ))
-            .into());
+        if let Some(r) = self.broker.replication() {
+            // In a cluster, a topic is deleted through the controller, everywhere; only a
+            // local topic the controller does not know (made before this broker joined a
+            // cluster) is deleted here alone, as on a single broker.
+            if r.is_known(&name) || self.broker.topic(&name).is_err() {
+                crate::cluster::delete_replicated(&self.broker, &name).await?;
+                tracing::info!(topic = %name, "topic deleted through the controller");
+                tracing::info!(target: "rill::audit", by = %caller.principal, topic = %name, "topic deleted");
+                return Ok(Response::new(pb::DeleteTopicResponse {}));
+            }
         }
         let store = self.broker.store().clone();
         let broker = self.broker.clone();

@@ -16,6 +16,9 @@ impl LocalTopics for NoTopics {
         None
     }
     fn appended(&self, _: &str, _: u32, _: u64) {}
+    fn delete_topic(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 fn batch(values: &[&str]) -> Command {
