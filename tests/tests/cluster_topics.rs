@@ -484,3 +484,85 @@ async fn deleting_an_internal_or_unknown_topic_is_refused_and_changes_nothing() 
         assert_eq!(md.topics.len(), 1, "node {id} still has __groups");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_through_a_delete_and_a_recreate_drops_the_old_data_for_the_new_topic() {
+    let mut cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    create(&cluster, 1, "again", 1, 3).await.expect("create");
+    let producer = producer_via(&cluster, 1).await;
+    let old: Vec<String> = (0..6).map(|i| format!("old-{i}")).collect();
+    send(&producer, "again", 0, &old).await;
+    drop(producer);
+    let down = 3;
+    cluster
+        .wait_records(down, "again", 0, 6, DEADLINE)
+        .await
+        .expect("replicated");
+    let old_groups = groups_of(&cluster, down, "again");
+    let old_incarnation: u64 = setup_line(&cluster, down, "again").expect("line")[1]
+        .parse()
+        .expect("incarnation");
+    cluster.kill(down).await.expect("kill -9");
+    delete(&cluster, 1, "again").await.expect("delete");
+    // Recreated on the two live brokers once they see the third one down (the placement
+    // takes live brokers only), so it holds no replica of the new topic.
+    for id in [1, 2] {
+        cluster
+            .wait_live(id, &[1, 2], DEADLINE)
+            .await
+            .expect("node 3 seen down");
+    }
+    create(&cluster, 2, "again", 1, 2).await.expect("recreate");
+    let producer = producer_via(&cluster, 2).await;
+    let new = send(&producer, "again", 0, &["new-0".to_string()]).await;
+    assert_eq!(new.keys().copied().collect::<Vec<_>>(), vec![0]);
+    drop(producer);
+
+    cluster.restart(down).await.expect("restart");
+    wait_until(
+        "the returning broker sets the new incarnation up in place of the old one",
+        || async {
+            setup_line(&cluster, down, "again").is_some_and(|l| {
+                l.len() == 4 && l[1].parse::<u64>().is_ok_and(|i| i > old_incarnation)
+            }) && lists(&cluster, down, "again").await == Some(true)
+        },
+    )
+    .await;
+    for g in &old_groups {
+        assert!(
+            !group_dir(&cluster, down, *g).exists(),
+            "the old incarnation's group {g} is gone"
+        );
+    }
+    // Its local copy is the new, empty one: none of the old records.
+    let mut admin = cluster.clients(down).await.expect("connect").admin;
+    let described = admin
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "again".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(described.partitions.len(), 1);
+    assert_eq!(
+        described.partitions[0].high_watermark, 0,
+        "the old incarnation's records are gone"
+    );
+    // Reads through it go to a replica of the new topic, which holds only the new record.
+    let err = cluster
+        .clients(down)
+        .await
+        .expect("connect")
+        .fetch("again", 0, 0, 0)
+        .await
+        .expect_err("no replica here");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    for id in [1, 2] {
+        let got = cluster.read_all(id, "again", 0).await.expect("read");
+        assert_eq!(got, new, "node {id}");
+    }
+}
