@@ -218,6 +218,20 @@ impl Subscriptions {
                 .into());
             }
         }
+        for t in std::iter::once(&config.topic).chain(config.dead_letter_topic.as_ref()) {
+            if let Some((replicas, brokers)) = broker
+                .replication()
+                .and_then(|r| r.replicas_short_of_every_broker(t))
+            {
+                return Err(SubscriptionError::TopicNotOnEveryBroker {
+                    subscription: name.into(),
+                    topic: t.clone(),
+                    replicas,
+                    brokers,
+                }
+                .into());
+            }
+        }
         let _admin = self.inner.admin.lock().await;
         if self.inner.subs.read().contains_key(name) {
             return Err(SubscriptionError::Exists { name: name.into() }.into());
