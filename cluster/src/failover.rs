@@ -11,10 +11,13 @@
 //! each peer, on the channel its Raft traffic uses. A killed process's kernel closes its
 //! sockets at once, so the stream breaks at once; the watcher then tries a plain TCP
 //! connection to the peer's address ([`probe`]). *Refused* means no process listens there:
-//! the peer is down ([`Verdict::Down`]). Anything else (the connection is accepted, or
-//! times out, or the network is unreachable) decides nothing ([`Verdict::Undecided`]): the
-//! watch reopens and the timers handle the rest, as before. A paused (SIGSTOP) or cut-off
-//! peer keeps its sockets open, so it is never reported this way.
+//! the peer is down ([`Verdict::Down`]). *Accepted* means something still listens
+//! ([`Verdict::Listening`]): a live peer (the break was transient) answers a new watch, and
+//! a dying process, whose listening socket can outlive its connections for a moment, soon
+//! refuses; the watcher alternates the two for up to [`JUDGE_WINDOW`]. Anything else (a
+//! timeout, an unreachable network) decides nothing ([`Verdict::Undecided`]): the timers
+//! handle it, as before. A paused (SIGSTOP) or cut-off peer keeps its sockets open, so it
+//! is never reported this way.
 //!
 //! **Election** ([`decide`]): for each Raft group hosted here whose known leader is the
 //! dead peer and in which this broker is a voter, every surviving voter triggers one
@@ -23,7 +26,9 @@
 //! merits. The first round usually splits (every survivor voted for itself), so the
 //! *driver*, the live voter with the lowest node id, triggers again every
 //! [`RETRY_INTERVAL`] (once the previous round's vote requests have come back) until a
-//! leader is known, or the deadline (twice the longest election timeout) passes. A driver
+//! leader is known, or the deadline (twice the longest election timeout) passes. The other
+//! live voters trigger again too, less often (the `k`-th every `2k + 1` intervals), in case
+//! the driver cannot help (it did not see the peer die, or is still starting). A voter
 //! whose candidacy a voter with a longer log refused stops (it cannot win); that voter, on
 //! refusing it, drives instead. Elections are always safe in Raft (only liveness is at
 //! stake), and the extra terms carry no leader, so nothing in Rill sees them but the
@@ -49,11 +54,17 @@ use crate::types::{GroupId, NodeId, Raft};
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(50);
 /// How long opening a watch (and its first event) may take.
 const OPEN_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// How long reopening a watch may take while judging a peer whose watch ended: a live
+/// peer answers within it; a dying process never does.
+const RECHECK_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a peer whose watch ended is judged (probes alternating with reopened watches)
+/// before it is left to the timers.
+pub const JUDGE_WINDOW: Duration = Duration::from_millis(1_000);
 /// How long the connection probe may take; a peer that does not answer within it is not
 /// judged (a refusal from a live host comes back at once).
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
-/// The pause before reopening a watch that ended without the peer being found down.
-const REOPEN_PAUSE: Duration = Duration::from_millis(100);
+/// The pause between two checks of a peer whose watch ended.
+const REOPEN_PAUSE: Duration = Duration::from_millis(50);
 
 /// What a connection attempt to a peer's address showed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,8 +82,11 @@ pub enum Probe {
 pub enum Verdict {
     /// Its process is gone: help elect new leaders for what it led.
     Down,
-    /// Not decided here (a transient break, a proxy, a slow network): reopen the watch and
-    /// leave failures to the election timers.
+    /// Something listens at its address: reopen the watch (a live peer answers it) or
+    /// probe again (a dying process soon refuses).
+    Listening,
+    /// Not decided here (a slow or unreachable network): leave failures to the election
+    /// timers.
     Undecided,
 }
 
@@ -80,7 +94,8 @@ pub enum Verdict {
 pub fn verdict(probe: Probe) -> Verdict {
     match probe {
         Probe::Refused => Verdict::Down,
-        Probe::Accepted | Probe::Unknown => Verdict::Undecided,
+        Probe::Accepted => Verdict::Listening,
+        Probe::Unknown => Verdict::Undecided,
     }
 }
 
@@ -140,6 +155,8 @@ pub struct Tick {
     pub asked: bool,
     /// Vote requests of this group sent from here still awaiting an answer (or a timeout).
     pub votes_in_flight: usize,
+    /// How long ago this driver last triggered an election, if it did.
+    pub since_elect: Option<Duration>,
 }
 
 /// What the driver does next.
@@ -168,11 +185,19 @@ pub fn decide(t: &Tick) -> Step {
         // Give up this voter's lease, so the driver's next request is answered on its merits.
         return Step::Elect;
     }
-    if t.outlogged {
+    if t.outlogged || t.votes_in_flight > 0 {
         return Step::Wait;
     }
-    let drives = live_voters.first() == Some(&t.me) || t.asked;
-    if drives && t.votes_in_flight == 0 {
+    // The driver (rank 0), or a voter that a shorter log asked, every interval; the others
+    // every 3, 5, ... intervals. The driver's loop looks once per interval, so its elapsed
+    // time always reaches one interval.
+    let rank = live_voters.iter().position(|v| *v == t.me).unwrap_or(0) as u32;
+    let period = if t.asked {
+        RETRY_INTERVAL
+    } else {
+        RETRY_INTERVAL * (2 * rank + 1)
+    };
+    if t.since_elect.is_none_or(|since| since >= period) {
         Step::Elect
     } else {
         Step::Wait
@@ -290,19 +315,58 @@ impl Failover {
                 // A malformed address: the join refuses it with the reason.
                 Err(_) => return,
             };
-            match open_watch(channel, node.node_id(), peer).await {
-                Ok(mut stream) => {
-                    // Events past the first are not sent; the stream ends when the
-                    // connection does (or the peer shuts down).
-                    while let Ok(Some(_)) = stream.message().await {}
-                    let probed = probe(address, node.peers().source_ip()).await;
-                    if verdict(probed) == Verdict::Down {
-                        self.peer_down(node, peer);
-                    }
-                    tokio::time::sleep(REOPEN_PAUSE).await;
+            let mut stream = match open_watch(channel, node.node_id(), peer, OPEN_TIMEOUT).await
+            {
+                Ok(stream) => stream,
+                Err(status) => {
+                    tracing::trace!(peer, %status, "could not watch the peer");
+                    tokio::time::sleep(PING_INTERVAL).await;
+                    continue;
                 }
-                Err(_) => tokio::time::sleep(PING_INTERVAL).await,
+            };
+            tracing::debug!(peer, "watching the peer");
+            loop {
+                // Events past the first are not sent; the stream ends when the connection
+                // does (or the peer shuts down).
+                while let Ok(Some(_)) = stream.message().await {}
+                match self.judge(node, peer, address).await {
+                    Some(again) => stream = again,
+                    None => break,
+                }
             }
+            tokio::time::sleep(PING_INTERVAL).await;
+        }
+    }
+
+    /// After `peer`'s watch ended: probes its address until it refuses (the peer is down)
+    /// or the peer answers a new watch (a transient break: the new stream is returned),
+    /// for at most [`JUDGE_WINDOW`].
+    async fn judge(
+        &self,
+        node: &ClusterNode,
+        peer: NodeId,
+        address: &str,
+    ) -> Option<Streaming<WatchEvent>> {
+        let until = Instant::now() + JUDGE_WINDOW;
+        loop {
+            let probed = probe(address, node.peers().source_ip()).await;
+            tracing::debug!(peer, ?probed, "the watch of the peer ended");
+            match verdict(probed) {
+                Verdict::Down => {
+                    self.peer_down(node, peer);
+                    return None;
+                }
+                Verdict::Undecided => return None,
+                Verdict::Listening => {}
+            }
+            let channel = node.peers().channel(address).ok()?;
+            if let Ok(stream) = open_watch(channel, node.node_id(), peer, RECHECK_TIMEOUT).await {
+                return Some(stream);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(REOPEN_PAUSE).await;
         }
     }
 
@@ -319,7 +383,10 @@ impl Failover {
             let led = {
                 let m = raft.metrics();
                 let m = m.borrow();
-                m.current_leader == Some(peer) && m.state != ServerState::Leader
+                // The committed vote names the leader too (a replica still starting may
+                // not have published it as the current leader yet).
+                let voted = m.vote.is_committed() && m.vote.leader_id().voted_for() == Some(peer);
+                (m.current_leader == Some(peer) || voted) && m.state != ServerState::Leader
             };
             if !led || !self.inner.driving.lock().insert(group) {
                 continue;
@@ -344,6 +411,7 @@ impl Failover {
         let notes = node.host().election_notes();
         let registry = node.registry();
         let mut first = true;
+        let mut elected_at: Option<Instant> = None;
         loop {
             let n = notes.get(group);
             let tick = {
@@ -365,16 +433,27 @@ impl Failover {
                     outlogged: n.outlogged_at.is_some_and(|at| at >= started),
                     asked: n.refused_shorter_at.is_some_and(|at| at >= started),
                     votes_in_flight: n.votes_in_flight,
+                    since_elect: elected_at.map(|at| at.elapsed()),
                 }
             };
             match decide(&tick) {
-                Step::Stop => return,
+                Step::Stop => {
+                    tracing::info!(
+                        group,
+                        dead,
+                        leader = ?tick.leader,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "failover of the group done"
+                    );
+                    return;
+                }
                 Step::Elect => {
                     tracing::debug!(group, dead, "triggering an election");
                     if raft.trigger().elect().await.is_err() {
                         // The group stopped.
                         return;
                     }
+                    elected_at = Some(Instant::now());
                 }
                 Step::Wait => {}
             }
@@ -384,11 +463,12 @@ impl Failover {
     }
 }
 
-/// Opens a watch of `peer` and reads its first event.
+/// Opens a watch of `peer` and reads its first event, each within `timeout`.
 async fn open_watch(
     channel: PeerChannel,
     me: NodeId,
     peer: NodeId,
+    timeout: Duration,
 ) -> Result<Streaming<WatchEvent>, tonic::Status> {
     let mut client = RaftClient::new(channel);
     // No deadline on the call itself: it would end the stream.
@@ -396,11 +476,11 @@ async fn open_watch(
         from_node: me,
         to_node: peer,
     };
-    let mut stream = tokio::time::timeout(OPEN_TIMEOUT, client.watch(request))
+    let mut stream = tokio::time::timeout(timeout, client.watch(request))
         .await
         .map_err(|_| tonic::Status::deadline_exceeded("opening the watch"))??
         .into_inner();
-    match tokio::time::timeout(OPEN_TIMEOUT, stream.message()).await {
+    match tokio::time::timeout(timeout, stream.message()).await {
         Ok(Ok(Some(event))) if event.node_id == peer => Ok(stream),
         Ok(Ok(Some(event))) => Err(tonic::Status::failed_precondition(format!(
             "node {} answered a watch of node {peer}",

@@ -20,14 +20,16 @@ fn tick(me: NodeId) -> Tick {
         outlogged: false,
         asked: false,
         votes_in_flight: 0,
+        since_elect: None,
     }
 }
 
-/// A later look (after the first round).
+/// A later look: one interval after the first round.
 fn later(me: NodeId) -> Tick {
     Tick {
         first: false,
         leader: None,
+        since_elect: Some(RETRY_INTERVAL),
         ..tick(me)
     }
 }
@@ -40,7 +42,7 @@ async fn a_refused_connection_is_down_and_an_accepted_one_is_not() {
     let addr = listener.local_addr().expect("addr").to_string();
     let accepted = probe(&addr, None).await;
     assert_eq!(accepted, Probe::Accepted);
-    assert_eq!(verdict(accepted), Verdict::Undecided, "a live listener");
+    assert_eq!(verdict(accepted), Verdict::Listening, "a live listener");
     drop(listener);
     let refused = probe(&addr, None).await;
     assert_eq!(refused, Probe::Refused);
@@ -64,9 +66,19 @@ fn every_surviving_voter_elects_once_at_once_to_give_up_its_lease() {
 }
 
 #[test]
-fn after_the_first_round_only_the_lowest_live_voter_drives() {
+fn after_the_first_round_the_lowest_live_voter_elects_every_interval_the_next_every_third() {
     assert_eq!(decide(&later(2)), Step::Elect);
     assert_eq!(decide(&later(3)), Step::Wait);
+    let two = Tick {
+        since_elect: Some(RETRY_INTERVAL * 2),
+        ..later(3)
+    };
+    assert_eq!(decide(&two), Step::Wait);
+    let three = Tick {
+        since_elect: Some(RETRY_INTERVAL * 3),
+        ..later(3)
+    };
+    assert_eq!(decide(&three), Step::Elect, "in case the driver cannot help");
     // The leader still named as the dead one (no election seen yet) changes nothing.
     let stale = Tick {
         leader: Some(1),
@@ -86,6 +98,13 @@ fn a_voter_not_live_here_does_not_drive_and_the_next_one_does() {
     assert_eq!(decide(&five(3)), Step::Elect);
     assert_eq!(decide(&five(4)), Step::Wait);
     assert_eq!(decide(&five(5)), Step::Wait);
+    let at = |me, intervals| Tick {
+        since_elect: Some(RETRY_INTERVAL * intervals),
+        ..five(me)
+    };
+    assert_eq!(decide(&at(4, 3)), Step::Elect, "rank 1: every 3 intervals");
+    assert_eq!(decide(&at(5, 3)), Step::Wait, "rank 2: every 5 intervals");
+    assert_eq!(decide(&at(5, 5)), Step::Elect);
 }
 
 #[test]
@@ -130,6 +149,7 @@ fn it_stops_at_the_deadline_without_a_live_majority_or_as_a_non_voter() {
 fn a_driver_outlogged_stops_electing_and_the_voter_with_the_longer_log_drives() {
     let outlogged = Tick {
         outlogged: true,
+        since_elect: Some(RETRY_INTERVAL * 10),
         ..later(2)
     };
     assert_eq!(decide(&outlogged), Step::Wait);
@@ -208,11 +228,11 @@ async fn a_watch_stays_open_while_the_peer_runs_and_its_end_then_a_refusal_is_do
     let stop = CancellationToken::new();
     let (addr, server) = serve_node_2(dir.path(), stop.clone()).await;
     let peers = crate::network::Peers::default();
-    let mut stream = open_watch(peers.channel(&addr).expect("channel"), 1, 2)
+    let mut stream = open_watch(peers.channel(&addr).expect("channel"), 1, 2, OPEN_TIMEOUT)
         .await
         .expect("the watch opens with node 2's event");
     // A watch of another node id is refused.
-    let wrong = open_watch(peers.channel(&addr).expect("channel"), 1, 3).await;
+    let wrong = open_watch(peers.channel(&addr).expect("channel"), 1, 3, OPEN_TIMEOUT).await;
     assert!(wrong.is_err(), "{wrong:?}");
     // Open while the peer runs.
     let open = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
