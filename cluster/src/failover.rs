@@ -30,7 +30,8 @@
 //! live voters trigger again too, less often (the `k`-th every `2k + 1` intervals), in case
 //! the driver cannot help (it did not see the peer die, or is still starting). A voter
 //! whose candidacy a voter with a longer log refused stops (it cannot win); that voter, on
-//! refusing it, drives instead. Elections are always safe in Raft (only liveness is at
+//! refusing it, drives instead. A voter that granted its vote to another candidate waits
+//! for it (a new election would unseat the leader it is becoming). Elections are always safe in Raft (only liveness is at
 //! stake), and the extra terms carry no leader, so nothing in Rill sees them but the
 //! `rill_raft_elections_total` counter.
 
@@ -139,6 +140,8 @@ pub struct Tick {
     /// The leader this replica knows (none while an election runs); this broker when it
     /// leads.
     pub leader: Option<NodeId>,
+    /// The candidate (or leader) this replica's current vote is for.
+    pub voted_for: Option<NodeId>,
     /// The group's voters.
     pub voters: BTreeSet<NodeId>,
     /// The voters this broker counts as live (itself always is).
@@ -186,6 +189,13 @@ pub fn decide(t: &Tick) -> Step {
         return Step::Elect;
     }
     if t.outlogged || t.votes_in_flight > 0 {
+        return Step::Wait;
+    }
+    if !t.asked && t.voted_for.is_some_and(|v| v != t.me && v != t.dead) {
+        // This voter granted another candidate its vote: that one is becoming leader (its
+        // first append makes it known here). Running against it would unseat it. (A voter
+        // that refused a shorter log may hold a vote it only learned from a refusal, for a
+        // candidate that cannot win: it campaigns anyway.)
         return Step::Wait;
     }
     // The driver (rank 0), or a voter that a shorter log asked, every interval; the others
@@ -422,6 +432,7 @@ impl Failover {
                     me: node.node_id(),
                     dead,
                     leader: m.current_leader,
+                    voted_for: m.vote.leader_id().voted_for(),
                     live: voters
                         .iter()
                         .copied()

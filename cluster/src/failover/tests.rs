@@ -13,6 +13,7 @@ fn tick(me: NodeId) -> Tick {
         me,
         dead: 1,
         leader: Some(1),
+        voted_for: Some(1),
         voters: [1, 2, 3].into(),
         live: [2, 3].into(),
         first: true,
@@ -29,6 +30,7 @@ fn later(me: NodeId) -> Tick {
     Tick {
         first: false,
         leader: None,
+        voted_for: Some(me),
         since_elect: Some(RETRY_INTERVAL),
         ..tick(me)
     }
@@ -250,4 +252,28 @@ async fn a_watch_stays_open_while_the_peer_runs_and_its_end_then_a_refusal_is_do
         .expect("the server stops despite the open watch")
         .expect("server task");
     assert_eq!(verdict(probe(&addr, None).await), Verdict::Down);
+}
+
+#[test]
+fn a_voter_that_granted_another_candidate_its_vote_does_not_run_against_it() {
+    let granted = Tick {
+        voted_for: Some(3),
+        since_elect: Some(RETRY_INTERVAL * 10),
+        ..later(2)
+    };
+    assert_eq!(decide(&granted), Step::Wait);
+    // A vote learned from a candidate with a shorter log (which cannot win) does not stop
+    // the voter that refused it.
+    let asked = Tick {
+        voted_for: Some(2),
+        asked: true,
+        ..later(3)
+    };
+    assert_eq!(decide(&asked), Step::Elect);
+    // A vote still for the dead leader (not yet given up) is no reason to wait.
+    let stale = Tick {
+        voted_for: Some(1),
+        ..later(2)
+    };
+    assert_eq!(decide(&stale), Step::Elect);
 }
