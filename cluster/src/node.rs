@@ -12,7 +12,8 @@
 //!    initialised (a restart): openraft refuses a second initialisation anyway.
 //!
 //! Pings go on every [`PING_INTERVAL`] to every peer; a peer is live while its last answer
-//! (or its last ping to us) is younger than the session.
+//! (or its last ping to us) is younger than the session, and the failure detector
+//! ([`crate::failover`]) has not found its process gone since.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
