@@ -459,7 +459,7 @@ impl Failover {
                     return;
                 }
                 Step::Elect => {
-                    tracing::debug!(group, dead, "triggering an election");
+                    tracing::debug!(group, dead, ?tick, "triggering an election");
                     if raft.trigger().elect().await.is_err() {
                         // The group stopped.
                         return;
