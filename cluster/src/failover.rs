@@ -23,8 +23,8 @@
 //! dead peer and in which this broker is a voter, every surviving voter triggers one
 //! election at once. That gives up its lease (a candidate's vote is not committed, and only
 //! a committed vote holds a lease), so the others' next vote requests are answered on their
-//! merits. The first round usually splits (every survivor voted for itself), so the
-//! *driver*, the live voter with the lowest node id, triggers again every
+//! merits. That first round may fail (a voter asked before it gave up its lease refuses),
+//! so the *driver*, the live voter with the highest node id, triggers again every
 //! [`RETRY_INTERVAL`] (once the previous round's vote requests have come back) until a
 //! leader is known, or the deadline (twice the longest election timeout) passes. The other
 //! live voters trigger again too, less often (the `k`-th every `2k + 1` intervals), in case
@@ -198,10 +198,12 @@ pub fn decide(t: &Tick) -> Step {
         // candidate that cannot win: it campaigns anyway.)
         return Step::Wait;
     }
-    // The driver (rank 0), or a voter that a shorter log asked, every interval; the others
-    // every 3, 5, ... intervals. The driver's loop looks once per interval, so its elapsed
-    // time always reaches one interval.
-    let rank = live_voters.iter().position(|v| *v == t.me).unwrap_or(0) as u32;
+    // The driver (rank 0, the highest live id), or a voter that a shorter log asked, every
+    // interval; the others every 3, 5, ... intervals. The highest id drives because
+    // openraft orders votes of one term by node id: its candidacy beats the others' of the
+    // same term, so the rounds of lower ids (which would unseat it) are the rare ones. The
+    // driver's loop looks once per interval, so its elapsed time always reaches one interval.
+    let rank = live_voters.iter().rev().position(|v| *v == t.me).unwrap_or(0) as u32;
     let period = if t.asked {
         RETRY_INTERVAL
     } else {

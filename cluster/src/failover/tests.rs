@@ -7,15 +7,15 @@ use openraft::{CommittedLeaderId, LogId, Vote};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A first look of node `me` in a 3-voter group whose leader 1 died, everyone else live.
+/// A first look of node `me` in a 3-voter group whose leader 3 died, everyone else live.
 fn tick(me: NodeId) -> Tick {
     Tick {
         me,
-        dead: 1,
-        leader: Some(1),
-        voted_for: Some(1),
+        dead: 3,
+        leader: Some(3),
+        voted_for: Some(3),
         voters: [1, 2, 3].into(),
-        live: [2, 3].into(),
+        live: [1, 2].into(),
         first: true,
         expired: false,
         outlogged: false,
@@ -64,26 +64,26 @@ async fn an_address_that_does_not_answer_decides_nothing() {
 #[test]
 fn every_surviving_voter_elects_once_at_once_to_give_up_its_lease() {
     assert_eq!(decide(&tick(2)), Step::Elect, "the driver");
-    assert_eq!(decide(&tick(3)), Step::Elect, "the other survivor");
+    assert_eq!(decide(&tick(1)), Step::Elect, "the other survivor");
 }
 
 #[test]
-fn after_the_first_round_the_lowest_live_voter_elects_every_interval_the_next_every_third() {
+fn after_the_first_round_the_highest_live_voter_elects_every_interval_the_next_every_third() {
     assert_eq!(decide(&later(2)), Step::Elect);
-    assert_eq!(decide(&later(3)), Step::Wait);
+    assert_eq!(decide(&later(1)), Step::Wait);
     let two = Tick {
         since_elect: Some(RETRY_INTERVAL * 2),
-        ..later(3)
+        ..later(1)
     };
     assert_eq!(decide(&two), Step::Wait);
     let three = Tick {
         since_elect: Some(RETRY_INTERVAL * 3),
-        ..later(3)
+        ..later(1)
     };
     assert_eq!(decide(&three), Step::Elect, "in case the driver cannot help");
     // The leader still named as the dead one (no election seen yet) changes nothing.
     let stale = Tick {
-        leader: Some(1),
+        leader: Some(3),
         ..later(2)
     };
     assert_eq!(decide(&stale), Step::Elect);
@@ -91,28 +91,28 @@ fn after_the_first_round_the_lowest_live_voter_elects_every_interval_the_next_ev
 
 #[test]
 fn a_voter_not_live_here_does_not_drive_and_the_next_one_does() {
-    // Five voters, 1 dead, 2 not heard from: 3 drives, 4 and 5 wait.
+    // Five voters, 3 dead, 5 not heard from: 4 drives, 2 and 1 wait.
     let five = |me| Tick {
         voters: [1, 2, 3, 4, 5].into(),
-        live: [3, 4, 5].into(),
+        live: [1, 2, 4].into(),
         ..later(me)
     };
-    assert_eq!(decide(&five(3)), Step::Elect);
-    assert_eq!(decide(&five(4)), Step::Wait);
-    assert_eq!(decide(&five(5)), Step::Wait);
+    assert_eq!(decide(&five(4)), Step::Elect);
+    assert_eq!(decide(&five(2)), Step::Wait);
+    assert_eq!(decide(&five(1)), Step::Wait);
     let at = |me, intervals| Tick {
         since_elect: Some(RETRY_INTERVAL * intervals),
         ..five(me)
     };
-    assert_eq!(decide(&at(4, 3)), Step::Elect, "rank 1: every 3 intervals");
-    assert_eq!(decide(&at(5, 3)), Step::Wait, "rank 2: every 5 intervals");
-    assert_eq!(decide(&at(5, 5)), Step::Elect);
+    assert_eq!(decide(&at(2, 3)), Step::Elect, "rank 1: every 3 intervals");
+    assert_eq!(decide(&at(1, 3)), Step::Wait, "rank 2: every 5 intervals");
+    assert_eq!(decide(&at(1, 5)), Step::Elect);
 }
 
 #[test]
 fn it_stops_as_soon_as_a_leader_is_known() {
-    for me in [2, 3] {
-        for leader in [2, 3] {
+    for me in [1, 2] {
+        for leader in [1, 2] {
             let t = Tick {
                 leader: Some(leader),
                 ..later(me)
@@ -134,7 +134,7 @@ fn it_stops_at_the_deadline_without_a_live_majority_or_as_a_non_voter() {
         ..later(2)
     };
     assert_eq!(decide(&expired), Step::Stop);
-    // 3 is not live either: 2 alone cannot win, so it does not raise terms in vain.
+    // 1 is not live either: 2 alone cannot win, so it does not raise terms in vain.
     let alone = Tick {
         live: [2].into(),
         ..tick(2)
@@ -157,7 +157,7 @@ fn a_driver_outlogged_stops_electing_and_the_voter_with_the_longer_log_drives() 
     assert_eq!(decide(&outlogged), Step::Wait);
     let asked = Tick {
         asked: true,
-        ..later(3)
+        ..later(1)
     };
     assert_eq!(decide(&asked), Step::Elect);
 }
@@ -257,7 +257,7 @@ async fn a_watch_stays_open_while_the_peer_runs_and_its_end_then_a_refusal_is_do
 #[test]
 fn a_voter_that_granted_another_candidate_its_vote_does_not_run_against_it() {
     let granted = Tick {
-        voted_for: Some(3),
+        voted_for: Some(1),
         since_elect: Some(RETRY_INTERVAL * 10),
         ..later(2)
     };
@@ -267,12 +267,12 @@ fn a_voter_that_granted_another_candidate_its_vote_does_not_run_against_it() {
     let asked = Tick {
         voted_for: Some(2),
         asked: true,
-        ..later(3)
+        ..later(1)
     };
     assert_eq!(decide(&asked), Step::Elect);
     // A vote still for the dead leader (not yet given up) is no reason to wait.
     let stale = Tick {
-        voted_for: Some(1),
+        voted_for: Some(3),
         ..later(2)
     };
     assert_eq!(decide(&stale), Step::Elect);
