@@ -11,12 +11,12 @@
 //! each peer, on the channel its Raft traffic uses. A killed process's kernel closes its
 //! sockets at once, so the stream breaks at once; the watcher then tries a plain TCP
 //! connection to the peer's address ([`probe`]). *Refused* means no process listens there:
-//! the peer is down ([`Verdict::Down`]). *Accepted* means something still listens
-//! ([`Verdict::Listening`]): a live peer (the break was transient) answers a new watch, and
-//! a dying process, whose listening socket can outlive its connections for a moment, soon
-//! refuses; the watcher alternates the two for up to [`JUDGE_WINDOW`]. Anything else (a
-//! timeout, an unreachable network) decides nothing ([`Verdict::Undecided`]): the timers
-//! handle it, as before. A paused (SIGSTOP) or cut-off peer keeps its sockets open, so it
+//! the peer is down ([`Verdict::Down`]). *Accepted*, or another immediate failure (a reset),
+//! means something still listens or is closing ([`Verdict::CheckAgain`]): a live peer (the
+//! break was transient) answers a new watch, and a dying process, whose listening socket can
+//! outlive its connections for a moment, soon refuses; the watcher alternates the two for up
+//! to [`JUDGE_WINDOW`]. No answer within the probe's timeout decides nothing
+//! ([`Verdict::Undecided`]): the timers handle it, as before. A paused (SIGSTOP) or cut-off peer keeps its sockets open, so it
 //! is never reported this way.
 //!
 //! **Election** ([`decide`]): for each Raft group hosted here whose known leader is the
@@ -74,6 +74,9 @@ pub enum Probe {
     Refused,
     /// Accepted: something listens (the peer, or a proxy in front of it).
     Accepted,
+    /// The connection failed at once another way (reset while the peer's listening socket
+    /// closed, say): worth another look.
+    Failed(std::io::ErrorKind),
     /// Neither within the timeout, or the address did not resolve: nothing is known.
     Unknown,
 }
@@ -83,9 +86,10 @@ pub enum Probe {
 pub enum Verdict {
     /// Its process is gone: help elect new leaders for what it led.
     Down,
-    /// Something listens at its address: reopen the watch (a live peer answers it) or
-    /// probe again (a dying process soon refuses).
-    Listening,
+    /// Something listens at its address, or the connection failed at once another way:
+    /// reopen the watch (a live peer answers it) or probe again (a dying process soon
+    /// refuses).
+    CheckAgain,
     /// Not decided here (a slow or unreachable network): leave failures to the election
     /// timers.
     Undecided,
@@ -95,7 +99,7 @@ pub enum Verdict {
 pub fn verdict(probe: Probe) -> Verdict {
     match probe {
         Probe::Refused => Verdict::Down,
-        Probe::Accepted => Verdict::Listening,
+        Probe::Accepted | Probe::Failed(_) => Verdict::CheckAgain,
         Probe::Unknown => Verdict::Undecided,
     }
 }
@@ -119,14 +123,15 @@ pub async fn probe(addr: &str, source: Option<IpAddr>) -> Probe {
         return Probe::Unknown;
     };
     if let Some(source) = source_for(source, addr) {
-        if socket.bind(SocketAddr::new(source, 0)).is_err() {
-            return Probe::Unknown;
+        if let Err(e) = socket.bind(SocketAddr::new(source, 0)) {
+            return Probe::Failed(e.kind());
         }
     }
     match tokio::time::timeout(PROBE_TIMEOUT, socket.connect(target)).await {
         Ok(Ok(_stream)) => Probe::Accepted,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Probe::Refused,
-        _ => Probe::Unknown,
+        Ok(Err(e)) => Probe::Failed(e.kind()),
+        Err(_) => Probe::Unknown,
     }
 }
 
@@ -369,7 +374,7 @@ impl Failover {
                     return None;
                 }
                 Verdict::Undecided => return None,
-                Verdict::Listening => {}
+                Verdict::CheckAgain => {}
             }
             let channel = node.peers().channel(address).ok()?;
             if let Ok(stream) = open_watch(channel, node.node_id(), peer, RECHECK_TIMEOUT).await {

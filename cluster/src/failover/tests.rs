@@ -44,7 +44,7 @@ async fn a_refused_connection_is_down_and_an_accepted_one_is_not() {
     let addr = listener.local_addr().expect("addr").to_string();
     let accepted = probe(&addr, None).await;
     assert_eq!(accepted, Probe::Accepted);
-    assert_eq!(verdict(accepted), Verdict::Listening, "a live listener");
+    assert_eq!(verdict(accepted), Verdict::CheckAgain, "a live listener");
     drop(listener);
     let refused = probe(&addr, None).await;
     assert_eq!(refused, Probe::Refused);
@@ -57,8 +57,13 @@ async fn an_address_that_does_not_answer_decides_nothing() {
     let unknown = probe("no-such-broker.invalid:7171", None).await;
     assert_eq!(unknown, Probe::Unknown);
     assert_eq!(verdict(unknown), Verdict::Undecided);
-    // Only a refusal means down: a timeout (a paused or cut-off peer) never does.
+    // Only a refusal means down: a timeout (a paused or cut-off peer) never does, and a
+    // reset (a listener closing) is looked at again.
     assert_eq!(verdict(Probe::Unknown), Verdict::Undecided);
+    assert_eq!(
+        verdict(Probe::Failed(std::io::ErrorKind::ConnectionReset)),
+        Verdict::CheckAgain
+    );
 }
 
 #[test]
