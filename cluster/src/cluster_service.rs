@@ -154,6 +154,9 @@ impl Cluster for ClusterService {
                 },
                 controller_leader: node_id == controller_leader,
                 partitions_led: led.remove(&node_id).unwrap_or_default(),
+                down_detected_ms: registry
+                    .down_detected(node_id)
+                    .map(|d| d.as_millis() as u64),
             })
             .collect();
         Ok(Response::new(ClusterStatusResponse {

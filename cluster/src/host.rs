@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 use crate::error::ClusterError;
+use crate::failover::ElectionNotes;
 use crate::log_store::{LogPolicy, LogStore};
 use crate::machine::{Machine, MachineStore};
 use crate::network::{GroupNetwork, Peers};
@@ -50,6 +51,8 @@ struct Inner {
     peers: Peers,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Raft>>,
+    /// What vote requests and answers showed, for the failover's election drivers.
+    notes: Arc<ElectionNotes>,
     /// Until when this broker refuses to vote, when it started without any Raft state.
     vote_quiet_until: Option<Instant>,
 }
@@ -117,6 +120,7 @@ impl GroupHost {
                 peers,
                 config: Arc::new(config),
                 groups: RwLock::new(HashMap::new()),
+                notes: Arc::default(),
                 vote_quiet_until,
             }),
         })
@@ -172,7 +176,12 @@ impl GroupHost {
                 context: "opening the group's files",
                 source,
             })?;
-        let network = GroupNetwork::new(group, self.inner.node_id, self.inner.peers.clone());
+        let network = GroupNetwork::new(
+            group,
+            self.inner.node_id,
+            self.inner.peers.clone(),
+            self.inner.notes.clone(),
+        );
         let raft = Raft::new(
             self.inner.node_id,
             self.inner.config.clone(),
@@ -200,6 +209,17 @@ impl GroupHost {
             return Err(ClusterError::GroupExists(group));
         }
         Ok((raft, store))
+    }
+
+    /// Every group running here.
+    pub fn groups(&self) -> Vec<(GroupId, Raft)> {
+        let groups = self.inner.groups.read();
+        groups.iter().map(|(id, raft)| (*id, raft.clone())).collect()
+    }
+
+    /// What this broker's vote requests and answers showed (see [`crate::failover`]).
+    pub fn election_notes(&self) -> &Arc<ElectionNotes> {
+        &self.inner.notes
     }
 
     /// The Raft instance of `group`, if it runs here.

@@ -24,6 +24,9 @@
 //!   stale (`partition/topics.rs`).
 //! - [`internal`]: the internal replicated topics (group, security and subscription state):
 //!   their creation at the cluster's start, and leadership for their writers.
+//! - [`failover`]: [`Failover`], the failure detector (a watch stream to every peer; a
+//!   broken stream plus a refused reconnect means the peer's process is gone) and the
+//!   election drivers that replace what it led without waiting for the election timers.
 //! - [`catch_up`]: a follower's pull of the records a snapshot says it lacks, from another
 //!   replica's partition log (`Log.Fetch`).
 //! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
@@ -33,6 +36,7 @@ pub mod catch_up;
 pub mod cluster_service;
 pub mod controller;
 pub mod error;
+pub mod failover;
 pub mod host;
 pub mod internal;
 pub mod log_store;
@@ -46,6 +50,7 @@ pub mod types;
 
 pub use cluster_service::ClusterService;
 pub use error::ClusterError;
+pub use failover::Failover;
 pub use host::{GroupHost, RaftTimings};
 pub use log_store::LogStore;
 pub use machine::{Machine, MachineStore};

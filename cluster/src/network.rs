@@ -30,6 +30,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::failover::{refused_for_log, ElectionNotes};
 use crate::types::{GroupId, Node, NodeId, TypeConfig};
 
 /// How long a connection attempt to a peer may take.
@@ -126,12 +127,17 @@ impl Peers {
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
+
+    /// The address connections to loopback peers leave from (see [`source_for`]).
+    pub(crate) fn source_ip(&self) -> Option<IpAddr> {
+        self.transport.source_ip
+    }
 }
 
 /// The local address a connection to `addr` leaves from: `source` when both it and the
 /// target are loopback addresses of the same family (brokers on one machine, each on its own
 /// 127.0.0.N), else the system's choice. A loopback source could not reach another host.
-fn source_for(source: Option<IpAddr>, addr: &str) -> Option<IpAddr> {
+pub(crate) fn source_for(source: Option<IpAddr>, addr: &str) -> Option<IpAddr> {
     let source = source.filter(IpAddr::is_loopback)?;
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -145,12 +151,19 @@ pub struct GroupNetwork {
     group: GroupId,
     from: NodeId,
     peers: Peers,
+    notes: Arc<ElectionNotes>,
 }
 
 impl GroupNetwork {
-    /// The network of `group` on node `from`, over the shared `peers`.
-    pub fn new(group: GroupId, from: NodeId, peers: Peers) -> Self {
-        GroupNetwork { group, from, peers }
+    /// The network of `group` on node `from`, over the shared `peers`, noting what vote
+    /// requests show in `notes`.
+    pub fn new(group: GroupId, from: NodeId, peers: Peers, notes: Arc<ElectionNotes>) -> Self {
+        GroupNetwork {
+            group,
+            from,
+            peers,
+            notes,
+        }
     }
 }
 
@@ -163,6 +176,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
             from: self.from,
             to: target,
             channel: self.peers.channel(&node.addr).map_err(|e| e.to_string()),
+            notes: self.notes.clone(),
         }
     }
 }
@@ -174,6 +188,7 @@ pub struct PeerClient {
     to: NodeId,
     /// The channel, or why none could be made (a malformed address).
     channel: Result<PeerChannel, String>,
+    notes: Arc<ElectionNotes>,
 }
 
 /// Why a call to a peer failed, before openraft's error types are chosen.
@@ -296,9 +311,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(RpcKind::Vote, &rpc, &option)
+        // In flight until answered, failed, or dropped at openraft's timeout.
+        let _in_flight = self.notes.vote_sent(self.group);
+        let answer: VoteResponse<NodeId> = self
+            .call(RpcKind::Vote, &rpc, &option)
             .await
-            .map_err(|e| self.to_rpc_error(e))
+            .map_err(|e| self.to_rpc_error(e))?;
+        if refused_for_log(&rpc, &answer) {
+            self.notes.outlogged(self.group);
+        }
+        Ok(answer)
     }
 
     fn backoff(&self) -> Backoff {

@@ -12,7 +12,8 @@
 //!    initialised (a restart): openraft refuses a second initialisation anyway.
 //!
 //! Pings go on every [`PING_INTERVAL`] to every peer; a peer is live while its last answer
-//! (or its last ping to us) is younger than the session.
+//! (or its last ping to us) is younger than the session, and the failure detector
+//! ([`crate::failover`]) has not found its process gone since.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -30,6 +31,7 @@ use tonic::Status;
 
 use crate::controller::{Controller, Metadata};
 use crate::error::ClusterError;
+use crate::failover::Failover;
 use crate::host::GroupHost;
 use crate::machine::MachineStore;
 use crate::network::Peers;
@@ -47,10 +49,15 @@ pub struct Registry {
     config: ClusterConfig,
     instance_id: u64,
     last_seen: Mutex<HashMap<NodeId, Instant>>,
+    /// When the failure detector last found each peer's process gone (see
+    /// [`crate::failover`]).
+    down_at: Mutex<HashMap<NodeId, Instant>>,
+    /// The broker's shutdown, which ends the watches peers keep open here.
+    shutdown: CancellationToken,
 }
 
 impl Registry {
-    fn new(config: ClusterConfig) -> Registry {
+    fn new(config: ClusterConfig, shutdown: CancellationToken) -> Registry {
         // A random number per process, from the standard library's seeded hasher.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(std::process::id());
@@ -63,6 +70,8 @@ impl Registry {
             config,
             instance_id: h.finish(),
             last_seen: Mutex::new(HashMap::new()),
+            down_at: Mutex::new(HashMap::new()),
+            shutdown,
         }
     }
 
@@ -125,14 +134,43 @@ impl Registry {
             .collect()
     }
 
-    /// Whether `node` counts as live (this broker always does).
+    /// Whether `node` counts as live (this broker always does): heard from within the
+    /// session, and not found down since.
     pub fn is_live(&self, node: NodeId) -> bool {
-        node == self.config.node_id
-            || self
-                .last_seen
-                .lock()
-                .get(&node)
-                .is_some_and(|at| at.elapsed() < Duration::from_millis(self.config.session_ms))
+        if node == self.config.node_id {
+            return true;
+        }
+        let Some(seen) = self.last_seen.lock().get(&node).copied() else {
+            return false;
+        };
+        seen.elapsed() < Duration::from_millis(self.config.session_ms)
+            && self.down_at.lock().get(&node).is_none_or(|down| *down < seen)
+    }
+
+    /// Records that `node`'s process was found gone (its connection closed and a new one
+    /// refused): it is not live until it is heard from again.
+    pub fn mark_down(&self, node: NodeId) {
+        self.down_at.lock().insert(node, Instant::now());
+    }
+
+    /// How long ago `node` was found down, if that happened after it was last heard from.
+    pub fn down_detected(&self, node: NodeId) -> Option<Duration> {
+        let down = self.down_at.lock().get(&node).copied()?;
+        let seen = self.last_seen.lock().get(&node).copied();
+        seen.is_none_or(|seen| seen < down).then(|| down.elapsed())
+    }
+
+    /// The identity a watch of this broker reports first.
+    pub fn watch_event(&self) -> rill_proto::v1::WatchEvent {
+        rill_proto::v1::WatchEvent {
+            node_id: self.config.node_id,
+            instance_id: self.instance_id,
+        }
+    }
+
+    /// Cancelled when this broker shuts down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
     }
 
     /// The cluster settings.
@@ -146,6 +184,7 @@ struct Inner {
     host: GroupHost,
     peers: Peers,
     controller: OnceLock<(Raft, MachineStore<Controller>)>,
+    failover: Failover,
     fatal: Mutex<Option<String>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -184,10 +223,11 @@ impl ClusterNode {
         )?;
         Ok(ClusterNode {
             inner: Arc::new(Inner {
-                registry: Arc::new(Registry::new(config)),
+                registry: Arc::new(Registry::new(config, shutdown.clone())),
                 host,
                 peers,
                 controller: OnceLock::new(),
+                failover: Failover::default(),
                 fatal: Mutex::new(None),
                 shutdown,
                 tasks,
@@ -210,6 +250,26 @@ impl ClusterNode {
         self.inner.registry.config.node_id
     }
 
+    /// The failure detector and its election drivers.
+    pub fn failover(&self) -> &Failover {
+        &self.inner.failover
+    }
+
+    /// The channels to peers.
+    pub(crate) fn peers(&self) -> &Peers {
+        &self.inner.peers
+    }
+
+    /// The broker's shutdown token.
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// The broker's task tracker.
+    pub(crate) fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
+    }
+
     /// The error that made this broker leave, if any (a disagreeing peers list, a duplicate
     /// node id). The shutdown token is cancelled when it is set.
     pub fn fatal_error(&self) -> Option<String> {
@@ -230,8 +290,10 @@ impl ClusterNode {
             .unwrap_or_default()
     }
 
-    /// Starts joining and pinging in the background.
+    /// Starts joining and pinging in the background, and watching every peer (see
+    /// [`crate::failover`]).
     pub fn start(&self) {
+        self.inner.failover.start(self);
         let node = self.clone();
         self.inner.tasks.spawn(async move {
             let shutdown = node.inner.shutdown.clone();
@@ -261,7 +323,7 @@ impl ClusterNode {
     /// agrees on the peers list, and returns the first refusal. Unreachable peers are
     /// skipped (the join checks again once they answer).
     pub async fn precheck(config: &ClusterConfig) -> Result<(), String> {
-        let registry = Registry::new(config.clone());
+        let registry = Registry::new(config.clone(), CancellationToken::new());
         let peers = Peers::new(config.peer_transport());
         let pings = config
             .peers

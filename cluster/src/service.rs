@@ -2,9 +2,10 @@
 //! service, which hands each message to the addressed group of this broker's [`GroupHost`].
 
 use bytes::Bytes;
+use futures::StreamExt;
 use rill_proto::v1::raft_reply::Result as ReplyResult;
 use rill_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
-use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply};
+use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply, WatchEvent, WatchRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
@@ -12,8 +13,9 @@ use tonic::{Request, Response, Status};
 
 use crate::host::GroupHost;
 use crate::network::MAX_RAFT_MESSAGE_BYTES;
+use crate::failover::refused_for_log;
 use crate::node::Registry;
-use crate::types::Raft;
+use crate::types::{NodeId, Raft};
 
 /// The `rill.v1.Raft` service of one broker.
 #[derive(Clone)]
@@ -113,8 +115,18 @@ impl RaftRpc for RaftService {
                     .as_millis()
             )));
         }
-        let (raft, rpc) = self.route(request.get_ref())?;
-        reply(raft.vote(rpc).await)
+        let group = request.get_ref().group_id;
+        let (raft, rpc): (Raft, openraft::raft::VoteRequest<NodeId>) =
+            self.route(request.get_ref())?;
+        let answer = raft.vote(rpc.clone()).await;
+        if let Ok(answer) = &answer {
+            if refused_for_log(&rpc, answer) {
+                // This broker holds more of the log than the candidate: if the group's
+                // leader was found dead, its election driver campaigns here instead.
+                self.host.election_notes().refused_shorter(group);
+            }
+        }
+        reply(answer)
     }
 
     async fn install_snapshot(
@@ -123,6 +135,35 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftReply>, Status> {
         let (raft, rpc) = self.route(request.get_ref())?;
         reply(raft.install_snapshot(rpc).await)
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this broker is not in a cluster"))?;
+        let watch = request.get_ref();
+        if watch.to_node != self.host.node_id() {
+            return Err(Status::failed_precondition(format!(
+                "this broker is node {}, not node {} (watch from node {}); check --peers",
+                self.host.node_id(),
+                watch.to_node,
+                watch.from_node
+            )));
+        }
+        // One event, then nothing until this broker shuts down: the stream must not hold
+        // up a graceful stop. A killed broker's stream breaks with its connection.
+        let shutdown = registry.shutdown().clone();
+        let first = futures::stream::once(futures::future::ready(Ok(registry.watch_event())));
+        let end = futures::stream::once(async move { shutdown.cancelled_owned().await })
+            .filter_map(|()| futures::future::ready(None));
+        Ok(Response::new(Box::pin(first.chain(end))))
     }
 
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {

@@ -47,6 +47,7 @@ pub async fn cluster(conn: Connection, ctx: Ctx, command: ClusterCommand) -> Res
                             "address": b.address,
                             "live": b.live,
                             "last_seen_ms": b.last_seen_ms,
+                            "down_detected_ms": b.down_detected_ms,
                             "controller_leader": b.controller_leader,
                             "partitions_led": b.partitions_led,
                         })
@@ -74,7 +75,12 @@ pub async fn cluster(conn: Connection, ctx: Ctx, command: ClusterCommand) -> Res
                     vec![
                         b.node_id.to_string(),
                         b.address.clone(),
-                        if b.live { "live" } else { "down" }.to_string(),
+                        match (b.live, b.down_detected_ms) {
+                            (true, _) => "live".to_string(),
+                            // Its connections closed and a new one was refused.
+                            (false, Some(ms)) => format!("down (gone {ms} ms ago)"),
+                            (false, None) => "down".to_string(),
+                        },
                         b.last_seen_ms
                             .map_or("never".to_string(), |ms| format!("{ms} ms ago")),
                         if b.controller_leader { "yes" } else { "" }.to_string(),
