@@ -29,20 +29,41 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 /// The longest one status call may take.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
 
-/// A free port on `ip`, by binding port 0 and releasing it.
+/// The first port of the kernel's ephemeral range on Linux's default (32768–60999), below
+/// which test brokers' ports are picked.
+const EPHEMERAL_START: u16 = 32768;
+/// The lowest port picked.
+const LOWEST_PORT: u16 = 20000;
+
+/// A free port on `ip`, picked below the kernel's ephemeral range and checked by binding it.
+///
+/// A cluster's ports must be known before its brokers start (every broker is given the
+/// others' addresses), so they cannot bind port 0. A port taken from the ephemeral range and
+/// released could meanwhile become the source port of any outgoing connection (the failure
+/// detector's probes make many), and the broker's bind would fail, at start or at a restart
+/// on the same port after a kill. Ports below that range are never given out that way.
 fn free_port_on(ip: IpAddr) -> Result<u16> {
-    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..10_000 {
+        let port = rng.random_range(LOWEST_PORT..EPHEMERAL_START);
+        if TcpListener::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between {LOWEST_PORT} and {EPHEMERAL_START} on {ip}")
 }
 
-/// Picks `n` distinct free ports on 127.0.0.1 by binding port 0 and releasing them.
+/// Picks `n` distinct free ports on 127.0.0.1 (see [`free_port_on`]).
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    let mut ports: Vec<u16> = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    Ok(ports)
 }
 
 /// One broker of a [`TestCluster`].
@@ -269,7 +290,7 @@ impl TestCluster {
                     // The broker's own words say why it did not start (a port taken, a refusal).
                     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
                     let lines: Vec<&str> = text.lines().collect();
-                    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
                     return Err(e.context(format!("node {id}'s log ends with:\n{tail}")));
                 }
             };
