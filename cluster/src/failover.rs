@@ -208,7 +208,11 @@ pub fn decide(t: &Tick) -> Step {
     // openraft orders votes of one term by node id: its candidacy beats the others' of the
     // same term, so the rounds of lower ids (which would unseat it) are the rare ones. The
     // driver's loop looks once per interval, so its elapsed time always reaches one interval.
-    let rank = live_voters.iter().rev().position(|v| *v == t.me).unwrap_or(0) as u32;
+    let rank = live_voters
+        .iter()
+        .rev()
+        .position(|v| *v == t.me)
+        .unwrap_or(0) as u32;
     let period = if t.asked {
         RETRY_INTERVAL
     } else {
@@ -255,7 +259,11 @@ impl ElectionNotes {
 
     /// Records that this broker refused a candidate with a shorter log in `group`.
     pub fn refused_shorter(&self, group: GroupId) {
-        self.groups.lock().entry(group).or_default().refused_shorter_at = Some(Instant::now());
+        self.groups
+            .lock()
+            .entry(group)
+            .or_default()
+            .refused_shorter_at = Some(Instant::now());
     }
 
     fn get(&self, group: GroupId) -> GroupNotes {
@@ -332,8 +340,7 @@ impl Failover {
                 // A malformed address: the join refuses it with the reason.
                 Err(_) => return,
             };
-            let mut stream = match open_watch(channel, node.node_id(), peer, OPEN_TIMEOUT).await
-            {
+            let mut stream = match open_watch(channel, node.node_id(), peer, OPEN_TIMEOUT).await {
                 Ok(stream) => stream,
                 Err(status) => {
                     tracing::trace!(peer, %status, "could not watch the peer");
