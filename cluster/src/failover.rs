@@ -16,8 +16,8 @@
 //! break was transient) answers a new watch, and a dying process, whose listening socket can
 //! outlive its connections for a moment, soon refuses; the watcher alternates the two for up
 //! to [`JUDGE_WINDOW`]. No answer within the probe's timeout decides nothing
-//! ([`Verdict::Undecided`]): the timers handle it, as before. A paused (SIGSTOP) or cut-off peer keeps its sockets open, so it
-//! is never reported this way.
+//! ([`Verdict::Undecided`]): the timers handle it, as before. A paused (SIGSTOP) or
+//! cut-off peer keeps its sockets open, so it is never reported this way.
 //!
 //! **Election** ([`decide`]): for each Raft group hosted here whose known leader is the
 //! dead peer and in which this broker is a voter, every surviving voter triggers one
@@ -31,9 +31,9 @@
 //! the driver cannot help (it did not see the peer die, or is still starting). A voter
 //! whose candidacy a voter with a longer log refused stops (it cannot win); that voter, on
 //! refusing it, drives instead. A voter that granted its vote to another candidate waits
-//! for it (a new election would unseat the leader it is becoming). Elections are always safe in Raft (only liveness is at
-//! stake), and the extra terms carry no leader, so nothing in Rill sees them but the
-//! `rill_raft_elections_total` counter.
+//! for it (a new election would unseat the leader it is becoming). Elections are always
+//! safe in Raft (only liveness is at stake), and the extra terms carry no leader, so
+//! nothing in Rill sees them but the `rill_raft_elections_total` counter.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
