@@ -16,8 +16,8 @@
 //! break was transient) answers a new watch, and a dying process, whose listening socket can
 //! outlive its connections for a moment, soon refuses; the watcher alternates the two for up
 //! to [`JUDGE_WINDOW`]. No answer within the probe's timeout decides nothing
-//! ([`Verdict::Undecided`]): the timers handle it, as before. A paused (SIGSTOP) or cut-off peer keeps its sockets open, so it
-//! is never reported this way.
+//! ([`Verdict::Undecided`]): the timers handle it, as before. A paused (SIGSTOP) or
+//! cut-off peer keeps its sockets open, so it is never reported this way.
 //!
 //! **Election** ([`decide`]): for each Raft group hosted here whose known leader is the
 //! dead peer and in which this broker is a voter, every surviving voter triggers one
@@ -31,9 +31,9 @@
 //! the driver cannot help (it did not see the peer die, or is still starting). A voter
 //! whose candidacy a voter with a longer log refused stops (it cannot win); that voter, on
 //! refusing it, drives instead. A voter that granted its vote to another candidate waits
-//! for it (a new election would unseat the leader it is becoming). Elections are always safe in Raft (only liveness is at
-//! stake), and the extra terms carry no leader, so nothing in Rill sees them but the
-//! `rill_raft_elections_total` counter.
+//! for it (a new election would unseat the leader it is becoming). Elections are always
+//! safe in Raft (only liveness is at stake), and the extra terms carry no leader, so
+//! nothing in Rill sees them but the `rill_raft_elections_total` counter.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -208,7 +208,11 @@ pub fn decide(t: &Tick) -> Step {
     // openraft orders votes of one term by node id: its candidacy beats the others' of the
     // same term, so the rounds of lower ids (which would unseat it) are the rare ones. The
     // driver's loop looks once per interval, so its elapsed time always reaches one interval.
-    let rank = live_voters.iter().rev().position(|v| *v == t.me).unwrap_or(0) as u32;
+    let rank = live_voters
+        .iter()
+        .rev()
+        .position(|v| *v == t.me)
+        .unwrap_or(0) as u32;
     let period = if t.asked {
         RETRY_INTERVAL
     } else {
@@ -255,7 +259,11 @@ impl ElectionNotes {
 
     /// Records that this broker refused a candidate with a shorter log in `group`.
     pub fn refused_shorter(&self, group: GroupId) {
-        self.groups.lock().entry(group).or_default().refused_shorter_at = Some(Instant::now());
+        self.groups
+            .lock()
+            .entry(group)
+            .or_default()
+            .refused_shorter_at = Some(Instant::now());
     }
 
     fn get(&self, group: GroupId) -> GroupNotes {
@@ -332,8 +340,7 @@ impl Failover {
                 // A malformed address: the join refuses it with the reason.
                 Err(_) => return,
             };
-            let mut stream = match open_watch(channel, node.node_id(), peer, OPEN_TIMEOUT).await
-            {
+            let mut stream = match open_watch(channel, node.node_id(), peer, OPEN_TIMEOUT).await {
                 Ok(stream) => stream,
                 Err(status) => {
                     tracing::trace!(peer, %status, "could not watch the peer");

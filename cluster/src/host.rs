@@ -214,7 +214,10 @@ impl GroupHost {
     /// Every group running here.
     pub fn groups(&self) -> Vec<(GroupId, Raft)> {
         let groups = self.inner.groups.read();
-        groups.iter().map(|(id, raft)| (*id, raft.clone())).collect()
+        groups
+            .iter()
+            .map(|(id, raft)| (*id, raft.clone()))
+            .collect()
     }
 
     /// What this broker's vote requests and answers showed (see [`crate::failover`]).

@@ -144,7 +144,11 @@ impl Registry {
             return false;
         };
         seen.elapsed() < Duration::from_millis(self.config.session_ms)
-            && self.down_at.lock().get(&node).is_none_or(|down| *down < seen)
+            && self
+                .down_at
+                .lock()
+                .get(&node)
+                .is_none_or(|down| *down < seen)
     }
 
     /// Records that `node`'s process was found gone (its connection closed and a new one

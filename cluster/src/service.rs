@@ -11,9 +11,9 @@ use serde::Serialize;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+use crate::failover::refused_for_log;
 use crate::host::GroupHost;
 use crate::network::MAX_RAFT_MESSAGE_BYTES;
-use crate::failover::refused_for_log;
 use crate::node::Registry;
 use crate::types::{NodeId, Raft};
 

@@ -31,9 +31,7 @@ async fn wait_not_live(cluster: &TestCluster, asked: u64, node: u64) -> Option<u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_detected_down_and_replaced_and_clears_on_restart() {
-    let mut cluster = TestCluster::start_with_topic("fo", 1)
-        .await
-        .expect("start");
+    let mut cluster = TestCluster::start_with_topic("fo", 1).await.expect("start");
     let leader = cluster
         .wait_partition_leader("fo", 0, DEADLINE)
         .await
@@ -77,15 +75,17 @@ async fn a_killed_leader_is_detected_down_and_replaced_and_clears_on_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_left_to_the_timers_not_reported_found_down() {
-    let cluster = TestCluster::start_with_topic("fo", 1)
-        .await
-        .expect("start");
+    let cluster = TestCluster::start_with_topic("fo", 1).await.expect("start");
     let leader = cluster
         .wait_partition_leader("fo", 0, DEADLINE)
         .await
         .expect("a leader");
     cluster.signal(leader, "STOP").await.expect("SIGSTOP");
-    let others: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != leader).collect();
+    let others: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
     let elected = wait_leader_among(&cluster, &others, leader).await;
     // Reported not live once its session runs out, but its sockets stayed open: the
     // detector must not call a paused process gone.

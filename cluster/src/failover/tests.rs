@@ -85,7 +85,11 @@ fn after_the_first_round_the_highest_live_voter_elects_every_interval_the_next_e
         since_elect: Some(RETRY_INTERVAL * 3),
         ..later(1)
     };
-    assert_eq!(decide(&three), Step::Elect, "in case the driver cannot help");
+    assert_eq!(
+        decide(&three),
+        Step::Elect,
+        "in case the driver cannot help"
+    );
     // The leader still named as the dead one (no election seen yet) changes nothing.
     let stale = Tick {
         leader: Some(3),
@@ -201,7 +205,10 @@ fn a_refusal_for_a_longer_log_is_told_from_other_refusals() {
     let longer = VoteResponse::new(Vote::new(4, 1), log(4, 12), false);
     assert!(refused_for_log(&request, &longer));
     let lease = VoteResponse::new(Vote::new(4, 1), log(4, 10), false);
-    assert!(!refused_for_log(&request, &lease), "same log: refused for the lease");
+    assert!(
+        !refused_for_log(&request, &lease),
+        "same log: refused for the lease"
+    );
     let granted = VoteResponse::new(Vote::new(5, 2), log(4, 9), true);
     assert!(!refused_for_log(&request, &granted));
 }
@@ -243,7 +250,10 @@ async fn a_watch_stays_open_while_the_peer_runs_and_its_end_then_a_refusal_is_do
     assert!(wrong.is_err(), "{wrong:?}");
     // Open while the peer runs.
     let open = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
-    assert!(open.is_err(), "the watch ended while its peer ran: {open:?}");
+    assert!(
+        open.is_err(),
+        "the watch ended while its peer ran: {open:?}"
+    );
     // The peer stops (a graceful stop here; a kill closes the connection instead): the
     // stream ends, and the server, not held up by it, releases its port.
     stop.cancel();
