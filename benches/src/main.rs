@@ -6,6 +6,7 @@
 //! uses a running one.
 
 mod broker;
+mod library;
 mod push;
 mod report;
 mod scenarios;
@@ -58,8 +59,9 @@ struct Flags {
     /// Upper bound for each scenario, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
-    /// Scenarios to run, comma separated: produce, catchup, e2e, and push, push-queue,
-    /// webhook, webhook-e2e (issue 13's push delivery).
+    /// Scenarios to run, comma separated: produce, catchup, e2e, produce-library (the
+    /// produce workload through the client library's pipelining Producer), and push,
+    /// push-queue, webhook, webhook-e2e (issue 13's push delivery).
     #[arg(long, value_delimiter = ',', default_value = "produce,catchup,e2e")]
     scenarios: Vec<String>,
     /// Print the column header first.
@@ -81,6 +83,10 @@ struct Flags {
     /// next is sent) or unary (one Produce call per batch).
     #[arg(long, default_value = "stream")]
     call: String,
+    /// Batches per partition the `produce-library` scenario's Producer keeps in flight
+    /// (1 to 5).
+    #[arg(long, default_value_t = rill_client::MAX_IN_FLIGHT)]
+    max_in_flight: usize,
     /// Records per webhook POST in the webhook scenarios (the subscription's
     /// max_batch_records).
     #[arg(long, default_value_t = 1)]
@@ -258,7 +264,7 @@ async fn main() -> Result<()> {
         options: options.clone(),
     };
     let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
-    if (wants("produce") || wants("catchup")) && !flags.reuse_topic {
+    if (wants("produce") || wants("produce-library") || wants("catchup")) && !flags.reuse_topic {
         create_topic(
             &url,
             &options,
@@ -271,9 +277,18 @@ async fn main() -> Result<()> {
     }
     if wants("produce") {
         bounded(&flags, &shape, "produce", scenarios::produce(&run)).await;
-    } else if wants("catchup") && !flags.reuse_topic {
+    } else if wants("catchup") && !flags.reuse_topic && !wants("produce-library") {
         // Catch-up needs data: load it untimed.
         scenarios::produce(&run).await?;
+    }
+    if wants("produce-library") {
+        bounded(
+            &flags,
+            &shape,
+            "produce-library",
+            library::produce_library(&run, flags.max_in_flight),
+        )
+        .await;
     }
     if wants("catchup") {
         bounded(&flags, &shape, "catchup", scenarios::catchup(&run)).await;
