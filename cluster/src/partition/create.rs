@@ -35,11 +35,13 @@ impl Replication {
         };
         let bytes =
             bincode::serialize(&command).map_err(|e| CreateError::Unavailable(e.to_string()))?;
-        let response =
-            tokio::time::timeout(self.inner.write_timeout, raft.client_write(Command(bytes)))
-                .await
-                .map_err(|_| CreateError::Unavailable("no commit in time".into()))?
-                .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        let response = tokio::time::timeout(
+            self.inner.write_timeout,
+            raft.client_write(Command(bytes.into())),
+        )
+        .await
+        .map_err(|_| CreateError::Unavailable("no commit in time".into()))?
+        .map_err(|e| CreateError::Unavailable(e.to_string()))?;
         let reply: ControllerReply = bincode::deserialize(&response.data.0)
             .map_err(|e| CreateError::Unavailable(e.to_string()))?;
         reply?;
