@@ -40,10 +40,14 @@ fn acks(mode: pb::AckMode) -> Acks {
 /// batch: from the send of a batch's last record to its ack, so it includes the wait for an
 /// in-flight slot.
 pub async fn produce_library(run: &Run, max_in_flight: usize) -> Result<Stats> {
+    let batch_bytes = run.batch as usize * (run.size + RECORD_ACCOUNTING_BYTES);
     let config = ProducerConfig::new()
         .acks(acks(run.ack))
         .max_in_flight(max_in_flight)
-        .batch_bytes(run.batch as usize * (run.size + RECORD_ACCOUNTING_BYTES))
+        .batch_bytes(batch_bytes)
+        // Room for the batches in flight and the one being gathered: a send waits once they
+        // are full, so the latency measured is a batch's, not a deep queue's.
+        .buffer_memory_bytes((max_in_flight.clamp(1, rill_client::MAX_IN_FLIGHT) + 1) * batch_bytes)
         .linger_ms(LINGER_MS);
     let mut producers = Vec::new();
     for _ in 0..run.producers {

@@ -111,8 +111,9 @@ struct Flags {
     /// to measure what security costs.
     #[arg(long, conflicts_with = "broker")]
     secure: bool,
-    /// Replication factor of the benchmark topics (a cluster: `--broker` must then be the
-    /// leader of their partitions, i.e. the first broker for a fresh cluster's first topic).
+    /// Replication factor of the benchmark topics (a cluster: `--broker` is any of its
+    /// brokers; the produce, catchup and e2e scenarios then talk to the leader of each
+    /// topic's partition 0, found with the `Metadata` RPC).
     #[arg(long, requires = "broker")]
     replication_factor: Option<u32>,
 }
@@ -162,6 +163,40 @@ async fn create_topic(
         })
         .await?;
     Ok(())
+}
+
+/// The URL of the broker that leads partition 0 of `topic`, asked of the broker at `url`
+/// until an election has named one (at most 10 s).
+async fn leader_url(
+    url: &str,
+    options: &rill_client::ConnectOptions,
+    topic: &str,
+) -> Result<String> {
+    let mut cluster = rill_client::Connection::connect_with(url, options)
+        .await?
+        .cluster();
+    let scheme = url.split_once("://").map_or("http", |(s, _)| s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let md = cluster
+            .metadata(pb::MetadataRequest {
+                topics: vec![topic.to_string()],
+            })
+            .await?
+            .into_inner();
+        let leader = md
+            .topics
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .find(|p| p.partition == 0 && !p.leader_address.is_empty());
+        if let Some(p) = leader {
+            return Ok(format!("{scheme}://{}", p.leader_address));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no leader of topic {topic} partition 0 within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn bounded<F>(flags: &Flags, shape: &Shape, scenario: &str, f: F)
@@ -246,7 +281,7 @@ async fn main() -> Result<()> {
         producers: flags.producers,
         consumers: flags.consumers,
     };
-    let run = Run {
+    let mut run = Run {
         url: url.clone(),
         topic: "rill-bench".into(),
         partitions: flags.partitions,
@@ -274,6 +309,10 @@ async fn main() -> Result<()> {
             flags.replication_factor,
         )
         .await?;
+    }
+    let main_topic = wants("produce") || wants("produce-library") || wants("catchup");
+    if flags.replication_factor.is_some() && main_topic && !flags.reuse_topic {
+        run.url = leader_url(&url, &options, &run.topic).await?;
     }
     if wants("produce") {
         bounded(&flags, &shape, "produce", scenarios::produce(&run)).await;
@@ -303,11 +342,15 @@ async fn main() -> Result<()> {
             flags.replication_factor,
         )
         .await?;
+        let mut e2e_run = run.clone();
+        if flags.replication_factor.is_some() {
+            e2e_run.url = leader_url(&url, &options, "rill-bench-e2e").await?;
+        }
         bounded(
             &flags,
             &shape,
             "e2e",
-            scenarios::e2e(&run, "rill-bench-e2e"),
+            scenarios::e2e(&e2e_run, "rill-bench-e2e"),
         )
         .await;
     }
