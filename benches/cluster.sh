@@ -5,7 +5,9 @@
 #
 #   usage: benches/cluster.sh [--messages N]      (builds the release binaries first)
 # Runs: produce with one producer (RF 1; RF 3 with quorum, durable and leader acks), produce
-# with 4 producers on the one partition (RF 1; RF 3 quorum), and e2e (RF 1; RF 3 quorum).
+# with 4 producers on the one partition (RF 1; RF 3 quorum), the client library's pipelining
+# Producer with 1 and 5 batches in flight (produce-library; RF 1; RF 3 quorum), and e2e
+# (RF 1; RF 3 quorum).
 # Every broker started here is stopped here, and its data folder removed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -67,6 +69,11 @@ echo "# replication factor 3, three brokers, leader acks"; cluster produce --ack
 echo "# produce, 4 producers on the one partition (4 requests in flight)"
 echo "# replication factor 1, one broker"; single produce --acks quorum --producers 4
 echo "# replication factor 3, three brokers, quorum acks"; cluster produce --acks quorum --producers 4
+echo "# produce through the client library's Producer (idempotent, same records and batches)"
+for n in 1 5; do
+  echo "# replication factor 1, one broker, $n in flight"; single produce-library --acks quorum --max-in-flight "$n"
+  echo "# replication factor 3, three brokers, quorum acks, $n in flight"; cluster produce-library --acks quorum --max-in-flight "$n"
+done
 echo "# e2e"
 echo "# replication factor 1, one broker"; single e2e --acks quorum
 echo "# replication factor 3, three brokers, quorum acks"; cluster e2e --acks quorum

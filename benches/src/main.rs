@@ -6,6 +6,7 @@
 //! uses a running one.
 
 mod broker;
+mod library;
 mod push;
 mod report;
 mod scenarios;
@@ -58,8 +59,9 @@ struct Flags {
     /// Upper bound for each scenario, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
-    /// Scenarios to run, comma separated: produce, catchup, e2e, and push, push-queue,
-    /// webhook, webhook-e2e (issue 13's push delivery).
+    /// Scenarios to run, comma separated: produce, catchup, e2e, produce-library (the
+    /// produce workload through the client library's pipelining Producer), and push,
+    /// push-queue, webhook, webhook-e2e (issue 13's push delivery).
     #[arg(long, value_delimiter = ',', default_value = "produce,catchup,e2e")]
     scenarios: Vec<String>,
     /// Print the column header first.
@@ -81,6 +83,10 @@ struct Flags {
     /// next is sent) or unary (one Produce call per batch).
     #[arg(long, default_value = "stream")]
     call: String,
+    /// Batches per partition the `produce-library` scenario's Producer keeps in flight
+    /// (1 to 5).
+    #[arg(long, default_value_t = rill_client::MAX_IN_FLIGHT)]
+    max_in_flight: usize,
     /// Records per webhook POST in the webhook scenarios (the subscription's
     /// max_batch_records).
     #[arg(long, default_value_t = 1)]
@@ -105,8 +111,9 @@ struct Flags {
     /// to measure what security costs.
     #[arg(long, conflicts_with = "broker")]
     secure: bool,
-    /// Replication factor of the benchmark topics (a cluster: `--broker` must then be the
-    /// leader of their partitions, i.e. the first broker for a fresh cluster's first topic).
+    /// Replication factor of the benchmark topics (a cluster: `--broker` is any of its
+    /// brokers; the produce, catchup and e2e scenarios then talk to the leader of each
+    /// topic's partition 0, found with the `Metadata` RPC).
     #[arg(long, requires = "broker")]
     replication_factor: Option<u32>,
 }
@@ -156,6 +163,40 @@ async fn create_topic(
         })
         .await?;
     Ok(())
+}
+
+/// The URL of the broker that leads partition 0 of `topic`, asked of the broker at `url`
+/// until an election has named one (at most 10 s).
+async fn leader_url(
+    url: &str,
+    options: &rill_client::ConnectOptions,
+    topic: &str,
+) -> Result<String> {
+    let mut cluster = rill_client::Connection::connect_with(url, options)
+        .await?
+        .cluster();
+    let scheme = url.split_once("://").map_or("http", |(s, _)| s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let md = cluster
+            .metadata(pb::MetadataRequest {
+                topics: vec![topic.to_string()],
+            })
+            .await?
+            .into_inner();
+        let leader = md
+            .topics
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .find(|p| p.partition == 0 && !p.leader_address.is_empty());
+        if let Some(p) = leader {
+            return Ok(format!("{scheme}://{}", p.leader_address));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no leader of topic {topic} partition 0 within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn bounded<F>(flags: &Flags, shape: &Shape, scenario: &str, f: F)
@@ -240,7 +281,7 @@ async fn main() -> Result<()> {
         producers: flags.producers,
         consumers: flags.consumers,
     };
-    let run = Run {
+    let mut run = Run {
         url: url.clone(),
         topic: "rill-bench".into(),
         partitions: flags.partitions,
@@ -258,7 +299,7 @@ async fn main() -> Result<()> {
         options: options.clone(),
     };
     let wants = |s: &str| flags.scenarios.iter().any(|x| x == s);
-    if (wants("produce") || wants("catchup")) && !flags.reuse_topic {
+    if (wants("produce") || wants("produce-library") || wants("catchup")) && !flags.reuse_topic {
         create_topic(
             &url,
             &options,
@@ -269,11 +310,24 @@ async fn main() -> Result<()> {
         )
         .await?;
     }
+    let main_topic = wants("produce") || wants("produce-library") || wants("catchup");
+    if flags.replication_factor.is_some() && main_topic && !flags.reuse_topic {
+        run.url = leader_url(&url, &options, &run.topic).await?;
+    }
     if wants("produce") {
         bounded(&flags, &shape, "produce", scenarios::produce(&run)).await;
-    } else if wants("catchup") && !flags.reuse_topic {
+    } else if wants("catchup") && !flags.reuse_topic && !wants("produce-library") {
         // Catch-up needs data: load it untimed.
         scenarios::produce(&run).await?;
+    }
+    if wants("produce-library") {
+        bounded(
+            &flags,
+            &shape,
+            "produce-library",
+            library::produce_library(&run, flags.max_in_flight),
+        )
+        .await;
     }
     if wants("catchup") {
         bounded(&flags, &shape, "catchup", scenarios::catchup(&run)).await;
@@ -288,11 +342,15 @@ async fn main() -> Result<()> {
             flags.replication_factor,
         )
         .await?;
+        let mut e2e_run = run.clone();
+        if flags.replication_factor.is_some() {
+            e2e_run.url = leader_url(&url, &options, "rill-bench-e2e").await?;
+        }
         bounded(
             &flags,
             &shape,
             "e2e",
-            scenarios::e2e(&run, "rill-bench-e2e"),
+            scenarios::e2e(&e2e_run, "rill-bench-e2e"),
         )
         .await;
     }

@@ -90,6 +90,17 @@ pub enum BrokerError {
         /// The producer's current epoch.
         current: i16,
     },
+    /// A replicated partition refused an idempotent batch because the producer's state
+    /// disagrees with the partition's (a stale epoch, or a sequence gap: then
+    /// `expected_sequence` is sent in the `rill-expected-sequence` metadata key, as for a
+    /// single broker's partition).
+    #[error("{message}")]
+    ProducerStateRefused {
+        /// What was refused, naming the topic and partition.
+        message: String,
+        /// The sequence the partition expects next, on a sequence gap.
+        expected_sequence: Option<i32>,
+    },
     /// The controller leader refused a forwarded request; its code and message are kept.
     #[error("{1}")]
     Forwarded(Code, String),
@@ -126,7 +137,7 @@ fn leader_hint(leader: &Option<(u64, String)>) -> String {
 
 impl From<rill_cluster::partition::WriteError> for BrokerError {
     fn from(e: rill_cluster::partition::WriteError) -> Self {
-        use rill_cluster::partition::WriteError;
+        use rill_cluster::partition::{Refusal, WriteError};
         match e {
             WriteError::NotLeader {
                 topic,
@@ -137,7 +148,14 @@ impl From<rill_cluster::partition::WriteError> for BrokerError {
                 partition,
                 leader,
             },
-            WriteError::Refused(m) => BrokerError::InvalidArgument(m),
+            WriteError::Refused(Refusal::Invalid(m)) => BrokerError::InvalidArgument(m),
+            WriteError::Refused(Refusal::ProducerState {
+                message,
+                expected_sequence,
+            }) => BrokerError::ProducerStateRefused {
+                message,
+                expected_sequence,
+            },
             e @ (WriteError::Timeout { .. } | WriteError::Failed { .. }) => {
                 BrokerError::ReplicationUnavailable(e.to_string())
             }
@@ -195,9 +213,9 @@ impl BrokerError {
             BrokerError::NotSupported(_) => Code::FailedPrecondition,
             BrokerError::TooManyConnections { .. } => Code::ResourceExhausted,
             BrokerError::TlsRequired => Code::FailedPrecondition,
-            BrokerError::UnknownProducerId { .. } | BrokerError::ProducerFenced { .. } => {
-                Code::FailedPrecondition
-            }
+            BrokerError::UnknownProducerId { .. }
+            | BrokerError::ProducerFenced { .. }
+            | BrokerError::ProducerStateRefused { .. } => Code::FailedPrecondition,
         }
     }
 }
@@ -261,11 +279,17 @@ impl From<BrokerError> for Status {
             tracing::error!(error = %e, "request failed");
         }
         let mut status = Status::new(code, e.to_string());
-        if let BrokerError::Storage(StorageError::ProducerRefused {
-            source: ProducerError::SequenceGap { expected, .. },
-            ..
-        }) = &e
-        {
+        let expected = match &e {
+            BrokerError::Storage(StorageError::ProducerRefused {
+                source: ProducerError::SequenceGap { expected, .. },
+                ..
+            }) => Some(*expected),
+            BrokerError::ProducerStateRefused {
+                expected_sequence, ..
+            } => *expected_sequence,
+            _ => None,
+        };
+        if let Some(expected) = expected {
             // Typed for the client: a batch that arrived before an earlier one of its
             // producer is retried rather than failed (see the client's producer).
             if let Ok(v) = expected.to_string().parse() {
@@ -424,5 +448,41 @@ mod tests {
         for part in ["orders", "partition 1", "9", "2", "5"] {
             assert!(status.message().contains(part), "{}", status.message());
         }
+    }
+
+    #[test]
+    fn a_replicated_sequence_gap_carries_the_expected_sequence_as_a_single_broker_does() {
+        use rill_cluster::partition::{Refusal, WriteError};
+        let gap = |expected_sequence| {
+            Status::from(BrokerError::from(WriteError::Refused(
+                Refusal::ProducerState {
+                    message: "topic orders partition 0: out of order sequence".into(),
+                    expected_sequence,
+                },
+            )))
+        };
+        // A pipelining producer resends a batch that overtook an earlier one only when the
+        // status says so: FAILED_PRECONDITION with the sequence the partition expects.
+        let status = gap(Some(300));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status
+                .metadata()
+                .get(EXPECTED_SEQUENCE_METADATA_KEY)
+                .and_then(|v| v.to_str().ok()),
+            Some("300")
+        );
+        assert!(status.message().contains("orders"), "{}", status.message());
+        // A stale epoch: refused for good, without a sequence.
+        let status = gap(None);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status
+            .metadata()
+            .get(EXPECTED_SEQUENCE_METADATA_KEY)
+            .is_none());
+        let status = Status::from(BrokerError::from(WriteError::Refused(Refusal::Invalid(
+            "topic orders partition 0: invalid batch".into(),
+        ))));
+        assert_eq!(status.code(), Code::InvalidArgument);
     }
 }

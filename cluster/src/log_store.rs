@@ -18,9 +18,10 @@
 //! **Group commit.** All file work runs on one writer thread per group, fed by a queue:
 //! `append` records the entries in memory and queues their frame; the thread writes every
 //! frame queued meanwhile in one `write`, fsyncs once if any of them must be durable, then
-//! reports them all. While it fsyncs, later appends queue up and share the next fsync. The
-//! thread also fsyncs frames left unsynced for [`BACKGROUND_FLUSH_MS`] (busy or idle), so
-//! page-cache-only entries reach the disk soon anyway.
+//! reports them all. While it fsyncs, later appends queue up and share the next fsync. A
+//! second thread per log (`syncer`) fsyncs frames left unsynced for [`BACKGROUND_FLUSH_MS`]
+//! (busy or idle), so page-cache-only entries reach the disk soon anyway, without appends
+//! waiting behind that fsync.
 //!
 //! Entries live in memory between purges too (openraft purges behind the applied index, so
 //! the live tail is short); the file is rewritten when purged frames dominate it.
@@ -36,7 +37,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, RaftLogId, StorageIOError};
@@ -45,6 +45,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::types::{Command, Entry, LogId, StorageError, TypeConfig, Vote};
+
+mod syncer;
+
+use syncer::Syncer;
 
 /// Name of the log file in a group folder.
 const LOG_FILE: &str = "log";
@@ -265,12 +269,13 @@ impl LogStore {
         }
         let (jobs, queue) = mpsc::channel();
         let fsyncs = Arc::new(AtomicU64::new(0));
-        let mut writer = Writer {
+        let syncer = Syncer::start(dir.to_path_buf(), &file, fsyncs.clone())?;
+        let writer = Writer {
             fsyncs: fsyncs.clone(),
             dir: dir.to_path_buf(),
             file,
             file_bytes: pos as u64,
-            dirty_since: None,
+            syncer,
             failed: None,
             mem: mem.clone(),
         };
@@ -286,8 +291,8 @@ impl LogStore {
         })
     }
 
-    /// How many fsyncs of the log file the writer thread has made (appends, truncations,
-    /// background flushes), since open.
+    /// How many fsyncs of the log file the writer and syncing threads have made (appends,
+    /// truncations, background flushes), since open.
     pub fn fsyncs(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
     }
@@ -326,8 +331,8 @@ struct Writer {
     dir: PathBuf,
     file: File,
     file_bytes: u64,
-    /// Since when frames written without an fsync wait for one.
-    dirty_since: Option<Instant>,
+    /// Fsyncs frames written without one, in the background.
+    syncer: Syncer,
     /// The first write error: the file may end in a partial frame, so nothing more is written.
     failed: Option<String>,
     mem: Arc<Mutex<Mem>>,
@@ -335,25 +340,12 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(&mut self, queue: mpsc::Receiver<Job>) {
-        let flush_after = Duration::from_millis(BACKGROUND_FLUSH_MS);
+    /// Writes what is queued until the log is closed. Dropping the writer at the end stops
+    /// its syncer, which first fsyncs whatever is still unsynced.
+    fn run(mut self, queue: mpsc::Receiver<Job>) {
         loop {
-            // Unsynced frames wait at most `flush_after`, busy or idle.
-            let wait = match self.dirty_since {
-                Some(since) => flush_after.saturating_sub(since.elapsed()),
-                None => flush_after,
-            };
-            let first = match queue.recv_timeout(wait) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.background_sync();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // The log is closed: leave nothing unsynced behind.
-                    self.background_sync();
-                    return;
-                }
+            let Ok(first) = queue.recv() else {
+                return;
             };
             let mut batch = vec![first];
             while let Ok(job) = queue.try_recv() {
@@ -380,19 +372,13 @@ impl Writer {
                     Done::Nothing => {}
                 }
             }
-            if self
-                .dirty_since
-                .is_some_and(|since| since.elapsed() >= flush_after)
-            {
-                self.background_sync();
-            }
         }
     }
 
     /// Writes the batch's frames in one write, compacts after a purge if due, and fsyncs
     /// once if any job asks for it.
     fn write_batch(&mut self, batch: &[Job]) -> io::Result<()> {
-        if let Some(e) = &self.failed {
+        if let Some(e) = self.failed.clone().or_else(|| self.syncer.failed()) {
             return Err(io::Error::other(format!(
                 "an earlier Raft log write failed: {e}"
             )));
@@ -405,50 +391,44 @@ impl Writer {
     }
 
     fn write_frames(&mut self, batch: &[Job]) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(batch.iter().map(|j| j.frame.len()).sum());
+        let mut pending: Vec<&[u8]> = Vec::with_capacity(batch.len());
         for job in batch {
-            buf.extend_from_slice(&job.frame);
+            pending.push(&job.frame);
             if job.purge {
                 // Everything before the purge is in the file before it may be rewritten.
-                self.file.write_all(&buf)?;
-                self.file_bytes += buf.len() as u64;
-                self.mark_dirty();
-                buf.clear();
+                self.write_pending(&mut pending)?;
                 self.maybe_compact()?;
             }
         }
-        self.file.write_all(&buf)?;
-        self.file_bytes += buf.len() as u64;
-        if !buf.is_empty() {
-            self.mark_dirty();
-        }
+        self.write_pending(&mut pending)?;
         if batch.iter().any(|j| j.sync) {
             self.file.sync_data()?;
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
-            self.dirty_since = None;
+            self.syncer.synced();
         }
         Ok(())
     }
 
-    fn mark_dirty(&mut self) {
-        self.dirty_since.get_or_insert_with(Instant::now);
-    }
-
-    /// Fsyncs frames written without one.
-    fn background_sync(&mut self) {
-        if self.dirty_since.is_none() || self.failed.is_some() {
-            return;
-        }
-        match self.file.sync_data() {
-            Ok(()) => {
-                self.fsyncs.fetch_add(1, Ordering::Relaxed);
-                self.dirty_since = None;
+    /// Writes `frames` in one `write` and empties it. A lone frame (the usual case: one
+    /// append per wake-up) is written as it is; several are joined first, so they still
+    /// reach the file in one call.
+    fn write_pending(&mut self, frames: &mut Vec<&[u8]>) -> io::Result<()> {
+        let bytes = match frames.as_slice() {
+            [] => return Ok(()),
+            [one] => {
+                self.file.write_all(one)?;
+                one.len()
             }
-            Err(e) => {
-                tracing::error!(dir = %self.dir.display(), error = %e, "background fsync of the Raft log failed");
-                self.failed = Some(e.to_string());
+            many => {
+                let joined = many.concat();
+                self.file.write_all(&joined)?;
+                joined.len()
             }
-        }
+        };
+        frames.clear();
+        self.file_bytes += bytes as u64;
+        self.syncer.mark_dirty();
+        Ok(())
     }
 
     /// Rewrites the log file with only the live entries, when purged frames dominate it.
@@ -487,7 +467,7 @@ impl Writer {
             .append(true)
             .open(self.dir.join(LOG_FILE))?;
         self.file_bytes = written;
-        self.dirty_since = None;
+        self.syncer.replace_file(&self.file)?;
         Ok(())
     }
 }
@@ -523,16 +503,20 @@ fn apply_op(entries: &mut BTreeMap<u64, Entry>, last_purged: &mut Option<LogId>,
     }
 }
 
+/// The frame of `value`, serialised in place after its header (one buffer, one copy of an
+/// entry's bytes).
 fn encode_frame<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    let payload = bincode::serialize(value).map_err(invalid)?;
-    let len = u32::try_from(payload.len())
+    let size = bincode::serialized_size(value).map_err(invalid)?;
+    let len = u32::try_from(size)
         .ok()
         .filter(|l| *l <= MAX_FRAME_BYTES)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a Raft frame over 256 MiB"))?;
-    let mut frame = Vec::with_capacity(8 + payload.len());
+    let mut frame = Vec::with_capacity(8 + len as usize);
     frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    frame.extend_from_slice(&payload);
+    frame.extend_from_slice(&[0; 4]);
+    bincode::serialize_into(&mut frame, value).map_err(invalid)?;
+    let crc = crc32fast::hash(&frame[8..]);
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
     Ok(frame)
 }
 

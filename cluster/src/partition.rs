@@ -82,7 +82,7 @@ fn encode_command(ack: WriteAck, token: u64, batch: &[u8]) -> Command {
     bytes.push(ack.code());
     bytes.extend_from_slice(&token.to_le_bytes());
     bytes.extend_from_slice(batch);
-    Command(bytes)
+    Command(bytes.into())
 }
 
 /// The ack code, token and record batch of a partition command; `None` if it is too short.
@@ -102,7 +102,51 @@ fn command_records(command: &Command) -> u64 {
 
 /// The result of one replicated write, as the apply returns it: the base offset and the
 /// record count, or why every replica refused the batch.
-pub type WriteReply = Result<(u64, u32), String>;
+pub type WriteReply = Result<(u64, u32), Refusal>;
+
+/// Why every replica refused a replicated batch (the apply's answer, the same on each).
+/// Typed, so the broker answers as it does for a single broker's partition: a pipelining
+/// idempotent producer must tell "an earlier batch has not landed yet" from bad input.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// The batch itself is invalid (its format, its size, its producer fields).
+    #[error("{0}")]
+    Invalid(String),
+    /// The producer's state disagrees with the partition's: a stale epoch, or a sequence
+    /// gap, for which `expected_sequence` is the sequence the partition expects next (a
+    /// batch that overtook an earlier one of its producer; resent, it lands).
+    #[error("{message}")]
+    ProducerState {
+        /// What was refused, naming the topic and partition.
+        message: String,
+        /// The partition's next sequence for the producer, on a sequence gap.
+        expected_sequence: Option<i32>,
+    },
+}
+
+impl Refusal {
+    /// The refusal of a storage error the apply answers with, `None` for a local failure.
+    fn of(e: &StorageError) -> Option<Refusal> {
+        use rill_storage::producers::ProducerError;
+        match e {
+            StorageError::ProducerRefused { source, .. } => Some(match source {
+                ProducerError::BadFields { .. } => Refusal::Invalid(e.to_string()),
+                ProducerError::SequenceGap { expected, .. } => Refusal::ProducerState {
+                    message: e.to_string(),
+                    expected_sequence: Some(*expected),
+                },
+                _ => Refusal::ProducerState {
+                    message: e.to_string(),
+                    expected_sequence: None,
+                },
+            }),
+            StorageError::InvalidBatch { .. } | StorageError::BatchTooLarge { .. } => {
+                Some(Refusal::Invalid(e.to_string()))
+            }
+            _ => None,
+        }
+    }
+}
 
 /// A replica's state machine: appends committed batches to its partition log.
 pub struct PartitionMachine {
@@ -176,20 +220,20 @@ impl PartitionMachine {
 impl Machine for PartitionMachine {
     fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
         let Some((_, _, batch)) = split_command(command) else {
-            return Self::reply(&Err(format!(
+            return Self::reply(&Err(Refusal::Invalid(format!(
                 "topic {} partition {}: a replicated command of {} bytes is too short",
                 self.topic,
                 self.partition,
                 command.0.len()
-            )));
+            ))));
         };
         let header = match BatchHeader::parse(batch) {
             Ok(h) => h,
             Err(e) => {
-                return Self::reply(&Err(format!(
+                return Self::reply(&Err(Refusal::Invalid(format!(
                     "topic {} partition {}: invalid batch: {e}",
                     self.topic, self.partition
-                )))
+                ))))
             }
         };
         let count = u64::from(header.record_count);
@@ -206,10 +250,10 @@ impl Machine for PartitionMachine {
             // the first time; it must not move the applied end now, or every later entry
             // would be taken for another and a plain batch after it appended twice.
             if header.producer_id >= 0 && !self.holds_at(self.next_offset, &header)? {
-                return Self::reply(&Err(format!(
+                return Self::reply(&Err(Refusal::Invalid(format!(
                     "topic {} partition {}: a replayed idempotent batch (producer {}, sequence {}) appended nothing when first applied",
                     self.topic, self.partition, header.producer_id, header.base_sequence
-                )));
+                ))));
             }
             let base = self.next_offset;
             self.next_offset += count;
@@ -224,12 +268,10 @@ impl Machine for PartitionMachine {
                     .appended(&self.topic, self.partition, info.next_offset);
                 Self::reply(&Ok((info.base_offset, info.record_count)))
             }
-            Err(
-                e @ (StorageError::InvalidBatch { .. }
-                | StorageError::BatchTooLarge { .. }
-                | StorageError::ProducerRefused { .. }),
-            ) => Self::reply(&Err(e.to_string())),
-            Err(e) => Err(io::Error::other(e)),
+            Err(e) => match Refusal::of(&e) {
+                Some(refusal) => Self::reply(&Err(refusal)),
+                None => Err(io::Error::other(e)),
+            },
         }
     }
 
@@ -299,9 +341,9 @@ pub enum WriteError {
         /// How long it waited.
         waited_ms: u64,
     },
-    /// Every replica refused the batch (it is invalid).
+    /// Every replica refused the batch (it is invalid, or its producer's state disagrees).
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
     /// The group failed here.
     #[error("topic {topic} partition {partition}: {message}")]
     Failed {

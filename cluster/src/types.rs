@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io::Cursor;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// A broker's node id, as given by `--node-id`.
@@ -16,8 +17,12 @@ pub type GroupId = u64;
 pub const CONTROLLER_GROUP: GroupId = 0;
 
 /// One application command of a group, opaque to Raft: its state machine decodes it.
+///
+/// `Bytes`, so that the copies openraft makes of an entry (each AppendEntries read from the
+/// log, the apply's read) share one buffer instead of copying a produce batch each time.
+/// Serialised as one byte string, as a `Vec<u8>` was before (the same bincode bytes).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command(#[serde(with = "serde_bytes_vec")] pub Vec<u8>);
+pub struct Command(#[serde(with = "serde_bytes_shared")] pub Bytes);
 
 /// A state machine's answer to one applied command, opaque to Raft.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +37,21 @@ impl fmt::Debug for Command {
 impl fmt::Debug for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Reply({} bytes)", self.0.len())
+    }
+}
+
+/// Serialises shared bytes as one byte string (bincode writes length then the bytes in one
+/// copy) instead of a sequence of `u8` elements.
+mod serde_bytes_shared {
+    use bytes::Bytes;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        super::serde_bytes_vec::deserialize(d).map(Bytes::from)
     }
 }
 

@@ -28,7 +28,7 @@ struct Recorder {
 impl Machine for Recorder {
     fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
         let mut applied = self.applied.lock();
-        applied.push(command.0.clone());
+        applied.push(command.0.to_vec());
         Ok(Reply(((applied.len() - 1) as u64).to_le_bytes().to_vec()))
     }
 
@@ -168,7 +168,7 @@ async fn write(nodes: &[TestNode], group: GroupId, leader: NodeId, data: &[u8]) 
         .find(|n| n.id == leader)
         .and_then(|n| n.host.group(group))
         .expect("leader node");
-    let resp = tokio::time::timeout(DEADLINE, raft.client_write(Command(data.to_vec())))
+    let resp = tokio::time::timeout(DEADLINE, raft.client_write(Command(data.to_vec().into())))
         .await
         .expect("write in time")
         .expect("write");

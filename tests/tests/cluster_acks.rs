@@ -286,3 +286,48 @@ async fn leader_acks_answer_from_the_leader_alone_at_the_offsets_the_commit_give
         assert_eq!(*offset, leader_acked, "a leader-acked record moved");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_idempotent_producer_lands_every_batch_once_in_order() {
+    use rill_client::{Producer, ProducerConfig, ProducerRecord};
+    let cluster = TestCluster::start(3).await.expect("start");
+    create(&cluster, "pipe").await;
+    let leader = cluster
+        .wait_partition_leader("pipe", 0, DEADLINE)
+        .await
+        .expect("leader");
+    let conn = rill_client::Connection::connect(&cluster.addr(leader).to_string())
+        .await
+        .expect("connect");
+    // 5 batches of 10 records in flight: the broker may put a batch into the Raft log before
+    // an earlier one; the partition then refuses it with the sequence it expects and the
+    // producer resends it, rather than failing it as invalid.
+    let producer = Producer::new(
+        conn,
+        ProducerConfig::new()
+            .max_in_flight(5)
+            .batch_bytes(10 * (6 + 32))
+            .linger_ms(1_000),
+    );
+    let n = 200;
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let record = ProducerRecord::new("pipe", format!("r{i:05}")).partition(0);
+        acks.push(producer.send(record).await.expect("send"));
+    }
+    producer.flush().await.expect("flush");
+    for (i, ack) in acks.into_iter().enumerate() {
+        let acked = tokio::time::timeout(DEADLINE, ack)
+            .await
+            .expect("acked in time")
+            .expect("acked");
+        assert_eq!(
+            acked,
+            (0, i as u64),
+            "record {i} acknowledged at another offset"
+        );
+    }
+    let stored = read_all(&cluster, leader, "pipe").await;
+    let expected: BTreeMap<u64, String> = (0..n).map(|i| (i, format!("r{i:05}"))).collect();
+    assert_eq!(stored, expected, "each record once, in order");
+}

@@ -3,11 +3,12 @@
 
 use super::*;
 use openraft::CommittedLeaderId;
+use std::time::Duration;
 
 fn entry(term: u64, index: u64) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-        payload: EntryPayload::Normal(crate::types::Command(vec![index as u8; 10])),
+        payload: EntryPayload::Normal(crate::types::Command(vec![index as u8; 10].into())),
     }
 }
 
@@ -173,11 +174,12 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
         .open(dir.path().join(LOG_FILE))
         .expect("file");
     let fsyncs = Arc::new(AtomicU64::new(0));
+    let syncer = Syncer::start(dir.path().to_path_buf(), &file, fsyncs.clone()).expect("syncer");
     let mut writer = Writer {
         dir: dir.path().to_path_buf(),
         file,
         file_bytes: 0,
-        dirty_since: None,
+        syncer,
         failed: None,
         mem: Arc::new(Mutex::new(Mem {
             entries: BTreeMap::new(),

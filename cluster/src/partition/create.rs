@@ -84,11 +84,13 @@ impl Replication {
             .ok_or_else(|| CreateError::Unavailable("not joined yet".into()))?;
         let bytes =
             bincode::serialize(&command).map_err(|e| CreateError::Unavailable(e.to_string()))?;
-        let response =
-            tokio::time::timeout(self.inner.write_timeout, raft.client_write(Command(bytes)))
-                .await
-                .map_err(|_| CreateError::Unavailable("no commit in time".into()))?
-                .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        let response = tokio::time::timeout(
+            self.inner.write_timeout,
+            raft.client_write(Command(bytes.into())),
+        )
+        .await
+        .map_err(|_| CreateError::Unavailable("no commit in time".into()))?
+        .map_err(|e| CreateError::Unavailable(e.to_string()))?;
         let reply: ControllerReply = bincode::deserialize(&response.data.0)
             .map_err(|e| CreateError::Unavailable(e.to_string()))?;
         Ok(reply?)

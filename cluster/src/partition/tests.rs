@@ -72,7 +72,7 @@ fn replaying_applied_entries_appends_nothing_and_gives_the_same_offsets() {
     assert_eq!(apply(&mut restored, 4, &b), Ok((6, 1)));
 
     // An invalid batch is refused alike everywhere and changes nothing.
-    let refused = apply(&mut restored, 5, &Command(vec![1, 2, 3]));
+    let refused = apply(&mut restored, 5, &Command(vec![1, 2, 3].into()));
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(log.high_watermark(), 7);
 }
@@ -126,4 +126,37 @@ fn a_log_shorter_than_what_was_applied_stops_the_replica() {
     let log_id = LogId::new(CommittedLeaderId::new(1, 1), 11);
     // The local log ends at 0 but 10 records were applied: it lost acknowledged data.
     assert!(m.apply(log_id, &batch(&["x"])).is_err());
+}
+
+#[test]
+fn a_batch_that_overtook_an_earlier_one_is_refused_with_the_sequence_expected() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+    let topic = store
+        .create_topic("t", TopicConfig::default())
+        .expect("topic");
+    let log = topic.partition(0).expect("partition");
+    let from = |sequence| {
+        let mut b = BatchBuilder::new(BytesMut::new()).with_producer(5, 0, sequence);
+        b.push(None, b"a", &[], 1);
+        encode_command(WriteAck::Quorum, 7, &b.finish())
+    };
+    let mut m = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    // A pipelining producer's second batch reached the log first: refused, typed, so the
+    // broker tells the producer to resend it (not that its batch is invalid).
+    match apply(&mut m, 1, &from(1)) {
+        Err(Refusal::ProducerState {
+            expected_sequence: Some(0),
+            message,
+        }) => assert!(message.contains("partition 0"), "{message}"),
+        other => panic!("expected a sequence gap expecting 0, got {other:?}"),
+    }
+    assert_eq!(log.high_watermark(), 0, "a refused batch was appended");
+    assert_eq!(apply(&mut m, 2, &from(0)), Ok((0, 1)));
+    assert_eq!(apply(&mut m, 3, &from(1)), Ok((1, 1)));
+    // An invalid batch stays bad input.
+    assert!(matches!(
+        apply(&mut m, 4, &Command(vec![1; 20].into())),
+        Err(Refusal::Invalid(_))
+    ));
 }
