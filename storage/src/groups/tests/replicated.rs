@@ -67,13 +67,18 @@ fn log_starts(g: &GroupStore) -> Vec<u64> {
 }
 
 /// Commits enough to make every partition due several times: 40 groups, each with offsets
-/// for 30 partitions of one topic (a snapshot then takes several batches of half a 16 KiB
-/// segment), and metadata.
+/// (and commit metadata) for up to 30 partitions of one topic, so that a snapshot takes
+/// several batches of half a 16 KiB segment, and group metadata.
 fn commit_many(g: &GroupStore, rounds: u64, mut between: impl FnMut(u64)) {
     for i in 0..rounds {
         let group = format!("g{}", i % 40);
-        g.commit(&group, "t", &[((i % 30) as u32, i, Some(format!("m{i}")))])
-            .expect("commit");
+        let partition = ((i / 40) % 30) as u32;
+        g.commit(
+            &group,
+            "t",
+            &[(partition, i, Some(format!("m{i}-{}", "x".repeat(40))))],
+        )
+        .expect("commit");
         if i % 7 == 0 {
             g.put_metadata(&group, i.to_le_bytes().to_vec())
                 .expect("metadata");
@@ -93,7 +98,7 @@ fn the_leaders_snapshot_reaches_every_replica_which_deletes_its_segments_before_
     leader.groups().replicate_with(writer);
     let g = leader.groups();
     let mut snapshots = Vec::new();
-    commit_many(g, 3_000, |i| {
+    commit_many(g, 2_400, |i| {
         if i % 100 == 0 {
             snapshots.extend(g.compact_if_due().expect("compact"));
         }
@@ -174,7 +179,7 @@ fn a_change_during_a_replicated_snapshot_waits_and_never_lands_inside_it() {
         .groups()
         .replicate_with(Arc::clone(&writer) as Arc<dyn GroupsWriter>);
     let g = leader.groups().clone();
-    commit_many(&g, 600, |_| {});
+    commit_many(&g, 1_200, |_| {});
     let p = g.partition_of("g0");
     let before = g.topic().partition(p).expect("p").high_watermark();
 
