@@ -36,9 +36,12 @@
 //! batch to the partition's Raft group, whose apply appends it to this replica's log. The
 //! view is then fed only from the log: [`GroupStore::catch_up`] applies what the log holds
 //! beyond the view, on the leader after each write and on followers as their logs grow, so
-//! every replica holds the same state and a new leader serves at once. Snapshots and segment
-//! deletion are off for a replicated groups topic (each replica's log must keep the records
-//! a lagging follower's catch-up reads); it grows by one small record per change.
+//! every replica holds the same state and a new leader serves at once.
+//!
+//! Compaction, replicated: only the partition's leader snapshots it, through the writer (one
+//! Raft commit per batch, the marker last), with every change of that partition held off; every
+//! replica deletes its own segments before a snapshot when it applies the marker. Details, and
+//! why a snapshot cut short by a leader change is harmless, in `replicated.rs`.
 //!
 //! # Upgrades
 //! The offsets files of earlier versions (`<data>/groups/<group>.offsets`) are imported once

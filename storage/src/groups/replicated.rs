@@ -1,5 +1,35 @@
 //! A replicated groups topic (see "Replicated" in the module doc of [`super`]): changes
 //! committed through a [`GroupsWriter`], and the view fed from the log.
+//!
+//! # Compaction
+//! Only the partition's leader snapshots it (the broker calls
+//! [`GroupStore::compact_partitions_if_due`] with the partitions it leads), at the same
+//! threshold as a single broker. It first brings the view up to its log, then commits the
+//! snapshot's batches through the writer (one Raft commit each, the marker last), so every
+//! replica holds the snapshot at the same offsets. The no-interleaving rule holds on the
+//! leader by a per-partition lock: every change holds it shared from its catch-up to its
+//! commit, the snapshot holds it exclusively across all its commits, so a change waits for
+//! a snapshot and never lands between its records. Only the leader writes, so no other
+//! broker's change can interleave either.
+//!
+//! Every replica (the leader too) deletes its own segments: the walk of the log tracks where
+//! the latest complete snapshot began (the first `GroupSnapshot` record after which only
+//! snapshot records follow up to a marker; the marker itself for a snapshot of no group),
+//! keeping that scan between walks because a walk may stop between two batches of one
+//! snapshot, and on applying the marker deletes the sealed segments that end before that
+//! start. Deletion is local and deterministic; log starts may differ between replicas by a
+//! segment (a replica that restarted skips the deletion of a marker it applied before its
+//! crash, until the next one), which is harmless: a follower whose end is before its
+//! source's log start restarts its log at that start and replays it whole.
+//!
+//! A leader change mid-snapshot aborts it: the old leader's later commits fail, and it
+//! deletes nothing for that snapshot (no marker). The records it did commit are a partial snapshot:
+//! each rewrote a group's current state (no change interleaved on the old leader, and a
+//! new leader's entries always come after the old leader's in the log), so replay over them
+//! gives the same state. A run of snapshot records with no marker is reset by the next
+//! other record; when the new leader's snapshot follows at once, the deletion point is the
+//! partial snapshot's start, which is still safe: every record from it to the marker is a
+//! current state, and the complete snapshot after it covers every group.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

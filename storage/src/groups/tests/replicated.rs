@@ -148,7 +148,9 @@ fn the_leaders_snapshot_reaches_every_replica_which_deletes_its_segments_before_
         .map(|group| (group.clone(), g.group_offsets(&group).expect("offsets")))
         .collect();
     let metadata = g.all_metadata();
-    drop(writer_holders(leader, follower));
+    // Closing both also ends the writer's clones of them.
+    leader.close().expect("close leader");
+    follower.close().expect("close follower");
     for dir in [a.path(), b.path()] {
         let store = open(dir);
         let r = store.groups();
@@ -162,12 +164,6 @@ fn the_leaders_snapshot_reaches_every_replica_which_deletes_its_segments_before_
         assert_eq!(r.all_metadata(), metadata);
         store.close().expect("close");
     }
-}
-
-/// Closes both stores (the writer holds clones of them, dropped with the leader's store).
-fn writer_holders(leader: Store, follower: Store) {
-    leader.close().expect("close leader");
-    follower.close().expect("close follower");
 }
 
 #[test]
