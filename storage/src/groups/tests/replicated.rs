@@ -236,3 +236,91 @@ fn a_change_during_a_replicated_snapshot_waits_and_never_lands_inside_it() {
     );
     leader.close().expect("close");
 }
+
+/// A writer that commits its first `ok` appends (to every replica, then their views catch
+/// up) and refuses the rest, as a leader that lost its leadership mid-snapshot.
+#[derive(Debug)]
+struct LosesLeadership {
+    inner: Arc<ApplyAndFollow>,
+    ok: usize,
+}
+
+impl GroupsWriter for LosesLeadership {
+    fn append(&self, partition: u32, batch: Bytes) -> Result<()> {
+        if self.inner.appends.load(Ordering::SeqCst) >= self.ok {
+            return Err(StorageError::Unavailable {
+                topic: GROUPS_TOPIC.into(),
+                partition,
+                reason: "not the leader any more".into(),
+            });
+        }
+        self.inner.append(partition, batch)
+    }
+}
+
+#[test]
+fn a_snapshot_cut_short_by_a_leader_change_then_the_new_leaders_snapshot_replay_the_same() {
+    let (a, b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let (old, new) = (open(a.path()), open(b.path()));
+    let both = ApplyAndFollow::new(vec![old.clone(), new.clone()]);
+    old.groups()
+        .replicate_with(Arc::clone(&both) as Arc<dyn GroupsWriter>);
+    commit_many(old.groups(), 1_200, |_| {});
+    let p = old.groups().partition_of("g0");
+
+    // The old leader's snapshot commits its first batch, then loses the leadership.
+    let ok = both.appends.load(Ordering::SeqCst) + 1;
+    old.groups().replicate_with(Arc::new(LosesLeadership {
+        inner: Arc::clone(&both),
+        ok,
+    }));
+    let start_before = new
+        .groups()
+        .topic()
+        .partition(p)
+        .expect("p")
+        .log_start_offset();
+    let err = old.groups().snapshot(p).expect_err("cut short");
+    assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+    assert_eq!(
+        new.groups()
+            .topic()
+            .partition(p)
+            .expect("p")
+            .log_start_offset(),
+        start_before,
+        "a snapshot without its marker deletes nothing"
+    );
+
+    // The new leader snapshots at once: its records follow the partial run directly.
+    let again = ApplyAndFollow::new(vec![old.clone(), new.clone()]);
+    new.groups().replicate_with(again);
+    let outcome = new.groups().snapshot(p).expect("snapshot");
+    assert!(outcome.groups > 0);
+    for store in [&old, &new] {
+        assert!(
+            store
+                .groups()
+                .topic()
+                .partition(p)
+                .expect("p")
+                .log_start_offset()
+                > start_before,
+            "each replica deleted before the snapshot"
+        );
+    }
+    let expected = all_offsets(new.groups());
+    let metadata = new.groups().all_metadata();
+    assert_eq!(all_offsets(old.groups()), expected);
+    old.close().expect("close old");
+    new.close().expect("close new");
+    for dir in [a.path(), b.path()] {
+        let store = open(dir);
+        assert_eq!(all_offsets(store.groups()), expected, "replay of {dir:?}");
+        assert_eq!(store.groups().all_metadata(), metadata);
+        store.close().expect("close");
+    }
+}
