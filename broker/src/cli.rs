@@ -9,6 +9,10 @@ use clap::Parser;
 
 use crate::config::{Config, FileConfig};
 
+/// The smallest groups topic segment accepted: one change may take half a segment, and a
+/// group's membership state with its offsets must fit.
+const MIN_GROUPS_SEGMENT_BYTES: u64 = 16 << 10;
+
 /// Command-line flags of `rill-broker`; each also reads a `RILL_*` environment variable.
 #[derive(Debug, Parser)]
 #[command(name = "rill-broker", version, about = "The Rill log broker")]
@@ -36,6 +40,10 @@ pub struct Flags {
     /// How often retention runs, in milliseconds [default: 60000].
     #[arg(long, env = "RILL_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<u64>,
+    /// The segment size of the groups topic when it is created, in bytes; also how much a
+    /// groups partition grows before it is snapshotted and compacted [default: 262144].
+    #[arg(long, env = "RILL_GROUPS_SEGMENT_BYTES")]
+    pub groups_segment_bytes: Option<u64>,
     /// The flush policy of new topics that name none: always, never or interval:MS
     /// [default: interval:1000].
     #[arg(long, env = "RILL_DEFAULT_FLUSH")]
@@ -178,6 +186,9 @@ pub fn load(flags: Flags) -> Result<Config> {
     if let Some(v) = flags.retention_check_ms.or(file.retention_check_ms) {
         config.retention_check_ms = v;
     }
+    if let Some(v) = flags.groups_segment_bytes.or(file.groups_segment_bytes) {
+        config.groups_segment_bytes = v;
+    }
     if let Some(v) = file.max_waiting_fetches {
         config.max_waiting_fetches = v;
     }
@@ -242,6 +253,13 @@ pub fn load(flags: Flags) -> Result<Config> {
     anyhow::ensure!(
         config.max_batch_bytes >= 1024,
         "max_batch_bytes must be at least 1024"
+    );
+    anyhow::ensure!(
+        (MIN_GROUPS_SEGMENT_BYTES..=rill_storage::config::MAX_SEGMENT_BYTES)
+            .contains(&config.groups_segment_bytes),
+        "groups_segment_bytes must be {MIN_GROUPS_SEGMENT_BYTES}..={}, got {}",
+        rill_storage::config::MAX_SEGMENT_BYTES,
+        config.groups_segment_bytes
     );
     anyhow::ensure!(
         config.producer_id_expiration_ms >= 1,

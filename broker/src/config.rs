@@ -55,6 +55,11 @@ pub struct Config {
     /// that partition: its next batch must start again at sequence 0, and a retry of an
     /// older batch is no longer recognised. Default 7 days.
     pub producer_id_expiration_ms: u64,
+    /// The segment size of the groups topic (`__groups`), in bytes, used only when the topic
+    /// is created (a data folder, or a cluster, keeps the one it was made with). It is also
+    /// the growth, per partition, after which the partition is snapshotted and its older
+    /// segments deleted. Default 256 KiB.
+    pub groups_segment_bytes: u64,
     /// The most bytes one fetch returns, whatever it asks. Default 16 MiB.
     pub max_fetch_bytes: usize,
     /// How often retention runs, in milliseconds. Default 60 s.
@@ -96,6 +101,7 @@ impl Default for Config {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_fetch_wait_ms: DEFAULT_MAX_FETCH_WAIT_MS,
             producer_id_expiration_ms: DEFAULT_PRODUCER_ID_EXPIRATION_MS,
+            groups_segment_bytes: rill_storage::groups::DEFAULT_GROUPS_SEGMENT_BYTES,
             max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
             retention_check_ms: DEFAULT_RETENTION_CHECK_MS,
             max_waiting_fetches: DEFAULT_MAX_WAITING_FETCHES,
@@ -142,6 +148,12 @@ impl Config {
     /// Sets how long an idle idempotent producer's state is kept, in ms (default 7 days).
     pub fn producer_id_expiration_ms(mut self, producer_id_expiration_ms: u64) -> Self {
         self.producer_id_expiration_ms = producer_id_expiration_ms;
+        self
+    }
+
+    /// Sets the segment size of a new groups topic, in bytes (default 256 KiB).
+    pub fn groups_segment_bytes(mut self, groups_segment_bytes: u64) -> Self {
+        self.groups_segment_bytes = groups_segment_bytes;
         self
     }
 
@@ -205,6 +217,8 @@ pub struct FileConfig {
     pub producer_id_expiration_ms: Option<u64>,
     /// See [`Config::retention_check_ms`].
     pub retention_check_ms: Option<u64>,
+    /// See [`Config::groups_segment_bytes`].
+    pub groups_segment_bytes: Option<u64>,
     /// See [`Config::max_waiting_fetches`].
     pub max_waiting_fetches: Option<usize>,
     /// See [`Config::max_connections`].

@@ -78,7 +78,11 @@ impl Server {
         let recovering = Recovering::serve(&listener, &health)?;
         let options = StoreOptions::new(&config.data_dir)
             .max_batch_bytes(config.max_batch_bytes)
-            .producer_expiry_ms(config.producer_id_expiration_ms);
+            .producer_expiry_ms(config.producer_id_expiration_ms)
+            .groups_topic(
+                rill_storage::groups::DEFAULT_GROUPS_PARTITIONS,
+                config.groups_segment_bytes,
+            );
         let store = tokio::task::spawn_blocking(move || Store::open(options)).await;
         recovering.stop().await;
         let store = store

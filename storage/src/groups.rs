@@ -36,9 +36,12 @@
 //! batch to the partition's Raft group, whose apply appends it to this replica's log. The
 //! view is then fed only from the log: [`GroupStore::catch_up`] applies what the log holds
 //! beyond the view, on the leader after each write and on followers as their logs grow, so
-//! every replica holds the same state and a new leader serves at once. Snapshots and segment
-//! deletion are off for a replicated groups topic (each replica's log must keep the records
-//! a lagging follower's catch-up reads); it grows by one small record per change.
+//! every replica holds the same state and a new leader serves at once.
+//!
+//! Compaction, replicated: only the partition's leader snapshots it, through the writer (one
+//! Raft commit per batch, the marker last), with every change of that partition held off; every
+//! replica deletes its own segments before a snapshot when it applies the marker. Details, and
+//! why a snapshot cut short by a leader change is harmless, in `replicated.rs`.
 //!
 //! # Upgrades
 //! The offsets files of earlier versions (`<data>/groups/<group>.offsets`) are imported once
@@ -230,6 +233,13 @@ struct Inner {
     applied_next: Vec<AtomicU64>,
     /// Set when the groups topic is replicated: changes go through it.
     writer: RwLock<Option<Arc<dyn GroupsWriter>>>,
+    /// Per partition: where the view's walk of the log left its snapshot scan (guarded, like
+    /// `applied_next`, by the partition's gate held exclusively).
+    scans: Vec<Mutex<replay::SnapshotScan>>,
+    /// Per partition of a replicated topic: its changes hold it shared from their catch-up to
+    /// their commit; a snapshot holds it exclusively across all its commits, so no change
+    /// interleaves with one.
+    leader_writes: Vec<RwLock<()>>,
 }
 
 impl GroupStore {
@@ -248,19 +258,26 @@ impl GroupStore {
         let mut groups: HashMap<String, GroupState> = HashMap::new();
         let mut since_snapshot = Vec::with_capacity(partitions as usize);
         let mut applied_next = Vec::with_capacity(partitions as usize);
+        let mut scans = Vec::with_capacity(partitions as usize);
         for (p, log) in topic.partitions() {
             applied_next.push(AtomicU64::new(
                 log.as_ref().map_or(0, PartitionLog::high_watermark),
             ));
-            let bytes = match log {
+            let (bytes, scan) = match log {
                 Ok(log) => replay::replay(&log, partitions, &mut groups, &mut damaged),
                 Err(e) => {
                     tracing::error!(partition = p, error = %e, "groups partition fenced; its groups start empty");
                     damaged.push((topic.dir().join(p.to_string()), e.to_string()));
-                    0
+                    (0, replay::SnapshotScan::default())
                 }
             };
             since_snapshot.push(AtomicU64::new(bytes));
+            // What a replay at open walked over is already bounded (a single broker deletes
+            // when it writes a snapshot; a replica at its next marker).
+            scans.push(Mutex::new(replay::SnapshotScan {
+                complete: None,
+                ..scan
+            }));
         }
         groups.retain(|_, state| !state.is_empty());
         let mut store = GroupStore {
@@ -278,6 +295,8 @@ impl GroupStore {
                 damaged: Vec::new(),
                 applied_next,
                 writer: RwLock::new(None),
+                scans,
+                leader_writes: (0..partitions).map(|_| RwLock::new(())).collect(),
             }),
         };
         let (files, legacy_damaged) = legacy::load(legacy_dir)?;
@@ -494,15 +513,22 @@ impl GroupStore {
 
     /// Snapshots every partition that has had at least a segment's worth of records appended
     /// since its last snapshot ([`GroupStore::snapshot`]). Returns the snapshots written;
-    /// tries every partition and returns the first error.
+    /// tries every partition and returns the first error. On a replicated topic only a
+    /// partition's leader may snapshot it: use [`GroupStore::compact_partitions_if_due`].
     pub fn compact_if_due(&self) -> Result<Vec<SnapshotOutcome>> {
-        if self.is_replicated() {
-            return Ok(Vec::new());
-        }
+        self.compact_partitions_if_due(0..self.inner.topic.partition_count())
+    }
+
+    /// [`GroupStore::compact_if_due`] for the partitions `partitions` only (on a replicated
+    /// topic: those this broker leads).
+    pub fn compact_partitions_if_due(
+        &self,
+        partitions: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<SnapshotOutcome>> {
         let threshold = self.inner.topic.config().segment_bytes;
         let mut done = Vec::new();
         let mut first_error = None;
-        for p in 0..self.inner.topic.partition_count() {
+        for p in partitions {
             let due = self
                 .inner
                 .since_snapshot_bytes
@@ -525,54 +551,25 @@ impl GroupStore {
     /// batches of at most half a segment, then a marker, all synced), then deletes the sealed
     /// segments that end before it: replay from the new log start rebuilds the same state
     /// (see the module doc). A group whose state alone exceeds the batch limit makes the
-    /// snapshot fail, and nothing is deleted.
+    /// snapshot fail, and nothing is deleted. On a replicated topic the batches are
+    /// committed through its writer, and every replica deletes at the marker (see
+    /// "Replicated" in the module doc); only the partition's leader may call it.
     pub fn snapshot(&self, p: u32) -> Result<SnapshotOutcome> {
+        let replicated = self.inner.writer.read().clone();
+        if let Some(writer) = replicated {
+            return self.snapshot_replicated(p, &*writer);
+        }
         let log = self.inner.topic.partition(p)?;
         let gate = self.gate(p)?;
         let _exclusive = gate.write();
-        let mut states = Vec::new();
-        {
-            let groups = self.inner.groups.read();
-            let mut names: Vec<&String> = groups
-                .keys()
-                .filter(|g| self.partition_of(g) == p)
-                .collect();
-            names.sort_unstable();
-            for g in names {
-                if let Some(state) = groups.get(g) {
-                    states.push(GroupRecord::GroupSnapshot {
-                        group: g.clone(),
-                        offsets: state.offsets.clone(),
-                        metadata: state.metadata.as_deref().map(<[u8]>::to_vec),
-                    });
-                }
-            }
-        }
-        let group_count = states.len() as u32;
-        states.push(GroupRecord::SnapshotMarker);
-        let limit = max_change_bytes(&log);
+        let batches = self.snapshot_batches(p, &log);
+        let group_count = batches.iter().flatten().count().saturating_sub(1) as u32;
         let mut first_offset = None;
         let mut end = log.high_watermark();
-        let mut batch: Vec<GroupRecord> = Vec::new();
-        let mut batch_bytes = 0;
-        let mut states = states.into_iter().peekable();
-        while let Some(record) = states.next() {
-            // The value plus room for the record's framing and key.
-            let len = record.encode().map_or(0, |v| v.len()) + 300;
-            if !batch.is_empty() && batch_bytes + len > limit {
-                let info = append_records(&log, &batch)?;
-                first_offset.get_or_insert(info.0);
-                end = info.1;
-                batch.clear();
-                batch_bytes = 0;
-            }
-            batch.push(record);
-            batch_bytes += len;
-            if states.peek().is_none() {
-                let info = append_records(&log, &batch)?;
-                first_offset.get_or_insert(info.0);
-                end = info.1;
-            }
+        for batch in &batches {
+            let info = append_records(&log, batch)?;
+            first_offset.get_or_insert(info.0);
+            end = info.1;
         }
         log.sync_through(end)?;
         let snapshot_offset = first_offset.unwrap_or(end);
@@ -592,6 +589,46 @@ impl GroupStore {
             groups: group_count,
             deleted_segments: deleted.deleted_segments,
         })
+    }
+
+    /// The records of a snapshot of partition `p` as the view holds it (every group's whole
+    /// state, sorted by group, then the marker), cut into batches of at most half a segment.
+    fn snapshot_batches(&self, p: u32, log: &PartitionLog) -> Vec<Vec<GroupRecord>> {
+        let mut states = Vec::new();
+        {
+            let groups = self.inner.groups.read();
+            let mut names: Vec<&String> = groups
+                .keys()
+                .filter(|g| self.partition_of(g) == p)
+                .collect();
+            names.sort_unstable();
+            for g in names {
+                if let Some(state) = groups.get(g) {
+                    states.push(GroupRecord::GroupSnapshot {
+                        group: g.clone(),
+                        offsets: state.offsets.clone(),
+                        metadata: state.metadata.as_deref().map(<[u8]>::to_vec),
+                    });
+                }
+            }
+        }
+        states.push(GroupRecord::SnapshotMarker);
+        let limit = max_change_bytes(log);
+        let mut batches = Vec::new();
+        let mut batch: Vec<GroupRecord> = Vec::new();
+        let mut batch_bytes = 0;
+        for record in states {
+            // The value plus room for the record's framing and key.
+            let len = record.encode().map_or(0, |v| v.len()) + 300;
+            if !batch.is_empty() && batch_bytes + len > limit {
+                batches.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch.push(record);
+            batch_bytes += len;
+        }
+        batches.push(batch);
+        batches
     }
 
     /// How many partitions the groups topic has.

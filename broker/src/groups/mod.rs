@@ -22,6 +22,7 @@ pub use coordinator::Coordinator;
 
 use std::time::Duration;
 
+use rill_storage::groups::GROUPS_TOPIC;
 use tokio::time::MissedTickBehavior;
 
 use crate::state::Broker;
@@ -65,8 +66,20 @@ async fn compaction_loop(broker: Broker) {
             _ = tick.tick() => {}
         }
         let groups = broker.store().groups().clone();
+        // In a cluster only a partition's settled leader snapshots it, through Raft; every
+        // replica deletes its own segments when it applies the marker.
+        let partitions: Vec<u32> = (0..groups.partition_count())
+            .filter(|&p| {
+                matches!(
+                    crate::internal::route(&broker, GROUPS_TOPIC, p),
+                    Ok(crate::internal::Route::Here)
+                )
+            })
+            .collect();
         // A failure is logged by the store and retried at the next tick.
-        match tokio::task::spawn_blocking(move || groups.compact_if_due()).await {
+        match tokio::task::spawn_blocking(move || groups.compact_partitions_if_due(partitions))
+            .await
+        {
             Ok(Ok(_)) | Ok(Err(_)) => {}
             Err(e) => tracing::error!(error = %e, "groups compaction task failed"),
         }

@@ -695,7 +695,7 @@ fn a_replicated_store_writes_only_through_its_writer_and_followers_catch_up_from
     assert!(leader.groups().is_replicated());
     assert!(
         leader.groups().compact_if_due().expect("no-op").is_empty(),
-        "no snapshots on a replicated topic"
+        "nothing is due on a fresh topic"
     );
     let g = leader.groups();
     g.commit("g1", "t", &[(0, 5, None)]).expect("commit");
@@ -746,3 +746,6 @@ fn a_replicated_store_writes_only_through_its_writer_and_followers_catch_up_from
     assert_eq!(offset(g, "g2", "t", 1), Some(7));
     assert_eq!(end_offsets(g), before);
 }
+
+#[path = "tests/replicated.rs"]
+mod replicated;
