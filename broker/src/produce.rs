@@ -307,13 +307,7 @@ pub async fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
     let mut unsettled = Vec::with_capacity(prepared.batches.len());
     let mut woke_fetches = false;
     for (p, log, batch) in &prepared.batches {
-        let done = match log.try_append(batch, prepared.ack)? {
-            Some(done) => done,
-            None => {
-                let (log, batch, ack) = (log.clone(), batch.clone(), prepared.ack);
-                tokio::task::spawn_blocking(move || log.append_checked(&batch, ack)).await??
-            }
-        };
+        let done = append_in_turn(prepared, *p, log, batch).await?;
         // A producer's retry of a batch already in the log appended nothing: no new records
         // to count, no fetch to wake (its offsets lie below the high watermark).
         if !done.is_duplicate() {
@@ -330,6 +324,73 @@ pub async fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
         unsettled,
         woke_fetches,
     })
+}
+
+/// How long a batch of an idempotent producer that arrived before an earlier batch of its
+/// own (its sequence is ahead of the one expected) waits for that batch, in ms, before it
+/// is refused as a gap. A producer with several batches in flight sends them in order, but
+/// concurrent calls can reach the partition in another order (each call is its own task,
+/// on the client and here); waiting for the earlier one keeps the producer's order without
+/// a refusal and a resend. A batch whose predecessor never comes is refused as before.
+pub const EARLY_BATCH_WAIT_MS: u64 = 100;
+
+/// Appends `batch` to partition `p` (inline when the storage can, else on the blocking
+/// pool). An idempotent batch that came early ([`EARLY_BATCH_WAIT_MS`]) is tried again
+/// after each append to the partition until it is its turn or the wait is over.
+async fn append_in_turn(
+    prepared: &Prepared,
+    p: u32,
+    log: &PartitionLog,
+    batch: &CheckedBatch,
+) -> Result<Unsettled, BrokerError> {
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_millis(EARLY_BATCH_WAIT_MS);
+    let mut appends: Option<tokio::sync::watch::Receiver<u64>> = None;
+    loop {
+        let attempt = match log.try_append(batch, prepared.ack) {
+            Ok(Some(done)) => Ok(done),
+            Ok(None) => {
+                let (log, batch, ack) = (log.clone(), batch.clone(), prepared.ack);
+                tokio::task::spawn_blocking(move || log.append_checked(&batch, ack)).await?
+            }
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Err(e) if came_early(&e) => match appends.as_mut() {
+                // Watch the partition from now on, then try once more at once: an append
+                // between the refusal and the subscription is not missed.
+                None => match prepared.topic.subscribe(p) {
+                    Some(rx) => appends = Some(rx),
+                    None => return Err(e.into()),
+                },
+                Some(rx) => {
+                    let appended = tokio::time::timeout_at(deadline, rx.changed()).await;
+                    if !matches!(appended, Ok(Ok(()))) {
+                        return Err(e.into());
+                    }
+                }
+            },
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Whether `e` refuses an idempotent batch whose sequence is ahead of the expected one (by
+/// less than half the sequence space, which wraps at `i32::MAX`): an earlier batch of the
+/// same producer may still be on its way.
+fn came_early(e: &rill_storage::StorageError) -> bool {
+    let rill_storage::StorageError::ProducerRefused {
+        source:
+            rill_storage::producers::ProducerError::SequenceGap {
+                expected, received, ..
+            },
+        ..
+    } = e
+    else {
+        return false;
+    };
+    let ahead = (i64::from(*received) - i64::from(*expected)).rem_euclid(1 << 31);
+    ahead > 0 && ahead < 1 << 30
 }
 
 /// True when the ack must wait: for a sync (the storage says so: a durable ack, or a topic
@@ -403,4 +464,36 @@ pub async fn produce(broker: &Broker, req: ProduceRequest) -> Result<ProduceResp
     let appended = append(&prepared).await?;
     let infos = settle(&prepared, appended).await?;
     Ok(response(&infos))
+}
+
+#[cfg(test)]
+mod tests {
+    use rill_storage::producers::ProducerError;
+    use rill_storage::StorageError;
+
+    use super::came_early;
+
+    fn gap(expected: i32, received: i32) -> StorageError {
+        StorageError::ProducerRefused {
+            topic: "t".into(),
+            partition: 0,
+            source: ProducerError::SequenceGap {
+                producer_id: 1,
+                expected,
+                received,
+            },
+        }
+    }
+
+    #[test]
+    fn only_a_sequence_ahead_of_the_expected_one_came_early() {
+        assert!(came_early(&gap(0, 5)));
+        assert!(came_early(&gap(i32::MAX - 1, 3)), "ahead across the wrap");
+        assert!(!came_early(&gap(5, 2)), "behind: a stale retry, not early");
+        assert!(
+            !came_early(&gap(3, i32::MAX - 1)),
+            "far behind across the wrap"
+        );
+        assert!(!came_early(&StorageError::Closed));
+    }
 }

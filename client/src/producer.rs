@@ -17,8 +17,9 @@
 //! appended with the original offsets, so a batch whose ack was lost is never appended
 //! twice: delivery is exactly once per batch. Up to `max_in_flight` (at most 5) batches per
 //! partition are sent without waiting for the previous ack; the broker keeps them in order
-//! (a batch that arrives before an earlier one is refused with the sequence it expects, and
-//! resent shortly, see [`EXPECTED_SEQUENCE_METADATA_KEY`]). A batch that fails for good
+//! (a single broker holds a batch that arrives before an earlier one for up to 100 ms until
+//! the earlier one is appended; past that, or on a replicated partition, it is refused with
+//! the sequence it expects, and resent shortly, see [`EXPECTED_SEQUENCE_METADATA_KEY`]). A batch that fails for good
 //! breaks the partition's sequence: the batches after it fail too, and the partition starts
 //! again with a fresh producer id. With idempotence off, one batch per partition is in
 //! flight and a retry may append a batch twice (at least once).

@@ -145,6 +145,47 @@ async fn a_retry_gets_the_original_offsets_and_bad_sequences_are_refused() {
     broker.stop().await.expect("stop");
 }
 
+/// Two batches of one producer in flight at once may reach the partition in the wrong order
+/// (each call is its own task): the early one waits for its predecessor instead of being
+/// refused, and both land in the producer's order.
+#[tokio::test]
+async fn a_batch_that_overtook_its_predecessor_waits_for_it_and_both_land_in_order() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut c = Clients::connect(broker.url()).await.expect("connect");
+    c.create_topic("o", 1).await.expect("create");
+    let (id, epoch) = init(&mut c, None).await;
+    let mut early = c.log.clone();
+    let second =
+        tokio::spawn(async move { early.produce(req("o", id, epoch, 2, &["c", "d"])).await });
+    // Give the second batch a head start (if it still arrives second, the order is simply
+    // the natural one and the test proves less, never wrongly).
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let first = c
+        .log
+        .produce(req("o", id, epoch, 0, &["a", "b"]))
+        .await
+        .expect("the first batch")
+        .into_inner();
+    let second = second
+        .await
+        .expect("task")
+        .expect("the second batch waited for the first, not refused")
+        .into_inner();
+    assert_eq!(first.appends[0].base_offset, 0, "{first:?}");
+    assert_eq!(second.appends[0].base_offset, 2, "{second:?}");
+    assert_eq!(values(&mut c, "o", 0).await, vec!["a", "b", "c", "d"]);
+
+    // A batch whose predecessor never comes is still refused (after the wait), and nothing
+    // of it is appended.
+    let err = c
+        .log
+        .produce(req("o", id, epoch, 9, &["x"]))
+        .await
+        .expect_err("a real gap");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(values(&mut c, "o", 0).await, vec!["a", "b", "c", "d"]);
+}
+
 #[tokio::test]
 async fn a_named_producer_fences_its_older_instance() {
     let broker = TestBroker::start().await.expect("broker");
