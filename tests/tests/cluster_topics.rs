@@ -262,6 +262,27 @@ async fn an_rf1_topic_is_known_to_every_broker_and_served_by_its_owners_through_
         }
     }
 
+    // Every broker describes each partition with its holder's figures, not its own empty
+    // copy's.
+    for id in cluster.ids() {
+        let mut c = cluster.clients(id).await.expect("connect");
+        let d = c
+            .admin
+            .describe_topic(pb::DescribeTopicRequest {
+                name: "solo".into(),
+            })
+            .await
+            .expect("describe")
+            .into_inner();
+        for p in &d.partitions {
+            assert_eq!(
+                p.high_watermark, 9,
+                "node {id} describes partition {} by its owner's log: {d:?}",
+                p.partition
+            );
+        }
+    }
+
     // A subscription reads the topic's copy on the broker serving subscriptions, which
     // holds only some partitions of an RF 1 topic: refused with the reason, not created to
     // deliver nothing.

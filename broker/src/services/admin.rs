@@ -260,11 +260,71 @@ impl Admin for AdminService {
             Operation::Describe,
             topic,
         )?;
+        let local_only = request.metadata().get(DESCRIBE_LOCAL_ONLY).is_some();
         let name = request.into_inner().name;
         let state = self.broker.topic(&name)?;
-        Ok(Response::new(describe(
-            &state,
-            self.broker.config().max_batch_bytes,
-        )))
+        let mut description = describe(&state, self.broker.config().max_batch_bytes);
+        if !local_only {
+            self.describe_held_elsewhere(&mut description).await;
+        }
+        Ok(Response::new(description))
+    }
+}
+
+/// Request metadata asking `DescribeTopic` for this broker's own figures only: the ask of
+/// [`AdminService::describe_held_elsewhere`], which must not fan out again.
+pub const DESCRIBE_LOCAL_ONLY: &str = "rill-describe-local";
+
+impl AdminService {
+    /// In a cluster, replaces the figures of each partition this broker holds no replica of
+    /// (its local copy is empty) with those of the broker that holds it, asked once per
+    /// broker. A broker that does not answer leaves the local figures.
+    async fn describe_held_elsewhere(&self, description: &mut pb::TopicDescription) {
+        let Some(r) = self.broker.replication() else {
+            return;
+        };
+        let mut holders: Vec<(String, Vec<u32>)> = Vec::new();
+        for part in &description.partitions {
+            if let Err(rill_cluster::partition::WriteError::NotLeader {
+                leader: Some((_, address)),
+                ..
+            }) = r.check_readable(&description.name, part.partition)
+            {
+                match holders.iter_mut().find(|(a, _)| *a == address) {
+                    Some((_, ps)) => ps.push(part.partition),
+                    None => holders.push((address, vec![part.partition])),
+                }
+            }
+        }
+        for (address, partitions) in holders {
+            let Ok(channel) = crate::internal::channel(&self.broker, &address) else {
+                continue;
+            };
+            let mut request = Request::new(pb::DescribeTopicRequest {
+                name: description.name.clone(),
+            });
+            request.metadata_mut().insert(
+                DESCRIBE_LOCAL_ONLY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            let answer = pb::admin_client::AdminClient::new(channel)
+                .describe_topic(request)
+                .await;
+            let remote = match answer {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    tracing::debug!(%address, error = %e, "describe at the holder failed");
+                    continue;
+                }
+            };
+            for p in partitions {
+                if let (Some(local), Some(there)) = (
+                    description.partitions.iter_mut().find(|d| d.partition == p),
+                    remote.partitions.iter().find(|d| d.partition == p),
+                ) {
+                    *local = there.clone();
+                }
+            }
+        }
     }
 }
