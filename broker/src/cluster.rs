@@ -367,13 +367,8 @@ where
     Fut: std::future::Future<Output = Result<(), tonic::Status>>,
 {
     let forward = async {
-        let transport = broker
-            .config()
-            .cluster
-            .as_ref()
-            .map(|c| c.peer_transport())
-            .unwrap_or_default();
-        let admin = AdminClient::new(transport.connect_lazy(address)?);
+        // The cached channel to that broker (TLS and the cluster token when on).
+        let admin = AdminClient::new(crate::internal::channel(broker, address)?);
         call(admin).await?;
         Ok::<_, anyhow::Error>(())
     };

@@ -66,6 +66,30 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     Ok(ports)
 }
 
+/// Calls `call` again every 100 ms while it answers UNAVAILABLE (an election, an internal
+/// topic still being created, a leader settling) and `deadline` has not passed since the
+/// first call; returns the first other answer, or the last UNAVAILABLE.
+pub async fn while_unavailable<T, F, Fut>(
+    deadline: Duration,
+    mut call: F,
+) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        match call().await {
+            Err(s)
+                if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One broker of a [`TestCluster`].
 struct Node {
     addr: SocketAddr,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rill_proto::v1 as pb;
 use rill_storage::groups::{partition_for_group, DEFAULT_GROUPS_PARTITIONS, GROUPS_TOPIC};
-use rill_tests::cluster::{Extra, TestCluster};
+use rill_tests::cluster::{while_unavailable, Extra, TestCluster};
 
 /// The longest an election, a commit or a failover may take in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -23,23 +23,14 @@ const GROUPS: [&str; 6] = ["billing", "audit", "search", "mailer", "ledger", "re
 
 /// Retries `call` on UNAVAILABLE (the internal topic being created, an election) until the
 /// deadline; any other error fails the test.
-async fn retrying<T, F, Fut>(what: &str, mut call: F) -> T
+async fn retrying<T, F, Fut>(what: &str, call: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match call().await {
-            Ok(v) => return v,
-            Err(s)
-                if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < until =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(s) => panic!("{what}: {s:?}"),
-        }
-    }
+    while_unavailable(DEADLINE, call)
+        .await
+        .unwrap_or_else(|s| panic!("{what}: {s:?}"))
 }
 
 /// Commits `offset + p` for every partition `p` of `orders` for `group`, through `via`,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rill_proto::v1::{self as pb, produce_request::Payload};
-use rill_tests::cluster::TestCluster;
+use rill_tests::cluster::{while_unavailable, TestCluster};
 use tonic::Code;
 
 const PRODUCERS_TOPIC: &str = "__producers";
@@ -17,22 +17,13 @@ const PRODUCERS_TOPIC: &str = "__producers";
 /// The longest an election, a commit or a failover may take in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Retries `call` on UNAVAILABLE (the internal topic being created, an election) until the
-/// deadline; returns the first other answer.
-async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+/// Retries `call` while it answers UNAVAILABLE (see [`while_unavailable`]).
+async fn retrying<T, F, Fut>(call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match call().await {
-            Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < until => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => return other,
-        }
-    }
+    while_unavailable(DEADLINE, call).await
 }
 
 /// InitProducer through node `via` (retried while the registry has no settled leader).

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rill_proto::v1 as pb;
-use rill_tests::cluster::TestCluster;
+use rill_tests::cluster::{while_unavailable, TestCluster};
 use tonic::Code;
 
 /// The longest an election, a commit or a broker following the metadata may take here.
@@ -32,21 +32,13 @@ where
     }
 }
 
-/// Retries `call` while it answers UNAVAILABLE (an election, a controller not settled yet).
-async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+/// Retries `call` while it answers UNAVAILABLE (see [`while_unavailable`]).
+async fn retrying<T, F, Fut>(call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match call().await {
-            Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < until => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => return other,
-        }
-    }
+    while_unavailable(DEADLINE, call).await
 }
 
 async fn create(
@@ -598,12 +590,17 @@ async fn a_broker_down_through_a_delete_and_a_recreate_drops_the_old_data_for_th
             "the old incarnation's group {g} is gone"
         );
     }
-    // Its local copy is the new, empty one: none of the old records.
+    // Its local copy is the new, empty one: none of the old records (asked for its own
+    // figures; a plain describe gives those of the replica holding the partition).
     let mut admin = cluster.clients(down).await.expect("connect").admin;
+    let mut local = tonic::Request::new(pb::DescribeTopicRequest {
+        name: "again".into(),
+    });
+    local
+        .metadata_mut()
+        .insert("rill-describe-local", "1".parse().expect("value"));
     let described = admin
-        .describe_topic(pb::DescribeTopicRequest {
-            name: "again".into(),
-        })
+        .describe_topic(local)
         .await
         .expect("describe")
         .into_inner();
@@ -611,6 +608,17 @@ async fn a_broker_down_through_a_delete_and_a_recreate_drops_the_old_data_for_th
     assert_eq!(
         described.partitions[0].high_watermark, 0,
         "the old incarnation's records are gone"
+    );
+    let held = admin
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "again".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(
+        held.partitions[0].high_watermark, 1,
+        "described by the new topic's replica: {held:?}"
     );
     // Reads through it go to a replica of the new topic, which holds only the new record.
     let err = cluster
