@@ -197,7 +197,13 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
         })
         .collect();
     writer.write_batch(&jobs).expect("write");
-    assert_eq!(fsyncs.load(Ordering::Relaxed), 1, "one fsync for the batch");
+    // One for the batch, not one per frame (50); the background syncer, a thread of its
+    // own, may add its periodic one meanwhile.
+    let n = fsyncs.load(Ordering::Relaxed);
+    assert!(
+        (1..=2).contains(&n),
+        "one fsync for the batch of 50 durable frames, saw {n}"
+    );
     drop(writer);
     let store = LogStore::open(dir.path()).expect("reopen");
     assert_eq!(store.mem.lock().entries.len(), 50);
