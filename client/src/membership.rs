@@ -362,20 +362,21 @@ impl Shared {
 
     /// The broker group calls go to now.
     fn conn(&self) -> Connection {
+        self.conn_slot().clone()
+    }
+
+    /// The lock on the connection; a poisoned one still holds a whole connection.
+    fn conn_slot(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
     }
 
     /// Leaves `failed` (the broker that did not answer) for the next broker of its list
     /// that does, unless another call moved already.
     async fn move_on(&self, failed: &Connection) {
         if let Some(next) = failed.next_in_list().await {
-            let mut conn = self
-                .conn
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut conn = self.conn_slot();
             if conn.addr() == failed.addr() {
                 tracing::debug!(from = failed.addr(), to = next.addr(), "group calls move");
                 *conn = next;

@@ -66,6 +66,19 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     Ok(ports)
 }
 
+/// A `CreateTopic` request for `name` with `partitions` partitions, each replicated on `rf`
+/// brokers, every other setting left to the broker.
+pub fn create_request(name: &str, partitions: u32, rf: u32) -> rill_proto::v1::CreateTopicRequest {
+    rill_proto::v1::CreateTopicRequest {
+        name: name.to_string(),
+        config: Some(rill_proto::v1::TopicConfig {
+            partitions,
+            ..Default::default()
+        }),
+        replication_factor: Some(rf),
+    }
+}
+
 /// Calls `call` again every 100 ms while it answers UNAVAILABLE (an election, an internal
 /// topic still being created, a leader settling) and `deadline` has not passed since the
 /// first call; returns the first other answer, or the last UNAVAILABLE.
@@ -494,14 +507,7 @@ impl TestCluster {
             .await?;
         let mut admin = cluster.clients(1).await?.admin;
         admin
-            .create_topic(rill_proto::v1::CreateTopicRequest {
-                name: name.to_string(),
-                config: Some(rill_proto::v1::TopicConfig {
-                    partitions,
-                    ..Default::default()
-                }),
-                replication_factor: Some(3),
-            })
+            .create_topic(create_request(name, partitions, 3))
             .await
             .with_context(|| format!("creating {name}"))?;
         Ok(cluster)

@@ -11,22 +11,10 @@ use rill_client::{
     AutoOffsetReset, Connection, Consumer, ConsumerConfig, ConsumerEvent, Producer, ProducerConfig,
     ProducerRecord,
 };
-use rill_proto::v1 as pb;
-use rill_tests::cluster::TestCluster;
+use rill_tests::cluster::{create_request, TestCluster};
 
 /// The longest an election, a commit or a move to another broker may take here.
 const DEADLINE: Duration = Duration::from_secs(40);
-
-fn create_req(name: &str, partitions: u32, rf: u32) -> pb::CreateTopicRequest {
-    pb::CreateTopicRequest {
-        name: name.into(),
-        config: Some(pb::TopicConfig {
-            partitions,
-            ..Default::default()
-        }),
-        replication_factor: Some(rf),
-    }
-}
 
 /// Sends `n` values to `topic`/`p` and waits for each ack.
 async fn produce(producer: &Producer, topic: &str, p: u32, first: u32, n: u32) {
@@ -85,11 +73,11 @@ async fn the_consumer_reads_from_replicas_elsewhere_and_through_the_loss_of_its_
     let mut admin = cluster.clients(2).await.expect("connect").admin;
     // Replication factor 2 over 3 brokers: some partition has no replica on broker 1.
     admin
-        .create_topic(create_req("two", 3, 2))
+        .create_topic(create_request("two", 3, 2))
         .await
         .expect("create two");
     admin
-        .create_topic(create_req("three", 1, 3))
+        .create_topic(create_request("three", 1, 3))
         .await
         .expect("create three");
     let md = cluster.metadata(2, "two").await.expect("metadata");

@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rill_proto::v1 as pb;
-use rill_tests::cluster::TestCluster;
+use rill_tests::cluster::{create_request, TestCluster};
 use rill_tests::Clients;
 use tonic::Code;
 
@@ -15,17 +14,6 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn clients(cluster: &TestCluster, id: u64) -> Clients {
     cluster.clients(id).await.expect("connect")
-}
-
-fn create_req(name: &str, partitions: u32, rf: u32) -> pb::CreateTopicRequest {
-    pb::CreateTopicRequest {
-        name: name.into(),
-        config: Some(pb::TopicConfig {
-            partitions,
-            ..Default::default()
-        }),
-        replication_factor: Some(rf),
-    }
 }
 
 /// Every record of partition `p` on node `id`: offset → value.
@@ -51,19 +39,19 @@ async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader
     // Created through a broker that may not lead the controller: it forwards.
     let mut c2 = clients(&cluster, 2).await;
     c2.admin
-        .create_topic(create_req("rep", 3, 3))
+        .create_topic(create_request("rep", 3, 3))
         .await
         .expect("create rf 3");
     let err = c2
         .admin
-        .create_topic(create_req("too-many", 1, 4))
+        .create_topic(create_request("too-many", 1, 4))
         .await
         .expect_err("rf 4 on 3 brokers");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("replication factor 4"), "{err:?}");
     let err = c2
         .admin
-        .create_topic(create_req("rep", 3, 3))
+        .create_topic(create_request("rep", 3, 3))
         .await
         .expect_err("twice");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
@@ -188,7 +176,7 @@ async fn kill_the_leader(kills: usize) {
         .expect("controller");
     let mut c = clients(&cluster, 1).await;
     c.admin
-        .create_topic(create_req("k", 1, 3))
+        .create_topic(create_request("k", 1, 3))
         .await
         .expect("create");
     let mut acked: BTreeMap<u64, String> = BTreeMap::new();
@@ -306,7 +294,7 @@ async fn a_paused_leader_steps_down_and_its_late_writes_are_not_acknowledged_the
         .expect("controller");
     let mut c = clients(&cluster, 1).await;
     c.admin
-        .create_topic(create_req("pause", 1, 3))
+        .create_topic(create_request("pause", 1, 3))
         .await
         .expect("create");
     let old = cluster
@@ -416,7 +404,7 @@ async fn a_broker_that_lost_its_data_folder_rebuilds_from_the_others() {
         .expect("controller");
     let mut c = clients(&cluster, 1).await;
     c.admin
-        .create_topic(create_req("lost", 1, 3))
+        .create_topic(create_request("lost", 1, 3))
         .await
         .expect("create");
     let leader = cluster
@@ -475,7 +463,7 @@ async fn the_client_follows_leader_changes_without_reordering() {
         .expect("controller");
     let mut c = clients(&cluster, 1).await;
     c.admin
-        .create_topic(create_req("follow", 1, 3))
+        .create_topic(create_request("follow", 1, 3))
         .await
         .expect("create");
     let first = cluster
@@ -555,7 +543,7 @@ async fn a_broker_without_a_replica_refuses_reads_and_writes_and_points_at_one()
         .expect("controller");
     let mut c = clients(&cluster, 3).await;
     c.admin
-        .create_topic(create_req("two", 3, 2))
+        .create_topic(create_request("two", 3, 2))
         .await
         .expect("create rf 2");
     for p in 0..3 {

@@ -168,6 +168,14 @@ impl FetchTask {
         result
     }
 
+    /// The partition's offset that `query` names, as `conn`'s broker answers it.
+    async fn offset_at(&self, conn: &Connection, query: OffsetQuery) -> Result<u64> {
+        Ok(Admin::new(conn.clone())
+            .list_offsets(&self.topic, self.slot.1, query)
+            .await?
+            .offset)
+    }
+
     /// One long-poll at `offset` from `conn`; on OUT_OF_RANGE, where the reset policy moves
     /// it, unless `behind_ok` and the broker's log ends below `offset` (a lagging replica).
     async fn fetch_at(&self, conn: &Connection, offset: u64, behind_ok: bool) -> Result<Step> {
@@ -184,10 +192,7 @@ impl FetchTask {
             Ok(resp) => Ok(Step::Records(resp.into_inner())),
             Err(status) if status.code() == Code::OutOfRange => {
                 if behind_ok {
-                    let end = Admin::new(conn.clone())
-                        .list_offsets(&self.topic, self.slot.1, OffsetQuery::Latest)
-                        .await?
-                        .offset;
+                    let end = self.offset_at(conn, OffsetQuery::Latest).await?;
                     if end < offset {
                         return Err(ClientError::broker(
                             Some(&self.topic),
@@ -204,10 +209,7 @@ impl FetchTask {
                     AutoOffsetReset::Earliest => OffsetQuery::Earliest,
                     AutoOffsetReset::Latest => OffsetQuery::Latest,
                 };
-                let found = Admin::new(conn.clone())
-                    .list_offsets(&self.topic, self.slot.1, query)
-                    .await?
-                    .offset;
+                let found = self.offset_at(conn, query).await?;
                 if found == offset {
                     return Ok(Step::Again);
                 }
