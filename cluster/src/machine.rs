@@ -5,7 +5,10 @@
 //! persists the latest snapshot (its metadata and the machine's bytes) in the group's folder as
 //! `snapshot`, atomically. On open it restores the machine from that file; openraft then
 //! re-applies the committed entries after it from the Raft log (the log is only purged behind
-//! a snapshot). Applies run on a blocking thread, so a machine may do file work.
+//! a snapshot). Applies run on a blocking thread, so a machine may do file work, unless the
+//! machine can apply a command at once without any ([`Machine::try_apply_inline`]): then the
+//! apply runs where openraft asks for it, with no hop to the blocking pool and back (on the
+//! leader that hop is on every acknowledgement's path).
 
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
@@ -33,6 +36,15 @@ pub trait Machine: Send + 'static {
     /// replica refuses it alike); an `Err` is a local failure (a disk error) after which this
     /// replica cannot follow: openraft stops the group here rather than let it diverge.
     fn apply(&mut self, log_id: LogId, command: &Command) -> io::Result<Reply>;
+
+    /// Applies `command` as [`Machine::apply`] would, if that needs no blocking work (at most
+    /// one write into the page cache, as an append to a partition's active segment): runs on
+    /// an async worker. `None` when it would need more; the machine must then be unchanged, and
+    /// [`Machine::apply`] gets the command on a blocking thread. `None` by default.
+    fn try_apply_inline(&mut self, log_id: LogId, command: &Command) -> Option<io::Result<Reply>> {
+        let _ = (log_id, command);
+        None
+    }
 
     /// The whole state as bytes, for a snapshot.
     fn snapshot(&self) -> io::Result<Vec<u8>>;
@@ -202,9 +214,34 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for MachineStore<M> {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut entries: std::collections::VecDeque<Entry> = entries.into_iter().collect();
+        let mut replies = Vec::with_capacity(entries.len());
+        // The entries the machine takes at once, in order; the rest (from the first it cannot
+        // take inline) on the blocking pool. A snapshot being built holds the lock: wait there.
+        if let Some(mut s) = self.state.try_lock() {
+            while let Some(entry) = entries.front() {
+                let reply = match &entry.payload {
+                    EntryPayload::Normal(command) => {
+                        match s.machine.try_apply_inline(entry.log_id, command) {
+                            Some(r) => r.map_err(|e| StorageIOError::write_state_machine(&e))?,
+                            None => break,
+                        }
+                    }
+                    EntryPayload::Blank => Reply::default(),
+                    EntryPayload::Membership(m) => {
+                        s.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        Reply::default()
+                    }
+                };
+                s.last_applied = Some(entry.log_id);
+                replies.push(reply);
+                entries.pop_front();
+            }
+        }
+        if entries.is_empty() {
+            return Ok(replies);
+        }
         self.blocking(move |s| {
-            let mut replies = Vec::with_capacity(entries.len());
             for entry in entries {
                 s.last_applied = Some(entry.log_id);
                 match entry.payload {

@@ -25,7 +25,8 @@ use std::time::Duration;
 use openraft::BasicNode;
 use parking_lot::RwLock;
 use rill_storage::batch::BatchHeader;
-use rill_storage::{PartitionLog, StorageError, TopicConfig};
+use rill_storage::log::{Ack, AppendInfo};
+use rill_storage::{FlushPolicy, PartitionLog, StorageError, TopicConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -212,6 +213,24 @@ impl PartitionMachine {
             && stored.base_sequence == header.base_sequence)
     }
 
+    /// The reply to an append's outcome (the same for the blocking and the inline apply).
+    fn appended(&mut self, outcome: rill_storage::Result<AppendInfo>) -> io::Result<Reply> {
+        match outcome {
+            Ok(info) => {
+                // A producer's retry of a batch already appended is answered with its
+                // original offsets and appends nothing: the applied end does not move back.
+                self.next_offset = self.next_offset.max(info.next_offset);
+                self.local
+                    .appended(&self.topic, self.partition, info.next_offset);
+                Self::reply(&Ok((info.base_offset, info.record_count)))
+            }
+            Err(e) => match Refusal::of(&e) {
+                Some(refusal) => Self::reply(&Err(refusal)),
+                None => Err(io::Error::other(e)),
+            },
+        }
+    }
+
     fn reply(r: &WriteReply) -> io::Result<Reply> {
         bincode::serialize(r).map(Reply).map_err(io::Error::other)
     }
@@ -259,19 +278,34 @@ impl Machine for PartitionMachine {
             self.next_offset += count;
             return Self::reply(&Ok((base, header.record_count)));
         }
-        match self.log.append(batch) {
-            Ok(info) => {
-                // A producer's retry of a batch already appended is answered with its
-                // original offsets and appends nothing: the applied end does not move back.
-                self.next_offset = self.next_offset.max(info.next_offset);
-                self.local
-                    .appended(&self.topic, self.partition, info.next_offset);
-                Self::reply(&Ok((info.base_offset, info.record_count)))
-            }
-            Err(e) => match Refusal::of(&e) {
-                Some(refusal) => Self::reply(&Err(refusal)),
-                None => Err(io::Error::other(e)),
-            },
+        let outcome = self.log.append(batch);
+        self.appended(outcome)
+    }
+
+    /// The append, when it is one `pwrite` into the active segment's page cache (no roll, no
+    /// file to grow, no sync, the writer lock free at once), as a single broker's produce
+    /// does on its async worker; `None` otherwise, having changed nothing. Replays and
+    /// malformed commands go the blocking way, which answers them.
+    fn try_apply_inline(&mut self, _log_id: LogId, command: &Command) -> Option<io::Result<Reply>> {
+        if self.log.options().flush == FlushPolicy::Always {
+            return None; // every append syncs: blocking
+        }
+        let (_, _, batch) = split_command(command)?;
+        let count = BatchHeader::parse(batch)
+            .map(|h| u64::from(h.record_count))
+            .ok()?;
+        let end = self.log.high_watermark();
+        if end < self.next_offset || self.next_offset + count <= end {
+            return None; // a replay (it may read the log) or a lost tail
+        }
+        let checked = match self.log.check_batch(command.0.slice_ref(batch)) {
+            Ok(c) => c,
+            Err(e) => return Some(self.appended(Err(e))),
+        };
+        match self.log.try_append(&checked, Ack::Leader) {
+            Ok(None) => None,
+            Ok(Some(unsettled)) => Some(self.appended(Ok(*unsettled.info()))),
+            Err(e) => Some(self.appended(Err(e))),
         }
     }
 

@@ -160,3 +160,77 @@ fn a_batch_that_overtook_an_earlier_one_is_refused_with_the_sequence_expected() 
         Err(Refusal::Invalid(_))
     ));
 }
+
+fn apply_inline(m: &mut PartitionMachine, index: u64, c: &Command) -> Option<WriteReply> {
+    let log_id = LogId::new(CommittedLeaderId::new(1, 1), index);
+    m.try_apply_inline(log_id, c)
+        .map(|r| bincode::deserialize(&r.expect("apply").0).expect("reply"))
+}
+
+#[test]
+fn an_inline_apply_appends_as_the_blocking_one_and_leaves_replays_and_refusals_alike() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+    let topic = store
+        .create_topic("t", TopicConfig::default())
+        .expect("topic");
+    let log = topic.partition(0).expect("partition");
+    let (a, b) = (batch(&["a1", "a2"]), batch(&["b1"]));
+    let mut m = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    // The first append of a fresh log grows the file: not inline, and nothing changed.
+    let first = apply_inline(&mut m, 1, &a);
+    if first.is_none() {
+        assert_eq!(
+            log.high_watermark(),
+            0,
+            "a refused inline apply changed the log"
+        );
+        assert_eq!(m.next_offset(), 0);
+        assert_eq!(apply(&mut m, 1, &a), Ok((0, 2)));
+    } else {
+        assert_eq!(first, Some(Ok((0, 2))));
+    }
+    assert_eq!(
+        apply_inline(&mut m, 2, &b),
+        Some(Ok((2, 1))),
+        "an append to a ready segment is inline"
+    );
+    assert_eq!((log.high_watermark(), m.next_offset()), (3, 3));
+
+    // A replay (a restarted machine re-applying) is left to the blocking path untouched.
+    let mut again = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    assert_eq!(apply_inline(&mut again, 1, &a), None);
+    assert_eq!(
+        again.next_offset(),
+        0,
+        "a replay left inline moved the applied end"
+    );
+    assert_eq!(apply(&mut again, 1, &a), Ok((0, 2)));
+
+    // A malformed command is the blocking path's to refuse.
+    assert_eq!(
+        apply_inline(&mut m, 3, &Command(vec![1, 2, 3].into())),
+        None
+    );
+    assert_eq!(log.high_watermark(), 3);
+}
+
+#[test]
+fn a_topic_flushed_always_never_applies_inline() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(StoreOptions::new(dir.path())).expect("store");
+    let config = TopicConfig {
+        flush: rill_storage::FlushPolicy::Always,
+        ..TopicConfig::default()
+    };
+    let topic = store.create_topic("t", config).expect("topic");
+    let log = topic.partition(0).expect("partition");
+    let mut m = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
+    assert_eq!(apply(&mut m, 1, &batch(&["a"])), Ok((0, 1)));
+    assert_eq!(
+        apply_inline(&mut m, 2, &batch(&["b"])),
+        None,
+        "an append that syncs ran inline"
+    );
+    assert_eq!(log.high_watermark(), 1);
+}
