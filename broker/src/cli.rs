@@ -12,6 +12,9 @@ use crate::config::{Config, FileConfig};
 /// The smallest groups topic segment accepted: one change may take half a segment, and a
 /// group's membership state with its offsets must fit.
 const MIN_GROUPS_SEGMENT_BYTES: u64 = 16 << 10;
+/// The smallest subscriptions topic segment accepted: a compaction writes each subscription
+/// whole in one batch of about a quarter segment.
+const MIN_SUBSCRIPTIONS_SEGMENT_BYTES: u64 = 16 << 10;
 
 /// Command-line flags of `rill-broker`; each also reads a `RILL_*` environment variable.
 #[derive(Debug, Parser)]
@@ -44,6 +47,10 @@ pub struct Flags {
     /// groups partition grows before it is snapshotted and compacted [default: 262144].
     #[arg(long, env = "RILL_GROUPS_SEGMENT_BYTES")]
     pub groups_segment_bytes: Option<u64>,
+    /// The segment size of the subscriptions topic when it is created, in bytes; also how
+    /// much it grows before it is compacted [default: 1048576].
+    #[arg(long, env = "RILL_SUBSCRIPTIONS_SEGMENT_BYTES")]
+    pub subscriptions_segment_bytes: Option<u64>,
     /// The flush policy of new topics that name none: always, never or interval:MS
     /// [default: interval:1000].
     #[arg(long, env = "RILL_DEFAULT_FLUSH")]
@@ -189,6 +196,12 @@ pub fn load(flags: Flags) -> Result<Config> {
     if let Some(v) = flags.groups_segment_bytes.or(file.groups_segment_bytes) {
         config.groups_segment_bytes = v;
     }
+    if let Some(v) = flags
+        .subscriptions_segment_bytes
+        .or(file.subscriptions_segment_bytes)
+    {
+        config.subscriptions_segment_bytes = v;
+    }
     if let Some(v) = file.max_waiting_fetches {
         config.max_waiting_fetches = v;
     }
@@ -260,6 +273,13 @@ pub fn load(flags: Flags) -> Result<Config> {
         "groups_segment_bytes must be {MIN_GROUPS_SEGMENT_BYTES}..={}, got {}",
         rill_storage::config::MAX_SEGMENT_BYTES,
         config.groups_segment_bytes
+    );
+    anyhow::ensure!(
+        (MIN_SUBSCRIPTIONS_SEGMENT_BYTES..=rill_storage::config::MAX_SEGMENT_BYTES)
+            .contains(&config.subscriptions_segment_bytes),
+        "subscriptions_segment_bytes must be {MIN_SUBSCRIPTIONS_SEGMENT_BYTES}..={}, got {}",
+        rill_storage::config::MAX_SEGMENT_BYTES,
+        config.subscriptions_segment_bytes
     );
     anyhow::ensure!(
         config.producer_id_expiration_ms >= 1,

@@ -59,7 +59,9 @@ pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
         ),
         (
             crate::subscriptions::persist::SUBSCRIPTIONS_TOPIC.to_string(),
-            crate::subscriptions::persist::subscriptions_topic_config(),
+            crate::subscriptions::persist::subscriptions_topic_config(
+                broker.config().subscriptions_segment_bytes,
+            ),
         ),
         (
             crate::producers::PRODUCERS_TOPIC.to_string(),

@@ -13,25 +13,35 @@ use bytes::Bytes;
 use rill_storage::batch::{try_encode_batch, Record};
 use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 
-use super::records::SubscriptionRecord;
+use super::records::{StoredConfig, SubscriptionRecord};
+use super::state::PartitionState;
 use crate::error::BrokerError;
 
 /// The internal topic that holds every subscription's state.
 pub const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
-/// Segment size of the topic: a compaction runs once about this much was appended.
-const SEGMENT_BYTES: u64 = 1 << 20;
+/// The default segment size of the topic (`--subscriptions-segment-bytes`): a compaction
+/// runs once about a segment was appended since the last one.
+pub const DEFAULT_SUBSCRIPTIONS_SEGMENT_BYTES: u64 = 1 << 20;
 
 /// The config of the `__subscriptions` topic: one partition, flushed on every append, kept
-/// forever (compaction bounds it).
-pub fn subscriptions_topic_config() -> TopicConfig {
+/// forever (compaction bounds it), in segments of `segment_bytes`. Used when the topic is
+/// created; an existing topic keeps its own.
+pub fn subscriptions_topic_config(segment_bytes: u64) -> TopicConfig {
     TopicConfig {
         partitions: 1,
         retention_ms: None,
         retention_bytes: None,
         flush: FlushPolicy::Always,
-        segment_bytes: SEGMENT_BYTES,
+        segment_bytes,
         ..TopicConfig::default()
     }
+}
+
+/// The latest records of one subscription: its `Created` and each partition's state.
+#[derive(Debug)]
+struct Latest {
+    created: Bytes,
+    partitions: BTreeMap<u32, Bytes>,
 }
 
 /// The open `__subscriptions` log and the latest record of each key.
@@ -41,18 +51,28 @@ pub struct StateLog {
     /// Set in a cluster: changes are Raft commits through the broker (see
     /// [`crate::internal`]), made from the blocking pool with this runtime.
     replicated: Option<(crate::state::Broker, tokio::runtime::Handle)>,
-    /// Key → the latest record's bytes (a `Deleted` removes its name's keys).
-    latest: BTreeMap<String, Bytes>,
+    /// Name → the latest records of the subscription (a `Deleted` removes it).
+    latest: BTreeMap<String, Latest>,
     since_compaction_bytes: u64,
+    /// The log's segment size: the compaction threshold.
+    segment_bytes: u64,
 }
 
 impl StateLog {
     /// Opens (creating if missing) the topic and replays it. Returns the log and every
     /// record in order. Blocking: call it on the blocking pool.
-    pub fn open(store: &Store) -> Result<(StateLog, Vec<SubscriptionRecord>), BrokerError> {
+    /// `segment_bytes` is used if the topic is created here.
+    pub fn open(
+        store: &Store,
+        segment_bytes: u64,
+    ) -> Result<(StateLog, Vec<SubscriptionRecord>), BrokerError> {
         let log = store
-            .internal_topic(SUBSCRIPTIONS_TOPIC, subscriptions_topic_config())?
+            .internal_topic(
+                SUBSCRIPTIONS_TOPIC,
+                subscriptions_topic_config(segment_bytes),
+            )?
             .partition(0)?;
+        let segment_bytes = log.options().segment_bytes;
         let mut records = Vec::new();
         let start = log.log_start_offset();
         crate::internal::replay_values(&log, start, corrupt, |offset, value| {
@@ -67,6 +87,7 @@ impl StateLog {
             replicated: None,
             latest: BTreeMap::new(),
             since_compaction_bytes: 0,
+            segment_bytes,
         };
         for r in &records {
             state.remember(r, Bytes::from(r.encode()));
@@ -95,7 +116,7 @@ impl StateLog {
             self.remember(&r, b);
         }
         self.since_compaction_bytes += bytes as u64;
-        if self.since_compaction_bytes >= SEGMENT_BYTES && self.replicated.is_none() {
+        if self.since_compaction_bytes >= self.segment_bytes && self.replicated.is_none() {
             // A failed compaction is retried at the next write; the state is intact.
             if let Err(e) = self.compact() {
                 tracing::warn!(error = %e, "{SUBSCRIPTIONS_TOPIC} compaction failed");
@@ -107,51 +128,74 @@ impl StateLog {
     /// Rewrites the latest record of every key, then deletes the segments before them.
     fn compact(&mut self) -> Result<(), BrokerError> {
         let start = self.log.high_watermark();
-        let all: Vec<(String, Bytes)> = self
-            .latest
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        // Batches of at most a quarter segment, so each fits a fresh segment.
-        let mut batch: Vec<Record> = Vec::new();
-        let mut batch_bytes = 0usize;
-        for (key, value) in all {
-            if !batch.is_empty() && batch_bytes + value.len() > (SEGMENT_BYTES / 4) as usize {
-                self.append_raw(&batch)?;
-                batch.clear();
-                batch_bytes = 0;
-            }
-            batch_bytes += value.len() + key.len();
-            batch.push(record(key, value));
-        }
-        if !batch.is_empty() {
+        for batch in self.rewrite_batches() {
             self.append_raw(&batch)?;
         }
         self.log.sync_through(self.log.high_watermark())?;
         let deleted = self.log.delete_segments_before(start)?;
         self.since_compaction_bytes = 0;
         tracing::info!(
-            keys = self.latest.len(),
+            subscriptions = self.latest.len(),
             deleted_segments = deleted.deleted_segments,
             "{SUBSCRIPTIONS_TOPIC} compacted"
         );
         Ok(())
     }
 
+    /// The batches of a rewrite: every subscription's latest records, each subscription
+    /// whole in one batch (its `Created` resets its partitions on replay, so a batch boundary
+    /// after it would leave them reset if the rest never came). Batches gather subscriptions
+    /// up to about a quarter segment; a larger subscription gets a batch of its own.
+    fn rewrite_batches(&self) -> Vec<Vec<Record>> {
+        let limit = usize::try_from(self.segment_bytes / 4).unwrap_or(usize::MAX);
+        let mut batches = Vec::new();
+        let mut batch: Vec<Record> = Vec::new();
+        let mut batch_bytes = 0usize;
+        for (name, latest) in &self.latest {
+            let mut records = vec![record(name.clone(), latest.created.clone())];
+            records.extend(
+                latest
+                    .partitions
+                    .iter()
+                    .map(|(p, state)| record(format!("{name}/{p}"), state.clone())),
+            );
+            let bytes: usize = records
+                .iter()
+                .map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len))
+                .sum();
+            if !batch.is_empty() && batch_bytes + bytes > limit {
+                batches.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += bytes;
+            batch.extend(records);
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+        batches
+    }
+
     fn remember(&mut self, r: &SubscriptionRecord, bytes: Bytes) {
         match r {
             SubscriptionRecord::Deleted { name } => {
-                let prefix = format!("{name}/");
-                self.latest
-                    .retain(|k, _| k != name && !k.starts_with(&prefix));
+                self.latest.remove(name);
             }
             SubscriptionRecord::Created { name, .. } => {
-                let prefix = format!("{name}/");
-                self.latest.retain(|k, _| !k.starts_with(&prefix));
-                self.latest.insert(r.key(), bytes);
+                let fresh = Latest {
+                    created: bytes,
+                    partitions: BTreeMap::new(),
+                };
+                self.latest.insert(name.clone(), fresh);
             }
-            SubscriptionRecord::Partition { .. } => {
-                self.latest.insert(r.key(), bytes);
+            SubscriptionRecord::Partition {
+                name, partition, ..
+            } => {
+                // Replay ignores the partition of a subscription it does not hold; so does
+                // the rewrite.
+                if let Some(l) = self.latest.get_mut(name) {
+                    l.partitions.insert(*partition, bytes);
+                }
             }
         }
     }
@@ -184,6 +228,35 @@ impl StateLog {
     }
 }
 
+/// Every subscription's settings and partitions' states.
+pub(super) type Replayed = BTreeMap<String, (StoredConfig, BTreeMap<u32, PartitionState>)>;
+
+/// The state `records`, in log order, leave: a `Created` replaces any earlier state of its
+/// name, a `Deleted` removes it, a `Partition` of a name not held is ignored.
+pub(super) fn fold(records: Vec<SubscriptionRecord>) -> Replayed {
+    let mut subs = Replayed::new();
+    for r in records {
+        match r {
+            SubscriptionRecord::Created { name, config } => {
+                subs.insert(name, (config, BTreeMap::new()));
+            }
+            SubscriptionRecord::Deleted { name } => {
+                subs.remove(&name);
+            }
+            SubscriptionRecord::Partition {
+                name,
+                partition,
+                state,
+            } => {
+                if let Some((_, parts)) = subs.get_mut(&name) {
+                    parts.insert(partition, state);
+                }
+            }
+        }
+    }
+    subs
+}
+
 fn record(key: String, value: Bytes) -> Record {
     Record {
         key: Some(Bytes::from(key)),
@@ -199,3 +272,6 @@ fn corrupt(what: String) -> BrokerError {
          with subscription state it cannot read"
     ))
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use rill_storage::Store;
 
 use super::persist::{self, StateLog};
-use super::records::SubscriptionRecord;
-use super::state::PartitionState;
-use super::{stats, webhook, StoredConfig, Sub, SubState, Subscriptions};
+use super::{stats, webhook, Sub, SubState, Subscriptions};
 use crate::error::BrokerError;
 use crate::state::Broker;
 
@@ -32,7 +30,9 @@ impl Subscriptions {
     pub async fn reload(&self, broker: &Broker) -> Result<(), BrokerError> {
         let _admin = self.inner.admin.lock().await;
         let store = broker.store().clone();
-        let (mut log, subs) = tokio::task::spawn_blocking(move || load(&store)).await??;
+        let segment_bytes = broker.config().subscriptions_segment_bytes;
+        let (mut log, subs) =
+            tokio::task::spawn_blocking(move || load(&store, segment_bytes)).await??;
         log.replicate_through(broker.clone());
         let current = Arc::clone(&self.inner.log);
         // Waits for a write in progress, on the blocking pool.
@@ -90,31 +90,14 @@ pub fn follow(broker: &Broker, subs: &Subscriptions) {
 }
 
 /// Replays `__subscriptions` into every subscription's state, with the locks held before
-/// dropped. Blocking.
-pub(super) fn load(store: &Store) -> Result<(StateLog, BTreeMap<String, Arc<Sub>>), BrokerError> {
-    let (log, replayed) = StateLog::open(store)?;
-    let mut subs: BTreeMap<String, (StoredConfig, BTreeMap<u32, PartitionState>)> = BTreeMap::new();
+/// dropped (`segment_bytes`: see [`StateLog::open`]). Blocking.
+pub(super) fn load(
+    store: &Store,
+    segment_bytes: u64,
+) -> Result<(StateLog, BTreeMap<String, Arc<Sub>>), BrokerError> {
+    let (log, replayed) = StateLog::open(store, segment_bytes)?;
     let count = replayed.len();
-    for r in replayed {
-        match r {
-            SubscriptionRecord::Created { name, config } => {
-                subs.insert(name, (config, BTreeMap::new()));
-            }
-            SubscriptionRecord::Deleted { name } => {
-                subs.remove(&name);
-            }
-            SubscriptionRecord::Partition {
-                name,
-                partition,
-                state,
-            } => {
-                if let Some((_, parts)) = subs.get_mut(&name) {
-                    parts.insert(partition, state);
-                }
-            }
-        }
-    }
-    let subs: BTreeMap<String, Arc<Sub>> = subs
+    let subs: BTreeMap<String, Arc<Sub>> = persist::fold(replayed)
         .into_iter()
         .map(|(name, (config, mut partitions))| {
             for p in partitions.values_mut() {
