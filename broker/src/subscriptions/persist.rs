@@ -13,7 +13,7 @@ use bytes::Bytes;
 use rill_storage::batch::{try_encode_batch, Record};
 use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 
-use super::records::{StoredConfig, SubscriptionRecord};
+use super::records::{StoredConfig, SubscriptionRecord, COMPACTED_KEY};
 use super::state::PartitionState;
 use crate::error::BrokerError;
 
@@ -96,8 +96,7 @@ impl StateLog {
     }
 
     /// Makes every later change a Raft commit through `broker` (a cluster member whose
-    /// internal topics are replicated). Compaction is then off: each replica's log keeps the
-    /// records a lagging follower's catch-up reads.
+    /// internal topics are replicated); compactions too, batch by batch (module doc).
     pub fn replicate_through(&mut self, broker: crate::state::Broker) {
         self.replicated = Some((broker, tokio::runtime::Handle::current()));
     }
@@ -111,13 +110,16 @@ impl StateLog {
             .iter()
             .map(|r| (r.clone(), Bytes::from(r.encode())))
             .collect();
-        let bytes = self.append(&encoded)?;
+        let (_, bytes) = self.append(&encoded)?;
         for (r, b) in encoded {
             self.remember(&r, b);
         }
         self.since_compaction_bytes += bytes as u64;
-        if self.since_compaction_bytes >= self.segment_bytes && self.replicated.is_none() {
-            // A failed compaction is retried at the next write; the state is intact.
+        if self.since_compaction_bytes >= self.segment_bytes {
+            // The change above is stored whatever happens here. A compaction cut short
+            // leaves the state intact (module doc); the next is tried once another segment
+            // has been appended, so a failing one does not rewrite the state at every write.
+            self.since_compaction_bytes = 0;
             if let Err(e) = self.compact() {
                 tracing::warn!(error = %e, "{SUBSCRIPTIONS_TOPIC} compaction failed");
             }
@@ -125,18 +127,27 @@ impl StateLog {
         Ok(())
     }
 
-    /// Rewrites the latest record of every key, then deletes the segments before them.
+    /// Rewrites every subscription's latest records, appends the [`SubscriptionRecord::
+    /// Compacted`] marker naming where the rewrite began, then deletes this log's segments
+    /// before it (other replicas do when they read the marker: [`apply_markers`]).
     fn compact(&mut self) -> Result<(), BrokerError> {
-        let start = self.log.high_watermark();
+        // This writer is the only one (its lock is held), and on a cluster's leader every
+        // committed entry is applied here before its write returns, so the log's end is
+        // where the marker lands when there is nothing to rewrite.
+        let end = self.log.high_watermark();
+        let mut start = None;
         for batch in self.rewrite_batches() {
-            self.append_raw(&batch)?;
+            let (base_offset, _) = self.append_raw(&batch)?;
+            start.get_or_insert(base_offset);
         }
-        self.log.sync_through(self.log.high_watermark())?;
-        let deleted = self.log.delete_segments_before(start)?;
-        self.since_compaction_bytes = 0;
+        let start = start.unwrap_or(end);
+        let marker = SubscriptionRecord::Compacted { start };
+        self.append_raw(&[record(marker.key(), Bytes::from(marker.encode()))])?;
+        let deleted_segments = delete_before(&self.log, start);
         tracing::info!(
             subscriptions = self.latest.len(),
-            deleted_segments = deleted.deleted_segments,
+            start,
+            deleted_segments,
             "{SUBSCRIPTIONS_TOPIC} compacted"
         );
         Ok(())
@@ -197,10 +208,12 @@ impl StateLog {
                     l.partitions.insert(*partition, bytes);
                 }
             }
+            SubscriptionRecord::Compacted { .. } => {}
         }
     }
 
-    fn append(&self, encoded: &[(SubscriptionRecord, Bytes)]) -> Result<usize, BrokerError> {
+    /// Appends `encoded` as one batch; returns its base offset and size in bytes.
+    fn append(&self, encoded: &[(SubscriptionRecord, Bytes)]) -> Result<(u64, usize), BrokerError> {
         let records: Vec<Record> = encoded
             .iter()
             .map(|(r, b)| record(r.key(), b.clone()))
@@ -208,23 +221,71 @@ impl StateLog {
         self.append_raw(&records)
     }
 
-    fn append_raw(&self, records: &[Record]) -> Result<usize, BrokerError> {
+    /// Appends `records` as one batch, synced (a durable Raft commit in a cluster); returns
+    /// the offset of its first record and its size in bytes.
+    fn append_raw(&self, records: &[Record]) -> Result<(u64, usize), BrokerError> {
         let batch = try_encode_batch(records).map_err(|e| {
             BrokerError::Internal(format!("cannot build a {SUBSCRIPTIONS_TOPIC} batch: {e}"))
         })?;
+        let len = batch.len();
         if let Some((broker, runtime)) = &self.replicated {
-            let len = batch.len();
-            runtime.block_on(crate::internal::append_batch(
+            let base_offset = runtime.block_on(crate::internal::append_batch_at(
                 broker,
                 SUBSCRIPTIONS_TOPIC,
                 0,
                 batch,
             ))?;
-            return Ok(len);
+            return Ok((base_offset, len));
         }
         let appended = self.log.append(&batch)?;
         self.log.sync_through(appended.next_offset)?;
-        Ok(batch.len())
+        Ok((appended.base_offset, len))
+    }
+}
+
+/// Reads this replica's `__subscriptions` log from offset `from` to its end and, if it holds
+/// a [`SubscriptionRecord::Compacted`] marker, deletes the sealed segments before the latest
+/// marker's start. Returns the offset reached (where the next call starts). A replica's
+/// log holds only committed entries, so a marker read here ends a rewrite that is wholly
+/// committed before it. Blocking.
+pub fn apply_markers(log: &PartitionLog, from: u64) -> Result<u64, BrokerError> {
+    let mut start = None;
+    let end = crate::internal::replay_keyed(log, from, corrupt, |offset, key, value| {
+        if key == Some(COMPACTED_KEY.as_bytes()) {
+            match SubscriptionRecord::decode(value) {
+                Ok(SubscriptionRecord::Compacted { start: s }) => start = Some(s),
+                Ok(_) | Err(_) => {
+                    return Err(corrupt(format!(
+                        "the record at offset {offset} has the key {COMPACTED_KEY} and is not a \
+                         compaction marker"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(start) = start {
+        let deleted_segments = delete_before(log, start);
+        if deleted_segments > 0 {
+            tracing::info!(
+                start,
+                deleted_segments,
+                "{SUBSCRIPTIONS_TOPIC} segments before a compaction deleted"
+            );
+        }
+    }
+    Ok(end)
+}
+
+/// Deletes the sealed segments of `log` that end before `start`; returns how many. A failure
+/// is logged and leaves them for the next compaction.
+fn delete_before(log: &PartitionLog, start: u64) -> u32 {
+    match log.delete_segments_before(start) {
+        Ok(deleted) => deleted.deleted_segments,
+        Err(e) => {
+            tracing::warn!(start, error = %e, "cannot delete the {SUBSCRIPTIONS_TOPIC} segments a compaction replaced; the next one retries");
+            0
+        }
     }
 }
 
@@ -252,6 +313,7 @@ pub(super) fn fold(records: Vec<SubscriptionRecord>) -> Replayed {
                     parts.insert(partition, state);
                 }
             }
+            SubscriptionRecord::Compacted { .. } => {}
         }
     }
     subs

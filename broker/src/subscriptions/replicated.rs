@@ -72,21 +72,52 @@ pub fn serves(broker: &Broker) -> bool {
 }
 
 /// Keeps `subs` served by the leader of `__subscriptions` in a cluster: changes go through
-/// Raft, and a broker that becomes the leader reloads the state (see
-/// [`Subscriptions::reload`]). Nothing on a single broker.
+/// Raft, a broker that becomes the leader reloads the state (see
+/// [`Subscriptions::reload`]), and every replica tails its log for compaction markers
+/// ([`tail`]). Nothing on a single broker.
 pub fn follow(broker: &Broker, subs: &Subscriptions) {
     subs.replicate(broker);
     let (b, s) = (broker.clone(), subs.clone());
+    // Where this replica's tail reads next; 0 at start, so a restarted replica also acts on
+    // a marker it applied before it stopped.
+    let (tail_broker, read_from) = (broker.clone(), Arc::new(parking_lot::Mutex::new(0u64)));
     crate::internal::follow(
         broker,
         persist::SUBSCRIPTIONS_TOPIC,
         1,
-        |_| async {},
+        move |_| {
+            let (b, from) = (tail_broker.clone(), Arc::clone(&read_from));
+            async move { tail(&b, from).await }
+        },
         move |_| {
             let (b, s) = (b.clone(), s.clone());
             async move { s.reload(&b).await }
         },
     );
+}
+
+/// Acts on the compaction markers this replica's log received since `from` (see
+/// [`persist::apply_markers`]): every replica, the leader too, deletes its own segments
+/// before a complete rewrite as it applies the rewrite's marker. A failure is logged and
+/// the next apply reads again from the same offset.
+async fn tail(broker: &Broker, from: Arc<parking_lot::Mutex<u64>>) {
+    let store = broker.store().clone();
+    let read = tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+        let Some(topic) = store.existing_internal_topic(persist::SUBSCRIPTIONS_TOPIC) else {
+            return Ok(());
+        };
+        let log = topic.partition(0)?;
+        // Only this task reads and moves it; the lock is never held across an await.
+        let mut from = from.lock();
+        *from = persist::apply_markers(&log, *from)?;
+        Ok(())
+    })
+    .await
+    .map_err(BrokerError::from)
+    .and_then(|r| r);
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read {} for compaction markers", persist::SUBSCRIPTIONS_TOPIC);
+    }
 }
 
 /// Replays `__subscriptions` into every subscription's state, with the locks held before
