@@ -1,11 +1,40 @@
 //! [`StateLog`]: the internal topic `__subscriptions`, written and replayed as a keyed log.
 //!
-//! Each change appends its records as one batch and syncs it before the change takes
-//! effect in memory. The log keeps, in memory, the latest encoded record of each key; once
-//! about a segment has been appended since the last compaction, it rewrites those (the whole
-//! live state) and deletes the sealed segments before them, so the topic stays bounded.
-//! Replay from any later log start gives the same state: a rewrite is the complete state,
-//! and no write interleaves with it (one writer lock).
+//! Each change appends its records as one batch and syncs it (in a cluster: commits it
+//! through Raft, fsynced by a majority) before the change takes effect in memory. The log
+//! keeps, in memory, the latest encoded records of each subscription.
+//!
+//! # Compaction
+//! Once about a segment has been appended since the last compaction, the writer rewrites
+//! the whole live state, then appends a [`SubscriptionRecord::Compacted`] marker holding the
+//! rewrite's first offset, then deletes its sealed segments that end before that offset, so
+//! the topic stays bounded. Replay from any later log start gives the same state: the
+//! records from the rewrite's start to the marker restate every live subscription, and no
+//! write interleaves with them (one writer, holding the log's lock throughout).
+//!
+//! A rewrite keeps each subscription whole in one batch (its `Created` record and every
+//! partition's), and a batch is atomic: on a local append, and as one Raft entry. That
+//! matters because replay of `Created` resets the subscription's partitions: were a
+//! subscription split across batches, a rewrite cut short between them would leave its
+//! partitions reset and their acknowledged records delivered again.
+//!
+//! # Replicated
+//! In a cluster only the leader of `__subscriptions` writes, compactions included: each
+//! rewrite batch is one Raft commit, the marker the last. Every replica, the leader too,
+//! deletes its own segments before the rewrite when it reads the marker in its log
+//! ([`apply_markers`], run by the replica's tail of its log as entries are applied; a
+//! replica's log holds only committed entries). Deletion is local, so log starts may differ
+//! between replicas by a segment; a follower whose end falls before its source's log start
+//! restarts its log there, which is at or before a rewrite it then receives whole.
+//!
+//! A rewrite cut short (a crash, or a leader change: the old leader's later commits fail)
+//! leaves some of its batches committed and no marker, so no replica deletes anything for
+//! it. Each batch that did commit restates some subscriptions wholly, at the state they had
+//! when the rewrite began; no change landed between the rewrite's batches (the old leader
+//! held its lock, and a new leader's entries come after every entry of the old leader's
+//! that committed), so replay over them changes nothing. The next rewrite (on whichever
+//! broker leads then) is complete before its marker, and deletion only ever cuts before a
+//! marker's own rewrite.
 
 use std::collections::BTreeMap;
 
