@@ -438,6 +438,34 @@ mod tests {
     }
 
     #[test]
+    fn subscriptions_segment_bytes_layers_file_under_flag_and_refuses_tiny_segments() {
+        assert_eq!(
+            load(flags(&[])).expect("load").subscriptions_segment_bytes,
+            1 << 20,
+            "1 MiB by default"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(&path, "subscriptions_segment_bytes = 65536\n").expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let from_file = load(flags(&["--config", p])).expect("load");
+        assert_eq!(from_file.subscriptions_segment_bytes, 65_536);
+        let flagged = load(flags(&[
+            "--config",
+            p,
+            "--subscriptions-segment-bytes",
+            "16384",
+        ]))
+        .expect("load");
+        assert_eq!(flagged.subscriptions_segment_bytes, 16_384, "the flag wins");
+        let err = load(flags(&["--subscriptions-segment-bytes", "4096"])).expect_err("too small");
+        assert!(
+            format!("{err:#}").contains("subscriptions_segment_bytes must be"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
     fn producer_id_expiration_layers_file_under_flag_and_refuses_zero() {
         assert_eq!(
             load(flags(&[])).expect("load").producer_id_expiration_ms,
