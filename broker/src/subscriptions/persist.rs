@@ -7,8 +7,9 @@
 //! # Compaction
 //! Once about a segment has been appended since the last compaction, the writer rewrites
 //! the whole live state, then appends a [`SubscriptionRecord::Compacted`] marker holding the
-//! rewrite's first offset, then deletes its sealed segments that end before that offset, so
-//! the topic stays bounded. Replay from any later log start gives the same state: the
+//! rewrite's first offset; the sealed segments that end before that offset are then deleted
+//! (on a single broker by the writer, in a cluster by each replica: below), so the topic
+//! stays bounded. Replay from any later log start gives the same state: the
 //! records from the rewrite's start to the marker restate every live subscription, and no
 //! write interleaves with them (one writer, holding the log's lock throughout).
 //!
@@ -157,8 +158,10 @@ impl StateLog {
     }
 
     /// Rewrites every subscription's latest records, appends the [`SubscriptionRecord::
-    /// Compacted`] marker naming where the rewrite began, then deletes this log's segments
-    /// before it (other replicas do when they read the marker: [`apply_markers`]).
+    /// Compacted`] marker naming where the rewrite began, then, on a single broker, deletes
+    /// the segments before it. In a cluster every replica's tail does that when it reads the
+    /// marker ([`apply_markers`]), this one's too: one deleter per log, so no read of the
+    /// tail meets segments deleted under it.
     fn compact(&mut self) -> Result<(), BrokerError> {
         // This writer is the only one (its lock is held), and on a cluster's leader every
         // committed entry is applied here before its write returns, so the log's end is
@@ -172,7 +175,11 @@ impl StateLog {
         let start = start.unwrap_or(end);
         let marker = SubscriptionRecord::Compacted { start };
         self.append_raw(&[record(marker.key(), Bytes::from(marker.encode()))])?;
-        let deleted_segments = delete_before(&self.log, start);
+        let deleted_segments = if self.replicated.is_none() {
+            delete_before(&self.log, start)
+        } else {
+            0
+        };
         tracing::info!(
             subscriptions = self.latest.len(),
             start,
