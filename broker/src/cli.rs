@@ -12,6 +12,9 @@ use crate::config::{Config, FileConfig};
 /// The smallest groups topic segment accepted: one change may take half a segment, and a
 /// group's membership state with its offsets must fit.
 const MIN_GROUPS_SEGMENT_BYTES: u64 = 16 << 10;
+/// The smallest subscriptions topic segment accepted: a compaction writes each subscription
+/// whole in one batch of about a quarter segment.
+const MIN_SUBSCRIPTIONS_SEGMENT_BYTES: u64 = 16 << 10;
 
 /// Command-line flags of `rill-broker`; each also reads a `RILL_*` environment variable.
 #[derive(Debug, Parser)]
@@ -44,6 +47,10 @@ pub struct Flags {
     /// groups partition grows before it is snapshotted and compacted [default: 262144].
     #[arg(long, env = "RILL_GROUPS_SEGMENT_BYTES")]
     pub groups_segment_bytes: Option<u64>,
+    /// The segment size of the subscriptions topic when it is created, in bytes; also how
+    /// much it grows before it is compacted [default: 1048576].
+    #[arg(long, env = "RILL_SUBSCRIPTIONS_SEGMENT_BYTES")]
+    pub subscriptions_segment_bytes: Option<u64>,
     /// The flush policy of new topics that name none: always, never or interval:MS
     /// [default: interval:1000].
     #[arg(long, env = "RILL_DEFAULT_FLUSH")]
@@ -189,6 +196,12 @@ pub fn load(flags: Flags) -> Result<Config> {
     if let Some(v) = flags.groups_segment_bytes.or(file.groups_segment_bytes) {
         config.groups_segment_bytes = v;
     }
+    if let Some(v) = flags
+        .subscriptions_segment_bytes
+        .or(file.subscriptions_segment_bytes)
+    {
+        config.subscriptions_segment_bytes = v;
+    }
     if let Some(v) = file.max_waiting_fetches {
         config.max_waiting_fetches = v;
     }
@@ -260,6 +273,13 @@ pub fn load(flags: Flags) -> Result<Config> {
         "groups_segment_bytes must be {MIN_GROUPS_SEGMENT_BYTES}..={}, got {}",
         rill_storage::config::MAX_SEGMENT_BYTES,
         config.groups_segment_bytes
+    );
+    anyhow::ensure!(
+        (MIN_SUBSCRIPTIONS_SEGMENT_BYTES..=rill_storage::config::MAX_SEGMENT_BYTES)
+            .contains(&config.subscriptions_segment_bytes),
+        "subscriptions_segment_bytes must be {MIN_SUBSCRIPTIONS_SEGMENT_BYTES}..={}, got {}",
+        rill_storage::config::MAX_SEGMENT_BYTES,
+        config.subscriptions_segment_bytes
     );
     anyhow::ensure!(
         config.producer_id_expiration_ms >= 1,
@@ -415,6 +435,34 @@ mod tests {
         let mut all = vec!["rill-broker"];
         all.extend_from_slice(args);
         Flags::try_parse_from(all).expect("flags parse")
+    }
+
+    #[test]
+    fn subscriptions_segment_bytes_layers_file_under_flag_and_refuses_tiny_segments() {
+        assert_eq!(
+            load(flags(&[])).expect("load").subscriptions_segment_bytes,
+            1 << 20,
+            "1 MiB by default"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(&path, "subscriptions_segment_bytes = 65536\n").expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        let from_file = load(flags(&["--config", p])).expect("load");
+        assert_eq!(from_file.subscriptions_segment_bytes, 65_536);
+        let flagged = load(flags(&[
+            "--config",
+            p,
+            "--subscriptions-segment-bytes",
+            "16384",
+        ]))
+        .expect("load");
+        assert_eq!(flagged.subscriptions_segment_bytes, 16_384, "the flag wins");
+        let err = load(flags(&["--subscriptions-segment-bytes", "4096"])).expect_err("too small");
+        assert!(
+            format!("{err:#}").contains("subscriptions_segment_bytes must be"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub struct Config {
     /// the growth, per partition, after which the partition is snapshotted and its older
     /// segments deleted. Default 256 KiB.
     pub groups_segment_bytes: u64,
+    /// The segment size of the subscriptions topic (`__subscriptions`), in bytes, used only
+    /// when the topic is created (a data folder, or a cluster, keeps the one it was made
+    /// with). It is also the growth after which the topic is compacted and its older segments
+    /// deleted. Default 1 MiB.
+    pub subscriptions_segment_bytes: u64,
     /// The most bytes one fetch returns, whatever it asks. Default 16 MiB.
     pub max_fetch_bytes: usize,
     /// How often retention runs, in milliseconds. Default 60 s.
@@ -102,6 +107,8 @@ impl Default for Config {
             max_fetch_wait_ms: DEFAULT_MAX_FETCH_WAIT_MS,
             producer_id_expiration_ms: DEFAULT_PRODUCER_ID_EXPIRATION_MS,
             groups_segment_bytes: rill_storage::groups::DEFAULT_GROUPS_SEGMENT_BYTES,
+            subscriptions_segment_bytes:
+                crate::subscriptions::persist::DEFAULT_SUBSCRIPTIONS_SEGMENT_BYTES,
             max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
             retention_check_ms: DEFAULT_RETENTION_CHECK_MS,
             max_waiting_fetches: DEFAULT_MAX_WAITING_FETCHES,
@@ -154,6 +161,12 @@ impl Config {
     /// Sets the segment size of a new groups topic, in bytes (default 256 KiB).
     pub fn groups_segment_bytes(mut self, groups_segment_bytes: u64) -> Self {
         self.groups_segment_bytes = groups_segment_bytes;
+        self
+    }
+
+    /// Sets the segment size of a new subscriptions topic, in bytes (default 1 MiB).
+    pub fn subscriptions_segment_bytes(mut self, subscriptions_segment_bytes: u64) -> Self {
+        self.subscriptions_segment_bytes = subscriptions_segment_bytes;
         self
     }
 
@@ -219,6 +232,8 @@ pub struct FileConfig {
     pub retention_check_ms: Option<u64>,
     /// See [`Config::groups_segment_bytes`].
     pub groups_segment_bytes: Option<u64>,
+    /// See [`Config::subscriptions_segment_bytes`].
+    pub subscriptions_segment_bytes: Option<u64>,
     /// See [`Config::max_waiting_fetches`].
     pub max_waiting_fetches: Option<usize>,
     /// See [`Config::max_connections`].

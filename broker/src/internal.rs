@@ -59,7 +59,9 @@ pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
         ),
         (
             crate::subscriptions::persist::SUBSCRIPTIONS_TOPIC.to_string(),
-            crate::subscriptions::persist::subscriptions_topic_config(),
+            crate::subscriptions::persist::subscriptions_topic_config(
+                broker.config().subscriptions_segment_bytes,
+            ),
         ),
         (
             crate::producers::PRODUCERS_TOPIC.to_string(),
@@ -255,24 +257,34 @@ pub async fn append_batch(
     p: u32,
     batch: Bytes,
 ) -> Result<(), BrokerError> {
+    append_batch_at(broker, topic, p, batch).await.map(|_| ())
+}
+
+/// [`append_batch`], returning the offset the batch's first record got.
+pub async fn append_batch_at(
+    broker: &Broker,
+    topic: &str,
+    p: u32,
+    batch: Bytes,
+) -> Result<u64, BrokerError> {
     if let Some(r) = replication(broker) {
         if !r.has_topic(topic) {
             return Err(BrokerError::ReplicationUnavailable(format!(
                 "the cluster is still creating its internal topic {topic}; retry"
             )));
         }
-        r.write_acked(topic, p, batch, WriteAck::Durable).await?;
-        return Ok(());
+        let (base_offset, _) = r.write_acked(topic, p, batch, WriteAck::Durable).await?;
+        return Ok(base_offset);
     }
     let log = broker
         .store()
         .existing_internal_topic(topic)
         .ok_or_else(|| BrokerError::Internal(format!("the internal topic {topic} is not open")))?
         .partition(p)?;
-    tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+    tokio::task::spawn_blocking(move || -> Result<u64, BrokerError> {
         let appended = log.append(&batch)?;
         log.sync_through(appended.next_offset)?;
-        Ok(())
+        Ok(appended.base_offset)
     })
     .await?
 }
@@ -288,6 +300,16 @@ pub fn replay_values(
     corrupt: impl Fn(String) -> BrokerError,
     mut apply: impl FnMut(u64, &[u8]) -> Result<(), BrokerError>,
 ) -> Result<u64, BrokerError> {
+    replay_keyed(log, from, corrupt, |offset, _, value| apply(offset, value))
+}
+
+/// [`replay_values`], handing each record's key too.
+pub fn replay_keyed(
+    log: &rill_storage::PartitionLog,
+    from: u64,
+    corrupt: impl Fn(String) -> BrokerError,
+    mut apply: impl FnMut(u64, Option<&[u8]>, &[u8]) -> Result<(), BrokerError>,
+) -> Result<u64, BrokerError> {
     let mut offset = from.max(log.log_start_offset());
     while offset < log.high_watermark() {
         let read = log.read(offset, REPLAY_READ_BYTES)?;
@@ -297,7 +319,7 @@ pub fn replay_values(
                 for record in batch.records() {
                     let record = record.map_err(|e| corrupt(format!("a record: {e}")))?;
                     if record.offset >= offset {
-                        apply(record.offset, record.value)?;
+                        apply(record.offset, record.key, record.value)?;
                     }
                 }
             }

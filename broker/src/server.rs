@@ -186,8 +186,9 @@ impl Server {
             producers.follow(&broker);
         }
         let subs_store = broker.store().clone();
+        let subs_segment_bytes = broker.config().subscriptions_segment_bytes;
         let subscriptions = tokio::task::spawn_blocking(move || {
-            crate::subscriptions::Subscriptions::open(&subs_store)
+            crate::subscriptions::Subscriptions::open(&subs_store, subs_segment_bytes)
         })
         .await
         .context("opening the subscription state")?

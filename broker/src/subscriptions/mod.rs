@@ -156,9 +156,10 @@ pub struct Description {
 impl Subscriptions {
     /// Opens the state: replays `__subscriptions` (creating it when missing). Every lock
     /// held before is dropped, so records acquired and not acknowledged before a restart
-    /// are delivered again. Blocking: call it on the blocking pool.
-    pub fn open(store: &Store) -> Result<Subscriptions, BrokerError> {
-        let (log, subs) = replicated::load(store)?;
+    /// are delivered again. `segment_bytes` is the topic's segment size if it is created
+    /// here. Blocking: call it on the blocking pool.
+    pub fn open(store: &Store, segment_bytes: u64) -> Result<Subscriptions, BrokerError> {
+        let (log, subs) = replicated::load(store, segment_bytes)?;
         Ok(Subscriptions {
             inner: Arc::new(Inner {
                 subs: RwLock::new(subs),

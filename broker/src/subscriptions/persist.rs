@@ -1,11 +1,41 @@
 //! [`StateLog`]: the internal topic `__subscriptions`, written and replayed as a keyed log.
 //!
-//! Each change appends its records as one batch and syncs it before the change takes
-//! effect in memory. The log keeps, in memory, the latest encoded record of each key; once
-//! about a segment has been appended since the last compaction, it rewrites those (the whole
-//! live state) and deletes the sealed segments before them, so the topic stays bounded.
-//! Replay from any later log start gives the same state: a rewrite is the complete state,
-//! and no write interleaves with it (one writer lock).
+//! Each change appends its records as one batch and syncs it (in a cluster: commits it
+//! through Raft, fsynced by a majority) before the change takes effect in memory. The log
+//! keeps, in memory, the latest encoded records of each subscription.
+//!
+//! # Compaction
+//! Once about a segment has been appended since the last compaction, the writer rewrites
+//! the whole live state, then appends a [`SubscriptionRecord::Compacted`] marker holding the
+//! rewrite's first offset; the sealed segments that end before that offset are then deleted
+//! (on a single broker by the writer, in a cluster by each replica: below), so the topic
+//! stays bounded. Replay from any later log start gives the same state: the
+//! records from the rewrite's start to the marker restate every live subscription, and no
+//! write interleaves with them (one writer, holding the log's lock throughout).
+//!
+//! A rewrite keeps each subscription whole in one batch (its `Created` record and every
+//! partition's), and a batch is atomic: on a local append, and as one Raft entry. That
+//! matters because replay of `Created` resets the subscription's partitions: were a
+//! subscription split across batches, a rewrite cut short between them would leave its
+//! partitions reset and their acknowledged records delivered again.
+//!
+//! # Replicated
+//! In a cluster only the leader of `__subscriptions` writes, compactions included: each
+//! rewrite batch is one Raft commit, the marker the last. Every replica, the leader too,
+//! deletes its own segments before the rewrite when it reads the marker in its log
+//! ([`apply_markers`], run by the replica's tail of its log as entries are applied; a
+//! replica's log holds only committed entries). Deletion is local, so log starts may differ
+//! between replicas by a segment; a follower whose end falls before its source's log start
+//! restarts its log there, which is at or before a rewrite it then receives whole.
+//!
+//! A rewrite cut short (a crash, or a leader change: the old leader's later commits fail)
+//! leaves some of its batches committed and no marker, so no replica deletes anything for
+//! it. Each batch that did commit restates some subscriptions wholly, at the state they had
+//! when the rewrite began; no change landed between the rewrite's batches (the old leader
+//! held its lock, and a new leader's entries come after every entry of the old leader's
+//! that committed), so replay over them changes nothing. The next rewrite (on whichever
+//! broker leads then) is complete before its marker, and deletion only ever cuts before a
+//! marker's own rewrite.
 
 use std::collections::BTreeMap;
 
@@ -13,25 +43,35 @@ use bytes::Bytes;
 use rill_storage::batch::{try_encode_batch, Record};
 use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 
-use super::records::SubscriptionRecord;
+use super::records::{StoredConfig, SubscriptionRecord, COMPACTED_KEY};
+use super::state::PartitionState;
 use crate::error::BrokerError;
 
 /// The internal topic that holds every subscription's state.
 pub const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
-/// Segment size of the topic: a compaction runs once about this much was appended.
-const SEGMENT_BYTES: u64 = 1 << 20;
+/// The default segment size of the topic (`--subscriptions-segment-bytes`): a compaction
+/// runs once about a segment was appended since the last one.
+pub const DEFAULT_SUBSCRIPTIONS_SEGMENT_BYTES: u64 = 1 << 20;
 
 /// The config of the `__subscriptions` topic: one partition, flushed on every append, kept
-/// forever (compaction bounds it).
-pub fn subscriptions_topic_config() -> TopicConfig {
+/// forever (compaction bounds it), in segments of `segment_bytes`. Used when the topic is
+/// created; an existing topic keeps its own.
+pub fn subscriptions_topic_config(segment_bytes: u64) -> TopicConfig {
     TopicConfig {
         partitions: 1,
         retention_ms: None,
         retention_bytes: None,
         flush: FlushPolicy::Always,
-        segment_bytes: SEGMENT_BYTES,
+        segment_bytes,
         ..TopicConfig::default()
     }
+}
+
+/// The latest records of one subscription: its `Created` and each partition's state.
+#[derive(Debug)]
+struct Latest {
+    created: Bytes,
+    partitions: BTreeMap<u32, Bytes>,
 }
 
 /// The open `__subscriptions` log and the latest record of each key.
@@ -41,18 +81,28 @@ pub struct StateLog {
     /// Set in a cluster: changes are Raft commits through the broker (see
     /// [`crate::internal`]), made from the blocking pool with this runtime.
     replicated: Option<(crate::state::Broker, tokio::runtime::Handle)>,
-    /// Key → the latest record's bytes (a `Deleted` removes its name's keys).
-    latest: BTreeMap<String, Bytes>,
+    /// Name → the latest records of the subscription (a `Deleted` removes it).
+    latest: BTreeMap<String, Latest>,
     since_compaction_bytes: u64,
+    /// The log's segment size: the compaction threshold.
+    segment_bytes: u64,
 }
 
 impl StateLog {
     /// Opens (creating if missing) the topic and replays it. Returns the log and every
     /// record in order. Blocking: call it on the blocking pool.
-    pub fn open(store: &Store) -> Result<(StateLog, Vec<SubscriptionRecord>), BrokerError> {
+    /// `segment_bytes` is used if the topic is created here.
+    pub fn open(
+        store: &Store,
+        segment_bytes: u64,
+    ) -> Result<(StateLog, Vec<SubscriptionRecord>), BrokerError> {
         let log = store
-            .internal_topic(SUBSCRIPTIONS_TOPIC, subscriptions_topic_config())?
+            .internal_topic(
+                SUBSCRIPTIONS_TOPIC,
+                subscriptions_topic_config(segment_bytes),
+            )?
             .partition(0)?;
+        let segment_bytes = log.options().segment_bytes;
         let mut records = Vec::new();
         let start = log.log_start_offset();
         crate::internal::replay_values(&log, start, corrupt, |offset, value| {
@@ -67,6 +117,7 @@ impl StateLog {
             replicated: None,
             latest: BTreeMap::new(),
             since_compaction_bytes: 0,
+            segment_bytes,
         };
         for r in &records {
             state.remember(r, Bytes::from(r.encode()));
@@ -75,8 +126,7 @@ impl StateLog {
     }
 
     /// Makes every later change a Raft commit through `broker` (a cluster member whose
-    /// internal topics are replicated). Compaction is then off: each replica's log keeps the
-    /// records a lagging follower's catch-up reads.
+    /// internal topics are replicated); compactions too, batch by batch (module doc).
     pub fn replicate_through(&mut self, broker: crate::state::Broker) {
         self.replicated = Some((broker, tokio::runtime::Handle::current()));
     }
@@ -90,13 +140,16 @@ impl StateLog {
             .iter()
             .map(|r| (r.clone(), Bytes::from(r.encode())))
             .collect();
-        let bytes = self.append(&encoded)?;
+        let (_, bytes) = self.append(&encoded)?;
         for (r, b) in encoded {
             self.remember(&r, b);
         }
         self.since_compaction_bytes += bytes as u64;
-        if self.since_compaction_bytes >= SEGMENT_BYTES && self.replicated.is_none() {
-            // A failed compaction is retried at the next write; the state is intact.
+        if self.since_compaction_bytes >= self.segment_bytes {
+            // The change above is stored whatever happens here. A compaction cut short
+            // leaves the state intact (module doc); the next is tried once another segment
+            // has been appended, so a failing one does not rewrite the state at every write.
+            self.since_compaction_bytes = 0;
             if let Err(e) = self.compact() {
                 tracing::warn!(error = %e, "{SUBSCRIPTIONS_TOPIC} compaction failed");
             }
@@ -104,59 +157,99 @@ impl StateLog {
         Ok(())
     }
 
-    /// Rewrites the latest record of every key, then deletes the segments before them.
+    /// Rewrites every subscription's latest records, appends the [`SubscriptionRecord::
+    /// Compacted`] marker naming where the rewrite began, then, on a single broker, deletes
+    /// the segments before it. In a cluster every replica's tail does that when it reads the
+    /// marker ([`apply_markers`]), this one's too: one deleter per log, so no read of the
+    /// tail meets segments deleted under it.
     fn compact(&mut self) -> Result<(), BrokerError> {
-        let start = self.log.high_watermark();
-        let all: Vec<(String, Bytes)> = self
-            .latest
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        // Batches of at most a quarter segment, so each fits a fresh segment.
-        let mut batch: Vec<Record> = Vec::new();
-        let mut batch_bytes = 0usize;
-        for (key, value) in all {
-            if !batch.is_empty() && batch_bytes + value.len() > (SEGMENT_BYTES / 4) as usize {
-                self.append_raw(&batch)?;
-                batch.clear();
-                batch_bytes = 0;
-            }
-            batch_bytes += value.len() + key.len();
-            batch.push(record(key, value));
+        // This writer is the only one (its lock is held), and on a cluster's leader every
+        // committed entry is applied here before its write returns, so the log's end is
+        // where the marker lands when there is nothing to rewrite.
+        let end = self.log.high_watermark();
+        let mut start = None;
+        for batch in self.rewrite_batches() {
+            let (base_offset, _) = self.append_raw(&batch)?;
+            start.get_or_insert(base_offset);
         }
-        if !batch.is_empty() {
-            self.append_raw(&batch)?;
-        }
-        self.log.sync_through(self.log.high_watermark())?;
-        let deleted = self.log.delete_segments_before(start)?;
-        self.since_compaction_bytes = 0;
+        let start = start.unwrap_or(end);
+        let marker = SubscriptionRecord::Compacted { start };
+        self.append_raw(&[record(marker.key(), Bytes::from(marker.encode()))])?;
+        let deleted_segments = if self.replicated.is_none() {
+            delete_before(&self.log, start)
+        } else {
+            0
+        };
         tracing::info!(
-            keys = self.latest.len(),
-            deleted_segments = deleted.deleted_segments,
+            subscriptions = self.latest.len(),
+            start,
+            deleted_segments,
             "{SUBSCRIPTIONS_TOPIC} compacted"
         );
         Ok(())
     }
 
+    /// The batches of a rewrite: every subscription's latest records, each subscription
+    /// whole in one batch (its `Created` resets its partitions on replay, so a batch boundary
+    /// after it would leave them reset if the rest never came). Batches gather subscriptions
+    /// up to about a quarter segment; a larger subscription gets a batch of its own.
+    fn rewrite_batches(&self) -> Vec<Vec<Record>> {
+        let limit = usize::try_from(self.segment_bytes / 4).unwrap_or(usize::MAX);
+        let mut batches = Vec::new();
+        let mut batch: Vec<Record> = Vec::new();
+        let mut batch_bytes = 0usize;
+        for (name, latest) in &self.latest {
+            let mut records = vec![record(name.clone(), latest.created.clone())];
+            records.extend(
+                latest
+                    .partitions
+                    .iter()
+                    .map(|(p, state)| record(format!("{name}/{p}"), state.clone())),
+            );
+            let bytes: usize = records
+                .iter()
+                .map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len))
+                .sum();
+            if !batch.is_empty() && batch_bytes + bytes > limit {
+                batches.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += bytes;
+            batch.extend(records);
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+        batches
+    }
+
     fn remember(&mut self, r: &SubscriptionRecord, bytes: Bytes) {
         match r {
             SubscriptionRecord::Deleted { name } => {
-                let prefix = format!("{name}/");
-                self.latest
-                    .retain(|k, _| k != name && !k.starts_with(&prefix));
+                self.latest.remove(name);
             }
             SubscriptionRecord::Created { name, .. } => {
-                let prefix = format!("{name}/");
-                self.latest.retain(|k, _| !k.starts_with(&prefix));
-                self.latest.insert(r.key(), bytes);
+                let fresh = Latest {
+                    created: bytes,
+                    partitions: BTreeMap::new(),
+                };
+                self.latest.insert(name.clone(), fresh);
             }
-            SubscriptionRecord::Partition { .. } => {
-                self.latest.insert(r.key(), bytes);
+            SubscriptionRecord::Partition {
+                name, partition, ..
+            } => {
+                // Replay ignores the partition of a subscription it does not hold; so does
+                // the rewrite.
+                if let Some(l) = self.latest.get_mut(name) {
+                    l.partitions.insert(*partition, bytes);
+                }
             }
+            SubscriptionRecord::Compacted { .. } => {}
         }
     }
 
-    fn append(&self, encoded: &[(SubscriptionRecord, Bytes)]) -> Result<usize, BrokerError> {
+    /// Appends `encoded` as one batch; returns its base offset and size in bytes.
+    fn append(&self, encoded: &[(SubscriptionRecord, Bytes)]) -> Result<(u64, usize), BrokerError> {
         let records: Vec<Record> = encoded
             .iter()
             .map(|(r, b)| record(r.key(), b.clone()))
@@ -164,24 +257,102 @@ impl StateLog {
         self.append_raw(&records)
     }
 
-    fn append_raw(&self, records: &[Record]) -> Result<usize, BrokerError> {
+    /// Appends `records` as one batch, synced (a durable Raft commit in a cluster); returns
+    /// the offset of its first record and its size in bytes.
+    fn append_raw(&self, records: &[Record]) -> Result<(u64, usize), BrokerError> {
         let batch = try_encode_batch(records).map_err(|e| {
             BrokerError::Internal(format!("cannot build a {SUBSCRIPTIONS_TOPIC} batch: {e}"))
         })?;
+        let len = batch.len();
         if let Some((broker, runtime)) = &self.replicated {
-            let len = batch.len();
-            runtime.block_on(crate::internal::append_batch(
+            let base_offset = runtime.block_on(crate::internal::append_batch_at(
                 broker,
                 SUBSCRIPTIONS_TOPIC,
                 0,
                 batch,
             ))?;
-            return Ok(len);
+            return Ok((base_offset, len));
         }
         let appended = self.log.append(&batch)?;
         self.log.sync_through(appended.next_offset)?;
-        Ok(batch.len())
+        Ok((appended.base_offset, len))
     }
+}
+
+/// Reads this replica's `__subscriptions` log from offset `from` to its end and, if it holds
+/// a [`SubscriptionRecord::Compacted`] marker, deletes the sealed segments before the latest
+/// marker's start. Returns the offset reached (where the next call starts). A replica's
+/// log holds only committed entries, so a marker read here ends a rewrite that is wholly
+/// committed before it. Blocking.
+pub fn apply_markers(log: &PartitionLog, from: u64) -> Result<u64, BrokerError> {
+    let mut start = None;
+    let end = crate::internal::replay_keyed(log, from, corrupt, |offset, key, value| {
+        if key == Some(COMPACTED_KEY.as_bytes()) {
+            match SubscriptionRecord::decode(value) {
+                Ok(SubscriptionRecord::Compacted { start: s }) => start = Some(s),
+                Ok(_) | Err(_) => {
+                    return Err(corrupt(format!(
+                        "the record at offset {offset} has the key {COMPACTED_KEY} and is not a \
+                         compaction marker"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(start) = start {
+        let deleted_segments = delete_before(log, start);
+        if deleted_segments > 0 {
+            tracing::info!(
+                start,
+                deleted_segments,
+                "{SUBSCRIPTIONS_TOPIC} segments before a compaction deleted"
+            );
+        }
+    }
+    Ok(end)
+}
+
+/// Deletes the sealed segments of `log` that end before `start`; returns how many. A failure
+/// is logged and leaves them for the next compaction.
+fn delete_before(log: &PartitionLog, start: u64) -> u32 {
+    match log.delete_segments_before(start) {
+        Ok(deleted) => deleted.deleted_segments,
+        Err(e) => {
+            tracing::warn!(start, error = %e, "cannot delete the {SUBSCRIPTIONS_TOPIC} segments a compaction replaced; the next one retries");
+            0
+        }
+    }
+}
+
+/// Every subscription's settings and partitions' states.
+pub(super) type Replayed = BTreeMap<String, (StoredConfig, BTreeMap<u32, PartitionState>)>;
+
+/// The state `records`, in log order, leave: a `Created` replaces any earlier state of its
+/// name, a `Deleted` removes it, a `Partition` of a name not held is ignored.
+pub(super) fn fold(records: Vec<SubscriptionRecord>) -> Replayed {
+    let mut subs = Replayed::new();
+    for r in records {
+        match r {
+            SubscriptionRecord::Created { name, config } => {
+                subs.insert(name, (config, BTreeMap::new()));
+            }
+            SubscriptionRecord::Deleted { name } => {
+                subs.remove(&name);
+            }
+            SubscriptionRecord::Partition {
+                name,
+                partition,
+                state,
+            } => {
+                if let Some((_, parts)) = subs.get_mut(&name) {
+                    parts.insert(partition, state);
+                }
+            }
+            SubscriptionRecord::Compacted { .. } => {}
+        }
+    }
+    subs
 }
 
 fn record(key: String, value: Bytes) -> Record {
@@ -199,3 +370,6 @@ fn corrupt(what: String) -> BrokerError {
          with subscription state it cannot read"
     ))
 }
+
+#[cfg(test)]
+mod tests;

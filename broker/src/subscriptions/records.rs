@@ -11,6 +11,10 @@ use super::state::PartitionState;
 /// The version byte that starts every record this broker writes.
 pub const VERSION: u8 = 1;
 
+/// The key of a [`SubscriptionRecord::Compacted`] marker. It starts with `/`, which no
+/// subscription name holds, so it never collides with a subscription's keys.
+pub const COMPACTED_KEY: &str = "/compacted";
+
 /// A subscription's settings as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredConfig {
@@ -81,6 +85,13 @@ pub enum SubscriptionRecord {
         /// Its state.
         state: PartitionState,
     },
+    /// The end of a compaction: the records from offset `start` up to this one restate every
+    /// live subscription whole, so a replica that reads it may delete its segments before
+    /// `start`. It changes no subscription.
+    Compacted {
+        /// The offset of the rewrite's first record (this marker's own, if it rewrote none).
+        start: u64,
+    },
 }
 
 /// Why a stored record cannot be read.
@@ -122,19 +133,22 @@ impl SubscriptionRecord {
         Ok(record)
     }
 
-    /// The subscription it is about.
-    pub fn name(&self) -> &str {
+    /// The subscription it is about; none for a compaction marker.
+    pub fn name(&self) -> Option<&str> {
         match self {
             SubscriptionRecord::Created { name, .. }
             | SubscriptionRecord::Deleted { name }
-            | SubscriptionRecord::Partition { name, .. } => name,
+            | SubscriptionRecord::Partition { name, .. } => Some(name),
+            SubscriptionRecord::Compacted { .. } => None,
         }
     }
 
-    /// The compaction key: the name for its settings, `name/partition` for a partition.
-    /// A name has no `/` (names are `[a-zA-Z0-9._-]`), so keys never collide.
+    /// The compaction key: the name for its settings, `name/partition` for a partition,
+    /// [`COMPACTED_KEY`] for a marker. A name has no `/` (names are `[a-zA-Z0-9._-]`), so keys
+    /// never collide.
     pub fn key(&self) -> String {
         match self {
+            SubscriptionRecord::Compacted { .. } => COMPACTED_KEY.to_string(),
             SubscriptionRecord::Created { name, .. } | SubscriptionRecord::Deleted { name } => {
                 name.clone()
             }
@@ -262,6 +276,7 @@ mod tests {
                     state
                 }
             ),
+            any::<u64>().prop_map(|start| SubscriptionRecord::Compacted { start }),
         ]
     }
 

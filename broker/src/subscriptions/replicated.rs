@@ -9,9 +9,7 @@ use std::sync::Arc;
 use rill_storage::Store;
 
 use super::persist::{self, StateLog};
-use super::records::SubscriptionRecord;
-use super::state::PartitionState;
-use super::{stats, webhook, StoredConfig, Sub, SubState, Subscriptions};
+use super::{stats, webhook, Sub, SubState, Subscriptions};
 use crate::error::BrokerError;
 use crate::state::Broker;
 
@@ -32,7 +30,9 @@ impl Subscriptions {
     pub async fn reload(&self, broker: &Broker) -> Result<(), BrokerError> {
         let _admin = self.inner.admin.lock().await;
         let store = broker.store().clone();
-        let (mut log, subs) = tokio::task::spawn_blocking(move || load(&store)).await??;
+        let segment_bytes = broker.config().subscriptions_segment_bytes;
+        let (mut log, subs) =
+            tokio::task::spawn_blocking(move || load(&store, segment_bytes)).await??;
         log.replicate_through(broker.clone());
         let current = Arc::clone(&self.inner.log);
         // Waits for a write in progress, on the blocking pool.
@@ -72,16 +72,23 @@ pub fn serves(broker: &Broker) -> bool {
 }
 
 /// Keeps `subs` served by the leader of `__subscriptions` in a cluster: changes go through
-/// Raft, and a broker that becomes the leader reloads the state (see
-/// [`Subscriptions::reload`]). Nothing on a single broker.
+/// Raft, a broker that becomes the leader reloads the state (see
+/// [`Subscriptions::reload`]), and every replica tails its log for compaction markers
+/// ([`tail`]). Nothing on a single broker.
 pub fn follow(broker: &Broker, subs: &Subscriptions) {
     subs.replicate(broker);
     let (b, s) = (broker.clone(), subs.clone());
+    // Where this replica's tail reads next; 0 at start, so a restarted replica also acts on
+    // a marker it applied before it stopped.
+    let (tail_broker, read_from) = (broker.clone(), Arc::new(parking_lot::Mutex::new(0u64)));
     crate::internal::follow(
         broker,
         persist::SUBSCRIPTIONS_TOPIC,
         1,
-        |_| async {},
+        move |_| {
+            let (b, from) = (tail_broker.clone(), Arc::clone(&read_from));
+            async move { tail(&b, from).await }
+        },
         move |_| {
             let (b, s) = (b.clone(), s.clone());
             async move { s.reload(&b).await }
@@ -89,32 +96,39 @@ pub fn follow(broker: &Broker, subs: &Subscriptions) {
     );
 }
 
-/// Replays `__subscriptions` into every subscription's state, with the locks held before
-/// dropped. Blocking.
-pub(super) fn load(store: &Store) -> Result<(StateLog, BTreeMap<String, Arc<Sub>>), BrokerError> {
-    let (log, replayed) = StateLog::open(store)?;
-    let mut subs: BTreeMap<String, (StoredConfig, BTreeMap<u32, PartitionState>)> = BTreeMap::new();
-    let count = replayed.len();
-    for r in replayed {
-        match r {
-            SubscriptionRecord::Created { name, config } => {
-                subs.insert(name, (config, BTreeMap::new()));
-            }
-            SubscriptionRecord::Deleted { name } => {
-                subs.remove(&name);
-            }
-            SubscriptionRecord::Partition {
-                name,
-                partition,
-                state,
-            } => {
-                if let Some((_, parts)) = subs.get_mut(&name) {
-                    parts.insert(partition, state);
-                }
-            }
-        }
+/// Acts on the compaction markers this replica's log received since `from` (see
+/// [`persist::apply_markers`]): every replica, the leader too, deletes its own segments
+/// before a complete rewrite as it applies the rewrite's marker. A failure is logged and
+/// the next apply reads again from the same offset.
+async fn tail(broker: &Broker, from: Arc<parking_lot::Mutex<u64>>) {
+    let store = broker.store().clone();
+    let read = tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+        let Some(topic) = store.existing_internal_topic(persist::SUBSCRIPTIONS_TOPIC) else {
+            return Ok(());
+        };
+        let log = topic.partition(0)?;
+        // Only this task reads and moves it; the lock is never held across an await.
+        let mut from = from.lock();
+        *from = persist::apply_markers(&log, *from)?;
+        Ok(())
+    })
+    .await
+    .map_err(BrokerError::from)
+    .and_then(|r| r);
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read {} for compaction markers", persist::SUBSCRIPTIONS_TOPIC);
     }
-    let subs: BTreeMap<String, Arc<Sub>> = subs
+}
+
+/// Replays `__subscriptions` into every subscription's state, with the locks held before
+/// dropped (`segment_bytes`: see [`StateLog::open`]). Blocking.
+pub(super) fn load(
+    store: &Store,
+    segment_bytes: u64,
+) -> Result<(StateLog, BTreeMap<String, Arc<Sub>>), BrokerError> {
+    let (log, replayed) = StateLog::open(store, segment_bytes)?;
+    let count = replayed.len();
+    let subs: BTreeMap<String, Arc<Sub>> = persist::fold(replayed)
         .into_iter()
         .map(|(name, (config, mut partitions))| {
             for p in partitions.values_mut() {
