@@ -380,6 +380,9 @@ struct Inner {
     /// do not meet).
     next_token: AtomicU64,
     write_timeout: Duration,
+    /// Per group led here: each idempotent producer's next proposed sequence (a hint that
+    /// keeps a producer's batches in order, see `proposed`).
+    proposed: proposed::ProposedSequences,
 }
 
 /// This broker's replicated partitions. Cheap to clone.
@@ -427,6 +430,7 @@ impl Replication {
                         .finish(),
                 ),
                 write_timeout: Duration::from_secs(10),
+                proposed: proposed::ProposedSequences::default(),
             }),
         })
     }
@@ -723,8 +727,11 @@ impl std::fmt::Debug for Replication {
 }
 
 mod create;
+mod proposed;
 mod topics;
 mod write;
+
+pub use write::Submitted;
 
 #[cfg(test)]
 mod tests;
