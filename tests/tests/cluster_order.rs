@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rill_proto::v1 as pb;
 use rill_proto::v1::produce_request::Payload;
-use rill_tests::cluster::TestCluster;
+use rill_tests::cluster::{while_unavailable, TestCluster};
 use rill_tests::Clients;
 use tokio_stream::StreamExt;
 
@@ -31,13 +31,14 @@ async fn start(name: &str) -> (TestCluster, u64, Clients) {
 }
 
 /// A new idempotent producer's id and epoch.
+/// (The cluster may still be creating `__producers`: UNAVAILABLE is retried.)
 async fn init(c: &mut Clients) -> (i64, i32) {
-    let r = tokio::time::timeout(
-        DEADLINE,
-        c.log.init_producer(pb::InitProducerRequest::default()),
-    )
+    let log = c.log.clone();
+    let r = while_unavailable(DEADLINE, || {
+        let mut log = log.clone();
+        async move { log.init_producer(pb::InitProducerRequest::default()).await }
+    })
     .await
-    .expect("init in time")
     .expect("init")
     .into_inner();
     (r.producer_id, r.producer_epoch)
