@@ -232,7 +232,10 @@ pub async fn produce_replicated(
     replication: &Replication,
     prepared: &Prepared,
 ) -> Result<ProduceResponse, BrokerError> {
-    submit_replicated(replication, prepared).await?.acked().await
+    submit_replicated(replication, prepared)
+        .await?
+        .acked()
+        .await
 }
 
 /// Hands each partition's batch of a prepared request to its Raft group, in request order

@@ -87,7 +87,7 @@ impl Replication {
             record_count: h.record_count,
         });
         let propose = || self.hand_over(&raft, group, ack, &batch);
-        let (responder, leader_ack, token) = match &producer {
+        let (responder, leader_ack) = match &producer {
             None => propose().await,
             Some(b) => {
                 let applied = || {
@@ -110,7 +110,6 @@ impl Replication {
             group,
             producer: producer.map(|b| b.producer_id),
             record_count: header.map(|h| h.record_count),
-            token,
             responder,
             leader_ack,
             deadline: tokio::time::Instant::now() + self.inner.write_timeout,
@@ -126,7 +125,7 @@ impl Replication {
         group: GroupId,
         ack: WriteAck,
         batch: &Bytes,
-    ) -> Result<(Responder, Option<LeaderAckWait>, u64), openraft::error::Fatal<NodeId>> {
+    ) -> Result<(Responder, Option<LeaderAckWait>), openraft::error::Fatal<NodeId>> {
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let command = encode_command(ack, token, batch);
         // Backpressure: a `leader` ack waits for the commit, as `quorum`, while the leader's
@@ -151,29 +150,31 @@ impl Replication {
             LeaderAckWait {
                 store,
                 waiters,
+                token,
                 appended,
             }
         });
-        match raft.client_write_ff(command).await {
-            Ok(responder) => Ok((responder, leader_ack, token)),
-            Err(e) => {
-                if let Some(w) = leader_ack {
-                    w.waiters.cancel(token);
-                }
-                Err(e)
-            }
-        }
+        let responder = raft.client_write_ff(command).await?;
+        Ok((responder, leader_ack))
     }
 }
 
 /// The answer openraft sends for one client write.
 type Responder = oneshot::Receiver<ClientWriteResult<crate::types::TypeConfig>>;
 
-/// A `leader` ack's wait for its entry's append to this broker's log.
+/// A `leader` ack's wait for its entry's append to this broker's log; dropped, it stops
+/// waiting (whatever way the write ended).
 struct LeaderAckWait {
     store: MachineStore<PartitionMachine>,
     waiters: AppendWaiters,
+    token: u64,
     appended: oneshot::Receiver<LogId>,
+}
+
+impl Drop for LeaderAckWait {
+    fn drop(&mut self) {
+        self.waiters.cancel(self.token);
+    }
 }
 
 /// The partition a write is for, to name it in errors.
@@ -225,7 +226,6 @@ pub struct Submitted {
     producer: Option<i64>,
     /// The batch's record count (none: the batch is not parseable; the apply refuses it).
     record_count: Option<u32>,
-    token: u64,
     responder: Responder,
     leader_ack: Option<LeaderAckWait>,
     deadline: tokio::time::Instant,
@@ -264,25 +264,20 @@ impl Submitted {
         let Submitted {
             target,
             record_count,
-            token,
             mut responder,
             leader_ack,
             deadline,
             ..
         } = self;
         let applied = match leader_ack {
-            Some(LeaderAckWait {
-                store,
-                waiters,
-                appended,
-            }) => {
+            Some(mut wait) => {
                 // Woken when the entry is in this broker's Raft log; the commit goes on.
                 let outcome = tokio::time::timeout_at(deadline, async {
                     tokio::select! {
-                        log_id = appended => {
-                            let base = log_id
-                                .ok()
-                                .and_then(|l| predicted_base(&store, &waiters, l.index));
+                        log_id = &mut wait.appended => {
+                            let base = log_id.ok().and_then(|l| {
+                                predicted_base(&wait.store, &wait.waiters, l.index)
+                            });
                             if let Some(base) = base {
                                 return LeaderAck::Appended(base);
                             }
@@ -294,11 +289,11 @@ impl Submitted {
                     }
                 })
                 .await;
-                waiters.cancel(token);
+                drop(wait);
                 match outcome.map_err(|_| target.timed_out())? {
                     LeaderAck::Appended(base) => {
-                        let count = record_count
-                            .ok_or_else(|| target.failed("invalid batch".into()))?;
+                        let count =
+                            record_count.ok_or_else(|| target.failed("invalid batch".into()))?;
                         return Ok((base, count));
                     }
                     LeaderAck::Applied(r) => r,
