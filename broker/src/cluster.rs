@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rill_cluster::partition::WriteAck;
+use rill_cluster::partition::{Submitted, WriteAck};
 use rill_cluster::{
     ClusterConfig, ClusterNode, ClusterService, PeerList, RaftService, RaftTimings, Replication,
 };
@@ -15,7 +15,7 @@ use rill_proto::v1::admin_client::AdminClient;
 use rill_proto::v1::{PartitionAppend, ProduceResponse};
 
 use crate::error::BrokerError;
-use crate::produce::Prepared;
+use crate::produce::{Prepared, EARLY_BATCH_WAIT_MS};
 use crate::state::Broker;
 
 /// The cluster settings from a node id and a peers list (both or neither), checked against
@@ -226,29 +226,65 @@ impl rill_cluster::LocalTopics for BrokerTopics {
 }
 
 /// Produces a prepared request to a replicated topic: each partition's batch goes through its
-/// Raft group (this broker must lead it), in request order, and is acknowledged as its ack
-/// mode asks (see [`WriteAck`]).
+/// Raft group (this broker must lead it), proposed in request order, and is acknowledged as
+/// its ack mode asks (see [`WriteAck`]).
 pub async fn produce_replicated(
     replication: &Replication,
     prepared: &Prepared,
 ) -> Result<ProduceResponse, BrokerError> {
+    submit_replicated(replication, prepared)
+        .await?
+        .acked()
+        .await
+}
+
+/// Hands each partition's batch of a prepared request to its Raft group, in request order
+/// ([`Replication::submit`]): a batch of an idempotent producer that came before its
+/// predecessor waits for it first, up to [`EARLY_BATCH_WAIT_MS`], as on one broker. Returns
+/// once every batch is handed over; [`ReplicatedProduce::acked`] waits for the acks. A
+/// partition not led here fails the request after the batches before it were handed over
+/// (they may commit; nothing is acknowledged).
+pub async fn submit_replicated(
+    replication: &Replication,
+    prepared: &Prepared,
+) -> Result<ReplicatedProduce, BrokerError> {
     let ack = match prepared.ack_mode() {
         pb::AckMode::Leader => WriteAck::Leader,
         pb::AckMode::Durable => WriteAck::Durable,
         pb::AckMode::Quorum | pb::AckMode::Unspecified => WriteAck::Quorum,
     };
-    let mut appends = Vec::new();
+    let early_wait = Duration::from_millis(EARLY_BATCH_WAIT_MS);
+    let mut submitted = Vec::new();
     for (p, batch) in prepared.batches() {
-        let (base_offset, record_count) = replication
-            .write_acked(prepared.topic_name(), p, batch.clone(), ack)
+        let s = replication
+            .submit(prepared.topic_name(), p, batch.clone(), ack, early_wait)
             .await?;
-        appends.push(PartitionAppend {
-            partition: p,
-            base_offset,
-            record_count,
-        });
+        submitted.push((p, s));
     }
-    Ok(ProduceResponse { appends })
+    Ok(ReplicatedProduce { submitted })
+}
+
+/// A produce request whose batches are handed to their Raft groups, awaiting its acks.
+#[derive(Debug)]
+pub struct ReplicatedProduce {
+    submitted: Vec<(u32, Submitted)>,
+}
+
+impl ReplicatedProduce {
+    /// Waits for every partition's ack, in request order; the first failure fails the
+    /// request.
+    pub async fn acked(self) -> Result<ProduceResponse, BrokerError> {
+        let mut appends = Vec::with_capacity(self.submitted.len());
+        for (p, submitted) in self.submitted {
+            let (base_offset, record_count) = submitted.acked().await?;
+            appends.push(PartitionAppend {
+                partition: p,
+                base_offset,
+                record_count,
+            });
+        }
+        Ok(ProduceResponse { appends })
+    }
 }
 
 /// Creates a topic in a cluster: on the controller leader through the controller group,

@@ -332,6 +332,8 @@ pub async fn append(prepared: &Prepared) -> Result<Appended, BrokerError> {
 /// concurrent calls can reach the partition in another order (each call is its own task,
 /// on the client and here); waiting for the earlier one keeps the producer's order without
 /// a refusal and a resend. A batch whose predecessor never comes is refused as before.
+/// A replicated partition's leader holds an early batch back as long before proposing it
+/// ([`crate::cluster::submit_replicated`]).
 pub const EARLY_BATCH_WAIT_MS: u64 = 100;
 
 /// Appends `batch` to partition `p` (inline when the storage can, else on the blocking

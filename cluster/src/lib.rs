@@ -20,8 +20,9 @@
 //! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
 //!   batches to a replica's log; [`Replication`] sets the controller's topics up here from
 //!   the metadata (replication factor 1 ones served by their owners), starts this broker's
-//!   replica groups, routes writes to them, and deletes local copies that tombstones show
-//!   stale (`partition/topics.rs`).
+//!   replica groups, routes writes to them (proposed in order: `partition/write.rs`,
+//!   `partition/proposed.rs`), and deletes local copies that tombstones show stale
+//!   (`partition/topics.rs`).
 //! - [`internal`]: the internal replicated topics (group, security and subscription state):
 //!   their creation at the cluster's start, and leadership for their writers.
 //! - [`failover`]: [`Failover`], the failure detector (a watch stream to every peer; a

@@ -414,6 +414,9 @@ struct Inner {
     /// do not meet).
     next_token: AtomicU64,
     write_timeout: Duration,
+    /// Per group led here: each idempotent producer's next proposed sequence (a hint that
+    /// keeps a producer's batches in order, see `proposed`).
+    proposed: proposed::ProposedSequences,
 }
 
 /// This broker's replicated partitions. Cheap to clone.
@@ -461,6 +464,7 @@ impl Replication {
                         .finish(),
                 ),
                 write_timeout: Duration::from_secs(10),
+                proposed: proposed::ProposedSequences::default(),
             }),
         })
     }
@@ -757,8 +761,11 @@ impl std::fmt::Debug for Replication {
 }
 
 mod create;
+mod proposed;
 mod topics;
 mod write;
+
+pub use write::Submitted;
 
 #[cfg(test)]
 mod tests;

@@ -389,6 +389,12 @@ impl PartitionLog {
             .map_or(0, |s| s.base_offset())
     }
 
+    /// The epoch and next expected sequence of idempotent producer `producer_id` in this
+    /// partition, as its appended batches leave it ([`ProducerStates::next_sequence`]).
+    pub fn producer_next_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
+        self.inner.producers.lock().next_sequence(producer_id)
+    }
+
     /// Why the partition refuses writes, if it does.
     pub fn fenced_reason(&self) -> Option<String> {
         if self.inner.fenced.load(Ordering::Acquire) {

@@ -246,6 +246,17 @@ impl ProducerStates {
         p.batches.push_back(batch);
     }
 
+    /// `producer_id`'s epoch and the sequence its next batch must start at, if the
+    /// partition has its state (none: a new producer, which starts at 0). Expiry is not
+    /// looked at: a hint for callers that order batches, never a check.
+    pub fn next_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
+        let p = self.producers.get(&producer_id)?;
+        Some((
+            p.epoch,
+            p.batches.back().map_or(0, |b| advance(b.last_sequence, 1)),
+        ))
+    }
+
     /// Drops producers last active more than `expiry_ms` before `now_ms`.
     pub fn expire(&mut self, now_ms: i64, expiry_ms: u64) {
         let cutoff = expiry_cutoff(now_ms, expiry_ms);

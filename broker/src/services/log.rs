@@ -64,7 +64,9 @@ impl Log for LogService {
     /// Appends each request in arrival order as soon as it arrives (an append that needs
     /// file work is awaited on the blocking pool before the next request is read), and acks
     /// in that order. Acks that wait for a sync are pipelined: later requests are appended
-    /// meanwhile, and one group-commit sync covers them together.
+    /// meanwhile, and one group-commit sync covers them together. A replicated topic's
+    /// requests are proposed to Raft in arrival order the same way, and their commits
+    /// awaited meanwhile.
     async fn produce_stream(
         &self,
         request: Request<Streaming<ProduceStreamRequest>>,
@@ -102,22 +104,28 @@ impl Log for LogService {
                                 break 'replicated StreamAck::Ready(stream_error(sequence, e));
                             }
                         }
-                        // Replicated: the ack waits for the commit; later requests of the
-                        // stream are proposed meanwhile, and acks stay in order.
-                        let (tx, rx) = oneshot::channel();
-                        let b = broker.clone();
-                        tokio::spawn(async move {
-                            let resp = match produce::produce(&b, req).await {
-                                Ok(r) => ProduceStreamResponse {
-                                    sequence,
-                                    response: Some(r),
-                                    ..Default::default()
-                                },
-                                Err(e) => stream_error(sequence, e),
-                            };
-                            let _ = tx.send(resp);
-                        });
-                        StreamAck::Pending(rx)
+                        // Replicated: proposed here, in arrival order (openraft logs
+                        // client writes in the order they are handed over); only the wait
+                        // for the commit runs on a task of its own, so later requests of
+                        // the stream are proposed meanwhile, and acks stay in order.
+                        match submit_replicated(&broker, req).await {
+                            Err(e) => StreamAck::Ready(stream_error(sequence, e)),
+                            Ok(submitted) => {
+                                let (tx, rx) = oneshot::channel();
+                                tokio::spawn(async move {
+                                    let resp = match submitted.acked().await {
+                                        Ok(r) => ProduceStreamResponse {
+                                            sequence,
+                                            response: Some(r),
+                                            ..Default::default()
+                                        },
+                                        Err(e) => stream_error(sequence, e),
+                                    };
+                                    let _ = tx.send(resp);
+                                });
+                                StreamAck::Pending(rx)
+                            }
+                        }
                     }
                     Some(req) => match async {
                         if let Some(s) = broker.security() {
@@ -296,6 +304,23 @@ impl Stream for AcksInOrder {
             }
         }
     }
+}
+
+/// Checks a request to a replicated topic and hands its batches to their Raft groups
+/// ([`crate::cluster::submit_replicated`]).
+async fn submit_replicated(
+    broker: &Broker,
+    req: ProduceRequest,
+) -> Result<crate::cluster::ReplicatedProduce, BrokerError> {
+    produce::await_producer_known(broker, &req).await;
+    let prepared = produce::prepare(broker, req)?;
+    let Some(replication) = broker.replication() else {
+        return Err(BrokerError::Internal(format!(
+            "topic {} is replicated but this broker is not in a cluster",
+            prepared.topic_name()
+        )));
+    };
+    crate::cluster::submit_replicated(replication, &prepared).await
 }
 
 async fn prepare_and_append(

@@ -1,11 +1,19 @@
-//! The write path of a replicated partition: [`Replication::write_acked`] proposes one batch to
-//! the partition's Raft group and answers as its [`WriteAck`] asks, a `leader` ack from the
-//! leader's own log append at a predicted offset.
+//! The write path of a replicated partition, in two steps: [`Replication::submit`] hands one
+//! batch to the partition's Raft group (openraft appends client writes to the leader's log in
+//! the order they are handed over, so callers that submit in turn get that order in the log),
+//! and [`Submitted::acked`] waits for what its [`WriteAck`] asks, a `leader` ack from the
+//! leader's own log append at a predicted offset. [`Replication::write_acked`] does both.
+//!
+//! An idempotent producer's batch that reaches the leader before its predecessor waits in
+//! the submit step, bounded, for its turn (see `proposed`).
 
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use openraft::raft::ClientWriteResult;
+use tokio::sync::oneshot;
 
+use super::proposed::{Batch, Next};
 use super::*;
 
 impl Replication {
@@ -17,7 +25,8 @@ impl Replication {
     }
 
     /// Replicates one batch to partition `p` of `topic` and waits for what `ack` asks (see
-    /// [`WriteAck`]); returns its base offset and record count.
+    /// [`WriteAck`]); returns its base offset and record count. An idempotent batch is not
+    /// held back for its predecessor ([`Replication::submit`] with no wait).
     pub async fn write_acked(
         &self,
         topic: &str,
@@ -25,24 +34,31 @@ impl Replication {
         batch: Bytes,
         ack: WriteAck,
     ) -> Result<(u64, u32), WriteError> {
-        let not_leader = |leader: Option<NodeId>| {
-            let registry = self.inner.node.registry();
-            WriteError::NotLeader {
-                topic: topic.to_string(),
-                partition: p,
-                leader: leader.and_then(|l| {
-                    registry
-                        .config()
-                        .peers
-                        .address(l)
-                        .map(|a| (l, a.to_string()))
-                }),
-            }
-        };
-        let failed = |message: String| WriteError::Failed {
+        self.submit(topic, p, batch, ack, Duration::ZERO)
+            .await?
+            .acked()
+            .await
+    }
+
+    /// Hands one batch to partition `p`'s Raft group, which this broker must lead: its
+    /// entry follows every batch submitted to the group before this call returned. An
+    /// idempotent producer's batch whose sequence is ahead of the one its producer's last
+    /// batch proposed here left (or, without one, of the partition's applied state) first
+    /// waits up to `early_wait` for the batches before it; a retry, a stale epoch or a batch
+    /// still early after the wait goes on at once, for the apply to answer. Wait for the
+    /// outcome with [`Submitted::acked`].
+    pub async fn submit(
+        &self,
+        topic: &str,
+        p: u32,
+        batch: Bytes,
+        ack: WriteAck,
+        early_wait: Duration,
+    ) -> Result<Submitted, WriteError> {
+        let target = Target {
+            replication: self.clone(),
             topic: topic.to_string(),
             partition: p,
-            message,
         };
         let Some(group) = self
             .inner
@@ -58,19 +74,60 @@ impl Replication {
                 .get(topic)
                 .and_then(|t| t.partitions.get(p as usize))
                 .and_then(|m| m.replicas.first().copied());
-            return Err(not_leader(preferred));
+            return Err(target.not_leader(preferred));
         };
         let Some(raft) = self.inner.node.host().group(group) else {
-            return Err(not_leader(None));
+            return Err(target.not_leader(None));
         };
-        let timeout = self.inner.write_timeout;
-        let timed_out = || WriteError::Timeout {
-            topic: topic.to_string(),
-            partition: p,
-            waited_ms: timeout.as_millis() as u64,
-        };
+        let header = BatchHeader::parse(&batch).ok();
+        let producer = header.filter(|h| h.producer_id >= 0).map(|h| Batch {
+            producer_id: h.producer_id,
+            epoch: h.producer_epoch,
+            base_sequence: h.base_sequence,
+            record_count: h.record_count,
+        });
+        let propose = || self.hand_over(&raft, group, ack, &batch);
+        let (responder, leader_ack) = match &producer {
+            None => propose().await,
+            Some(b) => {
+                let applied = || {
+                    self.inner
+                        .local
+                        .partition(topic, p)
+                        .and_then(|log| log.producer_next_sequence(b.producer_id))
+                        .map(|(epoch, sequence)| Next { epoch, sequence })
+                };
+                self.inner
+                    .proposed
+                    .group(group)
+                    .propose_in_turn(&raft, self.node_id(), b, applied, early_wait, propose)
+                    .await
+            }
+        }
+        .map_err(|e| target.failed(e.to_string()))?;
+        Ok(Submitted {
+            target,
+            group,
+            producer: producer.map(|b| b.producer_id),
+            record_count: header.map(|h| h.record_count),
+            responder,
+            leader_ack,
+            deadline: tokio::time::Instant::now() + self.inner.write_timeout,
+        })
+    }
+
+    /// Hands `batch` to `raft` (an unbounded queue into openraft's core: it returns at
+    /// once). A `leader` ack, unless the log is far ahead of its applied index, also waits
+    /// for the entry's append to this broker's log.
+    async fn hand_over(
+        &self,
+        raft: &Raft,
+        group: GroupId,
+        ack: WriteAck,
+        batch: &Bytes,
+    ) -> Result<(Responder, Option<LeaderAckWait>), openraft::error::Fatal<NodeId>> {
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        let command = encode_command(ack, token, &batch);
+        let command = encode_command(ack, token, batch);
         // Backpressure: a `leader` ack waits for the commit, as `quorum`, while the leader's
         // log is far ahead of its applied index; otherwise a fast producer would pile up
         // entries that no follower can take within one AppendEntries timeout.
@@ -87,63 +144,175 @@ impl Replication {
         } else {
             None
         };
-        let applied = match replica {
-            Some((store, waiters)) => {
+        // Registered before the hand-over: the append may come at once.
+        let leader_ack = replica.map(|(store, waiters)| {
+            let appended = waiters.register(token);
+            LeaderAckWait {
+                store,
+                waiters,
+                token,
+                appended,
+            }
+        });
+        let responder = raft.client_write_ff(command).await?;
+        Ok((responder, leader_ack))
+    }
+}
+
+/// The answer openraft sends for one client write.
+type Responder = oneshot::Receiver<ClientWriteResult<crate::types::TypeConfig>>;
+
+/// A `leader` ack's wait for its entry's append to this broker's log; dropped, it stops
+/// waiting (whatever way the write ended).
+struct LeaderAckWait {
+    store: MachineStore<PartitionMachine>,
+    waiters: AppendWaiters,
+    token: u64,
+    appended: oneshot::Receiver<LogId>,
+}
+
+impl Drop for LeaderAckWait {
+    fn drop(&mut self) {
+        self.waiters.cancel(self.token);
+    }
+}
+
+/// The partition a write is for, to name it in errors.
+struct Target {
+    replication: Replication,
+    topic: String,
+    partition: u32,
+}
+
+impl Target {
+    fn not_leader(&self, leader: Option<NodeId>) -> WriteError {
+        let registry = self.replication.inner.node.registry();
+        WriteError::NotLeader {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            leader: leader.and_then(|l| {
+                registry
+                    .config()
+                    .peers
+                    .address(l)
+                    .map(|a| (l, a.to_string()))
+            }),
+        }
+    }
+
+    fn failed(&self, message: String) -> WriteError {
+        WriteError::Failed {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            message,
+        }
+    }
+
+    fn timed_out(&self) -> WriteError {
+        WriteError::Timeout {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            waited_ms: self.replication.inner.write_timeout.as_millis() as u64,
+        }
+    }
+}
+
+/// A batch handed to its partition's Raft group ([`Replication::submit`]); its outcome comes
+/// with [`Submitted::acked`]. Dropped unawaited, the write goes on and nobody is answered.
+pub struct Submitted {
+    target: Target,
+    group: GroupId,
+    /// The batch's idempotent producer, whose ordering hint a failure clears.
+    producer: Option<i64>,
+    /// The batch's record count (none: the batch is not parseable; the apply refuses it).
+    record_count: Option<u32>,
+    responder: Responder,
+    leader_ack: Option<LeaderAckWait>,
+    deadline: tokio::time::Instant,
+}
+
+impl std::fmt::Debug for Submitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submitted")
+            .field("topic", &self.target.topic)
+            .field("partition", &self.target.partition)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Submitted {
+    /// Waits for what the write's [`WriteAck`] asks; returns its base offset and record
+    /// count. A failure (not the leader, no commit in time, refused) also clears the
+    /// producer's ordering hint, so its next batches do not wait on a proposal that failed.
+    pub async fn acked(self) -> Result<(u64, u32), WriteError> {
+        let (replication, group, producer) =
+            (self.target.replication.clone(), self.group, self.producer);
+        let result = self.outcome().await;
+        if let (Err(_), Some(producer_id)) = (&result, producer) {
+            replication
+                .inner
+                .proposed
+                .group(group)
+                .forget(producer_id)
+                .await;
+        }
+        result
+    }
+
+    async fn outcome(self) -> Result<(u64, u32), WriteError> {
+        let Submitted {
+            target,
+            record_count,
+            mut responder,
+            leader_ack,
+            deadline,
+            ..
+        } = self;
+        let applied = match leader_ack {
+            Some(mut wait) => {
                 // Woken when the entry is in this broker's Raft log; the commit goes on.
-                let appended = waiters.register(token);
-                let outcome = tokio::time::timeout(timeout, async {
-                    let mut responder = raft
-                        .client_write_ff(command)
-                        .await
-                        .map_err(|e| failed(e.to_string()))?;
-                    let applied = tokio::select! {
-                        log_id = appended => {
-                            let base = log_id
-                                .ok()
-                                .and_then(|l| predicted_base(&store, &waiters, l.index));
+                let outcome = tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        log_id = &mut wait.appended => {
+                            let base = log_id.ok().and_then(|l| {
+                                predicted_base(&wait.store, &wait.waiters, l.index)
+                            });
                             if let Some(base) = base {
-                                return Ok(LeaderAck::Appended(base));
+                                return LeaderAck::Appended(base);
                             }
                             // Applied already (or the log moved on): the apply's answer is
                             // on its way.
-                            (&mut responder).await
+                            LeaderAck::Applied((&mut responder).await)
                         }
-                        r = &mut responder => r,
-                    };
-                    Ok(LeaderAck::Applied(applied))
+                        r = &mut responder => LeaderAck::Applied(r),
+                    }
                 })
                 .await;
-                waiters.cancel(token);
-                match outcome.map_err(|_| timed_out())?? {
+                drop(wait);
+                match outcome.map_err(|_| target.timed_out())? {
                     LeaderAck::Appended(base) => {
-                        let count = BatchHeader::parse(&batch)
-                            .map(|h| h.record_count)
-                            .map_err(|e| failed(format!("invalid batch: {e}")))?;
+                        let count =
+                            record_count.ok_or_else(|| target.failed("invalid batch".into()))?;
                         return Ok((base, count));
                     }
-                    LeaderAck::Applied(r) => r
-                        .map_err(|_| failed("the Raft group stopped".into()))?
-                        .map_err(|e| match e {
-                            openraft::error::ClientWriteError::ForwardToLeader(fwd) => {
-                                not_leader(fwd.leader_id)
-                            }
-                            e => failed(e.to_string()),
-                        })?,
+                    LeaderAck::Applied(r) => r,
                 }
             }
-            None => match tokio::time::timeout(timeout, raft.client_write(command)).await {
-                Err(_) => return Err(timed_out()),
-                Ok(Err(e)) => {
-                    if let Some(fwd) = e.forward_to_leader() {
-                        return Err(not_leader(fwd.leader_id));
-                    }
-                    return Err(failed(e.to_string()));
-                }
-                Ok(Ok(r)) => r,
-            },
+            None => tokio::time::timeout_at(deadline, responder)
+                .await
+                .map_err(|_| target.timed_out())?,
         };
+        let applied = applied
+            .map_err(|_| target.failed("the Raft group stopped".into()))?
+            .map_err(|e| match e {
+                openraft::error::ClientWriteError::ForwardToLeader(fwd) => {
+                    target.not_leader(fwd.leader_id)
+                }
+                e => target.failed(e.to_string()),
+            })?;
         let reply: WriteReply = bincode::deserialize(&applied.data.0)
-            .map_err(|e| failed(format!("undecodable apply reply: {e}")))?;
+            .map_err(|e| target.failed(format!("undecodable apply reply: {e}")))?;
         reply.map_err(WriteError::Refused)
     }
 }

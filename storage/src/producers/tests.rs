@@ -51,6 +51,19 @@ fn the_next_sequence_appends_a_retry_is_a_duplicate_a_gap_is_refused() {
     ));
 }
 
+/// The next sequence a producer's batch must start at is the one the check expects; a
+/// stray answer (the first sequence of the last batch, or no wrap) is caught here.
+#[test]
+fn next_sequence_is_the_sequence_the_check_expects() {
+    let mut s = ProducerStates::default();
+    assert_eq!(s.next_sequence(7), None, "unknown: a new producer");
+    s.apply(&header(7, 2, 0, 3), 0);
+    assert_eq!(s.next_sequence(7), Some((2, 3)));
+    assert_eq!(s.check(&header(7, 2, 3, 1)), Ok(Verdict::Append));
+    s.apply(&header(7, 2, i32::MAX - 1, 2), 3);
+    assert_eq!(s.next_sequence(7), Some((2, 0)), "wraps past i32::MAX");
+}
+
 #[test]
 fn a_stale_epoch_is_refused_and_a_new_epoch_restarts_at_zero() {
     let mut s = ProducerStates::default();
