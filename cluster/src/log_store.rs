@@ -492,9 +492,11 @@ impl Writer {
         let mut moved: Vec<(LogId, u64, u32)> = Vec::with_capacity(live.len());
         // One entry at a time (an evicted one read back), so the rewrite holds no more than
         // a frame of the old file in memory.
+        let mut frames = resident::FrameCache::default();
         for got in live {
-            let Some(entry) = resident::read_back(vec![got])?.pop() else {
-                continue;
+            let entry = match got {
+                Got::Here(e) => e,
+                Got::There(log_id, pos) => frames.entry(log_id, &pos)?,
             };
             let log_id = entry.log_id;
             let frame = encode_frame(&Op::Append(vec![entry]))?;

@@ -203,26 +203,36 @@ impl Mem {
 /// pread per frame): call from a blocking thread. A frame shared by consecutive entries is
 /// read once.
 pub(super) fn read_back(got: Vec<Got>) -> io::Result<Vec<Entry>> {
-    let mut out = Vec::with_capacity(got.len());
-    let mut last: Option<(*const File, u64, Vec<Entry>)> = None;
-    for g in got {
-        let (log_id, pos) = match g {
-            Got::Here(e) => {
-                out.push(e);
-                continue;
-            }
-            Got::There(log_id, pos) => (log_id, pos),
-        };
-        let same = last
+    let mut frames = FrameCache::default();
+    got.into_iter()
+        .map(|g| match g {
+            Got::Here(e) => Ok(e),
+            Got::There(log_id, pos) => frames.entry(log_id, &pos),
+        })
+        .collect()
+}
+
+/// The last frame read back, decoded: consecutive entries of one frame (a follower's
+/// replicated batch) cost one read, and no more than one frame is held.
+#[derive(Default)]
+pub(super) struct FrameCache {
+    /// The frame's file (by address, while `pos` keeps it open) and offset, and its entries.
+    last: Option<(Pos, Vec<Entry>)>,
+}
+
+impl FrameCache {
+    /// The entry `log_id`, from its frame at `pos`.
+    pub(super) fn entry(&mut self, log_id: LogId, pos: &Pos) -> io::Result<Entry> {
+        let cached = self
+            .last
             .as_ref()
-            .is_some_and(|(f, o, _)| *f == Arc::as_ptr(&pos.file) && *o == pos.offset);
-        if !same {
-            last = Some((Arc::as_ptr(&pos.file), pos.offset, read_frame(&pos)?));
+            .is_some_and(|(p, _)| Arc::ptr_eq(&p.file, &pos.file) && p.offset == pos.offset);
+        if !cached {
+            self.last = Some((pos.clone(), read_frame(pos)?));
         }
-        let frame = last.as_ref().map(|(_, _, es)| es.as_slice()).unwrap_or(&[]);
-        let entry = frame
-            .iter()
-            .find(|e| e.log_id == log_id)
+        self.last
+            .as_ref()
+            .and_then(|(_, entries)| entries.iter().find(|e| e.log_id == log_id))
             .cloned()
             .ok_or_else(|| {
                 io::Error::new(
@@ -232,10 +242,8 @@ pub(super) fn read_back(got: Vec<Got>) -> io::Result<Vec<Entry>> {
                         pos.offset
                     ),
                 )
-            })?;
-        out.push(entry);
+            })
     }
-    Ok(out)
 }
 
 /// The entries of the append frame at `pos`; a short, damaged or other frame is an error.
