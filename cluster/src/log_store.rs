@@ -23,8 +23,8 @@
 //! (busy or idle), so page-cache-only entries reach the disk soon anyway, without appends
 //! waiting behind that fsync.
 //!
-//! **Memory.** Only the newest entries stay in memory (up to
-//! [`resident::RESIDENT_BUDGET_BYTES`] per group, plus any not yet written): openraft purges
+//! **Memory.** Only the newest entries stay in memory (32 MiB of them per group,
+//! `resident::RESIDENT_BUDGET_BYTES`, plus any not yet written): openraft purges
 //! only after a snapshot, thousands of entries behind, so keeping every live entry held
 //! hundreds of MB per partition. Each index keeps its log id and where its frame lies in the
 //! file; an older entry is read back from there (a pread, CRC checked), which happens only for
