@@ -23,15 +23,20 @@
 //! (busy or idle), so page-cache-only entries reach the disk soon anyway, without appends
 //! waiting behind that fsync.
 //!
-//! Entries live in memory between purges too (openraft purges behind the applied index, so
-//! the live tail is short); the file is rewritten when purged frames dominate it.
+//! **Memory.** Only the newest entries stay in memory (32 MiB of them per group,
+//! `resident::RESIDENT_BUDGET_BYTES`, plus any not yet written): openraft purges
+//! only after a snapshot, thousands of entries behind, so keeping every live entry held
+//! hundreds of MB per partition. Each index keeps its log id and where its frame lies in the
+//! file; an older entry is read back from there (a pread, CRC checked), which happens only for
+//! a follower far behind or after a restart. The file is rewritten when purged frames
+//! dominate it, one frame per live entry, so reading one back decodes one entry.
 //!
 //! A frame is `len: u32 LE`, `crc32: u32 LE` (of the payload), then `len` bytes of bincode.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,15 +44,17 @@ use std::sync::mpsc;
 use std::sync::{Arc, OnceLock, Weak};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{EntryPayload, OptionalSend, RaftLogId, StorageIOError};
+use openraft::{EntryPayload, OptionalSend, StorageIOError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::types::{Command, Entry, LogId, StorageError, TypeConfig, Vote};
 
+mod resident;
 mod syncer;
 
+use resident::{Got, Mem, Pos, RESIDENT_BUDGET_BYTES};
 use syncer::Syncer;
 
 /// Name of the log file in a group folder.
@@ -133,23 +140,20 @@ impl AppendWaiters {
     }
 
     /// Calls `f` with each normal entry's command with an index in `(after, before)`, in
-    /// order. False if the log is gone or some index of the range is no longer in it.
-    pub fn for_each_between(&self, after: u64, before: u64, mut f: impl FnMut(&Command)) -> bool {
+    /// order. False (and `f` not called) if the log is gone or some index of the range is no
+    /// longer in it or no longer in memory.
+    pub fn for_each_between(&self, after: u64, before: u64, f: impl FnMut(&Command)) -> bool {
         let Some(mem) = self.inner.log.get().and_then(Weak::upgrade) else {
             return false;
         };
         let mem = mem.lock();
-        let mut expected = after + 1;
-        for (index, entry) in mem.entries.range(after + 1..before) {
-            if *index != expected {
-                return false;
+        match mem.commands_between(after, before) {
+            Some(commands) => {
+                commands.into_iter().for_each(f);
+                true
             }
-            expected += 1;
-            if let EntryPayload::Normal(c) = &entry.payload {
-                f(c);
-            }
+            None => false,
         }
-        expected == before
     }
 
     /// The waiters of the normal entries in `entries`, with their log ids.
@@ -170,13 +174,6 @@ impl AppendWaiters {
     }
 }
 
-/// The in-memory image of the log.
-struct Mem {
-    entries: BTreeMap<u64, Entry>,
-    last_purged: Option<LogId>,
-    vote: Option<Vote>,
-}
-
 /// What to do once a queued frame is written (and fsynced, if asked).
 enum Done {
     /// Report an append to openraft, and wake the writers waiting for its entries.
@@ -190,6 +187,8 @@ enum Done {
 /// One unit of work for the writer thread.
 struct Job {
     frame: Vec<u8>,
+    /// The entries in the frame, if an append: their position is recorded once written.
+    log_ids: Vec<LogId>,
     sync: bool,
     /// A purge: see whether the file should be compacted after it.
     purge: bool,
@@ -217,6 +216,11 @@ impl LogStore {
     /// tail, and starts its writer thread (which ends when the last clone is dropped).
     /// Blocking: call from a blocking thread.
     pub fn open_with(dir: &Path, policy: LogPolicy) -> io::Result<LogStore> {
+        LogStore::open_budget(dir, policy, RESIDENT_BUDGET_BYTES)
+    }
+
+    /// [`LogStore::open_with`], keeping at most `budget_bytes` of written entries in memory.
+    fn open_budget(dir: &Path, policy: LogPolicy, budget_bytes: u64) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
         let vote = match std::fs::read(dir.join(VOTE_FILE)) {
             Ok(bytes) => {
@@ -229,39 +233,34 @@ impl LogStore {
             Err(e) => return Err(e),
         };
         let path = dir.join(LOG_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let mut entries = BTreeMap::new();
-        let mut last_purged = None;
-        let mut pos = 0usize;
-        while let Some((payload, len)) = parse_frame(&bytes[pos..]) {
-            let Ok(op) = bincode::deserialize::<Op>(payload) else {
-                break;
+        let file = OpenOptions::new().append(true).create(true).open(&path)?;
+        let reader = Arc::new(File::open(&path)?);
+        let mut mem = Mem::new(vote, budget_bytes);
+        // Streamed frame by frame, evicting as it goes: no copy of the whole file in memory.
+        let file_len = file.metadata()?.len();
+        let mut stream = BufReader::with_capacity(1 << 20, &*reader);
+        let mut pos = 0u64;
+        while let Some((op, len)) = next_frame(&mut stream)? {
+            let at = Pos {
+                file: reader.clone(),
+                offset: pos,
+                len,
             };
-            apply_op(&mut entries, &mut last_purged, op);
-            pos += len;
+            mem.apply(op, Some(at));
+            pos += u64::from(len);
         }
-        if pos < bytes.len() {
+        if pos < file_len {
             tracing::warn!(
                 path = %path.display(),
                 kept = pos,
-                cut = bytes.len() - pos,
+                cut = file_len - pos,
                 "cutting a torn tail off the Raft log"
             );
-            file.set_len(pos as u64)?;
+            file.set_len(pos)?;
             file.sync_all()?;
         }
         sync_dir(dir)?;
-        let mem = Arc::new(Mutex::new(Mem {
-            entries,
-            last_purged,
-            vote,
-        }));
+        let mem = Arc::new(Mutex::new(mem));
         if let Some(w) = &policy.waiters {
             // A second open of the same waiters keeps the first log: a group's waiters
             // belong to one log.
@@ -274,7 +273,8 @@ impl LogStore {
             fsyncs: fsyncs.clone(),
             dir: dir.to_path_buf(),
             file,
-            file_bytes: pos as u64,
+            reader,
+            file_bytes: pos,
             syncer,
             failed: None,
             mem: mem.clone(),
@@ -309,6 +309,7 @@ impl LogStore {
         let (tx, rx) = oneshot::channel();
         self.submit(Job {
             frame,
+            log_ids: Vec::new(),
             sync,
             purge: false,
             done: Done::Notify(tx),
@@ -330,6 +331,8 @@ impl LogStore {
 struct Writer {
     dir: PathBuf,
     file: File,
+    /// A read handle of the same file, which positions of entries written to it name.
+    reader: Arc<File>,
     file_bytes: u64,
     /// Fsyncs frames written without one, in the background.
     syncer: Syncer,
@@ -392,15 +395,27 @@ impl Writer {
 
     fn write_frames(&mut self, batch: &[Job]) -> io::Result<()> {
         let mut pending: Vec<&[u8]> = Vec::with_capacity(batch.len());
+        // The appends among them, with where their frame lands.
+        let mut placed: Vec<(&[LogId], u64, u32)> = Vec::new();
+        let mut at = self.file_bytes;
         for job in batch {
             pending.push(&job.frame);
+            if !job.log_ids.is_empty() {
+                let len = u32::try_from(job.frame.len()).map_err(io::Error::other)?;
+                placed.push((&job.log_ids, at, len));
+            }
+            at += job.frame.len() as u64;
             if job.purge {
-                // Everything before the purge is in the file before it may be rewritten.
+                // Everything before the purge is in the file (and its position recorded)
+                // before the file may be rewritten.
                 self.write_pending(&mut pending)?;
+                self.place(&mut placed);
                 self.maybe_compact()?;
+                at = self.file_bytes;
             }
         }
         self.write_pending(&mut pending)?;
+        self.place(&mut placed);
         if batch.iter().any(|j| j.sync) {
             self.file.sync_data()?;
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -431,34 +446,66 @@ impl Writer {
         Ok(())
     }
 
-    /// Rewrites the log file with only the live entries, when purged frames dominate it.
-    /// The live entries are read from memory, which may already hold ops still queued behind
-    /// this one; those ops are written after the rewrite and replay to the same state (each
-    /// index ends as the last op touching it leaves it).
+    /// Records where the appends just written lie, and empties `placed`.
+    fn place(&self, placed: &mut Vec<(&[LogId], u64, u32)>) {
+        if placed.is_empty() {
+            return;
+        }
+        let mut mem = self.mem.lock();
+        for (log_ids, offset, len) in placed.drain(..) {
+            let pos = Pos {
+                file: self.reader.clone(),
+                offset,
+                len,
+            };
+            mem.placed(log_ids, &pos);
+        }
+    }
+
+    /// Rewrites the log file with only the live entries, one frame each, when purged frames
+    /// dominate it. Which entries are live is read from memory, which may already hold ops
+    /// still queued behind this one; those ops are written after the rewrite and replay to the
+    /// same state (each index ends as the last op touching it leaves it). An entry queued but
+    /// not yet written is in memory (never evicted); an evicted one is read from the old file.
     fn maybe_compact(&mut self) -> io::Result<()> {
         if self.file_bytes < COMPACT_MIN_BYTES {
             return Ok(());
         }
-        let (live, last_purged) = {
+        let (live, live_bytes, last_purged) = {
             let mem = self.mem.lock();
-            let live: Vec<Entry> = mem.entries.values().cloned().collect();
-            (live, mem.last_purged)
+            let live = mem.get(..)?;
+            let live_bytes: u64 = mem.entries.values().map(|s| s.bytes).sum();
+            (live, live_bytes, mem.last_purged)
         };
-        let live_bytes = bincode::serialized_size(&live).map_err(invalid)?;
         if live_bytes * 2 > self.file_bytes {
             return Ok(());
         }
         let tmp = self.dir.join("log.tmp");
-        let mut out = File::create(&tmp)?;
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         let mut written = 0u64;
         if let Some(purged) = last_purged {
             let frame = encode_frame(&Op::Purge(purged))?;
             out.write_all(&frame)?;
             written += frame.len() as u64;
         }
-        let frame = encode_frame(&Op::Append(live))?;
-        out.write_all(&frame)?;
-        written += frame.len() as u64;
+        // Where each entry lands in the new file, for its slot once the file is in place.
+        let mut moved: Vec<(LogId, u64, u32)> = Vec::with_capacity(live.len());
+        // One entry at a time (an evicted one read back), so the rewrite holds no more than
+        // a frame of the old file in memory.
+        let mut frames = resident::FrameCache::default();
+        for got in live {
+            let entry = match got {
+                Got::Here(e) => e,
+                Got::There(log_id, pos) => frames.entry(log_id, &pos)?,
+            };
+            let log_id = entry.log_id;
+            let frame = encode_frame(&Op::Append(vec![entry]))?;
+            out.write_all(&frame)?;
+            let len = u32::try_from(frame.len()).map_err(io::Error::other)?;
+            moved.push((log_id, written, len));
+            written += frame.len() as u64;
+        }
+        let out = out.into_inner().map_err(|e| e.into_error())?;
         out.sync_all()?;
         drop(out);
         std::fs::rename(&tmp, self.dir.join(LOG_FILE))?;
@@ -466,40 +513,52 @@ impl Writer {
         self.file = OpenOptions::new()
             .append(true)
             .open(self.dir.join(LOG_FILE))?;
+        self.reader = Arc::new(File::open(self.dir.join(LOG_FILE))?);
         self.file_bytes = written;
         self.syncer.replace_file(&self.file)?;
+        // Positions name their file, so a reader holding an old one still reads the old
+        // file; from here on slots point into the new one (the old is freed with its last
+        // position).
+        let mut mem = self.mem.lock();
+        for (log_id, offset, len) in moved {
+            let pos = Pos {
+                file: self.reader.clone(),
+                offset,
+                len,
+            };
+            mem.placed(&[log_id], &pos);
+        }
         Ok(())
     }
 }
 
-impl Mem {
-    fn last_log_id(&self) -> Option<LogId> {
-        self.entries
-            .values()
-            .next_back()
-            .map(|e| *e.get_log_id())
-            .or(self.last_purged)
+/// The next op of a log being replayed and its frame's whole length, or `None` at the end or
+/// at a torn or damaged frame (the tail to cut). Only a read error is an error.
+fn next_frame(stream: &mut impl Read) -> io::Result<Option<(Op, u32)>> {
+    let mut head = [0u8; 8];
+    if !read_full(stream, &mut head)? {
+        return Ok(None);
     }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    if len > MAX_FRAME_BYTES {
+        return Ok(None);
+    }
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let mut payload = vec![0u8; len as usize];
+    if !read_full(stream, &mut payload)? || crc32fast::hash(&payload) != crc {
+        return Ok(None);
+    }
+    Ok(bincode::deserialize::<Op>(&payload)
+        .ok()
+        .map(|op| (op, len + 8)))
 }
 
-/// Applies one replayed or new op to the in-memory image.
-fn apply_op(entries: &mut BTreeMap<u64, Entry>, last_purged: &mut Option<LogId>, op: Op) {
-    match op {
-        Op::Append(new) => {
-            for e in new {
-                entries.insert(e.get_log_id().index, e);
-            }
-        }
-        Op::Truncate(since) => {
-            entries.split_off(&since);
-        }
-        Op::Purge(upto) => {
-            let kept = entries.split_off(&(upto.index + 1));
-            *entries = kept;
-            if last_purged.is_none_or(|p| p.index < upto.index) {
-                *last_purged = Some(upto);
-            }
-        }
+/// Fills `buf`; false if the stream ends first.
+fn read_full(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match stream.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -557,8 +616,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let mem = self.mem.lock();
-        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
+        let read_err = |e: &io::Error| StorageError::from(StorageIOError::read_logs(e));
+        let got = self.mem.lock().get(range).map_err(|e| read_err(&e))?;
+        if got.iter().all(|g| matches!(g, Got::Here(_))) {
+            return Ok(got
+                .into_iter()
+                .filter_map(|g| match g {
+                    Got::Here(e) => Some(e),
+                    Got::There(..) => None,
+                })
+                .collect());
+        }
+        // Some were evicted: read back from their frames, off the async workers. Each
+        // position holds its file open, so a compaction meanwhile does not move them.
+        tokio::task::spawn_blocking(move || resident::read_back(got))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| read_err(&e))
     }
 }
 
@@ -608,6 +683,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let sync = entries.iter().any(|e| self.must_sync(e));
+        let log_ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
         let waiters = match &self.policy.waiters {
             Some(w) => w.take(&entries),
             None => Vec::new(),
@@ -621,17 +697,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 return Err(err);
             }
         };
-        {
-            let mut mem = self.mem.lock();
-            let Mem {
-                entries,
-                last_purged,
-                ..
-            } = &mut *mem;
-            apply_op(entries, last_purged, op);
-        }
+        self.mem.lock().apply(op, None);
         let job = Job {
             frame,
+            log_ids,
             sync,
             purge: false,
             done: Done::Flushed(callback, waiters),
@@ -651,15 +720,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let op = Op::Truncate(log_id.index);
         let result = async {
             let frame = encode_frame(&op)?;
-            {
-                let mut mem = self.mem.lock();
-                let Mem {
-                    entries,
-                    last_purged,
-                    ..
-                } = &mut *mem;
-                apply_op(entries, last_purged, op);
-            }
+            self.mem.lock().apply(op, None);
             // Fsynced: a truncated tail must not come back after a crash.
             self.write_and_wait(frame, true).await
         };
@@ -672,20 +733,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let op = Op::Purge(log_id);
         let result = (|| {
             let frame = encode_frame(&op)?;
-            {
-                let mut mem = self.mem.lock();
-                let Mem {
-                    entries,
-                    last_purged,
-                    ..
-                } = &mut *mem;
-                apply_op(entries, last_purged, op);
-            }
+            self.mem.lock().apply(op, None);
             // No fsync, and nobody waits: purged entries that reappear after a crash are
             // harmless (they are behind the state machine's applied index and get purged
             // again).
             self.submit(Job {
                 frame,
+                log_ids: Vec::new(),
                 sync: false,
                 purge: true,
                 done: Done::Nothing,

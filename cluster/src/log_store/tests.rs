@@ -14,21 +14,15 @@ fn entry(term: u64, index: u64) -> Entry {
 
 /// Queues a frame as an append would, and waits for the writer thread to write it.
 fn append_and_wait(store: &LogStore, entries: Vec<Entry>, sync: bool) {
+    let log_ids = entries.iter().map(|e| e.log_id).collect();
     let op = Op::Append(entries);
     let frame = encode_frame(&op).expect("encode");
-    {
-        let mut mem = store.mem.lock();
-        let Mem {
-            entries,
-            last_purged,
-            ..
-        } = &mut *mem;
-        apply_op(entries, last_purged, op);
-    }
+    store.mem.lock().apply(op, None);
     let (tx, rx) = oneshot::channel();
     store
         .submit(Job {
             frame,
+            log_ids,
             sync,
             purge: false,
             done: Done::Notify(tx),
@@ -43,6 +37,7 @@ fn barrier(store: &LogStore) {
     store
         .submit(Job {
             frame: Vec::new(),
+            log_ids: Vec::new(),
             sync: false,
             purge: false,
             done: Done::Notify(tx),
@@ -114,7 +109,7 @@ fn a_torn_last_frame_is_cut_and_the_rest_kept() {
     let store = LogStore::open(dir.path()).expect("reopen again");
     let mem = store.mem.lock();
     assert_eq!(
-        mem.entries.get(&2).map(|e| e.log_id.leader_id.term),
+        mem.entries.get(&2).map(|s| s.log_id.leader_id.term),
         Some(2)
     );
 }
@@ -178,19 +173,17 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
     let mut writer = Writer {
         dir: dir.path().to_path_buf(),
         file,
+        reader: Arc::new(File::open(dir.path().join(LOG_FILE)).expect("reader")),
         file_bytes: 0,
         syncer,
         failed: None,
-        mem: Arc::new(Mutex::new(Mem {
-            entries: BTreeMap::new(),
-            last_purged: None,
-            vote: None,
-        })),
+        mem: Arc::new(Mutex::new(Mem::new(None, RESIDENT_BUDGET_BYTES))),
         fsyncs: fsyncs.clone(),
     };
     let jobs: Vec<Job> = (1..=50)
         .map(|i| Job {
             frame: encode_frame(&Op::Append(vec![entry(1, i)])).expect("encode"),
+            log_ids: Vec::new(),
             sync: true,
             purge: false,
             done: Done::Nothing,
@@ -207,4 +200,239 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
     drop(writer);
     let store = LogStore::open(dir.path()).expect("reopen");
     assert_eq!(store.mem.lock().entries.len(), 50);
+}
+
+/// An entry whose `size`-byte command is unique to its term and index, so reading back a
+/// wrong or empty entry shows.
+fn big_entry(term: u64, index: u64, size: usize) -> Entry {
+    let bytes: Vec<u8> = (0..size)
+        .map(|j| (index as usize * 31 + term as usize * 7 + j) as u8)
+        .collect();
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+        payload: EntryPayload::Normal(crate::types::Command(bytes.into())),
+    }
+}
+
+/// The log id and command bytes of each entry, for comparing.
+fn contents(entries: &[Entry]) -> Vec<(LogId, Vec<u8>)> {
+    entries
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(c) => (e.log_id, c.0.to_vec()),
+            _ => (e.log_id, Vec::new()),
+        })
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// How many entries are in memory.
+fn resident(store: &LogStore) -> usize {
+    let mem = store.mem.lock();
+    mem.entries.values().filter(|s| s.entry.is_some()).count()
+}
+
+/// A budget of about two 100-byte entries.
+const TINY_BUDGET_BYTES: u64 = 300;
+
+#[test]
+fn evicted_entries_are_read_back_equal_including_from_shared_frames() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime();
+    let waiters = AppendWaiters::new(|_| None);
+    let policy = LogPolicy {
+        waiters: Some(waiters.clone()),
+        ..LogPolicy::default()
+    };
+    let mut store = LogStore::open_budget(dir.path(), policy, TINY_BUDGET_BYTES).expect("open");
+    let mut all = Vec::new();
+    // Frames of one entry and frames of three (as a follower's replicated batch).
+    for i in 1..=20 {
+        let e = big_entry(1, i, 100);
+        all.push(e.clone());
+        append_and_wait(&store, vec![e], false);
+    }
+    for first in (21..=50).step_by(3) {
+        let batch: Vec<Entry> = (first..first + 3).map(|i| big_entry(1, i, 100)).collect();
+        all.extend(batch.iter().cloned());
+        append_and_wait(&store, batch, false);
+    }
+    assert!(
+        resident(&store) <= 3,
+        "the budget holds about two entries, {} are resident",
+        resident(&store)
+    );
+    assert!(store.mem.lock().resident_bytes <= TINY_BUDGET_BYTES);
+    let got = rt
+        .block_on(store.try_get_log_entries(1..=50))
+        .expect("read");
+    assert_eq!(contents(&got), contents(&all));
+    // A range in the middle of a shared frame, and a single evicted entry.
+    let got = rt
+        .block_on(store.try_get_log_entries(23..26))
+        .expect("read");
+    assert_eq!(contents(&got), contents(&all[22..25]));
+    let got = rt.block_on(store.try_get_log_entries(7..8)).expect("read");
+    assert_eq!(contents(&got), contents(&all[6..7]));
+    // The commands of resident entries are served from memory; a range reaching an
+    // evicted entry answers false (the caller waits for the apply) and calls nothing.
+    let mut seen = Vec::new();
+    assert!(waiters.for_each_between(49, 51, |c| seen.push(c.0.to_vec())));
+    assert_eq!(seen, vec![contents(&all[49..50])[0].1.clone()]);
+    let mut called = false;
+    assert!(!waiters.for_each_between(5, 51, |_| called = true));
+    assert!(
+        !called,
+        "no command of a range with an evicted entry is given"
+    );
+}
+
+#[test]
+fn truncation_purge_and_reopen_with_evicted_entries_keep_the_right_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime();
+    let mut expected: Vec<Entry> = (1..=40).map(|i| big_entry(1, i, 100)).collect();
+    {
+        let mut store = LogStore::open_budget(dir.path(), LogPolicy::default(), TINY_BUDGET_BYTES)
+            .expect("open");
+        for e in &expected {
+            append_and_wait(&store, vec![e.clone()], false);
+        }
+        // A diverged tail from 30 on (evicted entries among it), replaced by term 2's.
+        rt.block_on(store.truncate(expected[29].log_id))
+            .expect("truncate");
+        expected.truncate(29);
+        let newer: Vec<Entry> = (30..=45).map(|i| big_entry(2, i, 100)).collect();
+        for e in &newer {
+            append_and_wait(&store, vec![e.clone()], false);
+        }
+        expected.extend(newer);
+        rt.block_on(store.purge(expected[9].log_id)).expect("purge");
+        barrier(&store);
+        let got = rt
+            .block_on(store.try_get_log_entries(0..100))
+            .expect("read");
+        assert_eq!(contents(&got), contents(&expected[10..]));
+        assert!(resident(&store) <= 3);
+    }
+    // Replaying keeps the budget too, and reads the evicted entries back from the file.
+    let mut store =
+        LogStore::open_budget(dir.path(), LogPolicy::default(), TINY_BUDGET_BYTES).expect("reopen");
+    assert!(
+        resident(&store) <= 3,
+        "{} resident after replay",
+        resident(&store)
+    );
+    let got = rt
+        .block_on(store.try_get_log_entries(0..100))
+        .expect("read");
+    assert_eq!(contents(&got), contents(&expected[10..]));
+    let state = rt.block_on(store.get_log_state()).expect("state");
+    assert_eq!(state.last_purged_log_id, Some(expected[9].log_id));
+    assert_eq!(state.last_log_id, expected.last().map(|e| e.log_id));
+}
+
+#[test]
+fn compaction_rewrites_evicted_entries_one_frame_each_and_they_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime();
+    // 200 entries of 64 KiB: the file passes the compaction threshold; a budget of one.
+    let size = 64 << 10;
+    let all: Vec<Entry> = (1..=200).map(|i| big_entry(1, i, size)).collect();
+    let mut store =
+        LogStore::open_budget(dir.path(), LogPolicy::default(), size as u64 + 100).expect("open");
+    for pair in all.chunks(2) {
+        append_and_wait(&store, pair.to_vec(), false);
+    }
+    let before = std::fs::metadata(dir.path().join(LOG_FILE))
+        .expect("meta")
+        .len();
+    assert!(before > COMPACT_MIN_BYTES);
+    rt.block_on(store.purge(all[179].log_id)).expect("purge");
+    barrier(&store);
+    let after = std::fs::metadata(dir.path().join(LOG_FILE))
+        .expect("meta")
+        .len();
+    assert!(
+        after < before / 4,
+        "compacted: {before} bytes before, {after} after"
+    );
+    {
+        // One frame per live entry, each in the new file.
+        let mem = store.mem.lock();
+        let frames: std::collections::HashSet<u64> = mem
+            .entries
+            .values()
+            .filter_map(|s| s.pos.as_ref().map(|p| p.offset))
+            .collect();
+        assert_eq!(frames.len(), 20);
+        assert!(mem.entries.values().all(|s| s
+            .pos
+            .as_ref()
+            .is_some_and(|p| u64::from(p.len) < 2 * size as u64)));
+    }
+    let got = rt
+        .block_on(store.try_get_log_entries(0..300))
+        .expect("read");
+    assert_eq!(contents(&got), contents(&all[180..]));
+    // Appends after the compaction land in the new file and read back too.
+    let more: Vec<Entry> = (201..=204).map(|i| big_entry(1, i, size)).collect();
+    for e in &more {
+        append_and_wait(&store, vec![e.clone()], false);
+    }
+    let got = rt
+        .block_on(store.try_get_log_entries(195..300))
+        .expect("read");
+    let mut want = all[194..].to_vec();
+    want.extend(more.iter().cloned());
+    assert_eq!(contents(&got), contents(&want));
+    drop(store);
+    let mut store =
+        LogStore::open_budget(dir.path(), LogPolicy::default(), size as u64 + 100).expect("reopen");
+    let got = rt
+        .block_on(store.try_get_log_entries(0..300))
+        .expect("read");
+    let mut want = all[180..].to_vec();
+    want.extend(more);
+    assert_eq!(contents(&got), contents(&want));
+}
+
+#[test]
+fn a_damaged_frame_read_back_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime();
+    let mut store =
+        LogStore::open_budget(dir.path(), LogPolicy::default(), TINY_BUDGET_BYTES).expect("open");
+    for i in 1..=10 {
+        append_and_wait(&store, vec![big_entry(1, i, 100)], false);
+    }
+    let offset = {
+        let mem = store.mem.lock();
+        let slot = mem.entries.get(&2).expect("entry 2");
+        assert!(slot.entry.is_none(), "entry 2 is evicted");
+        slot.pos.as_ref().expect("written").offset
+    };
+    // Flip a byte of entry 2's command, under the log's feet (the same file).
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join(LOG_FILE))
+        .expect("open");
+    let mut b = [0u8; 1];
+    let at = offset + 60;
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).expect("read");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 0xff], at).expect("write");
+    let err = rt
+        .block_on(store.try_get_log_entries(1..5))
+        .expect_err("a damaged frame is an error");
+    assert!(err.to_string().contains("offset"), "{err}");
+    // The undamaged ones still read.
+    let got = rt.block_on(store.try_get_log_entries(3..5)).expect("read");
+    assert_eq!(got.len(), 2);
 }
