@@ -15,10 +15,13 @@
 //! written to the file (the page cache). Reports are made in log order, so one durable entry
 //! makes every entry before it wait for the same fsync.
 //!
-//! **Group commit.** All file work runs on one writer thread per group, fed by a queue:
+//! **Group commit.** File work runs on one writer thread per group, fed by a queue:
 //! `append` records the entries in memory and queues their frame; the thread writes every
 //! frame queued meanwhile in one `write`, fsyncs once if any of them must be durable, then
-//! reports them all. While it fsyncs, later appends queue up and share the next fsync. A
+//! reports them all. An append that needs no fsync, when nothing is queued and the thread is
+//! idle, is written in place by the caller instead (one `write` into the page cache, under
+//! the same lock the thread writes under, so the order of writes and reports is kept): the
+//! hop to the thread and back was on every entry's way to the commit, on each replica. While it fsyncs, later appends queue up and share the next fsync. A
 //! second thread per log (`syncer`) fsyncs frames left unsynced for [`BACKGROUND_FLUSH_MS`]
 //! (busy or idle), so page-cache-only entries reach the disk soon anyway, without appends
 //! waiting behind that fsync.
@@ -39,7 +42,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -184,6 +187,26 @@ enum Done {
     Nothing,
 }
 
+impl Done {
+    /// Tells whoever waits how the write went.
+    fn report(self, r: io::Result<()>) {
+        match self {
+            Done::Flushed(callback, waiters) => {
+                if r.is_ok() {
+                    for (tx, log_id) in waiters {
+                        let _ = tx.send(log_id);
+                    }
+                }
+                callback.log_io_completed(r);
+            }
+            Done::Notify(tx) => {
+                let _ = tx.send(r);
+            }
+            Done::Nothing => {}
+        }
+    }
+}
+
 /// One unit of work for the writer thread.
 struct Job {
     frame: Vec<u8>,
@@ -201,6 +224,13 @@ pub struct LogStore {
     dir: PathBuf,
     mem: Arc<Mutex<Mem>>,
     jobs: mpsc::Sender<Job>,
+    /// The file side, shared with the writer thread: an append that needs no fsync, with
+    /// nothing queued before it, is written in place by the caller (see [`LogStore::append`]).
+    writer: Arc<Mutex<Writer>>,
+    /// Jobs handed to the writer thread and not yet written; changed under the writer lock
+    /// (decrements) or before the send (increments), so a caller that holds the lock and sees
+    /// 0 knows nothing it must follow is waiting.
+    pending: Arc<AtomicUsize>,
     policy: LogPolicy,
     fsyncs: Arc<AtomicU64>,
 }
@@ -279,13 +309,20 @@ impl LogStore {
             failed: None,
             mem: mem.clone(),
         };
-        std::thread::Builder::new()
-            .name("rill-raft-log".into())
-            .spawn(move || writer.run(queue))?;
+        let writer = Arc::new(Mutex::new(writer));
+        let pending = Arc::new(AtomicUsize::new(0));
+        {
+            let (writer, pending) = (writer.clone(), pending.clone());
+            std::thread::Builder::new()
+                .name("rill-raft-log".into())
+                .spawn(move || Writer::run(&writer, &pending, queue))?;
+        }
         Ok(LogStore {
             dir: dir.to_path_buf(),
             mem,
             jobs,
+            writer,
+            pending,
             policy,
             fsyncs,
         })
@@ -299,9 +336,11 @@ impl LogStore {
 
     /// Queues a frame for the writer thread.
     fn submit(&self, job: Job) -> io::Result<()> {
-        self.jobs
-            .send(job)
-            .map_err(|_| io::Error::other("the Raft log's writer thread has stopped"))
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.jobs.send(job).map_err(|_| {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            io::Error::other("the Raft log's writer thread has stopped")
+        })
     }
 
     /// Queues a frame and waits until it is written (and fsynced, if `sync`).
@@ -345,35 +384,27 @@ struct Writer {
 impl Writer {
     /// Writes what is queued until the log is closed. Dropping the writer at the end stops
     /// its syncer, which first fsyncs whatever is still unsynced.
-    fn run(mut self, queue: mpsc::Receiver<Job>) {
+    /// The writer thread's loop: takes the writer lock, then everything queued, writes it,
+    /// and reports it, all under the lock, so an append written in place by a caller (which
+    /// holds the same lock) never lands or is reported before a job queued ahead of it.
+    fn run(writer: &Mutex<Writer>, pending: &AtomicUsize, queue: mpsc::Receiver<Job>) {
         loop {
             let Ok(first) = queue.recv() else {
                 return;
             };
+            let mut w = writer.lock();
             let mut batch = vec![first];
             while let Ok(job) = queue.try_recv() {
                 batch.push(job);
             }
-            let result = self.write_batch(&batch);
+            let result = w.write_batch(&batch);
+            pending.fetch_sub(batch.len(), Ordering::SeqCst);
             for job in batch {
                 let r = match &result {
                     Ok(()) => Ok(()),
                     Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                 };
-                match job.done {
-                    Done::Flushed(callback, waiters) => {
-                        if r.is_ok() {
-                            for (tx, log_id) in waiters {
-                                let _ = tx.send(log_id);
-                            }
-                        }
-                        callback.log_io_completed(r);
-                    }
-                    Done::Notify(tx) => {
-                        let _ = tx.send(r);
-                    }
-                    Done::Nothing => {}
-                }
+                job.done.report(r);
             }
         }
     }
@@ -705,7 +736,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             purge: false,
             done: Done::Flushed(callback, waiters),
         };
+        // In place when no fsync is due and nothing queued must land first: one `write` into
+        // the page cache, as the partition's own append, without the hop to the writer
+        // thread and back on every entry's way to the commit. Otherwise (an fsync, a queue,
+        // or the thread busy with a batch) the writer thread takes it.
+        if !sync {
+            if let Some(mut w) = self.writer.try_lock() {
+                if self.pending.load(Ordering::SeqCst) == 0 {
+                    let result = w.write_batch(std::slice::from_ref(&job));
+                    let failed = result
+                        .as_ref()
+                        .err()
+                        .map(|e| io::Error::new(e.kind(), e.to_string()));
+                    job.done.report(result);
+                    return match failed {
+                        None => Ok(()),
+                        Some(e) => Err(StorageIOError::write_logs(&e).into()),
+                    };
+                }
+            }
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
         if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             let e = io::Error::other("the Raft log's writer thread has stopped");
             let err = StorageIOError::write_logs(&e).into();
             if let Done::Flushed(callback, _) = job.done {
