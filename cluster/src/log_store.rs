@@ -343,6 +343,36 @@ impl LogStore {
         })
     }
 
+    /// Writes `job` in place when no fsync is due and nothing queued must land first: one
+    /// `write` into the page cache, as the partition's own append, without the hop to the
+    /// writer thread and back on every entry's way to the commit. Otherwise (an fsync, a
+    /// queue, or the thread busy with a batch) the writer thread takes it. Either way the job
+    /// is reported (its `done`), in log order.
+    fn write_in_place_or_queue(&self, job: Job) -> io::Result<()> {
+        if !job.sync {
+            if let Some(mut w) = self.writer.try_lock() {
+                if self.pending.load(Ordering::SeqCst) == 0 {
+                    let result = w.write_batch(std::slice::from_ref(&job));
+                    let failed = result
+                        .as_ref()
+                        .err()
+                        .map(|e| io::Error::new(e.kind(), e.to_string()));
+                    job.done.report(result);
+                    return failed.map_or(Ok(()), Err);
+                }
+            }
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            let e = io::Error::other("the Raft log's writer thread has stopped");
+            job.done
+                .report(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Queues a frame and waits until it is written (and fsynced, if `sync`).
     async fn write_and_wait(&self, frame: Vec<u8>, sync: bool) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
@@ -736,37 +766,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             purge: false,
             done: Done::Flushed(callback, waiters),
         };
-        // In place when no fsync is due and nothing queued must land first: one `write` into
-        // the page cache, as the partition's own append, without the hop to the writer
-        // thread and back on every entry's way to the commit. Otherwise (an fsync, a queue,
-        // or the thread busy with a batch) the writer thread takes it.
-        if !sync {
-            if let Some(mut w) = self.writer.try_lock() {
-                if self.pending.load(Ordering::SeqCst) == 0 {
-                    let result = w.write_batch(std::slice::from_ref(&job));
-                    let failed = result
-                        .as_ref()
-                        .err()
-                        .map(|e| io::Error::new(e.kind(), e.to_string()));
-                    job.done.report(result);
-                    return match failed {
-                        None => Ok(()),
-                        Some(e) => Err(StorageIOError::write_logs(&e).into()),
-                    };
-                }
-            }
-        }
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-            let e = io::Error::other("the Raft log's writer thread has stopped");
-            let err = StorageIOError::write_logs(&e).into();
-            if let Done::Flushed(callback, _) = job.done {
-                callback.log_io_completed(Err(e));
-            }
-            return Err(err);
-        }
-        Ok(())
+        self.write_in_place_or_queue(job)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
