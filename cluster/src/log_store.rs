@@ -39,7 +39,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -54,8 +54,11 @@ use tokio::sync::oneshot;
 
 use crate::types::{Command, Entry, LogId, StorageError, TypeConfig, Vote};
 
+mod frame;
 mod resident;
 mod syncer;
+
+use frame::{encode_frame, invalid, next_frame, parse_frame};
 
 use resident::{Got, Mem, Pos, RESIDENT_BUDGET_BYTES};
 use syncer::Syncer;
@@ -64,8 +67,6 @@ use syncer::Syncer;
 const LOG_FILE: &str = "log";
 /// Name of the vote file in a group folder.
 const VOTE_FILE: &str = "vote";
-/// The largest frame accepted at open; a larger length is damage, not data.
-const MAX_FRAME_BYTES: u32 = 256 << 20;
 /// A log file smaller than this is never rewritten.
 const COMPACT_MIN_BYTES: u64 = 8 << 20;
 /// How long the writer thread leaves frames unsynced at most.
@@ -591,69 +592,6 @@ impl Writer {
         }
         Ok(())
     }
-}
-
-/// The next op of a log being replayed and its frame's whole length, or `None` at the end or
-/// at a torn or damaged frame (the tail to cut). Only a read error is an error.
-fn next_frame(stream: &mut impl Read) -> io::Result<Option<(Op, u32)>> {
-    let mut head = [0u8; 8];
-    if !read_full(stream, &mut head)? {
-        return Ok(None);
-    }
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-    if len > MAX_FRAME_BYTES {
-        return Ok(None);
-    }
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    let mut payload = vec![0u8; len as usize];
-    if !read_full(stream, &mut payload)? || crc32fast::hash(&payload) != crc {
-        return Ok(None);
-    }
-    Ok(bincode::deserialize::<Op>(&payload)
-        .ok()
-        .map(|op| (op, len + 8)))
-}
-
-/// Fills `buf`; false if the stream ends first.
-fn read_full(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
-    match stream.read_exact(buf) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// The frame of `value`, serialised in place after its header (one buffer, one copy of an
-/// entry's bytes).
-fn encode_frame<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    let size = bincode::serialized_size(value).map_err(invalid)?;
-    let len = u32::try_from(size)
-        .ok()
-        .filter(|l| *l <= MAX_FRAME_BYTES)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a Raft frame over 256 MiB"))?;
-    let mut frame = Vec::with_capacity(8 + len as usize);
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&[0; 4]);
-    bincode::serialize_into(&mut frame, value).map_err(invalid)?;
-    let crc = crc32fast::hash(&frame[8..]);
-    frame[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(frame)
-}
-
-/// The payload of the frame at the start of `bytes` and the frame's whole length, or `None`
-/// if the frame is short or damaged.
-fn parse_frame(bytes: &[u8]) -> Option<(&[u8], usize)> {
-    let len = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
-    if len > MAX_FRAME_BYTES {
-        return None;
-    }
-    let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
-    let payload = bytes.get(8..8 + len as usize)?;
-    (crc32fast::hash(payload) == crc).then_some((payload, 8 + len as usize))
-}
-
-fn invalid(e: bincode::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// Fsyncs a folder, so a created or renamed file in it survives a crash.

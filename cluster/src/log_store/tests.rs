@@ -12,22 +12,32 @@ fn entry(term: u64, index: u64) -> Entry {
     }
 }
 
-/// Queues a frame as an append would, and waits for the writer thread to write it.
-fn append_and_wait(store: &LogStore, entries: Vec<Entry>, sync: bool) {
+/// Records `entries` in memory and makes their frame's job, as an append does, with the
+/// channel it reports on.
+fn job_for(
+    store: &LogStore,
+    entries: Vec<Entry>,
+    sync: bool,
+) -> (Job, oneshot::Receiver<io::Result<()>>) {
     let log_ids = entries.iter().map(|e| e.log_id).collect();
     let op = Op::Append(entries);
     let frame = encode_frame(&op).expect("encode");
     store.mem.lock().apply(op, None);
     let (tx, rx) = oneshot::channel();
-    store
-        .submit(Job {
-            frame,
-            log_ids,
-            sync,
-            purge: false,
-            done: Done::Notify(tx),
-        })
-        .expect("submit");
+    let job = Job {
+        frame,
+        log_ids,
+        sync,
+        purge: false,
+        done: Done::Notify(tx),
+    };
+    (job, rx)
+}
+
+/// Queues a frame as an append would, and waits for the writer thread to write it.
+fn append_and_wait(store: &LogStore, entries: Vec<Entry>, sync: bool) {
+    let (job, rx) = job_for(store, entries, sync);
+    store.submit(job).expect("submit");
     rx.blocking_recv().expect("writer").expect("write");
 }
 
@@ -437,26 +447,14 @@ fn a_damaged_frame_read_back_is_an_error() {
     assert_eq!(got.len(), 2);
 }
 
-/// A job as an append makes it, reported through a channel.
+/// Hands a frame over as an append does: written in place or queued.
 fn append_job(
     store: &LogStore,
     entries: Vec<Entry>,
     sync: bool,
 ) -> oneshot::Receiver<io::Result<()>> {
-    let log_ids = entries.iter().map(|e| e.log_id).collect();
-    let op = Op::Append(entries);
-    let frame = encode_frame(&op).expect("encode");
-    store.mem.lock().apply(op, None);
-    let (tx, rx) = oneshot::channel();
-    store
-        .write_in_place_or_queue(Job {
-            frame,
-            log_ids,
-            sync,
-            purge: false,
-            done: Done::Notify(tx),
-        })
-        .expect("append");
+    let (job, rx) = job_for(store, entries, sync);
+    store.write_in_place_or_queue(job).expect("append");
     rx
 }
 
