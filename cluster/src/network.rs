@@ -177,6 +177,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
             to: target,
             channel: self.peers.channel(&node.addr).map_err(|e| e.to_string()),
             notes: self.notes.clone(),
+            append: AppendPath::Stream(None),
         }
     }
 }
@@ -189,6 +190,26 @@ pub struct PeerClient {
     /// The channel, or why none could be made (a malformed address).
     channel: Result<PeerChannel, String>,
     notes: Arc<ElectionNotes>,
+    /// How AppendEntries requests go to the peer.
+    append: AppendPath,
+}
+
+/// How a [`PeerClient`] sends AppendEntries.
+enum AppendPath {
+    /// On an `AppendStream` kept open to the peer (`None` until the next request opens one).
+    Stream(Option<AppendStream>),
+    /// One unary `AppendEntries` call each: the peer does not serve `AppendStream`.
+    Unary,
+}
+
+/// An open `AppendStream`: requests go in through `requests`, and `replies` answers them
+/// one for one, in order. Only one request is outstanding at a time (openraft sends one
+/// group's entries to a follower one request after another), so the next reply always
+/// answers the request just sent; a request that fails or times out drops the stream, so a
+/// late reply can never be taken for the next request's.
+struct AppendStream {
+    requests: tokio::sync::mpsc::Sender<RaftMessage>,
+    replies: tonic::Streaming<RaftReply>,
 }
 
 /// Why a call to a peer failed, before openraft's error types are chosen.
@@ -206,6 +227,107 @@ enum CallError<E> {
 struct Message(String);
 
 impl PeerClient {
+    /// The message that carries `request` to this client's peer and group.
+    fn message<Req: Serialize>(&self, request: &Req) -> Result<RaftMessage, String> {
+        let payload = bincode::serialize(request).map_err(|e| e.to_string())?;
+        Ok(RaftMessage {
+            group_id: self.group,
+            from_node: self.from,
+            to_node: self.to,
+            payload: Bytes::from(payload),
+        })
+    }
+
+    /// The error a refusing status becomes, as for a unary call.
+    fn status_error<E>(&self, status: &tonic::Status) -> CallError<E> {
+        let text = format!(
+            "group {} node {} -> {}: {status}",
+            self.group, self.from, self.to
+        );
+        match status.code() {
+            // Not connected, or the peer does not host this group yet.
+            tonic::Code::Unavailable | tonic::Code::NotFound => CallError::Unreachable(text),
+            _ => CallError::Network(text),
+        }
+    }
+
+    /// Sends an AppendEntries request on the open stream (opening one first if none is),
+    /// within openraft's deadline; falls back to a unary call for a peer without streams.
+    async fn append(
+        &mut self,
+        request: &AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, CallError<RaftError<NodeId>>> {
+        if matches!(self.append, AppendPath::Unary) {
+            return self.call(RpcKind::Append, request, option).await;
+        }
+        let message = self.message(request).map_err(CallError::Network)?;
+        let deadline = option.hard_ttl();
+        match tokio::time::timeout(deadline, self.append_on_stream(message)).await {
+            Ok(Ok(Some(reply))) => decode_reply(reply),
+            Ok(Ok(None)) => {
+                // The peer has no `AppendStream`: from now on, unary calls.
+                self.append = AppendPath::Unary;
+                self.call(RpcKind::Append, request, option).await
+            }
+            Ok(Err(e)) => {
+                self.append = AppendPath::Stream(None);
+                Err(e)
+            }
+            Err(_) => {
+                self.append = AppendPath::Stream(None);
+                Err(CallError::Network(format!(
+                    "group {} node {} -> {}: no AppendEntries reply within {} ms",
+                    self.group,
+                    self.from,
+                    self.to,
+                    deadline.as_millis()
+                )))
+            }
+        }
+    }
+
+    /// One request and its reply on the stream; `None` when the peer does not serve streams.
+    async fn append_on_stream<E>(
+        &mut self,
+        message: RaftMessage,
+    ) -> Result<Option<RaftReply>, CallError<E>> {
+        if let AppendPath::Stream(None) = self.append {
+            let channel = self.channel.clone().map_err(CallError::Unreachable)?;
+            let mut client = RaftClient::new(channel)
+                .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+            // One request is outstanding at a time, so one slot is enough.
+            let (requests, outbound) = tokio::sync::mpsc::channel(1);
+            let opened = client
+                .append_stream(tokio_stream::wrappers::ReceiverStream::new(outbound))
+                .await;
+            let replies = match opened {
+                Ok(r) => r.into_inner(),
+                Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
+                Err(status) => return Err(self.status_error(&status)),
+            };
+            self.append = AppendPath::Stream(Some(AppendStream { requests, replies }));
+        }
+        let AppendPath::Stream(Some(stream)) = &mut self.append else {
+            return Ok(None);
+        };
+        if stream.requests.send(message).await.is_err() {
+            return Err(CallError::Network(format!(
+                "group {} node {} -> {}: the AppendEntries stream closed",
+                self.group, self.from, self.to
+            )));
+        }
+        match stream.replies.message().await {
+            Ok(Some(reply)) => Ok(Some(reply)),
+            Ok(None) => Err(CallError::Network(format!(
+                "group {} node {} -> {}: the AppendEntries stream ended",
+                self.group, self.from, self.to
+            ))),
+            Err(status) => Err(self.status_error(&status)),
+        }
+    }
+
     async fn call<Req, Resp, E>(
         &self,
         kind: RpcKind,
@@ -218,13 +340,7 @@ impl PeerClient {
         E: DeserializeOwned,
     {
         let channel = self.channel.clone().map_err(CallError::Unreachable)?;
-        let payload = bincode::serialize(request).map_err(|e| CallError::Network(e.to_string()))?;
-        let message = RaftMessage {
-            group_id: self.group,
-            from_node: self.from,
-            to_node: self.to,
-            payload: Bytes::from(payload),
-        };
+        let message = self.message(request).map_err(CallError::Network)?;
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
@@ -235,30 +351,9 @@ impl PeerClient {
             RpcKind::Vote => client.vote(request).await,
             RpcKind::Snapshot => client.install_snapshot(request).await,
         };
-        let reply: RaftReply = match reply {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                let text = format!(
-                    "group {} node {} -> {}: {status}",
-                    self.group, self.from, self.to
-                );
-                return Err(match status.code() {
-                    // Not connected, or the peer does not host this group yet.
-                    tonic::Code::Unavailable | tonic::Code::NotFound => {
-                        CallError::Unreachable(text)
-                    }
-                    _ => CallError::Network(text),
-                });
-            }
-        };
-        match reply.result {
-            Some(ReplyResult::Ok(bytes)) => {
-                bincode::deserialize(&bytes).map_err(|e| CallError::Network(e.to_string()))
-            }
-            Some(ReplyResult::RaftError(bytes)) => Err(CallError::Remote(
-                bincode::deserialize(&bytes).map_err(|e| CallError::Network(e.to_string()))?,
-            )),
-            None => Err(CallError::Network("an empty Raft reply".into())),
+        match reply {
+            Ok(r) => decode_reply(r.into_inner()),
+            Err(status) => Err(self.status_error(&status)),
         }
     }
 
@@ -271,6 +366,21 @@ impl PeerClient {
             CallError::Network(m) => RPCError::Network(NetworkError::new(&Message(m))),
             CallError::Remote(e) => RPCError::RemoteError(RemoteError::new(self.to, e)),
         }
+    }
+}
+
+/// A group's answer from its reply: the openraft response, or the Raft error it returned.
+fn decode_reply<Resp: DeserializeOwned, E: DeserializeOwned>(
+    reply: RaftReply,
+) -> Result<Resp, CallError<E>> {
+    match reply.result {
+        Some(ReplyResult::Ok(bytes)) => {
+            bincode::deserialize(&bytes).map_err(|e| CallError::Network(e.to_string()))
+        }
+        Some(ReplyResult::RaftError(bytes)) => Err(CallError::Remote(
+            bincode::deserialize(&bytes).map_err(|e| CallError::Network(e.to_string()))?,
+        )),
+        None => Err(CallError::Network("an empty Raft reply".into())),
     }
 }
 
@@ -288,7 +398,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(RpcKind::Append, &rpc, &option)
+        self.append(&rpc, &option)
             .await
             .map_err(|e| self.to_rpc_error(e))
     }
@@ -329,6 +439,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }))
     }
 }
+
+#[cfg(test)]
+mod stream_tests;
 
 #[cfg(test)]
 mod tests {

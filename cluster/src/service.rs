@@ -9,7 +9,7 @@ use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply, WatchEvent,
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::failover::refused_for_log;
 use crate::host::GroupHost;
@@ -102,6 +102,51 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftReply>, Status> {
         let (raft, rpc) = self.route(request.get_ref())?;
         reply(raft.append_entries(rpc).await)
+    }
+
+    type AppendStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftReply, Status>> + Send>>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        // The replies are produced as the connection polls for them: each waits for the
+        // next request, hands it to its group and yields the answer, so requests are
+        // answered one at a time and in order, with no task or channel in between. A
+        // refused request ends the stream with its status (the sender opens a new one).
+        // Waiting for a request stops at shutdown, so an idle stream does not hold up a
+        // graceful stop; a request being applied is answered first.
+        let shutdown = self
+            .registry
+            .as_ref()
+            .map(|r| r.shutdown().clone())
+            .unwrap_or_default();
+        let service = self.clone();
+        let replies = futures::stream::unfold(Some(request.into_inner()), move |inbound| {
+            let service = service.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                let mut inbound = inbound?;
+                let message = tokio::select! {
+                    m = inbound.message() => m,
+                    () = shutdown.cancelled() => return None,
+                };
+                let answer = match message {
+                    Ok(Some(message)) => match service.route(&message) {
+                        Ok((raft, rpc)) => {
+                            reply(raft.append_entries(rpc).await).map(Response::into_inner)
+                        }
+                        Err(status) => Err(status),
+                    },
+                    Ok(None) => return None,
+                    Err(status) => Err(status),
+                };
+                let next = answer.is_ok().then_some(inbound);
+                Some((answer, next))
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {

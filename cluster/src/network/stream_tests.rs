@@ -1,0 +1,226 @@
+//! The sending side's `AppendStream` against a scripted peer: a stream is opened once and
+//! reused, a request that times out never lets its late reply answer the next request, and
+//! a peer without streams gets unary calls. (The real service on both sides is covered by
+//! the Raft group tests and the cluster's end-to-end tests.)
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use openraft::{CommittedLeaderId, LogId, Vote};
+use rill_proto::v1::raft_reply::Result as ReplyResult;
+use rill_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
+use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply, WatchEvent, WatchRequest};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{GroupNetwork, Peers};
+use crate::failover::ElectionNotes;
+use crate::types::{Node, NodeId, TypeConfig};
+
+/// A peer that answers each AppendEntries with `PartialSuccess(prev_log_id)` of the
+/// request, so a reply names the request it answers.
+#[derive(Clone, Default)]
+struct ScriptedPeer {
+    /// Serve `AppendStream` (else it is UNIMPLEMENTED, as on a broker from before it).
+    streams: bool,
+    /// How long the reply to the first streamed request is held back.
+    first_reply_delay_ms: u64,
+    stream_opens: Arc<AtomicUsize>,
+    streamed_requests: Arc<AtomicUsize>,
+    unary_calls: Arc<AtomicUsize>,
+}
+
+/// The reply a [`ScriptedPeer`] gives `message`.
+fn echo(message: &RaftMessage) -> Result<RaftReply, Status> {
+    let request: AppendEntriesRequest<TypeConfig> = bincode::deserialize(&message.payload)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let response = AppendEntriesResponse::<NodeId>::PartialSuccess(request.prev_log_id);
+    let bytes = bincode::serialize(&response).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(RaftReply {
+        result: Some(ReplyResult::Ok(bytes.into())),
+    })
+}
+
+type Boxed<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RaftRpc for ScriptedPeer {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftReply>, Status> {
+        self.unary_calls.fetch_add(1, Ordering::SeqCst);
+        echo(request.get_ref()).map(Response::new)
+    }
+
+    type AppendStreamStream = Boxed<RaftReply>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        if !self.streams {
+            return Err(Status::unimplemented("no AppendStream here"));
+        }
+        self.stream_opens.fetch_add(1, Ordering::SeqCst);
+        let peer = self.clone();
+        let replies = request.into_inner().then(move |message| {
+            let peer = peer.clone();
+            async move {
+                let message = message?;
+                let n = peer.streamed_requests.fetch_add(1, Ordering::SeqCst);
+                if n == 0 && peer.first_reply_delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(peer.first_reply_delay_ms)).await;
+                }
+                echo(&message)
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
+    async fn vote(&self, _: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn install_snapshot(
+        &self,
+        _: Request<RaftMessage>,
+    ) -> Result<Response<RaftReply>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    type WatchStream = Boxed<WatchEvent>;
+
+    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+}
+
+/// Serves `peer` on a port of 127.0.0.1 until the returned token is cancelled.
+async fn serve(peer: ScriptedPeer) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let until = stop.clone();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(RaftServer::new(peer))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                until.cancelled_owned(),
+            )
+            .await
+            .expect("serve");
+    });
+    (addr, stop, server)
+}
+
+/// An AppendEntries request that `echo` answers with `PartialSuccess` of index `n`.
+fn request(n: u64) -> AppendEntriesRequest<TypeConfig> {
+    AppendEntriesRequest {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), n)),
+        entries: Vec::new(),
+        leader_commit: None,
+    }
+}
+
+fn answered(n: u64) -> AppendEntriesResponse<NodeId> {
+    AppendEntriesResponse::PartialSuccess(Some(LogId::new(CommittedLeaderId::new(1, 1), n)))
+}
+
+async fn client_to(addr: SocketAddr) -> super::PeerClient {
+    let mut network = GroupNetwork::new(7, 1, Peers::default(), Arc::new(ElectionNotes::default()));
+    network.new_client(2, &Node::new(addr.to_string())).await
+}
+
+#[tokio::test]
+async fn requests_share_one_stream_and_each_gets_its_own_reply() {
+    let peer = ScriptedPeer {
+        streams: true,
+        ..ScriptedPeer::default()
+    };
+    let (addr, stop, server) = serve(peer.clone()).await;
+    let mut client = client_to(addr).await;
+    let option = RPCOption::new(Duration::from_secs(10));
+    for n in 1..=20 {
+        let reply = client
+            .append_entries(request(n), option.clone())
+            .await
+            .expect("answered");
+        assert_eq!(reply, answered(n));
+    }
+    assert_eq!(peer.stream_opens.load(Ordering::SeqCst), 1);
+    assert_eq!(peer.streamed_requests.load(Ordering::SeqCst), 20);
+    assert_eq!(peer.unary_calls.load(Ordering::SeqCst), 0);
+    stop.cancel();
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .expect("server task");
+}
+
+#[tokio::test]
+async fn a_reply_that_comes_after_its_deadline_never_answers_the_next_request() {
+    let peer = ScriptedPeer {
+        streams: true,
+        first_reply_delay_ms: 400,
+        ..ScriptedPeer::default()
+    };
+    let (addr, stop, server) = serve(peer.clone()).await;
+    let mut client = client_to(addr).await;
+    let err = client
+        .append_entries(request(1), RPCOption::new(Duration::from_millis(100)))
+        .await
+        .expect_err("the first reply is late");
+    assert!(err.to_string().contains("no AppendEntries reply"), "{err}");
+    // The late reply to request 1 arrives while request 2 waits: on the old stream it would
+    // be taken for request 2's. The timeout dropped that stream, so request 2 opens another.
+    let reply = client
+        .append_entries(request(2), RPCOption::new(Duration::from_secs(10)))
+        .await
+        .expect("answered");
+    assert_eq!(reply, answered(2));
+    assert_eq!(peer.stream_opens.load(Ordering::SeqCst), 2);
+    stop.cancel();
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .expect("server task");
+}
+
+#[tokio::test]
+async fn a_peer_without_streams_gets_unary_calls() {
+    let peer = ScriptedPeer::default();
+    let (addr, stop, server) = serve(peer.clone()).await;
+    let mut client = client_to(addr).await;
+    let option = RPCOption::new(Duration::from_secs(10));
+    for n in 1..=5 {
+        let reply = client
+            .append_entries(request(n), option.clone())
+            .await
+            .expect("answered");
+        assert_eq!(reply, answered(n));
+    }
+    assert_eq!(peer.unary_calls.load(Ordering::SeqCst), 5);
+    assert_eq!(peer.stream_opens.load(Ordering::SeqCst), 0);
+    stop.cancel();
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .expect("server task");
+}
