@@ -197,7 +197,7 @@ pub struct PeerClient {
 /// How a [`PeerClient`] sends AppendEntries.
 enum AppendPath {
     /// On an `AppendStream` kept open to the peer (`None` until the next request opens one).
-    Stream(Option<AppendStream>),
+    Stream(Option<Box<AppendStream>>),
     /// One unary `AppendEntries` call each: the peer does not serve `AppendStream`.
     Unary,
 }
@@ -307,7 +307,7 @@ impl PeerClient {
                 Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
                 Err(status) => return Err(self.status_error(&status)),
             };
-            self.append = AppendPath::Stream(Some(AppendStream { requests, replies }));
+            self.append = AppendPath::Stream(Some(Box::new(AppendStream { requests, replies })));
         }
         let AppendPath::Stream(Some(stream)) = &mut self.append else {
             return Ok(None);
