@@ -126,6 +126,15 @@ async fn serve(peer: ScriptedPeer) -> (SocketAddr, CancellationToken, tokio::tas
     (addr, stop, server)
 }
 
+/// Stops a server started by [`serve`] and waits (with a deadline) until it has stopped.
+async fn stop_serving(stop: CancellationToken, server: tokio::task::JoinHandle<()>) {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .expect("server task");
+}
+
 /// An AppendEntries request that `echo` answers with `PartialSuccess` of index `n`.
 fn request(n: u64) -> AppendEntriesRequest<TypeConfig> {
     AppendEntriesRequest {
@@ -164,12 +173,8 @@ async fn requests_share_one_stream_and_each_gets_its_own_reply() {
     assert_eq!(peer.stream_opens.load(Ordering::SeqCst), 1);
     assert_eq!(peer.streamed_requests.load(Ordering::SeqCst), 20);
     assert_eq!(peer.unary_calls.load(Ordering::SeqCst), 0);
-    stop.cancel();
     drop(client);
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("server stops")
-        .expect("server task");
+    stop_serving(stop, server).await;
 }
 
 #[tokio::test]
@@ -194,12 +199,8 @@ async fn a_reply_that_comes_after_its_deadline_never_answers_the_next_request() 
         .expect("answered");
     assert_eq!(reply, answered(2));
     assert_eq!(peer.stream_opens.load(Ordering::SeqCst), 2);
-    stop.cancel();
     drop(client);
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("server stops")
-        .expect("server task");
+    stop_serving(stop, server).await;
 }
 
 #[tokio::test]
@@ -217,10 +218,6 @@ async fn a_peer_without_streams_gets_unary_calls() {
     }
     assert_eq!(peer.unary_calls.load(Ordering::SeqCst), 5);
     assert_eq!(peer.stream_opens.load(Ordering::SeqCst), 0);
-    stop.cancel();
     drop(client);
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("server stops")
-        .expect("server task");
+    stop_serving(stop, server).await;
 }
