@@ -262,6 +262,7 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
             }
             _ = &mut released, if has_room => {}
             _ = changes.next(), if has_room && !changes.is_empty() => {}
+            _ = super::source::remote_arrivals(broker, sub, &topic), if has_room => {}
             _ = sleep_until_opt(wake_at), if has_room && wake_at.is_some() => {}
         }
     }
@@ -372,7 +373,12 @@ impl Subscriptions {
                 applied.push((ack.kind, n));
             }
         }
-        self.finish(broker, sub, &mut st, next, leaving).await?;
+        let needed: Vec<u32> = items
+            .iter()
+            .flat_map(|(_, ack)| ack.ranges.iter().map(|(p, _, _)| *p))
+            .collect();
+        self.finish(broker, sub, &mut st, (next, &needed), leaving)
+            .await?;
         drop(st);
         sub.counters.settled(expired, 0);
         let mut nacked = false;
