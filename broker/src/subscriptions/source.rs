@@ -817,6 +817,27 @@ impl Source {
     }
 }
 
+/// Partition `p` of `topic`'s bounds as known now without waiting: its log's here, or the
+/// last answer's of the broker holding it (`None` before one came), for the metrics.
+pub fn bounds_now(
+    broker: &Broker,
+    topic: &TopicState,
+    p: u32,
+    remotes: &Remotes,
+) -> Option<Bounds> {
+    let log = topic.log(p).ok()?;
+    let held_elsewhere = broker
+        .replication()
+        .is_some_and(|r| r.check_readable(topic.name(), p).is_err());
+    if held_elsewhere {
+        return remotes.bounds(topic.name(), p);
+    }
+    Some(Bounds {
+        log_start: log.log_start_offset(),
+        high_watermark: log.high_watermark(),
+    })
+}
+
 /// Returns once a remote partition of `topic` holds records past what `sub` has taken from
 /// it and past what was last seen there (so a partition at its in-flight bound does not
 /// wake the caller again and again); never, when every partition is local (their appends
