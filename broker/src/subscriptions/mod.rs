@@ -426,6 +426,7 @@ impl Subscriptions {
                 changes.insert(p, WatchStream::from_changes(rx));
             }
         }
+        let mut arrivals = source::Arrivals::new(broker, Some(Arc::clone(&sub)), &topic);
         let _slot = broker.waiter_slot()?;
         loop {
             let released = sub.released.notified();
@@ -450,7 +451,7 @@ impl Subscriptions {
                 _ = tokio::time::sleep_until(wake_at) => {}
                 _ = &mut released => {}
                 _ = changes.next(), if !changes.is_empty() => {}
-                _ = source::remote_arrivals(broker, &sub, &topic) => {}
+                _ = arrivals.next() => {}
             }
         }
     }

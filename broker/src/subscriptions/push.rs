@@ -172,6 +172,8 @@ impl Pusher {
             Mode::Queue { sub, .. } => Some(Arc::clone(sub)),
             Mode::Offsets { .. } => None,
         };
+        let mut arrivals =
+            super::source::Arrivals::new(&self.broker, released_sub.clone(), &self.topic);
         let idle = tokio::sync::Notify::new();
         loop {
             let released = match &released_sub {
@@ -204,7 +206,7 @@ impl Pusher {
                     Ok(None) | Err(_) => return Ok(()),
                 },
                 _ = changes.next(), if has_credit && !changes.is_empty() => {}
-                _ = remote_arrivals(released_sub.as_deref(), &self.broker, &self.topic), if has_credit => {}
+                _ = arrivals.next(), if has_credit => {}
                 _ = &mut released, if has_credit => {}
                 _ = sleep_until_opt(wake_at), if has_credit && wake_at.is_some() => {}
             }
@@ -342,14 +344,6 @@ impl Pusher {
             // The client went away: the stream ends; its queue records return at their
             // deadline.
             .map_err(|_| BrokerError::ShuttingDown)
-    }
-}
-
-/// [`super::source::remote_arrivals`] for a subscription's stream; never for a group's.
-async fn remote_arrivals(sub: Option<&Sub>, broker: &Broker, topic: &TopicState) {
-    match sub {
-        Some(sub) => super::source::remote_arrivals(broker, sub, topic).await,
-        None => std::future::pending().await,
     }
 }
 

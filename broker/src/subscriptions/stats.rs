@@ -209,8 +209,7 @@ impl Subscriptions {
             {
                 let mut oldest = sub.counters.oldest.lock();
                 for p in 0..topic.topic.partition_count() {
-                    let Some(bounds) = source::bounds_now(broker, &topic, p, &sub.remotes)
-                    else {
+                    let Some(bounds) = source::bounds_now(broker, &topic, p, &sub.remotes) else {
                         continue;
                     };
                     let start = bounds.log_start;
@@ -235,7 +234,10 @@ impl Subscriptions {
                     continue;
                 };
                 if let Some(r) = first.first() {
-                    sub.counters.oldest.lock().insert(p, (floor, r.timestamp_ms));
+                    sub.counters
+                        .oldest
+                        .lock()
+                        .insert(p, (floor, r.timestamp_ms));
                 }
             }
         }
