@@ -338,3 +338,107 @@ async fn a_subscription_on_an_rf2_topic_of_3_brokers_delivers_every_partition_on
     assert_eq!(ends, vec![(0, 5, 5), (1, 5, 5), (2, 5, 5)], "{d:?}");
     assert_eq!(d.backlog, 0, "{d:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_of_one_partition_does_not_stall_the_others_and_its_records_come_after_its_restart(
+) {
+    let mut cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let serving = cluster
+        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
+        .await
+        .expect("leader of __subscriptions");
+    let (topic, replicas) =
+        subs::create_topic_away_from(&cluster, serving, "spread", (3, 1), &[serving])
+            .await
+            .expect("a partition away from the serving broker");
+    let owners: Vec<u64> = replicas.iter().map(|r| r[0]).collect();
+    let (victim_partition, victim) = owners
+        .iter()
+        .enumerate()
+        .find(|(_, o)| **o != serving)
+        .map(|(p, o)| (p as u32, *o))
+        .expect("a partition held elsewhere");
+    eprintln!("serving {serving}, {topic} owners {owners:?}, killing {victim}");
+    for (p, owner) in owners.iter().enumerate() {
+        let values: Vec<String> = (0..2).map(|i| format!("p{p}-{i}")).collect();
+        produce(&cluster, *owner, &topic, p as u32, &values).await;
+    }
+    subs::create(
+        &cluster,
+        serving,
+        "spread-sub",
+        pb::SubscriptionConfig {
+            topic: topic.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("subscription");
+    let first = receive_n(&cluster, serving, "spread-sub", 6).await;
+    assert_eq!(first.len(), 6, "{first:?}");
+    for g in &first {
+        subs::settle(
+            &cluster,
+            serving,
+            "spread-sub",
+            CONSUMER,
+            (g.0, g.1),
+            pb::AckType::Ack,
+        )
+        .await
+        .expect("ack");
+    }
+
+    // The holder of one partition dies: the others are still delivered (each pass leaves
+    // the dead one out, then skips it for a while), and acked.
+    cluster.kill(victim).await.expect("kill");
+    let mut expected = BTreeSet::new();
+    for (p, owner) in owners.iter().enumerate() {
+        if *owner == victim {
+            continue;
+        }
+        let values: Vec<String> = (2..4).map(|i| format!("p{p}-{i}")).collect();
+        produce(&cluster, *owner, &topic, p as u32, &values).await;
+        expected.extend([(p as u32, 2u64), (p as u32, 3)]);
+    }
+    let during = receive_n(&cluster, serving, "spread-sub", expected.len()).await;
+    let during_set: BTreeSet<(u32, u64)> = during.iter().map(|g| (g.0, g.1)).collect();
+    assert_eq!(
+        during_set, expected,
+        "the live partitions' records: {during:?}"
+    );
+    for (p, o) in &during_set {
+        subs::settle(
+            &cluster,
+            serving,
+            "spread-sub",
+            CONSUMER,
+            (*p, *o),
+            pb::AckType::Ack,
+        )
+        .await
+        .expect("an ack while another partition's holder is down");
+    }
+
+    // Back: its new record comes too.
+    cluster.restart(victim).await.expect("restart");
+    produce(
+        &cluster,
+        victim,
+        &topic,
+        victim_partition,
+        &["late".to_string()],
+    )
+    .await;
+    let after = receive_n(&cluster, serving, "spread-sub", 1).await;
+    let after: Vec<(u32, u64)> = after.iter().map(|g| (g.0, g.1)).collect();
+    assert_eq!(
+        after,
+        vec![(victim_partition, 2)],
+        "the restarted holder's record"
+    );
+}
