@@ -5,10 +5,12 @@
 //! delivers exactly the records not acknowledged.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rill_proto::v1 as pb;
 use rill_tests::cluster::TestCluster;
+use rill_tests::hooks::HookServer;
 use rill_tests::subs::{self, SUBSCRIPTIONS_TOPIC};
 
 /// The longest an election, a commit or a failover may take in this test.
@@ -441,4 +443,84 @@ async fn a_dead_holder_of_one_partition_does_not_stall_the_others_and_its_record
         BTreeSet::from([(victim_partition, 1), (victim_partition, 2)]),
         "the restarted holder's records"
     );
+}
+
+/// Notes each POSTed record's offset and acks it.
+async fn hook(
+    axum::extract::State(seen): axum::extract::State<Arc<Mutex<BTreeSet<u64>>>>,
+    body: bytes::Bytes,
+) -> axum::http::StatusCode {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return axum::http::StatusCode::BAD_REQUEST;
+    };
+    if let Some(o) = v["message"]["offset"].as_u64() {
+        seen.lock().expect("lock").insert(o);
+    }
+    axum::http::StatusCode::OK
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_on_a_topic_held_elsewhere_gets_the_records_produced_while_it_waits() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let serving = cluster
+        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
+        .await
+        .expect("leader of __subscriptions");
+    let (topic, replicas) =
+        subs::create_topic_away_from(&cluster, serving, "hooked", (1, 1), &[serving])
+            .await
+            .expect("a topic away from the serving broker");
+    let owner = replicas[0][0];
+    let seen: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let server = HookServer::start(
+        axum::Router::new()
+            .route("/hook", axum::routing::post(hook))
+            .with_state(Arc::clone(&seen)),
+    )
+    .await
+    .expect("hook server");
+    let first: Vec<String> = (0..5).map(|i| format!("first-{i}")).collect();
+    produce(&cluster, owner, &topic, 0, &first).await;
+    subs::create(
+        &cluster,
+        serving,
+        "hooked-sub",
+        pb::SubscriptionConfig {
+            topic: topic.clone(),
+            push: Some(pb::PushConfig {
+                endpoint: server.endpoint.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("a webhook subscription");
+    let wait_for = |n: u64| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let until = tokio::time::Instant::now() + DEADLINE;
+            loop {
+                let got = seen.lock().expect("lock").clone();
+                if got == (0..n).collect::<BTreeSet<u64>>() {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "POSTed {got:?}, expected 0..{n}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(5).await;
+    // The pusher is idle now: only the long poll at the owner can wake it.
+    let later: Vec<String> = (0..5).map(|i| format!("later-{i}")).collect();
+    produce(&cluster, owner, &topic, 0, &later).await;
+    wait_for(10).await;
+    server.stop().await.expect("stop the hook server");
 }
