@@ -2,7 +2,8 @@
 //! `__subscriptions`), on 3 real broker processes: that broker reads the records from the
 //! broker holding them, waits for new ones with a long poll there, and produces dead letters
 //! at the dead-letter partition's leader. After kill -9 of the serving broker the new one
-//! delivers exactly the records not acknowledged.
+//! delivers exactly the records not acknowledged. A holder that dies stalls only its own
+//! partition; a webhook pusher is woken by the long poll too.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
