@@ -238,10 +238,9 @@ fn subscription_code(e: &crate::subscriptions::state::SubscriptionError) -> Code
         S::Exists { .. } => Code::AlreadyExists,
         // An ack after the lock expired (or by another consumer) changes nothing; the
         // consumer must receive again.
-        S::NotHeld { .. }
-        | S::DeadLetterTopicMissing { .. }
-        | S::EndpointNotAllowed { .. }
-        | S::TopicNotOnEveryBroker { .. } => Code::FailedPrecondition,
+        S::NotHeld { .. } | S::DeadLetterTopicMissing { .. } | S::EndpointNotAllowed { .. } => {
+            Code::FailedPrecondition
+        }
         S::NeverDelivered { .. } | S::Invalid(_) => Code::InvalidArgument,
     }
 }

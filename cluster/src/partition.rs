@@ -674,6 +674,27 @@ impl Replication {
         })
     }
 
+    /// The replicas of partition `p` of `topic` in the metadata applied here, with their
+    /// addresses, the placement's preferred leader first; empty when the controller does not
+    /// know the partition. Lets a broker without a replica read from another one when the
+    /// first it tried is down.
+    pub fn replica_addresses(&self, topic: &str, p: u32) -> Vec<(NodeId, String)> {
+        let md = self.inner.node.metadata();
+        let Some(meta) = md
+            .topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(p as usize))
+        else {
+            return Vec::new();
+        };
+        let registry = self.inner.node.registry();
+        let peers = &registry.config().peers;
+        meta.replicas
+            .iter()
+            .filter_map(|id| peers.address(*id).map(|a| (*id, a.to_string())))
+            .collect()
+    }
+
     /// When some partition of `topic` lacks a replica on some broker of the cluster: the
     /// fewest replicas a partition has, and the cluster's broker count. `None` when every
     /// broker holds every partition, or the controller does not know the topic (a topic

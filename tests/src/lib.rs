@@ -14,11 +14,13 @@
 //! - [`record`], [`produce_req`]: request builders.
 //! - [`wait_until`]: a wait on a condition with a deadline; [`skip`]: a loud, detectable skip.
 //! - [`certs`]: a test CA and its certificates (rcgen); [`cluster`]: a cluster of processes;
-//!   [`hooks`]: a local HTTP server for webhook tests.
+//!   [`hooks`]: a local HTTP server for webhook tests; [`subs`]: subscription calls on a
+//!   cluster, retried through elections, and topics placed away from a broker.
 
 pub mod certs;
 pub mod cluster;
 pub mod hooks;
+pub mod subs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -275,44 +275,33 @@ async fn an_rf1_topic_is_known_to_every_broker_and_served_by_its_owners_through_
         }
     }
 
-    // A subscription reads the topic's copy on the broker serving subscriptions, which
-    // holds only some partitions of an RF 1 topic: refused with the reason, not created to
-    // deliver nothing.
-    let c = cluster.clients(3).await.expect("connect");
-    let mut subs = pb::subscriptions_client::SubscriptionsClient::new(c.channel.clone());
+    // A subscription on it is served by the leader of `__subscriptions`, which owns one
+    // partition of the three: it reads the other two from their owners.
+    rill_tests::subs::create(
+        &cluster,
+        3,
+        "solo-sub",
+        pb::SubscriptionConfig {
+            topic: "solo".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("a subscription on an RF 1 topic");
+    let mut got = BTreeSet::new();
     let until = tokio::time::Instant::now() + DEADLINE;
-    let refused = loop {
-        let answer = subs
-            .create(pb::CreateSubscriptionRequest {
-                name: "solo-sub".into(),
-                config: Some(pb::SubscriptionConfig {
-                    topic: "solo".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await;
-        match answer {
-            Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < until => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            other => break other.expect_err("a subscription on an RF 1 topic"),
-        }
-    };
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert!(
-        refused.message().contains("\"solo\"") && refused.message().contains("every broker"),
-        "{refused:?}"
-    );
-    let listed = subs
-        .list(pb::ListSubscriptionsRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
-    assert!(
-        !format!("{listed:?}").contains("solo-sub"),
-        "nothing was created: {listed:?}"
-    );
+    while got.len() < 27 && tokio::time::Instant::now() < until {
+        let records = rill_tests::subs::receive(&cluster, 3, "solo-sub", "w", (100, 1_000))
+            .await
+            .expect("receive");
+        got.extend(
+            records
+                .into_iter()
+                .map(|r| (r.partition, r.record.map_or(u64::MAX, |x| x.offset))),
+        );
+    }
+    let expected: BTreeSet<(u32, u64)> = (0..3).flat_map(|p| (0..9).map(move |o| (p, o))).collect();
+    assert_eq!(got, expected, "every record of every owner's partition");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,6 +119,18 @@ impl Collector for SubscriptionCollector {
                     .encode(metric.encode_family(&label(&f.name))?)?;
             }
         }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "rill_subscription_remote_read_failures",
+                "Calls to the broker holding a partition of the topic (or the dead-letter topic) that failed after their retries, by subscription",
+                None,
+                MetricType::Counter,
+            )?;
+            for f in &figures {
+                ConstCounter::new(f.remote_failures)
+                    .encode(metric.encode_family(&label(&f.name))?)?;
+            }
+        }
         Ok(())
     }
 }

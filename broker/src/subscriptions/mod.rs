@@ -9,6 +9,9 @@
 //!   log.
 //! - [`ordered`]: per-key ordered acquisition for webhooks created with `ordered`.
 //! - [`read`]: reading records from the topic's log.
+//! - [`source`]: where a partition is read: this broker's log, or, in a cluster, a broker
+//!   holding the partition when this one does not (long-poll fetches to wait); dead letters
+//!   produced at the dead-letter partition's leader.
 //! - [`push`]: the `Subscribe` stream (push with credits) for subscriptions and groups.
 //! - [`replicated`]: `__subscriptions` on replicated storage in a cluster: served by its
 //!   leader, reloaded by a new one.
@@ -34,6 +37,7 @@ pub mod read;
 pub mod records;
 pub mod replicated;
 pub mod settings;
+pub mod source;
 pub mod state;
 pub mod stats;
 pub mod webhook;
@@ -56,6 +60,7 @@ pub use self::settings::{config_to_pb, settle_config, validate_consumer, Ack};
 
 use self::persist::StateLog;
 use self::records::{StoredConfig, SubscriptionRecord};
+use self::source::Source;
 use self::state::{AckKind, DeadLetter, Limits, PartitionState, SubscriptionError};
 use crate::error::BrokerError;
 use crate::state::{Broker, TopicState};
@@ -103,6 +108,8 @@ pub struct Sub {
     rotation: AtomicU32,
     /// Delivery outcomes, for the metrics.
     counters: stats::Counters,
+    /// What was learnt about the partitions read from other brokers.
+    remotes: Arc<source::Remotes>,
 }
 
 #[derive(Debug, Default)]
@@ -219,31 +226,18 @@ impl Subscriptions {
                 .into());
             }
         }
-        for t in std::iter::once(&config.topic).chain(config.dead_letter_topic.as_ref()) {
-            if let Some((replicas, brokers)) = broker
-                .replication()
-                .and_then(|r| r.replicas_short_of_every_broker(t))
-            {
-                return Err(SubscriptionError::TopicNotOnEveryBroker {
-                    subscription: name.into(),
-                    topic: t.clone(),
-                    replicas,
-                    brokers,
-                }
-                .into());
-            }
-        }
         let _admin = self.inner.admin.lock().await;
         if self.inner.subs.read().contains_key(name) {
             return Err(SubscriptionError::Exists { name: name.into() }.into());
         }
+        let remotes = Arc::new(source::Remotes::default());
         let mut partitions = BTreeMap::new();
         for p in 0..topic.topic.partition_count() {
-            let log = topic.log(p)?;
+            let bounds = Source::of(broker, &topic, p, &remotes)?.bounds().await?;
             let start = if config.from_earliest {
-                log.log_start_offset()
+                bounds.log_start
             } else {
-                log.high_watermark()
+                bounds.high_watermark
             };
             partitions.insert(p, PartitionState::starting_at(start));
         }
@@ -271,6 +265,7 @@ impl Subscriptions {
             released: tokio::sync::Notify::new(),
             rotation: AtomicU32::new(0),
             counters: stats::Counters::default(),
+            remotes,
         };
         let sub = Arc::new(sub);
         self.inner
@@ -302,39 +297,49 @@ impl Subscriptions {
     pub async fn describe(&self, broker: &Broker, name: &str) -> Result<Description, BrokerError> {
         let sub = self.get(name)?;
         let topic = broker.topic(&sub.config.topic)?;
+        // Bounds first (a call for a partition read from another broker), without the lock.
+        let mut sources = Vec::new();
+        for p in 0..topic.topic.partition_count() {
+            let source = Source::of(broker, &topic, p, &sub.remotes)?;
+            let bounds = match source.bounds().await {
+                Ok(b) => b,
+                // The last answer's, when the holder does not answer now.
+                Err(e) => source.last_bounds().ok_or(e)?,
+            };
+            sources.push((p, source, bounds));
+        }
         let st = sub.state.lock().await;
         let mut out = Description {
             config: sub.config.clone(),
             ..Description::default()
         };
-        let mut oldest: Vec<(rill_storage::PartitionLog, u64)> = Vec::new();
-        for p in 0..topic.topic.partition_count() {
-            let log = topic.log(p)?;
+        let mut oldest: Vec<(Source, u64)> = Vec::new();
+        for (p, source, bounds) in sources {
             let mut ps = st
                 .partitions
                 .get(&p)
                 .cloned()
-                .unwrap_or_else(|| PartitionState::starting_at(log.log_start_offset()));
-            ps.clamp_to_log_start(log.log_start_offset());
-            let hwm = log.high_watermark();
+                .unwrap_or_else(|| PartitionState::starting_at(bounds.log_start));
+            ps.clamp_to_log_start(bounds.log_start);
+            let hwm = bounds.high_watermark;
             if ps.floor < hwm {
-                oldest.push((log, ps.floor));
+                oldest.push((source, ps.floor));
             }
             out.partitions.push((p, ps, hwm));
         }
         drop(st);
-        out.oldest_unacked_ms = tokio::task::spawn_blocking(move || {
-            oldest
-                .iter()
-                .filter_map(|(log, at)| {
-                    read::read_from(log, *at, 1, 1)
-                        .ok()?
-                        .first()
-                        .map(|r| r.timestamp_ms)
-                })
-                .min()
-        })
-        .await?;
+        let mut first_ms = None;
+        for (source, at) in oldest {
+            if let Some(r) = source
+                .read_from(at, 1, 1)
+                .await
+                .ok()
+                .and_then(|r| r.into_iter().next())
+            {
+                first_ms = Some(first_ms.map_or(r.timestamp_ms, |m: i64| m.min(r.timestamp_ms)));
+            }
+        }
+        out.oldest_unacked_ms = first_ms;
         Ok(out)
     }
 
@@ -357,16 +362,14 @@ impl Subscriptions {
         };
         let mut targets = Vec::new();
         for p in partitions {
-            let log = topic.log(p)?;
+            let source = Source::of(broker, &topic, p, &sub.remotes)?;
             let offset = match target {
                 pb::seek_subscription_request::Target::ToOffset(o) => {
-                    o.clamp(log.log_start_offset(), log.high_watermark())
+                    let b = source.bounds().await?;
+                    o.clamp(b.log_start, b.high_watermark)
                 }
                 pb::seek_subscription_request::Target::ToTimestampMs(t) => {
-                    let l = log.clone();
-                    tokio::task::spawn_blocking(move || l.offset_for_timestamp(t))
-                        .await??
-                        .unwrap_or_else(|| log.high_watermark())
+                    source.offset_for_timestamp(t).await?
                 }
             };
             targets.push((p, offset));
@@ -423,6 +426,7 @@ impl Subscriptions {
                 changes.insert(p, WatchStream::from_changes(rx));
             }
         }
+        let mut arrivals = source::Arrivals::new(broker, Some(Arc::clone(&sub)), &topic);
         let _slot = broker.waiter_slot()?;
         loop {
             let released = sub.released.notified();
@@ -447,6 +451,7 @@ impl Subscriptions {
                 _ = tokio::time::sleep_until(wake_at) => {}
                 _ = &mut released => {}
                 _ = changes.next(), if !changes.is_empty() => {}
+                _ = arrivals.next() => {}
             }
         }
     }
@@ -532,11 +537,14 @@ impl Subscriptions {
                 break;
             }
             let p = (first + i) % count;
-            let log = topic.log(p)?;
-            let ps = next
-                .entry(p)
-                .or_insert_with(|| PartitionState::starting_at(log.log_start_offset()));
-            ps.clamp_to_log_start(log.log_start_offset());
+            let source = Source::of(broker, topic, p, &sub.remotes)?;
+            let known = source.local_bounds();
+            let ps = next.entry(p).or_insert_with(|| {
+                PartitionState::starting_at(source.last_bounds().map_or(0, |b| b.log_start))
+            });
+            if let Some(b) = known {
+                ps.clamp_to_log_start(b.log_start);
+            }
             let want = max_records - out.len();
             if let How::Ordered(index) = &mut how {
                 let pass = ordered::Pass {
@@ -547,31 +555,38 @@ impl Subscriptions {
                     want,
                 };
                 let bytes = &mut bytes_left;
-                ordered::acquire(index, ps, log, pass, bytes, strict, &mut out).await?;
+                match ordered::acquire(index, ps, &source, pass, bytes, strict, &mut out).await {
+                    Ok(()) => {}
+                    Err(e) if matches!(source, Source::Remote(_)) => remote_failed(sub, p, &e),
+                    Err(e) => return Err(e),
+                }
                 continue;
             }
             let again = ps.redeliverable(now, want);
             let room = (limits.max_in_flight as usize).saturating_sub(ps.pending.len());
             let new_max = want.saturating_sub(again.len()).min(room);
             let from = ps.next;
-            if again.is_empty() && (new_max == 0 || from >= log.high_watermark()) {
+            // A remote partition's end as last seen: its long poll wakes the caller when it
+            // moves, so a pass with nothing to redeliver makes no call for it.
+            let end = known.or(source.last_bounds()).map(|b| b.high_watermark);
+            if again.is_empty() && (new_max == 0 || end.is_some_and(|h| from >= h)) {
                 continue;
             }
-            let budget = bytes_left;
-            let (old, new) = tokio::task::spawn_blocking(move || -> Result<_, BrokerError> {
-                let old = read::read_at(&log, &again)?;
-                let new = if new_max > 0 {
-                    read::read_from(&log, from, new_max, budget)?
-                } else {
-                    Vec::new()
-                };
-                Ok((old, new))
-            })
-            .await??;
-            // Redelivered offsets the log no longer holds are done.
+            let (old, new, bounds) = match source.read(again, from, new_max, bytes_left).await {
+                Ok(read) => read,
+                // Another broker's partition that cannot be read now: the others go on.
+                Err(e) if matches!(source, Source::Remote(_)) => {
+                    remote_failed(sub, p, &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            ps.clamp_to_log_start(bounds.log_start);
+            // Redelivered offsets the log no longer holds are done (not those past the end
+            // of a replica that answered while behind).
             let found: std::collections::BTreeSet<u64> = old.iter().map(|r| r.offset).collect();
             for o in ps.redeliverable(now, want) {
-                if !found.contains(&o) {
+                if !found.contains(&o) && o < bounds.high_watermark {
                     ps.forget(o);
                 }
             }
@@ -596,7 +611,12 @@ impl Subscriptions {
                 }
             }
         }
-        self.finish(broker, sub, &mut st, next, leaving).await?;
+        let held_back = self
+            .finish(broker, sub, &mut st, (next, &[]), leaving)
+            .await?;
+        // Records of a partition whose dead letters could not be sent: its state was kept
+        // as it was, so they are not held by this consumer.
+        out.retain(|r| !held_back.contains(&r.partition));
         sub.counters.settled(expired, 0);
         let next_event = st
             .partitions
@@ -607,18 +627,35 @@ impl Subscriptions {
     }
 
     /// Dead-letters `leaving`, stores the partitions of `next` that differ from the state,
-    /// then installs `next`. On an error nothing changes.
+    /// then installs `next`. On an error nothing changes. Returns the partitions kept as
+    /// they were because the broker holding their records to dead-letter did not answer;
+    /// when one of `needed` is among them, the call fails instead (UNAVAILABLE).
     async fn finish(
         &self,
         broker: &Broker,
         sub: &Arc<Sub>,
         st: &mut SubState,
-        mut next: BTreeMap<u32, PartitionState>,
-        leaving: Vec<DeadLetter>,
-    ) -> Result<(), BrokerError> {
-        let leaving_count = leaving.len() as u64;
+        (mut next, needed): (BTreeMap<u32, PartitionState>, &[u32]),
+        mut leaving: Vec<DeadLetter>,
+    ) -> Result<std::collections::BTreeSet<u32>, BrokerError> {
+        let mut held_back = std::collections::BTreeSet::new();
         if !leaving.is_empty() {
-            let to_topic = dead_letter::dead_letter(broker, sub, &leaving).await?;
+            let (to_topic, kept) = dead_letter::dead_letter(broker, sub, &leaving).await?;
+            if let Some(p) = needed.iter().find(|p| kept.contains(p)) {
+                return Err(BrokerError::ReplicationUnavailable(format!(
+                    "subscription {:?}: topic {} partition {p} has records to dead-letter that \
+                     the broker holding them cannot give now; nothing changed; retry",
+                    sub.name, sub.config.topic
+                )));
+            }
+            for p in &kept {
+                match st.partitions.get(p) {
+                    Some(before) => next.insert(*p, before.clone()),
+                    None => next.remove(p),
+                };
+            }
+            leaving.retain(|d| !kept.contains(&d.partition));
+            held_back = kept;
             for d in &leaving {
                 if let Some(ps) = next.get_mut(&d.partition) {
                     ps.count_left(1, to_topic);
@@ -626,6 +663,7 @@ impl Subscriptions {
             }
             tracing::debug!(subscription = %sub.name, records = leaving.len(), to_topic, "records left the subscription");
         }
+        let leaving_count = leaving.len() as u64;
         let changed: Vec<SubscriptionRecord> = next
             .iter()
             .filter(|(p, s)| st.partitions.get(p) != Some(s))
@@ -638,7 +676,7 @@ impl Subscriptions {
         self.write(changed).await?;
         st.partitions = next;
         sub.counters.settled(0, leaving_count);
-        Ok(())
+        Ok(held_back)
     }
 
     /// Applies `ack` for `consumer`: all ranges or none. Returns the records it applied to
@@ -690,7 +728,9 @@ impl Subscriptions {
             leaving.extend(out);
             deadline = deadline.max(d);
         }
-        self.finish(broker, &sub, &mut st, next, leaving).await?;
+        let needed: Vec<u32> = ack.ranges.iter().map(|(p, _, _)| *p).collect();
+        self.finish(broker, &sub, &mut st, (next, &needed), leaving)
+            .await?;
         drop(st);
         sub.counters.settled(expired, 0);
         sub.counters.acknowledged(ack.kind, applied);
@@ -699,6 +739,13 @@ impl Subscriptions {
         }
         Ok((applied, deadline))
     }
+}
+
+/// Notes a failed read of another broker's partition: logged (a pause after a failure
+/// quietly), counted; the pass goes on with the other partitions.
+fn remote_failed(sub: &Sub, p: u32, e: &BrokerError) {
+    // The failure itself was logged where it happened (a pause after it is quiet).
+    tracing::debug!(subscription = %sub.name, topic = %sub.config.topic, partition = p, error = %e, "a partition held by another broker is not read in this pass; delivering the others");
 }
 
 /// How an acquisition pass takes records.

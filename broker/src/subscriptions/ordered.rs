@@ -14,12 +14,11 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
-use rill_proto::v1::{self as pb, FetchedRecord};
-use rill_storage::PartitionLog;
-
 use super::read;
+use super::source::Source;
 use super::state::{Limits, PartitionState};
 use crate::error::BrokerError;
+use rill_proto::v1::{self as pb, FetchedRecord};
 
 /// The key hash of each pending record, per partition (`None`: the record has no key).
 /// A hash collision only orders two keys together; it never reorders one.
@@ -81,7 +80,7 @@ fn deliverable(
 pub(super) async fn acquire(
     index: &mut KeyIndex,
     ps: &mut PartitionState,
-    log: PartitionLog,
+    source: &Source,
     pass: Pass<'_>,
     bytes_left: &mut usize,
     strict: bool,
@@ -98,15 +97,15 @@ pub(super) async fn acquire(
         .collect();
     let mut known: BTreeMap<u64, FetchedRecord> = BTreeMap::new();
     if !unknown.is_empty() {
-        let l = log.clone();
-        let got =
-            tokio::task::spawn_blocking(move || read::read_at(&l, &unknown).map(|g| (g, unknown)))
-                .await??;
-        let (got, unknown) = got;
+        let (got, _, bounds) = source.read(unknown.clone(), 0, 0, 0).await?;
+        ps.clamp_to_log_start(bounds.log_start);
         let found: BTreeSet<u64> = got.iter().map(|r| r.offset).collect();
         for o in unknown {
             // Gone from the log (retention): done, as the unordered path does.
-            if !found.contains(&o) && ps.pending.get(&o).is_some_and(|p| p.lock.is_none()) {
+            if !found.contains(&o)
+                && o < bounds.high_watermark
+                && ps.pending.get(&o).is_some_and(|p| p.lock.is_none())
+            {
                 ps.forget(o);
             }
         }
@@ -119,7 +118,8 @@ pub(super) async fn acquire(
     let room = (pass.limits.max_in_flight as usize).saturating_sub(ps.pending.len());
     let new_max = pass.want.saturating_sub(again.len()).min(room);
     let from = ps.next;
-    if again.is_empty() && (new_max == 0 || from >= log.high_watermark()) {
+    let end = source.last_bounds().map(|b| b.high_watermark);
+    if again.is_empty() && (new_max == 0 || end.is_some_and(|h| from >= h)) {
         return Ok(());
     }
     let missing: Vec<u64> = again
@@ -127,17 +127,8 @@ pub(super) async fn acquire(
         .filter(|o| !known.contains_key(o))
         .copied()
         .collect();
-    let budget = *bytes_left;
-    let (old, new) = tokio::task::spawn_blocking(move || -> Result<_, BrokerError> {
-        let old = read::read_at(&log, &missing)?;
-        let new = if new_max > 0 {
-            read::read_from(&log, from, new_max, budget)?
-        } else {
-            Vec::new()
-        };
-        Ok((old, new))
-    })
-    .await??;
+    let (old, new, bounds) = source.read(missing, from, new_max, *bytes_left).await?;
+    ps.clamp_to_log_start(bounds.log_start);
     for r in old {
         known.insert(r.offset, r);
     }
@@ -145,7 +136,8 @@ pub(super) async fn acquire(
     for o in &again {
         match known.remove(o) {
             Some(r) => ready.push(r),
-            None => ps.forget(*o),
+            None if *o < bounds.high_watermark => ps.forget(*o),
+            None => {}
         }
     }
     for r in new {

@@ -172,6 +172,8 @@ impl Pusher {
             Mode::Queue { sub, .. } => Some(Arc::clone(sub)),
             Mode::Offsets { .. } => None,
         };
+        let mut arrivals =
+            super::source::Arrivals::new(&self.broker, released_sub.clone(), &self.topic);
         let idle = tokio::sync::Notify::new();
         loop {
             let released = match &released_sub {
@@ -204,6 +206,7 @@ impl Pusher {
                     Ok(None) | Err(_) => return Ok(()),
                 },
                 _ = changes.next(), if has_credit && !changes.is_empty() => {}
+                _ = arrivals.next(), if has_credit => {}
                 _ = &mut released, if has_credit => {}
                 _ = sleep_until_opt(wake_at), if has_credit && wake_at.is_some() => {}
             }

@@ -144,6 +144,7 @@ pub(super) fn load(
                 released: tokio::sync::Notify::new(),
                 rotation: AtomicU32::new(0),
                 counters: stats::Counters::default(),
+                remotes: Default::default(),
             };
             (name, Arc::new(sub))
         })

@@ -85,24 +85,6 @@ pub enum SubscriptionError {
         /// The dead-letter topic.
         topic: String,
     },
-    /// In a cluster, a topic a subscription reads or dead-letters to must have a replica on
-    /// every broker: the broker serving the subscriptions (the `__subscriptions` leader,
-    /// which may move to any broker) reads and writes its own copy of the topic.
-    #[error(
-        "subscription {subscription:?}: topic {topic:?} has replicas on {replicas} of the \
-         cluster's {brokers} brokers; a subscription in a cluster needs its topic (and \
-         dead-letter topic) replicated on every broker (--replication-factor {brokers})"
-    )]
-    TopicNotOnEveryBroker {
-        /// The subscription.
-        subscription: String,
-        /// The topic.
-        topic: String,
-        /// The fewest replicas any of its partitions has.
-        replicas: usize,
-        /// The cluster's brokers.
-        brokers: usize,
-    },
     /// A push endpoint the broker may not call (outside its allow-list).
     #[error(
         "subscription {subscription:?}: the push endpoint {endpoint:?} is not allowed: {reason}"

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use rill_storage::log::now_ms;
 
-use super::read;
+use super::source::{self, Source};
 use super::state::{AckKind, PartitionState};
 use super::Subscriptions;
 use crate::state::Broker;
@@ -117,6 +117,8 @@ pub struct SubscriptionFigures {
     pub backlog_and_in_flight: Option<(u64, u64)>,
     /// Outcome counters.
     pub outcomes: Outcomes,
+    /// Calls to brokers holding its partitions that failed after their retries.
+    pub remote_failures: u64,
     /// Age in ms of the oldest record not done (0 with none); `None` when the state was busy
     /// or a partition with records left has not been read by the sweep yet.
     pub oldest_unacked_age_ms: Option<u64>,
@@ -139,10 +141,13 @@ impl Subscriptions {
                     // once one of them has not been read yet.
                     let mut oldest_ms: Option<Option<i64>> = None;
                     for p in 0..topic.topic.partition_count() {
-                        // A fenced partition has no high watermark: nothing to add.
-                        let Ok(log) = topic.log(p) else { continue };
-                        let start = log.log_start_offset();
-                        let hwm = log.high_watermark();
+                        // A fenced partition has no high watermark, and one held by another
+                        // broker none before its first answer: nothing to add.
+                        let Some(bounds) = source::bounds_now(broker, &topic, p, &sub.remotes)
+                        else {
+                            continue;
+                        };
+                        let (start, hwm) = (bounds.log_start, bounds.high_watermark);
                         let left = match st.partitions.get(&p) {
                             // As Describe: records below the log start are gone, so done.
                             Some(ps) if ps.floor < start => {
@@ -177,6 +182,7 @@ impl Subscriptions {
                     name: sub.name.clone(),
                     backlog_and_in_flight: gauges.map(|g| g.0),
                     outcomes: sub.counters.get(),
+                    remote_failures: sub.remotes.failures(),
                     oldest_unacked_age_ms: gauges.and_then(|g| g.1),
                 }
             })
@@ -203,37 +209,35 @@ impl Subscriptions {
             {
                 let mut oldest = sub.counters.oldest.lock();
                 for p in 0..topic.topic.partition_count() {
-                    let Ok(log) = topic.log(p) else { continue };
-                    let start = log.log_start_offset();
+                    let Some(bounds) = source::bounds_now(broker, &topic, p, &sub.remotes) else {
+                        continue;
+                    };
+                    let start = bounds.log_start;
                     let floor = floors
                         .iter()
                         .find(|(q, _)| *q == p)
                         .map_or(start, |(_, f)| *f)
                         .max(start);
-                    if floor >= log.high_watermark() {
+                    if floor >= bounds.high_watermark {
                         oldest.remove(&p);
                     } else if oldest.get(&p).map(|(at, _)| *at) != Some(floor) {
-                        reads.push((p, floor, log));
+                        reads.push((p, floor));
                     }
                 }
             }
-            if reads.is_empty() {
-                continue;
-            }
-            let read = tokio::task::spawn_blocking(move || {
-                reads
-                    .into_iter()
-                    .filter_map(|(p, floor, log)| {
-                        let first = read::read_from(&log, floor, 1, 1).ok()?;
-                        Some((p, floor, first.first()?.timestamp_ms))
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            if let Ok(read) = read {
-                let mut oldest = sub.counters.oldest.lock();
-                for (p, floor, ts) in read {
-                    oldest.insert(p, (floor, ts));
+            for (p, floor) in reads {
+                // One record, from this broker's log or the broker holding the partition.
+                let Ok(source) = Source::of(broker, &topic, p, &sub.remotes) else {
+                    continue;
+                };
+                let Ok(first) = source.read_from(floor, 1, 1).await else {
+                    continue;
+                };
+                if let Some(r) = first.first() {
+                    sub.counters
+                        .oldest
+                        .lock()
+                        .insert(p, (floor, r.timestamp_ms));
                 }
             }
         }

@@ -210,6 +210,7 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
     let mut posts: JoinSet<Outcome> = JoinSet::new();
     let max_bytes = broker.config().max_fetch_bytes;
     let mut pass = 0u64;
+    let mut arrivals = super::source::Arrivals::new(broker, Some(Arc::clone(sub)), &topic);
     loop {
         let released = sub.released.notified();
         tokio::pin!(released);
@@ -262,6 +263,7 @@ async fn run(broker: &Broker, subs: &Subscriptions, sub: &Arc<Sub>) -> Result<()
             }
             _ = &mut released, if has_room => {}
             _ = changes.next(), if has_room && !changes.is_empty() => {}
+            _ = arrivals.next(), if has_room => {}
             _ = sleep_until_opt(wake_at), if has_room && wake_at.is_some() => {}
         }
     }
@@ -372,7 +374,12 @@ impl Subscriptions {
                 applied.push((ack.kind, n));
             }
         }
-        self.finish(broker, sub, &mut st, next, leaving).await?;
+        let needed: Vec<u32> = items
+            .iter()
+            .flat_map(|(_, ack)| ack.ranges.iter().map(|(p, _, _)| *p))
+            .collect();
+        self.finish(broker, sub, &mut st, (next, &needed), leaving)
+            .await?;
         drop(st);
         sub.counters.settled(expired, 0);
         let mut nacked = false;
