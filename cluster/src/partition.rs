@@ -695,23 +695,6 @@ impl Replication {
             .collect()
     }
 
-    /// When some partition of `topic` lacks a replica on some broker of the cluster: the
-    /// fewest replicas a partition has, and the cluster's broker count. `None` when every
-    /// broker holds every partition, or the controller does not know the topic (a topic
-    /// local to this broker).
-    pub fn replicas_short_of_every_broker(&self, topic: &str) -> Option<(usize, usize)> {
-        let brokers = self.inner.node.registry().config().peers.len();
-        let md = self.inner.node.metadata();
-        let fewest = md
-            .topics
-            .get(topic)?
-            .partitions
-            .iter()
-            .map(|p| p.replicas.len())
-            .min()?;
-        (fewest < brokers).then_some((fewest, brokers))
-    }
-
     /// The replicated partitions this broker holds a replica of, as `(topic, partition)`.
     pub fn hosted_partitions(&self) -> Vec<(String, u32)> {
         self.inner.groups.read().keys().cloned().collect()
