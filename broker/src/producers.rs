@@ -20,6 +20,27 @@
 //!
 //! The per-partition sequences live with each partition's log (`rill_storage::producers`),
 //! where they are rebuilt from the batches.
+//!
+//! # Compaction
+//! Once the topic has grown by about a segment (`--state-segment-bytes`) since the last
+//! compaction, the writer, holding the cursor's lock (so no id is given meanwhile), rewrites
+//! the registry ([`crate::internal::compact`]): the id block (`next_id` = the end of the
+//! last block), then each named producer whole in one batch (a record for every id it held
+//! before, with that id's newest epoch, so an id a name left when its epoch ran out stays
+//! fenced; then its current id and epoch), then a [`ProducerRecord::Compacted`] marker
+//! naming the rewrite's first offset. Whoever tails the log, the single broker too, deletes
+//! the sealed segments that end before that offset when it reads the marker.
+//!
+//! Every record states a whole value that replay folds by maximum (the block end, each id's
+//! newest epoch) or replaces (a name's current id and epoch, restated as it is). So replay
+//! of any prefix of a rewrite after the records it restates changes nothing: a crash, or a
+//! leader change, at any point of a rewrite leaves the registry exactly as before it (the
+//! old segments are deleted only after the marker, once the whole rewrite is durable), the
+//! block end never goes back (no id is given twice) and no epoch goes back. Replay from a
+//! later log start (a segment boundary before a marker's rewrite) reads the newest records
+//! of some names, then the whole rewrite, which restates every name and the block end: the
+//! same registry. A broker older than the marker refuses to start on a log that holds one
+//! (the record kind does not decode: "cannot be replayed"), rather than guess.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -77,6 +98,12 @@ pub enum ProducerRecord {
         /// Its current epoch; older epochs are fenced.
         epoch: i16,
     },
+    /// A compaction: the records from `start` to this one restate the whole registry, so
+    /// the segments before `start` may be deleted.
+    Compacted {
+        /// The offset of the rewrite's first record.
+        start: u64,
+    },
 }
 
 impl ProducerRecord {
@@ -108,7 +135,7 @@ struct Named {
 }
 
 /// The registry as the log holds it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct State {
     /// Every id below it may have been given; none at or above it was.
     block_end: i64,
@@ -116,6 +143,8 @@ struct State {
     named: BTreeMap<String, Named>,
     /// Id → the newest epoch of a named producer with that id, for the produce check.
     epochs: BTreeMap<i64, i16>,
+    /// Id → the name that holds or held it, so a compaction restates every id's epoch.
+    holders: BTreeMap<i64, String>,
 }
 
 impl State {
@@ -125,9 +154,47 @@ impl State {
             ProducerRecord::NamedProducer { name, id, epoch } => {
                 let newest = self.epochs.entry(id).or_insert(epoch);
                 *newest = (*newest).max(epoch);
+                self.holders.insert(id, name.clone());
                 self.named.insert(name, Named { id, epoch });
             }
+            ProducerRecord::Compacted { .. } => {}
         }
+    }
+
+    /// The records that restate this registry, in groups never to be split across batches:
+    /// the block end, then each named producer whole (every id it held before with that id's
+    /// newest epoch, then its current id's newest epoch when its current one is older, then
+    /// its current id and epoch). Replayed after any of the records they restate, they
+    /// leave the registry as it is (module doc).
+    fn rewrite(&self) -> Vec<Vec<ProducerRecord>> {
+        let mut groups = vec![vec![ProducerRecord::IdBlock {
+            next_id: self.block_end,
+        }]];
+        let mut held: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+        for (id, name) in &self.holders {
+            held.entry(name.as_str()).or_default().push(*id);
+        }
+        for (name, current) in &self.named {
+            let named = |id: i64, epoch: i16| ProducerRecord::NamedProducer {
+                name: name.clone(),
+                id,
+                epoch,
+            };
+            let newest = |id: i64| self.epochs.get(&id).copied().unwrap_or(current.epoch);
+            let mut group: Vec<ProducerRecord> = held
+                .get(name.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|id| **id != current.id)
+                .map(|id| named(*id, newest(*id)))
+                .collect();
+            if newest(current.id) != current.epoch {
+                group.push(named(current.id, newest(current.id)));
+            }
+            group.push(named(current.id, current.epoch));
+            groups.push(group);
+        }
+        groups
     }
 }
 
@@ -148,24 +215,29 @@ struct Inner {
     /// The writer's cursor (the next id it gives), which also serialises changes: append,
     /// then apply. Meaningful only on the writer; reset when it starts to write.
     cursor: tokio::sync::Mutex<i64>,
+    /// Bytes appended by this writer since its last compaction; changed only under `cursor`.
+    since_compaction_bytes: parking_lot::Mutex<u64>,
+    /// The segment size of a `__producers` created here (`--state-segment-bytes`).
+    segment_bytes: u64,
 }
 
-/// The config of `__producers`: one partition, flushed on every append, kept forever, small
-/// segments (a few records per named producer and per block).
-pub fn producers_topic_config() -> TopicConfig {
+/// The config of `__producers`: one partition, flushed on every append, kept forever
+/// (compaction bounds it), in segments of `segment_bytes` (`--state-segment-bytes`). Used
+/// when the topic is created; an existing topic keeps its own.
+pub fn producers_topic_config(segment_bytes: u64) -> TopicConfig {
     TopicConfig {
         partitions: 1,
         retention_ms: None,
         retention_bytes: None,
         flush: FlushPolicy::Always,
-        segment_bytes: 1 << 20,
+        segment_bytes,
         ..TopicConfig::default()
     }
 }
 
-fn producers_log(store: &Store) -> Result<PartitionLog, BrokerError> {
+fn producers_log(store: &Store, segment_bytes: u64) -> Result<PartitionLog, BrokerError> {
     Ok(store
-        .internal_topic(PRODUCERS_TOPIC, producers_topic_config())?
+        .internal_topic(PRODUCERS_TOPIC, producers_topic_config(segment_bytes))?
         .partition(0)?)
 }
 
@@ -176,14 +248,34 @@ fn corrupt(what: String) -> BrokerError {
     ))
 }
 
-/// Applies every record of `log` from offset `from` to `state`; returns the offset reached.
-fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<u64, BrokerError> {
-    crate::internal::replay_values(log, from, corrupt, |offset, value| {
+/// Applies every record of `log` from offset `from` to `state`; returns the offset reached
+/// and the start of the last compaction marker read, if any.
+fn replay(
+    log: &PartitionLog,
+    from: u64,
+    state: &mut State,
+) -> Result<(u64, Option<u64>), BrokerError> {
+    let mut marker = None;
+    let end = crate::internal::replay_values(log, from, corrupt, |offset, value| {
         let decoded = ProducerRecord::decode(value)
             .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
+        if let ProducerRecord::Compacted { start } = decoded {
+            marker = Some(start);
+        }
         state.apply(decoded);
         Ok(())
-    })
+    })?;
+    Ok((end, marker))
+}
+
+/// Replays `log` from `from` into `state` and, when it read a compaction marker, deletes the
+/// segments before the marker's rewrite (this replica's own; see the module doc). Blocking.
+fn follow_log(log: &PartitionLog, from: u64, state: &mut State) -> Result<u64, BrokerError> {
+    let (end, marker) = replay(log, from, state)?;
+    if let Some(start) = marker {
+        crate::internal::compact::delete_before(PRODUCERS_TOPIC, log, start);
+    }
+    Ok(end)
 }
 
 /// The old file's layout.
@@ -267,9 +359,9 @@ impl ProducerIds {
     /// (a single broker) first imports an old `<data>/producer-ids` file into an empty topic;
     /// a cluster member never writes its internal topics outside Raft, so it leaves the file
     /// alone (its ids came from per-broker ranges the cluster registry does not reuse).
-    /// Blocking (file work).
-    pub fn open(store: Store, import_old: bool) -> Result<Self, BrokerError> {
-        let log = producers_log(&store)?;
+    /// `segment_bytes` is the segment size if the topic is created here. Blocking (file work).
+    pub fn open(store: Store, import_old: bool, segment_bytes: u64) -> Result<Self, BrokerError> {
+        let log = producers_log(&store, segment_bytes)?;
         let data_dir = store.data_dir().to_path_buf();
         if import_old && log.high_watermark() == 0 && import_file(&data_dir, &log)? {
             tracing::info!(
@@ -284,7 +376,9 @@ impl ProducerIds {
             );
         }
         let mut state = State::default();
-        let applied_next = replay(&log, 0, &mut state)?;
+        // A marker read here is acted on again: a crash may have come between it and the
+        // deletion.
+        let applied_next = follow_log(&log, 0, &mut state)?;
         let cursor = state.block_end;
         tracing::info!(
             next_id = state.block_end,
@@ -297,6 +391,8 @@ impl ProducerIds {
                 state: RwLock::new(state),
                 applied_next: parking_lot::Mutex::new(applied_next),
                 cursor: tokio::sync::Mutex::new(cursor),
+                since_compaction_bytes: parking_lot::Mutex::new(0),
+                segment_bytes,
             }),
         })
     }
@@ -347,10 +443,50 @@ impl ProducerIds {
             *cursor = given.0 + 1;
         }
         if !records.is_empty() {
-            crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&records)).await?;
+            let records = to_records(&records);
+            let bytes: usize = records
+                .iter()
+                .map(crate::internal::compact::record_bytes)
+                .sum();
+            crate::internal::append(broker, PRODUCERS_TOPIC, 0, records).await?;
             self.refresh().await?;
+            let due = {
+                let mut since = self.inner.since_compaction_bytes.lock();
+                *since += bytes as u64;
+                *since >= self.inner.segment_bytes
+            };
+            if due {
+                // What was given above is durable whatever happens here; a compaction cut
+                // short changes nothing (module doc), and the next is tried a segment later.
+                *self.inner.since_compaction_bytes.lock() = 0;
+                if let Err(e) = self.compact(broker).await {
+                    tracing::warn!(error = %e, "{PRODUCERS_TOPIC} compaction failed");
+                }
+            }
         }
         Ok((given.0, given.1))
+    }
+
+    /// Rewrites the registry and appends the marker (module doc); the tail of the log, here
+    /// [`Self::refresh`], deletes the segments before the rewrite. The caller holds the
+    /// cursor's lock, so the registry does not change meanwhile.
+    async fn compact(&self, broker: &Broker) -> Result<(), BrokerError> {
+        self.refresh().await?;
+        let (groups, end) = {
+            let applied = self.inner.applied_next.lock();
+            (self.inner.state.read().rewrite(), *applied)
+        };
+        let names = groups.len() - 1;
+        let limit = usize::try_from(self.inner.segment_bytes / 4).unwrap_or(usize::MAX);
+        let batches = crate::internal::compact::pack(groups.iter().map(|g| to_records(g)), limit);
+        let start =
+            crate::internal::compact::rewrite(broker, PRODUCERS_TOPIC, batches, end, |start| {
+                to_records(&[ProducerRecord::Compacted { start }]).remove(0)
+            })
+            .await?;
+        self.refresh().await?;
+        tracing::info!(start, names, "{PRODUCERS_TOPIC} compacted");
+        Ok(())
     }
 
     /// Checks a batch's producer id and epoch against the registry: an id never given, or
@@ -422,12 +558,15 @@ impl ProducerIds {
 
     fn refresh_blocking(&self) -> Result<(), BrokerError> {
         let mut applied = self.inner.applied_next.lock();
-        let log = producers_log(&self.inner.store)?;
+        let log = producers_log(&self.inner.store, self.inner.segment_bytes)?;
         if *applied >= log.high_watermark() {
             return Ok(());
         }
+        // From a later log start (a replica restarted at its source's), the records replayed
+        // fold onto what memory holds: every value is a maximum or restated whole by the
+        // rewrite there, so nothing goes back.
         let mut state = self.inner.state.read().clone();
-        let next = replay(&log, *applied, &mut state)?;
+        let next = follow_log(&log, *applied, &mut state)?;
         *self.inner.state.write() = state;
         *applied = next;
         Ok(())
@@ -486,7 +625,7 @@ mod tests {
     /// broker does).
     fn single(dir: &Path) -> (Broker, ProducerIds) {
         let store = Store::open(StoreOptions::new(dir)).expect("open");
-        let ids = ProducerIds::open(store.clone(), true).expect("ids");
+        let ids = ProducerIds::open(store.clone(), true, 1 << 20).expect("ids");
         let broker = Broker::new(
             store,
             crate::Config::new(dir),
