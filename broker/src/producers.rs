@@ -219,6 +219,8 @@ struct Inner {
     since_compaction_bytes: parking_lot::Mutex<u64>,
     /// The segment size of a `__producers` created here (`--state-segment-bytes`).
     segment_bytes: u64,
+    /// The growth that starts a compaction: `segment_bytes` (tests hold it off).
+    compact_after_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The config of `__producers`: one partition, flushed on every append, kept forever
@@ -393,6 +395,7 @@ impl ProducerIds {
                 cursor: tokio::sync::Mutex::new(cursor),
                 since_compaction_bytes: parking_lot::Mutex::new(0),
                 segment_bytes,
+                compact_after_bytes: std::sync::atomic::AtomicU64::new(segment_bytes),
             }),
         })
     }
@@ -453,7 +456,11 @@ impl ProducerIds {
             let due = {
                 let mut since = self.inner.since_compaction_bytes.lock();
                 *since += bytes as u64;
-                *since >= self.inner.segment_bytes
+                *since
+                    >= self
+                        .inner
+                        .compact_after_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed)
             };
             if due {
                 // What was given above is durable whatever happens here; a compaction cut
@@ -472,21 +479,28 @@ impl ProducerIds {
     /// cursor's lock, so the registry does not change meanwhile.
     async fn compact(&self, broker: &Broker) -> Result<(), BrokerError> {
         self.refresh().await?;
-        let (groups, end) = {
-            let applied = self.inner.applied_next.lock();
-            (self.inner.state.read().rewrite(), *applied)
-        };
-        let names = groups.len() - 1;
         let limit = usize::try_from(self.inner.segment_bytes / 4).unwrap_or(usize::MAX);
-        let batches = crate::internal::compact::pack(groups.iter().map(|g| to_records(g)), limit);
+        let (batches, end) = self.rewrite_batches(limit);
+        let records: usize = batches.iter().map(Vec::len).sum();
         let start =
             crate::internal::compact::rewrite(broker, PRODUCERS_TOPIC, batches, end, |start| {
                 to_records(&[ProducerRecord::Compacted { start }]).remove(0)
             })
             .await?;
         self.refresh().await?;
-        tracing::info!(start, names, "{PRODUCERS_TOPIC} compacted");
+        tracing::info!(start, records, "{PRODUCERS_TOPIC} compacted");
         Ok(())
+    }
+
+    /// The batches of a rewrite of the registry (each of about `limit_bytes`, a named
+    /// producer whole in one), and the offset memory reached (where the marker goes when
+    /// there is nothing to rewrite).
+    fn rewrite_batches(&self, limit_bytes: usize) -> (Vec<Vec<Record>>, u64) {
+        let applied = self.inner.applied_next.lock();
+        let groups = self.inner.state.read().rewrite();
+        let batches =
+            crate::internal::compact::pack(groups.iter().map(|g| to_records(g)), limit_bytes);
+        (batches, *applied)
     }
 
     /// Checks a batch's producer id and epoch against the registry: an id never given, or

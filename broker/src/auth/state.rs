@@ -89,7 +89,7 @@ pub struct TokenEntry {
     pub revoked: bool,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct State {
     principals: BTreeSet<String>,
     /// SHA-256 hex → token, in creation order by `order`.
@@ -206,6 +206,8 @@ struct Inner {
     writer: tokio::sync::Mutex<u64>,
     /// The segment size of a `__security` created here (`--state-segment-bytes`).
     segment_bytes: u64,
+    /// The growth that starts a compaction: `segment_bytes` (tests hold it off).
+    compact_after_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The SHA-256 of a token, as lowercase hex.
@@ -260,6 +262,7 @@ impl Security {
                 tail: parking_lot::Mutex::new(Tail::default()),
                 writer: tokio::sync::Mutex::new(0),
                 segment_bytes,
+                compact_after_bytes: std::sync::atomic::AtomicU64::new(segment_bytes),
             }),
         };
         // From offset 0: a log that starts later is rebuilt as after a gap (module doc). A
@@ -427,7 +430,11 @@ impl Security {
         crate::internal::append(broker, SECURITY_TOPIC, 0, vec![record]).await?;
         self.refresh().await?;
         *since_compaction_bytes += bytes;
-        if *since_compaction_bytes >= self.inner.segment_bytes {
+        let compact_after_bytes = self
+            .inner
+            .compact_after_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if *since_compaction_bytes >= compact_after_bytes {
             // The change above is stored whatever happens here; a compaction cut short
             // changes nothing (module doc), and the next is tried a segment later.
             *since_compaction_bytes = 0;
@@ -442,19 +449,12 @@ impl Security {
     /// [`Self::refresh`], deletes the segments before the rewrite. The caller holds the
     /// writer lock, so the state does not change meanwhile.
     async fn compact(&self, broker: &Broker) -> Result<(), BrokerError> {
-        let (records, end) = {
-            let tail = self.inner.tail.lock();
-            if tail.rebuilding.is_some() {
-                // Memory does not hold the whole state yet: a rewrite of it would lose some.
-                return Ok(());
-            }
-            let now_ms = rill_storage::log::now_ms();
-            (self.inner.state.read().rewrite(now_ms), tail.next)
-        };
-        let count = records.len();
         let limit = usize::try_from(self.inner.segment_bytes / 4).unwrap_or(usize::MAX);
-        let batches =
-            crate::internal::compact::pack(records.iter().map(|r| vec![security_record(r)]), limit);
+        let Some((batches, end)) = self.rewrite_batches(limit) else {
+            // Memory does not hold the whole state yet: a rewrite of it would lose some.
+            return Ok(());
+        };
+        let count: usize = batches.iter().map(Vec::len).sum();
         let start =
             crate::internal::compact::rewrite(broker, SECURITY_TOPIC, batches, end, |start| {
                 security_record(&SecurityRecord::Compacted { start })
@@ -463,6 +463,22 @@ impl Security {
         self.refresh().await?;
         tracing::info!(start, records = count, "{SECURITY_TOPIC} compacted");
         Ok(())
+    }
+
+    /// The batches of a rewrite of the live state (each of about `limit_bytes`), and the
+    /// offset memory reached (where the marker goes when there is nothing to rewrite); `None`
+    /// while memory is being rebuilt.
+    fn rewrite_batches(&self, limit_bytes: usize) -> Option<(Vec<Vec<Record>>, u64)> {
+        let tail = self.inner.tail.lock();
+        if tail.rebuilding.is_some() {
+            return None;
+        }
+        let records = self.inner.state.read().rewrite(rill_storage::log::now_ms());
+        let batches = crate::internal::compact::pack(
+            records.iter().map(|r| vec![security_record(r)]),
+            limit_bytes,
+        );
+        Some((batches, tail.next))
     }
 
     /// Applies to memory what this broker's `__security` log holds beyond it: the changes
@@ -670,3 +686,6 @@ fn corrupt(what: String) -> BrokerError {
          with a security state it cannot read"
     ))
 }
+
+#[cfg(test)]
+mod tests;
