@@ -218,7 +218,7 @@ fn markers(log: &PartitionLog) -> Vec<(u64, u64)> {
 /// it, on this broker's tail and after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewrite_cut_short_after_any_batch_keeps_exactly_the_registry() {
-    const LIMIT_BYTES: usize = 256;
+    const LIMIT_BYTES: usize = 128;
     let batches = {
         let dir = tempfile::tempdir().expect("tempdir");
         let (broker, ids) = single(dir.path());
