@@ -23,7 +23,8 @@
 //!
 //! # Compaction
 //! Once the topic has grown by about a segment (`--state-segment-bytes`) since the last
-//! compaction, the writer, holding the cursor's lock (so no id is given meanwhile), rewrites
+//! compaction marker (counted by the log's tail, so a new leader or a restarted broker
+//! knows it too), the writer, holding the cursor's lock (so no id is given meanwhile), rewrites
 //! the registry ([`crate::internal::compact`]): the id block (`next_id` = the end of the
 //! last block), then each named producer whole in one batch (a record for every id it held
 //! before, with that id's newest epoch, so an id a name left when its epoch ran out stays
@@ -209,18 +210,26 @@ struct Inner {
     store: Store,
     /// A plain lock: held only to read or apply, never across an await.
     state: RwLock<State>,
-    /// The offset memory holds every record before. Locked while the log is read into
-    /// memory, so two refreshes never apply the same records.
-    applied_next: parking_lot::Mutex<u64>,
+    /// How far memory follows the log. Locked while the log is read into memory, so two
+    /// refreshes never apply the same records.
+    tail: parking_lot::Mutex<Tail>,
     /// The writer's cursor (the next id it gives), which also serialises changes: append,
     /// then apply. Meaningful only on the writer; reset when it starts to write.
     cursor: tokio::sync::Mutex<i64>,
-    /// Bytes appended by this writer since its last compaction; changed only under `cursor`.
-    since_compaction_bytes: parking_lot::Mutex<u64>,
     /// The segment size of a `__producers` created here (`--state-segment-bytes`).
     segment_bytes: u64,
-    /// The growth that starts a compaction: `segment_bytes` (tests hold it off).
+    /// The growth since the last compaction that starts one: `segment_bytes` (tests hold it
+    /// off).
     compact_after_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// How far memory follows the log.
+#[derive(Debug, Default)]
+struct Tail {
+    /// The offset memory holds every record before.
+    next: u64,
+    /// The growth since the last compaction, which the writer compacts on.
+    growth: crate::internal::compact::Growth,
 }
 
 /// The config of `__producers`: one partition, flushed on every append, kept forever
@@ -250,34 +259,28 @@ fn corrupt(what: String) -> BrokerError {
     ))
 }
 
-/// Applies every record of `log` from offset `from` to `state`; returns the offset reached
-/// and the start of the last compaction marker read, if any.
-fn replay(
-    log: &PartitionLog,
-    from: u64,
-    state: &mut State,
-) -> Result<(u64, Option<u64>), BrokerError> {
-    let mut marker = None;
-    let end = crate::internal::replay_values(log, from, corrupt, |offset, value| {
+/// Applies every record of `log` from offset `from` to `state` and, when it read a
+/// compaction marker, deletes the segments before the marker's rewrite (this replica's own;
+/// see the module doc). Moves `tail` to the offset reached. Blocking.
+fn follow_log(log: &PartitionLog, tail: &mut Tail, state: &mut State) -> Result<(), BrokerError> {
+    let (mut marker, mut bytes) = (None, 0u64);
+    let end = crate::internal::replay_values(log, tail.next, corrupt, |offset, value| {
         let decoded = ProducerRecord::decode(value)
             .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
         if let ProducerRecord::Compacted { start } = decoded {
-            marker = Some(start);
+            (marker, bytes) = (Some(start), 0);
+        } else {
+            bytes += value.len() as u64;
         }
         state.apply(decoded);
         Ok(())
     })?;
-    Ok((end, marker))
-}
-
-/// Replays `log` from `from` into `state` and, when it read a compaction marker, deletes the
-/// segments before the marker's rewrite (this replica's own; see the module doc). Blocking.
-fn follow_log(log: &PartitionLog, from: u64, state: &mut State) -> Result<u64, BrokerError> {
-    let (end, marker) = replay(log, from, state)?;
+    tail.next = end;
+    tail.growth.read(marker.is_some(), bytes);
     if let Some(start) = marker {
         crate::internal::compact::delete_before(PRODUCERS_TOPIC, log, start);
     }
-    Ok(end)
+    Ok(())
 }
 
 /// The old file's layout.
@@ -380,7 +383,8 @@ impl ProducerIds {
         let mut state = State::default();
         // A marker read here is acted on again: a crash may have come between it and the
         // deletion.
-        let applied_next = follow_log(&log, 0, &mut state)?;
+        let mut tail = Tail::default();
+        follow_log(&log, &mut tail, &mut state)?;
         let cursor = state.block_end;
         tracing::info!(
             next_id = state.block_end,
@@ -391,9 +395,8 @@ impl ProducerIds {
             inner: Arc::new(Inner {
                 store,
                 state: RwLock::new(state),
-                applied_next: parking_lot::Mutex::new(applied_next),
+                tail: parking_lot::Mutex::new(tail),
                 cursor: tokio::sync::Mutex::new(cursor),
-                since_compaction_bytes: parking_lot::Mutex::new(0),
                 segment_bytes,
                 compact_after_bytes: std::sync::atomic::AtomicU64::new(segment_bytes),
             }),
@@ -446,28 +449,18 @@ impl ProducerIds {
             *cursor = given.0 + 1;
         }
         if !records.is_empty() {
-            let records = to_records(&records);
-            let bytes: usize = records
-                .iter()
-                .map(crate::internal::compact::record_bytes)
-                .sum();
-            crate::internal::append(broker, PRODUCERS_TOPIC, 0, records).await?;
+            crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&records)).await?;
             self.refresh().await?;
-            let due = {
-                let mut since = self.inner.since_compaction_bytes.lock();
-                *since += bytes as u64;
-                *since
-                    >= self
-                        .inner
-                        .compact_after_bytes
-                        .load(std::sync::atomic::Ordering::Relaxed)
-            };
-            if due {
+            let threshold_bytes = self
+                .inner
+                .compact_after_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if self.inner.tail.lock().growth.due(threshold_bytes) {
                 // What was given above is durable whatever happens here; a compaction cut
                 // short changes nothing (module doc), and the next is tried a segment later.
-                *self.inner.since_compaction_bytes.lock() = 0;
                 if let Err(e) = self.compact(broker).await {
                     tracing::warn!(error = %e, "{PRODUCERS_TOPIC} compaction failed");
+                    self.inner.tail.lock().growth.failed(threshold_bytes);
                 }
             }
         }
@@ -496,11 +489,11 @@ impl ProducerIds {
     /// producer whole in one), and the offset memory reached (where the marker goes when
     /// there is nothing to rewrite).
     fn rewrite_batches(&self, limit_bytes: usize) -> (Vec<Vec<Record>>, u64) {
-        let applied = self.inner.applied_next.lock();
+        let tail = self.inner.tail.lock();
         let groups = self.inner.state.read().rewrite();
         let batches =
             crate::internal::compact::pack(groups.iter().map(|g| to_records(g)), limit_bytes);
-        (batches, *applied)
+        (batches, tail.next)
     }
 
     /// Checks a batch's producer id and epoch against the registry: an id never given, or
@@ -571,18 +564,17 @@ impl ProducerIds {
     }
 
     fn refresh_blocking(&self) -> Result<(), BrokerError> {
-        let mut applied = self.inner.applied_next.lock();
+        let mut tail = self.inner.tail.lock();
         let log = producers_log(&self.inner.store, self.inner.segment_bytes)?;
-        if *applied >= log.high_watermark() {
+        if tail.next >= log.high_watermark() {
             return Ok(());
         }
         // From a later log start (a replica restarted at its source's), the records replayed
         // fold onto what memory holds: every value is a maximum or restated whole by the
         // rewrite there, so nothing goes back.
         let mut state = self.inner.state.read().clone();
-        let next = follow_log(&log, *applied, &mut state)?;
+        follow_log(&log, &mut tail, &mut state)?;
         *self.inner.state.write() = state;
-        *applied = next;
         Ok(())
     }
 

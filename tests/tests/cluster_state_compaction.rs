@@ -28,7 +28,7 @@ const SEGMENT_BYTES: &str = "16384";
 const TOKENS: usize = 160;
 /// Named producers, each initialised this many times (a commit of its id and epoch each).
 const NAMES: usize = 4;
-const INITS_PER_NAME: usize = 90;
+const INITS_PER_NAME: usize = 110;
 
 /// Retries `call` on UNAVAILABLE until the deadline, through the client library's errors;
 /// any other error fails the test.

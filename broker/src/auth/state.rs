@@ -11,7 +11,8 @@
 //!
 //! # Compaction
 //! Once the topic has grown by about a segment (`--state-segment-bytes`) since the last
-//! compaction, the writer (the single broker, or the settled leader of `__security`),
+//! compaction marker (counted by the log's tail, so a new leader or a restarted broker
+//! knows it too), the writer (the single broker, or the settled leader of `__security`),
 //! holding the writer lock so no change lands between, rewrites the live state
 //! ([`crate::internal::compact`]): every principal, every token neither revoked nor expired,
 //! every rule, in batches of about a quarter segment (each a durable commit), then a
@@ -181,6 +182,8 @@ struct Tail {
     /// that log start, and the state replayed from it, published once a marker whose rewrite
     /// starts at or after it has been read.
     rebuilding: Option<(u64, State)>,
+    /// The growth since the last compaction, which the writer compacts on.
+    growth: crate::internal::compact::Growth,
 }
 
 /// The security state of a broker. A cheap clone.
@@ -201,12 +204,12 @@ struct Inner {
     /// How far memory follows the log. Locked while the log is read into memory, so two
     /// refreshes never apply the same records.
     tail: parking_lot::Mutex<Tail>,
-    /// Serialises changes (append, then apply) and counts the bytes appended since the last
-    /// compaction.
-    writer: tokio::sync::Mutex<u64>,
+    /// Serialises changes (append, then apply), compactions included.
+    writer: tokio::sync::Mutex<()>,
     /// The segment size of a `__security` created here (`--state-segment-bytes`).
     segment_bytes: u64,
-    /// The growth that starts a compaction: `segment_bytes` (tests hold it off).
+    /// The growth since the last compaction that starts one: `segment_bytes` (tests hold it
+    /// off).
     compact_after_bytes: std::sync::atomic::AtomicU64,
 }
 
@@ -260,7 +263,7 @@ impl Security {
                 store,
                 state: RwLock::new(State::default()),
                 tail: parking_lot::Mutex::new(Tail::default()),
-                writer: tokio::sync::Mutex::new(0),
+                writer: tokio::sync::Mutex::new(()),
                 segment_bytes,
                 compact_after_bytes: std::sync::atomic::AtomicU64::new(segment_bytes),
             }),
@@ -305,24 +308,31 @@ pub fn security_topic_config(segment_bytes: u64) -> TopicConfig {
     }
 }
 
-/// Applies every record of `log` from offset `from` to `state`; returns the offset it
-/// reached and the start of the last compaction marker read, if any.
-fn replay(
-    log: &PartitionLog,
-    from: u64,
-    state: &mut State,
-) -> Result<(u64, Option<u64>), BrokerError> {
-    let mut marker = None;
+/// What [`replay`] read.
+struct Read {
+    /// The offset reached.
+    end: u64,
+    /// The start of the last compaction marker read, if any.
+    marker: Option<u64>,
+    /// Bytes of the records after that marker (all read, if none).
+    bytes: u64,
+}
+
+/// Applies every record of `log` from offset `from` to `state`.
+fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<Read, BrokerError> {
+    let (mut marker, mut bytes) = (None, 0u64);
     let end = crate::internal::replay_values(log, from, corrupt, |offset, value| {
         let decoded = SecurityRecord::decode(value)
             .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
         if let SecurityRecord::Compacted { start } = decoded {
-            marker = Some(start);
+            (marker, bytes) = (Some(start), 0);
+        } else {
+            bytes += value.len() as u64;
         }
         state.apply(decoded);
         Ok(())
     })?;
-    Ok((end, marker))
+    Ok(Read { end, marker, bytes })
 }
 
 impl Security {
@@ -424,22 +434,20 @@ impl Security {
     /// cluster), then brings memory up to the log, which now holds it.
     /// Compacts the topic once it has grown by a segment since the last compaction.
     async fn commit(&self, broker: &Broker, record: SecurityRecord) -> Result<(), BrokerError> {
-        let mut since_compaction_bytes = self.inner.writer.lock().await;
+        let _writer = self.inner.writer.lock().await;
         let record = security_record(&record);
-        let bytes = crate::internal::compact::record_bytes(&record) as u64;
         crate::internal::append(broker, SECURITY_TOPIC, 0, vec![record]).await?;
         self.refresh().await?;
-        *since_compaction_bytes += bytes;
-        let compact_after_bytes = self
+        let threshold_bytes = self
             .inner
             .compact_after_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
-        if *since_compaction_bytes >= compact_after_bytes {
+        if self.inner.tail.lock().growth.due(threshold_bytes) {
             // The change above is stored whatever happens here; a compaction cut short
             // changes nothing (module doc), and the next is tried a segment later.
-            *since_compaction_bytes = 0;
             if let Err(e) = self.compact(broker).await {
                 tracing::warn!(error = %e, "{SECURITY_TOPIC} compaction failed");
+                self.inner.tail.lock().growth.failed(threshold_bytes);
             }
         }
         Ok(())
@@ -530,14 +538,16 @@ impl Security {
             );
             tail.rebuilding = Some((log_start, State::default()));
             tail.next = log_start;
+            tail.growth = crate::internal::compact::Growth::default();
             *self.inner.state.write() = State::default();
         }
         let mut state = match &tail.rebuilding {
             Some((_, rebuilt)) => rebuilt.clone(),
             None => self.inner.state.read().clone(),
         };
-        let (next, marker) = replay(&log, tail.next, &mut state)?;
-        tail.next = next;
+        let Read { end, marker, bytes } = replay(&log, tail.next, &mut state)?;
+        tail.next = end;
+        tail.growth.read(marker.is_some(), bytes);
         match tail.rebuilding.take() {
             Some((from, _)) if marker.is_none_or(|start| start < from) => {
                 tail.rebuilding = Some((from, state));

@@ -26,6 +26,43 @@ use crate::state::Broker;
 /// each is compacted once it has grown by about this much since its last compaction.
 pub const DEFAULT_STATE_SEGMENT_BYTES: u64 = 1 << 20;
 
+/// How much a state topic grew since its last compaction marker, as its tail of the log read
+/// it (every writer's records, so a new leader or a restarted broker knows it too), and when
+/// its writer compacts next.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Growth {
+    /// Bytes of the records read after the last marker (all read, if none).
+    since_marker_bytes: u64,
+    /// After a failed compaction: the growth at which the next is tried, so a failing one is
+    /// not retried at every change.
+    retry_at_bytes: u64,
+}
+
+impl Growth {
+    /// Counts a read of the log: `bytes` read after its last marker, if it read one
+    /// (`marker_read`), else all it read.
+    pub fn read(&mut self, marker_read: bool, bytes: u64) {
+        if marker_read {
+            *self = Growth {
+                since_marker_bytes: bytes,
+                retry_at_bytes: 0,
+            };
+        } else {
+            self.since_marker_bytes += bytes;
+        }
+    }
+
+    /// Whether the topic grew by `threshold_bytes` (a segment) since its last compaction.
+    pub fn due(&self, threshold_bytes: u64) -> bool {
+        self.since_marker_bytes >= threshold_bytes.max(self.retry_at_bytes)
+    }
+
+    /// A compaction failed: the next is tried once the topic grew by `threshold_bytes` more.
+    pub fn failed(&mut self, threshold_bytes: u64) {
+        self.retry_at_bytes = self.since_marker_bytes.saturating_add(threshold_bytes);
+    }
+}
+
 /// The bytes a record adds to a batch, near enough for sizing one.
 pub fn record_bytes(record: &Record) -> usize {
     record.value.len() + record.key.as_ref().map_or(0, Bytes::len)
@@ -119,6 +156,29 @@ mod tests {
         (0..n)
             .map(|_| record(None, Bytes::from(vec![0u8; bytes])))
             .collect()
+    }
+
+    #[test]
+    fn growth_counts_from_the_last_marker_and_backs_off_after_a_failure() {
+        let mut g = Growth::default();
+        g.read(false, 600);
+        assert!(!g.due(1000));
+        g.read(false, 500);
+        assert!(g.due(1000), "1100 bytes since no marker");
+        g.failed(1000);
+        g.read(false, 100);
+        assert!(!g.due(1000), "a failed compaction waits a threshold more");
+        g.read(false, 1000);
+        assert!(g.due(1000));
+        g.read(true, 10);
+        assert!(!g.due(1000), "a marker restarts the count");
+        assert_eq!(
+            g,
+            Growth {
+                since_marker_bytes: 10,
+                retry_at_bytes: 0
+            }
+        );
     }
 
     #[test]
