@@ -148,6 +148,32 @@ pub fn delete_before(topic: &str, log: &PartitionLog, start: u64) -> u32 {
     }
 }
 
+/// Test support: copies the batches of `from` in `offsets` to `to`, as a replica's apply
+/// appends them.
+#[cfg(test)]
+pub(crate) fn copy_batches(from: &PartitionLog, offsets: std::ops::Range<u64>, to: &PartitionLog) {
+    let mut at = offsets.start;
+    while at < offsets.end {
+        let read = from.read(at, 1 << 20).expect("read");
+        for chunk in &read.chunks {
+            for batch in rill_storage::batch::batches(chunk) {
+                let batch = batch.expect("a batch");
+                let base = batch.header().base_offset;
+                if base >= at && base < offsets.end {
+                    let appended = to
+                        .append(&Bytes::copy_from_slice(batch.as_bytes()))
+                        .expect("append");
+                    assert_eq!(appended.base_offset, base, "the replica's offsets match");
+                }
+            }
+        }
+        if read.next_offset <= at {
+            break;
+        }
+        at = read.next_offset;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,31 +217,5 @@ mod tests {
         // 20 + 10 fit; the group of 3 (30) would pass 40: a new batch; the big group alone.
         assert_eq!(sizes, vec![3, 3, 1]);
         assert!(pack(Vec::<Vec<Record>>::new(), 40).is_empty());
-    }
-}
-
-/// Test support: copies the batches of `from` in `offsets` to `to`, as a replica's apply
-/// appends them.
-#[cfg(test)]
-pub(crate) fn copy_batches(from: &PartitionLog, offsets: std::ops::Range<u64>, to: &PartitionLog) {
-    let mut at = offsets.start;
-    while at < offsets.end {
-        let read = from.read(at, 1 << 20).expect("read");
-        for chunk in &read.chunks {
-            for batch in rill_storage::batch::batches(chunk) {
-                let batch = batch.expect("a batch");
-                let base = batch.header().base_offset;
-                if base >= at && base < offsets.end {
-                    let appended = to
-                        .append(&Bytes::copy_from_slice(batch.as_bytes()))
-                        .expect("append");
-                    assert_eq!(appended.base_offset, base, "the replica's offsets match");
-                }
-            }
-        }
-        if read.next_offset <= at {
-            break;
-        }
-        at = read.next_offset;
     }
 }
