@@ -15,6 +15,9 @@ const MIN_GROUPS_SEGMENT_BYTES: u64 = 16 << 10;
 /// The smallest subscriptions topic segment accepted: a compaction writes each subscription
 /// whole in one batch of about a quarter segment.
 const MIN_SUBSCRIPTIONS_SEGMENT_BYTES: u64 = 16 << 10;
+/// The smallest `__security` / `__producers` segment accepted: a compaction writes the state
+/// in batches of about a quarter segment.
+const MIN_STATE_SEGMENT_BYTES: u64 = 16 << 10;
 
 /// Command-line flags of `rill-broker`; each also reads a `RILL_*` environment variable.
 #[derive(Debug, Parser)]
@@ -51,6 +54,10 @@ pub struct Flags {
     /// much it grows before it is compacted [default: 1048576].
     #[arg(long, env = "RILL_SUBSCRIPTIONS_SEGMENT_BYTES")]
     pub subscriptions_segment_bytes: Option<u64>,
+    /// The segment size of the security and producer-id topics when they are created, in
+    /// bytes; also how much each grows before it is compacted [default: 1048576].
+    #[arg(long, env = "RILL_STATE_SEGMENT_BYTES")]
+    pub state_segment_bytes: Option<u64>,
     /// The flush policy of new topics that name none: always, never or interval:MS
     /// [default: interval:1000].
     #[arg(long, env = "RILL_DEFAULT_FLUSH")]
@@ -202,6 +209,9 @@ pub fn load(flags: Flags) -> Result<Config> {
     {
         config.subscriptions_segment_bytes = v;
     }
+    if let Some(v) = flags.state_segment_bytes.or(file.state_segment_bytes) {
+        config.state_segment_bytes = v;
+    }
     if let Some(v) = file.max_waiting_fetches {
         config.max_waiting_fetches = v;
     }
@@ -280,6 +290,13 @@ pub fn load(flags: Flags) -> Result<Config> {
         "subscriptions_segment_bytes must be {MIN_SUBSCRIPTIONS_SEGMENT_BYTES}..={}, got {}",
         rill_storage::config::MAX_SEGMENT_BYTES,
         config.subscriptions_segment_bytes
+    );
+    anyhow::ensure!(
+        (MIN_STATE_SEGMENT_BYTES..=rill_storage::config::MAX_SEGMENT_BYTES)
+            .contains(&config.state_segment_bytes),
+        "state_segment_bytes must be {MIN_STATE_SEGMENT_BYTES}..={}, got {}",
+        rill_storage::config::MAX_SEGMENT_BYTES,
+        config.state_segment_bytes
     );
     anyhow::ensure!(
         config.producer_id_expiration_ms >= 1,
@@ -461,6 +478,33 @@ mod tests {
         let err = load(flags(&["--subscriptions-segment-bytes", "4096"])).expect_err("too small");
         assert!(
             format!("{err:#}").contains("subscriptions_segment_bytes must be"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn state_segment_bytes_layers_file_under_flag_and_refuses_tiny_segments() {
+        assert_eq!(
+            load(flags(&[])).expect("load").state_segment_bytes,
+            1 << 20,
+            "1 MiB by default"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rill.toml");
+        std::fs::write(&path, "state_segment_bytes = 65536\n").expect("write");
+        let p = path.to_str().expect("utf-8 path");
+        assert_eq!(
+            load(flags(&["--config", p]))
+                .expect("load")
+                .state_segment_bytes,
+            65_536
+        );
+        let flagged =
+            load(flags(&["--config", p, "--state-segment-bytes", "16384"])).expect("load");
+        assert_eq!(flagged.state_segment_bytes, 16_384, "the flag wins");
+        let err = load(flags(&["--state-segment-bytes", "4096"])).expect_err("too small");
+        assert!(
+            format!("{err:#}").contains("state_segment_bytes must be"),
             "{err:#}"
         );
     }

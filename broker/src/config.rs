@@ -65,6 +65,11 @@ pub struct Config {
     /// with). It is also the growth after which the topic is compacted and its older segments
     /// deleted. Default 1 MiB.
     pub subscriptions_segment_bytes: u64,
+    /// The segment size of the security and producer-id topics (`__security`,
+    /// `__producers`), in bytes, used only when a topic is created (a data folder, or a
+    /// cluster, keeps the one it was made with). It is also the growth after which each is
+    /// compacted (its latest state rewritten) and its older segments deleted. Default 1 MiB.
+    pub state_segment_bytes: u64,
     /// The most bytes one fetch returns, whatever it asks. Default 16 MiB.
     pub max_fetch_bytes: usize,
     /// How often retention runs, in milliseconds. Default 60 s.
@@ -109,6 +114,7 @@ impl Default for Config {
             groups_segment_bytes: rill_storage::groups::DEFAULT_GROUPS_SEGMENT_BYTES,
             subscriptions_segment_bytes:
                 crate::subscriptions::persist::DEFAULT_SUBSCRIPTIONS_SEGMENT_BYTES,
+            state_segment_bytes: crate::internal::compact::DEFAULT_STATE_SEGMENT_BYTES,
             max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
             retention_check_ms: DEFAULT_RETENTION_CHECK_MS,
             max_waiting_fetches: DEFAULT_MAX_WAITING_FETCHES,
@@ -167,6 +173,13 @@ impl Config {
     /// Sets the segment size of a new subscriptions topic, in bytes (default 1 MiB).
     pub fn subscriptions_segment_bytes(mut self, subscriptions_segment_bytes: u64) -> Self {
         self.subscriptions_segment_bytes = subscriptions_segment_bytes;
+        self
+    }
+
+    /// Sets the segment size of new `__security` and `__producers` topics, in bytes (default
+    /// 1 MiB).
+    pub fn state_segment_bytes(mut self, state_segment_bytes: u64) -> Self {
+        self.state_segment_bytes = state_segment_bytes;
         self
     }
 
@@ -234,6 +247,8 @@ pub struct FileConfig {
     pub groups_segment_bytes: Option<u64>,
     /// See [`Config::subscriptions_segment_bytes`].
     pub subscriptions_segment_bytes: Option<u64>,
+    /// See [`Config::state_segment_bytes`].
+    pub state_segment_bytes: Option<u64>,
     /// See [`Config::max_waiting_fetches`].
     pub max_waiting_fetches: Option<usize>,
     /// See [`Config::max_connections`].

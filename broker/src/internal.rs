@@ -13,6 +13,10 @@
 //!   its term, then rebuilds what it keeps in memory from its replica's log, and only then
 //!   serves it ([`follow`]); every replica also tails its log as it grows, so reads that
 //!   any broker may answer (authentication) see changes at once.
+//!
+//! [`compact`] holds what the compactions of the keyed state topics share.
+
+pub mod compact;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,7 +59,7 @@ pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
         ),
         (
             crate::auth::SECURITY_TOPIC.to_string(),
-            crate::auth::state::security_topic_config(),
+            crate::auth::state::security_topic_config(broker.config().state_segment_bytes),
         ),
         (
             crate::subscriptions::persist::SUBSCRIPTIONS_TOPIC.to_string(),
@@ -65,7 +69,7 @@ pub fn specs(broker: &Broker) -> Vec<(String, rill_storage::TopicConfig)> {
         ),
         (
             crate::producers::PRODUCERS_TOPIC.to_string(),
-            crate::producers::producers_topic_config(),
+            crate::producers::producers_topic_config(broker.config().state_segment_bytes),
         ),
     ]
 }

@@ -23,7 +23,8 @@
 //! - [`tasks`]: the background flush and retention loops.
 //! - [`internal`]: the internal state topics (`__groups`, `__security`, `__subscriptions`,
 //!   `__producers`) on replicated storage in a cluster: durable appends, routing to the partition leader,
-//!   and rebuilding state on a new leader.
+//!   and rebuilding state on a new leader; `internal::compact`, what the compactions of
+//!   `__subscriptions`, `__security` and `__producers` share.
 //! - [`groups`]: the group coordinator's background work over the groups topic.
 //! - [`subscriptions`]: queue subscriptions (per-record acks, redelivery, dead letters) over
 //!   the internal topic `__subscriptions`, and push delivery with credits.

@@ -20,6 +20,28 @@
 //!
 //! The per-partition sequences live with each partition's log (`rill_storage::producers`),
 //! where they are rebuilt from the batches.
+//!
+//! # Compaction
+//! Once the topic has grown by about a segment (`--state-segment-bytes`) since the last
+//! compaction marker (counted by the log's tail, so a new leader or a restarted broker
+//! knows it too), the writer, holding the cursor's lock (so no id is given meanwhile), rewrites
+//! the registry ([`crate::internal::compact`]): the id block (`next_id` = the end of the
+//! last block), then each named producer whole in one batch (a record for every id it held
+//! before, with that id's newest epoch, so an id a name left when its epoch ran out stays
+//! fenced; then its current id and epoch), then a [`ProducerRecord::Compacted`] marker
+//! naming the rewrite's first offset. Whoever tails the log, the single broker too, deletes
+//! the sealed segments that end before that offset when it reads the marker.
+//!
+//! Every record states a whole value that replay folds by maximum (the block end, each id's
+//! newest epoch) or replaces (a name's current id and epoch, restated as it is). So replay
+//! of any prefix of a rewrite after the records it restates changes nothing: a crash, or a
+//! leader change, at any point of a rewrite leaves the registry exactly as before it (the
+//! old segments are deleted only after the marker, once the whole rewrite is durable), the
+//! block end never goes back (no id is given twice) and no epoch goes back. Replay from a
+//! later log start (a segment boundary before a marker's rewrite) reads the newest records
+//! of some names, then the whole rewrite, which restates every name and the block end: the
+//! same registry. A broker older than the marker refuses to start on a log that holds one
+//! (the record kind does not decode: "cannot be replayed"), rather than guess.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -77,6 +99,12 @@ pub enum ProducerRecord {
         /// Its current epoch; older epochs are fenced.
         epoch: i16,
     },
+    /// A compaction: the records from `start` to this one restate the whole registry, so
+    /// the segments before `start` may be deleted.
+    Compacted {
+        /// The offset of the rewrite's first record.
+        start: u64,
+    },
 }
 
 impl ProducerRecord {
@@ -108,7 +136,7 @@ struct Named {
 }
 
 /// The registry as the log holds it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct State {
     /// Every id below it may have been given; none at or above it was.
     block_end: i64,
@@ -116,6 +144,8 @@ struct State {
     named: BTreeMap<String, Named>,
     /// Id → the newest epoch of a named producer with that id, for the produce check.
     epochs: BTreeMap<i64, i16>,
+    /// Id → the name that holds or held it, so a compaction restates every id's epoch.
+    holders: BTreeMap<i64, String>,
 }
 
 impl State {
@@ -125,9 +155,47 @@ impl State {
             ProducerRecord::NamedProducer { name, id, epoch } => {
                 let newest = self.epochs.entry(id).or_insert(epoch);
                 *newest = (*newest).max(epoch);
+                self.holders.insert(id, name.clone());
                 self.named.insert(name, Named { id, epoch });
             }
+            ProducerRecord::Compacted { .. } => {}
         }
+    }
+
+    /// The records that restate this registry, in groups never to be split across batches:
+    /// the block end, then each named producer whole (every id it held before with that id's
+    /// newest epoch, then its current id's newest epoch when its current one is older, then
+    /// its current id and epoch). Replayed after any of the records they restate, they
+    /// leave the registry as it is (module doc).
+    fn rewrite(&self) -> Vec<Vec<ProducerRecord>> {
+        let mut groups = vec![vec![ProducerRecord::IdBlock {
+            next_id: self.block_end,
+        }]];
+        let mut held: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+        for (id, name) in &self.holders {
+            held.entry(name.as_str()).or_default().push(*id);
+        }
+        for (name, current) in &self.named {
+            let named = |id: i64, epoch: i16| ProducerRecord::NamedProducer {
+                name: name.clone(),
+                id,
+                epoch,
+            };
+            let newest = |id: i64| self.epochs.get(&id).copied().unwrap_or(current.epoch);
+            let mut group: Vec<ProducerRecord> = held
+                .get(name.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|id| **id != current.id)
+                .map(|id| named(*id, newest(*id)))
+                .collect();
+            if newest(current.id) != current.epoch {
+                group.push(named(current.id, newest(current.id)));
+            }
+            group.push(named(current.id, current.epoch));
+            groups.push(group);
+        }
+        groups
     }
 }
 
@@ -142,30 +210,45 @@ struct Inner {
     store: Store,
     /// A plain lock: held only to read or apply, never across an await.
     state: RwLock<State>,
-    /// The offset memory holds every record before. Locked while the log is read into
-    /// memory, so two refreshes never apply the same records.
-    applied_next: parking_lot::Mutex<u64>,
+    /// How far memory follows the log. Locked while the log is read into memory, so two
+    /// refreshes never apply the same records.
+    tail: parking_lot::Mutex<Tail>,
     /// The writer's cursor (the next id it gives), which also serialises changes: append,
     /// then apply. Meaningful only on the writer; reset when it starts to write.
     cursor: tokio::sync::Mutex<i64>,
+    /// The segment size of a `__producers` created here (`--state-segment-bytes`).
+    segment_bytes: u64,
+    /// The growth since the last compaction that starts one: `segment_bytes` (tests hold it
+    /// off).
+    compact_after_bytes: std::sync::atomic::AtomicU64,
 }
 
-/// The config of `__producers`: one partition, flushed on every append, kept forever, small
-/// segments (a few records per named producer and per block).
-pub fn producers_topic_config() -> TopicConfig {
+/// How far memory follows the log.
+#[derive(Debug, Default)]
+struct Tail {
+    /// The offset memory holds every record before.
+    next: u64,
+    /// The growth since the last compaction, which the writer compacts on.
+    growth: crate::internal::compact::Growth,
+}
+
+/// The config of `__producers`: one partition, flushed on every append, kept forever
+/// (compaction bounds it), in segments of `segment_bytes` (`--state-segment-bytes`). Used
+/// when the topic is created; an existing topic keeps its own.
+pub fn producers_topic_config(segment_bytes: u64) -> TopicConfig {
     TopicConfig {
         partitions: 1,
         retention_ms: None,
         retention_bytes: None,
         flush: FlushPolicy::Always,
-        segment_bytes: 1 << 20,
+        segment_bytes,
         ..TopicConfig::default()
     }
 }
 
-fn producers_log(store: &Store) -> Result<PartitionLog, BrokerError> {
+fn producers_log(store: &Store, segment_bytes: u64) -> Result<PartitionLog, BrokerError> {
     Ok(store
-        .internal_topic(PRODUCERS_TOPIC, producers_topic_config())?
+        .internal_topic(PRODUCERS_TOPIC, producers_topic_config(segment_bytes))?
         .partition(0)?)
 }
 
@@ -176,14 +259,28 @@ fn corrupt(what: String) -> BrokerError {
     ))
 }
 
-/// Applies every record of `log` from offset `from` to `state`; returns the offset reached.
-fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<u64, BrokerError> {
-    crate::internal::replay_values(log, from, corrupt, |offset, value| {
+/// Applies every record of `log` from offset `from` to `state` and, when it read a
+/// compaction marker, deletes the segments before the marker's rewrite (this replica's own;
+/// see the module doc). Moves `tail` to the offset reached. Blocking.
+fn follow_log(log: &PartitionLog, tail: &mut Tail, state: &mut State) -> Result<(), BrokerError> {
+    let (mut marker, mut bytes) = (None, 0u64);
+    let end = crate::internal::replay_values(log, tail.next, corrupt, |offset, value| {
         let decoded = ProducerRecord::decode(value)
             .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
+        if let ProducerRecord::Compacted { start } = decoded {
+            (marker, bytes) = (Some(start), 0);
+        } else {
+            bytes += value.len() as u64;
+        }
         state.apply(decoded);
         Ok(())
-    })
+    })?;
+    tail.next = end;
+    tail.growth.read(marker.is_some(), bytes);
+    if let Some(start) = marker {
+        crate::internal::compact::delete_before(PRODUCERS_TOPIC, log, start);
+    }
+    Ok(())
 }
 
 /// The old file's layout.
@@ -267,9 +364,9 @@ impl ProducerIds {
     /// (a single broker) first imports an old `<data>/producer-ids` file into an empty topic;
     /// a cluster member never writes its internal topics outside Raft, so it leaves the file
     /// alone (its ids came from per-broker ranges the cluster registry does not reuse).
-    /// Blocking (file work).
-    pub fn open(store: Store, import_old: bool) -> Result<Self, BrokerError> {
-        let log = producers_log(&store)?;
+    /// `segment_bytes` is the segment size if the topic is created here. Blocking (file work).
+    pub fn open(store: Store, import_old: bool, segment_bytes: u64) -> Result<Self, BrokerError> {
+        let log = producers_log(&store, segment_bytes)?;
         let data_dir = store.data_dir().to_path_buf();
         if import_old && log.high_watermark() == 0 && import_file(&data_dir, &log)? {
             tracing::info!(
@@ -284,7 +381,10 @@ impl ProducerIds {
             );
         }
         let mut state = State::default();
-        let applied_next = replay(&log, 0, &mut state)?;
+        // A marker read here is acted on again: a crash may have come between it and the
+        // deletion.
+        let mut tail = Tail::default();
+        follow_log(&log, &mut tail, &mut state)?;
         let cursor = state.block_end;
         tracing::info!(
             next_id = state.block_end,
@@ -295,8 +395,10 @@ impl ProducerIds {
             inner: Arc::new(Inner {
                 store,
                 state: RwLock::new(state),
-                applied_next: parking_lot::Mutex::new(applied_next),
+                tail: parking_lot::Mutex::new(tail),
                 cursor: tokio::sync::Mutex::new(cursor),
+                segment_bytes,
+                compact_after_bytes: std::sync::atomic::AtomicU64::new(segment_bytes),
             }),
         })
     }
@@ -349,8 +451,49 @@ impl ProducerIds {
         if !records.is_empty() {
             crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&records)).await?;
             self.refresh().await?;
+            let threshold_bytes = self
+                .inner
+                .compact_after_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if self.inner.tail.lock().growth.due(threshold_bytes) {
+                // What was given above is durable whatever happens here; a compaction cut
+                // short changes nothing (module doc), and the next is tried a segment later.
+                if let Err(e) = self.compact(broker).await {
+                    tracing::warn!(error = %e, "{PRODUCERS_TOPIC} compaction failed");
+                    self.inner.tail.lock().growth.failed(threshold_bytes);
+                }
+            }
         }
         Ok((given.0, given.1))
+    }
+
+    /// Rewrites the registry and appends the marker (module doc); the tail of the log, here
+    /// [`Self::refresh`], deletes the segments before the rewrite. The caller holds the
+    /// cursor's lock, so the registry does not change meanwhile.
+    async fn compact(&self, broker: &Broker) -> Result<(), BrokerError> {
+        self.refresh().await?;
+        let limit = usize::try_from(self.inner.segment_bytes / 4).unwrap_or(usize::MAX);
+        let (batches, end) = self.rewrite_batches(limit);
+        let records: usize = batches.iter().map(Vec::len).sum();
+        let start =
+            crate::internal::compact::rewrite(broker, PRODUCERS_TOPIC, batches, end, |start| {
+                to_records(&[ProducerRecord::Compacted { start }]).remove(0)
+            })
+            .await?;
+        self.refresh().await?;
+        tracing::info!(start, records, "{PRODUCERS_TOPIC} compacted");
+        Ok(())
+    }
+
+    /// The batches of a rewrite of the registry (each of about `limit_bytes`, a named
+    /// producer whole in one), and the offset memory reached (where the marker goes when
+    /// there is nothing to rewrite).
+    fn rewrite_batches(&self, limit_bytes: usize) -> (Vec<Vec<Record>>, u64) {
+        let tail = self.inner.tail.lock();
+        let groups = self.inner.state.read().rewrite();
+        let batches =
+            crate::internal::compact::pack(groups.iter().map(|g| to_records(g)), limit_bytes);
+        (batches, tail.next)
     }
 
     /// Checks a batch's producer id and epoch against the registry: an id never given, or
@@ -421,15 +564,17 @@ impl ProducerIds {
     }
 
     fn refresh_blocking(&self) -> Result<(), BrokerError> {
-        let mut applied = self.inner.applied_next.lock();
-        let log = producers_log(&self.inner.store)?;
-        if *applied >= log.high_watermark() {
+        let mut tail = self.inner.tail.lock();
+        let log = producers_log(&self.inner.store, self.inner.segment_bytes)?;
+        if tail.next >= log.high_watermark() {
             return Ok(());
         }
+        // From a later log start (a replica restarted at its source's), the records replayed
+        // fold onto what memory holds: every value is a maximum or restated whole by the
+        // rewrite there, so nothing goes back.
         let mut state = self.inner.state.read().clone();
-        let next = replay(&log, *applied, &mut state)?;
+        follow_log(&log, &mut tail, &mut state)?;
         *self.inner.state.write() = state;
-        *applied = next;
         Ok(())
     }
 
@@ -475,123 +620,4 @@ impl ProducerIds {
 }
 
 #[cfg(test)]
-mod tests {
-    use rill_storage::StoreOptions;
-    use tokio_util::sync::CancellationToken;
-    use tokio_util::task::TaskTracker;
-
-    use super::*;
-
-    /// A single broker over `dir` with its registry (importing an old file, as a single
-    /// broker does).
-    fn single(dir: &Path) -> (Broker, ProducerIds) {
-        let store = Store::open(StoreOptions::new(dir)).expect("open");
-        let ids = ProducerIds::open(store.clone(), true).expect("ids");
-        let broker = Broker::new(
-            store,
-            crate::Config::new(dir),
-            CancellationToken::new(),
-            TaskTracker::new(),
-        );
-        (broker, ids)
-    }
-
-    #[tokio::test]
-    async fn ids_are_never_given_twice_and_names_are_fenced_by_epoch() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (broker, ids) = single(dir.path());
-        assert_eq!(ids.init(&broker, None).await.expect("init"), (0, 0));
-        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (1, 0));
-        assert_eq!(ids.init(&broker, None).await.expect("init"), (2, 0));
-        ids.check(1, 0).expect("current epoch");
-        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (1, 1));
-        assert!(matches!(
-            ids.check(1, 0),
-            Err(BrokerError::ProducerFenced { current: 1, .. })
-        ));
-        assert!(matches!(
-            ids.check(3, 0),
-            Err(BrokerError::UnknownProducerId { producer_id: 3 })
-        ));
-        assert!(ids.init(&broker, Some("bad/name")).await.is_err());
-        broker.store().close().expect("close");
-        drop((broker, ids));
-        // After a restart: the counter and the epochs are where they were.
-        let (broker, ids) = single(dir.path());
-        assert_eq!(ids.init(&broker, None).await.expect("init"), (3, 0));
-        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (1, 2));
-        assert!(ids.check(1, 1).is_err());
-    }
-
-    #[tokio::test]
-    async fn an_old_registry_file_is_imported_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            dir.path().join(FILE),
-            "next_id = 7\n[named.app]\nid = 4\nepoch = 2\n",
-        )
-        .expect("write");
-        let (broker, ids) = single(dir.path());
-        assert!(!dir.path().join(FILE).exists(), "renamed once imported");
-        assert!(dir.path().join(IMPORTED_FILE).exists());
-        assert!(ids.check(4, 1).is_err(), "the old epoch still fences");
-        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (4, 3));
-        assert_eq!(ids.init(&broker, None).await.expect("init"), (7, 0));
-        broker.store().close().expect("close");
-        drop((broker, ids));
-        // Imported once: a reopen replays the topic, not the renamed file.
-        let (broker, ids) = single(dir.path());
-        assert_eq!(ids.init(&broker, None).await.expect("init"), (8, 0));
-        assert_eq!(ids.init(&broker, Some("app")).await.expect("init"), (4, 4));
-    }
-
-    #[test]
-    fn records_round_trip_and_bad_bytes_are_refused() {
-        for r in [
-            ProducerRecord::IdBlock { next_id: 7 },
-            ProducerRecord::NamedProducer {
-                name: "app".into(),
-                id: 3,
-                epoch: 2,
-            },
-        ] {
-            assert_eq!(ProducerRecord::decode(&r.encode()).expect("decode"), r);
-        }
-        assert!(ProducerRecord::decode(b"").is_err());
-        assert!(ProducerRecord::decode(b"\x02{}").is_err());
-        assert!(ProducerRecord::decode(b"\x01{\"type\":\"other\"}").is_err());
-    }
-
-    #[test]
-    fn a_block_always_holds_the_id_given_and_a_cluster_commits_the_next_one_early() {
-        // A single broker: one id per block, committed with the id.
-        assert_eq!(next_block(5, 5, false), Some(6));
-        // A cluster: nothing to commit while half a block remains after the id ...
-        assert_eq!(next_block(0, 1000, true), None);
-        assert_eq!(next_block(499, 1000, true), None);
-        // ... then the next whole block, before the current one runs out.
-        assert_eq!(next_block(500, 1000, true), Some(2000));
-        // A writer whose cursor is at the end (just started) gets a block holding its id.
-        assert_eq!(next_block(1000, 1000, true), Some(2000));
-        for (id, end, clustered) in [(7, 3, false), (7, 3, true), (2999, 3000, true)] {
-            let next = next_block(id, end, clustered).expect("a block");
-            assert!(next > id, "block end {next} holds id {id}");
-        }
-    }
-
-    #[test]
-    fn the_newest_epoch_of_an_id_fences_and_blocks_bound_the_known_ids() {
-        let mut state = State::default();
-        state.apply(ProducerRecord::IdBlock { next_id: 10 });
-        // A block never shrinks the known ids (records apply in log order, but a stale
-        // writer's block may come after a newer one).
-        state.apply(ProducerRecord::IdBlock { next_id: 4 });
-        assert_eq!(state.block_end, 10);
-        state.apply(ProducerRecord::NamedProducer {
-            name: "app".into(),
-            id: 2,
-            epoch: 5,
-        });
-        assert_eq!(state.epochs.get(&2), Some(&5));
-    }
-}
+mod tests;

@@ -107,8 +107,9 @@ impl Server {
         };
         let security_config = config.security.clone();
         let security_store = store.clone();
+        let security_segment_bytes = config.state_segment_bytes;
         let security = tokio::task::spawn_blocking(move || {
-            crate::auth::Security::open(security_store, &security_config)
+            crate::auth::Security::open(security_store, &security_config, security_segment_bytes)
         })
         .await
         .context("opening the security state")?
@@ -117,8 +118,9 @@ impl Server {
         // one-broker cluster) imports an old per-broker file.
         let single = config.cluster.as_ref().is_none_or(|c| c.peers.len() <= 1);
         let producers_store = store.clone();
+        let state_segment_bytes = config.state_segment_bytes;
         let producers = tokio::task::spawn_blocking(move || {
-            crate::producers::ProducerIds::open(producers_store, single)
+            crate::producers::ProducerIds::open(producers_store, single, state_segment_bytes)
         })
         .await
         .context("opening the producer ids")?

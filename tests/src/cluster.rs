@@ -397,17 +397,35 @@ impl TestCluster {
 
     /// Node `id`'s metadata for `topic`, within a short deadline.
     pub async fn metadata(&self, id: u64, topic: &str) -> Result<MetadataResponse> {
-        let url = format!("http://{}", self.addr(id));
+        self.metadata_as(id, topic, None).await
+    }
+
+    /// [`TestCluster::metadata`], asked with `token` (authentication on) if given.
+    async fn metadata_as(
+        &self,
+        id: u64,
+        topic: &str,
+        token: Option<&str>,
+    ) -> Result<MetadataResponse> {
+        let request = MetadataRequest {
+            topics: vec![topic.to_string()],
+        };
         let call = async {
-            let mut client = ClusterClient::connect(url).await?;
-            Ok::<_, anyhow::Error>(
-                client
-                    .metadata(MetadataRequest {
-                        topics: vec![topic.to_string()],
-                    })
-                    .await?
-                    .into_inner(),
-            )
+            let response = match token {
+                None => {
+                    let url = format!("http://{}", self.addr(id));
+                    ClusterClient::connect(url).await?.metadata(request).await?
+                }
+                Some(token) => {
+                    let options = rill_client::ConnectOptions::new().token(token);
+                    rill_client::Connection::connect_with(&self.addr(id).to_string(), &options)
+                        .await?
+                        .cluster()
+                        .metadata(request)
+                        .await?
+                }
+            };
+            Ok::<_, anyhow::Error>(response.into_inner())
         };
         tokio::time::timeout(CALL_DEADLINE, call)
             .await
@@ -422,17 +440,34 @@ impl TestCluster {
         p: u32,
         deadline: Duration,
     ) -> Result<u64> {
+        self.wait_partition_leader_as(None, topic, p, deadline)
+            .await
+    }
+
+    /// [`TestCluster::wait_partition_leader`], asking with `token` (authentication on) if
+    /// given.
+    pub async fn wait_partition_leader_as(
+        &self,
+        token: Option<&str>,
+        topic: &str,
+        p: u32,
+        deadline: Duration,
+    ) -> Result<u64> {
         let until = tokio::time::Instant::now() + deadline;
         loop {
             let running = self.running();
             let mut leaders = Vec::new();
             for id in &running {
-                let leader = self.metadata(*id, topic).await.ok().and_then(|m| {
-                    m.topics
-                        .first()
-                        .and_then(|t| t.partitions.get(p as usize))
-                        .map(|x| x.leader)
-                });
+                let leader = self
+                    .metadata_as(*id, topic, token)
+                    .await
+                    .ok()
+                    .and_then(|m| {
+                        m.topics
+                            .first()
+                            .and_then(|t| t.partitions.get(p as usize))
+                            .map(|x| x.leader)
+                    });
                 leaders.push(leader);
             }
             if let Some(Some(l)) = leaders.first() {
@@ -511,6 +546,57 @@ impl TestCluster {
             .await
             .with_context(|| format!("creating {name}"))?;
         Ok(cluster)
+    }
+
+    /// The base offset of the oldest segment of `topic`/`p` in node `id`'s data folder: where
+    /// its log starts on disk (0 when it has no segment yet).
+    pub fn log_start_on_disk(&self, id: u64, topic: &str, p: u32) -> u64 {
+        let folder = self
+            .data_dir(id)
+            .join("topics")
+            .join(topic)
+            .join(p.to_string());
+        std::fs::read_dir(&folder)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.strip_suffix(".log")?.parse::<u64>().ok()
+                    })
+                    .min()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits until every running node's copy of `topic`/`p` starts past offset 0 on disk (its
+    /// older segments deleted by compaction), polling the data folders: the deletion is on
+    /// disk, with nothing to await. Returns node id → log start.
+    pub async fn wait_log_starts_past_zero(
+        &self,
+        topic: &str,
+        p: u32,
+        deadline: Duration,
+    ) -> Result<BTreeMap<u64, u64>> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let starts: BTreeMap<u64, u64> = self
+                .running()
+                .into_iter()
+                .map(|id| (id, self.log_start_on_disk(id, topic, p)))
+                .collect();
+            if starts.values().all(|start| *start > 0) {
+                return Ok(starts);
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!(
+                    "every replica's {topic}/{p} log start should move past 0 within \
+                     {deadline:?}: node → start {starts:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// The gRPC clients of node `id`.

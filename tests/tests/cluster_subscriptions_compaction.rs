@@ -4,8 +4,6 @@
 //! stays bounded; after kill -9 of the leader, the new leader delivers exactly the records
 //! that were not acknowledged.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use rill_proto::v1 as pb;
@@ -89,44 +87,6 @@ async fn ack(subs: &SubscriptionsClient<Channel>, first: u64, last: u64) {
     .await;
 }
 
-/// The base offset of the oldest segment of `__subscriptions` in data folder `dir`.
-fn log_start_on_disk(dir: &Path) -> u64 {
-    let folder = dir.join("topics").join(SUBSCRIPTIONS_TOPIC).join("0");
-    std::fs::read_dir(&folder)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.strip_suffix(".log")?.parse::<u64>().ok()
-                })
-                .min()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
-}
-
-/// Waits until every running replica's `__subscriptions` starts past 0, polling the data
-/// folders (nothing to await: the deletion is on disk). Returns each node's log start.
-async fn wait_compacted(cluster: &TestCluster) -> BTreeMap<u64, u64> {
-    let until = tokio::time::Instant::now() + COMPACTION_DEADLINE;
-    loop {
-        let starts: BTreeMap<u64, u64> = cluster
-            .running()
-            .into_iter()
-            .map(|id| (id, log_start_on_disk(cluster.data_dir(id))))
-            .collect();
-        if starts.values().all(|start| *start > 0) {
-            return starts;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "every replica's {SUBSCRIPTIONS_TOPIC} log start should move past 0: node → start {starts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_subscriptions_compact_on_every_replica_and_survive_kill_9_of_the_leader() {
     let mut cluster = TestCluster::start_with(
@@ -194,7 +154,10 @@ async fn replicated_subscriptions_compact_on_every_replica_and_survive_kill_9_of
     ack(&subs, next, next + 2).await;
     let acked_below = next + 3;
 
-    let starts = wait_compacted(&cluster).await;
+    let starts = cluster
+        .wait_log_starts_past_zero(SUBSCRIPTIONS_TOPIC, 0, COMPACTION_DEADLINE)
+        .await
+        .expect("compacted on every replica");
     println!("{SUBSCRIPTIONS_TOPIC} log starts after {acked_below} acks: {starts:?}");
 
     // kill -9 the leader: the new leader rebuilds from its compacted replica and delivers

@@ -49,6 +49,12 @@ pub enum SecurityRecord {
         /// The rule.
         rule: AclRule,
     },
+    /// A compaction: the records from offset `start` to this one restate the whole state,
+    /// so the segments before `start` may be deleted (see `auth::state`).
+    Compacted {
+        /// The offset of the rewrite's first record.
+        start: u64,
+    },
 }
 
 /// Why a stored record cannot be read.
@@ -141,6 +147,7 @@ mod tests {
             ".{0,30}".prop_map(|id| SecurityRecord::TokenRevoked { id }),
             rule().prop_map(|rule| SecurityRecord::AclAdded { rule }),
             rule().prop_map(|rule| SecurityRecord::AclRemoved { rule }),
+            any::<u64>().prop_map(|start| SecurityRecord::Compacted { start }),
         ]
     }
 

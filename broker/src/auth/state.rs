@@ -8,6 +8,49 @@
 //! than skip a revocation. In a cluster every broker's memory follows its replica of the
 //! log ([`Security::refresh`]), so each authenticates with every principal, token and rule,
 //! and a revocation takes effect everywhere within a commit's time.
+//!
+//! # Compaction
+//! Once the topic has grown by about a segment (`--state-segment-bytes`) since the last
+//! compaction marker (counted by the log's tail, so a new leader or a restarted broker
+//! knows it too), the writer (the single broker, or the settled leader of `__security`),
+//! holding the writer lock so no change lands between, rewrites the live state
+//! ([`crate::internal::compact`]): every principal, every token neither revoked nor expired,
+//! every rule, in batches of about a quarter segment (each a durable commit), then a
+//! [`SecurityRecord::Compacted`] marker naming the rewrite's first offset. Whoever tails the
+//! log (the single broker's own refresh, every replica's in a cluster) deletes its sealed
+//! segments that end before that offset once it reads the marker.
+//!
+//! Why a revocation never comes back:
+//! - **A rewrite cut short** (a crash, a leader change: no marker) deletes nothing, so
+//!   replay reads every old record, then some rewrite records. Each of those restates an
+//!   item live when the rewrite began, and nothing changed between (the writer lock; a new
+//!   leader's entries come after all of the old one's). Replaying them changes nothing:
+//!   a principal or a rule already held is not added twice, and a `TokenCreated` whose hash
+//!   is known changes nothing (it never clears a revocation, nor reorders). So the replay
+//!   is exactly the state before the rewrite: a revoked token is still revoked, a removed
+//!   rule still removed (the rewrite did not restate them, and the old records hold the
+//!   revocation and the removal).
+//! - **A complete compaction** deletes only segments before the marker's rewrite. Replay
+//!   then reads a tail of the old records (every record of an item that comes after any of
+//!   its records it kept: a revocation is after its token's creation, a removal after its
+//!   rule's addition), then the whole rewrite, which restates every live item. An item
+//!   revoked or removed before the rewrite is either absent, or created and revoked again
+//!   within the tail; never live. The state is the one before the rewrite, less the revoked
+//!   and expired tokens it dropped (refused as unknown instead of revoked or expired; a
+//!   token expired by the clock stays dropped if the clock is set back). Tokens list by
+//!   creation time, so their order holds; rules may list in another order, which decides
+//!   nothing (a deny wins wherever it sits).
+//! - **A replica whose log starts later** than its memory reached (a follower whose log was
+//!   restarted at its leader's log start, after the leader deleted what it lacked) cannot
+//!   fold the new records onto its memory: a revocation in the gap would be missed. It
+//!   rebuilds from an empty state and, until it has read a marker whose rewrite its log
+//!   holds whole (one always follows: its leader deleted only before such a marker), it
+//!   authenticates no token and allows no rule (only the admin and cluster tokens, which
+//!   are configuration): it fails closed rather than serve a partial state. Open does the
+//!   same for a log that does not start at offset 0.
+//!
+//! A broker older than the marker refuses to start on a log holding one ("cannot be
+//! replayed": the record kind does not decode), rather than guess.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -47,7 +90,7 @@ pub struct TokenEntry {
     pub revoked: bool,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct State {
     principals: BTreeSet<String>,
     /// SHA-256 hex → token, in creation order by `order`.
@@ -70,6 +113,11 @@ impl State {
                 created_at_ms,
                 expires_at_ms,
             } => {
+                // Known: a compaction restating it (module doc). It changes nothing, and
+                // above all never clears a revocation.
+                if self.tokens.contains_key(&sha256) {
+                    return;
+                }
                 self.order.push((id.clone(), sha256.clone()));
                 self.tokens.insert(
                     sha256,
@@ -95,8 +143,47 @@ impl State {
                 }
             }
             SecurityRecord::AclRemoved { rule } => self.acls.retain(|r| *r != rule),
+            SecurityRecord::Compacted { .. } => {}
         }
     }
+
+    /// The records that restate the live state at `now_ms`: every principal, every token
+    /// neither revoked nor expired (in creation order), every rule (in order).
+    fn rewrite(&self, now_ms: i64) -> Vec<SecurityRecord> {
+        let principals = self
+            .principals
+            .iter()
+            .map(|name| SecurityRecord::PrincipalCreated { name: name.clone() });
+        let tokens = self.order.iter().filter_map(|(_, hash)| {
+            let t = self.tokens.get(hash)?;
+            let expired = t.expires_at_ms != 0 && t.expires_at_ms <= now_ms;
+            (!t.revoked && !expired).then(|| SecurityRecord::TokenCreated {
+                id: t.id.clone(),
+                principal: t.principal.clone(),
+                sha256: hash.clone(),
+                created_at_ms: t.created_at_ms,
+                expires_at_ms: t.expires_at_ms,
+            })
+        });
+        let rules = self
+            .acls
+            .iter()
+            .map(|rule| SecurityRecord::AclAdded { rule: rule.clone() });
+        principals.chain(tokens).chain(rules).collect()
+    }
+}
+
+/// How far memory follows the log.
+#[derive(Debug, Default)]
+struct Tail {
+    /// The offset memory holds every record before.
+    next: u64,
+    /// Set while rebuilding from a log that starts after what memory held (module doc):
+    /// that log start, and the state replayed from it, published once a marker whose rewrite
+    /// starts at or after it has been read.
+    rebuilding: Option<(u64, State)>,
+    /// The growth since the last compaction, which the writer compacts on.
+    growth: crate::internal::compact::Growth,
 }
 
 /// The security state of a broker. A cheap clone.
@@ -114,11 +201,16 @@ struct Inner {
     store: Store,
     /// A plain lock: held only to read or apply, never across an await.
     state: RwLock<State>,
-    /// The offset memory holds every record before. Locked while the log is read into
-    /// memory, so two refreshes never apply the same records.
-    applied_next: parking_lot::Mutex<u64>,
-    /// Serialises changes: append, then apply.
+    /// How far memory follows the log. Locked while the log is read into memory, so two
+    /// refreshes never apply the same records.
+    tail: parking_lot::Mutex<Tail>,
+    /// Serialises changes (append, then apply), compactions included.
     writer: tokio::sync::Mutex<()>,
+    /// The segment size of a `__security` created here (`--state-segment-bytes`).
+    segment_bytes: u64,
+    /// The growth since the last compaction that starts one: `segment_bytes` (tests hold it
+    /// off).
+    compact_after_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The SHA-256 of a token, as lowercase hex.
@@ -156,68 +248,91 @@ pub fn validate_principal(name: &str) -> Result<(), BrokerError> {
 impl Security {
     /// Opens the security state: replays the `__security` topic when it exists (it is
     /// created by the first change, so a broker that never uses security has no such
-    /// topic). Blocking (file work): call it on the blocking pool.
-    pub fn open(store: Store, config: &SecurityConfig) -> Result<Security, BrokerError> {
-        let mut state = State::default();
-        let log = security_log(&store)?;
-        let start = log.log_start_offset();
-        let (replayed, applied_next) = replay(&log, start, &mut state)?;
-        tracing::info!(
-            records = replayed,
-            principals = state.principals.len(),
-            tokens = state.tokens.len(),
-            acls = state.acls.len(),
-            auth = config.auth,
-            "security state loaded from {SECURITY_TOPIC}"
-        );
-        Ok(Security {
+    /// topic). `segment_bytes` is the segment size if the topic is created here. Blocking
+    /// (file work): call it on the blocking pool.
+    pub fn open(
+        store: Store,
+        config: &SecurityConfig,
+        segment_bytes: u64,
+    ) -> Result<Security, BrokerError> {
+        let security = Security {
             inner: Arc::new(Inner {
                 enabled: config.auth,
                 admin_hash: config.admin_token.as_ref().map(|t| token_hash(&t.0)),
                 cluster_hash: config.cluster_token.as_ref().map(|t| token_hash(&t.0)),
                 store,
-                state: RwLock::new(state),
-                applied_next: parking_lot::Mutex::new(applied_next),
+                state: RwLock::new(State::default()),
+                tail: parking_lot::Mutex::new(Tail::default()),
                 writer: tokio::sync::Mutex::new(()),
+                segment_bytes,
+                compact_after_bytes: std::sync::atomic::AtomicU64::new(segment_bytes),
             }),
-        })
+        };
+        // From offset 0: a log that starts later is rebuilt as after a gap (module doc). A
+        // marker read here is acted on again: a crash may have come between it and the
+        // deletion.
+        security.refresh_blocking()?;
+        {
+            let state = security.inner.state.read();
+            tracing::info!(
+                principals = state.principals.len(),
+                tokens = state.tokens.len(),
+                acls = state.acls.len(),
+                auth = config.auth,
+                "security state loaded from {SECURITY_TOPIC}"
+            );
+        }
+        Ok(security)
     }
 }
 
 /// The `__security` log, created (one partition, flushed on every append, kept forever) if
 /// missing.
-fn security_log(store: &Store) -> Result<PartitionLog, BrokerError> {
+fn security_log(store: &Store, segment_bytes: u64) -> Result<PartitionLog, BrokerError> {
     Ok(store
-        .internal_topic(SECURITY_TOPIC, security_topic_config())?
+        .internal_topic(SECURITY_TOPIC, security_topic_config(segment_bytes))?
         .partition(0)?)
 }
 
 /// The config of the `__security` topic: one partition, flushed on every append, kept
-/// forever.
-pub fn security_topic_config() -> TopicConfig {
+/// forever (compaction bounds it), in segments of `segment_bytes` (`--state-segment-bytes`).
+/// Used when the topic is created; an existing topic keeps its own.
+pub fn security_topic_config(segment_bytes: u64) -> TopicConfig {
     TopicConfig {
         partitions: 1,
         retention_ms: None,
         retention_bytes: None,
         flush: FlushPolicy::Always,
-        // Small: the state is a few records per principal, token and rule.
-        segment_bytes: 1 << 20,
+        segment_bytes,
         ..TopicConfig::default()
     }
 }
 
-/// Applies every record of `log` from offset `from` to `state`; returns how many, and the
-/// offset it reached.
-fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<(u64, u64), BrokerError> {
-    let mut replayed = 0u64;
+/// What [`replay`] read.
+struct Read {
+    /// The offset reached.
+    end: u64,
+    /// The start of the last compaction marker read, if any.
+    marker: Option<u64>,
+    /// Bytes of the records after that marker (all read, if none).
+    bytes: u64,
+}
+
+/// Applies every record of `log` from offset `from` to `state`.
+fn replay(log: &PartitionLog, from: u64, state: &mut State) -> Result<Read, BrokerError> {
+    let (mut marker, mut bytes) = (None, 0u64);
     let end = crate::internal::replay_values(log, from, corrupt, |offset, value| {
         let decoded = SecurityRecord::decode(value)
             .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
+        if let SecurityRecord::Compacted { start } = decoded {
+            (marker, bytes) = (Some(start), 0);
+        } else {
+            bytes += value.len() as u64;
+        }
         state.apply(decoded);
-        replayed += 1;
         Ok(())
     })?;
-    Ok((replayed, end))
+    Ok(Read { end, marker, bytes })
 }
 
 impl Security {
@@ -317,17 +432,61 @@ impl Security {
 
     /// Appends `record` durably to `__security` (through `broker`: a Raft commit in a
     /// cluster), then brings memory up to the log, which now holds it.
+    /// Compacts the topic once it has grown by a segment since the last compaction.
     async fn commit(&self, broker: &Broker, record: SecurityRecord) -> Result<(), BrokerError> {
         let _writer = self.inner.writer.lock().await;
-        let value = Bytes::from(record.encode());
-        let record = Record {
-            key: None,
-            value,
-            headers: Vec::new(),
-            timestamp_ms: rill_storage::log::now_ms(),
-        };
+        let record = security_record(&record);
         crate::internal::append(broker, SECURITY_TOPIC, 0, vec![record]).await?;
-        self.refresh().await
+        self.refresh().await?;
+        let threshold_bytes = self
+            .inner
+            .compact_after_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if self.inner.tail.lock().growth.due(threshold_bytes) {
+            // The change above is stored whatever happens here; a compaction cut short
+            // changes nothing (module doc), and the next is tried a segment later.
+            if let Err(e) = self.compact(broker).await {
+                tracing::warn!(error = %e, "{SECURITY_TOPIC} compaction failed");
+                self.inner.tail.lock().growth.failed(threshold_bytes);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the live state and appends the marker (module doc); the tail of the log, here
+    /// [`Self::refresh`], deletes the segments before the rewrite. The caller holds the
+    /// writer lock, so the state does not change meanwhile.
+    async fn compact(&self, broker: &Broker) -> Result<(), BrokerError> {
+        let limit = usize::try_from(self.inner.segment_bytes / 4).unwrap_or(usize::MAX);
+        let Some((batches, end)) = self.rewrite_batches(limit) else {
+            // Memory does not hold the whole state yet: a rewrite of it would lose some.
+            return Ok(());
+        };
+        let count: usize = batches.iter().map(Vec::len).sum();
+        let start =
+            crate::internal::compact::rewrite(broker, SECURITY_TOPIC, batches, end, |start| {
+                security_record(&SecurityRecord::Compacted { start })
+            })
+            .await?;
+        self.refresh().await?;
+        tracing::info!(start, records = count, "{SECURITY_TOPIC} compacted");
+        Ok(())
+    }
+
+    /// The batches of a rewrite of the live state (each of about `limit_bytes`), and the
+    /// offset memory reached (where the marker goes when there is nothing to rewrite); `None`
+    /// while memory is being rebuilt.
+    fn rewrite_batches(&self, limit_bytes: usize) -> Option<(Vec<Vec<Record>>, u64)> {
+        let tail = self.inner.tail.lock();
+        if tail.rebuilding.is_some() {
+            return None;
+        }
+        let records = self.inner.state.read().rewrite(rill_storage::log::now_ms());
+        let batches = crate::internal::compact::pack(
+            records.iter().map(|r| vec![security_record(r)]),
+            limit_bytes,
+        );
+        Some((batches, tail.next))
     }
 
     /// Applies to memory what this broker's `__security` log holds beyond it: the changes
@@ -360,16 +519,44 @@ impl Security {
         );
     }
 
+    /// Reads the log beyond memory into it; deletes the segments before a compaction marker
+    /// it reads (this replica's own, module doc). Blocking.
     fn refresh_blocking(&self) -> Result<(), BrokerError> {
-        let mut applied = self.inner.applied_next.lock();
-        let log = security_log(&self.inner.store)?;
-        if *applied >= log.high_watermark() && *applied >= log.log_start_offset() {
+        let mut tail = self.inner.tail.lock();
+        let log = security_log(&self.inner.store, self.inner.segment_bytes)?;
+        let log_start = log.log_start_offset();
+        if tail.next >= log.high_watermark() && tail.next >= log_start {
             return Ok(());
         }
-        let mut state = self.inner.state.read().clone();
-        let (_, next) = replay(&log, *applied, &mut state)?;
-        *self.inner.state.write() = state;
-        *applied = next;
+        if tail.next < log_start {
+            // Records between memory and the log start are gone: rebuild, failing closed.
+            tracing::warn!(
+                applied = tail.next,
+                log_start,
+                "{SECURITY_TOPIC} starts after what memory holds; rebuilding the security \
+                 state from the log (no token authenticates until it is whole)"
+            );
+            tail.rebuilding = Some((log_start, State::default()));
+            tail.next = log_start;
+            tail.growth = crate::internal::compact::Growth::default();
+            *self.inner.state.write() = State::default();
+        }
+        let mut state = match &tail.rebuilding {
+            Some((_, rebuilt)) => rebuilt.clone(),
+            None => self.inner.state.read().clone(),
+        };
+        let Read { end, marker, bytes } = replay(&log, tail.next, &mut state)?;
+        tail.next = end;
+        tail.growth.read(marker.is_some(), bytes);
+        match tail.rebuilding.take() {
+            Some((from, _)) if marker.is_none_or(|start| start < from) => {
+                tail.rebuilding = Some((from, state));
+            }
+            _ => *self.inner.state.write() = state,
+        }
+        if let Some(start) = marker {
+            crate::internal::compact::delete_before(SECURITY_TOPIC, &log, start);
+        }
         Ok(())
     }
 
@@ -435,16 +622,19 @@ impl Security {
         Ok((token, entry))
     }
 
-    /// The tokens (of `principal`, or all when empty), oldest first.
+    /// The tokens (of `principal`, or all when empty), oldest first (by creation time, then
+    /// in log order: a compaction may restate older tokens after newer ones).
     pub fn tokens(&self, principal: &str) -> Vec<TokenEntry> {
         let state = self.inner.state.read();
-        state
+        let mut tokens: Vec<TokenEntry> = state
             .order
             .iter()
             .filter_map(|(_, hash)| state.tokens.get(hash))
             .filter(|t| principal.is_empty() || t.principal == principal)
             .cloned()
-            .collect()
+            .collect();
+        tokens.sort_by_key(|t| t.created_at_ms);
+        tokens
     }
 
     /// Revokes a token by id; NOT_FOUND-like INVALID_ARGUMENT when no token has that id.
@@ -495,9 +685,17 @@ impl Security {
     }
 }
 
+/// A `__security` record holding `record`, stamped now.
+fn security_record(record: &SecurityRecord) -> Record {
+    crate::internal::compact::record(None, Bytes::from(record.encode()))
+}
+
 fn corrupt(what: String) -> BrokerError {
     BrokerError::Internal(format!(
         "the {SECURITY_TOPIC} topic cannot be replayed ({what}); the broker will not start \
          with a security state it cannot read"
     ))
 }
+
+#[cfg(test)]
+mod tests;

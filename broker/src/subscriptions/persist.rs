@@ -5,7 +5,8 @@
 //! keeps, in memory, the latest encoded records of each subscription.
 //!
 //! # Compaction
-//! Once about a segment has been appended since the last compaction, the writer rewrites
+//! (The steps shared with `__security` and `__producers` are in
+//! [`crate::internal::compact`].) Once about a segment has been appended since the last compaction, the writer rewrites
 //! the whole live state, then appends a [`SubscriptionRecord::Compacted`] marker holding the
 //! rewrite's first offset; the sealed segments that end before that offset are then deleted
 //! (on a single broker by the writer, in a cluster by each replica: below), so the topic
@@ -195,10 +196,7 @@ impl StateLog {
     /// up to about a quarter segment; a larger subscription gets a batch of its own.
     fn rewrite_batches(&self) -> Vec<Vec<Record>> {
         let limit = usize::try_from(self.segment_bytes / 4).unwrap_or(usize::MAX);
-        let mut batches = Vec::new();
-        let mut batch: Vec<Record> = Vec::new();
-        let mut batch_bytes = 0usize;
-        for (name, latest) in &self.latest {
+        let subscriptions = self.latest.iter().map(|(name, latest)| {
             let mut records = vec![record(name.clone(), latest.created.clone())];
             records.extend(
                 latest
@@ -206,21 +204,9 @@ impl StateLog {
                     .iter()
                     .map(|(p, state)| record(format!("{name}/{p}"), state.clone())),
             );
-            let bytes: usize = records
-                .iter()
-                .map(|r| r.value.len() + r.key.as_ref().map_or(0, Bytes::len))
-                .sum();
-            if !batch.is_empty() && batch_bytes + bytes > limit {
-                batches.push(std::mem::take(&mut batch));
-                batch_bytes = 0;
-            }
-            batch_bytes += bytes;
-            batch.extend(records);
-        }
-        if !batch.is_empty() {
-            batches.push(batch);
-        }
-        batches
+            records
+        });
+        crate::internal::compact::pack(subscriptions, limit)
     }
 
     fn remember(&mut self, r: &SubscriptionRecord, bytes: Bytes) {
@@ -301,28 +287,15 @@ pub fn apply_markers(log: &PartitionLog, from: u64) -> Result<u64, BrokerError> 
         Ok(())
     })?;
     if let Some(start) = start {
-        let deleted_segments = delete_before(log, start);
-        if deleted_segments > 0 {
-            tracing::info!(
-                start,
-                deleted_segments,
-                "{SUBSCRIPTIONS_TOPIC} segments before a compaction deleted"
-            );
-        }
+        delete_before(log, start);
     }
     Ok(end)
 }
 
-/// Deletes the sealed segments of `log` that end before `start`; returns how many. A failure
-/// is logged and leaves them for the next compaction.
+/// Deletes the sealed segments of `log` that end before `start`; returns how many (see
+/// [`crate::internal::compact::delete_before`]).
 fn delete_before(log: &PartitionLog, start: u64) -> u32 {
-    match log.delete_segments_before(start) {
-        Ok(deleted) => deleted.deleted_segments,
-        Err(e) => {
-            tracing::warn!(start, error = %e, "cannot delete the {SUBSCRIPTIONS_TOPIC} segments a compaction replaced; the next one retries");
-            0
-        }
-    }
+    crate::internal::compact::delete_before(SUBSCRIPTIONS_TOPIC, log, start)
 }
 
 /// Every subscription's settings and partitions' states.
@@ -356,12 +329,7 @@ pub(super) fn fold(records: Vec<SubscriptionRecord>) -> Replayed {
 }
 
 fn record(key: String, value: Bytes) -> Record {
-    Record {
-        key: Some(Bytes::from(key)),
-        value,
-        headers: Vec::new(),
-        timestamp_ms: rill_storage::log::now_ms(),
-    }
+    crate::internal::compact::record(Some(Bytes::from(key)), value)
 }
 
 fn corrupt(what: String) -> BrokerError {
