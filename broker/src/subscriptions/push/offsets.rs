@@ -1,0 +1,205 @@
+//! A group's push stream (offset mode): each partition is read from the group's committed
+//! offset on, from this broker's replica when it holds one (as on a single broker) or from
+//! the broker holding it ([`Source::Remote`]: the same budgets, redirects, retries and
+//! long polls as a subscription's remote reads). A member's partitions may be spread over
+//! several brokers, so the stream cannot be redirected to one that holds them all: it reads
+//! each where it is. A partition that cannot be read now is left out of the pass; the others
+//! are pushed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rill_proto::v1 as pb;
+
+use super::super::read;
+use super::super::source::{Bounds, Remote, Remotes, Source};
+use crate::error::BrokerError;
+use crate::state::{Broker, TopicState};
+
+/// One partition of the stream.
+#[derive(Debug)]
+struct Part {
+    source: Source,
+    /// The group's committed offset when the stream started.
+    committed: Option<u64>,
+    /// The next offset to push; `None` until a remote partition's bounds are known (the
+    /// committed offset is clamped to them).
+    at: Option<u64>,
+}
+
+/// The partitions a group's push stream reads and where each stands.
+#[derive(Debug)]
+pub(super) struct Offsets {
+    parts: BTreeMap<u32, Part>,
+}
+
+/// Where a partition's stream starts: the committed offset within the log's bounds, the
+/// log start when the group committed none.
+fn start_at(committed: Option<u64>, b: Bounds) -> u64 {
+    committed
+        .unwrap_or(b.log_start)
+        .clamp(b.log_start, b.high_watermark)
+}
+
+/// Whether a partition may have records at `at`: not when its end as last seen (a local
+/// log's now, a remote one's last answer) is at or before it. An unknown end is worth a
+/// call.
+fn may_have_records(at: u64, end: Option<Bounds>) -> bool {
+    end.is_none_or(|b| at < b.high_watermark)
+}
+
+/// The offset a long poll of a remote partition waits past: the next to push, or the end
+/// last seen when further (records there wait for credits, not for appends); 0 while the
+/// position is unknown (its first answer wakes the stream to learn it).
+fn wait_from(at: Option<u64>, seen: Option<Bounds>) -> u64 {
+    at.unwrap_or(0).max(seen.map_or(0, |b| b.high_watermark))
+}
+
+impl Offsets {
+    /// `partitions` of `topic` for `group`, each from the group's committed offset (read
+    /// here; a remote partition's is clamped at its first read). NOT_FOUND for a partition
+    /// the topic does not have.
+    pub(super) fn new(
+        broker: &Broker,
+        topic: &TopicState,
+        group: &str,
+        partitions: Vec<u32>,
+    ) -> Result<Self, BrokerError> {
+        // The stream's knowledge of its remote partitions (their broker, their last bounds).
+        let remotes = Arc::new(Remotes::default());
+        let mut parts = BTreeMap::new();
+        for p in partitions {
+            let source = Source::of(broker, topic, p, &remotes)?;
+            let committed = broker
+                .store()
+                .groups()
+                .fetch(group, topic.name(), p)
+                .map(|c| c.offset);
+            let at = source.local_bounds().map(|b| start_at(committed, b));
+            parts.insert(
+                p,
+                Part {
+                    source,
+                    committed,
+                    at,
+                },
+            );
+        }
+        Ok(Offsets { parts })
+    }
+
+    /// Up to `max_records` records within `max_bytes` (never past it), partition by
+    /// partition, advancing each partition's position past what it returns.
+    pub(super) async fn read(
+        &mut self,
+        topic: &str,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<pb::ReceivedRecord>, BrokerError> {
+        let mut out = Vec::new();
+        let mut bytes_left = max_bytes;
+        for (p, part) in self.parts.iter_mut() {
+            if out.len() >= max_records || bytes_left == 0 {
+                break;
+            }
+            let remote = matches!(part.source, Source::Remote(_));
+            let at = match part.at {
+                Some(at) => at,
+                None => match part.source.bounds().await {
+                    Ok(b) => *part.at.insert(start_at(part.committed, b)),
+                    Err(e) => {
+                        skipped(topic, *p, &e);
+                        continue;
+                    }
+                },
+            };
+            if !may_have_records(at, part.source.last_bounds()) {
+                continue;
+            }
+            let want = max_records - out.len();
+            let got = match part.source.read_from(at, want, bytes_left).await {
+                Ok(got) => got,
+                // Another broker's partition that cannot be read now: the others go on.
+                Err(e) if remote => {
+                    skipped(topic, *p, &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for r in got {
+                let size = read::record_bytes(&r);
+                if size > bytes_left {
+                    break;
+                }
+                bytes_left -= size;
+                part.at = Some(r.offset + 1);
+                out.push(super::super::unlocked(*p, r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each remote partition and the offset its long poll waits past (see [`wait_from`]).
+    pub(super) fn remote_waits(&self) -> Vec<(Remote, u64)> {
+        self.parts
+            .values()
+            .filter_map(|part| match &part.source {
+                Source::Remote(r) => Some((r.clone(), wait_from(part.at, r.cached_bounds()))),
+                Source::Local(_) => None,
+            })
+            .collect()
+    }
+}
+
+fn skipped(topic: &str, p: u32, e: &BrokerError) {
+    // The failure itself was logged where it happened (a pause after it is quiet).
+    tracing::debug!(topic = %topic, partition = p, error = %e, "a group push stream leaves out a partition held by another broker in this pass; pushing the others");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(log_start: u64, high_watermark: u64) -> Option<Bounds> {
+        Some(Bounds {
+            log_start,
+            high_watermark,
+        })
+    }
+
+    #[test]
+    fn a_stream_starts_at_the_committed_offset_within_the_bounds() {
+        let bounds = |s, h| b(s, h).expect("bounds");
+        assert_eq!(
+            start_at(None, bounds(5, 20)),
+            5,
+            "nothing committed: the log start"
+        );
+        assert_eq!(start_at(Some(12), bounds(5, 20)), 12);
+        assert_eq!(start_at(Some(2), bounds(5, 20)), 5, "retention passed it");
+        assert_eq!(start_at(Some(30), bounds(5, 20)), 20, "past the end");
+    }
+
+    #[test]
+    fn a_partition_at_its_end_as_last_seen_is_not_read() {
+        assert!(!may_have_records(20, b(0, 20)));
+        assert!(may_have_records(19, b(0, 20)));
+        assert!(may_have_records(20, None), "an unknown end is asked");
+    }
+
+    #[test]
+    fn a_long_poll_waits_past_the_position_or_the_end_seen() {
+        assert_eq!(wait_from(Some(7), b(0, 5)), 7);
+        assert_eq!(
+            wait_from(Some(3), b(0, 9)),
+            9,
+            "records short of credit must not wake the stream again and again"
+        );
+        assert_eq!(
+            wait_from(None, None),
+            0,
+            "unknown: the first answer wakes it"
+        );
+        assert_eq!(wait_from(Some(4), None), 4);
+    }
+}
