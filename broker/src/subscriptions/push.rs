@@ -115,7 +115,11 @@ pub async fn start(
             } else {
                 partitions
             };
-            let offsets = Offsets::new(&broker, &t, &group, partitions)?;
+            for &p in &partitions {
+                t.log(p)?;
+            }
+            let committed = offsets::committed(&broker, &group, &topic, &partitions).await?;
+            let offsets = Offsets::new(&broker, &t, &partitions, &committed)?;
             (t, Mode::Offsets(offsets))
         }
         None => {

@@ -14,6 +14,7 @@ use rill_proto::v1 as pb;
 use super::super::read;
 use super::super::source::{Bounds, Remote, Remotes, Source};
 use crate::error::BrokerError;
+use crate::internal::{self, Route};
 use crate::state::{Broker, TopicState};
 
 /// One partition of the stream.
@@ -55,26 +56,65 @@ fn wait_from(at: Option<u64>, seen: Option<Bounds>) -> u64 {
     at.unwrap_or(0).max(seen.map_or(0, |b| b.high_watermark))
 }
 
+/// `group`'s committed offsets of `partitions` of `topic`, as its coordinator knows them: read
+/// here when this broker is the coordinator (or single), else asked of the coordinator over
+/// the peer transport, since this broker's replica of `__groups` may lag a commit just made
+/// (a member that took partitions over would be pushed records already handled).
+pub(super) async fn committed(
+    broker: &Broker,
+    group: &str,
+    topic: &str,
+    partitions: &[u32],
+) -> Result<BTreeMap<u32, Option<u64>>, BrokerError> {
+    let groups = broker.store().groups();
+    let address = match internal::route(
+        broker,
+        rill_storage::groups::GROUPS_TOPIC,
+        groups.partition_of(group),
+    )? {
+        Route::Here => {
+            return Ok(partitions
+                .iter()
+                .map(|p| (*p, groups.fetch(group, topic, *p).map(|c| c.offset)))
+                .collect())
+        }
+        Route::Leader(address) => address,
+    };
+    let mut client = pb::groups_client::GroupsClient::new(internal::channel(broker, &address)?);
+    let answer = internal::relayed(
+        client
+            .fetch_offsets(pb::FetchOffsetsRequest {
+                group: group.to_string(),
+                topic: topic.to_string(),
+                partitions: partitions.to_vec(),
+            })
+            .await,
+    )
+    .map_err(|s| BrokerError::Forwarded(s.code(), s.message().to_string()))?;
+    Ok(answer
+        .into_inner()
+        .offsets
+        .into_iter()
+        .map(|c| (c.partition, c.offset))
+        .collect())
+}
+
 impl Offsets {
-    /// `partitions` of `topic` for `group`, each from the group's committed offset (read
-    /// here; a remote partition's is clamped at its first read). NOT_FOUND for a partition
-    /// the topic does not have.
+    /// `partitions` of `topic`, each from its `committed` offset (clamped to a local log's
+    /// bounds now, to a remote one's at its first read). NOT_FOUND for a partition the topic
+    /// does not have.
     pub(super) fn new(
         broker: &Broker,
         topic: &TopicState,
-        group: &str,
-        partitions: Vec<u32>,
+        partitions: &[u32],
+        committed: &BTreeMap<u32, Option<u64>>,
     ) -> Result<Self, BrokerError> {
         // The stream's knowledge of its remote partitions (their broker, their last bounds).
         let remotes = Arc::new(Remotes::default());
         let mut parts = BTreeMap::new();
-        for p in partitions {
+        for &p in partitions {
             let source = Source::of(broker, topic, p, &remotes)?;
-            let committed = broker
-                .store()
-                .groups()
-                .fetch(group, topic.name(), p)
-                .map(|c| c.offset);
+            let committed = committed.get(&p).copied().flatten();
             let at = source.local_bounds().map(|b| start_at(committed, b));
             parts.insert(
                 p,
