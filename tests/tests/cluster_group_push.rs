@@ -239,3 +239,63 @@ async fn a_group_push_stream_reads_partitions_held_by_other_brokers_and_hands_th
     a.leave().await.expect("a leaves");
     b.leave().await.expect("b leaves");
 }
+
+/// A topic of two RF 1 partitions on two different brokers, one of them not `serving`:
+/// its name and each partition's owner.
+async fn spread_topic(cluster: &TestCluster, serving: u64) -> (String, Vec<u64>) {
+    for k in 0..5 {
+        let (topic, replicas) = subs::create_topic_away_from(
+            cluster,
+            serving,
+            &format!("spread{k}"),
+            (2, 1),
+            &[serving],
+        )
+        .await
+        .expect("a topic with a partition away from the serving broker");
+        let owners: Vec<u64> = replicas.iter().map(|r| r[0]).collect();
+        if owners[0] != owners[1] {
+            return (topic, owners);
+        }
+    }
+    panic!("no topic of two partitions on two brokers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_of_one_partition_does_not_stop_the_others() {
+    let mut cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let serving = cluster
+        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
+        .await
+        .expect("leader of __subscriptions");
+    let (topic, owners) = spread_topic(&cluster, serving).await;
+    // The partition to lose: one held away from the serving broker (which stays up).
+    let dead_p = owners.iter().position(|o| *o != serving).expect("one away") as u32;
+    let live_p = 1 - dead_p;
+    let dead = owners[dead_p as usize];
+    eprintln!("serving {serving}, {topic} partitions on {owners:?}, killing {dead}");
+    produce_all(&cluster, &topic, &owners, 0..5).await;
+    let mut push = Push::open(&cluster, serving, &topic, vec![0, 1]).await;
+    let mut next = BTreeMap::new();
+    check_next(&mut next, &push.take(10).await);
+
+    cluster.kill(dead).await.expect("kill -9 the holder");
+    let values: Vec<String> = (5..10).map(|i| format!("{live_p}-{i}")).collect();
+    produce(&cluster, owners[live_p as usize], &topic, live_p, &values).await;
+    let got = push.take(5).await;
+    assert!(got.iter().all(|(p, ..)| *p == live_p), "{got:?}");
+    check_next(&mut next, &got);
+
+    // Back, its new records are pushed too (the stream did not give up on it).
+    cluster.restart(dead).await.expect("restart");
+    let values: Vec<String> = (5..10).map(|i| format!("{dead_p}-{i}")).collect();
+    produce(&cluster, dead, &topic, dead_p, &values).await;
+    check_next(&mut next, &push.take(5).await);
+    push.quiet(300).await;
+    assert_eq!(next, BTreeMap::from([(0, 10), (1, 10)]));
+    push.close();
+}
