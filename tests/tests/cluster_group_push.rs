@@ -56,7 +56,31 @@ struct Push {
 }
 
 impl Push {
+    /// Opens the stream, again while the cluster answers UNAVAILABLE (an election of the
+    /// group's coordinator).
     async fn open(cluster: &TestCluster, via: u64, topic: &str, partitions: Vec<u32>) -> Push {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match Push::try_open(cluster, via, topic, partitions.clone()).await {
+                Ok(push) => return push,
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < until =>
+                {
+                    eprintln!("subscribe: {s}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => panic!("subscribe: {s}"),
+            }
+        }
+    }
+
+    async fn try_open(
+        cluster: &TestCluster,
+        via: u64,
+        topic: &str,
+        partitions: Vec<u32>,
+    ) -> Result<Push, tonic::Status> {
         let mut subs = subs::client(cluster, via).await.expect("connect");
         let (tx, rx) = mpsc::channel(16);
         for kind in [
@@ -79,10 +103,9 @@ impl Push {
         }
         let stream = subs
             .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("subscribe")
+            .await?
             .into_inner();
-        Push { tx, stream }
+        Ok(Push { tx, stream })
     }
 
     /// The next `n` records pushed: (partition, offset, value).
@@ -289,6 +312,14 @@ async fn a_dead_holder_of_one_partition_does_not_stop_the_others() {
     let got = push.take(5).await;
     assert!(got.iter().all(|(p, ..)| *p == live_p), "{got:?}");
     check_next(&mut next, &got);
+    // A stream opened while the holder is down (the partition's start unknown) pushes the
+    // live partition from the log start (nothing committed).
+    let mut late = Push::open(&cluster, serving, &topic, vec![0, 1]).await;
+    let got = late.take(10).await;
+    let mut late_next = BTreeMap::new();
+    check_next(&mut late_next, &got);
+    assert_eq!(late_next, BTreeMap::from([(live_p, 10)]), "{got:?}");
+    late.close();
 
     // Back, its new records are pushed too (the stream did not give up on it).
     cluster.restart(dead).await.expect("restart");
