@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rill_proto::v1 as pb;
 
 use super::super::read;
-use super::super::source::{Bounds, Remote, Remotes, Source};
+use super::super::source::{Bounds, Remote, Remotes, Source, REMOTE_CALL_DEADLINE_MS};
 use crate::error::BrokerError;
 use crate::internal::{self, Route};
 use crate::state::{Broker, TopicState};
@@ -81,16 +81,22 @@ pub(super) async fn committed(
         Route::Leader(address) => address,
     };
     let mut client = pb::groups_client::GroupsClient::new(internal::channel(broker, &address)?);
-    let answer = internal::relayed(
-        client
-            .fetch_offsets(pb::FetchOffsetsRequest {
-                group: group.to_string(),
-                topic: topic.to_string(),
-                partitions: partitions.to_vec(),
-            })
-            .await,
-    )
-    .map_err(|s| BrokerError::Forwarded(s.code(), s.message().to_string()))?;
+    let mut req = tonic::Request::new(pb::FetchOffsetsRequest {
+        group: group.to_string(),
+        topic: topic.to_string(),
+        partitions: partitions.to_vec(),
+    });
+    // A coordinator that hangs fails the stream's start (UNAVAILABLE, retried by the client)
+    // rather than holding it.
+    req.set_timeout(std::time::Duration::from_millis(REMOTE_CALL_DEADLINE_MS));
+    let answer =
+        internal::relayed(client.fetch_offsets(req).await).map_err(|s| match s.code() {
+            tonic::Code::DeadlineExceeded => BrokerError::ReplicationUnavailable(format!(
+                "group {group}'s coordinator at {address} did not answer within \
+             {REMOTE_CALL_DEADLINE_MS} ms; retry"
+            )),
+            code => BrokerError::Forwarded(code, s.message().to_string()),
+        })?;
     Ok(answer
         .into_inner()
         .offsets
