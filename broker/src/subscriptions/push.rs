@@ -1,6 +1,8 @@
 //! The `Subscribe` stream: push delivery with credit flow control, for a subscription (queue
 //! mode: records are acquired under locks and acked on the stream) and for a group (offset
-//! mode: records from the group's committed offsets; the client commits as usual).
+//! mode: records from the group's committed offsets; the client commits as usual). In a
+//! cluster both read partitions this broker holds no replica of from the broker holding
+//! them (see [`super::source`]; offset mode in [`offsets`]).
 //!
 //! # Credits and memory
 //! The client grants records and bytes; the pusher never sends a record that would take
@@ -10,7 +12,6 @@
 //! grants credits and never reads its socket holds at most the channel, the transport's
 //! windows, and one read's records in broker memory, however much it granted.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Status, Streaming};
 
+use self::offsets::Offsets;
 use super::{read, Ack, Sub, Subscriptions};
 use crate::auth::{Caller, Operation, Resource};
 use crate::error::BrokerError;
@@ -41,16 +43,16 @@ pub const MAX_CREDIT_BYTES: u64 = 1 << 40;
 /// Records acquired or read per pass, at most.
 const PASS_RECORDS: u64 = 500;
 
+mod offsets;
+
 /// What the stream pushes.
 enum Mode {
     Queue {
         sub: Arc<Sub>,
         consumer: String,
     },
-    Offsets {
-        /// Partition → next offset to push.
-        positions: BTreeMap<u32, u64>,
-    },
+    /// A group's partitions, from its committed offsets.
+    Offsets(Offsets),
 }
 
 /// Reads the first message, checks the caller's rights, and starts the pusher on the
@@ -113,16 +115,12 @@ pub async fn start(
             } else {
                 partitions
             };
-            let mut positions = BTreeMap::new();
-            for p in partitions {
-                let log = t.log(p)?;
-                let committed = broker.store().groups().fetch(&group, &topic, p);
-                let at = committed
-                    .map_or(log.log_start_offset(), |c| c.offset)
-                    .clamp(log.log_start_offset(), log.high_watermark());
-                positions.insert(p, at);
+            for &p in &partitions {
+                t.log(p)?;
             }
-            (t, Mode::Offsets { positions })
+            let committed = offsets::committed(&broker, &group, &topic, &partitions).await?;
+            let offsets = Offsets::new(&broker, &t, &partitions, &committed)?;
+            (t, Mode::Offsets(offsets))
         }
         None => {
             return Err(BrokerError::invalid(
@@ -170,7 +168,7 @@ impl Pusher {
         }
         let released_sub = match &self.mode {
             Mode::Queue { sub, .. } => Some(Arc::clone(sub)),
-            Mode::Offsets { .. } => None,
+            Mode::Offsets(_) => None,
         };
         let mut arrivals =
             super::source::Arrivals::new(&self.broker, released_sub.clone(), &self.topic);
@@ -206,7 +204,13 @@ impl Pusher {
                     Ok(None) | Err(_) => return Ok(()),
                 },
                 _ = changes.next(), if has_credit && !changes.is_empty() => {}
-                _ = arrivals.next(), if has_credit => {}
+                // Records at another broker holding a partition (a long poll there).
+                _ = async {
+                    match &self.mode {
+                        Mode::Queue { .. } => arrivals.next().await,
+                        Mode::Offsets(o) => arrivals.next_past(|| o.remote_waits()).await,
+                    }
+                }, if has_credit => {}
                 _ = &mut released, if has_credit => {}
                 _ = sleep_until_opt(wake_at), if has_credit && wake_at.is_some() => {}
             }
@@ -298,34 +302,12 @@ impl Pusher {
                     )
                     .await?
             }
-            Mode::Offsets { positions } => {
-                let mut out = Vec::new();
-                let mut bytes_left = max_bytes;
-                for (p, at) in positions.iter_mut() {
-                    if out.len() >= max_records || bytes_left == 0 {
-                        break;
-                    }
-                    let log = self.topic.log(*p)?;
-                    if *at >= log.high_watermark() {
-                        continue;
-                    }
-                    let (from, want) = (*at, max_records - out.len());
-                    let got = tokio::task::spawn_blocking(move || {
-                        read::read_from(&log, from, want, bytes_left)
-                    })
-                    .await??;
-                    for r in got {
-                        let size = read::record_bytes(&r);
-                        if size > bytes_left {
-                            break;
-                        }
-                        bytes_left -= size;
-                        *at = r.offset + 1;
-                        out.push(super::unlocked(*p, r));
-                    }
-                }
-                (out, None)
-            }
+            Mode::Offsets(offsets) => (
+                offsets
+                    .read(self.topic.name(), max_records, max_bytes)
+                    .await?,
+                None,
+            ),
         };
         let sent = records.len() as u64;
         for r in records {

@@ -231,8 +231,8 @@ impl std::fmt::Debug for Arrivals {
 }
 
 impl Arrivals {
-    /// For subscription `sub` reading `topic`; never wakes without a subscription (a group's
-    /// push stream).
+    /// For subscription `sub` reading `topic`; [`Arrivals::next`] never wakes without a
+    /// subscription (a group's push stream uses [`Arrivals::next_past`]).
     pub fn new(broker: &Broker, sub: Option<Arc<super::Sub>>, topic: &Arc<TopicState>) -> Self {
         Arrivals {
             broker: broker.clone(),
@@ -260,6 +260,32 @@ impl Arrivals {
         polls.as_mut().await;
         self.polls = None;
     }
+
+    /// Returns once one of the remote partitions `waits` yields (each with the offset to
+    /// wait past) gets records there: for a stream without a subscription (a group's push
+    /// stream), which knows its own positions. `waits` is asked only when no polls are open
+    /// (they stay open across calls, as in [`Arrivals::next`]); never returns when it is
+    /// empty. Cancel safe.
+    pub async fn next_past(&mut self, waits: impl FnOnce() -> Vec<(Remote, u64)>) {
+        let polls = self
+            .polls
+            .get_or_insert_with(|| Box::pin(wait_any(waits())));
+        polls.as_mut().await;
+        self.polls = None;
+    }
+}
+
+/// Returns once one of `waits` has records past its offset; never when there is none.
+async fn wait_any(waits: Vec<(Remote, u64)>) {
+    let mut polls = tokio::task::JoinSet::new();
+    for (r, from) in waits {
+        polls.spawn(async move { r.wait_past(from).await });
+    }
+    if polls.is_empty() {
+        return std::future::pending().await;
+    }
+    // Dropping the set (the loop ended) ends the other polls.
+    let _ = polls.join_next().await;
 }
 
 async fn remote_arrivals(broker: Broker, sub: Arc<super::Sub>, topic: Arc<TopicState>) {
@@ -270,18 +296,14 @@ async fn remote_arrivals(broker: Broker, sub: Arc<super::Sub>, topic: Arc<TopicS
         let st = sub.state.lock().await;
         st.partitions.iter().map(|(p, ps)| (*p, ps.next)).collect()
     };
-    let mut polls = tokio::task::JoinSet::new();
+    let mut waits = Vec::new();
     for p in 0..topic.topic.partition_count() {
         let Ok(Source::Remote(r)) = Source::of(&broker, &topic, p, &sub.remotes) else {
             continue;
         };
         let seen = r.cached_bounds().map_or(0, |b| b.high_watermark);
         let from = nexts.get(&p).copied().unwrap_or(0).max(seen);
-        polls.spawn(async move { r.wait_past(from).await });
+        waits.push((r, from));
     }
-    if polls.is_empty() {
-        return std::future::pending().await;
-    }
-    // Dropping the set (the loop ended) ends the other polls.
-    let _ = polls.join_next().await;
+    wait_any(waits).await;
 }
