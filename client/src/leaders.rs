@@ -349,6 +349,10 @@ impl Leaders {
     ) -> Vec<Candidate> {
         let cell = self.topic_cell(topic);
         let mut view = cell.lock().await;
+        if matches!(*self.discovery.guard(), Discovery::Unsupported) {
+            // Learnt while this waited for the lock.
+            return Vec::new();
+        }
         if let Some(v) = view.as_ref() {
             let fresh = fresh_since.is_none_or(|t| v.fetched_at >= t);
             match v.ranked.get(&p) {
