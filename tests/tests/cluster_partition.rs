@@ -4,7 +4,9 @@
 //! producers keep writing: the isolated leader acknowledges nothing (a produce there fails
 //! with UNAVAILABLE after its deadline), the majority elects a new leader and takes writes,
 //! `ClusterStatus` reports the isolated broker down, and after healing the old leader
-//! rejoins as a follower and holds exactly what the others hold.
+//! rejoins as a follower and holds exactly what the others hold. The client library's
+//! producers, bootstrapped at the isolated broker first, leave it for the new leader and
+//! keep the isolated leader's partition taking writes during the split, with no duplicate.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
