@@ -389,7 +389,11 @@ impl Leaders {
             .collect();
         let mut round = tokio::task::JoinSet::new();
         for address in asked {
-            let open = self.by_address.guard().get(&address).cloned();
+            let open = if address == origin.addr() {
+                Some(origin.clone())
+            } else {
+                self.by_address.guard().get(&address).cloned()
+            };
             let origin = origin.clone();
             let topic = topic.to_string();
             round.spawn(async move {
