@@ -1,6 +1,7 @@
 //! [`Admin`]: every Admin and Groups RPC, with friendly argument types. Results are the
 //! contract's own messages (`rill_proto::v1::*`), which carry every field the broker returns.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rill_proto::v1 as pb;
@@ -10,6 +11,7 @@ use rill_proto::v1::reset_group_offsets_request::Target;
 
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::leaders::Leaders;
 
 /// When a topic's appends are synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +158,8 @@ pub enum ResetTo {
 #[derive(Debug, Clone)]
 pub struct Admin {
     conn: Connection,
+    /// Partition leaders in a cluster, found through `Metadata` and shared by the clones.
+    leaders: Arc<Leaders>,
 }
 
 fn status(topic: Option<&str>) -> impl Fn(tonic::Status) -> ClientError + '_ {
@@ -165,7 +169,12 @@ fn status(topic: Option<&str>) -> impl Fn(tonic::Status) -> ClientError + '_ {
 impl Admin {
     /// An admin client on `conn`.
     pub fn new(conn: Connection) -> Self {
-        Admin { conn }
+        Admin::with_leaders(conn, Arc::default())
+    }
+
+    /// An admin client on `conn` that shares `leaders` with the client it belongs to.
+    pub(crate) fn with_leaders(conn: Connection, leaders: Arc<Leaders>) -> Self {
+        Admin { conn, leaders }
     }
 
     /// Creates a topic.
@@ -222,38 +231,26 @@ impl Admin {
             .into_inner())
     }
 
-    /// Looks up an offset of one partition. A broker of a cluster that holds no replica of
-    /// the partition names one, which is asked instead.
+    /// Looks up an offset of one partition. In a cluster, the partition's leader answers
+    /// (found through `Metadata`, once per topic and admin client); a broker that holds no
+    /// replica of the partition names one, which is asked instead.
     pub async fn list_offsets(
         &self,
         topic: &str,
         partition: u32,
         query: OffsetQuery,
     ) -> Result<pb::ListOffsetsResponse> {
-        let spec = match query {
-            OffsetQuery::Earliest => Spec::Position(pb::OffsetSpec::Earliest as i32),
-            OffsetQuery::Latest => Spec::Position(pb::OffsetSpec::Latest as i32),
-            OffsetQuery::Timestamp(ts) => Spec::TimestampMs(ts),
+        let Some(leader) = self.leaders.find(&self.conn, topic, partition).await else {
+            return list_offsets_at(&self.conn, topic, partition, query).await;
         };
-        let request = pb::ListOffsetsRequest {
-            topic: topic.into(),
-            partition,
-            spec: Some(spec),
-        };
-        let answer = match self.conn.log().list_offsets(request.clone()).await {
-            // A broker without a replica of the partition (in a cluster) names one.
-            Err(status) => match crate::leaders::leader_hint(&status) {
-                Some(replica) => {
-                    let conn = self.conn.connect_like(&replica).await?;
-                    conn.log().list_offsets(request).await
-                }
-                None => Err(status),
-            },
+        match list_offsets_at(&leader, topic, partition, query).await {
+            Err(e) if e.is_retryable() => {
+                // The leader went away: the broker first connected to answers or redirects.
+                self.leaders.forget(topic, partition);
+                list_offsets_at(&self.conn, topic, partition, query).await
+            }
             answer => answer,
-        };
-        Ok(answer
-            .map_err(|s| ClientError::broker(Some(topic), Some(partition), s))?
-            .into_inner())
+        }
     }
 
     /// Commits `(partition, offset)` pairs of `group` for `topic`, durably and atomically.
@@ -384,4 +381,38 @@ impl Admin {
             .map_err(status(Some(topic)))?
             .into_inner())
     }
+}
+
+/// [`Admin::list_offsets`] asked of `conn`'s broker (following one redirect to a replica),
+/// not of the leader: how a consumer reads the offsets of the replica it fetches from.
+pub(crate) async fn list_offsets_at(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    query: OffsetQuery,
+) -> Result<pb::ListOffsetsResponse> {
+    let spec = match query {
+        OffsetQuery::Earliest => Spec::Position(pb::OffsetSpec::Earliest as i32),
+        OffsetQuery::Latest => Spec::Position(pb::OffsetSpec::Latest as i32),
+        OffsetQuery::Timestamp(ts) => Spec::TimestampMs(ts),
+    };
+    let request = pb::ListOffsetsRequest {
+        topic: topic.into(),
+        partition,
+        spec: Some(spec),
+    };
+    let answer = match conn.log().list_offsets(request.clone()).await {
+        // A broker without a replica of the partition (in a cluster) names one.
+        Err(status) => match crate::leaders::leader_hint(&status) {
+            Some(replica) => {
+                let conn = conn.connect_like(&replica).await?;
+                conn.log().list_offsets(request).await
+            }
+            None => Err(status),
+        },
+        answer => answer,
+    };
+    Ok(answer
+        .map_err(|s| ClientError::broker(Some(topic), Some(partition), s))?
+        .into_inner())
 }

@@ -41,6 +41,7 @@
 //! the consumer manages them itself and commits plain offsets (no membership).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Admin, OffsetQuery};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::leaders::Leaders;
 use crate::membership::GroupMember;
 
 mod fetch;
@@ -245,6 +247,9 @@ type Slot = (usize, u32);
 /// A consumer of one topic or several.
 pub struct Consumer {
     conn: Connection,
+    /// Partition leaders in a cluster, found through `Metadata` (once per topic) and shared
+    /// by the fetch tasks and offset lookups.
+    leaders: Arc<Leaders>,
     config: ConsumerConfig,
     /// The subscribed topics, in the order given, without duplicates.
     topics: Vec<String>,
@@ -387,6 +392,7 @@ impl Consumer {
         let (tx, rx) = mpsc::channel(partitions.max(1) * config.prefetch);
         Consumer {
             conn,
+            leaders: Arc::default(),
             config,
             topics,
             partitions: HashMap::new(),
@@ -401,12 +407,18 @@ impl Consumer {
         }
     }
 
+    /// An admin client on this consumer's connection and leaders.
+    fn admin(&self) -> Admin {
+        Admin::with_leaders(self.conn.clone(), Arc::clone(&self.leaders))
+    }
+
     async fn reset_position(&self, (topic, partition): Slot) -> Result<u64> {
         let query = match self.config.auto_offset_reset {
             AutoOffsetReset::Earliest => OffsetQuery::Earliest,
             AutoOffsetReset::Latest => OffsetQuery::Latest,
         };
-        Ok(Admin::new(self.conn.clone())
+        Ok(self
+            .admin()
             .list_offsets(&self.topics[topic], partition, query)
             .await?
             .offset)
@@ -433,6 +445,7 @@ impl Consumer {
         self.buffer.retain(|(s, _)| *s != slot);
         let task = FetchTask {
             conn: self.conn.clone(),
+            leaders: Arc::clone(&self.leaders),
             topic: self.topics[slot.0].clone(),
             slot,
             generation,
@@ -742,7 +755,7 @@ impl Consumer {
                 "topic {topic:?} partition {partition} is not subscribed (or was revoked from this member)"
             )));
         };
-        let admin = Admin::new(self.conn.clone());
+        let admin = self.admin();
         let offset = match to {
             SeekTo::Offset(o) => o,
             SeekTo::Beginning => {

@@ -13,6 +13,11 @@
 //!   `(topic, partition)`s the broker assigns, committing before it gives one up
 //!   (`consumer/group.rs`); each partition's long-poll task is in `consumer/fetch.rs`.
 //! - [`admin`]: [`Admin`]: topics, offsets and groups.
+//! - [`leaders`]: [`leaders::Leaders`]: in a cluster, each partition's leader, found
+//!   through `Cluster.Metadata` before the first request (once per topic; a single
+//!   broker's UNIMPLEMENTED is remembered) and looked up again from the other brokers when
+//!   it fails or stops answering, the newest Raft term winning ([`leaders::rank_leaders`]);
+//!   the producer, the consumer's fetch tasks and [`Admin::list_offsets`] route by it.
 //! - [`membership`]: [`GroupMember`]: a consumer group member; background heartbeats, and
 //!   assigned, revoked and lost partitions as events.
 //! - [`error`]: [`ClientError`], typed, with the broker status as its source; which errors

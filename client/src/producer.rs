@@ -24,6 +24,15 @@
 //! again with a fresh producer id. With idempotence off, one batch per partition is in
 //! flight and a retry may append a batch twice (at least once).
 //!
+//! # Leaders
+//! In a cluster each batch goes to its partition's leader, which `Cluster.Metadata` names
+//! before the first one (see [`crate::leaders`]). A try that fails with UNAVAILABLE or a
+//! broken connection, or stays unanswered for a second (a leader cut off from the others
+//! holds it until its commit deadline), makes the sender ask the other brokers who leads
+//! now, and the batch goes to the leader of the newest term they name. Order is kept as
+//! above: the retried batch carries its sequence, and the new leader answers a batch the old
+//! one did commit with its original offsets.
+//!
 //! # Memory
 //! Every record waiting in a queue or in a batch not yet acknowledged holds its size in the
 //! producer's buffer (`buffer_memory_bytes`, like Kafka's `buffer.memory`), and gives it back

@@ -73,13 +73,13 @@ impl Cluster for ClusterService {
                     .map(|(p, meta)| {
                         // A replica knows its group's leader; a replication factor 1
                         // partition is led by its only replica.
-                        let leader = if meta.replicas.len() == 1 {
-                            meta.replicas[0]
+                        let (leader, leader_term) = if meta.replicas.len() == 1 {
+                            (meta.replicas[0], 0)
                         } else {
                             self.replication
                                 .as_ref()
-                                .and_then(|r| r.leader(name, p as u32))
-                                .unwrap_or(0)
+                                .and_then(|r| r.leader_and_term(name, p as u32))
+                                .unwrap_or((0, 0))
                         };
                         let states = self
                             .replication
@@ -104,6 +104,7 @@ impl Cluster for ClusterService {
                                     lag_entries: *lag_entries,
                                 })
                                 .collect(),
+                            leader_term,
                         }
                     })
                     .collect(),

@@ -601,6 +601,15 @@ impl Replication {
             .and_then(|r| r.metrics().borrow().current_leader)
     }
 
+    /// The leader of partition `p` of `topic` and the Raft term it leads in, as this broker
+    /// sees it, if it is a replica and knows a leader.
+    pub fn leader_and_term(&self, topic: &str, p: u32) -> Option<(NodeId, u64)> {
+        let raft = self.group(topic, p)?;
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.current_leader.map(|l| (l, m.current_term))
+    }
+
     /// Each replica's `(node, in sync, entries behind)` of partition `p` of `topic`, if this
     /// broker leads it: in sync means it holds every entry the leader has applied
     /// (committed).

@@ -4,7 +4,9 @@
 //! producers keep writing: the isolated leader acknowledges nothing (a produce there fails
 //! with UNAVAILABLE after its deadline), the majority elects a new leader and takes writes,
 //! `ClusterStatus` reports the isolated broker down, and after healing the old leader
-//! rejoins as a follower and holds exactly what the others hold.
+//! rejoins as a follower and holds exactly what the others hold. The client library's
+//! producers, bootstrapped at the isolated broker first, leave it for the new leader and
+//! keep the isolated leader's partition taking writes during the split, with no duplicate.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,11 +108,12 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
     let mut watermarks = Watermarks::default();
 
     // Producers, one per partition, through the client library with every broker as
-    // bootstrap: they follow leader changes and retry through them.
-    let bootstrap = cluster
-        .ids()
-        .iter()
-        .map(|id| cluster.addr(*id).to_string())
+    // bootstrap, the one about to be isolated first (the broker they first connect to):
+    // they find the leaders through `Metadata`, follow leader changes and retry through
+    // them, and leave the isolated leader for the one the majority elects.
+    let bootstrap = std::iter::once(old)
+        .chain(majority.iter().copied())
+        .map(|id| cluster.addr(id).to_string())
         .collect::<Vec<_>>()
         .join(",");
     let stop = Arc::new(AtomicBool::new(false));
@@ -130,22 +133,33 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
         let stop = stop.clone();
         producers.push(tokio::spawn(async move {
             let mut acked: BTreeMap<u64, String> = BTreeMap::new();
+            // When each acknowledged send started and ended.
+            let mut times: Vec<(tokio::time::Instant, tokio::time::Instant)> = Vec::new();
             let mut failed = 0u64;
             let mut n = 0u64;
+            let mut last_offset = None;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let value = format!("p{p}-m{n}");
                 let record = rill_client::ProducerRecord::new("net", value.clone()).partition(p);
+                let started = tokio::time::Instant::now();
                 match producer.send_and_wait(record).await {
                     Ok((_, offset)) => {
                         let previous = acked.insert(offset, value);
                         assert!(previous.is_none(), "{p}/{offset} acknowledged twice");
+                        // One send at a time: each lands after the one before.
+                        assert!(
+                            last_offset.is_none_or(|l| offset > l),
+                            "{p}: m{n} acknowledged at {offset}, after {last_offset:?}"
+                        );
+                        last_offset = Some(offset);
+                        times.push((started, tokio::time::Instant::now()));
                     }
                     Err(_) => failed += 1,
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (p, acked, failed)
+            (p, acked, times, failed)
         }));
     }
     // Some writes before the partition.
@@ -240,6 +254,7 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
     let isolated_for = isolated_at.elapsed();
 
     // Heal: the old leader rejoins as a follower of the new term.
+    let healed_at = tokio::time::Instant::now();
     cluster.heal().expect("heal");
     let until = tokio::time::Instant::now() + DEADLINE;
     loop {
@@ -270,12 +285,22 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
     let mut acked_total = 0;
     let mut lost = 0;
     let mut duplicates = 0;
+    let mut isolated_partition_acked_in_split = 0;
     for producer in producers {
-        let (p, acked, failed) = tokio::time::timeout(DEADLINE, producer)
+        let (p, acked, times, failed) = tokio::time::timeout(DEADLINE, producer)
             .await
             .expect("producer stops")
             .expect("producer task");
         assert!(!acked.is_empty(), "partition {p}: nothing acknowledged");
+        // Sends made and acknowledged while the old leader was cut off: only a leader the
+        // majority elected can have committed them.
+        let in_split = times
+            .iter()
+            .filter(|(started, done)| *started >= isolated_at && *done < healed_at)
+            .count();
+        if p == 0 {
+            isolated_partition_acked_in_split = in_split;
+        }
         acked_total += acked.len();
         // Every replica up to the furthest end any of them reports (a write whose client
         // gave up may still have committed after the last acknowledged one).
@@ -301,7 +326,8 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
                 }
             }
             // An acknowledged value appears nowhere else; a duplicate would be a retry of a
-            // write whose first attempt committed unacknowledged (no idempotent producer yet).
+            // write whose first attempt committed unacknowledged, which the idempotent
+            // producer's sequence numbers rule out.
             for (offset, value) in log {
                 if acked.values().any(|a| a == value) && acked.get(offset) != Some(value) {
                     duplicates += 1;
@@ -324,7 +350,8 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
             assert!(logs[0].1.values().any(|v| v == "majority"));
         }
         println!(
-            "partition {p}: {} acknowledged, {failed} sends failed",
+            "partition {p}: {} acknowledged ({in_split} sent and acknowledged during the \
+             split), {failed} sends failed",
             acked.len()
         );
     }
@@ -335,4 +362,14 @@ async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_fol
         isolated_for.as_millis()
     );
     assert_eq!(lost, 0, "acknowledged records lost");
+    assert_eq!(
+        duplicates, 0,
+        "records appended twice by the idempotent producer"
+    );
+    // The producer left the isolated leader for the new one: partition 0 kept taking
+    // writes during the split (over 10 s: the no-quorum produce above waits its deadline).
+    assert!(
+        isolated_partition_acked_in_split > 0,
+        "partition 0 acknowledged nothing while its old leader was isolated"
+    );
 }

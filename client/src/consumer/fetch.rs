@@ -8,6 +8,7 @@
 //! up to the task's position (it lags the one the task read from): OUT_OF_RANGE above its
 //! end then means "wait", not "reset the position", for [`BEHIND_GRACE`] after a move.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -18,10 +19,10 @@ use tokio::sync::mpsc;
 use tonic::Code;
 
 use super::{AutoOffsetReset, Slot};
-use crate::admin::{Admin, OffsetQuery};
+use crate::admin::{list_offsets_at, OffsetQuery};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
-use crate::leaders::leader_hint;
+use crate::leaders::{leader_hint, Leaders};
 use crate::retry::RetryPolicy;
 
 /// What a fetch task hands the consumer; `generation` tells a stale task's leftovers (from
@@ -61,6 +62,8 @@ struct Source {
 /// One partition's long-poll loop.
 pub(super) struct FetchTask {
     pub(super) conn: Connection,
+    /// The consumer's partition leaders: the task starts at its partition's leader.
+    pub(super) leaders: Arc<Leaders>,
     /// The topic's name, for requests.
     pub(super) topic: String,
     /// The topic's index and the partition, for the consumer.
@@ -86,8 +89,15 @@ enum Step {
 impl FetchTask {
     pub(super) async fn run(self, mut offset: u64) {
         let retry = RetryPolicy::fetch();
+        // In a cluster, the leader (which `Metadata` names, once per topic): it holds every
+        // committed record, where a follower may lag; else the broker connected to.
+        let first = self
+            .leaders
+            .find(&self.conn, &self.topic, self.slot.1)
+            .await
+            .unwrap_or_else(|| self.conn.clone());
         let source = Mutex::new(Source {
-            conn: self.conn.clone(),
+            conn: first,
             moved_at: None,
         });
         loop {
@@ -170,8 +180,7 @@ impl FetchTask {
 
     /// The partition's offset that `query` names, as `conn`'s broker answers it.
     async fn offset_at(&self, conn: &Connection, query: OffsetQuery) -> Result<u64> {
-        Ok(Admin::new(conn.clone())
-            .list_offsets(&self.topic, self.slot.1, query)
+        Ok(list_offsets_at(conn, &self.topic, self.slot.1, query)
             .await?
             .offset)
     }

@@ -49,6 +49,13 @@ impl Gathered {
 /// The longest pause between produce retries when the producer was given several brokers.
 pub(super) const CLUSTER_MAX_RETRY_DELAY: Duration = Duration::from_millis(100);
 
+/// How long a produce try to a cluster's leader goes unanswered before the sender asks the
+/// other brokers whether a newer leader was elected. A healthy leader answers far sooner;
+/// asking costs one `Metadata` call per other broker, nothing when the answer comes.
+pub(super) const LEADER_CHECK_AFTER_MS: u64 = 1_000;
+/// How often the sender asks again while the try stays unanswered.
+pub(super) const LEADER_CHECK_EVERY_MS: u64 = 500;
+
 /// One partition's sender: gathers a batch, sends it with retries, resolves the acks. It
 /// owns what it needs and nothing of the [`Producer`]'s shared state, so it ends once the
 /// producer's queue sender is dropped and the queue is drained.
@@ -319,11 +326,16 @@ impl PartitionSender {
                         }
                     }
                     // In a cluster, the partition's leader.
-                    let conn = self
-                        .leaders
-                        .get(&self.topic, self.partition)
-                        .unwrap_or_else(|| self.conn.clone());
-                    match conn.log().produce(request.clone()).await {
+                    let conn = match self.leaders.get(&self.topic, self.partition) {
+                        Some(c) => c,
+                        None => self
+                            .leaders
+                            .find(&self.conn, &self.topic, self.partition)
+                            .await
+                            .unwrap_or_else(|| self.conn.clone()),
+                    };
+                    let (answer, moved) = self.try_at(&conn, request.clone()).await;
+                    match answer {
                         Ok(response) => {
                             return base_offset(
                                 &response.into_inner(),
@@ -342,7 +354,9 @@ impl PartitionSender {
                             wait = (wait * 2).min(Duration::from_millis(100));
                         }
                         Err(status) => {
-                            self.after_failure(&status).await;
+                            if !moved {
+                                self.after_failure(&status, &conn).await;
+                            }
                             return Err(ClientError::broker(
                                 Some(&self.topic),
                                 Some(self.partition),
@@ -376,10 +390,62 @@ impl PartitionSender {
         })
     }
 
-    /// Where the next attempt goes after `status`: the leader a non-leader named (the
-    /// error is then retryable, see [`ClientError::is_retryable`]), or, after an outage, the
-    /// bootstrap brokers again, which name the new leader once one is elected.
-    async fn after_failure(&self, status: &tonic::Status) {
+    /// One produce try at `conn`. In a cluster, a try unanswered for
+    /// [`LEADER_CHECK_AFTER_MS`] makes the sender ask the other brokers who leads, and again
+    /// every [`LEADER_CHECK_EVERY_MS`]: when they name another broker as leader of a newer
+    /// term (this one was cut off from the majority, which elected a successor), the try is
+    /// dropped and answered UNAVAILABLE, and `true` says the partition already moved to the
+    /// new leader. The retry there carries the same batch: an idempotent one that the old
+    /// leader did get committed is answered with its original offsets, not appended again.
+    async fn try_at(
+        &self,
+        conn: &Connection,
+        request: pb::ProduceRequest,
+    ) -> (
+        std::result::Result<tonic::Response<pb::ProduceResponse>, tonic::Status>,
+        bool,
+    ) {
+        let mut log = conn.log();
+        let call = log.produce(request);
+        if !self.leaders.is_cluster() {
+            return (call.await, false);
+        }
+        let watch = async {
+            let mut wait = Duration::from_millis(LEADER_CHECK_AFTER_MS);
+            loop {
+                tokio::time::sleep(wait).await;
+                if let Some(newer) = self
+                    .leaders
+                    .newer(&self.conn, &self.topic, self.partition, conn)
+                    .await
+                {
+                    return newer;
+                }
+                wait = Duration::from_millis(LEADER_CHECK_EVERY_MS);
+            }
+        };
+        tokio::select! {
+            answer = call => (answer, false),
+            newer = watch => (
+                Err(tonic::Status::unavailable(format!(
+                    "topic {} partition {}: no answer from the leader at {} within {} ms, and \
+                     the other brokers name {} as leader of a newer term",
+                    self.topic,
+                    self.partition,
+                    conn.addr(),
+                    LEADER_CHECK_AFTER_MS,
+                    newer.addr()
+                ))),
+                true,
+            ),
+        }
+    }
+
+    /// Where the next attempt goes after `status` from `failed`: the leader a non-leader
+    /// named (the error is then retryable, see [`ClientError::is_retryable`]), or, after an
+    /// outage or a broken connection, the leader the other brokers name (see
+    /// [`crate::leaders::Leaders::leave`]).
+    async fn after_failure(&self, status: &tonic::Status, failed: &Connection) {
         if let Some(leader) = crate::leaders::leader_hint(status) {
             tracing::debug!(topic = %self.topic, partition = self.partition, %leader, "following the partition leader");
             if let Err(e) = self
@@ -390,14 +456,11 @@ impl PartitionSender {
                 tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "leader unreachable");
             }
         } else if crate::error::is_retryable_status(status) {
-            self.leaders.forget(&self.topic, self.partition);
-            if self.conn.bootstrap().contains(',') {
-                // Several brokers: the one first connected to may be the one that died;
-                // take whichever of the list answers now.
-                if let Ok(c) = self.conn.connect_like(self.conn.bootstrap()).await {
-                    self.leaders.set(&self.topic, self.partition, c);
-                }
-            }
+            let next = self
+                .leaders
+                .leave(&self.conn, &self.topic, self.partition, failed)
+                .await;
+            tracing::debug!(topic = %self.topic, partition = self.partition, from = failed.addr(), to = ?next.as_ref().map(Connection::addr), "leaving a leader that failed");
         }
     }
 }
