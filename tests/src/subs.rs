@@ -16,6 +16,52 @@ pub const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
 /// The longest one call keeps being retried while UNAVAILABLE.
 const RETRY: Duration = Duration::from_secs(30);
 
+/// Starts `n` brokers and waits for the controller's leader and the leader of
+/// `__subscriptions` (the broker that serves every subscription): the cluster and that
+/// broker's id.
+pub async fn start_serving(n: usize, deadline: Duration) -> Result<(TestCluster, u64)> {
+    let cluster = TestCluster::start(n).await?;
+    cluster
+        .wait_controller_leader(deadline)
+        .await
+        .context("controller leader")?;
+    let serving = cluster
+        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, deadline)
+        .await
+        .context("leader of __subscriptions")?;
+    Ok((cluster, serving))
+}
+
+/// Produces `values` to `topic`/`p` at node `at`, retrying (every 100 ms, up to `deadline`)
+/// while the partition settles after an election or a restart.
+pub async fn produce(
+    cluster: &TestCluster,
+    at: u64,
+    topic: &str,
+    p: u32,
+    values: &[String],
+    deadline: Duration,
+) -> Result<()> {
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let tried = match cluster.clients(at).await {
+            Ok(mut c) => c.produce_values(topic, p, &refs).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match tried {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() < until => {
+                eprintln!("produce to {topic}/{p} at node {at}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("produce to {topic}/{p} at node {at}"))
+            }
+        }
+    }
+}
+
 /// The Subscriptions client of node `id`.
 pub async fn client(cluster: &TestCluster, id: u64) -> Result<SubscriptionsClient<Channel>> {
     Ok(SubscriptionsClient::new(cluster.clients(id).await?.channel))

@@ -12,7 +12,7 @@ use rill_client::membership::Partitions;
 use rill_client::{Connection, GroupMember, MemberConfig, MemberEvent};
 use rill_proto::v1 as pb;
 use rill_tests::cluster::TestCluster;
-use rill_tests::subs::{self, SUBSCRIPTIONS_TOPIC};
+use rill_tests::subs;
 use tokio::sync::mpsc;
 
 /// The longest an election, a commit or a delivery may take in this test.
@@ -21,19 +21,9 @@ const GROUP: &str = "billing";
 
 /// Produces `values` to `topic`/`p` at node `at`, retrying while the partition settles.
 async fn produce(cluster: &TestCluster, at: u64, topic: &str, p: u32, values: &[String]) {
-    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let mut c = cluster.clients(at).await.expect("connect");
-        match c.produce_values(topic, p, &refs).await {
-            Ok(_) => return,
-            Err(e) if tokio::time::Instant::now() < until => {
-                eprintln!("produce to {topic}/{p} at node {at}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("produce to {topic}/{p} at node {at}: {e}"),
-        }
-    }
+    subs::produce(cluster, at, topic, p, values, DEADLINE)
+        .await
+        .expect("produce");
 }
 
 /// Produces `{p}-{i}` for `i` in `range` to each partition at its owner.
@@ -171,15 +161,9 @@ fn check_next(next: &mut BTreeMap<u32, u64>, got: &[(u32, u64, String)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_push_stream_reads_partitions_held_by_other_brokers_and_hands_them_over() {
-    let cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let (cluster, serving) = subs::start_serving(3, DEADLINE)
         .await
-        .expect("controller");
-    let serving = cluster
-        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
-        .await
-        .expect("leader of __subscriptions");
+        .expect("a cluster and its serving broker");
     let (topic, replicas) =
         subs::create_topic_away_from(&cluster, serving, "orders", (2, 1), &[serving])
             .await
@@ -286,15 +270,9 @@ async fn spread_topic(cluster: &TestCluster, serving: u64) -> (String, Vec<u64>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holder_of_one_partition_does_not_stop_the_others() {
-    let mut cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let (mut cluster, serving) = subs::start_serving(3, DEADLINE)
         .await
-        .expect("controller");
-    let serving = cluster
-        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
-        .await
-        .expect("leader of __subscriptions");
+        .expect("a cluster and its serving broker");
     let (topic, owners) = spread_topic(&cluster, serving).await;
     // The partition to lose: one held away from the serving broker (which stays up).
     let dead_p = owners.iter().position(|o| *o != serving).expect("one away") as u32;

@@ -20,19 +20,9 @@ const CONSUMER: &str = "worker";
 
 /// Produces `values` to `topic`/`p` at node `at`, retrying while the partition settles.
 async fn produce(cluster: &TestCluster, at: u64, topic: &str, p: u32, values: &[String]) {
-    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let mut c = cluster.clients(at).await.expect("connect");
-        match c.produce_values(topic, p, &refs).await {
-            Ok(_) => return,
-            Err(e) if tokio::time::Instant::now() < until => {
-                eprintln!("produce to {topic}/{p} at node {at}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("produce to {topic}/{p} at node {at}: {e}"),
-        }
-    }
+    subs::produce(cluster, at, topic, p, values, DEADLINE)
+        .await
+        .expect("produce");
 }
 
 /// Receives through node `via` until `n` records came (or the deadline passed): (partition,
@@ -78,15 +68,9 @@ async fn values_at(cluster: &TestCluster, at: u64, topic: &str, n: u64) -> Vec<S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_on_an_rf1_topic_held_elsewhere_delivers_dead_letters_and_survives_kill_9() {
-    let mut cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let (mut cluster, serving) = subs::start_serving(3, DEADLINE)
         .await
-        .expect("controller");
-    let serving = cluster
-        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
-        .await
-        .expect("leader of __subscriptions");
+        .expect("a cluster and its serving broker");
     // The topic and the dead-letter topic each live on one broker, not the serving one
     // (which is killed below; they must outlive it).
     let (topic, replicas) =
@@ -264,15 +248,9 @@ async fn a_subscription_on_an_rf1_topic_held_elsewhere_delivers_dead_letters_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_on_an_rf2_topic_of_3_brokers_delivers_every_partition_once() {
-    let cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let (cluster, serving) = subs::start_serving(3, DEADLINE)
         .await
-        .expect("controller");
-    let serving = cluster
-        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
-        .await
-        .expect("leader of __subscriptions");
+        .expect("a cluster and its serving broker");
     let (topic, replicas) =
         subs::create_topic_away_from(&cluster, serving, "pairs", (3, 2), &[serving])
             .await
@@ -345,15 +323,9 @@ async fn a_subscription_on_an_rf2_topic_of_3_brokers_delivers_every_partition_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holder_of_one_partition_does_not_stall_the_others_and_its_records_come_after_its_restart(
 ) {
-    let mut cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let (mut cluster, serving) = subs::start_serving(3, DEADLINE)
         .await
-        .expect("controller");
-    let serving = cluster
-        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
-        .await
-        .expect("leader of __subscriptions");
+        .expect("a cluster and its serving broker");
     let (topic, replicas) =
         subs::create_topic_away_from(&cluster, serving, "spread", (3, 1), &[serving])
             .await
@@ -462,15 +434,9 @@ async fn hook(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_on_a_topic_held_elsewhere_gets_the_records_produced_while_it_waits() {
-    let cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let (cluster, serving) = subs::start_serving(3, DEADLINE)
         .await
-        .expect("controller");
-    let serving = cluster
-        .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
-        .await
-        .expect("leader of __subscriptions");
+        .expect("a cluster and its serving broker");
     let (topic, replicas) =
         subs::create_topic_away_from(&cluster, serving, "hooked", (1, 1), &[serving])
             .await
