@@ -86,20 +86,32 @@ pub fn read_at(log: &PartitionLog, offsets: &[u64]) -> Result<Vec<FetchedRecord>
         }
         // One read covers the batch holding `o` and often the next wanted ones.
         let got = read_from(log, o, usize::MAX, 64 << 10)?;
-        let Some(last) = got.last().map(|r| r.offset) else {
-            i += 1;
-            continue;
-        };
-        let mut got = got.into_iter().peekable();
-        while i < offsets.len() && offsets[i] <= last {
-            while got.peek().is_some_and(|r| r.offset < offsets[i]) {
-                got.next();
-            }
-            if let Some(r) = got.peek().filter(|r| r.offset == offsets[i]) {
-                out.push(r.clone());
-            }
-            i += 1;
-        }
+        take_wanted(offsets, &mut i, got, &mut out);
     }
     Ok(out)
+}
+
+/// Moves the records of `got` (a read from `offsets[*i]` on, in offset order) whose offsets
+/// are wanted into `out`, and `*i` past every wanted offset the read covered (past
+/// `offsets[*i]` alone when it returned nothing), so the caller reads on from the next one.
+pub(crate) fn take_wanted(
+    offsets: &[u64],
+    i: &mut usize,
+    got: Vec<FetchedRecord>,
+    out: &mut Vec<FetchedRecord>,
+) {
+    let Some(last) = got.last().map(|r| r.offset) else {
+        *i += 1;
+        return;
+    };
+    let mut got = got.into_iter().peekable();
+    while *i < offsets.len() && offsets[*i] <= last {
+        while got.peek().is_some_and(|r| r.offset < offsets[*i]) {
+            got.next();
+        }
+        if let Some(r) = got.peek().filter(|r| r.offset == offsets[*i]) {
+            out.push(r.clone());
+        }
+        *i += 1;
+    }
 }

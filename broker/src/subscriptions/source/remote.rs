@@ -556,20 +556,7 @@ impl<P: Peer> Remote<P> {
                 log_start: resp.log_start_offset,
                 high_watermark: resp.high_watermark,
             });
-            let Some(last) = resp.records.last().map(|r| r.offset) else {
-                i += 1;
-                continue;
-            };
-            let mut got = resp.records.into_iter().peekable();
-            while i < offsets.len() && offsets[i] <= last {
-                while got.peek().is_some_and(|r| r.offset < offsets[i]) {
-                    got.next();
-                }
-                if let Some(r) = got.peek().filter(|r| r.offset == offsets[i]) {
-                    out.push(r.clone());
-                }
-                i += 1;
-            }
+            read::take_wanted(offsets, &mut i, resp.records, &mut out);
         }
         Ok(out)
     }
