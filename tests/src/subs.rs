@@ -174,6 +174,20 @@ pub async fn receive(
     Ok(resp.into_inner().records)
 }
 
+/// Describes subscription `sub` through node `via`.
+pub async fn describe(
+    cluster: &TestCluster,
+    via: u64,
+    sub: &str,
+) -> Result<pb::DescribeSubscriptionResponse> {
+    let mut subs = client(cluster, via).await?;
+    let resp = subs
+        .describe(pb::DescribeSubscriptionRequest { name: sub.into() })
+        .await
+        .with_context(|| format!("describing {sub}"))?;
+    Ok(resp.into_inner())
+}
+
 /// Applies `kind` to one record (`partition`, `offset`) held by `consumer`.
 pub async fn settle(
     cluster: &TestCluster,

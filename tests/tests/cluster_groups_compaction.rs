@@ -4,7 +4,6 @@
 //! stays bounded; the offsets survive kill -9 of a follower and of the leader.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use rill_proto::v1 as pb;
@@ -92,23 +91,6 @@ async fn commit_rounds(
     }
 }
 
-/// The base offset of the oldest segment of `__groups` partition `p` in data folder `dir`.
-fn log_start_on_disk(dir: &Path, p: u32) -> u64 {
-    let folder = dir.join("topics").join(GROUPS_TOPIC).join(p.to_string());
-    std::fs::read_dir(&folder)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.strip_suffix(".log")?.parse::<u64>().ok()
-                })
-                .min()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
-}
-
 /// Waits until every running replica's copy of each partition of `partitions` starts past
 /// `past[(node, p)]` (0 when absent), polling the data folders (nothing to await: the deletion
 /// is on disk). Returns each (node, partition)'s log start.
@@ -123,7 +105,7 @@ async fn wait_compacted(
             .running()
             .into_iter()
             .flat_map(|id| partitions.iter().map(move |&p| (id, p)))
-            .map(|(id, p)| ((id, p), log_start_on_disk(cluster.data_dir(id), p)))
+            .map(|(id, p)| ((id, p), cluster.log_start_on_disk(id, GROUPS_TOPIC, p)))
             .collect();
         if starts
             .iter()

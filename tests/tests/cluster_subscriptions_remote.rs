@@ -228,15 +228,9 @@ async fn a_subscription_on_an_rf1_topic_held_elsewhere_delivers_dead_letters_and
         .await
         .expect("receive");
     assert!(more.is_empty(), "nothing else: {more:?}");
-    let d = subs::client(&cluster, next)
+    let d = subs::describe(&cluster, next, "workers")
         .await
-        .expect("connect")
-        .describe(pb::DescribeSubscriptionRequest {
-            name: "workers".into(),
-        })
-        .await
-        .expect("describe")
-        .into_inner();
+        .expect("describe");
     assert_eq!(d.dead_lettered, 2, "{d:?}");
     assert_eq!(d.partitions[0].high_watermark, 11, "the owner's end: {d:?}");
     assert_eq!(
@@ -301,15 +295,9 @@ async fn a_subscription_on_an_rf2_topic_of_3_brokers_delivers_every_partition_on
         .await
         .expect("receive");
     assert!(more.is_empty(), "every record acked: {more:?}");
-    let d = subs::client(&cluster, serving)
+    let d = subs::describe(&cluster, serving, "pairs-sub")
         .await
-        .expect("connect")
-        .describe(pb::DescribeSubscriptionRequest {
-            name: "pairs-sub".into(),
-        })
-        .await
-        .expect("describe")
-        .into_inner();
+        .expect("describe");
     // Described from the holders' logs: each partition's end, nothing left.
     let ends: Vec<(u32, u64, u64)> = d
         .partitions
