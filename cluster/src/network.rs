@@ -210,6 +210,8 @@ enum AppendPath {
 struct AppendStream {
     requests: tokio::sync::mpsc::Sender<RaftMessage>,
     replies: tonic::Streaming<RaftReply>,
+    /// The server takes commands beside the envelope ([`commands`]).
+    detach: bool,
 }
 
 /// Why a call to a peer failed, before openraft's error types are chosen.
@@ -235,6 +237,7 @@ impl PeerClient {
             from_node: self.from,
             to_node: self.to,
             payload: Bytes::from(payload),
+            commands: Vec::new(),
         })
     }
 
@@ -255,20 +258,19 @@ impl PeerClient {
     /// within openraft's deadline; falls back to a unary call for a peer without streams.
     async fn append(
         &mut self,
-        request: &AppendEntriesRequest<TypeConfig>,
+        request: AppendEntriesRequest<TypeConfig>,
         option: &RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, CallError<RaftError<NodeId>>> {
         if matches!(self.append, AppendPath::Unary) {
-            return self.call(RpcKind::Append, request, option).await;
+            return self.call(RpcKind::Append, &request, option).await;
         }
-        let message = self.message(request).map_err(CallError::Network)?;
         let deadline = option.hard_ttl();
-        match tokio::time::timeout(deadline, self.append_on_stream(message)).await {
-            Ok(Ok(Some(reply))) => decode_reply(reply),
-            Ok(Ok(None)) => {
+        match tokio::time::timeout(deadline, self.append_on_stream(request)).await {
+            Ok(Ok(Ok(reply))) => decode_reply(reply),
+            Ok(Ok(Err(request))) => {
                 // The peer has no `AppendStream`: from now on, unary calls.
                 self.append = AppendPath::Unary;
-                self.call(RpcKind::Append, request, option).await
+                self.call(RpcKind::Append, &request, option).await
             }
             Ok(Err(e)) => {
                 self.append = AppendPath::Stream(None);
@@ -287,11 +289,12 @@ impl PeerClient {
         }
     }
 
-    /// One request and its reply on the stream; `None` when the peer does not serve streams.
+    /// One request and its reply on the stream; the request back when the peer does not
+    /// serve streams.
     async fn append_on_stream<E>(
         &mut self,
-        message: RaftMessage,
-    ) -> Result<Option<RaftReply>, CallError<E>> {
+        mut request: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<Result<RaftReply, AppendEntriesRequest<TypeConfig>>, CallError<E>> {
         if let AppendPath::Stream(None) = self.append {
             let channel = self.channel.clone().map_err(CallError::Unreachable)?;
             let mut client = RaftClient::new(channel)
@@ -302,15 +305,38 @@ impl PeerClient {
             let opened = client
                 .append_stream(tokio_stream::wrappers::ReceiverStream::new(outbound))
                 .await;
-            let replies = match opened {
-                Ok(r) => r.into_inner(),
-                Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
+            let (detach, replies) = match opened {
+                Ok(r) => (
+                    r.metadata().get(commands::COMMANDS_HEADER).is_some(),
+                    r.into_inner(),
+                ),
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    return Ok(Err(request))
+                }
                 Err(status) => return Err(self.status_error(&status)),
             };
-            self.append = AppendPath::Stream(Some(Box::new(AppendStream { requests, replies })));
+            self.append = AppendPath::Stream(Some(Box::new(AppendStream {
+                requests,
+                replies,
+                detach,
+            })));
         }
         let AppendPath::Stream(Some(stream)) = &mut self.append else {
-            return Ok(None);
+            return Ok(Err(request));
+        };
+        let commands = if stream.detach {
+            commands::detach(&mut request)
+        } else {
+            Vec::new()
+        };
+        let payload =
+            bincode::serialize(&request).map_err(|e| CallError::Network(e.to_string()))?;
+        let message = RaftMessage {
+            group_id: self.group,
+            from_node: self.from,
+            to_node: self.to,
+            payload: Bytes::from(payload),
+            commands,
         };
         if stream.requests.send(message).await.is_err() {
             return Err(CallError::Network(format!(
@@ -319,7 +345,7 @@ impl PeerClient {
             )));
         }
         match stream.replies.message().await {
-            Ok(Some(reply)) => Ok(Some(reply)),
+            Ok(Some(reply)) => Ok(Ok(reply)),
             Ok(None) => Err(CallError::Network(format!(
                 "group {} node {} -> {}: the AppendEntries stream ended",
                 self.group, self.from, self.to
@@ -398,7 +424,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.append(&rpc, &option)
+        self.append(rpc, &option)
             .await
             .map_err(|e| self.to_rpc_error(e))
     }
@@ -439,6 +465,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }))
     }
 }
+
+mod commands;
+pub(crate) use commands::{attach as attach_commands, COMMANDS_HEADER};
 
 #[cfg(test)]
 mod stream_tests;

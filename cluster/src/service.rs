@@ -13,9 +13,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::failover::refused_for_log;
 use crate::host::GroupHost;
-use crate::network::MAX_RAFT_MESSAGE_BYTES;
+use crate::network::{attach_commands, COMMANDS_HEADER, MAX_RAFT_MESSAGE_BYTES};
 use crate::node::Registry;
-use crate::types::{NodeId, Raft};
+use crate::types::{NodeId, Raft, TypeConfig};
+use openraft::raft::AppendEntriesRequest;
 
 /// The `rill.v1.Raft` service of one broker.
 #[derive(Clone)]
@@ -75,6 +76,22 @@ impl RaftService {
         })?;
         Ok((raft, request))
     }
+
+    /// The addressed group and the AppendEntries request, its commands put back from beside
+    /// the envelope when the sender detached them.
+    fn route_append(
+        &self,
+        message: RaftMessage,
+    ) -> Result<(Raft, AppendEntriesRequest<TypeConfig>), Status> {
+        let (raft, mut request) = self.route(&message)?;
+        attach_commands(&mut request, message.commands).map_err(|e| {
+            Status::invalid_argument(format!(
+                "malformed AppendEntries for group {}: {e}",
+                message.group_id
+            ))
+        })?;
+        Ok((raft, request))
+    }
 }
 
 /// Encodes a group's answer, success or Raft error, as a reply.
@@ -100,7 +117,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftReply>, Status> {
-        let (raft, rpc) = self.route(request.get_ref())?;
+        let (raft, rpc) = self.route_append(request.into_inner())?;
         reply(raft.append_entries(rpc).await)
     }
 
@@ -133,7 +150,7 @@ impl RaftRpc for RaftService {
                     () = shutdown.cancelled() => return None,
                 };
                 let answer = match message {
-                    Ok(Some(message)) => match service.route(&message) {
+                    Ok(Some(message)) => match service.route_append(message) {
                         Ok((raft, rpc)) => {
                             reply(raft.append_entries(rpc).await).map(Response::into_inner)
                         }
@@ -146,7 +163,13 @@ impl RaftRpc for RaftService {
                 Some((answer, next))
             }
         });
-        Ok(Response::new(Box::pin(replies)))
+        let mut response = Response::new(Box::pin(replies) as Self::AppendStreamStream);
+        // This server takes commands beside the envelope (see `network::commands`).
+        response.metadata_mut().insert(
+            COMMANDS_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        Ok(response)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
@@ -231,6 +254,7 @@ mod tests {
             from_node: 2,
             to_node,
             payload: Bytes::new(),
+            commands: Vec::new(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! The sending side's `AppendStream` against a scripted peer: a stream is opened once and
 //! reused, a request that times out never lets its late reply answer the next request, and
-//! a peer without streams gets unary calls. (The real service on both sides is covered by
+//! a peer without streams gets unary calls, and commands go beside the envelope only to a
+//! peer that says it takes them. (The real service on both sides is covered by
 //! the Raft group tests and the cluster's end-to-end tests.)
 
 use std::net::SocketAddr;
@@ -30,9 +31,13 @@ struct ScriptedPeer {
     streams: bool,
     /// How long the reply to the first streamed request is held back.
     first_reply_delay_ms: u64,
+    /// Answer `AppendStream` with the header that asks for commands beside the envelope.
+    takes_commands: bool,
     stream_opens: Arc<AtomicUsize>,
     streamed_requests: Arc<AtomicUsize>,
     unary_calls: Arc<AtomicUsize>,
+    /// Each streamed message's envelope size and the commands beside it.
+    received: Arc<parking_lot::Mutex<Vec<(usize, Vec<bytes::Bytes>)>>>,
 }
 
 /// The reply a [`ScriptedPeer`] gives `message`.
@@ -73,6 +78,9 @@ impl RaftRpc for ScriptedPeer {
             let peer = peer.clone();
             async move {
                 let message = message?;
+                peer.received
+                    .lock()
+                    .push((message.payload.len(), message.commands.clone()));
                 let n = peer.streamed_requests.fetch_add(1, Ordering::SeqCst);
                 if n == 0 && peer.first_reply_delay_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(peer.first_reply_delay_ms)).await;
@@ -80,7 +88,14 @@ impl RaftRpc for ScriptedPeer {
                 echo(&message)
             }
         });
-        Ok(Response::new(Box::pin(replies)))
+        let mut response = Response::new(Box::pin(replies) as Self::AppendStreamStream);
+        if self.takes_commands {
+            response.metadata_mut().insert(
+                super::COMMANDS_HEADER,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        Ok(response)
     }
 
     async fn vote(&self, _: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
@@ -220,4 +235,62 @@ async fn a_peer_without_streams_gets_unary_calls() {
     assert_eq!(peer.stream_opens.load(Ordering::SeqCst), 0);
     drop(client);
     stop_serving(stop, server).await;
+}
+
+/// A request carrying three 4 KiB batches, with a blank entry between them.
+fn request_with_batches() -> (AppendEntriesRequest<TypeConfig>, Vec<bytes::Bytes>) {
+    let batches: Vec<bytes::Bytes> = (0..3u8).map(|b| vec![b; 4096].into()).collect();
+    let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+    let mut entries: Vec<crate::types::Entry> = batches
+        .iter()
+        .enumerate()
+        .map(|(i, b)| crate::types::Entry {
+            log_id: log_id(10 + i as u64),
+            payload: openraft::EntryPayload::Normal(crate::types::Command(b.clone())),
+        })
+        .collect();
+    entries.insert(
+        1,
+        crate::types::Entry {
+            log_id: log_id(100),
+            payload: openraft::EntryPayload::Blank,
+        },
+    );
+    let mut r = request(9);
+    r.entries = entries;
+    (r, batches)
+}
+
+#[tokio::test]
+async fn commands_go_beside_the_envelope_only_to_a_peer_that_takes_them() {
+    for takes_commands in [true, false] {
+        let peer = ScriptedPeer {
+            streams: true,
+            takes_commands,
+            ..ScriptedPeer::default()
+        };
+        let (addr, stop, server) = serve(peer.clone()).await;
+        let mut client = client_to(addr).await;
+        let (sent, batches) = request_with_batches();
+        let reply = client
+            .append_entries(sent, RPCOption::new(Duration::from_secs(10)))
+            .await
+            .expect("answered");
+        assert_eq!(reply, answered(9));
+        let received = peer.received.lock().clone();
+        assert_eq!(received.len(), 1);
+        let (envelope_bytes, commands) = &received[0];
+        if takes_commands {
+            assert_eq!(commands, &batches, "the batches, in entry order");
+            assert!(*envelope_bytes < 1024, "envelope of {envelope_bytes} bytes");
+        } else {
+            assert!(commands.is_empty());
+            assert!(
+                *envelope_bytes > 3 * 4096,
+                "envelope of {envelope_bytes} bytes"
+            );
+        }
+        drop(client);
+        stop_serving(stop, server).await;
+    }
 }
