@@ -37,8 +37,11 @@ struct ScriptedPeer {
     streamed_requests: Arc<AtomicUsize>,
     unary_calls: Arc<AtomicUsize>,
     /// Each streamed message's envelope size and the commands beside it.
-    received: Arc<parking_lot::Mutex<Vec<(usize, Vec<bytes::Bytes>)>>>,
+    received: Arc<parking_lot::Mutex<Vec<Received>>>,
 }
+
+/// A streamed message's envelope size and the commands beside it.
+type Received = (usize, Vec<bytes::Bytes>);
 
 /// The reply a [`ScriptedPeer`] gives `message`.
 fn echo(message: &RaftMessage) -> Result<RaftReply, Status> {
