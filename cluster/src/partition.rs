@@ -278,7 +278,7 @@ impl Machine for PartitionMachine {
             self.next_offset += count;
             return Self::reply(&Ok((base, header.record_count)));
         }
-        let outcome = self.log.append(batch);
+        let outcome = self.log.append_verified(batch);
         self.appended(outcome)
     }
 
@@ -298,7 +298,7 @@ impl Machine for PartitionMachine {
         if end < self.next_offset || self.next_offset + count <= end {
             return None; // a replay (it may read the log) or a lost tail
         }
-        let checked = match self.log.check_batch(command.0.slice_ref(batch)) {
+        let checked = match self.log.check_verified_batch(command.0.slice_ref(batch)) {
             Ok(c) => c,
             Err(e) => return Some(self.appended(Err(e))),
         };

@@ -120,11 +120,24 @@ impl PartitionLog {
     /// [`super::LogOptions::effective_max_batch_bytes`], then its length, checksum and
     /// structure. A bad batch changes nothing.
     pub fn check_batch(&self, bytes: Bytes) -> Result<CheckedBatch> {
-        let header = self.check(&bytes)?;
+        let header = self.check(&bytes, true)?;
         Ok(CheckedBatch { bytes, header })
     }
 
-    fn check(&self, batch: &[u8]) -> Result<BatchHeader> {
+    /// Checks a batch whose checksum and records were verified before, by
+    /// [`PartitionLog::check_batch`] on the broker that took it from its producer: its size,
+    /// header and length only. A replicated partition's apply runs on every replica, and the
+    /// bytes it applies are the ones the leader verified (a Raft log frame has a checksum of
+    /// its own), so a batch is verified once rather than once per replica, and a compressed
+    /// one is not decompressed on each.
+    pub fn check_verified_batch(&self, bytes: Bytes) -> Result<CheckedBatch> {
+        let header = self.check(&bytes, false)?;
+        Ok(CheckedBatch { bytes, header })
+    }
+
+    /// The batch's header after checking its size and length, and when `verify` its
+    /// checksum and every record.
+    fn check(&self, batch: &[u8], verify: bool) -> Result<BatchHeader> {
         let inner = &*self.inner;
         let max_bytes = inner.options.effective_max_batch_bytes();
         if batch.len() > max_bytes {
@@ -141,9 +154,11 @@ impl PartitionLog {
             source,
         };
         let view = BatchView::parse(batch).map_err(invalid)?;
-        // A compressed batch is held to the same limit once decompressed, so a small batch
-        // that decompresses to gigabytes (a bomb) is refused.
-        view.validate_within(max_bytes).map_err(invalid)?;
+        if verify {
+            // A compressed batch is held to the same limit once decompressed, so a small
+            // batch that decompresses to gigabytes (a bomb) is refused.
+            view.validate_within(max_bytes).map_err(invalid)?;
+        }
         let header = *view.header();
         if header.total_len() != batch.len() {
             return Err(invalid(BatchError::BadLength));
@@ -163,8 +178,17 @@ impl PartitionLog {
     /// ([`StorageError::InvalidBatch`], [`StorageError::BatchTooLarge`]). Blocking: it may
     /// grow the file, roll, and sync.
     pub fn append_acked(&self, batch: &[u8], ack: Ack) -> Result<AppendInfo> {
-        let header = self.check(batch)?;
+        let header = self.check(batch, true)?;
         let unsettled = self.append_blocking(batch, &header, ack)?;
+        self.settle(unsettled)
+    }
+
+    /// [`PartitionLog::append`] of a batch verified before, checked as
+    /// [`PartitionLog::check_verified_batch`] checks it: a replicated partition's apply,
+    /// which must decide alike whether it appends inline or here.
+    pub fn append_verified(&self, batch: &[u8]) -> Result<AppendInfo> {
+        let header = self.check(batch, false)?;
+        let unsettled = self.append_blocking(batch, &header, Ack::Leader)?;
         self.settle(unsettled)
     }
 

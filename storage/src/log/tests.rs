@@ -462,3 +462,33 @@ fn small_and_large_batches_read_back_as_appended() {
         assert_eq!(stored[8..], sent[8..], "batch {i}");
     }
 }
+
+#[test]
+fn a_verified_batch_is_checked_for_its_shape_but_not_its_checksum_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = TopicConfig::default();
+    let log =
+        PartitionLog::open(dir.path(), LogOptions::new("verified", 0, &config)).expect("open");
+    // A flipped byte in the last record's value: the checksum no longer matches.
+    let mut flipped = record_of(64).to_vec();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0xff;
+    let flipped = Bytes::from(flipped);
+    assert!(matches!(
+        log.check_batch(flipped.clone()),
+        Err(StorageError::InvalidBatch { .. })
+    ));
+    assert!(matches!(
+        log.append(&flipped),
+        Err(StorageError::InvalidBatch { .. })
+    ));
+    log.check_verified_batch(flipped.clone())
+        .expect("the checksum is not checked again");
+    // The shape still is: a batch cut short is refused both ways, and changes nothing.
+    let short = one_record().slice(..20);
+    assert!(log.check_verified_batch(short.clone()).is_err());
+    assert!(log.append_verified(&short).is_err());
+    assert_eq!(log.high_watermark(), 0);
+    let info = log.append_verified(&one_record()).expect("appended");
+    assert_eq!((info.base_offset, log.high_watermark()), (0, 1));
+}
