@@ -58,7 +58,7 @@ mod frame;
 mod resident;
 mod syncer;
 
-use frame::{encode_frame, invalid, next_frame, parse_frame};
+use frame::{encode_append_frame, encode_frame, invalid, next_frame, parse_frame, Frame};
 
 use resident::{Got, Mem, Pos, RESIDENT_BUDGET_BYTES};
 use syncer::Syncer;
@@ -210,7 +210,7 @@ impl Done {
 
 /// One unit of work for the writer thread.
 struct Job {
-    frame: Vec<u8>,
+    frame: Frame,
     /// The entries in the frame, if an append: their position is recorded once written.
     log_ids: Vec<LogId>,
     sync: bool,
@@ -378,7 +378,7 @@ impl LogStore {
     async fn write_and_wait(&self, frame: Vec<u8>, sync: bool) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
         self.submit(Job {
-            frame,
+            frame: frame.into(),
             log_ids: Vec::new(),
             sync,
             purge: false,
@@ -456,7 +456,7 @@ impl Writer {
     }
 
     fn write_frames(&mut self, batch: &[Job]) -> io::Result<()> {
-        let mut pending: Vec<&[u8]> = Vec::with_capacity(batch.len());
+        let mut pending: Vec<&Frame> = Vec::with_capacity(batch.len());
         // The appends among them, with where their frame lands.
         let mut placed: Vec<(&[LogId], u64, u32)> = Vec::new();
         let mut at = self.file_bytes;
@@ -486,22 +486,14 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes `frames` in one `write` and empties it. A lone frame (the usual case: one
-    /// append per wake-up) is written as it is; several are joined first, so they still
-    /// reach the file in one call.
-    fn write_pending(&mut self, frames: &mut Vec<&[u8]>) -> io::Result<()> {
-        let bytes = match frames.as_slice() {
-            [] => return Ok(()),
-            [one] => {
-                self.file.write_all(one)?;
-                one.len()
-            }
-            many => {
-                let joined = many.concat();
-                self.file.write_all(&joined)?;
-                joined.len()
-            }
-        };
+    /// Writes `frames` with one `writev` (more only if the system takes fewer pieces at a
+    /// time) and empties it: their pieces go from the entries to the file as they are.
+    fn write_pending(&mut self, frames: &mut Vec<&Frame>) -> io::Result<()> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        frame::write_frames(&mut self.file, frames)?;
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
         frames.clear();
         self.file_bytes += bytes as u64;
         self.syncer.mark_dirty();
@@ -687,8 +679,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some(w) => w.take(&entries),
             None => Vec::new(),
         };
-        let op = Op::Append(entries);
-        let frame = match encode_frame(&op) {
+        let frame = match encode_append_frame(&entries) {
             Ok(f) => f,
             Err(e) => {
                 let err = StorageIOError::write_logs(&e).into();
@@ -696,7 +687,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 return Err(err);
             }
         };
-        self.mem.lock().apply(op, None);
+        self.mem.lock().apply(Op::Append(entries), None);
         let job = Job {
             frame,
             log_ids,
@@ -730,7 +721,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // harmless (they are behind the state machine's applied index and get purged
             // again).
             self.submit(Job {
-                frame,
+                frame: frame.into(),
                 log_ids: Vec::new(),
                 sync: false,
                 purge: true,

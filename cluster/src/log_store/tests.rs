@@ -20,9 +20,8 @@ fn job_for(
     sync: bool,
 ) -> (Job, oneshot::Receiver<io::Result<()>>) {
     let log_ids = entries.iter().map(|e| e.log_id).collect();
-    let op = Op::Append(entries);
-    let frame = encode_frame(&op).expect("encode");
-    store.mem.lock().apply(op, None);
+    let frame = frame::encode_append_frame(&entries).expect("encode");
+    store.mem.lock().apply(Op::Append(entries), None);
     let (tx, rx) = oneshot::channel();
     let job = Job {
         frame,
@@ -46,7 +45,7 @@ fn barrier(store: &LogStore) {
     let (tx, rx) = oneshot::channel();
     store
         .submit(Job {
-            frame: Vec::new(),
+            frame: Vec::new().into(),
             log_ids: Vec::new(),
             sync: false,
             purge: false,
@@ -192,7 +191,9 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
     };
     let jobs: Vec<Job> = (1..=50)
         .map(|i| Job {
-            frame: encode_frame(&Op::Append(vec![entry(1, i)])).expect("encode"),
+            frame: encode_frame(&Op::Append(vec![entry(1, i)]))
+                .expect("encode")
+                .into(),
             log_ids: Vec::new(),
             sync: true,
             purge: false,
