@@ -326,6 +326,9 @@ async fn per_partition_and_per_group_series_can_be_switched_off() {
     assert_eq!(value(&s, "rill_partitions", &[]), 2.0);
     assert_eq!(value(&s, "rill_groups", &[]), 1.0);
     assert_eq!(value(&s, "rill_subscriptions", &[]), 1.0);
+    // One series without a group label: the sum over groups.
+    let failures = value(&s, "rill_group_push_remote_read_failures_total", &[]);
+    assert_eq!(failures, 0.0);
     for name in [
         "rill_partition_high_watermark",
         "rill_partition_size_bytes",
