@@ -39,7 +39,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 const LISTENING_PREFIX: &str = "rill-broker listening on ";
 /// The line the broker prints before that one when it serves metrics, followed by the
 /// metrics listener's address.
-const METRICS_PREFIX: &str = "rill-broker metrics listening on ";
+pub const METRICS_PREFIX: &str = "rill-broker metrics listening on ";
 
 /// SIGKILL: a crash, no cleanup.
 pub const SIGKILL: i32 = 9;

@@ -2,6 +2,10 @@
 //! needs them before the brokers start), one temp data folder each, kill -9 and restart by
 //! node id, and status queries with deadlines. Every child is killed and reaped on drop.
 //!
+//! Each broker may get flags of its own ([`TestCluster::start_with_each`]); one started with
+//! `--metrics-listen 127.0.0.1:0` serves `/metrics` at the address it prints
+//! ([`TestCluster::metrics_addr`]).
+//!
 //! [`TestCluster::start_partitionable`] puts a fault-injecting proxy ([`NetFaults`]) in front
 //! of every broker for broker-to-broker traffic (see [`TestCluster::isolate`]); clients still
 //! reach every broker directly.
@@ -22,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::binary_path;
-use rill_testkit::NetFaults;
+use rill_testkit::{NetFaults, METRICS_PREFIX};
 
 /// The longest a broker may take to print its listen line.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -110,6 +114,11 @@ struct Node {
     advertise: Option<SocketAddr>,
     dir: TempDir,
     child: Option<Child>,
+    /// More flags and environment variables for this broker (TLS, tokens, a metrics
+    /// listener), at every start.
+    extra: Extra,
+    /// Where it serves `/metrics`, as printed at its last start.
+    metrics: Option<SocketAddr>,
 }
 
 /// Several `rill-broker` processes forming one cluster.
@@ -117,13 +126,11 @@ pub struct TestCluster {
     nodes: BTreeMap<u64, Node>,
     peers: String,
     logs: TempDir,
-    /// More flags and environment variables for every broker (TLS, tokens).
-    extra: Extra,
     /// The proxies between brokers of a partitionable cluster.
     faults: Option<NetFaults>,
 }
 
-/// Flags and environment variables given to every broker of a cluster.
+/// Flags and environment variables given to a broker of a cluster.
 #[derive(Clone, Debug, Default)]
 pub struct Extra {
     /// More command-line arguments.
@@ -165,6 +172,11 @@ impl TestCluster {
 
     /// As [`TestCluster::start`], each broker also given `extra`.
     pub async fn start_with(n: usize, extra: Extra) -> Result<TestCluster> {
+        TestCluster::start_with_each(n, |_| extra.clone()).await
+    }
+
+    /// As [`TestCluster::start`], node `id` also given `extra(id)` (at every start).
+    pub async fn start_with_each(n: usize, extra: impl Fn(u64) -> Extra) -> Result<TestCluster> {
         let ports = free_ports(n)?;
         let peers = ports
             .iter()
@@ -176,17 +188,19 @@ impl TestCluster {
             nodes: BTreeMap::new(),
             peers,
             logs: tempfile::tempdir()?,
-            extra,
             faults: None,
         };
         for (i, port) in ports.iter().enumerate() {
+            let id = i as u64 + 1;
             cluster.nodes.insert(
-                i as u64 + 1,
+                id,
                 Node {
                     addr: SocketAddr::from(([127, 0, 0, 1], *port)),
                     advertise: None,
                     dir: tempfile::tempdir()?,
                     child: None,
+                    extra: extra(id),
+                    metrics: None,
                 },
             );
         }
@@ -223,6 +237,8 @@ impl TestCluster {
                     advertise: Some(advertise),
                     dir: tempfile::tempdir()?,
                     child: None,
+                    extra: Extra::default(),
+                    metrics: None,
                 },
             );
         }
@@ -231,7 +247,6 @@ impl TestCluster {
             peers: peers.join(","),
             logs: tempfile::tempdir()?,
             faults: Some(faults),
-            extra: Extra::default(),
         };
         cluster.start_all().await?;
         Ok(cluster)
@@ -293,6 +308,12 @@ impl TestCluster {
         self.nodes[&id].addr
     }
 
+    /// Where node `id` serves `/metrics` (as printed at its last start), if it was given
+    /// `--metrics-listen`.
+    pub fn metrics_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.nodes[&id].metrics
+    }
+
     /// Node `id`'s data folder.
     pub fn data_dir(&self, id: u64) -> &Path {
         self.nodes[&id].dir.path()
@@ -315,14 +336,15 @@ impl TestCluster {
         if node.child.is_some() {
             bail!("node {id} is running");
         }
-        let mut extra = self.extra.clone();
+        let mut extra = node.extra.clone();
         if let Some(advertise) = node.advertise {
             extra.args.push("--advertise".into());
             extra.args.push(advertise.to_string());
         }
-        let child =
-            match spawn_broker_with(node.dir.path(), node.addr, id, &peers, log, &extra).await {
-                Ok(child) => child,
+        let (child, metrics) =
+            match spawn_broker_reporting(node.dir.path(), node.addr, id, &peers, log, &extra).await
+            {
+                Ok(started) => started,
                 Err(e) => {
                     // The broker's own words say why it did not start (a port taken, a refusal).
                     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -332,6 +354,7 @@ impl TestCluster {
                 }
             };
         node.child = Some(child);
+        node.metrics = metrics;
         Ok(())
     }
 
@@ -691,6 +714,23 @@ pub async fn spawn_broker_with(
     log: std::fs::File,
     extra: &Extra,
 ) -> Result<Child> {
+    Ok(
+        spawn_broker_reporting(data_dir, addr, node_id, peers, log, extra)
+            .await?
+            .0,
+    )
+}
+
+/// As [`spawn_broker_with`], also returning where the broker serves `/metrics` (the address
+/// it prints when given `--metrics-listen`; port 0 there picks a free one).
+pub async fn spawn_broker_reporting(
+    data_dir: &Path,
+    addr: SocketAddr,
+    node_id: u64,
+    peers: &str,
+    log: std::fs::File,
+    extra: &Extra,
+) -> Result<(Child, Option<SocketAddr>)> {
     let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
         .arg("--data-dir")
         .arg(data_dir)
@@ -714,8 +754,13 @@ pub async fn spawn_broker_with(
         .context("spawning rill-broker")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
+    let mut metrics = None;
     tokio::time::timeout(START_DEADLINE, async {
         while let Some(line) = lines.next_line().await? {
+            // Printed before the listen line.
+            if let Some(a) = line.strip_prefix(METRICS_PREFIX) {
+                metrics = Some(a.trim().parse::<SocketAddr>()?);
+            }
             if line.starts_with("rill-broker listening on ") {
                 return Ok::<_, anyhow::Error>(());
             }
@@ -726,5 +771,5 @@ pub async fn spawn_broker_with(
     .context("waiting for rill-broker to listen")??;
     // Keep draining stdout so the broker never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(child)
+    Ok((child, metrics))
 }

@@ -16,10 +16,12 @@
 //! - [`certs`]: a test CA and its certificates (rcgen); [`cluster`]: a cluster of processes;
 //!   [`hooks`]: a local HTTP server for webhook tests; [`subs`]: subscription calls on a
 //!   cluster, retried through elections, and topics placed away from a broker.
+//! - [`scrape`]: a broker's `/metrics`, fetched and parsed.
 
 pub mod certs;
 pub mod cluster;
 pub mod hooks;
+pub mod scrape;
 pub mod subs;
 
 use std::net::SocketAddr;

@@ -9,7 +9,7 @@ use rill_proto::v1 as pb;
 use rill_proto::v1::subscriptions_client::SubscriptionsClient;
 use tonic::transport::Channel;
 
-use crate::cluster::{create_request, while_unavailable, TestCluster};
+use crate::cluster::{create_request, while_unavailable, Extra, TestCluster};
 
 /// The internal topic whose leader serves every subscription.
 pub const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
@@ -20,7 +20,16 @@ const RETRY: Duration = Duration::from_secs(30);
 /// `__subscriptions` (the broker that serves every subscription): the cluster and that
 /// broker's id.
 pub async fn start_serving(n: usize, deadline: Duration) -> Result<(TestCluster, u64)> {
-    let cluster = TestCluster::start(n).await?;
+    start_serving_with(n, Extra::default(), deadline).await
+}
+
+/// As [`start_serving`], each broker also given `extra`.
+pub async fn start_serving_with(
+    n: usize,
+    extra: Extra,
+    deadline: Duration,
+) -> Result<(TestCluster, u64)> {
+    let cluster = TestCluster::start_with(n, extra).await?;
     cluster
         .wait_controller_leader(deadline)
         .await

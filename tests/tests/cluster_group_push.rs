@@ -11,8 +11,8 @@ use std::time::Duration;
 use rill_client::membership::Partitions;
 use rill_client::{Connection, GroupMember, MemberConfig, MemberEvent};
 use rill_proto::v1 as pb;
-use rill_tests::cluster::TestCluster;
-use rill_tests::subs;
+use rill_tests::cluster::{Extra, TestCluster};
+use rill_tests::{scrape, subs};
 use tokio::sync::mpsc;
 
 /// The longest an election, a commit or a delivery may take in this test.
@@ -268,9 +268,20 @@ async fn spread_topic(cluster: &TestCluster, serving: u64) -> (String, Vec<u64>)
     panic!("no topic of two partitions on two brokers");
 }
 
+/// The serving broker's count of the group's failed remote reads.
+async fn remote_failures(cluster: &TestCluster, serving: u64) -> f64 {
+    let metrics = cluster.metrics_addr(serving).expect("a metrics address");
+    let samples = scrape::scrape(metrics).await.expect("a scrape");
+    let name = "rill_group_push_remote_read_failures_total";
+    scrape::sum(&samples, name, &[("group", GROUP)])
+}
+
+/// While the holder is down, the stream's failed reads of its partition are counted under
+/// the group on the serving broker (before that count, a group stream only logged them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holder_of_one_partition_does_not_stop_the_others() {
-    let (mut cluster, serving) = subs::start_serving(3, DEADLINE)
+    let metrics = Extra::args(&["--metrics-listen", "127.0.0.1:0"]);
+    let (mut cluster, serving) = subs::start_serving_with(3, metrics, DEADLINE)
         .await
         .expect("a cluster and its serving broker");
     let (topic, owners) = spread_topic(&cluster, serving).await;
@@ -283,6 +294,7 @@ async fn a_dead_holder_of_one_partition_does_not_stop_the_others() {
     let mut push = Push::open(&cluster, serving, &topic, vec![0, 1]).await;
     let mut next = BTreeMap::new();
     check_next(&mut next, &push.take(10).await);
+    assert_eq!(remote_failures(&cluster, serving).await, 0.0, "all up");
 
     cluster.kill(dead).await.expect("kill -9 the holder");
     let values: Vec<String> = (5..10).map(|i| format!("{live_p}-{i}")).collect();
@@ -298,6 +310,15 @@ async fn a_dead_holder_of_one_partition_does_not_stop_the_others() {
     check_next(&mut late_next, &got);
     assert_eq!(late_next, BTreeMap::from([(live_p, 10)]), "{got:?}");
     late.close();
+    // Each read (2 s of retries) or long poll of the dead partition that fails counts.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while remote_failures(&cluster, serving).await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no remote read failure of {topic}/{dead_p} counted within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Back, its new records are pushed too (the stream did not give up on it).
     cluster.restart(dead).await.expect("restart");

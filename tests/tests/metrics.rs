@@ -326,6 +326,9 @@ async fn per_partition_and_per_group_series_can_be_switched_off() {
     assert_eq!(value(&s, "rill_partitions", &[]), 2.0);
     assert_eq!(value(&s, "rill_groups", &[]), 1.0);
     assert_eq!(value(&s, "rill_subscriptions", &[]), 1.0);
+    // One series without a group label: the sum over groups.
+    let failures = value(&s, "rill_group_push_remote_read_failures_total", &[]);
+    assert_eq!(failures, 0.0);
     for name in [
         "rill_partition_high_watermark",
         "rill_partition_size_bytes",
@@ -485,58 +488,22 @@ async fn internal_partitions(c: &Clients) -> usize {
 /// under-replicated.
 #[tokio::test]
 async fn replication_series_follow_leaders_and_a_lost_replica() {
-    use rill_proto::v1::{CreateTopicRequest, TopicConfig};
-    use rill_tests::cluster::{free_ports, spawn_broker_with, Extra};
-    let ports = free_ports(6).expect("ports");
-    let peers = (0..3)
-        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let logs = tempfile::tempdir().expect("logs");
-    let mut dirs = Vec::new();
-    let mut children = Vec::new();
-    let mut metrics = Vec::new();
-    for i in 0..3 {
-        let dir = tempfile::tempdir().expect("dir");
-        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], ports[3 + i]));
-        let extra = Extra {
-            args: vec!["--metrics-listen".into(), metrics_addr.to_string()],
-            env: vec![],
-        };
-        let log = std::fs::File::create(logs.path().join(format!("{i}.log"))).expect("log");
-        let addr = SocketAddr::from(([127, 0, 0, 1], ports[i]));
-        let child = spawn_broker_with(dir.path(), addr, i as u64 + 1, &peers, log, &extra)
-            .await
-            .expect("broker");
-        dirs.push(dir);
-        children.push(child);
-        metrics.push(metrics_addr);
-    }
-    let mut c = Clients::connect(format!("http://127.0.0.1:{}", ports[0]))
+    use rill_tests::cluster::{create_request, while_unavailable, Extra, TestCluster};
+    let mut cluster = TestCluster::start_with(3, Extra::args(&["--metrics-listen", "127.0.0.1:0"]))
         .await
-        .expect("connect");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let created = c
-            .admin
-            .create_topic(CreateTopicRequest {
-                name: "r".into(),
-                config: Some(TopicConfig {
-                    partitions: 3,
-                    ..Default::default()
-                }),
-                replication_factor: Some(3),
-            })
-            .await;
-        match created {
-            Ok(_) => break,
-            Err(s) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => panic!("creating the topic: {s:?}"),
-        }
-    }
+        .expect("3 brokers, each with its metrics");
+    let metrics: Vec<SocketAddr> = cluster
+        .ids()
+        .iter()
+        .map(|id| cluster.metrics_addr(*id).expect("a metrics address"))
+        .collect();
+    let c = cluster.clients(1).await.expect("connect");
+    while_unavailable(Duration::from_secs(60), || {
+        let mut admin = c.admin.clone();
+        async move { admin.create_topic(create_request("r", 3, 3)).await }
+    })
+    .await
+    .expect("creating the topic");
     // The internal state topics are replicated partitions too, led and counted alike.
     let internal = internal_partitions(&c).await;
     let all = 3.0 + internal as f64;
@@ -554,14 +521,10 @@ async fn replication_series_follow_leaders_and_a_lost_replica() {
         assert_eq!(lags, led * 2, "two followers per partition led");
     }
 
-    let mut killed = children.pop().expect("node 3");
-    killed.kill().await.expect("kill node 3");
+    cluster.kill(3).await.expect("kill node 3");
     let survivors = &metrics[..2];
     wait_sum(survivors, "rill_leader_partitions", all).await;
     wait_sum(survivors, "rill_under_replicated_partitions", all).await;
-    for mut child in children {
-        child.kill().await.expect("kill");
-    }
 }
 
 /// Creates subscription `name` on `topic` from its earliest record, with a 60 s lock and no

@@ -3,7 +3,8 @@
 //!
 //! The count of subscriptions is always exported; the per-subscription series follow the
 //! per-group switch ([`crate::Config::metrics_per_group`]), since subscriptions are the other
-//! kind of consumer group. A subscription busy at the scrape's instant has no backlog or
+//! kind of consumer group. So do the group push streams' remote read failures: by group
+//! with the switch on, one summed series with it off. A subscription busy at the scrape's instant has no backlog or
 //! in-flight sample in that scrape (its counters are always there).
 
 use std::fmt;
@@ -46,7 +47,26 @@ impl Collector for SubscriptionCollector {
             )?;
             ConstGauge::new(figures.len() as u64).encode(metric)?;
         }
-        if !self.broker.config().metrics_per_group {
+        let per_group = self.broker.config().metrics_per_group;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "rill_group_push_remote_read_failures",
+                "Reads of a partition held by another broker, by a consumer group's push stream, that failed after their retries, by group (one series, the sum, without per-group metrics)",
+                None,
+                MetricType::Counter,
+            )?;
+            let by_group = self.subscriptions.group_push_failures().by_group();
+            if per_group {
+                for (group, count) in by_group {
+                    ConstCounter::new(count).encode(metric.encode_family(&[("group", group)])?)?;
+                }
+            } else {
+                // One series, so the count stays visible with the group names left out.
+                let total: u64 = by_group.iter().map(|(_, c)| c).sum();
+                ConstCounter::new(total).encode(metric)?;
+            }
+        }
+        if !per_group {
             return Ok(());
         }
         let label = |name: &str| [("subscription", name.to_string())];

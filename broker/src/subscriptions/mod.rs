@@ -147,6 +147,8 @@ struct Inner {
     log: Arc<Mutex<StateLog>>,
     /// Serializes creations and deletions.
     admin: tokio::sync::Mutex<()>,
+    /// Group push streams' remote read failures, for the metrics.
+    group_push_failures: stats::GroupPushFailures,
 }
 
 /// What a subscription's description says.
@@ -172,6 +174,7 @@ impl Subscriptions {
                 subs: RwLock::new(subs),
                 log: Arc::new(Mutex::new(log)),
                 admin: tokio::sync::Mutex::new(()),
+                group_push_failures: stats::GroupPushFailures::default(),
             }),
         })
     }

@@ -119,7 +119,8 @@ pub async fn start(
                 t.log(p)?;
             }
             let committed = offsets::committed(&broker, &group, &topic, &partitions).await?;
-            let offsets = Offsets::new(&broker, &t, &partitions, &committed)?;
+            let failures = subs.group_push_failures().counter(&group);
+            let offsets = Offsets::new(&broker, &t, &partitions, &committed, failures)?;
             (t, Mode::Offsets(offsets))
         }
         None => {

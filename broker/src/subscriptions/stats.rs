@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rill_storage::log::now_ms;
@@ -107,6 +108,39 @@ pub(super) fn expiring(partitions: &BTreeMap<u32, PartitionState>, now_ms: i64) 
         .count() as u64
 }
 
+/// The remote read failures of group push streams (`Subscribe` with a group target), by
+/// group: one shared count per group, added to by each of its streams' reads of partitions
+/// held by other brokers (see [`source::Remotes::counting_into`]).
+///
+/// A group is kept while a stream of it runs, and for good once it has failed (a counter
+/// must not go back to 0 while the broker runs); so the groups kept are those streaming
+/// here now plus those that ever failed, not every name a client tried.
+#[derive(Debug, Default)]
+pub struct GroupPushFailures {
+    /// A plain lock: never held across an await.
+    by_group: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+}
+
+impl GroupPushFailures {
+    /// The count a new push stream of `group` adds to. Drops the groups that no stream
+    /// holds any more and that never failed.
+    pub fn counter(&self, group: &str) -> Arc<AtomicU64> {
+        let mut by_group = self.by_group.lock();
+        // Only the map holds a count no stream uses.
+        by_group.retain(|_, c| Arc::strong_count(c) > 1 || c.load(Ordering::Relaxed) > 0);
+        Arc::clone(by_group.entry(group.to_string()).or_default())
+    }
+
+    /// Each group's failures, sorted by group.
+    pub fn by_group(&self) -> Vec<(String, u64)> {
+        self.by_group
+            .lock()
+            .iter()
+            .map(|(g, c)| (g.clone(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// One subscription's figures for a scrape.
 #[derive(Debug, Clone)]
 pub struct SubscriptionFigures {
@@ -125,6 +159,11 @@ pub struct SubscriptionFigures {
 }
 
 impl Subscriptions {
+    /// The group push streams' remote read failures.
+    pub fn group_push_failures(&self) -> &GroupPushFailures {
+        &self.inner.group_push_failures
+    }
+
     /// Every subscription's figures now, sorted by name. Never waits: reads only memory
     /// (the state, and each partition's high watermark).
     pub fn figures(&self, broker: &Broker) -> Vec<SubscriptionFigures> {
@@ -268,6 +307,21 @@ mod tests {
                 dead_lettered: 5,
             }
         );
+    }
+
+    #[test]
+    fn a_group_push_count_is_kept_while_streamed_or_once_it_failed() {
+        let f = GroupPushFailures::default();
+        let a = f.counter("a");
+        let b = f.counter("b");
+        a.fetch_add(2, Ordering::Relaxed);
+        let a_again = f.counter("a");
+        a_again.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(f.by_group(), vec![("a".into(), 3), ("b".into(), 0)]);
+        drop((a, a_again, b));
+        // A later stream's start drops "b" (no stream, never failed); "a" stays at 3.
+        let _c = f.counter("c");
+        assert_eq!(f.by_group(), vec![("a".into(), 3), ("c".into(), 0)]);
     }
 
     #[test]

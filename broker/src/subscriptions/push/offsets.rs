@@ -7,6 +7,7 @@
 //! are pushed.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use rill_proto::v1 as pb;
@@ -107,16 +108,17 @@ pub(super) async fn committed(
 
 impl Offsets {
     /// `partitions` of `topic`, each from its `committed` offset (clamped to a local log's
-    /// bounds now, to a remote one's at its first read). NOT_FOUND for a partition the topic
-    /// does not have.
+    /// bounds now, to a remote one's at its first read), counting failed remote reads into
+    /// `failures` (the group's count). NOT_FOUND for a partition the topic does not have.
     pub(super) fn new(
         broker: &Broker,
         topic: &TopicState,
         partitions: &[u32],
         committed: &BTreeMap<u32, Option<u64>>,
+        failures: Arc<AtomicU64>,
     ) -> Result<Self, BrokerError> {
         // The stream's knowledge of its remote partitions (their broker, their last bounds).
-        let remotes = Arc::new(Remotes::default());
+        let remotes = Arc::new(Remotes::counting_into(failures));
         let mut parts = BTreeMap::new();
         for &p in partitions {
             let source = Source::of(broker, topic, p, &remotes)?;
@@ -198,7 +200,9 @@ impl Offsets {
 }
 
 fn skipped(topic: &str, p: u32, e: &BrokerError) {
-    // The failure itself was logged where it happened (a pause after it is quiet).
+    // The failure itself was logged and counted (the group's
+    // `rill_group_push_remote_read_failures_total`) where it happened; a pause after it is
+    // quiet.
     tracing::debug!(topic = %topic, partition = p, error = %e, "a group push stream leaves out a partition held by another broker in this pass; pushing the others");
 }
 

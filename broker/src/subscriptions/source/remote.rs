@@ -204,15 +204,27 @@ struct Place {
     paused_until: Option<Instant>,
 }
 
-/// A subscription's knowledge of the partitions it reads remotely, and its failure count.
+/// A subscription's (or a group push stream's) knowledge of the partitions it reads
+/// remotely, and its failure count.
 #[derive(Debug, Default)]
 pub struct Remotes {
     /// A plain lock: never held across an await.
     places: Mutex<BTreeMap<(String, u32), Place>>,
-    failures: AtomicU64,
+    /// Shared when the failures are counted for more than this reader (every push stream of
+    /// a group adds to the group's count).
+    failures: Arc<AtomicU64>,
 }
 
 impl Remotes {
+    /// Counting its failures into `failures`, which outlives it (a group's count, kept
+    /// while its push streams come and go).
+    pub fn counting_into(failures: Arc<AtomicU64>) -> Self {
+        Remotes {
+            places: Mutex::default(),
+            failures,
+        }
+    }
+
     /// The bounds the last remote answer about partition `p` of `topic` carried, if any.
     pub fn bounds(&self, topic: &str, p: u32) -> Option<Bounds> {
         self.places
@@ -221,7 +233,8 @@ impl Remotes {
             .and_then(|pl| pl.bounds)
     }
 
-    /// Remote calls that failed (after their retries) since the subscription was loaded.
+    /// Remote calls that failed (after their retries) since the subscription was loaded
+    /// (or, with [`Remotes::counting_into`], into the shared count since it was made).
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
