@@ -451,18 +451,15 @@ impl ProducerIds {
         if !records.is_empty() {
             crate::internal::append(broker, PRODUCERS_TOPIC, 0, to_records(&records)).await?;
             self.refresh().await?;
-            let threshold_bytes = self
-                .inner
-                .compact_after_bytes
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if self.inner.tail.lock().growth.due(threshold_bytes) {
-                // What was given above is durable whatever happens here; a compaction cut
-                // short changes nothing (module doc), and the next is tried a segment later.
-                if let Err(e) = self.compact(broker).await {
-                    tracing::warn!(error = %e, "{PRODUCERS_TOPIC} compaction failed");
-                    self.inner.tail.lock().growth.failed(threshold_bytes);
-                }
-            }
+            // What was given above is durable whatever the compaction does.
+            crate::internal::compact::compact_if_due(
+                PRODUCERS_TOPIC,
+                &self.inner.compact_after_bytes,
+                &self.inner.tail,
+                |t| &mut t.growth,
+                || self.compact(broker),
+            )
+            .await;
         }
         Ok((given.0, given.1))
     }

@@ -6,10 +6,10 @@
 //! UNIMPLEMENTED is remembered, so it costs one call per client and nothing per request.
 //!
 //! When a try to a leader fails with UNAVAILABLE or a broken connection
-//! ([`Leaders::leave`]), or goes unanswered for long ([`Leaders::newer`]), the other brokers
-//! are asked who leads, and the answer naming the leader of the highest Raft term wins
-//! ([`rank_leaders`]): a leader cut off from the others keeps naming itself, in an older term
-//! than the one the majority elected its successor in, so it is left for the new one.
+//! ([`Leaders::leave`]), or goes unanswered for long ([`Leaders::watch_try`]), the other
+//! brokers are asked who leads, and the answer naming the leader of the highest Raft term
+//! wins ([`rank_leaders`]): a leader cut off from the others keeps naming itself, in an older
+//! term than the one the majority elected its successor in, so it is left for the new one.
 //!
 //! A broker that does not lead a replicated partition refuses a produce with
 //! FAILED_PRECONDITION and the leader's address in the `rill-leader` metadata key;
@@ -32,6 +32,23 @@ pub const LEADER_METADATA_KEY: &str = "rill-leader";
 /// How long one broker may take to accept a connection, or to answer `Metadata`, while
 /// leaders are looked up: a paused or cut-off broker must not hold the lookup up.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a try at a cluster broker goes unanswered before the other brokers are asked
+/// whether a newer leader was elected ([`Leaders::watch_try`]). A healthy leader answers far
+/// sooner; asking costs one `Metadata` call per other broker, nothing when the answer comes.
+pub const LEADER_CHECK_AFTER_MS: u64 = 1_000;
+/// How often they are asked again while the try stays unanswered.
+pub const LEADER_CHECK_EVERY_MS: u64 = 500;
+
+/// What became of a try watched by [`Leaders::watch_try`].
+#[derive(Debug)]
+pub enum Watched<T> {
+    /// The broker answered (or failed).
+    Answer(std::result::Result<T, Status>),
+    /// The broker did not answer, and the other brokers name the broker at this address as
+    /// the leader of a newer term: the partition is routed there, and the try was dropped.
+    Moved(String),
+}
 
 /// The leader's address a refusal names, if it is a not-the-leader refusal.
 pub fn leader_hint(status: &Status) -> Option<String> {
@@ -263,6 +280,39 @@ impl Leaders {
         tracing::debug!(topic, partition = p, from = current.addr(), to = %best.address, term = best.term, "leaving an unanswering leader for a newer one");
         self.route(topic, p, conn.clone(), best.term);
         Some(conn)
+    }
+
+    /// Awaits `call`, a try at `current` for partition `p` of `topic`. A try unanswered for
+    /// [`LEADER_CHECK_AFTER_MS`] makes it ask the other brokers who leads, and again every
+    /// [`LEADER_CHECK_EVERY_MS`] (see [`Leaders::newer`]): when they name another broker as
+    /// leader of a newer term (`current` was cut off from the majority, which elected a
+    /// successor), the try is dropped and the new leader's address returned. Brokers known not to
+    /// answer `Metadata` (a single broker) are not asked: the try is simply awaited.
+    pub async fn watch_try<T>(
+        &self,
+        origin: &Connection,
+        topic: &str,
+        p: u32,
+        current: &Connection,
+        call: impl std::future::Future<Output = std::result::Result<T, Status>>,
+    ) -> Watched<T> {
+        if matches!(*self.discovery.guard(), Discovery::Unsupported) {
+            return Watched::Answer(call.await);
+        }
+        let watch = async {
+            let mut wait = Duration::from_millis(LEADER_CHECK_AFTER_MS);
+            loop {
+                tokio::time::sleep(wait).await;
+                if let Some(newer) = self.newer(origin, topic, p, current).await {
+                    return newer;
+                }
+                wait = Duration::from_millis(LEADER_CHECK_EVERY_MS);
+            }
+        };
+        tokio::select! {
+            answer = call => Watched::Answer(answer),
+            newer = watch => Watched::Moved(newer.addr().to_string()),
+        }
     }
 
     /// Records `address` as the leader of partition `p` of `topic` (a redirect named it) and

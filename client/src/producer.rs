@@ -33,6 +33,10 @@
 //! above: the retried batch carries its sequence, and the new leader answers a batch the old
 //! one did commit with its original offsets.
 //!
+//! `InitProducer` first goes to the bootstrap broker, which forwards it to the leader of
+//! `__producers`; when that broker cannot answer (cut off from the others), the request goes
+//! to the leader the other brokers name, the same way (`init` module).
+//!
 //! # Memory
 //! Every record waiting in a queue or in a batch not yet acknowledged holds its size in the
 //! producer's buffer (`buffer_memory_bytes`, like Kafka's `buffer.memory`), and gives it back
@@ -61,6 +65,7 @@ use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::retry::RetryPolicy;
 
+mod init;
 mod sender;
 
 use sender::{PartitionSender, CLUSTER_MAX_RETRY_DELAY};

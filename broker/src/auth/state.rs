@@ -438,18 +438,14 @@ impl Security {
         let record = security_record(&record);
         crate::internal::append(broker, SECURITY_TOPIC, 0, vec![record]).await?;
         self.refresh().await?;
-        let threshold_bytes = self
-            .inner
-            .compact_after_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if self.inner.tail.lock().growth.due(threshold_bytes) {
-            // The change above is stored whatever happens here; a compaction cut short
-            // changes nothing (module doc), and the next is tried a segment later.
-            if let Err(e) = self.compact(broker).await {
-                tracing::warn!(error = %e, "{SECURITY_TOPIC} compaction failed");
-                self.inner.tail.lock().growth.failed(threshold_bytes);
-            }
-        }
+        crate::internal::compact::compact_if_due(
+            SECURITY_TOPIC,
+            &self.inner.compact_after_bytes,
+            &self.inner.tail,
+            |t| &mut t.growth,
+            || self.compact(broker),
+        )
+        .await;
         Ok(())
     }
 

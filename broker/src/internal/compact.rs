@@ -2,9 +2,10 @@
 //! `__producers`): what the three share.
 //!
 //! A state topic grows by one record per change. Once it has grown by about a segment since
-//! its last compaction, its writer (the single broker, or in a cluster the settled leader of
-//! the topic's one partition, holding the state's writer lock throughout so no change lands
-//! between) appends a **rewrite** of the latest state in batches of about a quarter segment,
+//! its last compaction ([`Growth`]; `__security` and `__producers` check it after each
+//! change with [`compact_if_due`]), its writer (the single broker, or in a cluster the
+//! settled leader of the topic's one partition, holding the state's writer lock throughout so
+//! no change lands between) appends a **rewrite** of the latest state in batches of about a quarter segment,
 //! each one durable commit ([`rewrite`]), then a **marker** record holding the offset where
 //! the rewrite began. Every replica, the single broker too, deletes its own sealed segments
 //! that end before that offset when its tail of the log reads the marker ([`delete_before`]),
@@ -60,6 +61,31 @@ impl Growth {
     /// A compaction failed: the next is tried once the topic grew by `threshold_bytes` more.
     pub fn failed(&mut self, threshold_bytes: u64) {
         self.retry_at_bytes = self.since_marker_bytes.saturating_add(threshold_bytes);
+    }
+}
+
+/// After a change its writer committed (holding the topic's writer lock): compacts the
+/// topic with `compact` when its growth, `growth(tail)` of the tail's lock, reached
+/// `threshold_bytes` (a segment; tests hold it off) since the last compaction. The change is
+/// stored whatever happens here: a compaction cut short changes nothing (each topic's module
+/// doc argues it), so a failure is logged and the next is tried a threshold later.
+pub async fn compact_if_due<T, F, Fut>(
+    topic: &str,
+    threshold_bytes: &std::sync::atomic::AtomicU64,
+    tail: &parking_lot::Mutex<T>,
+    growth: fn(&mut T) -> &mut Growth,
+    compact: F,
+) where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
+    let threshold_bytes = threshold_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    if !growth(&mut tail.lock()).due(threshold_bytes) {
+        return;
+    }
+    if let Err(e) = compact().await {
+        tracing::warn!(error = %e, "{topic} compaction failed");
+        growth(&mut tail.lock()).failed(threshold_bytes);
     }
 }
 
@@ -205,6 +231,58 @@ mod tests {
                 retry_at_bytes: 0
             }
         );
+    }
+
+    /// The trigger both state topics share: no compaction below the threshold, one at it;
+    /// after a failed one, none until the topic grew by a threshold more; none while the
+    /// threshold is held off.
+    #[tokio::test]
+    async fn compacts_when_due_and_backs_off_a_threshold_after_a_failure() {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        let threshold = AtomicU64::new(1000);
+        let tail = parking_lot::Mutex::new(Growth::default());
+        let calls = AtomicU32::new(0);
+        let counted = &calls;
+        let run = |ok: bool| {
+            compact_if_due(
+                "t",
+                &threshold,
+                &tail,
+                |g| g,
+                move || async move {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(BrokerError::Internal("no space".into()))
+                    }
+                },
+            )
+        };
+        tail.lock().read(false, 999);
+        run(true).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 0, "below the threshold");
+        tail.lock().read(false, 1);
+        run(false).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 1, "at the threshold");
+        tail.lock().read(false, 999);
+        run(true).await;
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "backing off after the failure"
+        );
+        tail.lock().read(false, 1);
+        run(true).await;
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            2,
+            "a threshold after the failure"
+        );
+        threshold.store(u64::MAX, Ordering::Relaxed);
+        tail.lock().read(false, 1 << 40);
+        run(true).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 2, "held off");
     }
 
     #[test]

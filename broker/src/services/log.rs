@@ -27,6 +27,12 @@ const STREAM_PIPELINE_DEPTH: usize = 64;
 /// of `__producers` (it is not forwarded again).
 const FORWARDED: &str = "rill-forwarded";
 
+/// How long a forwarded `InitProducer` may take at the leader of `__producers`: its commit
+/// deadline (10 s) with room to spare. A leader that does not answer by then (cut off from
+/// this broker with its packets dropped, or paused) makes the forward UNAVAILABLE, which the
+/// client retries, perhaps at another broker, instead of being held without end.
+const INIT_PRODUCER_FORWARD_MS: u64 = 15_000;
+
 /// The Log service.
 #[derive(Debug, Clone)]
 pub struct LogService {
@@ -211,13 +217,24 @@ impl Log for LogService {
                 .into());
             }
             let channel = crate::internal::channel(&self.broker, &address)?;
+            let deadline = std::time::Duration::from_millis(INIT_PRODUCER_FORWARD_MS);
             let mut forwarded = Request::new(request.into_inner());
+            forwarded.set_timeout(deadline);
             forwarded
                 .metadata_mut()
                 .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            return rill_proto::v1::log_client::LogClient::new(channel)
-                .init_producer(forwarded)
-                .await;
+            let mut leader = rill_proto::v1::log_client::LogClient::new(channel);
+            // A connection the split cut (CANCELLED) or refused is UNAVAILABLE, as a
+            // deadline passed: the client retries either.
+            return match tokio::time::timeout(deadline, leader.init_producer(forwarded)).await {
+                Ok(answer) => crate::internal::relayed(answer),
+                Err(_) => Err(BrokerError::ReplicationUnavailable(format!(
+                    "the leader of {} at {address} did not answer a forwarded InitProducer \
+                     within {INIT_PRODUCER_FORWARD_MS} ms; retry",
+                    crate::producers::PRODUCERS_TOPIC
+                ))
+                .into()),
+            };
         }
         let name = request.into_inner().producer_name;
         let (producer_id, epoch) = ids.init(&self.broker, name.as_deref()).await?;

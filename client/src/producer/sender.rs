@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::{Ack, Msg, EXPECTED_SEQUENCE_METADATA_KEY};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::leaders::{Watched, LEADER_CHECK_AFTER_MS};
 use crate::retry::RetryPolicy;
 
 /// What one partition's sender has gathered for its next request.
@@ -48,13 +49,6 @@ impl Gathered {
 
 /// The longest pause between produce retries when the producer was given several brokers.
 pub(super) const CLUSTER_MAX_RETRY_DELAY: Duration = Duration::from_millis(100);
-
-/// How long a produce try to a cluster's leader goes unanswered before the sender asks the
-/// other brokers whether a newer leader was elected. A healthy leader answers far sooner;
-/// asking costs one `Metadata` call per other broker, nothing when the answer comes.
-pub(super) const LEADER_CHECK_AFTER_MS: u64 = 1_000;
-/// How often the sender asks again while the try stays unanswered.
-pub(super) const LEADER_CHECK_EVERY_MS: u64 = 500;
 
 /// One partition's sender: gathers a batch, sends it with retries, resolves the acks. It
 /// owns what it needs and nothing of the [`Producer`]'s shared state, so it ends once the
@@ -274,27 +268,9 @@ impl PartitionSender {
             .copied()
     }
 
+    /// An id and epoch from a broker that can give one (see [`super::init`]).
     async fn init_producer(&self, producer_name: Option<String>) -> Result<(i64, i16)> {
-        self.retry
-            .run("init producer", || async {
-                let response = self
-                    .conn
-                    .log()
-                    .init_producer(pb::InitProducerRequest {
-                        producer_name: producer_name.clone(),
-                    })
-                    .await
-                    .map_err(|status| ClientError::broker(None, None, status))?
-                    .into_inner();
-                let epoch = i16::try_from(response.producer_epoch).map_err(|_| {
-                    ClientError::Invalid(format!(
-                        "the broker gave producer epoch {}, outside 0..=32767",
-                        response.producer_epoch
-                    ))
-                })?;
-                Ok((response.producer_id, epoch))
-            })
-            .await
+        super::init::init_producer(&self.conn, &self.leaders, &self.retry, producer_name).await
     }
 
     /// Sends one batch with retries; returns its base offset. An idempotent batch that
@@ -392,11 +368,12 @@ impl PartitionSender {
 
     /// One produce try at `conn`. In a cluster, a try unanswered for
     /// [`LEADER_CHECK_AFTER_MS`] makes the sender ask the other brokers who leads, and again
-    /// every [`LEADER_CHECK_EVERY_MS`]: when they name another broker as leader of a newer
-    /// term (this one was cut off from the majority, which elected a successor), the try is
-    /// dropped and answered UNAVAILABLE, and `true` says the partition already moved to the
-    /// new leader. The retry there carries the same batch: an idempotent one that the old
-    /// leader did get committed is answered with its original offsets, not appended again.
+    /// while it stays unanswered ([`crate::leaders::Leaders::watch_try`]): when they name
+    /// another broker as leader of a newer term (this one was cut off from the majority,
+    /// which elected a successor), the try is dropped and answered UNAVAILABLE, and `true`
+    /// says the partition already moved to the new leader. The retry there carries the same
+    /// batch: an idempotent one that the old leader did get committed is answered with its
+    /// original offsets, not appended again.
     async fn try_at(
         &self,
         conn: &Connection,
@@ -410,23 +387,13 @@ impl PartitionSender {
         if !self.leaders.is_cluster() {
             return (call.await, false);
         }
-        let watch = async {
-            let mut wait = Duration::from_millis(LEADER_CHECK_AFTER_MS);
-            loop {
-                tokio::time::sleep(wait).await;
-                if let Some(newer) = self
-                    .leaders
-                    .newer(&self.conn, &self.topic, self.partition, conn)
-                    .await
-                {
-                    return newer;
-                }
-                wait = Duration::from_millis(LEADER_CHECK_EVERY_MS);
-            }
-        };
-        tokio::select! {
-            answer = call => (answer, false),
-            newer = watch => (
+        match self
+            .leaders
+            .watch_try(&self.conn, &self.topic, self.partition, conn, call)
+            .await
+        {
+            Watched::Answer(answer) => (answer, false),
+            Watched::Moved(newer) => (
                 Err(tonic::Status::unavailable(format!(
                     "topic {} partition {}: no answer from the leader at {} within {} ms, and \
                      the other brokers name {} as leader of a newer term",
@@ -434,7 +401,7 @@ impl PartitionSender {
                     self.partition,
                     conn.addr(),
                     LEADER_CHECK_AFTER_MS,
-                    newer.addr()
+                    newer
                 ))),
                 true,
             ),
