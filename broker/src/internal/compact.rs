@@ -3,7 +3,8 @@
 //!
 //! A state topic grows by one record per change. Once it has grown by about a segment since
 //! its last compaction ([`Growth`]; `__security` and `__producers` check it after each
-//! change with [`compact_if_due`]), its writer (the single broker, or in a cluster the
+//! change with [`compact_if_due`]; `__subscriptions` counts from the log with [`bytes_from`]
+//! when opened and compacts from a background task), its writer (the single broker, or in a cluster the
 //! settled leader of the topic's one partition, holding the state's writer lock throughout so
 //! no change lands between) appends a **rewrite** of the latest state in batches of about a quarter segment,
 //! each one durable commit ([`rewrite`]), then a **marker** record holding the offset where
@@ -88,6 +89,27 @@ pub async fn compact_if_due<T, F, Fut>(
         growth(&mut tail.lock()).failed(threshold_bytes);
     }
 }
+
+/// The bytes of `log`'s batches from the one holding offset `from` (or its log start, if
+/// later) to its end: a state topic's growth since its last marker, read from the log when a
+/// writer starts (a restarted broker, a new leader). Blocking: it reads those batches, about
+/// a segment's worth when the topic is compacted on time.
+pub fn bytes_from(log: &PartitionLog, from: u64) -> Result<u64, BrokerError> {
+    let mut offset = from.max(log.log_start_offset());
+    let mut bytes = 0u64;
+    while offset < log.high_watermark() {
+        let read = log.read(offset, BYTES_FROM_READ_BYTES)?;
+        bytes += read.size_bytes() as u64;
+        if read.next_offset <= offset {
+            break;
+        }
+        offset = read.next_offset;
+    }
+    Ok(bytes)
+}
+
+/// How much [`bytes_from`] reads per call.
+const BYTES_FROM_READ_BYTES: usize = 4 << 20;
 
 /// The bytes a record adds to a batch, near enough for sizing one.
 pub fn record_bytes(record: &Record) -> usize {

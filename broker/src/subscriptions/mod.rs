@@ -20,7 +20,8 @@
 //! - [`Subscriptions`]: every subscription in memory; each change is stored before it takes
 //!   effect.
 //! - `background`: [`spawn_background`] runs the sweep that expires locks (and dead-letters
-//!   records past their attempts) while no consumer calls, and starts the webhook pushers.
+//!   records past their attempts) while no consumer calls, starts the webhook pushers, and
+//!   compacts `__subscriptions` off the request path once it grew by a segment.
 //!
 //! # Concurrency
 //! Each subscription has one async lock over its partitions' state. A call works on a copy:
@@ -147,6 +148,9 @@ struct Inner {
     log: Arc<Mutex<StateLog>>,
     /// Serializes creations and deletions.
     admin: tokio::sync::Mutex<()>,
+    /// Wakes the compaction task: a change left the log due a compaction, or a new leader
+    /// loaded a log its predecessor left grown.
+    compaction: tokio::sync::Notify,
     /// Group push streams' remote read failures, for the metrics.
     group_push_failures: stats::GroupPushFailures,
 }
@@ -174,6 +178,7 @@ impl Subscriptions {
                 subs: RwLock::new(subs),
                 log: Arc::new(Mutex::new(log)),
                 admin: tokio::sync::Mutex::new(()),
+                compaction: tokio::sync::Notify::new(),
                 group_push_failures: stats::GroupPushFailures::default(),
             }),
         })
@@ -204,7 +209,18 @@ impl Subscriptions {
             return Ok(());
         }
         let log = Arc::clone(&self.inner.log);
-        tokio::task::spawn_blocking(move || log.lock().write(&records)).await?
+        let due = tokio::task::spawn_blocking(move || -> Result<bool, BrokerError> {
+            let mut log = log.lock();
+            log.write(&records)?;
+            Ok(log.compaction_due())
+        })
+        .await??;
+        // The change is stored and acknowledged now; the compaction is the background
+        // task's (a permit is kept if it is busy, so this wake is not lost).
+        if due {
+            self.wake_compaction();
+        }
+        Ok(())
     }
 
     /// Creates subscription `name`, starting every partition at the log start or the high

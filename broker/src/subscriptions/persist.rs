@@ -6,8 +6,11 @@
 //!
 //! # Compaction
 //! (The steps shared with `__security` and `__producers` are in
-//! [`crate::internal::compact`].) Once about a segment has been appended since the last compaction, the writer rewrites
-//! the whole live state, then appends a [`SubscriptionRecord::Compacted`] marker holding the
+//! [`crate::internal::compact`].) Once the log holds about a segment after its last
+//! compaction marker (counted from the log when it is opened, so a restarted broker or a new
+//! leader knows what the previous writer left, then by each write), a background task of the
+//! writer (started by [`crate::subscriptions::spawn_background`], never a client's request) rewrites the
+//! whole live state, then appends a [`SubscriptionRecord::Compacted`] marker holding the
 //! rewrite's first offset; the sealed segments that end before that offset are then deleted
 //! (on a single broker by the writer, in a cluster by each replica: below), so the topic
 //! stays bounded. Replay from any later log start gives the same state: the
@@ -47,6 +50,7 @@ use rill_storage::{FlushPolicy, PartitionLog, Store, TopicConfig};
 use super::records::{StoredConfig, SubscriptionRecord, COMPACTED_KEY};
 use super::state::PartitionState;
 use crate::error::BrokerError;
+use crate::internal::compact::Growth;
 
 /// The internal topic that holds every subscription's state.
 pub const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
@@ -84,7 +88,9 @@ pub struct StateLog {
     replicated: Option<(crate::state::Broker, tokio::runtime::Handle)>,
     /// Name → the latest records of the subscription (a `Deleted` removes it).
     latest: BTreeMap<String, Latest>,
-    since_compaction_bytes: u64,
+    /// The bytes of the log after its last compaction marker: read from the log when opened,
+    /// then counted by each write.
+    growth: Growth,
     /// The log's segment size: the compaction threshold.
     segment_bytes: u64,
 }
@@ -106,18 +112,28 @@ impl StateLog {
         let segment_bytes = log.options().segment_bytes;
         let mut records = Vec::new();
         let start = log.log_start_offset();
+        let mut last_marker = None;
         crate::internal::replay_values(&log, start, corrupt, |offset, value| {
-            records.push(
-                SubscriptionRecord::decode(value)
-                    .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?,
-            );
+            let r = SubscriptionRecord::decode(value)
+                .map_err(|e| corrupt(format!("the record at offset {offset}: {e}")))?;
+            if matches!(r, SubscriptionRecord::Compacted { .. }) {
+                last_marker = Some(offset);
+            }
+            records.push(r);
             Ok(())
         })?;
+        // A marker is a batch of its own, so the bytes after it are whole batches.
+        let mut growth = Growth::default();
+        let since = last_marker.map_or(start, |m| m + 1);
+        growth.read(
+            last_marker.is_some(),
+            crate::internal::compact::bytes_from(&log, since)?,
+        );
         let mut state = StateLog {
             log,
             replicated: None,
             latest: BTreeMap::new(),
-            since_compaction_bytes: 0,
+            growth,
             segment_bytes,
         };
         for r in &records {
@@ -132,7 +148,9 @@ impl StateLog {
         self.replicated = Some((broker, tokio::runtime::Handle::current()));
     }
 
-    /// Appends `records` as one batch and syncs it. Blocking.
+    /// Appends `records` as one batch and syncs it. Blocking. Never compacts: a change's
+    /// caller learns from [`Self::compaction_due`] whether to wake the background task that
+    /// does ([`Self::compact_if_due`]).
     pub fn write(&mut self, records: &[SubscriptionRecord]) -> Result<(), BrokerError> {
         if records.is_empty() {
             return Ok(());
@@ -145,17 +163,37 @@ impl StateLog {
         for (r, b) in encoded {
             self.remember(&r, b);
         }
-        self.since_compaction_bytes += bytes as u64;
-        if self.since_compaction_bytes >= self.segment_bytes {
-            // The change above is stored whatever happens here. A compaction cut short
-            // leaves the state intact (module doc); the next is tried once another segment
-            // has been appended, so a failing one does not rewrite the state at every write.
-            self.since_compaction_bytes = 0;
-            if let Err(e) = self.compact() {
-                tracing::warn!(error = %e, "{SUBSCRIPTIONS_TOPIC} compaction failed");
+        self.growth.read(false, bytes as u64);
+        Ok(())
+    }
+
+    /// Whether the log grew by a segment since its last compaction (or a failed one's
+    /// back-off), so [`Self::compact_if_due`] would compact.
+    pub fn compaction_due(&self) -> bool {
+        self.growth.due(self.segment_bytes)
+    }
+
+    /// Compacts the log if [`Self::compaction_due`]; returns whether it did. Blocking (a
+    /// rewrite is several durable commits), and holds this log, so no change lands in the
+    /// middle of the rewrite: run it from a background task, never a client's request. A
+    /// failure leaves the state intact (module doc); the next compaction is then tried once
+    /// another segment has been appended, so a failing one does not rewrite the state at every
+    /// check.
+    pub fn compact_if_due(&mut self) -> Result<bool, BrokerError> {
+        if !self.compaction_due() {
+            return Ok(false);
+        }
+        match self.compact() {
+            Ok(()) => {
+                // The marker was the last record: nothing after it yet.
+                self.growth.read(true, 0);
+                Ok(true)
+            }
+            Err(e) => {
+                self.growth.failed(self.segment_bytes);
+                Err(e)
             }
         }
-        Ok(())
     }
 
     /// Rewrites every subscription's latest records, appends the [`SubscriptionRecord::

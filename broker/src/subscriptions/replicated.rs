@@ -58,6 +58,10 @@ impl Subscriptions {
         for sub in with_push {
             webhook::spawn(broker, self, &sub);
         }
+        // The log may have grown under the previous leader: its growth was read from the
+        // log above. The compaction task acts once this broker is settled (at the latest its
+        // next tick).
+        self.wake_compaction();
         Ok(())
     }
 }

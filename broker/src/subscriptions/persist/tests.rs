@@ -141,8 +141,15 @@ fn a_rewrite_cut_short_after_any_batch_keeps_every_subscriptions_state() {
     }
 }
 
-/// Acks on every partition of every subscription, `rounds` times; returns what was written.
+/// Acks on every partition of every subscription, `rounds` times, compacting whenever due
+/// after a write as the background task does; returns what was written.
 fn ack_rounds(log: &mut StateLog, rounds: u64) -> Vec<SubscriptionRecord> {
+    acks(log, rounds, true)
+}
+
+/// Acks on every partition of every subscription, `rounds` times, each one write as a
+/// request makes it, then (if `compact`) a compaction when due; returns what was written.
+fn acks(log: &mut StateLog, rounds: u64, compact: bool) -> Vec<SubscriptionRecord> {
     let mut written = Vec::new();
     for round in 1..=rounds {
         for (i, name) in NAMES.iter().enumerate() {
@@ -153,6 +160,9 @@ fn ack_rounds(log: &mut StateLog, rounds: u64) -> Vec<SubscriptionRecord> {
                     state: acked_state(round * 1000 + i as u64 * 7 + u64::from(p)),
                 };
                 log.write(std::slice::from_ref(&ack)).expect("ack");
+                if compact {
+                    log.compact_if_due().expect("compact");
+                }
                 written.push(ack);
             }
         }
@@ -175,7 +185,8 @@ fn markers(log: &PartitionLog) -> Vec<(u64, u64)> {
     found
 }
 
-/// On a single broker: once a segment's worth was appended, the state is rewritten, a marker
+/// On a single broker: once a segment's worth was appended, a compaction (the background
+/// task's, run here after each write) rewrites the state, a marker
 /// names where, and the segments before it are deleted; replay from the new log start (which
 /// skips the marker) gives the same state, and the deleted part never comes back.
 #[test]
@@ -270,5 +281,79 @@ fn a_replica_deletes_its_segments_before_a_rewrite_only_at_its_marker() {
     );
     drop((replica, _replica_store));
     let (_store, _log, replayed) = open(replica_dir.path());
+    assert_eq!(fold(replayed), fold(written));
+}
+
+/// A write that takes the log past the threshold is stored and returns without compacting
+/// (a client's ack does not wait for a rewrite: before, the write ran the whole compaction
+/// inline); the log says it is due, and the background task's call then compacts it.
+#[test]
+fn a_write_past_the_threshold_does_not_compact_and_leaves_it_due() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, mut log, _) = open(dir.path());
+    let mut written = populate(&mut log);
+    let mut writes = 0;
+    while !log.compaction_due() {
+        written.extend(acks(&mut log, 1, false));
+        writes += 1;
+        assert!(writes < 100, "the log never became due a compaction");
+    }
+    // Past the threshold by more than a segment: the oldest segment is sealed.
+    written.extend(acks(&mut log, 2, false));
+    assert!(log.compaction_due());
+    assert!(markers(&log.log).is_empty(), "no write compacted");
+    assert_eq!(log.log.log_start_offset(), 0, "nothing deleted by a write");
+
+    assert!(log.compact_if_due().expect("compact"), "it was due");
+    assert!(!log.compaction_due(), "a compaction restarts the count");
+    assert!(
+        !log.compact_if_due().expect("no-op"),
+        "nothing due any more"
+    );
+    assert_eq!(markers(&log.log).len(), 1);
+    assert!(
+        log.log.log_start_offset() > 0,
+        "the segments before it deleted"
+    );
+    drop(log);
+    let (_store, _log, replayed) = open(dir.path());
+    assert_eq!(fold(replayed), fold(written));
+}
+
+/// The growth since the last marker is read from the log when it is opened: a broker
+/// restarted (or a new leader, which reopens its replica) after the log grew past the
+/// threshold without a compaction (the writer was killed first) compacts it, without waiting for a segment of its own
+/// writes; and a log opened right after a compaction is not due.
+#[test]
+fn growth_since_the_last_marker_is_read_from_the_log_when_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut written = {
+        let (_store, mut log, _) = open(dir.path());
+        let mut written = populate(&mut log);
+        written.extend(acks(&mut log, 4, false));
+        assert!(markers(&log.log).is_empty());
+        written
+    };
+    {
+        let (_store, mut log, _) = open(dir.path());
+        assert!(
+            log.compaction_due(),
+            "the previous writer's growth is counted"
+        );
+        assert!(log.compact_if_due().expect("compact"));
+        assert!(
+            log.log.log_start_offset() > 0,
+            "the segments before it deleted"
+        );
+        // A little more after the marker: counted, and far below the threshold.
+        written.extend(acks(&mut log, 1, false));
+    }
+    let (_store, mut log, replayed) = open(dir.path());
+    assert!(
+        !log.compaction_due(),
+        "only the bytes after the marker count"
+    );
+    assert!(log.growth.due(1), "the bytes after the marker are counted");
+    assert!(!log.compact_if_due().expect("no-op"));
     assert_eq!(fold(replayed), fold(written));
 }
