@@ -122,3 +122,105 @@ pub fn spawn_background(broker: &Broker, subs: &Subscriptions) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use rill_storage::{Store, StoreOptions};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::subscriptions::records::{StoredConfig, SubscriptionRecord};
+    use crate::subscriptions::state::PartitionState;
+
+    /// The smallest accepted `__subscriptions` segment.
+    const SEGMENT_BYTES: u64 = 16 << 10;
+    /// The longest the background task may take to compact (it is woken at once).
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn log_start(broker: &Broker) -> u64 {
+        broker
+            .store()
+            .existing_internal_topic(persist::SUBSCRIPTIONS_TOPIC)
+            .expect("the topic")
+            .partition(0)
+            .expect("its partition")
+            .log_start_offset()
+    }
+
+    /// The changes a request makes return without compacting, even the one that takes the
+    /// log past its threshold (before, that write ran the whole rewrite inline, so its
+    /// caller's ack waited for it and the log start had moved when it returned); the
+    /// broker's background task then compacts the log and deletes the segments before it.
+    #[tokio::test]
+    async fn requests_never_compact_and_the_background_task_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreOptions::new(dir.path())).expect("open the store");
+        let subs = Subscriptions::open(&store, SEGMENT_BYTES).expect("open");
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let broker = Broker::new(
+            store,
+            crate::Config::new(dir.path()),
+            shutdown.clone(),
+            tasks.clone(),
+        );
+        subs.write(vec![SubscriptionRecord::Created {
+            name: "workers".into(),
+            config: StoredConfig {
+                topic: "jobs".into(),
+                ack_deadline_ms: 30_000,
+                max_delivery_attempts: 5,
+                dead_letter_topic: None,
+                max_in_flight_per_partition: 1000,
+                from_earliest: true,
+                push: None,
+            },
+        }])
+        .await
+        .expect("create");
+        // Acks one by one until a segment's worth was appended (the first segment sealed).
+        let mut floor = 0;
+        while !subs.inner.log.lock().compaction_due() {
+            floor += 1;
+            let mut state = PartitionState::starting_at(floor);
+            state.next = floor + 1;
+            subs.write(vec![SubscriptionRecord::Partition {
+                name: "workers".into(),
+                partition: 0,
+                state,
+            }])
+            .await
+            .expect("ack");
+            assert_eq!(log_start(&broker), 0, "the ack of {floor} compacted");
+            assert!(floor < 1_000, "the log never became due a compaction");
+        }
+
+        spawn_background(&broker, &subs);
+        let until = tokio::time::Instant::now() + DEADLINE;
+        while log_start(&broker) == 0 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the background task did not compact within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!subs.inner.log.lock().compaction_due());
+        shutdown.cancel();
+        tasks.close();
+        tokio::time::timeout(DEADLINE, tasks.wait())
+            .await
+            .expect("the background tasks stop at shutdown");
+        broker.store().close().expect("close");
+        drop((broker, subs));
+
+        // The state replays whole from the compacted log.
+        let store = Store::open(StoreOptions::new(dir.path())).expect("reopen");
+        let (_log, replayed) = persist::StateLog::open(&store, SEGMENT_BYTES).expect("replay");
+        let state: BTreeMap<_, _> = persist::fold(replayed);
+        let (_, partitions) = &state["workers"];
+        assert_eq!(partitions[&0].next, floor + 1, "the last ack survives");
+    }
+}
