@@ -13,8 +13,9 @@ use tonic::transport::Channel;
 
 /// The longest an election, a commit or a failover may take in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
-/// The longest compaction may take to show on every replica's disk (it runs within the
-/// write that crosses the threshold; followers act as they apply the marker).
+/// The longest compaction may take to show on every replica's disk (the leader's background
+/// task is woken by the write that crosses the threshold; followers act as they apply the
+/// marker).
 const COMPACTION_DEADLINE: Duration = Duration::from_secs(30);
 const SUBSCRIPTIONS_TOPIC: &str = "__subscriptions";
 /// Tiny `__subscriptions` segments (the smallest accepted), so a few hundred acks compact the
