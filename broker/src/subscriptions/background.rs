@@ -12,7 +12,8 @@ use crate::error::BrokerError;
 use crate::state::Broker;
 
 /// How often the compaction task checks `__subscriptions` without being woken: catches a
-/// log a new leader loaded before it was settled, and a back-off after a failure.
+/// log a new leader loaded grown (its wake comes before it is settled, when it does not
+/// write yet).
 const COMPACTION_TICK_MS: u64 = 10_000;
 
 impl Subscriptions {
@@ -49,9 +50,7 @@ impl Subscriptions {
             }
         }
     }
-}
 
-impl Subscriptions {
     /// Compacts `__subscriptions` if it grew by a segment since its last compaction and this
     /// broker writes it (the single broker, or the settled leader in a cluster); returns
     /// whether it did. The rewrite runs on the blocking pool holding the log, so changes
@@ -60,7 +59,7 @@ impl Subscriptions {
         if !super::replicated::serves(broker) {
             return Ok(false);
         }
-        let log = std::sync::Arc::clone(&self.inner.log);
+        let log = Arc::clone(&self.inner.log);
         tokio::task::spawn_blocking(move || log.lock().compact_if_due()).await?
     }
 
