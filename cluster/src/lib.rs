@@ -5,11 +5,13 @@
 //!
 //! # The map
 //! - [`types`]: the openraft type config shared by every group, ids, commands and replies.
-//! - [`log_store`]: [`LogStore`], a group's durable Raft log and vote (fsynced before acked).
+//! - [`log_store`]: [`LogStore`], a group's durable Raft log and vote (fsynced before acked);
+//!   `log_store/frame.rs` is its frame codec (an append's frame written in pieces).
 //! - [`machine`]: the [`Machine`] trait of a group's state and [`MachineStore`], its adapter
 //!   to openraft with persisted snapshots.
 //! - [`network`]: the sending side: openraft's network over the `rill.v1.Raft` gRPC service,
-//!   one channel per peer shared by all groups.
+//!   one channel per peer shared by all groups, AppendEntries on a stream per group and
+//!   follower, with the commands beside the envelope (`network/commands.rs`).
 //! - [`service`]: the receiving side: [`RaftService`], routing each message to its group.
 //! - [`host`]: [`GroupHost`], every Raft group of one broker, keyed by group id.
 //! - [`peers`]: [`PeerList`] (`--peers`) and [`ClusterConfig`], a broker's cluster settings.
