@@ -20,7 +20,8 @@
 //! - [`controller`]: the controller's state machine (topics, replica sets, group ids,
 //!   incarnations and delete tombstones) and the placement.
 //! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
-//!   batches to a replica's log; [`Replication`] sets the controller's topics up here from
+//!   batches to a replica's log (`partition/state_machine.rs`, with the command format);
+//!   [`Replication`] sets the controller's topics up here from
 //!   the metadata (replication factor 1 ones served by their owners), starts this broker's
 //!   replica groups, routes writes to them (proposed in order: `partition/write.rs`,
 //!   `partition/proposed.rs`), and deletes local copies that tombstones show stale

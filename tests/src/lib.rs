@@ -13,9 +13,11 @@
 //! - [`rill_cli`]: the real `rill` CLI.
 //! - [`record`], [`produce_req`]: request builders.
 //! - [`wait_until`]: a wait on a condition with a deadline; [`skip`]: a loud, detectable skip.
-//! - [`certs`]: a test CA and its certificates (rcgen); [`cluster`]: a cluster of processes;
-//!   [`hooks`]: a local HTTP server for webhook tests; [`subs`]: subscription calls on a
-//!   cluster, retried through elections, and topics placed away from a broker.
+//! - [`certs`]: a test CA and its certificates (rcgen); [`cluster`]: a cluster of processes
+//!   (its submodules: starting brokers and ports, faults (kill, signals, wipe, partitions),
+//!   and status queries and waits); [`hooks`]: a local HTTP server for webhook tests;
+//!   [`subs`]: subscription calls on a cluster, retried through elections, and topics placed
+//!   away from a broker.
 //! - [`scrape`]: a broker's `/metrics`, fetched and parsed.
 
 pub mod certs;

@@ -27,7 +27,11 @@ use parking_lot::Mutex;
 use rill_storage::producers::advance;
 use tokio::sync::Notify;
 
-use crate::types::{GroupId, NodeId, Raft};
+use crate::types::{GroupId, Node, NodeId};
+
+/// A group's Raft metrics, as `Raft::metrics` watches them (a plain watch: unit tests make
+/// their own without a group).
+pub(super) type Metrics = tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, Node>>;
 
 /// How many producers a group's map holds before it is cleared: it is only a hint, and a
 /// leader that lives long sees producers come and go.
@@ -140,13 +144,14 @@ struct State {
 }
 
 impl GroupSequences {
-    /// Runs `propose` (the hand-over of `batch` to `raft`) when it is the batch's turn: at
-    /// once when it starts at its producer's next sequence (or is behind it, or this broker
-    /// does not lead the group), else once the batches before it are proposed or applied,
-    /// or `wait` is over. `applied` reads the partition's applied state of the producer.
+    /// Runs `propose` (the hand-over of `batch` to the group whose Raft `metrics` are
+    /// watched) when it is the batch's turn: at once when it starts at its producer's next
+    /// sequence (or is behind it, or this broker does not lead the group), else once the
+    /// batches before it are proposed or applied, or `wait` is over. `applied` reads the
+    /// partition's applied state of the producer.
     pub async fn propose_in_turn<T, E, Fut>(
         &self,
-        raft: &Raft,
+        mut metrics: Metrics,
         me: NodeId,
         batch: &Batch,
         applied: impl Fn() -> Option<Next>,
@@ -157,7 +162,6 @@ impl GroupSequences {
         Fut: Future<Output = Result<T, E>>,
     {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut metrics = raft.metrics();
         let mut may_wait = !wait.is_zero();
         loop {
             let mut state = self.state.lock().await;
@@ -270,5 +274,108 @@ mod tests {
         assert_eq!(furthest(next(0, 8), next(0, 4)), next(0, 8));
         assert_eq!(furthest(next(1, 0), next(0, 8)), next(1, 0));
         assert_eq!(furthest(next(0, i32::MAX), next(0, 3)), next(0, 3));
+    }
+
+    /// Node 1's metrics as the leader of term 1. The sender is returned to be kept: with it
+    /// dropped, a waiter's `changed()` fails at once and it stops waiting.
+    fn leading() -> (
+        tokio::sync::watch::Sender<openraft::RaftMetrics<NodeId, Node>>,
+        Metrics,
+    ) {
+        let mut m = openraft::RaftMetrics::new_initial(1);
+        m.state = ServerState::Leader;
+        m.current_leader = Some(1);
+        m.current_term = 1;
+        tokio::sync::watch::channel(m)
+    }
+
+    /// The hint's entry for producer 1.
+    async fn entry(seqs: &GroupSequences) -> Option<Next> {
+        seqs.state.lock().await.next.get(&1).copied()
+    }
+
+    /// Catches a failed proposal leaving its producer's entry in the hint: the map would
+    /// stay ahead of what the partition will hold, so the producer's next batches are
+    /// judged against a proposal that never lands (today bounded only by the early wait).
+    /// Covers both clearings: a hand-over that fails, and `forget` after a failed commit.
+    #[tokio::test]
+    async fn a_failed_proposal_clears_its_producers_entry() {
+        let (_keep, metrics) = leading();
+        let seqs = GroupSequences::default();
+        let ok = || async { Ok::<(), ()>(()) };
+        let failed = || async { Err::<(), ()>(()) };
+
+        let proposed = seqs
+            .propose_in_turn(
+                metrics.clone(),
+                1,
+                &batch(0, 0),
+                || None,
+                Duration::ZERO,
+                ok,
+            )
+            .await;
+        assert_eq!(proposed, Ok(()));
+        assert_eq!(
+            entry(&seqs).await,
+            next(0, 2),
+            "a proposal in turn is noted"
+        );
+        let refused = seqs
+            .propose_in_turn(
+                metrics.clone(),
+                1,
+                &batch(0, 2),
+                || None,
+                Duration::ZERO,
+                failed,
+            )
+            .await;
+        assert_eq!(refused, Err(()));
+        assert_eq!(
+            entry(&seqs).await,
+            None,
+            "a failed hand-over clears the entry"
+        );
+
+        let proposed = seqs
+            .propose_in_turn(metrics, 1, &batch(0, 0), || None, Duration::ZERO, ok)
+            .await;
+        assert_eq!(proposed, Ok(()));
+        assert_eq!(entry(&seqs).await, next(0, 2));
+        // The batch was handed over, then its commit failed (the write's `acked`).
+        seqs.forget(1).await;
+        assert_eq!(entry(&seqs).await, None, "a failed commit clears the entry");
+    }
+
+    /// Catches `forget` not waking waiters: an early batch waiting for its turn must look
+    /// again when an entry is cleared, not sit out its wait (60 s here; the test allows 10).
+    #[tokio::test]
+    async fn forget_wakes_a_waiting_batch() {
+        let (_keep, metrics) = leading();
+        let seqs = GroupSequences::default();
+        let applied = Mutex::new(next(0, 2));
+        let early = batch(0, 4);
+        let waiter = seqs.propose_in_turn(
+            metrics,
+            1,
+            &early,
+            || *applied.lock(),
+            Duration::from_secs(60),
+            || async { Ok::<(), ()>(()) },
+        );
+        let wake = async {
+            // Let the waiter find its batch early and wait; then the batch before it lands
+            // (no wake-up of its own here) and a failed write's `forget` follows.
+            tokio::task::yield_now().await;
+            *applied.lock() = next(0, 4);
+            seqs.forget(1).await;
+        };
+        let (proposed, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(waiter, wake)
+        })
+        .await
+        .expect("the waiting batch is proposed once woken, not after its 60 s wait");
+        assert_eq!(proposed, Ok(()));
     }
 }

@@ -100,7 +100,14 @@ impl Replication {
                 self.inner
                     .proposed
                     .group(group)
-                    .propose_in_turn(&raft, self.node_id(), b, applied, early_wait, propose)
+                    .propose_in_turn(
+                        raft.metrics(),
+                        self.node_id(),
+                        b,
+                        applied,
+                        early_wait,
+                        propose,
+                    )
                     .await
             }
         }

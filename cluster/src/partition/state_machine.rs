@@ -1,0 +1,235 @@
+//! The replica's state machine, [`PartitionMachine`], and the format of the commands it
+//! applies: `[ack code: u8][token: u64 LE][record batch]` (see [`encode_command`]).
+
+use super::*;
+
+/// The bytes before the record batch in a partition command: the ack code (`u8`) and the
+/// writer's token (`u64` LE).
+const COMMAND_HEADER_BYTES: usize = 9;
+
+/// A partition command: `[ack code: u8][token: u64 LE][record batch]`.
+pub(super) fn encode_command(ack: WriteAck, token: u64, batch: &[u8]) -> Command {
+    let mut bytes = Vec::with_capacity(COMMAND_HEADER_BYTES + batch.len());
+    bytes.push(ack.code());
+    bytes.extend_from_slice(&token.to_le_bytes());
+    bytes.extend_from_slice(batch);
+    Command(bytes.into())
+}
+
+/// The ack code, token and record batch of a partition command; `None` if it is too short.
+fn split_command(command: &Command) -> Option<(u8, u64, &[u8])> {
+    let (head, batch) = command.0.split_at_checked(COMMAND_HEADER_BYTES)?;
+    let token = u64::from_le_bytes(head[1..].try_into().ok()?);
+    Some((head[0], token, batch))
+}
+
+/// The records a partition command adds when applied: its batch's record count, 0 for a
+/// command the apply refuses.
+pub(super) fn command_records(command: &Command) -> u64 {
+    split_command(command)
+        .and_then(|(_, _, batch)| BatchHeader::parse(batch).ok())
+        .map_or(0, |h| u64::from(h.record_count))
+}
+
+/// A replica's state machine: appends committed batches to its partition log.
+pub struct PartitionMachine {
+    topic: String,
+    partition: u32,
+    log: PartitionLog,
+    next_offset: u64,
+    local: Arc<dyn LocalTopics>,
+    /// Where to pull records from when a snapshot is ahead of the log; none: fail instead.
+    catch_up: Option<crate::catch_up::CatchUp>,
+    /// The waiters of `leader` acks, keyed by command token (the group's start keeps a
+    /// clone to register writes in).
+    pub(super) waiters: AppendWaiters,
+}
+
+impl PartitionMachine {
+    /// The machine of partition `partition` of `topic` over `log`.
+    pub fn new(
+        topic: &str,
+        partition: u32,
+        log: PartitionLog,
+        local: Arc<dyn LocalTopics>,
+    ) -> Self {
+        PartitionMachine {
+            topic: topic.to_string(),
+            partition,
+            log,
+            next_offset: 0,
+            local,
+            catch_up: None,
+            waiters: AppendWaiters::new(|c| split_command(c).map(|(_, token, _)| token)),
+        }
+    }
+
+    /// Lets an installed snapshot pull the records this replica lacks from `catch_up`'s
+    /// sources (see [`crate::catch_up`]).
+    pub fn with_catch_up(mut self, catch_up: crate::catch_up::CatchUp) -> Self {
+        self.catch_up = Some(catch_up);
+        self
+    }
+
+    /// The end of the records the applied entries produced.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Whether the log's batch at `offset` is the one `header` describes (same producer,
+    /// epoch, sequence and record count: fields an append never rewrites).
+    fn holds_at(&self, offset: u64, header: &BatchHeader) -> io::Result<bool> {
+        let read = self
+            .log
+            .read(offset, rill_storage::batch::HEADER_LEN)
+            .map_err(io::Error::other)?;
+        let Some(stored) = read
+            .chunks
+            .first()
+            .and_then(|chunk| BatchHeader::parse(chunk).ok())
+        else {
+            return Ok(false);
+        };
+        Ok(stored.base_offset == offset
+            && stored.record_count == header.record_count
+            && stored.producer_id == header.producer_id
+            && stored.producer_epoch == header.producer_epoch
+            && stored.base_sequence == header.base_sequence)
+    }
+
+    /// The reply to an append's outcome (the same for the blocking and the inline apply).
+    fn appended(&mut self, outcome: rill_storage::Result<AppendInfo>) -> io::Result<Reply> {
+        match outcome {
+            Ok(info) => {
+                // A producer's retry of a batch already appended is answered with its
+                // original offsets and appends nothing: the applied end does not move back.
+                self.next_offset = self.next_offset.max(info.next_offset);
+                self.local
+                    .appended(&self.topic, self.partition, info.next_offset);
+                Self::reply(&Ok((info.base_offset, info.record_count)))
+            }
+            Err(e) => match Refusal::of(&e) {
+                Some(refusal) => Self::reply(&Err(refusal)),
+                None => Err(io::Error::other(e)),
+            },
+        }
+    }
+
+    fn reply(r: &WriteReply) -> io::Result<Reply> {
+        bincode::serialize(r).map(Reply).map_err(io::Error::other)
+    }
+}
+
+impl Machine for PartitionMachine {
+    fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
+        let Some((_, _, batch)) = split_command(command) else {
+            return Self::reply(&Err(Refusal::Invalid(format!(
+                "topic {} partition {}: a replicated command of {} bytes is too short",
+                self.topic,
+                self.partition,
+                command.0.len()
+            ))));
+        };
+        let header = match BatchHeader::parse(batch) {
+            Ok(h) => h,
+            Err(e) => {
+                return Self::reply(&Err(Refusal::Invalid(format!(
+                    "topic {} partition {}: invalid batch: {e}",
+                    self.topic, self.partition
+                ))))
+            }
+        };
+        let count = u64::from(header.record_count);
+        let end = self.log.high_watermark();
+        if end < self.next_offset {
+            return Err(io::Error::other(format!(
+                "topic {} partition {}: the local log ends at {end} but this replica applied up to {}; it lost acknowledged data and must be rebuilt",
+                self.topic, self.partition, self.next_offset
+            )));
+        }
+        if self.next_offset + count <= end {
+            // Replaying entries applied before a restart: their records are in the log
+            // already. An idempotent producer's retry (or a refused batch) appended nothing
+            // the first time; it must not move the applied end now, or every later entry
+            // would be taken for another and a plain batch after it appended twice.
+            if header.producer_id >= 0 && !self.holds_at(self.next_offset, &header)? {
+                return Self::reply(&Err(Refusal::Invalid(format!(
+                    "topic {} partition {}: a replayed idempotent batch (producer {}, sequence {}) appended nothing when first applied",
+                    self.topic, self.partition, header.producer_id, header.base_sequence
+                ))));
+            }
+            let base = self.next_offset;
+            self.next_offset += count;
+            return Self::reply(&Ok((base, header.record_count)));
+        }
+        let outcome = self.log.append_verified(batch);
+        self.appended(outcome)
+    }
+
+    /// The append, when it is one `pwrite` into the active segment's page cache (no roll, no
+    /// file to grow, no sync, the writer lock free at once), as a single broker's produce
+    /// does on its async worker; `None` otherwise, having changed nothing. Replays and
+    /// malformed commands go the blocking way, which answers them.
+    fn try_apply_inline(&mut self, _log_id: LogId, command: &Command) -> Option<io::Result<Reply>> {
+        if self.log.options().flush == FlushPolicy::Always {
+            return None; // every append syncs: blocking
+        }
+        let (_, _, batch) = split_command(command)?;
+        let count = BatchHeader::parse(batch)
+            .map(|h| u64::from(h.record_count))
+            .ok()?;
+        let end = self.log.high_watermark();
+        if end < self.next_offset || self.next_offset + count <= end {
+            return None; // a replay (it may read the log) or a lost tail
+        }
+        let checked = match self.log.check_verified_batch(command.0.slice_ref(batch)) {
+            Ok(c) => c,
+            Err(e) => return Some(self.appended(Err(e))),
+        };
+        match self.log.try_append(&checked, Ack::Leader) {
+            Ok(None) => None,
+            Ok(Some(unsettled)) => Some(self.appended(Ok(*unsettled.info()))),
+            Err(e) => Some(self.appended(Err(e))),
+        }
+    }
+
+    /// The snapshot is `next_offset`; the records below it are synced first, because the Raft
+    /// log is purged behind a snapshot: after a power loss they could not be re-applied.
+    fn snapshot(&self) -> io::Result<Vec<u8>> {
+        self.log
+            .sync_through(self.next_offset)
+            .map_err(io::Error::other)?;
+        bincode::serialize(&self.next_offset).map_err(io::Error::other)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.next_offset = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let next_offset: u64 = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        if self.log.high_watermark() < next_offset {
+            if let Some(catch_up) = &self.catch_up {
+                let target = crate::catch_up::Target {
+                    topic: &self.topic,
+                    partition: self.partition,
+                    log: &self.log,
+                    local: self.local.as_ref(),
+                };
+                crate::catch_up::pull(catch_up, &target, next_offset)?;
+            }
+        }
+        self.next_offset = next_offset;
+        Ok(())
+    }
+
+    /// Only `durable` writes are fsynced in the Raft log before they count.
+    fn must_sync(command: &Command) -> bool {
+        split_command(command).is_none_or(|(code, _, _)| code == WriteAck::Durable.code())
+    }
+
+    fn append_waiters(&self) -> Option<AppendWaiters> {
+        Some(self.waiters.clone())
+    }
+}
