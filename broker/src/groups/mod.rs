@@ -23,7 +23,6 @@ pub use coordinator::Coordinator;
 use std::time::Duration;
 
 use rill_storage::groups::GROUPS_TOPIC;
-use tokio::time::MissedTickBehavior;
 
 use crate::state::Broker;
 
@@ -46,44 +45,44 @@ pub fn spawn_background(broker: &Broker, coordinator: &Coordinator) {
 }
 
 async fn expiry_loop(broker: Broker, coordinator: Coordinator) {
-    let mut tick = tokio::time::interval(Duration::from_millis(EXPIRY_TICK_MS));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = broker.shutdown().cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        coordinator.expire(&broker).await;
-    }
+    crate::tasks::every(
+        &broker,
+        Duration::from_millis(EXPIRY_TICK_MS),
+        None,
+        || async {
+            coordinator.expire(&broker).await;
+        },
+    )
+    .await;
 }
 
 async fn compaction_loop(broker: Broker) {
-    let mut tick = tokio::time::interval(Duration::from_millis(COMPACTION_TICK_MS));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = broker.shutdown().cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let groups = broker.store().groups().clone();
-        // In a cluster only a partition's settled leader snapshots it, through Raft; every
-        // replica deletes its own segments when it applies the marker.
-        let partitions: Vec<u32> = (0..groups.partition_count())
-            .filter(|&p| {
-                matches!(
-                    crate::internal::route(&broker, GROUPS_TOPIC, p),
-                    Ok(crate::internal::Route::Here)
-                )
-            })
-            .collect();
-        // A failure is logged by the store and retried at the next tick.
-        match tokio::task::spawn_blocking(move || groups.compact_partitions_if_due(partitions))
-            .await
-        {
-            Ok(Ok(_)) | Ok(Err(_)) => {}
-            Err(e) => tracing::error!(error = %e, "groups compaction task failed"),
-        }
-    }
+    crate::tasks::every(
+        &broker,
+        Duration::from_millis(COMPACTION_TICK_MS),
+        None,
+        || async {
+            let groups = broker.store().groups().clone();
+            // In a cluster only a partition's settled leader snapshots it, through Raft; every
+            // replica deletes its own segments when it applies the marker.
+            let partitions: Vec<u32> = (0..groups.partition_count())
+                .filter(|&p| {
+                    matches!(
+                        crate::internal::route(&broker, GROUPS_TOPIC, p),
+                        Ok(crate::internal::Route::Here)
+                    )
+                })
+                .collect();
+            // A failure is logged by the store and retried at the next tick.
+            match tokio::task::spawn_blocking(move || groups.compact_partitions_if_due(partitions))
+                .await
+            {
+                Ok(Ok(_)) | Ok(Err(_)) => {}
+                Err(e) => tracing::error!(error = %e, "groups compaction task failed"),
+            }
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rill_storage::log::now_ms;
-use tokio::time::MissedTickBehavior;
 
 use super::{persist, webhook, Sub, Subscriptions, SWEEP_TICK_MS};
 use crate::error::BrokerError;
@@ -72,18 +71,17 @@ impl Subscriptions {
 /// Runs [`Subscriptions::compact_if_due`] when woken and every [`COMPACTION_TICK_MS`] until
 /// the broker shuts down. A failure is logged; the log then waits a segment more.
 async fn compaction_loop(broker: Broker, subs: Subscriptions) {
-    let mut tick = tokio::time::interval(Duration::from_millis(COMPACTION_TICK_MS));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = broker.shutdown().cancelled() => return,
-            _ = tick.tick() => {}
-            _ = subs.inner.compaction.notified() => {}
-        }
-        if let Err(e) = subs.compact_if_due(&broker).await {
-            tracing::warn!(error = %e, "{} compaction failed", persist::SUBSCRIPTIONS_TOPIC);
-        }
-    }
+    crate::tasks::every(
+        &broker,
+        Duration::from_millis(COMPACTION_TICK_MS),
+        Some(&subs.inner.compaction),
+        || async {
+            if let Err(e) = subs.compact_if_due(&broker).await {
+                tracing::warn!(error = %e, "{} compaction failed", persist::SUBSCRIPTIONS_TOPIC);
+            }
+        },
+    )
+    .await;
 }
 
 /// Starts the sweep loop, the compaction loop, and the webhook pusher of every subscription
@@ -107,18 +105,13 @@ pub fn spawn_background(broker: &Broker, subs: &Subscriptions) {
     let b = broker.clone();
     let s = subs.clone();
     broker.tasks().spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(SWEEP_TICK_MS));
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = b.shutdown().cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        crate::tasks::every(&b, Duration::from_millis(SWEEP_TICK_MS), None, || async {
             s.sweep(&b).await;
             if b.config().metrics_listen.is_some() && b.config().metrics_per_group {
                 s.refresh_oldest(&b).await;
             }
-        }
+        })
+        .await;
     });
 }
 
