@@ -137,18 +137,11 @@ impl TestCluster {
                     .metadata_as(*id, topic, token)
                     .await
                     .ok()
-                    .and_then(|m| {
-                        m.topics
-                            .first()
-                            .and_then(|t| t.partitions.get(p as usize))
-                            .map(|x| x.leader)
-                    });
+                    .and_then(|m| leader_in(&m, p));
                 leaders.push(leader);
             }
-            if let Some(Some(l)) = leaders.first() {
-                if *l != 0 && running.contains(l) && leaders.iter().all(|x| *x == Some(*l)) {
-                    return Ok(*l);
-                }
+            if let Some(l) = agreed(&leaders, &running) {
+                return Ok(l);
             }
             if tokio::time::Instant::now() >= until {
                 bail!("no agreed leader of {topic}/{p} within {deadline:?}: {leaders:?}");
@@ -169,12 +162,11 @@ impl TestCluster {
         loop {
             let running = self.running();
             for id in &running {
-                let leader = self.metadata(*id, topic).await.ok().and_then(|m| {
-                    m.topics
-                        .first()
-                        .and_then(|t| t.partitions.get(p as usize))
-                        .map(|x| x.leader)
-                });
+                let leader = self
+                    .metadata(*id, topic)
+                    .await
+                    .ok()
+                    .and_then(|m| leader_in(&m, p));
                 if let Some(l) = leader.filter(|l| running.contains(l)) {
                     return Ok(l);
                 }
@@ -196,10 +188,8 @@ impl TestCluster {
             for id in &running {
                 leaders.push(self.status(*id).await.ok().map(|s| s.controller_leader));
             }
-            if let Some(Some(l)) = leaders.first() {
-                if *l != 0 && running.contains(l) && leaders.iter().all(|x| *x == Some(*l)) {
-                    return Ok(*l);
-                }
+            if let Some(l) = agreed(&leaders, &running) {
+                return Ok(l);
             }
             if tokio::time::Instant::now() >= until {
                 bail!("no agreed controller leader within {deadline:?}: {leaders:?}");
@@ -329,4 +319,20 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The leader that every answer in `leaders` names, if it is one of the `running` nodes
+/// (0 is no leader).
+fn agreed(leaders: &[Option<u64>], running: &[u64]) -> Option<u64> {
+    let first = (*leaders.first()?)?;
+    (first != 0 && running.contains(&first) && leaders.iter().all(|x| *x == Some(first)))
+        .then_some(first)
+}
+
+/// The leader a Metadata answer names for partition `p` of its (first) topic.
+fn leader_in(m: &MetadataResponse, p: u32) -> Option<u64> {
+    m.topics
+        .first()
+        .and_then(|t| t.partitions.get(p as usize))
+        .map(|x| x.leader)
 }
