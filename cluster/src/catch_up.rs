@@ -8,7 +8,10 @@
 //! reaches the snapshot's offset is a valid source; the replicas are tried in turn. Each
 //! committed Raft entry is one batch on every replica, so batches line up: the first batch a
 //! source returns must start exactly at this replica's end, or the logs disagree and the pull
-//! fails (the group then stops here, as it would have without the pull).
+//! fails (the group then stops here, as it would have without the pull). A pulled batch is
+//! appended as a copy ([`PartitionLog::append_copy`]): its idempotent producer's fields are
+//! recorded, not checked, since a restarted log has no state for producers whose earlier
+//! batches were deleted.
 //!
 //! A source may have deleted the records this replica lacks by retention (its log starts
 //! past this replica's end: its Fetch answers OUT_OF_RANGE, and `Log.ListOffsets` gives its

@@ -249,10 +249,13 @@ fn entries_below_a_restarted_log_start_are_applied_from_a_learned_point_and_repl
         6,
         "an entry below the log start appended"
     );
-    // While it answers them, it reports the point it learned.
+    // While it answers them, it reports the point it learned, and its applied end is not
+    // exact (a leader must not predict offsets from it).
     assert_eq!(m.applied_point(Some(log_id(3))), Some((5, 6)));
+    assert_eq!(m.exact_next_offset(), None);
     // Later entries land where the source gives them.
     assert_eq!(apply(&mut m, 6, &plain(&["d"])), Ok((6, 1)));
+    assert_eq!(m.exact_next_offset(), Some(7));
     assert_eq!(apply(&mut m, 7, &plain(&["e1", "e2"])), Ok((7, 2)));
     assert_eq!((m.next_offset(), log.high_watermark()), (9, 9));
     assert_eq!(m.applied_point(Some(log_id(7))), Some((7, 9)));

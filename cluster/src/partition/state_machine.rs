@@ -91,6 +91,16 @@ impl PartitionMachine {
         self.next_offset
     }
 
+    /// The end of the records the applied entries produced, when this replica knows it
+    /// exactly: `None` while it answers entries up to a learned applied point as held (see
+    /// [`PartitionMachine::below_log_start`]), whose records end somewhere below the point's
+    /// end.
+    pub fn exact_next_offset(&self) -> Option<u64> {
+        let skipping = self.next_offset < self.log.log_start_offset()
+            && self.point.is_some_and(|p| p.end > self.next_offset);
+        (!skipping).then_some(self.next_offset)
+    }
+
     /// Whether the log's batch at `offset` is the one `header` describes (same producer,
     /// epoch, sequence and record count: fields an append never rewrites).
     fn holds_at(&self, offset: u64, header: &BatchHeader) -> io::Result<bool> {
