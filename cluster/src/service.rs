@@ -314,6 +314,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_applied_point_is_refused_for_another_node_or_an_unknown_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host =
+            GroupHost::new(1, dir.path().join("raft"), RaftTimings::default()).expect("host");
+        let service = RaftService::new(host);
+        let ask = |to_node| {
+            Request::new(AppliedPointRequest {
+                group_id: 7,
+                from_node: 2,
+                to_node,
+            })
+        };
+        let err = service.applied_point(ask(3)).await.expect_err("not node 3");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        let err = service.applied_point(ask(1)).await.expect_err("no group 7");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+        assert!(err.message().contains("group 7"), "{err:?}");
+    }
+
+    #[tokio::test]
     async fn a_broker_that_found_its_raft_state_votes_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("raft").join("0")).expect("a group folder");
