@@ -219,6 +219,22 @@ async fn a_follower_behind_retention_restarts_its_log_at_the_leaders_log_start()
     wait_end(&cluster, follower, topic, total + 1).await;
 }
 
+/// Whether a file named `name` is anywhere under `dir`.
+fn holds_file(dir: &std::path::Path, name: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                holds_file(&path, name)
+            } else {
+                path.file_name().is_some_and(|n| n == name)
+            }
+        })
+}
+
 /// One idempotent single-record produce to partition 0 through its current leader, retried
 /// (the same sequence: the broker deduplicates) through elections until `DEADLINE`; returns
 /// the offset the broker gave the record.
@@ -395,6 +411,12 @@ async fn a_follower_behind_retention_replays_an_idempotent_producers_entries_bel
     let want_values: Vec<String> = (leader_start..total).map(value).collect();
     assert_eq!(want.values().cloned().collect::<Vec<_>>(), want_values);
     assert_eq!(read_from_start(&cluster, follower, topic).await, want);
+    // The case under test happened: idempotent entries lay below the follower's restarted
+    // log start, so it learned (and kept) another replica's applied point.
+    assert!(
+        holds_file(cluster.data_dir(follower), "applied_point"),
+        "node {follower} never learned an applied point: no idempotent entry was below its log start"
+    );
 
     // Its group still runs: it applies a write made now, at the leader's offset.
     let offset = produce_idempotent(
