@@ -144,9 +144,10 @@ impl PartitionMachine {
                     // before this replica restarted (its writers' waits died with the process)
                     // or were proposed by another leader.
                     return Self::reply(&Err(Refusal::Invalid(format!(
-                        "topic {} partition {}: Raft entry {index} was applied on another replica before this one restarted its log at {}; its answer is not known here",
+                        "topic {} partition {}: the records of Raft entry {index} (below offset {}) were deleted here by retention (log start {}); its answer is not known here",
                         self.topic,
                         self.partition,
+                        point.end,
                         self.log.log_start_offset()
                     ))))
                     .map(Some);
@@ -288,10 +289,15 @@ impl Machine for PartitionMachine {
     /// Reads the applied point learned before a restart, if any.
     fn open(&mut self, dir: &Path) -> io::Result<()> {
         self.dir = Some(dir.to_path_buf());
-        match std::fs::read(dir.join(APPLIED_POINT_FILE)) {
+        let path = dir.join(APPLIED_POINT_FILE);
+        match std::fs::read(&path) {
             Ok(bytes) => {
-                let point = bincode::deserialize(&bytes)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let point = bincode::deserialize(&bytes).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
                 self.point = Some(point);
                 Ok(())
             }
