@@ -8,7 +8,10 @@
 //! reaches the snapshot's offset is a valid source; the replicas are tried in turn. Each
 //! committed Raft entry is one batch on every replica, so batches line up: the first batch a
 //! source returns must start exactly at this replica's end, or the logs disagree and the pull
-//! fails (the group then stops here, as it would have without the pull).
+//! fails (the group then stops here, as it would have without the pull). A pulled batch is
+//! appended as a copy ([`PartitionLog::append_copy`]): its idempotent producer's fields are
+//! recorded, not checked, since a restarted log has no state for producers whose earlier
+//! batches were deleted.
 //!
 //! A source may have deleted the records this replica lacks by retention (its log starts
 //! past this replica's end: its Fetch answers OUT_OF_RANGE, and `Log.ListOffsets` gives its
@@ -19,31 +22,52 @@
 //!
 //! The snapshot openraft sends may be older than the sources' log start (retention ran since
 //! it was built). Then the log restarts past the snapshot's end, and the Raft entries between
-//! the two, which follow the snapshot, are applied as records the log already holds (the
-//! machine's replay path): their offsets stay those every replica gave them. Refusing instead
-//! would be fatal: a failed install stops the replica's Raft group.
+//! the two, which follow the snapshot, must be applied although their records are gone here.
+//! A plain batch always appended, so its records are simply counted; an idempotent
+//! producer's batch may have appended nothing (a deduplicated retry, a refused sequence),
+//! which only its records could tell. So the machine asks instead, with [`learn`]: another
+//! replica's *applied point* (`rill.v1.Raft/AppliedPoint`: a Raft index `A` and the end `H`
+//! of the records the entries up to `A` produced, read together) at or past the entry. It
+//! pulls the records up to `H` from that replica, and applies every entry up to `A` as held
+//! already, then goes on from `H`. The same holds when this replica's own retention deleted
+//! records past its last snapshot and it restarted. All replicas apply the same committed
+//! entries, so the point is true on every replica; refusing instead would be fatal (a failed
+//! apply or install stops the replica's Raft group).
 
 use std::io;
 use std::time::Duration;
 
+use backon::BackoffBuilder;
 use rill_proto::v1::list_offsets_request::Spec;
 use rill_proto::v1::log_client::LogClient;
-use rill_proto::v1::{FetchEncoding, FetchRequest, ListOffsetsRequest, OffsetSpec};
+use rill_proto::v1::raft_client::RaftClient;
+use rill_proto::v1::{
+    AppliedPointRequest, FetchEncoding, FetchRequest, ListOffsetsRequest, OffsetSpec,
+};
 use rill_storage::batch::BatchHeader;
 use rill_storage::PartitionLog;
+use serde::{Deserialize, Serialize};
 
 use crate::partition::LocalTopics;
+use crate::types::{GroupId, NodeId};
 
 /// How long one fetch from a source replica may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most bytes asked for by one fetch.
 const FETCH_MAX_BYTES: u32 = 4 << 20;
+/// How long [`learn`] keeps asking the other replicas (they may be restarting too) before
+/// the apply that needs the point fails.
+const LEARN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Where a replica's partition can pull the records it lacks from.
 #[derive(Clone)]
 pub struct CatchUp {
-    /// The addresses (`host:port`) of the other replicas, in the order to try them.
-    pub sources: Vec<String>,
+    /// The other replicas, node id and address (`host:port`), in the order to try them.
+    pub sources: Vec<(NodeId, String)>,
+    /// The partition's Raft group.
+    pub group: GroupId,
+    /// This broker's node id (named in the requests to the others).
+    pub node_id: NodeId,
     /// The runtime the pulls run on (the caller is a blocking thread of it).
     pub runtime: tokio::runtime::Handle,
     /// How to reach the other replicas: TLS and the cluster token when the cluster uses them
@@ -68,7 +92,7 @@ pub struct Target<'a> {
 /// from the calling (blocking) thread.
 pub fn pull(catch_up: &CatchUp, target: &Target<'_>, until: u64) -> io::Result<()> {
     let mut failures = Vec::new();
-    for source in &catch_up.sources {
+    for (_, source) in &catch_up.sources {
         if target.log.high_watermark() >= until {
             break;
         }
@@ -160,7 +184,7 @@ async fn pull_from(
                     header.base_offset
                 )));
             }
-            let info = target.log.append(batch).map_err(io::Error::other)?;
+            let info = target.log.append_copy(batch).map_err(io::Error::other)?;
             target
                 .local
                 .appended(target.topic, target.partition, info.next_offset);
@@ -213,4 +237,105 @@ fn restart_at_source_start(target: &Target<'_>, end: u64, start: u64) -> io::Res
     target.log.restart_at(start).map_err(io::Error::other)?;
     target.local.appended(target.topic, target.partition, start);
     Ok(())
+}
+
+/// An applied point: on every replica, the Raft entries up to `index` produce the records
+/// below offset `end` (see the module notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedPoint {
+    /// The index of the last Raft entry covered.
+    pub index: u64,
+    /// The end offset of the records the entries up to `index` produced.
+    pub end: u64,
+}
+
+/// Learns from another replica an applied point at or past Raft entry `index`, and pulls
+/// from that replica the records below the point's end that `target`'s log lacks (restarting
+/// the log at the replica's log start if retention deleted them there too). Asks the
+/// replicas in turn, again and again with a growing pause, for up to [`LEARN_DEADLINE`]: a
+/// replica that has not applied that far yet may soon have. Blocking: runs on the
+/// catch-up's runtime from the calling (blocking) thread.
+pub fn learn(catch_up: &CatchUp, target: &Target<'_>, index: u64) -> io::Result<AppliedPoint> {
+    catch_up.runtime.block_on(async {
+        let until = tokio::time::Instant::now() + LEARN_DEADLINE;
+        let mut pauses = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let mut failures = Vec::new();
+            for (id, address) in &catch_up.sources {
+                match learn_from(catch_up, *id, address, target, index).await {
+                    Ok(point) => return Ok(point),
+                    Err(e) => failures.push(format!("node {id} at {address}: {e}")),
+                }
+            }
+            let pause = pauses.next().unwrap_or(Duration::from_secs(2));
+            tracing::warn!(
+                topic = target.topic, partition = target.partition, index,
+                failures = failures.join("; "),
+                "no replica reported an applied point covering this Raft entry yet: asking again"
+            );
+            if tokio::time::Instant::now() + pause >= until {
+                return Err(io::Error::other(format!(
+                    "topic {} partition {}: the records of Raft entry {index} are below this replica's log start {} and no replica reported an applied point at or past it within {LEARN_DEADLINE:?} ({})",
+                    target.topic,
+                    target.partition,
+                    target.log.log_start_offset(),
+                    failures.join("; ")
+                )));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// [`learn`] from one replica, node `id` at `address`.
+async fn learn_from(
+    catch_up: &CatchUp,
+    id: NodeId,
+    address: &str,
+    target: &Target<'_>,
+    index: u64,
+) -> io::Result<AppliedPoint> {
+    let channel = catch_up
+        .transport
+        .connect_lazy(address)
+        .map_err(io::Error::other)?;
+    let mut client = RaftClient::new(channel);
+    let ask = client.applied_point(AppliedPointRequest {
+        group_id: catch_up.group,
+        from_node: catch_up.node_id,
+        to_node: id,
+    });
+    let reply = tokio::time::timeout(FETCH_TIMEOUT, ask)
+        .await
+        .map_err(|_| io::Error::other(format!("no applied point in {FETCH_TIMEOUT:?}")))?
+        .map_err(|s| io::Error::other(format!("applied point: {}", s.message())))?
+        .into_inner();
+    if reply.applied_index < index {
+        return Err(io::Error::other(format!(
+            "it has applied up to Raft entry {} only",
+            reply.applied_index
+        )));
+    }
+    let point = AppliedPoint {
+        index: reply.applied_index,
+        end: reply.applied_end,
+    };
+    // Its log holds every record below the point's end from its log start on; a restart
+    // at that start may leave this log past the point's end, which is still exact (the
+    // machine then learns again for the entries after the point).
+    pull_from(&catch_up.transport, address, target, point.end).await?;
+    tracing::info!(
+        topic = target.topic,
+        partition = target.partition,
+        node = id,
+        index = point.index,
+        end = point.end,
+        "learned which Raft entries the records pulled past retention hold"
+    );
+    Ok(point)
 }

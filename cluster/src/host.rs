@@ -51,11 +51,16 @@ struct Inner {
     peers: Peers,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Raft>>,
+    /// How to read each running group's applied point (see [`GroupHost::applied_point`]).
+    points: RwLock<HashMap<GroupId, AppliedPointReader>>,
     /// What vote requests and answers showed, for the failover's election drivers.
     notes: Arc<ElectionNotes>,
     /// Until when this broker refuses to vote, when it started without any Raft state.
     vote_quiet_until: Option<Instant>,
 }
+
+/// Reads one group's applied point (see [`Machine::applied_point`]); blocking.
+pub type AppliedPointReader = Arc<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
 
 /// The Raft groups of one broker. Cheap to clone.
 #[derive(Clone)]
@@ -120,6 +125,7 @@ impl GroupHost {
                 peers,
                 config: Arc::new(config),
                 groups: RwLock::new(HashMap::new()),
+                points: RwLock::new(HashMap::new()),
                 notes: Arc::default(),
                 vote_quiet_until,
             }),
@@ -200,6 +206,11 @@ impl GroupHost {
             let fresh = !groups.contains_key(&group);
             if fresh {
                 groups.insert(group, raft.clone());
+                let reader = store.clone();
+                self.inner
+                    .points
+                    .write()
+                    .insert(group, Arc::new(move || reader.applied_point()));
             }
             fresh
         };
@@ -225,6 +236,12 @@ impl GroupHost {
         &self.inner.notes
     }
 
+    /// How to read `group`'s applied point, if it runs here (the reader blocks while the
+    /// group applies: call it from a blocking thread).
+    pub fn applied_point(&self, group: GroupId) -> Option<AppliedPointReader> {
+        self.inner.points.read().get(&group).cloned()
+    }
+
     /// The Raft instance of `group`, if it runs here.
     pub fn group(&self, group: GroupId) -> Option<Raft> {
         self.inner.groups.read().get(&group).cloned()
@@ -234,6 +251,7 @@ impl GroupHost {
     /// [`GroupHost::group_dir`]). Nothing happens for a group not running here.
     pub async fn stop_group(&self, group: GroupId) {
         let raft = self.inner.groups.write().remove(&group);
+        self.inner.points.write().remove(&group);
         if let Some(raft) = raft {
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(group, error = %e, "a Raft group did not stop cleanly");
@@ -245,6 +263,7 @@ impl GroupHost {
     /// complete when it was reported).
     pub async fn shutdown(&self) {
         let groups: Vec<(GroupId, Raft)> = self.inner.groups.write().drain().collect();
+        self.inner.points.write().clear();
         for (group, raft) in groups {
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(group, error = %e, "a Raft group did not stop cleanly");

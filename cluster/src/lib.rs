@@ -32,7 +32,8 @@
 //!   broken stream plus a refused reconnect means the peer's process is gone) and the
 //!   election drivers that replace what it led without waiting for the election timers.
 //! - [`catch_up`]: a follower's pull of the records a snapshot says it lacks, from another
-//!   replica's partition log (`Log.Fetch`).
+//!   replica's partition log (`Log.Fetch`), and the applied point (`Raft.AppliedPoint`) a
+//!   replica learns when Raft entries it must apply lie below its log start.
 //! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
 //! - [`error`]: the typed [`ClusterError`].
 

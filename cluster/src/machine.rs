@@ -46,6 +46,22 @@ pub trait Machine: Send + 'static {
         None
     }
 
+    /// Called once when the group opens, before any restore, with the group's folder, where
+    /// the machine may keep files of its own. Blocking. Nothing by default.
+    fn open(&mut self, dir: &Path) -> io::Result<()> {
+        let _ = dir;
+        Ok(())
+    }
+
+    /// The machine's applied point, given the last applied log id (read together with the
+    /// machine, so the two agree): a Raft index and the end of the data the entries up to it
+    /// produced, for another replica that lost that data to retention (see
+    /// [`crate::catch_up`]). `None` (the default) for a machine without such data.
+    fn applied_point(&self, last_applied: Option<LogId>) -> Option<(u64, u64)> {
+        let _ = last_applied;
+        None
+    }
+
     /// The whole state as bytes, for a snapshot.
     fn snapshot(&self) -> io::Result<Vec<u8>>;
 
@@ -111,6 +127,7 @@ impl<M: Machine> MachineStore<M> {
     /// there is one. Blocking: call from a blocking thread.
     pub fn open(dir: &Path, mut machine: M) -> io::Result<MachineStore<M>> {
         std::fs::create_dir_all(dir)?;
+        machine.open(dir)?;
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
         let current = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
@@ -147,6 +164,14 @@ impl<M: Machine> MachineStore<M> {
     pub fn read_applied<T>(&self, f: impl FnOnce(&M, Option<LogId>) -> T) -> T {
         let s = self.state.lock();
         f(&s.machine, s.last_applied)
+    }
+
+    /// The machine's applied point (see [`Machine::applied_point`]), read with its last
+    /// applied log id under one lock. Waits while an apply or a snapshot install runs: call
+    /// from a blocking thread.
+    pub fn applied_point(&self) -> Option<(u64, u64)> {
+        let s = self.state.lock();
+        s.machine.applied_point(s.last_applied)
     }
 
     /// The last applied log id.

@@ -287,10 +287,15 @@ impl Replication {
         let sources = replicas
             .iter()
             .filter(|id| **id != self.inner.node.node_id())
-            .filter_map(|id| registry.config().peers.address(*id).map(str::to_string))
+            .filter_map(|id| {
+                let address = registry.config().peers.address(*id)?;
+                Some((*id, address.to_string()))
+            })
             .collect();
         let catch_up = crate::catch_up::CatchUp {
             sources,
+            group,
+            node_id: self.inner.node.node_id(),
             runtime: tokio::runtime::Handle::current(),
             transport: registry.config().peer_transport(),
         };
@@ -554,5 +559,7 @@ pub use state_machine::PartitionMachine;
 use state_machine::{command_records, encode_command};
 pub use write::Submitted;
 
+#[cfg(test)]
+mod below_start_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use rill_proto::v1::raft_reply::Result as ReplyResult;
 use rill_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
-use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply, WatchEvent, WatchRequest};
+use rill_proto::v1::{
+    AppliedPointReply, AppliedPointRequest, PingReply, PingRequest, RaftMessage, RaftReply,
+    WatchEvent, WatchRequest,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
@@ -234,6 +237,42 @@ impl RaftRpc for RaftService {
         Ok(Response::new(Box::pin(first.chain(end))))
     }
 
+    async fn applied_point(
+        &self,
+        request: Request<AppliedPointRequest>,
+    ) -> Result<Response<AppliedPointReply>, Status> {
+        let asked = request.into_inner();
+        if asked.to_node != self.host.node_id() {
+            return Err(Status::failed_precondition(format!(
+                "this broker is node {}, not node {} (applied point asked by node {}); check --peers",
+                self.host.node_id(),
+                asked.to_node,
+                asked.from_node
+            )));
+        }
+        let group = asked.group_id;
+        let reader = self.host.applied_point(group).ok_or_else(|| {
+            Status::not_found(format!(
+                "Raft group {group} does not run on node {}",
+                self.host.node_id()
+            ))
+        })?;
+        // The read waits for an apply in progress (it holds the machine): not on a worker.
+        let point = tokio::task::spawn_blocking(move || reader())
+            .await
+            .map_err(|e| Status::internal(format!("reading group {group}'s applied point: {e}")))?;
+        let (applied_index, applied_end) = point.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "Raft group {group} on node {} has no applied point (not a partition, or nothing applied yet)",
+                self.host.node_id()
+            ))
+        })?;
+        Ok(Response::new(AppliedPointReply {
+            applied_index,
+            applied_end,
+        }))
+    }
+
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
         let registry = self
             .registry
@@ -272,6 +311,26 @@ mod tests {
             .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
         assert!(err.message().contains("does not vote"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn an_applied_point_is_refused_for_another_node_or_an_unknown_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host =
+            GroupHost::new(1, dir.path().join("raft"), RaftTimings::default()).expect("host");
+        let service = RaftService::new(host);
+        let ask = |to_node| {
+            Request::new(AppliedPointRequest {
+                group_id: 7,
+                from_node: 2,
+                to_node,
+            })
+        };
+        let err = service.applied_point(ask(3)).await.expect_err("not node 3");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        let err = service.applied_point(ask(1)).await.expect_err("no group 7");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+        assert!(err.message().contains("group 7"), "{err:?}");
     }
 
     #[tokio::test]

@@ -218,3 +218,221 @@ async fn a_follower_behind_retention_restarts_its_log_at_the_leaders_log_start()
     write(&cluster, topic, total, 1).await;
     wait_end(&cluster, follower, topic, total + 1).await;
 }
+
+/// Whether a file named `name` is anywhere under `dir`.
+fn holds_file(dir: &std::path::Path, name: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                holds_file(&path, name)
+            } else {
+                path.file_name().is_some_and(|n| n == name)
+            }
+        })
+}
+
+/// One idempotent single-record produce to partition 0 through its current leader, retried
+/// (the same sequence: the broker deduplicates) through elections until `DEADLINE`; returns
+/// the offset the broker gave the record.
+async fn produce_idempotent(
+    cluster: &TestCluster,
+    topic: &str,
+    (id, epoch): (i64, i32),
+    sequence: i32,
+    value: &str,
+) -> u64 {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let leader = cluster
+            .wait_partition_leader_among(topic, 0, DEADLINE)
+            .await
+            .expect("leader");
+        let mut c = clients(cluster, leader).await;
+        let request = pb::ProduceRequest {
+            topic: topic.into(),
+            partition: Some(0),
+            ack: pb::AckMode::Quorum as i32,
+            payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
+                records: vec![pb::Record {
+                    value: value.as_bytes().to_vec().into(),
+                    ..Default::default()
+                }],
+            })),
+            producer_id: Some(id),
+            producer_epoch: Some(epoch),
+            base_sequence: Some(sequence),
+            ..Default::default()
+        };
+        match c.log.produce(request).await {
+            Ok(resp) => {
+                let appends = resp.into_inner().appends;
+                assert_eq!(appends.len(), 1, "{appends:?}");
+                return appends[0].base_offset;
+            }
+            Err(s) => assert!(
+                tokio::time::Instant::now() < until,
+                "idempotent produce of sequence {sequence}: {s:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes records `first..first + n` (record `i` has sequence `i`) from the idempotent
+/// producer `producer`, each its own Raft entry, and sends every `retry_every`-th batch a
+/// second time, as a producer whose answer was lost does: the retry is a Raft entry too,
+/// which appends nothing and is answered with the original offset.
+async fn write_idempotent(
+    cluster: &TestCluster,
+    topic: &str,
+    producer: (i64, i32),
+    first: u64,
+    n: u64,
+    retry_every: u64,
+) {
+    for i in first..first + n {
+        let sequence = i32::try_from(i).expect("small");
+        let offset = produce_idempotent(cluster, topic, producer, sequence, &value(i)).await;
+        assert_eq!(offset, i, "record {i}");
+        if i % retry_every == 0 {
+            let again = produce_idempotent(cluster, topic, producer, sequence, &value(i)).await;
+            assert_eq!(again, i, "the retry of record {i} was not deduplicated");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_retention_replays_an_idempotent_producers_entries_below_the_log_start() {
+    // A Raft snapshot every 200 entries: every write below is at least one entry, and fewer
+    // than 400 are made, so the newest snapshot ends at or below offset 200, while retention
+    // (every 100 ms, about 70 records kept) moves the log start well past it. The follower
+    // then restarts its log past the snapshot's end, and the idempotent entries between are
+    // below its log start.
+    let mut cluster = TestCluster::start_with(
+        3,
+        Extra::args(&[
+            "--raft-snapshot-entries",
+            "200",
+            "--retention-check-ms",
+            "100",
+        ]),
+    )
+    .await
+    .expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let topic = "idem";
+    clients(&cluster, 1)
+        .await
+        .admin
+        .create_topic(pb::CreateTopicRequest {
+            name: topic.into(),
+            config: Some(pb::TopicConfig {
+                partitions: 1,
+                segment_bytes: Some(SEGMENT_BYTES),
+                retention_bytes: Some(RETENTION_BYTES),
+                ..Default::default()
+            }),
+            replication_factor: Some(3),
+        })
+        .await
+        .expect("create");
+    let producer = {
+        let c = clients(&cluster, 1).await;
+        let r = rill_tests::cluster::while_unavailable(DEADLINE, || {
+            let mut log = c.log.clone();
+            async move {
+                log.init_producer(pb::InitProducerRequest {
+                    producer_name: None,
+                })
+                .await
+            }
+        })
+        .await
+        .expect("init producer")
+        .into_inner();
+        (r.producer_id, r.producer_epoch)
+    };
+    write_idempotent(&cluster, topic, producer, 0, 5, 1000).await;
+    let leader = cluster
+        .wait_partition_leader(topic, 0, DEADLINE)
+        .await
+        .expect("leader");
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    cluster
+        .wait_records(follower, topic, 0, 5, DEADLINE)
+        .await
+        .expect("records");
+
+    // Down (kill -9) while 300 records are written, with a retried batch every 20: the
+    // leader snapshots and purges its Raft log, and retention deletes everything from the
+    // follower's end on, and past the snapshot's end, on both live replicas.
+    cluster.kill(follower).await.expect("kill");
+    let total = 305;
+    write_idempotent(&cluster, topic, producer, 5, total - 5, 20).await;
+    for id in cluster.ids().into_iter().filter(|id| *id != follower) {
+        wait_start_past(&cluster, id, topic, 200, total).await;
+    }
+
+    cluster.restart(follower).await.expect("restart");
+    let more = 40;
+    write_idempotent(&cluster, topic, producer, total, more, 20).await;
+    let total = total + more;
+    wait_end(&cluster, follower, topic, total).await;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let leader = cluster
+        .wait_partition_leader_among(topic, 0, DEADLINE)
+        .await
+        .expect("leader");
+    let leader_start = loop {
+        let (leader_start, _) = offsets(&cluster, leader, topic).await;
+        let (follower_start, follower_end) = offsets(&cluster, follower, topic).await;
+        if leader_start == follower_start {
+            assert_eq!(follower_end, total);
+            break leader_start;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "log starts differ: leader {leader_start}, follower {follower_start}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let want = read_from_start(&cluster, leader, topic).await;
+    let want_values: Vec<String> = (leader_start..total).map(value).collect();
+    assert_eq!(want.values().cloned().collect::<Vec<_>>(), want_values);
+    assert_eq!(read_from_start(&cluster, follower, topic).await, want);
+    // The case under test happened: idempotent entries lay below the follower's restarted
+    // log start, so it learned (and kept) another replica's applied point.
+    assert!(
+        holds_file(cluster.data_dir(follower), "applied_point"),
+        "node {follower} never learned an applied point: no idempotent entry was below its log start"
+    );
+
+    // Its group still runs: it applies a write made now, at the leader's offset.
+    let offset = produce_idempotent(
+        &cluster,
+        topic,
+        producer,
+        i32::try_from(total).expect("small"),
+        &value(total),
+    )
+    .await;
+    assert_eq!(offset, total);
+    wait_end(&cluster, follower, topic, total + 1).await;
+    let mut c = clients(&cluster, follower).await;
+    let resp = c.fetch(topic, 0, total, 0).await.expect("fetch");
+    assert_eq!(
+        resp.records.first().map(|r| (r.offset, r.value.to_vec())),
+        Some((total, value(total).into_bytes()))
+    );
+}

@@ -15,7 +15,10 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::{CommittedLeaderId, LogId, Vote};
 use rill_proto::v1::raft_reply::Result as ReplyResult;
 use rill_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
-use rill_proto::v1::{PingReply, PingRequest, RaftMessage, RaftReply, WatchEvent, WatchRequest};
+use rill_proto::v1::{
+    AppliedPointReply, AppliedPointRequest, PingReply, PingRequest, RaftMessage, RaftReply,
+    WatchEvent, WatchRequest,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -113,6 +116,13 @@ impl RaftRpc for ScriptedPeer {
     }
 
     async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn applied_point(
+        &self,
+        _: Request<AppliedPointRequest>,
+    ) -> Result<Response<AppliedPointReply>, Status> {
         Err(Status::unimplemented("not scripted"))
     }
 

@@ -1,7 +1,14 @@
 //! The replica's state machine, [`PartitionMachine`], and the format of the commands it
 //! applies: `[ack code: u8][token: u64 LE][record batch]` (see [`encode_command`]).
 
+use std::path::{Path, PathBuf};
+
 use super::*;
+use crate::catch_up::AppliedPoint;
+
+/// The file in the group's folder holding the applied point this replica last learned
+/// (see [`crate::catch_up::learn`]): bincode of an [`AppliedPoint`], written atomically.
+const APPLIED_POINT_FILE: &str = "applied_point";
 
 /// The bytes before the record batch in a partition command: the ack code (`u8`) and the
 /// writer's token (`u64` LE).
@@ -38,8 +45,14 @@ pub struct PartitionMachine {
     log: PartitionLog,
     next_offset: u64,
     local: Arc<dyn LocalTopics>,
-    /// Where to pull records from when a snapshot is ahead of the log; none: fail instead.
+    /// Where to pull records from when a snapshot is ahead of the log, and to learn an
+    /// applied point from; none: fail instead.
     catch_up: Option<crate::catch_up::CatchUp>,
+    /// The group's folder, where the learned applied point is kept (none: not kept).
+    dir: Option<PathBuf>,
+    /// The applied point learned last: the entries up to its index produced the records
+    /// below its end (see [`PartitionMachine::below_log_start`]).
+    point: Option<AppliedPoint>,
     /// The waiters of `leader` acks, keyed by command token (the group's start keeps a
     /// clone to register writes in).
     pub(super) waiters: AppendWaiters,
@@ -60,6 +73,8 @@ impl PartitionMachine {
             next_offset: 0,
             local,
             catch_up: None,
+            dir: None,
+            point: None,
             waiters: AppendWaiters::new(|c| split_command(c).map(|(_, token, _)| token)),
         }
     }
@@ -74,6 +89,16 @@ impl PartitionMachine {
     /// The end of the records the applied entries produced.
     pub fn next_offset(&self) -> u64 {
         self.next_offset
+    }
+
+    /// The end of the records the applied entries produced, when this replica knows it
+    /// exactly: `None` while it answers entries up to a learned applied point as held (see
+    /// [`PartitionMachine::below_log_start`]), whose records end somewhere below the point's
+    /// end.
+    pub fn exact_next_offset(&self) -> Option<u64> {
+        let skipping = self.next_offset < self.log.log_start_offset()
+            && self.point.is_some_and(|p| p.end > self.next_offset);
+        (!skipping).then_some(self.next_offset)
     }
 
     /// Whether the log's batch at `offset` is the one `header` describes (same producer,
@@ -95,6 +120,68 @@ impl PartitionMachine {
             && stored.producer_id == header.producer_id
             && stored.producer_epoch == header.producer_epoch
             && stored.base_sequence == header.base_sequence)
+    }
+
+    /// Applies entry `index` (whose batch `header` describes) when the records it would
+    /// have produced are below the log's start: deleted by retention, here or on the replica
+    /// this one restarted its log from. `None`: the usual apply follows.
+    ///
+    /// An entry up to the learned applied point's index is held already (its records, if
+    /// any, are below the point's end): answered, nothing appended, nothing read. Past that
+    /// index the applied end moves to the point's end. A plain batch always appended, so the
+    /// replay counts its records; an idempotent batch may have appended nothing (a retry, a
+    /// refused sequence), and only its records could tell: the machine learns an applied
+    /// point covering it from another replica first (see [`crate::catch_up::learn`]), and
+    /// keeps it in its folder, so a restart replays the same entries without asking again.
+    fn below_log_start(&mut self, index: u64, header: &BatchHeader) -> io::Result<Option<Reply>> {
+        loop {
+            if self.next_offset >= self.log.log_start_offset() {
+                return Ok(None);
+            }
+            match self.point {
+                Some(point) if index <= point.index => {
+                    // No writer waits for this answer: entries up to the point were committed
+                    // before this replica restarted (its writers' waits died with the process)
+                    // or were proposed by another leader.
+                    return Self::reply(&Err(Refusal::Invalid(format!(
+                        "topic {} partition {}: the records of Raft entry {index} (below offset {}) were deleted here by retention (log start {}); its answer is not known here",
+                        self.topic,
+                        self.partition,
+                        point.end,
+                        self.log.log_start_offset()
+                    ))))
+                    .map(Some);
+                }
+                Some(point) if point.end > self.next_offset => {
+                    self.next_offset = point.end;
+                    continue;
+                }
+                _ => {}
+            }
+            if header.producer_id < 0 {
+                return Ok(None);
+            }
+            let Some(catch_up) = &self.catch_up else {
+                return Ok(None); // nowhere to ask: the replay's read fails
+            };
+            let target = crate::catch_up::Target {
+                topic: &self.topic,
+                partition: self.partition,
+                log: &self.log,
+                local: self.local.as_ref(),
+            };
+            let point = crate::catch_up::learn(catch_up, &target, index)?;
+            // The pulled records first, the point after: a point kept on disk always
+            // describes records that survive a power loss.
+            self.log
+                .sync_through(self.log.high_watermark())
+                .map_err(io::Error::other)?;
+            if let Some(dir) = &self.dir {
+                let bytes = bincode::serialize(&point).map_err(io::Error::other)?;
+                crate::log_store::write_atomic(dir, APPLIED_POINT_FILE, &bytes)?;
+            }
+            self.point = Some(point);
+        }
     }
 
     /// The reply to an append's outcome (the same for the blocking and the inline apply).
@@ -121,7 +208,7 @@ impl PartitionMachine {
 }
 
 impl Machine for PartitionMachine {
-    fn apply(&mut self, _log_id: LogId, command: &Command) -> io::Result<Reply> {
+    fn apply(&mut self, log_id: LogId, command: &Command) -> io::Result<Reply> {
         let Some((_, _, batch)) = split_command(command) else {
             return Self::reply(&Err(Refusal::Invalid(format!(
                 "topic {} partition {}: a replicated command of {} bytes is too short",
@@ -139,6 +226,9 @@ impl Machine for PartitionMachine {
                 ))))
             }
         };
+        if let Some(reply) = self.below_log_start(log_id.index, &header)? {
+            return Ok(reply);
+        }
         let count = u64::from(header.record_count);
         let end = self.log.high_watermark();
         if end < self.next_offset {
@@ -179,8 +269,11 @@ impl Machine for PartitionMachine {
             .map(|h| u64::from(h.record_count))
             .ok()?;
         let end = self.log.high_watermark();
-        if end < self.next_offset || self.next_offset + count <= end {
-            return None; // a replay (it may read the log) or a lost tail
+        if end < self.next_offset
+            || self.next_offset + count <= end
+            || self.next_offset < self.log.log_start_offset()
+        {
+            return None; // a replay (it may read the log or learn), or a lost tail
         }
         let checked = match self.log.check_verified_batch(command.0.slice_ref(batch)) {
             Ok(c) => c,
@@ -190,6 +283,40 @@ impl Machine for PartitionMachine {
             Ok(None) => None,
             Ok(Some(unsettled)) => Some(self.appended(Ok(*unsettled.info()))),
             Err(e) => Some(self.appended(Err(e))),
+        }
+    }
+
+    /// Reads the applied point learned before a restart, if any.
+    fn open(&mut self, dir: &Path) -> io::Result<()> {
+        self.dir = Some(dir.to_path_buf());
+        let path = dir.join(APPLIED_POINT_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let point = bincode::deserialize(&bytes).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                self.point = Some(point);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The last applied index and `next_offset`; while entries up to a learned point are
+    /// being answered as held (the applied end is behind the log start), that point.
+    fn applied_point(&self, last_applied: Option<LogId>) -> Option<(u64, u64)> {
+        let last = last_applied?;
+        match self.point {
+            Some(point)
+                if point.index >= last.index && self.next_offset < self.log.log_start_offset() =>
+            {
+                Some((point.index, point.end))
+            }
+            _ => Some((last.index, self.next_offset)),
         }
     }
 

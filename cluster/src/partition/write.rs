@@ -333,17 +333,19 @@ enum LeaderAck<R> {
 
 /// The base offset the apply will give the entry at `index` of this replica's Raft log if it
 /// commits: the applied end plus the records of the entries between. `None` if the entry is
-/// applied already, or the entries between are no longer all in the log.
+/// applied already, the entries between are no longer all in the log, or the applied end is
+/// not known exactly yet (see [`PartitionMachine::exact_next_offset`]).
 fn predicted_base(
     store: &MachineStore<PartitionMachine>,
     waiters: &AppendWaiters,
     index: u64,
 ) -> Option<u64> {
     let (applied, next_offset) =
-        store.read_applied(|m, applied| (applied.map_or(0, |l| l.index), m.next_offset()));
+        store.read_applied(|m, applied| (applied.map_or(0, |l| l.index), m.exact_next_offset()));
     if applied >= index {
         return None;
     }
+    let next_offset = next_offset?;
     let mut records = 0;
     waiters
         .for_each_between(applied, index, |c| records += command_records(c))

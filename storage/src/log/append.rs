@@ -179,7 +179,19 @@ impl PartitionLog {
     /// grow the file, roll, and sync.
     pub fn append_acked(&self, batch: &[u8], ack: Ack) -> Result<AppendInfo> {
         let header = self.check(batch, true)?;
-        let unsettled = self.append_blocking(batch, &header, ack)?;
+        let unsettled = self.append_blocking(batch, &header, ack, true)?;
+        self.settle(unsettled)
+    }
+
+    /// Appends a batch copied from another replica of this partition, which committed it
+    /// (a replica's catch-up pull): checked like [`PartitionLog::append`], and its producer
+    /// fields recorded, but not checked against the producers' state. The copy must land as
+    /// the source stored it, and a log restarted at the source's log start
+    /// ([`PartitionLog::restart_at`]) has no state for producers whose earlier batches were
+    /// deleted (their next sequence would be refused as a gap). Blocking.
+    pub fn append_copy(&self, batch: &[u8]) -> Result<AppendInfo> {
+        let header = self.check(batch, true)?;
+        let unsettled = self.append_blocking(batch, &header, Ack::Leader, false)?;
         self.settle(unsettled)
     }
 
@@ -188,7 +200,7 @@ impl PartitionLog {
     /// which must decide alike whether it appends inline or here.
     pub fn append_verified(&self, batch: &[u8]) -> Result<AppendInfo> {
         let header = self.check(batch, false)?;
-        let unsettled = self.append_blocking(batch, &header, Ack::Leader)?;
+        let unsettled = self.append_blocking(batch, &header, Ack::Leader, true)?;
         self.settle(unsettled)
     }
 
@@ -225,7 +237,7 @@ impl PartitionLog {
     /// [`PartitionLog::settle`]. A full disk is [`StorageError::NoSpace`] and changes nothing;
     /// only a failed write of the batch fences the partition.
     pub fn append_checked(&self, batch: &CheckedBatch, ack: Ack) -> Result<Unsettled> {
-        self.append_blocking(&batch.bytes, &batch.header, ack)
+        self.append_blocking(&batch.bytes, &batch.header, ack, true)
     }
 
     /// Returns the offsets to acknowledge once `unsettled` is as durable as its ack and the
@@ -247,7 +259,15 @@ impl PartitionLog {
         }
     }
 
-    fn append_blocking(&self, batch: &[u8], header: &BatchHeader, ack: Ack) -> Result<Unsettled> {
+    /// The append; `check_producer`: the producers' state decides whether the batch is
+    /// appended, answered as a duplicate, or refused (false only for a copied batch).
+    fn append_blocking(
+        &self,
+        batch: &[u8],
+        header: &BatchHeader,
+        ack: Ack,
+        check_producer: bool,
+    ) -> Result<Unsettled> {
         let inner = &*self.inner;
         let len = batch.len() as u64;
         self.remove_clean_marker()?;
@@ -262,7 +282,12 @@ impl PartitionLog {
                 let room = self.room_for(&active, len, now_ms());
                 match room {
                     Room::Ready => {
-                        return Ok(match self.producer_verdict(header)? {
+                        let verdict = if check_producer {
+                            self.producer_verdict(header)?
+                        } else {
+                            Verdict::Append
+                        };
+                        return Ok(match verdict {
                             Verdict::Duplicate(info) => self.unsettled(info, ack, true),
                             Verdict::Append => {
                                 let info = self.write_locked(&active, batch, header)?;

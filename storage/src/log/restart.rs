@@ -340,4 +340,31 @@ mod tests {
         let info = log.append(&batch).expect("append");
         assert_eq!(info.base_offset, 20);
     }
+
+    /// A replica that restarted its log at another's log start copies that replica's
+    /// batches, whose producers' earlier batches were deleted: a copy is not refused as a
+    /// sequence gap, and it is remembered (a retry of it is a duplicate, the next follows).
+    #[test]
+    fn a_copied_idempotent_batch_lands_on_a_restarted_log_and_its_producer_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        log.restart_at(20).expect("restart");
+        let from = |sequence| {
+            let mut builder = crate::batch::BatchBuilder::new(bytes::BytesMut::new())
+                .with_producer(9, 0, sequence);
+            builder.push(None, b"p", &[], 1);
+            builder.finish()
+        };
+        assert!(
+            matches!(
+                log.append(&from(7)),
+                Err(StorageError::ProducerRefused { .. })
+            ),
+            "an ordinary append checks the sequence"
+        );
+        assert_eq!(log.append_copy(&from(7)).expect("copy").base_offset, 20);
+        assert_eq!(log.append(&from(7)).expect("a retry").base_offset, 20);
+        assert_eq!(log.append(&from(8)).expect("the next").base_offset, 21);
+        assert_eq!(log.high_watermark(), 22);
+    }
 }
