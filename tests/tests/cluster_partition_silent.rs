@@ -9,7 +9,10 @@
 //!   fails with UNAVAILABLE after its deadline, or is acknowledged and found on every replica);
 //! - the other two elect a new leader and keep acknowledging writes;
 //! - `ClusterStatus` on the majority side reports the isolated broker not live (its pings go
-//!   unanswered), and the CLI says so too.
+//!   unanswered), and the CLI says so too;
+//! - a group call at the isolated broker that it forwards to a coordinator on the other side
+//!   fails with UNAVAILABLE within a bound (the peer connection's HTTP/2 keep-alive) instead
+//!   of waiting forever on the held connection.
 //!
 //! After healing (the held connections resume, as on a real network) every partition has one
 //! agreed leader, every replica is in sync, and every acknowledged record is on every broker
@@ -23,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rill_proto::v1 as pb;
 use rill_tests::cluster::{create_request, TestCluster};
 use tonic::Code;
 
@@ -32,6 +36,12 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const PARTITIONS: u32 = 3;
 /// The topic.
 const TOPIC: &str = "silent";
+/// The groups whose offsets are asked at the isolated broker during the split: spread over
+/// the partitions of the groups topic, so some are coordinated on the other side.
+const GROUPS: u32 = 12;
+/// The longest a call forwarded to a peer across the silent partition may take to fail:
+/// far above the peer connection's keep-alive bound (about 4 s), far below forever.
+const FORWARD_BOUND: Duration = Duration::from_secs(15);
 
 /// The leader of partition `p` as node `id` reports it, with its term (0, 0: none known or
 /// no answer).
@@ -200,6 +210,30 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
         (result, started.elapsed())
     });
 
+    // Group calls at the isolated broker for groups coordinated on the other side are
+    // forwarded over a held connection; they must fail (UNAVAILABLE, for the client to
+    // retry elsewhere) within a bound rather than wait forever.
+    let group_calls = {
+        let c = cluster.clients(old).await.expect("connect to the isolated");
+        let mut calls = Vec::new();
+        for g in 0..GROUPS {
+            let mut c = c.clone();
+            calls.push(tokio::spawn(async move {
+                let request = pb::FetchOffsetsRequest {
+                    group: format!("g{g}"),
+                    topic: TOPIC.into(),
+                    ..Default::default()
+                };
+                let started = tokio::time::Instant::now();
+                let answer = tokio::time::timeout(FORWARD_BOUND, c.groups.fetch_offsets(request))
+                    .await
+                    .map(|a| a.map(|_| ()).map_err(|s| s.code()));
+                (g, answer, started.elapsed())
+            }));
+        }
+        calls
+    };
+
     // The majority elects a new leader of partition 0, which takes writes.
     let new = wait_agreed_leader(&cluster, &majority, 0, old).await;
     let elected_after = isolated_at.elapsed();
@@ -252,6 +286,19 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
             None
         }
     };
+    let mut forwarded_failed = 0;
+    for call in group_calls {
+        let (g, answer, took) = call.await.expect("task");
+        match answer {
+            Err(_) => panic!(
+                "FetchOffsets of group g{g} at the isolated broker hung past {FORWARD_BOUND:?} \
+                 (a call waiting on a silent peer connection)"
+            ),
+            Ok(Ok(())) => {}
+            Ok(Err(Code::Unavailable)) => forwarded_failed += 1,
+            Ok(Err(code)) => panic!("FetchOffsets of group g{g}: {code:?} after {took:?}"),
+        }
+    }
     // The producers keep working against the new leaders a little longer.
     tokio::time::sleep(Duration::from_millis(500)).await;
     watermarks.observe(&cluster).await;
@@ -405,7 +452,8 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
         "silent network partition: kills 0, pauses 0, partitions 1 ({} ms), elections 1 \
          (new leader after {} ms, isolated broker not live after {} ms), records acked \
          {acked_total} ({in_split_total} during the split), records lost {lost}, direct \
-         write to the isolated leader {}",
+         write to the isolated leader {}, group calls forwarded from it failed \
+         {forwarded_failed} of {GROUPS}",
         isolated_for.as_millis(),
         elected_after.as_millis(),
         status_after.as_millis(),
