@@ -9,7 +9,7 @@
 //!   fails with UNAVAILABLE after its deadline, or is acknowledged and found on every replica);
 //! - the other two elect a new leader and keep acknowledging writes;
 //! - `ClusterStatus` on the majority side reports the isolated broker not live (its pings go
-//!   unanswered), and the CLI says so too;
+//!   unanswered), and the CLI says so too; the isolated broker reports the others not live;
 //! - a group call at the isolated broker that it forwards to a coordinator on the other side
 //!   fails with UNAVAILABLE within a bound (the peer connection's HTTP/2 keep-alive) instead
 //!   of waiting forever on the held connection.
@@ -155,12 +155,16 @@ fn spawn_producer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majority_carries_on() {
     // Built now, so no build runs while the clock of the partition runs.
+    let test_start = tokio::time::Instant::now();
     rill_tests::binary_path("rill-client", "rill").expect("build the rill CLI");
+    eprintln!("[{:?}] cli", test_start.elapsed());
     let cluster = TestCluster::start_partitionable(3).await.expect("start");
+    eprintln!("[{:?}] started", test_start.elapsed());
     cluster
         .wait_controller_leader(DEADLINE)
         .await
         .expect("controller");
+    eprintln!("[{:?}] controller", test_start.elapsed());
     let mut c = cluster.clients(1).await.expect("connect");
     c.admin
         .create_topic(create_request(TOPIC, PARTITIONS, 3))
@@ -170,6 +174,7 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
         .wait_partition_leader(TOPIC, 0, DEADLINE)
         .await
         .expect("leader");
+    eprintln!("[{:?}] leader", test_start.elapsed());
     let majority: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old).collect();
     let mut watermarks = Watermarks::default();
 
@@ -188,6 +193,7 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
             .expect("connect");
         producers.push(spawn_producer(conn, p, stop.clone()));
     }
+    eprintln!("[{:?}] producers", test_start.elapsed());
     for p in 0..PARTITIONS {
         cluster
             .wait_records(old, TOPIC, p, 5, DEADLINE)
@@ -196,6 +202,7 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
     }
     watermarks.observe(&cluster).await;
 
+    eprintln!("[{:?}] isolating node {old}", test_start.elapsed());
     cluster.isolate_silently(old).expect("isolate silently");
     let isolated_at = tokio::time::Instant::now();
 
@@ -256,6 +263,11 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
             .expect("the majority reports the silently isolated broker not live");
     }
     let status_after = isolated_at.elapsed();
+    // And the isolated broker, whose pings go unanswered too, reports the others not live.
+    cluster
+        .wait_live(old, &[old], DEADLINE)
+        .await
+        .expect("the isolated broker reports the others not live");
     let (ok, out, err) = rill_tests::rill_cli(
         &cluster.addr(majority[0]).to_string(),
         &["--output", "json", "cluster", "status"],
@@ -304,6 +316,7 @@ async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majorit
     watermarks.observe(&cluster).await;
     let isolated_for = isolated_at.elapsed();
 
+    eprintln!("[{:?}] healing", test_start.elapsed());
     // Heal: the held connections resume.
     let healed_at = tokio::time::Instant::now();
     cluster.heal().expect("heal");
