@@ -198,20 +198,40 @@ pub fn channel(broker: &Broker, address: &str) -> Result<PeerChannel, BrokerErro
 }
 
 /// The answer of a forwarded call, as this broker's: a call the serving broker never
-/// answered (it died, or the connection broke: CANCELLED or UNAVAILABLE from the transport)
-/// becomes UNAVAILABLE, which clients retry; its own answers pass unchanged.
+/// answered (it died, or the connection broke: CANCELLED or UNAVAILABLE from the transport,
+/// or UNKNOWN made here from a transport failure, such as a connection reset or a broken
+/// pipe under a request in flight) becomes UNAVAILABLE, which clients retry; its own
+/// answers pass unchanged.
 pub fn relayed<T>(
     answer: Result<tonic::Response<T>, tonic::Status>,
 ) -> Result<tonic::Response<T>, tonic::Status> {
     answer.map_err(|status| match status.code() {
-        tonic::Code::Cancelled | tonic::Code::Unavailable => {
-            tonic::Status::from(BrokerError::ReplicationUnavailable(format!(
-                "the broker serving this state did not answer ({}); retry",
-                status.message()
-            )))
-        }
+        tonic::Code::Cancelled | tonic::Code::Unavailable => unanswered(&status),
+        tonic::Code::Unknown if from_transport(&status) => unanswered(&status),
         _ => status,
     })
+}
+
+/// UNAVAILABLE, for a forwarded call the serving broker did not answer.
+fn unanswered(status: &tonic::Status) -> tonic::Status {
+    tonic::Status::from(BrokerError::ReplicationUnavailable(format!(
+        "the broker serving this state did not answer ({}); retry",
+        status.message()
+    )))
+}
+
+/// True when `status` was made on this side from a transport failure: it carries the
+/// failure as its source (a status the other broker sent has none). Decided by the error's
+/// type, never by its text.
+fn from_transport(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// `message` as a request forwarded on behalf of `caller`: the receiving broker, which trusts
@@ -433,5 +453,61 @@ async fn follow_partition<A, AF, S, SF>(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forwarded call whose connection breaks under it (the serving broker vanished, or
+    /// a partition dropped the connection) fails here with UNKNOWN "transport error" (a broken pipe or a reset); the
+    /// client must get UNAVAILABLE, which it retries, not that final UNKNOWN.
+    #[tokio::test]
+    async fn a_forwarded_call_whose_connection_breaks_is_relayed_unavailable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Reads the start of the call, then closes the connection.
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                drop(socket);
+            }
+        });
+        let channel = rill_cluster::network::PeerTransport::default()
+            .connect_lazy(&addr.to_string())
+            .expect("channel");
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            rill_proto::v1::log_client::LogClient::new(channel)
+                .init_producer(rill_proto::v1::InitProducerRequest::default()),
+        )
+        .await
+        .expect("the broken call ends");
+        server.abort();
+        let status = relayed(answer).expect_err("nothing answered");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    /// The serving broker's own answers pass unchanged, UNKNOWN included, whatever their
+    /// text says.
+    #[test]
+    fn the_serving_brokers_own_answers_pass_unchanged() {
+        for status in [
+            tonic::Status::unknown("transport error"),
+            tonic::Status::failed_precondition("fenced"),
+            tonic::Status::not_found("no such group"),
+        ] {
+            let code = status.code();
+            let relayed = relayed::<()>(Err(status)).expect_err("an error");
+            assert_eq!(relayed.code(), code, "{relayed:?}");
+        }
+        let unavailable =
+            relayed::<()>(Err(tonic::Status::cancelled("gone"))).expect_err("an error");
+        assert_eq!(unavailable.code(), tonic::Code::Unavailable);
     }
 }

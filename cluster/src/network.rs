@@ -35,6 +35,16 @@ use crate::types::{GroupId, Node, NodeId, TypeConfig};
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// After this long without a byte from a peer while calls are open to it, an HTTP/2 ping
+/// asks whether the connection still carries anything (Raft traffic, 100 ms heartbeats,
+/// keeps a healthy connection from ever needing one).
+const PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long that ping may go unanswered before the connection is taken for dead: every
+/// call open on it fails with UNAVAILABLE and the next call connects again. A silent
+/// network (packets dropped, nothing refused or reset) leaves a connection open forever;
+/// without this, a call without a deadline of its own (a forwarded group or security call,
+/// a watch) waited on it forever. Generous, so that a loaded but live peer is not cut off.
+const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first pause before retrying an unreachable peer, doubled on each failure up to
 /// [`UNREACHABLE_BACKOFF_MAX`] (openraft's default is a flat 500 ms; a restarted broker is
 /// often back sooner, and failover time counts).
@@ -73,6 +83,8 @@ impl PeerTransport {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
             .tcp_nodelay(true)
             .local_address(source_for(self.source_ip, addr));
         if let Some(tls) = &self.tls {
@@ -488,5 +500,42 @@ mod tests {
         assert_eq!(source_for(Some(wide), "127.0.0.1:7000"), None);
         let v6: IpAddr = "::1".parse().expect("ip");
         assert_eq!(source_for(Some(v6), "[::1]:7000"), Some(v6));
+    }
+
+    /// A peer behind a silent network: its connections are accepted (by a proxy, or a
+    /// kernel's listen backlog) but nothing ever comes back, and nothing is reset. A call
+    /// without a deadline of its own must still fail, with UNAVAILABLE (which callers
+    /// retry), once the keep-alive ping goes unanswered, rather than wait forever.
+    #[tokio::test]
+    async fn a_call_to_a_peer_that_accepts_but_never_answers_fails_unavailable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Accepts and holds every connection, reading and writing nothing.
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let channel = PeerTransport::default()
+            .connect_lazy(&addr.to_string())
+            .expect("channel");
+        let request = tonic::Request::new(rill_proto::v1::PingRequest::default());
+        let started = tokio::time::Instant::now();
+        // Far above the keep-alive's bound (interval + timeout), far below forever.
+        let bound = 4 * (PEER_KEEPALIVE_INTERVAL + PEER_KEEPALIVE_TIMEOUT);
+        let answer = tokio::time::timeout(bound, RaftClient::new(channel).ping(request))
+            .await
+            .expect("a call to a silent peer must fail, not hang");
+        holder.abort();
+        let status = answer.expect_err("nothing answered");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            started.elapsed() >= PEER_KEEPALIVE_TIMEOUT,
+            "failed after {:?}, before the ping could time out: {status:?}",
+            started.elapsed()
+        );
     }
 }

@@ -14,7 +14,8 @@
 //!   executable, not built (for `rill-bench`, which runs without cargo).
 //! - [`SIGKILL`], [`SIGTERM`]: the signals the harness sends.
 //! - [`proxy`]: [`NetFaults`], fault-injecting TCP proxies between brokers (network
-//!   partitions: cut a direction, drop its connections, heal).
+//!   partitions: cut a direction, drop its connections, heal; or blackhole it, silently, with
+//!   its connections held open and forwarding nothing until healed).
 
 pub mod proxy;
 

@@ -1,9 +1,10 @@
-//! Faults injected into a running cluster: network partitions through the proxies of a
-//! partitionable cluster, kill -9, signals (pause and continue), and wiped data folders.
+//! Faults injected into a running cluster: network partitions (refusing or silent) through
+//! the proxies of a partitionable cluster, kill -9, signals (pause and continue), and wiped data folders.
 
 use std::net::IpAddr;
 
 use anyhow::{Context, Result};
+use rill_testkit::NetFaults;
 use tokio::process::{Child, Command};
 
 use super::spawn::START_DEADLINE;
@@ -13,21 +14,39 @@ impl TestCluster {
     /// Cuts node `id` off from every other broker, both directions, dropping the
     /// connections in flight; clients still reach it. Only on a partitionable cluster.
     pub fn isolate(&self, id: u64) -> Result<()> {
+        let (faults, others) = self.faults_and_others(id)?;
+        faults.isolate(self.addr(id).ip(), &others);
+        Ok(())
+    }
+
+    /// Cuts node `id` off from every other broker silently, both directions: the
+    /// connections in flight stay open but carry nothing, new ones are accepted but carry
+    /// nothing, and no side sees a reset (a dead switch, a firewall dropping packets); clients
+    /// still reach it. [`TestCluster::heal`] resumes the held connections. Only on a
+    /// partitionable cluster.
+    pub fn isolate_silently(&self, id: u64) -> Result<()> {
+        let (faults, others) = self.faults_and_others(id)?;
+        faults.isolate_silently(self.addr(id).ip(), &others);
+        Ok(())
+    }
+
+    /// The proxies, and the listen IPs of every broker but `id`.
+    fn faults_and_others(&self, id: u64) -> Result<(&NetFaults, Vec<IpAddr>)> {
         let faults = self
             .faults
             .as_ref()
             .context("not a partitionable cluster")?;
-        let others: Vec<IpAddr> = self
+        anyhow::ensure!(self.nodes.contains_key(&id), "no node {id}");
+        let others = self
             .nodes
             .iter()
             .filter(|(other, _)| **other != id)
             .map(|(_, n)| n.addr.ip())
             .collect();
-        faults.isolate(self.addr(id).ip(), &others);
-        Ok(())
+        Ok((faults, others))
     }
 
-    /// Lets all broker-to-broker traffic through again.
+    /// Lets all broker-to-broker traffic through again (cut or silent).
     pub fn heal(&self) -> Result<()> {
         self.faults
             .as_ref()

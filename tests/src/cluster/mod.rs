@@ -7,8 +7,9 @@
 //! ([`TestCluster::metrics_addr`]).
 //!
 //! [`TestCluster::start_partitionable`] puts a fault-injecting proxy ([`NetFaults`]) in front
-//! of every broker for broker-to-broker traffic (see [`TestCluster::isolate`]); clients still
-//! reach every broker directly.
+//! of every broker for broker-to-broker traffic (see [`TestCluster::isolate`], which refuses,
+//! and [`TestCluster::isolate_silently`], which holds connections open and drops what they
+//! carry); clients still reach every broker directly.
 //!
 //! The harness is split by concern: `spawn` starts brokers (ports, processes, whole
 //! clusters), `faults` kills, pauses, wipes and cuts them off, and `queries` asks them for
