@@ -21,6 +21,15 @@ use crate::error::{ClientError, Result};
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7171";
 /// The largest message the client sends or accepts, in bytes (64 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// After this long without a byte from the broker while calls are open, an HTTP/2 ping asks
+/// whether the connection still carries anything. A long-poll on a quiet topic or a quiet
+/// `Subscribe` stream is the usual case: the broker answers the ping at once.
+pub const KEEPALIVE_INTERVAL_MS: u64 = 5_000;
+/// How long that ping may go unanswered before the connection is taken for dead: every call
+/// open on it fails with UNAVAILABLE (which the library retries) and the next call connects
+/// again. Behind a silent network fault (packets dropped, nothing reset) a call without a
+/// deadline of its own, such as a `Subscribe` stream, would otherwise wait forever.
+pub const KEEPALIVE_TIMEOUT_MS: u64 = 5_000;
 
 /// A connection to one broker.
 #[derive(Debug, Clone)]
@@ -93,6 +102,8 @@ impl Connection {
                 message,
             })?;
         let channel = endpoint
+            .http2_keep_alive_interval(std::time::Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+            .keep_alive_timeout(std::time::Duration::from_millis(KEEPALIVE_TIMEOUT_MS))
             .tcp_nodelay(true)
             .max_frame_size(1 << 20)
             .initial_stream_window_size(8 << 20)
@@ -241,7 +252,8 @@ fn others_in_list(bootstrap: &str, current: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::others_in_list;
+    use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_other_brokers_come_in_list_order_after_the_current_one() {
@@ -252,5 +264,44 @@ mod tests {
             vec!["a:1", "b:2", "c:3"]
         );
         assert!(others_in_list("a:1", "a:1").is_empty());
+    }
+
+    /// A broker that accepts the connection and then says nothing (a paused process, a
+    /// silent network fault): a call with no deadline of its own fails UNAVAILABLE once the
+    /// keep-alive ping goes unanswered, rather than wait forever.
+    #[tokio::test]
+    async fn a_call_to_a_broker_that_never_answers_fails_unavailable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Accepts and holds every connection, reading and writing nothing.
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        // Far above the keep-alive's bound (interval + timeout), far below forever.
+        let bound = Duration::from_millis(3 * (KEEPALIVE_INTERVAL_MS + KEEPALIVE_TIMEOUT_MS));
+        let answer = tokio::time::timeout(bound, async {
+            let conn = Connection::connect(&addr.to_string())
+                .await
+                .expect("the TCP connection opens");
+            conn.admin()
+                .list_topics(rill_proto::v1::ListTopicsRequest::default())
+                .await
+        })
+        .await
+        .expect("a call to a silent broker must fail, not hang");
+        holder.abort();
+        let status = answer.expect_err("nothing answered");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(KEEPALIVE_TIMEOUT_MS),
+            "failed after {:?}, before the ping could time out: {status:?}",
+            started.elapsed()
+        );
     }
 }
