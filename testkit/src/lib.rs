@@ -74,11 +74,19 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
 /// The path of a binary of this workspace (`rill-broker` from package `rill-broker`, `rill`
 /// from `rill-client`), built on demand: `cargo test` builds only the test targets of other
 /// packages, so the first test that needs a binary builds it with the same cargo and profile.
+///
+/// Cargo is asked once per binary and test process: the sources do not change during a run,
+/// and a cluster test that kills and restarts brokers would otherwise run `cargo build` (and
+/// wait for its lock) before every restart.
 pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    /// The binaries built by this process so far, guarding the builds too.
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let dir = profile_dir()?;
     let path = dir.join(name);
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.iter().any(|b| b == name) && path.exists() {
+        return Ok(path);
+    }
     let release = dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = std::process::Command::new(cargo);
@@ -86,11 +94,12 @@ pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
-    // Always ask cargo: it is a no-op when the binary is fresh, and rebuilds a stale one.
+    // Ask cargo the first time: it is a no-op when the binary is fresh, and rebuilds a stale one.
     let status = cmd.status().context("running cargo build")?;
     if !status.success() || !path.exists() {
         bail!("could not build {} ({status})", path.display());
     }
+    built.push(name.to_string());
     Ok(path)
 }
 
