@@ -136,6 +136,19 @@ pub enum StorageError {
         #[source]
         source: crate::producers::ProducerError,
     },
+    /// Another replica's idempotent-producer state offered to
+    /// [`crate::PartitionLog::restore_producers`] fails its checks. Nothing was changed.
+    #[error(
+        "topic {topic:?} partition {partition}: the producer state offered is invalid: {reason}"
+    )]
+    InvalidProducerState {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The partition refuses writes after an I/O failure (fail-stop), or could not be opened.
     #[error("topic {topic:?} partition {partition} is fenced: {reason}")]
     Fenced {

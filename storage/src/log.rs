@@ -17,7 +17,9 @@
 //! - **Retention** (the `retention` submodule) deletes whole sealed segments from the front; the log start offset is the
 //!   first remaining segment's base offset, so it persists with the files themselves.
 //! - **Restart** (the `restart` submodule) empties the log and starts it at a later offset,
-//!   committed by one marker file, for a replica whose missing records are gone everywhere.
+//!   committed by one marker file, for a replica whose missing records are gone everywhere;
+//!   the `adopt` submodule then installs another replica's idempotent-producer state, which
+//!   the deleted records held.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +36,7 @@ use crate::producers::{self, ProducerStates};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::{LogId, Segment, Spare};
 
+mod adopt;
 mod append;
 mod durability;
 mod inject;
@@ -233,6 +236,10 @@ struct Inner {
     /// Idempotent producers' sequences and offsets. Changed only under the writer lock, with
     /// the append it describes, so a check and its append are one step.
     producers: Mutex<ProducerStates>,
+    /// The log was restarted at a later offset and has not adopted another replica's producer
+    /// state since (the `producer-state-missing` file is on disk): `producers` knows only the
+    /// producers of the batches appended since the restart.
+    producers_missing: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -258,6 +265,15 @@ impl PartitionLog {
             partition: options.partition,
         });
         let opened = recovery::open_segments(&id, dir, options.segment_bytes, now_ms())?;
+        // After `open_segments`, which writes the file when it completes a restart.
+        let missing_path = dir.join(producers::MISSING_FILE);
+        let producers_missing = missing_path.try_exists().map_err(|e| {
+            StorageError::io(
+                "look for the producer-state-missing marker",
+                &missing_path,
+                e,
+            )
+        })?;
         let high_watermark = opened.segments.last().map_or(0, |s| s.next_offset());
         let durable_offset = if opened.report.clean {
             high_watermark
@@ -295,25 +311,50 @@ impl PartitionLog {
                 report: opened.report,
                 faults: inject::Faults::default(),
                 producers: Mutex::new(ProducerStates::default()),
+                producers_missing: AtomicBool::new(producers_missing),
             }),
         };
         log.rebuild_producers()?;
         Ok(log)
     }
 
-    /// Rebuilds the producers' state from the snapshot and the batches after it (all of the
-    /// log when there is no usable snapshot). Reads headers only. Blocking; run at open.
+    /// Rebuilds the producers' state from the snapshot or the adopted state (`producer-base`,
+    /// see [`PartitionLog::restore_producers`]), whichever covers more, and the batches after
+    /// it (all of the log when neither is usable). Reads headers only. Blocking; run at open.
     fn rebuild_producers(&self) -> Result<()> {
         let inner = &*self.inner;
         let high_watermark = self.high_watermark();
-        let (mut states, mut offset) = match producers::read_snapshot(&inner.dir) {
-            // A snapshot past the log's end describes batches a crash cut: unusable.
-            Some((states, offset)) if offset <= high_watermark => (states, offset),
-            _ => (ProducerStates::default(), 0),
+        // A file past the log's end describes batches a crash cut: unusable. The adopted
+        // state is written only once the records below its offset are synced, so it stays
+        // usable when a crash makes the newer snapshot unusable.
+        let usable = |file: Option<(ProducerStates, u64)>| {
+            file.filter(|(_, offset)| *offset <= high_watermark)
         };
+        let snapshot = usable(producers::read_snapshot(&inner.dir));
+        let base = usable(producers::read_base(&inner.dir));
+        let start = match (snapshot, base) {
+            (Some(s), Some(b)) => Some(if b.1 > s.1 { b } else { s }),
+            (s, b) => s.or(b),
+        };
+        let (mut states, mut offset) = start.unwrap_or((ProducerStates::default(), 0));
         offset = offset.max(self.log_start_offset());
         let now = now_ms();
-        while offset < high_watermark {
+        self.replay_producers(&mut states, offset, high_watermark, now)?;
+        states.expire(now, inner.options.producer_expiry_ms);
+        *inner.producers.lock() = states;
+        Ok(())
+    }
+
+    /// Applies to `states` the headers of the batches from `offset` to `end`, each counted as
+    /// active at `now` (its append time is not in the log). Reads headers only. Blocking.
+    fn replay_producers(
+        &self,
+        states: &mut ProducerStates,
+        mut offset: u64,
+        end: u64,
+        now: i64,
+    ) -> Result<()> {
+        while offset < end {
             let read = self.read(offset, 1 << 20)?;
             if read.next_offset <= offset {
                 break;
@@ -322,7 +363,7 @@ impl PartitionLog {
                 for view in crate::batch::batches(chunk) {
                     let Ok(view) = view else { break };
                     let header = view.header();
-                    if header.next_offset() > offset {
+                    if header.next_offset() > offset && header.base_offset < end {
                         // The batch's append time is not in the log: count the producer
                         // as active now, which keeps it longer rather than expiring it
                         // early (a producer backfilling old timestamps).
@@ -332,8 +373,6 @@ impl PartitionLog {
             }
             offset = read.next_offset;
         }
-        states.expire(now, inner.options.producer_expiry_ms);
-        *inner.producers.lock() = states;
         Ok(())
     }
 
@@ -393,6 +432,14 @@ impl PartitionLog {
     /// partition, as its appended batches leave it ([`ProducerStates::next_sequence`]).
     pub fn producer_next_sequence(&self, producer_id: i64) -> Option<(i16, i32)> {
         self.inner.producers.lock().next_sequence(producer_id)
+    }
+
+    /// True when the log was restarted at a later offset ([`PartitionLog::restart_at`]) and
+    /// has not adopted another replica's producer state since
+    /// ([`PartitionLog::restore_producers`]): its idempotent producers' state then knows only
+    /// the producers of the batches appended after the restart. Survives a reopen.
+    pub fn producer_state_missing(&self) -> bool {
+        self.inner.producers_missing.load(Ordering::Acquire)
     }
 
     /// Why the partition refuses writes, if it does.

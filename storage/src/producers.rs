@@ -26,6 +26,13 @@ pub const MAX_REMEMBERED_BATCHES: usize = 5;
 pub const DEFAULT_PRODUCER_EXPIRY_MS: u64 = 7 * 24 * 3600 * 1000;
 /// The snapshot's file name in the partition folder.
 pub const SNAPSHOT_FILE: &str = "producer-snapshot";
+/// The adopted state's file name in the partition folder: another replica's state, in the
+/// snapshot's encoding, taken after a restart of the log (see
+/// [`crate::PartitionLog::restore_producers`]).
+pub const BASE_FILE: &str = "producer-base";
+/// The file whose presence says that the log was restarted at a later offset
+/// ([`crate::PartitionLog::restart_at`]) and holds no complete producer state yet: empty.
+pub const MISSING_FILE: &str = "producer-state-missing";
 const SNAPSHOT_MAGIC: [u8; 4] = *b"RLPS";
 const SNAPSHOT_VERSION: u8 = 1;
 
@@ -361,21 +368,59 @@ pub fn write_snapshot(dir: &Path, states: &ProducerStates, offset: u64) -> Resul
     fsutil::atomic_write(&dir.join(SNAPSHOT_FILE), &states.encode_snapshot(offset))
 }
 
+/// The offset a snapshot's bytes (see [`ProducerStates::encode_snapshot`]) cover up to, if
+/// they pass every check of [`ProducerStates::decode_snapshot`].
+pub fn snapshot_offset(bytes: &[u8]) -> Option<u64> {
+    ProducerStates::decode_snapshot(bytes).map(|(_, offset)| offset)
+}
+
 /// Reads the snapshot in `dir`, if there is a valid one. A damaged one is ignored (and
 /// logged): the log is the truth, and replaying it from the start rebuilds the same state.
 pub fn read_snapshot(dir: &Path) -> Option<(ProducerStates, u64)> {
-    let path = dir.join(SNAPSHOT_FILE);
-    let bytes = match std::fs::read(&path) {
+    read_state_file(&dir.join(SNAPSHOT_FILE))
+}
+
+/// Writes the adopted state `states` as of `offset` into the partition folder `dir` as
+/// [`BASE_FILE`], atomically and durably. Blocking.
+pub fn write_base(dir: &Path, states: &ProducerStates, offset: u64) -> Result<()> {
+    fsutil::atomic_write(&dir.join(BASE_FILE), &states.encode_snapshot(offset))
+}
+
+/// Reads the adopted state in `dir` ([`BASE_FILE`]), if there is a valid one. A damaged one
+/// is ignored and logged, as a damaged snapshot is.
+pub fn read_base(dir: &Path) -> Option<(ProducerStates, u64)> {
+    read_state_file(&dir.join(BASE_FILE))
+}
+
+/// Records, durably, that the log in `dir` holds no complete producer state
+/// ([`MISSING_FILE`]). Blocking.
+pub(crate) fn write_missing_marker(dir: &Path) -> Result<()> {
+    fsutil::atomic_write(&dir.join(MISSING_FILE), &[])
+}
+
+/// Deletes `name` from the partition folder `dir` if it is there (the caller syncs the
+/// folder).
+pub(crate) fn remove_file(dir: &Path, name: &'static str) -> Result<()> {
+    let path = dir.join(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StorageError::io("remove producer state file", path, e)),
+    }
+}
+
+fn read_state_file(path: &Path) -> Option<(ProducerStates, u64)> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "producer snapshot unreadable; replaying the log");
+            tracing::warn!(path = %path.display(), error = %e, "producer state file unreadable; replaying the log");
             return None;
         }
     };
     let decoded = ProducerStates::decode_snapshot(&bytes);
     if decoded.is_none() {
-        tracing::warn!(path = %path.display(), "producer snapshot damaged; replaying the log");
+        tracing::warn!(path = %path.display(), "producer state file damaged; replaying the log");
     }
     decoded
 }

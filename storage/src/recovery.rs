@@ -232,8 +232,9 @@ pub(crate) fn remove_segment_files(dir: &Path, base: u64) -> Result<()> {
 
 /// Completes an interrupted [`crate::PartitionLog::restart_at`]: with a restart marker at
 /// `offset` present, every segment below `offset` is deleted, an empty segment is created at
-/// `offset` when none at or past it is left, the producer snapshot (which describes the
-/// discarded records) is deleted, and then the marker. Each step is idempotent, so a crash
+/// `offset` when none at or past it is left, the producer-state-missing marker is written,
+/// the producer snapshot and adopted state (which describe the discarded records) are
+/// deleted, and then the marker. Each step is idempotent, so a crash
 /// here is completed by the next open. A marker that fails its check is refused as corrupt
 /// (never guessed at: ignoring it could serve a log with a hole).
 fn finish_restart(id: &Arc<LogId>, dir: &Path, segment_bytes: u64, now_ms: i64) -> Result<()> {
@@ -260,17 +261,11 @@ fn finish_restart(id: &Arc<LogId>, dir: &Path, segment_bytes: u64, now_ms: i64) 
         Segment::create(Arc::clone(id), dir, offset, segment_bytes, now_ms)?;
     }
     fsync_dir(dir)?;
-    match fs::remove_file(dir.join(crate::producers::SNAPSHOT_FILE)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(StorageError::io(
-                "remove producer snapshot",
-                dir.join(crate::producers::SNAPSHOT_FILE),
-                e,
-            ))
-        }
-    }
+    // The restarted log has no complete producer state until another replica's is adopted
+    // (`restart_at` wrote this already unless it crashed first).
+    crate::producers::write_missing_marker(dir)?;
+    crate::producers::remove_file(dir, crate::producers::SNAPSHOT_FILE)?;
+    crate::producers::remove_file(dir, crate::producers::BASE_FILE)?;
     fsync_dir(dir)?;
     remove_restart_marker(dir)
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::PartitionLog;
 use crate::error::{Result, StorageError};
 use crate::fsutil::fsync_dir;
-use crate::producers::{ProducerStates, SNAPSHOT_FILE};
+use crate::producers::{self, ProducerStates, BASE_FILE, SNAPSHOT_FILE};
 use crate::recovery;
 use crate::segment::Segment;
 
@@ -23,7 +23,9 @@ impl PartitionLog {
     /// and the high watermark are both `offset`, and the next append gets base offset
     /// `offset`. Only for an `offset` past the high watermark (anything else is
     /// [`StorageError::OffsetOutOfRange`] and changes nothing), so no offset is ever reused.
-    /// The idempotent producers' state is cleared with the records it described. The caller
+    /// The idempotent producers' state is cleared with the records it described, and the log
+    /// reports it missing ([`PartitionLog::producer_state_missing`]) until another replica's
+    /// is adopted ([`PartitionLog::restore_producers`]). The caller
     /// must be the log's only writer meanwhile (a replica's apply): an append that races it
     /// past `offset` fences the partition.
     ///
@@ -51,6 +53,8 @@ impl PartitionLog {
         );
         let committed = (|| {
             recovery::write_restart_marker(&inner.dir, offset)?;
+            // After the marker: without it the old log stays, and its state is whole.
+            producers::write_missing_marker(&inner.dir)?;
             let segment = Segment::create(
                 Arc::clone(&inner.id),
                 &inner.dir,
@@ -89,6 +93,7 @@ impl PartitionLog {
             inner.segments.store(Arc::new(vec![Arc::new(segment)]));
             inner.high_watermark.store(offset, Ordering::Release);
             *inner.producers.lock() = ProducerStates::default();
+            inner.producers_missing.store(true, Ordering::Release);
             let mut sync = inner.sync.lock();
             // Nothing below `offset` exists, and the empty log at `offset` is durable.
             sync.durable_offset = offset;
@@ -104,9 +109,11 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// Deletes the old segments' files (oldest first), the producer snapshot that described
-    /// them, and then the restart marker. Stops at the first failure, keeping the marker.
-    fn remove_restarted(&self, old: &[Arc<Segment>]) -> Result<()> {
+    /// Deletes the old segments' files (oldest first), the producer snapshot and adopted
+    /// state that described them, and then the restart marker. Stops at the first failure,
+    /// keeping the marker. Called with the retention lock held; with no `old` segments, it
+    /// finishes what an earlier call left.
+    pub(super) fn remove_restarted(&self, old: &[Arc<Segment>]) -> Result<()> {
         let inner = &*self.inner;
         let mut retired = inner.retired.lock();
         retired.extend(
@@ -115,12 +122,8 @@ impl PartitionLog {
         );
         drop(retired);
         self.remove_retired_files()?;
-        let snapshot = inner.dir.join(SNAPSHOT_FILE);
-        match std::fs::remove_file(&snapshot) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StorageError::io("remove producer snapshot", snapshot, e)),
-        }
+        producers::remove_file(&inner.dir, SNAPSHOT_FILE)?;
+        producers::remove_file(&inner.dir, BASE_FILE)?;
         fsync_dir(&inner.dir)?;
         recovery::remove_restart_marker(&inner.dir)
     }
