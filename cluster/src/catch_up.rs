@@ -266,8 +266,23 @@ pub fn learn(catch_up: &CatchUp, target: &Target<'_>, index: u64) -> io::Result<
             .build();
         loop {
             let mut failures = Vec::new();
+            // A replica that answers without its producer state is used only when none
+            // answers with it (see `take`).
+            let mut stateless = None;
             for (id, address) in &catch_up.sources {
-                match learn_from(catch_up, *id, address, target, index).await {
+                match ask(catch_up, *id, address, index).await {
+                    Ok(answer) if answer.producer_states.is_none() => {
+                        stateless.get_or_insert((*id, address, answer));
+                    }
+                    Ok(answer) => match take(catch_up, *id, address, target, answer).await {
+                        Ok(point) => return Ok(point),
+                        Err(e) => failures.push(format!("node {id} at {address}: {e}")),
+                    },
+                    Err(e) => failures.push(format!("node {id} at {address}: {e}")),
+                }
+            }
+            if let Some((id, address, answer)) = stateless {
+                match take(catch_up, id, address, target, answer).await {
                     Ok(point) => return Ok(point),
                     Err(e) => failures.push(format!("node {id} at {address}: {e}")),
                 }
@@ -292,14 +307,29 @@ pub fn learn(catch_up: &CatchUp, target: &Target<'_>, index: u64) -> io::Result<
     })
 }
 
-/// [`learn`] from one replica, node `id` at `address`.
-async fn learn_from(
-    catch_up: &CatchUp,
-    id: NodeId,
-    address: &str,
-    target: &Target<'_>,
-    index: u64,
-) -> io::Result<AppliedPoint> {
+/// Adopts another replica's idempotent-producer state for `target`'s log, which restarted
+/// past records deleted by retention and has none whole
+/// ([`PartitionLog::producer_state_missing`]): asks the replicas for their applied point
+/// (any point: it carries the state) and pulls the records up to the state's offset from the
+/// one that answers, as [`learn`] does. Blocking, like [`learn`].
+pub fn adopt_producer_state(catch_up: &CatchUp, target: &Target<'_>) -> io::Result<()> {
+    learn(catch_up, target, 0).map(|_| ()).map_err(|e| {
+        io::Error::other(format!(
+            "adopting another replica's idempotent-producer state after a restart of the log: {e}"
+        ))
+    })
+}
+
+/// One replica's answer to `AppliedPoint`.
+struct Answer {
+    point: AppliedPoint,
+    /// Its producer state (the storage's snapshot encoding), if it sent one.
+    producer_states: Option<Vec<u8>>,
+}
+
+/// Asks node `id` at `address` for its applied point, which must be at or past Raft entry
+/// `index`.
+async fn ask(catch_up: &CatchUp, id: NodeId, address: &str, index: u64) -> io::Result<Answer> {
     let channel = catch_up
         .transport
         .connect_lazy(address)
@@ -321,14 +351,56 @@ async fn learn_from(
             reply.applied_index
         )));
     }
-    let point = AppliedPoint {
-        index: reply.applied_index,
-        end: reply.applied_end,
-    };
+    Ok(Answer {
+        point: AppliedPoint {
+            index: reply.applied_index,
+            end: reply.applied_end,
+        },
+        // An older broker leaves the field out, which decodes as empty; a whole state is
+        // never empty (it holds at least its header).
+        producer_states: (!reply.producer_states.is_empty())
+            .then(|| reply.producer_states.to_vec()),
+    })
+}
+
+/// Takes node `id`'s answer: pulls from it the records below the point's end that
+/// `target`'s log lacks (restarting the log at its log start if retention deleted them there
+/// too); then, if the log's producer state is missing (it restarted, now or before), pulls on
+/// to the offset the answer's state covers and adopts that state
+/// ([`PartitionLog::restore_producers`], durable when it returns). An answer without a state
+/// (an older broker, or one whose own state is incomplete) leaves the log with the state its
+/// copied batches built, as before this state was sent, and says so in the log.
+async fn take(
+    catch_up: &CatchUp,
+    id: NodeId,
+    address: &str,
+    target: &Target<'_>,
+    answer: Answer,
+) -> io::Result<AppliedPoint> {
+    let point = answer.point;
     // Its log holds every record below the point's end from its log start on; a restart
     // at that start may leave this log past the point's end, which is still exact (the
     // machine then learns again for the entries after the point).
     pull_from(&catch_up.transport, address, target, point.end).await?;
+    if target.log.producer_state_missing() {
+        match &answer.producer_states {
+            Some(bytes) => {
+                let offset = rill_storage::producers::snapshot_offset(bytes).ok_or_else(|| {
+                    io::Error::other("its producer state fails its checks".to_string())
+                })?;
+                // The records the state describes first: it is adopted as of their end.
+                pull_from(&catch_up.transport, address, target, offset).await?;
+                target
+                    .log
+                    .restore_producers(bytes)
+                    .map_err(io::Error::other)?;
+            }
+            None => tracing::warn!(
+                topic = target.topic, partition = target.partition, node = id,
+                "the replica answered without its idempotent-producer state (an older broker, or its own state is incomplete): this replica keeps the state of the records it copied, so a producer whose batches all lie below its log start is unknown here"
+            ),
+        }
+    }
     tracing::info!(
         topic = target.topic,
         partition = target.partition,

@@ -60,7 +60,8 @@ struct Inner {
 }
 
 /// Reads one group's applied point (see [`Machine::applied_point`]); blocking.
-pub type AppliedPointReader = Arc<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
+pub type AppliedPointReader =
+    Arc<dyn Fn() -> Option<crate::machine::AppliedPointReport> + Send + Sync>;
 
 /// The Raft groups of one broker. Cheap to clone.
 #[derive(Clone)]

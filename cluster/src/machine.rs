@@ -55,9 +55,10 @@ pub trait Machine: Send + 'static {
 
     /// The machine's applied point, given the last applied log id (read together with the
     /// machine, so the two agree): a Raft index and the end of the data the entries up to it
-    /// produced, for another replica that lost that data to retention (see
-    /// [`crate::catch_up`]). `None` (the default) for a machine without such data.
-    fn applied_point(&self, last_applied: Option<LogId>) -> Option<(u64, u64)> {
+    /// produced, with the producer state that goes with that data, for another replica that
+    /// lost the data to retention (see [`crate::catch_up`]). `None` (the default) for a
+    /// machine without such data.
+    fn applied_point(&self, last_applied: Option<LogId>) -> Option<AppliedPointReport> {
         let _ = last_applied;
         None
     }
@@ -91,6 +92,19 @@ pub trait Machine: Send + 'static {
     fn append_waiters(&self) -> Option<AppendWaiters> {
         None
     }
+}
+
+/// A machine's applied point, as [`Machine::applied_point`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedPointReport {
+    /// The index of the last Raft entry covered.
+    pub index: u64,
+    /// The end offset of the data the entries up to `index` produced.
+    pub end: u64,
+    /// The partition's idempotent-producer state, read in the same step, in the storage's
+    /// producer snapshot encoding (which holds the offset it covers up to, at or past `end`);
+    /// `None` when this replica's own state is incomplete.
+    pub producer_states: Option<Vec<u8>>,
 }
 
 /// The snapshot file's contents.
@@ -169,7 +183,7 @@ impl<M: Machine> MachineStore<M> {
     /// The machine's applied point (see [`Machine::applied_point`]), read with its last
     /// applied log id under one lock. Waits while an apply or a snapshot install runs: call
     /// from a blocking thread.
-    pub fn applied_point(&self) -> Option<(u64, u64)> {
+    pub fn applied_point(&self) -> Option<AppliedPointReport> {
         let s = self.state.lock();
         s.machine.applied_point(s.last_applied)
     }

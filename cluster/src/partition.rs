@@ -560,6 +560,8 @@ use state_machine::{command_records, encode_command};
 pub use write::Submitted;
 
 #[cfg(test)]
+mod adopt_tests;
+#[cfg(test)]
 mod below_start_tests;
 #[cfg(test)]
 mod tests;

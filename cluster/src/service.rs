@@ -261,15 +261,16 @@ impl RaftRpc for RaftService {
         let point = tokio::task::spawn_blocking(move || reader())
             .await
             .map_err(|e| Status::internal(format!("reading group {group}'s applied point: {e}")))?;
-        let (applied_index, applied_end) = point.ok_or_else(|| {
+        let report = point.ok_or_else(|| {
             Status::failed_precondition(format!(
                 "Raft group {group} on node {} has no applied point (not a partition, or nothing applied yet)",
                 self.host.node_id()
             ))
         })?;
         Ok(Response::new(AppliedPointReply {
-            applied_index,
-            applied_end,
+            applied_index: report.index,
+            applied_end: report.end,
+            producer_states: report.producer_states.unwrap_or_default().into(),
         }))
     }
 

@@ -1,6 +1,6 @@
 //! Unit tests of the partition state machine's apply of entries whose records are below its
 //! log start (its log restarted past its snapshot): the applied point it learns from another
-//! replica, and keeps for a restart.
+//! replica, and keeps for a restart. The helpers serve `adopt_tests` too.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::*;
 use crate::catch_up::CatchUp;
 
-struct NoTopics;
+pub(super) struct NoTopics;
 
 impl LocalTopics for NoTopics {
     fn ensure_topic(&self, _: &str, _: &TopicConfig) -> Result<(), String> {
@@ -37,13 +37,16 @@ impl LocalTopics for NoTopics {
 }
 
 /// The group the tests' machines replicate.
-const GROUP: u64 = 9;
+pub(super) const GROUP: u64 = 9;
 
-/// A replica that answers only `AppliedPoint`, with a fixed point, and counts the calls.
+/// A replica that answers only `AppliedPoint`, with a fixed point and producer state, and
+/// counts the calls.
 #[derive(Clone)]
-struct PointPeer {
-    point: (u64, u64),
-    asked: Arc<AtomicU64>,
+pub(super) struct PointPeer {
+    pub(super) point: (u64, u64),
+    /// The producer state it sends (empty: none, as an older broker).
+    pub(super) producer_states: Vec<u8>,
+    pub(super) asked: Arc<AtomicU64>,
 }
 
 type Boxed<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
@@ -96,12 +99,13 @@ impl RaftRpc for PointPeer {
         Ok(Response::new(AppliedPointReply {
             applied_index: self.point.0,
             applied_end: self.point.1,
+            producer_states: self.producer_states.clone().into(),
         }))
     }
 }
 
 /// Serves `peer` on a port of 127.0.0.1 of `rt` until the returned token is cancelled.
-fn serve(
+pub(super) fn serve(
     rt: &tokio::runtime::Runtime,
     peer: PointPeer,
 ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
@@ -124,7 +128,7 @@ fn serve(
     (addr, stop, server)
 }
 
-fn plain(values: &[&str]) -> Command {
+pub(super) fn plain(values: &[&str]) -> Command {
     let mut b = BatchBuilder::new(BytesMut::new());
     for v in values {
         b.push(None, v.as_bytes(), &[], 1);
@@ -132,24 +136,30 @@ fn plain(values: &[&str]) -> Command {
     encode_command(WriteAck::Quorum, 7, &b.finish())
 }
 
-fn idempotent(producer: i64, sequence: i32, value: &str) -> Command {
+pub(super) fn idempotent(producer: i64, sequence: i32, value: &str) -> Command {
     let mut b = BatchBuilder::new(BytesMut::new()).with_producer(producer, 0, sequence);
     b.push(None, value.as_bytes(), &[], 1);
     encode_command(WriteAck::Quorum, 7, &b.finish())
 }
 
-fn log_id(index: u64) -> LogId {
+pub(super) fn log_id(index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(1, 1), index)
 }
 
-fn apply(m: &mut PartitionMachine, index: u64, c: &Command) -> WriteReply {
+/// The index and end of `m`'s applied point after entry `index`.
+pub(super) fn point_of(m: &PartitionMachine, index: u64) -> Option<(u64, u64)> {
+    m.applied_point(Some(log_id(index)))
+        .map(|report| (report.index, report.end))
+}
+
+pub(super) fn apply(m: &mut PartitionMachine, index: u64, c: &Command) -> WriteReply {
     let reply = m
         .apply(log_id(index), c)
         .unwrap_or_else(|e| panic!("apply of entry {index}: {e}"));
     bincode::deserialize(&reply.0).expect("reply")
 }
 
-fn log_of(store: &Store) -> PartitionLog {
+pub(super) fn log_of(store: &Store) -> PartitionLog {
     store
         .create_topic("t", TopicConfig::default())
         .expect("topic")
@@ -158,7 +168,7 @@ fn log_of(store: &Store) -> PartitionLog {
 }
 
 /// The raw stored batches of `log` from `offset` on (as a pull copies them).
-fn batches_from(log: &PartitionLog, offset: u64) -> Vec<Vec<u8>> {
+pub(super) fn batches_from(log: &PartitionLog, offset: u64) -> Vec<Vec<u8>> {
     let read = log.read(offset, 1 << 20).expect("read");
     let mut out = Vec::new();
     for chunk in &read.chunks {
@@ -198,7 +208,7 @@ fn entries_below_a_restarted_log_start_are_applied_from_a_learned_point_and_repl
         }
     }
     assert_eq!(source.next_offset(), 6);
-    assert_eq!(source.applied_point(Some(log_id(5))), Some((5, 6)));
+    assert_eq!(point_of(&source, 5), Some((5, 6)));
     let snapshot = snapshot.expect("a snapshot after entry 1");
 
     // This replica installed the snapshot (applied end 2), but its source had deleted the
@@ -220,6 +230,7 @@ fn entries_below_a_restarted_log_start_are_applied_from_a_learned_point_and_repl
     let asked = Arc::new(AtomicU64::new(0));
     let peer = PointPeer {
         point: (5, 6),
+        producer_states: Vec::new(),
         asked: asked.clone(),
     };
     let (addr, stop, server) = serve(&rt, peer);
@@ -244,6 +255,9 @@ fn entries_below_a_restarted_log_start_are_applied_from_a_learned_point_and_repl
         assert!(reply.is_err(), "entry {}: {reply:?}", i + 1);
     }
     assert_eq!(asked.load(Ordering::SeqCst), 1, "the point was asked again");
+    // The peer sent no producer state (as an older broker): the log keeps the copies' state
+    // and still reports it missing.
+    assert!(log.producer_state_missing());
     assert_eq!(
         log.high_watermark(),
         6,
@@ -251,14 +265,14 @@ fn entries_below_a_restarted_log_start_are_applied_from_a_learned_point_and_repl
     );
     // While it answers them, it reports the point it learned, and its applied end is not
     // exact (a leader must not predict offsets from it).
-    assert_eq!(m.applied_point(Some(log_id(3))), Some((5, 6)));
+    assert_eq!(point_of(&m, 3), Some((5, 6)));
     assert_eq!(m.exact_next_offset(), None);
     // Later entries land where the source gives them.
     assert_eq!(apply(&mut m, 6, &plain(&["d"])), Ok((6, 1)));
     assert_eq!(m.exact_next_offset(), Some(7));
     assert_eq!(apply(&mut m, 7, &plain(&["e1", "e2"])), Ok((7, 2)));
     assert_eq!((m.next_offset(), log.high_watermark()), (9, 9));
-    assert_eq!(m.applied_point(Some(log_id(7))), Some((7, 9)));
+    assert_eq!(point_of(&m, 7), Some((7, 9)));
 
     rt.block_on(async {
         stop.cancel();

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::catch_up::AppliedPoint;
+use crate::machine::AppliedPointReport;
 
 /// The file in the group's folder holding the applied point this replica last learned
 /// (see [`crate::catch_up::learn`]): bincode of an [`AppliedPoint`], written atomically.
@@ -307,17 +308,25 @@ impl Machine for PartitionMachine {
     }
 
     /// The last applied index and `next_offset`; while entries up to a learned point are
-    /// being answered as held (the applied end is behind the log start), that point.
-    fn applied_point(&self, last_applied: Option<LogId>) -> Option<(u64, u64)> {
+    /// being answered as held (the applied end is behind the log start), that point. With
+    /// the log's producer state as of its end (at or past the point's end: the log never
+    /// ends below the applied end), read while the machine is held, so no apply moves the
+    /// log meanwhile.
+    fn applied_point(&self, last_applied: Option<LogId>) -> Option<AppliedPointReport> {
         let last = last_applied?;
-        match self.point {
+        let (index, end) = match self.point {
             Some(point)
                 if point.index >= last.index && self.next_offset < self.log.log_start_offset() =>
             {
-                Some((point.index, point.end))
+                (point.index, point.end)
             }
-            _ => Some((last.index, self.next_offset)),
-        }
+            _ => (last.index, self.next_offset),
+        };
+        Some(AppliedPointReport {
+            index,
+            end,
+            producer_states: self.log.producer_snapshot().map(|(bytes, _)| bytes),
+        })
     }
 
     /// The snapshot is `next_offset`; the records below it are synced first, because the Raft
@@ -345,6 +354,19 @@ impl Machine for PartitionMachine {
                     local: self.local.as_ref(),
                 };
                 crate::catch_up::pull(catch_up, &target, next_offset)?;
+            }
+        }
+        // Also when the log reached the snapshot's end already: a crash may have come
+        // between a restart of the log (by an earlier try of this install) and the adoption.
+        if self.log.producer_state_missing() {
+            if let Some(catch_up) = &self.catch_up {
+                let target = crate::catch_up::Target {
+                    topic: &self.topic,
+                    partition: self.partition,
+                    log: &self.log,
+                    local: self.local.as_ref(),
+                };
+                crate::catch_up::adopt_producer_state(catch_up, &target)?;
             }
         }
         self.next_offset = next_offset;
