@@ -436,3 +436,124 @@ async fn a_follower_behind_retention_replays_an_idempotent_producers_entries_bel
         Some((total, value(total).into_bytes()))
     );
 }
+
+/// Node `id`'s high watermark of partition 0 and its records from `offset` on, values only.
+async fn records_from(cluster: &TestCluster, id: u64, topic: &str, offset: u64) -> Vec<String> {
+    let mut c = clients(cluster, id).await;
+    let resp = c.fetch(topic, 0, offset, 0).await.expect("fetch");
+    resp.records
+        .iter()
+        .filter(|r| r.offset >= offset)
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_retention_adopts_the_producer_state_of_the_records_it_never_got() {
+    // As in the first test: a Raft snapshot every 20 entries, retention every 100 ms.
+    let mut cluster = TestCluster::start_with(
+        3,
+        Extra::args(&[
+            "--raft-snapshot-entries",
+            "20",
+            "--retention-check-ms",
+            "100",
+        ]),
+    )
+    .await
+    .expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let topic = "early";
+    clients(&cluster, 1)
+        .await
+        .admin
+        .create_topic(pb::CreateTopicRequest {
+            name: topic.into(),
+            config: Some(pb::TopicConfig {
+                partitions: 1,
+                segment_bytes: Some(SEGMENT_BYTES),
+                retention_bytes: Some(RETENTION_BYTES),
+                ..Default::default()
+            }),
+            replication_factor: Some(3),
+        })
+        .await
+        .expect("create");
+    let producer = {
+        let c = clients(&cluster, 1).await;
+        let r = rill_tests::cluster::while_unavailable(DEADLINE, || {
+            let mut log = c.log.clone();
+            async move {
+                log.init_producer(pb::InitProducerRequest {
+                    producer_name: None,
+                })
+                .await
+            }
+        })
+        .await
+        .expect("init producer")
+        .into_inner();
+        (r.producer_id, r.producer_epoch)
+    };
+    // The "early" producer's only batches: records 0..3, sequences 0..3.
+    write_idempotent(&cluster, topic, producer, 0, 3, 1000).await;
+    let leader = cluster
+        .wait_partition_leader(topic, 0, DEADLINE)
+        .await
+        .expect("leader");
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    cluster
+        .wait_records(follower, topic, 0, 3, DEADLINE)
+        .await
+        .expect("records");
+
+    // Down while 200 plain records are written: retention deletes the early producer's
+    // batches on both live replicas (their producer state keeps it).
+    cluster.kill(follower).await.expect("kill");
+    let total = 203;
+    write(&cluster, topic, 3, total - 3).await;
+    for id in cluster.ids().into_iter().filter(|id| *id != follower) {
+        wait_start_past(&cluster, id, topic, 3, total).await;
+    }
+    cluster.restart(follower).await.expect("restart");
+    wait_end(&cluster, follower, topic, total).await;
+    let (follower_start, _) = offsets(&cluster, follower, topic).await;
+    assert!(
+        follower_start > 3,
+        "the follower's log did not restart past the early batches: it starts at {follower_start}"
+    );
+
+    // The early producer retries its first batch (its answer was lost) and goes on. Every
+    // replica must answer the retry as a duplicate (appending nothing) and put the next
+    // batch at the same offset: a replica without the producer's state would append the
+    // retry as a new producer's first batch, and refuse the next batch as a sequence gap.
+    let retry = produce_idempotent(&cluster, topic, producer, 0, &value(0)).await;
+    assert_eq!(
+        retry, 0,
+        "the retry was not answered with its original offset"
+    );
+    let next = produce_idempotent(&cluster, topic, producer, 3, &value(total)).await;
+    assert_eq!(next, total);
+    write(&cluster, topic, total + 1, 1).await;
+    let want = vec![value(total), value(total + 1)];
+    for id in cluster.ids() {
+        wait_end(&cluster, id, topic, total + 2).await;
+        assert_eq!(
+            offsets(&cluster, id, topic).await.1,
+            total + 2,
+            "node {id}: its log holds other records than its peers'"
+        );
+        assert_eq!(
+            records_from(&cluster, id, topic, total).await,
+            want,
+            "node {id} (the follower is {follower}): the records after the catch-up differ"
+        );
+    }
+}
