@@ -20,6 +20,15 @@
 //! empty at that start ([`PartitionLog::restart_at`]) and pulls from there: a "snapshot" of a
 //! log is its start offset.
 //!
+//! A restarted log lost its idempotent producers' state with the records, and the copies
+//! rebuild it only for their own producers. So it also adopts a source's state: the
+//! `AppliedPoint` reply carries the source's state as of its log end `S` (read together), and
+//! the log pulls the records up to `S`, then installs the state as of `S`
+//! ([`PartitionLog::restore_producers`], durable when it returns). [`learn`] does that when
+//! the log's state is missing, and a snapshot install asks for it with
+//! [`adopt_producer_state`] (see `docs/REPLICATION.md`, "Producer state of a restarted
+//! log").
+//!
 //! The snapshot openraft sends may be older than the sources' log start (retention ran since
 //! it was built). Then the log restarts past the snapshot's end, and the Raft entries between
 //! the two, which follow the snapshot, must be applied although their records are gone here.
@@ -251,10 +260,11 @@ pub struct AppliedPoint {
 
 /// Learns from another replica an applied point at or past Raft entry `index`, and pulls
 /// from that replica the records below the point's end that `target`'s log lacks (restarting
-/// the log at the replica's log start if retention deleted them there too). Asks the
-/// replicas in turn, again and again with a growing pause, for up to [`LEARN_DEADLINE`]: a
-/// replica that has not applied that far yet may soon have. Blocking: runs on the
-/// catch-up's runtime from the calling (blocking) thread.
+/// the log at the replica's log start if retention deleted them there too), and adopts its
+/// producer state if the log's is missing (see `take`). Asks the replicas in turn, preferring
+/// one that sends its producer state, again and again with a growing pause, for up to
+/// [`LEARN_DEADLINE`]: a replica that has not applied that far yet may soon have. Blocking:
+/// runs on the catch-up's runtime from the calling (blocking) thread.
 pub fn learn(catch_up: &CatchUp, target: &Target<'_>, index: u64) -> io::Result<AppliedPoint> {
     catch_up.runtime.block_on(async {
         let until = tokio::time::Instant::now() + LEARN_DEADLINE;

@@ -343,6 +343,9 @@ impl Machine for PartitionMachine {
         Ok(())
     }
 
+    /// Pulls the records below the snapshot's end that the log lacks (restarting it at a
+    /// source's log start when retention deleted them there), then, if the log's producer
+    /// state is missing (it restarted, now or in an earlier try), adopts a source's.
     fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
         let next_offset: u64 = bincode::deserialize(bytes).map_err(io::Error::other)?;
         if self.log.high_watermark() < next_offset {
