@@ -277,21 +277,26 @@ pub fn learn(catch_up: &CatchUp, target: &Target<'_>, index: u64) -> io::Result<
         loop {
             let mut failures = Vec::new();
             // A replica that answers without its producer state is used only when none
-            // answers with it (see `take`).
+            // answers with it (see `take`); one that sent it but could not be taken from
+            // (retention moved meanwhile) is asked again in the next round instead.
             let mut stateless = None;
+            let mut stateful = false;
             for (id, address) in &catch_up.sources {
                 match ask(catch_up, *id, address, index).await {
                     Ok(answer) if answer.producer_states.is_none() => {
                         stateless.get_or_insert((*id, address, answer));
                     }
-                    Ok(answer) => match take(catch_up, *id, address, target, answer).await {
-                        Ok(point) => return Ok(point),
-                        Err(e) => failures.push(format!("node {id} at {address}: {e}")),
-                    },
+                    Ok(answer) => {
+                        stateful = true;
+                        match take(catch_up, *id, address, target, answer).await {
+                            Ok(point) => return Ok(point),
+                            Err(e) => failures.push(format!("node {id} at {address}: {e}")),
+                        }
+                    }
                     Err(e) => failures.push(format!("node {id} at {address}: {e}")),
                 }
             }
-            if let Some((id, address, answer)) = stateless {
+            if let Some((id, address, answer)) = stateless.filter(|_| !stateful) {
                 match take(catch_up, id, address, target, answer).await {
                     Ok(point) => return Ok(point),
                     Err(e) => failures.push(format!("node {id} at {address}: {e}")),
