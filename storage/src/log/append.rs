@@ -188,7 +188,9 @@ impl PartitionLog {
     /// fields recorded, but not checked against the producers' state. The copy must land as
     /// the source stored it, and a log restarted at the source's log start
     /// ([`PartitionLog::restart_at`]) has no state for producers whose earlier batches were
-    /// deleted (their next sequence would be refused as a gap). Blocking.
+    /// deleted (their next sequence would be refused as a gap) until it adopts the source's
+    /// ([`PartitionLog::restore_producers`]), which replaces the state the copies built.
+    /// Blocking.
     pub fn append_copy(&self, batch: &[u8]) -> Result<AppendInfo> {
         let header = self.check(batch, true)?;
         let unsettled = self.append_blocking(batch, &header, Ack::Leader, false)?;
