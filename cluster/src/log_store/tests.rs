@@ -510,3 +510,39 @@ fn an_append_without_fsync_is_written_in_place_only_when_nothing_is_ahead_of_it(
         "frames out of log order"
     );
 }
+
+#[test]
+fn blocks_are_reserved_past_the_end_without_changing_the_size_and_a_reopen_reads_only_frames() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime();
+    {
+        let store = LogStore::open(dir.path()).expect("open");
+        append_and_wait(&store, vec![entry(1, 1), entry(1, 2)], false);
+        let meta = std::fs::metadata(dir.path().join(LOG_FILE)).expect("metadata");
+        let written = meta.len();
+        assert!(written > 0 && written < 4096, "size {written}");
+        // st_blocks counts 512-byte units: the chunk past the frames is allocated.
+        assert!(
+            meta.blocks() * 512 >= written + PREALLOCATE_CHUNK_BYTES,
+            "{} blocks reserved for {written} bytes written",
+            meta.blocks()
+        );
+        append_and_wait(&store, vec![entry(1, 3)], true);
+    }
+    let mut store = LogStore::open(dir.path()).expect("reopen");
+    rt.block_on(async {
+        let got = store.try_get_log_entries(0..10).await.expect("read");
+        let idx: Vec<u64> = got.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(idx, vec![1, 2, 3]);
+    });
+    // The reserved blocks hold no frames: the file's size is still the frames' end.
+    let size = std::fs::metadata(dir.path().join(LOG_FILE))
+        .expect("metadata")
+        .len();
+    append_and_wait(&store, vec![entry(1, 4)], false);
+    let grown = std::fs::metadata(dir.path().join(LOG_FILE))
+        .expect("metadata")
+        .len();
+    assert!(grown > size, "an append after the reopen lands at the end");
+}
