@@ -184,6 +184,7 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
         file,
         reader: Arc::new(File::open(dir.path().join(LOG_FILE)).expect("reader")),
         file_bytes: 0,
+        reserved_bytes: Some(0),
         syncer,
         failed: None,
         mem: Arc::new(Mutex::new(Mem::new(None, RESIDENT_BUDGET_BYTES))),
