@@ -60,6 +60,16 @@ pub struct PartitionMachine {
 }
 
 impl PartitionMachine {
+    /// This partition as the catch-up pulls name it: its topic, log and the broker's topics.
+    fn catch_up_target(&self) -> crate::catch_up::Target<'_> {
+        crate::catch_up::Target {
+            topic: &self.topic,
+            partition: self.partition,
+            log: &self.log,
+            local: self.local.as_ref(),
+        }
+    }
+
     /// The machine of partition `partition` of `topic` over `log`.
     pub fn new(
         topic: &str,
@@ -165,12 +175,7 @@ impl PartitionMachine {
             let Some(catch_up) = &self.catch_up else {
                 return Ok(None); // nowhere to ask: the replay's read fails
             };
-            let target = crate::catch_up::Target {
-                topic: &self.topic,
-                partition: self.partition,
-                log: &self.log,
-                local: self.local.as_ref(),
-            };
+            let target = self.catch_up_target();
             let point = crate::catch_up::learn(catch_up, &target, index)?;
             // The pulled records first, the point after: a point kept on disk always
             // describes records that survive a power loss.
@@ -350,12 +355,7 @@ impl Machine for PartitionMachine {
         let next_offset: u64 = bincode::deserialize(bytes).map_err(io::Error::other)?;
         if self.log.high_watermark() < next_offset {
             if let Some(catch_up) = &self.catch_up {
-                let target = crate::catch_up::Target {
-                    topic: &self.topic,
-                    partition: self.partition,
-                    log: &self.log,
-                    local: self.local.as_ref(),
-                };
+                let target = self.catch_up_target();
                 crate::catch_up::pull(catch_up, &target, next_offset)?;
             }
         }
@@ -363,12 +363,7 @@ impl Machine for PartitionMachine {
         // between a restart of the log (by an earlier try of this install) and the adoption.
         if self.log.producer_state_missing() {
             if let Some(catch_up) = &self.catch_up {
-                let target = crate::catch_up::Target {
-                    topic: &self.topic,
-                    partition: self.partition,
-                    log: &self.log,
-                    local: self.local.as_ref(),
-                };
+                let target = self.catch_up_target();
                 crate::catch_up::adopt_producer_state(catch_up, &target)?;
             }
         }
