@@ -58,7 +58,7 @@ pub use error::ClusterError;
 pub use failover::Failover;
 pub use host::{GroupHost, RaftTimings};
 pub use log_store::LogStore;
-pub use machine::{Machine, MachineStore};
+pub use machine::{Machine, MachineStore, SnapshotBarrier};
 pub use node::ClusterNode;
 pub use partition::{LocalTopics, Replication};
 pub use peers::{ClusterConfig, PeerList, PeerListError};

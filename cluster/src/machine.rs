@@ -63,8 +63,19 @@ pub trait Machine: Send + 'static {
         None
     }
 
-    /// The whole state as bytes, for a snapshot.
+    /// The whole state as bytes, for a snapshot. Runs under the machine's lock, so applies
+    /// wait for it: keep it cheap, and leave slow work to [`Machine::snapshot_barrier`].
     fn snapshot(&self) -> io::Result<Vec<u8>>;
+
+    /// Work that must be done before a snapshot taken now may be saved (the Raft log is then
+    /// purged behind it), read together with [`Machine::snapshot`]'s bytes and run after the
+    /// machine's lock is released, on a blocking thread, so that applies go on meanwhile. A
+    /// partition syncs its records below the snapshot's end here: done under the lock, that
+    /// fsync (hundreds of MB at full rate) held up every apply, and so every acknowledgement,
+    /// for as long as it took. `None` (the default) when the bytes are all a snapshot needs.
+    fn snapshot_barrier(&self) -> Option<SnapshotBarrier> {
+        None
+    }
 
     /// Replaces the state with a snapshot's bytes.
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()>;
@@ -93,6 +104,9 @@ pub trait Machine: Send + 'static {
         None
     }
 }
+
+/// Work a snapshot needs done before it is saved (see [`Machine::snapshot_barrier`]).
+pub type SnapshotBarrier = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 /// A machine's applied point, as [`Machine::applied_point`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,31 +226,50 @@ fn save_snapshot(dir: &Path, snap: &StoredSnapshot) -> io::Result<()> {
 
 impl<M: Machine> RaftSnapshotBuilder<TypeConfig> for MachineStore<M> {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        self.blocking(|s| {
-            let data = s.machine.snapshot()?;
-            s.snapshots_built += 1;
-            let snapshot_id = match s.last_applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, s.snapshots_built),
-                None => format!("none-{}", s.snapshots_built),
-            };
-            let snap = StoredSnapshot {
-                meta: SnapshotMeta {
+        let state = self.state.clone();
+        let built = tokio::task::spawn_blocking(move || -> io::Result<Snapshot> {
+            // The bytes, the applied point and the barrier, read together under the lock.
+            let (snap, barrier) = {
+                let mut s = state.lock();
+                let data = s.machine.snapshot()?;
+                let barrier = s.machine.snapshot_barrier();
+                s.snapshots_built += 1;
+                let snapshot_id = match s.last_applied {
+                    Some(l) => format!("{}-{}-{}", l.leader_id, l.index, s.snapshots_built),
+                    None => format!("none-{}", s.snapshots_built),
+                };
+                let meta = SnapshotMeta {
                     last_log_id: s.last_applied,
                     last_membership: s.membership.clone(),
                     snapshot_id,
-                },
-                data,
+                };
+                (StoredSnapshot { meta, data }, barrier)
             };
-            save_snapshot(&s.dir, &snap)?;
+            // Applies go on while the barrier runs (see Machine::snapshot_barrier).
+            if let Some(barrier) = barrier {
+                barrier()?;
+            }
             let out = Snapshot {
                 meta: snap.meta.clone(),
                 snapshot: Box::new(Cursor::new(snap.data.clone())),
             };
-            s.current = Some(snap);
+            let mut s = state.lock();
+            // A snapshot installed from the leader meanwhile is newer: keep it, and hand
+            // this one back anyway (openraft ignores a snapshot older than its own).
+            let newer = s
+                .current
+                .as_ref()
+                .is_some_and(|c| c.meta.last_log_id > snap.meta.last_log_id);
+            if !newer {
+                save_snapshot(&s.dir, &snap)?;
+                s.current = Some(snap);
+            }
             Ok(out)
         })
         .await
-        .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        built.map_err(|e| StorageIOError::write_snapshot(None, &e).into())
     }
 }
 
@@ -337,3 +370,6 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for MachineStore<M> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;

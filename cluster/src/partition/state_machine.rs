@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::catch_up::AppliedPoint;
-use crate::machine::AppliedPointReport;
+use crate::machine::{AppliedPointReport, SnapshotBarrier};
 
 /// The file in the group's folder holding the applied point this replica last learned
 /// (see [`crate::catch_up::learn`]): bincode of an [`AppliedPoint`], written atomically.
@@ -334,13 +334,20 @@ impl Machine for PartitionMachine {
         })
     }
 
-    /// The snapshot is `next_offset`; the records below it are synced first, because the Raft
-    /// log is purged behind a snapshot: after a power loss they could not be re-applied.
+    /// The snapshot is `next_offset`.
     fn snapshot(&self) -> io::Result<Vec<u8>> {
-        self.log
-            .sync_through(self.next_offset)
-            .map_err(io::Error::other)?;
         bincode::serialize(&self.next_offset).map_err(io::Error::other)
+    }
+
+    /// The records below the snapshot's end are synced before it is saved, because the Raft
+    /// log is purged behind a snapshot: after a power loss they could not be re-applied. The
+    /// sync runs beside the applies: appends past the end go on meanwhile.
+    fn snapshot_barrier(&self) -> Option<SnapshotBarrier> {
+        let log = self.log.clone();
+        let end = self.next_offset;
+        Some(Box::new(move || {
+            log.sync_through(end).map_err(io::Error::other)
+        }))
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {

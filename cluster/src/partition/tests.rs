@@ -61,8 +61,18 @@ fn replaying_applied_entries_appends_nothing_and_gives_the_same_offsets() {
     assert_eq!(apply(&mut again, 3, &c), Ok((3, 3)));
     assert_eq!(log.high_watermark(), 6);
 
-    // A snapshot restores where the applies stopped, and covers only synced records.
+    // A snapshot restores where the applies stopped, and covers only synced records: its
+    // barrier syncs them (the store runs it before it saves the snapshot).
     let snap = again.snapshot().expect("snapshot");
+    let barrier = again
+        .snapshot_barrier()
+        .expect("a partition's snapshot has a barrier");
+    assert_eq!(
+        apply(&mut again, 4, &b),
+        Ok((6, 1)),
+        "an apply before the barrier ran"
+    );
+    barrier().expect("barrier");
     assert!(
         log.durable_offset() >= 6,
         "a snapshot covered unsynced records"

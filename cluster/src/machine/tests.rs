@@ -1,0 +1,108 @@
+//! Unit tests of the machine store: a snapshot's barrier runs beside the applies.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
+
+use super::*;
+
+/// The longest any wait here may take.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Counts its applies; its snapshot barrier reports that it started and then waits until the
+/// test lets it go.
+struct Gated {
+    applied: u64,
+    entered: mpsc::Sender<()>,
+    release: Arc<Mutex<Option<mpsc::Receiver<()>>>>,
+}
+
+impl Machine for Gated {
+    fn apply(&mut self, _log_id: LogId, _command: &Command) -> io::Result<Reply> {
+        self.applied += 1;
+        Ok(Reply(self.applied.to_le_bytes().to_vec()))
+    }
+
+    fn snapshot(&self) -> io::Result<Vec<u8>> {
+        Ok(self.applied.to_le_bytes().to_vec())
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let bytes: [u8; 8] = bytes.try_into().map_err(io::Error::other)?;
+        self.applied = u64::from_le_bytes(bytes);
+        Ok(())
+    }
+
+    fn snapshot_barrier(&self) -> Option<SnapshotBarrier> {
+        let entered = self.entered.clone();
+        let release = self.release.lock().take()?;
+        Some(Box::new(move || {
+            entered.send(()).map_err(io::Error::other)?;
+            release.recv_timeout(DEADLINE).map_err(io::Error::other)
+        }))
+    }
+}
+
+fn entry(index: u64) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command(bytes::Bytes::from_static(b"c"))),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_go_on_while_a_snapshot_barrier_runs_and_the_snapshot_covers_only_its_point() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    let machine = Gated {
+        applied: 0,
+        entered: entered_tx.clone(),
+        release: Arc::new(Mutex::new(Some(release_rx))),
+    };
+    let mut store = MachineStore::open(dir.path(), machine).expect("open");
+    store.apply([entry(1)]).await.expect("apply 1");
+
+    let mut builder = store.clone();
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    tokio::task::spawn_blocking(move || entered_rx.recv_timeout(DEADLINE))
+        .await
+        .expect("join")
+        .expect("the barrier never started");
+
+    // The barrier is still running: an apply must not wait for it.
+    let applied = tokio::time::timeout(Duration::from_secs(5), store.apply([entry(2)])).await;
+    let replies = applied
+        .expect("an apply waited for the snapshot's barrier")
+        .expect("apply 2");
+    assert_eq!(replies[0].0, 2u64.to_le_bytes().to_vec());
+
+    release_tx.send(()).expect("release");
+    let snapshot = tokio::time::timeout(DEADLINE, build)
+        .await
+        .expect("the snapshot never finished")
+        .expect("join")
+        .expect("build");
+    // The snapshot is the state when it was taken (entry 1), not after the later apply.
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(1));
+    assert_eq!(snapshot.snapshot.into_inner(), 1u64.to_le_bytes().to_vec());
+    let current = store.get_current_snapshot().await.expect("current");
+    assert_eq!(
+        current.and_then(|s| s.meta.last_log_id).map(|l| l.index),
+        Some(1)
+    );
+
+    // Reopened, the store restores the saved snapshot: entry 1, and openraft re-applies 2.
+    drop(store);
+    let (unused_tx, _) = mpsc::channel();
+    let again = Gated {
+        applied: 0,
+        entered: unused_tx,
+        release: Arc::new(Mutex::new(None)),
+    };
+    let again = MachineStore::open(dir.path(), again).expect("reopen");
+    assert_eq!(again.last_applied().map(|l| l.index), Some(1));
+    assert_eq!(again.read(|m| m.applied), 1);
+    drop(entered_tx);
+}
