@@ -3,9 +3,11 @@
 //! Layout, in the group's folder:
 //! - `vote`: the current vote, one frame, replaced atomically (temporary file, fsync, rename,
 //!   folder fsync) before it is reported saved, so a broker never votes twice in a term.
-//! - `log`: an append-only file of frames, each an [`Op`]: entries appended, a tail truncated,
-//!   a head purged. Opening replays the ops; a torn last frame (short, or a bad CRC) is cut
-//!   off, as a crash mid-append leaves it.
+//! - `log`, `log.1`, `log.2`, ...: append-only files of frames, each an [`Op`]: entries
+//!   appended, a tail truncated, a head purged. A file is sealed at [`SEGMENT_BYTES`] and the
+//!   next one begun; a sealed file is deleted once all its entries are purged (see
+//!   [`files`]). Opening replays the ops of every file in order; a torn last frame (short, or
+//!   a bad CRC) of the newest file is cut off, as a crash mid-append leaves it.
 //!
 //! **When an append counts.** openraft counts an entry toward the commit once the storage
 //! reports it flushed (`LogFlushed::log_io_completed`), on the leader and on each follower.
@@ -31,15 +33,14 @@
 //! only after a snapshot, thousands of entries behind, so keeping every live entry held
 //! hundreds of MB per partition. Each index keeps its log id and where its frame lies in the
 //! file; an older entry is read back from there (a pread, CRC checked), which happens only for
-//! a follower far behind or after a restart. The file is rewritten when purged frames
-//! dominate it, one frame per live entry, so reading one back decodes one entry.
+//! a follower far behind or after a restart.
 //!
 //! A frame is `len: u32 LE`, `crc32: u32 LE` (of the payload), then `len` bytes of bincode.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -54,10 +55,12 @@ use tokio::sync::oneshot;
 
 use crate::types::{Command, Entry, LogId, StorageError, TypeConfig, Vote};
 
+mod files;
 mod frame;
 mod resident;
 mod syncer;
 
+use files::Sealed;
 use frame::{encode_append_frame, encode_frame, invalid, next_frame, parse_frame, Frame};
 
 use resident::{Got, Mem, Pos, RESIDENT_BUDGET_BYTES};
@@ -67,8 +70,8 @@ use syncer::Syncer;
 const LOG_FILE: &str = "log";
 /// Name of the vote file in a group folder.
 const VOTE_FILE: &str = "vote";
-/// A log file smaller than this is never rewritten.
-const COMPACT_MIN_BYTES: u64 = 8 << 20;
+/// A log file is sealed, and the next begun, once it holds this much (see [`files`]).
+const SEGMENT_BYTES: u64 = 64 << 20;
 /// How long the writer thread leaves frames unsynced at most.
 pub const BACKGROUND_FLUSH_MS: u64 = 200;
 /// The log file's blocks are reserved this far past its end, a chunk at a time (see
@@ -217,7 +220,7 @@ struct Job {
     /// The entries in the frame, if an append: their position is recorded once written.
     log_ids: Vec<LogId>,
     sync: bool,
-    /// A purge: see whether the file should be compacted after it.
+    /// A purge: see whether sealed files can be deleted after it.
     purge: bool,
     done: Done,
 }
@@ -255,6 +258,16 @@ impl LogStore {
 
     /// [`LogStore::open_with`], keeping at most `budget_bytes` of written entries in memory.
     fn open_budget(dir: &Path, policy: LogPolicy, budget_bytes: u64) -> io::Result<LogStore> {
+        LogStore::open_sized(dir, policy, budget_bytes, SEGMENT_BYTES)
+    }
+
+    /// [`LogStore::open_budget`], sealing each file at `segment_bytes`.
+    fn open_sized(
+        dir: &Path,
+        policy: LogPolicy,
+        budget_bytes: u64,
+        segment_bytes: u64,
+    ) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
         let vote = match std::fs::read(dir.join(VOTE_FILE)) {
             Ok(bytes) => {
@@ -266,33 +279,9 @@ impl LogStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let path = dir.join(LOG_FILE);
-        let file = OpenOptions::new().append(true).create(true).open(&path)?;
-        let reader = Arc::new(File::open(&path)?);
         let mut mem = Mem::new(vote, budget_bytes);
-        // Streamed frame by frame, evicting as it goes: no copy of the whole file in memory.
-        let file_len = file.metadata()?.len();
-        let mut stream = BufReader::with_capacity(1 << 20, &*reader);
-        let mut pos = 0u64;
-        while let Some((op, len)) = next_frame(&mut stream)? {
-            let at = Pos {
-                file: reader.clone(),
-                offset: pos,
-                len,
-            };
-            mem.apply(op, Some(at));
-            pos += u64::from(len);
-        }
-        if pos < file_len {
-            tracing::warn!(
-                path = %path.display(),
-                kept = pos,
-                cut = file_len - pos,
-                "cutting a torn tail off the Raft log"
-            );
-            file.set_len(pos)?;
-            file.sync_all()?;
-        }
+        let replayed = files::replay(dir, &mut mem)?;
+        let file = replayed.file;
         sync_dir(dir)?;
         let mem = Arc::new(Mutex::new(mem));
         if let Some(w) = &policy.waiters {
@@ -307,9 +296,13 @@ impl LogStore {
             fsyncs: fsyncs.clone(),
             dir: dir.to_path_buf(),
             file,
-            reader,
-            file_bytes: pos,
-            reserved_bytes: Some(pos),
+            reader: replayed.reader,
+            seq: replayed.seq,
+            segment_bytes,
+            max_index: replayed.max_index,
+            sealed: replayed.sealed,
+            file_bytes: replayed.file_bytes,
+            reserved_bytes: Some(replayed.file_bytes),
             syncer,
             failed: None,
             mem: mem.clone(),
@@ -407,6 +400,14 @@ struct Writer {
     file: File,
     /// A read handle of the same file, which positions of entries written to it name.
     reader: Arc<File>,
+    /// The file's number (see [`files::path`]).
+    seq: u64,
+    /// The file is sealed, and the next begun, once it holds this much.
+    segment_bytes: u64,
+    /// The highest index an entry appended to this file had.
+    max_index: Option<u64>,
+    /// The sealed files before it, oldest first.
+    sealed: std::collections::VecDeque<Sealed>,
     file_bytes: u64,
     /// How far the file's blocks are reserved ([`Writer::reserve`]); `None` once reserving
     /// failed (a filesystem without `fallocate`): the log is then written as before.
@@ -447,8 +448,8 @@ impl Writer {
         }
     }
 
-    /// Writes the batch's frames in one write, compacts after a purge if due, and fsyncs
-    /// once if any job asks for it.
+    /// Writes the batch's frames in one write (sealing the file first if it is full), fsyncs
+    /// once if any job asks for it, and deletes the files a purge among them freed.
     fn write_batch(&mut self, batch: &[Job]) -> io::Result<()> {
         if let Some(e) = self.failed.clone().or_else(|| self.syncer.failed()) {
             return Err(io::Error::other(format!(
@@ -463,6 +464,9 @@ impl Writer {
     }
 
     fn write_frames(&mut self, batch: &[Job]) -> io::Result<()> {
+        if self.file_bytes >= self.segment_bytes {
+            self.roll()?;
+        }
         let mut pending: Vec<&Frame> = Vec::with_capacity(batch.len());
         // The appends among them, with where their frame lands.
         let mut placed: Vec<(&[LogId], u64, u32)> = Vec::new();
@@ -474,21 +478,89 @@ impl Writer {
                 placed.push((&job.log_ids, at, len));
             }
             at += job.frame.len() as u64;
-            if job.purge {
-                // Everything before the purge is in the file (and its position recorded)
-                // before the file may be rewritten.
-                self.write_pending(&mut pending)?;
-                self.place(&mut placed);
-                self.maybe_compact()?;
-                at = self.file_bytes;
-            }
         }
         self.write_pending(&mut pending)?;
         self.place(&mut placed);
         if batch.iter().any(|j| j.sync) {
-            self.file.sync_data()?;
-            self.fsyncs.fetch_add(1, Ordering::Relaxed);
-            self.syncer.synced();
+            self.sync_active()?;
+        }
+        if batch.iter().any(|j| j.purge) {
+            self.delete_purged_files()?;
+        }
+        Ok(())
+    }
+
+    /// Fsyncs the file being appended to: everything written so far is on disk.
+    fn sync_active(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.syncer.synced();
+        Ok(())
+    }
+
+    /// Seals the file (fsynced, so a replay never finds a sealed file cut short) and begins
+    /// the next, headed by the current purge point so that it replays without the files
+    /// before it.
+    fn roll(&mut self) -> io::Result<()> {
+        self.sync_active()?;
+        let seq = self.seq + 1;
+        let path = files::path(&self.dir, seq);
+        let mut file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)?;
+        let head = match self.mem.lock().last_purged {
+            Some(purged) => encode_frame(&Op::Purge(purged))?,
+            None => Vec::new(),
+        };
+        file.write_all(&head)?;
+        file.sync_data()?;
+        sync_dir(&self.dir)?;
+        self.sealed.push_back(Sealed {
+            seq: self.seq,
+            max_index: self.max_index,
+        });
+        self.reader = Arc::new(File::open(&path)?);
+        self.file = file;
+        self.seq = seq;
+        self.max_index = None;
+        self.file_bytes = head.len() as u64;
+        if self.reserved_bytes.is_some() {
+            self.reserved_bytes = Some(self.file_bytes);
+        }
+        self.syncer.replace_file(&self.file)
+    }
+
+    /// Deletes the sealed files whose entries are all purged, oldest first, once the purge
+    /// is fsynced (a replay without it would find the entries before the next file missing
+    /// and not purged). A file that cannot be deleted is kept for the next purge to retry.
+    /// Positions held by readers keep a deleted file's contents readable until dropped.
+    fn delete_purged_files(&mut self) -> io::Result<()> {
+        let Some(purged) = self.mem.lock().last_purged.map(|p| p.index) else {
+            return Ok(());
+        };
+        let done = |s: &Sealed| s.max_index.is_none_or(|m| m <= purged);
+        if !self.sealed.front().is_some_and(done) {
+            return Ok(());
+        }
+        self.sync_active()?;
+        while let Some(sealed) = self.sealed.front() {
+            if !done(sealed) {
+                break;
+            }
+            let path = files::path(&self.dir, sealed.seq);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(
+                        path = %path.display(), error = %e,
+                        "cannot delete a purged Raft log file; the next purge retries"
+                    );
+                    break;
+                }
+            }
+            self.sealed.pop_front();
         }
         Ok(())
     }
@@ -547,10 +619,15 @@ impl Writer {
     }
 
     /// Records where the appends just written lie, and empties `placed`.
-    fn place(&self, placed: &mut Vec<(&[LogId], u64, u32)>) {
+    fn place(&mut self, placed: &mut Vec<(&[LogId], u64, u32)>) {
         if placed.is_empty() {
             return;
         }
+        self.max_index = placed
+            .iter()
+            .flat_map(|(log_ids, _, _)| log_ids.iter().map(|l| l.index))
+            .chain(self.max_index)
+            .max();
         let mut mem = self.mem.lock();
         for (log_ids, offset, len) in placed.drain(..) {
             let pos = Pos {
@@ -560,78 +637,6 @@ impl Writer {
             };
             mem.placed(log_ids, &pos);
         }
-    }
-
-    /// Rewrites the log file with only the live entries, one frame each, when purged frames
-    /// dominate it. Which entries are live is read from memory, which may already hold ops
-    /// still queued behind this one; those ops are written after the rewrite and replay to the
-    /// same state (each index ends as the last op touching it leaves it). An entry queued but
-    /// not yet written is in memory (never evicted); an evicted one is read from the old file.
-    fn maybe_compact(&mut self) -> io::Result<()> {
-        if self.file_bytes < COMPACT_MIN_BYTES {
-            return Ok(());
-        }
-        let (live, live_bytes, last_purged) = {
-            let mem = self.mem.lock();
-            let live = mem.get(..)?;
-            let live_bytes: u64 = mem.entries.values().map(|s| s.bytes).sum();
-            (live, live_bytes, mem.last_purged)
-        };
-        if live_bytes * 2 > self.file_bytes {
-            return Ok(());
-        }
-        let tmp = self.dir.join("log.tmp");
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        let mut written = 0u64;
-        if let Some(purged) = last_purged {
-            let frame = encode_frame(&Op::Purge(purged))?;
-            out.write_all(&frame)?;
-            written += frame.len() as u64;
-        }
-        // Where each entry lands in the new file, for its slot once the file is in place.
-        let mut moved: Vec<(LogId, u64, u32)> = Vec::with_capacity(live.len());
-        // One entry at a time (an evicted one read back), so the rewrite holds no more than
-        // a frame of the old file in memory.
-        let mut frames = resident::FrameCache::default();
-        for got in live {
-            let entry = match got {
-                Got::Here(e) => e,
-                Got::There(log_id, pos) => frames.entry(log_id, &pos)?,
-            };
-            let log_id = entry.log_id;
-            let frame = encode_frame(&Op::Append(vec![entry]))?;
-            out.write_all(&frame)?;
-            let len = u32::try_from(frame.len()).map_err(io::Error::other)?;
-            moved.push((log_id, written, len));
-            written += frame.len() as u64;
-        }
-        let out = out.into_inner().map_err(|e| e.into_error())?;
-        out.sync_all()?;
-        drop(out);
-        std::fs::rename(&tmp, self.dir.join(LOG_FILE))?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join(LOG_FILE))?;
-        self.reader = Arc::new(File::open(self.dir.join(LOG_FILE))?);
-        self.file_bytes = written;
-        if self.reserved_bytes.is_some() {
-            self.reserved_bytes = Some(written);
-        }
-        self.syncer.replace_file(&self.file)?;
-        // Positions name their file, so a reader holding an old one still reads the old
-        // file; from here on slots point into the new one (the old is freed with its last
-        // position).
-        let mut mem = self.mem.lock();
-        for (log_id, offset, len) in moved {
-            let pos = Pos {
-                file: self.reader.clone(),
-                offset,
-                len,
-            };
-            mem.placed(&[log_id], &pos);
-        }
-        Ok(())
     }
 }
 
@@ -668,7 +673,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .collect());
         }
         // Some were evicted: read back from their frames, off the async workers. Each
-        // position holds its file open, so a compaction meanwhile does not move them.
+        // position holds its file open, so a deletion of its file meanwhile does not lose them.
         tokio::task::spawn_blocking(move || resident::read_back(got))
             .await
             .map_err(io::Error::other)

@@ -25,9 +25,9 @@ use crate::types::{Command, Entry, LogId, Vote};
 /// those not yet written to the file.
 pub(super) const RESIDENT_BUDGET_BYTES: u64 = 32 << 20;
 
-/// Where an entry's frame lies: in which file (the log file it was written to; a compaction
-/// moves it to the new file), at which offset, and the frame's whole length. The frame may
-/// hold other entries too.
+/// Where an entry's frame lies: in which file (the log file it was written to, kept open
+/// by this handle even once deleted), at which offset, and the frame's whole length. The
+/// frame may hold other entries too.
 #[derive(Clone)]
 pub(super) struct Pos {
     pub(super) file: Arc<File>,

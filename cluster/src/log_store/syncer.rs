@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 /// What the writer and the syncing thread share.
 struct Shared {
     dir: PathBuf,
-    /// The log file as the writer has it now (replaced after a compaction).
+    /// The log file as the writer has it now (replaced when the writer begins the next file).
     file: Mutex<File>,
     /// Since when frames written without an fsync wait for one.
     dirty_since: Mutex<Option<Instant>>,
@@ -73,7 +73,7 @@ impl Syncer {
         *self.shared.dirty_since.lock() = None;
     }
 
-    /// The writer replaced the log file (a compaction, which fsynced the new one).
+    /// The writer replaced the log file (it began the next file, having fsynced both).
     pub(super) fn replace_file(&self, file: &File) -> io::Result<()> {
         *self.shared.file.lock() = file.try_clone()?;
         self.synced();
@@ -119,7 +119,7 @@ fn run(shared: &Shared) {
         // again, and those written before are covered by this fsync.
         let dirty = shared.dirty_since.lock().take().is_some();
         if dirty && shared.failed.lock().is_none() {
-            // A handle of its own, so a compaction replacing the file does not wait.
+            // A handle of its own, so the writer replacing the file does not wait.
             let synced = shared.file.lock().try_clone().and_then(|f| f.sync_data());
             match synced {
                 Ok(()) => {

@@ -3,6 +3,7 @@
 
 use super::*;
 use openraft::CommittedLeaderId;
+use std::path::Path;
 use std::time::Duration;
 
 fn entry(term: u64, index: u64) -> Entry {
@@ -183,6 +184,10 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
         dir: dir.path().to_path_buf(),
         file,
         reader: Arc::new(File::open(dir.path().join(LOG_FILE)).expect("reader")),
+        seq: 0,
+        segment_bytes: SEGMENT_BYTES,
+        max_index: None,
+        sealed: Default::default(),
         file_bytes: 0,
         reserved_bytes: Some(0),
         syncer,
@@ -350,69 +355,150 @@ fn truncation_purge_and_reopen_with_evicted_entries_keep_the_right_entries() {
     assert_eq!(state.last_log_id, expected.last().map(|e| e.log_id));
 }
 
+/// The log files in `dir`, by number, with their sizes.
+fn log_files(dir: &Path) -> Vec<(u64, u64)> {
+    let mut found: Vec<(u64, u64)> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(|f| {
+            let f = f.expect("entry");
+            let name = f.file_name().into_string().expect("name");
+            let seq = match name.as_str() {
+                "log" => 0,
+                other => other.strip_prefix("log.")?.parse().ok()?,
+            };
+            Some((seq, f.metadata().expect("meta").len()))
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Each live entry's frame: the file's inode and the offset.
+fn frame_places(store: &LogStore) -> Vec<(u64, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mem = store.mem.lock();
+    mem.entries
+        .iter()
+        .map(|(index, slot)| {
+            let pos = slot.pos.as_ref().expect("written");
+            (*index, pos.file.metadata().expect("meta").ino(), pos.offset)
+        })
+        .collect()
+}
+
 #[test]
-fn compaction_rewrites_evicted_entries_one_frame_each_and_they_read_back() {
+fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = runtime();
-    // 200 entries of 64 KiB: the file passes the compaction threshold; a budget of one.
-    let size = 64 << 10;
+    // 200 entries of 16 KiB in files of 256 KiB: about 13 files; a budget of one entry.
+    let size = 16 << 10;
     let all: Vec<Entry> = (1..=200).map(|i| big_entry(1, i, size)).collect();
-    let mut store =
-        LogStore::open_budget(dir.path(), LogPolicy::default(), size as u64 + 100).expect("open");
+    let open = |dir: &Path| {
+        LogStore::open_sized(dir, LogPolicy::default(), size as u64 + 100, 256 << 10)
+            .expect("open")
+    };
+    let mut store = open(dir.path());
     for pair in all.chunks(2) {
         append_and_wait(&store, pair.to_vec(), false);
     }
-    let before = std::fs::metadata(dir.path().join(LOG_FILE))
-        .expect("meta")
-        .len();
-    assert!(before > COMPACT_MIN_BYTES);
-    rt.block_on(store.purge(all[179].log_id)).expect("purge");
-    barrier(&store);
-    let after = std::fs::metadata(dir.path().join(LOG_FILE))
-        .expect("meta")
-        .len();
-    assert!(
-        after < before / 4,
-        "compacted: {before} bytes before, {after} after"
-    );
-    {
-        // One frame per live entry, each in the new file.
-        let mem = store.mem.lock();
-        let frames: std::collections::HashSet<u64> = mem
-            .entries
-            .values()
-            .filter_map(|s| s.pos.as_ref().map(|p| p.offset))
-            .collect();
-        assert_eq!(frames.len(), 20);
-        assert!(mem.entries.values().all(|s| s
-            .pos
-            .as_ref()
-            .is_some_and(|p| u64::from(p.len) < 2 * size as u64)));
-    }
+    let before = log_files(dir.path());
+    assert!(before.len() >= 10, "sealed files: {before:?}");
+    assert!(before.iter().all(|(_, len)| *len < (256 << 10) + 2 * size as u64 + 100));
     let got = rt
         .block_on(store.try_get_log_entries(0..300))
         .expect("read");
-    assert_eq!(contents(&got), contents(&all[180..]));
-    // Appends after the compaction land in the new file and read back too.
-    let more: Vec<Entry> = (201..=204).map(|i| big_entry(1, i, size)).collect();
+    assert_eq!(contents(&got), contents(&all), "read back across files");
+
+    // Purging up to 150 deletes the files holding only entries up to 150, and copies
+    // nothing: every live entry's frame stays where it was written.
+    let live_before: Vec<_> = frame_places(&store)
+        .into_iter()
+        .filter(|(i, _, _)| *i > 150)
+        .collect();
+    rt.block_on(store.purge(all[149].log_id)).expect("purge");
+    barrier(&store);
+    let after = log_files(dir.path());
+    // Every file before the one holding entry 151 is gone, and that one is kept.
+    let oldest_live_inode = frame_places(&store)[0].1;
+    let oldest_kept_inode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(files::path(dir.path(), after[0].0))
+            .expect("meta")
+            .ino()
+    };
+    assert_eq!(oldest_kept_inode, oldest_live_inode, "{before:?} -> {after:?}");
+    assert!(after.len() <= before.len() - 8, "{before:?} -> {after:?}");
+    assert_eq!(
+        after.last().map(|f| f.0),
+        before.last().map(|f| f.0),
+        "the file being written is the same"
+    );
+    assert_eq!(frame_places(&store), live_before, "a live entry was moved");
+    let got = rt
+        .block_on(store.try_get_log_entries(0..300))
+        .expect("read");
+    assert_eq!(contents(&got), contents(&all[150..]));
+
+    // Appends go on; a reopen replays the remaining files (the oldest headed by an older
+    // purge point) and ends at the purge point and entries it had.
+    let more: Vec<Entry> = (201..=240).map(|i| big_entry(1, i, size)).collect();
     for e in &more {
         append_and_wait(&store, vec![e.clone()], false);
     }
-    let got = rt
-        .block_on(store.try_get_log_entries(195..300))
-        .expect("read");
-    let mut want = all[194..].to_vec();
-    want.extend(more.iter().cloned());
-    assert_eq!(contents(&got), contents(&want));
     drop(store);
-    let mut store =
-        LogStore::open_budget(dir.path(), LogPolicy::default(), size as u64 + 100).expect("reopen");
+    let mut store = open(dir.path());
+    let mut want = all[150..].to_vec();
+    want.extend(more);
     let got = rt
         .block_on(store.try_get_log_entries(0..300))
         .expect("read");
-    let mut want = all[180..].to_vec();
-    want.extend(more);
     assert_eq!(contents(&got), contents(&want));
+    let state = rt.block_on(store.get_log_state()).expect("state");
+    assert_eq!(state.last_purged_log_id, Some(all[149].log_id));
+    assert_eq!(state.last_log_id, want.last().map(|e| e.log_id));
+}
+
+#[test]
+fn a_damaged_sealed_file_fails_the_open_and_a_torn_newest_file_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 16 << 10;
+    let all: Vec<Entry> = (1..=40).map(|i| big_entry(1, i, size)).collect();
+    {
+        let store =
+            LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 128 << 10)
+                .expect("open");
+        for e in &all {
+            append_and_wait(&store, vec![e.clone()], false);
+        }
+    }
+    let files = log_files(dir.path());
+    assert!(files.len() >= 3, "{files:?}");
+    // A torn last frame of the newest file: cut, the rest kept.
+    let (newest, newest_len) = *files.last().expect("files");
+    let newest_path = files::path(dir.path(), newest);
+    let f = OpenOptions::new().append(true).open(&newest_path).expect("open");
+    f.set_len(newest_len - 5).expect("tear");
+    drop(f);
+    let rt = runtime();
+    {
+        let mut store =
+            LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 128 << 10)
+                .expect("reopen");
+        let state = rt.block_on(store.get_log_state()).expect("state");
+        assert_eq!(state.last_log_id, Some(all[38].log_id), "the torn entry is cut");
+    }
+    // A sealed file cut short is damage: the open refuses rather than lose the entries.
+    let (sealed, sealed_len) = files[0];
+    let f = OpenOptions::new()
+        .append(true)
+        .open(files::path(dir.path(), sealed))
+        .expect("open");
+    f.set_len(sealed_len - 5).expect("tear");
+    drop(f);
+    let err = LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 128 << 10)
+        .err()
+        .expect("a damaged sealed file must fail the open");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
 }
 
 #[test]

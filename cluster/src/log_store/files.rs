@@ -1,0 +1,156 @@
+//! The files of a group's Raft log: `log`, then `log.1`, `log.2`, ... in order of writing.
+//!
+//! Frames are appended to the newest file; once it reaches its size limit the writer seals
+//! it (fsynced) and starts the next, whose first frame is the purge point of the moment (so
+//! each file can be replayed without those before it). A sealed file is deleted once every
+//! entry it appended is purged, after that purge is fsynced. Opening replays the files in
+//! order; only the newest may end in a torn frame (the others were fsynced when sealed).
+//!
+//! Why files and not one file rewritten: the single file had to be compacted (the live
+//! entries copied into a new file) once purged frames dominated it, and under a full produce
+//! load the live tail was a thousand batches, 100 MB and more, copied and fsynced on the
+//! writer thread while every append waited: a stall of 0.3-0.6 s every few seconds on each
+//! replica (BENCHMARKS.md, "RF 3: the Raft log in files"). Deleting a file copies nothing.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::RaftLogId;
+
+use super::resident::{Mem, Pos};
+use super::{next_frame, Op, LOG_FILE};
+
+/// The path of file `seq` of the log in `dir`: `log` for the first, `log.N` after it.
+pub(super) fn path(dir: &Path, seq: u64) -> PathBuf {
+    match seq {
+        0 => dir.join(LOG_FILE),
+        n => dir.join(format!("{LOG_FILE}.{n}")),
+    }
+}
+
+/// The sequence numbers of the log files in `dir`, in order.
+fn list(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut seqs = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let name = item?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name == LOG_FILE {
+            seqs.push(0);
+        } else if let Some(n) = name
+            .strip_prefix(LOG_FILE)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            seqs.push(n);
+        }
+    }
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+/// A sealed file: written whole and fsynced, no longer appended to.
+pub(super) struct Sealed {
+    pub(super) seq: u64,
+    /// The highest index an entry appended in this file had (`None`: no entries).
+    pub(super) max_index: Option<u64>,
+}
+
+/// What a replay found: the newest file, open for appends, and the sealed ones before it.
+pub(super) struct Replayed {
+    pub(super) file: File,
+    pub(super) reader: Arc<File>,
+    pub(super) seq: u64,
+    pub(super) file_bytes: u64,
+    pub(super) max_index: Option<u64>,
+    pub(super) sealed: VecDeque<Sealed>,
+}
+
+/// Replays every log file in `dir` into `mem`, in order, and opens the newest for appends
+/// (creating `log` in an empty folder). A torn last frame of the newest file is cut off, as
+/// a crash mid-append leaves it; one in a sealed file is damage, and an error.
+pub(super) fn replay(dir: &Path, mem: &mut Mem) -> io::Result<Replayed> {
+    // A rewrite by an earlier version, interrupted before its rename: never part of the log.
+    match std::fs::remove_file(dir.join(format!("{LOG_FILE}.tmp"))) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut seqs = list(dir)?;
+    if seqs.is_empty() {
+        seqs.push(0);
+    }
+    let newest = seqs[seqs.len() - 1];
+    let mut sealed = VecDeque::new();
+    for &seq in &seqs[..seqs.len() - 1] {
+        let (reader, len) = open_reader(dir, seq)?;
+        let (kept, max_index) = replay_file(&reader, mem)?;
+        if kept < len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the sealed Raft log file {} is damaged at byte {kept} of {len}",
+                    path(dir, seq).display()
+                ),
+            ));
+        }
+        sealed.push_back(Sealed { seq, max_index });
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path(dir, newest))?;
+    let (reader, len) = open_reader(dir, newest)?;
+    let (kept, max_index) = replay_file(&reader, mem)?;
+    if kept < len {
+        tracing::warn!(
+            path = %path(dir, newest).display(),
+            kept,
+            cut = len - kept,
+            "cutting a torn tail off the Raft log"
+        );
+        file.set_len(kept)?;
+        file.sync_all()?;
+    }
+    Ok(Replayed {
+        file,
+        reader,
+        seq: newest,
+        file_bytes: kept,
+        max_index,
+        sealed,
+    })
+}
+
+fn open_reader(dir: &Path, seq: u64) -> io::Result<(Arc<File>, u64)> {
+    let reader = File::open(path(dir, seq))?;
+    let len = reader.metadata()?.len();
+    Ok((Arc::new(reader), len))
+}
+
+/// Replays one file's frames into `mem`: how many bytes held whole frames, and the highest
+/// index appended. Streamed frame by frame (evicting as it goes): no copy of the file in
+/// memory.
+fn replay_file(reader: &Arc<File>, mem: &mut Mem) -> io::Result<(u64, Option<u64>)> {
+    let mut stream = BufReader::with_capacity(1 << 20, &**reader);
+    let mut pos = 0u64;
+    let mut max_index = None;
+    while let Some((op, len)) = next_frame(&mut stream)? {
+        if let Op::Append(entries) = &op {
+            max_index = entries
+                .iter()
+                .map(|e| e.get_log_id().index)
+                .chain(max_index)
+                .max();
+        }
+        let at = Pos {
+            file: reader.clone(),
+            offset: pos,
+            len,
+        };
+        mem.apply(op, Some(at));
+        pos += u64::from(len);
+    }
+    Ok((pos, max_index))
+}
