@@ -485,24 +485,27 @@ impl Writer {
             self.sync_active()?;
         }
         if batch.iter().any(|j| j.purge) {
-            self.delete_purged_files()?;
+            self.delete_purged_files();
         }
         Ok(())
     }
 
-    /// Fsyncs the file being appended to: everything written so far is on disk.
+    /// Fsyncs the log: the sealed files not yet synced, then the file being appended to.
+    /// Everything written so far is then on disk.
     fn sync_active(&mut self) -> io::Result<()> {
+        self.syncer.sync_sealed()?;
         self.file.sync_data()?;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.syncer.synced();
         Ok(())
     }
 
-    /// Seals the file (fsynced, so a replay never finds a sealed file cut short) and begins
-    /// the next, headed by the current purge point so that it replays without the files
-    /// before it.
+    /// Seals the file and begins the next, headed by the current purge point so that it
+    /// replays without the files before it. Nothing here waits for the disk: the syncer
+    /// fsyncs the sealed file and the folder in the background, and any fsync the writer
+    /// makes itself syncs them first ([`Writer::sync_active`]). Until then a crash may tear
+    /// the sealed file; a replay then ends the log at the tear, as it would in one file.
     fn roll(&mut self) -> io::Result<()> {
-        self.sync_active()?;
         let seq = self.seq + 1;
         let path = files::path(&self.dir, seq);
         let mut file = OpenOptions::new()
@@ -514,8 +517,7 @@ impl Writer {
             None => Vec::new(),
         };
         file.write_all(&head)?;
-        file.sync_data()?;
-        sync_dir(&self.dir)?;
+        self.syncer.replace_file(&self.file, &file)?;
         self.sealed.push_back(Sealed {
             seq: self.seq,
             max_index: self.max_index,
@@ -528,41 +530,27 @@ impl Writer {
         if self.reserved_bytes.is_some() {
             self.reserved_bytes = Some(self.file_bytes);
         }
-        self.syncer.replace_file(&self.file)
+        Ok(())
     }
 
-    /// Deletes the sealed files whose entries are all purged, oldest first, once the purge
-    /// is fsynced (a replay without it would find the entries before the next file missing
-    /// and not purged). A file that cannot be deleted is kept for the next purge to retry.
+    /// Hands the sealed files whose entries are all purged, oldest first, to the syncer,
+    /// which deletes them after its next fsync (covering the purge just written).
     /// Positions held by readers keep a deleted file's contents readable until dropped.
-    fn delete_purged_files(&mut self) -> io::Result<()> {
+    fn delete_purged_files(&mut self) {
         let Some(purged) = self.mem.lock().last_purged.map(|p| p.index) else {
-            return Ok(());
+            return;
         };
-        let done = |s: &Sealed| s.max_index.is_none_or(|m| m <= purged);
-        if !self.sealed.front().is_some_and(done) {
-            return Ok(());
-        }
-        self.sync_active()?;
+        let mut doomed = Vec::new();
         while let Some(sealed) = self.sealed.front() {
-            if !done(sealed) {
+            if sealed.max_index.is_some_and(|m| m > purged) {
                 break;
             }
-            let path = files::path(&self.dir, sealed.seq);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(
-                        path = %path.display(), error = %e,
-                        "cannot delete a purged Raft log file; the next purge retries"
-                    );
-                    break;
-                }
-            }
+            doomed.push(files::path(&self.dir, sealed.seq));
             self.sealed.pop_front();
         }
-        Ok(())
+        if !doomed.is_empty() {
+            self.syncer.delete_after_sync(doomed);
+        }
     }
 
     /// Writes `frames` with one `writev` (more only if the system takes fewer pieces at a

@@ -68,9 +68,12 @@ pub(super) struct Replayed {
     pub(super) sealed: VecDeque<Sealed>,
 }
 
-/// Replays every log file in `dir` into `mem`, in order, and opens the newest for appends
-/// (creating `log` in an empty folder). A torn last frame of the newest file is cut off, as
-/// a crash mid-append leaves it; one in a sealed file is damage, and an error.
+/// Replays the log files in `dir` into `mem`, in order, and opens the last one kept for
+/// appends (creating `log` in an empty folder). The log ends at the first torn frame (short,
+/// or a bad CRC), as a crash mid-append leaves it, whichever file it is in: the file is cut
+/// there and any later ones deleted. A sealed file can end torn only when nothing after it
+/// was reported durable (any fsync the writer waits for syncs the sealed files first), so
+/// this is the single file's rule: what follows a tear was never promised.
 pub(super) fn replay(dir: &Path, mem: &mut Mem) -> io::Result<Replayed> {
     // A rewrite by an earlier version, interrupted before its rename: never part of the log.
     match std::fs::remove_file(dir.join(format!("{LOG_FILE}.tmp"))) {
@@ -79,48 +82,49 @@ pub(super) fn replay(dir: &Path, mem: &mut Mem) -> io::Result<Replayed> {
     }
     let mut seqs = list(dir)?;
     if seqs.is_empty() {
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path(dir, 0))?;
         seqs.push(0);
     }
-    let newest = seqs[seqs.len() - 1];
     let mut sealed = VecDeque::new();
-    for &seq in &seqs[..seqs.len() - 1] {
+    for (i, &seq) in seqs.iter().enumerate() {
         let (reader, len) = open_reader(dir, seq)?;
         let (kept, max_index) = replay_file(&reader, mem)?;
-        if kept < len {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the sealed Raft log file {} is damaged at byte {kept} of {len}",
-                    path(dir, seq).display()
-                ),
-            ));
+        let later = &seqs[i + 1..];
+        if kept == len && !later.is_empty() {
+            sealed.push_back(Sealed { seq, max_index });
+            continue;
         }
-        sealed.push_back(Sealed { seq, max_index });
+        let file = OpenOptions::new().append(true).open(path(dir, seq))?;
+        if kept < len {
+            tracing::warn!(
+                path = %path(dir, seq).display(),
+                kept,
+                cut = len - kept,
+                later_files = later.len(),
+                "cutting a torn tail off the Raft log"
+            );
+            file.set_len(kept)?;
+            file.sync_all()?;
+            for &gone in later {
+                std::fs::remove_file(path(dir, gone))?;
+            }
+        }
+        return Ok(Replayed {
+            file,
+            reader,
+            seq,
+            file_bytes: kept,
+            max_index,
+            sealed,
+        });
     }
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path(dir, newest))?;
-    let (reader, len) = open_reader(dir, newest)?;
-    let (kept, max_index) = replay_file(&reader, mem)?;
-    if kept < len {
-        tracing::warn!(
-            path = %path(dir, newest).display(),
-            kept,
-            cut = len - kept,
-            "cutting a torn tail off the Raft log"
-        );
-        file.set_len(kept)?;
-        file.sync_all()?;
-    }
-    Ok(Replayed {
-        file,
-        reader,
-        seq: newest,
-        file_bytes: kept,
-        max_index,
-        sealed,
-    })
+    Err(io::Error::other(format!(
+        "no Raft log file in {}",
+        dir.display()
+    )))
 }
 
 fn open_reader(dir: &Path, seq: u64) -> io::Result<(Arc<File>, u64)> {

@@ -7,10 +7,16 @@
 //! throughput (BENCHMARKS.md, "Replication"). Here it runs beside the writer: appends go on
 //! while it syncs, and an fsync covers every frame written before it started, so nothing is
 //! left unsynced longer than before.
+//!
+//! The same thread finishes what sealing a file leaves (see `files`): the sealed file's
+//! fsync and the folder's (which holds the new file), and the deletion of purged files once
+//! an fsync covers the purge. None of that waits on the writer's path; a writer that must
+//! know the sealed files are on disk (before it reports a durable entry) calls
+//! [`Syncer::sync_sealed`].
 
 use std::fs::File;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{JoinHandle, Thread};
@@ -23,12 +29,26 @@ struct Shared {
     dir: PathBuf,
     /// The log file as the writer has it now (replaced when the writer begins the next file).
     file: Mutex<File>,
+    /// Sealed files not fsynced since, and whether the folder needs one (a new file in it).
+    /// Held while they are synced, so a writer that must know them on disk waits for a sync
+    /// in progress rather than pass it.
+    sealing: Mutex<Sealing>,
+    /// Files whose entries are all purged: deleted after the next fsync, which covers the
+    /// purge (a replay without it would miss their entries and not know them purged).
+    doomed: Mutex<Vec<PathBuf>>,
     /// Since when frames written without an fsync wait for one.
     dirty_since: Mutex<Option<Instant>>,
     /// The first background fsync failure: nothing after it may be trusted as synced.
     failed: Mutex<Option<String>>,
     stop: AtomicBool,
     fsyncs: Arc<AtomicU64>,
+}
+
+/// See [`Shared::sealing`].
+#[derive(Default)]
+struct Sealing {
+    files: Vec<File>,
+    dir_dirty: bool,
 }
 
 /// The writer's handle on its syncing thread, which ends when this is dropped (after a last
@@ -45,6 +65,8 @@ impl Syncer {
         let shared = Arc::new(Shared {
             dir,
             file: Mutex::new(file.try_clone()?),
+            sealing: Mutex::new(Sealing::default()),
+            doomed: Mutex::new(Vec::new()),
             dirty_since: Mutex::new(None),
             failed: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -73,11 +95,38 @@ impl Syncer {
         *self.shared.dirty_since.lock() = None;
     }
 
-    /// The writer replaced the log file (it began the next file, having fsynced both).
-    pub(super) fn replace_file(&self, file: &File) -> io::Result<()> {
-        *self.shared.file.lock() = file.try_clone()?;
-        self.synced();
+    /// The writer sealed `old` and began `new` in the folder: both, and the folder, are
+    /// fsynced by the next background pass (or [`Syncer::sync_sealed`]).
+    pub(super) fn replace_file(&self, old: &File, new: &File) -> io::Result<()> {
+        let old = old.try_clone()?;
+        let new = new.try_clone()?;
+        {
+            let mut sealing = self.shared.sealing.lock();
+            sealing.files.push(old);
+            sealing.dir_dirty = true;
+        }
+        *self.shared.file.lock() = new;
+        self.mark_dirty();
         Ok(())
+    }
+
+    /// Fsyncs the sealed files not yet synced, and the folder, waiting for a background
+    /// pass doing so: the writer's own fsync then covers the whole log.
+    pub(super) fn sync_sealed(&self) -> io::Result<()> {
+        sync_sealed(&self.shared)
+    }
+
+    /// How many sealed files wait for their fsync.
+    #[cfg(test)]
+    pub(super) fn sealed_unsynced(&self) -> usize {
+        self.shared.sealing.lock().files.len()
+    }
+
+    /// Deletes `paths` (files whose entries are all purged) after the next fsync, which
+    /// covers the purge the writer wrote before calling this.
+    pub(super) fn delete_after_sync(&self, paths: Vec<PathBuf>) {
+        self.shared.doomed.lock().extend(paths);
+        self.mark_dirty();
     }
 
     /// The first background fsync failure, if any.
@@ -116,14 +165,19 @@ fn run(shared: &Shared) {
             continue;
         }
         // Taken before the fsync starts: frames written from here on mark the log dirty
-        // again, and those written before are covered by this fsync.
+        // again, and those written before are covered by this fsync; so is every purge
+        // written before the files it frees were handed over.
         let dirty = shared.dirty_since.lock().take().is_some();
+        let doomed = std::mem::take(&mut *shared.doomed.lock());
         if dirty && shared.failed.lock().is_none() {
             // A handle of its own, so the writer replacing the file does not wait.
-            let synced = shared.file.lock().try_clone().and_then(|f| f.sync_data());
+            let synced = sync_sealed(shared)
+                .and_then(|()| shared.file.lock().try_clone())
+                .and_then(|f| f.sync_data());
             match synced {
                 Ok(()) => {
                     shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    delete(&shared.dir, doomed);
                 }
                 Err(e) => {
                     tracing::error!(dir = %shared.dir.display(), error = %e, "background fsync of the Raft log failed");
@@ -133,6 +187,38 @@ fn run(shared: &Shared) {
         }
         if stopping {
             return;
+        }
+    }
+}
+
+/// See [`Syncer::sync_sealed`]. A failure leaves the files listed for the next try.
+fn sync_sealed(shared: &Shared) -> io::Result<()> {
+    let mut sealing = shared.sealing.lock();
+    for file in &sealing.files {
+        file.sync_data()?;
+        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    sealing.files.clear();
+    if sealing.dir_dirty {
+        super::sync_dir(&shared.dir)?;
+        sealing.dir_dirty = false;
+    }
+    Ok(())
+}
+
+/// Deletes purged files, oldest first. One that cannot be deleted stays until the next
+/// open, which replays it (harmless: its entries are purged) and hands it over again.
+fn delete(dir: &Path, doomed: Vec<PathBuf>) {
+    for path in doomed {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(
+                    dir = %dir.display(), path = %path.display(), error = %e,
+                    "cannot delete a purged Raft log file"
+                );
+            }
         }
     }
 }

@@ -394,8 +394,7 @@ fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
     let size = 16 << 10;
     let all: Vec<Entry> = (1..=200).map(|i| big_entry(1, i, size)).collect();
     let open = |dir: &Path| {
-        LogStore::open_sized(dir, LogPolicy::default(), size as u64 + 100, 256 << 10)
-            .expect("open")
+        LogStore::open_sized(dir, LogPolicy::default(), size as u64 + 100, 256 << 10).expect("open")
     };
     let mut store = open(dir.path());
     for pair in all.chunks(2) {
@@ -403,7 +402,9 @@ fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
     }
     let before = log_files(dir.path());
     assert!(before.len() >= 10, "sealed files: {before:?}");
-    assert!(before.iter().all(|(_, len)| *len < (256 << 10) + 2 * size as u64 + 100));
+    assert!(before
+        .iter()
+        .all(|(_, len)| *len < (256 << 10) + 2 * size as u64 + 100));
     let got = rt
         .block_on(store.try_get_log_entries(0..300))
         .expect("read");
@@ -417,7 +418,15 @@ fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
         .collect();
     rt.block_on(store.purge(all[149].log_id)).expect("purge");
     barrier(&store);
-    let after = log_files(dir.path());
+    // The syncer deletes them after its next fsync (within the flush interval).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = log_files(dir.path());
+        if now.len() < before.len() || std::time::Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     // Every file before the one holding entry 151 is gone, and that one is kept.
     let oldest_live_inode = frame_places(&store)[0].1;
     let oldest_kept_inode = {
@@ -426,7 +435,10 @@ fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
             .expect("meta")
             .ino()
     };
-    assert_eq!(oldest_kept_inode, oldest_live_inode, "{before:?} -> {after:?}");
+    assert_eq!(
+        oldest_kept_inode, oldest_live_inode,
+        "{before:?} -> {after:?}"
+    );
     assert!(after.len() <= before.len() - 8, "{before:?} -> {after:?}");
     assert_eq!(
         after.last().map(|f| f.0),
@@ -459,46 +471,92 @@ fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
 }
 
 #[test]
-fn a_damaged_sealed_file_fails_the_open_and_a_torn_newest_file_is_cut() {
+fn the_log_ends_at_the_first_torn_frame_whichever_file_holds_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = 16 << 10;
     let all: Vec<Entry> = (1..=40).map(|i| big_entry(1, i, size)).collect();
-    {
-        let store =
-            LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 128 << 10)
-                .expect("open");
+    let open = |dir: &Path| {
+        LogStore::open_sized(dir, LogPolicy::default(), 1 << 20, 128 << 10).expect("open")
+    };
+    drop({
+        let store = open(dir.path());
         for e in &all {
             append_and_wait(&store, vec![e.clone()], false);
         }
-    }
+        store
+    });
     let files = log_files(dir.path());
-    assert!(files.len() >= 3, "{files:?}");
+    assert!(files.len() >= 4, "{files:?}");
+    let tear = |seq: u64, len: u64| {
+        let f = OpenOptions::new()
+            .append(true)
+            .open(files::path(dir.path(), seq))
+            .expect("open");
+        f.set_len(len - 5).expect("tear");
+    };
+    let rt = runtime();
     // A torn last frame of the newest file: cut, the rest kept.
     let (newest, newest_len) = *files.last().expect("files");
-    let newest_path = files::path(dir.path(), newest);
-    let f = OpenOptions::new().append(true).open(&newest_path).expect("open");
-    f.set_len(newest_len - 5).expect("tear");
-    drop(f);
-    let rt = runtime();
+    tear(newest, newest_len);
     {
-        let mut store =
-            LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 128 << 10)
-                .expect("reopen");
+        let mut store = open(dir.path());
         let state = rt.block_on(store.get_log_state()).expect("state");
-        assert_eq!(state.last_log_id, Some(all[38].log_id), "the torn entry is cut");
+        assert_eq!(
+            state.last_log_id,
+            Some(all[38].log_id),
+            "the torn entry is cut"
+        );
     }
-    // A sealed file cut short is damage: the open refuses rather than lose the entries.
-    let (sealed, sealed_len) = files[0];
-    let f = OpenOptions::new()
-        .append(true)
-        .open(files::path(dir.path(), sealed))
-        .expect("open");
-    f.set_len(sealed_len - 5).expect("tear");
-    drop(f);
-    let err = LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 128 << 10)
-        .err()
-        .expect("a damaged sealed file must fail the open");
-    assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    // A sealed file torn (a crash before the syncer reached it): the log ends at its tear,
+    // the later files go, and appends continue in that file.
+    let (second, second_len) = files[1];
+    tear(second, second_len);
+    let mut store = open(dir.path());
+    let got = rt
+        .block_on(store.try_get_log_entries(0..100))
+        .expect("read");
+    let kept = got.len();
+    assert!(kept > 0 && kept < 20, "kept {kept} entries");
+    assert_eq!(contents(&got), contents(&all[..kept]));
+    assert_eq!(
+        log_files(dir.path())
+            .iter()
+            .map(|f| f.0)
+            .collect::<Vec<_>>(),
+        vec![files[0].0, second],
+        "the files after the tear are deleted"
+    );
+    let next = big_entry(2, kept as u64 + 1, size);
+    append_and_wait(&store, vec![next.clone()], true);
+    drop(store);
+    let mut store = open(dir.path());
+    let state = rt.block_on(store.get_log_state()).expect("state");
+    assert_eq!(state.last_log_id, Some(next.log_id));
+}
+
+#[test]
+fn a_sync_after_a_roll_syncs_the_sealed_file_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 16 << 10;
+    let store =
+        LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 64 << 10).expect("open");
+    for i in 1..=6 {
+        append_and_wait(&store, vec![big_entry(1, i, size)], false);
+    }
+    let before = store.fsyncs();
+    // The roll happened; no fsync on the writer's path for it. A durable append then syncs
+    // the sealed file (and the folder) before its own file.
+    append_and_wait(&store, vec![big_entry(1, 7, size)], true);
+    let pending = store.writer.lock().syncer.sealed_unsynced();
+    assert_eq!(
+        pending, 0,
+        "a sealed file left unsynced behind a durable entry"
+    );
+    assert!(
+        store.fsyncs() >= before + 2,
+        "{before} -> {}",
+        store.fsyncs()
+    );
 }
 
 #[test]
