@@ -18,6 +18,8 @@ const MIN_SUBSCRIPTIONS_SEGMENT_BYTES: u64 = 16 << 10;
 /// The smallest `__security` / `__producers` segment accepted: a compaction writes the state
 /// in batches of about a quarter segment.
 const MIN_STATE_SEGMENT_BYTES: u64 = 16 << 10;
+/// The largest Raft log file size `raft_log_segment_bytes` may set.
+const MAX_RAFT_LOG_SEGMENT_BYTES: u64 = 1 << 30;
 
 /// Command-line flags of `rill-broker`; each also reads a `RILL_*` environment variable.
 #[derive(Debug, Parser)]
@@ -159,6 +161,10 @@ pub struct Flags {
     /// purged; a follower further behind catches up by snapshot [default: 5000].
     #[arg(long, env = "RILL_RAFT_SNAPSHOT_ENTRIES")]
     pub raft_snapshot_entries: Option<u64>,
+    /// The size at which each replicated group's Raft log file is sealed and the next begun
+    /// (sealed files are deleted whole once purged), 4096 to 1073741824 [default: 67108864].
+    #[arg(long, env = "RILL_RAFT_LOG_SEGMENT_BYTES")]
+    pub raft_log_segment_bytes: Option<u64>,
 }
 
 /// Builds the config from flags (already merged with the environment by clap) over the file
@@ -324,6 +330,18 @@ pub fn load(flags: Flags) -> Result<Config> {
             None => anyhow::bail!("raft_snapshot_entries needs a cluster (--node-id, --peers)"),
         }
     }
+    if let Some(bytes) = flags.raft_log_segment_bytes.or(file.raft_log_segment_bytes) {
+        anyhow::ensure!(
+            (rill_cluster::log_store::MIN_SEGMENT_BYTES..=MAX_RAFT_LOG_SEGMENT_BYTES)
+                .contains(&bytes),
+            "raft_log_segment_bytes must be {} to {MAX_RAFT_LOG_SEGMENT_BYTES}, got {bytes}",
+            rill_cluster::log_store::MIN_SEGMENT_BYTES
+        );
+        match config.cluster.as_mut() {
+            Some(c) => c.raft_log_segment_bytes = bytes,
+            None => anyhow::bail!("raft_log_segment_bytes needs a cluster (--node-id, --peers)"),
+        }
+    }
     Ok(config)
 }
 
@@ -452,6 +470,32 @@ mod tests {
         let mut all = vec!["rill-broker"];
         all.extend_from_slice(args);
         Flags::try_parse_from(all).expect("flags parse")
+    }
+
+    #[test]
+    fn raft_log_segment_bytes_reaches_the_cluster_config_and_bad_values_are_refused() {
+        let cluster = ["--node-id", "1", "--peers", "1=127.0.0.1:7171"];
+        let default = load(flags(&cluster)).expect("load");
+        assert_eq!(
+            default.cluster.map(|c| c.raft_log_segment_bytes),
+            Some(64 << 20),
+            "64 MiB by default"
+        );
+        let mut args = cluster.to_vec();
+        args.extend(["--raft-log-segment-bytes", "65536"]);
+        let set = load(flags(&args)).expect("load");
+        assert_eq!(set.cluster.map(|c| c.raft_log_segment_bytes), Some(65_536));
+        for bad in ["100", "2147483648"] {
+            let mut args = cluster.to_vec();
+            args.extend(["--raft-log-segment-bytes", bad]);
+            let err = load(flags(&args)).expect_err("out of range");
+            assert!(
+                format!("{err:#}").contains("raft_log_segment_bytes must be 4096 to"),
+                "{err:#}"
+            );
+        }
+        let err = load(flags(&["--raft-log-segment-bytes", "65536"])).expect_err("no cluster");
+        assert!(format!("{err:#}").contains("needs a cluster"), "{err:#}");
     }
 
     #[test]

@@ -290,6 +290,8 @@ pub struct FileConfig {
     pub advertise: Option<String>,
     /// Raft entries between snapshots of each replicated group (default 5,000).
     pub raft_snapshot_entries: Option<u64>,
+    /// The size at which each replicated group's Raft log file is sealed (default 64 MiB).
+    pub raft_log_segment_bytes: Option<u64>,
 }
 
 /// The `[topic_defaults]` table of the TOML file.

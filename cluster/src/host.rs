@@ -45,6 +45,26 @@ impl Default for RaftTimings {
 /// [`GroupHost::with_peers`]).
 pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 5_000;
 
+/// How each group of a host keeps its Raft files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupFiles {
+    /// Raft entries between a group's snapshots, after which its Raft log is purged.
+    pub snapshot_entries: u64,
+    /// The size at which a group's Raft log file is sealed and the next begun (at least
+    /// [`crate::log_store::MIN_SEGMENT_BYTES`]).
+    pub log_segment_bytes: u64,
+}
+
+impl Default for GroupFiles {
+    /// 5,000 entries between snapshots, 64 MiB files.
+    fn default() -> Self {
+        GroupFiles {
+            snapshot_entries: DEFAULT_SNAPSHOT_ENTRIES,
+            log_segment_bytes: crate::log_store::DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
+
 struct Inner {
     node_id: NodeId,
     dir: PathBuf,
@@ -57,6 +77,8 @@ struct Inner {
     notes: Arc<ElectionNotes>,
     /// Until when this broker refuses to vote, when it started without any Raft state.
     vote_quiet_until: Option<Instant>,
+    /// The size at which each group's Raft log file is sealed (see `log_store`).
+    log_segment_bytes: u64,
 }
 
 /// Reads one group's applied point (see [`Machine::applied_point`]); blocking.
@@ -80,7 +102,7 @@ impl GroupHost {
             node_id,
             dir,
             timings,
-            DEFAULT_SNAPSHOT_ENTRIES,
+            GroupFiles::default(),
             Peers::default(),
         )
     }
@@ -90,15 +112,16 @@ impl GroupHost {
     /// Reads whether `dir` holds any Raft state: blocking, call from a blocking thread. A
     /// host that finds none (a new broker, or one whose data folder was lost) refuses to
     /// vote for one election timeout (see [`GroupHost::vote_quiet_until`]).
-    /// Each group snapshots after `snapshot_entries` entries and then purges its Raft log
-    /// behind the snapshot, keeping a fifth of that for followers slightly behind.
+    /// Each group snapshots after `files.snapshot_entries` entries and then purges its Raft
+    /// log behind the snapshot, keeping a fifth of that for followers slightly behind.
     pub fn with_peers(
         node_id: NodeId,
         dir: impl Into<PathBuf>,
         timings: RaftTimings,
-        snapshot_entries: u64,
+        files: GroupFiles,
         peers: Peers,
     ) -> Result<GroupHost, ClusterError> {
+        let snapshot_entries = files.snapshot_entries;
         let config = openraft::Config {
             cluster_name: "rill".into(),
             heartbeat_interval: timings.heartbeat_ms,
@@ -129,6 +152,7 @@ impl GroupHost {
                 points: RwLock::new(HashMap::new()),
                 notes: Arc::default(),
                 vote_quiet_until,
+                log_segment_bytes: files.log_segment_bytes,
             }),
         })
     }
@@ -171,18 +195,20 @@ impl GroupHost {
             return Err(ClusterError::GroupExists(group));
         }
         let dir = self.group_dir(group);
-        let (log, store) = tokio::task::spawn_blocking(move || open_stores(&dir, machine))
-            .await
-            .map_err(|e| ClusterError::Io {
-                group,
-                context: "opening the group's files",
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|source| ClusterError::Io {
-                group,
-                context: "opening the group's files",
-                source,
-            })?;
+        let segment_bytes = self.inner.log_segment_bytes;
+        let (log, store) =
+            tokio::task::spawn_blocking(move || open_stores(&dir, machine, segment_bytes))
+                .await
+                .map_err(|e| ClusterError::Io {
+                    group,
+                    context: "opening the group's files",
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| ClusterError::Io {
+                    group,
+                    context: "opening the group's files",
+                    source,
+                })?;
         let network = GroupNetwork::new(
             group,
             self.inner.node_id,
@@ -282,10 +308,15 @@ fn holds_nothing(dir: &Path) -> bool {
     }
 }
 
-fn open_stores<M: Machine>(dir: &Path, machine: M) -> std::io::Result<(LogStore, MachineStore<M>)> {
+fn open_stores<M: Machine>(
+    dir: &Path,
+    machine: M,
+    segment_bytes: u64,
+) -> std::io::Result<(LogStore, MachineStore<M>)> {
     let policy = LogPolicy {
         must_sync: M::must_sync,
         waiters: machine.append_waiters(),
+        segment_bytes,
     };
     let log = LogStore::open_with(dir, policy)?;
     let store = MachineStore::open(dir, machine)?;

@@ -56,7 +56,7 @@ pub mod types;
 pub use cluster_service::ClusterService;
 pub use error::ClusterError;
 pub use failover::Failover;
-pub use host::{GroupHost, RaftTimings};
+pub use host::{GroupFiles, GroupHost, RaftTimings};
 pub use log_store::LogStore;
 pub use machine::{Machine, MachineStore, SnapshotBarrier};
 pub use node::ClusterNode;

@@ -70,8 +70,11 @@ use syncer::Syncer;
 const LOG_FILE: &str = "log";
 /// Name of the vote file in a group folder.
 const VOTE_FILE: &str = "vote";
-/// A log file is sealed, and the next begun, once it holds this much (see [`files`]).
-const SEGMENT_BYTES: u64 = 64 << 20;
+/// A log file is sealed, and the next begun, once it holds this much (see [`files`]), unless
+/// the group's [`LogPolicy::segment_bytes`] says otherwise.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// The smallest file size a policy may set.
+pub const MIN_SEGMENT_BYTES: u64 = 4 << 10;
 /// How long the writer thread leaves frames unsynced at most.
 pub const BACKGROUND_FLUSH_MS: u64 = 200;
 /// The log file's blocks are reserved this far past its end, a chunk at a time (see
@@ -97,14 +100,18 @@ pub struct LogPolicy {
     pub must_sync: fn(&Command) -> bool,
     /// Writers waiting for their entry to be appended to this log (leader acks), if any.
     pub waiters: Option<AppendWaiters>,
+    /// The size at which a log file is sealed and the next begun (at least
+    /// [`MIN_SEGMENT_BYTES`]; smaller is taken as that).
+    pub segment_bytes: u64,
 }
 
 impl Default for LogPolicy {
-    /// Every entry fsynced before it counts; nobody waits for appends.
+    /// Every entry fsynced before it counts; nobody waits for appends; 64 MiB files.
     fn default() -> Self {
         LogPolicy {
             must_sync: |_| true,
             waiters: None,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
         }
     }
 }
@@ -258,16 +265,7 @@ impl LogStore {
 
     /// [`LogStore::open_with`], keeping at most `budget_bytes` of written entries in memory.
     fn open_budget(dir: &Path, policy: LogPolicy, budget_bytes: u64) -> io::Result<LogStore> {
-        LogStore::open_sized(dir, policy, budget_bytes, SEGMENT_BYTES)
-    }
-
-    /// [`LogStore::open_budget`], sealing each file at `segment_bytes`.
-    fn open_sized(
-        dir: &Path,
-        policy: LogPolicy,
-        budget_bytes: u64,
-        segment_bytes: u64,
-    ) -> io::Result<LogStore> {
+        let segment_bytes = policy.segment_bytes.max(MIN_SEGMENT_BYTES);
         std::fs::create_dir_all(dir)?;
         let vote = match std::fs::read(dir.join(VOTE_FILE)) {
             Ok(bytes) => {

@@ -222,7 +222,10 @@ impl ClusterNode {
             config.node_id,
             data_dir.join("raft"),
             config.timings,
-            config.snapshot_entries,
+            crate::host::GroupFiles {
+                snapshot_entries: config.snapshot_entries,
+                log_segment_bytes: config.raft_log_segment_bytes,
+            },
             peers.clone(),
         )?;
         Ok(ClusterNode {

@@ -179,6 +179,9 @@ pub struct ClusterConfig {
     /// Raft entries between a group's snapshots, after which its Raft log is purged (a
     /// follower further behind then catches up by snapshot). Default 5,000.
     pub snapshot_entries: u64,
+    /// The size at which each group's Raft log file is sealed and the next begun; sealed
+    /// files are deleted whole once purged. Default 64 MiB.
+    pub raft_log_segment_bytes: u64,
 }
 
 /// The default liveness session: six missed pings.
@@ -209,6 +212,7 @@ impl ClusterConfig {
             transport: crate::network::PeerTransport::default(),
             source_ip: None,
             snapshot_entries: crate::host::DEFAULT_SNAPSHOT_ENTRIES,
+            raft_log_segment_bytes: crate::log_store::DEFAULT_SEGMENT_BYTES,
         })
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rill_tests::cluster::{create_request, TestCluster};
+use rill_tests::cluster::{create_request, Extra, TestCluster};
 use rill_tests::Clients;
 use tonic::Code;
 
@@ -167,9 +167,10 @@ async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader
 /// kill -9 of the partition leader, again and again, while a producer writes to whoever
 /// leads: every acknowledged record is on every replica exactly once, at its acknowledged
 /// offset, in order; all replicas agree offset by offset; a replica's high watermark never
-/// goes back.
-async fn kill_the_leader(kills: usize) {
-    let mut cluster = TestCluster::start(3).await.expect("start");
+/// goes back. Each broker also gets `extra`; each value is padded to at least `value_bytes`.
+/// Returns the cluster, still running.
+async fn kill_the_leader(kills: usize, extra: Extra, value_bytes: usize) -> TestCluster {
+    let mut cluster = TestCluster::start_with(3, extra).await.expect("start");
     cluster
         .wait_controller_leader(DEADLINE)
         .await
@@ -200,7 +201,7 @@ async fn kill_the_leader(kills: usize) {
             let values: Vec<String> = (0..4)
                 .map(|_| {
                     next_value += 1;
-                    format!("v{next_value}")
+                    format!("v{next_value:0>value_bytes$}")
                 })
                 .collect();
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
@@ -272,17 +273,60 @@ async fn kill_the_leader(kills: usize) {
     );
     assert_eq!(lost, 0, "acknowledged records lost");
     assert!(!acked.is_empty());
+    cluster
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_ten_times_loses_no_acknowledged_record() {
-    kill_the_leader(10).await;
+    kill_the_leader(10, Extra::default(), 0).await;
+}
+
+/// The same with Raft log files of 4 KiB, values of 300 bytes and a snapshot every 8
+/// entries: every leader term seals files, purges delete them, and each kill -9 lands among them (a crash mid-seal,
+/// sealed files not yet synced, deletions pending), so a restart replays several files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_with_small_raft_log_files_loses_no_acknowledged_record() {
+    let extra = Extra::args(&[
+        "--raft-log-segment-bytes",
+        "4096",
+        "--raft-snapshot-entries",
+        "8",
+    ]);
+    let cluster = kill_the_leader(6, extra, 300).await;
+    // The test did what it is for: some group sealed several files and deleted the first.
+    let mut sealed_and_deleted = false;
+    for id in cluster.ids() {
+        let raft = cluster.data_dir(id).join("raft");
+        for group in std::fs::read_dir(&raft).expect("raft folder").flatten() {
+            let seqs: Vec<u64> = std::fs::read_dir(group.path())
+                .map(|files| {
+                    files
+                        .flatten()
+                        .filter_map(|f| {
+                            let name = f.file_name().into_string().ok()?;
+                            match name.as_str() {
+                                "log" => Some(0),
+                                other => other.strip_prefix("log.")?.parse().ok(),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if seqs.iter().max().is_some_and(|&m| m >= 3) && !seqs.contains(&0) {
+                sealed_and_deleted = true;
+            }
+        }
+    }
+    assert!(
+        sealed_and_deleted,
+        "no group sealed and deleted Raft log files"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 50 leader kills"]
 async fn kill_9_of_the_leader_fifty_times_loses_no_acknowledged_record() {
-    kill_the_leader(50).await;
+    kill_the_leader(50, Extra::default(), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,7 +185,7 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
         file,
         reader: Arc::new(File::open(dir.path().join(LOG_FILE)).expect("reader")),
         seq: 0,
-        segment_bytes: SEGMENT_BYTES,
+        segment_bytes: DEFAULT_SEGMENT_BYTES,
         max_index: None,
         sealed: Default::default(),
         file_bytes: 0,
@@ -355,6 +355,14 @@ fn truncation_purge_and_reopen_with_evicted_entries_keep_the_right_entries() {
     assert_eq!(state.last_log_id, expected.last().map(|e| e.log_id));
 }
 
+/// The default policy with files sealed at `segment_bytes`.
+fn sized(segment_bytes: u64) -> LogPolicy {
+    LogPolicy {
+        segment_bytes,
+        ..LogPolicy::default()
+    }
+}
+
 /// The log files in `dir`, by number, with their sizes.
 fn log_files(dir: &Path) -> Vec<(u64, u64)> {
     let mut found: Vec<(u64, u64)> = std::fs::read_dir(dir)
@@ -393,9 +401,8 @@ fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
     // 200 entries of 16 KiB in files of 256 KiB: about 13 files; a budget of one entry.
     let size = 16 << 10;
     let all: Vec<Entry> = (1..=200).map(|i| big_entry(1, i, size)).collect();
-    let open = |dir: &Path| {
-        LogStore::open_sized(dir, LogPolicy::default(), size as u64 + 100, 256 << 10).expect("open")
-    };
+    let open =
+        |dir: &Path| LogStore::open_budget(dir, sized(256 << 10), size as u64 + 100).expect("open");
     let mut store = open(dir.path());
     for pair in all.chunks(2) {
         append_and_wait(&store, pair.to_vec(), false);
@@ -475,9 +482,7 @@ fn the_log_ends_at_the_first_torn_frame_whichever_file_holds_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = 16 << 10;
     let all: Vec<Entry> = (1..=40).map(|i| big_entry(1, i, size)).collect();
-    let open = |dir: &Path| {
-        LogStore::open_sized(dir, LogPolicy::default(), 1 << 20, 128 << 10).expect("open")
-    };
+    let open = |dir: &Path| LogStore::open_budget(dir, sized(128 << 10), 1 << 20).expect("open");
     drop({
         let store = open(dir.path());
         for e in &all {
@@ -538,8 +543,7 @@ fn the_log_ends_at_the_first_torn_frame_whichever_file_holds_it() {
 fn a_sync_after_a_roll_syncs_the_sealed_file_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = 16 << 10;
-    let store =
-        LogStore::open_sized(dir.path(), LogPolicy::default(), 1 << 20, 64 << 10).expect("open");
+    let store = LogStore::open_budget(dir.path(), sized(64 << 10), 1 << 20).expect("open");
     for i in 1..=6 {
         append_and_wait(&store, vec![big_entry(1, i, size)], false);
     }
