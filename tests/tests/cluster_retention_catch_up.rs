@@ -22,6 +22,78 @@ async fn clients(cluster: &TestCluster, id: u64) -> Clients {
     cluster.clients(id).await.expect("connect")
 }
 
+/// 3 brokers with a Raft snapshot every `snapshot_entries` entries and retention checked
+/// every 100 ms, and `topic`: 1 partition, replication factor 3, tiny segments and retention.
+async fn start_cluster(snapshot_entries: &str, topic: &str) -> TestCluster {
+    let cluster = TestCluster::start_with(
+        3,
+        Extra::args(&[
+            "--raft-snapshot-entries",
+            snapshot_entries,
+            "--retention-check-ms",
+            "100",
+        ]),
+    )
+    .await
+    .expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    clients(&cluster, 1)
+        .await
+        .admin
+        .create_topic(pb::CreateTopicRequest {
+            name: topic.into(),
+            config: Some(pb::TopicConfig {
+                partitions: 1,
+                segment_bytes: Some(SEGMENT_BYTES),
+                retention_bytes: Some(RETENTION_BYTES),
+                ..Default::default()
+            }),
+            replication_factor: Some(3),
+        })
+        .await
+        .expect("create");
+    cluster
+}
+
+/// A new idempotent producer's id and epoch (retried while the cluster settles).
+async fn init_producer(cluster: &TestCluster) -> (i64, i32) {
+    let c = clients(cluster, 1).await;
+    let r = rill_tests::cluster::while_unavailable(DEADLINE, || {
+        let mut log = c.log.clone();
+        async move {
+            log.init_producer(pb::InitProducerRequest {
+                producer_name: None,
+            })
+            .await
+        }
+    })
+    .await
+    .expect("init producer")
+    .into_inner();
+    (r.producer_id, r.producer_epoch)
+}
+
+/// A follower of partition 0 of `topic`, once it holds the first `records` records.
+async fn a_follower_holding(cluster: &TestCluster, topic: &str, records: u64) -> u64 {
+    let leader = cluster
+        .wait_partition_leader(topic, 0, DEADLINE)
+        .await
+        .expect("leader");
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    cluster
+        .wait_records(follower, topic, 0, records, DEADLINE)
+        .await
+        .expect("records");
+    follower
+}
+
 /// The value of record `i`: about 200 bytes, so a segment holds a dozen batches.
 fn value(i: u64) -> String {
     format!("r{i}-{}", "x".repeat(200))
@@ -122,51 +194,10 @@ async fn wait_start_past(cluster: &TestCluster, id: u64, topic: &str, offset: u6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_retention_restarts_its_log_at_the_leaders_log_start() {
     // A Raft snapshot every 20 entries, and retention every 100 ms.
-    let mut cluster = TestCluster::start_with(
-        3,
-        Extra::args(&[
-            "--raft-snapshot-entries",
-            "20",
-            "--retention-check-ms",
-            "100",
-        ]),
-    )
-    .await
-    .expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
-        .await
-        .expect("controller");
+    let mut cluster = start_cluster("20", "ret").await;
     let topic = "ret";
-    clients(&cluster, 1)
-        .await
-        .admin
-        .create_topic(pb::CreateTopicRequest {
-            name: topic.into(),
-            config: Some(pb::TopicConfig {
-                partitions: 1,
-                segment_bytes: Some(SEGMENT_BYTES),
-                retention_bytes: Some(RETENTION_BYTES),
-                ..Default::default()
-            }),
-            replication_factor: Some(3),
-        })
-        .await
-        .expect("create");
     write(&cluster, topic, 0, 5).await;
-    let leader = cluster
-        .wait_partition_leader(topic, 0, DEADLINE)
-        .await
-        .expect("leader");
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
-    cluster
-        .wait_records(follower, topic, 0, 5, DEADLINE)
-        .await
-        .expect("records");
+    let follower = a_follower_holding(&cluster, topic, 5).await;
 
     // Down (kill -9) while 200 entries are written: the Raft log is purged behind snapshots,
     // and retention deletes everything from the follower's end on, on both live replicas.
@@ -312,67 +343,11 @@ async fn a_follower_behind_retention_replays_an_idempotent_producers_entries_bel
     // (every 100 ms, about 70 records kept) moves the log start well past it. The follower
     // then restarts its log past the snapshot's end, and the idempotent entries between are
     // below its log start.
-    let mut cluster = TestCluster::start_with(
-        3,
-        Extra::args(&[
-            "--raft-snapshot-entries",
-            "200",
-            "--retention-check-ms",
-            "100",
-        ]),
-    )
-    .await
-    .expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
-        .await
-        .expect("controller");
+    let mut cluster = start_cluster("200", "idem").await;
     let topic = "idem";
-    clients(&cluster, 1)
-        .await
-        .admin
-        .create_topic(pb::CreateTopicRequest {
-            name: topic.into(),
-            config: Some(pb::TopicConfig {
-                partitions: 1,
-                segment_bytes: Some(SEGMENT_BYTES),
-                retention_bytes: Some(RETENTION_BYTES),
-                ..Default::default()
-            }),
-            replication_factor: Some(3),
-        })
-        .await
-        .expect("create");
-    let producer = {
-        let c = clients(&cluster, 1).await;
-        let r = rill_tests::cluster::while_unavailable(DEADLINE, || {
-            let mut log = c.log.clone();
-            async move {
-                log.init_producer(pb::InitProducerRequest {
-                    producer_name: None,
-                })
-                .await
-            }
-        })
-        .await
-        .expect("init producer")
-        .into_inner();
-        (r.producer_id, r.producer_epoch)
-    };
+    let producer = init_producer(&cluster).await;
     write_idempotent(&cluster, topic, producer, 0, 5, 1000).await;
-    let leader = cluster
-        .wait_partition_leader(topic, 0, DEADLINE)
-        .await
-        .expect("leader");
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
-    cluster
-        .wait_records(follower, topic, 0, 5, DEADLINE)
-        .await
-        .expect("records");
+    let follower = a_follower_holding(&cluster, topic, 5).await;
 
     // Down (kill -9) while 300 records are written, with a retried batch every 20: the
     // leader snapshots and purges its Raft log, and retention deletes everything from the
@@ -451,68 +426,12 @@ async fn records_from(cluster: &TestCluster, id: u64, topic: &str, offset: u64) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_retention_adopts_the_producer_state_of_the_records_it_never_got() {
     // As in the first test: a Raft snapshot every 20 entries, retention every 100 ms.
-    let mut cluster = TestCluster::start_with(
-        3,
-        Extra::args(&[
-            "--raft-snapshot-entries",
-            "20",
-            "--retention-check-ms",
-            "100",
-        ]),
-    )
-    .await
-    .expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
-        .await
-        .expect("controller");
+    let mut cluster = start_cluster("20", "early").await;
     let topic = "early";
-    clients(&cluster, 1)
-        .await
-        .admin
-        .create_topic(pb::CreateTopicRequest {
-            name: topic.into(),
-            config: Some(pb::TopicConfig {
-                partitions: 1,
-                segment_bytes: Some(SEGMENT_BYTES),
-                retention_bytes: Some(RETENTION_BYTES),
-                ..Default::default()
-            }),
-            replication_factor: Some(3),
-        })
-        .await
-        .expect("create");
-    let producer = {
-        let c = clients(&cluster, 1).await;
-        let r = rill_tests::cluster::while_unavailable(DEADLINE, || {
-            let mut log = c.log.clone();
-            async move {
-                log.init_producer(pb::InitProducerRequest {
-                    producer_name: None,
-                })
-                .await
-            }
-        })
-        .await
-        .expect("init producer")
-        .into_inner();
-        (r.producer_id, r.producer_epoch)
-    };
+    let producer = init_producer(&cluster).await;
     // The "early" producer's only batches: records 0..3, sequences 0..3.
     write_idempotent(&cluster, topic, producer, 0, 3, 1000).await;
-    let leader = cluster
-        .wait_partition_leader(topic, 0, DEADLINE)
-        .await
-        .expect("leader");
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
-    cluster
-        .wait_records(follower, topic, 0, 3, DEADLINE)
-        .await
-        .expect("records");
+    let follower = a_follower_holding(&cluster, topic, 3).await;
 
     // Down while 200 plain records are written: retention deletes the early producer's
     // batches on both live replicas (their producer state keeps it).
