@@ -169,7 +169,10 @@ fn run(shared: &Shared) {
         // written before the files it frees were handed over.
         let dirty = shared.dirty_since.lock().take().is_some();
         let doomed = std::mem::take(&mut *shared.doomed.lock());
-        if dirty && shared.failed.lock().is_none() {
+        // Files handed over count as dirt too: the writer lists them before it marks the
+        // log dirty, so this pass may take them without the mark, and must still sync and
+        // delete them rather than drop them.
+        if (dirty || !doomed.is_empty()) && shared.failed.lock().is_none() {
             // A handle of its own, so the writer replacing the file does not wait.
             let synced = sync_sealed(shared)
                 .and_then(|()| shared.file.lock().try_clone())
