@@ -3,6 +3,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 
 use super::*;
@@ -105,4 +106,60 @@ async fn applies_go_on_while_a_snapshot_barrier_runs_and_the_snapshot_covers_onl
     assert_eq!(again.last_applied().map(|l| l.index), Some(1));
     assert_eq!(again.read(|m| m.applied), 1);
     drop(entered_tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_installed_while_a_barrier_runs_is_not_replaced_by_the_older_one_built() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    let machine = Gated {
+        applied: 0,
+        entered: entered_tx,
+        release: Arc::new(Mutex::new(Some(release_rx))),
+    };
+    let mut store = MachineStore::open(dir.path(), machine).expect("open");
+    store.apply([entry(1)]).await.expect("apply 1");
+    let mut builder = store.clone();
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    tokio::task::spawn_blocking(move || entered_rx.recv_timeout(DEADLINE))
+        .await
+        .expect("join")
+        .expect("the barrier never started");
+
+    // The leader's snapshot of entry 5 arrives meanwhile.
+    let meta = SnapshotMeta {
+        last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 5)),
+        last_membership: StoredMembership::default(),
+        snapshot_id: "leader-5".into(),
+    };
+    store
+        .install_snapshot(&meta, Box::new(Cursor::new(5u64.to_le_bytes().to_vec())))
+        .await
+        .expect("install");
+    release_tx.send(()).expect("release");
+    let built = tokio::time::timeout(DEADLINE, build)
+        .await
+        .expect("the snapshot never finished")
+        .expect("join")
+        .expect("build");
+    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(1));
+
+    // The installed snapshot stays the current one, in memory and on disk.
+    let current = store.get_current_snapshot().await.expect("current");
+    assert_eq!(
+        current.map(|s| s.meta.snapshot_id),
+        Some("leader-5".to_string()),
+        "the older snapshot built meanwhile replaced the installed one"
+    );
+    drop(store);
+    let (unused_tx, _) = mpsc::channel();
+    let again = Gated {
+        applied: 0,
+        entered: unused_tx,
+        release: Arc::new(Mutex::new(None)),
+    };
+    let again = MachineStore::open(dir.path(), again).expect("reopen");
+    assert_eq!(again.last_applied().map(|l| l.index), Some(5));
+    assert_eq!(again.read(|m| m.applied), 5);
 }
