@@ -194,10 +194,13 @@ fn run(shared: &Shared) {
     }
 }
 
-/// See [`Syncer::sync_sealed`]. A failure leaves the files listed for the next try.
+/// See [`Syncer::sync_sealed`]. A failure leaves the files listed for the next try. Each
+/// file is first cut to its size, which frees the blocks reserved past its end (the writer
+/// reserves ahead, see `Writer::reserve`; nothing is written to a sealed file again).
 fn sync_sealed(shared: &Shared) -> io::Result<()> {
     let mut sealing = shared.sealing.lock();
     for file in &sealing.files {
+        file.set_len(file.metadata()?.len())?;
         file.sync_data()?;
         shared.fsyncs.fetch_add(1, Ordering::Relaxed);
     }

@@ -556,6 +556,15 @@ fn a_sync_after_a_roll_syncs_the_sealed_file_first() {
         pending, 0,
         "a sealed file left unsynced behind a durable entry"
     );
+    // The sealed file no longer holds the blocks reserved past its end.
+    use std::os::unix::fs::MetadataExt;
+    let sealed = std::fs::metadata(dir.path().join(LOG_FILE)).expect("metadata");
+    assert!(
+        sealed.blocks() * 512 < sealed.len() + (1 << 20),
+        "a sealed file of {} bytes holds {} bytes of blocks",
+        sealed.len(),
+        sealed.blocks() * 512
+    );
     assert!(
         store.fsyncs() >= before + 2,
         "{before} -> {}",
