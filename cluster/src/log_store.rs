@@ -4,10 +4,11 @@
 //! - `vote`: the current vote, one frame, replaced atomically (temporary file, fsync, rename,
 //!   folder fsync) before it is reported saved, so a broker never votes twice in a term.
 //! - `log`, `log.1`, `log.2`, ...: append-only files of frames, each an [`Op`]: entries
-//!   appended, a tail truncated, a head purged. A file is sealed at [`SEGMENT_BYTES`] and the
-//!   next one begun; a sealed file is deleted once all its entries are purged (see
-//!   [`files`]). Opening replays the ops of every file in order; a torn last frame (short, or
-//!   a bad CRC) of the newest file is cut off, as a crash mid-append leaves it.
+//!   appended, a tail truncated, a head purged. A file is sealed at the policy's size
+//!   ([`DEFAULT_SEGMENT_BYTES`] unless set) and the next one begun; a sealed file is deleted
+//!   once all its entries are purged (see [`files`]). Opening replays the ops of every file
+//!   in order; the log ends at the first torn frame (short, or a bad CRC), as a crash
+//!   mid-append leaves it, and what follows is cut off.
 //!
 //! **When an append counts.** openraft counts an entry toward the commit once the storage
 //! reports it flushed (`LogFlushed::log_io_completed`), on the leader and on each follower.
