@@ -52,25 +52,48 @@ fn entry(index: u64) -> Entry {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn applies_go_on_while_a_snapshot_barrier_runs_and_the_snapshot_covers_only_its_point() {
-    let dir = tempfile::tempdir().expect("tmp");
+/// A store in `dir` that applied entry 1 and is building a snapshot whose barrier has
+/// started and waits: the store, the build, and the sender that lets the barrier finish.
+async fn building_after_one_apply(
+    dir: &std::path::Path,
+) -> (
+    MachineStore<Gated>,
+    tokio::task::JoinHandle<Result<Snapshot, StorageError>>,
+    mpsc::Sender<()>,
+) {
     let (entered_tx, entered_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
     let machine = Gated {
         applied: 0,
-        entered: entered_tx.clone(),
+        entered: entered_tx,
         release: Arc::new(Mutex::new(Some(release_rx))),
     };
-    let mut store = MachineStore::open(dir.path(), machine).expect("open");
+    let mut store = MachineStore::open(dir, machine).expect("open");
     store.apply([entry(1)]).await.expect("apply 1");
-
     let mut builder = store.clone();
     let build = tokio::spawn(async move { builder.build_snapshot().await });
     tokio::task::spawn_blocking(move || entered_rx.recv_timeout(DEADLINE))
         .await
         .expect("join")
         .expect("the barrier never started");
+    (store, build, release_tx)
+}
+
+/// The store in `dir` opened again, with a machine that has no barrier to wait on.
+fn reopen(dir: &std::path::Path) -> MachineStore<Gated> {
+    let (unused_tx, _) = mpsc::channel();
+    let machine = Gated {
+        applied: 0,
+        entered: unused_tx,
+        release: Arc::new(Mutex::new(None)),
+    };
+    MachineStore::open(dir, machine).expect("reopen")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_go_on_while_a_snapshot_barrier_runs_and_the_snapshot_covers_only_its_point() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut store, build, release_tx) = building_after_one_apply(dir.path()).await;
 
     // The barrier is still running: an apply must not wait for it.
     let applied = tokio::time::timeout(Duration::from_secs(5), store.apply([entry(2)])).await;
@@ -96,36 +119,15 @@ async fn applies_go_on_while_a_snapshot_barrier_runs_and_the_snapshot_covers_onl
 
     // Reopened, the store restores the saved snapshot: entry 1, and openraft re-applies 2.
     drop(store);
-    let (unused_tx, _) = mpsc::channel();
-    let again = Gated {
-        applied: 0,
-        entered: unused_tx,
-        release: Arc::new(Mutex::new(None)),
-    };
-    let again = MachineStore::open(dir.path(), again).expect("reopen");
+    let again = reopen(dir.path());
     assert_eq!(again.last_applied().map(|l| l.index), Some(1));
     assert_eq!(again.read(|m| m.applied), 1);
-    drop(entered_tx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_installed_while_a_barrier_runs_is_not_replaced_by_the_older_one_built() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (entered_tx, entered_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    let machine = Gated {
-        applied: 0,
-        entered: entered_tx,
-        release: Arc::new(Mutex::new(Some(release_rx))),
-    };
-    let mut store = MachineStore::open(dir.path(), machine).expect("open");
-    store.apply([entry(1)]).await.expect("apply 1");
-    let mut builder = store.clone();
-    let build = tokio::spawn(async move { builder.build_snapshot().await });
-    tokio::task::spawn_blocking(move || entered_rx.recv_timeout(DEADLINE))
-        .await
-        .expect("join")
-        .expect("the barrier never started");
+    let (mut store, build, release_tx) = building_after_one_apply(dir.path()).await;
 
     // The leader's snapshot of entry 5 arrives meanwhile.
     let meta = SnapshotMeta {
@@ -153,13 +155,7 @@ async fn a_snapshot_installed_while_a_barrier_runs_is_not_replaced_by_the_older_
         "the older snapshot built meanwhile replaced the installed one"
     );
     drop(store);
-    let (unused_tx, _) = mpsc::channel();
-    let again = Gated {
-        applied: 0,
-        entered: unused_tx,
-        release: Arc::new(Mutex::new(None)),
-    };
-    let again = MachineStore::open(dir.path(), again).expect("reopen");
+    let again = reopen(dir.path());
     assert_eq!(again.last_applied().map(|l| l.index), Some(5));
     assert_eq!(again.read(|m| m.applied), 5);
 }
