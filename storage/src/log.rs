@@ -30,9 +30,11 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
+use crate::batch::BatchHeader;
 use crate::config::{FlushPolicy, TopicConfig};
 use crate::error::{Result, StorageError};
-use crate::producers::{self, ProducerStates};
+use crate::fsutil;
+use crate::producers::{self, ProducerClock, ProducerStates};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::{LogId, Segment, Spare};
 
@@ -240,6 +242,13 @@ struct Inner {
     /// state since (the `producer-state-missing` file is on disk): `producers` knows only the
     /// producers of the batches appended since the restart.
     producers_missing: AtomicBool,
+    /// Producer expiry goes by the clock each append brings (a replicated partition's
+    /// entries), never by this broker's (the `producer-clock-entries` file is on disk).
+    entry_clock: AtomicBool,
+    /// The offset the producer state's last rebuild replayed the log from: the state holds
+    /// the appends below it with their clocks, and those from it with their timestamps only
+    /// until [`PartitionLog::replay_entry`] brings their clocks.
+    producers_from: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -273,6 +282,10 @@ impl PartitionLog {
                 &missing_path,
                 e,
             )
+        })?;
+        let clock_path = dir.join(producers::ENTRY_CLOCK_FILE);
+        let entry_clock = clock_path.try_exists().map_err(|e| {
+            StorageError::io("look for the producer-clock-entries marker", &clock_path, e)
         })?;
         let high_watermark = opened.segments.last().map_or(0, |s| s.next_offset());
         let durable_offset = if opened.report.clean {
@@ -312,6 +325,8 @@ impl PartitionLog {
                 faults: inject::Faults::default(),
                 producers: Mutex::new(ProducerStates::default()),
                 producers_missing: AtomicBool::new(producers_missing),
+                entry_clock: AtomicBool::new(entry_clock),
+                producers_from: AtomicU64::new(0),
             }),
         };
         log.rebuild_producers()?;
@@ -339,10 +354,86 @@ impl PartitionLog {
         let (mut states, mut offset) = start.unwrap_or((ProducerStates::default(), 0));
         offset = offset.max(self.log_start_offset());
         let now = now_ms();
-        self.replay_producers(&mut states, offset, high_watermark, now)?;
-        states.expire(now, inner.options.producer_expiry_ms);
+        if self.entry_clock() {
+            // The replayed batches' clocks are in the entries the replica replays next
+            // (`replay_entry`), not here: count their timestamps alone until then.
+            self.replay_producers(&mut states, offset, high_watermark, i64::MIN)?;
+            states.sweep();
+        } else {
+            self.replay_producers(&mut states, offset, high_watermark, now)?;
+            states.expire(now, inner.options.producer_expiry_ms);
+        }
         *inner.producers.lock() = states;
+        inner.producers_from.store(offset, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether producer expiry goes by the clock the appends bring (see
+    /// [`PartitionLog::use_entry_clock`]).
+    pub fn entry_clock(&self) -> bool {
+        self.inner.entry_clock.load(Ordering::Acquire)
+    }
+
+    /// Makes producer expiry in this partition go by the clock each append brings
+    /// ([`crate::producers::ProducerClock`]) instead of this broker's wall clock, for good:
+    /// a replicated partition's apply, which runs on every replica at different times, calls
+    /// it before its first apply. Writes the `producer-clock-entries` file (durably) the
+    /// first time, and rebuilds the producer state as such a log's open does. Blocking.
+    pub fn use_entry_clock(&self) -> Result<()> {
+        if self.entry_clock() {
+            return Ok(());
+        }
+        let inner = &*self.inner;
+        fsutil::atomic_write(&inner.dir.join(producers::ENTRY_CLOCK_FILE), &[])?;
+        inner.entry_clock.store(true, Ordering::Release);
+        self.rebuild_producers()
+    }
+
+    /// A replicated partition's replay of an entry applied before a restart, whose outcome
+    /// the log holds already (`header`'s batch appended at `base_offset`, or nothing for
+    /// `None`): the state's clock moves to the entry's `clock`, and a batch the rebuild at
+    /// open replayed without its clock counts as active at it. The state then equals the one
+    /// the first apply left. Never blocks on I/O.
+    pub fn replay_entry(
+        &self,
+        header: &BatchHeader,
+        base_offset: Option<u64>,
+        clock: Option<ProducerClock>,
+    ) {
+        let inner = &*self.inner;
+        let _w = inner.writer.lock();
+        let mut states = inner.producers.lock();
+        if let Some(clock) = clock {
+            states.advance(clock);
+        }
+        if base_offset.is_some_and(|b| b >= inner.producers_from.load(Ordering::Acquire)) {
+            states.touch(header);
+        }
+    }
+
+    /// Writes the producer snapshot as of the high watermark `S`, after syncing the records
+    /// below `S`, and returns `S`: a replicated partition's Raft snapshot calls it, so that
+    /// the snapshot file always covers the entries the Raft log no longer holds (their
+    /// clocks are gone with them). Blocking.
+    pub fn checkpoint_producers(&self) -> Result<u64> {
+        let (states, offset) = self.producers_as_of_end();
+        self.sync_through(offset)?;
+        producers::write_snapshot(&self.inner.dir, &states, offset)?;
+        Ok(offset)
+    }
+
+    /// The producer state, expired producers dropped, and the high watermark it covers up
+    /// to, read together under the writer lock.
+    fn producers_as_of_end(&self) -> (ProducerStates, u64) {
+        let inner = &*self.inner;
+        let _w = inner.writer.lock();
+        let mut states = inner.producers.lock();
+        if self.entry_clock() {
+            states.sweep();
+        } else {
+            states.expire(now_ms(), inner.options.producer_expiry_ms);
+        }
+        (states.clone(), self.high_watermark())
     }
 
     /// Applies to `states` the headers of the batches from `offset` to `end`, each counted as
@@ -379,14 +470,8 @@ impl PartitionLog {
     /// Writes the producer snapshot as of the high watermark, dropping expired producers
     /// first. Blocking; called by checkpoints and close.
     pub(crate) fn snapshot_producers(&self) -> Result<()> {
-        let inner = &*self.inner;
-        let (states, offset) = {
-            let _w = inner.writer.lock();
-            let mut states = inner.producers.lock();
-            states.expire(now_ms(), inner.options.producer_expiry_ms);
-            (states.clone(), self.high_watermark())
-        };
-        producers::write_snapshot(&inner.dir, &states, offset)
+        let (states, offset) = self.producers_as_of_end();
+        producers::write_snapshot(&self.inner.dir, &states, offset)
     }
 
     /// The topic this partition belongs to.

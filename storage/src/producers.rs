@@ -30,11 +30,17 @@ pub const SNAPSHOT_FILE: &str = "producer-snapshot";
 /// snapshot's encoding, taken after a restart of the log (see
 /// [`crate::PartitionLog::restore_producers`]).
 pub const BASE_FILE: &str = "producer-base";
+/// The file whose presence says that the partition's appends come from a replicated
+/// partition's applied entries, which carry the clock producer expiry is decided by
+/// ([`ProducerClock`], [`crate::PartitionLog::use_entry_clock`]): empty, written once.
+pub const ENTRY_CLOCK_FILE: &str = "producer-clock-entries";
 /// The file whose presence says that the log was restarted at a later offset
 /// ([`crate::PartitionLog::restart_at`]) and holds no complete producer state yet: empty.
 pub const MISSING_FILE: &str = "producer-state-missing";
 const SNAPSHOT_MAGIC: [u8; 4] = *b"RLPS";
-const SNAPSHOT_VERSION: u8 = 1;
+/// Version 2 adds the state's clock and cutoff after the offset; version 1 (without them) is
+/// still read, as a state that has seen no clock.
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// Why an idempotent batch is refused. Nothing was appended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +96,32 @@ pub struct RememberedBatch {
     pub record_count: u32,
 }
 
+/// The clock an append decides producer expiry by: the time it counts as the producer's
+/// activity, and the cutoff below which a producer's last activity means it expired.
+///
+/// A single broker's partition reads its own wall clock at each append. A replicated
+/// partition's apply runs on every replica, at different times, so it must not: the leader
+/// stamps its clock and its cutoff (its clock less its expiry) into each idempotent entry,
+/// and every replica decides by those, so that its producer state, and so which batches it
+/// appends, is a function of the applied entries alone (docs/REPLICATION.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerClock {
+    /// The time the append counts as its producer's activity, ms since the Unix epoch.
+    pub now_ms: i64,
+    /// A producer last active before this (ms since the Unix epoch) has expired.
+    pub cutoff_ms: i64,
+}
+
+impl ProducerClock {
+    /// The clock at `now_ms` for producers that expire `expiry_ms` after their last activity.
+    pub fn at(now_ms: i64, expiry_ms: u64) -> Self {
+        ProducerClock {
+            now_ms,
+            cutoff_ms: expiry_cutoff(now_ms, expiry_ms),
+        }
+    }
+}
+
 /// One producer's state in one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Producer {
@@ -124,12 +156,48 @@ fn expiry_cutoff(now_ms: i64, expiry_ms: u64) -> i64 {
 }
 
 /// Every producer's state in one partition.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProducerStates {
     producers: HashMap<i64, Producer>,
+    /// The newest clock the appends have brought ([`ProducerStates::advance`]): what an
+    /// appended batch counts as its producer's activity. Never moves back, so a replay in
+    /// order from a snapshot reproduces it (`i64::MIN`: none yet).
+    clock_ms: i64,
+    /// The newest cutoff the appends have brought: a producer last active before it has
+    /// expired. Never moves back, so a producer dropped by a sweep is one every later
+    /// append would also find expired (`i64::MIN`: none yet).
+    cutoff_ms: i64,
+}
+
+impl Default for ProducerStates {
+    fn default() -> Self {
+        ProducerStates {
+            producers: HashMap::new(),
+            clock_ms: i64::MIN,
+            cutoff_ms: i64::MIN,
+        }
+    }
 }
 
 impl ProducerStates {
+    /// Moves the state's clock and cutoff forward to `clock`'s (never back); called for each
+    /// append before its verdict. Returns the state's clock.
+    pub fn advance(&mut self, clock: ProducerClock) -> i64 {
+        self.clock_ms = self.clock_ms.max(clock.now_ms);
+        self.cutoff_ms = self.cutoff_ms.max(clock.cutoff_ms);
+        self.clock_ms
+    }
+
+    /// The state's clock (see [`ProducerStates::advance`]).
+    pub fn clock_ms(&self) -> i64 {
+        self.clock_ms
+    }
+
+    /// The state's cutoff (see [`ProducerStates::advance`]).
+    pub fn cutoff_ms(&self) -> i64 {
+        self.cutoff_ms
+    }
+
     /// How many producers have state.
     pub fn len(&self) -> usize {
         self.producers.len()
@@ -242,7 +310,13 @@ impl ProducerStates {
                 last_timestamp_ms: header.max_timestamp.max(now_ms),
                 batches: VecDeque::new(),
             });
-        if header.producer_epoch != p.epoch {
+        let continues = p
+            .batches
+            .back()
+            .is_none_or(|b| advance(b.last_sequence, 1) == header.base_sequence);
+        if header.producer_epoch != p.epoch || !continues {
+            // A new epoch, or (replaying the log) a batch at sequence 0 after a gap: the
+            // producer expired and started again, so the batches before are not its own.
             p.epoch = header.producer_epoch;
             p.batches.clear();
         }
@@ -264,18 +338,38 @@ impl ProducerStates {
         ))
     }
 
-    /// Drops producers last active more than `expiry_ms` before `now_ms`.
-    pub fn expire(&mut self, now_ms: i64, expiry_ms: u64) {
-        let cutoff = expiry_cutoff(now_ms, expiry_ms);
+    /// Counts `header`'s batch, appended at `base_offset` before a restart and replayed
+    /// now, as active at the state's clock: a replicated partition's replay of an entry whose
+    /// records the log holds already, after [`ProducerStates::advance`] with its clock (the
+    /// rebuild from the log alone could not know it). Only the clock moves; a producer
+    /// without state, or at another epoch, is left alone.
+    pub fn touch(&mut self, header: &BatchHeader) {
+        if let Some(p) = self.producers.get_mut(&header.producer_id) {
+            if p.epoch == header.producer_epoch {
+                p.last_timestamp_ms = p.last_timestamp_ms.max(self.clock_ms);
+            }
+        }
+    }
+
+    /// Drops every producer last active before the state's cutoff.
+    pub fn sweep(&mut self) {
+        let cutoff = self.cutoff_ms;
         self.producers.retain(|_, p| p.last_timestamp_ms >= cutoff);
     }
 
-    /// Drops `producer_id`'s state if it was last active more than `expiry_ms` before
-    /// `now_ms`; one lookup. The append path calls it before [`ProducerStates::check`], so a
-    /// producer idle past the expiry is treated as unknown at once, not only after the next
-    /// sweep ([`ProducerStates::expire`], at checkpoints and at open).
-    pub fn expire_producer(&mut self, producer_id: i64, now_ms: i64, expiry_ms: u64) {
-        let cutoff = expiry_cutoff(now_ms, expiry_ms);
+    /// Advances the state to the clock at `now_ms` ([`ProducerClock::at`]) and drops the
+    /// producers last active more than `expiry_ms` before it: a single broker's sweep.
+    pub fn expire(&mut self, now_ms: i64, expiry_ms: u64) {
+        self.advance(ProducerClock::at(now_ms, expiry_ms));
+        self.sweep();
+    }
+
+    /// Drops `producer_id`'s state if it was last active before the state's cutoff; one
+    /// lookup. The append path calls it (after [`ProducerStates::advance`]) before
+    /// [`ProducerStates::check`], so a producer idle past the expiry is treated as unknown
+    /// at once, not only after the next sweep.
+    pub fn expire_producer(&mut self, producer_id: i64) {
+        let cutoff = self.cutoff_ms;
         if self
             .producers
             .get(&producer_id)
@@ -293,6 +387,8 @@ impl ProducerStates {
         out.push(SNAPSHOT_VERSION);
         out.extend_from_slice(&[0; 3]);
         out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&self.clock_ms.to_le_bytes());
+        out.extend_from_slice(&self.cutoff_ms.to_le_bytes());
         out.extend_from_slice(&(self.producers.len() as u32).to_le_bytes());
         let mut ids: Vec<_> = self.producers.keys().copied().collect();
         ids.sort_unstable();
@@ -322,11 +418,19 @@ impl ProducerStates {
             return None;
         }
         let mut c = Cursor(body);
-        if c.take(4)? != SNAPSHOT_MAGIC || c.take(1)? != [SNAPSHOT_VERSION] || c.take(3)? != [0; 3]
-        {
+        if c.take(4)? != SNAPSHOT_MAGIC {
+            return None;
+        }
+        let version = *c.take(1)?.first()?;
+        if !(1..=SNAPSHOT_VERSION).contains(&version) || c.take(3)? != [0; 3] {
             return None;
         }
         let offset = c.u64()?;
+        let (clock_ms, cutoff_ms) = if version >= 2 {
+            (c.u64()? as i64, c.u64()? as i64)
+        } else {
+            (i64::MIN, i64::MIN)
+        };
         let count = c.u32()?;
         let mut producers = HashMap::new();
         for _ in 0..count {
@@ -358,7 +462,14 @@ impl ProducerStates {
         if !c.0.is_empty() {
             return None;
         }
-        Some((ProducerStates { producers }, offset))
+        Some((
+            ProducerStates {
+                producers,
+                clock_ms,
+                cutoff_ms,
+            },
+            offset,
+        ))
     }
 }
 
@@ -434,5 +545,7 @@ pub(crate) fn refused(topic: &str, partition: u32, source: ProducerError) -> Sto
     }
 }
 
+#[cfg(test)]
+mod clock_tests;
 #[cfg(test)]
 mod tests;

@@ -37,7 +37,7 @@ impl PartitionLog {
     /// The idempotent producers' state and the high watermark it covers up to, read together
     /// under the writer lock: the state's bytes in the producer snapshot's encoding
     /// (`storage/FORMAT.md`, which holds the offset too) and that offset. Expired producers
-    /// are not dropped here (the adopting replica drops them by its own clock). `None` when
+    /// are not dropped here (the adopting replica sweeps them). `None` when
     /// this log's state is incomplete ([`PartitionLog::producer_state_missing`]): it must not
     /// be passed on as whole. Never blocks on I/O.
     pub fn producer_snapshot(&self) -> Option<(Vec<u8>, u64)> {
@@ -50,6 +50,16 @@ impl PartitionLog {
             (inner.producers.lock().clone(), self.high_watermark())
         };
         Some((states.encode_snapshot(offset), offset))
+    }
+
+    /// Records, durably, that this log's producer state is not whole
+    /// ([`PartitionLog::producer_state_missing`]) until it adopts another replica's: a log of
+    /// entry clocks does so before it takes a batch copied from another replica, whose
+    /// entry's clock it cannot know. Blocking.
+    pub(crate) fn mark_producers_missing(&self) -> Result<()> {
+        producers::write_missing_marker(&self.inner.dir)?;
+        self.inner.producers_missing.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Adopts another replica's producer state, `snapshot` (from its
@@ -92,7 +102,10 @@ impl PartitionLog {
         // batches that survive a power loss.
         self.sync_through(end)?;
         producers::write_base(&inner.dir, &adopted, offset)?;
-        let now = now_ms();
+        let entry_clock = self.entry_clock();
+        // The batches past `S` count their timestamps alone in a log of entry clocks (their
+        // clocks are in entries this replica no longer replays), this broker's clock else.
+        let now = if entry_clock { i64::MIN } else { now_ms() };
         let mut states = adopted;
         let (mut from, mut to) = (offset, end);
         loop {
@@ -102,8 +115,13 @@ impl PartitionLog {
             let _w = inner.writer.lock();
             let high_watermark = self.high_watermark();
             if high_watermark == to {
-                states.expire(now, inner.options.producer_expiry_ms);
+                if entry_clock {
+                    states.sweep();
+                } else {
+                    states.expire(now, inner.options.producer_expiry_ms);
+                }
                 *inner.producers.lock() = states;
+                inner.producers_from.store(offset, Ordering::Release);
                 break;
             }
             (from, to) = (to, high_watermark);

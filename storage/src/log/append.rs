@@ -20,6 +20,7 @@ use crate::batch::{BatchError, BatchHeader, BatchView};
 use crate::config::FlushPolicy;
 use crate::error::{Result, StorageError};
 use crate::producers;
+use crate::producers::ProducerClock;
 use crate::recovery;
 use crate::segment::{Room, Segment, Spare};
 
@@ -179,7 +180,7 @@ impl PartitionLog {
     /// grow the file, roll, and sync.
     pub fn append_acked(&self, batch: &[u8], ack: Ack) -> Result<AppendInfo> {
         let header = self.check(batch, true)?;
-        let unsettled = self.append_blocking(batch, &header, ack, true)?;
+        let unsettled = self.append_blocking(batch, &header, ack, Some(None))?;
         self.settle(unsettled)
     }
 
@@ -193,7 +194,12 @@ impl PartitionLog {
     /// Blocking.
     pub fn append_copy(&self, batch: &[u8]) -> Result<AppendInfo> {
         let header = self.check(batch, true)?;
-        let unsettled = self.append_blocking(batch, &header, Ack::Leader, false)?;
+        if self.entry_clock() && !self.producer_state_missing() {
+            // The copy's entry, and so its clock, is not here: the state it builds is not
+            // the one its replicas hold, until the replica adopts a source's.
+            self.mark_producers_missing()?;
+        }
+        let unsettled = self.append_blocking(batch, &header, Ack::Leader, None)?;
         self.settle(unsettled)
     }
 
@@ -201,8 +207,19 @@ impl PartitionLog {
     /// [`PartitionLog::check_verified_batch`] checks it: a replicated partition's apply,
     /// which must decide alike whether it appends inline or here.
     pub fn append_verified(&self, batch: &[u8]) -> Result<AppendInfo> {
+        self.append_verified_at(batch, None)
+    }
+
+    /// [`PartitionLog::append_verified`] with the clock its entry brings: in a log that
+    /// uses it ([`PartitionLog::use_entry_clock`]), the producer state decides by `clock`
+    /// (none: by the clock the state holds) and never by this broker's.
+    pub fn append_verified_at(
+        &self,
+        batch: &[u8],
+        clock: Option<ProducerClock>,
+    ) -> Result<AppendInfo> {
         let header = self.check(batch, false)?;
-        let unsettled = self.append_blocking(batch, &header, Ack::Leader, true)?;
+        let unsettled = self.append_blocking(batch, &header, Ack::Leader, Some(clock))?;
         self.settle(unsettled)
     }
 
@@ -212,6 +229,17 @@ impl PartitionLog {
     /// changed nothing, when the append needs more: run [`PartitionLog::append_checked`] on a
     /// blocking thread then. Errors are as for [`PartitionLog::append_checked`].
     pub fn try_append(&self, batch: &CheckedBatch, ack: Ack) -> Result<Option<Unsettled>> {
+        self.try_append_at(batch, ack, None)
+    }
+
+    /// [`PartitionLog::try_append`] with the clock its entry brings (as
+    /// [`PartitionLog::append_verified_at`] takes it).
+    pub fn try_append_at(
+        &self,
+        batch: &CheckedBatch,
+        ack: Ack,
+        clock: Option<ProducerClock>,
+    ) -> Result<Option<Unsettled>> {
         let inner = &*self.inner;
         if inner.marker_present.load(Ordering::Acquire) {
             return Ok(None);
@@ -224,7 +252,7 @@ impl PartitionLog {
         if self.room_for(&active, batch.len() as u64, now_ms()) != Room::Ready {
             return Ok(None);
         }
-        Ok(Some(match self.producer_verdict(&batch.header)? {
+        Ok(Some(match self.producer_verdict(&batch.header, clock)? {
             Verdict::Duplicate(info) => self.unsettled(info, ack, true),
             Verdict::Append => {
                 let info = self.write_locked(&active, &batch.bytes, &batch.header)?;
@@ -239,7 +267,7 @@ impl PartitionLog {
     /// [`PartitionLog::settle`]. A full disk is [`StorageError::NoSpace`] and changes nothing;
     /// only a failed write of the batch fences the partition.
     pub fn append_checked(&self, batch: &CheckedBatch, ack: Ack) -> Result<Unsettled> {
-        self.append_blocking(&batch.bytes, &batch.header, ack, true)
+        self.append_blocking(&batch.bytes, &batch.header, ack, Some(None))
     }
 
     /// Returns the offsets to acknowledge once `unsettled` is as durable as its ack and the
@@ -262,13 +290,14 @@ impl PartitionLog {
     }
 
     /// The append; `check_producer`: the producers' state decides whether the batch is
-    /// appended, answered as a duplicate, or refused (false only for a copied batch).
+    /// appended, answered as a duplicate, or refused, by the clock inside (see
+    /// [`PartitionLog::append_verified_at`]); `None` only for a copied batch.
     fn append_blocking(
         &self,
         batch: &[u8],
         header: &BatchHeader,
         ack: Ack,
-        check_producer: bool,
+        check_producer: Option<Option<ProducerClock>>,
     ) -> Result<Unsettled> {
         let inner = &*self.inner;
         let len = batch.len() as u64;
@@ -284,10 +313,9 @@ impl PartitionLog {
                 let room = self.room_for(&active, len, now_ms());
                 match room {
                     Room::Ready => {
-                        let verdict = if check_producer {
-                            self.producer_verdict(header)?
-                        } else {
-                            Verdict::Append
+                        let verdict = match check_producer {
+                            Some(clock) => self.producer_verdict(header, clock)?,
+                            None => Verdict::Append,
                         };
                         return Ok(match verdict {
                             Verdict::Duplicate(info) => self.unsettled(info, ack, true),
@@ -351,16 +379,29 @@ impl PartitionLog {
     /// Called with the writer lock held, so the verdict still holds at the write. A retry of
     /// a remembered batch is answered with that batch's offsets (a full duplicate: the same
     /// first and last sequence).
-    fn producer_verdict(&self, header: &BatchHeader) -> Result<Verdict<AppendInfo>> {
+    ///
+    /// The clock moves first: the entry's `clock` in a log that uses entry clocks (none:
+    /// the state's stays), this broker's for an idempotent batch otherwise. A refused batch
+    /// moves it too, as it does on every replica.
+    fn producer_verdict(
+        &self,
+        header: &BatchHeader,
+        clock: Option<ProducerClock>,
+    ) -> Result<Verdict<AppendInfo>> {
         let inner = &*self.inner;
         let mut states = inner.producers.lock();
+        let clock = if self.entry_clock() {
+            clock
+        } else {
+            (header.producer_id >= 0)
+                .then(|| ProducerClock::at(now_ms(), inner.options.producer_expiry_ms))
+        };
+        if let Some(clock) = clock {
+            states.advance(clock);
+        }
         if header.producer_id >= 0 {
             // An idle producer's state is gone once it expires, not only at the next sweep.
-            states.expire_producer(
-                header.producer_id,
-                now_ms(),
-                inner.options.producer_expiry_ms,
-            );
+            states.expire_producer(header.producer_id);
         }
         match states.check(header) {
             Ok(producers::Verdict::Append) => Ok(Verdict::Append),
@@ -410,8 +451,11 @@ impl PartitionLog {
             return Err(e);
         }
         let next_offset = base_offset + u64::from(header.record_count);
-        let now = if header.producer_id >= 0 { now_ms() } else { 0 };
-        inner.producers.lock().apply_at(header, base_offset, now);
+        if header.producer_id >= 0 {
+            let mut states = inner.producers.lock();
+            let clock = states.clock_ms();
+            states.apply_at(header, base_offset, clock);
+        }
         inner.high_watermark.store(next_offset, Ordering::Release);
         Ok(AppendInfo {
             base_offset,

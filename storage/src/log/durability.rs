@@ -162,8 +162,15 @@ impl PartitionLog {
             }
             // The producers' snapshot moves with the recovery point, so a recovery replays
             // only the batches after it. A failed write leaves the older snapshot, which is
-            // still right (recovery replays more).
-            if let Err(e) = self.snapshot_producers() {
+            // still right (recovery replays more). A replicated partition's is written by
+            // its Raft snapshots instead, synced first (`checkpoint_producers`): one written
+            // here, past the synced records, could replace it with one a power loss voids.
+            let written = if self.entry_clock() {
+                Ok(())
+            } else {
+                self.snapshot_producers()
+            };
+            if let Err(e) = written {
                 tracing::warn!(
                     topic = %inner.id.topic, partition = inner.id.partition, error = %e,
                     "cannot write the producer snapshot; a recovery would replay more"

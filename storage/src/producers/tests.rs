@@ -141,6 +141,7 @@ fn only_the_last_five_batches_are_remembered() {
 #[test]
 fn the_snapshot_round_trips_and_damage_is_detected() {
     let mut s = ProducerStates::default();
+    s.advance(ProducerClock::at(1_700_000_000_000, 60_000));
     for i in 0..3 {
         s.apply(&header(1, 0, i * 2, 2), i as u64 * 2);
         s.apply(&header(9, 4, i, 1), 100 + i as u64);
@@ -187,8 +188,11 @@ fn activity_counts_the_brokers_clock_and_one_idle_producer_expires_at_its_next_b
         1,
         "active at the broker's clock, whatever its timestamps"
     );
-    s.apply_at(&header(2, 0, 0, 1), 1, now);
-    s.expire_producer(1, now + 1001, 1000);
+    s.apply_at(&header(2, 0, 0, 1), 1, now + 1);
+    s.advance(ProducerClock::at(now + 1001, 1000));
+    s.expire_producer(2);
+    assert_eq!(s.len(), 2, "producer 2 is not idle past the expiry yet");
+    s.expire_producer(1);
     assert_eq!(s.len(), 1, "producer 1 expired, producer 2 untouched");
     assert_eq!(
         s.check(&header(1, 0, 1, 1)),
@@ -199,8 +203,80 @@ fn activity_counts_the_brokers_clock_and_one_idle_producer_expires_at_its_next_b
         }),
         "an expired producer is unknown: it must start again at 0"
     );
-    s.expire_producer(2, now + 1000, 1000);
-    assert_eq!(s.len(), 1, "not idle past the expiry yet");
+}
+
+/// The state's clock and cutoff only move forward: an append that brings an older clock
+/// (a new leader whose clock is behind) neither revives a producer a sweep dropped nor
+/// counts as older activity.
+#[test]
+fn the_clock_and_the_cutoff_never_move_back() {
+    let mut s = ProducerStates::default();
+    let h = header(1, 0, 0, 1);
+    let t = h.max_timestamp + 10_000;
+    assert_eq!(s.advance(ProducerClock::at(t, 1000)), t);
+    assert_eq!(
+        s.advance(ProducerClock::at(t - 5000, 1000)),
+        t,
+        "an older clock"
+    );
+    assert_eq!(s.cutoff_ms(), t - 1000);
+    s.apply_at(&h, 0, s.clock_ms());
+    s.advance(ProducerClock::at(t + 1001, 1000));
+    s.sweep();
+    assert!(s.is_empty(), "idle past the cutoff");
+    s.advance(ProducerClock::at(t, 1000));
+    assert_eq!(s.cutoff_ms(), t + 1, "the cutoff stays");
+}
+
+/// Replaying a log where a producer expired and started again at sequence 0 (same epoch)
+/// forgets its batches before the restart, as the append that found it expired did; and a
+/// replayed batch counts as active at the clock its entry brings when it is replayed.
+#[test]
+fn a_replay_forgets_the_batches_before_an_expiry_and_touch_brings_the_entrys_clock() {
+    let mut live = ProducerStates::default();
+    let first = header(1, 0, 0, 3);
+    let t = first.max_timestamp + 10_000;
+    live.advance(ProducerClock::at(t, 1000));
+    live.apply_at(&first, 0, live.clock_ms());
+    live.advance(ProducerClock::at(t + 2000, 1000));
+    live.expire_producer(1);
+    let again = header(1, 0, 0, 2);
+    assert_eq!(live.check(&again), Ok(Verdict::Append));
+    live.apply_at(&again, 3, live.clock_ms());
+
+    // The rebuild from the log alone: no clocks, then the entries' clocks replayed.
+    let mut rebuilt = ProducerStates::default();
+    rebuilt.apply_at(&first, 0, i64::MIN);
+    rebuilt.apply_at(&again, 3, i64::MIN);
+    rebuilt.advance(ProducerClock::at(t, 1000));
+    rebuilt.touch(&first);
+    rebuilt.advance(ProducerClock::at(t + 2000, 1000));
+    rebuilt.touch(&again);
+    assert_eq!(rebuilt, live);
+    assert_eq!(
+        rebuilt.check(&header(1, 0, 0, 3)),
+        Err(ProducerError::SequenceGap {
+            producer_id: 1,
+            expected: 2,
+            received: 0
+        }),
+        "the batch before the expiry is not remembered"
+    );
+}
+
+/// A version 1 snapshot (no clock) is still read, as a state that has seen no clock.
+#[test]
+fn a_version_1_snapshot_is_read_without_a_clock() {
+    let mut s = ProducerStates::default();
+    s.apply(&header(4, 1, 0, 2), 10);
+    let v2 = s.encode_snapshot(12);
+    // Version 1: the same bytes without the two clock fields, with its own CRC.
+    let mut v1 = v2[..16].to_vec();
+    v1[4] = 1;
+    v1.extend_from_slice(&v2[32..v2.len() - 4]);
+    let crc = crc32fast::hash(&v1);
+    v1.extend_from_slice(&crc.to_le_bytes());
+    assert_eq!(ProducerStates::decode_snapshot(&v1), Some((s, 12)));
 }
 
 fn open(dir: &std::path::Path) -> PartitionLog {
@@ -271,4 +347,24 @@ fn a_snapshot_past_the_end_of_the_log_is_ignored() {
         "77 is unknown here"
     );
     assert_eq!(log.append(&batch(3, 0, 0, 1)).expect("dup").base_offset, 0);
+}
+
+proptest::proptest! {
+    /// Any state, built by any appends and clocks, survives its snapshot's encoding.
+    #[test]
+    fn any_state_round_trips_through_its_snapshot(
+        appends in proptest::collection::vec(
+            (0i64..4, 0i16..3, 0i32..1000, 1u32..5, proptest::num::i64::ANY, 0u64..u64::MAX),
+            0..40,
+        ),
+        offset in proptest::num::u64::ANY,
+    ) {
+        let mut s = ProducerStates::default();
+        for (i, (id, epoch, seq, count, now, expiry)) in appends.into_iter().enumerate() {
+            s.advance(ProducerClock::at(now, expiry));
+            s.apply_at(&header(id, epoch, seq, count), i as u64 * 10, s.clock_ms());
+        }
+        let bytes = s.encode_snapshot(offset);
+        proptest::prop_assert_eq!(ProducerStates::decode_snapshot(&bytes), Some((s, offset)));
+    }
 }
