@@ -564,4 +564,6 @@ mod adopt_tests;
 #[cfg(test)]
 mod below_start_tests;
 #[cfg(test)]
+mod clock_tests;
+#[cfg(test)]
 mod tests;

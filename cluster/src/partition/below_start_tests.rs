@@ -133,13 +133,13 @@ pub(super) fn plain(values: &[&str]) -> Command {
     for v in values {
         b.push(None, v.as_bytes(), &[], 1);
     }
-    encode_command(WriteAck::Quorum, 7, &b.finish())
+    encode_command(WriteAck::Quorum, 7, None, &b.finish())
 }
 
 pub(super) fn idempotent(producer: i64, sequence: i32, value: &str) -> Command {
     let mut b = BatchBuilder::new(BytesMut::new()).with_producer(producer, 0, sequence);
     b.push(None, value.as_bytes(), &[], 1);
-    encode_command(WriteAck::Quorum, 7, &b.finish())
+    encode_command(WriteAck::Quorum, 7, None, &b.finish())
 }
 
 pub(super) fn log_id(index: u64) -> LogId {

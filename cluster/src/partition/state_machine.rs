@@ -1,7 +1,9 @@
 //! The replica's state machine, [`PartitionMachine`], and the format of the commands it
-//! applies: `[ack code: u8][token: u64 LE][record batch]` (see [`encode_command`]).
+//! applies: `[ack code: u8][token: u64 LE][clock][record batch]` (see [`encode_command`]).
 
 use std::path::{Path, PathBuf};
+
+use rill_storage::producers::ProducerClock;
 
 use super::*;
 use crate::catch_up::AppliedPoint;
@@ -11,31 +13,83 @@ use crate::machine::{AppliedPointReport, SnapshotBarrier};
 /// (see [`crate::catch_up::learn`]): bincode of an [`AppliedPoint`], written atomically.
 const APPLIED_POINT_FILE: &str = "applied_point";
 
-/// The bytes before the record batch in a partition command: the ack code (`u8`) and the
-/// writer's token (`u64` LE).
+/// The bytes before the clock in a partition command: the ack code (`u8`) and the writer's
+/// token (`u64` LE).
 const COMMAND_HEADER_BYTES: usize = 9;
+/// The ack code's bit that says the leader's producer clock follows the token: its clock and
+/// its cutoff, both `i64` LE ms since the Unix epoch ([`ProducerClock`]).
+const CLOCK_FLAG: u8 = 0x80;
+/// The bytes of the clock, when the flag is set.
+const CLOCK_BYTES: usize = 16;
 
-/// A partition command: `[ack code: u8][token: u64 LE][record batch]`.
-pub(super) fn encode_command(ack: WriteAck, token: u64, batch: &[u8]) -> Command {
-    let mut bytes = Vec::with_capacity(COMMAND_HEADER_BYTES + batch.len());
-    bytes.push(ack.code());
-    bytes.extend_from_slice(&token.to_le_bytes());
+/// A partition command: `[ack code: u8][token: u64 LE][record batch]`, or with `clock`
+/// (an idempotent producer's batch: the leader's clock decides its producer's expiry on every
+/// replica, see `rill_storage::producers::ProducerClock`) the ack code's high bit set and
+/// `[clock: i64 LE][cutoff: i64 LE]` before the batch.
+pub(super) fn encode_command(
+    ack: WriteAck,
+    token: u64,
+    clock: Option<ProducerClock>,
+    batch: &[u8],
+) -> Command {
+    let mut bytes = Vec::with_capacity(COMMAND_HEADER_BYTES + CLOCK_BYTES + batch.len());
+    match clock {
+        None => {
+            bytes.push(ack.code());
+            bytes.extend_from_slice(&token.to_le_bytes());
+        }
+        Some(clock) => {
+            bytes.push(ack.code() | CLOCK_FLAG);
+            bytes.extend_from_slice(&token.to_le_bytes());
+            bytes.extend_from_slice(&clock.now_ms.to_le_bytes());
+            bytes.extend_from_slice(&clock.cutoff_ms.to_le_bytes());
+        }
+    }
     bytes.extend_from_slice(batch);
     Command(bytes.into())
 }
 
-/// The ack code, token and record batch of a partition command; `None` if it is too short.
-fn split_command(command: &Command) -> Option<(u8, u64, &[u8])> {
-    let (head, batch) = command.0.split_at_checked(COMMAND_HEADER_BYTES)?;
+/// A partition command taken apart (see [`encode_command`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Parts<'a> {
+    /// The ack code, without the clock flag.
+    pub(super) ack_code: u8,
+    /// The writer's token.
+    pub(super) token: u64,
+    /// The leader's producer clock, for an idempotent batch.
+    pub(super) clock: Option<ProducerClock>,
+    /// The record batch.
+    pub(super) batch: &'a [u8],
+}
+
+/// The parts of a partition command; `None` if it is too short.
+pub(super) fn split_command(command: &Command) -> Option<Parts<'_>> {
+    let (head, rest) = command.0.split_at_checked(COMMAND_HEADER_BYTES)?;
     let token = u64::from_le_bytes(head[1..].try_into().ok()?);
-    Some((head[0], token, batch))
+    let (clock, batch) = if head[0] & CLOCK_FLAG == 0 {
+        (None, rest)
+    } else {
+        let (clock, batch) = rest.split_at_checked(CLOCK_BYTES)?;
+        let (now, cutoff) = clock.split_at(8);
+        let clock = ProducerClock {
+            now_ms: i64::from_le_bytes(now.try_into().ok()?),
+            cutoff_ms: i64::from_le_bytes(cutoff.try_into().ok()?),
+        };
+        (Some(clock), batch)
+    };
+    Some(Parts {
+        ack_code: head[0] & !CLOCK_FLAG,
+        token,
+        clock,
+        batch,
+    })
 }
 
 /// The records a partition command adds when applied: its batch's record count, 0 for a
 /// command the apply refuses.
 pub(super) fn command_records(command: &Command) -> u64 {
     split_command(command)
-        .and_then(|(_, _, batch)| BatchHeader::parse(batch).ok())
+        .and_then(|parts| BatchHeader::parse(parts.batch).ok())
         .map_or(0, |h| u64::from(h.record_count))
 }
 
@@ -86,7 +140,7 @@ impl PartitionMachine {
             catch_up: None,
             dir: None,
             point: None,
-            waiters: AppendWaiters::new(|c| split_command(c).map(|(_, token, _)| token)),
+            waiters: AppendWaiters::new(|c| split_command(c).map(|parts| parts.token)),
         }
     }
 
@@ -215,7 +269,7 @@ impl PartitionMachine {
 
 impl Machine for PartitionMachine {
     fn apply(&mut self, log_id: LogId, command: &Command) -> io::Result<Reply> {
-        let Some((_, _, batch)) = split_command(command) else {
+        let Some(Parts { clock, batch, .. }) = split_command(command) else {
             return Self::reply(&Err(Refusal::Invalid(format!(
                 "topic {} partition {}: a replicated command of {} bytes is too short",
                 self.topic,
@@ -249,16 +303,19 @@ impl Machine for PartitionMachine {
             // the first time; it must not move the applied end now, or every later entry
             // would be taken for another and a plain batch after it appended twice.
             if header.producer_id >= 0 && !self.holds_at(self.next_offset, &header)? {
+                // Its clock moved the producer state the first time all the same.
+                self.log.replay_entry(&header, None, clock);
                 return Self::reply(&Err(Refusal::Invalid(format!(
                     "topic {} partition {}: a replayed idempotent batch (producer {}, sequence {}) appended nothing when first applied",
                     self.topic, self.partition, header.producer_id, header.base_sequence
                 ))));
             }
             let base = self.next_offset;
+            self.log.replay_entry(&header, Some(base), clock);
             self.next_offset += count;
             return Self::reply(&Ok((base, header.record_count)));
         }
-        let outcome = self.log.append_verified(batch);
+        let outcome = self.log.append_verified_at(batch, clock);
         self.appended(outcome)
     }
 
@@ -270,7 +327,7 @@ impl Machine for PartitionMachine {
         if self.log.options().flush == FlushPolicy::Always {
             return None; // every append syncs: blocking
         }
-        let (_, _, batch) = split_command(command)?;
+        let Parts { clock, batch, .. } = split_command(command)?;
         let count = BatchHeader::parse(batch)
             .map(|h| u64::from(h.record_count))
             .ok()?;
@@ -285,15 +342,18 @@ impl Machine for PartitionMachine {
             Ok(c) => c,
             Err(e) => return Some(self.appended(Err(e))),
         };
-        match self.log.try_append(&checked, Ack::Leader) {
+        match self.log.try_append_at(&checked, Ack::Leader, clock) {
             Ok(None) => None,
             Ok(Some(unsettled)) => Some(self.appended(Ok(*unsettled.info()))),
             Err(e) => Some(self.appended(Err(e))),
         }
     }
 
-    /// Reads the applied point learned before a restart, if any.
+    /// Makes the log's producer expiry go by the entries' clocks (for good: see
+    /// `PartitionLog::use_entry_clock`), and reads the applied point learned before a
+    /// restart, if any.
     fn open(&mut self, dir: &Path) -> io::Result<()> {
+        self.log.use_entry_clock().map_err(io::Error::other)?;
         self.dir = Some(dir.to_path_buf());
         let path = dir.join(APPLIED_POINT_FILE);
         match std::fs::read(&path) {
@@ -340,13 +400,17 @@ impl Machine for PartitionMachine {
     }
 
     /// The records below the snapshot's end are synced before it is saved, because the Raft
-    /// log is purged behind a snapshot: after a power loss they could not be re-applied. The
-    /// sync runs beside the applies: appends past the end go on meanwhile.
+    /// log is purged behind a snapshot: after a power loss they could not be re-applied. So
+    /// is the producer snapshot, as of the log's end (past the snapshot's), since the entries'
+    /// clocks go with the purged entries (`PartitionLog::checkpoint_producers`). This runs
+    /// beside the applies: appends past the end go on meanwhile.
     fn snapshot_barrier(&self) -> Option<SnapshotBarrier> {
         let log = self.log.clone();
         let end = self.next_offset;
         Some(Box::new(move || {
-            log.sync_through(end).map_err(io::Error::other)
+            let covered = log.checkpoint_producers().map_err(io::Error::other)?;
+            debug_assert!(covered >= end, "the log never ends below the applied end");
+            Ok(())
         }))
     }
 
@@ -380,7 +444,7 @@ impl Machine for PartitionMachine {
 
     /// Only `durable` writes are fsynced in the Raft log before they count.
     fn must_sync(command: &Command) -> bool {
-        split_command(command).is_none_or(|(code, _, _)| code == WriteAck::Durable.code())
+        split_command(command).is_none_or(|parts| parts.ack_code == WriteAck::Durable.code())
     }
 
     fn append_waiters(&self) -> Option<AppendWaiters> {

@@ -26,7 +26,7 @@ fn batch(values: &[&str]) -> Command {
     for v in values {
         b.push(None, v.as_bytes(), &[], 1);
     }
-    encode_command(WriteAck::Quorum, 7, &b.finish())
+    encode_command(WriteAck::Quorum, 7, None, &b.finish())
 }
 
 fn apply(m: &mut PartitionMachine, index: u64, c: &Command) -> WriteReply {
@@ -98,7 +98,7 @@ fn replaying_a_deduplicated_retry_does_not_append_a_later_batch_twice() {
     let idempotent = {
         let mut b = BatchBuilder::new(BytesMut::new()).with_producer(5, 0, 0);
         b.push(None, b"a", &[], 1);
-        encode_command(WriteAck::Quorum, 7, &b.finish())
+        encode_command(WriteAck::Quorum, 7, None, &b.finish())
     };
     let plain = batch(&["b1", "b2"]);
     let mut first = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
@@ -149,7 +149,7 @@ fn a_batch_that_overtook_an_earlier_one_is_refused_with_the_sequence_expected() 
     let from = |sequence| {
         let mut b = BatchBuilder::new(BytesMut::new()).with_producer(5, 0, sequence);
         b.push(None, b"a", &[], 1);
-        encode_command(WriteAck::Quorum, 7, &b.finish())
+        encode_command(WriteAck::Quorum, 7, None, &b.finish())
     };
     let mut m = PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics));
     // A pipelining producer's second batch reached the log first: refused, typed, so the

@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use openraft::raft::ClientWriteResult;
+use rill_storage::log::now_ms;
+use rill_storage::producers::ProducerClock;
 use tokio::sync::oneshot;
 
 use super::proposed::{Batch, Next};
@@ -86,7 +88,15 @@ impl Replication {
             base_sequence: h.base_sequence,
             record_count: h.record_count,
         });
-        let propose = || self.hand_over(&raft, group, ack, &batch);
+        // An idempotent batch carries this leader's producer clock: its producer's expiry is
+        // decided by it on every replica (docs/REPLICATION.md, "Producer expiry").
+        let expiry_ms = producer.as_ref().and_then(|_| {
+            self.inner
+                .local
+                .partition(topic, p)
+                .map(|log| log.options().producer_expiry_ms)
+        });
+        let propose = || self.hand_over(&raft, group, ack, expiry_ms, &batch);
         let (responder, leader_ack) = match &producer {
             None => propose().await,
             Some(b) => {
@@ -125,16 +135,19 @@ impl Replication {
 
     /// Hands `batch` to `raft` (an unbounded queue into openraft's core: it returns at
     /// once). A `leader` ack, unless the log is far ahead of its applied index, also waits
-    /// for the entry's append to this broker's log.
+    /// for the entry's append to this broker's log. With `expiry_ms` (an idempotent batch),
+    /// the entry carries this broker's clock at this moment and that expiry's cutoff.
     async fn hand_over(
         &self,
         raft: &Raft,
         group: GroupId,
         ack: WriteAck,
+        expiry_ms: Option<u64>,
         batch: &Bytes,
     ) -> Result<(Responder, Option<LeaderAckWait>), openraft::error::Fatal<NodeId>> {
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        let command = encode_command(ack, token, batch);
+        let clock = expiry_ms.map(|expiry_ms| ProducerClock::at(now_ms(), expiry_ms));
+        let command = encode_command(ack, token, clock, batch);
         // Backpressure: a `leader` ack waits for the commit, as `quorum`, while the leader's
         // log is far ahead of its applied index; otherwise a fast producer would pile up
         // entries that no follower can take within one AppendEntries timeout.
