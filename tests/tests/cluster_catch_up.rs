@@ -74,11 +74,7 @@ async fn a_follower_behind_a_purged_raft_log_pulls_the_records_with_the_snapshot
         .wait_partition_leader("snap", 0, DEADLINE)
         .await
         .expect("leader");
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = cluster.another(leader);
     wait_records(&cluster, follower, "snap", 5).await;
 
     // 1. Down while 100 entries were written and purged: it keeps its first 5 records and

@@ -198,11 +198,7 @@ async fn a_group_push_stream_reads_partitions_held_by_other_brokers_and_hands_th
 
     // Member b joins through another broker: a gives one partition up after committing
     // what it was handed, and goes on with the other from its committed offset.
-    let other = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != serving)
-        .expect("another broker");
+    let other = cluster.another(serving);
     let mut b = GroupMember::join(connect(other).await, config)
         .await
         .expect("b joins");

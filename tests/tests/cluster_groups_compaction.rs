@@ -180,11 +180,7 @@ async fn replicated_groups_partitions_compact_on_every_replica_and_survive_kill_
         .wait_partition_leader(GROUPS_TOPIC, p, DEADLINE)
         .await
         .expect("a leader");
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = cluster.another(leader);
     cluster.kill(follower).await.expect("kill follower");
     commit_rounds(&cluster, 31, 30, &mut latest).await;
     // The live replicas compact again while the follower is down...

@@ -140,11 +140,7 @@ async fn producers_start_through_a_bootstrap_broker_cut_off_from_the_others() {
     let mut acked = Vec::new();
 
     // 1. A follower of `__producers` cut off: it cannot forward to the leader.
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = cluster.another(leader);
     cluster.isolate(follower).expect("isolate");
     eprintln!("split 1: node {follower} (a follower of {PRODUCERS_TOPIC}) isolated");
     acked.extend(producers_start(&cluster, follower, "follower-cut").await);

@@ -76,11 +76,7 @@ async fn a_follower_paused_past_the_expiry_appends_the_batch_its_leader_appended
         .wait_partition_leader(TOPIC, 0, DEADLINE)
         .await
         .expect("a leader");
-    let paused = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let paused = cluster.another(leader);
     let bootstrap = cluster
         .ids()
         .into_iter()

@@ -78,11 +78,7 @@ async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader
         assert_eq!(base, 5, "offsets follow on");
 
         // A follower refuses, and names the leader.
-        let follower = cluster
-            .ids()
-            .into_iter()
-            .find(|id| *id != leader)
-            .expect("follower");
+        let follower = cluster.another(leader);
         let mut f = clients(&cluster, follower).await;
         let err = f
             .produce_values("rep", p, &["nope"])
@@ -464,11 +460,7 @@ async fn a_broker_that_lost_its_data_folder_rebuilds_from_the_others() {
             .await
             .expect("produce");
     }
-    let victim = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let victim = cluster.another(leader);
     cluster.kill(victim).await.expect("kill");
     cluster.wipe(victim).expect("wipe");
     cluster.restart(victim).await.expect("restart");

@@ -82,11 +82,7 @@ async fn a_follower_holding(cluster: &TestCluster, topic: &str, records: u64) ->
         .wait_partition_leader(topic, 0, DEADLINE)
         .await
         .expect("leader");
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a follower");
+    let follower = cluster.another(leader);
     cluster
         .wait_records(follower, topic, 0, records, DEADLINE)
         .await

@@ -122,11 +122,7 @@ async fn offsets_and_members_survive_kill_9_of_their_coordinator() {
 
     // A commit through a broker that does not coordinate the group is forwarded; every
     // broker then answers the same offset.
-    let other = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != coordinator)
-        .expect("another");
+    let other = cluster.another(coordinator);
     commit(&cluster, other, group, 42, None).await;
     for id in cluster.ids() {
         assert_eq!(
@@ -351,11 +347,7 @@ async fn principals_tokens_and_acls_survive_kill_9_of_their_writer_and_hold_on_e
             }
         }
     };
-    let other = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != writer)
-        .expect("another");
+    let other = cluster.another(writer);
 
     // Created through a broker that does not write the security state: forwarded.
     let admin = connect(&cluster, other, ADMIN).await;
@@ -490,11 +482,7 @@ async fn a_subscriptions_acks_survive_kill_9_of_its_leader_and_unacked_records_c
         .wait_partition_leader(SUBSCRIPTIONS_TOPIC, 0, DEADLINE)
         .await
         .expect("leader of __subscriptions");
-    let other = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != writer)
-        .expect("another");
+    let other = cluster.another(writer);
     let oc = cluster.clients(other).await.expect("connect");
     let subs = rill_proto::v1::subscriptions_client::SubscriptionsClient::new(oc.channel.clone());
     retrying("create subscription", || {

@@ -330,11 +330,7 @@ async fn a_delete_reaches_every_broker_one_down_meanwhile_too_and_a_recreate_sta
     drop(producer);
     let old_groups = groups_of(&cluster, 1, "gone");
     assert_eq!(old_groups.len(), 2);
-    let via = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .expect("a non-leader");
+    let via = cluster.another(leader);
     let down = cluster
         .ids()
         .into_iter()

@@ -105,6 +105,15 @@ impl TestCluster {
         self.nodes.keys().copied().collect()
     }
 
+    /// The first node id (in id order) other than `id`: a follower of a leader, a peer of a
+    /// node. Panics in a one-node cluster, which has none (a test's own mistake).
+    pub fn another(&self, id: u64) -> u64 {
+        self.ids()
+            .into_iter()
+            .find(|other| *other != id)
+            .expect("a cluster of more than one node")
+    }
+
     /// The node ids whose process runs.
     pub fn running(&self) -> Vec<u64> {
         self.nodes
