@@ -106,6 +106,25 @@ fn a_restarted_replica_replaying_its_entries_decides_the_next_one_alike() {
     assert_eq!(apply(&mut m, 4, &stamped(3, clock(85))), Ok((3, 1)));
 }
 
+/// A command whose flag says a clock follows but which ends inside it is bad input: refused
+/// as invalid, and nothing is appended or moved.
+#[test]
+fn a_command_cut_inside_its_clock_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (log, mut m) = replica(dir.path());
+    let whole = stamped(0, ProducerClock::at(now_ms(), EXPIRY_MS));
+    let cut = Command(whole.0.slice(..9 + 8));
+    let before = log.producer_snapshot().expect("whole");
+    assert!(matches!(apply(&mut m, 1, &cut), Err(Refusal::Invalid(_))));
+    assert_eq!((log.high_watermark(), m.next_offset()), (0, 0));
+    assert_eq!(
+        log.producer_snapshot().expect("whole"),
+        before,
+        "the producer state moved"
+    );
+    assert_eq!(apply(&mut m, 2, &whole), Ok((0, 1)));
+}
+
 proptest::proptest! {
     /// A command, with or without a clock, splits into what it was made of.
     #[test]

@@ -131,7 +131,13 @@ fn a_reopened_log_replaying_its_entries_holds_the_state_the_applies_left() {
     assert_eq!(end, 10);
     drop(log); // a crash: no close, no snapshot at the end
 
-    let log = open_entry_log(dir.path());
+    // The mode is the log's own, from its folder: no call needed after the first.
+    let log = PartitionLog::open(dir.path(), LogOptions::new("t", 0, &TopicConfig::default()))
+        .expect("reopen");
+    assert!(
+        log.entry_clock(),
+        "producer-clock-entries was not honoured at open"
+    );
     let (rebuilt, _) = log.producer_snapshot().expect("whole");
     assert_ne!(
         rebuilt, live,
