@@ -383,11 +383,18 @@ async fn a_follower_behind_retention_replays_an_idempotent_producers_entries_bel
     assert_eq!(want.values().cloned().collect::<Vec<_>>(), want_values);
     assert_eq!(read_from_start(&cluster, follower, topic).await, want);
     // The case under test happened: idempotent entries lay below the follower's restarted
-    // log start, so it learned (and kept) another replica's applied point.
-    assert!(
-        holds_file(cluster.data_dir(follower), "applied_point"),
-        "node {follower} never learned an applied point: no idempotent entry was below its log start"
-    );
+    // log start, so it learned (and kept) another replica's applied point. The snapshot
+    // install's adoption can pull the log to its end before the entries after the snapshot
+    // are applied, so the file may come a moment after the records: polled on disk, where
+    // there is nothing to await, with a deadline.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !holds_file(cluster.data_dir(follower), "applied_point") {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "node {follower} never learned an applied point: no idempotent entry was below its log start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Its group still runs: it applies a write made now, at the leader's offset.
     let offset = produce_idempotent(
