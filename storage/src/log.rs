@@ -353,16 +353,12 @@ impl PartitionLog {
         };
         let (mut states, mut offset) = start.unwrap_or((ProducerStates::default(), 0));
         offset = offset.max(self.log_start_offset());
-        let now = now_ms();
-        if self.entry_clock() {
-            // The replayed batches' clocks are in the entries the replica replays next
-            // (`replay_entry`), not here: count their timestamps alone until then.
-            self.replay_producers(&mut states, offset, high_watermark, i64::MIN)?;
-            states.sweep();
-        } else {
-            self.replay_producers(&mut states, offset, high_watermark, now)?;
-            states.expire(now, inner.options.producer_expiry_ms);
-        }
+        // In a log of entry clocks the replayed batches' clocks are in the entries the
+        // replica replays next (`replay_entry`), not here: their timestamps alone until then.
+        let local = self.local_clock();
+        let replayed_at = local.map_or(i64::MIN, |clock| clock.now_ms);
+        self.replay_producers(&mut states, offset, high_watermark, replayed_at)?;
+        Self::sweep_producers(&mut states, local);
         *inner.producers.lock() = states;
         inner.producers_from.store(offset, Ordering::Release);
         Ok(())
@@ -372,6 +368,22 @@ impl PartitionLog {
     /// [`PartitionLog::use_entry_clock`]).
     pub fn entry_clock(&self) -> bool {
         self.inner.entry_clock.load(Ordering::Acquire)
+    }
+
+    /// This broker's producer clock now, in a log whose expiry goes by it; `None` in a log of
+    /// entry clocks, which never reads this broker's.
+    fn local_clock(&self) -> Option<ProducerClock> {
+        (!self.entry_clock())
+            .then(|| ProducerClock::at(now_ms(), self.inner.options.producer_expiry_ms))
+    }
+
+    /// Drops the expired producers of `states`: those before its cutoff, moved first to
+    /// `local` (this broker's clock, [`PartitionLog::local_clock`]) when given.
+    fn sweep_producers(states: &mut ProducerStates, local: Option<ProducerClock>) {
+        if let Some(clock) = local {
+            states.advance(clock);
+        }
+        states.sweep();
     }
 
     /// Makes producer expiry in this partition go by the clock each append brings
@@ -428,11 +440,7 @@ impl PartitionLog {
         let inner = &*self.inner;
         let _w = inner.writer.lock();
         let mut states = inner.producers.lock();
-        if self.entry_clock() {
-            states.sweep();
-        } else {
-            states.expire(now_ms(), inner.options.producer_expiry_ms);
-        }
+        Self::sweep_producers(&mut states, self.local_clock());
         (states.clone(), self.high_watermark())
     }
 

@@ -88,22 +88,20 @@ impl Replication {
             base_sequence: h.base_sequence,
             record_count: h.record_count,
         });
-        // An idempotent batch carries this leader's producer clock: its producer's expiry is
-        // decided by it on every replica (docs/REPLICATION.md, "Producer expiry").
-        let expiry_ms = producer.as_ref().and_then(|_| {
-            self.inner
-                .local
-                .partition(topic, p)
-                .map(|log| log.options().producer_expiry_ms)
-        });
+        // The local log, for an idempotent batch only: its producer state orders the batch,
+        // and its expiry goes with this leader's clock into the entry, which decides the
+        // producer's expiry on every replica (docs/REPLICATION.md, "Producer expiry goes by
+        // the leader's clock").
+        let log = producer
+            .as_ref()
+            .and_then(|_| self.inner.local.partition(topic, p));
+        let expiry_ms = log.as_ref().map(|log| log.options().producer_expiry_ms);
         let propose = || self.hand_over(&raft, group, ack, expiry_ms, &batch);
         let (responder, leader_ack) = match &producer {
             None => propose().await,
             Some(b) => {
                 let applied = || {
-                    self.inner
-                        .local
-                        .partition(topic, p)
+                    log.as_ref()
                         .and_then(|log| log.producer_next_sequence(b.producer_id))
                         .map(|(epoch, sequence)| Next { epoch, sequence })
                 };

@@ -27,7 +27,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{now_ms, PartitionLog};
+use super::PartitionLog;
 use crate::error::{Result, StorageError};
 use crate::fsutil::fsync_dir;
 use crate::producers::{self, ProducerStates, MISSING_FILE};
@@ -102,10 +102,10 @@ impl PartitionLog {
         // batches that survive a power loss.
         self.sync_through(end)?;
         producers::write_base(&inner.dir, &adopted, offset)?;
-        let entry_clock = self.entry_clock();
         // The batches past `S` count their timestamps alone in a log of entry clocks (their
         // clocks are in entries this replica no longer replays), this broker's clock else.
-        let now = if entry_clock { i64::MIN } else { now_ms() };
+        let local = self.local_clock();
+        let now = local.map_or(i64::MIN, |clock| clock.now_ms);
         let mut states = adopted;
         let (mut from, mut to) = (offset, end);
         loop {
@@ -115,11 +115,7 @@ impl PartitionLog {
             let _w = inner.writer.lock();
             let high_watermark = self.high_watermark();
             if high_watermark == to {
-                if entry_clock {
-                    states.sweep();
-                } else {
-                    states.expire(now, inner.options.producer_expiry_ms);
-                }
+                Self::sweep_producers(&mut states, local);
                 *inner.producers.lock() = states;
                 inner.producers_from.store(offset, Ordering::Release);
                 break;

@@ -39,6 +39,16 @@ enum Verdict<T> {
     Duplicate(T),
 }
 
+/// Whether an append is decided by the producers' state, and by which clock.
+#[derive(Debug, Clone, Copy)]
+enum ProducerCheck {
+    /// Decided by the state, with the clock the append's entry brings (see
+    /// [`PartitionLog::append_verified_at`]; none for a single broker's append).
+    By(Option<ProducerClock>),
+    /// Not decided: a batch copied from another replica, which committed it.
+    Skip,
+}
+
 /// How an append is acknowledged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Ack {
@@ -180,7 +190,7 @@ impl PartitionLog {
     /// grow the file, roll, and sync.
     pub fn append_acked(&self, batch: &[u8], ack: Ack) -> Result<AppendInfo> {
         let header = self.check(batch, true)?;
-        let unsettled = self.append_blocking(batch, &header, ack, Some(None))?;
+        let unsettled = self.append_blocking(batch, &header, ack, ProducerCheck::By(None))?;
         self.settle(unsettled)
     }
 
@@ -199,7 +209,7 @@ impl PartitionLog {
             // the one its replicas hold, until the replica adopts a source's.
             self.mark_producers_missing()?;
         }
-        let unsettled = self.append_blocking(batch, &header, Ack::Leader, None)?;
+        let unsettled = self.append_blocking(batch, &header, Ack::Leader, ProducerCheck::Skip)?;
         self.settle(unsettled)
     }
 
@@ -219,7 +229,8 @@ impl PartitionLog {
         clock: Option<ProducerClock>,
     ) -> Result<AppendInfo> {
         let header = self.check(batch, false)?;
-        let unsettled = self.append_blocking(batch, &header, Ack::Leader, Some(clock))?;
+        let unsettled =
+            self.append_blocking(batch, &header, Ack::Leader, ProducerCheck::By(clock))?;
         self.settle(unsettled)
     }
 
@@ -267,7 +278,7 @@ impl PartitionLog {
     /// [`PartitionLog::settle`]. A full disk is [`StorageError::NoSpace`] and changes nothing;
     /// only a failed write of the batch fences the partition.
     pub fn append_checked(&self, batch: &CheckedBatch, ack: Ack) -> Result<Unsettled> {
-        self.append_blocking(&batch.bytes, &batch.header, ack, Some(None))
+        self.append_blocking(&batch.bytes, &batch.header, ack, ProducerCheck::By(None))
     }
 
     /// Returns the offsets to acknowledge once `unsettled` is as durable as its ack and the
@@ -289,15 +300,14 @@ impl PartitionLog {
         }
     }
 
-    /// The append; `check_producer`: the producers' state decides whether the batch is
-    /// appended, answered as a duplicate, or refused, by the clock inside (see
-    /// [`PartitionLog::append_verified_at`]); `None` only for a copied batch.
+    /// The append; `check_producer` says whether the producers' state decides if the batch
+    /// is appended, answered as a duplicate, or refused, and by which clock.
     fn append_blocking(
         &self,
         batch: &[u8],
         header: &BatchHeader,
         ack: Ack,
-        check_producer: Option<Option<ProducerClock>>,
+        check_producer: ProducerCheck,
     ) -> Result<Unsettled> {
         let inner = &*self.inner;
         let len = batch.len() as u64;
@@ -314,8 +324,8 @@ impl PartitionLog {
                 match room {
                     Room::Ready => {
                         let verdict = match check_producer {
-                            Some(clock) => self.producer_verdict(header, clock)?,
-                            None => Verdict::Append,
+                            ProducerCheck::By(clock) => self.producer_verdict(header, clock)?,
+                            ProducerCheck::Skip => Verdict::Append,
                         };
                         return Ok(match verdict {
                             Verdict::Duplicate(info) => self.unsettled(info, ack, true),
@@ -392,9 +402,10 @@ impl PartitionLog {
         let mut states = inner.producers.lock();
         let clock = if self.entry_clock() {
             clock
+        } else if header.producer_id >= 0 {
+            self.local_clock()
         } else {
-            (header.producer_id >= 0)
-                .then(|| ProducerClock::at(now_ms(), inner.options.producer_expiry_ms))
+            None // a plain batch changes no producer state: no clock read
         };
         if let Some(clock) = clock {
             states.advance(clock);
