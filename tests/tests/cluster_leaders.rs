@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rill_client::{Connection, Producer, ProducerConfig, ProducerRecord};
-use rill_tests::cluster::{create_request, while_unavailable, Extra, TestCluster};
+use rill_tests::cluster::{Extra, TestCluster};
 use rill_tests::{scrape, BrokerProcess, Clients};
 
 /// The longest an election, a commit or a scrape may take in this test.
@@ -42,13 +42,10 @@ async fn the_first_produce_goes_straight_to_a_leader_that_is_not_the_bootstrap_b
         .await
         .expect("3 brokers, each with its metrics");
     let metrics = |id: u64| cluster.metrics_addr(id).expect("a metrics address");
-    let admin = cluster.clients(1).await.expect("connect").admin;
-    while_unavailable(DEADLINE, || {
-        let mut admin = admin.clone();
-        async move { admin.create_topic(create_request("lead", 3, 3)).await }
-    })
-    .await
-    .expect("creating the topic");
+    cluster
+        .create_topic("lead", 3, 3, DEADLINE)
+        .await
+        .expect("creating the topic");
     // Every broker agrees on each partition's leader; take one that broker 1 does not lead.
     let until = tokio::time::Instant::now() + DEADLINE;
     let (partition, leader) = loop {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rill_client::{Acks, Connection, Producer, ProducerConfig, ProducerRecord};
 use rill_storage::{LogOptions, PartitionLog, TopicConfig};
-use rill_tests::cluster::{create_request, while_unavailable, Extra, TestCluster};
+use rill_tests::cluster::{Extra, TestCluster};
 use rill_tests::scrape;
 
 /// The producer expiry every broker runs with, in ms.
@@ -65,13 +65,10 @@ async fn a_follower_paused_past_the_expiry_appends_the_batch_its_leader_appended
     )
     .await
     .expect("3 brokers");
-    let admin = cluster.clients(1).await.expect("connect").admin;
-    while_unavailable(DEADLINE, || {
-        let mut admin = admin.clone();
-        async move { admin.create_topic(create_request(TOPIC, 1, 3)).await }
-    })
-    .await
-    .expect("creating the topic");
+    cluster
+        .create_topic(TOPIC, 1, 3, DEADLINE)
+        .await
+        .expect("creating the topic");
     let leader = cluster
         .wait_partition_leader(TOPIC, 0, DEADLINE)
         .await

@@ -488,7 +488,7 @@ async fn internal_partitions(c: &Clients) -> usize {
 /// under-replicated.
 #[tokio::test]
 async fn replication_series_follow_leaders_and_a_lost_replica() {
-    use rill_tests::cluster::{create_request, while_unavailable, Extra, TestCluster};
+    use rill_tests::cluster::{Extra, TestCluster};
     let mut cluster = TestCluster::start_with(3, Extra::args(&["--metrics-listen", "127.0.0.1:0"]))
         .await
         .expect("3 brokers, each with its metrics");
@@ -498,12 +498,10 @@ async fn replication_series_follow_leaders_and_a_lost_replica() {
         .map(|id| cluster.metrics_addr(*id).expect("a metrics address"))
         .collect();
     let c = cluster.clients(1).await.expect("connect");
-    while_unavailable(Duration::from_secs(60), || {
-        let mut admin = c.admin.clone();
-        async move { admin.create_topic(create_request("r", 3, 3)).await }
-    })
-    .await
-    .expect("creating the topic");
+    cluster
+        .create_topic("r", 3, 3, Duration::from_secs(60))
+        .await
+        .expect("creating the topic");
     // The internal state topics are replicated partitions too, led and counted alike.
     let internal = internal_partitions(&c).await;
     let all = 3.0 + internal as f64;

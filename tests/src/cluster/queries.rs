@@ -53,6 +53,29 @@ where
 }
 
 impl TestCluster {
+    /// Creates `name` with `partitions` partitions of `rf` replicas through node 1, asking
+    /// again while it answers UNAVAILABLE (the cluster settling) for up to `deadline`.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        rf: u32,
+        deadline: Duration,
+    ) -> Result<()> {
+        let admin = self.clients(1).await?.admin;
+        while_unavailable(deadline, || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .create_topic(create_request(name, partitions, rf))
+                    .await
+            }
+        })
+        .await
+        .with_context(|| format!("creating {name}"))?;
+        Ok(())
+    }
+
     /// Node `id`'s cluster status, within a short deadline.
     pub async fn status(&self, id: u64) -> Result<ClusterStatusResponse> {
         let url = format!("http://{}", self.addr(id));
