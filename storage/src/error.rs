@@ -180,6 +180,19 @@ pub enum StorageError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The log holds staged batches (see `PartitionLog::stage`) that the operation would
+    /// write over or ignore: they must be published or dropped first.
+    #[error("topic {topic:?} partition {partition}: offset {offset} {what}; staged batches must be published or dropped first")]
+    Staged {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The offset concerned.
+        offset: u64,
+        /// What is wrong at it.
+        what: &'static str,
+    },
     /// The store is closed or shutting down.
     #[error("storage is closed")]
     Closed,

@@ -55,5 +55,5 @@ pub mod store;
 pub use config::{FlushPolicy, TopicCompression, TopicConfig};
 pub use error::{Result, StorageError};
 pub use groups::{CommittedOffset, GroupStore};
-pub use log::{LogOptions, PartitionLog, ReadResult};
+pub use log::{LogOptions, PartitionLog, ReadResult, StagedBatch};
 pub use store::{Store, StoreOptions, Topic};

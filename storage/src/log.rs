@@ -44,9 +44,11 @@ mod durability;
 mod inject;
 mod restart;
 mod retention;
+mod staged;
 
 pub use append::{Ack, CheckedBatch, Unsettled};
 pub use durability::FLUSH_TICK_MS;
+pub use staged::StagedBatch;
 
 /// The default largest batch a partition accepts, in bytes (16 MiB).
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
@@ -249,6 +251,9 @@ struct Inner {
     /// the appends below it with their clocks, and those from it with their timestamps only
     /// until [`PartitionLog::replay_entry`] brings their clocks.
     producers_from: AtomicU64,
+    /// Batches written past the high watermark and not yet published (see the `staged`
+    /// module).
+    staging: Mutex<staged::Staging>,
 }
 
 #[derive(Debug)]
@@ -327,9 +332,11 @@ impl PartitionLog {
                 producers_missing: AtomicBool::new(producers_missing),
                 entry_clock: AtomicBool::new(entry_clock),
                 producers_from: AtomicU64::new(0),
+                staging: Mutex::new(staged::Staging::default()),
             }),
         };
         log.rebuild_producers()?;
+        log.find_staged_candidates();
         Ok(log)
     }
 

@@ -29,8 +29,10 @@ use crate::index::{OffsetEntry, OffsetIndex, TimeEntry, TimeIndex, INDEX_INTERVA
 use crate::region::Region;
 
 mod open;
+mod staged;
 
 pub use open::Spare;
+pub use staged::{StagedAt, STAGED_MAGIC};
 
 /// The active segment's file grows by this many bytes at a time (or less, up to the segment
 /// size). Small enough that a topic with many partitions does not reserve gigabytes up front.

@@ -259,6 +259,7 @@ impl PartitionLog {
             return Ok(None);
         };
         self.check_writable()?;
+        self.check_nothing_staged()?;
         let active = self.active();
         if self.room_for(&active, batch.len() as u64, now_ms()) != Room::Ready {
             return Ok(None);
@@ -319,6 +320,7 @@ impl PartitionLog {
             let (active, room) = {
                 let _w = inner.writer.lock();
                 self.check_writable()?;
+                self.check_nothing_staged()?;
                 let active = self.active();
                 let room = self.room_for(&active, len, now_ms());
                 match room {

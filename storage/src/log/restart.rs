@@ -40,6 +40,10 @@ impl PartitionLog {
         // Retention and restarts both cut the segment list: one at a time.
         let _pass = inner.retention_lock.lock();
         self.check_writable()?;
+        {
+            let _w = inner.writer.lock();
+            self.check_nothing_staged()?;
+        }
         let high_watermark = self.high_watermark();
         if offset <= high_watermark {
             return Err(self.out_of_range(offset, self.log_start_offset(), high_watermark));

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{file_names, no_space_or_io, LogId, Segment, WriteState, PREALLOCATE_CHUNK_BYTES};
+use super::{
+    file_names, no_space_or_io, staged, LogId, Segment, WriteState, PREALLOCATE_CHUNK_BYTES,
+};
 use crate::batch::BatchView;
 use crate::error::{Result, StorageError};
 use crate::fsutil::{preallocate, TMP_SUFFIX};
@@ -346,8 +348,10 @@ impl Segment {
 
     /// Validates the file's batches from the start: each must have the expected base offset, a
     /// sane length, and a good checksum and structure. Publishes the valid prefix (rebuilding
-    /// the indexes as it goes) and, if anything follows it, truncates the file there so the
-    /// tail reads as zeros again. Returns `(valid_bytes, damaged_bytes_cut)`.
+    /// the indexes as it goes). A run of staged batches right after it is kept, unpublished
+    /// (see `staged.rs`). If anything else follows, truncates the file there so the tail
+    /// reads as zeros again. Returns `(kept_bytes, damaged_bytes_cut)`: the valid prefix and
+    /// the staged run, and what was cut after them.
     pub fn recover_scan(&self) -> Result<(u64, u64)> {
         let mut w = self.write.lock();
         let size = w.allocated_bytes;
@@ -372,20 +376,30 @@ impl Segment {
         }
         self.publish(pos, expected, pos);
         w.synced_bytes = 0;
+        // Staged batches right after the published ones are kept for the caller to vouch for
+        // (see `staged.rs`): they are not published, and not damage.
+        let mut kept = pos;
+        while let Some(header) = data
+            .get(kept as usize..)
+            .and_then(|rest| staged::parse_staged(rest, expected))
+        {
+            kept += header.total_len() as u64;
+            expected = header.next_offset();
+        }
         // A preallocated tail is zeros: that is the normal end, not damage. Anything else
         // after the last valid batch is a torn write or garbage, and is cut.
-        let tail_is_zero = data[pos as usize..].iter().all(|&b| b == 0);
-        if pos < size && !tail_is_zero {
+        let tail_is_zero = data[kept as usize..].iter().all(|&b| b == 0);
+        if kept < size && !tail_is_zero {
             self.file
-                .set_len(pos)
+                .set_len(kept)
                 .map_err(|e| StorageError::io("truncate segment", &self.log_path, e))?;
             self.file
                 .sync_all()
                 .map_err(|e| StorageError::io("sync segment", &self.log_path, e))?;
-            w.allocated_bytes = pos;
-            return Ok((pos, size - pos));
+            w.allocated_bytes = kept;
+            return Ok((kept, size - kept));
         }
-        Ok((pos, 0))
+        Ok((kept, 0))
     }
 }
 

@@ -1,0 +1,261 @@
+//! Staged appends: batches written to the log ahead of their publication, for a replicated
+//! partition whose partition log holds a Raft entry's batch from the moment the entry is
+//! appended to the Raft log (so the batch is written once, not twice), but which readers may
+//! see only once the entry commits.
+//!
+//! - [`PartitionLog::stage`] writes a plain batch after the last staged one (or the high
+//!   watermark) in the active segment: one `pwrite` into the page cache, with the batch's
+//!   base offset stamped and a staged magic (see `segment/staged.rs`). Nothing is published:
+//!   reads, the high watermark and every scan ignore it. It never rolls or grows a file: a
+//!   batch that does not fit as things are is not staged (`None`), and the caller keeps it
+//!   elsewhere.
+//! - [`PartitionLog::publish_staged`] publishes staged batches in order (their magic made
+//!   `RL`, then indexed and published as an append would be).
+//! - [`PartitionLog::unstage_from`] drops staged batches from an offset on (a Raft log's
+//!   diverged tail), and [`PartitionLog::staged_batch`] reads one back.
+//! - After a restart, the staged batches found right after the published ones are only
+//!   candidates: [`PartitionLog::restage`] takes those the caller still vouches for (its
+//!   Raft log still holds their entries) and forgets the rest.
+//!
+//! While batches are staged, the published end cannot move by any other way: an append or a
+//! restart fails with [`StorageError::Staged`]. So staged batches are always in the active
+//! segment, back to back after the published bytes.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::{now_ms, PartitionLog};
+use crate::error::{Result, StorageError};
+use crate::log::append::CheckedBatch;
+use crate::segment::{Room, StagedAt};
+
+/// How long [`PartitionLog::stage`] waits for the writer lock before it declines.
+const STAGE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// A staged batch as its stager names it: enough to know it again after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedBatch {
+    /// The offset given to its first record.
+    pub base_offset: u64,
+    /// How many records it holds.
+    pub record_count: u32,
+    /// Its length in bytes.
+    pub len: u32,
+    /// Its checksum (the header's CRC field).
+    pub crc: u32,
+}
+
+impl StagedBatch {
+    /// The offset after its last record.
+    pub fn next_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.record_count)
+    }
+
+    fn of(staged: &StagedAt) -> Self {
+        StagedBatch {
+            base_offset: staged.header.base_offset,
+            record_count: staged.header.record_count,
+            len: u32::try_from(staged.header.total_len()).unwrap_or(u32::MAX),
+            crc: staged.header.crc,
+        }
+    }
+}
+
+/// Staged batches of a log, behind their own lock, changed only under the writer lock.
+#[derive(Debug, Default)]
+pub(super) struct Staging {
+    /// Staged batches, in offset order, right after the published ones.
+    batches: VecDeque<StagedAt>,
+    /// Staged batches found at open, not yet vouched for ([`PartitionLog::restage`]).
+    candidates: Vec<StagedAt>,
+}
+
+impl PartitionLog {
+    /// Reads the staged batches that follow the published ones at open, as candidates for
+    /// [`PartitionLog::restage`].
+    pub(super) fn find_staged_candidates(&self) {
+        let active = self.active();
+        let run = active.staged_run(active.size_bytes(), active.next_offset());
+        self.inner.staging.lock().candidates = run;
+    }
+
+    /// The offset after the last staged batch, or the high watermark when none is staged:
+    /// where the next staged batch (or append) goes.
+    pub fn log_end(&self) -> u64 {
+        let staging = self.inner.staging.lock();
+        staging
+            .batches
+            .back()
+            .map_or_else(|| self.high_watermark(), |s| s.header.next_offset())
+    }
+
+    /// The staged batches, oldest first.
+    pub fn staged(&self) -> Vec<StagedBatch> {
+        let staging = self.inner.staging.lock();
+        staging.batches.iter().map(StagedBatch::of).collect()
+    }
+
+    /// Stages a plain batch (no producer id) after the last staged one: written, not
+    /// published (see the module docs). `None`, having changed nothing, when it cannot be
+    /// done as things are: an idempotent producer's batch (its producer state would decide
+    /// at the append), the file to grow or a roll due, the clean-shutdown marker still to
+    /// remove, or the writer lock busy for a few hundred microseconds. Never blocks on file
+    /// work beyond the one `pwrite`.
+    pub fn stage(&self, batch: &CheckedBatch) -> Result<Option<StagedBatch>> {
+        let inner = &*self.inner;
+        if batch.header().producer_id >= 0 || inner.marker_present.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let Some(_w) = inner.writer.try_lock_for(STAGE_LOCK_WAIT) else {
+            return Ok(None);
+        };
+        self.check_writable()?;
+        let active = self.active();
+        let mut staging = inner.staging.lock();
+        staging.candidates.clear();
+        let (pos, base) = match staging.batches.back() {
+            Some(last) => (last.end(), last.header.next_offset()),
+            None => (active.size_bytes(), self.high_watermark()),
+        };
+        let len = batch.len() as u64;
+        let age_ms = now_ms().saturating_sub(active.created_ms());
+        let too_old = active.size_bytes() > 0
+            && u64::try_from(age_ms).is_ok_and(|age| age >= inner.options.segment_ms);
+        if too_old || active.room_at(pos, len) != Room::Ready {
+            return Ok(None);
+        }
+        if let Err(e) = active.write_staged(pos, batch.bytes(), base) {
+            if matches!(e, StorageError::Io { .. }) {
+                self.fence(format!("staged write failed: {e}"));
+            }
+            return Err(e);
+        }
+        let mut header = *batch.header();
+        header.base_offset = base;
+        let staged = StagedAt {
+            position: pos,
+            header,
+        };
+        staging.batches.push_back(staged);
+        Ok(Some(StagedBatch::of(&staged)))
+    }
+
+    /// Publishes the staged batches that end at or below `through`, in order, and returns
+    /// the high watermark after. `through` inside a staged batch publishes up to that batch.
+    pub fn publish_staged(&self, through: u64) -> Result<u64> {
+        let inner = &*self.inner;
+        let _w = inner.writer.lock();
+        let active = self.active();
+        let mut staging = inner.staging.lock();
+        while let Some(first) = staging.batches.front().copied() {
+            if first.header.next_offset() > through {
+                break;
+            }
+            if let Err(e) = active.publish_staged(&first) {
+                self.fence(format!("publishing a staged batch failed: {e}"));
+                return Err(e);
+            }
+            staging.batches.pop_front();
+            inner
+                .high_watermark
+                .store(first.header.next_offset(), Ordering::Release);
+        }
+        Ok(self.high_watermark())
+    }
+
+    /// Drops the staged batches from `offset` on (`offset` must be where one starts, or the
+    /// end of the staged ones), and returns how many were dropped. Their place is written
+    /// again by the next stage or append.
+    pub fn unstage_from(&self, offset: u64) -> Result<usize> {
+        let inner = &*self.inner;
+        let _w = inner.writer.lock();
+        let active = self.active();
+        let mut staging = inner.staging.lock();
+        let Some(first_dropped) = staging
+            .batches
+            .iter()
+            .position(|s| s.header.base_offset >= offset)
+        else {
+            return Ok(0);
+        };
+        let at = staging.batches[first_dropped];
+        if at.header.base_offset != offset {
+            return Err(self.staged_error(offset, "is not where a staged batch starts"));
+        }
+        active.clear_staged(at.position)?;
+        let dropped = staging.batches.len() - first_dropped;
+        staging.batches.truncate(first_dropped);
+        Ok(dropped)
+    }
+
+    /// The staged batch starting at `base_offset`, as it will read once published; `None`
+    /// when no staged batch starts there.
+    pub fn staged_batch(&self, base_offset: u64) -> Option<Bytes> {
+        let _w = self.inner.writer.lock();
+        let staging = self.inner.staging.lock();
+        let staged = staging
+            .batches
+            .iter()
+            .find(|s| s.header.base_offset == base_offset)?;
+        self.active().staged_bytes(staged).map(Bytes::from)
+    }
+
+    /// Takes the staged batches found at open that match `expected`, in order from the first
+    /// (same base offset, length and checksum), as staged again, and forgets every other
+    /// candidate. Returns how many were taken: `expected` past that is not in this log.
+    /// Call before anything is staged or appended.
+    pub fn restage(&self, expected: &[StagedBatch]) -> Result<usize> {
+        let inner = &*self.inner;
+        let _w = inner.writer.lock();
+        let active = self.active();
+        let mut staging = inner.staging.lock();
+        if !staging.batches.is_empty() {
+            return Err(self.staged_error(self.high_watermark(), "is staged already"));
+        }
+        let candidates = std::mem::take(&mut staging.candidates);
+        let taken = candidates
+            .iter()
+            .zip(expected)
+            .take_while(|(found, want)| StagedBatch::of(found) == **want)
+            .count();
+        if let Some(first_forgotten) = candidates.get(taken) {
+            // A later open must not find it either.
+            active.clear_staged(first_forgotten.position)?;
+        }
+        staging.batches.extend(&candidates[..taken]);
+        Ok(taken)
+    }
+
+    /// Makes the staged batches durable (an fdatasync of the active segment).
+    pub fn sync_staged(&self) -> Result<()> {
+        if self.inner.staging.lock().batches.is_empty() {
+            return Ok(());
+        }
+        self.active().sync_file()
+    }
+
+    /// Fails with [`StorageError::Staged`] while batches are staged: the published end may
+    /// then move only by publishing them. Called under the writer lock.
+    pub(super) fn check_nothing_staged(&self) -> Result<()> {
+        let staging = self.inner.staging.lock();
+        match staging.batches.front() {
+            None => Ok(()),
+            Some(first) => Err(self.staged_error(first.header.base_offset, "is staged")),
+        }
+    }
+
+    fn staged_error(&self, offset: u64, what: &'static str) -> StorageError {
+        StorageError::Staged {
+            topic: self.inner.id.topic.clone(),
+            partition: self.inner.id.partition,
+            offset,
+            what,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "staged_tests.rs"]
+mod tests;
