@@ -317,6 +317,7 @@ fn open_stores<M: Machine>(
         must_sync: M::must_sync,
         waiters: machine.append_waiters(),
         segment_bytes,
+        placement: machine.placement(),
     };
     let log = LogStore::open_with(dir, policy)?;
     let store = MachineStore::open(dir, machine)?;

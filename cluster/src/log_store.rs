@@ -58,13 +58,16 @@ use crate::types::{Command, Entry, LogId, StorageError, TypeConfig, Vote};
 
 mod files;
 mod frame;
+mod placement;
 mod resident;
 mod syncer;
+
+pub use placement::Placement;
 
 use files::Sealed;
 use frame::{encode_append_frame, encode_frame, invalid, next_frame, parse_frame, Frame};
 
-use resident::{Got, Mem, Pos, RESIDENT_BUDGET_BYTES};
+use resident::{Got, Mem, Pos, ReplaySieve, RESIDENT_BUDGET_BYTES};
 use syncer::Syncer;
 
 /// Name of the log file in a group folder.
@@ -104,6 +107,9 @@ pub struct LogPolicy {
     /// The size at which a log file is sealed and the next begun (at least
     /// [`MIN_SEGMENT_BYTES`]; smaller is taken as that).
     pub segment_bytes: u64,
+    /// Where entries' data may be written instead of this log (see [`Placement`]), if
+    /// anywhere.
+    pub placement: Option<Arc<dyn Placement>>,
 }
 
 impl Default for LogPolicy {
@@ -113,6 +119,7 @@ impl Default for LogPolicy {
             must_sync: |_| true,
             waiters: None,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            placement: None,
         }
     }
 }
@@ -279,7 +286,21 @@ impl LogStore {
             Err(e) => return Err(e),
         };
         let mut mem = Mem::new(vote, budget_bytes);
+        mem.replay_sieve = policy.placement.clone().map(|placement| ReplaySieve {
+            placement,
+            seen: Vec::new(),
+        });
         let replayed = files::replay(dir, &mut mem)?;
+        // Entries whose placed data a crash lost (or a truncation dropped before its own
+        // frame was written) leave the log now, before anything reads them.
+        let cut_from = match &policy.placement {
+            Some(placement) => placement.reopen(&mem.replayed_entries())?,
+            None => None,
+        };
+        if let Some(index) = cut_from {
+            tracing::warn!(dir = %dir.display(), index, "cutting Raft log entries whose placed data is gone");
+            mem.apply(Op::Truncate(index), None);
+        }
         let file = replayed.file;
         sync_dir(dir)?;
         let mem = Arc::new(Mutex::new(mem));
@@ -290,8 +311,14 @@ impl LogStore {
         }
         let (jobs, queue) = mpsc::channel();
         let fsyncs = Arc::new(AtomicU64::new(0));
-        let syncer = Syncer::start(dir.to_path_buf(), &file, fsyncs.clone())?;
-        let writer = Writer {
+        let syncer = Syncer::start(
+            dir.to_path_buf(),
+            &file,
+            fsyncs.clone(),
+            policy.placement.clone(),
+        )?;
+        let mut writer = Writer {
+            placement: policy.placement.clone(),
             fsyncs: fsyncs.clone(),
             dir: dir.to_path_buf(),
             file,
@@ -306,6 +333,16 @@ impl LogStore {
             failed: None,
             mem: mem.clone(),
         };
+        if let Some(index) = cut_from {
+            let job = Job {
+                frame: encode_frame(&Op::Truncate(index))?.into(),
+                log_ids: Vec::new(),
+                sync: true,
+                purge: false,
+                done: Done::Nothing,
+            };
+            writer.write_batch(std::slice::from_ref(&job))?;
+        }
         let writer = Arc::new(Mutex::new(writer));
         let pending = Arc::new(AtomicUsize::new(0));
         {
@@ -384,6 +421,60 @@ impl LogStore {
             .map_err(|_| io::Error::other("the Raft log's writer thread has stopped"))?
     }
 
+    /// Records `entries` in memory (readable at once, as openraft expects) and writes or
+    /// queues their frame, with each placed entry's stub in it (see [`Placement`]); `done`,
+    /// made with the entries' waiting writers, is reported once the frame is written.
+    fn append_entries(
+        &self,
+        entries: Vec<Entry>,
+        done: impl FnOnce(Vec<(oneshot::Sender<LogId>, LogId)>) -> Done,
+    ) -> io::Result<()> {
+        let sync = entries.iter().any(|e| self.must_sync(e));
+        let log_ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
+        let waiters = match &self.policy.waiters {
+            Some(w) => w.take(&entries),
+            None => Vec::new(),
+        };
+        let done = done(waiters);
+        let framed =
+            self.policy.placement.as_ref().and_then(|p| {
+                placement::frame_entries(p.as_ref(), &entries, |e| self.must_sync(e))
+            });
+        let frame = match encode_append_frame(framed.as_deref().unwrap_or(&entries)) {
+            Ok(f) => f,
+            Err(e) => {
+                let copy = io::Error::new(e.kind(), e.to_string());
+                done.report(Err(e));
+                return Err(copy);
+            }
+        };
+        self.mem.lock().apply(Op::Append(entries), None);
+        self.write_in_place_or_queue(Job {
+            frame,
+            log_ids,
+            sync,
+            purge: false,
+            done,
+        })
+    }
+
+    /// Appends `entries` as openraft's append does, and waits until their frame is written.
+    /// Blocking; for tests of what uses the log.
+    #[cfg(test)]
+    pub(crate) fn append_blocking(&self, entries: Vec<Entry>) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.append_entries(entries, |_| Done::Notify(tx))?;
+        rx.blocking_recv()
+            .map_err(|_| io::Error::other("the Raft log's writer thread has stopped"))?
+    }
+
+    /// The bytes of the log's files, for tests of what is written where.
+    #[cfg(test)]
+    pub(crate) fn file_bytes(&self) -> u64 {
+        let w = self.writer.lock();
+        w.sealed.len() as u64 * w.segment_bytes + w.file_bytes
+    }
+
     /// Whether `entry` must be fsynced before it counts, under this log's policy.
     fn must_sync(&self, entry: &Entry) -> bool {
         match &entry.payload {
@@ -417,6 +508,8 @@ struct Writer {
     failed: Option<String>,
     mem: Arc<Mutex<Mem>>,
     fsyncs: Arc<AtomicU64>,
+    /// Synced before the log is, so that a stub on disk names data on disk.
+    placement: Option<Arc<dyn Placement>>,
 }
 
 impl Writer {
@@ -492,6 +585,9 @@ impl Writer {
     /// Fsyncs the log: the sealed files not yet synced, then the file being appended to.
     /// Everything written so far is then on disk.
     fn sync_active(&mut self) -> io::Result<()> {
+        if let Some(placement) = &self.placement {
+            placement.sync()?;
+        }
         self.syncer.sync_sealed()?;
         self.file.sync_data()?;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -650,7 +746,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         let read_err = |e: &io::Error| StorageError::from(StorageIOError::read_logs(e));
         let got = self.mem.lock().get(range).map_err(|e| read_err(&e))?;
-        if got.iter().all(|g| matches!(g, Got::Here(_))) {
+        let is_stub = |g: &Got| match (g, &self.policy.placement) {
+            (Got::Here(e), Some(p)) => {
+                matches!(&e.payload, EntryPayload::Normal(c) if p.is_stub(c))
+            }
+            _ => false,
+        };
+        if got.iter().all(|g| matches!(g, Got::Here(_)) && !is_stub(g)) {
             return Ok(got
                 .into_iter()
                 .filter_map(|g| match g {
@@ -659,13 +761,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 })
                 .collect());
         }
-        // Some were evicted: read back from their frames, off the async workers. Each
-        // position holds its file open, so a deletion of its file meanwhile does not lose them.
-        tokio::task::spawn_blocking(move || resident::read_back(got))
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r)
-            .map_err(|e| read_err(&e))
+        // Some were evicted, or hold a stub (replayed at open): read back from their frames
+        // and placed data, off the async workers. Each position holds its file open, so a
+        // deletion of its file meanwhile does not lose them.
+        let placement = self.policy.placement.clone();
+        tokio::task::spawn_blocking(move || {
+            let entries = resident::read_back(got)?;
+            match placement {
+                Some(p) => placement::unstub_all(p.as_ref(), entries),
+                None => Ok(entries),
+            }
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| read_err(&e))
     }
 }
 
@@ -714,35 +824,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let sync = entries.iter().any(|e| self.must_sync(e));
-        let log_ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
-        let waiters = match &self.policy.waiters {
-            Some(w) => w.take(&entries),
-            None => Vec::new(),
-        };
-        let frame = match encode_append_frame(&entries) {
-            Ok(f) => f,
-            Err(e) => {
-                let err = StorageIOError::write_logs(&e).into();
-                callback.log_io_completed(Err(e));
-                return Err(err);
-            }
-        };
-        self.mem.lock().apply(Op::Append(entries), None);
-        let job = Job {
-            frame,
-            log_ids,
-            sync,
-            purge: false,
-            done: Done::Flushed(callback, waiters),
-        };
-        self.write_in_place_or_queue(job)
+        self.append_entries(entries, |waiters| Done::Flushed(callback, waiters))
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let op = Op::Truncate(log_id.index);
         let result = async {
+            if let Some(placement) = &self.policy.placement {
+                placement.truncate_from(log_id.index)?;
+            }
             let frame = encode_frame(&op)?;
             self.mem.lock().apply(op, None);
             // Fsynced: a truncated tail must not come back after a crash.

@@ -19,7 +19,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::log_store::{write_atomic, AppendWaiters};
+use crate::log_store::{write_atomic, AppendWaiters, Placement};
 use crate::types::{
     Command, Entry, LogId, Reply, Snapshot, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
@@ -81,9 +81,11 @@ pub trait Machine: Send + 'static {
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()>;
 
     /// Replaces the state with a snapshot received from the leader (not one read back from
-    /// this replica's own file): a machine whose data lives outside the snapshot fetches what
-    /// it lacks here, before the install is reported done. Runs on a blocking thread.
-    fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// this replica's own file), whose last entry is `last`: a machine whose data lives
+    /// outside the snapshot fetches what it lacks here, before the install is reported done.
+    /// Runs on a blocking thread.
+    fn install(&mut self, last: Option<LogId>, bytes: &[u8]) -> io::Result<()> {
+        let _ = last;
         self.restore(bytes)
     }
 
@@ -101,6 +103,12 @@ pub trait Machine: Send + 'static {
     /// Writers waiting for their commands to reach this replica's Raft log (leader acks),
     /// if the machine's commands carry tokens for them. None by default.
     fn append_waiters(&self) -> Option<AppendWaiters> {
+        None
+    }
+
+    /// Where this machine's commands' data may be written instead of the Raft log (see
+    /// [`crate::log_store::Placement`]). None by default.
+    fn placement(&self) -> Option<Arc<dyn Placement>> {
         None
     }
 }
@@ -351,7 +359,7 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for MachineStore<M> {
             data: snapshot.into_inner(),
         };
         self.blocking(move |s| {
-            s.machine.install(&snap.data)?;
+            s.machine.install(snap.meta.last_log_id, &snap.data)?;
             save_snapshot(&s.dir, &snap)?;
             s.last_applied = snap.meta.last_log_id;
             s.membership = snap.meta.last_membership.clone();

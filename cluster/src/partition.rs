@@ -550,11 +550,13 @@ impl std::fmt::Debug for Replication {
 }
 
 mod create;
+mod placement;
 mod proposed;
 mod state_machine;
 mod topics;
 mod write;
 
+pub use placement::PartitionPlacement;
 pub use state_machine::PartitionMachine;
 use state_machine::{command_records, encode_command};
 pub use write::Submitted;
@@ -565,5 +567,7 @@ mod adopt_tests;
 mod below_start_tests;
 #[cfg(test)]
 mod clock_tests;
+#[cfg(test)]
+mod placement_tests;
 #[cfg(test)]
 mod tests;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use openraft::{EntryPayload, RaftLogId};
 
-use super::{parse_frame, Op};
+use super::{parse_frame, Op, Placement};
 use crate::types::{Command, Entry, LogId, Vote};
 
 /// How many bytes of entries (their encoded size) a group keeps in memory at most, besides
@@ -57,6 +57,16 @@ pub(super) struct Mem {
     pub(super) budget_bytes: u64,
     /// Every index below this one is evicted: where eviction resumes.
     evict_from: u64,
+    /// While the log is replayed at open, with a placement: what its normal entries are
+    /// (see [`Mem::replayed_entries`]).
+    pub(super) replay_sieve: Option<ReplaySieve>,
+}
+
+/// The normal entries a replay met, for the placement's reopen: each one's log id, with its
+/// command when that is a stub.
+pub(super) struct ReplaySieve {
+    pub(super) placement: Arc<dyn Placement>,
+    pub(super) seen: Vec<(LogId, Option<Command>)>,
 }
 
 /// An entry of a read: in memory, or to be read back from its frame.
@@ -75,7 +85,28 @@ impl Mem {
             resident_bytes: 0,
             budget_bytes,
             evict_from: 0,
+            replay_sieve: None,
         }
+    }
+
+    /// The normal entries the replay met that are still in the log, in order (see
+    /// [`ReplaySieve`]); ends the sieving.
+    pub(super) fn replayed_entries(&mut self) -> Vec<(LogId, Option<Command>)> {
+        let Some(sieve) = self.replay_sieve.take() else {
+            return Vec::new();
+        };
+        let mut seen: BTreeMap<u64, (LogId, Option<Command>)> = BTreeMap::new();
+        for (log_id, stub) in sieve.seen {
+            // A later frame's entry at the same index (after a truncation) replaces it.
+            seen.insert(log_id.index, (log_id, stub));
+        }
+        seen.into_values()
+            .filter(|(log_id, _)| {
+                self.entries
+                    .get(&log_id.index)
+                    .is_some_and(|s| s.log_id == *log_id)
+            })
+            .collect()
     }
 
     pub(super) fn last_log_id(&self) -> Option<LogId> {
@@ -91,6 +122,14 @@ impl Mem {
     pub(super) fn apply(&mut self, op: Op, at: Option<Pos>) {
         match op {
             Op::Append(new) => {
+                if let (Some(sieve), Some(_)) = (&mut self.replay_sieve, &at) {
+                    for e in &new {
+                        if let EntryPayload::Normal(c) = &e.payload {
+                            let stub = sieve.placement.is_stub(c).then(|| c.clone());
+                            sieve.seen.push((e.log_id, stub));
+                        }
+                    }
+                }
                 for e in new {
                     let index = e.get_log_id().index;
                     let bytes = bincode::serialized_size(&e).unwrap_or(0);

@@ -42,6 +42,8 @@ struct Shared {
     failed: Mutex<Option<String>>,
     stop: AtomicBool,
     fsyncs: Arc<AtomicU64>,
+    /// Synced before the log file, so that a stub on disk names data on disk.
+    placement: Option<Arc<dyn super::Placement>>,
 }
 
 /// See [`Shared::sealing`].
@@ -61,7 +63,12 @@ pub(super) struct Syncer {
 impl Syncer {
     /// Starts the syncing thread of the log file `file` (a handle of its own is kept) in
     /// `dir`, counting each fsync in `fsyncs`.
-    pub(super) fn start(dir: PathBuf, file: &File, fsyncs: Arc<AtomicU64>) -> io::Result<Syncer> {
+    pub(super) fn start(
+        dir: PathBuf,
+        file: &File,
+        fsyncs: Arc<AtomicU64>,
+        placement: Option<Arc<dyn super::Placement>>,
+    ) -> io::Result<Syncer> {
         let shared = Arc::new(Shared {
             dir,
             file: Mutex::new(file.try_clone()?),
@@ -71,6 +78,7 @@ impl Syncer {
             failed: Mutex::new(None),
             stop: AtomicBool::new(false),
             fsyncs,
+            placement,
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
@@ -174,7 +182,12 @@ fn run(shared: &Shared) {
         // delete them rather than drop them.
         if (dirty || !doomed.is_empty()) && shared.failed.lock().is_none() {
             // A handle of its own, so the writer replacing the file does not wait.
-            let synced = sync_sealed(shared)
+            let placed = match &shared.placement {
+                Some(p) => p.sync(),
+                None => Ok(()),
+            };
+            let synced = placed
+                .and_then(|()| sync_sealed(shared))
                 .and_then(|()| shared.file.lock().try_clone())
                 .and_then(|f| f.sync_data());
             match synced {

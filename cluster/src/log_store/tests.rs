@@ -179,7 +179,8 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
         .open(dir.path().join(LOG_FILE))
         .expect("file");
     let fsyncs = Arc::new(AtomicU64::new(0));
-    let syncer = Syncer::start(dir.path().to_path_buf(), &file, fsyncs.clone()).expect("syncer");
+    let syncer =
+        Syncer::start(dir.path().to_path_buf(), &file, fsyncs.clone(), None).expect("syncer");
     let mut writer = Writer {
         dir: dir.path().to_path_buf(),
         file,
@@ -194,6 +195,7 @@ fn a_batch_of_durable_frames_shares_one_fsync() {
         failed: None,
         mem: Arc::new(Mutex::new(Mem::new(None, RESIDENT_BUDGET_BYTES))),
         fsyncs: fsyncs.clone(),
+        placement: None,
     };
     let jobs: Vec<Job> = (1..=50)
         .map(|i| Job {

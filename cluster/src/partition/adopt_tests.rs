@@ -203,7 +203,7 @@ fn an_install_on_a_restarted_log_adopts_the_sources_producer_state() {
     };
     let mut m =
         PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics)).with_catch_up(catch_up);
-    m.install(&source.snapshot).expect("install");
+    m.install(None, &source.snapshot).expect("install");
     assert_eq!(m.next_offset(), 7);
     assert_eq!(asked.load(Ordering::SeqCst), 1);
     assert!(!log.producer_state_missing(), "no state was adopted");
@@ -233,7 +233,7 @@ fn an_install_on_a_log_with_its_own_state_asks_nothing() {
     };
     let mut m =
         PartitionMachine::new("t", 0, log.clone(), Arc::new(NoTopics)).with_catch_up(catch_up);
-    m.install(&source.snapshot).expect("install");
+    m.install(None, &source.snapshot).expect("install");
     assert_eq!(m.next_offset(), 7);
     assert_eq!(log.producer_next_sequence(5), Some((0, 2)));
 }

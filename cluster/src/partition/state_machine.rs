@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use rill_storage::producers::ProducerClock;
 
+use super::placement::{parse_stub, PartitionPlacement, Stub, STUB_FLAG};
 use super::*;
 use crate::catch_up::AppliedPoint;
+use crate::log_store::Placement;
 use crate::machine::{AppliedPointReport, SnapshotBarrier};
 
 /// The file in the group's folder holding the applied point this replica last learned
@@ -65,6 +67,9 @@ pub(super) struct Parts<'a> {
 /// The parts of a partition command; `None` if it is too short.
 pub(super) fn split_command(command: &Command) -> Option<Parts<'_>> {
     let (head, rest) = command.0.split_at_checked(COMMAND_HEADER_BYTES)?;
+    if head[0] & STUB_FLAG != 0 {
+        return None; // a stub: see `placement.rs`
+    }
     let token = u64::from_le_bytes(head[1..].try_into().ok()?);
     let (clock, batch) = if head[0] & CLOCK_FLAG == 0 {
         (None, rest)
@@ -88,10 +93,16 @@ pub(super) fn split_command(command: &Command) -> Option<Parts<'_>> {
 /// The records a partition command adds when applied: its batch's record count, 0 for a
 /// command the apply refuses.
 pub(super) fn command_records(command: &Command) -> u64 {
+    if let Some(stub) = parse_stub(command) {
+        return u64::from(stub.batch.record_count);
+    }
     split_command(command)
         .and_then(|parts| BatchHeader::parse(parts.batch).ok())
         .map_or(0, |h| u64::from(h.record_count))
 }
+
+#[path = "apply.rs"]
+mod apply;
 
 /// A replica's state machine: appends committed batches to its partition log.
 pub struct PartitionMachine {
@@ -111,6 +122,8 @@ pub struct PartitionMachine {
     /// The waiters of `leader` acks, keyed by command token (the group's start keeps a
     /// clone to register writes in).
     pub(super) waiters: AppendWaiters,
+    /// Where the group's Raft log places its entries' batches (shared with the log store).
+    placement: Arc<PartitionPlacement>,
 }
 
 impl PartitionMachine {
@@ -134,13 +147,14 @@ impl PartitionMachine {
         PartitionMachine {
             topic: topic.to_string(),
             partition,
-            log,
             next_offset: 0,
             local,
             catch_up: None,
             dir: None,
             point: None,
             waiters: AppendWaiters::new(|c| split_command(c).map(|parts| parts.token)),
+            placement: PartitionPlacement::new(log.clone()),
+            log,
         }
     }
 
@@ -187,8 +201,8 @@ impl PartitionMachine {
             && stored.base_sequence == header.base_sequence)
     }
 
-    /// Applies entry `index` (whose batch `header` describes) when the records it would
-    /// have produced are below the log's start: deleted by retention, here or on the replica
+    /// Applies entry `index` (whose batch is producer `producer_id`'s, negative for a plain
+    /// batch) when the records it would have produced are below the log's start: deleted by retention, here or on the replica
     /// this one restarted its log from. `None`: the usual apply follows.
     ///
     /// An entry up to the learned applied point's index is held already (its records, if
@@ -198,7 +212,7 @@ impl PartitionMachine {
     /// refused sequence), and only its records could tell: the machine learns an applied
     /// point covering it from another replica first (see [`crate::catch_up::learn`]), and
     /// keeps it in its folder, so a restart replays the same entries without asking again.
-    fn below_log_start(&mut self, index: u64, header: &BatchHeader) -> io::Result<Option<Reply>> {
+    fn below_log_start(&mut self, index: u64, producer_id: i64) -> io::Result<Option<Reply>> {
         loop {
             if self.next_offset >= self.log.log_start_offset() {
                 return Ok(None);
@@ -223,7 +237,7 @@ impl PartitionMachine {
                 }
                 _ => {}
             }
-            if header.producer_id < 0 {
+            if producer_id < 0 {
                 return Ok(None);
             }
             let Some(catch_up) = &self.catch_up else {
@@ -269,84 +283,22 @@ impl PartitionMachine {
 
 impl Machine for PartitionMachine {
     fn apply(&mut self, log_id: LogId, command: &Command) -> io::Result<Reply> {
-        let Some(Parts { clock, batch, .. }) = split_command(command) else {
-            return Self::reply(&Err(Refusal::Invalid(format!(
-                "topic {} partition {}: a replicated command of {} bytes is too short",
-                self.topic,
-                self.partition,
-                command.0.len()
-            ))));
-        };
-        let header = match BatchHeader::parse(batch) {
-            Ok(h) => h,
-            Err(e) => {
-                return Self::reply(&Err(Refusal::Invalid(format!(
-                    "topic {} partition {}: invalid batch: {e}",
-                    self.topic, self.partition
-                ))))
-            }
-        };
-        if let Some(reply) = self.below_log_start(log_id.index, &header)? {
-            return Ok(reply);
-        }
-        let count = u64::from(header.record_count);
-        let end = self.log.high_watermark();
-        if end < self.next_offset {
-            return Err(io::Error::other(format!(
-                "topic {} partition {}: the local log ends at {end} but this replica applied up to {}; it lost acknowledged data and must be rebuilt",
-                self.topic, self.partition, self.next_offset
-            )));
-        }
-        if self.next_offset + count <= end {
-            // Replaying entries applied before a restart: their records are in the log
-            // already. An idempotent producer's retry (or a refused batch) appended nothing
-            // the first time; it must not move the applied end now, or every later entry
-            // would be taken for another and a plain batch after it appended twice.
-            if header.producer_id >= 0 && !self.holds_at(self.next_offset, &header)? {
-                // Its clock moved the producer state the first time all the same.
-                self.log.replay_entry(&header, None, clock);
-                return Self::reply(&Err(Refusal::Invalid(format!(
-                    "topic {} partition {}: a replayed idempotent batch (producer {}, sequence {}) appended nothing when first applied",
-                    self.topic, self.partition, header.producer_id, header.base_sequence
-                ))));
-            }
-            let base = self.next_offset;
-            self.log.replay_entry(&header, Some(base), clock);
-            self.next_offset += count;
-            return Self::reply(&Ok((base, header.record_count)));
-        }
-        let outcome = self.log.append_verified_at(batch, clock);
-        self.appended(outcome)
+        let reply = self.apply_entry(log_id, command);
+        self.placement
+            .applied(log_id.index, self.exact_next_offset());
+        reply
     }
 
     /// The append, when it is one `pwrite` into the active segment's page cache (no roll, no
     /// file to grow, no sync, the writer lock free at once), as a single broker's produce
-    /// does on its async worker; `None` otherwise, having changed nothing. Replays and
-    /// malformed commands go the blocking way, which answers them.
-    fn try_apply_inline(&mut self, _log_id: LogId, command: &Command) -> Option<io::Result<Reply>> {
-        if self.log.options().flush == FlushPolicy::Always {
-            return None; // every append syncs: blocking
-        }
-        let Parts { clock, batch, .. } = split_command(command)?;
-        let count = BatchHeader::parse(batch)
-            .map(|h| u64::from(h.record_count))
-            .ok()?;
-        let end = self.log.high_watermark();
-        if end < self.next_offset
-            || self.next_offset + count <= end
-            || self.next_offset < self.log.log_start_offset()
-        {
-            return None; // a replay (it may read the log or learn), or a lost tail
-        }
-        let checked = match self.log.check_verified_batch(command.0.slice_ref(batch)) {
-            Ok(c) => c,
-            Err(e) => return Some(self.appended(Err(e))),
-        };
-        match self.log.try_append_at(&checked, Ack::Leader, clock) {
-            Ok(None) => None,
-            Ok(Some(unsettled)) => Some(self.appended(Ok(*unsettled.info()))),
-            Err(e) => Some(self.appended(Err(e))),
-        }
+    /// does on its async worker, or the publication of a placed batch; `None` otherwise,
+    /// having changed nothing. Replays, stubs and malformed commands go the blocking way,
+    /// which answers them.
+    fn try_apply_inline(&mut self, log_id: LogId, command: &Command) -> Option<io::Result<Reply>> {
+        let reply = self.try_apply_entry_inline(log_id, command)?;
+        self.placement
+            .applied(log_id.index, self.exact_next_offset());
+        Some(reply)
     }
 
     /// Makes the log's producer expiry go by the entries' clocks (for good: see
@@ -422,8 +374,21 @@ impl Machine for PartitionMachine {
     /// Pulls the records below the snapshot's end that the log lacks (restarting it at a
     /// source's log start when retention deleted them there), then, if the log's producer
     /// state is missing (it restarted, now or in an earlier try), adopts a source's.
-    fn install(&mut self, bytes: &[u8]) -> io::Result<()> {
+    ///
+    /// Batches placed here for the snapshot's own entries are published instead of pulled
+    /// (the same last log id: the same entries); any other staged batch is dropped first.
+    fn install(&mut self, last: Option<LogId>, bytes: &[u8]) -> io::Result<()> {
         let next_offset: u64 = bincode::deserialize(bytes).map_err(io::Error::other)?;
+        if self.placement.installing(last, next_offset)? {
+            // Published up to the snapshot's end from what was placed here.
+        } else if !self.log.staged().is_empty() {
+            return Err(io::Error::other(format!(
+                "topic {} partition {}: the snapshot up to {last:?} ends at offset {next_offset}, but the batches placed for it here end at {}",
+                self.topic,
+                self.partition,
+                self.log.high_watermark()
+            )));
+        }
         if self.log.high_watermark() < next_offset {
             if let Some(catch_up) = &self.catch_up {
                 let target = self.catch_up_target();
@@ -439,6 +404,9 @@ impl Machine for PartitionMachine {
             }
         }
         self.next_offset = next_offset;
+        if let Some(last) = last {
+            self.placement.applied(last.index, self.exact_next_offset());
+        }
         Ok(())
     }
 
@@ -449,5 +417,9 @@ impl Machine for PartitionMachine {
 
     fn append_waiters(&self) -> Option<AppendWaiters> {
         Some(self.waiters.clone())
+    }
+
+    fn placement(&self) -> Option<Arc<dyn Placement>> {
+        Some(self.placement.clone())
     }
 }

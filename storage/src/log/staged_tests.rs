@@ -104,10 +104,7 @@ fn appends_and_restarts_are_refused_while_batches_are_staged_and_change_nothing(
     let dir = tempfile::tempdir().expect("tempdir");
     let log = started(dir.path());
     let s = stage(&log, &batch(1, 2));
-    for result in [
-        log.append(&batch(9, 1)).map(|_| ()),
-        log.restart_at(100),
-    ] {
+    for result in [log.append(&batch(9, 1)).map(|_| ()), log.restart_at(100)] {
         match result {
             Err(StorageError::Staged {
                 topic,
@@ -191,17 +188,18 @@ fn after_a_crash_only_the_staged_batches_the_caller_vouches_for_are_kept() {
         "a staged run is not damage: {:?}",
         log.recovery_report()
     );
-    assert_eq!(log.high_watermark(), 1, "staged batches are not published by a crash");
+    assert_eq!(
+        log.high_watermark(),
+        1,
+        "staged batches are not published by a crash"
+    );
     assert_eq!(log.log_end(), 1, "nor staged again until vouched for");
     // The caller's Raft log holds the first two only.
     assert_eq!(log.restage(&staged[..2]).expect("restage"), 2);
     assert_eq!(log.staged(), staged[..2].to_vec());
     assert_eq!(log.log_end(), staged[1].next_offset());
     log.publish_staged(u64::MAX).expect("publish");
-    assert_eq!(
-        published(&log, 1),
-        vec![(1, a.to_vec()), (3, b.to_vec())]
-    );
+    assert_eq!(published(&log, 1), vec![(1, a.to_vec()), (3, b.to_vec())]);
     drop(log);
     // The third was forgotten for good: a later open does not offer it again.
     let log = open(dir.path());
@@ -224,11 +222,18 @@ fn a_clean_close_keeps_staged_batches_for_the_next_open_to_vouch_for() {
     assert!(log.recovery_report().clean);
     assert_eq!(log.high_watermark(), 1);
     // A wrong checksum does not match.
-    let wrong = StagedBatch { crc: s.crc ^ 1, ..s };
+    let wrong = StagedBatch {
+        crc: s.crc ^ 1,
+        ..s
+    };
     assert_eq!(log.restage(&[wrong]).expect("restage"), 0);
     drop(log);
     let log = open(dir.path());
-    assert_eq!(log.restage(&[s]).expect("restage"), 0, "forgotten by the last restage");
+    assert_eq!(
+        log.restage(&[s]).expect("restage"),
+        0,
+        "forgotten by the last restage"
+    );
 
     // And when vouched for at once, after a clean close:
     let dir = tempfile::tempdir().expect("tempdir");

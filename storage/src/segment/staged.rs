@@ -159,7 +159,11 @@ impl Segment {
     /// offset `next`), each whole, with its checksum, and within the allocated blocks. Called
     /// with the partition's writer lock held (or before the segment is shared).
     pub fn staged_run(&self, mut pos: u64, mut next: u64) -> Vec<StagedAt> {
-        let allocated = self.write.lock().allocated_bytes.min(self.region.len() as u64);
+        let allocated = self
+            .write
+            .lock()
+            .allocated_bytes
+            .min(self.region.len() as u64);
         // SAFETY: `[pos, allocated)` is inside the file; nothing writes there while the
         // caller holds the writer lock, and published bytes are never rewritten.
         let data = unsafe { self.region.slice(0, allocated as usize) };

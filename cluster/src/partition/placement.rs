@@ -1,0 +1,333 @@
+//! A replicated partition's [`Placement`]: each plain batch is written once, into the
+//! partition log, when its entry is appended to the Raft log (see
+//! `docs/REPLICATION.md`, "The partition log as the Raft log").
+//!
+//! At the Raft append the batch is staged in the partition log (`PartitionLog::stage`:
+//! written after the published records and the batches staged before it, readable by nobody),
+//! and the Raft log's frame holds a stub instead: `[ack code | STUB_FLAG][token: u64 LE]
+//! [base offset: u64 LE][record count: u32 LE][length: u32 LE][crc: u32 LE]`. The apply
+//! publishes it ([`PartitionPlacement::take_placed`]): nothing is written a second time.
+//!
+//! **Which entries are placed.** A plain batch with a `leader` or `quorum` ack, when this
+//! replica knows exactly where the entry before it ends, and the partition log ends there:
+//! the entry before was placed, or applied (its apply reports the applied end). A staged
+//! batch goes at the log's end, so it gets the offsets every replica's apply gives the entry
+//! only then. Kept whole (as before this change): idempotent batches (their producer state
+//! decides at the apply), `durable` ones (fsynced in the Raft log), a topic flushed `always`,
+//! a batch that does not fit the active segment as it is (a roll or a grow is due), and any
+//! entry whose place is not known that way: after an entry kept whole until its apply, after
+//! a blank entry, while a snapshot is installed (its catch-up pull appends records, maybe
+//! past the snapshot's end), after a restart until the applies resume.
+//!
+//! **Reads.** The log store keeps the whole command in memory as before; an entry read back
+//! from its frame gets its batch from the staged batch, or from the published records once
+//! applied ([`Placement::unstub`]). Records deleted by retention cannot be read back: the stub
+//! is then sent as it is, and a replica that lacks those records applies it as records it
+//! cannot have (`PartitionMachine`'s hole).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rill_storage::{FlushPolicy, PartitionLog, StagedBatch, StorageError};
+
+use super::state_machine::{encode_command, split_command};
+use super::WriteAck;
+use crate::log_store::Placement;
+use crate::types::{Command, LogId};
+
+/// The ack code's bit that marks a stub (the clock's is `0x80`).
+pub(super) const STUB_FLAG: u8 = 0x40;
+/// A stub's length: the ack code, the token, then the staged batch's base offset, record
+/// count, length and checksum.
+const STUB_BYTES: usize = 1 + 8 + 8 + 4 + 4 + 4;
+
+/// A stub taken apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stub {
+    /// The ack code of the command it stands for.
+    pub(super) ack_code: u8,
+    /// Its writer's token.
+    pub(super) token: u64,
+    /// Where and what its batch is.
+    pub(super) batch: StagedBatch,
+}
+
+/// The stub of a command with `ack_code` and `token` whose batch is `batch`.
+pub(super) fn encode_stub(ack_code: u8, token: u64, batch: &StagedBatch) -> Command {
+    let mut bytes = Vec::with_capacity(STUB_BYTES);
+    bytes.push(ack_code | STUB_FLAG);
+    bytes.extend_from_slice(&token.to_le_bytes());
+    bytes.extend_from_slice(&batch.base_offset.to_le_bytes());
+    bytes.extend_from_slice(&batch.record_count.to_le_bytes());
+    bytes.extend_from_slice(&batch.len.to_le_bytes());
+    bytes.extend_from_slice(&batch.crc.to_le_bytes());
+    Command(bytes.into())
+}
+
+/// The stub `command` is, if it is one.
+pub(super) fn parse_stub(command: &Command) -> Option<Stub> {
+    let bytes: &[u8; STUB_BYTES] = command.0.as_ref().try_into().ok()?;
+    if bytes[0] & STUB_FLAG == 0 {
+        return None;
+    }
+    let u64_at = |at: usize| bytes[at..at + 8].try_into().ok().map(u64::from_le_bytes);
+    let u32_at = |at: usize| bytes[at..at + 4].try_into().ok().map(u32::from_le_bytes);
+    Some(Stub {
+        ack_code: bytes[0] & !STUB_FLAG,
+        token: u64_at(1)?,
+        batch: StagedBatch {
+            base_offset: u64_at(9)?,
+            record_count: u32_at(17)?,
+            len: u32_at(21)?,
+            crc: u32_at(25)?,
+        },
+    })
+}
+
+/// What the placement knows of the Raft log's entries.
+#[derive(Debug, Default)]
+struct State {
+    /// The placed entries not yet applied, in log order, with their staged batches (the
+    /// partition log's staged batches, in the same order).
+    placed: VecDeque<(LogId, StagedBatch)>,
+    /// The latest entry whose records' end is known exactly (placed, or applied), with that
+    /// end: an entry right after it may be placed there.
+    known: Option<(u64, u64)>,
+}
+
+impl State {
+    /// Entry `index`'s records end at `end`; an older point changes nothing.
+    fn learn(&mut self, index: u64, end: u64) {
+        if self.known.is_none_or(|(i, _)| i <= index) {
+            self.known = Some((index, end));
+        }
+    }
+}
+
+/// A replicated partition's placement (see the module docs). Shared by the group's log
+/// store and its state machine.
+pub struct PartitionPlacement {
+    log: PartitionLog,
+    state: Mutex<State>,
+}
+
+impl PartitionPlacement {
+    /// The placement of `log`'s group.
+    pub fn new(log: PartitionLog) -> Arc<Self> {
+        Arc::new(PartitionPlacement {
+            log,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// The machine applied entry `index`, its records ending at `end` (`None`: not known
+    /// exactly, as while a learned applied point is answered).
+    pub(super) fn applied(&self, index: u64, end: Option<u64>) {
+        let mut state = self.state.lock();
+        match end {
+            Some(end) => state.learn(index, end),
+            None => state.known = None,
+        }
+    }
+
+    /// The staged batch of entry `log_id` if it was placed; the apply publishes it. Only the
+    /// oldest placed entry can be applied next.
+    pub(super) fn take_placed(&self, log_id: LogId) -> Option<StagedBatch> {
+        let mut state = self.state.lock();
+        match state.placed.front() {
+            Some((placed, batch)) if *placed == log_id => {
+                let batch = *batch;
+                state.placed.pop_front();
+                Some(batch)
+            }
+            _ => None,
+        }
+    }
+
+    /// A snapshot whose last entry is `last`, its records ending at `next_offset`, is being
+    /// installed: nothing is placed until [`PartitionPlacement::applied`] says where the
+    /// records end after it. When that entry was placed here, it and every placed entry
+    /// before it are the snapshot's own (the same log id: the same entries before it), so
+    /// they are published, and true is returned if that reached `next_offset`. Otherwise
+    /// every staged batch is dropped (the install brings the records another way) and false
+    /// is returned.
+    pub(super) fn installing(&self, last: Option<LogId>, next_offset: u64) -> io::Result<bool> {
+        let mut state = self.state.lock();
+        let last_index = last.map_or(0, |l| l.index);
+        state.known = None;
+        let covers = last.is_some_and(|last| state.placed.iter().any(|(id, _)| *id == last));
+        if covers {
+            while let Some((id, batch)) = state.placed.front().copied() {
+                if id.index > last_index {
+                    break;
+                }
+                self.log
+                    .publish_staged(batch.next_offset())
+                    .map_err(io::Error::other)?;
+                state.placed.pop_front();
+            }
+            return Ok(self.log.high_watermark() == next_offset);
+        }
+        if let Some((_, first)) = state.placed.front() {
+            self.log
+                .unstage_from(first.base_offset)
+                .map_err(io::Error::other)?;
+        }
+        state.placed.clear();
+        Ok(false)
+    }
+
+    /// Stages `command`'s batch if it is a plain one; its stub then.
+    fn stage(&self, command: &Command) -> Option<(Command, StagedBatch)> {
+        let parts = split_command(command)?;
+        if parts.clock.is_some() {
+            return None; // an idempotent producer's batch
+        }
+        let checked = self
+            .log
+            .check_verified_batch(command.0.slice_ref(parts.batch))
+            .ok()?;
+        match self.log.stage(&checked) {
+            Ok(Some(staged)) => Some((encode_stub(parts.ack_code, parts.token, &staged), staged)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(
+                    topic = self.log.topic(), partition = self.log.partition(), error = %e,
+                    "cannot stage a batch: keeping it whole in the Raft log"
+                );
+                None
+            }
+        }
+    }
+
+    fn bad_stub(&self, stub: &Stub, why: String) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "topic {} partition {}: the Raft log's stub for offset {} ({} bytes) {why}",
+                self.log.topic(),
+                self.log.partition(),
+                stub.batch.base_offset,
+                stub.batch.len
+            ),
+        )
+    }
+}
+
+impl Placement for PartitionPlacement {
+    fn place(&self, log_id: LogId, command: &Command, must_sync: bool) -> Option<Command> {
+        let mut state = self.state.lock();
+        let here = state
+            .known
+            .filter(|(index, _)| index + 1 == log_id.index)
+            .map(|(_, end)| end);
+        let placeable = !must_sync
+            && here.is_some_and(|end| end == self.log.log_end())
+            && self.log.options().flush != FlushPolicy::Always
+            && parse_stub(command).is_none();
+        match placeable.then(|| self.stage(command)).flatten() {
+            Some((stub, staged)) => {
+                state.placed.push_back((log_id, staged));
+                state.learn(log_id.index, staged.next_offset());
+                Some(stub)
+            }
+            None => None,
+        }
+    }
+
+    fn is_stub(&self, command: &Command) -> bool {
+        parse_stub(command).is_some()
+    }
+
+    fn unstub(&self, command: &Command) -> io::Result<Command> {
+        let Some(stub) = parse_stub(command) else {
+            return Ok(command.clone());
+        };
+        let want = stub.batch;
+        let bytes = match self.log.staged_batch(want.base_offset) {
+            Some(bytes) => bytes,
+            None => match self.log.read(want.base_offset, want.len as usize) {
+                Ok(read) => match read.chunks.first() {
+                    Some(chunk) => chunk.slice(..chunk.len().min(want.len as usize)),
+                    None => return Err(self.bad_stub(&stub, "names records not in the log".into())),
+                },
+                // Deleted by retention: the stub goes on as it is (see the module docs).
+                Err(StorageError::OffsetOutOfRange { log_start, .. })
+                    if want.base_offset < log_start =>
+                {
+                    return Ok(command.clone())
+                }
+                Err(e) => return Err(self.bad_stub(&stub, format!("cannot be read: {e}"))),
+            },
+        };
+        let header = rill_storage::batch::BatchHeader::parse(&bytes)
+            .map_err(|e| self.bad_stub(&stub, format!("names a bad batch: {e}")))?;
+        if header.base_offset != want.base_offset
+            || header.crc != want.crc
+            || bytes.len() != want.len as usize
+        {
+            return Err(self.bad_stub(&stub, "names another batch".into()));
+        }
+        Ok(encode_command(
+            ack_of(stub.ack_code),
+            stub.token,
+            None,
+            &bytes,
+        ))
+    }
+
+    fn truncate_from(&self, index: u64) -> io::Result<()> {
+        let mut state = self.state.lock();
+        if state.known.is_some_and(|(i, _)| i >= index) {
+            state.known = None;
+        }
+        let Some(at) = state.placed.iter().position(|(id, _)| id.index >= index) else {
+            return Ok(());
+        };
+        let from = state.placed[at].1.base_offset;
+        self.log.unstage_from(from).map_err(io::Error::other)?;
+        state.placed.truncate(at);
+        state.known = state
+            .placed
+            .back()
+            .map(|(id, b)| (id.index, b.next_offset()));
+        Ok(())
+    }
+
+    fn reopen(&self, entries: &[(LogId, Option<Command>)]) -> io::Result<Option<u64>> {
+        let mut state = self.state.lock();
+        let published = self.log.high_watermark();
+        let mut staged: Vec<(LogId, StagedBatch)> = Vec::new();
+        for (log_id, stub) in entries {
+            match stub.as_ref().and_then(parse_stub) {
+                Some(stub) if stub.batch.base_offset >= published => {
+                    staged.push((*log_id, stub.batch));
+                }
+                Some(_) | None => {} // published, or whole: its apply is a replay or an append
+            }
+        }
+        let expected: Vec<StagedBatch> = staged.iter().map(|(_, b)| *b).collect();
+        let taken = self.log.restage(&expected).map_err(io::Error::other)?;
+        let cut = staged.get(taken).map(|(id, _)| id.index);
+        staged.truncate(taken);
+        state.placed = staged.into();
+        // Where the next entry goes is known once the applies resume.
+        state.known = None;
+        Ok(cut)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.log.sync_staged().map_err(io::Error::other)
+    }
+}
+
+/// The [`WriteAck`] of an ack code (`quorum` for an unknown one: a stub is only written for
+/// codes this version wrote).
+pub(super) fn ack_of(code: u8) -> WriteAck {
+    [WriteAck::Leader, WriteAck::Quorum, WriteAck::Durable]
+        .into_iter()
+        .find(|a| a.code() == code)
+        .unwrap_or(WriteAck::Quorum)
+}
