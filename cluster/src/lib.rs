@@ -6,7 +6,8 @@
 //! # The map
 //! - [`types`]: the openraft type config shared by every group, ids, commands and replies.
 //! - [`log_store`]: [`LogStore`], a group's durable Raft log and vote (fsynced before acked);
-//!   `log_store/frame.rs` is its frame codec (an append's frame written in pieces).
+//!   `log_store/frame.rs` is its frame codec (an append's frame written in pieces), and
+//!   [`log_store::Placement`] where a group's entry data may live instead of the log.
 //! - [`machine`]: the [`Machine`] trait of a group's state and [`MachineStore`], its adapter
 //!   to openraft with persisted snapshots.
 //! - [`network`]: the sending side: openraft's network over the `rill.v1.Raft` gRPC service,
@@ -20,7 +21,9 @@
 //! - [`controller`]: the controller's state machine (topics, replica sets, group ids,
 //!   incarnations and delete tombstones) and the placement.
 //! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
-//!   batches to a replica's log (`partition/state_machine.rs`, with the command format);
+//!   batches to a replica's log (`partition/state_machine.rs`, with the command format;
+//!   `partition/apply.rs`), or publishes the ones [`partition::PartitionPlacement`] staged
+//!   there at the Raft append (`partition/placement.rs`: the partition log as the Raft log);
 //!   [`Replication`] sets the controller's topics up here from
 //!   the metadata (replication factor 1 ones served by their owners), starts this broker's
 //!   replica groups, routes writes to them (proposed in order: `partition/write.rs`,

@@ -13,7 +13,9 @@
 //! - [`index`]: the sparse offset index and the time index of a segment, memory-mapped.
 //! - [`segment`]: one segment file: preallocation, the append mapping, sealing, batch lookup.
 //! - [`log`]: [`PartitionLog`], a partition's ordered segments: append, read, time lookup,
-//!   durability (the flush policy's enforcement and group commit), fencing, retention.
+//!   durability (the flush policy's enforcement and group commit), fencing, retention, and
+//!   staged batches (`log/staged.rs`: written ahead, readable once published, for a
+//!   replicated partition whose batches are written at the Raft append).
 //! - [`producers`]: idempotent producers' per-partition sequences and offsets, rebuilt from
 //!   the log's batch headers and snapshotted at checkpoints.
 //! - [`region`]: a shared memory-mapped region; the only module that touches mapping pointers.

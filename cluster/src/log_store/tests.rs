@@ -427,23 +427,27 @@ fn a_purge_deletes_whole_sealed_files_and_moves_no_live_entry() {
         .collect();
     rt.block_on(store.purge(all[149].log_id)).expect("purge");
     barrier(&store);
-    // The syncer deletes them after its next fsync (within the flush interval).
+    // The syncer deletes them after its next fsync (within the flush interval), one after
+    // the other: wait until the oldest file left is the one holding entry 151 (it never is
+    // if that one was deleted too, nor if the older ones stay).
+    let oldest_live_inode = frame_places(&store)[0].1;
+    let oldest_inode = |files: &[(u64, u64)]| {
+        use std::os::unix::fs::MetadataExt;
+        files
+            .first()
+            .and_then(|f| std::fs::metadata(files::path(dir.path(), f.0)).ok())
+            .map(|m| m.ino())
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let after = loop {
         let now = log_files(dir.path());
-        if now.len() < before.len() || std::time::Instant::now() > deadline {
+        if oldest_inode(&now) == Some(oldest_live_inode) || std::time::Instant::now() > deadline {
             break now;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     // Every file before the one holding entry 151 is gone, and that one is kept.
-    let oldest_live_inode = frame_places(&store)[0].1;
-    let oldest_kept_inode = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(files::path(dir.path(), after[0].0))
-            .expect("meta")
-            .ino()
-    };
+    let oldest_kept_inode = oldest_inode(&after).expect("a file is left");
     assert_eq!(
         oldest_kept_inode, oldest_live_inode,
         "{before:?} -> {after:?}"
