@@ -172,6 +172,18 @@ impl Clients {
         partition: u32,
         values: &[&str],
     ) -> Result<u64> {
+        self.produce_values_acked(topic, partition, values, None)
+            .await
+    }
+
+    /// [`Clients::produce_values`] with ack mode `ack` (`None`: the broker's default).
+    pub async fn produce_values_acked(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        values: &[&str],
+        ack: Option<rill_proto::v1::AckMode>,
+    ) -> Result<u64> {
         let records = values
             .iter()
             .map(|v| rill_proto::v1::Record {
@@ -184,7 +196,7 @@ impl Clients {
             .produce(rill_proto::v1::ProduceRequest {
                 topic: topic.into(),
                 partition: Some(partition),
-                ack: 0,
+                ack: ack.map_or(0, |a| a as i32),
                 payload: Some(rill_proto::v1::produce_request::Payload::Records(
                     rill_proto::v1::RecordList { records },
                 )),

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rill_proto::v1 as pb;
 use rill_tests::cluster::{create_request, Extra, TestCluster};
 use rill_tests::Clients;
 use tonic::Code;
@@ -163,9 +164,14 @@ async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader
 /// kill -9 of the partition leader, again and again, while a producer writes to whoever
 /// leads: every acknowledged record is on every replica exactly once, at its acknowledged
 /// offset, in order; all replicas agree offset by offset; a replica's high watermark never
-/// goes back. Each broker also gets `extra`; each value is padded to at least `value_bytes`.
-/// Returns the cluster, still running.
-async fn kill_the_leader(kills: usize, extra: Extra, value_bytes: usize) -> TestCluster {
+/// goes back. Each broker also gets `extra`; each value is padded to at least `value_bytes`;
+/// writes ask for `ack` (`None`: the default, `quorum`). Returns the cluster, still running.
+async fn kill_the_leader(
+    kills: usize,
+    extra: Extra,
+    value_bytes: usize,
+    ack: Option<pb::AckMode>,
+) -> TestCluster {
     let mut cluster = TestCluster::start_with(3, extra).await.expect("start");
     cluster
         .wait_controller_leader(DEADLINE)
@@ -201,7 +207,7 @@ async fn kill_the_leader(kills: usize, extra: Extra, value_bytes: usize) -> Test
                 })
                 .collect();
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-            if let Ok(base) = c.produce_values("k", 0, &refs).await {
+            if let Ok(base) = c.produce_values_acked("k", 0, &refs, ack).await {
                 for (i, v) in values.into_iter().enumerate() {
                     let previous = acked.insert(base + i as u64, v);
                     assert!(
@@ -274,12 +280,16 @@ async fn kill_the_leader(kills: usize, extra: Extra, value_bytes: usize) -> Test
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_ten_times_loses_no_acknowledged_record() {
-    kill_the_leader(10, Extra::default(), 0).await;
+    kill_the_leader(10, Extra::default(), 0, None).await;
 }
 
 /// The same with Raft log files of 4 KiB, values of 300 bytes and a snapshot every 8
 /// entries: every leader term seals files, purges delete them, and each kill -9 lands among them (a crash mid-seal,
 /// sealed files not yet synced, deletions pending), so a restart replays several files.
+/// The writes ask for `durable` acks, so that each entry is kept whole in the Raft log: a
+/// plain `quorum` batch is written to the partition log and only a 29-byte stub to the Raft
+/// log (docs/REPLICATION.md, "The partition log as the Raft log"), and the files would
+/// hardly fill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_with_small_raft_log_files_loses_no_acknowledged_record() {
     let extra = Extra::args(&[
@@ -288,7 +298,7 @@ async fn kill_9_of_the_leader_with_small_raft_log_files_loses_no_acknowledged_re
         "--raft-snapshot-entries",
         "8",
     ]);
-    let cluster = kill_the_leader(6, extra, 300).await;
+    let cluster = kill_the_leader(6, extra, 300, Some(pb::AckMode::Durable)).await;
     // The test did what it is for: some group sealed several files and deleted the first.
     let mut sealed_and_deleted = false;
     for id in cluster.ids() {
@@ -322,7 +332,7 @@ async fn kill_9_of_the_leader_with_small_raft_log_files_loses_no_acknowledged_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 50 leader kills"]
 async fn kill_9_of_the_leader_fifty_times_loses_no_acknowledged_record() {
-    kill_the_leader(50, Extra::default(), 0).await;
+    kill_the_leader(50, Extra::default(), 0, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
