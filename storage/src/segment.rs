@@ -206,10 +206,16 @@ impl Segment {
     /// the partition's writer lock: appends that fit go on meanwhile. On a full disk nothing
     /// changes and the error is [`StorageError::NoSpace`].
     pub fn grow_for(&self, len: u64) -> Result<()> {
+        self.grow_at(self.committed_bytes.load(Ordering::Acquire), len)
+    }
+
+    /// [`Segment::grow_for`] for a batch of `len` bytes at byte position `pos` (at or past
+    /// the published length: after staged batches).
+    pub fn grow_at(&self, pos: u64, len: u64) -> Result<()> {
         let _grow = self.grow_lock.lock();
         let (from, target) = {
             let w = self.write.lock();
-            let end = self.committed_bytes.load(Ordering::Acquire) + len;
+            let end = pos.max(self.committed_bytes.load(Ordering::Acquire)) + len;
             let limit = w.capacity_bytes.min(self.region.len() as u64);
             if w.capacity_bytes == 0 || end <= w.allocated_bytes || end > limit {
                 // Sealed, grown by someone else, or too big: the caller looks again.

@@ -27,6 +27,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -106,11 +107,19 @@ impl State {
     }
 }
 
+/// When the active segment's file has less than this allocated past the log's end, a stage
+/// asks for it to grow (on a blocking thread): a batch that does not fit the allocated
+/// blocks is kept whole, since the Raft append does no file work, and on a follower the next
+/// entries too until its apply has run.
+const GROW_AHEAD_BYTES: u64 = 8 << 20;
+
 /// A replicated partition's placement (see the module docs). Shared by the group's log
 /// store and its state machine.
 pub struct PartitionPlacement {
     log: PartitionLog,
     state: Mutex<State>,
+    /// A grow of the active segment's file is under way (see [`GROW_AHEAD_BYTES`]).
+    growing: Arc<AtomicBool>,
 }
 
 impl PartitionPlacement {
@@ -119,6 +128,7 @@ impl PartitionPlacement {
         Arc::new(PartitionPlacement {
             log,
             state: Mutex::new(State::default()),
+            growing: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -190,7 +200,10 @@ impl PartitionPlacement {
             .check_verified_batch(command.0.slice_ref(parts.batch))
             .ok()?;
         match self.log.stage(&checked) {
-            Ok(Some(staged)) => Some((encode_stub(parts.ack_code, parts.token, &staged), staged)),
+            Ok(Some(staged)) => {
+                self.grow_ahead_if_short();
+                Some((encode_stub(parts.ack_code, parts.token, &staged), staged))
+            }
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(
@@ -200,6 +213,31 @@ impl PartitionPlacement {
                 None
             }
         }
+    }
+
+    /// Asks a blocking thread to grow the active segment's file when little is allocated
+    /// past the log's end (see [`GROW_AHEAD_BYTES`]); one grow at a time, and none outside a
+    /// runtime.
+    fn grow_ahead_if_short(&self) {
+        if self.log.room_past_end() >= GROW_AHEAD_BYTES {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.growing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (log, growing) = (self.log.clone(), self.growing.clone());
+        runtime.spawn_blocking(move || {
+            if let Err(e) = log.grow_ahead(2 * GROW_AHEAD_BYTES) {
+                tracing::warn!(
+                    topic = log.topic(), partition = log.partition(), error = %e,
+                    "cannot grow the active segment ahead of staged batches"
+                );
+            }
+            growing.store(false, Ordering::Release);
+        });
     }
 
     fn bad_stub(&self, stub: &Stub, why: String) -> io::Error {

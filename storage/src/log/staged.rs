@@ -228,6 +228,33 @@ impl PartitionLog {
         Ok(taken)
     }
 
+    /// Bytes the active segment's file has allocated past the log's end (the last staged
+    /// batch, or the published records): what stages can still take without file work.
+    pub fn room_past_end(&self) -> u64 {
+        let active = self.active();
+        let staging = self.inner.staging.lock();
+        let end = staging
+            .batches
+            .back()
+            .map_or_else(|| active.size_bytes(), StagedAt::end);
+        active.allocated_past(end)
+    }
+
+    /// Grows the active segment's file so that `bytes` more fit past the log's end (as far
+    /// as the segment's size allows), so that stages need no file work. Blocking: run it on
+    /// a blocking thread, beside stages and appends (growing runs without the writer lock).
+    pub fn grow_ahead(&self, bytes: u64) -> Result<()> {
+        let active = self.active();
+        let end = {
+            let staging = self.inner.staging.lock();
+            staging
+                .batches
+                .back()
+                .map_or_else(|| active.size_bytes(), StagedAt::end)
+        };
+        active.grow_at(end, bytes)
+    }
+
     /// Makes the staged batches durable (an fdatasync of the active segment).
     pub fn sync_staged(&self) -> Result<()> {
         if self.inner.staging.lock().batches.is_empty() {

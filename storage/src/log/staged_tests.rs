@@ -147,6 +147,33 @@ fn an_idempotent_batch_or_one_that_needs_a_roll_is_not_staged() {
 }
 
 #[test]
+fn growing_ahead_lets_stages_go_on_past_the_allocated_blocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = started(dir.path());
+    let chunk = batch(5, 400);
+    let checked = log.check_batch(chunk.clone()).expect("check");
+    let mut staged = 0u64;
+    while log.stage(&checked).expect("stage").is_some() {
+        staged += 1;
+        assert!(staged < 10_000, "the first allocated chunk is finite");
+    }
+    assert!(
+        log.room_past_end() < chunk.len() as u64,
+        "declined for want of room"
+    );
+    log.grow_ahead(4 * chunk.len() as u64).expect("grow");
+    assert!(log.room_past_end() >= 4 * chunk.len() as u64);
+    assert!(
+        log.stage(&checked).expect("stage").is_some(),
+        "stages go on"
+    );
+    // Nothing was published meanwhile, and all of it publishes in order.
+    assert_eq!(log.high_watermark(), 1);
+    log.publish_staged(u64::MAX).expect("publish");
+    assert_eq!(log.high_watermark(), 1 + 400 * (staged + 1));
+}
+
+#[test]
 fn unstaging_drops_the_tail_and_its_place_is_written_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = started(dir.path());

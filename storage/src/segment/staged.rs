@@ -200,6 +200,11 @@ impl Segment {
         Some(copy)
     }
 
+    /// Bytes allocated to the file past byte position `pos`.
+    pub fn allocated_past(&self, pos: u64) -> u64 {
+        self.write.lock().allocated_bytes.saturating_sub(pos)
+    }
+
     /// Makes the staged bytes (with everything else written to the file) durable.
     pub fn sync_file(&self) -> Result<()> {
         self.file
