@@ -190,15 +190,7 @@ impl Segment {
     /// Whether a batch of `len` bytes can be appended now, needs the file to grow first, or
     /// needs a new segment.
     pub fn room(&self, len: u64) -> Room {
-        let w = self.write.lock();
-        let end = self.committed_bytes.load(Ordering::Relaxed) + len;
-        if w.capacity_bytes == 0 || end > w.capacity_bytes.min(self.region.len() as u64) {
-            Room::Full
-        } else if end > w.allocated_bytes {
-            Room::Grow
-        } else {
-            Room::Ready
-        }
+        self.room_at(self.committed_bytes.load(Ordering::Relaxed), len)
     }
 
     /// Grows the file by a preallocated chunk (at least enough for a batch of `len` bytes

@@ -83,6 +83,18 @@ fn apply(r: &mut Replica, index: u64, c: &Command) -> WriteReply {
     bincode::deserialize(&reply.0).expect("reply")
 }
 
+/// Entry 1 appended (kept whole: where it goes is not known yet) and applied, then entries
+/// 2 and 3 appended: both placed, neither applied.
+fn place_two(r: &mut Replica) {
+    r.store
+        .append_blocking(vec![entry(1, &plain(1))])
+        .expect("append");
+    apply(r, 1, &plain(1)).expect("applied");
+    r.store
+        .append_blocking(vec![entry(2, &plain(2)), entry(3, &plain(3))])
+        .expect("append");
+}
+
 /// The values of the records readable from `from` on, one byte each (the tag).
 fn tags(log: &PartitionLog, from: u64) -> Vec<u8> {
     let read = log.read(from, 1 << 20).expect("read");
@@ -177,13 +189,7 @@ fn after_a_crash_placed_entries_read_back_whole_and_apply_once() {
     let dir = tempfile::tempdir().expect("tmp");
     {
         let mut r = replica(dir.path());
-        r.store
-            .append_blocking(vec![entry(1, &plain(1))])
-            .expect("append");
-        apply(&mut r, 1, &plain(1)).expect("applied");
-        r.store
-            .append_blocking(vec![entry(2, &plain(2)), entry(3, &plain(3))])
-            .expect("append");
+        place_two(&mut r);
         apply(&mut r, 2, &plain(2)).expect("applied");
         // A crash: entry 3 is placed, not applied; nothing is closed.
     }
@@ -225,13 +231,7 @@ fn after_a_crash_placed_entries_read_back_whole_and_apply_once() {
 fn a_truncated_tail_drops_its_placed_batches_and_the_new_entries_take_their_offsets() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut r = replica(dir.path());
-    r.store
-        .append_blocking(vec![entry(1, &plain(1))])
-        .expect("append");
-    apply(&mut r, 1, &plain(1)).expect("applied");
-    r.store
-        .append_blocking(vec![entry(2, &plain(2)), entry(3, &plain(3))])
-        .expect("append");
+    place_two(&mut r);
     // A new leader's log differs from index 3 on.
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -268,13 +268,7 @@ fn a_stub_whose_batch_a_crash_lost_is_cut_from_the_raft_log_at_open() {
     let dir = tempfile::tempdir().expect("tmp");
     {
         let mut r = replica(dir.path());
-        r.store
-            .append_blocking(vec![entry(1, &plain(1))])
-            .expect("append");
-        apply(&mut r, 1, &plain(1)).expect("applied");
-        r.store
-            .append_blocking(vec![entry(2, &plain(2)), entry(3, &plain(3))])
-            .expect("append");
+        place_two(&mut r);
         // The second staged batch's data never reached the disk: zero it in the segment.
         let segment = std::fs::read_dir(dir.path().join("log"))
             .expect("dir")
