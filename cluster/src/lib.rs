@@ -6,7 +6,8 @@
 //! # The map
 //! - [`types`]: the openraft type config shared by every group, ids, commands and replies.
 //! - [`log_store`]: [`LogStore`], a group's durable Raft log and vote (fsynced before acked);
-//!   `log_store/frame.rs` is its frame codec (an append's frame written in pieces), and
+//!   `log_store/frame.rs` is its frame codec (an append's frame written in pieces),
+//!   `log_store/waiters.rs` the writers waiting for their append (`leader` acks), and
 //!   [`log_store::Placement`] where a group's entry data may live instead of the log.
 //! - [`machine`]: the [`Machine`] trait of a group's state and [`MachineStore`], its adapter
 //!   to openraft with persisted snapshots.

@@ -38,7 +38,6 @@
 //!
 //! A frame is `len: u32 LE`, `crc32: u32 LE` (of the payload), then `len` bytes of bincode.
 
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -46,7 +45,7 @@ use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, StorageIOError};
@@ -61,8 +60,10 @@ mod frame;
 mod placement;
 mod resident;
 mod syncer;
+mod waiters;
 
 pub use placement::Placement;
+pub use waiters::AppendWaiters;
 
 use files::Sealed;
 use frame::{encode_append_frame, encode_frame, invalid, next_frame, parse_frame, Frame};
@@ -121,81 +122,6 @@ impl Default for LogPolicy {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             placement: None,
         }
-    }
-}
-
-/// Writers waiting for their command to be appended to a group's log, by a token their
-/// command carries (see [`AppendWaiters::new`]). Also reads the log's entries for them. Cheap
-/// to clone.
-#[derive(Clone)]
-pub struct AppendWaiters {
-    inner: Arc<WaitersInner>,
-}
-
-struct WaitersInner {
-    token_of: fn(&Command) -> Option<u64>,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<LogId>>>,
-    /// The log's memory image, set when the log opens (weak: the log owns the waiters).
-    log: OnceLock<Weak<Mutex<Mem>>>,
-}
-
-impl AppendWaiters {
-    /// Waiters for commands whose token `token_of` reads (`None`: no token).
-    pub fn new(token_of: fn(&Command) -> Option<u64>) -> Self {
-        AppendWaiters {
-            inner: Arc::new(WaitersInner {
-                token_of,
-                waiting: Mutex::new(HashMap::new()),
-                log: OnceLock::new(),
-            }),
-        }
-    }
-
-    /// Waits for the command carrying `token`: the receiver gets its log id once it is
-    /// written to this log. Call [`AppendWaiters::cancel`] when giving up.
-    pub fn register(&self, token: u64) -> oneshot::Receiver<LogId> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.waiting.lock().insert(token, tx);
-        rx
-    }
-
-    /// Stops waiting for `token`.
-    pub fn cancel(&self, token: u64) {
-        self.inner.waiting.lock().remove(&token);
-    }
-
-    /// Calls `f` with each normal entry's command with an index in `(after, before)`, in
-    /// order. False (and `f` not called) if the log is gone or some index of the range is no
-    /// longer in it or no longer in memory.
-    pub fn for_each_between(&self, after: u64, before: u64, f: impl FnMut(&Command)) -> bool {
-        let Some(mem) = self.inner.log.get().and_then(Weak::upgrade) else {
-            return false;
-        };
-        let mem = mem.lock();
-        match mem.commands_between(after, before) {
-            Some(commands) => {
-                commands.into_iter().for_each(f);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The waiters of the normal entries in `entries`, with their log ids.
-    fn take(&self, entries: &[Entry]) -> Vec<(oneshot::Sender<LogId>, LogId)> {
-        let mut waiting = self.inner.waiting.lock();
-        if waiting.is_empty() {
-            return Vec::new();
-        }
-        entries
-            .iter()
-            .filter_map(|e| match &e.payload {
-                EntryPayload::Normal(c) => (self.inner.token_of)(c)
-                    .and_then(|t| waiting.remove(&t))
-                    .map(|tx| (tx, e.log_id)),
-                _ => None,
-            })
-            .collect()
     }
 }
 
