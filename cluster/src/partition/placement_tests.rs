@@ -352,3 +352,61 @@ proptest! {
         prop_assert!(parse_stub(&plain(1)).is_none());
     }
 }
+
+/// A stub read back from the Raft log that names a batch the partition log does not hold as
+/// it says (another checksum, another length, or past the records) is an error naming the
+/// topic, partition and offset, never another batch's command; and it changes nothing.
+#[test]
+fn a_stub_naming_another_batch_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut r = replica(dir.path());
+    place_two(&mut r);
+    apply(&mut r, 2, &plain(2)).expect("applied");
+    let placement = r.machine.placement().expect("placement");
+    let staged = r.log.staged()[0];
+    let published = StagedBatch {
+        base_offset: 4,
+        ..staged
+    };
+    for (what, batch) in [
+        (
+            "a staged batch's checksum",
+            StagedBatch {
+                crc: staged.crc ^ 1,
+                ..staged
+            },
+        ),
+        (
+            "a staged batch's length",
+            StagedBatch {
+                len: staged.len + 1,
+                ..staged
+            },
+        ),
+        (
+            "a published batch's checksum",
+            StagedBatch {
+                crc: published.crc ^ 1,
+                ..published
+            },
+        ),
+        (
+            "records past the log's end",
+            StagedBatch {
+                base_offset: 40,
+                ..staged
+            },
+        ),
+    ] {
+        let stub = encode_stub(WriteAck::Quorum.code(), 9, &batch);
+        let err = placement.unstub(&stub).expect_err(what);
+        let message = err.to_string();
+        assert!(
+            message.contains("topic t partition 0") && message.contains("offset"),
+            "{what}: {message}"
+        );
+    }
+    assert_eq!((r.log.high_watermark(), r.log.log_end()), (8, 12));
+    assert_eq!(r.log.staged(), vec![staged]);
+    assert_eq!(apply(&mut r, 3, &plain(3)), Ok((8, 4)));
+}
