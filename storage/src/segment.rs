@@ -237,35 +237,9 @@ impl Segment {
         let pos = self.committed_bytes.load(Ordering::Relaxed);
         let len = batch.len() as u64;
         let end = pos + len;
-        if w.capacity_bytes == 0 || end > w.allocated_bytes || end > self.region.len() as u64 {
-            return Err(StorageError::BatchTooLarge {
-                topic: self.id.topic.clone(),
-                partition: self.id.partition,
-                size_bytes: batch.len(),
-                max_bytes: usize::try_from(w.allocated_bytes.saturating_sub(pos))
-                    .unwrap_or(usize::MAX),
-            });
-        }
-        // Write with pwrite, not through the mapping: a store into a fresh mapped page first
-        // faults it in, and the kernel zero-fills it (and its read-ahead neighbours) before the
-        // copy, which cost a third of the produce path. pwrite fills whole pages directly.
-        // Readers see the bytes through the same page cache once the length is published.
-        let written = if batch.len() <= ONE_WRITE_BATCH_BYTES {
-            // A small batch (a single record, typically) is stamped in a copy and written
-            // with one pwrite: a copy of a few KiB costs less than a second system call.
-            let mut whole = [0u8; ONE_WRITE_BATCH_BYTES];
-            let whole = &mut whole[..batch.len()];
-            whole.copy_from_slice(batch);
-            batch::stamp_base_offset(whole, base_offset);
-            self.file.write_all_at(whole, pos)
-        } else {
-            let mut head = [0u8; batch::HEADER_LEN];
-            let head_len = batch.len().min(head.len());
-            head[..head_len].copy_from_slice(&batch[..head_len]);
-            batch::stamp_base_offset(&mut head, base_offset);
-            write_two_at(&self.file, &head[..head_len], &batch[head_len..], pos)
-        };
-        written.map_err(|e| no_space_or_io(&self.id, &self.log_path, "write segment", e))?;
+        self.write_stamped(&w, pos, batch, "write segment", |head| {
+            batch::stamp_base_offset(head, base_offset)
+        })?;
         let mut stamped = *header;
         stamped.base_offset = base_offset;
         self.note_batch(&mut w, pos, len, &stamped);
@@ -273,6 +247,55 @@ impl Segment {
         // check it again.
         self.publish(end, stamped.next_offset(), 0);
         Ok(())
+    }
+
+    /// The refusal of a batch of `size_bytes` that does not fit the allocated blocks at byte
+    /// position `pos`.
+    fn too_large(&self, w: &WriteState, pos: u64, size_bytes: usize) -> StorageError {
+        StorageError::BatchTooLarge {
+            topic: self.id.topic.clone(),
+            partition: self.id.partition,
+            size_bytes,
+            max_bytes: usize::try_from(w.allocated_bytes.saturating_sub(pos)).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Writes `batch` at byte position `pos` with its header changed by `stamp` (the base
+    /// offset; a staged batch's magic too), when it fits the allocated blocks; else nothing
+    /// is written and the error is [`StorageError::BatchTooLarge`]. Called with the write
+    /// state locked. Write with pwrite, not through the mapping: a store into a fresh mapped
+    /// page first faults it in, and the kernel zero-fills it (and its read-ahead neighbours)
+    /// before the copy, which cost a third of the produce path. pwrite fills whole pages
+    /// directly. Readers see the bytes through the same page cache once the length is
+    /// published.
+    fn write_stamped(
+        &self,
+        w: &WriteState,
+        pos: u64,
+        batch: &[u8],
+        op: &'static str,
+        stamp: impl Fn(&mut [u8]),
+    ) -> Result<()> {
+        let end = pos + batch.len() as u64;
+        if w.capacity_bytes == 0 || end > w.allocated_bytes || end > self.region.len() as u64 {
+            return Err(self.too_large(w, pos, batch.len()));
+        }
+        let written = if batch.len() <= ONE_WRITE_BATCH_BYTES {
+            // A small batch (a single record, typically) is stamped in a copy and written
+            // with one pwrite: a copy of a few KiB costs less than a second system call.
+            let mut whole = [0u8; ONE_WRITE_BATCH_BYTES];
+            let whole = &mut whole[..batch.len()];
+            whole.copy_from_slice(batch);
+            stamp(whole);
+            self.file.write_all_at(whole, pos)
+        } else {
+            let mut head = [0u8; batch::HEADER_LEN];
+            let head_len = batch.len().min(head.len());
+            head[..head_len].copy_from_slice(&batch[..head_len]);
+            stamp(&mut head);
+            write_two_at(&self.file, &head[..head_len], &batch[head_len..], pos)
+        };
+        written.map_err(|e| no_space_or_io(&self.id, &self.log_path, op, e))
     }
 
     /// Index bookkeeping for a batch at `pos`, shared by append, recovery and rebuilds.

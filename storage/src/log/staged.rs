@@ -29,7 +29,7 @@ use bytes::Bytes;
 use super::{now_ms, PartitionLog};
 use crate::error::{Result, StorageError};
 use crate::log::append::CheckedBatch;
-use crate::segment::{Room, StagedAt};
+use crate::segment::{Room, Segment, StagedAt};
 
 /// How long [`PartitionLog::stage`] waits for the writer lock before it declines.
 const STAGE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
@@ -70,6 +70,17 @@ pub(super) struct Staging {
     batches: VecDeque<StagedAt>,
     /// Staged batches found at open, not yet vouched for ([`PartitionLog::restage`]).
     candidates: Vec<StagedAt>,
+}
+
+impl Staging {
+    /// Where the next staged batch goes in `active` (the log's active segment, whose
+    /// published records end at offset `published`): its byte position and base offset.
+    fn end(&self, active: &Segment, published: u64) -> (u64, u64) {
+        match self.batches.back() {
+            Some(last) => (last.end(), last.header.next_offset()),
+            None => (active.size_bytes(), published),
+        }
+    }
 }
 
 impl PartitionLog {
@@ -115,10 +126,7 @@ impl PartitionLog {
         let active = self.active();
         let mut staging = inner.staging.lock();
         staging.candidates.clear();
-        let (pos, base) = match staging.batches.back() {
-            Some(last) => (last.end(), last.header.next_offset()),
-            None => (active.size_bytes(), self.high_watermark()),
-        };
+        let (pos, base) = staging.end(&active, self.high_watermark());
         let len = batch.len() as u64;
         let age_ms = now_ms().saturating_sub(active.created_ms());
         let too_old = active.size_bytes() > 0
@@ -231,12 +239,7 @@ impl PartitionLog {
     /// Bytes the active segment's file has allocated past the log's end (the last staged
     /// batch, or the published records): what stages can still take without file work.
     pub fn room_past_end(&self) -> u64 {
-        let active = self.active();
-        let staging = self.inner.staging.lock();
-        let end = staging
-            .batches
-            .back()
-            .map_or_else(|| active.size_bytes(), StagedAt::end);
+        let (active, end) = self.active_and_end();
         active.allocated_past(end)
     }
 
@@ -244,15 +247,19 @@ impl PartitionLog {
     /// as the segment's size allows), so that stages need no file work. Blocking: run it on
     /// a blocking thread, beside stages and appends (growing runs without the writer lock).
     pub fn grow_ahead(&self, bytes: u64) -> Result<()> {
-        let active = self.active();
-        let end = {
-            let staging = self.inner.staging.lock();
-            staging
-                .batches
-                .back()
-                .map_or_else(|| active.size_bytes(), StagedAt::end)
-        };
+        let (active, end) = self.active_and_end();
         active.grow_at(end, bytes)
+    }
+
+    /// The active segment, and the byte position in it where the next staged batch goes.
+    fn active_and_end(&self) -> (std::sync::Arc<Segment>, u64) {
+        let active = self.active();
+        let (end, _) = self
+            .inner
+            .staging
+            .lock()
+            .end(&active, self.high_watermark());
+        (active, end)
     }
 
     /// Makes the staged batches durable (an fdatasync of the active segment).

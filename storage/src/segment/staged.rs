@@ -12,7 +12,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
-use super::{no_space_or_io, write_two_at, Room, Segment, ONE_WRITE_BATCH_BYTES};
+use super::{Room, Segment};
 use crate::batch::{self, field, BatchHeader, CRC_START, HEADER_LEN, MAGIC};
 use crate::error::{Result, StorageError};
 
@@ -85,38 +85,13 @@ impl Segment {
     /// the partition's writer lock, so nothing else writes there meanwhile.
     pub fn write_staged(&self, pos: u64, batch: &[u8], base_offset: u64) -> Result<()> {
         let w = self.write.lock();
-        let end = pos + batch.len() as u64;
-        if pos < self.committed_bytes.load(Ordering::Relaxed)
-            || w.capacity_bytes == 0
-            || end > w.allocated_bytes
-            || end > self.region.len() as u64
-            || batch.len() < HEADER_LEN
-        {
-            return Err(StorageError::BatchTooLarge {
-                topic: self.id.topic.clone(),
-                partition: self.id.partition,
-                size_bytes: batch.len(),
-                max_bytes: usize::try_from(w.allocated_bytes.saturating_sub(pos))
-                    .unwrap_or(usize::MAX),
-            });
+        if pos < self.committed_bytes.load(Ordering::Relaxed) || batch.len() < HEADER_LEN {
+            return Err(self.too_large(&w, pos, batch.len()));
         }
-        let stamp = |head: &mut [u8]| {
+        self.write_stamped(&w, pos, batch, "write staged batch", |head| {
             batch::stamp_base_offset(head, base_offset);
             head[field::MAGIC..field::MAGIC + 2].copy_from_slice(&STAGED_MAGIC);
-        };
-        let written = if batch.len() <= ONE_WRITE_BATCH_BYTES {
-            let mut whole = [0u8; ONE_WRITE_BATCH_BYTES];
-            let whole = &mut whole[..batch.len()];
-            whole.copy_from_slice(batch);
-            stamp(whole);
-            self.file.write_all_at(whole, pos)
-        } else {
-            let mut head = [0u8; HEADER_LEN];
-            head.copy_from_slice(&batch[..HEADER_LEN]);
-            stamp(&mut head);
-            write_two_at(&self.file, &head, &batch[HEADER_LEN..], pos)
-        };
-        written.map_err(|e| no_space_or_io(&self.id, &self.log_path, "write staged batch", e))
+        })
     }
 
     /// Publishes the staged batch `staged`, which must start at the published length: its
