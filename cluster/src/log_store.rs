@@ -362,10 +362,11 @@ impl LogStore {
             None => Vec::new(),
         };
         let done = done(waiters);
-        let framed =
-            self.policy.placement.as_ref().and_then(|p| {
-                placement::frame_entries(p.as_ref(), &entries, |e| self.must_sync(e))
-            });
+        let framed = self
+            .policy
+            .placement
+            .as_ref()
+            .and_then(|p| placement::frame_entries(p.as_ref(), &entries));
         let frame = match encode_append_frame(framed.as_deref().unwrap_or(&entries)) {
             Ok(f) => f,
             Err(e) => {

@@ -165,12 +165,14 @@ async fn replicated_writes_commit_on_every_replica_and_followers_name_the_leader
 /// leads: every acknowledged record is on every replica exactly once, at its acknowledged
 /// offset, in order; all replicas agree offset by offset; a replica's high watermark never
 /// goes back. Each broker also gets `extra`; each value is padded to at least `value_bytes`;
-/// writes ask for `ack` (`None`: the default, `quorum`). Returns the cluster, still running.
+/// writes ask for `ack` (`None`: the default, `quorum`); the topic is flushed `always` when
+/// `flush_always`. Returns the cluster, still running.
 async fn kill_the_leader(
     kills: usize,
     extra: Extra,
     value_bytes: usize,
     ack: Option<pb::AckMode>,
+    flush_always: bool,
 ) -> TestCluster {
     let mut cluster = TestCluster::start_with(3, extra).await.expect("start");
     cluster
@@ -178,10 +180,15 @@ async fn kill_the_leader(
         .await
         .expect("controller");
     let mut c = clients(&cluster, 1).await;
-    c.admin
-        .create_topic(create_request("k", 1, 3))
-        .await
-        .expect("create");
+    let mut topic = create_request("k", 1, 3);
+    if flush_always {
+        if let Some(config) = topic.config.as_mut() {
+            config.flush = Some(pb::FlushPolicy {
+                policy: Some(pb::flush_policy::Policy::Always(pb::Always {})),
+            });
+        }
+    }
+    c.admin.create_topic(topic).await.expect("create");
     let mut acked: BTreeMap<u64, String> = BTreeMap::new();
     let mut hwm_seen: BTreeMap<u64, u64> = BTreeMap::new();
     let mut elections = 0;
@@ -280,16 +287,16 @@ async fn kill_the_leader(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_ten_times_loses_no_acknowledged_record() {
-    kill_the_leader(10, Extra::default(), 0, None).await;
+    kill_the_leader(10, Extra::default(), 0, None, false).await;
 }
 
 /// The same with Raft log files of 4 KiB, values of 300 bytes and a snapshot every 8
 /// entries: every leader term seals files, purges delete them, and each kill -9 lands among them (a crash mid-seal,
 /// sealed files not yet synced, deletions pending), so a restart replays several files.
-/// The writes ask for `durable` acks, so that each entry is kept whole in the Raft log: a
-/// plain `quorum` batch is written to the partition log and only a 29-byte stub to the Raft
-/// log (docs/REPLICATION.md, "The partition log as the Raft log"), and the files would
-/// hardly fill.
+/// The topic is flushed `always` and the writes ask for `durable` acks: a batch of a topic
+/// flushed `always` is kept whole in the Raft log, where any other plain batch is written to
+/// the partition log with only a 29-byte stub in the Raft log (docs/REPLICATION.md, "The
+/// partition log as the Raft log"), and the files would hardly fill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_with_small_raft_log_files_loses_no_acknowledged_record() {
     let extra = Extra::args(&[
@@ -298,7 +305,7 @@ async fn kill_9_of_the_leader_with_small_raft_log_files_loses_no_acknowledged_re
         "--raft-snapshot-entries",
         "8",
     ]);
-    let cluster = kill_the_leader(6, extra, 300, Some(pb::AckMode::Durable)).await;
+    let cluster = kill_the_leader(6, extra, 300, Some(pb::AckMode::Durable), true).await;
     // The test did what it is for: some group sealed several files and deleted the first.
     let mut sealed_and_deleted = false;
     for id in cluster.ids() {
@@ -332,7 +339,7 @@ async fn kill_9_of_the_leader_with_small_raft_log_files_loses_no_acknowledged_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 50 leader kills"]
 async fn kill_9_of_the_leader_fifty_times_loses_no_acknowledged_record() {
-    kill_the_leader(50, Extra::default(), 0, None).await;
+    kill_the_leader(50, Extra::default(), 0, None, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,9 @@ use crate::types::{Command, Entry, LogId};
 pub trait Placement: Send + Sync {
     /// Offers the normal entry `log_id` as it is appended, in log order. `Some(stub)`: its
     /// data is placed, and the frame holds `stub` instead of `command`. `None`: the frame
-    /// holds `command` as it is. `must_sync` says the entry is fsynced before it counts.
-    fn place(&self, log_id: LogId, command: &Command, must_sync: bool) -> Option<Command>;
+    /// holds `command` as it is. An entry that must be fsynced before it counts may be
+    /// placed too: the log store calls [`Placement::sync`] before that fsync.
+    fn place(&self, log_id: LogId, command: &Command) -> Option<Command>;
 
     /// Whether `command` is a stub this placement wrote.
     fn is_stub(&self, command: &Command) -> bool;
@@ -66,16 +67,12 @@ pub(super) fn unstub_all(placement: &dyn Placement, entries: Vec<Entry>) -> io::
 
 /// The entries as their frame holds them, when `placement` placed any (see
 /// [`Placement::place`]); `None`: the frame holds them as they are.
-pub(super) fn frame_entries(
-    placement: &dyn Placement,
-    entries: &[Entry],
-    must_sync: impl Fn(&Entry) -> bool,
-) -> Option<Vec<Entry>> {
+pub(super) fn frame_entries(placement: &dyn Placement, entries: &[Entry]) -> Option<Vec<Entry>> {
     let mut any = false;
     let framed = entries
         .iter()
         .map(|e| match &e.payload {
-            EntryPayload::Normal(c) => match placement.place(e.log_id, c, must_sync(e)) {
+            EntryPayload::Normal(c) => match placement.place(e.log_id, c) {
                 Some(stub) => {
                     any = true;
                     Entry {

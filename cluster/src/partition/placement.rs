@@ -8,13 +8,15 @@
 //! [base offset: u64 LE][record count: u32 LE][length: u32 LE][crc: u32 LE]`. The apply
 //! publishes it ([`PartitionPlacement::take_placed`]): nothing is written a second time.
 //!
-//! **Which entries are placed.** A plain batch with a `leader` or `quorum` ack, when this
-//! replica knows exactly where the entry before it ends, and the partition log ends there:
-//! the entry before was placed, or applied (its apply reports the applied end). A staged
-//! batch goes at the log's end, so it gets the offsets every replica's apply gives the entry
-//! only then. Kept whole (as before this change): idempotent batches (their producer state
-//! decides at the apply), `durable` ones (fsynced in the Raft log), a topic flushed `always`,
-//! a batch that does not fit the active segment as it is (a roll or a grow is due), and any
+//! **Which entries are placed.** A plain batch (any ack), when this replica knows exactly
+//! where the entry before it ends, and the partition log ends there: the entry before was
+//! placed, or applied (its apply reports the applied end). A staged batch goes at the log's
+//! end, so it gets the offsets every replica's apply gives the entry only then. A `durable`
+//! batch is placed too: the log store syncs the placement before the Raft log's fsync that
+//! makes the entry count ([`Placement::sync`]), so the staged batch and its stub are both on
+//! disk first. Kept whole (as before this change): idempotent batches (their producer state
+//! decides at the apply), a topic flushed `always` (each apply syncs its own append), a
+//! batch that does not fit the active segment as it is (a roll or a grow is due), and any
 //! entry whose place is not known that way: after an entry kept whole until its apply, after
 //! a blank entry, while a snapshot is installed (its catch-up pull appends records, maybe
 //! past the snapshot's end), after a restart until the applies resume.
@@ -255,14 +257,13 @@ impl PartitionPlacement {
 }
 
 impl Placement for PartitionPlacement {
-    fn place(&self, log_id: LogId, command: &Command, must_sync: bool) -> Option<Command> {
+    fn place(&self, log_id: LogId, command: &Command) -> Option<Command> {
         let mut state = self.state.lock();
         let here = state
             .known
             .filter(|(index, _)| index + 1 == log_id.index)
             .map(|(_, end)| end);
-        let placeable = !must_sync
-            && here.is_some_and(|end| end == self.log.log_end())
+        let placeable = here.is_some_and(|end| end == self.log.log_end())
             && self.log.options().flush != FlushPolicy::Always
             && parse_stub(command).is_none();
         match placeable.then(|| self.stage(command)).flatten() {

@@ -24,6 +24,11 @@ fn log_id(index: u64) -> LogId {
 
 /// A plain batch of 4 records of 500 bytes, tagged, in a `quorum` command.
 fn plain(tag: u8) -> Command {
+    acked(tag, WriteAck::Quorum)
+}
+
+/// [`plain`]'s batch with `ack`.
+fn acked(tag: u8, ack: WriteAck) -> Command {
     let records: Vec<Record> = (0..4)
         .map(|i| Record {
             key: None,
@@ -32,12 +37,7 @@ fn plain(tag: u8) -> Command {
             timestamp_ms: 1_000,
         })
         .collect();
-    encode_command(
-        WriteAck::Quorum,
-        u64::from(tag),
-        None,
-        &encode_batch(&records),
-    )
+    encode_command(ack, u64::from(tag), None, &encode_batch(&records))
 }
 
 fn entry(index: u64, command: &Command) -> Entry {
@@ -182,6 +182,34 @@ fn a_plain_batch_is_written_once_and_read_only_after_its_apply() {
     assert_eq!(r.log.high_watermark(), 8);
     assert_eq!(apply(&mut r, 3, &plain(3)), Ok((8, 4)));
     assert_eq!(tags(&r.log, 0), [[1u8; 4], [2; 4], [3; 4]].concat());
+}
+
+/// A `durable` batch is placed as a `quorum` one is, and the append that must be fsynced
+/// before it counts reports only once the partition log holding the batch is synced too (the
+/// Raft log's fsync then makes a stub durable that names data on disk).
+#[test]
+fn a_durable_batch_is_placed_and_synced_before_its_append_reports() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut r = replica(dir.path());
+    r.store
+        .append_blocking(vec![entry(1, &plain(1))])
+        .expect("append");
+    assert_eq!(apply(&mut r, 1, &plain(1)), Ok((0, 4)));
+
+    let durable = acked(2, WriteAck::Durable);
+    let (bytes, syncs) = (r.store.file_bytes(), r.log.sync_count());
+    r.store
+        .append_blocking(vec![entry(2, &durable)])
+        .expect("append");
+    let framed = r.store.file_bytes() - bytes;
+    assert!(framed < 200, "the frame holds a stub: {framed} bytes");
+    assert_eq!(r.log.log_end(), 8, "the batch is staged");
+    assert!(
+        r.log.sync_count() > syncs,
+        "the staged batch was synced before the append reported"
+    );
+    assert_eq!(apply(&mut r, 2, &durable), Ok((4, 4)));
+    assert_eq!(tags(&r.log, 0), [[1u8; 4], [2; 4]].concat());
 }
 
 #[test]

@@ -84,7 +84,8 @@ impl PartitionLog {
     }
 
     /// How many syncs wrote appended data to stable storage since open (each group commit or
-    /// flush that found something to sync counts once, however many appends it covered).
+    /// flush that found something to sync counts once, however many appends it covered; so
+    /// does each [`PartitionLog::sync_staged`] that synced staged batches).
     pub fn sync_count(&self) -> u64 {
         self.inner.syncs.load(Ordering::Acquire)
     }

@@ -70,6 +70,11 @@ pub(super) struct Staging {
     batches: VecDeque<StagedAt>,
     /// Staged batches found at open, not yet vouched for ([`PartitionLog::restage`]).
     candidates: Vec<StagedAt>,
+    /// The segments written by stages since the last [`PartitionLog::sync_staged`]: the
+    /// batches staged there, published since or not, may not be on disk yet. A batch published
+    /// before a roll lies in a sealed segment by the time of the sync, so the segment is kept,
+    /// not found again as the active one.
+    unsynced: Vec<std::sync::Arc<Segment>>,
 }
 
 impl Staging {
@@ -147,6 +152,13 @@ impl PartitionLog {
             header,
         };
         staging.batches.push_back(staged);
+        if !staging
+            .unsynced
+            .last()
+            .is_some_and(|s| std::sync::Arc::ptr_eq(s, &active))
+        {
+            staging.unsynced.push(active.clone());
+        }
         Ok(Some(StagedBatch::of(&staged)))
     }
 
@@ -233,6 +245,10 @@ impl PartitionLog {
             active.clear_staged(first_forgotten.position)?;
         }
         staging.batches.extend(&candidates[..taken]);
+        if taken > 0 {
+            // Found in the page cache after a crash: maybe not on disk.
+            staging.unsynced.push(active.clone());
+        }
         Ok(taken)
     }
 
@@ -262,12 +278,24 @@ impl PartitionLog {
         (active, end)
     }
 
-    /// Makes the staged batches durable (an fdatasync of the active segment).
+    /// Makes every batch staged so far durable, whether it is still staged or was published
+    /// since: an fdatasync of each segment a stage wrote since the last call (the active
+    /// one, and one sealed by a roll since). A caller that fsyncs a record of the stages
+    /// (a Raft log's stubs) after this finds every batch it names on disk. Counts in
+    /// [`PartitionLog::sync_count`]. Blocking. A failed sync fences the partition (fail-stop,
+    /// as every sync of written data: a retry could report success without the pages).
     pub fn sync_staged(&self) -> Result<()> {
-        if self.inner.staging.lock().batches.is_empty() {
-            return Ok(());
+        let written = std::mem::take(&mut self.inner.staging.lock().unsynced);
+        for segment in &written {
+            if let Err(e) = segment.sync_file() {
+                self.fence(format!("syncing staged batches failed: {e}"));
+                return Err(e);
+            }
         }
-        self.active().sync_file()
+        if !written.is_empty() {
+            self.inner.syncs.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Fails with [`StorageError::Staged`] while batches are staged: the published end may

@@ -276,6 +276,35 @@ fn a_clean_close_keeps_staged_batches_for_the_next_open_to_vouch_for() {
     assert_eq!(published(&log, 1), vec![(1, a.to_vec())]);
 }
 
+/// A record of the stages (a Raft log's stubs) fsynced after `sync_staged` must find every
+/// batch it names on disk, published since or not: the sync covers what was staged since
+/// the last one, and only that.
+#[test]
+fn syncing_staged_batches_covers_those_published_since_and_nothing_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = started(dir.path());
+    let syncs = |log: &PartitionLog| log.sync_count();
+    let before = syncs(&log);
+    log.sync_staged().expect("sync");
+    assert_eq!(syncs(&log), before, "nothing staged: no sync");
+
+    let a = stage(&log, &batch(1, 2));
+    log.publish_staged(a.next_offset()).expect("publish");
+    assert!(log.staged().is_empty());
+    log.sync_staged().expect("sync");
+    assert_eq!(
+        syncs(&log),
+        before + 1,
+        "a batch staged and published since the last sync is synced"
+    );
+    log.sync_staged().expect("sync");
+    assert_eq!(syncs(&log), before + 1, "nothing staged since: no sync");
+
+    stage(&log, &batch(2, 2));
+    log.sync_staged().expect("sync");
+    assert_eq!(syncs(&log), before + 2, "a staged batch is synced");
+}
+
 #[test]
 fn garbage_after_a_staged_run_is_cut_and_the_run_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
