@@ -21,7 +21,7 @@ mod enabled {
 
     impl Faults {
         /// Called before every sync the partition makes (group commit, flush, checkpoint, the
-        /// clean marker's removal).
+        /// clean marker's removal, staged batches).
         pub(in crate::log) fn before_sync(&self) {
             sleep_ms(self.sync_delay_ms.load(Ordering::Acquire));
         }
@@ -31,7 +31,8 @@ mod enabled {
             sleep_ms(self.roll_delay_ms.load(Ordering::Acquire));
         }
 
-        /// Fails the group-commit sync once after [`PartitionLog::inject_sync_failure`].
+        /// Fails the next sync of written data (a group commit, or staged batches) once after
+        /// [`PartitionLog::inject_sync_failure`].
         pub(in crate::log) fn take_sync_failure(&self, dir: &Path) -> Result<()> {
             if self.fail_next_sync.swap(false, Ordering::AcqRel) {
                 return Err(StorageError::io(
@@ -65,7 +66,8 @@ mod enabled {
             self.inner.faults.roll_delay_ms.store(ms, Ordering::Release);
         }
 
-        /// Makes the next group-commit sync fail, as a disk error would.
+        /// Makes the next sync of written data (a group commit, or staged batches) fail, as a
+        /// disk error would.
         pub fn inject_sync_failure(&self) {
             self.inner
                 .faults

@@ -286,8 +286,16 @@ impl PartitionLog {
     /// as every sync of written data: a retry could report success without the pages).
     pub fn sync_staged(&self) -> Result<()> {
         let written = std::mem::take(&mut self.inner.staging.lock().unsynced);
+        if !written.is_empty() {
+            self.inner.faults.before_sync();
+        }
         for segment in &written {
-            if let Err(e) = segment.sync_file() {
+            let synced = self
+                .inner
+                .faults
+                .take_sync_failure(&self.inner.dir)
+                .and_then(|()| segment.sync_file());
+            if let Err(e) = synced {
                 self.fence(format!("syncing staged batches failed: {e}"));
                 return Err(e);
             }

@@ -305,6 +305,39 @@ fn syncing_staged_batches_covers_those_published_since_and_nothing_twice() {
     assert_eq!(syncs(&log), before + 2, "a staged batch is synced");
 }
 
+/// A failed sync of staged batches fences the partition (after a failed fsync the kernel
+/// may have dropped the pages, and a retry could report success without them): stages and
+/// appends are refused from then on, naming the topic and partition, and what was
+/// published stays readable.
+#[test]
+fn a_failed_sync_of_staged_batches_fences_the_partition() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = started(dir.path());
+    let staged = stage(&log, &batch(1, 2));
+    log.inject_sync_failure();
+    let err = log.sync_staged().expect_err("the sync must fail");
+    assert!(err.to_string().contains("injected"), "{err}");
+    let reason = log.fenced_reason().expect("fenced");
+    assert!(reason.contains("staged"), "{reason}");
+
+    let checked = log.check_batch(batch(2, 1)).expect("check");
+    assert!(matches!(
+        log.stage(&checked),
+        Err(StorageError::Fenced { ref topic, partition: 0, .. }) if topic == "t"
+    ));
+    assert!(matches!(
+        log.append(&batch(3, 1)),
+        Err(StorageError::Fenced { .. })
+    ));
+    assert_eq!(log.staged(), vec![staged], "nothing staged or dropped");
+    assert_eq!(log.high_watermark(), 1);
+    assert_eq!(
+        published(&log, 0).len(),
+        1,
+        "the published record is still read"
+    );
+}
+
 #[test]
 fn garbage_after_a_staged_run_is_cut_and_the_run_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
