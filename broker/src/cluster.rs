@@ -242,8 +242,12 @@ pub async fn produce_replicated(
 /// ([`Replication::submit`]): a batch of an idempotent producer that came before its
 /// predecessor waits for it first, up to [`EARLY_BATCH_WAIT_MS`], as on one broker. Returns
 /// once every batch is handed over; [`ReplicatedProduce::acked`] waits for the acks. A
-/// partition not led here fails the request after the batches before it were handed over
-/// (they may commit; nothing is acknowledged).
+/// request spanning partitions (keyed records without a partition) is first checked to be
+/// led here in every one of them: one that is not fails the whole request with its leader
+/// named, before anything is handed over, so such a request never leaves part of its
+/// records behind (the client sends each partition to its own leader instead). A leadership
+/// lost between that check and the hand-over still fails the request after the batches
+/// before it were handed over (they may commit; nothing is acknowledged).
 pub async fn submit_replicated(
     replication: &Replication,
     prepared: &Prepared,
@@ -254,6 +258,11 @@ pub async fn submit_replicated(
         pb::AckMode::Quorum | pb::AckMode::Unspecified => WriteAck::Quorum,
     };
     let early_wait = Duration::from_millis(EARLY_BATCH_WAIT_MS);
+    if prepared.batches().nth(1).is_some() {
+        for (p, _) in prepared.batches() {
+            replication.check_leads(prepared.topic_name(), p)?;
+        }
+    }
     let mut submitted = Vec::new();
     for (p, batch) in prepared.batches() {
         let s = replication

@@ -1,12 +1,15 @@
 //! The client library finds partition leaders through `Cluster.Metadata` before its first
 //! request, instead of sending it to the bootstrap broker and following the redirect; and a
 //! single broker (no `Cluster` service) is asked once per producer, not once per request.
-//! Counted on the brokers' own `rill_requests_total`, scraped from `/metrics`.
+//! Counted on the brokers' own `rill_requests_total`, scraped from `/metrics`. And a raw
+//! produce whose keyed records span partitions led by different brokers is refused whole.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use rill_client::{Connection, Producer, ProducerConfig, ProducerRecord};
+use rill_proto::partitioner::partition_for_key;
+use rill_proto::v1 as pb;
 use rill_tests::cluster::{Extra, TestCluster};
 use rill_tests::{scrape, BrokerProcess, Clients};
 
@@ -106,6 +109,119 @@ async fn the_first_produce_goes_straight_to_a_leader_that_is_not_the_bootstrap_b
         1.0,
         "one Metadata call for the topic, not one per request"
     );
+}
+
+/// Every broker's agreed view of who leads each partition of `topic`, once all three agree
+/// and know a leader for every partition.
+async fn agreed_leaders(cluster: &TestCluster, topic: &str, partitions: usize) -> Vec<u64> {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let views = [
+            leaders(cluster, 1, topic).await,
+            leaders(cluster, 2, topic).await,
+            leaders(cluster, 3, topic).await,
+        ];
+        if views[0].len() == partitions
+            && views[0].iter().all(|l| *l != 0)
+            && views.iter().all(|v| *v == views[0])
+        {
+            return views[0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no agreed leaders: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A produce without a partition whose keyed records land in partitions led by different
+/// brokers (the broker partitions them by key) is refused whole, before anything is
+/// written: it fails with FAILED_PRECONDITION naming the partition not led there and its
+/// leader (`rill-leader`), and the partition the broker does lead gets none of its records.
+/// Handing the batches over one after another, as before the check, appends the led
+/// partition's record and fails the high-watermark assertion (a retry sent elsewhere would
+/// then write it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_produce_spanning_leaders_is_refused_whole_and_writes_nothing() {
+    let cluster = TestCluster::start(3).await.expect("3 brokers");
+    cluster
+        .create_topic("span", 3, 3, DEADLINE)
+        .await
+        .expect("creating the topic");
+    let leaders = agreed_leaders(&cluster, "span", 3).await;
+    // A broker that leads one partition and not another (placement spreads leaders).
+    let (broker, own) = leaders
+        .iter()
+        .enumerate()
+        .find(|(_, l)| leaders.iter().any(|other| other != *l))
+        .map(|(p, l)| (*l, p as u32))
+        .expect("leaders on two brokers at least");
+    let other = (0..3u32)
+        .find(|p| leaders[*p as usize] != broker)
+        .expect("a partition led elsewhere");
+    let key_for = |want: u32| {
+        (0..10_000)
+            .map(|i| format!("key-{i}"))
+            .find(|k| partition_for_key(k.as_bytes(), 3) == want)
+            .expect("a key for the partition")
+    };
+    let record = |key: String| pb::Record {
+        key: Some(key.into_bytes().into()),
+        value: bytes::Bytes::from_static(b"spanning"),
+        ..Default::default()
+    };
+    let mut c = cluster.clients(broker).await.expect("connect");
+    let request = pb::ProduceRequest {
+        topic: "span".into(),
+        partition: None,
+        payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
+            records: vec![record(key_for(own)), record(key_for(other))],
+        })),
+        ..Default::default()
+    };
+    let status = c
+        .log
+        .produce(request)
+        .await
+        .expect_err("a partition of the request is not led by the broker asked");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("topic span partition {other}")),
+        "{status:?}"
+    );
+    let named = status
+        .metadata()
+        .get("rill-leader")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let leader_addr = cluster.addr(leaders[other as usize]).to_string();
+    assert_eq!(named.as_deref(), Some(leader_addr.as_str()), "{status:?}");
+
+    // Nothing was written, not even to the partition the broker leads.
+    let fetched = c.fetch("span", own, 0, 0).await.expect("fetch");
+    assert_eq!(
+        fetched.high_watermark, 0,
+        "partition {own} (led by node {broker}) took a record of the refused request"
+    );
+    // The same records, each sent to its own partition's leader, are taken.
+    for (p, key) in [(own, key_for(own)), (other, key_for(other))] {
+        let mut at_leader = cluster.clients(leaders[p as usize]).await.expect("connect");
+        at_leader
+            .log
+            .produce(pb::ProduceRequest {
+                topic: "span".into(),
+                partition: Some(p),
+                payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
+                    records: vec![record(key)],
+                })),
+                ..Default::default()
+            })
+            .await
+            .expect("a produce to the partition's leader");
+    }
 }
 
 /// A single broker has no `Cluster` service: the producer asks once, remembers the

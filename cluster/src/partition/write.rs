@@ -42,6 +42,39 @@ impl Replication {
             .await
     }
 
+    /// Whether this broker leads partition `p` of `topic` now, as its group's metrics say;
+    /// otherwise the same [`WriteError::NotLeader`] a write there fails with, naming the
+    /// leader this broker knows (or, when it holds no replica, the one the controller's
+    /// placement prefers). A leadership that changes right after is found by the write.
+    pub fn check_leads(&self, topic: &str, p: u32) -> Result<(), WriteError> {
+        let target = Target {
+            replication: self.clone(),
+            topic: topic.to_string(),
+            partition: p,
+        };
+        match self.group(topic, p) {
+            Some(raft) => {
+                let leader = raft.metrics().borrow().current_leader;
+                if leader == Some(self.node_id()) {
+                    Ok(())
+                } else {
+                    Err(target.not_leader(leader))
+                }
+            }
+            None => Err(target.not_leader(self.preferred_leader(topic, p))),
+        }
+    }
+
+    /// The leader the controller's placement prefers for partition `p` of `topic` (its first
+    /// replica), for a broker that holds no replica of it.
+    fn preferred_leader(&self, topic: &str, p: u32) -> Option<NodeId> {
+        let md = self.inner.node.metadata();
+        md.topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(p as usize))
+            .and_then(|m| m.replicas.first().copied())
+    }
+
     /// Hands one batch to partition `p`'s Raft group, which this broker must lead: its
     /// entry follows every batch submitted to the group before this call returned. An
     /// idempotent producer's batch whose sequence is ahead of the one its producer's last
@@ -70,13 +103,7 @@ impl Replication {
             .copied()
         else {
             // Not a replica here: point at the leader the controller's placement prefers.
-            let md = self.inner.node.metadata();
-            let preferred = md
-                .topics
-                .get(topic)
-                .and_then(|t| t.partitions.get(p as usize))
-                .and_then(|m| m.replicas.first().copied());
-            return Err(target.not_leader(preferred));
+            return Err(target.not_leader(self.preferred_leader(topic, p)));
         };
         let Some(raft) = self.inner.node.host().group(group) else {
             return Err(target.not_leader(None));
