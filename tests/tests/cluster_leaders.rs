@@ -34,6 +34,30 @@ async fn leaders(cluster: &TestCluster, id: u64, topic: &str) -> Vec<u64> {
     }
 }
 
+/// Every broker's agreed view of who leads each partition of `topic`, once all three agree
+/// and know a leader for every partition.
+async fn agreed_leaders(cluster: &TestCluster, topic: &str, partitions: usize) -> Vec<u64> {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let views = [
+            leaders(cluster, 1, topic).await,
+            leaders(cluster, 2, topic).await,
+            leaders(cluster, 3, topic).await,
+        ];
+        if views[0].len() == partitions
+            && views[0].iter().all(|l| *l != 0)
+            && views.iter().all(|v| *v == views[0])
+        {
+            return views[0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no agreed leaders: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A producer bootstrapped at broker 1 alone sends to a partition that another broker
 /// leads: the produce goes straight to that leader. Broker 1 is never sent a Produce (no
 /// FAILED_PRECONDITION redirect), asked `Metadata` once, and the leader appends the record.
@@ -49,28 +73,15 @@ async fn the_first_produce_goes_straight_to_a_leader_that_is_not_the_bootstrap_b
         .create_topic("lead", 3, 3, DEADLINE)
         .await
         .expect("creating the topic");
-    // Every broker agrees on each partition's leader; take one that broker 1 does not lead.
-    let until = tokio::time::Instant::now() + DEADLINE;
-    let (partition, leader) = loop {
-        let views = [
-            leaders(&cluster, 1, "lead").await,
-            leaders(&cluster, 2, "lead").await,
-            leaders(&cluster, 3, "lead").await,
-        ];
-        let agreed = views[0].len() == 3
-            && views[0].iter().all(|l| *l != 0)
-            && views.iter().all(|v| *v == views[0]);
-        if agreed {
-            if let Some(p) = views[0].iter().position(|l| *l != 1) {
-                break (p as u32, views[0][p]);
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "no agreed leaders other than broker 1: {views:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // Every broker agrees on each partition's leader; take one that broker 1 does not lead
+    // (placement spreads the leaders).
+    let agreed = agreed_leaders(&cluster, "lead", 3).await;
+    let (partition, leader) = agreed
+        .iter()
+        .enumerate()
+        .find(|(_, l)| **l != 1)
+        .map(|(p, l)| (p as u32, *l))
+        .expect("a partition that broker 1 does not lead");
     let produce = "rill.v1.Log/Produce";
     let metadata = "rill.v1.Cluster/Metadata";
     let produces_before = requests(metrics(1), produce).await;
@@ -109,30 +120,6 @@ async fn the_first_produce_goes_straight_to_a_leader_that_is_not_the_bootstrap_b
         1.0,
         "one Metadata call for the topic, not one per request"
     );
-}
-
-/// Every broker's agreed view of who leads each partition of `topic`, once all three agree
-/// and know a leader for every partition.
-async fn agreed_leaders(cluster: &TestCluster, topic: &str, partitions: usize) -> Vec<u64> {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let views = [
-            leaders(cluster, 1, topic).await,
-            leaders(cluster, 2, topic).await,
-            leaders(cluster, 3, topic).await,
-        ];
-        if views[0].len() == partitions
-            && views[0].iter().all(|l| *l != 0)
-            && views.iter().all(|v| *v == views[0])
-        {
-            return views[0].clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "no agreed leaders: {views:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A produce without a partition whose keyed records land in partitions led by different
