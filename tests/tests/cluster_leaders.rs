@@ -167,10 +167,9 @@ async fn a_keyed_produce_spanning_leaders_is_refused_whole_and_writes_nothing() 
         })),
         ..Default::default()
     };
-    let status = c
-        .log
-        .produce(request)
+    let status = tokio::time::timeout(DEADLINE, c.log.produce(request))
         .await
+        .expect("an answer within the deadline")
         .expect_err("a partition of the request is not led by the broker asked");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(
@@ -188,7 +187,10 @@ async fn a_keyed_produce_spanning_leaders_is_refused_whole_and_writes_nothing() 
     assert_eq!(named.as_deref(), Some(leader_addr.as_str()), "{status:?}");
 
     // Nothing was written, not even to the partition the broker leads.
-    let fetched = c.fetch("span", own, 0, 0).await.expect("fetch");
+    let fetched = tokio::time::timeout(DEADLINE, c.fetch("span", own, 0, 0))
+        .await
+        .expect("an answer within the deadline")
+        .expect("fetch");
     assert_eq!(
         fetched.high_watermark, 0,
         "partition {own} (led by node {broker}) took a record of the refused request"
@@ -196,17 +198,17 @@ async fn a_keyed_produce_spanning_leaders_is_refused_whole_and_writes_nothing() 
     // The same records, each sent to its own partition's leader, are taken.
     for (p, key) in [(own, key_for(own)), (other, key_for(other))] {
         let mut at_leader = cluster.clients(leaders[p as usize]).await.expect("connect");
-        at_leader
-            .log
-            .produce(pb::ProduceRequest {
-                topic: "span".into(),
-                partition: Some(p),
-                payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
-                    records: vec![record(key)],
-                })),
-                ..Default::default()
-            })
+        let produced = at_leader.log.produce(pb::ProduceRequest {
+            topic: "span".into(),
+            partition: Some(p),
+            payload: Some(pb::produce_request::Payload::Records(pb::RecordList {
+                records: vec![record(key)],
+            })),
+            ..Default::default()
+        });
+        tokio::time::timeout(DEADLINE, produced)
             .await
+            .expect("an answer within the deadline")
             .expect("a produce to the partition's leader");
     }
 }
