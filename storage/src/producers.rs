@@ -283,6 +283,47 @@ impl ProducerStates {
         }
     }
 
+    /// What an append does before it writes: moves the clock to `clock` (if any), drops
+    /// `header`'s producer if it expired by the cutoff, then decides its batch
+    /// ([`ProducerStates::check`]). A refused batch has moved the clock all the same, as it
+    /// does on every replica.
+    pub fn decide(
+        &mut self,
+        header: &BatchHeader,
+        clock: Option<ProducerClock>,
+    ) -> std::result::Result<Verdict, ProducerError> {
+        if let Some(clock) = clock {
+            self.advance(clock);
+        }
+        if header.producer_id >= 0 {
+            // An idle producer's state is gone once it expires, not only at the next sweep.
+            self.expire_producer(header.producer_id);
+        }
+        self.check(header)
+    }
+
+    /// Records `header`'s batch, appended at `base_offset` after [`ProducerStates::decide`]
+    /// let it through, as active at the state's clock.
+    pub fn appended(&mut self, header: &BatchHeader, base_offset: u64) {
+        let clock = self.clock_ms;
+        self.apply_at(header, base_offset, clock);
+    }
+
+    /// The state as one producer's batches see it: that producer's state (if any) with the
+    /// clock and cutoff, and no other producer's. Deciding and recording that producer's
+    /// batches in it gives what they would give in the whole state; cheap to copy.
+    pub fn only(&self, producer_id: i64) -> ProducerStates {
+        ProducerStates {
+            producers: self
+                .producers
+                .get(&producer_id)
+                .map(|p| HashMap::from([(producer_id, p.clone())]))
+                .unwrap_or_default(),
+            clock_ms: self.clock_ms,
+            cutoff_ms: self.cutoff_ms,
+        }
+    }
+
     /// Records an appended batch (one that [`ProducerStates::check`] let through, or one
     /// met replaying the log) at `base_offset`. Its activity time is the batch's max
     /// timestamp alone; see [`ProducerStates::apply_at`].

@@ -409,14 +409,7 @@ impl PartitionLog {
         } else {
             None // a plain batch changes no producer state: no clock read
         };
-        if let Some(clock) = clock {
-            states.advance(clock);
-        }
-        if header.producer_id >= 0 {
-            // An idle producer's state is gone once it expires, not only at the next sweep.
-            states.expire_producer(header.producer_id);
-        }
-        match states.check(header) {
+        match states.decide(header, clock) {
             Ok(producers::Verdict::Append) => Ok(Verdict::Append),
             Ok(producers::Verdict::Duplicate(b)) => {
                 let next_offset = b.base_offset + u64::from(b.record_count);
@@ -465,9 +458,7 @@ impl PartitionLog {
         }
         let next_offset = base_offset + u64::from(header.record_count);
         if header.producer_id >= 0 {
-            let mut states = inner.producers.lock();
-            let clock = states.clock_ms();
-            states.apply_at(header, base_offset, clock);
+            inner.producers.lock().appended(header, base_offset);
         }
         inner.high_watermark.store(next_offset, Ordering::Release);
         Ok(AppendInfo {

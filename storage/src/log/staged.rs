@@ -9,8 +9,12 @@
 //!   reads, the high watermark and every scan ignore it. It never rolls or grows a file: a
 //!   batch that does not fit as things are is not staged (`None`), and the caller keeps it
 //!   elsewhere.
+//! - [`PartitionLog::stage_at`] stages an idempotent producer's batch too, with the clock
+//!   its entry brings, when the producer state its publish will find says `Append`: the
+//!   published state moved by the staged batches before it (see "Idempotent batches").
 //! - [`PartitionLog::publish_staged`] publishes staged batches in order (their magic made
-//!   `RL`, then indexed and published as an append would be).
+//!   `RL`, then indexed and published as an append would be, an idempotent batch's producer
+//!   state recorded).
 //! - [`PartitionLog::unstage_from`] drops staged batches from an offset on (a Raft log's
 //!   diverged tail), and [`PartitionLog::staged_batch`] reads one back.
 //! - After a restart, the staged batches found right after the published ones are only
@@ -20,6 +24,18 @@
 //! While batches are staged, the published end cannot move by any other way: an append or a
 //! restart fails with [`StorageError::Staged`]. So staged batches are always in the active
 //! segment, back to back after the published bytes.
+//!
+//! **Idempotent batches.** An append decides an idempotent batch by the producer state as
+//! it stands, moved by the entry's clock ([`ProducerStates::decide`]). A staged batch is
+//! published later, after the batches staged before it, and nothing else moves the state in
+//! between (the published end moves only by publishing). So the state its publish will find
+//! is known at the stage: the published state, with the clock of each staged batch before
+//! it and the effect of those of the same producer. The stage decides by that projection
+//! and stages only an `Append`; a retry or a refusal is left to the caller (kept whole, it
+//! is decided at its apply). The publish decides again, by the real state, and records the
+//! batch; a verdict other than `Append` there is a bug, and it fences the partition rather
+//! than publish a batch the state would have refused. Only a log of entry clocks
+//! ([`PartitionLog::use_entry_clock`]) with its producer state complete stages them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -27,8 +43,10 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::{now_ms, PartitionLog};
+use crate::batch::BatchHeader;
 use crate::error::{Result, StorageError};
 use crate::log::append::CheckedBatch;
+use crate::producers::{ProducerClock, ProducerStates, Verdict};
 use crate::segment::{Room, Segment, StagedAt};
 
 /// How long [`PartitionLog::stage`] waits for the writer lock before it declines.
@@ -63,11 +81,25 @@ impl StagedBatch {
     }
 }
 
+/// One staged batch: where it lies, and the clock its entry brought (an idempotent
+/// producer's batch; its publish decides by it).
+#[derive(Debug, Clone, Copy)]
+struct Staged {
+    at: StagedAt,
+    clock: Option<ProducerClock>,
+}
+
+impl Staged {
+    fn header(&self) -> &BatchHeader {
+        &self.at.header
+    }
+}
+
 /// Staged batches of a log, behind their own lock, changed only under the writer lock.
 #[derive(Debug, Default)]
 pub(super) struct Staging {
     /// Staged batches, in offset order, right after the published ones.
-    batches: VecDeque<StagedAt>,
+    batches: VecDeque<Staged>,
     /// Staged batches found at open, not yet vouched for ([`PartitionLog::restage`]).
     candidates: Vec<StagedAt>,
     /// The segments written by stages since the last [`PartitionLog::sync_staged`]: the
@@ -82,9 +114,32 @@ impl Staging {
     /// published records end at offset `published`): its byte position and base offset.
     fn end(&self, active: &Segment, published: u64) -> (u64, u64) {
         match self.batches.back() {
-            Some(last) => (last.end(), last.header.next_offset()),
+            Some(last) => (last.at.end(), last.header().next_offset()),
             None => (active.size_bytes(), published),
         }
+    }
+
+    /// What the producer state will decide for `header`'s batch with `clock` when it is
+    /// published after the staged batches: `published` (the log's state) moved by each
+    /// staged batch's clock and by the effect of those of the same producer (see the module
+    /// docs). Changes nothing.
+    fn project(
+        &self,
+        published: &ProducerStates,
+        header: &BatchHeader,
+        clock: Option<ProducerClock>,
+    ) -> std::result::Result<Verdict, crate::producers::ProducerError> {
+        let mut states = published.only(header.producer_id);
+        for staged in &self.batches {
+            if staged.header().producer_id == header.producer_id {
+                // Each was staged as an `Append` by this same projection.
+                states.decide(staged.header(), staged.clock)?;
+                states.appended(staged.header(), staged.header().base_offset);
+            } else if let Some(clock) = staged.clock {
+                states.advance(clock);
+            }
+        }
+        states.decide(header, clock)
     }
 }
 
@@ -104,24 +159,45 @@ impl PartitionLog {
         staging
             .batches
             .back()
-            .map_or_else(|| self.high_watermark(), |s| s.header.next_offset())
+            .map_or_else(|| self.high_watermark(), |s| s.header().next_offset())
     }
 
     /// The staged batches, oldest first.
     pub fn staged(&self) -> Vec<StagedBatch> {
         let staging = self.inner.staging.lock();
-        staging.batches.iter().map(StagedBatch::of).collect()
+        staging
+            .batches
+            .iter()
+            .map(|s| StagedBatch::of(&s.at))
+            .collect()
     }
 
     /// Stages a plain batch (no producer id) after the last staged one: written, not
     /// published (see the module docs). `None`, having changed nothing, when it cannot be
-    /// done as things are: an idempotent producer's batch (its producer state would decide
-    /// at the append), the file to grow or a roll due, the clean-shutdown marker still to
-    /// remove, or the writer lock busy for a few hundred microseconds. Never blocks on file
-    /// work beyond the one `pwrite`.
+    /// done as things are: an idempotent producer's batch (see [`PartitionLog::stage_at`]),
+    /// the file to grow or a roll due, the clean-shutdown marker still to remove, or the
+    /// writer lock busy for a few hundred microseconds. Never blocks on file work beyond the
+    /// one `pwrite`.
     pub fn stage(&self, batch: &CheckedBatch) -> Result<Option<StagedBatch>> {
+        self.stage_at(batch, None)
+    }
+
+    /// [`PartitionLog::stage`] with the clock the batch's entry brings, which an idempotent
+    /// producer's batch needs: it is staged when the log goes by entry clocks, its producer
+    /// state is complete, and the state its publish will find says `Append` (see the module
+    /// docs). A retry of a batch in the log, or one the state refuses, is not staged
+    /// (`None`): its append answers or refuses it.
+    pub fn stage_at(
+        &self,
+        batch: &CheckedBatch,
+        clock: Option<ProducerClock>,
+    ) -> Result<Option<StagedBatch>> {
         let inner = &*self.inner;
-        if batch.header().producer_id >= 0 || inner.marker_present.load(Ordering::Acquire) {
+        let idempotent = batch.header().producer_id >= 0;
+        if inner.marker_present.load(Ordering::Acquire)
+            || (idempotent
+                && (clock.is_none() || !self.entry_clock() || self.producer_state_missing()))
+        {
             return Ok(None);
         }
         let Some(_w) = inner.writer.try_lock_for(STAGE_LOCK_WAIT) else {
@@ -131,6 +207,13 @@ impl PartitionLog {
         let active = self.active();
         let mut staging = inner.staging.lock();
         staging.candidates.clear();
+        if idempotent {
+            let published = inner.producers.lock();
+            let verdict = staging.project(&published, batch.header(), clock);
+            if verdict != Ok(Verdict::Append) {
+                return Ok(None);
+            }
+        }
         let (pos, base) = staging.end(&active, self.high_watermark());
         let len = batch.len() as u64;
         let age_ms = now_ms().saturating_sub(active.created_ms());
@@ -151,7 +234,7 @@ impl PartitionLog {
             position: pos,
             header,
         };
-        staging.batches.push_back(staged);
+        staging.batches.push_back(Staged { at: staged, clock });
         if !staging
             .unsynced
             .last()
@@ -164,23 +247,46 @@ impl PartitionLog {
 
     /// Publishes the staged batches that end at or below `through`, in order, and returns
     /// the high watermark after. `through` inside a staged batch publishes up to that batch.
+    /// An idempotent batch's producer state is decided again and recorded; a verdict other
+    /// than `Append` fences the partition (see the module docs).
     pub fn publish_staged(&self, through: u64) -> Result<u64> {
         let inner = &*self.inner;
         let _w = inner.writer.lock();
         let active = self.active();
         let mut staging = inner.staging.lock();
         while let Some(first) = staging.batches.front().copied() {
-            if first.header.next_offset() > through {
+            let header = first.header();
+            if header.next_offset() > through {
                 break;
             }
-            if let Err(e) = active.publish_staged(&first) {
+            let mut states = (header.producer_id >= 0).then(|| inner.producers.lock());
+            if let Some(states) = states.as_mut() {
+                let verdict = states.decide(header, first.clock);
+                if verdict != Ok(Verdict::Append) {
+                    let reason = format!(
+                        "the staged batch at offset {} (producer {}, sequence {}) is no longer \
+                         the next in sequence at its publish: {verdict:?}",
+                        header.base_offset, header.producer_id, header.base_sequence
+                    );
+                    self.fence(reason.clone());
+                    return Err(StorageError::Fenced {
+                        topic: inner.id.topic.clone(),
+                        partition: inner.id.partition,
+                        reason,
+                    });
+                }
+            }
+            if let Err(e) = active.publish_staged(&first.at) {
                 self.fence(format!("publishing a staged batch failed: {e}"));
                 return Err(e);
+            }
+            if let Some(states) = states.as_mut() {
+                states.appended(header, header.base_offset);
             }
             staging.batches.pop_front();
             inner
                 .high_watermark
-                .store(first.header.next_offset(), Ordering::Release);
+                .store(header.next_offset(), Ordering::Release);
         }
         Ok(self.high_watermark())
     }
@@ -196,15 +302,15 @@ impl PartitionLog {
         let Some(first_dropped) = staging
             .batches
             .iter()
-            .position(|s| s.header.base_offset >= offset)
+            .position(|s| s.header().base_offset >= offset)
         else {
             return Ok(0);
         };
         let at = staging.batches[first_dropped];
-        if at.header.base_offset != offset {
+        if at.header().base_offset != offset {
             return Err(self.staged_error(offset, "is not where a staged batch starts"));
         }
-        active.clear_staged(at.position)?;
+        active.clear_staged(at.at.position)?;
         let dropped = staging.batches.len() - first_dropped;
         staging.batches.truncate(first_dropped);
         Ok(dropped)
@@ -218,8 +324,8 @@ impl PartitionLog {
         let staged = staging
             .batches
             .iter()
-            .find(|s| s.header.base_offset == base_offset)?;
-        self.active().staged_bytes(staged).map(Bytes::from)
+            .find(|s| s.header().base_offset == base_offset)?;
+        self.active().staged_bytes(&staged.at).map(Bytes::from)
     }
 
     /// Takes the staged batches found at open that match `expected`, in order from the first
@@ -227,6 +333,13 @@ impl PartitionLog {
     /// candidate. Returns how many were taken: `expected` past that is not in this log.
     /// Call before anything is staged or appended.
     pub fn restage(&self, expected: &[StagedBatch]) -> Result<usize> {
+        let with_clocks: Vec<_> = expected.iter().map(|b| (*b, None)).collect();
+        self.restage_at(&with_clocks)
+    }
+
+    /// [`PartitionLog::restage`] with each batch's entry clock (an idempotent producer's
+    /// batch was staged with one, and its publish decides by it).
+    pub fn restage_at(&self, expected: &[(StagedBatch, Option<ProducerClock>)]) -> Result<usize> {
         let inner = &*self.inner;
         let _w = inner.writer.lock();
         let active = self.active();
@@ -238,13 +351,24 @@ impl PartitionLog {
         let taken = candidates
             .iter()
             .zip(expected)
-            .take_while(|(found, want)| StagedBatch::of(found) == **want)
+            .take_while(|(found, (want, _))| StagedBatch::of(found) == *want)
             .count();
         if let Some(first_forgotten) = candidates.get(taken) {
             // A later open must not find it either.
             active.clear_staged(first_forgotten.position)?;
         }
-        staging.batches.extend(&candidates[..taken]);
+        staging
+            .batches
+            .extend(
+                candidates
+                    .iter()
+                    .zip(expected)
+                    .take(taken)
+                    .map(|(at, (_, clock))| Staged {
+                        at: *at,
+                        clock: *clock,
+                    }),
+            );
         if taken > 0 {
             // Found in the page cache after a crash: maybe not on disk.
             staging.unsynced.push(active.clone());
@@ -312,7 +436,7 @@ impl PartitionLog {
         let staging = self.inner.staging.lock();
         match staging.batches.front() {
             None => Ok(()),
-            Some(first) => Err(self.staged_error(first.header.base_offset, "is staged")),
+            Some(first) => Err(self.staged_error(first.header().base_offset, "is staged")),
         }
     }
 
@@ -329,3 +453,7 @@ impl PartitionLog {
 #[cfg(test)]
 #[path = "staged_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "staged_producer_tests.rs"]
+mod producer_tests;

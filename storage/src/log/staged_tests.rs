@@ -350,7 +350,7 @@ fn garbage_after_a_staged_run_is_cut_and_the_run_kept() {
             .write(true)
             .open(segment.path())
             .expect("open segment");
-        let end = log.inner.staging.lock().batches[0].end();
+        let end = log.inner.staging.lock().batches[0].at.end();
         file.write_all_at(b"torn garbage", end).expect("garbage");
         s
     };
