@@ -553,6 +553,7 @@ mod create;
 mod placement;
 mod proposed;
 mod state_machine;
+mod stub;
 mod topics;
 mod write;
 
@@ -567,6 +568,8 @@ mod adopt_tests;
 mod below_start_tests;
 #[cfg(test)]
 mod clock_tests;
+#[cfg(test)]
+mod placement_producer_tests;
 #[cfg(test)]
 mod placement_tests;
 #[cfg(test)]

@@ -123,9 +123,34 @@ impl PartitionMachine {
     /// Applies a stub that came whole: the leader could not read its batch back because
     /// retention deleted it there. Its records are held here already (a replay), lie below
     /// this log's start, or are missing here too and gone for good: then the log restarts
-    /// after them, as a catch-up does when retention deleted the records it needs.
+    /// after them, as a catch-up does when retention deleted the records it needs. A placed
+    /// batch was always appended (an idempotent one only when its producer state said so),
+    /// so its records count in every case; an idempotent one's clock moves the producer
+    /// state, as its apply did on the replicas that had its records.
     fn apply_stub(&mut self, log_id: LogId, stub: &Stub) -> io::Result<Reply> {
+        let producer = match stub.producer {
+            Some(p) => Some((
+                p.header().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "topic {} partition {}: the stub of Raft entry {log_id} holds a damaged batch header",
+                            self.topic, self.partition
+                        ),
+                    )
+                })?,
+                p.clock,
+            )),
+            None => None,
+        };
+        // The clock moves, and a batch whose records are held here counts as active at it.
+        let replay = |log: &PartitionLog, held_at: Option<u64>| {
+            if let Some((header, clock)) = &producer {
+                log.replay_entry(header, held_at, Some(*clock));
+            }
+        };
         if let Some(reply) = self.below_log_start(log_id.index, -1)? {
+            replay(&self.log, None);
             return Ok(reply);
         }
         let count = u64::from(stub.batch.record_count);
@@ -139,6 +164,8 @@ impl PartitionMachine {
         );
         if base + count <= end || base < self.log.log_start_offset() {
             // Held, or below the log's start: counted, as a plain batch's replay is.
+            let held = base >= self.log.log_start_offset();
+            replay(&self.log, held.then_some(base));
             self.next_offset = base + count;
             return Self::reply(&Err(Refusal::Invalid(gone)));
         }
@@ -150,6 +177,7 @@ impl PartitionMachine {
         self.log
             .restart_at(base + count)
             .map_err(io::Error::other)?;
+        replay(&self.log, None);
         self.next_offset = base + count;
         self.local
             .appended(&self.topic, self.partition, self.next_offset);

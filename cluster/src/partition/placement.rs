@@ -1,21 +1,23 @@
-//! A replicated partition's [`Placement`]: each plain batch is written once, into the
-//! partition log, when its entry is appended to the Raft log (see
-//! `docs/REPLICATION.md`, "The partition log as the Raft log").
+//! A replicated partition's [`Placement`]: each batch the partition log can take at the
+//! append is written once, into the partition log, when its entry is appended to the Raft
+//! log (see `docs/REPLICATION.md`, "The partition log as the Raft log").
 //!
-//! At the Raft append the batch is staged in the partition log (`PartitionLog::stage`:
+//! At the Raft append the batch is staged in the partition log (`PartitionLog::stage_at`:
 //! written after the published records and the batches staged before it, readable by nobody),
-//! and the Raft log's frame holds a stub instead: `[ack code | STUB_FLAG][token: u64 LE]
-//! [base offset: u64 LE][record count: u32 LE][length: u32 LE][crc: u32 LE]`. The apply
-//! publishes it ([`PartitionPlacement::take_placed`]): nothing is written a second time.
+//! and the Raft log's frame holds a stub instead (`stub.rs`: where the batch lies, and for an
+//! idempotent producer's batch the entry's clock and the batch header). The apply publishes
+//! it ([`PartitionPlacement::take_placed`]): nothing is written a second time.
 //!
-//! **Which entries are placed.** A plain batch (any ack), when this replica knows exactly
-//! where the entry before it ends, and the partition log ends there: the entry before was
-//! placed, or applied (its apply reports the applied end). A staged batch goes at the log's
-//! end, so it gets the offsets every replica's apply gives the entry only then. A `durable`
+//! **Which entries are placed.** A batch, when this replica knows exactly where the entry
+//! before it ends, and the partition log ends there: the entry before was placed, or applied
+//! (its apply reports the applied end). A staged batch goes at the log's end, so it gets the
+//! offsets every replica's apply gives the entry only then. An idempotent producer's batch
+//! is placed when the producer state its publish will find appends it (the applied state
+//! moved by the placed entries before it, which the partition log projects); a retry or a
+//! batch its state refuses is kept whole, and its apply answers or refuses it. A `durable`
 //! batch is placed too: the log store syncs the placement before the Raft log's fsync that
 //! makes the entry count ([`Placement::sync`]), so the staged batch and its stub are both on
-//! disk first. Kept whole (as before this change): idempotent batches (their producer state
-//! decides at the apply), a topic flushed `always` (each apply syncs its own append), a
+//! disk first. Kept whole: a topic flushed `always` (each apply syncs its own append), a
 //! batch that does not fit the active segment as it is (a roll or a grow is due), and any
 //! entry whose place is not known that way: after an entry kept whole until its apply, after
 //! a blank entry, while a snapshot is installed (its catch-up pull appends records, maybe
@@ -25,7 +27,8 @@
 //! from its frame gets its batch from the staged batch, or from the published records once
 //! applied ([`Placement::unstub`]). Records deleted by retention cannot be read back: the stub
 //! is then sent as it is, and a replica that lacks those records applies it as records it
-//! cannot have (`PartitionMachine`'s hole).
+//! cannot have (`PartitionMachine`'s hole), an idempotent one moving its producer state's
+//! clock by the stub's.
 
 use std::collections::VecDeque;
 use std::io;
@@ -36,58 +39,10 @@ use parking_lot::Mutex;
 use rill_storage::{FlushPolicy, PartitionLog, StagedBatch, StorageError};
 
 use super::state_machine::{encode_command, split_command};
+use super::stub::{encode_stub, parse_stub, Stub};
 use super::WriteAck;
 use crate::log_store::Placement;
 use crate::types::{Command, LogId};
-
-/// The ack code's bit that marks a stub (the clock's is `0x80`).
-pub(super) const STUB_FLAG: u8 = 0x40;
-/// A stub's length: the ack code, the token, then the staged batch's base offset, record
-/// count, length and checksum.
-const STUB_BYTES: usize = 1 + 8 + 8 + 4 + 4 + 4;
-
-/// A stub taken apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Stub {
-    /// The ack code of the command it stands for.
-    pub(super) ack_code: u8,
-    /// Its writer's token.
-    pub(super) token: u64,
-    /// Where and what its batch is.
-    pub(super) batch: StagedBatch,
-}
-
-/// The stub of a command with `ack_code` and `token` whose batch is `batch`.
-pub(super) fn encode_stub(ack_code: u8, token: u64, batch: &StagedBatch) -> Command {
-    let mut bytes = Vec::with_capacity(STUB_BYTES);
-    bytes.push(ack_code | STUB_FLAG);
-    bytes.extend_from_slice(&token.to_le_bytes());
-    bytes.extend_from_slice(&batch.base_offset.to_le_bytes());
-    bytes.extend_from_slice(&batch.record_count.to_le_bytes());
-    bytes.extend_from_slice(&batch.len.to_le_bytes());
-    bytes.extend_from_slice(&batch.crc.to_le_bytes());
-    Command(bytes.into())
-}
-
-/// The stub `command` is, if it is one.
-pub(super) fn parse_stub(command: &Command) -> Option<Stub> {
-    let bytes: &[u8; STUB_BYTES] = command.0.as_ref().try_into().ok()?;
-    if bytes[0] & STUB_FLAG == 0 {
-        return None;
-    }
-    let u64_at = |at: usize| bytes[at..at + 8].try_into().ok().map(u64::from_le_bytes);
-    let u32_at = |at: usize| bytes[at..at + 4].try_into().ok().map(u32::from_le_bytes);
-    Some(Stub {
-        ack_code: bytes[0] & !STUB_FLAG,
-        token: u64_at(1)?,
-        batch: StagedBatch {
-            base_offset: u64_at(9)?,
-            record_count: u32_at(17)?,
-            len: u32_at(21)?,
-            crc: u32_at(25)?,
-        },
-    })
-}
 
 /// What the placement knows of the Raft log's entries.
 #[derive(Debug, Default)]
@@ -191,20 +146,21 @@ impl PartitionPlacement {
         Ok(false)
     }
 
-    /// Stages `command`'s batch if it is a plain one; its stub then.
+    /// Stages `command`'s batch if the partition log takes it (a plain batch, or an
+    /// idempotent one whose producer state will append it: `PartitionLog::stage_at`); its
+    /// stub then.
     fn stage(&self, command: &Command) -> Option<(Command, StagedBatch)> {
         let parts = split_command(command)?;
-        if parts.clock.is_some() {
-            return None; // an idempotent producer's batch
-        }
         let checked = self
             .log
             .check_verified_batch(command.0.slice_ref(parts.batch))
             .ok()?;
-        match self.log.stage(&checked) {
+        match self.log.stage_at(&checked, parts.clock) {
             Ok(Some(staged)) => {
                 self.grow_ahead_if_short();
-                Some((encode_stub(parts.ack_code, parts.token, &staged), staged))
+                let producer = parts.clock.map(|clock| (clock, parts.batch));
+                let stub = encode_stub(parts.ack_code, parts.token, &staged, producer);
+                Some((stub, staged))
             }
             Ok(None) => None,
             Err(e) => {
@@ -312,7 +268,7 @@ impl Placement for PartitionPlacement {
         Ok(encode_command(
             ack_of(stub.ack_code),
             stub.token,
-            None,
+            stub.producer.map(|p| p.clock),
             &bytes,
         ))
     }
@@ -339,16 +295,17 @@ impl Placement for PartitionPlacement {
         let mut state = self.state.lock();
         let published = self.log.high_watermark();
         let mut staged: Vec<(LogId, StagedBatch)> = Vec::new();
+        let mut expected = Vec::new();
         for (log_id, stub) in entries {
             match stub.as_ref().and_then(parse_stub) {
                 Some(stub) if stub.batch.base_offset >= published => {
                     staged.push((*log_id, stub.batch));
+                    expected.push((stub.batch, stub.producer.map(|p| p.clock)));
                 }
                 Some(_) | None => {} // published, or whole: its apply is a replay or an append
             }
         }
-        let expected: Vec<StagedBatch> = staged.iter().map(|(_, b)| *b).collect();
-        let taken = self.log.restage(&expected).map_err(io::Error::other)?;
+        let taken = self.log.restage_at(&expected).map_err(io::Error::other)?;
         let cut = staged.get(taken).map(|(id, _)| id.index);
         staged.truncate(taken);
         state.placed = staged.into();

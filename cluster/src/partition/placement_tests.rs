@@ -8,22 +8,24 @@ use openraft::{CommittedLeaderId, EntryPayload};
 use proptest::prelude::*;
 use rill_storage::batch::{encode_batch, Record};
 use rill_storage::log::LogOptions;
+use rill_storage::producers::ProducerClock;
 use rill_storage::StagedBatch;
 
 use super::below_start_tests::NoTopics;
-use super::placement::{ack_of, encode_stub, parse_stub};
+use super::placement::ack_of;
 use super::state_machine::split_command;
+use super::stub::{encode_stub, parse_stub};
 use super::*;
 use crate::log_store::{LogPolicy, LogStore};
 use crate::machine::Machine;
 use crate::types::Entry;
 
-fn log_id(index: u64) -> LogId {
+pub(super) fn log_id(index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(1, 1), index)
 }
 
 /// A plain batch of 4 records of 500 bytes, tagged, in a `quorum` command.
-fn plain(tag: u8) -> Command {
+pub(super) fn plain(tag: u8) -> Command {
     acked(tag, WriteAck::Quorum)
 }
 
@@ -40,7 +42,7 @@ fn acked(tag: u8, ack: WriteAck) -> Command {
     encode_command(ack, u64::from(tag), None, &encode_batch(&records))
 }
 
-fn entry(index: u64, command: &Command) -> Entry {
+pub(super) fn entry(index: u64, command: &Command) -> Entry {
     Entry {
         log_id: log_id(index),
         payload: EntryPayload::Normal(command.clone()),
@@ -49,13 +51,13 @@ fn entry(index: u64, command: &Command) -> Entry {
 
 /// A replica as a group's start opens it: its partition log, its machine, and its Raft log
 /// with the machine's placement.
-struct Replica {
-    log: PartitionLog,
-    machine: PartitionMachine,
-    store: LogStore,
+pub(super) struct Replica {
+    pub(super) log: PartitionLog,
+    pub(super) machine: PartitionMachine,
+    pub(super) store: LogStore,
 }
 
-fn replica(dir: &std::path::Path) -> Replica {
+pub(super) fn replica(dir: &std::path::Path) -> Replica {
     let log = PartitionLog::open(
         &dir.join("log"),
         LogOptions::new("t", 0, &TopicConfig::default()),
@@ -78,7 +80,7 @@ fn replica(dir: &std::path::Path) -> Replica {
     }
 }
 
-fn apply(r: &mut Replica, index: u64, c: &Command) -> WriteReply {
+pub(super) fn apply(r: &mut Replica, index: u64, c: &Command) -> WriteReply {
     let reply = r.machine.apply(log_id(index), c).expect("apply");
     bincode::deserialize(&reply.0).expect("reply")
 }
@@ -96,7 +98,7 @@ fn place_two(r: &mut Replica) {
 }
 
 /// The values of the records readable from `from` on, one byte each (the tag).
-fn tags(log: &PartitionLog, from: u64) -> Vec<u8> {
+pub(super) fn tags(log: &PartitionLog, from: u64) -> Vec<u8> {
     let read = log.read(from, 1 << 20).expect("read");
     let mut out = Vec::new();
     for chunk in &read.chunks {
@@ -349,6 +351,7 @@ fn a_stub_whose_records_are_gone_is_applied_as_records_this_replica_cannot_have(
             len: 100,
             crc: 1,
         },
+        None,
     );
     // Missing here too: the log restarts after them, as a catch-up past retention does.
     assert!(
@@ -370,11 +373,18 @@ proptest! {
     #[test]
     fn stubs_round_trip_and_are_never_commands(
         ack in 1u8..=3, token: u64, base: u64, count: u32, len: u32, crc: u32,
+        clock in proptest::option::of((any::<i64>(), any::<i64>())),
+        header in proptest::collection::vec(any::<u8>(), 64..100),
     ) {
         let batch = StagedBatch { base_offset: base, record_count: count, len, crc };
-        let stub = encode_stub(ack, token, &batch);
+        let clock = clock.map(|(now_ms, cutoff_ms)| ProducerClock { now_ms, cutoff_ms });
+        let stub = encode_stub(ack, token, &batch, clock.map(|c| (c, &header[..])));
         let parsed = parse_stub(&stub).expect("a stub");
         prop_assert_eq!((parsed.ack_code, parsed.token, parsed.batch), (ack, token, batch));
+        prop_assert_eq!(parsed.producer.map(|p| p.clock), clock);
+        if let Some(p) = parsed.producer {
+            prop_assert_eq!(&p.header[..], &header[..64], "the header is the batch's first 64 bytes");
+        }
         prop_assert!(split_command(&stub).is_none());
         prop_assert_eq!(command_records(&stub), u64::from(count));
         prop_assert!(parse_stub(&plain(1)).is_none());
@@ -426,7 +436,7 @@ fn a_stub_naming_another_batch_is_refused_and_changes_nothing() {
             },
         ),
     ] {
-        let stub = encode_stub(WriteAck::Quorum.code(), 9, &batch);
+        let stub = encode_stub(WriteAck::Quorum.code(), 9, &batch, None);
         let err = placement.unstub(&stub).expect_err(what);
         let message = err.to_string();
         assert!(

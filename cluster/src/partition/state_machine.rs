@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use rill_storage::producers::ProducerClock;
 
-use super::placement::{parse_stub, PartitionPlacement, Stub, STUB_FLAG};
+use super::placement::PartitionPlacement;
+use super::stub::{parse_stub, Stub, STUB_FLAG};
 use super::*;
 use crate::catch_up::AppliedPoint;
 use crate::log_store::Placement;
@@ -20,7 +21,7 @@ const APPLIED_POINT_FILE: &str = "applied_point";
 const COMMAND_HEADER_BYTES: usize = 9;
 /// The ack code's bit that says the leader's producer clock follows the token: its clock and
 /// its cutoff, both `i64` LE ms since the Unix epoch ([`ProducerClock`]).
-const CLOCK_FLAG: u8 = 0x80;
+pub(super) const CLOCK_FLAG: u8 = 0x80;
 /// The bytes of the clock, when the flag is set.
 const CLOCK_BYTES: usize = 16;
 
