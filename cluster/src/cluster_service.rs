@@ -93,15 +93,16 @@ impl Cluster for ClusterService {
                             replicas: meta.replicas.clone(),
                             in_sync: states
                                 .iter()
-                                .filter(|(_, in_sync, _)| *in_sync)
-                                .map(|(id, _, _)| *id)
+                                .filter(|s| s.in_sync)
+                                .map(|s| s.node)
                                 .collect(),
                             replica_states: states
                                 .iter()
-                                .map(|(node_id, in_sync, lag_entries)| ReplicaState {
-                                    node_id: *node_id,
-                                    in_sync: *in_sync,
-                                    lag_entries: *lag_entries,
+                                .map(|s| ReplicaState {
+                                    node_id: s.node,
+                                    in_sync: s.in_sync,
+                                    lag_entries: s.lag_entries,
+                                    lag_records: s.lag_records,
                                 })
                                 .collect(),
                             leader_term,

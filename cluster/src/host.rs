@@ -318,6 +318,7 @@ fn open_stores<M: Machine>(
         waiters: machine.append_waiters(),
         segment_bytes,
         placement: machine.placement(),
+        records_of: M::entry_records,
     };
     let log = LogStore::open_with(dir, policy)?;
     let store = MachineStore::open(dir, machine)?;

@@ -64,7 +64,7 @@ pub use host::{GroupFiles, GroupHost, RaftTimings};
 pub use log_store::LogStore;
 pub use machine::{Machine, MachineStore, SnapshotBarrier};
 pub use node::ClusterNode;
-pub use partition::{LocalTopics, Replication};
+pub use partition::{LocalTopics, ReplicaProgress, Replication};
 pub use peers::{ClusterConfig, PeerList, PeerListError};
 pub use service::RaftService;
 pub use types::{Command, GroupId, NodeId, Reply, TypeConfig, CONTROLLER_GROUP};

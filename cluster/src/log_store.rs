@@ -111,6 +111,10 @@ pub struct LogPolicy {
     /// Where entries' data may be written instead of this log (see [`Placement`]), if
     /// anywhere.
     pub placement: Option<Arc<dyn Placement>>,
+    /// How many records a normal entry's command adds (a produce's batch), for a
+    /// follower's lag in records ([`AppendWaiters::records_between`]); 0 for every entry by
+    /// default.
+    pub records_of: fn(&Command) -> u64,
 }
 
 impl Default for LogPolicy {
@@ -121,6 +125,7 @@ impl Default for LogPolicy {
             waiters: None,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             placement: None,
+            records_of: |_| 0,
         }
     }
 }
@@ -212,6 +217,7 @@ impl LogStore {
             Err(e) => return Err(e),
         };
         let mut mem = Mem::new(vote, budget_bytes);
+        mem.records_of = policy.records_of;
         mem.replay_sieve = policy.placement.clone().map(|placement| ReplaySieve {
             placement,
             seen: Vec::new(),
@@ -791,5 +797,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+#[cfg(test)]
+mod lag_tests;
 #[cfg(test)]
 mod tests;

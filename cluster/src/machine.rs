@@ -100,6 +100,17 @@ pub trait Machine: Send + 'static {
         true
     }
 
+    /// How many records `command` adds once applied, for a follower's lag in records
+    /// ([`crate::log_store::LogPolicy::records_of`]); 0 unless a machine's commands carry
+    /// records. It may be given a placement's stub as well as a whole command.
+    fn entry_records(command: &Command) -> u64
+    where
+        Self: Sized,
+    {
+        let _ = command;
+        0
+    }
+
     /// Writers waiting for their commands to reach this replica's Raft log (leader acks),
     /// if the machine's commands carry tokens for them. None by default.
     fn append_waiters(&self) -> Option<AppendWaiters> {

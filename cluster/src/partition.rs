@@ -172,6 +172,21 @@ pub enum CreateError {
     Unavailable(String),
 }
 
+/// One replica of a partition as its leader sees it ([`Replication::replica_states`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaProgress {
+    /// The replica's node id.
+    pub node: NodeId,
+    /// It holds every entry the leader has applied (committed).
+    pub in_sync: bool,
+    /// The Raft entries (produce requests, and elections' blank entries) it lacks of the
+    /// leader's log.
+    pub lag_entries: u64,
+    /// The records of those entries; `None` when the leader's log no longer holds them all
+    /// (the replica catches up from a snapshot).
+    pub lag_records: Option<u64>,
+}
+
 struct Inner {
     node: ClusterNode,
     local: Arc<dyn LocalTopics>,
@@ -386,11 +401,11 @@ impl Replication {
         m.current_leader.map(|l| (l, m.current_term))
     }
 
-    /// Each replica's `(node, in sync, entries behind)` of partition `p` of `topic`, if this
-    /// broker leads it: in sync means it holds every entry the leader has applied
-    /// (committed).
-    pub fn replica_states(&self, topic: &str, p: u32) -> Option<Vec<(NodeId, bool, u64)>> {
-        let raft = self.group(topic, p)?;
+    /// Each replica's progress in partition `p` of `topic`, by node id, if this broker
+    /// leads it: in sync means it holds every entry the leader has applied (committed).
+    pub fn replica_states(&self, topic: &str, p: u32) -> Option<Vec<ReplicaProgress>> {
+        let group = *self.inner.groups.read().get(&(topic.to_string(), p))?;
+        let raft = self.inner.node.host().group(group)?;
         let m = raft.metrics().borrow().clone();
         if m.current_leader != Some(self.inner.node.node_id()) {
             return None;
@@ -398,18 +413,36 @@ impl Replication {
         let end = m.last_log_index.unwrap_or(0);
         let committed = m.last_applied.map_or(0, |l| l.index);
         let replication = m.replication?;
+        let waiters = self
+            .inner
+            .replicas
+            .read()
+            .get(&group)
+            .map(|(_, waiters)| waiters.clone());
         let me = self.inner.node.node_id();
-        let mut states: Vec<(NodeId, bool, u64)> = replication
+        let mut states: Vec<ReplicaProgress> = replication
             .iter()
             .map(|(id, matched)| {
                 let matched = matched.map_or(0, |l| l.index);
-                (*id, matched >= committed, end.saturating_sub(matched))
+                ReplicaProgress {
+                    node: *id,
+                    in_sync: matched >= committed,
+                    lag_entries: end.saturating_sub(matched),
+                    lag_records: waiters
+                        .as_ref()
+                        .and_then(|w| w.records_between(matched, end)),
+                }
             })
             .collect();
-        if !states.iter().any(|(id, _, _)| *id == me) {
-            states.push((me, true, 0));
+        if !states.iter().any(|s| s.node == me) {
+            states.push(ReplicaProgress {
+                node: me,
+                in_sync: true,
+                lag_entries: 0,
+                lag_records: Some(0),
+            });
         }
-        states.sort_unstable();
+        states.sort_unstable_by_key(|s| s.node);
         Some(states)
     }
 

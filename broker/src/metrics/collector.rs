@@ -43,8 +43,9 @@ struct ReplicationFigures {
     leader_partitions: u64,
     under_replicated: u64,
     elections: u64,
-    /// `(topic, partition, replica, entries behind)` of the partitions this broker leads.
-    lag: Vec<(String, u32, u64, u64)>,
+    /// Each follower's progress in the partitions this broker leads, with the topic and
+    /// partition.
+    lag: Vec<(String, u32, rill_cluster::ReplicaProgress)>,
 }
 
 fn replication_figures(broker: &Broker, per_partition: bool) -> ReplicationFigures {
@@ -66,7 +67,7 @@ fn replication_figures(broker: &Broker, per_partition: bool) -> ReplicationFigur
         // everything committed until the next write).
         if states
             .iter()
-            .any(|(node, in_sync, _)| !in_sync || !replication.is_live(*node))
+            .any(|s| !s.in_sync || !replication.is_live(s.node))
         {
             figures.under_replicated += 1;
         }
@@ -74,8 +75,8 @@ fn replication_figures(broker: &Broker, per_partition: bool) -> ReplicationFigur
             figures.lag.extend(
                 states
                     .into_iter()
-                    .filter(|(node, _, _)| *node != me)
-                    .map(|(node, _, behind)| (topic.clone(), p, node, behind)),
+                    .filter(|s| s.node != me)
+                    .map(|s| (topic.clone(), p, s)),
             );
         }
     }
@@ -272,15 +273,31 @@ impl Collector for BrokerCollector {
                 "rill_replica_lag_entries",
                 "Raft entries a replica is behind its leader, by partition and replica (on the leader)",
                 MetricType::Gauge,
-                replication.lag.iter().map(|(topic, p, replica, behind)| {
+                replication.lag.iter().map(|(topic, p, s)| {
                     (
                         [
                             ("topic", topic.clone()),
                             ("partition", p.to_string()),
-                            ("replica", replica.to_string()),
+                            ("replica", s.node.to_string()),
                         ],
-                        ConstGauge::new(*behind),
+                        ConstGauge::new(s.lag_entries),
                     )
+                }),
+            )?;
+            family(
+                &mut encoder,
+                "rill_replica_lag_records",
+                "Records a replica lacks of its leader's log, by partition and replica (on the leader; absent when the leader's Raft log no longer holds them all)",
+                MetricType::Gauge,
+                replication.lag.iter().filter_map(|(topic, p, s)| {
+                    Some((
+                        [
+                            ("topic", topic.clone()),
+                            ("partition", p.to_string()),
+                            ("replica", s.node.to_string()),
+                        ],
+                        ConstGauge::new(s.lag_records?),
+                    ))
                 }),
             )?;
         }

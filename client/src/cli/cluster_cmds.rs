@@ -157,9 +157,22 @@ pub fn replication_json(partitions: &[PartitionMetadata]) -> serde_json::Value {
                 "node_id": r.node_id,
                 "in_sync": r.in_sync,
                 "lag_entries": r.lag_entries,
+                "lag_records": r.lag_records,
             })).collect::<Vec<_>>(),
         }))
         .collect::<Vec<_>>())
+}
+
+/// A lagging replica as the table shows it: its node, and how far behind it is in entries
+/// and, when the leader knows, records.
+fn lagging(r: &rill_proto::v1::ReplicaState) -> String {
+    match r.lag_records {
+        Some(records) => format!(
+            "{}:lagging({} entries, {records} records behind)",
+            r.node_id, r.lag_entries
+        ),
+        None => format!("{}:lagging({} entries behind)", r.node_id, r.lag_entries),
+    }
 }
 
 /// The replication part of `rill topic describe`, as a table.
@@ -177,7 +190,7 @@ pub fn print_replication(partitions: &[PartitionMetadata]) -> Result<()> {
                         if r.in_sync {
                             format!("{}:in-sync", r.node_id)
                         } else {
-                            format!("{}:lagging({} behind)", r.node_id, r.lag_entries)
+                            lagging(r)
                         }
                     })
                     .collect::<Vec<_>>()

@@ -44,6 +44,8 @@ pub(super) struct Slot {
     pub(super) pos: Option<Pos>,
     /// The entry, while resident.
     pub(super) entry: Option<Entry>,
+    /// The records its command adds ([`Mem::records_of`]).
+    pub(super) records: u64,
 }
 
 /// The in-memory image of the log.
@@ -60,6 +62,9 @@ pub(super) struct Mem {
     /// While the log is replayed at open, with a placement: what its normal entries are
     /// (see [`Mem::replayed_entries`]).
     pub(super) replay_sieve: Option<ReplaySieve>,
+    /// How many records a normal entry's command adds (whole, or a placement's stub, as
+    /// replayed from its frame): the log's policy's.
+    pub(super) records_of: fn(&Command) -> u64,
 }
 
 /// The normal entries a replay met, for the placement's reopen: each one's log id, with its
@@ -86,6 +91,7 @@ impl Mem {
             budget_bytes,
             evict_from: 0,
             replay_sieve: None,
+            records_of: |_| 0,
         }
     }
 
@@ -133,11 +139,16 @@ impl Mem {
                 for e in new {
                     let index = e.get_log_id().index;
                     let bytes = bincode::serialized_size(&e).unwrap_or(0);
+                    let records = match &e.payload {
+                        EntryPayload::Normal(c) => (self.records_of)(c),
+                        _ => 0,
+                    };
                     let slot = Slot {
                         log_id: *e.get_log_id(),
                         bytes,
                         pos: at.clone(),
                         entry: Some(e),
+                        records,
                     };
                     self.resident_bytes += bytes;
                     self.evict_from = self.evict_from.min(index);
@@ -218,6 +229,27 @@ impl Mem {
                 ))),
             })
             .collect()
+    }
+
+    /// The records the entries with an index in `(after, through]` add, or `None` when the
+    /// log no longer holds all of them (purged after a snapshot: a replica that far behind
+    /// catches up from the snapshot).
+    pub(super) fn records_between(&self, after: u64, through: u64) -> Option<u64> {
+        if after >= through {
+            return Some(0);
+        }
+        if self.last_purged.is_some_and(|p| p.index > after) {
+            return None;
+        }
+        let (mut held, mut records) = (0, 0);
+        for (want, (index, slot)) in (after + 1..).zip(self.entries.range(after + 1..=through)) {
+            if *index != want {
+                return None;
+            }
+            held += 1;
+            records += slot.records;
+        }
+        (held == through - after).then_some(records)
     }
 
     /// The command of each normal entry with an index in `(after, before)`, in order, or

@@ -68,6 +68,15 @@ impl AppendWaiters {
         }
     }
 
+    /// The records the log's entries with an index in `(after, through]` add (see
+    /// [`super::LogPolicy::records_of`]): a follower's lag in records, from its matched
+    /// index to the leader's last. `None` if the log is gone or no longer holds all of them.
+    pub fn records_between(&self, after: u64, through: u64) -> Option<u64> {
+        let mem = self.inner.log.get().and_then(Weak::upgrade)?;
+        let mem = mem.lock();
+        mem.records_between(after, through)
+    }
+
     /// The waiters of the normal entries in `entries`, with their log ids.
     pub(super) fn take(&self, entries: &[Entry]) -> Vec<(oneshot::Sender<LogId>, LogId)> {
         let mut waiting = self.inner.waiting.lock();

@@ -416,6 +416,11 @@ impl Machine for PartitionMachine {
         split_command(command).is_none_or(|parts| parts.ack_code == WriteAck::Durable.code())
     }
 
+    /// A produce's batch (or its stub) adds its record count.
+    fn entry_records(command: &Command) -> u64 {
+        command_records(command)
+    }
+
     fn append_waiters(&self) -> Option<AppendWaiters> {
         Some(self.waiters.clone())
     }
