@@ -633,6 +633,23 @@ async fn a_broker_without_a_replica_refuses_reads_and_writes_and_points_at_one()
             "{named} is a replica"
         );
         assert!(o.produce_values("two", p, &["y"]).await.is_err());
+        // It still names the leader, asked from a replica: in `Metadata` and in the
+        // cluster status, so `rill topic describe` and `rill cluster status` tell the truth
+        // anywhere.
+        let seen = cluster.metadata(outsider, "two").await.expect("metadata");
+        let part = &seen.topics[0].partitions[p as usize];
+        assert_eq!(
+            (part.leader, part.leader_address.clone()),
+            (leader, cluster.addr(leader).to_string()),
+            "the outsider's view of two/{p}: {part:?}"
+        );
+        let status = cluster.status(outsider).await.expect("status");
+        let listed = status
+            .brokers
+            .iter()
+            .find(|b| b.node_id == leader)
+            .is_some_and(|b| b.partitions_led.contains(&format!("two/{p}")));
+        assert!(listed, "two/{p} under its leader {leader}: {status:?}");
         for r in replicas {
             wait_records(&cluster, r, "two", p, 1).await;
         }
