@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use rill_proto::v1 as pb;
-use rill_tests::cluster::{create_request, TestCluster};
+use rill_tests::cluster::TestCluster;
 
 /// The longest an election, a commit or a catch-up may take in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -52,16 +52,9 @@ async fn wait_state(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_follower_is_reported_lagging_by_the_entries_and_records_it_lacks() {
-    let cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let cluster = TestCluster::start_with_topic("lag", 1)
         .await
-        .expect("controller");
-    let mut c = cluster.clients(1).await.expect("connect");
-    c.admin
-        .create_topic(create_request("lag", 1, 3))
-        .await
-        .expect("create rf 3");
+        .expect("3 brokers and an RF 3 topic");
     let leader = cluster
         .wait_partition_leader("lag", 0, DEADLINE)
         .await

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rill_tests::cluster::{create_request, TestCluster};
+use rill_tests::cluster::TestCluster;
 
 /// The longest an election, a commit or a catch-up may take in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -20,16 +20,9 @@ const PER_ROUND: usize = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_under_an_idempotent_producer_writes_every_record_once() {
-    let mut cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let mut cluster = TestCluster::start_with_topic("once", 1)
         .await
-        .expect("controller");
-    let mut c = cluster.clients(1).await.expect("connect");
-    c.admin
-        .create_topic(create_request("once", 1, 3))
-        .await
-        .expect("create");
+        .expect("3 brokers and an RF 3 topic");
     cluster
         .wait_partition_leader("once", 0, DEADLINE)
         .await
