@@ -13,13 +13,23 @@ use rill_tests::cluster::TestCluster;
 
 /// The longest an election, a commit or a catch-up may take in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
-/// Leader kills in `.ci/run`.
-const KILLS: usize = 5;
 /// Records sent before each kill, without waiting for their acks.
 const PER_ROUND: usize = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_under_an_idempotent_producer_writes_every_record_once() {
+    kill_the_leader_under_an_idempotent_producer(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 30 leader kills"]
+async fn kill_9_of_the_leader_thirty_times_under_an_idempotent_producer() {
+    kill_the_leader_under_an_idempotent_producer(30).await;
+}
+
+/// Sends [`PER_ROUND`] records, kills the partition's leader with kill -9 while they are in
+/// flight and restarts it, `kills` times, then checks every replica (see the module docs).
+async fn kill_the_leader_under_an_idempotent_producer(kills: usize) {
     let mut cluster = TestCluster::start_with_topic("once", 1)
         .await
         .expect("3 brokers and an RF 3 topic");
@@ -46,7 +56,7 @@ async fn kill_9_of_the_leader_under_an_idempotent_producer_writes_every_record_o
     let mut sent: Vec<String> = Vec::new();
     let mut acked: BTreeMap<u64, String> = BTreeMap::new();
     let mut elections = 0;
-    for round in 0..=KILLS {
+    for round in 0..=kills {
         let mut deliveries = Vec::new();
         for i in 0..PER_ROUND {
             let value = format!("r{round}-m{i}");
@@ -54,7 +64,7 @@ async fn kill_9_of_the_leader_under_an_idempotent_producer_writes_every_record_o
             let record = rill_client::ProducerRecord::new("once", value.clone()).partition(0);
             deliveries.push((value, producer.send(record).await.expect("queued")));
         }
-        if round < KILLS {
+        if round < kills {
             // Killed while the round's batches are in flight.
             let leader = cluster
                 .wait_partition_leader("once", 0, DEADLINE)
@@ -101,7 +111,7 @@ async fn kill_9_of_the_leader_under_an_idempotent_producer_writes_every_record_o
         );
     }
     println!(
-        "kills {KILLS}, elections >= {elections}, records acked {}, lost 0, duplicates 0",
+        "kills {kills}, elections >= {elections}, records acked {}, lost 0, duplicates 0",
         acked.len()
     );
 }
