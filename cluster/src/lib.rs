@@ -24,7 +24,8 @@
 //! - [`partition`]: replicated partitions: [`partition::PartitionMachine`] appends committed
 //!   batches to a replica's log (`partition/state_machine.rs`, with the command format;
 //!   `partition/apply.rs`), or publishes the ones [`partition::PartitionPlacement`] staged
-//!   there at the Raft append (`partition/placement.rs`: the partition log as the Raft log);
+//!   there at the Raft append (`partition/placement.rs`: the partition log as the Raft log;
+//!   `partition/stub.rs`: the stub the Raft log holds instead of such a batch);
 //!   [`Replication`] sets the controller's topics up here from
 //!   the metadata (replication factor 1 ones served by their owners), starts this broker's
 //!   replica groups, routes writes to them (proposed in order: `partition/write.rs`,
@@ -38,7 +39,8 @@
 //! - [`catch_up`]: a follower's pull of the records a snapshot says it lacks, from another
 //!   replica's partition log (`Log.Fetch`), and the applied point (`Raft.AppliedPoint`) a
 //!   replica learns when Raft entries it must apply lie below its log start.
-//! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service.
+//! - [`cluster_service`]: [`ClusterService`], the public `rill.v1.Cluster` service (a broker
+//!   without a replica of a partition asks one of its replicas for that partition's view).
 //! - [`error`]: the typed [`ClusterError`].
 
 pub mod catch_up;

@@ -517,6 +517,12 @@ async fn replication_series_follow_leaders_and_a_lost_replica() {
             .filter(|x| x.metric == "rill_replica_lag_entries")
             .count();
         assert_eq!(lags, led * 2, "two followers per partition led");
+        let records = s
+            .samples
+            .iter()
+            .filter(|x| x.metric == "rill_replica_lag_records")
+            .count();
+        assert_eq!(records, led * 2, "a lag in records per follower too");
     }
 
     cluster.kill(3).await.expect("kill node 3");
