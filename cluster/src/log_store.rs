@@ -798,6 +798,4 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 #[cfg(test)]
-mod lag_tests;
-#[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 
 use openraft::CommittedLeaderId;
 
-use super::*;
+use crate::log_store::*;
 
 /// Entry `index` of `term` whose command holds `records` bytes: one record per byte under
 /// [`policy`].

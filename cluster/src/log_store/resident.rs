@@ -337,3 +337,7 @@ pub(super) fn read_frame(pos: &Pos) -> io::Result<Vec<Entry>> {
         Err(_) => Err(damaged("does not decode")),
     }
 }
+
+#[cfg(test)]
+#[path = "lag_tests.rs"]
+mod lag_tests;
