@@ -1,8 +1,9 @@
 //! The client library finds partition leaders through `Cluster.Metadata` before its first
 //! request, instead of sending it to the bootstrap broker and following the redirect; and a
 //! single broker (no `Cluster` service) is asked once per producer, not once per request.
-//! Counted on the brokers' own `rill_requests_total`, scraped from `/metrics`. And a raw
+//! Counted on the brokers' own `rill_requests_total`, scraped from `/metrics`. A raw
 //! produce whose keyed records span partitions led by different brokers is refused whole.
+//! And a broker without a replica of a partition names its leader, past a stopped replica.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -246,4 +247,47 @@ async fn a_single_broker_is_asked_for_leaders_once_per_producer() {
     assert!(asked <= 1.0, "Metadata asked {asked} times for 30 produces");
     assert_eq!(requests(metrics, "rill.v1.Log/Produce").await, 30.0);
     broker.stop().await.expect("stop");
+}
+
+/// A broker without a replica of a partition names its leader by asking a replica. With the
+/// first replica it asks stopped by SIGSTOP (it takes the call and never answers), the ask
+/// moves on to the next replica after its timeout, which names the same leader: a paused
+/// leader of a replication factor 2 partition stays its leader, since its one follower cannot
+/// win an election alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_replica_names_the_leader_past_a_stopped_replica() {
+    let cluster = TestCluster::start(3).await.expect("start");
+    cluster
+        .wait_controller_leader(DEADLINE)
+        .await
+        .expect("controller");
+    let mut admin = cluster.clients(1).await.expect("connect").admin;
+    admin
+        .create_topic(rill_tests::cluster::create_request("two", 1, 2))
+        .await
+        .expect("create rf 2");
+    let leader = cluster
+        .wait_partition_leader_among("two", 0, DEADLINE)
+        .await
+        .expect("leader");
+    let seen = cluster.metadata(leader, "two").await.expect("metadata");
+    let replicas = seen.topics[0].partitions[0].replicas.clone();
+    let outsider = cluster
+        .ids()
+        .into_iter()
+        .find(|id| !replicas.contains(id))
+        .expect("a broker without a replica");
+    // The outsider asks live replicas in the replica list's order, the preferred leader
+    // first: make the leader that replica, stopped while still counted live.
+    assert_eq!(replicas.first(), Some(&leader), "{seen:?}");
+    cluster.signal(leader, "STOP").await.expect("SIGSTOP");
+    let named = cluster.metadata(outsider, "two").await;
+    cluster.signal(leader, "CONT").await.expect("SIGCONT");
+    let named = named.expect("the outsider answers");
+    let part = &named.topics[0].partitions[0];
+    assert_eq!(
+        (part.leader, part.leader_address.clone()),
+        (leader, cluster.addr(leader).to_string()),
+        "named by the other replica: {part:?}"
+    );
 }
