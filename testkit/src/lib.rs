@@ -91,6 +91,28 @@ pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = std::process::Command::new(cargo);
     cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
+    // The variables cargo sets for a running test describe the test's own package. A build
+    // script that tracks one (ring's tracks `CARGO_MANIFEST_DIR`) would see it change between
+    // this build and the `cargo test` that started the test, and each would rebuild it and
+    // everything above it (TLS, the broker) for the other.
+    for (key, _) in std::env::vars_os() {
+        let tracked = key.to_str().is_some_and(|k| {
+            k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                )
+        });
+        if tracked {
+            cmd.env_remove(key);
+        }
+    }
     if release {
         cmd.arg("--release");
     }
