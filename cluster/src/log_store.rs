@@ -56,6 +56,7 @@ use tokio::sync::oneshot;
 use crate::types::{Command, Entry, LogId, StorageError, TypeConfig, Vote};
 
 mod files;
+pub(crate) use files::{sync_dir, write_atomic};
 mod frame;
 mod placement;
 mod resident;
@@ -654,22 +655,6 @@ impl Writer {
             mem.placed(log_ids, &pos);
         }
     }
-}
-
-/// Fsyncs a folder, so a created or renamed file in it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Writes `bytes` to `dir/name` atomically and durably.
-pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {

@@ -256,16 +256,9 @@ async fn a_single_broker_is_asked_for_leaders_once_per_producer() {
 /// win an election alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_without_a_replica_names_the_leader_past_a_stopped_replica() {
-    let cluster = TestCluster::start(3).await.expect("start");
-    cluster
-        .wait_controller_leader(DEADLINE)
+    let cluster = TestCluster::start_with_topic_rf("two", 1, 2)
         .await
-        .expect("controller");
-    let mut admin = cluster.clients(1).await.expect("connect").admin;
-    admin
-        .create_topic(rill_tests::cluster::create_request("two", 1, 2))
-        .await
-        .expect("create rf 2");
+        .expect("3 brokers and an RF 2 topic");
     let leader = cluster
         .wait_partition_leader_among("two", 0, DEADLINE)
         .await

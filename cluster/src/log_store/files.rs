@@ -158,3 +158,20 @@ fn replay_file(reader: &Arc<File>, mem: &mut Mem) -> io::Result<(u64, Option<u64
     }
     Ok((pos, max_index))
 }
+
+/// Fsyncs a folder, so a created or renamed file in it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `dir/name` atomically and durably.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}

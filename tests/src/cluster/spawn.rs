@@ -180,13 +180,18 @@ impl TestCluster {
     /// Starts 3 brokers, waits for a controller leader, and creates topic `name` with
     /// `partitions` partitions, replicated on all three, through node 1.
     pub async fn start_with_topic(name: &str, partitions: u32) -> Result<TestCluster> {
+        TestCluster::start_with_topic_rf(name, partitions, 3).await
+    }
+
+    /// [`TestCluster::start_with_topic`] with replication factor `rf` (at most 3).
+    pub async fn start_with_topic_rf(name: &str, partitions: u32, rf: u32) -> Result<TestCluster> {
         let cluster = TestCluster::start(3).await?;
         cluster
             .wait_controller_leader(Duration::from_secs(30))
             .await?;
         let mut admin = cluster.clients(1).await?.admin;
         admin
-            .create_topic(create_request(name, partitions, 3))
+            .create_topic(create_request(name, partitions, rf))
             .await
             .with_context(|| format!("creating {name}"))?;
         Ok(cluster)
