@@ -71,14 +71,24 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The path of a binary of this workspace (`rill-broker` from package `rill-broker`, `rill`
-/// from `rill-client`), built on demand: `cargo test` builds only the test targets of other
-/// packages, so the first test that needs a binary builds it with the same cargo and profile.
+/// The path of a binary of this workspace (`rill-broker`, or the CLI `rill`), built on demand:
+/// `cargo test` builds only the test targets of other packages, so the first test that needs
+/// a binary builds it with the same cargo and profile.
+///
+/// It is built as `cargo build --workspace --tests --bin NAME`, so that cargo resolves the
+/// same features as `cargo test --workspace` (every member, dev-dependencies included) and the
+/// binary links against the libraries that test build already compiled. Built alone (`-p
+/// rill-broker`), the binary gets other features (tokio without the dev-dependencies'
+/// `test-util`, for one), and cargo compiled tokio and everything above it (hyper, tonic,
+/// openraft, the broker) once more for each of the two binaries: about 190 s of a clean
+/// clone's CI run on 2 cores. The test targets `--tests` names are the ones `cargo test
+/// --workspace` has just built, so under it they are fresh; after `cargo test -p rill-tests
+/// --test X` on a clean tree they are built once.
 ///
 /// Cargo is asked once per binary and test process: the sources do not change during a run,
 /// and a cluster test that kills and restarts brokers would otherwise run `cargo build` (and
 /// wait for its lock) before every restart.
-pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
+pub fn binary_path(name: &str) -> Result<PathBuf> {
     /// The binaries built by this process so far, guarding the builds too.
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let dir = profile_dir()?;
@@ -90,7 +100,7 @@ pub fn binary_path(package: &str, name: &str) -> Result<PathBuf> {
     let release = dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
+    cmd.args(["build", "--quiet", "--workspace", "--tests", "--bin", name]);
     // The variables cargo sets for a running test describe the test's own package. A build
     // script that tracks one (ring's tracks `CARGO_MANIFEST_DIR`) would see it change between
     // this build and the `cargo test` that started the test, and each would rebuild it and
@@ -148,7 +158,7 @@ impl BrokerProcess {
         listen: &str,
         extra_args: &[&str],
     ) -> Result<BrokerProcess> {
-        let binary = binary_path("rill-broker", "rill-broker")?;
+        let binary = binary_path("rill-broker")?;
         Self::spawn_binary(&binary, data_dir, listen, extra_args).await
     }
 

@@ -232,7 +232,7 @@ impl Clients {
 /// (exit success, stdout, stderr).
 pub async fn rill_cli(broker: &str, args: &[&str], stdin: &str) -> Result<(bool, String, String)> {
     use tokio::io::AsyncWriteExt;
-    let mut child = Command::new(binary_path("rill-client", "rill")?)
+    let mut child = Command::new(binary_path("rill")?)
         .arg("--broker")
         .arg(broker)
         .args(args)

@@ -154,7 +154,7 @@ async fn consume_follow_prints_records_produced_after_it_started() {
     let addr = broker.addr().to_string();
     ok(&addr, &["topic", "create", "tail"], "").await;
     ok(&addr, &["produce", "tail"], "before\n").await;
-    let mut child = tokio::process::Command::new(binary_path("rill-client", "rill").expect("rill"))
+    let mut child = tokio::process::Command::new(binary_path("rill").expect("rill"))
         .args(["--broker", &addr, "consume", "tail", "-f"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

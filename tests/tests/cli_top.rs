@@ -172,7 +172,7 @@ async fn top_under_tmux_shows_topic_and_group_and_quits_cleanly() {
     let broker = TestBroker::start().await.expect("broker");
     let mut c = Clients::connect(broker.url()).await.expect("connect");
     orders_and_billing(&mut c).await;
-    let rill = binary_path("rill-client", "rill").expect("rill binary");
+    let rill = binary_path("rill").expect("rill binary");
     let socket = format!("rill-top-test-{}", std::process::id());
     // After rill exits, the shell prints its status and waits, so the pane can be read.
     let command = format!(

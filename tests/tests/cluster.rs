@@ -99,7 +99,7 @@ async fn a_killed_controller_leader_is_replaced_and_rejoins_after_restart() {
 
 /// Runs a broker that should refuse to start; returns its exit success and stderr.
 async fn run_refused(data_dir: &std::path::Path, args: &[String]) -> (bool, String) {
-    let out = tokio::process::Command::new(binary_path("rill-broker", "rill-broker").expect("bin"))
+    let out = tokio::process::Command::new(binary_path("rill-broker").expect("bin"))
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)

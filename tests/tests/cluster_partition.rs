@@ -82,7 +82,7 @@ impl Watermarks {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_acknowledges_nothing_that_is_lost_and_rejoins_as_follower() {
     // Built now, so no build runs while the clock of the partition runs.
-    rill_tests::binary_path("rill-client", "rill").expect("build the rill CLI");
+    rill_tests::binary_path("rill").expect("build the rill CLI");
     let cluster = TestCluster::start_partitionable(3).await.expect("start");
     cluster
         .wait_controller_leader(DEADLINE)

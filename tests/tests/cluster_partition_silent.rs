@@ -156,7 +156,7 @@ fn spawn_producer(
 async fn a_silently_isolated_leader_loses_no_acknowledged_record_and_the_majority_carries_on() {
     // Built now, so no build runs while the clock of the partition runs.
     let test_start = tokio::time::Instant::now();
-    rill_tests::binary_path("rill-client", "rill").expect("build the rill CLI");
+    rill_tests::binary_path("rill").expect("build the rill CLI");
     eprintln!("[{:?}] cli", test_start.elapsed());
     let cluster = TestCluster::start_partitionable(3).await.expect("start");
     eprintln!("[{:?}] started", test_start.elapsed());

@@ -68,7 +68,7 @@ async fn settle(c: &mut Clients, members: &mut [pb::GroupHeartbeatResponse]) {
 #[tokio::test]
 async fn describe_list_and_delete_show_members_and_refuse_while_alive() {
     // Built (if stale) before the members join: a build can outlast their session timeout.
-    rill_tests::binary_path("rill-client", "rill").expect("the rill binary");
+    rill_tests::binary_path("rill").expect("the rill binary");
     let broker = TestBroker::start().await.expect("broker");
     let addr = broker.addr().to_string();
     let mut c = Clients::connect(broker.url()).await.expect("connect");
@@ -179,7 +179,7 @@ async fn describe_list_and_delete_show_members_and_refuse_while_alive() {
 
 #[tokio::test]
 async fn consume_with_a_group_takes_several_topics_and_commits_each() {
-    rill_tests::binary_path("rill-client", "rill").expect("the rill binary");
+    rill_tests::binary_path("rill").expect("the rill binary");
     let broker = TestBroker::start().await.expect("broker");
     let addr = broker.addr().to_string();
     let mut c = Clients::connect(broker.url()).await.expect("connect");

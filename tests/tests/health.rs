@@ -69,16 +69,15 @@ async fn not_serving_while_the_store_opens_then_serving() {
         .expect("free port")
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child =
-        tokio::process::Command::new(binary_path("rill-broker", "rill-broker").expect("binary"))
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--listen", &addr])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn");
+    let mut child = tokio::process::Command::new(binary_path("rill-broker").expect("binary"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &addr])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
 
     let starting = channel(&addr).await;
     let mut client = HealthClient::new(starting.clone());

@@ -350,7 +350,7 @@ async fn a_busy_metrics_port_fails_the_start_clearly() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
-    let binary = binary_path("rill-broker", "rill-broker").expect("binary");
+    let binary = binary_path("rill-broker").expect("binary");
     let run = tokio::process::Command::new(binary)
         .arg("--data-dir")
         .arg(dir.path())

@@ -256,7 +256,7 @@ async fn every_rpc_against_every_kind_of_caller() -> Result<()> {
 
 /// Runs the real CLI with a token in the environment.
 async fn cli(broker: &TestBroker, token: &str, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = tokio::process::Command::new(rill_tests::binary_path("rill-client", "rill")?)
+    let out = tokio::process::Command::new(rill_tests::binary_path("rill")?)
         .arg("--broker")
         .arg(broker.addr().to_string())
         .args(args)

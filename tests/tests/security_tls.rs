@@ -76,7 +76,7 @@ async fn tls_with_the_right_ca_works_and_plaintext_or_another_ca_fails() -> Resu
     assert_eq!(list_topics(&conn).await?, vec!["over-tls".to_string()]);
 
     // The CLI takes the same settings.
-    let out = tokio::process::Command::new(rill_tests::binary_path("rill-client", "rill")?)
+    let out = tokio::process::Command::new(rill_tests::binary_path("rill")?)
         .args(["--broker", &addr, "topic", "list"])
         .env("RILL_TLS_CA", &ca.pem)
         .kill_on_drop(true)
@@ -212,7 +212,7 @@ async fn mutual_tls_maps_the_client_certificate_to_its_principal() -> Result<()>
 #[tokio::test]
 async fn the_broker_refuses_an_open_address_without_auth() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let out = tokio::process::Command::new(rill_tests::binary_path("rill-broker", "rill-broker")?)
+    let out = tokio::process::Command::new(rill_tests::binary_path("rill-broker")?)
         .args(["--listen", "0.0.0.0:0", "--data-dir"])
         .arg(dir.path())
         .env_remove("RILL_ADMIN_TOKEN")

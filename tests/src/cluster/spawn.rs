@@ -235,7 +235,7 @@ pub async fn spawn_broker_reporting(
     log: std::fs::File,
     extra: &Extra,
 ) -> Result<(Child, Option<SocketAddr>)> {
-    let mut child = Command::new(binary_path("rill-broker", "rill-broker")?)
+    let mut child = Command::new(binary_path("rill-broker")?)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--listen")

@@ -82,7 +82,7 @@ impl ConsumerProc {
         extra: &[&str],
         notify: &Arc<Notify>,
     ) -> ConsumerProc {
-        let mut child = Command::new(binary_path("rill-client", "rill").expect("rill binary"))
+        let mut child = Command::new(binary_path("rill").expect("rill binary"))
             .args(["--broker", broker, "--output", "json", "consume", topic])
             .args(["--group", group, "-f", "-v"])
             .args(extra)
