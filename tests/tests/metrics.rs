@@ -56,6 +56,11 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     found[0]
 }
 
+/// How many samples named `name` the scrape holds, whatever their labels.
+fn count(scrape: &Scrape, name: &str) -> usize {
+    scrape.samples.iter().filter(|s| s.metric == name).count()
+}
+
 fn has(scrape: &Scrape, name: &str) -> bool {
     scrape.samples.iter().any(|s| s.metric == name)
 }
@@ -511,17 +516,9 @@ async fn replication_series_follow_leaders_and_a_lost_replica() {
         let s = scrape(*addr).await;
         assert!(value(&s, "rill_raft_elections_total", &[]) >= 1.0);
         let led = value(&s, "rill_leader_partitions", &[]) as usize;
-        let lags = s
-            .samples
-            .iter()
-            .filter(|x| x.metric == "rill_replica_lag_entries")
-            .count();
+        let lags = count(&s, "rill_replica_lag_entries");
         assert_eq!(lags, led * 2, "two followers per partition led");
-        let records = s
-            .samples
-            .iter()
-            .filter(|x| x.metric == "rill_replica_lag_records")
-            .count();
+        let records = count(&s, "rill_replica_lag_records");
         assert_eq!(records, led * 2, "a lag in records per follower too");
     }
 
